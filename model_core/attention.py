@@ -1,0 +1,128 @@
+"""Scaled dot-product attention and one MultiHeadAttention for encoder, decoder and LM.
+
+`MultiHeadAttention` serves self-attention (optionally causal), cross-attention and grouped-query
+attention (n_kv_heads < n_heads). Its Q, K and V projections are one fused matrix laid out as
+[q rows | k rows | v rows] (the layout of `torch.nn.MultiheadAttention.in_proj_weight`): self-attention
+runs one matmul for all three, cross-attention splits it into a Q matmul on the queries and a
+fused K/V matmul on the memory. Rotary embeddings and a KV cache are passed in, never hidden.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def scaled_dot_product_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    is_causal: bool = False,
+    dropout_p: float = 0.0,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """softmax(q k^T * scale + mask) v, with grouped-query heads.
+
+    q: (B, nh, Tq, hs); k, v: (B, nkv, Tk, hs) with nh a multiple of nkv.
+    mask: boolean (True = attend) or additive float, broadcastable to (B, nh, Tq, Tk).
+    is_causal: query i sees keys j <= i + (Tk - Tq) (queries are the last Tq positions).
+    Returns (B, nh, Tq, hs).
+    """
+    B, nh, Tq, hs = q.shape
+    nkv, Tk = k.shape[1], k.shape[2]
+    if nh % nkv:
+        raise ValueError(f"n_heads ({nh}) must be a multiple of n_kv_heads ({nkv})")
+    g = nh // nkv
+    scale = 1.0 / math.sqrt(hs) if scale is None else scale
+    qg = q.reshape(B, nkv, g * Tq, hs)  # (B, nkv, g*Tq, hs): the g query heads sharing one kv head
+    att = torch.matmul(qg, k.transpose(-2, -1)) * scale  # (B, nkv, g*Tq, Tk)
+    att = att.view(B, nh, Tq, Tk)  # (B, nh, Tq, Tk)
+    if is_causal:
+        causal = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(diagonal=Tk - Tq)
+        att = att.masked_fill(~causal, float("-inf"))
+    if mask is not None:
+        att = att.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else att + mask
+    att = torch.softmax(att.float(), dim=-1).to(q.dtype)
+    if dropout_p > 0.0:
+        att = F.dropout(att, p=dropout_p)
+    out = torch.matmul(att.view(B, nkv, g * Tq, Tk), v)  # (B, nkv, g*Tq, hs)
+    return out.view(B, nh, Tq, hs)
+
+
+class KVStore(Protocol):
+    """What attention needs of a KV cache: write this step's K/V, read back all keys to attend."""
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, nkv, T, hs) and return the full k, v (B, nkv, Tk, hs) for attention."""
+        ...
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head attention with optional grouped-query heads, RoPE and KV cache."""
+
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        n_kv_heads: int | None = None,
+        head_dim: int | None = None,
+        bias: bool = True,
+        out_bias: bool | None = None,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.n_heads = n_heads
+        self.n_kv_heads = n_kv_heads or n_heads
+        self.head_dim = head_dim or d_model // n_heads
+        if n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads ({n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
+        self.q_size = n_heads * self.head_dim
+        self.kv_size = self.n_kv_heads * self.head_dim
+        self.qkv = nn.Linear(d_model, self.q_size + 2 * self.kv_size, bias=bias)
+        self.out = nn.Linear(self.q_size, d_model, bias=bias if out_bias is None else out_bias)
+        self.dropout = dropout
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        memory: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        is_causal: bool = False,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        cache: KVStore | None = None,
+        layer: int = 0,
+    ) -> torch.Tensor:
+        """x: (B, T, C) queries; memory: (B, S, C) for cross-attention (None = self-attention).
+
+        rope: (cos, sin) each (B, T, hs) for the query positions (self-attention only).
+        cache: stores this step's K/V for `layer` and returns everything to attend to.
+        """
+        B, T, _ = x.shape
+        if memory is None:
+            qkv = self.qkv(x)  # (B, T, q + 2kv)
+            q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        else:
+            w, b = self.qkv.weight, self.qkv.bias
+            q = F.linear(x, w[: self.q_size], None if b is None else b[: self.q_size])
+            kv = F.linear(memory, w[self.q_size :], None if b is None else b[self.q_size :])
+            k, v = kv.split([self.kv_size, self.kv_size], dim=-1)
+        S = k.shape[1]
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, S, hs)
+        v = v.view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, S, hs)
+        if rope is not None:
+            from model_core.positional import apply_rotary
+
+            q, k = apply_rotary(q, rope), apply_rotary(k, rope)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)
+        y = scaled_dot_product_attention(
+            q, k, v, mask=mask, is_causal=is_causal, dropout_p=self.dropout if self.training else 0.0
+        )  # (B, nh, T, hs)
+        y = y.transpose(1, 2).reshape(B, T, self.q_size)  # (B, T, nh*hs)
+        return self.out(y)

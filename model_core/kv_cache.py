@@ -1,0 +1,89 @@
+"""A paged KV cache: one pool of fixed-size blocks per layer, shared by all sequences.
+
+Storage per layer is (num_blocks * block_size, n_kv_heads, head_dim) for K and for V. A sequence
+owns a block table (list of block ids, allocated by the scheduler); token position p of that
+sequence lives at flat row block_table[p // block_size] * block_size + p % block_size.
+
+Before each forward, `prepare()` takes the block tables and start positions of a batch of B
+sequences each computing T new tokens and precomputes, once for all layers: where to write the new
+K/V, which rows to gather back for attention and the attention mask (query at position p sees keys
+at positions <= p of its own sequence). `update()` is what attention calls per layer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+class PagedKVCache:
+    def __init__(
+        self,
+        n_layers: int,
+        num_blocks: int,
+        block_size: int,
+        n_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self.n_layers, self.num_blocks, self.block_size = n_layers, num_blocks, block_size
+        self.n_kv_heads, self.head_dim = n_kv_heads, head_dim
+        self.device = torch.device(device)
+        rows = num_blocks * block_size
+        self.k = torch.zeros(n_layers, rows, n_kv_heads, head_dim, dtype=dtype, device=self.device)
+        self.v = torch.zeros(n_layers, rows, n_kv_heads, head_dim, dtype=dtype, device=self.device)
+        self._write: torch.Tensor | None = None  # (B*T,) flat rows to write
+        self._read: torch.Tensor | None = None  # (B*Tk,) flat rows to gather, or None when contiguous
+        self._read_range: tuple[int, int] | None = None  # (start row, Tk) for a single contiguous sequence
+        self._shape: tuple[int, int, int] = (0, 0, 0)  # (B, T, Tk)
+        self.mask: torch.Tensor | None = None  # (B, 1, T, Tk) bool, True = attend
+
+    @staticmethod
+    def bytes_per_token(n_layers: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+        return 2 * n_layers * n_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+
+    def prepare(self, block_tables: Sequence[Sequence[int]], starts: Sequence[int], num_tokens: int) -> torch.Tensor:
+        """Set up one forward of B sequences, each computing `num_tokens` tokens from its start.
+
+        Returns positions (B, T) for the model's forward.
+        """
+        B, T, bs = len(starts), num_tokens, self.block_size
+        Tk = max(starts) + T
+        nblk = (Tk + bs - 1) // bs
+        table = torch.zeros(B, nblk, dtype=torch.long)
+        for b, bt in enumerate(block_tables):
+            need = (starts[b] + T + bs - 1) // bs
+            if len(bt) < need:
+                raise ValueError(f"block table of sequence {b} covers {len(bt) * bs} tokens, needs {starts[b] + T}")
+            table[b, :need] = torch.as_tensor(list(bt[:need]), dtype=torch.long)
+        key_pos = torch.arange(Tk)  # (Tk,)
+        rows = table[:, key_pos // bs] * bs + key_pos % bs  # (B, Tk) flat row of every key position
+        positions = torch.as_tensor(list(starts), dtype=torch.long).unsqueeze(1) + torch.arange(T)  # (B, T)
+        self._write = rows.gather(1, positions).reshape(-1).to(self.device)  # (B*T,)
+        contiguous = B == 1 and bool((rows[0, 1:] - rows[0, :-1] == 1).all()) if Tk > 1 else B == 1
+        if contiguous:
+            self._read, self._read_range = None, (int(rows[0, 0]), Tk)
+        else:
+            self._read, self._read_range = rows.reshape(-1).to(self.device), None
+        self._shape = (B, T, Tk)
+        mask = key_pos.view(1, 1, 1, Tk) <= positions.view(B, 1, T, 1)  # (B, 1, T, Tk)
+        self.mask = mask.to(self.device)
+        return positions.to(self.device)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """k, v: (B, nkv, T, hs) for the prepared tokens -> all keys/values (B, nkv, Tk, hs)."""
+        assert self._write is not None, "prepare() must be called before the forward"
+        B, T, Tk = self._shape
+        kl, vl = self.k[layer], self.v[layer]  # (rows, nkv, hs)
+        kl.index_copy_(0, self._write, k.transpose(1, 2).reshape(B * T, self.n_kv_heads, self.head_dim))
+        vl.index_copy_(0, self._write, v.transpose(1, 2).reshape(B * T, self.n_kv_heads, self.head_dim))
+        if self._read_range is not None:
+            s, n = self._read_range
+            kk, vv = kl[s : s + n].unsqueeze(0), vl[s : s + n].unsqueeze(0)  # (1, Tk, nkv, hs) views
+        else:
+            assert self._read is not None
+            kk = kl.index_select(0, self._read).view(B, Tk, self.n_kv_heads, self.head_dim)
+            vv = vl.index_select(0, self._read).view(B, Tk, self.n_kv_heads, self.head_dim)
+        return kk.transpose(1, 2), vv.transpose(1, 2)  # (B, nkv, Tk, hs)

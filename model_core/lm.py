@@ -1,0 +1,111 @@
+"""A decoder-only causal LM for the llama family (RoPE, RMSNorm, SwiGLU, GQA) and the GPT-2
+family (learned positions, LayerNorm, GELU, biases).
+
+`forward(tokens, positions, cache)`: state is passed in. Without a cache the chunk attends
+causally to itself (positions 0..T-1); with a `PagedKVCache` the cache's prepared mask says which
+keys each query sees.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from model_core.attention import MultiHeadAttention
+from model_core.kv_cache import PagedKVCache
+from model_core.positional import LearnedPositionalEmbedding, RotaryEmbedding
+from model_core.transformer import FeedForward, make_norm
+
+ARCHITECTURES = ("llama", "gpt2")
+
+
+@dataclass(frozen=True)
+class LMConfig:
+    arch: str
+    vocab_size: int
+    d_model: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    d_ff: int
+    max_seq_len: int
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    head_dim: int | None = None
+    tie_embeddings: bool = True
+
+    def __post_init__(self) -> None:
+        if self.arch not in ARCHITECTURES:
+            raise ValueError(f"unsupported architecture {self.arch!r}; supported: {ARCHITECTURES}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
+
+    @property
+    def hd(self) -> int:
+        return self.head_dim or self.d_model // self.n_heads
+
+    @property
+    def is_llama(self) -> bool:
+        return self.arch == "llama"
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + ffn(norm(x))."""
+
+    def __init__(self, cfg: LMConfig) -> None:
+        super().__init__()
+        llama = cfg.is_llama
+        norm = "rmsnorm" if llama else "layernorm"
+        self.attn_norm = make_norm(norm, cfg.d_model, cfg.norm_eps)
+        self.attn = MultiHeadAttention(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.hd, bias=not llama)
+        self.ffn_norm = make_norm(norm, cfg.d_model, cfg.norm_eps)
+        self.ffn = FeedForward(cfg.d_model, cfg.d_ff, "swiglu" if llama else "gelu_tanh", bias=not llama)
+
+    def forward(self, x: torch.Tensor, layer: int, mask: torch.Tensor | None,
+                rope: tuple[torch.Tensor, torch.Tensor] | None, cache: PagedKVCache | None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), mask=mask, is_causal=mask is None, rope=rope, cache=cache, layer=layer)
+        return x + self.ffn(self.ffn_norm(x))
+
+
+class CausalLM(nn.Module):
+    def __init__(self, cfg: LMConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos_embed = None if cfg.is_llama else LearnedPositionalEmbedding(cfg.max_seq_len, cfg.d_model)
+        self.rotary = RotaryEmbedding(cfg.hd, cfg.max_seq_len, cfg.rope_theta) if cfg.is_llama else None
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = make_norm("rmsnorm" if cfg.is_llama else "layernorm", cfg.d_model, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        cache: PagedKVCache | None = None,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        """tokens: (B, T) ids; positions: (B, T) (default 0..T-1). Returns logits (B, T, V), or
+        (B, V) for the last position of each row when last_only."""
+        B, T = tokens.shape
+        if positions is None:
+            positions = torch.arange(T, device=tokens.device).expand(B, T)
+        if int(positions.max()) >= self.cfg.max_seq_len:
+            raise ValueError(f"position {int(positions.max())} exceeds the context length {self.cfg.max_seq_len}")
+        x = self.embed(tokens)  # (B, T, C)
+        rope = None
+        if self.rotary is not None:
+            rope = self.rotary(positions, x.dtype)
+        else:
+            assert self.pos_embed is not None
+            x = x + self.pos_embed(positions).to(x.dtype)
+        mask = cache.mask if cache is not None else None
+        for i, block in enumerate(self.blocks):
+            x = block(x, i, mask, rope, cache)
+        if last_only:
+            x = x[:, -1]  # (B, C)
+        return self.lm_head(self.norm(x))

@@ -1,0 +1,38 @@
+"""Turn a config and a state dict (our names) into a `CausalLM`, validating names and shapes."""
+
+from __future__ import annotations
+
+import torch
+
+from model_core.lm import CausalLM, LMConfig
+
+
+def build_lm(cfg: LMConfig, sd: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32,
+             device: torch.device | str = "cpu") -> CausalLM:
+    if not cfg.tie_embeddings and "lm_head.weight" not in sd:
+        raise ValueError("checkpoint is missing tensor 'lm_head.weight' and the config does not tie embeddings")
+    with torch.device("meta"):
+        model = CausalLM(cfg)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    if cfg.tie_embeddings:
+        sd.pop("lm_head.weight", None)
+        expected.pop("lm_head.weight", None)
+    missing = sorted(set(expected) - set(sd))
+    if missing:
+        raise ValueError(f"checkpoint is missing {len(missing)} tensors, e.g. {missing[:5]}")
+    for name, shape in expected.items():
+        if tuple(sd[name].shape) != tuple(shape):
+            raise ValueError(f"tensor {name!r} has shape {tuple(sd[name].shape)}, the config implies {tuple(shape)}")
+    unexpected = sorted(set(sd) - set(expected))
+    if unexpected:
+        raise ValueError(f"checkpoint has {len(unexpected)} tensors the model does not use, e.g. {unexpected[:5]}")
+    model.to_empty(device=device)
+    model.load_state_dict({k: v.to(dtype) for k, v in sd.items()}, strict=False, assign=False)
+    if cfg.tie_embeddings:
+        model.lm_head.weight = model.embed.weight
+    # buffers (rotary tables) were on meta: rebuild them on the device
+    if model.rotary is not None:
+        from model_core.positional import RotaryEmbedding
+
+        model.rotary = RotaryEmbedding(cfg.hd, cfg.max_seq_len, cfg.rope_theta).to(device)
+    return model.to(dtype).eval()

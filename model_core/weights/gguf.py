@@ -1,0 +1,98 @@
+"""Load a GGUF file: metadata, hyper-parameters and dequantized tensors (via the `gguf` package).
+
+Supported tensor types are those `gguf.quants.dequantize` handles: F32, F16, BF16, Q8_0, Q4_0,
+Q4_1, Q5_0, Q5_1 and the K-quants (Q2_K..Q6_K).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import numpy as np
+import torch
+
+from model_core.lm import ARCHITECTURES, LMConfig
+
+log = logging.getLogger(__name__)
+
+
+def read_metadata(reader: Any) -> dict[str, Any]:
+    """All key/value fields of a `gguf.GGUFReader` as Python values (arrays as lists)."""
+    meta: dict[str, Any] = {}
+    for name, field in reader.fields.items():
+        if name.startswith("GGUF."):
+            continue
+        meta[name] = field.contents()
+    return meta
+
+
+def config_from_metadata(meta: dict[str, Any]) -> LMConfig:
+    arch = meta.get("general.architecture")
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unsupported GGUF architecture {arch!r}; supported: {', '.join(ARCHITECTURES)}")
+
+    def key(name: str, default: Any = None) -> Any:
+        v = meta.get(f"{arch}.{name}", default)
+        if v is None:
+            raise ValueError(f"GGUF metadata lacks '{arch}.{name}'")
+        return v
+
+    n_heads = int(key("attention.head_count"))
+    vocab = meta.get(f"{arch}.vocab_size") or len(meta.get("tokenizer.ggml.tokens") or [])
+    if not vocab:
+        raise ValueError("GGUF metadata has neither a vocab size nor tokenizer tokens")
+    eps_key = "attention.layer_norm_rms_epsilon" if arch == "llama" else "attention.layer_norm_epsilon"
+    d_model = int(key("embedding_length"))
+    head_dim = meta.get(f"{arch}.attention.key_length") or meta.get(f"{arch}.rope.dimension_count")
+    return LMConfig(
+        arch=arch,
+        vocab_size=int(vocab),
+        d_model=d_model,
+        n_layers=int(key("block_count")),
+        n_heads=n_heads,
+        n_kv_heads=int(meta.get(f"{arch}.attention.head_count_kv") or n_heads),
+        d_ff=int(key("feed_forward_length")),
+        max_seq_len=int(key("context_length")),
+        norm_eps=float(key(eps_key, 1e-5)),
+        rope_theta=float(meta.get(f"{arch}.rope.freq_base", 10000.0)),
+        head_dim=int(head_dim) if head_dim and int(head_dim) != d_model // n_heads else None,
+        tie_embeddings="output.weight" not in meta.get("_tensor_names", ()),
+    )
+
+
+def dequantize_tensor(t: Any) -> torch.Tensor:
+    """A `gguf.ReaderTensor` -> float32 torch tensor in PyTorch's (rows, cols) order."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    shape = tuple(int(d) for d in reversed(t.shape))  # GGUF lists ne0 (innermost) first
+    qtype = t.tensor_type
+    if qtype == GGMLQuantizationType.F32:
+        arr = np.asarray(t.data, dtype=np.float32)
+    elif qtype == GGMLQuantizationType.F16:
+        arr = np.asarray(t.data, dtype=np.float16).astype(np.float32)
+    else:
+        try:
+            arr = dequantize(t.data, qtype)
+        except NotImplementedError as e:
+            raise ValueError(f"tensor {t.name!r}: GGUF type {qtype.name} is not supported") from e
+    return torch.from_numpy(np.array(arr, dtype=np.float32, copy=True).reshape(shape))
+
+
+def load_gguf(path: str | os.PathLike[str]) -> tuple[LMConfig, dict[str, torch.Tensor], dict[str, Any]]:
+    """Returns (config, tensors by GGUF name as float32, metadata)."""
+    from gguf import GGUFReader
+    from tqdm import tqdm
+
+    from model_core.weights.names import NAME_MAPS
+
+    reader = GGUFReader(os.fspath(path))
+    meta = read_metadata(reader)
+    meta["_tensor_names"] = [t.name for t in reader.tensors]
+    cfg = config_from_metadata(meta)
+    raw = {t.name: dequantize_tensor(t) for t in tqdm(reader.tensors, desc="dequantizing", unit="tensor",
+                                                     leave=False, disable=None)}
+    sd = NAME_MAPS[("gguf", cfg.arch)](raw, cfg)
+    return cfg, sd, meta

@@ -1,0 +1,51 @@
+"""One entry point: a path (GGUF file or Hugging Face directory) -> model, tokenizer and config."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from model_core.lm import CausalLM, LMConfig
+from model_core.tokenizer import Tokenizer
+from model_core.weights.build import build_lm
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadedLM:
+    model: CausalLM
+    tokenizer: Tokenizer
+    config: LMConfig
+    path: str
+    name: str
+    load_seconds: float
+
+
+def load_lm(path: str | os.PathLike[str], dtype: torch.dtype = torch.float32,
+            device: torch.device | str = "cpu") -> LoadedLM:
+    from model_core.weights.gguf import load_gguf
+    from model_core.weights.safetensors import load_safetensors_dir
+
+    t0 = time.perf_counter()
+    p = Path(path)
+    if p.is_dir():
+        cfg, sd, _ = load_safetensors_dir(p)
+        tok = Tokenizer.from_pretrained_dir(p)
+        name = p.name
+    elif p.is_file():
+        cfg, sd, meta = load_gguf(p)
+        tok = Tokenizer.from_gguf(p, meta)
+        name = p.name[: -len(".gguf")] if p.name.endswith(".gguf") else p.name
+    else:
+        raise FileNotFoundError(f"model path {str(p)!r} does not exist")
+    model = build_lm(cfg, sd, dtype=dtype, device=device)
+    dt = time.perf_counter() - t0
+    log.info("loaded %s (%s, %d layers, d=%d) as %s on %s in %.1fs", name, cfg.arch, cfg.n_layers,
+             cfg.d_model, dtype, device, dt)
+    return LoadedLM(model, tok, cfg, str(p), name, dt)

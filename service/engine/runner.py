@@ -1,0 +1,79 @@
+"""The model runner: owns the model, the paged KV cache and the device; runs one scheduled step.
+
+A step is a batch of decodes (one token each, one batched forward) plus prefill chunks (one forward
+each, so that no padding is needed). The logits of every position that must be sampled are then
+processed and sampled together in one batched call.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+from model_core.kv_cache import PagedKVCache
+from model_core.lm import CausalLM
+from model_core.sampling import SamplingParams, compute_logprobs, process_logits, sample
+from service.engine.scheduler import ScheduledChunk, SchedulerOutput
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SampleResult:
+    token_id: int
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] = field(default_factory=list)
+
+
+class ModelRunner:
+    def __init__(self, model: CausalLM, num_blocks: int, block_size: int, eos_token_ids: tuple[int, ...]) -> None:
+        cfg = model.cfg
+        self.model = model
+        self.device = model.embed.weight.device
+        self.dtype = model.embed.weight.dtype
+        self.eos_token_ids = eos_token_ids
+        self.cache = PagedKVCache(cfg.n_layers, num_blocks, block_size, cfg.n_kv_heads, cfg.hd, self.dtype, self.device)
+        self.num_forwards = 0
+
+    def _forward(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
+        """All chunks have the same num_tokens. Returns last-position logits (B, V)."""
+        T = chunks[0].num_tokens
+        ids = [c.seq.token_ids(c.start, c.start + T) for c in chunks]
+        tokens = torch.tensor(ids, dtype=torch.long, device=self.device)  # (B, T)
+        positions = self.cache.prepare([c.seq.block_table for c in chunks], [c.start for c in chunks], T)
+        self.num_forwards += 1
+        return self.model(tokens, positions, self.cache, last_only=True)  # (B, V)
+
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput) -> dict[str, SampleResult]:
+        rows: list[torch.Tensor] = []
+        to_sample: list[ScheduledChunk] = []
+        if out.decodes:
+            logits = self._forward(out.decodes)
+            rows.append(logits)
+            to_sample.extend(out.decodes)
+        for chunk in out.prefills:
+            logits = self._forward([chunk])
+            if chunk.sample:
+                rows.append(logits)
+                to_sample.append(chunk)
+        if not to_sample:
+            return {}
+        raw = torch.cat(rows) if len(rows) > 1 else rows[0]  # (N, V)
+        states = [c.seq.data for c in to_sample]
+        params: list[SamplingParams] = [s.params for s in states]
+        eos = self.eos_token_ids
+        processed = process_logits(raw, params, [c.seq.prompt_ids for c in to_sample],
+                                   [c.seq.output_ids for c in to_sample],
+                                   eos_token_ids=eos)
+        tokens = sample(processed, params, [s.generator for s in states])
+        results = {c.seq.request_id: SampleResult(int(t)) for c, t in zip(to_sample, tokens.tolist(), strict=True)}
+        want = [i for i, p in enumerate(params) if p.logprobs is not None]
+        if want:
+            lps = compute_logprobs(raw[want].float(), tokens[want], [params[i].logprobs or 0 for i in want])
+            for i, (lp, top) in zip(want, lps, strict=True):
+                r = results[to_sample[i].seq.request_id]
+                r.logprob, r.top_logprobs = lp, top
+        return results

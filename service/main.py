@@ -1,0 +1,104 @@
+"""The app factory and the `python -m service` entry point.
+
+`create_app(settings, text_model=None)` builds the FastAPI app; without an injected text model the
+lifespan loads the configured model on a background thread (so /health answers at once and /ready
+turns 200 when loading is done) and starts the engine loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from service.api import chat, completions, health, models
+from service.api.errors import install_error_handlers
+from service.api.generation import TextModel
+from service.config import Settings, parse_settings
+
+log = logging.getLogger("service")
+
+
+def build_text_model(settings: Settings) -> TextModel:
+    """Load the LM and its tokenizer, size the KV cache from the memory budget, start the engine."""
+    from model_core.device import select_device, select_dtype
+    from model_core.kv_cache import PagedKVCache
+    from model_core.tokenizer import find_default_model
+    from model_core.weights.loader import load_lm
+    from service.engine.engine import EngineConfig, LLMEngine
+    from service.engine.runner import ModelRunner
+
+    device = select_device(settings.device)
+    dtype = select_dtype(settings.dtype, device)
+    lm = load_lm(settings.model or find_default_model(), dtype, device)
+    cfg = lm.config
+    max_len = min(cfg.max_seq_len, settings.max_model_len or cfg.max_seq_len)
+    per_block = PagedKVCache.bytes_per_token(cfg.n_layers, cfg.n_kv_heads, cfg.hd, dtype) * settings.block_size
+    num_blocks = int(settings.kv_cache_memory_gb * 2**30) // per_block
+    if num_blocks * settings.block_size < max_len:
+        raise ValueError(
+            f"kv_cache_memory_gb={settings.kv_cache_memory_gb} holds {num_blocks * settings.block_size} tokens, "
+            f"fewer than one sequence of max_model_len={max_len}; raise the budget or lower max_model_len")
+    runner = ModelRunner(lm.model, num_blocks, settings.block_size, tuple(lm.tokenizer.eos_token_ids))
+    engine = LLMEngine(runner, lm.tokenizer, EngineConfig(
+        max_num_seqs=settings.max_num_seqs, max_num_batched_tokens=settings.max_num_batched_tokens,
+        block_size=settings.block_size, num_blocks=num_blocks, max_model_len=max_len,
+        max_waiting=settings.max_waiting))
+    log.info("KV cache: %d blocks x %d tokens (%.2f GiB), max_model_len %d", num_blocks, settings.block_size,
+             num_blocks * per_block / 2**30, max_len)
+    return TextModel(engine=engine, tokenizer=lm.tokenizer, name=settings.served_model_name or lm.name,
+                     max_model_len=max_len, vocab_size=cfg.vocab_size, created=int(time.time()))
+
+
+def create_app(settings: Settings | None = None, text_model: TextModel | None = None) -> FastAPI:
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.text_model = None
+        app.state.load_error = None
+        app.state.draining = False
+
+        def load() -> None:
+            try:
+                tm = text_model or build_text_model(settings)
+                if tm.engine._thread is None:
+                    tm.engine.start()
+                app.state.text_model = tm
+            except Exception as e:
+                log.exception("model failed to load")
+                app.state.load_error = str(e)
+
+        if text_model is not None:
+            load()
+        else:
+            threading.Thread(target=load, name="model-loader", daemon=True).start()
+        try:
+            yield
+        finally:
+            tm = app.state.text_model
+            if tm is not None:
+                tm.engine.stop()
+
+    app = FastAPI(title="AIGC inference service", version="0.1.0", lifespan=lifespan)
+    app.state.settings = settings
+    install_error_handlers(app)
+    for r in (health.router, models.router, completions.router, chat.router):
+        app.include_router(r)
+    return app
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import uvicorn
+
+    settings = parse_settings(argv)
+    logging.basicConfig(level=settings.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = create_app(settings)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level, access_log=False)
+    return 0
