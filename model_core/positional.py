@@ -33,7 +33,8 @@ class SinusoidalPositionalEncoding(nn.Module):
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         """x: (B, T, C); positions: (B, T) or None for 0..T-1."""
-        pe = self.pe[: x.shape[1]] if positions is None else self.pe[positions]  # (T, C) or (B, T, C)
+        table: torch.Tensor = self.pe  # type: ignore[assignment]
+        pe = table[: x.shape[1]] if positions is None else table[positions]  # (T, C) or (B, T, C)
         return self.dropout(x + pe.to(x.dtype))
 
 
@@ -64,7 +65,9 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
         """positions: (B, T) -> cos, sin each (B, T, hs)."""
-        return self.cos[positions].to(dtype), self.sin[positions].to(dtype)
+        cos: torch.Tensor = self.cos  # type: ignore[assignment]
+        sin: torch.Tensor = self.sin  # type: ignore[assignment]
+        return cos[positions].to(dtype), sin[positions].to(dtype)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:

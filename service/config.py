@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
-from typing_extensions import Annotated
 
 
 def _split_list(v: Any) -> Any:
@@ -71,9 +70,9 @@ def parse_settings(argv: Sequence[str] | None = None) -> Settings:
     """CLI flags override environment variables, which override defaults."""
     ap = argparse.ArgumentParser(prog="python -m service", description="AIGC inference server")
     for name, f in Settings.model_fields.items():
-        extra = {"api_keys": {"action": "append", "dest": "api_keys", "metavar": "KEY"}}.get(name, {})
         if name == "api_keys":
-            ap.add_argument("--api-key", help="API key (repeatable); env AIGC_API_KEYS", default=None, **extra)
+            ap.add_argument("--api-key", help="API key (repeatable); env AIGC_API_KEYS", default=None,
+                            action="append", dest="api_keys", metavar="KEY")
         else:
             ap.add_argument(_flag(name), dest=name, default=None,
                             help=f"{f.description or name} (env AIGC_{name.upper()}, default {f.default!r})")

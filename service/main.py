@@ -20,11 +20,13 @@ from service.api import chat, completions, health, models
 from service.api.errors import install_error_handlers
 from service.api.generation import TextModel
 from service.config import Settings, parse_settings
+from service.engine.engine import EngineObserver
+from service.metrics import Metrics
 
 log = logging.getLogger("service")
 
 
-def build_text_model(settings: Settings) -> TextModel:
+def build_text_model(settings: Settings, observer: EngineObserver | None = None) -> TextModel:
     """Load the LM and its tokenizer, size the KV cache from the memory budget, start the engine."""
     from model_core.device import select_device, select_dtype
     from model_core.kv_cache import PagedKVCache
@@ -48,11 +50,12 @@ def build_text_model(settings: Settings) -> TextModel:
     engine = LLMEngine(runner, lm.tokenizer, EngineConfig(
         max_num_seqs=settings.max_num_seqs, max_num_batched_tokens=settings.max_num_batched_tokens,
         block_size=settings.block_size, num_blocks=num_blocks, max_model_len=max_len,
-        max_waiting=settings.max_waiting))
+        max_waiting=settings.max_waiting), observer=observer)
     log.info("KV cache: %d blocks x %d tokens (%.2f GiB), max_model_len %d", num_blocks, settings.block_size,
              num_blocks * per_block / 2**30, max_len)
     return TextModel(engine=engine, tokenizer=lm.tokenizer, name=settings.served_model_name or lm.name,
-                     max_model_len=max_len, vocab_size=cfg.vocab_size, created=int(time.time()))
+                     max_model_len=max_len, vocab_size=cfg.vocab_size, created=int(time.time()),
+                     load_seconds=lm.load_seconds)
 
 
 def create_app(settings: Settings | None = None, text_model: TextModel | None = None) -> FastAPI:
@@ -64,9 +67,15 @@ def create_app(settings: Settings | None = None, text_model: TextModel | None = 
         app.state.load_error = None
         app.state.draining = False
 
+        metrics: Metrics = app.state.metrics
+
         def load() -> None:
             try:
-                tm = text_model or build_text_model(settings)
+                tm = text_model or build_text_model(settings, observer=metrics)
+                if tm.engine.observer is None:
+                    tm.engine.observer = metrics
+                metrics.bind_engine(tm.name, tm.engine.state)
+                metrics.load_seconds.labels(tm.name).set(tm.load_seconds)
                 if tm.engine._thread is None:
                     tm.engine.start()
                 app.state.text_model = tm
@@ -87,6 +96,7 @@ def create_app(settings: Settings | None = None, text_model: TextModel | None = 
 
     app = FastAPI(title="AIGC inference service", version="0.1.0", lifespan=lifespan)
     app.state.settings = settings
+    app.state.metrics = Metrics()
     install_error_handlers(app)
     for r in (health.router, models.router, completions.router, chat.router):
         app.include_router(r)

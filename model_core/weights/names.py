@@ -94,7 +94,8 @@ def hf_llama(src: Tensors, cfg: LMConfig) -> dict[str, torch.Tensor]:
         sd[o + "attn.out.weight"] = _get(src, p + "self_attn.o_proj.weight")
         sd[o + "attn_norm.weight"] = _get(src, p + "input_layernorm.weight")
         sd[o + "ffn_norm.weight"] = _get(src, p + "post_attention_layernorm.weight")
-        sd[o + "ffn.w_in.weight"] = torch.cat([_get(src, p + "mlp.gate_proj.weight"), _get(src, p + "mlp.up_proj.weight")])
+        gate, up = _get(src, p + "mlp.gate_proj.weight"), _get(src, p + "mlp.up_proj.weight")
+        sd[o + "ffn.w_in.weight"] = torch.cat([gate, up])
         sd[o + "ffn.w_out.weight"] = _get(src, p + "mlp.down_proj.weight")
     _copy_optional(sd, src, "lm_head.weight", "lm_head.weight")
     return sd

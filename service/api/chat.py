@@ -6,11 +6,19 @@ import time
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 
 from service.api.errors import APIError, error_body
-from service.api.generation import (TextModel, check_model, choice_params, get_text_model, new_id,
-                                    resolve_max_tokens, run_choices)
+from service.api.generation import (
+    TextModel,
+    admit,
+    check_model,
+    choice_params,
+    get_text_model,
+    new_id,
+    resolve_max_tokens,
+    run_choices,
+)
 from service.api.schemas import ChatCompletionRequest, ChatMessage, sampling_params
 from service.api.sse import DONE, sse_data, sse_response
 from service.engine.engine import TokenEvent
@@ -26,7 +34,8 @@ def message_dicts(messages: list[ChatMessage]) -> list[dict[str, Any]]:
             parts = []
             for part in content:
                 if part.get("type") != "text" or not isinstance(part.get("text"), str):
-                    raise APIError(f"messages[{i}].content: only text parts are supported", param=f"messages.{i}.content")
+                    raise APIError(f"messages[{i}].content: only text parts are supported",
+                                   param=f"messages.{i}.content")
                 parts.append(part["text"])
             content = "".join(parts)
         d: dict[str, Any] = {"role": m.role, "content": content or ""}
@@ -58,7 +67,7 @@ def _logprob_entry(tm: TextModel, ev: TokenEvent) -> dict[str, Any]:
 
 
 @router.post("/v1/chat/completions")
-async def create_chat_completion(req: ChatCompletionRequest,
+async def create_chat_completion(req: ChatCompletionRequest, request: Request,
                                  tm: Annotated[TextModel, Depends(get_text_model)]) -> Any:
     check_model(tm, req.model)
     ids = render_chat(tm, req.messages)
@@ -69,6 +78,7 @@ async def create_chat_completion(req: ChatCompletionRequest,
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
     base = sampling_params(req, max_tokens=max_tokens, logprobs=logprobs, vocab_size=tm.vocab_size)
     jobs = [(ids, choice_params(base, i)) for i in range(req.n)]
+    admit(request, tm, len(jobs), "chat")
     rid, created = new_id("chatcmpl"), int(time.time())
 
     def head(obj: str) -> dict[str, Any]:

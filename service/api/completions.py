@@ -6,11 +6,19 @@ import time
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 
 from service.api.errors import APIError, error_body
-from service.api.generation import (TextModel, check_model, choice_params, get_text_model, new_id,
-                                    resolve_max_tokens, run_choices)
+from service.api.generation import (
+    TextModel,
+    admit,
+    check_model,
+    choice_params,
+    get_text_model,
+    new_id,
+    resolve_max_tokens,
+    run_choices,
+)
 from service.api.schemas import CompletionRequest, sampling_params
 from service.api.sse import DONE, sse_data, sse_response
 from service.engine.engine import TokenEvent
@@ -27,10 +35,11 @@ def _prompts(req: CompletionRequest, tm: TextModel) -> list[list[int]]:
         raise APIError("prompt must not be empty", param="prompt")
     if all(isinstance(x, str) for x in p):
         return [tm.tokenizer.encode(x) for x in p]  # type: ignore[arg-type]
+    prompts: list[list[int]]
     if all(isinstance(x, int) for x in p):
-        prompts = [list(p)]  # type: ignore[arg-type]
+        prompts = [[int(x) for x in p]]  # type: ignore[arg-type]
     else:
-        prompts = [list(x) for x in p]  # type: ignore[arg-type, union-attr]
+        prompts = [[int(t) for t in x] for x in p]  # type: ignore[union-attr]
     for ids in prompts:
         if any(not 0 <= t < tm.vocab_size for t in ids):
             raise APIError(f"prompt token ids must be in [0, {tm.vocab_size})", param="prompt")
@@ -61,7 +70,8 @@ class _LogprobAcc:
 
 
 @router.post("/v1/completions")
-async def create_completion(req: CompletionRequest, tm: Annotated[TextModel, Depends(get_text_model)]) -> Any:
+async def create_completion(req: CompletionRequest, request: Request,
+                            tm: Annotated[TextModel, Depends(get_text_model)]) -> Any:
     check_model(tm, req.model)
     if req.suffix:
         raise APIError("suffix is not supported", param="suffix")
@@ -73,6 +83,7 @@ async def create_completion(req: CompletionRequest, tm: Annotated[TextModel, Dep
         max_tokens = resolve_max_tokens(tm, len(ids), req.max_tokens, DEFAULT_MAX_TOKENS)
         base = sampling_params(req, max_tokens=max_tokens, logprobs=req.logprobs, vocab_size=tm.vocab_size)
         jobs += [(ids, choice_params(base, i)) for i in range(req.n)]
+    admit(request, tm, len(jobs), "completions")
     rid, created = new_id("cmpl"), int(time.time())
     prompt_tokens = sum(len(ids) for ids in prompts)
     echo_text = [tm.tokenizer.decode(ids, skip_special_tokens=False) if req.echo else "" for ids in prompts]

@@ -13,7 +13,7 @@ from fastapi import Request
 from model_core.sampling import SamplingParams
 from model_core.tokenizer import Tokenizer
 from service.api.errors import APIError
-from service.engine.engine import LLMEngine, TokenEvent
+from service.engine.engine import EngineDeadError, EngineOverloadedError, LLMEngine, TokenEvent
 
 
 @dataclass
@@ -26,6 +26,7 @@ class TextModel:
     max_model_len: int
     vocab_size: int
     created: int
+    load_seconds: float = 0.0
 
 
 def get_text_model(request: Request) -> TextModel:
@@ -33,6 +34,24 @@ def get_text_model(request: Request) -> TextModel:
     if tm is None:
         raise APIError("the text model is not loaded yet", status_code=503, code="model_not_ready")
     return tm
+
+
+def admit(request: Request, tm: TextModel, n: int, endpoint: str) -> None:
+    """Admission control: 503 + Retry-After when the queue is full or the engine is down."""
+    metrics = getattr(request.app.state, "metrics", None)
+    if getattr(request.app.state, "draining", False):
+        reason, msg = "draining", "the server is shutting down"
+    else:
+        try:
+            tm.engine.check_admission(n)
+            return
+        except EngineOverloadedError as e:
+            reason, msg = "queue_full", str(e)
+        except EngineDeadError as e:
+            reason, msg = "engine_dead", str(e)
+    if metrics is not None:
+        metrics.rejected.labels(endpoint, reason).inc()
+    raise APIError(msg, status_code=503, code=reason, headers={"Retry-After": "1"})
 
 
 def check_model(tm: TextModel, requested: str | None) -> None:

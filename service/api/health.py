@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
 router = APIRouter()
 
@@ -28,6 +28,12 @@ async def ready(request: Request) -> Any:
         problems.append("engine loop is not running")
     if getattr(state, "draining", False):
         problems.append("server is shutting down")
-    if problems:
+    if problems or tm is None:
         return JSONResponse({"status": "unavailable", "reasons": problems}, status_code=503)
     return {"status": "ready", "model": tm.name}
+
+
+@router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    body, content_type = request.app.state.metrics.exposition()
+    return Response(body, media_type=content_type)

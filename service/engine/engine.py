@@ -15,7 +15,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -43,6 +43,18 @@ class EngineDeadError(RuntimeError):
     pass
 
 
+class EngineOverloadedError(RuntimeError):
+    """The waiting queue is full: the caller should retry later (HTTP 503 + Retry-After)."""
+
+
+class EngineObserver(Protocol):
+    """Receives per-request timings from the engine thread (metrics)."""
+
+    def on_first_token(self, queue_time: float, ttft: float, prompt_tokens: int) -> None: ...
+    def on_token(self, itl: float) -> None: ...
+    def on_finish(self, reason: str, e2e: float) -> None: ...
+
+
 @dataclass
 class TokenEvent:
     token_id: int | None
@@ -64,6 +76,7 @@ class RequestState:
     loop: asyncio.AbstractEventLoop
     arrival: float
     first_token_time: float | None = None
+    last_token_time: float = 0.0
 
 
 @dataclass
@@ -79,8 +92,10 @@ class EngineStats:
 
 
 class LLMEngine:
-    def __init__(self, runner: ModelRunner, tokenizer: Tokenizer, config: EngineConfig) -> None:
+    def __init__(self, runner: ModelRunner, tokenizer: Tokenizer, config: EngineConfig,
+                 observer: EngineObserver | None = None) -> None:
         self.runner = runner
+        self.observer = observer
         self.tokenizer = tokenizer
         self.config = config
         self.scheduler = Scheduler(
@@ -121,6 +136,19 @@ class LLMEngine:
     # ---- requests --------------------------------------------------------------------------
     def num_pending(self) -> int:
         return len(self._inbox) + self.scheduler.num_waiting
+
+    def check_admission(self, n: int = 1) -> None:
+        """Raise EngineOverloadedError when n more requests would overflow the waiting queue."""
+        self.check_health()
+        free_slots = self.config.max_num_seqs - self.scheduler.num_running
+        if self.num_pending() + n > self.config.max_waiting + max(free_slots, 0):
+            raise EngineOverloadedError(
+                f"server is at capacity ({self.num_pending()} requests waiting, limit {self.config.max_waiting})")
+
+    def state(self) -> dict[str, float]:
+        return {"aigc_num_requests_running": float(self.scheduler.num_running),
+                "aigc_num_requests_waiting": float(self.num_pending()),
+                "aigc_kv_cache_usage_ratio": float(self.scheduler.kv_usage)}
 
     async def generate(self, prompt_ids: Sequence[int], params: SamplingParams,
                        request_id: str | None = None) -> AsyncIterator[TokenEvent]:
@@ -172,15 +200,17 @@ class LLMEngine:
 
     def _drain_inputs(self) -> None:
         while self._inbox:
-            seq = self._inbox.popleft()
+            new = self._inbox.popleft()
             try:
-                self.scheduler.add(seq)
+                self.scheduler.add(new)
             except ValueError as e:
-                self._emit(seq, TokenEvent(None, "", "error", error=str(e)))
+                self._emit(new, TokenEvent(None, "", "error", error=str(e)))
         while self._aborts:
             rid = self._aborts.popleft()
             with self._lock:
-                self.scheduler.abort(rid)
+                seq = self.scheduler.abort(rid)
+            if seq is not None and self.observer is not None:
+                self.observer.on_finish("abort", time.monotonic() - seq.arrival_time)
 
     def step(self) -> int:
         """One engine step; returns the number of sequences that got a token."""
@@ -200,8 +230,15 @@ class LLMEngine:
         for seq in advanced:
             st: RequestState = seq.data
             res = results[seq.request_id]
+            obs = self.observer
             if st.first_token_time is None:
                 st.first_token_time = now
+                if obs is not None:
+                    sched = seq.first_scheduled_time or now
+                    obs.on_first_token(sched - st.arrival, now - st.arrival, len(seq.prompt_ids))
+            elif obs is not None:
+                obs.on_token(now - st.last_token_time)
+            st.last_token_time = now
             try:
                 text, finish = st.stream.step(res.token_id)
             except Exception as e:  # a failure in one request's detokenizing ends that request only
@@ -211,6 +248,8 @@ class LLMEngine:
                 continue
             if finish is not None:
                 self._finish(seq, FinishReason(finish))
+                if obs is not None:
+                    obs.on_finish(finish, now - st.arrival)
             self._emit(seq, TokenEvent(res.token_id, text, finish, res.logprob, res.top_logprobs))
         return len(advanced)
 
@@ -235,6 +274,6 @@ class LLMEngine:
     def _fail_all(self, message: str) -> None:
         seqs: list[Any] = list(self._inbox)
         self._inbox.clear()
-        seqs += self.scheduler.all_sequences()
+        seqs += list(self.scheduler.waiting) + list(self.scheduler.running)
         for seq in seqs:
             self._emit(seq, TokenEvent(None, "", "error", error=message))

@@ -1,0 +1,429 @@
+"""Continuous-batching scheduler over a paged KV cache. Pure Python: no torch, no numpy.
+
+One engine step is ``out = schedule()`` -> the runner computes ``out.decodes`` and ``out.prefills``
+-> ``update(out, sampled)`` -> the engine calls ``finish()`` on sequences that hit EOS, a stop string
+or ``max_tokens``. The scheduler is not thread-safe: call it from the engine's step thread only.
+
+Policy of one step (budget = ``max_num_batched_tokens`` tokens; "order" is FCFS, i.e.
+``(arrival_time, order of add())``):
+
+1. Decodes: running sequences with exactly one token left to compute, in order, 1 token each.
+   One whose next position starts a new block while no block is free preempts the youngest
+   running sequence (recompute: its blocks are freed, ``num_computed = 0``, back to waiting),
+   repeating until its block fits or it was itself the youngest (then it and all younger wait).
+   ``max_num_batched_tokens >= max_num_seqs`` is enforced, so decodes always fit the budget.
+2. Running partial prefills (chunked prefill), in order: chunk = min(tokens left, budget, room in
+   the blocks they hold plus the free blocks). They never preempt anyone.
+3. Waiting sequences, in order, only if nothing was preempted this step (a just-preempted
+   sequence is not re-admitted in the same step: no thrashing). Admitted while a running slot is
+   free, budget is left and free blocks cover the whole chunk; admission stops at the first one
+   that does not fit (strict FCFS, no skipping ahead). Preempted sequences arrived before every
+   never-run one, so keeping waiting sorted puts them at its front.
+
+Chunk sizes: with ``chunked_prefill`` a prefill takes min(tokens left, budget left); without it
+the whole remainder must fit the budget left, except that a remainder longer than
+``max_num_batched_tokens`` itself runs as the only prefill of its step (that step's token count
+then exceeds the budget; it is the only case that does).
+
+Blocks: a prefill chunk allocates blocks for exactly the positions it computes; a decode
+allocates one block when its position crosses a block boundary. No watermark is kept: the oldest
+running sequence always makes progress (it is never a victim unless it runs alone, and alone it
+fits, since ``__init__`` demands the pool hold ``max_model_len`` tokens), so there is no livelock.
+"""
+
+import bisect
+import enum
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class SeqStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class FinishReason(str, enum.Enum):
+    STOP = "stop"
+    LENGTH = "length"
+    ABORT = "abort"
+    ERROR = "error"
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One request as the scheduler sees it; identity equality."""
+
+    request_id: str
+    prompt_ids: list[int]
+    max_tokens: int
+    arrival_time: float  # monotonic seconds; FCFS order
+    output_ids: list[int] = field(default_factory=list)
+    status: SeqStatus = SeqStatus.WAITING
+    num_computed: int = 0  # tokens (prompt + output) whose KV is in the cache
+    block_table: list[int] = field(default_factory=list)
+    finish_reason: FinishReason | None = None
+    num_preemptions: int = 0
+    first_scheduled_time: float | None = None
+    data: Any = None  # opaque per-request payload for the engine
+    seq_no: int = -1  # set by Scheduler.add(); breaks ties of arrival_time
+
+    @property
+    def all_ids(self) -> list[int]:
+        """Prompt followed by output (a new list)."""
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def num_remaining(self) -> int:
+        """Tokens whose KV is not in the cache yet; >= 1 for an unfinished sequence."""
+        return self.num_tokens - self.num_computed
+
+    @property
+    def is_decode(self) -> bool:
+        """Exactly one token left to compute (the last sampled one, or a 1-token prefill tail)."""
+        return self.num_remaining == 1
+
+    @property
+    def is_prefill(self) -> bool:
+        """More than one token left to compute: ``num_computed < num_tokens - 1``."""
+        return self.num_remaining > 1
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SeqStatus.FINISHED
+
+    @property
+    def order_key(self) -> tuple[float, int]:
+        return (self.arrival_time, self.seq_no)
+
+    def token_ids(self, start: int, stop: int) -> list[int]:
+        """``all_ids[start:stop]`` without concatenating the whole sequence."""
+        p = len(self.prompt_ids)
+        if stop <= p:
+            return self.prompt_ids[start:stop]
+        if start >= p:
+            return self.output_ids[start - p : stop - p]
+        return self.prompt_ids[start:] + self.output_ids[: stop - p]
+
+
+@dataclass
+class ScheduledChunk:
+    """Compute ``seq.all_ids[start:start + num_tokens]``; sample after the last one if ``sample``."""
+
+    seq: Sequence
+    start: int  # == seq.num_computed at schedule time
+    num_tokens: int
+    sample: bool  # the chunk reaches the end of all_ids
+
+    @property
+    def end(self) -> int:
+        return self.start + self.num_tokens
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.seq.token_ids(self.start, self.end)
+
+
+@dataclass
+class SchedulerOutput:
+    decodes: list[ScheduledChunk] = field(default_factory=list)  # num_tokens == 1 each
+    prefills: list[ScheduledChunk] = field(default_factory=list)  # whole or partial (chunked) prefills
+    preempted: list[Sequence] = field(default_factory=list)  # blocks freed; back at the front of waiting
+    num_batched_tokens: int = 0
+
+    @property
+    def chunks(self) -> list[ScheduledChunk]:
+        return self.decodes + self.prefills
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.decodes and not self.prefills
+
+
+class BlockAllocator:
+    """Free list over ``num_blocks`` KV blocks; detects double frees."""
+
+    def __init__(self, num_blocks: int) -> None:
+        if num_blocks <= 0:
+            raise ValueError(f"num_blocks must be positive, got {num_blocks}")
+        self.num_blocks = num_blocks
+        self._free: deque[int] = deque(range(num_blocks))
+        self._is_free = [True] * num_blocks
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    @property
+    def num_used(self) -> int:
+        return self.num_blocks - len(self._free)
+
+    def is_free(self, block: int) -> bool:
+        return self._is_free[block]
+
+    def allocate(self, n: int) -> list[int]:
+        if n < 0:
+            raise ValueError(f"cannot allocate {n} blocks")
+        if n > len(self._free):
+            raise RuntimeError(f"out of KV blocks: want {n}, {len(self._free)} free")
+        blocks = [self._free.popleft() for _ in range(n)]
+        for b in blocks:
+            self._is_free[b] = False
+        return blocks
+
+    def free(self, blocks: Iterable[int]) -> None:
+        blocks = list(blocks)
+        if len(set(blocks)) != len(blocks):
+            raise ValueError(f"duplicate blocks in free(): {blocks}")
+        for b in blocks:
+            if not 0 <= b < self.num_blocks or self._is_free[b]:
+                raise ValueError(f"block {b} is not allocated")
+        for b in blocks:
+            self._is_free[b] = True
+            self._free.append(b)
+
+
+class Scheduler:
+    """Waiting/running queues, token budget, block allocation and preemption (see module docstring)."""
+
+    def __init__(
+        self,
+        num_blocks: int,
+        block_size: int,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        max_model_len: int,
+        chunked_prefill: bool = True,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        for name, value in [
+            ("block_size", block_size),
+            ("max_num_seqs", max_num_seqs),
+            ("max_num_batched_tokens", max_num_batched_tokens),
+            ("max_model_len", max_model_len),
+        ]:
+            if value <= 0:
+                raise ValueError(f"{name} must be positive, got {value}")
+        if max_num_batched_tokens < max_num_seqs:
+            raise ValueError(
+                f"max_num_batched_tokens ({max_num_batched_tokens}) must be >= max_num_seqs ({max_num_seqs})"
+            )
+        self.allocator = BlockAllocator(num_blocks)
+        self.block_size = block_size
+        if self.blocks_for(max_model_len) > num_blocks:
+            raise ValueError(
+                f"KV pool of {num_blocks} blocks x {block_size} tokens cannot hold one sequence of "
+                f"max_model_len={max_model_len} tokens"
+            )
+        self.num_blocks = num_blocks
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_model_len = max_model_len
+        self.chunked_prefill = chunked_prefill
+        self.clock = clock
+        self._waiting: list[Sequence] = []  # sorted by order_key
+        self._running: list[Sequence] = []  # sorted by order_key
+        self._seqs: dict[str, Sequence] = {}  # waiting + running
+        self._next_seq_no = 0
+
+    # ---- queries ---------------------------------------------------------------------------
+    def blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self._waiting or self._running)
+
+    @property
+    def kv_usage(self) -> float:
+        """Fraction of KV blocks in use."""
+        return self.allocator.num_used / self.num_blocks
+
+    @property
+    def waiting(self) -> tuple[Sequence, ...]:
+        return tuple(self._waiting)
+
+    @property
+    def running(self) -> tuple[Sequence, ...]:
+        return tuple(self._running)
+
+    def get(self, request_id: str) -> Sequence | None:
+        return self._seqs.get(request_id)
+
+    # ---- lifecycle -------------------------------------------------------------------------
+    def add(self, seq: Sequence) -> None:
+        n = len(seq.prompt_ids)
+        if n == 0:
+            raise ValueError("prompt is empty")
+        if seq.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {seq.max_tokens}")
+        if n + seq.max_tokens > self.max_model_len:
+            raise ValueError(
+                f"prompt ({n} tokens) + max_tokens ({seq.max_tokens}) "
+                f"exceeds max_model_len ({self.max_model_len})"
+            )
+        if seq.request_id in self._seqs:
+            raise ValueError(f"duplicate request id {seq.request_id!r}")
+        if seq.status is not SeqStatus.WAITING or seq.num_computed or seq.block_table:
+            raise ValueError(f"sequence {seq.request_id!r} is not fresh")
+        seq.seq_no = self._next_seq_no
+        self._next_seq_no += 1
+        self._seqs[seq.request_id] = seq
+        bisect.insort(self._waiting, seq, key=_order)
+
+    def finish(self, request_id: str, reason: FinishReason) -> None:
+        """Mark finished and free its blocks at once; unknown (already finished) ids are ignored."""
+        self._remove(request_id, reason)
+
+    def abort(self, request_id: str) -> Sequence | None:
+        """Drop a waiting or running sequence, freeing its blocks at once; None if unknown."""
+        return self._remove(request_id, FinishReason.ABORT)
+
+    def _remove(self, request_id: str, reason: FinishReason) -> Sequence | None:
+        seq = self._seqs.pop(request_id, None)
+        if seq is None:
+            return None
+        if seq.status is SeqStatus.RUNNING:
+            self._running.remove(seq)
+        else:
+            self._waiting.remove(seq)
+        self._release(seq)
+        seq.status = SeqStatus.FINISHED
+        seq.finish_reason = reason
+        return seq
+
+    def _release(self, seq: Sequence) -> None:
+        self.allocator.free(seq.block_table)
+        seq.block_table = []
+
+    def _preempt_youngest(self) -> Sequence:
+        seq = self._running.pop()
+        self._release(seq)
+        seq.num_computed = 0
+        seq.status = SeqStatus.WAITING
+        seq.num_preemptions += 1
+        bisect.insort(self._waiting, seq, key=_order)
+        return seq
+
+    # ---- one step --------------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.max_num_batched_tokens
+
+        # 1. decodes, oldest first; block shortage preempts the youngest running sequence
+        for seq in list(self._running):
+            if seq.status is not SeqStatus.RUNNING or seq.num_remaining != 1:
+                continue
+            need = self.blocks_for(seq.num_computed + 1) - len(seq.block_table)
+            while need > self.allocator.num_free:
+                victim = self._preempt_youngest()
+                out.preempted.append(victim)
+                if victim is seq:
+                    break
+            if seq.status is not SeqStatus.RUNNING:
+                break  # seq was the youngest left: every younger one is preempted too
+            if need > 0:
+                seq.block_table.extend(self.allocator.allocate(need))
+            out.decodes.append(ScheduledChunk(seq, seq.num_computed, 1, True))
+            budget -= 1
+
+        # 2. running partial prefills, limited by the blocks they hold plus the free ones
+        for seq in self._running:
+            if budget <= 0:
+                break
+            if seq.num_remaining <= 1:
+                continue
+            room = len(seq.block_table) * self.block_size - seq.num_computed
+            room += self.allocator.num_free * self.block_size
+            n = self._chunk_len(seq.num_remaining, budget, first=not out.prefills)
+            n = min(n, room) if self.chunked_prefill else (n if n <= room else 0)
+            if n <= 0:
+                continue
+            need = self.blocks_for(seq.num_computed + n) - len(seq.block_table)
+            if need > 0:
+                seq.block_table.extend(self.allocator.allocate(need))
+            out.prefills.append(ScheduledChunk(seq, seq.num_computed, n, n == seq.num_remaining))
+            budget -= n
+
+        # 3. admit waiting sequences, strict FCFS, unless this step had to preempt
+        while not out.preempted and self._waiting and budget > 0 and len(self._running) < self.max_num_seqs:
+            seq = self._waiting[0]
+            n = self._chunk_len(seq.num_tokens, budget, first=not out.prefills)
+            if n <= 0:
+                break
+            need = self.blocks_for(n)
+            if need > self.allocator.num_free:
+                break
+            self._waiting.pop(0)
+            seq.block_table = self.allocator.allocate(need)
+            seq.status = SeqStatus.RUNNING
+            if seq.first_scheduled_time is None:
+                seq.first_scheduled_time = self.clock()
+            bisect.insort(self._running, seq, key=_order)
+            out.prefills.append(ScheduledChunk(seq, 0, n, n == seq.num_tokens))
+            budget -= n
+
+        out.num_batched_tokens = sum(c.num_tokens for c in out.decodes) + sum(
+            c.num_tokens for c in out.prefills
+        )
+        return out
+
+    def _chunk_len(self, remaining: int, budget: int, first: bool) -> int:
+        """Tokens of a prefill to run now given the budget left; 0 if it must wait."""
+        if self.chunked_prefill:
+            return min(remaining, budget)
+        if remaining <= budget or (first and remaining > self.max_num_batched_tokens):
+            return remaining
+        return 0
+
+    def update(self, out: SchedulerOutput, sampled: Mapping[str, int]) -> list[Sequence]:
+        """Advance computed counts and append sampled tokens; returns sequences that got a token.
+
+        Chunks of sequences no longer running (aborted or finished since ``schedule``) are ignored,
+        and so is a sampling chunk whose request id is missing from ``sampled``: it is recomputed
+        in a later step.
+        """
+        new: list[Sequence] = []
+        for chunk in out.chunks:
+            seq = chunk.seq
+            if seq.status is not SeqStatus.RUNNING:
+                continue
+            if chunk.start != seq.num_computed:
+                raise RuntimeError(f"stale SchedulerOutput for {seq.request_id!r}")
+            if chunk.sample:
+                token = sampled.get(seq.request_id)
+                if token is None:
+                    continue
+                seq.num_computed += chunk.num_tokens
+                seq.output_ids.append(int(token))
+                new.append(seq)
+            else:
+                seq.num_computed += chunk.num_tokens
+        return new
+
+
+def _order(seq: Sequence) -> tuple[float, int]:
+    return seq.order_key
