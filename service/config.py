@@ -36,17 +36,31 @@ class Settings(BaseSettings):
     max_model_len: int | None = Field(None, ge=16, description="context length cap; default: the model's")
     max_waiting: int = Field(256, ge=0, description="queued requests beyond which new ones get 503")
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list, description="comma-separated keys")
+    api_key_file: str | None = Field(None, description="file with one API key per line")
+    public_paths: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["/health", "/ready", "/metrics"], description="paths open without a key")
+    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list,
+                                                         description="allowed CORS origins; empty = CORS off")
+    max_body_bytes: int = Field(4 * 2**20, ge=1024, description="largest accepted request body")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info")
+    log_format: Literal["json", "text"] = Field("json", description="stderr log lines as JSON or text")
     enable_gan: bool = Field(True, description="serve /v1/images/generations")
     gan_path: str | None = Field(None, description="GAN checkpoint dir; default: the shipped one")
     image_max_batch: int = Field(32, ge=1, le=256, description="GAN micro-batch size")
     image_max_wait_ms: float = Field(10.0, ge=0, le=1000, description="GAN micro-batch wait")
     drain_timeout_s: float = Field(30.0, ge=0, description="graceful shutdown drain timeout")
 
-    @field_validator("api_keys", mode="before")
+    @field_validator("api_keys", "public_paths", "cors_origins", mode="before")
     @classmethod
-    def _keys(cls, v: Any) -> Any:
+    def _lists(cls, v: Any) -> Any:
         return _split_list(v)
+
+    def all_api_keys(self) -> list[str]:
+        keys = list(self.api_keys)
+        if self.api_key_file:
+            with open(self.api_key_file) as f:
+                keys += [line.strip() for line in f if line.strip() and not line.startswith("#")]
+        return keys
 
     @field_validator("device")
     @classmethod
@@ -59,6 +73,12 @@ class Settings(BaseSettings):
     def _check(self) -> Settings:
         if self.max_num_batched_tokens < self.max_num_seqs:
             raise ValueError("max_num_batched_tokens must be >= max_num_seqs")
+        if self.api_key_file is not None:
+            try:
+                if not self.all_api_keys():
+                    raise ValueError(f"api_key_file {self.api_key_file!r} holds no keys")
+            except OSError as e:
+                raise ValueError(f"api_key_file: {e}") from None
         return self
 
 

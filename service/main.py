@@ -8,19 +8,24 @@ turns 200 when loading is done) and starts the engine loop.
 from __future__ import annotations
 
 import logging
-import sys
+import signal
 import threading
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from types import FrameType
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 
 from service.api import chat, completions, health, models
+from service.api.auth import APIKeyMiddleware
 from service.api.errors import install_error_handlers
 from service.api.generation import TextModel
+from service.api.middleware import InFlight, RequestContextMiddleware
 from service.config import Settings, parse_settings
 from service.engine.engine import EngineObserver
+from service.logs import setup_logging
 from service.metrics import Metrics
 
 log = logging.getLogger("service")
@@ -97,18 +102,58 @@ def create_app(settings: Settings | None = None, text_model: TextModel | None = 
     app = FastAPI(title="AIGC inference service", version="0.1.0", lifespan=lifespan)
     app.state.settings = settings
     app.state.metrics = Metrics()
+    app.state.inflight = InFlight()
+    app.state.draining = False
     install_error_handlers(app)
     for r in (health.router, models.router, completions.router, chat.router):
         app.include_router(r)
+    # outermost last: request context (ids, size limit) -> CORS -> API keys -> routes
+    app.add_middleware(APIKeyMiddleware, keys=settings.all_api_keys(), public_paths=settings.public_paths)
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
+                           expose_headers=["X-Request-ID"])
+    app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.max_body_bytes,
+                       inflight=app.state.inflight)
     return app
+
+
+def _drain_server(app: FastAPI, settings: Settings) -> type:
+    """A uvicorn Server whose first SIGTERM/SIGINT drains: /ready and new requests get 503 while
+    in-flight requests finish (up to drain_timeout_s), then it exits. A second signal exits at once."""
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            if app.state.draining or sig not in (signal.SIGTERM, signal.SIGINT):
+                super().handle_exit(sig, frame)
+                return
+            app.state.draining = True
+            log.info("draining: %d requests in flight, timeout %.0fs", app.state.inflight.count,
+                     settings.drain_timeout_s)
+
+            def wait_then_exit() -> None:
+                deadline = time.monotonic() + settings.drain_timeout_s
+                while app.state.inflight.count > 0 and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                log.info("drained (%d requests left); shutting down", app.state.inflight.count)
+                self.should_exit = True
+                if app.state.inflight.count > 0:
+                    self.force_exit = True
+
+            threading.Thread(target=wait_then_exit, name="drain", daemon=True).start()
+
+    return DrainingServer
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     import uvicorn
 
     settings = parse_settings(argv)
-    logging.basicConfig(level=settings.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(settings.log_level, settings.log_format)
     app = create_app(settings)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level, access_log=False)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                            access_log=False, log_config=None, timeout_graceful_shutdown=5)
+    server = _drain_server(app, settings)(config)
+    server.run()
     return 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
@@ -19,7 +20,7 @@ from service.api.generation import (
     resolve_max_tokens,
     run_choices,
 )
-from service.api.schemas import ChatCompletionRequest, ChatMessage, sampling_params
+from service.api.schemas import MAX_TOP_LOGPROBS, ChatCompletionRequest, ChatMessage, sampling_params
 from service.api.sse import DONE, sse_data, sse_response
 from service.engine.engine import TokenEvent
 
@@ -75,6 +76,9 @@ async def create_chat_completion(req: ChatCompletionRequest, request: Request,
     max_tokens = resolve_max_tokens(tm, len(ids), requested, None)
     if req.top_logprobs is not None and not req.logprobs:
         raise APIError("top_logprobs requires logprobs to be true", param="top_logprobs")
+    if req.top_logprobs is not None and not 0 <= req.top_logprobs <= MAX_TOP_LOGPROBS:
+        raise APIError(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {req.top_logprobs}",
+                       param="top_logprobs", code="invalid_value")
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
     base = sampling_params(req, max_tokens=max_tokens, logprobs=logprobs, vocab_size=tm.vocab_size)
     jobs = [(ids, choice_params(base, i)) for i in range(req.n)]
@@ -92,15 +96,16 @@ async def create_chat_completion(req: ChatCompletionRequest, request: Request,
     finish: list[str | None] = [None] * len(jobs)
     lps: list[list[dict[str, Any]]] = [[] for _ in jobs]
     completion_tokens = 0
-    async for i, ev in run_choices(tm.engine, jobs, rid):
-        if ev.finish_reason == "error":
-            raise APIError(ev.error or "generation failed", status_code=500, type="internal_server_error")
-        if logprobs is not None and ev.token_id is not None:
-            lps[i].append(_logprob_entry(tm, ev))
-        texts[i] += ev.text
-        if ev.finish_reason is not None:
-            finish[i] = ev.finish_reason
-            completion_tokens += ev.completion_tokens
+    async with aclosing(run_choices(tm.engine, jobs, rid, request)) as events:
+        async for i, ev in events:
+            if ev.finish_reason == "error":
+                raise APIError(ev.error or "generation failed", status_code=500, type="internal_server_error")
+            if logprobs is not None and ev.token_id is not None:
+                lps[i].append(_logprob_entry(tm, ev))
+            texts[i] += ev.text
+            if ev.finish_reason is not None:
+                finish[i] = ev.finish_reason
+                completion_tokens += ev.completion_tokens
     return {
         **head("chat.completion"),
         "choices": [{"index": i, "message": {"role": "assistant", "content": texts[i]},
@@ -119,18 +124,19 @@ async def _stream(tm: TextModel, jobs: list, rid: str, head: Any, prompt_tokens:
             {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}],
             **usage_null})
     completion_tokens = 0
-    async for i, ev in run_choices(tm.engine, jobs, rid):
-        if ev.finish_reason == "error":
-            yield sse_data(error_body(ev.error or "generation failed", "internal_server_error"))
-            break
-        lp = {"content": [_logprob_entry(tm, ev)]} if want_logprobs and ev.token_id is not None else None
-        if ev.text or lp is not None:
-            yield sse_data({**head("chat.completion.chunk"), "choices": [
-                {"index": i, "delta": {"content": ev.text}, "logprobs": lp, "finish_reason": None}], **usage_null})
-        if ev.finish_reason is not None:
-            completion_tokens += ev.completion_tokens
-            yield sse_data({**head("chat.completion.chunk"), "choices": [
-                {"index": i, "delta": {}, "logprobs": None, "finish_reason": ev.finish_reason}], **usage_null})
+    async with aclosing(run_choices(tm.engine, jobs, rid)) as events:
+        async for i, ev in events:
+            if ev.finish_reason == "error":
+                yield sse_data(error_body(ev.error or "generation failed", "internal_server_error"))
+                break
+            lp = {"content": [_logprob_entry(tm, ev)]} if want_logprobs and ev.token_id is not None else None
+            if ev.text or lp is not None:
+                yield sse_data({**head("chat.completion.chunk"), "choices": [
+                    {"index": i, "delta": {"content": ev.text}, "logprobs": lp, "finish_reason": None}], **usage_null})
+            if ev.finish_reason is not None:
+                completion_tokens += ev.completion_tokens
+                yield sse_data({**head("chat.completion.chunk"), "choices": [
+                    {"index": i, "delta": {}, "logprobs": None, "finish_reason": ev.finish_reason}], **usage_null})
     if include_usage:
         yield sse_data({**head("chat.completion.chunk"), "choices": [], "usage": {
             "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,

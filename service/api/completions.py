@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
@@ -99,15 +100,16 @@ async def create_completion(req: CompletionRequest, request: Request,
     finish: list[str | None] = [None] * len(jobs)
     lps = [_LogprobAcc(tm) for _ in jobs]
     completion_tokens = 0
-    async for i, ev in run_choices(tm.engine, jobs, rid):
-        if ev.finish_reason == "error":
-            raise APIError(ev.error or "generation failed", status_code=500, type="internal_server_error")
-        if req.logprobs is not None and ev.token_id is not None:
-            lps[i].add(ev, len(texts[i]))
-        texts[i] += ev.text
-        if ev.finish_reason is not None:
-            finish[i] = ev.finish_reason
-            completion_tokens += ev.completion_tokens
+    async with aclosing(run_choices(tm.engine, jobs, rid, request)) as events:
+        async for i, ev in events:
+            if ev.finish_reason == "error":
+                raise APIError(ev.error or "generation failed", status_code=500, type="internal_server_error")
+            if req.logprobs is not None and ev.token_id is not None:
+                lps[i].add(ev, len(texts[i]))
+            texts[i] += ev.text
+            if ev.finish_reason is not None:
+                finish[i] = ev.finish_reason
+                completion_tokens += ev.completion_tokens
     return {
         **head(),
         "choices": [{"index": i, "text": texts[i], "logprobs": lps[i].result() if req.logprobs is not None else None,
@@ -128,17 +130,18 @@ async def _stream(tm: TextModel, req: CompletionRequest, jobs: list, rid: str, h
             offsets[i] = len(echo_text[i // req.n])
             yield sse_data({**head(), "choices": [{"index": i, "text": echo_text[i // req.n], "logprobs": None,
                                                    "finish_reason": None}], **usage_null})
-    async for i, ev in run_choices(tm.engine, jobs, rid):
-        if ev.finish_reason == "error":
-            yield sse_data(error_body(ev.error or "generation failed", "internal_server_error"))
-            break
-        if ev.finish_reason is not None:
-            completion_tokens += ev.completion_tokens
-        lp = lps[i].add(ev, offsets[i]) if req.logprobs is not None and ev.token_id is not None else None
-        offsets[i] += len(ev.text)
-        if ev.text or ev.finish_reason is not None or lp is not None:
-            yield sse_data({**head(), "choices": [{"index": i, "text": ev.text, "logprobs": lp,
-                                                   "finish_reason": ev.finish_reason}], **usage_null})
+    async with aclosing(run_choices(tm.engine, jobs, rid)) as events:
+        async for i, ev in events:
+            if ev.finish_reason == "error":
+                yield sse_data(error_body(ev.error or "generation failed", "internal_server_error"))
+                break
+            if ev.finish_reason is not None:
+                completion_tokens += ev.completion_tokens
+            lp = lps[i].add(ev, offsets[i]) if req.logprobs is not None and ev.token_id is not None else None
+            offsets[i] += len(ev.text)
+            if ev.text or ev.finish_reason is not None or lp is not None:
+                yield sse_data({**head(), "choices": [{"index": i, "text": ev.text, "logprobs": lp,
+                                                       "finish_reason": ev.finish_reason}], **usage_null})
     if include_usage:
         yield sse_data({**head(), "choices": [], "usage": {
             "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 
 from fastapi import Request
@@ -91,11 +91,20 @@ def choice_params(base: SamplingParams, i: int) -> SamplingParams:
     return replace(base, seed=(base.seed + i) % (2**63))
 
 
-async def run_choices(engine: LLMEngine, jobs: Sequence[tuple[list[int], SamplingParams]],
-                      request_id: str) -> AsyncIterator[tuple[int, TokenEvent]]:
+async def _wait_for_disconnect(request: Request) -> None:
+    """Return once the client has gone. Only for routes whose body is read and whose response is not
+    streamed yet (a StreamingResponse listens for the disconnect itself)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def run_choices(engine: LLMEngine, jobs: Sequence[tuple[list[int], SamplingParams]], request_id: str,
+                      request: Request | None = None) -> AsyncGenerator[tuple[int, TokenEvent], None]:
     """Run every (prompt ids, params) job concurrently; yield (job index, event) as they come.
-    Leaving the iterator early (client gone) cancels every job, which aborts it in the engine."""
-    queue: asyncio.Queue[tuple[int, TokenEvent | BaseException]] = asyncio.Queue()
+    Leaving the iterator early (client gone) cancels every job, which aborts it in the engine; close it
+    with `contextlib.aclosing` so that this happens at once. Given the `request` of a non-streamed
+    response, a client disconnect also aborts every job and raises APIError(499)."""
+    queue: asyncio.Queue[tuple[int, TokenEvent | BaseException | None]] = asyncio.Queue()
 
     async def consume(i: int, ids: list[int], params: SamplingParams) -> None:
         try:
@@ -106,11 +115,19 @@ async def run_choices(engine: LLMEngine, jobs: Sequence[tuple[list[int], Samplin
         except BaseException as e:  # noqa: BLE001 - forwarded to the consumer
             await queue.put((i, e))
 
+    async def watch(req: Request) -> None:
+        await _wait_for_disconnect(req)
+        await queue.put((-1, None))
+
     tasks = [asyncio.create_task(consume(i, ids, p)) for i, (ids, p) in enumerate(jobs)]
-    remaining = len(tasks)
+    if request is not None:
+        tasks.append(asyncio.create_task(watch(request)))
+    remaining = len(jobs)
     try:
         while remaining:
             i, ev = await queue.get()
+            if ev is None:
+                raise APIError("the client closed the connection", status_code=499, code="client_closed_request")
             if isinstance(ev, BaseException):
                 remaining -= 1
                 yield i, TokenEvent(None, "", "error", error=str(ev) or type(ev).__name__)
