@@ -56,7 +56,7 @@ def generate(
     gen = generator if generator is not None else make_generator(params.seed, device)
     eos = () if params.ignore_eos else tuple(eos_token_ids)
     cache = PagedKVCache(cfg.n_layers, 1, len(prompt) + max_new, cfg.n_kv_heads, cfg.hd,
-                         model.embed.weight.dtype, device)
+                         model.embed.weight.dtype, device, max_positions=cfg.max_seq_len)
     stream = OutputStream(max_new, params.stop, tuple(params.stop_token_ids) + tuple(eos),
                           tokenizer.incremental_decoder() if tokenizer is not None else None)
     out: list[int] = []

@@ -27,7 +27,9 @@ class PagedKVCache:
         head_dim: int,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
+        max_positions: int | None = None,
     ) -> None:
+        self.max_positions = max_positions  # the model's context length, when given
         self.n_layers, self.num_blocks, self.block_size = n_layers, num_blocks, block_size
         self.n_kv_heads, self.head_dim = n_kv_heads, head_dim
         self.device = torch.device(device)
@@ -51,6 +53,8 @@ class PagedKVCache:
         """
         B, T, bs = len(starts), num_tokens, self.block_size
         Tk = max(starts) + T
+        if self.max_positions is not None and Tk > self.max_positions:
+            raise ValueError(f"position {Tk - 1} exceeds the context length {self.max_positions}")
         nblk = (Tk + bs - 1) // bs
         table = torch.zeros(B, nblk, dtype=torch.long)
         for b, bt in enumerate(block_tables):

@@ -93,9 +93,9 @@ class CausalLM(nn.Module):
         (B, V) for the last position of each row when last_only."""
         B, T = tokens.shape
         if positions is None:
+            if T > self.cfg.max_seq_len:
+                raise ValueError(f"{T} tokens exceed the context length {self.cfg.max_seq_len}")
             positions = torch.arange(T, device=tokens.device).expand(B, T)
-        if int(positions.max()) >= self.cfg.max_seq_len:
-            raise ValueError(f"position {int(positions.max())} exceeds the context length {self.cfg.max_seq_len}")
         x = self.embed(tokens)  # (B, T, C)
         rope = None
         if self.rotary is not None:

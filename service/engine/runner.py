@@ -34,7 +34,8 @@ class ModelRunner:
         self.device = model.embed.weight.device
         self.dtype = model.embed.weight.dtype
         self.eos_token_ids = eos_token_ids
-        self.cache = PagedKVCache(cfg.n_layers, num_blocks, block_size, cfg.n_kv_heads, cfg.hd, self.dtype, self.device)
+        self.cache = PagedKVCache(cfg.n_layers, num_blocks, block_size, cfg.n_kv_heads, cfg.hd, self.dtype,
+                                  self.device, max_positions=cfg.max_seq_len)
         self.num_forwards = 0
 
     def _forward(self, chunks: list[ScheduledChunk]) -> torch.Tensor:

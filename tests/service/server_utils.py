@@ -1,0 +1,98 @@
+"""Test helper: serve `create_app(...)` with a real uvicorn server on 127.0.0.1 in a background thread.
+
+`tiny_text_model(model, tokenizer)` wraps a (tiny, random) LM and a real tokenizer in a started-later
+engine; `serve(app)` binds a free port, runs uvicorn until the `with` block ends, and yields a
+`LiveServer` with the port and base URL. The app's lifespan starts and stops the engine.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import httpx
+import uvicorn
+from fastapi import FastAPI
+
+from model_core.lm import CausalLM
+from model_core.tokenizer import Tokenizer
+from service.api.generation import TextModel
+from service.config import Settings
+from service.main import create_app
+from tests.service.engine_utils import make_engine
+
+TINY_MODEL_NAME = "tiny-llama"
+
+
+@dataclass(frozen=True)
+class LiveServer:
+    app: FastAPI
+    port: int
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def text_model(self) -> TextModel:
+        tm: TextModel | None = self.app.state.text_model
+        assert tm is not None, "the text model is not loaded"
+        return tm
+
+
+def tiny_text_model(model: CausalLM, tokenizer: Tokenizer, *, name: str = TINY_MODEL_NAME, num_blocks: int = 256,
+                    block_size: int = 16, max_num_seqs: int = 32, max_num_batched_tokens: int = 256) -> TextModel:
+    """A TextModel over `model` whose engine is not started yet (the app's lifespan starts it)."""
+    engine = make_engine(model, tokenizer, num_blocks=num_blocks, block_size=block_size, max_num_seqs=max_num_seqs,
+                         max_num_batched_tokens=max_num_batched_tokens, start=False)
+    return TextModel(engine=engine, tokenizer=tokenizer, name=name, max_model_len=model.cfg.max_seq_len,
+                     vocab_size=model.cfg.vocab_size, created=int(time.time()))
+
+
+def _free_socket() -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    return sock
+
+
+@contextmanager
+def serve(app: FastAPI, startup_timeout: float = 30.0) -> Iterator[LiveServer]:
+    """Run `app` with uvicorn on a free port of 127.0.0.1 until the block exits."""
+    sock = _free_socket()
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False,
+                            lifespan="on", timeout_graceful_shutdown=5)
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name=f"uvicorn-{port}", daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + startup_timeout
+        while not server.started:
+            if not thread.is_alive():
+                raise RuntimeError("uvicorn exited during start-up")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"uvicorn did not start within {startup_timeout} s")
+            time.sleep(0.01)
+        live = LiveServer(app, port)
+        with httpx.Client(base_url=live.base_url, timeout=5.0) as c:  # the socket really answers
+            assert c.get("/health").status_code == 200
+        yield live
+    finally:
+        server.should_exit = True
+        thread.join(15.0)
+        sock.close()
+
+
+@contextmanager
+def serve_tiny(model: CausalLM, tokenizer: Tokenizer, *, num_blocks: int = 256, max_num_seqs: int = 32,
+               max_num_batched_tokens: int = 256) -> Iterator[LiveServer]:
+    """`create_app(Settings(enable_gan=False), text_model=tiny_text_model(...))` on a free port."""
+    tm = tiny_text_model(model, tokenizer, num_blocks=num_blocks, max_num_seqs=max_num_seqs,
+                         max_num_batched_tokens=max_num_batched_tokens)
+    with serve(create_app(Settings(enable_gan=False), text_model=tm)) as live:
+        yield live
