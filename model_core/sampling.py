@@ -1,0 +1,361 @@
+"""SamplingParams and pure, batched logits processing and sampling.
+
+Used by the reference `generate()` and by the continuous-batching engine, whose batches mix rows of
+different requests. Every function here is row-independent: a row's result is bit-identical whether it
+is processed alone or in any batch (on the CPU; on a GPU up to the kernels' own determinism). Sampling
+draws exactly one float64 uniform number per sampled row per call from that row's own generator and
+inverts the row's CDF (a float64 prefix sum of its softmax), so a request's random stream never depends
+on its batch; this costs one cumsum per step where an exponential race would draw V numbers per row.
+
+Order of processing (`process_logits`): logit_bias, min_tokens masking, repetition penalty,
+presence/frequency penalties, temperature, top-k, top-p, min-p. Greedy rows skip temperature and the
+three filters (they cannot change an argmax).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+GREEDY_EPS = 1e-5
+MAX_LOGPROBS = 20
+_TOP_P_FIRST_K = 64  # top-p first looks for the nucleus among this many tokens, then 8x more each round
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_num(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _check(ok: bool, field: str, allowed: str, value: object) -> None:
+    if not ok:
+        raise ValueError(f"{field} must be {allowed}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request sampling settings (OpenAI / vLLM semantics)."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0  # 0 (or < GREEDY_EPS) means greedy argmax
+    top_p: float = 1.0  # (0, 1]
+    top_k: int = 0  # 0 or -1 = off
+    min_p: float = 0.0  # [0, 1]
+    repetition_penalty: float = 1.0  # > 0; HF/vLLM semantics, applies to prompt + output tokens
+    presence_penalty: float = 0.0  # [-2, 2]; OpenAI semantics, output tokens only
+    frequency_penalty: float = 0.0  # [-2, 2]; OpenAI semantics, output tokens only
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token_id, bias in [-100, 100])
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    logprobs: int | None = None  # number of top logprobs to return per token (0..20), None = none
+    min_tokens: int = 0  # EOS/stop_token_ids masked until this many output tokens
+
+    def __post_init__(self) -> None:
+        # Accept lists where tuples are declared, so params stay hashable and immutable.
+        for name in ("stop", "stop_token_ids"):
+            value = getattr(self, name)
+            if isinstance(value, list):
+                object.__setattr__(self, name, tuple(value))
+        if isinstance(self.logit_bias, list):
+            object.__setattr__(self, "logit_bias", tuple(tuple(p) for p in self.logit_bias))
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < GREEDY_EPS
+
+    def validate(self, vocab_size: int | None = None) -> None:
+        """Raise ValueError naming the first out-of-range field and its allowed range."""
+        vocab = f"an int in [0, {vocab_size})" if vocab_size is not None else "an int >= 0"
+
+        def token_ok(t: object) -> bool:
+            return _is_int(t) and t >= 0 and (vocab_size is None or t < vocab_size)  # type: ignore[operator]
+
+        _check(_is_int(self.max_tokens) and self.max_tokens >= 1, "max_tokens", "an int >= 1", self.max_tokens)
+        _check(
+            _is_num(self.temperature) and 0.0 <= self.temperature < math.inf,
+            "temperature",
+            "a finite number >= 0",
+            self.temperature,
+        )
+        _check(_is_num(self.top_p) and 0.0 < self.top_p <= 1.0, "top_p", "in (0, 1]", self.top_p)
+        _check(
+            _is_int(self.top_k) and (self.top_k == -1 or self.top_k >= 0),
+            "top_k",
+            "-1 or 0 (off) or an int >= 1",
+            self.top_k,
+        )
+        _check(_is_num(self.min_p) and 0.0 <= self.min_p <= 1.0, "min_p", "in [0, 1]", self.min_p)
+        _check(
+            _is_num(self.repetition_penalty) and 0.0 < self.repetition_penalty < math.inf,
+            "repetition_penalty",
+            "a finite number > 0",
+            self.repetition_penalty,
+        )
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            _check(_is_num(value) and -2.0 <= value <= 2.0, name, "in [-2, 2]", value)
+        _check(isinstance(self.logit_bias, tuple), "logit_bias", "a tuple of (token_id, bias)", self.logit_bias)
+        seen: set[int] = set()
+        for pair in self.logit_bias:
+            _check(isinstance(pair, tuple) and len(pair) == 2, "logit_bias", "pairs of (token_id, bias)", pair)
+            token, bias = pair
+            _check(token_ok(token), "logit_bias token id", vocab, token)
+            _check(token not in seen, "logit_bias token id", "unique", token)
+            seen.add(token)
+            _check(_is_num(bias) and -100.0 <= bias <= 100.0, "logit_bias value", "in [-100, 100]", bias)
+        _check(self.seed is None or _is_int(self.seed), "seed", "an int or None", self.seed)
+        _check(isinstance(self.stop, tuple), "stop", "a tuple of non-empty strings", self.stop)
+        for s in self.stop:
+            _check(isinstance(s, str) and len(s) > 0, "stop", "a tuple of non-empty strings", s)
+        _check(
+            isinstance(self.stop_token_ids, tuple),
+            "stop_token_ids",
+            f"a tuple of {vocab}",
+            self.stop_token_ids,
+        )
+        for t in self.stop_token_ids:
+            _check(token_ok(t), "stop_token_ids", f"a tuple of {vocab}", t)
+        _check(isinstance(self.ignore_eos, bool), "ignore_eos", "a bool", self.ignore_eos)
+        _check(
+            self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS),
+            "logprobs",
+            f"None or an int in [0, {MAX_LOGPROBS}]",
+            self.logprobs,
+        )
+        _check(
+            _is_int(self.min_tokens) and 0 <= self.min_tokens <= self.max_tokens,
+            "min_tokens",
+            f"an int in [0, max_tokens={self.max_tokens}]",
+            self.min_tokens,
+        )
+
+
+def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator:
+    """A torch.Generator seeded with `seed` (any int, taken mod 2**64), or from os.urandom when None."""
+    if seed is None:
+        seed = int.from_bytes(os.urandom(8), "little")
+    g = torch.Generator(device=device)
+    g.manual_seed(seed % (1 << 64))
+    return g
+
+
+def _on_rows(x: torch.Tensor, flags: Sequence[bool], fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Apply fn to the rows of x (B, V) where flags is true; no gather/scatter when all rows are."""
+    if all(flags):
+        return fn(x)
+    idx = torch.tensor([i for i, f in enumerate(flags) if f], dtype=torch.long, device=x.device)
+    x[idx] = fn(x[idx])
+    return x
+
+
+def _column(values: Sequence[float], device: torch.device) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float32, device=device).unsqueeze(1)  # (B, 1)
+
+
+def _flat_ids(
+    rows: Sequence[int], ids_per_row: Sequence[Sequence[int]], vocab: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row index, token id) pairs of the given rows' ids, ids outside [0, vocab) dropped."""
+    parts = [torch.as_tensor(ids_per_row[i], dtype=torch.long).reshape(-1) for i in rows]
+    if not parts:
+        empty = torch.empty(0, dtype=torch.long, device=device)
+        return empty, empty
+    tok = torch.cat(parts)
+    row = torch.repeat_interleave(torch.tensor(list(rows), dtype=torch.long), torch.tensor([p.numel() for p in parts]))
+    keep = (tok >= 0) & (tok < vocab)
+    return row[keep].to(device), tok[keep].to(device)
+
+
+def _mask_top_k(x: torch.Tensor, ks: list[int]) -> torch.Tensor:
+    """Mask to -inf everything below each row's k-th largest value (ties with it are kept). x: (n, V)."""
+    k = torch.tensor(ks, dtype=torch.long, device=x.device).unsqueeze(1)  # (n, 1)
+    top = torch.topk(x, max(ks), dim=-1).values  # (n, kmax), sorted descending
+    thresh = top.gather(1, k - 1)  # (n, 1): the k-th largest value, whatever kmax is
+    return x.masked_fill(x < thresh, float("-inf"))
+
+
+def _mask_top_p(x: torch.Tensor, ps: list[float]) -> torch.Tensor:
+    """Keep the smallest set of most probable tokens whose mass reaches p (ties at the edge kept).
+
+    The nucleus is searched among the top 64 tokens, then 512, 4096, and only then by a full sort; the
+    answer does not depend on where it is found: prefix sums are sequential, and the total mass is the
+    last prefix sum of the row in vocabulary order, so no result depends on other rows. x: (n, V).
+    """
+    n, V = x.shape
+    mx = x.max(dim=-1, keepdim=True).values  # (n, 1)
+    mx = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
+    total = torch.cumsum(torch.exp(x - mx), -1, dtype=torch.float64)[:, -1:]  # (n, 1)
+    target = torch.tensor(ps, dtype=torch.float64, device=x.device).unsqueeze(1) * total  # (n, 1)
+    thresh = torch.empty(n, 1, dtype=x.dtype, device=x.device)
+    pending = torch.arange(n, device=x.device)
+    k = _TOP_P_FIRST_K
+    while pending.numel():
+        sub = x if pending.numel() == n else x[pending]
+        full = k >= V
+        vals = torch.sort(sub, dim=-1, descending=True).values if full else torch.topk(sub, k, dim=-1).values
+        cum = torch.cumsum(torch.exp(vals - mx[pending]), -1, dtype=torch.float64)  # (m, k)
+        excl = torch.cat([torch.zeros_like(cum[:, :1]), cum[:, :-1]], dim=1)  # mass before each token
+        n_keep = (excl < target[pending]).sum(-1, keepdim=True).clamp(min=1)  # (m, 1)
+        found = torch.ones_like(n_keep[:, 0], dtype=torch.bool) if full else cum[:, -1] >= target[pending, 0]
+        thresh[pending[found]] = vals.gather(1, n_keep - 1)[found]
+        pending = pending[~found]
+        k *= 8
+    return x.masked_fill(x < thresh, float("-inf"))
+
+
+def process_logits(
+    logits: torch.Tensor,
+    params: Sequence[SamplingParams],
+    prompt_ids: Sequence[Sequence[int]],
+    output_ids: Sequence[Sequence[int]],
+    eos_token_ids: Sequence[int] = (),
+) -> torch.Tensor:
+    """Apply each row's SamplingParams to logits (B, V) and return processed float32 logits (B, V).
+
+    Features no row uses cost nothing. Masked tokens become -inf. The input is never modified.
+    """
+    B, V = logits.shape
+    if not (len(params) == len(prompt_ids) == len(output_ids) == B):
+        raise ValueError(
+            f"batch mismatch: logits {B} rows, {len(params)} params, "
+            f"{len(prompt_ids)} prompts, {len(output_ids)} outputs"
+        )
+    dev = logits.device
+    x = logits.to(torch.float32, memory_format=torch.contiguous_format, copy=True)  # (B, V), ours
+    rows = range(B)
+
+    # logit_bias: x[i, t] += bias
+    if any(p.logit_bias for p in params):
+        r = [i for i in rows for _ in params[i].logit_bias]
+        t = [tok for p in params for tok, _ in p.logit_bias]
+        b = [bias for p in params for _, bias in p.logit_bias]
+        rt, tt = torch.tensor(r, dtype=torch.long), torch.tensor(t, dtype=torch.long)
+        keep = (tt >= 0) & (tt < V)
+        bias = torch.tensor(b, dtype=torch.float32)[keep].to(dev)
+        x.index_put_((rt[keep].to(dev), tt[keep].to(dev)), bias, accumulate=True)
+
+    # min_tokens: stop ids (and EOS unless ignore_eos) impossible until enough output tokens
+    stop_lists = [
+        list(p.stop_token_ids) + ([] if p.ignore_eos else list(eos_token_ids))
+        if len(output_ids[i]) < p.min_tokens
+        else []
+        for i, p in enumerate(params)
+    ]
+    if any(stop_lists):
+        rr, tt = _flat_ids(rows, stop_lists, V, dev)
+        x[rr, tt] = float("-inf")
+
+    # repetition penalty over prompt + output: positive logits divided, negative multiplied
+    rep_rows = [i for i in rows if params[i].repetition_penalty != 1.0]
+    if rep_rows:
+        r1, t1 = _flat_ids(rep_rows, prompt_ids, V, dev)
+        r2, t2 = _flat_ids(rep_rows, output_ids, V, dev)
+        seen = torch.unique(torch.cat([r1, r2]) * V + torch.cat([t1, t2]))  # flat indices into x
+        pen = torch.tensor([p.repetition_penalty for p in params], dtype=torch.float32, device=dev)[seen // V]
+        flat = x.view(-1)
+        vals = flat[seen]
+        flat[seen] = torch.where(vals < 0, vals * pen, vals / pen)
+
+    # presence / frequency penalties over output tokens only: x -= presence * [count > 0] + frequency * count
+    pf_rows = [i for i in rows if params[i].presence_penalty != 0.0 or params[i].frequency_penalty != 0.0]
+    if pf_rows:
+        rr, tt = _flat_ids(pf_rows, output_ids, V, dev)
+        keys, counts = torch.unique(rr * V + tt, return_counts=True)
+        owner = keys // V
+        pres = torch.tensor([p.presence_penalty for p in params], dtype=torch.float32, device=dev)[owner]
+        freq = torch.tensor([p.frequency_penalty for p in params], dtype=torch.float32, device=dev)[owner]
+        flat = x.view(-1)
+        flat[keys] = flat[keys] - (pres + freq * counts.float())
+
+    sampled = [not p.greedy for p in params]
+    # temperature (greedy rows keep theirs at 1: x / 1 == x exactly)
+    temps = [p.temperature if s else 1.0 for p, s in zip(params, sampled, strict=True)]
+    if any(t != 1.0 for t in temps):
+        x = x / _column(temps, dev)
+
+    # top-k: keep the k largest (ties with the k-th kept)
+    ks = [p.top_k if s and 0 < p.top_k < V else 0 for p, s in zip(params, sampled, strict=True)]
+    if any(ks):
+        x = _on_rows(x, [k > 0 for k in ks], lambda rows: _mask_top_k(rows, [k for k in ks if k > 0]))
+
+    # top-p on the (renormalised) distribution left by top-k
+    ps = [p.top_p if s else 1.0 for p, s in zip(params, sampled, strict=True)]
+    if any(p < 1.0 for p in ps):
+        x = _on_rows(x, [p < 1.0 for p in ps], lambda rows: _mask_top_p(rows, [p for p in ps if p < 1.0]))
+
+    # min-p: keep tokens with prob >= min_p * max prob, i.e. exp(x - max) >= min_p
+    mps = [p.min_p if s else 0.0 for p, s in zip(params, sampled, strict=True)]
+    if any(m > 0.0 for m in mps):
+        mx = x.max(dim=-1, keepdim=True).values  # (B, 1)
+        mx = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
+        x = x.masked_fill(torch.exp(x - mx) < _column(mps, dev), float("-inf"))
+    return x
+
+
+def sample(
+    logits: torch.Tensor, params: Sequence[SamplingParams], generators: Sequence[torch.Generator | None]
+) -> torch.Tensor:
+    """Token ids (B,) int64 from processed logits (B, V): argmax for greedy rows, else one draw each.
+
+    A sampled row draws one float64 uniform u from its own generator (the global one when None) and
+    takes the first token whose float64 prefix sum of softmax(x) exceeds u * total (inverse CDF).
+    Greedy rows draw nothing.
+    """
+    B, V = logits.shape
+    if not (len(params) == len(generators) == B):
+        raise ValueError(f"batch mismatch: logits {B} rows, {len(params)} params, {len(generators)} generators")
+    x = logits.float()
+    sampled = [not p.greedy for p in params]
+    if not any(sampled):
+        return x.argmax(dim=-1)
+    rows = [i for i in range(B) if sampled[i]]
+    idx = None if len(rows) == B else torch.tensor(rows, dtype=torch.long, device=x.device)
+    xs = x if idx is None else x[idx]  # (n, V)
+    # softmax works row by row and cumsum is sequential: a row's prefix sums never depend on other rows
+    cum = torch.cumsum(torch.softmax(xs, dim=-1), dim=-1, dtype=torch.float64)  # (n, V)
+    u = torch.stack(
+        [
+            torch.rand((), dtype=torch.float64, generator=g, device=g.device if g is not None else "cpu")
+            for g in (generators[i] for i in rows)
+        ]
+    ).to(x.device)  # (n,)
+    r = (u * cum[:, -1]).unsqueeze(1)  # (n, 1)
+    tok = torch.searchsorted(cum, r, right=True).squeeze(1)  # (n,): first index with cum > r
+    over = tok >= V
+    if bool(over.any()):  # rounding put r at the very top: the last token with nonzero mass
+        tok = torch.where(over, cum.argmax(dim=-1), tok)
+    if idx is None:
+        return tok
+    out = x.argmax(dim=-1)  # (B,): greedy rows keep their argmax
+    out[idx] = tok
+    return out
+
+
+def compute_logprobs(
+    raw_logits: torch.Tensor, token_ids: torch.Tensor, top_n: Sequence[int]
+) -> list[tuple[float, list[tuple[int, float]]]]:
+    """Per row: (logprob of token_ids[i], top_n[i] most likely [(token_id, logprob)] descending).
+
+    Logprobs are of the model's raw distribution, log_softmax(raw_logits), as OpenAI and vLLM report.
+    """
+    B = raw_logits.shape[0]
+    if not (token_ids.shape[0] == len(top_n) == B):
+        raise ValueError(f"batch mismatch: logits {B} rows, {token_ids.shape[0]} tokens, {len(top_n)} top_n")
+    lp = torch.log_softmax(raw_logits.float(), dim=-1)  # (B, V)
+    chosen = lp.gather(1, token_ids.to(lp.device, torch.long).reshape(B, 1)).squeeze(1).tolist()
+    n_max = min(max(top_n, default=0), lp.shape[1])
+    if n_max > 0:
+        top = torch.topk(lp, n_max, dim=-1)
+        vals, ids = top.values.tolist(), top.indices.tolist()
+    else:
+        vals, ids = [[] for _ in range(B)], [[] for _ in range(B)]
+    return [(chosen[i], [(ids[i][j], vals[i][j]) for j in range(min(top_n[i], n_max))]) for i in range(B)]
