@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model_core.positional import apply_rotary_bthd
+
 
 def scaled_dot_product_attention(
     q: torch.Tensor,
@@ -103,24 +105,32 @@ class MultiHeadAttention(nn.Module):
         cache: stores this step's K/V for `layer` and returns everything to attend to.
         """
         B, T, _ = x.shape
+        nh, nkv, hs = self.n_heads, self.n_kv_heads, self.head_dim
         if memory is None:
-            qkv = self.qkv(x)  # (B, T, q + 2kv)
-            q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+            qkv = self.qkv(x).view(B, T, nh + 2 * nkv, hs)  # (B, T, nh + 2*nkv, hs): [q heads | k heads | v heads]
+            if rope is not None:  # rotate q and k heads together, v untouched
+                qkv = torch.cat([apply_rotary_bthd(qkv[:, :, : nh + nkv], rope), qkv[:, :, nh + nkv :]], dim=2)
+            q = qkv[:, :, :nh].transpose(1, 2)  # (B, nh, T, hs)
+            fused = getattr(cache, "update_fused", None)
+            if fused is not None:
+                k, v = fused(layer, qkv[:, :, nh:])  # (B, nkv, Tk, hs) each
+            else:
+                k = qkv[:, :, nh : nh + nkv].transpose(1, 2)  # (B, nkv, T, hs)
+                v = qkv[:, :, nh + nkv :].transpose(1, 2)  # (B, nkv, T, hs)
+                if cache is not None:
+                    k, v = cache.update(layer, k, v)
         else:
+            if rope is not None:
+                raise ValueError("rotary embeddings apply to self-attention only")
             w, b = self.qkv.weight, self.qkv.bias
             q = F.linear(x, w[: self.q_size], None if b is None else b[: self.q_size])
             kv = F.linear(memory, w[self.q_size :], None if b is None else b[self.q_size :])
-            k, v = kv.split([self.kv_size, self.kv_size], dim=-1)
-        S = k.shape[1]
-        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, S, hs)
-        v = v.view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, S, hs)
-        if rope is not None:
-            from model_core.positional import apply_rotary
-
-            q, k = apply_rotary(q, rope), apply_rotary(k, rope)
-        if cache is not None:
-            k, v = cache.update(layer, k, v)
+            S = memory.shape[1]
+            q = q.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
+            kv = kv.view(B, S, 2 * nkv, hs).transpose(1, 2)  # (B, 2*nkv, S, hs)
+            k, v = kv[:, :nkv], kv[:, nkv:]  # (B, nkv, S, hs) each
+            if cache is not None:
+                k, v = cache.update(layer, k, v)
         y = scaled_dot_product_attention(
             q, k, v, mask=mask, is_causal=is_causal, dropout_p=self.dropout if self.training else 0.0
         )  # (B, nh, T, hs)

@@ -34,8 +34,8 @@ class PagedKVCache:
         self.n_kv_heads, self.head_dim = n_kv_heads, head_dim
         self.device = torch.device(device)
         rows = num_blocks * block_size
-        self.k = torch.zeros(n_layers, rows, n_kv_heads, head_dim, dtype=dtype, device=self.device)
-        self.v = torch.zeros(n_layers, rows, n_kv_heads, head_dim, dtype=dtype, device=self.device)
+        # K and V of a token side by side: (L, rows, 2*nkv, hs); one copy writes both
+        self.kv = torch.zeros(n_layers, rows, 2 * n_kv_heads, head_dim, dtype=dtype, device=self.device)
         self._write: torch.Tensor | None = None  # (B*T,) flat rows to write
         self._read: torch.Tensor | None = None  # (B*Tk,) flat rows to gather, or None when contiguous
         self._read_range: tuple[int, int] | None = None  # (start row, Tk) for a single contiguous sequence
@@ -76,18 +76,21 @@ class PagedKVCache:
         self.mask = mask.to(self.device)
         return positions.to(self.device)
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """k, v: (B, nkv, T, hs) for the prepared tokens -> all keys/values (B, nkv, Tk, hs)."""
+    def update_fused(self, layer: int, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """kv: (B, T, 2*nkv, hs) = this step's [K heads | V heads] -> all keys and values, each (B, nkv, Tk, hs)."""
         assert self._write is not None, "prepare() must be called before the forward"
         B, T, Tk = self._shape
-        kl, vl = self.k[layer], self.v[layer]  # (rows, nkv, hs)
-        kl.index_copy_(0, self._write, k.transpose(1, 2).reshape(B * T, self.n_kv_heads, self.head_dim))
-        vl.index_copy_(0, self._write, v.transpose(1, 2).reshape(B * T, self.n_kv_heads, self.head_dim))
+        nkv = self.n_kv_heads
+        store = self.kv[layer]  # (rows, 2*nkv, hs)
+        store.index_copy_(0, self._write, kv.reshape(B * T, 2 * nkv, self.head_dim))
         if self._read_range is not None:
             s, n = self._read_range
-            kk, vv = kl[s : s + n].unsqueeze(0), vl[s : s + n].unsqueeze(0)  # (1, Tk, nkv, hs) views
+            seen = store[s : s + n].unsqueeze(0)  # (1, Tk, 2*nkv, hs) view
         else:
             assert self._read is not None
-            kk = kl.index_select(0, self._read).view(B, Tk, self.n_kv_heads, self.head_dim)
-            vv = vl.index_select(0, self._read).view(B, Tk, self.n_kv_heads, self.head_dim)
-        return kk.transpose(1, 2), vv.transpose(1, 2)  # (B, nkv, Tk, hs)
+            seen = store.index_select(0, self._read).view(B, Tk, 2 * nkv, self.head_dim)
+        return seen[:, :, :nkv].transpose(1, 2), seen[:, :, nkv:].transpose(1, 2)  # (B, nkv, Tk, hs) each
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """k, v: (B, nkv, T, hs) for the prepared tokens -> all keys/values (B, nkv, Tk, hs)."""
+        return self.update_fused(layer, torch.cat([k, v], dim=1).transpose(1, 2))  # (B, T, 2*nkv, hs)

@@ -79,3 +79,9 @@ def apply_rotary(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> to
     """x: (B, nh, T, hs); cos, sin: (B, T, hs) -> rotated x, same shape."""
     cos, sin = rope[0].unsqueeze(1), rope[1].unsqueeze(1)  # (B, 1, T, hs)
     return x * cos + rotate_half(x) * sin
+
+
+def apply_rotary_bthd(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """x: (B, T, H, hs) (heads after time, as they come out of a fused projection); cos, sin: (B, T, hs)."""
+    cos, sin = rope[0].unsqueeze(2), rope[1].unsqueeze(2)  # (B, T, 1, hs)
+    return x * cos + rotate_half(x) * sin

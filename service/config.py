@@ -35,6 +35,8 @@ class Settings(BaseSettings):
     block_size: int = Field(16, ge=1, le=1024, description="tokens per KV cache block")
     max_model_len: int | None = Field(None, ge=16, description="context length cap; default: the model's")
     max_waiting: int = Field(256, ge=0, description="queued requests beyond which new ones get 503")
+    request_timeout_s: float = Field(600.0, gt=0, description="longest a text request may run (504 after)")
+    queue_timeout_s: float = Field(120.0, gt=0, description="longest a request may wait before it starts (503)")
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list, description="comma-separated keys")
     api_key_file: str | None = Field(None, description="file with one API key per line")
     public_paths: Annotated[list[str], NoDecode] = Field(

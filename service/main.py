@@ -55,7 +55,8 @@ def build_text_model(settings: Settings, observer: EngineObserver | None = None)
     engine = LLMEngine(runner, lm.tokenizer, EngineConfig(
         max_num_seqs=settings.max_num_seqs, max_num_batched_tokens=settings.max_num_batched_tokens,
         block_size=settings.block_size, num_blocks=num_blocks, max_model_len=max_len,
-        max_waiting=settings.max_waiting), observer=observer)
+        max_waiting=settings.max_waiting, request_timeout_s=settings.request_timeout_s,
+        queue_timeout_s=settings.queue_timeout_s), observer=observer)
     log.info("KV cache: %d blocks x %d tokens (%.2f GiB), max_model_len %d", num_blocks, settings.block_size,
              num_blocks * per_block / 2**30, max_len)
     return TextModel(engine=engine, tokenizer=lm.tokenizer, name=settings.served_model_name or lm.name,

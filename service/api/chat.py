@@ -9,12 +9,13 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
 
-from service.api.errors import APIError, error_body
+from service.api.errors import APIError
 from service.api.generation import (
     TextModel,
     admit,
     check_model,
     choice_params,
+    event_error,
     get_text_model,
     new_id,
     resolve_max_tokens,
@@ -90,16 +91,17 @@ async def create_chat_completion(req: ChatCompletionRequest, request: Request,
 
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return sse_response(_stream(tm, jobs, rid, head, len(ids), include_usage, logprobs is not None))
+        return sse_response(_stream(tm, jobs, rid, head, len(ids), include_usage, logprobs is not None,
+                                    req.timeout))
 
     texts = [""] * len(jobs)
     finish: list[str | None] = [None] * len(jobs)
     lps: list[list[dict[str, Any]]] = [[] for _ in jobs]
     completion_tokens = 0
-    async with aclosing(run_choices(tm.engine, jobs, rid, request)) as events:
+    async with aclosing(run_choices(tm.engine, jobs, rid, request, timeout_s=req.timeout)) as events:
         async for i, ev in events:
             if ev.finish_reason == "error":
-                raise APIError(ev.error or "generation failed", status_code=500, type="internal_server_error")
+                raise event_error(ev)
             if logprobs is not None and ev.token_id is not None:
                 lps[i].append(_logprob_entry(tm, ev))
             texts[i] += ev.text
@@ -117,17 +119,17 @@ async def create_chat_completion(req: ChatCompletionRequest, request: Request,
 
 
 async def _stream(tm: TextModel, jobs: list, rid: str, head: Any, prompt_tokens: int, include_usage: bool,
-                  want_logprobs: bool) -> AsyncIterator[bytes]:
+                  want_logprobs: bool, timeout: float | None) -> AsyncIterator[bytes]:
     usage_null = {"usage": None} if include_usage else {}
     for i in range(len(jobs)):
         yield sse_data({**head("chat.completion.chunk"), "choices": [
             {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}],
             **usage_null})
     completion_tokens = 0
-    async with aclosing(run_choices(tm.engine, jobs, rid)) as events:
+    async with aclosing(run_choices(tm.engine, jobs, rid, timeout_s=timeout)) as events:
         async for i, ev in events:
             if ev.finish_reason == "error":
-                yield sse_data(error_body(ev.error or "generation failed", "internal_server_error"))
+                yield sse_data(event_error(ev).body())
                 break
             lp = {"content": [_logprob_entry(tm, ev)]} if want_logprobs and ev.token_id is not None else None
             if ev.text or lp is not None:

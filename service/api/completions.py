@@ -9,12 +9,13 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
 
-from service.api.errors import APIError, error_body
+from service.api.errors import APIError
 from service.api.generation import (
     TextModel,
     admit,
     check_model,
     choice_params,
+    event_error,
     get_text_model,
     new_id,
     resolve_max_tokens,
@@ -100,10 +101,10 @@ async def create_completion(req: CompletionRequest, request: Request,
     finish: list[str | None] = [None] * len(jobs)
     lps = [_LogprobAcc(tm) for _ in jobs]
     completion_tokens = 0
-    async with aclosing(run_choices(tm.engine, jobs, rid, request)) as events:
+    async with aclosing(run_choices(tm.engine, jobs, rid, request, timeout_s=req.timeout)) as events:
         async for i, ev in events:
             if ev.finish_reason == "error":
-                raise APIError(ev.error or "generation failed", status_code=500, type="internal_server_error")
+                raise event_error(ev)
             if req.logprobs is not None and ev.token_id is not None:
                 lps[i].add(ev, len(texts[i]))
             texts[i] += ev.text
@@ -130,10 +131,10 @@ async def _stream(tm: TextModel, req: CompletionRequest, jobs: list, rid: str, h
             offsets[i] = len(echo_text[i // req.n])
             yield sse_data({**head(), "choices": [{"index": i, "text": echo_text[i // req.n], "logprobs": None,
                                                    "finish_reason": None}], **usage_null})
-    async with aclosing(run_choices(tm.engine, jobs, rid)) as events:
+    async with aclosing(run_choices(tm.engine, jobs, rid, timeout_s=req.timeout)) as events:
         async for i, ev in events:
             if ev.finish_reason == "error":
-                yield sse_data(error_body(ev.error or "generation failed", "internal_server_error"))
+                yield sse_data(event_error(ev).body())
                 break
             if ev.finish_reason is not None:
                 completion_tokens += ev.completion_tokens

@@ -99,7 +99,8 @@ async def _wait_for_disconnect(request: Request) -> None:
 
 
 async def run_choices(engine: LLMEngine, jobs: Sequence[tuple[list[int], SamplingParams]], request_id: str,
-                      request: Request | None = None) -> AsyncGenerator[tuple[int, TokenEvent], None]:
+                      request: Request | None = None,
+                      timeout_s: float | None = None) -> AsyncGenerator[tuple[int, TokenEvent], None]:
     """Run every (prompt ids, params) job concurrently; yield (job index, event) as they come.
     Leaving the iterator early (client gone) cancels every job, which aborts it in the engine; close it
     with `contextlib.aclosing` so that this happens at once. Given the `request` of a non-streamed
@@ -108,7 +109,7 @@ async def run_choices(engine: LLMEngine, jobs: Sequence[tuple[list[int], Samplin
 
     async def consume(i: int, ids: list[int], params: SamplingParams) -> None:
         try:
-            async for ev in engine.generate(ids, params, f"{request_id}-{i}"):
+            async for ev in engine.generate(ids, params, f"{request_id}-{i}", timeout_s=timeout_s):
                 await queue.put((i, ev))
         except asyncio.CancelledError:
             raise
@@ -130,7 +131,9 @@ async def run_choices(engine: LLMEngine, jobs: Sequence[tuple[list[int], Samplin
                 raise APIError("the client closed the connection", status_code=499, code="client_closed_request")
             if isinstance(ev, BaseException):
                 remaining -= 1
-                yield i, TokenEvent(None, "", "error", error=str(ev) or type(ev).__name__)
+                code = "invalid_request" if isinstance(ev, ValueError) else (
+                    "engine_dead" if isinstance(ev, EngineDeadError) else "internal_error")
+                yield i, TokenEvent(None, "", "error", error=str(ev) or type(ev).__name__, error_code=code)
                 continue
             if ev.finish_reason is not None:
                 remaining -= 1
@@ -143,3 +146,13 @@ async def run_choices(engine: LLMEngine, jobs: Sequence[tuple[list[int], Samplin
 
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
+
+
+_ERROR_STATUS = {"timeout": 504, "queue_timeout": 503, "engine_dead": 503, "invalid_request": 400}
+
+
+def event_error(ev: TokenEvent) -> APIError:
+    """The APIError for an error event (its status and type also label SSE error chunks)."""
+    status = _ERROR_STATUS.get(ev.error_code or "", 500)
+    return APIError(ev.error or "generation failed", status_code=status, code=ev.error_code,
+                    type="timeout_error" if status == 504 else None)

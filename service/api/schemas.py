@@ -44,6 +44,7 @@ class _Sampling(_Body):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    timeout: float | None = Field(None, gt=0, description="seconds this request may take (capped by the server)")
 
 
 class CompletionRequest(_Sampling):

@@ -22,7 +22,7 @@ import torch
 from model_core.sampling import SamplingParams, make_generator
 from model_core.stopping import OutputStream
 from model_core.tokenizer import Tokenizer
-from service.engine.runner import ModelRunner
+from service.engine.runner import ModelRunner, SampleResult
 from service.engine.scheduler import FinishReason, Scheduler
 from service.engine.scheduler import Sequence as Seq
 
@@ -37,6 +37,8 @@ class EngineConfig:
     num_blocks: int = 2048
     max_model_len: int = 8192
     max_waiting: int = 256
+    request_timeout_s: float | None = None  # default total time limit of a request
+    queue_timeout_s: float | None = None  # how long a request may wait before its first schedule
 
 
 class EngineDeadError(RuntimeError):
@@ -65,6 +67,7 @@ class TokenEvent:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None
+    error_code: str | None = None  # timeout | queue_timeout | internal_error | engine_dead | invalid_request
 
 
 @dataclass
@@ -77,6 +80,8 @@ class RequestState:
     arrival: float
     first_token_time: float | None = None
     last_token_time: float = 0.0
+    deadline: float | None = None  # monotonic time after which the request is ended with a timeout
+    queue_deadline: float | None = None  # monotonic time by which it must have been scheduled
 
 
 @dataclass
@@ -150,9 +155,10 @@ class LLMEngine:
                 "aigc_num_requests_waiting": float(self.num_pending()),
                 "aigc_kv_cache_usage_ratio": float(self.scheduler.kv_usage)}
 
-    async def generate(self, prompt_ids: Sequence[int], params: SamplingParams,
-                       request_id: str | None = None) -> AsyncIterator[TokenEvent]:
-        """Stream events for one request. Closing the iterator early aborts the request."""
+    async def generate(self, prompt_ids: Sequence[int], params: SamplingParams, request_id: str | None = None,
+                       timeout_s: float | None = None) -> AsyncIterator[TokenEvent]:
+        """Stream events for one request. Closing the iterator early aborts the request.
+        timeout_s caps this request's total time (never above the engine's request_timeout_s)."""
         self.check_health()
         rid = request_id or uuid.uuid4().hex
         prompt = list(prompt_ids)
@@ -171,6 +177,11 @@ class LLMEngine:
                                 self.tokenizer.incremental_decoder()),
             queue=queue, loop=loop, arrival=time.monotonic(),
         )
+        limits = [t for t in (timeout_s, self.config.request_timeout_s) if t is not None]
+        if limits:
+            state.deadline = state.arrival + min(limits)
+        if self.config.queue_timeout_s is not None:
+            state.queue_deadline = state.arrival + self.config.queue_timeout_s
         seq = Seq(request_id=rid, prompt_ids=prompt, max_tokens=max_new, arrival_time=state.arrival, data=state)
         self._inbox.append(seq)
         self._wake.set()
@@ -204,7 +215,7 @@ class LLMEngine:
             try:
                 self.scheduler.add(new)
             except ValueError as e:
-                self._emit(new, TokenEvent(None, "", "error", error=str(e)))
+                self._emit(new, TokenEvent(None, "", "error", error=str(e), error_code="invalid_request"))
         while self._aborts:
             rid = self._aborts.popleft()
             with self._lock:
@@ -213,45 +224,77 @@ class LLMEngine:
                 self.observer.on_finish("abort", time.monotonic() - seq.arrival_time)
 
     def step(self) -> int:
-        """One engine step; returns the number of sequences that got a token."""
+        """One engine step (schedule -> run -> update); returns the number of sequences that got a token."""
+        self._expire()
         with self._lock:
             out = self.scheduler.schedule()
         if not out.decodes and not out.prefills:
             return 0
-        results = self.runner.execute(out)
+        try:
+            results = self.runner.execute(out)
+        except Exception as e:  # a failed forward ends the requests in it, not the loop
+            log.exception("model step failed")
+            for chunk in [*out.decodes, *out.prefills]:
+                self._fail(chunk.seq, f"model step failed: {e}", "internal_error")
+            return 0
         self.stats.steps += 1
         if out.decodes:
             self.stats.decode_steps += 1
             self.stats.decode_rows += len(out.decodes)
             self.stats.max_decode_batch = max(self.stats.max_decode_batch, len(out.decodes))
+        failed = {rid: r.error for rid, r in results.items() if r.error is not None}
         with self._lock:
-            advanced = self.scheduler.update(out, {rid: r.token_id for rid, r in results.items()})
+            advanced = self.scheduler.update(out, {rid: r.token_id for rid, r in results.items() if r.error is None})
+        for rid, err in failed.items():
+            seq = self.scheduler.get(rid)
+            if seq is not None:
+                self._fail(seq, err or "sampling failed", "internal_error")
         now = time.monotonic()
         for seq in advanced:
-            st: RequestState = seq.data
-            res = results[seq.request_id]
-            obs = self.observer
-            if st.first_token_time is None:
-                st.first_token_time = now
-                if obs is not None:
-                    sched = seq.first_scheduled_time or now
-                    obs.on_first_token(sched - st.arrival, now - st.arrival, len(seq.prompt_ids))
-            elif obs is not None:
-                obs.on_token(now - st.last_token_time)
-            st.last_token_time = now
-            try:
-                text, finish = st.stream.step(res.token_id)
-            except Exception as e:  # a failure in one request's detokenizing ends that request only
-                log.exception("request %s failed while detokenizing", seq.request_id)
-                self._finish(seq, FinishReason.ERROR)
-                self._emit(seq, TokenEvent(res.token_id, "", "error", error=f"detokenization failed: {e}"))
-                continue
-            if finish is not None:
-                self._finish(seq, FinishReason(finish))
-                if obs is not None:
-                    obs.on_finish(finish, now - st.arrival)
-            self._emit(seq, TokenEvent(res.token_id, text, finish, res.logprob, res.top_logprobs))
+            self._deliver(seq, results[seq.request_id], now)
         return len(advanced)
+
+    def _deliver(self, seq: Seq, res: SampleResult, now: float) -> None:
+        st: RequestState = seq.data
+        obs = self.observer
+        if st.first_token_time is None:
+            st.first_token_time = now
+            if obs is not None:
+                sched = seq.first_scheduled_time or now
+                obs.on_first_token(sched - st.arrival, now - st.arrival, len(seq.prompt_ids))
+        elif obs is not None:
+            obs.on_token(now - st.last_token_time)
+        st.last_token_time = now
+        try:
+            text, finish = st.stream.step(res.token_id)
+        except Exception as e:  # a failure in one request's detokenizing ends that request only
+            log.exception("request %s failed while detokenizing", seq.request_id)
+            self._fail(seq, f"detokenization failed: {e}", "internal_error")
+            return
+        if finish is not None:
+            self._finish(seq, FinishReason(finish))
+            if obs is not None:
+                obs.on_finish(finish, now - st.arrival)
+        self._emit(seq, TokenEvent(res.token_id, text, finish, res.logprob, res.top_logprobs))
+
+    def _fail(self, seq: Seq, message: str, code: str) -> None:
+        """End one request with an error event and free its blocks."""
+        self._finish(seq, FinishReason.ERROR)
+        if self.observer is not None:
+            self.observer.on_finish("error", time.monotonic() - seq.arrival_time)
+        self._emit(seq, TokenEvent(None, "", "error", error=message, error_code=code))
+
+    def _expire(self) -> None:
+        """Requests past their deadline (total, or waiting in the queue) end with a timeout error."""
+        now = time.monotonic()
+        for seq in [*self.scheduler.waiting, *self.scheduler.running]:
+            st: RequestState = seq.data
+            if st.deadline is not None and now > st.deadline:
+                self._fail(seq, f"request timed out after {st.deadline - st.arrival:.1f}s", "timeout")
+            elif (st.queue_deadline is not None and st.first_token_time is None
+                  and seq.first_scheduled_time is None and now > st.queue_deadline):
+                self._fail(seq, f"request waited in the queue longer than {st.queue_deadline - st.arrival:.1f}s",
+                           "queue_timeout")
 
     def _finish(self, seq: Seq, reason: FinishReason) -> None:
         with self._lock:
@@ -276,4 +319,4 @@ class LLMEngine:
         self._inbox.clear()
         seqs += list(self.scheduler.waiting) + list(self.scheduler.running)
         for seq in seqs:
-            self._emit(seq, TokenEvent(None, "", "error", error=message))
+            self._emit(seq, TokenEvent(None, "", "error", error=message, error_code="engine_dead"))

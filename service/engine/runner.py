@@ -25,6 +25,7 @@ class SampleResult:
     token_id: int
     logprob: float | None = None
     top_logprobs: list[tuple[int, float]] = field(default_factory=list)
+    error: str | None = None  # set when this row could not be sampled (token_id is then -1)
 
 
 class ModelRunner:
@@ -63,18 +64,30 @@ class ModelRunner:
         if not to_sample:
             return {}
         raw = torch.cat(rows) if len(rows) > 1 else rows[0]  # (N, V)
-        states = [c.seq.data for c in to_sample]
+        try:
+            return self._sample(raw, to_sample)
+        except Exception:  # one bad row must not fail the batch: redo row by row, failing only the culprits
+            log.exception("batched sampling failed; retrying row by row")
+            results: dict[str, SampleResult] = {}
+            for i, chunk in enumerate(to_sample):
+                try:
+                    results.update(self._sample(raw[i : i + 1], [chunk]))
+                except Exception as e:
+                    results[chunk.seq.request_id] = SampleResult(-1, error=f"sampling failed: {e}")
+            return results
+
+    def _sample(self, raw: torch.Tensor, chunks: list[ScheduledChunk]) -> dict[str, SampleResult]:
+        """raw: (N, V) model logits for the N chunks to sample."""
+        states = [c.seq.data for c in chunks]
         params: list[SamplingParams] = [s.params for s in states]
-        eos = self.eos_token_ids
-        processed = process_logits(raw, params, [c.seq.prompt_ids for c in to_sample],
-                                   [c.seq.output_ids for c in to_sample],
-                                   eos_token_ids=eos)
+        processed = process_logits(raw, params, [c.seq.prompt_ids for c in chunks],
+                                   [c.seq.output_ids for c in chunks], eos_token_ids=self.eos_token_ids)
         tokens = sample(processed, params, [s.generator for s in states])
-        results = {c.seq.request_id: SampleResult(int(t)) for c, t in zip(to_sample, tokens.tolist(), strict=True)}
+        results = {c.seq.request_id: SampleResult(int(t)) for c, t in zip(chunks, tokens.tolist(), strict=True)}
         want = [i for i, p in enumerate(params) if p.logprobs is not None]
         if want:
             lps = compute_logprobs(raw[want].float(), tokens[want], [params[i].logprobs or 0 for i in want])
             for i, (lp, top) in zip(want, lps, strict=True):
-                r = results[to_sample[i].seq.request_id]
+                r = results[chunks[i].seq.request_id]
                 r.logprob, r.top_logprobs = lp, top
         return results
