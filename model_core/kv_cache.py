@@ -34,46 +34,64 @@ class PagedKVCache:
         self.n_kv_heads, self.head_dim = n_kv_heads, head_dim
         self.device = torch.device(device)
         rows = num_blocks * block_size
-        # K and V of a token side by side: (L, rows, 2*nkv, hs); one copy writes both
-        self.kv = torch.zeros(n_layers, rows, 2 * n_kv_heads, head_dim, dtype=dtype, device=self.device)
+        self.scratch_row = rows  # one extra row that padding tokens write to and nobody reads
+        # K and V of a token side by side: (L, rows + 1, 2*nkv, hs); one copy writes both
+        self.kv = torch.zeros(n_layers, rows + 1, 2 * n_kv_heads, head_dim, dtype=dtype, device=self.device)
         self._write: torch.Tensor | None = None  # (B*T,) flat rows to write
         self._read: torch.Tensor | None = None  # (B*Tk,) flat rows to gather, or None when contiguous
         self._read_range: tuple[int, int] | None = None  # (start row, Tk) for a single contiguous sequence
         self._shape: tuple[int, int, int] = (0, 0, 0)  # (B, T, Tk)
-        self.mask: torch.Tensor | None = None  # (B, 1, T, Tk) bool, True = attend
+        self.mask: torch.Tensor | None = None  # (B, 1, T, Tk) bool, True = attend; None = see is_causal
+        self.is_causal = False  # with mask None: causal (a prompt from position 0) or all keys visible
 
     @staticmethod
     def bytes_per_token(n_layers: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
         return 2 * n_layers * n_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
 
-    def prepare(self, block_tables: Sequence[Sequence[int]], starts: Sequence[int], num_tokens: int) -> torch.Tensor:
-        """Set up one forward of B sequences, each computing `num_tokens` tokens from its start.
+    def prepare(self, block_tables: Sequence[Sequence[int]], starts: Sequence[int],
+                num_tokens: int | Sequence[int]) -> torch.Tensor:
+        """Set up one forward of B sequences; row b computes num_tokens[b] tokens from starts[b].
 
-        Returns positions (B, T) for the model's forward.
+        Rows shorter than the longest (T) are padded: their padding tokens are written to a scratch row
+        nobody reads, and their outputs are to be ignored. Returns positions (B, T) for the forward.
         """
-        B, T, bs = len(starts), num_tokens, self.block_size
-        Tk = max(starts) + T
+        B, bs = len(starts), self.block_size
+        counts = [num_tokens] * B if isinstance(num_tokens, int) else list(num_tokens)
+        T = max(counts)
+        Tk = max(st + n for st, n in zip(starts, counts, strict=True))
         if self.max_positions is not None and Tk > self.max_positions:
             raise ValueError(f"position {Tk - 1} exceeds the context length {self.max_positions}")
         nblk = (Tk + bs - 1) // bs
         table = torch.zeros(B, nblk, dtype=torch.long)
         for b, bt in enumerate(block_tables):
-            need = (starts[b] + T + bs - 1) // bs
+            need = (starts[b] + counts[b] + bs - 1) // bs
             if len(bt) < need:
-                raise ValueError(f"block table of sequence {b} covers {len(bt) * bs} tokens, needs {starts[b] + T}")
+                raise ValueError(f"block table of sequence {b} covers {len(bt) * bs} tokens, "
+                                 f"needs {starts[b] + counts[b]}")
             table[b, :need] = torch.as_tensor(list(bt[:need]), dtype=torch.long)
         key_pos = torch.arange(Tk)  # (Tk,)
         rows = table[:, key_pos // bs] * bs + key_pos % bs  # (B, Tk) flat row of every key position
-        positions = torch.as_tensor(list(starts), dtype=torch.long).unsqueeze(1) + torch.arange(T)  # (B, T)
-        self._write = rows.gather(1, positions).reshape(-1).to(self.device)  # (B*T,)
+        start_t = torch.as_tensor(list(starts), dtype=torch.long).unsqueeze(1)  # (B, 1)
+        positions = start_t + torch.arange(T)  # (B, T)
+        write = rows.gather(1, positions.clamp(max=Tk - 1))  # (B, T)
+        if min(counts) < T:  # padding tokens go to the scratch row
+            pad = torch.arange(T).unsqueeze(0) >= torch.as_tensor(counts).unsqueeze(1)  # (B, T)
+            write = write.masked_fill(pad, self.scratch_row)
+            positions = positions.clamp(max=Tk - 1)
+        self._write = write.reshape(-1).to(self.device)  # (B*T,)
         contiguous = B == 1 and bool((rows[0, 1:] - rows[0, :-1] == 1).all()) if Tk > 1 else B == 1
         if contiguous:
             self._read, self._read_range = None, (int(rows[0, 0]), Tk)
         else:
             self._read, self._read_range = rows.reshape(-1).to(self.device), None
         self._shape = (B, T, Tk)
-        mask = key_pos.view(1, 1, 1, Tk) <= positions.view(B, 1, T, 1)  # (B, 1, T, Tk)
-        self.mask = mask.to(self.device)
+        if T == 1 and all(st + 1 == Tk for st in starts):  # decode of equal-length rows: every key is visible
+            self.mask, self.is_causal = None, False
+        elif B == 1 and starts[0] == 0:  # a whole prompt from its start: plain causal attention
+            self.mask, self.is_causal = None, True
+        else:
+            mask = key_pos.view(1, 1, 1, Tk) <= positions.view(B, 1, T, 1)  # (B, 1, T, Tk)
+            self.mask, self.is_causal = mask.to(self.device), False
         return positions.to(self.device)
 
     def update_fused(self, layer: int, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -63,9 +63,9 @@ class Block(nn.Module):
         self.ffn_norm = make_norm(norm, cfg.d_model, cfg.norm_eps)
         self.ffn = FeedForward(cfg.d_model, cfg.d_ff, "swiglu" if llama else "gelu_tanh", bias=not llama)
 
-    def forward(self, x: torch.Tensor, layer: int, mask: torch.Tensor | None,
+    def forward(self, x: torch.Tensor, layer: int, mask: torch.Tensor | None, is_causal: bool,
                 rope: tuple[torch.Tensor, torch.Tensor] | None, cache: PagedKVCache | None) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), mask=mask, is_causal=mask is None, rope=rope, cache=cache, layer=layer)
+        x = x + self.attn(self.attn_norm(x), mask=mask, is_causal=is_causal, rope=rope, cache=cache, layer=layer)
         return x + self.ffn(self.ffn_norm(x))
 
 
@@ -88,9 +88,10 @@ class CausalLM(nn.Module):
         positions: torch.Tensor | None = None,
         cache: PagedKVCache | None = None,
         last_only: bool = False,
+        last_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """tokens: (B, T) ids; positions: (B, T) (default 0..T-1). Returns logits (B, T, V), or
-        (B, V) for the last position of each row when last_only."""
+        (B, V) for the last position of each row when last_only, or for position last_index[b] of row b."""
         B, T = tokens.shape
         if positions is None:
             if T > self.cfg.max_seq_len:
@@ -103,9 +104,11 @@ class CausalLM(nn.Module):
         else:
             assert self.pos_embed is not None
             x = x + self.pos_embed(positions).to(x.dtype)
-        mask = cache.mask if cache is not None else None
+        mask, causal = (cache.mask, cache.is_causal) if cache is not None else (None, True)
         for i, block in enumerate(self.blocks):
-            x = block(x, i, mask, rope, cache)
-        if last_only:
+            x = block(x, i, mask, causal, rope, cache)
+        if last_index is not None:
+            x = x[torch.arange(B, device=x.device), last_index]  # (B, C)
+        elif last_only:
             x = x[:, -1]  # (B, C)
         return self.lm_head(self.norm(x))

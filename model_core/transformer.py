@@ -20,9 +20,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return xf.to(x.dtype) * self.weight
+        if x.dtype == torch.float32:  # one fused kernel, same formula
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        # normalise in float32, round to the input dtype, then scale (the llama reference order)
+        return F.rms_norm(x.float(), (x.shape[-1],), None, self.eps).to(x.dtype) * self.weight
 
 
 def make_norm(kind: str, dim: int, eps: float = 1e-5) -> nn.Module:

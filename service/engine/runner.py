@@ -40,27 +40,48 @@ class ModelRunner:
         self.num_forwards = 0
 
     def _forward(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
-        """All chunks have the same num_tokens. Returns last-position logits (B, V)."""
-        T = chunks[0].num_tokens
-        ids = [c.seq.token_ids(c.start, c.start + T) for c in chunks]
+        """One forward over chunks of possibly different lengths (shorter ones padded).
+        Returns the logits at each chunk's last token (B, V)."""
+        counts = [c.num_tokens for c in chunks]
+        T = max(counts)
+        ids = [c.seq.token_ids(c.start, c.start + c.num_tokens) + [0] * (T - c.num_tokens) for c in chunks]
         tokens = torch.tensor(ids, dtype=torch.long, device=self.device)  # (B, T)
-        positions = self.cache.prepare([c.seq.block_table for c in chunks], [c.start for c in chunks], T)
+        positions = self.cache.prepare([c.seq.block_table for c in chunks], [c.start for c in chunks], counts)
         self.num_forwards += 1
-        return self.model(tokens, positions, self.cache, last_only=True)  # (B, V)
+        if min(counts) == T:
+            return self.model(tokens, positions, self.cache, last_only=True)  # (B, V)
+        last = torch.tensor([n - 1 for n in counts], device=self.device)  # (B,)
+        return self.model(tokens, positions, self.cache, last_index=last)  # (B, V)
+
+    @staticmethod
+    def prefill_groups(chunks: list[ScheduledChunk], max_waste: float = 0.25) -> list[list[ScheduledChunk]]:
+        """Group prefill chunks of similar length into one padded forward each: sorted by length, a
+        group grows while its padding stays under max_waste of its tokens."""
+        groups: list[list[ScheduledChunk]] = []
+        for c in sorted(chunks, key=lambda c: c.num_tokens):
+            g = groups[-1] if groups else None
+            if g is not None:
+                padded = (len(g) + 1) * c.num_tokens  # c is the longest so far
+                real = sum(x.num_tokens for x in g) + c.num_tokens
+                if padded - real <= max_waste * padded:
+                    g.append(c)
+                    continue
+            groups.append([c])
+        return groups
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> dict[str, SampleResult]:
         rows: list[torch.Tensor] = []
         to_sample: list[ScheduledChunk] = []
         if out.decodes:
-            logits = self._forward(out.decodes)
-            rows.append(logits)
+            rows.append(self._forward(out.decodes))
             to_sample.extend(out.decodes)
-        for chunk in out.prefills:
-            logits = self._forward([chunk])
-            if chunk.sample:
-                rows.append(logits)
-                to_sample.append(chunk)
+        for group in self.prefill_groups(out.prefills):
+            logits = self._forward(group)  # (len(group), V)
+            keep = [i for i, c in enumerate(group) if c.sample]
+            if keep:
+                rows.append(logits[keep] if len(keep) < len(group) else logits)
+                to_sample.extend(group[i] for i in keep)
         if not to_sample:
             return {}
         raw = torch.cat(rows) if len(rows) > 1 else rows[0]  # (N, V)
