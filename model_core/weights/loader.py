@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from model_core.lm import CausalLM, LMConfig
+from model_core.packing import pack_linears, packing_available
 from model_core.tokenizer import Tokenizer
 from model_core.weights.build import build_lm
 
@@ -28,7 +29,8 @@ class LoadedLM:
 
 
 def load_lm(path: str | os.PathLike[str], dtype: torch.dtype = torch.float32,
-            device: torch.device | str = "cpu") -> LoadedLM:
+            device: torch.device | str = "cpu", pack: bool = True) -> LoadedLM:
+    """pack: on CPUs in bf16, pre-pack linear weights for oneDNN (same results, faster matmuls)."""
     from model_core.weights.gguf import load_gguf
     from model_core.weights.safetensors import load_safetensors_dir
 
@@ -44,7 +46,11 @@ def load_lm(path: str | os.PathLike[str], dtype: torch.dtype = torch.float32,
         name = p.name[: -len(".gguf")] if p.name.endswith(".gguf") else p.name
     else:
         raise FileNotFoundError(f"model path {str(p)!r} does not exist")
+    if tok.vocab_size > cfg.vocab_size:
+        raise ValueError(f"the tokenizer has {tok.vocab_size} tokens but the model's vocabulary is {cfg.vocab_size}")
     model = build_lm(cfg, sd, dtype=dtype, device=device)
+    if pack and packing_available(dtype, torch.device(device)):
+        log.info("packed %d linear layers for oneDNN", pack_linears(model))
     dt = time.perf_counter() - t0
     log.info("loaded %s (%s, %d layers, d=%d) as %s on %s in %.1fs", name, cfg.arch, cfg.n_layers,
              cfg.d_model, dtype, device, dt)
