@@ -18,17 +18,19 @@ from types import FrameType
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
-from service.api import chat, completions, health, models
+from service.api import chat, completions, health, images, models
 from service.api.auth import APIKeyMiddleware
 from service.api.errors import install_error_handlers
 from service.api.generation import TextModel
 from service.api.middleware import InFlight, RequestContextMiddleware
 from service.config import Settings, parse_settings
 from service.engine.engine import EngineObserver
+from service.engine.images import ImageBatcher
 from service.logs import setup_logging
 from service.metrics import Metrics
 
 log = logging.getLogger("service")
+IMAGE_MODEL = "gan-digits"
 
 
 def build_text_model(settings: Settings, observer: EngineObserver | None = None) -> TextModel:
@@ -64,6 +66,26 @@ def build_text_model(settings: Settings, observer: EngineObserver | None = None)
                      load_seconds=lm.load_seconds)
 
 
+async def start_image_batcher(settings: Settings, metrics: Metrics) -> ImageBatcher | None:
+    """Load the GAN (fast: a small checkpoint) and start its micro-batcher; None if it cannot load."""
+    from model_core.gan import load_gan
+
+    try:
+        gen = load_gan(settings.gan_path)
+    except Exception:
+        log.exception("GAN failed to load; /v1/images/generations will answer 503")
+        return None
+    model = IMAGE_MODEL
+
+    def on_batch(images: int, requests: int, seconds: float) -> None:
+        metrics.image_requests.labels(model).inc(requests)
+        metrics.on_image_batch(model, images)
+
+    batcher = ImageBatcher(gen, settings.image_max_batch, settings.image_max_wait_ms, on_batch=on_batch)
+    await batcher.start()
+    return batcher
+
+
 def create_app(settings: Settings | None = None, text_model: TextModel | None = None) -> FastAPI:
     settings = settings or Settings()
 
@@ -93,9 +115,12 @@ def create_app(settings: Settings | None = None, text_model: TextModel | None = 
             load()
         else:
             threading.Thread(target=load, name="model-loader", daemon=True).start()
+        app.state.image_batcher = await start_image_batcher(settings, metrics) if settings.enable_gan else None
         try:
             yield
         finally:
+            if app.state.image_batcher is not None:
+                await app.state.image_batcher.stop()
             tm = app.state.text_model
             if tm is not None:
                 tm.engine.stop()
@@ -106,7 +131,7 @@ def create_app(settings: Settings | None = None, text_model: TextModel | None = 
     app.state.inflight = InFlight()
     app.state.draining = False
     install_error_handlers(app)
-    for r in (health.router, models.router, completions.router, chat.router):
+    for r in (health.router, models.router, completions.router, chat.router, images.router):
         app.include_router(r)
     # outermost last: request context (ids, size limit) -> CORS -> API keys -> routes
     app.add_middleware(APIKeyMiddleware, keys=settings.all_api_keys(), public_paths=settings.public_paths)
