@@ -97,6 +97,8 @@ class CausalLM(nn.Module):
             if T > self.cfg.max_seq_len:
                 raise ValueError(f"{T} tokens exceed the context length {self.cfg.max_seq_len}")
             positions = torch.arange(T, device=tokens.device).expand(B, T)
+        elif cache is None and int(positions.max()) >= self.cfg.max_seq_len:  # (the cache checks its own)
+            raise ValueError(f"position {int(positions.max())} exceeds the context length {self.cfg.max_seq_len}")
         x = self.embed(tokens)  # (B, T, C)
         rope = None
         if self.rotary is not None:

@@ -1,7 +1,7 @@
 """Stop strings on streamed text: emit only text that cannot be the start of a stop string.
 
 OpenAI semantics: generation ends at the first occurrence of any stop string, and the returned text
-excludes it. While streaming, a suffix of the text that could still grow into a stop string is held
+excludes it. "First" is the stop string that completes first (ends earliest), as seen by a stream. While streaming, a suffix of the text that could still grow into a stop string is held
 back until it either completes one (dropped, stop) or cannot (released).
 """
 
@@ -24,14 +24,16 @@ class StopStringMatcher:
         if not self.stops:
             return text
         buf = self._held + text
-        first: tuple[int, str] | None = None
+        # the stop string that completes first (ends earliest; on a tie the longest) wins, so the result
+        # does not depend on how the text was chunked
+        first: tuple[int, int, str] | None = None  # (end, start, stop)
         for s in self.stops:
             i = buf.find(s)
-            if i >= 0 and (first is None or i < first[0]):
-                first = (i, s)
+            if i >= 0 and (first is None or (i + len(s), i) < first[:2]):
+                first = (i + len(s), i, s)
         if first is not None:
-            self.stopped, self.matched, self._held = True, first[1], ""
-            return buf[: first[0]]
+            self.stopped, self.matched, self._held = True, first[2], ""
+            return buf[: first[1]]
         keep = 0  # longest suffix of buf that is a proper prefix of some stop string
         for s in self.stops:
             for n in range(min(len(s) - 1, len(buf)), keep, -1):

@@ -11,6 +11,7 @@ def build_lm(cfg: LMConfig, sd: dict[str, torch.Tensor], dtype: torch.dtype = to
              device: torch.device | str = "cpu") -> CausalLM:
     if not cfg.tie_embeddings and "lm_head.weight" not in sd:
         raise ValueError("checkpoint is missing tensor 'lm_head.weight' and the config does not tie embeddings")
+    sd = dict(sd)  # the caller's dict is left as it was (the tied head is dropped from our copy)
     with torch.device("meta"):
         model = CausalLM(cfg)
     expected = {k: v.shape for k, v in model.state_dict().items()}

@@ -39,6 +39,9 @@ def config_from_metadata(meta: dict[str, Any]) -> LMConfig:
             raise ValueError(f"GGUF metadata lacks '{arch}.{name}'")
         return v
 
+    scaling = meta.get(f"{arch}.rope.scaling.type")
+    if scaling not in (None, "none"):
+        raise ValueError(f"GGUF rope scaling {scaling!r} is not supported; only plain RoPE is")
     n_heads = int(key("attention.head_count"))
     vocab = meta.get(f"{arch}.vocab_size") or len(meta.get("tokenizer.ggml.tokens") or [])
     if not vocab:

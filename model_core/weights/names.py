@@ -2,6 +2,9 @@
 
 Each map turns a checkpoint's tensors (already float tensors, keyed by the checkpoint's names) into
 our state dict; fused projections are concatenated here: qkv = [q | k | v], ffn w_in = [gate | up].
+Every tensor is checked against the shape the config implies (in PyTorch's (rows, cols) order),
+and a checkpoint tensor no map uses is an error, so a file of another layout fails by name
+instead of loading into wrong logits.
 """
 
 from __future__ import annotations
@@ -14,17 +17,42 @@ from model_core.lm import LMConfig
 
 Tensors = Mapping[str, torch.Tensor]
 
+# HF checkpoints of some versions carry these non-weight buffers; they hold nothing we need.
+_IGNORABLE_SUFFIXES = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")
 
-class MissingTensorError(KeyError):
+
+class MissingTensorError(KeyError, ValueError):
+    """A tensor the architecture needs is absent (a ValueError like every other bad-checkpoint error)."""
+
     def __str__(self) -> str:
         return str(self.args[0])
 
 
-def _get(src: Tensors, name: str) -> torch.Tensor:
-    try:
-        return src[name]
-    except KeyError:
-        raise MissingTensorError(f"checkpoint is missing tensor {name!r}") from None
+class _Source:
+    """The checkpoint's tensors; remembers which ones were taken, checks each one's shape."""
+
+    def __init__(self, tensors: Tensors) -> None:
+        self.tensors = tensors
+        self.used: set[str] = set()
+
+    def get(self, name: str, *shape: int) -> torch.Tensor:
+        try:
+            t = self.tensors[name]
+        except KeyError:
+            raise MissingTensorError(f"checkpoint is missing tensor {name!r}") from None
+        if tuple(t.shape) != shape:
+            raise ValueError(f"tensor {name!r} has shape {tuple(t.shape)}, the config implies {shape}")
+        self.used.add(name)
+        return t
+
+    def optional(self, name: str, *shape: int) -> torch.Tensor | None:
+        return self.get(name, *shape) if name in self.tensors else None
+
+    def check_all_used(self, ignorable: tuple[str, ...] = ()) -> None:
+        extra = sorted(n for n in self.tensors if n not in self.used and not n.endswith(ignorable))
+        if extra:
+            raise ValueError(f"checkpoint has {len(extra)} tensors this architecture does not use "
+                             f"(a variant we do not implement?), e.g. {extra[:5]}")
 
 
 def unpermute_rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -44,80 +72,100 @@ def permute_rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.reshape(n_heads, 2, hs // 2, *rest).transpose(1, 2).reshape(w.shape)  # (nh, hs/2, 2, ...) flat
 
 
-def _copy_optional(dst: dict[str, torch.Tensor], src: Tensors, ours: str, theirs: str) -> None:
-    if theirs in src:
-        dst[ours] = src[theirs]
+def _head(sd: dict[str, torch.Tensor], src: _Source, name: str, cfg: LMConfig) -> None:
+    w = src.optional(name, cfg.vocab_size, cfg.d_model)
+    if w is not None:
+        sd["lm_head.weight"] = w
 
 
-def gguf_llama(src: Tensors, cfg: LMConfig) -> dict[str, torch.Tensor]:
-    sd = {"embed.weight": _get(src, "token_embd.weight"), "norm.weight": _get(src, "output_norm.weight")}
+def gguf_llama(tensors: Tensors, cfg: LMConfig) -> dict[str, torch.Tensor]:
+    src = _Source(tensors)
+    C, F, V = cfg.d_model, cfg.d_ff, cfg.vocab_size
+    q_rows, kv_rows = cfg.n_heads * cfg.hd, cfg.n_kv_heads * cfg.hd
+    sd = {"embed.weight": src.get("token_embd.weight", V, C), "norm.weight": src.get("output_norm.weight", C)}
     for i in range(cfg.n_layers):
         p, o = f"blk.{i}.", f"blocks.{i}."
-        q = unpermute_rope_rows(_get(src, p + "attn_q.weight"), cfg.n_heads)
-        k = unpermute_rope_rows(_get(src, p + "attn_k.weight"), cfg.n_kv_heads)
-        sd[o + "attn.qkv.weight"] = torch.cat([q, k, _get(src, p + "attn_v.weight")])
-        sd[o + "attn.out.weight"] = _get(src, p + "attn_output.weight")
-        sd[o + "attn_norm.weight"] = _get(src, p + "attn_norm.weight")
-        sd[o + "ffn_norm.weight"] = _get(src, p + "ffn_norm.weight")
-        sd[o + "ffn.w_in.weight"] = torch.cat([_get(src, p + "ffn_gate.weight"), _get(src, p + "ffn_up.weight")])
-        sd[o + "ffn.w_out.weight"] = _get(src, p + "ffn_down.weight")
-    _copy_optional(sd, src, "lm_head.weight", "output.weight")
+        q = unpermute_rope_rows(src.get(p + "attn_q.weight", q_rows, C), cfg.n_heads)
+        k = unpermute_rope_rows(src.get(p + "attn_k.weight", kv_rows, C), cfg.n_kv_heads)
+        sd[o + "attn.qkv.weight"] = torch.cat([q, k, src.get(p + "attn_v.weight", kv_rows, C)])
+        sd[o + "attn.out.weight"] = src.get(p + "attn_output.weight", C, q_rows)
+        sd[o + "attn_norm.weight"] = src.get(p + "attn_norm.weight", C)
+        sd[o + "ffn_norm.weight"] = src.get(p + "ffn_norm.weight", C)
+        sd[o + "ffn.w_in.weight"] = torch.cat([src.get(p + "ffn_gate.weight", F, C),
+                                               src.get(p + "ffn_up.weight", F, C)])
+        sd[o + "ffn.w_out.weight"] = src.get(p + "ffn_down.weight", C, F)
+    _head(sd, src, "output.weight", cfg)
+    src.check_all_used()
     return sd
 
 
-def gguf_gpt2(src: Tensors, cfg: LMConfig) -> dict[str, torch.Tensor]:
+def gguf_gpt2(tensors: Tensors, cfg: LMConfig) -> dict[str, torch.Tensor]:
+    src = _Source(tensors)
+    C, F, V = cfg.d_model, cfg.d_ff, cfg.vocab_size
+    q_rows, qkv_rows = cfg.n_heads * cfg.hd, (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.hd
     sd = {
-        "embed.weight": _get(src, "token_embd.weight"),
-        "pos_embed.weight": _get(src, "position_embd.weight"),
-        "norm.weight": _get(src, "output_norm.weight"),
-        "norm.bias": _get(src, "output_norm.bias"),
+        "embed.weight": src.get("token_embd.weight", V, C),
+        "pos_embed.weight": src.get("position_embd.weight", cfg.max_seq_len, C),
+        "norm.weight": src.get("output_norm.weight", C),
+        "norm.bias": src.get("output_norm.bias", C),
     }
-    pairs = {
-        "attn_norm": "attn_norm", "ffn_norm": "ffn_norm", "attn.qkv": "attn_qkv",
-        "attn.out": "attn_output", "ffn.w_in": "ffn_up", "ffn.w_out": "ffn_down",
-    }
+    # ours, theirs, weight shape (rows, cols), bias length
+    layout = [("attn_norm", "attn_norm", (C,), C), ("ffn_norm", "ffn_norm", (C,), C),
+              ("attn.qkv", "attn_qkv", (qkv_rows, C), qkv_rows), ("attn.out", "attn_output", (C, q_rows), C),
+              ("ffn.w_in", "ffn_up", (F, C), F), ("ffn.w_out", "ffn_down", (C, F), C)]
     for i in range(cfg.n_layers):
-        for ours, theirs in pairs.items():
-            for kind in ("weight", "bias"):
-                sd[f"blocks.{i}.{ours}.{kind}"] = _get(src, f"blk.{i}.{theirs}.{kind}")
-    _copy_optional(sd, src, "lm_head.weight", "output.weight")
+        for ours, theirs, shape, n_bias in layout:
+            sd[f"blocks.{i}.{ours}.weight"] = src.get(f"blk.{i}.{theirs}.weight", *shape)
+            sd[f"blocks.{i}.{ours}.bias"] = src.get(f"blk.{i}.{theirs}.bias", n_bias)
+    _head(sd, src, "output.weight", cfg)
+    src.check_all_used()
     return sd
 
 
-def hf_llama(src: Tensors, cfg: LMConfig) -> dict[str, torch.Tensor]:
-    sd = {"embed.weight": _get(src, "model.embed_tokens.weight"), "norm.weight": _get(src, "model.norm.weight")}
+def hf_llama(tensors: Tensors, cfg: LMConfig) -> dict[str, torch.Tensor]:
+    src = _Source(tensors)
+    C, F, V = cfg.d_model, cfg.d_ff, cfg.vocab_size
+    q_rows, kv_rows = cfg.n_heads * cfg.hd, cfg.n_kv_heads * cfg.hd
+    sd = {"embed.weight": src.get("model.embed_tokens.weight", V, C), "norm.weight": src.get("model.norm.weight", C)}
     for i in range(cfg.n_layers):
         p, o = f"model.layers.{i}.", f"blocks.{i}."
-        sd[o + "attn.qkv.weight"] = torch.cat(
-            [_get(src, p + f"self_attn.{n}_proj.weight") for n in ("q", "k", "v")]
-        )
-        sd[o + "attn.out.weight"] = _get(src, p + "self_attn.o_proj.weight")
-        sd[o + "attn_norm.weight"] = _get(src, p + "input_layernorm.weight")
-        sd[o + "ffn_norm.weight"] = _get(src, p + "post_attention_layernorm.weight")
-        gate, up = _get(src, p + "mlp.gate_proj.weight"), _get(src, p + "mlp.up_proj.weight")
-        sd[o + "ffn.w_in.weight"] = torch.cat([gate, up])
-        sd[o + "ffn.w_out.weight"] = _get(src, p + "mlp.down_proj.weight")
-    _copy_optional(sd, src, "lm_head.weight", "lm_head.weight")
+        sd[o + "attn.qkv.weight"] = torch.cat([src.get(p + "self_attn.q_proj.weight", q_rows, C),
+                                               src.get(p + "self_attn.k_proj.weight", kv_rows, C),
+                                               src.get(p + "self_attn.v_proj.weight", kv_rows, C)])
+        sd[o + "attn.out.weight"] = src.get(p + "self_attn.o_proj.weight", C, q_rows)
+        sd[o + "attn_norm.weight"] = src.get(p + "input_layernorm.weight", C)
+        sd[o + "ffn_norm.weight"] = src.get(p + "post_attention_layernorm.weight", C)
+        sd[o + "ffn.w_in.weight"] = torch.cat([src.get(p + "mlp.gate_proj.weight", F, C),
+                                               src.get(p + "mlp.up_proj.weight", F, C)])
+        sd[o + "ffn.w_out.weight"] = src.get(p + "mlp.down_proj.weight", C, F)
+    _head(sd, src, "lm_head.weight", cfg)
+    src.check_all_used(_IGNORABLE_SUFFIXES)
     return sd
 
 
-def hf_gpt2(src: Tensors, cfg: LMConfig) -> dict[str, torch.Tensor]:
+def hf_gpt2(tensors: Tensors, cfg: LMConfig) -> dict[str, torch.Tensor]:
     # HF GPT-2 uses Conv1D layers whose weights are stored (in, out): transpose to Linear's (out, in).
-    pre = "transformer." if "transformer.wte.weight" in src else ""
+    src = _Source(tensors)
+    C, F, V = cfg.d_model, cfg.d_ff, cfg.vocab_size
+    q_rows, qkv_rows = cfg.n_heads * cfg.hd, (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.hd
+    pre = "transformer." if "transformer.wte.weight" in tensors else ""
     sd = {
-        "embed.weight": _get(src, pre + "wte.weight"),
-        "pos_embed.weight": _get(src, pre + "wpe.weight"),
-        "norm.weight": _get(src, pre + "ln_f.weight"),
-        "norm.bias": _get(src, pre + "ln_f.bias"),
+        "embed.weight": src.get(pre + "wte.weight", V, C),
+        "pos_embed.weight": src.get(pre + "wpe.weight", cfg.max_seq_len, C),
+        "norm.weight": src.get(pre + "ln_f.weight", C),
+        "norm.bias": src.get(pre + "ln_f.bias", C),
     }
-    pairs = {"attn_norm": "ln_1", "ffn_norm": "ln_2", "attn.qkv": "attn.c_attn", "attn.out": "attn.c_proj",
-             "ffn.w_in": "mlp.c_fc", "ffn.w_out": "mlp.c_proj"}
+    # ours, theirs, HF weight shape (norm: (C,), Conv1D: (in, out)), bias length
+    layout = [("attn_norm", "ln_1", (C,), C), ("ffn_norm", "ln_2", (C,), C),
+              ("attn.qkv", "attn.c_attn", (C, qkv_rows), qkv_rows), ("attn.out", "attn.c_proj", (q_rows, C), C),
+              ("ffn.w_in", "mlp.c_fc", (C, F), F), ("ffn.w_out", "mlp.c_proj", (F, C), C)]
     for i in range(cfg.n_layers):
-        for ours, theirs in pairs.items():
-            w = _get(src, f"{pre}h.{i}.{theirs}.weight")
+        for ours, theirs, shape, n_bias in layout:
+            w = src.get(f"{pre}h.{i}.{theirs}.weight", *shape)
             sd[f"blocks.{i}.{ours}.weight"] = w if "norm" in ours else w.t()
-            sd[f"blocks.{i}.{ours}.bias"] = _get(src, f"{pre}h.{i}.{theirs}.bias")
-    _copy_optional(sd, src, "lm_head.weight", "lm_head.weight")
+            sd[f"blocks.{i}.{ours}.bias"] = src.get(f"{pre}h.{i}.{theirs}.bias", n_bias)
+    _head(sd, src, "lm_head.weight", cfg)
+    src.check_all_used(_IGNORABLE_SUFFIXES)
     return sd
 
 

@@ -14,11 +14,21 @@ from model_core.lm import LMConfig
 _MODEL_TYPES = {"llama": "llama", "gpt2": "gpt2"}
 
 
+def _require(hf: dict[str, Any], key: str, allowed: tuple[Any, ...], default: Any) -> None:
+    """Refuse a config.json option our model does not implement (it would load into wrong logits)."""
+    value = hf.get(key, default)
+    if value not in allowed:
+        raise ValueError(f"config.json has {key}={value!r}; supported: {', '.join(map(repr, allowed))}")
+
+
 def config_from_hf(hf: dict[str, Any]) -> LMConfig:
     mt = hf.get("model_type")
     if mt not in _MODEL_TYPES:
         raise ValueError(f"unsupported model_type {mt!r} in config.json; supported: {', '.join(_MODEL_TYPES)}")
     if mt == "gpt2":
+        _require(hf, "activation_function", ("gelu_new", "gelu_pytorch_tanh"), "gelu_new")
+        _require(hf, "scale_attn_weights", (True,), True)
+        _require(hf, "scale_attn_by_inverse_layer_idx", (False,), False)
         d = int(hf["n_embd"])
         return LMConfig(
             arch="gpt2", vocab_size=int(hf["vocab_size"]), d_model=d, n_layers=int(hf["n_layer"]),
@@ -26,8 +36,14 @@ def config_from_hf(hf: dict[str, Any]) -> LMConfig:
             max_seq_len=int(hf["n_positions"]), norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
             tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
         )
-    if hf.get("rope_scaling"):
-        raise ValueError(f"rope_scaling {hf['rope_scaling']!r} is not supported")
+    _require(hf, "hidden_act", ("silu",), "silu")
+    _require(hf, "attention_bias", (False,), False)
+    _require(hf, "mlp_bias", (False,), False)
+    for key in ("rope_scaling", "rope_parameters"):  # transformers 5 writes rope_parameters
+        rope = hf.get(key) or {}
+        kind = rope.get("rope_type", rope.get("type", "default"))
+        if kind != "default":
+            raise ValueError(f"{key} {rope!r} (rope type {kind!r}) is not supported; only plain RoPE is")
     n_heads = int(hf["num_attention_heads"])
     hd = hf.get("head_dim")
     rope_theta = hf.get("rope_theta") or (hf.get("rope_parameters") or {}).get("rope_theta", 10000.0)

@@ -583,3 +583,24 @@ def test_cuda_matches_cpu() -> None:
     x = torch.randn(B, V, generator=g).cuda()
     a = sample(x, params, [make_generator(9, "cuda") for _ in range(B)])
     assert torch.equal(a, sample(x, params, [make_generator(9, "cuda") for _ in range(B)]))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 3000), st.integers(0, 2**31 - 1), st.floats(0.0, 0.95))
+def test_two_level_inverse_cdf_equals_full_prefix_sum(V: int, seed: int, zero_frac: float) -> None:
+    from model_core.sampling import _inverse_cdf
+
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(4, V, generator=g) * 3
+    logits[torch.rand(4, V, generator=g) < zero_frac] = float("-inf")
+    logits[:, int(torch.randint(0, V, (1,), generator=g))] = 0.0  # every row keeps some mass
+    probs = torch.softmax(logits, dim=-1)
+    u = torch.rand(4, dtype=torch.float64, generator=g)
+    got = _inverse_cdf(probs, u)
+    cum = torch.cumsum(probs, dim=-1, dtype=torch.float64)
+    r = u * cum[:, -1]
+    ref = torch.searchsorted(cum, r.unsqueeze(1), right=True).squeeze(1).clamp(max=V - 1)
+    for b in range(4):
+        assert probs[b, got[b]] > 0, "a token with zero probability was drawn"
+        if got[b] != ref[b]:  # only a float rounding tie at a boundary may differ
+            assert abs(float(cum[b, min(int(got[b]), int(ref[b]))]) - float(r[b])) < 1e-6

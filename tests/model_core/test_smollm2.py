@@ -1,0 +1,151 @@
+"""The real default model (SmolLM2-135M-Instruct, Q4_1 GGUF) against Hugging Face transformers loading
+the same file: logits (fp32), greedy generation, chat prompt rendering, and a bf16 sanity check.
+
+Slow (HF's GGUF load alone takes ~20-30 s on 2 cores): run with `-m slow -s` to see the figures.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from model_core.generate import generate
+from model_core.sampling import SamplingParams
+from model_core.weights.loader import LoadedLM, load_lm
+
+transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.slow
+
+CHAT = [{"role": "system", "content": "You are a concise assistant."},
+        {"role": "user", "content": "Name three primary colours and explain why they are called primary."}]
+PROMPTS = {
+    "plain": "The capital of France is Paris, and the capital of Germany is",
+    "code": 'def fibonacci(n: int) -> int:\n    """Return the n-th Fibonacci number."""\n',
+    "chat": None,  # CHAT rendered with the model's template
+    "mixed": "Les 3 mousquetaires: Athos, Porthos, Aramis et d'Artagnan. 12345 + 678 = 13023; 東京 😀",
+}
+GREEDY = ("plain", "code", "chat")
+N_NEW = 64
+
+
+@pytest.fixture(scope="module")
+def ours(smol_path: str) -> LoadedLM:
+    return load_lm(smol_path, torch.float32)
+
+
+@pytest.fixture(scope="module")
+def hf(smol_path: str):
+    d, name = os.path.split(smol_path)
+    model = transformers.AutoModelForCausalLM.from_pretrained(d, gguf_file=name, dtype=torch.float32).eval()
+    model.generation_config.eos_token_id = None  # run exactly N_NEW tokens, like ignore_eos
+    return model
+
+
+@pytest.fixture(scope="module")
+def hf_tok(smol_path: str):
+    d, name = os.path.split(smol_path)
+    return transformers.AutoTokenizer.from_pretrained(d, gguf_file=name)
+
+
+@pytest.fixture(scope="module")
+def prompt_ids(ours: LoadedLM) -> dict[str, list[int]]:
+    tok = ours.tokenizer
+    out = {}
+    for key, text in PROMPTS.items():
+        if text is None:
+            out[key] = tok.encode(tok.apply_chat_template(CHAT, add_generation_prompt=True), add_special_tokens=False)
+        else:
+            out[key] = tok.encode(text)
+    return out
+
+
+@pytest.fixture(scope="module")
+def hf_logits(hf, prompt_ids: dict[str, list[int]]) -> dict[str, torch.Tensor]:
+    with torch.inference_mode():
+        return {k: hf(torch.tensor([ids])).logits[0] for k, ids in prompt_ids.items()}
+
+
+def test_config_and_tokens_match_hf(ours: LoadedLM, hf, hf_tok, prompt_ids: dict[str, list[int]]) -> None:
+    c, h = ours.config, hf.config
+    assert (c.n_layers, c.d_model, c.n_heads, c.n_kv_heads, c.d_ff, c.vocab_size) == (
+        h.num_hidden_layers, h.hidden_size, h.num_attention_heads, h.num_key_value_heads, h.intermediate_size,
+        h.vocab_size)
+    assert c.rope_theta == pytest.approx(h.rope_parameters["rope_theta"]) and c.tie_embeddings
+    for key, text in PROMPTS.items():
+        if text is not None:
+            assert prompt_ids[key] == hf_tok.encode(text), key
+
+
+def test_chat_prompt_matches_hf(ours: LoadedLM, hf_tok) -> None:
+    tok = ours.tokenizer
+    for msgs in (CHAT, CHAT[1:], [*CHAT, {"role": "assistant", "content": "Red, yellow, blue."},
+                                 {"role": "user", "content": "And for light?"}]):
+        for gen_prompt in (True, False):
+            ours_text = tok.apply_chat_template(msgs, add_generation_prompt=gen_prompt)
+            assert ours_text == hf_tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen_prompt)
+            assert tok.encode(ours_text, add_special_tokens=False) == hf_tok.encode(ours_text, add_special_tokens=False)
+
+
+def test_fp32_logits_match_hf(ours: LoadedLM, prompt_ids: dict[str, list[int]],
+                              hf_logits: dict[str, torch.Tensor]) -> None:
+    worst = 0.0
+    for key, ids in prompt_ids.items():
+        with torch.inference_mode():
+            mine = ours.model(torch.tensor([ids]))[0]
+        ref = hf_logits[key]
+        d = float((mine - ref).abs().max())
+        print(f"SmolLM2 fp32 logits vs HF [{key}, {len(ids)} tokens]: max abs diff {d:.2e} "
+              f"(logit range {float(ref.min()):.1f}..{float(ref.max()):.1f})")
+        assert torch.equal(mine.argmax(-1), ref.argmax(-1)), key
+        worst = max(worst, d)
+    assert worst <= 1e-3
+
+
+@pytest.fixture(scope="module")
+def hf_greedy(hf, prompt_ids: dict[str, list[int]]) -> dict[str, list[int]]:
+    """HF's greedy continuations (N_NEW tokens, EOS disabled) of the GREEDY prompts."""
+    out = {}
+    for key in GREEDY:
+        x = torch.tensor([prompt_ids[key]])
+        with torch.inference_mode():  # an explicit mask: else HF takes the prompt's <|im_end|> (= pad id 2) for padding
+            seq = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=N_NEW, do_sample=False,
+                              pad_token_id=2)
+        out[key] = seq[0, x.shape[1]:].tolist()
+    return out
+
+
+@pytest.mark.parametrize("key", GREEDY)
+def test_greedy_generation_matches_hf(key: str, ours: LoadedLM, prompt_ids: dict[str, list[int]],
+                                      hf_greedy: dict[str, list[int]]) -> None:
+    params = SamplingParams(max_tokens=N_NEW, temperature=0.0, ignore_eos=True)
+    mine = [s.token_id for s in generate(ours.model, prompt_ids[key], params)]
+    theirs = hf_greedy[key]
+    first = next((i for i, (a, b) in enumerate(zip(mine, theirs, strict=False)) if a != b), None)
+    print(f"SmolLM2 greedy [{key}]: {len(mine)} tokens, first difference at {first}: "
+          f"{ours.tokenizer.decode(mine)[:70]!r}")
+    assert len(mine) == len(theirs) == N_NEW
+    assert mine == theirs
+
+
+def test_bf16_logits_close_to_hf_fp32(smol_path: str, hf, prompt_ids: dict[str, list[int]],
+                                      hf_greedy: dict[str, list[int]]) -> None:
+    """Our default bf16 load (as the service runs it) against HF in fp32, on the prompts and the
+    greedy continuations (~320 positions)."""
+    lm = load_lm(smol_path, torch.bfloat16)
+    assert lm.model.embed.weight.dtype == torch.bfloat16
+    texts = {key: prompt_ids[key] + hf_greedy.get(key, []) for key in PROMPTS}
+    agree = total = 0
+    worst = 0.0
+    for ids in texts.values():
+        x = torch.tensor([ids])
+        with torch.inference_mode():
+            mine = lm.model(x)[0].float()
+            ref = hf(x).logits[0]
+        worst = max(worst, float((mine - ref).abs().max()))
+        agree += int((mine.argmax(-1) == ref.argmax(-1)).sum())
+        total += len(ids)
+    print(f"SmolLM2 bf16 logits vs HF fp32: max abs diff {worst:.3f}, top-1 agreement {agree}/{total} "
+          f"= {agree / total:.1%}")
+    assert agree / total >= 0.95
