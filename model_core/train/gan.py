@@ -148,6 +148,7 @@ def train(tc: TrainConfig, config: GANConfig | None = None, progress: bool = Tru
     summary = {
         "epochs": tc.epochs, "batch_size": tc.batch_size, "seed": tc.seed,
         "steps": tc.epochs * steps_per_epoch, "lr_g": tc.lr_g, "lr_d": tc.lr_d,
+        "augment_shift": tc.augment_shift,
         "final_loss_d": round(ld, 4), "final_loss_g": round(lg, 4),
         "threads": torch.get_num_threads(),
         "dataset": "sklearn.datasets.load_digits (1797 images, 8x8 -> 32x32 bilinear)",
@@ -179,7 +180,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
     p.add_argument("--seed", type=int, default=TrainConfig.seed)
     p.add_argument("--lr", type=float, default=TrainConfig.lr_g, help="Adam learning rate for G and D")
-    p.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch intra-op threads (default 1: on a CPU shared with other work two threads "
+                        "spin against each other and run several times slower; results depend on it)")
     p.add_argument("--out", type=Path, required=True, help="checkpoint directory to write")
     p.add_argument("--grid", type=Path, default=None, help="also write a PNG grid of samples, a row per class")
     a = p.parse_args(argv)

@@ -23,14 +23,15 @@ from PIL import Image
 from pydantic import BaseModel, Field
 
 from model_core.gan import interpolate_latents, label_from_prompt, sample_latents, to_uint8
-from service.api.errors import APIError
+from service.api.errors import APIError, error_responses
 from service.engine.images import BatcherNotRunning, ImageBatcher, ImageRequest
 
-router = APIRouter()
+router = APIRouter(responses=error_responses(400, 401, 413, 422, 500, 503))
 
 MAX_N = 16
 MIN_SIZE, MAX_SIZE = 32, 256
 MAX_FRAMES = 32
+DEFAULT_SIZE = "256x256"
 MIN_TRUNCATION, MAX_TRUNCATION = 0.1, 100.0
 SEED_MOD = 2**63
 _SIZE_RE = re.compile(r"^\s*(\d{1,5})\s*x\s*(\d{1,5})\s*$")
@@ -44,8 +45,8 @@ class Interpolate(BaseModel):
 class ImageGenerationRequest(BaseModel):
     prompt: str | None = Field(None, description="a digit, '0'..'9' or 'zero'..'nine'")
     model: str | None = None
-    n: int = Field(1, description=f"number of images, 1..{MAX_N}")
-    size: str = Field("256x256", description=f"square 'NxN', {MIN_SIZE} <= N <= {MAX_SIZE}")
+    n: int | None = Field(1, description=f"number of images, 1..{MAX_N}")
+    size: str | None = Field(DEFAULT_SIZE, description=f"square 'NxN', {MIN_SIZE} <= N <= {MAX_SIZE}")
     response_format: str | None = Field("b64_json", description="only 'b64_json'")
     user: str | None = None
     seed: int | None = Field(None, description="image i is drawn from seed + i; random when absent")
@@ -89,7 +90,8 @@ def _resolve_label(body: ImageGenerationRequest, names: tuple[str, ...]) -> int:
     return label
 
 
-def _parse_size(size: str) -> int:
+def _parse_size(size: str | None) -> int:
+    size = DEFAULT_SIZE if size is None else size
     m = _SIZE_RE.match(size)
     msg = f"size must be a square 'NxN' with {MIN_SIZE} <= N <= {MAX_SIZE}, e.g. '32x32' or '256x256'"
     if m is None:
@@ -107,12 +109,13 @@ def _check_seed(seed: int, param: str) -> None:
 
 def _latents(body: ImageGenerationRequest, z_dim: int) -> tuple[torch.Tensor, int | None]:
     """(n, z_dim) latents for the request and the base seed used (None for interpolation)."""
+    n = 1 if body.n is None else body.n
     psi = body.truncation
     if psi is not None and not MIN_TRUNCATION <= psi <= MAX_TRUNCATION:
         raise APIError(f"truncation must be in [{MIN_TRUNCATION}, {MAX_TRUNCATION}]", param="truncation")
     if body.interpolate is not None:
         it = body.interpolate
-        if body.n != 1:
+        if n != 1:
             raise APIError("n must be 1 with interpolate: the frame count is interpolate.steps", param="n")
         if body.seed is not None:
             raise APIError("seed cannot be combined with interpolate, which carries its own seeds",
@@ -124,11 +127,11 @@ def _latents(body: ImageGenerationRequest, z_dim: int) -> tuple[torch.Tensor, in
         if not 2 <= it.steps <= MAX_FRAMES:
             raise APIError(f"interpolate.steps must be in 2..{MAX_FRAMES}", param="interpolate.steps")
         return interpolate_latents(it.seeds[0], it.seeds[1], it.steps, z_dim, psi), None
-    if not 1 <= body.n <= MAX_N:
+    if not 1 <= n <= MAX_N:
         raise APIError(f"n must be in 1..{MAX_N}", param="n")
     seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
     _check_seed(seed, "seed")
-    seeds = [(seed + i) % SEED_MOD for i in range(body.n)]
+    seeds = [(seed + i) % SEED_MOD for i in range(n)]
     return sample_latents(seeds, z_dim, psi), seed
 
 
