@@ -1,8 +1,10 @@
 """Stop strings on streamed text: emit only text that cannot be the start of a stop string.
 
 OpenAI semantics: generation ends at the first occurrence of any stop string, and the returned text
-excludes it. "First" is the stop string that completes first (ends earliest), as seen by a stream. While streaming, a suffix of the text that could still grow into a stop string is held
-back until it either completes one (dropped, stop) or cannot (released).
+excludes it. "First" is the stop string that completes first (ends earliest; on a tie the longest), as
+a stream sees it, so the result does not depend on how the text arrives. While streaming, a suffix of
+the text that could still grow into a stop string is held back until it either completes one
+(dropped, stop) or cannot (released).
 """
 
 from __future__ import annotations

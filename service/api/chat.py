@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
 
-from service.api.errors import APIError
+from service.api.errors import APIError, error_responses
 from service.api.generation import (
     TextModel,
     admit,
@@ -25,7 +25,7 @@ from service.api.schemas import MAX_TOP_LOGPROBS, ChatCompletionRequest, ChatMes
 from service.api.sse import DONE, sse_data, sse_response
 from service.engine.engine import TokenEvent
 
-router = APIRouter()
+router = APIRouter(responses=error_responses(400, 401, 404, 413, 422, 500, 503, 504))
 
 
 def message_dicts(messages: list[ChatMessage]) -> list[dict[str, Any]]:
@@ -68,7 +68,8 @@ def _logprob_entry(tm: TextModel, ev: TokenEvent) -> dict[str, Any]:
     return entry
 
 
-@router.post("/v1/chat/completions")
+@router.post("/v1/chat/completions", responses={200: {
+    "description": "A chat completion, or with `stream` a text/event-stream", "content": {"text/event-stream": {}}}})
 async def create_chat_completion(req: ChatCompletionRequest, request: Request,
                                  tm: Annotated[TextModel, Depends(get_text_model)]) -> Any:
     check_model(tm, req.model)

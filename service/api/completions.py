@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
 
-from service.api.errors import APIError
+from service.api.errors import APIError, error_responses
 from service.api.generation import (
     TextModel,
     admit,
@@ -25,7 +25,7 @@ from service.api.schemas import CompletionRequest, sampling_params
 from service.api.sse import DONE, sse_data, sse_response
 from service.engine.engine import TokenEvent
 
-router = APIRouter()
+router = APIRouter(responses=error_responses(400, 401, 404, 413, 422, 500, 503, 504))
 DEFAULT_MAX_TOKENS = 16
 
 
@@ -71,7 +71,8 @@ class _LogprobAcc:
                 "text_offset": self.offsets}
 
 
-@router.post("/v1/completions")
+@router.post("/v1/completions", responses={200: {"description": "A completion, or with `stream` a text/event-stream",
+                                                  "content": {"text/event-stream": {}}}})
 async def create_completion(req: CompletionRequest, request: Request,
                             tm: Annotated[TextModel, Depends(get_text_model)]) -> Any:
     check_model(tm, req.model)

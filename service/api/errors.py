@@ -12,6 +12,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger("service.api")
@@ -27,6 +28,36 @@ _TYPES = {
     500: "internal_server_error",
     503: "service_unavailable",
 }
+
+
+_DESCRIPTIONS = {
+    400: "Invalid value: the error names the field (`param`) and the limit",
+    401: "Missing or wrong API key",
+    404: "Unknown model or route",
+    413: "Request body larger than the server accepts",
+    422: "Malformed body or a field of the wrong type",
+    500: "Internal error (no details are exposed)",
+    503: "Overloaded (with Retry-After), draining, model not loaded or engine down",
+    504: "The request ran past its timeout",
+}
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error shape, the body of every error response."""
+
+    error: ErrorDetail
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` documenting these error statuses with the error shape (for a router or route)."""
+    return {s: {"model": ErrorResponse, "description": _DESCRIPTIONS[s]} for s in statuses}
 
 
 class APIError(Exception):

@@ -37,7 +37,13 @@ def get_text_model(request: Request) -> TextModel:
 
 
 def admit(request: Request, tm: TextModel, n: int, endpoint: str) -> None:
-    """Admission control: 503 + Retry-After when the queue is full or the engine is down."""
+    """Admission control: 503 + Retry-After when the queue is full or the engine is down; 400 when the
+    request needs more sequences than the server ever holds at once (retrying could not help)."""
+    cfg = tm.engine.config
+    capacity = cfg.max_waiting + cfg.max_num_seqs
+    if n > capacity:
+        raise APIError(f"this request needs {n} sequences (prompts x n); the server accepts at most {capacity} "
+                       "at once", param="n", code="too_many_sequences")
     metrics = getattr(request.app.state, "metrics", None)
     if getattr(request.app.state, "draining", False):
         reason, msg = "draining", "the server is shutting down"

@@ -5,17 +5,29 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from pydantic import BaseModel
+
+from service.api.errors import error_responses
 
 router = APIRouter()
+# /metrics answers text/plain, but its errors (401 when it is not public, 500) are JSON like everywhere
+_JSON_ERRORS = {s: {"description": r["description"], "content": {"application/json": {
+    "schema": {"$ref": "#/components/schemas/ErrorResponse"}}}} for s, r in error_responses(401, 500).items()}
 
 
-@router.get("/health")
+class NotReady(BaseModel):
+    status: str
+    reasons: list[str]
+
+
+@router.get("/health", responses=error_responses(401, 500))
 async def health() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/ready")
+@router.get("/ready", responses={**error_responses(401, 500),
+                                 503: {"model": NotReady, "description": "Not ready, with the reasons"}})
 async def ready(request: Request) -> Any:
     state = request.app.state
     problems = []
@@ -33,7 +45,7 @@ async def ready(request: Request) -> Any:
     return {"status": "ready", "model": tm.name}
 
 
-@router.get("/metrics")
+@router.get("/metrics", response_class=PlainTextResponse, responses=_JSON_ERRORS)
 async def metrics(request: Request) -> Response:
     body, content_type = request.app.state.metrics.exposition()
     return Response(body, media_type=content_type)

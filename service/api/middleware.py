@@ -50,18 +50,28 @@ class RequestContextMiddleware:
             return
 
         received = 0
+        too_large = replaced = False
 
         async def limited_receive() -> Message:
-            nonlocal received
+            nonlocal received, too_large
             msg = await receive()
             if msg["type"] == "http.request":
                 received += len(msg.get("body", b""))
                 if received > self.max_body_bytes:
+                    too_large = True
                     raise _BodyTooLarge()
             return msg
 
         async def send_with_id(msg: Message) -> None:
-            nonlocal status
+            nonlocal status, replaced
+            if replaced:
+                return
+            if too_large and status == 0 and msg["type"] == "http.response.start":
+                # the app answered a body it could not read (FastAPI turns the error into a 400): the
+                # client gets the 413 instead
+                replaced, status = True, 413
+                await self._too_large(send, rid)
+                return
             if msg["type"] == "http.response.start":
                 status = msg["status"]
                 msg.setdefault("headers", [])
@@ -76,15 +86,28 @@ class RequestContextMiddleware:
             if status == 0:
                 await self._too_large(send, rid)
             status = 413
+        except Exception:
+            if status != 0:  # a response (a stream) is under way: the server can only cut the connection
+                raise
+            # answered here, not by Starlette's ServerErrorMiddleware: that one re-raises, and the server
+            # then closes the keep-alive connection under the client's feet; this keeps the request id too
+            log.exception("unhandled error", extra={"fields": {"request_id": rid}})
+            status = 500
+            await self._send_error(send, rid, 500, "internal server error", "internal_server_error",
+                                   "internal_error")
         finally:
             if tracked:
                 self.inflight.count -= 1
             self._log(scope, rid, status, t0)
 
     async def _too_large(self, send: Send, rid: str) -> None:
-        body = json.dumps(error_body(f"request body exceeds {self.max_body_bytes} bytes",
-                                     "invalid_request_error", None, "body_too_large")).encode()
-        await send({"type": "http.response.start", "status": 413, "headers": [
+        await self._send_error(send, rid, 413, f"request body exceeds {self.max_body_bytes} bytes",
+                               "invalid_request_error", "body_too_large")
+
+    @staticmethod
+    async def _send_error(send: Send, rid: str, status: int, message: str, type: str, code: str) -> None:
+        body = json.dumps(error_body(message, type, None, code)).encode()
+        await send({"type": "http.response.start", "status": status, "headers": [
             (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
             (b"x-request-id", rid.encode())]})
         await send({"type": "http.response.body", "body": body})

@@ -7,11 +7,11 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends
 
 from service.api.chat import render_chat
-from service.api.errors import APIError
+from service.api.errors import APIError, error_responses
 from service.api.generation import TextModel, check_model, get_text_model
 from service.api.schemas import DetokenizeRequest, TokenizeRequest
 
-router = APIRouter()
+router = APIRouter(responses=error_responses(400, 401, 404, 413, 422, 500, 503))
 
 
 @router.get("/v1/models")

@@ -44,7 +44,7 @@ class _Sampling(_Body):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
-    timeout: float | None = Field(None, gt=0, description="seconds this request may take (capped by the server)")
+    timeout: float | None = Field(None, description="seconds this request may take, > 0 (capped by the server)")
 
 
 class CompletionRequest(_Sampling):
@@ -101,6 +101,8 @@ def sampling_params(req: _Sampling, *, max_tokens: int, logprobs: int | None, vo
     _check("n", req.n, 1, MAX_N)
     _check("min_tokens", req.min_tokens, 0, max_tokens)
     _check("logprobs", logprobs, 0, MAX_TOP_LOGPROBS)
+    if req.timeout is not None and not req.timeout > 0:  # also NaN
+        raise APIError(f"timeout must be > 0 seconds, got {req.timeout}", param="timeout", code="invalid_value")
     if req.seed is not None:
         _check("seed", req.seed, -(2**63), 2**64 - 1)
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])

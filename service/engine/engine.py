@@ -116,6 +116,8 @@ class LLMEngine:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self._lock = threading.Lock()  # guards the scheduler between the loop and readers
+        self._inbox_lock = threading.Lock()  # orders new requests against the loop's final _fail_all
+        self._closed = False  # set once the loop has exited: nothing new is accepted after that
 
     # ---- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
@@ -183,7 +185,10 @@ class LLMEngine:
         if self.config.queue_timeout_s is not None:
             state.queue_deadline = state.arrival + self.config.queue_timeout_s
         seq = Seq(request_id=rid, prompt_ids=prompt, max_tokens=max_new, arrival_time=state.arrival, data=state)
-        self._inbox.append(seq)
+        with self._inbox_lock:  # a request added after the loop exited would never get an event
+            if self._closed:
+                raise EngineDeadError("engine loop is not running")
+            self._inbox.append(seq)
         self._wake.set()
         finished = False
         try:
@@ -313,10 +318,17 @@ class LLMEngine:
             self._error = e
             log.exception("engine loop died")
             self._fail_all(f"engine failure: {e!r}")
+        else:  # stopped: requests still in flight end now rather than wait for a loop that is gone
+            self._fail_all("the engine was stopped")
 
     def _fail_all(self, message: str) -> None:
-        seqs: list[Any] = list(self._inbox)
-        self._inbox.clear()
+        with self._inbox_lock:
+            self._closed = True
+            seqs: list[Any] = list(self._inbox)
+            self._inbox.clear()
         seqs += list(self.scheduler.waiting) + list(self.scheduler.running)
         for seq in seqs:
-            self._emit(seq, TokenEvent(None, "", "error", error=message, error_code="engine_dead"))
+            try:
+                self._emit(seq, TokenEvent(None, "", "error", error=message, error_code="engine_dead"))
+            except Exception:  # e.g. the request's event loop is closed already: nobody is waiting
+                log.warning("could not notify request %s", seq.request_id)

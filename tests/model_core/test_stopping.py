@@ -144,12 +144,9 @@ def test_output_stream_stops_at_the_token_completing_the_stop(pieces: list[str],
     if matched is not None:
         # the stop completes inside the token whose piece reaches its end
         end = len(expected) + len(matched)
-        cum = 0
-        for n, p in enumerate(pieces, start=1):
-            cum += len(p)
-            if cum >= end:
-                break
-        assert finish == "stop" and used == n
+        cum = [sum(len(p) for p in pieces[:n]) for n in range(1, len(pieces) + 1)]
+        completing = next(n for n, c in enumerate(cum, start=1) if c >= end)
+        assert finish == "stop" and used == completing
         assert "".join(texts) == expected == stream.text
     elif extra == 0:
         assert finish in ("length", "stop") and used == len(ids)
