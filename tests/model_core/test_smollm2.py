@@ -1,7 +1,7 @@
 """The real default model (SmolLM2-135M-Instruct, Q4_1 GGUF) against Hugging Face transformers loading
 the same file: logits (fp32), greedy generation, chat prompt rendering, and a bf16 sanity check.
 
-Slow (HF's GGUF load alone takes ~20-30 s on 2 cores): run with `-m slow -s` to see the figures.
+Part of the default run (HF's GGUF load takes ~20-30 s on 2 cores); `-s` shows the figures.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from model_core.sampling import SamplingParams
 from model_core.weights.loader import LoadedLM, load_lm
 
 transformers = pytest.importorskip("transformers")
-pytestmark = pytest.mark.slow
 
 CHAT = [{"role": "system", "content": "You are a concise assistant."},
         {"role": "user", "content": "Name three primary colours and explain why they are called primary."}]
@@ -149,3 +148,35 @@ def test_bf16_logits_close_to_hf_fp32(smol_path: str, hf, prompt_ids: dict[str, 
     print(f"SmolLM2 bf16 logits vs HF fp32: max abs diff {worst:.3f}, top-1 agreement {agree}/{total} "
           f"= {agree / total:.1%}")
     assert agree / total >= 0.95
+
+
+PPL_TEXT = (
+    "The water cycle describes how water moves between the land, the oceans and the atmosphere. "
+    "Heat from the sun evaporates water from lakes and seas; the vapour rises, cools and condenses "
+    "into clouds. When the droplets grow heavy enough they fall as rain or snow, and rivers carry the "
+    "water back to the sea. Plants also release water through their leaves, a process called "
+    "transpiration. Over thousands of years this cycle has shaped valleys, filled aquifers and "
+    "supported every living thing on the planet. Scientists measure it with satellites, rain gauges "
+    "and river flow meters, and they use the data to forecast floods and droughts.\n\n"
+    "def mean(values):\n    total = 0\n    for v in values:\n        total += v\n    return total / len(values)\n"
+)
+
+
+def _perplexity(lm: LoadedLM, ids: list[int]) -> float:
+    x = torch.tensor([ids])
+    with torch.inference_mode():
+        logits = lm.model(x)[0, :-1].float()  # (T-1, V): predictions of tokens 1..T-1
+    nll = torch.nn.functional.cross_entropy(logits, x[0, 1:])
+    return float(torch.exp(nll))
+
+
+def test_bf16_perplexity_within_one_percent_of_fp32(smol_path: str, ours: LoadedLM) -> None:
+    """The serving default (bf16, oneDNN-packed weights) keeps quality: perplexity on a fixed text
+    moves by less than 1% against fp32."""
+    ids = ours.tokenizer.encode(PPL_TEXT)
+    ppl32 = _perplexity(ours, ids)
+    ppl16 = _perplexity(load_lm(smol_path, torch.bfloat16), ids)
+    change = abs(ppl16 - ppl32) / ppl32
+    print(f"SmolLM2 perplexity on {len(ids)} tokens: fp32 {ppl32:.3f}, bf16 packed {ppl16:.3f} ({change:+.2%})")
+    assert 1.0 < ppl32 < 50.0
+    assert change < 0.01
