@@ -1,0 +1,101 @@
+"""Metrics move as they should: after known requests the counters and histograms hold the right counts."""
+
+from __future__ import annotations
+
+import re
+import time
+
+import httpx
+import pytest
+
+from service.config import Settings
+from service.main import create_app
+from tests.service.server_utils import serve
+from tests.service.test_reliability import text_model
+
+SAMPLE = re.compile(r'^(?P<name>[a-z_0-9]+)(?:\{(?P<labels>[^}]*)\})? (?P<value>[-+0-9.e]+|NaN)$')
+
+
+def parse(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    out = {}
+    for line in text.splitlines():
+        m = SAMPLE.match(line)
+        if m is None:
+            continue
+        labels = frozenset(tuple(kv.split("=", 1)) for kv in re.findall(r'[a-z_]+="[^"]*"', m["labels"] or ""))
+        labels = frozenset((k, v.strip('"')) for k, v in labels)
+        out[(m["name"], labels)] = float(m["value"])
+    return out
+
+
+def value(samples: dict, name: str, **labels: str) -> float:
+    want = set(labels.items())
+    return sum(v for (n, ls), v in samples.items() if n == name and want <= set(ls))
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model, smol_tokenizer):
+    app = create_app(Settings(enable_gan=False),
+                     text_model=text_model(tiny_model, smol_tokenizer, max_num_seqs=4, max_waiting=0))
+    with serve(app) as live:
+        yield live
+
+
+def test_counters_and_histograms_count_known_requests(server) -> None:
+    c = httpx.Client(base_url=server.base_url, timeout=60)
+    before = parse(c.get("/metrics").text)
+    prompts = [[11, 12, 13], [21, 22, 23, 24, 25]]
+    for ids in prompts:
+        r = c.post("/v1/completions", json={"prompt": ids, "max_tokens": 6, "ignore_eos": True, "temperature": 0})
+        assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] == "length"
+    r = c.post("/v1/completions", json={"prompt": [5, 6], "max_tokens": 9, "temperature": 0, "ignore_eos": True,
+                                        "stop_token_ids": []})
+    assert r.status_code == 200
+    after = parse(c.get("/metrics").text)
+
+    def delta(name: str, **labels: str) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    assert delta("aigc_prompt_tokens_total") == 3 + 5 + 2
+    assert delta("aigc_generation_tokens_total") == 6 + 6 + 9
+    assert delta("aigc_request_success_total", finish_reason="length") == 3
+    assert delta("aigc_time_to_first_token_seconds_count") == 3
+    assert delta("aigc_e2e_request_latency_seconds_count") == 3
+    assert delta("aigc_request_queue_time_seconds_count") == 3
+    assert delta("aigc_inter_token_latency_seconds_count") == 5 + 5 + 8  # gaps between tokens
+    assert delta("aigc_time_to_first_token_seconds_sum") > 0
+    # the +Inf bucket of a histogram equals its count
+    assert delta("aigc_e2e_request_latency_seconds_bucket", le="+Inf") == 3
+    # gauges are read from the engine at scrape time: idle now
+    assert value(after, "aigc_num_requests_running") == 0
+    assert value(after, "aigc_kv_cache_usage_ratio") == 0
+
+
+def test_rejections_are_counted_by_endpoint_and_reason(server) -> None:
+    c = httpx.Client(base_url=server.base_url, timeout=60)
+    before = parse(c.get("/metrics").text)
+    # max_waiting=0 and 4 running slots: n=8 choices can never be admitted (400); once a stream of
+    # n=4 holds every slot, one more request is refused for capacity (503)
+    r = c.post("/v1/completions", json={"prompt": [1, 2], "max_tokens": 2, "n": 8})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "n"
+    with c.stream("POST", "/v1/completions", json={"prompt": [1, 2], "max_tokens": 200, "ignore_eos": True,
+                                                    "n": 4, "stream": True}) as s:
+        next(s.iter_lines())
+        r = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+        assert r.status_code == 503 and r.headers["retry-after"]
+    deadline = time.monotonic() + 10
+    while True:  # the dropped stream's abort reaches the engine within a step
+        after = parse(c.get("/metrics").text)
+        aborted = value(after, "aigc_request_success_total", finish_reason="abort") - value(
+            before, "aigc_request_success_total", finish_reason="abort")
+        if aborted >= 4 or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert aborted == 4  # the n=4 stream's choices
+    assert value(after, "aigc_requests_rejected_total", endpoint="chat", reason="queue_full") - value(
+        before, "aigc_requests_rejected_total", endpoint="chat", reason="queue_full") == 1
+
+
+def test_model_load_time_is_exported(server) -> None:
+    samples = parse(httpx.get(f"{server.base_url}/metrics").text)
+    assert any(n == "aigc_model_load_seconds" for n, _ in samples)
