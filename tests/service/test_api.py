@@ -21,12 +21,12 @@ from service.config import Settings
 from service.engine.scheduler import FinishReason
 from service.main import create_app
 from tests.conftest import tiny_llama
+from tests.service.http_checks import assert_error, sse_events
 from tests.service.server_utils import TINY_MODEL_NAME, LiveServer, serve, serve_tiny, tiny_text_model
 
 MODEL = TINY_MODEL_NAME
 CONTEXT = 1024
 MESSAGES = [{"role": "user", "content": "Tell me a story about a dragon."}]
-ERROR_KEYS = {"message", "type", "param", "code"}
 
 
 @pytest.fixture(scope="module")
@@ -45,36 +45,6 @@ def server(long_model: CausalLM, smol_tokenizer: Tokenizer) -> Iterator[LiveServ
 def http(server: LiveServer) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=server.base_url, timeout=60.0) as c:
         yield c
-
-
-def assert_error(r: httpx.Response, status: int, param: str | None = None, code: str | None = None) -> dict[str, Any]:
-    assert r.status_code == status, r.text
-    assert r.headers["content-type"].startswith("application/json")
-    body = r.json()
-    assert set(body) == {"error"} and set(body["error"]) == ERROR_KEYS, body
-    err = body["error"]
-    assert isinstance(err["message"], str) and err["message"]
-    assert isinstance(err["type"], str) and err["type"]
-    if param is not None:
-        assert err["param"] == param, err
-    if code is not None:
-        assert err["code"] == code, err
-    return err
-
-
-def sse_events(raw: bytes) -> list[Any]:
-    """Parse an SSE body strictly: only `data: ` events separated by blank lines, ending in [DONE]."""
-    text = raw.decode("utf-8")
-    assert text.endswith("data: [DONE]\n\n"), text[-200:]
-    blocks = text.split("\n\n")
-    assert blocks[-1] == ""
-    events: list[Any] = []
-    for block in blocks[:-1]:
-        assert block.startswith("data: ") and "\n" not in block, block
-        payload = block[len("data: "):]
-        events.append(payload if payload == "[DONE]" else json.loads(payload))
-    assert events.count("[DONE]") == 1 and events[-1] == "[DONE]"
-    return events[:-1]
 
 
 def completion(http: httpx.Client, **body: Any) -> dict[str, Any]:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-import socket
 import statistics
 import threading
 import time
@@ -51,12 +50,11 @@ from service.engine.engine import EngineConfig, LLMEngine
 from service.engine.runner import ModelRunner
 from service.main import create_app
 from tests.conftest import tiny_llama
-from tests.service import server_utils
+from tests.service.http_checks import ERROR_KEYS, assert_error, sse_events
 from tests.service.server_utils import TINY_MODEL_NAME, LiveServer, serve
 
 MODEL = TINY_MODEL_NAME
 LONG_CONTEXT = 1024
-ERROR_KEYS = {"message", "type", "param", "code"}
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -74,48 +72,11 @@ def text_model(model: CausalLM, tok: Tokenizer, *, max_num_seqs: int = 32, max_w
                      created=int(time.time()))
 
 
-def tcp_socket() -> socket.socket:
-    """A listening socket made with proto=IPPROTO_TCP: asyncio sets TCP_NODELAY only on such sockets'
-    connections; without it every response waits ~40 ms for a delayed ACK (Nagle), which would swamp
-    the latencies measured here."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    return sock
-
-
 @contextmanager
 def serve_model(tm: TextModel, **settings: Any) -> Iterator[LiveServer]:
     app = create_app(Settings(**{"enable_gan": False, **settings}), text_model=tm)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(server_utils, "_free_socket", tcp_socket)
-        with serve(app) as live:
-            yield live
-
-
-def assert_error(r: httpx.Response, status: int, param: str | None = None, code: str | None = None) -> dict[str, Any]:
-    assert r.status_code == status, r.text
-    assert r.headers["content-type"].startswith("application/json")
-    body = r.json()
-    assert set(body) == {"error"} and set(body["error"]) == ERROR_KEYS, body
-    err = body["error"]
-    assert isinstance(err["message"], str) and err["message"] and isinstance(err["type"], str)
-    if param is not None:
-        assert err["param"] == param, err
-    if code is not None:
-        assert err["code"] == code, err
-    return err
-
-
-def sse_events(raw: bytes) -> list[Any]:
-    """A complete SSE body: `data: ` events, the last one [DONE]; returns the JSON payloads before it."""
-    text = raw.decode("utf-8")
-    assert text.endswith("data: [DONE]\n\n"), text[-300:]
-    blocks = text.split("\n\n")[:-1]
-    assert all(b.startswith("data: ") for b in blocks), blocks
-    payloads = [b[len("data: "):] for b in blocks]
-    assert payloads.count("[DONE]") == 1
-    return [json.loads(p) for p in payloads[:-1]]
+    with serve(app) as live:
+        yield live
 
 
 def metric(live: LiveServer, name: str, **labels: str) -> float:
