@@ -1,0 +1,33 @@
+"""Settings come from CLI flags over AIGC_* environment variables over defaults; bad values fail at start-up."""
+
+from __future__ import annotations
+
+import pytest
+
+from service.config import Settings, parse_settings
+
+
+def test_env_then_flags_override_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AIGC_PORT", "9100")
+    monkeypatch.setenv("AIGC_MAX_NUM_SEQS", "8")
+    monkeypatch.setenv("AIGC_API_KEYS", "a, b")
+    s = parse_settings(["--port", "9200", "--dtype", "float32"])
+    assert (s.port, s.max_num_seqs, s.dtype, s.api_keys) == (9200, 8, "float32", ["a", "b"])
+    assert Settings().host == "127.0.0.1"
+
+
+@pytest.mark.parametrize("argv, option", [
+    (["--port", "70000"], "port"),
+    (["--dtype", "int4"], "dtype"),
+    (["--device", "tpu"], "device"),
+    (["--max-num-seqs", "0"], "max_num_seqs"),
+    (["--max-num-seqs", "64", "--max-num-batched-tokens", "32"], "max_num_batched_tokens"),
+    (["--api-key-file", "/nonexistent/keys"], "api_key_file"),
+])
+def test_invalid_settings_stop_start_up_naming_the_option(argv: list[str], option: str,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        parse_settings(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "invalid settings" in err and option in err
