@@ -151,6 +151,8 @@ def encode_png(images: torch.Tensor, size: int) -> list[str]:
 @router.post("/v1/images/generations", response_model=ImagesResponse, tags=["images"])
 async def create_image(body: ImageGenerationRequest, request: Request) -> ImagesResponse:
     batcher: ImageBatcher | None = getattr(request.app.state, "image_batcher", None)
+    if getattr(request.app.state, "draining", False):
+        raise APIError("the server is shutting down", status_code=503, code="draining", headers={"Retry-After": "1"})
     if batcher is None or not batcher.running:
         raise APIError("the image model is not loaded", status_code=503, code="model_not_ready")
     if body.response_format not in (None, "b64_json"):

@@ -227,3 +227,12 @@ def test_concurrent_http_requests_share_forward_passes(gan: Generator) -> None:
     assert passes < len(bodies)
     assert together == alone  # same bytes whether batched with others or served alone
     assert torch.equal(torch.tensor([len(t) for t in together]), torch.tensor([1 + i % 2 for i in range(16)]))
+
+
+def test_draining_server_refuses_new_images(client) -> None:
+    client.app.state.draining = True
+    try:
+        r = client.post("/v1/images/generations", json={"prompt": "3"})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "draining" and r.headers["retry-after"]
+    finally:
+        client.app.state.draining = False
