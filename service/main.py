@@ -104,7 +104,7 @@ def create_app(settings: Settings | None = None, text_model: TextModel | None = 
                     tm.engine.observer = metrics
                 metrics.bind_engine(tm.name, tm.engine.state)
                 metrics.load_seconds.labels(tm.name).set(tm.load_seconds)
-                if tm.engine._thread is None:
+                if not tm.engine.started:
                     tm.engine.start()
                 app.state.text_model = tm
             except Exception as e:

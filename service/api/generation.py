@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncGenerator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from fastapi import Request
 
@@ -92,8 +92,6 @@ def choice_params(base: SamplingParams, i: int) -> SamplingParams:
     """The i-th of n choices: a distinct seed when the request fixed one, so the n choices differ."""
     if i == 0 or base.seed is None:
         return base
-    from dataclasses import replace
-
     return replace(base, seed=(base.seed + i) % (2**63))
 
 

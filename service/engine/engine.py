@@ -137,6 +137,10 @@ class LLMEngine:
             raise EngineDeadError("engine loop is not running")
 
     @property
+    def started(self) -> bool:
+        return self._thread is not None
+
+    @property
     def is_alive(self) -> bool:
         return self._error is None and self._thread is not None and self._thread.is_alive()
 

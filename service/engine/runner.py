@@ -37,7 +37,6 @@ class ModelRunner:
         self.eos_token_ids = eos_token_ids
         self.cache = PagedKVCache(cfg.n_layers, num_blocks, block_size, cfg.n_kv_heads, cfg.hd, self.dtype,
                                   self.device, max_positions=cfg.max_seq_len)
-        self.num_forwards = 0
 
     def _forward(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
         """One forward over chunks of possibly different lengths (shorter ones padded).
@@ -47,7 +46,6 @@ class ModelRunner:
         ids = [c.seq.token_ids(c.start, c.start + c.num_tokens) + [0] * (T - c.num_tokens) for c in chunks]
         tokens = torch.tensor(ids, dtype=torch.long, device=self.device)  # (B, T)
         positions = self.cache.prepare([c.seq.block_table for c in chunks], [c.start for c in chunks], counts)
-        self.num_forwards += 1
         if min(counts) == T:
             return self.model(tokens, positions, self.cache, last_only=True)  # (B, V)
         last = torch.tensor([n - 1 for n in counts], device=self.device)  # (B,)
