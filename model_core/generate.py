@@ -96,11 +96,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--quant-max-rows", type=int, default=8,
+                    help="run matmuls of up to this many rows on the GGUF's 4-bit weights as stored (0 = off)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s")
 
     device = select_device(args.device)
-    lm = load_lm(args.model or find_default_model(), select_dtype(args.dtype, device), device)
+    lm = load_lm(args.model or find_default_model(), select_dtype(args.dtype, device), device,
+                 quantized_max_rows=args.quant_max_rows)
     tok = lm.tokenizer
     if args.chat:
         msgs = ([{"role": "system", "content": args.system}] if args.system else [])

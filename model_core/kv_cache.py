@@ -8,13 +8,31 @@ Before each forward, `prepare()` takes the block tables and start positions of a
 sequences each computing T new tokens and precomputes, once for all layers: where to write the new
 K/V, which rows to gather back for attention and the attention mask (query at position p sees keys
 at positions <= p of its own sequence). `update()` is what attention calls per layer.
+
+Decode steps (one new token per sequence) on the CPU skip the gather: `attend()` runs a C kernel
+(kernels/paged_attention.c) that reads each sequence's keys and values in place through its rows.
 """
 
 from __future__ import annotations
 
+import ctypes
+import functools
+import math
 from collections.abc import Sequence
 
 import torch
+
+from model_core import native
+
+
+@functools.lru_cache(maxsize=1)
+def _attention_kernel() -> ctypes.CDLL | None:
+    lib = native.load_library("paged_attention")
+    if lib is not None:
+        lib.paged_attention_decode.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 5 + [
+            ctypes.c_float, ctypes.c_int, ctypes.c_int]
+        lib.paged_attention_decode.restype = ctypes.c_int
+    return lib
 
 
 class PagedKVCache:
@@ -43,6 +61,11 @@ class PagedKVCache:
         self._shape: tuple[int, int, int] = (0, 0, 0)  # (B, T, Tk)
         self.mask: torch.Tensor | None = None  # (B, 1, T, Tk) bool, True = attend; None = see is_causal
         self.is_causal = False  # with mask None: causal (a prompt from position 0) or all keys visible
+        self.attends_in_place = False  # this forward is a decode step `attend()` serves without a gather
+        self._rows: torch.Tensor | None = None  # (B, Tk) flat row of every key position, for attend()
+        self._lens: torch.Tensor | None = None  # (B,) int32 keys of each sequence, for attend()
+        self._in_place_ok = (self.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16)
+                             and head_dim % 16 == 0 and head_dim <= 256)
 
     @staticmethod
     def bytes_per_token(n_layers: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
@@ -85,6 +108,10 @@ class PagedKVCache:
         else:
             self._read, self._read_range = rows.reshape(-1).to(self.device), None
         self._shape = (B, T, Tk)
+        self.attends_in_place = T == 1 and self._in_place_ok and _attention_kernel() is not None
+        if self.attends_in_place:
+            self._rows = rows.contiguous()
+            self._lens = (start_t.view(B) + 1).to(torch.int32)
         if T == 1 and all(st + 1 == Tk for st in starts):  # decode of equal-length rows: every key is visible
             self.mask, self.is_causal = None, False
         elif B == 1 and starts[0] == 0:  # a whole prompt from its start: plain causal attention
@@ -108,6 +135,25 @@ class PagedKVCache:
             assert self._read is not None
             seen = store.index_select(0, self._read).view(B, Tk, 2 * nkv, self.head_dim)
         return seen[:, :, :nkv].transpose(1, 2), seen[:, :, nkv:].transpose(1, 2)  # (B, nkv, Tk, hs) each
+
+    def attend(self, layer: int, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+        """Decode step: store this step's kv (B, 1, 2*nkv, hs) and return softmax(q k^T / sqrt(hs)) v over
+        each sequence's keys, for q (B, 1, nh, hs) -> (B, 1, nh, hs). Only when `attends_in_place`."""
+        lib = _attention_kernel()
+        assert self.attends_in_place and lib is not None and self._rows is not None and self._lens is not None
+        assert self._write is not None
+        B, T, Tk = self._shape
+        nh, nkv, hs = q.shape[2], self.n_kv_heads, self.head_dim
+        store = self.kv[layer]  # (rows, 2*nkv, hs)
+        store.index_copy_(0, self._write, kv.reshape(B, 2 * nkv, hs))
+        q = q.contiguous()
+        out = torch.empty_like(q)
+        rc = lib.paged_attention_decode(q.data_ptr(), store.data_ptr(), self._rows.data_ptr(), self._lens.data_ptr(),
+                                        out.data_ptr(), B, nh, nkv, hs, Tk, 1.0 / math.sqrt(hs),
+                                        int(q.dtype == torch.bfloat16), torch.get_num_threads())
+        if rc:
+            raise RuntimeError(f"paged attention kernel rejected its arguments (B={B}, heads={nh}/{nkv}, hs={hs})")
+        return out
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """k, v: (B, nkv, T, hs) for the prepared tokens -> all keys/values (B, nkv, Tk, hs)."""

@@ -44,7 +44,7 @@ def build_text_model(settings: Settings, observer: EngineObserver | None = None)
 
     device = select_device(settings.device)
     dtype = select_dtype(settings.dtype, device)
-    lm = load_lm(settings.model or find_default_model(), dtype, device)
+    lm = load_lm(settings.model or find_default_model(), dtype, device, quantized_max_rows=settings.quant_max_rows)
     cfg = lm.config
     max_len = min(cfg.max_seq_len, settings.max_model_len or cfg.max_seq_len)
     per_block = PagedKVCache.bytes_per_token(cfg.n_layers, cfg.n_kv_heads, cfg.hd, dtype) * settings.block_size

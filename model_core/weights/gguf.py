@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from model_core.lm import ARCHITECTURES, LMConfig
+from model_core.qmatmul import BLOCK_BYTES, QuantWeight
 
 log = logging.getLogger(__name__)
 
@@ -99,3 +100,47 @@ def load_gguf(path: str | os.PathLike[str]) -> tuple[LMConfig, dict[str, torch.T
                                                      leave=False, disable=None)}
     sd = NAME_MAPS[("gguf", cfg.arch)](raw, cfg)
     return cfg, sd, meta
+
+
+def _linear_sources(cfg: LMConfig, tensor_names: set[str]) -> dict[str, list[tuple[str, int | None]]]:
+    """Our linear layers -> the GGUF tensors stacked (by rows) into each, with the head count when the
+    rows carry llama.cpp's rotary permutation (the same layout `names.gguf_llama` builds)."""
+    layers: dict[str, list[tuple[str, int | None]]] = {}
+    for i in range(cfg.n_layers):
+        p, o = f"blk.{i}.", f"blocks.{i}."
+        if cfg.is_llama:
+            layers[o + "attn.qkv"] = [(p + "attn_q.weight", cfg.n_heads), (p + "attn_k.weight", cfg.n_kv_heads),
+                                      (p + "attn_v.weight", None)]
+            layers[o + "ffn.w_in"] = [(p + "ffn_gate.weight", None), (p + "ffn_up.weight", None)]
+        else:
+            layers[o + "attn.qkv"] = [(p + "attn_qkv.weight", None)]
+            layers[o + "ffn.w_in"] = [(p + "ffn_up.weight", None)]
+        layers[o + "attn.out"] = [(p + "attn_output.weight", None)]
+        layers[o + "ffn.w_out"] = [(p + "ffn_down.weight", None)]
+    layers["lm_head"] = [("output.weight" if "output.weight" in tensor_names else "token_embd.weight", None)]
+    return layers
+
+
+def load_gguf_blocks(path: str | os.PathLike[str], cfg: LMConfig) -> dict[str, QuantWeight]:
+    """The linear layers whose GGUF tensors are in a type the quantized kernel runs (Q4_0, Q4_1),
+    repacked in our row order, keyed by module path. Layers in other types are left out."""
+    from gguf import GGUFReader
+
+    from model_core.weights.names import unpermute_rope_rows
+
+    tensors = {t.name: t for t in GGUFReader(os.fspath(path)).tensors}
+    out: dict[str, QuantWeight] = {}
+    for module, parts in _linear_sources(cfg, set(tensors)).items():
+        if any(name not in tensors for name, _ in parts):
+            continue
+        qtypes = {int(tensors[name].tensor_type) for name, _ in parts}
+        if len(qtypes) != 1 or (qtype := qtypes.pop()) not in BLOCK_BYTES:
+            continue
+        rows = []
+        for name, heads in parts:
+            raw = torch.from_numpy(np.array(tensors[name].data))  # (rows, row bytes) uint8
+            if heads is not None:
+                raw = raw[unpermute_rope_rows(torch.arange(raw.shape[0]), heads)]
+            rows.append(raw)
+        out[module] = QuantWeight.from_ggml(qtype, torch.cat(rows) if len(rows) > 1 else rows[0])
+    return out

@@ -12,6 +12,7 @@ import torch
 
 from model_core.lm import CausalLM, LMConfig
 from model_core.packing import pack_linears, packing_available
+from model_core.qmatmul import attach_quantized, load_kernel
 from model_core.tokenizer import Tokenizer
 from model_core.weights.build import build_lm
 
@@ -29,9 +30,11 @@ class LoadedLM:
 
 
 def load_lm(path: str | os.PathLike[str], dtype: torch.dtype = torch.float32,
-            device: torch.device | str = "cpu", pack: bool = True) -> LoadedLM:
-    """pack: on CPUs in bf16, pre-pack linear weights for oneDNN (same results, faster matmuls)."""
-    from model_core.weights.gguf import load_gguf
+            device: torch.device | str = "cpu", pack: bool = True, quantized_max_rows: int = 0) -> LoadedLM:
+    """pack: on CPUs in bf16, pre-pack linear weights for oneDNN (same results, faster matmuls).
+    quantized_max_rows: for a GGUF file on the CPU, keep its Q4_0/Q4_1/Q8_0 weights quantized as well and
+    run matmuls of up to this many rows (decode steps) on them (0 = off; see model_core.qmatmul)."""
+    from model_core.weights.gguf import load_gguf, load_gguf_blocks
     from model_core.weights.safetensors import load_safetensors_dir
 
     t0 = time.perf_counter()
@@ -51,6 +54,9 @@ def load_lm(path: str | os.PathLike[str], dtype: torch.dtype = torch.float32,
     model = build_lm(cfg, sd, dtype=dtype, device=device)
     if pack and packing_available(dtype, torch.device(device)):
         log.info("packed %d linear layers for oneDNN", pack_linears(model))
+    if quantized_max_rows > 0 and p.is_file() and torch.device(device).type == "cpu" and load_kernel() is not None:
+        n = attach_quantized(model, load_gguf_blocks(p, cfg), quantized_max_rows)
+        log.info("%d linear layers also run on their quantized weights for up to %d rows", n, quantized_max_rows)
     dt = time.perf_counter() - t0
     log.info("loaded %s (%s, %d layers, d=%d) as %s on %s in %.1fs", name, cfg.arch, cfg.n_layers,
              cfg.d_model, dtype, device, dt)

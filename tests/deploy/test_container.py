@@ -76,7 +76,7 @@ def torch_wheel(env: dict[str, str]) -> Path | None:
             timeout=900,
         )
         found = sorted(cache.glob("torch-2.13.0*.whl"))
-    # PyPI's plain Linux wheel is the multi-GB CUDA build: then let the Dockerfile use the CPU index
+    # the default index's plain Linux wheel is the multi-GB CUDA build: then the Dockerfile installs torch itself
     cpu = [w for w in found if "+cpu" in w.name or w.stat().st_size < 600_000_000]
     return cpu[0] if cpu else None
 

@@ -12,6 +12,8 @@ import pytest
 import torch
 
 from model_core.generate import generate
+from model_core.kv_cache import PagedKVCache
+from model_core.qmatmul import QuantLinear
 from model_core.sampling import SamplingParams
 from model_core.weights.loader import LoadedLM, load_lm
 
@@ -180,3 +182,42 @@ def test_bf16_perplexity_within_one_percent_of_fp32(smol_path: str, ours: Loaded
     print(f"SmolLM2 perplexity on {len(ids)} tokens: fp32 {ppl32:.3f}, bf16 packed {ppl16:.3f} ({change:+.2%})")
     assert 1.0 < ppl32 < 50.0
     assert change < 0.01
+
+
+def _decode_logits(lm: LoadedLM, ids: list[int]) -> torch.Tensor:
+    """Logits after each token as the server computes them while decoding: one token per forward
+    through the paged cache (the decode kernels run here where they can). (T, V) float32."""
+    cfg = lm.config
+    blocks = (len(ids) + 15) // 16
+    dtype = lm.model.embed.weight.dtype
+    cache = PagedKVCache(cfg.n_layers, blocks, 16, cfg.n_kv_heads, cfg.hd, dtype, max_positions=cfg.max_seq_len)
+    out = []
+    with torch.inference_mode():
+        for t, tok in enumerate(ids):
+            pos = cache.prepare([list(range(blocks))], [t], 1)
+            out.append(lm.model(torch.tensor([[tok]]), pos, cache, last_only=True)[0].float())
+    return torch.stack(out)
+
+
+def test_serving_decode_path_agrees_with_hf_fp32(smol_path: str, ours: LoadedLM, hf,
+                                                 prompt_ids: dict[str, list[int]],
+                                                 hf_greedy: dict[str, list[int]]) -> None:
+    """What the server runs per decode step (bf16, the 4-bit weights as stored, attention from the paged
+    cache) against HF fp32, token by token over the prompts and greedy continuations, plus perplexity."""
+    lm = load_lm(smol_path, torch.bfloat16, quantized_max_rows=8)
+    kernels = any(isinstance(m, QuantLinear) for m in lm.model.modules())
+    agree = total = 0
+    for key in GREEDY:
+        ids = prompt_ids[key] + hf_greedy[key]
+        with torch.inference_mode():
+            ref = hf(torch.tensor([ids])).logits[0]
+        agree += int((_decode_logits(lm, ids).argmax(-1) == ref.argmax(-1)).sum())
+        total += len(ids)
+    ids = ours.tokenizer.encode(PPL_TEXT)
+    nll = torch.nn.functional.cross_entropy(_decode_logits(lm, ids)[:-1], torch.tensor(ids[1:]))
+    ppl, ppl32 = float(torch.exp(nll)), _perplexity(ours, ids)
+    print(f"SmolLM2 decode path (bf16, 4-bit kernels {'on' if kernels else 'off'}) vs HF fp32: top-1 agreement "
+          f"{agree}/{total} = {agree / total:.1%}; perplexity {ppl:.3f} vs fp32 {ppl32:.3f} "
+          f"({(ppl - ppl32) / ppl32:+.2%})")
+    assert agree / total >= 0.95
+    assert abs(ppl - ppl32) / ppl32 < 0.01

@@ -1,0 +1,140 @@
+"""Matmuls on GGUF 4-bit weights kept quantized (Q4_0, Q4_1), for decode-sized batches.
+
+A 135M-parameter model in Q4_1 is 97 MB; dequantized to bf16 it is 269 MB, and a decode step with
+few rows reads every weight once, so it is bound by memory traffic. `QuantLinear` keeps both forms:
+bf16 batches of at most `max_rows` rows go to a C kernel (kernels/qmatmul.c) that decodes each
+32-weight block in registers and takes exact products with the file's weights (fp32 sums); bigger
+batches (prefill) and other dtypes go to the dense layer, where oneDNN's matmul is faster.
+
+The kernel is built and loaded by model_core.native; where it cannot run (no compiler, no AVX-512
+BF16, another device) nothing changes: the dense layers are used.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from model_core import native
+
+Q4_0, Q4_1 = 2, 3  # GGML type ids
+BLOCK_BYTES = {Q4_0: 18, Q4_1: 20}  # bytes per block of 32 weights
+
+
+@dataclass(frozen=True)
+class QuantWeight:
+    """An (out_features, in_features) 4-bit weight, repacked for the kernel: per block of 32 weights its
+    nibbles `qs` (N, K/32, 16) uint8 and `d`, `m` (N, K/32) float16, with w = d q + m (see qmatmul.c)."""
+
+    qs: torch.Tensor
+    d: torch.Tensor
+    m: torch.Tensor
+
+    @property
+    def out_features(self) -> int:
+        return int(self.qs.shape[0])
+
+    @property
+    def in_features(self) -> int:
+        return int(self.qs.shape[1]) * 32
+
+    @classmethod
+    def from_ggml(cls, qtype: int, blocks: torch.Tensor) -> QuantWeight:
+        """blocks: (N, row bytes) uint8, each row K/32 GGML blocks of `qtype` (Q4_0 or Q4_1)."""
+        if qtype not in BLOCK_BYTES:
+            raise ValueError(f"GGML type {qtype} has no 4-bit kernel (Q4_0 = 2 and Q4_1 = 3 do)")
+        bs = BLOCK_BYTES[qtype]
+        if blocks.dtype != torch.uint8 or blocks.dim() != 2 or blocks.shape[1] % bs:
+            raise ValueError(f"expected (rows, blocks * {bs}) uint8, got {tuple(blocks.shape)} {blocks.dtype}")
+        b = blocks.reshape(blocks.shape[0], -1, bs)  # (N, nb, bytes per block)
+
+        def half(at: int) -> torch.Tensor:  # the fp16 at byte `at` of every block -> (N, nb)
+            return b[:, :, at : at + 2].contiguous().view(torch.float16).squeeze(-1)
+
+        d = half(0)
+        if qtype == Q4_1:  # w = d q + m
+            m, qs = half(2), b[:, :, 4:]
+        else:  # w = d (q - 8): m = -8 d, exact in fp16
+            m, qs = d * -8, b[:, :, 2:]
+        return cls(qs.contiguous(), d.contiguous(), m.contiguous())
+
+    def dequantize(self) -> torch.Tensor:
+        """The (N, K) float32 weights."""
+        q = torch.cat([self.qs & 0x0F, self.qs >> 4], dim=-1).float()  # (N, nb, 32)
+        w = self.d.float().unsqueeze(-1) * q + self.m.float().unsqueeze(-1)
+        return w.reshape(self.out_features, self.in_features)
+
+
+@functools.lru_cache(maxsize=1)
+def load_kernel() -> ctypes.CDLL | None:
+    """The compiled kernel, or None where it cannot run here (see model_core.native)."""
+    lib = native.load_library("qmatmul")
+    if lib is not None:
+        lib.q4_matmul_bf16.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int] * 4
+        lib.q4_matmul_bf16.restype = ctypes.c_int
+    return lib
+
+
+def qmatmul(x: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x (..., in_features) bfloat16 on the CPU -> x @ W^T (+ float32 bias), bfloat16."""
+    lib = load_kernel()
+    if lib is None:
+        raise RuntimeError("the quantized matmul kernel is not available on this machine")
+    if x.dtype != torch.bfloat16 or x.device.type != "cpu":
+        raise ValueError(f"qmatmul takes bfloat16 CPU activations, not {x.dtype} on {x.device}")
+    K, N = w.in_features, w.out_features
+    if x.shape[-1] != K:
+        raise ValueError(f"activations have {x.shape[-1]} features, the weight {K}")
+    x2 = x.reshape(-1, K).contiguous()  # (M, K)
+    M = x2.shape[0]
+    y = torch.empty(M, N, dtype=torch.bfloat16)
+    if M:
+        rc = lib.q4_matmul_bf16(x2.data_ptr(), w.qs.data_ptr(), w.d.data_ptr(), w.m.data_ptr(),
+                                None if bias is None else bias.data_ptr(), y.data_ptr(), M, N, K,
+                                torch.get_num_threads())
+        if rc:
+            raise RuntimeError(f"qmatmul rejected its arguments (M={M}, N={N}, K={K})")
+    return y.view(*x.shape[:-1], N)
+
+
+class QuantLinear(nn.Module):
+    """A linear layer with a 4-bit copy of its weight: bf16 batches of at most `max_rows` rows use the
+    quantized kernel; larger ones, other dtypes and anything needing autograd the wrapped dense layer."""
+
+    def __init__(self, dense: nn.Module, weight: QuantWeight, max_rows: int) -> None:
+        super().__init__()
+        if (weight.out_features, weight.in_features) != (dense.out_features, dense.in_features):
+            raise ValueError(f"quantized weight {weight.out_features}x{weight.in_features} does not match the "
+                             f"layer {dense.out_features}x{dense.in_features}")
+        self.dense = dense
+        self.quant = weight
+        self.max_rows = max_rows
+        self.in_features, self.out_features = dense.in_features, dense.out_features
+        bias = getattr(dense, "bias", None)
+        self.qbias = None if bias is None else bias.detach().float().contiguous()
+
+    @property
+    def weight(self) -> torch.Tensor:
+        w = self.dense.weight
+        assert isinstance(w, torch.Tensor)
+        return w
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // max(x.shape[-1], 1)
+        if rows > self.max_rows or x.requires_grad or x.dtype != torch.bfloat16:
+            return self.dense(x)
+        return qmatmul(x, self.quant, self.qbias)
+
+
+def attach_quantized(model: nn.Module, weights: dict[str, QuantWeight], max_rows: int) -> int:
+    """Wrap each linear layer named in `weights` (module paths, e.g. 'blocks.0.attn.qkv') in a
+    QuantLinear; returns how many were wrapped."""
+    for name, w in weights.items():
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, attr, QuantLinear(getattr(parent, attr), w, max_rows))
+    return len(weights)

@@ -1,0 +1,190 @@
+"""The C kernels against PyTorch references: the 4-bit matmul (GGUF Q4_0/Q4_1 blocks) against the
+dequantized weights, decode attention from the paged cache against gather + attention, a GGUF model
+with both kernels against the same model without them, and the fallback where they cannot build."""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from gguf.quants import dequantize, quantize
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from model_core import native
+from model_core.attention import scaled_dot_product_attention
+from model_core.kv_cache import PagedKVCache, _attention_kernel
+from model_core.qmatmul import Q4_0, Q4_1, QuantLinear, QuantWeight, load_kernel, qmatmul
+
+pytestmark = pytest.mark.skipif(load_kernel() is None or _attention_kernel() is None,
+                                reason="native kernels need gcc and an AVX-512 (BF16) CPU")
+
+QTYPES = {Q4_0: gguf.GGMLQuantizationType.Q4_0, Q4_1: gguf.GGMLQuantizationType.Q4_1}
+
+
+def _quantized(qtype: int, n: int, k: int, seed: int) -> tuple[QuantWeight, torch.Tensor]:
+    """A random (n, k) weight stored as GGML blocks, and what GGUF readers dequantize it to (float32)."""
+    w = np.random.default_rng(seed).standard_normal((n, k)).astype(np.float32) * 0.2
+    raw = quantize(w, QTYPES[qtype])
+    ref = torch.from_numpy(np.asarray(dequantize(raw, QTYPES[qtype]), dtype=np.float32).reshape(n, k))
+    return QuantWeight.from_ggml(qtype, torch.from_numpy(np.ascontiguousarray(raw))), ref
+
+
+@pytest.mark.parametrize("qtype", [Q4_0, Q4_1])
+def test_repacked_weights_dequantize_like_gguf(qtype: int) -> None:
+    qw, ref = _quantized(qtype, 48, 96, seed=qtype)
+    assert torch.equal(qw.dequantize(), ref)
+
+
+@settings(max_examples=40, deadline=None)
+@given(qtype=st.sampled_from([Q4_0, Q4_1]), m=st.integers(1, 13), n=st.integers(1, 70),
+       nb=st.integers(1, 40), bias=st.booleans(), seed=st.integers(0, 2**16))
+def test_qmatmul_is_the_product_with_the_files_weights(qtype: int, m: int, n: int, nb: int, bias: bool,
+                                                       seed: int) -> None:
+    qw, w = _quantized(qtype, n, 32 * nb, seed)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, 32 * nb, generator=g).to(torch.bfloat16)
+    b = torch.randn(n, generator=g) if bias else None
+    got = qmatmul(x, qw, b).float()
+    ref = x.float() @ w.T + (0 if b is None else b)  # exact weights, float32
+    # only the fp32 summation order and the final bf16 rounding (half an ulp, 2^-9 relative) differ
+    tol = 2**-8 * ref.abs() + 1e-5 * math.sqrt(32 * nb) * (x.float().abs().max() * w.abs().max())
+    assert ((got - ref).abs() <= tol).all(), (got - ref).abs().max()
+
+
+def test_qmatmul_keeps_leading_dims_and_checks_arguments() -> None:
+    qw, w = _quantized(Q4_1, 8, 64, seed=3)
+    x = torch.randn(2, 3, 64).to(torch.bfloat16)
+    assert qmatmul(x, qw).shape == (2, 3, 8)
+    with pytest.raises(ValueError, match="features"):
+        qmatmul(torch.randn(1, 32).to(torch.bfloat16), qw)
+    with pytest.raises(ValueError, match="bfloat16"):
+        qmatmul(torch.randn(1, 64), qw)
+    with pytest.raises(ValueError, match="GGML type"):
+        QuantWeight.from_ggml(8, torch.zeros(4, 34, dtype=torch.uint8))
+
+
+def test_quant_linear_uses_the_kernel_only_for_small_bf16_batches() -> None:
+    qw, w = _quantized(Q4_1, 16, 64, seed=4)
+    dense = torch.nn.Linear(64, 16, bias=False)
+    dense.weight.data = (w + 1.0).to(torch.bfloat16)  # deliberately different: shows which path ran
+    layer = QuantLinear(dense, qw, max_rows=4)
+    with torch.inference_mode():
+        small, big = torch.randn(4, 64).to(torch.bfloat16), torch.randn(5, 64).to(torch.bfloat16)
+        assert torch.equal(layer(small), qmatmul(small, qw))
+        assert torch.equal(layer(big), dense(big))
+        dense32 = torch.nn.Linear(64, 16, bias=False)
+        x32 = torch.randn(2, 64)
+        assert torch.equal(QuantLinear(dense32, qw, max_rows=4)(x32), dense32(x32))  # fp32: dense
+
+
+def _paged_case(dtype: torch.dtype, nh: int, nkv: int, hs: int, lens: list[int], seed: int
+                ) -> tuple[PagedKVCache, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    bs = 4
+    per_seq = max(lens) // bs + 1
+    cache = PagedKVCache(2, per_seq * len(lens), bs, nkv, hs, dtype)
+    cache.kv.copy_(torch.randn(cache.kv.shape, generator=g))
+    perm = torch.randperm(per_seq * len(lens), generator=g).tolist()  # scattered blocks
+    tables = [perm[i * per_seq:(i + 1) * per_seq] for i in range(len(lens))]
+    cache.prepare(tables, [n - 1 for n in lens], 1)
+    q = torch.randn(len(lens), 1, nh, hs, generator=g).to(dtype)
+    kv = torch.randn(len(lens), 1, 2 * nkv, hs, generator=g).to(dtype)
+    return cache, q, kv
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("nh,nkv,hs,lens", [(9, 3, 64, [1, 7, 33, 4, 30]), (4, 4, 16, [17]),
+                                            (8, 2, 128, [2, 64, 65]), (2, 1, 32, [300, 1])])
+def test_decode_attention_from_paged_rows_equals_gather_then_attention(
+        dtype: torch.dtype, nh: int, nkv: int, hs: int, lens: list[int]) -> None:
+    cache, q, kv = _paged_case(dtype, nh, nkv, hs, lens, seed=len(lens) + hs)
+    assert cache.attends_in_place
+    got = cache.attend(1, q, kv)  # (B, 1, nh, hs)
+    cache.attends_in_place = False  # the reference: gather the rows (the new K/V are already written)
+    k, v = cache.update_fused(1, kv)
+    ref = scaled_dot_product_attention(q.transpose(1, 2).float(), k.float(), v.float(), mask=cache.mask)
+    err = (got.transpose(1, 2).float() - ref).abs().max().item()
+    assert err <= (1e-5 if dtype == torch.float32 else 2**-8 * max(ref.abs().max().item(), 1.0)), err
+
+
+def test_attention_kernel_is_not_used_where_it_does_not_apply() -> None:
+    cache = PagedKVCache(1, 8, 4, 2, 8, torch.float32)  # head size 8: not a multiple of 16
+    cache.prepare([[0, 1]], [3], 1)
+    assert not cache.attends_in_place
+    cache = PagedKVCache(1, 8, 4, 2, 16, torch.float32)
+    cache.prepare([[0, 1]], [0], 3)  # a prompt chunk, not a decode step
+    assert not cache.attends_in_place
+    cache.prepare([[0, 1]], [3], 1)
+    assert cache.attends_in_place
+
+
+@pytest.mark.parametrize("kind,qtype", [("llama", "Q4_1"), ("llama", "Q4_0"), ("gpt2", "Q4_1")])
+def test_gguf_model_with_kernels_matches_without(kind: str, qtype: str, tmp_path: Path) -> None:
+    """Load a tiny 4-bit GGUF three ways: fp32 (the reference), bf16 dense, bf16 with both kernels. The
+    kernels' model has the file's weights exactly, so it is at least as close to fp32 as the dense one,
+    and its quantized layers are the file's rows in our order (same as the dequantized dense weights)."""
+    pytest.importorskip("transformers")
+    from model_core.weights.loader import load_lm
+    from tests.model_core.tiny_formats import tiny_hf_gpt2, tiny_hf_llama, tiny_vocab, write_gguf
+
+    hf = tiny_hf_llama(n_kv_heads=2, seed=1) if kind == "llama" else tiny_hf_gpt2(seed=4)
+    path = write_gguf(hf, tmp_path / "m.gguf", qtype, vocab=tiny_vocab()).path
+    ref = load_lm(path).model
+    dense = load_lm(path, torch.bfloat16).model
+    fast = load_lm(path, torch.bfloat16, quantized_max_rows=8).model
+    wrapped = {n: m for n, m in fast.named_modules() if isinstance(m, QuantLinear)}
+    assert len(wrapped) == 4 * ref.cfg.n_layers + 1  # the head (output.weight) is 4-bit too
+    for name, layer in wrapped.items():
+        assert torch.equal(layer.quant.dequantize(), ref.get_submodule(name).weight), name
+
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, ref.cfg.vocab_size, (n,), generator=g) for n in (5, 11, 3)]
+
+    steps = torch.randint(0, ref.cfg.vocab_size, (6, 3), generator=g)  # the tokens fed to the decode steps
+
+    def decode_logits(model: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
+        """Prefill each prompt alone, then 6 batched decode steps of the 3 rows (B=3 <= max_rows)."""
+        cfg = ref.cfg
+        cache = PagedKVCache(cfg.n_layers, 24, 4, cfg.n_kv_heads, cfg.hd, dtype)
+        tables = [list(range(8 * i, 8 * i + 8)) for i in range(3)]
+        out = []
+        with torch.inference_mode():
+            for b, p in enumerate(prompts):
+                pos = cache.prepare([tables[b]], [0], len(p))
+                out.append(model(p.unsqueeze(0), pos, cache, last_only=True).float()[0])
+            lens = [len(p) for p in prompts]
+            for tok in steps:
+                pos = cache.prepare(tables, lens, 1)
+                out.extend(model(tok.view(3, 1), pos, cache, last_only=True).float())  # (3, V)
+                lens = [n + 1 for n in lens]
+        return torch.stack(out)
+
+    want = decode_logits(ref, torch.float32)
+    err_fast = (decode_logits(fast, torch.bfloat16) - want).abs().max().item()
+    err_dense = (decode_logits(dense, torch.bfloat16) - want).abs().max().item()
+    print(f"{kind} {qtype}: max |logit - fp32| kernels {err_fast:.3f}, dense bf16 {err_dense:.3f}")
+    assert err_fast <= max(1.5 * err_dense, 0.05 * want.abs().max().item())
+
+
+def test_no_compiler_means_no_kernel_and_a_warning(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setenv("AIGC_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CC", "/bin/false")
+    native.load_library.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger="model_core.native"):
+            assert native.load_library("qmatmul") is None
+        assert "build failed" in caplog.text
+        monkeypatch.setenv("AIGC_NATIVE_KERNELS", "0")
+        monkeypatch.delenv("CC")
+        native.load_library.cache_clear()
+        assert native.load_library("paged_attention") is None
+        assert not list(tmp_path.rglob("*.so"))  # nothing half-built left behind
+    finally:
+        native.load_library.cache_clear()
