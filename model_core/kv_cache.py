@@ -15,24 +15,12 @@ Decode steps (one new token per sequence) on the CPU skip the gather: `attend()`
 
 from __future__ import annotations
 
-import ctypes
-import functools
 import math
 from collections.abc import Sequence
 
 import torch
 
 from model_core import native
-
-
-@functools.lru_cache(maxsize=1)
-def _attention_kernel() -> ctypes.CDLL | None:
-    lib = native.load_library("paged_attention")
-    if lib is not None:
-        lib.paged_attention_decode.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 5 + [
-            ctypes.c_float, ctypes.c_int, ctypes.c_int]
-        lib.paged_attention_decode.restype = ctypes.c_int
-    return lib
 
 
 class PagedKVCache:
@@ -108,7 +96,7 @@ class PagedKVCache:
         else:
             self._read, self._read_range = rows.reshape(-1).to(self.device), None
         self._shape = (B, T, Tk)
-        self.attends_in_place = T == 1 and self._in_place_ok and _attention_kernel() is not None
+        self.attends_in_place = T == 1 and self._in_place_ok and native.load_library() is not None
         if self.attends_in_place:
             self._rows = rows.contiguous()
             self._lens = (start_t.view(B) + 1).to(torch.int32)
@@ -136,10 +124,16 @@ class PagedKVCache:
             seen = store.index_select(0, self._read).view(B, Tk, 2 * nkv, self.head_dim)
         return seen[:, :, :nkv].transpose(1, 2), seen[:, :, nkv:].transpose(1, 2)  # (B, nkv, Tk, hs) each
 
+    def decode_tables(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """For a decode step served in place: (write rows (B,) int64, key rows (B, Tk) int64, keys per
+        sequence (B,) int32, Tk)."""
+        assert self.attends_in_place and self._write is not None and self._rows is not None and self._lens is not None
+        return self._write, self._rows, self._lens, self._shape[2]
+
     def attend(self, layer: int, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
         """Decode step: store this step's kv (B, 1, 2*nkv, hs) and return softmax(q k^T / sqrt(hs)) v over
         each sequence's keys, for q (B, 1, nh, hs) -> (B, 1, nh, hs). Only when `attends_in_place`."""
-        lib = _attention_kernel()
+        lib = native.load_library()
         assert self.attends_in_place and lib is not None and self._rows is not None and self._lens is not None
         assert self._write is not None
         B, T, Tk = self._shape

@@ -9,6 +9,7 @@ keys each query sees.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -69,7 +70,17 @@ class Block(nn.Module):
         return x + self.ffn(self.ffn_norm(x))
 
 
+class DecoderFastPath(Protocol):
+    """Runs all decoder layers of some decode steps another way (model_core.fused_decode)."""
+
+    def applies(self, batch: int, cache: PagedKVCache | None) -> bool: ...
+
+    def run(self, x: torch.Tensor, positions: torch.Tensor, cache: PagedKVCache) -> torch.Tensor: ...
+
+
 class CausalLM(nn.Module):
+    decoder_fast_path: DecoderFastPath | None = None  # set by the loader where one applies
+
     def __init__(self, cfg: LMConfig) -> None:
         super().__init__()
         self.cfg = cfg
@@ -100,6 +111,18 @@ class CausalLM(nn.Module):
         elif cache is None and int(positions.max()) >= self.cfg.max_seq_len:  # (the cache checks its own)
             raise ValueError(f"position {int(positions.max())} exceeds the context length {self.cfg.max_seq_len}")
         x = self.embed(tokens)  # (B, T, C)
+        fast = self.decoder_fast_path
+        if fast is not None and cache is not None and fast.applies(B, cache):
+            x = fast.run(x, positions, cache)  # (B, 1, C)
+        else:
+            x = self._decoder_layers(x, positions, cache)
+        if last_index is not None:
+            x = x[torch.arange(B, device=x.device), last_index]  # (B, C)
+        elif last_only:
+            x = x[:, -1]  # (B, C)
+        return self.lm_head(self.norm(x))
+
+    def _decoder_layers(self, x: torch.Tensor, positions: torch.Tensor, cache: PagedKVCache | None) -> torch.Tensor:
         rope = None
         if self.rotary is not None:
             rope = self.rotary(positions, x.dtype)
@@ -109,8 +132,4 @@ class CausalLM(nn.Module):
         mask, causal = (cache.mask, cache.is_causal) if cache is not None else (None, True)
         for i, block in enumerate(self.blocks):
             x = block(x, i, mask, causal, rope, cache)
-        if last_index is not None:
-            x = x[torch.arange(B, device=x.device), last_index]  # (B, C)
-        elif last_only:
-            x = x[:, -1]  # (B, C)
-        return self.lm_head(self.norm(x))
+        return x

@@ -1,9 +1,10 @@
-"""Small C kernels (model_core/kernels/*.c), compiled on first use and loaded with ctypes.
+"""The C kernels (model_core/kernels/*.c): compiled on first use, loaded with ctypes.
 
-Each source is compiled once with the system C compiler into a per-user cache (keyed by a hash of
-the source and flags; `AIGC_CACHE_DIR` moves it) and loaded with ctypes. The kernels use OpenMP and
-share PyTorch's thread pool (the same libgomp is loaded). Where they cannot run (no AVX-512, no
-compiler, `AIGC_NATIVE_KERNELS=0`), `load_library` returns None and callers keep their PyTorch path.
+All sources are compiled together, once, with the system C compiler into a per-user cache (named by
+a hash of the sources and flags; `AIGC_CACHE_DIR` moves it) and loaded with ctypes. They use OpenMP
+and share PyTorch's thread pool (the same libgomp is loaded). Where they cannot run (a CPU without
+AVX-512 BF16, no compiler, `AIGC_NATIVE_KERNELS=0`), `load_library` returns None and the callers keep
+their PyTorch paths. `python -m model_core.native --build` fills the cache ahead of time.
 """
 
 from __future__ import annotations
@@ -21,13 +22,9 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 KERNEL_DIR = Path(__file__).parent / "kernels"
-CFLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mfma", "-mf16c", "-fopenmp", "-fPIC", "-shared")
-CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "fma", "f16c")
-# kernel -> (extra compiler flags, extra /proc/cpuinfo flags it needs at run time)
-KERNELS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "qmatmul": (("-mavx512bf16",), ("avx512_bf16",)),
-    "paged_attention": ((), ()),
-}
+CFLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma", "-mf16c", "-fopenmp", "-fPIC",
+          "-shared")
+CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "fma", "f16c")
 
 
 @functools.lru_cache(maxsize=1)
@@ -49,17 +46,21 @@ def cache_dir() -> Path:
     return Path(root) / "kernels"
 
 
-def library_path(name: str) -> Path:
-    """Where kernels/<name>.c compiles to: the cache, under a hash of the source and flags."""
-    source = KERNEL_DIR / f"{name}.c"
-    cflags = (*CFLAGS, *KERNELS[name][0])
-    digest = hashlib.sha256(source.read_bytes() + " ".join(cflags).encode()).hexdigest()[:16]
-    return cache_dir() / f"{name}-{digest}.so"
+def _sources() -> list[Path]:
+    return sorted(KERNEL_DIR.glob("*.c"))
 
 
-def build(name: str) -> Path:
-    """Compile kernels/<name>.c into the cache (whatever this CPU is); raises OSError/SubprocessError."""
-    target = library_path(name)
+def library_path() -> Path:
+    """Where the kernels compile to: the cache, under a hash of the sources, headers and flags."""
+    digest = hashlib.sha256(" ".join(CFLAGS).encode())
+    for f in sorted(KERNEL_DIR.glob("*.[ch]")):
+        digest.update(f.name.encode() + f.read_bytes())
+    return cache_dir() / f"aigc-kernels-{digest.hexdigest()[:16]}.so"
+
+
+def build() -> Path:
+    """Compile the kernels into the cache (whatever this CPU is); raises OSError/SubprocessError."""
+    target = library_path()
     if target.exists():
         return target
     cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
@@ -68,35 +69,42 @@ def build(name: str) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         out = Path(tmp) / target.name
-        subprocess.run([cc, *CFLAGS, *KERNELS[name][0], str(KERNEL_DIR / f"{name}.c"), "-o", str(out)],
-                       check=True, capture_output=True, timeout=300)
+        subprocess.run([cc, *CFLAGS, *map(str, _sources()), "-o", str(out)], check=True, capture_output=True,
+                       timeout=300)
         os.replace(out, target)  # atomic: concurrent builders each install a whole file
     return target
 
 
 @functools.cache
-def load_library(name: str) -> ctypes.CDLL | None:
-    """kernels/<name>.c as a loaded library, or None (the reason logged once) where it cannot run."""
+def load_library() -> ctypes.CDLL | None:
+    """The kernels as a loaded library, or None (the reason logged once) where they cannot run here."""
     if not enabled():
         return None
-    missing = [f for f in (*CPU_FLAGS, *KERNELS[name][1]) if f not in cpu_flags()]
+    missing = [f for f in CPU_FLAGS if f not in cpu_flags()]
     if missing:
-        log.info("native kernel %s off: this CPU lacks %s", name, ", ".join(missing))
+        log.info("native kernels off: this CPU lacks %s", ", ".join(missing))
         return None
     try:
-        path = build(name)
+        path = build()
     except (OSError, subprocess.SubprocessError) as e:
         stderr = getattr(e, "stderr", None) or b""
-        log.warning("native kernel %s off (PyTorch path used): build failed: %s %s", name, e,
+        log.warning("native kernels off (PyTorch paths used): build failed: %s %s", e,
                     stderr.decode(errors="replace")[-500:])
         return None
-    return ctypes.CDLL(str(path))
+    lib = ctypes.CDLL(str(path))
+    lib.q4_matmul_bf16.argtypes = [*[ctypes.c_void_p] * 6, *[ctypes.c_int] * 4]
+    lib.paged_attention_decode.argtypes = [*[ctypes.c_void_p] * 5, *[ctypes.c_int] * 5, ctypes.c_float,
+                                           ctypes.c_int, ctypes.c_int]
+    lib.llama_decode_layer.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
+                                       ctypes.c_void_p, ctypes.c_float, *[ctypes.c_void_p] * 7, *[ctypes.c_int] * 6]
+    for fn in (lib.q4_matmul_bf16, lib.paged_attention_decode, lib.llama_decode_layer):
+        fn.restype = ctypes.c_int
+    return lib
 
 
-if __name__ == "__main__":  # python -m model_core.native --build-all: fill the cache (e.g. in an image build)
+if __name__ == "__main__":  # fill the cache, e.g. in an image build where the compiler is
     import sys
 
-    if sys.argv[1:] != ["--build-all"]:
-        sys.exit("usage: python -m model_core.native --build-all")
-    for kernel in KERNELS:
-        print(kernel, build(kernel))
+    if sys.argv[1:] != ["--build"]:
+        sys.exit("usage: python -m model_core.native --build")
+    print(build())

@@ -12,8 +12,6 @@ BF16, another device) nothing changes: the dense layers are used.
 
 from __future__ import annotations
 
-import ctypes
-import functools
 from dataclasses import dataclass
 
 import torch
@@ -69,19 +67,11 @@ class QuantWeight:
         return w.reshape(self.out_features, self.in_features)
 
 
-@functools.lru_cache(maxsize=1)
-def load_kernel() -> ctypes.CDLL | None:
-    """The compiled kernel, or None where it cannot run here (see model_core.native)."""
-    lib = native.load_library("qmatmul")
-    if lib is not None:
-        lib.q4_matmul_bf16.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int] * 4
-        lib.q4_matmul_bf16.restype = ctypes.c_int
-    return lib
 
 
 def qmatmul(x: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x (..., in_features) bfloat16 on the CPU -> x @ W^T (+ float32 bias), bfloat16."""
-    lib = load_kernel()
+    lib = native.load_library()
     if lib is None:
         raise RuntimeError("the quantized matmul kernel is not available on this machine")
     if x.dtype != torch.bfloat16 or x.device.type != "cpu":
@@ -104,6 +94,9 @@ def qmatmul(x: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None = None) -
 class QuantLinear(nn.Module):
     """A linear layer with a 4-bit copy of its weight: bf16 batches of at most `max_rows` rows use the
     quantized kernel; larger ones, other dtypes and anything needing autograd the wrapped dense layer."""
+
+    quant: QuantWeight
+    qbias: torch.Tensor | None
 
     def __init__(self, dense: nn.Module, weight: QuantWeight, max_rows: int) -> None:
         super().__init__()

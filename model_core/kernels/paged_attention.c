@@ -5,46 +5,17 @@
  * q, out: (B, nh, hs). rows: (B, Tk) flat row of key position t of sequence b; lens[b] <= Tk keys.
  * Query head j reads kv head j / (nh / nkv) (grouped-query attention). Softmax and sums in fp32;
  * activations are float32 or bfloat16 (round to nearest even). Threads split (sequence, head) pairs.
- * Built at run time by model_core.native for CPUs with AVX-512 (F, BW, VL).
  */
-#include <immintrin.h>
 #include <math.h>
-#include <stdint.h>
 #include <stdlib.h>
-#include <string.h>
+
+#include "common.h"
 
 #define MAX_HS 256
 
 /* 16 activations (float32 or bfloat16) at p -> fp32 */
 static inline __m512 load16(const void *p, int bf16) {
-    if (!bf16) return _mm512_loadu_ps(p);
-    const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
-}
-
-static inline uint16_t float_to_bf16(float f) {
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7FFFFFFFu) > 0x7F800000u) return (uint16_t)((u >> 16) | 0x40);
-    u += 0x7FFFu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
-}
-
-/* e^x for x <= 0 (scores minus their max), relative error ~2e-7: 2^n * p(r), r = x - n ln2 */
-static inline __m512 exp_neg(__m512 x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-    p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-    return _mm512_scalef_ps(p, n);
+    return bf16 ? load_bf16x16((const uint16_t *)p) : _mm512_loadu_ps(p);
 }
 
 int paged_attention_decode(const void *q, const void *kv, const int64_t *rows, const int32_t *lens, void *out,
@@ -104,9 +75,7 @@ int paged_attention_decode(const void *q, const void *kv, const int64_t *rows, c
             for (int i = 0; i < nv; i++) {
                 const __m512 r = _mm512_mul_ps(o[i], _mm512_set1_ps(inv));
                 if (bf16) {
-                    float tmp[16];
-                    _mm512_storeu_ps(tmp, r);
-                    for (int e = 0; e < 16; e++) ((uint16_t *)dst)[i * 16 + e] = float_to_bf16(tmp[e]);
+                    store_bf16x16((uint16_t *)dst + i * 16, r);
                 } else {
                     _mm512_storeu_ps((float *)dst + i * 16, r);
                 }

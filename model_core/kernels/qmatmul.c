@@ -7,12 +7,11 @@
  * 128 + q is exact in bfloat16 (its bits are 0x4300 | q), so a block costs three integer ops to
  * decode and, per row, one AVX512-BF16 dot product (exact products, fp32 sums) and one FMA: the
  * exact product with the file's weights, accumulated in fp32. Threads split the output columns;
- * the result is rounded to bfloat16 (nearest even). Built at run time by model_core.native.
+ * the result is rounded to bfloat16 (nearest even).
  */
-#include <immintrin.h>
-#include <stdint.h>
 #include <stdlib.h>
-#include <string.h>
+
+#include "common.h"
 
 #ifndef PREFETCH_ROWS
 #define PREFETCH_ROWS 4
@@ -64,21 +63,6 @@ DEFINE_TILE(1)
 DEFINE_TILE(2)
 DEFINE_TILE(4)
 DEFINE_TILE(8)
-
-static inline float bf16_to_float(uint16_t h) {
-    const uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-static inline uint16_t float_to_bf16(float f) {
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7FFFFFFFu) > 0x7F800000u) return (uint16_t)((u >> 16) | 0x40); /* NaN stays NaN */
-    u += 0x7FFFu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
-}
 
 /* x: (M, K) bf16; qs: (N, K/32, 16) uint8; d, m: (N, K/32) fp16; bias: N fp32 or NULL; y: (M, N) bf16.
  * Returns 0, or -1 for bad arguments. */

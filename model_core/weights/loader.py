@@ -10,9 +10,11 @@ from pathlib import Path
 
 import torch
 
+from model_core import native
+from model_core.fused_decode import FusedLlamaDecoder
 from model_core.lm import CausalLM, LMConfig
 from model_core.packing import pack_linears, packing_available
-from model_core.qmatmul import attach_quantized, load_kernel
+from model_core.qmatmul import attach_quantized
 from model_core.tokenizer import Tokenizer
 from model_core.weights.build import build_lm
 
@@ -54,9 +56,12 @@ def load_lm(path: str | os.PathLike[str], dtype: torch.dtype = torch.float32,
     model = build_lm(cfg, sd, dtype=dtype, device=device)
     if pack and packing_available(dtype, torch.device(device)):
         log.info("packed %d linear layers for oneDNN", pack_linears(model))
-    if quantized_max_rows > 0 and p.is_file() and torch.device(device).type == "cpu" and load_kernel() is not None:
+    on_cpu = torch.device(device).type == "cpu"
+    if quantized_max_rows > 0 and p.is_file() and on_cpu and native.load_library() is not None:
         n = attach_quantized(model, load_gguf_blocks(p, cfg), quantized_max_rows)
-        log.info("%d linear layers also run on their quantized weights for up to %d rows", n, quantized_max_rows)
+        model.decoder_fast_path = FusedLlamaDecoder.build(model, quantized_max_rows)
+        log.info("%d linear layers also run on their 4-bit weights for up to %d rows%s", n, quantized_max_rows,
+                 "; decode steps run each layer in one native call" if model.decoder_fast_path else "")
     dt = time.perf_counter() - t0
     log.info("loaded %s (%s, %d layers, d=%d) as %s on %s in %.1fs", name, cfg.arch, cfg.n_layers,
              cfg.d_model, dtype, device, dt)

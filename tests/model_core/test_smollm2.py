@@ -216,7 +216,8 @@ def test_serving_decode_path_agrees_with_hf_fp32(smol_path: str, ours: LoadedLM,
     ids = ours.tokenizer.encode(PPL_TEXT)
     nll = torch.nn.functional.cross_entropy(_decode_logits(lm, ids)[:-1], torch.tensor(ids[1:]))
     ppl, ppl32 = float(torch.exp(nll)), _perplexity(ours, ids)
-    print(f"SmolLM2 decode path (bf16, 4-bit kernels {'on' if kernels else 'off'}) vs HF fp32: top-1 agreement "
+    print(f"SmolLM2 decode path (bf16, 4-bit kernels {'on' if kernels else 'off'}, fused layers "
+          f"{'on' if lm.model.decoder_fast_path else 'off'}) vs HF fp32: top-1 agreement "
           f"{agree}/{total} = {agree / total:.1%}; perplexity {ppl:.3f} vs fp32 {ppl32:.3f} "
           f"({(ppl - ppl32) / ppl32:+.2%})")
     assert agree / total >= 0.95
