@@ -1,10 +1,13 @@
-"""Decode steps of a 4-bit llama model with each decoder layer in one C call (kernels/llama_decode.c).
+"""Decode steps of a bf16 llama model with the work between matmuls done by native kernels.
 
-A decode step at batch 1 runs ~20 small PyTorch ops per layer; their dispatch costs as much as the
-layer's arithmetic. `FusedLlamaDecoder` runs the whole layer (norms, projections on the 4-bit
-weights, RoPE, cache write, attention from the paged cache, SwiGLU, residuals) in one call, for the
-same batches the 4-bit matmul serves (at most `max_rows` sequences); anything else keeps the module
-path. It reads the model's own parameters and cache in place (no copies).
+A decode step runs ~20 small PyTorch ops per layer; at small batches their dispatch costs as much as
+the layer's arithmetic. `FusedLlamaDecoder` replaces them with native calls (kernels/llama_decode.c):
+ - when all four projections of every layer are 4-bit `QuantLinear`s and the batch is at most their
+   `max_rows`, each layer is one call (norms, projections, RoPE, cache write, attention from the
+   paged cache, SwiGLU, residual adds);
+ - otherwise each layer is its four projections (PyTorch, dense) with four native calls between them:
+   norm, rope + cache write + attention, residual add + next norm, SwiGLU.
+It reads the model's parameters and the cache in place. Prompt chunks keep the module path.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import ctypes
 
 import torch
+from torch import nn
 
 from model_core import native
 from model_core.kv_cache import PagedKVCache
@@ -20,44 +24,51 @@ from model_core.qmatmul import QuantLinear, QuantWeight
 from model_core.transformer import RMSNorm
 
 
+class _Layer:
+    def __init__(self, block: Block) -> None:
+        attn_norm, ffn_norm = block.attn_norm, block.ffn_norm
+        if not (isinstance(attn_norm, RMSNorm) and isinstance(ffn_norm, RMSNorm)
+                and attn_norm.weight.dtype == ffn_norm.weight.dtype == torch.bfloat16):
+            raise ValueError("the fused decoder runs bf16 llama layers (RMSNorm)")
+        self.attn_norm, self.ffn_norm = attn_norm.weight.detach(), ffn_norm.weight.detach()
+        self.linears: list[nn.Module] = [block.attn.qkv, block.attn.out, block.ffn.w_in, block.ffn.w_out]
+        if any(getattr(lin, "bias", None) is not None for lin in self.linears):
+            raise ValueError("the fused decoder runs llama projections (no biases)")
+        quant: list[QuantWeight] = [lin.quant for lin in self.linears if isinstance(lin, QuantLinear)]
+        self.quant = quant if len(quant) == 4 else None  # keeps the tensors behind `ptrs` alive
+        self.ptrs = None if self.quant is None else (ctypes.c_void_p * 12)(
+            *[t.data_ptr() for w in self.quant for t in (w.qs, w.d, w.m)])
+        self.max_rows = min((lin.max_rows for lin in self.linears if isinstance(lin, QuantLinear)), default=0)
+
+
 class FusedLlamaDecoder:
     """For `CausalLM.decoder_fast_path`: `applies(B, cache)`, then `run(x, positions, cache)`."""
 
-    def __init__(self, model: CausalLM, max_rows: int) -> None:
+    def __init__(self, model: CausalLM) -> None:
         cfg = model.cfg
-        self.cfg, self.max_rows = cfg, max_rows
-        self.layers: list[tuple[torch.Tensor, torch.Tensor, ctypes.Array[ctypes.c_void_p], list[QuantWeight]]] = []
-        for block in model.blocks:
-            assert isinstance(block, Block)
-            quant: list[QuantWeight] = []
-            for lin in (block.attn.qkv, block.attn.out, block.ffn.w_in, block.ffn.w_out):
-                if not isinstance(lin, QuantLinear) or lin.qbias is not None:
-                    raise ValueError("every projection must be a 4-bit QuantLinear without bias")
-                quant.append(lin.quant)
-            attn_norm, ffn_norm = block.attn_norm, block.ffn_norm
-            if not (isinstance(attn_norm, RMSNorm) and isinstance(ffn_norm, RMSNorm)
-                    and attn_norm.weight.dtype == ffn_norm.weight.dtype == torch.bfloat16):
-                raise ValueError("the fused decoder runs bf16 llama layers (RMSNorm)")
-            ptrs = (ctypes.c_void_p * 12)(*[t.data_ptr() for w in quant for t in (w.qs, w.d, w.m)])
-            self.layers.append((attn_norm.weight.detach(), ffn_norm.weight.detach(), ptrs, quant))
+        if not cfg.is_llama or cfg.hd % 16 or model.embed.weight.dtype != torch.bfloat16:
+            raise ValueError("the fused decoder runs bf16 llama models with a head size multiple of 16")
+        self.cfg = cfg
+        self.layers = [_Layer(block) for block in model.blocks]  # type: ignore[arg-type]
+        self.max_rows = min(layer.max_rows for layer in self.layers) if all(
+            layer.ptrs is not None for layer in self.layers) else 0  # batches the one-call layers serve
         rotary = model.rotary
         assert rotary is not None
         self.cos: torch.Tensor = rotary.cos  # type: ignore[assignment]  # (L, hs)
         self.sin: torch.Tensor = rotary.sin  # type: ignore[assignment]
 
     @classmethod
-    def build(cls, model: CausalLM, max_rows: int) -> FusedLlamaDecoder | None:
-        """The fused decoder for `model`, or None where it does not apply (not a 4-bit bf16 llama on the CPU,
-        or no kernels)."""
-        if not model.cfg.is_llama or native.load_library() is None or model.cfg.hd % 16:
+    def build(cls, model: CausalLM) -> FusedLlamaDecoder | None:
+        """The fused decoder for `model`, or None where it does not apply (not a bf16 llama, no kernels)."""
+        if native.load_library() is None:
             return None
         try:
-            return cls(model, max_rows)
+            return cls(model)
         except ValueError:
             return None
 
     def applies(self, batch: int, cache: PagedKVCache | None) -> bool:
-        return cache is not None and cache.attends_in_place and batch <= self.max_rows
+        return cache is not None and cache.attends_in_place
 
     def run(self, x: torch.Tensor, positions: torch.Tensor, cache: PagedKVCache) -> torch.Tensor:
         """x: (B, 1, C) bf16 embeddings of this step's tokens; positions (B, 1). Returns the last layer's
@@ -65,17 +76,39 @@ class FusedLlamaDecoder:
         lib = native.load_library()
         assert lib is not None
         cfg = self.cfg
-        B = x.shape[0]
-        x = x.reshape(B, cfg.d_model).contiguous()  # (B, C), updated in place layer by layer
+        B, C = x.shape[0], cfg.d_model
+        x = x.reshape(B, C).contiguous()  # (B, C), updated in place layer by layer
         pos = positions.reshape(B)
         cos, sin = self.cos[pos].float(), self.sin[pos].float()  # (B, hs) each (the tables follow the model's dtype)
         write, rows, lens, Tk = cache.decode_tables()
         threads = torch.get_num_threads()
-        for layer, (attn_norm, ffn_norm, ptrs, _) in enumerate(self.layers):
-            rc = lib.llama_decode_layer(x.data_ptr(), B, cfg.d_model, attn_norm.data_ptr(), ffn_norm.data_ptr(),
-                                        cfg.norm_eps, ptrs, cos.data_ptr(), sin.data_ptr(), cache.kv[layer].data_ptr(),
-                                        write.data_ptr(), rows.data_ptr(), lens.data_ptr(), Tk, cfg.n_heads,
-                                        cfg.n_kv_heads, cfg.hd, cfg.d_ff, threads)
-            if rc:
-                raise RuntimeError(f"fused decode of layer {layer} failed (B={B})")
-        return x.view(B, 1, cfg.d_model)
+        nh, nkv, hs = cfg.n_heads, cfg.n_kv_heads, cfg.hd
+        if B <= self.max_rows:
+            for i, layer in enumerate(self.layers):
+                rc = lib.llama_decode_layer(x.data_ptr(), B, C, layer.attn_norm.data_ptr(), layer.ffn_norm.data_ptr(),
+                                            cfg.norm_eps, layer.ptrs, cos.data_ptr(), sin.data_ptr(),
+                                            cache.kv[i].data_ptr(), write.data_ptr(), rows.data_ptr(), lens.data_ptr(),
+                                            Tk, nh, nkv, hs, cfg.d_ff, threads)
+                if rc:
+                    raise RuntimeError(f"fused decode of layer {i} failed (B={B})")
+            return x.view(B, 1, C)
+        h = torch.empty_like(x)  # (B, C): the next projection's input
+        att = torch.empty(B, nh * hs, dtype=x.dtype)
+        g = torch.empty(B, cfg.d_ff, dtype=x.dtype)
+        lib.llama_rmsnorm(x.data_ptr(), self.layers[0].attn_norm.data_ptr(), cfg.norm_eps, h.data_ptr(), B, C)
+        for i, layer in enumerate(self.layers):
+            qkv_proj, out_proj, in_proj, down_proj = layer.linears
+            qkv = qkv_proj(h).contiguous()  # (B, (nh + 2 nkv) hs)
+            if lib.llama_attention(qkv.data_ptr(), B, cos.data_ptr(), sin.data_ptr(), cache.kv[i].data_ptr(),
+                                   write.data_ptr(), rows.data_ptr(), lens.data_ptr(), att.data_ptr(), Tk, nh, nkv,
+                                   hs, threads):
+                raise RuntimeError(f"decode attention of layer {i} failed (B={B})")
+            o = out_proj(att).contiguous()  # (B, C)
+            lib.llama_add_rmsnorm(x.data_ptr(), o.data_ptr(), layer.ffn_norm.data_ptr(), cfg.norm_eps, h.data_ptr(),
+                                  B, C)
+            gu = in_proj(h).contiguous()  # (B, 2 F) = [gate | up]
+            lib.llama_swiglu(gu.data_ptr(), g.data_ptr(), B, cfg.d_ff)
+            o = down_proj(g).contiguous()  # (B, C)
+            nxt = self.layers[i + 1].attn_norm.data_ptr() if i + 1 < len(self.layers) else None
+            lib.llama_add_rmsnorm(x.data_ptr(), o.data_ptr(), nxt, cfg.norm_eps, h.data_ptr(), B, C)
+        return x.view(B, 1, C)

@@ -97,7 +97,13 @@ def load_library() -> ctypes.CDLL | None:
                                            ctypes.c_int, ctypes.c_int]
     lib.llama_decode_layer.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
                                        ctypes.c_void_p, ctypes.c_float, *[ctypes.c_void_p] * 7, *[ctypes.c_int] * 6]
-    for fn in (lib.q4_matmul_bf16, lib.paged_attention_decode, lib.llama_decode_layer):
+    ptr, i32, f32 = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
+    lib.llama_rmsnorm.argtypes = [ptr, ptr, f32, ptr, i32, i32]
+    lib.llama_add_rmsnorm.argtypes = [ptr, ptr, ptr, f32, ptr, i32, i32]
+    lib.llama_swiglu.argtypes = [ptr, ptr, i32, i32]
+    lib.llama_attention.argtypes = [ptr, i32, *[ptr] * 7, *[i32] * 5]
+    for fn in (lib.q4_matmul_bf16, lib.paged_attention_decode, lib.llama_decode_layer, lib.llama_rmsnorm,
+               lib.llama_add_rmsnorm, lib.llama_swiglu, lib.llama_attention):
         fn.restype = ctypes.c_int
     return lib
 

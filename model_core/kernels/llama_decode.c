@@ -1,10 +1,10 @@
-/* One llama decoder layer for a decode step (one new token per sequence), in C end to end:
+/* A llama decoder layer for a decode step (one new token per sequence), in C:
  *   h = rmsnorm(x) * w_attn;  q, k, v = h Wqkv;  rotate q, k;  store k, v in the paged cache;
  *   x += attention(q, cache) Wo;  h = rmsnorm(x) * w_ffn;  x += (silu(h Wg) * (h Wu)) Wd
  * with the four projections on 4-bit weights (q4_matmul_bf16) and attention read in place from the
- * cache (paged_attention_decode). Activations are bfloat16, rounded where PyTorch's bf16 modules
- * round them (norms, residual adds, SwiGLU), so the result matches the module path up to fp32
- * summation order; RoPE is computed in fp32 from fp32 cos/sin and rounded once.
+ * cache (paged_attention_decode); or its pieces, between PyTorch's own matmuls. Activations are
+ * bfloat16, rounded where PyTorch's bf16 modules round them (norms, residual adds, SwiGLU), so the
+ * result matches the module path up to fp32 summation order; RoPE is fp32 from fp32 cos/sin.
  */
 #include <math.h>
 #include <stdlib.h>
@@ -75,7 +75,51 @@ static void swiglu_rows(const uint16_t *gu, uint16_t *g, int B, int F) {
     }
 }
 
-/* w: the 12 pointers (qs, d, m) of Wqkv, Wo, Wgate|up, Wdown; kv: this layer's store (rows, 2*nkv, hs);
+/* The pieces of a decode step's layer, exported for the path that keeps PyTorch's dense matmuls
+ * (batches too big for the 4-bit kernel): each replaces several small PyTorch ops. */
+
+/* out = rmsnorm(x) * w, (B, C) bf16 */
+int llama_rmsnorm(const uint16_t *x, const uint16_t *w, float eps, uint16_t *out, int B, int C) {
+    rmsnorm_rows(x, w, eps, out, B, C);
+    return 0;
+}
+
+/* x = bf16(x + y); then, when w is given, out = rmsnorm(x) * w (the next sublayer's input) */
+int llama_add_rmsnorm(uint16_t *x, const uint16_t *y, const uint16_t *w, float eps, uint16_t *out, int B, int C) {
+    add_into(x, y, (size_t)B * C);
+    if (w) rmsnorm_rows(x, w, eps, out, B, C);
+    return 0;
+}
+
+/* g (B, F) = silu(gate) * up of gu (B, 2F) = [gate | up] */
+int llama_swiglu(const uint16_t *gu, uint16_t *g, int B, int F) {
+    swiglu_rows(gu, g, B, F);
+    return 0;
+}
+
+/* qkv (B, (nh + 2 nkv) hs) -> att (B, nh hs): rotate q and k heads (in place), store k, v at the rows
+ * `write` of this layer's cache kv, attend from the paged rows. */
+int llama_attention(uint16_t *qkv, int B, const float *cos, const float *sin, uint16_t *kv, const int64_t *write,
+                    const int64_t *rows, const int32_t *lens, uint16_t *att, int Tk, int nh, int nkv, int hs,
+                    int nthreads) {
+    const int qkv_n = (nh + 2 * nkv) * hs, q_n = nh * hs;
+    const size_t row = (size_t)2 * nkv * hs;
+    uint16_t *q = malloc(sizeof(uint16_t) * (size_t)B * q_n);
+    if (!q) return -1;
+    for (int b = 0; b < B; b++) {
+        uint16_t *r = qkv + (size_t)b * qkv_n; /* [q heads | k heads | v heads] */
+        rope_heads(r, nh + nkv, hs, cos + (size_t)b * hs, sin + (size_t)b * hs);
+        memcpy(q + (size_t)b * q_n, r, sizeof(uint16_t) * q_n);
+        memcpy(kv + (size_t)write[b] * row, r + q_n, sizeof(uint16_t) * row);
+    }
+    const int rc = paged_attention_decode(q, kv, rows, lens, att, B, nh, nkv, hs, Tk, 1.0f / sqrtf((float)hs), 1,
+                                          nthreads);
+    free(q);
+    return rc;
+}
+
+/* The whole layer with its four projections on 4-bit weights.
+ * w: the 12 pointers (qs, d, m) of Wqkv, Wo, Wgate|up, Wdown; kv: this layer's store (rows, 2*nkv, hs);
  * write: (B,) rows for this step's k, v; rows: (B, Tk) key rows; lens: (B,) keys per sequence;
  * cos, sin: (B, hs) fp32 for each sequence's position. x (B, C) is updated in place. 0, or -1. */
 int llama_decode_layer(uint16_t *x, int B, int C, const uint16_t *attn_norm, const uint16_t *ffn_norm, float eps,
@@ -86,28 +130,17 @@ int llama_decode_layer(uint16_t *x, int B, int C, const uint16_t *attn_norm, con
     const int qkv_n = (nh + 2 * nkv) * hs, q_n = nh * hs;
     uint16_t *h = malloc(sizeof(uint16_t) * (size_t)B * (C > F ? C : F));
     uint16_t *qkv = malloc(sizeof(uint16_t) * (size_t)B * qkv_n);
-    uint16_t *q = malloc(sizeof(uint16_t) * (size_t)B * q_n);
     uint16_t *att = malloc(sizeof(uint16_t) * (size_t)B * q_n);
     uint16_t *gu = malloc(sizeof(uint16_t) * (size_t)B * 2 * F);
     uint16_t *o = malloc(sizeof(uint16_t) * (size_t)B * C);
     int rc = -1;
-    if (!h || !qkv || !q || !att || !gu || !o) goto done;
+    if (!h || !qkv || !att || !gu || !o) goto done;
 #define W(i) ((const uint8_t *)w[3 * (i)]), ((const uint16_t *)w[3 * (i) + 1]), ((const uint16_t *)w[3 * (i) + 2])
-
     rmsnorm_rows(x, attn_norm, eps, h, B, C);
     if (q4_matmul_bf16(h, W(0), NULL, qkv, B, qkv_n, C, nthreads)) goto done;
-    const size_t row = (size_t)2 * nkv * hs;
-    for (int b = 0; b < B; b++) {
-        uint16_t *r = qkv + (size_t)b * qkv_n;  /* [q heads | k heads | v heads] */
-        rope_heads(r, nh + nkv, hs, cos + (size_t)b * hs, sin + (size_t)b * hs);
-        memcpy(q + (size_t)b * q_n, r, sizeof(uint16_t) * q_n);
-        memcpy(kv + (size_t)write[b] * row, r + q_n, sizeof(uint16_t) * row);
-    }
-    if (paged_attention_decode(q, kv, rows, lens, att, B, nh, nkv, hs, Tk, 1.0f / sqrtf((float)hs), 1, nthreads))
-        goto done;
+    if (llama_attention(qkv, B, cos, sin, kv, write, rows, lens, att, Tk, nh, nkv, hs, nthreads)) goto done;
     if (q4_matmul_bf16(att, W(1), NULL, o, B, C, q_n, nthreads)) goto done;
     add_into(x, o, (size_t)B * C);
-
     rmsnorm_rows(x, ffn_norm, eps, h, B, C);
     if (q4_matmul_bf16(h, W(2), NULL, gu, B, 2 * F, C, nthreads)) goto done;
     swiglu_rows(gu, h, B, F);
@@ -118,7 +151,6 @@ int llama_decode_layer(uint16_t *x, int B, int C, const uint16_t *attn_norm, con
 done:
     free(h);
     free(qkv);
-    free(q);
     free(att);
     free(gu);
     free(o);

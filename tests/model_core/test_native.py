@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from model_core import native
 from model_core.attention import scaled_dot_product_attention
 from model_core.kv_cache import PagedKVCache
+from model_core.lm import CausalLM
 from model_core.qmatmul import Q4_0, Q4_1, QuantLinear, QuantWeight, qmatmul
 
 pytestmark = pytest.mark.skipif(native.load_library() is None,
@@ -124,61 +125,76 @@ def test_attention_kernel_is_not_used_where_it_does_not_apply() -> None:
     assert cache.attends_in_place
 
 
-@pytest.mark.parametrize("kind,qtype", [("llama", "Q4_1"), ("llama", "Q4_0"), ("gpt2", "Q4_1")])
-def test_gguf_model_with_kernels_matches_without(kind: str, qtype: str, tmp_path: Path) -> None:
-    """Load a tiny 4-bit GGUF three ways: fp32 (the reference), bf16 dense, bf16 with both kernels. The
-    kernels' model has the file's weights exactly, so it is at least as close to fp32 as the dense one,
-    and its quantized layers are the file's rows in our order (same as the dequantized dense weights)."""
+def _tiny_gguf(kind: str, qtype: str, tmp_path: Path) -> Path:
     pytest.importorskip("transformers")
-    from model_core.weights.loader import load_lm
     from tests.model_core.tiny_formats import tiny_hf_gpt2, tiny_hf_llama, tiny_vocab, write_gguf
 
     hf = tiny_hf_llama(n_kv_heads=2, seed=1) if kind == "llama" else tiny_hf_gpt2(seed=4)
-    path = write_gguf(hf, tmp_path / "m.gguf", qtype, vocab=tiny_vocab()).path
+    return write_gguf(hf, tmp_path / "m.gguf", qtype, vocab=tiny_vocab()).path
+
+
+def _decode_logits(model: CausalLM, dtype: torch.dtype) -> torch.Tensor:
+    """Prefill 3 prompts one by one, then 6 batched decode steps of the 3 rows (fixed tokens).
+    Returns the 3 + 18 logits rows, float32."""
+    cfg = model.cfg
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, cfg.vocab_size, (n,), generator=g) for n in (5, 11, 3)]
+    steps = torch.randint(0, cfg.vocab_size, (6, 3), generator=g)
+    cache = PagedKVCache(cfg.n_layers, 24, 4, cfg.n_kv_heads, cfg.hd, dtype)
+    tables = [list(range(8 * i, 8 * i + 8)) for i in range(3)]
+    out = []
+    with torch.inference_mode():
+        for b, p in enumerate(prompts):
+            pos = cache.prepare([tables[b]], [0], len(p))
+            out.append(model(p.unsqueeze(0), pos, cache, last_only=True).float()[0])
+        lens = [len(p) for p in prompts]
+        for tok in steps:
+            pos = cache.prepare(tables, lens, 1)
+            out.extend(model(tok.view(3, 1), pos, cache, last_only=True).float())  # (3, V)
+            lens = [n + 1 for n in lens]
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("kind,qtype", [("llama", "Q4_1"), ("llama", "Q4_0"), ("gpt2", "Q4_1")])
+def test_gguf_model_with_kernels_matches_without(kind: str, qtype: str, tmp_path: Path) -> None:
+    """Load a tiny 4-bit GGUF three ways: fp32 (the reference), bf16 modules, bf16 with the kernels. The
+    kernels' model has the file's weights exactly, so it is at least as close to fp32 as the dense one,
+    and its quantized layers are the file's rows in our order (same as the dequantized dense weights)."""
+    from model_core.weights.loader import load_lm
+
+    path = _tiny_gguf(kind, qtype, tmp_path)
     ref = load_lm(path).model
-    dense = load_lm(path, torch.bfloat16).model
     fast = load_lm(path, torch.bfloat16, quantized_max_rows=8).model
     wrapped = {n: m for n, m in fast.named_modules() if isinstance(m, QuantLinear)}
     assert len(wrapped) == 4 * ref.cfg.n_layers + 1  # the head (output.weight) is 4-bit too
     for name, layer in wrapped.items():
         assert torch.equal(layer.quant.dequantize(), ref.get_submodule(name).weight), name
+    assert (fast.decoder_fast_path is not None) == (kind == "llama")  # the fused decoder runs llama layers
 
-    g = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(0, ref.cfg.vocab_size, (n,), generator=g) for n in (5, 11, 3)]
-
-    steps = torch.randint(0, ref.cfg.vocab_size, (6, 3), generator=g)  # the tokens fed to the decode steps
-
-    def decode_logits(model: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
-        """Prefill each prompt alone, then 6 batched decode steps of the 3 rows (B=3 <= max_rows)."""
-        cfg = ref.cfg
-        cache = PagedKVCache(cfg.n_layers, 24, 4, cfg.n_kv_heads, cfg.hd, dtype)
-        tables = [list(range(8 * i, 8 * i + 8)) for i in range(3)]
-        out = []
-        with torch.inference_mode():
-            for b, p in enumerate(prompts):
-                pos = cache.prepare([tables[b]], [0], len(p))
-                out.append(model(p.unsqueeze(0), pos, cache, last_only=True).float()[0])
-            lens = [len(p) for p in prompts]
-            for tok in steps:
-                pos = cache.prepare(tables, lens, 1)
-                out.extend(model(tok.view(3, 1), pos, cache, last_only=True).float())  # (3, V)
-                lens = [n + 1 for n in lens]
-        return torch.stack(out)
-
-    want = decode_logits(ref, torch.float32)
-    got = decode_logits(fast, torch.bfloat16)
-    err_fast = (got - want).abs().max().item()
-    err_dense = (decode_logits(dense, torch.bfloat16) - want).abs().max().item()
-    print(f"{kind} {qtype}: max |logit - fp32| kernels {err_fast:.3f}, dense bf16 {err_dense:.3f}")
+    want = _decode_logits(ref, torch.float32)
+    err_fast = (_decode_logits(fast, torch.bfloat16) - want).abs().max().item()
+    modules = load_lm(path, torch.bfloat16, native_decode=False).model
+    err_dense = (_decode_logits(modules, torch.bfloat16) - want).abs().max().item()
+    print(f"{kind} {qtype}: max |logit - fp32| kernels {err_fast:.3f}, dense bf16 modules {err_dense:.3f}")
     assert err_fast <= max(1.5 * err_dense, 0.05 * want.abs().max().item())
-    # llama decode steps ran each layer in one native call; the module path on the same weights agrees
-    assert (fast.decoder_fast_path is not None) == (kind == "llama")
-    if fast.decoder_fast_path is not None:
-        fast.decoder_fast_path = None
-        modules = decode_logits(fast, torch.bfloat16)
-        print(f"  fused layers vs modules (same 4-bit kernels): max |diff| {(got - modules).abs().max().item():.3f}")
-        assert torch.equal(got[:3], modules[:3])  # prefill: the module path both times
-        assert (got - modules).abs().max().item() <= 0.05 * want.abs().max().item()
+
+
+@pytest.mark.parametrize("max_rows,one_call", [(8, True), (2, False), (0, False)])
+def test_fused_decoder_matches_the_module_path(max_rows: int, one_call: bool, tmp_path: Path) -> None:
+    """Decode steps of 3 sequences: one native call per layer (4-bit, B <= max_rows), or native calls
+    between PyTorch's matmuls (B > max_rows, or no 4-bit weights), against the same model's modules."""
+    from model_core.weights.loader import load_lm
+
+    model = load_lm(_tiny_gguf("llama", "Q4_1", tmp_path), torch.bfloat16, quantized_max_rows=max_rows).model
+    fused = model.decoder_fast_path
+    assert fused is not None and (fused.max_rows >= 3) == one_call  # type: ignore[attr-defined]
+    got = _decode_logits(model, torch.bfloat16)
+    model.decoder_fast_path = None
+    want = _decode_logits(model, torch.bfloat16)
+    diff = (got - want).abs().max().item()
+    print(f"fused decode ({'one call per layer' if one_call else 'between matmuls'}) vs modules: max |diff| {diff:.3f}")
+    assert torch.equal(got[:3], want[:3])  # prefill: the module path both times
+    assert diff <= 0.03 * want.abs().max().item()
 
 
 def test_no_compiler_means_no_kernel_and_a_warning(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
