@@ -48,23 +48,28 @@ def measure_matmul_flops(dtype: torch.dtype = torch.float32, n: int = 2048, repe
 
 @dataclass(frozen=True)
 class ModelBytes:
-    """Parameter count of a GGUF model, its bytes as stored (quantized), and as dense `dtype` weights."""
+    """Parameter count of a GGUF model, its bytes as stored (quantized), as dense `dtype` weights, and
+    what our decode step reads: 4-bit (Q4_0/Q4_1) matrices as stored, the rest as dense `dtype`."""
 
     params: int
     stored_bytes: int
     dense_bytes: int
     dtype: str
+    decode_bytes: int
 
 
 def model_bytes(gguf_path: str, dtype: str = "bfloat16") -> ModelBytes:
     """Count the GGUF's tensors (a tied LM head is stored, and counted, once: it is read once per step)."""
-    from gguf import GGUFReader
+    from gguf import GGMLQuantizationType, GGUFReader
 
     reader = GGUFReader(gguf_path)
     params = sum(int(t.n_elements) for t in reader.tensors)
     stored = sum(int(t.n_bytes) for t in reader.tensors)
     itemsize = torch.empty((), dtype=DTYPES[dtype]).element_size()
-    return ModelBytes(params, stored, params * itemsize, dtype)
+    four_bit = (GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1)
+    decode = sum(int(t.n_bytes) if t.tensor_type in four_bit else int(t.n_elements) * itemsize
+                 for t in reader.tensors)
+    return ModelBytes(params, stored, params * itemsize, dtype, decode)
 
 
 @dataclass(frozen=True)
