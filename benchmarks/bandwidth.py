@@ -49,7 +49,7 @@ def measure_matmul_flops(dtype: torch.dtype = torch.float32, n: int = 2048, repe
 @dataclass(frozen=True)
 class ModelBytes:
     """Parameter count of a GGUF model, its bytes as stored (quantized), as dense `dtype` weights, and
-    what our decode step reads: 4-bit (Q4_0/Q4_1) matrices as stored, the rest as dense `dtype`."""
+    what our decode step reads: Q4_0/Q4_1/Q8_0 matrices as stored, the rest as dense `dtype`."""
 
     params: int
     stored_bytes: int
@@ -66,8 +66,8 @@ def model_bytes(gguf_path: str, dtype: str = "bfloat16") -> ModelBytes:
     params = sum(int(t.n_elements) for t in reader.tensors)
     stored = sum(int(t.n_bytes) for t in reader.tensors)
     itemsize = torch.empty((), dtype=DTYPES[dtype]).element_size()
-    four_bit = (GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1)
-    decode = sum(int(t.n_bytes) if t.tensor_type in four_bit else int(t.n_elements) * itemsize
+    kernel_types = (GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1, GGMLQuantizationType.Q8_0)
+    decode = sum(int(t.n_bytes) if t.tensor_type in kernel_types else int(t.n_elements) * itemsize
                  for t in reader.tensors)
     return ModelBytes(params, stored, params * itemsize, dtype, decode)
 

@@ -280,8 +280,8 @@ def markdown_report(run: Mapping[str, Any]) -> str:
                   f"matmul {roof['matmul_gflop_s_fp32']:.0f} GFLOP/s fp32, {roof['matmul_gflop_s_bf16']:.0f} GFLOP/s "
                   f"bf16. Model: {mb['params'] / 1e6:.1f} M parameters, {mb['dense_bytes'] / 1e6:.0f} MB in "
                   f"{mb['dtype']}, {mb['stored_bytes'] / 1e6:.0f} MB as stored in the GGUF; our decode step reads "
-                  f"{mb.get('decode_bytes', mb['dense_bytes']) / 1e6:.0f} MB (4-bit matrices as stored, the rest in "
-                  f"{mb['dtype']}).", "",
+                  f"{mb.get('decode_bytes', mb['dense_bytes']) / 1e6:.0f} MB (quantized matrices as stored, the "
+                  f"rest in {mb['dtype']}).", "",
                   "| system | weight MB read per token | batch-1 decode tok/s | of bandwidth bound | concurrency | "
                   f"output tok/s | of {mb['dtype']} matmul FLOP/s bound |", "|---|---:|---:|---:|---:|---:|---:|"]
         for name, f in run.get("roofline_fractions", {}).items():

@@ -2,9 +2,9 @@
 
 A decode step runs ~20 small PyTorch ops per layer; at small batches their dispatch costs as much as
 the layer's arithmetic. `FusedLlamaDecoder` replaces them with native calls (kernels/llama_decode.c):
- - when all four projections of every layer are 4-bit `QuantLinear`s and the batch is at most their
-   `max_rows`, each layer is one call (norms, projections, RoPE, cache write, attention from the
-   paged cache, SwiGLU, residual adds);
+ - when all four projections of every layer are `QuantLinear`s (GGUF Q4_0/Q4_1/Q8_0 blocks) and the
+   batch is at most their `max_rows`, each layer is one call (norms, projections, RoPE, cache write,
+   attention from the paged cache, SwiGLU, residual adds);
  - otherwise each layer is its four projections (PyTorch, dense) with four native calls between them:
    norm, rope + cache write + attention, residual add + next norm, SwiGLU.
 It reads the model's parameters and the cache in place. Prompt chunks keep the module path.
@@ -37,7 +37,7 @@ class _Layer:
         quant: list[QuantWeight] = [lin.quant for lin in self.linears if isinstance(lin, QuantLinear)]
         self.quant = quant if len(quant) == 4 else None  # keeps the tensors behind `ptrs` alive
         self.ptrs = None if self.quant is None else (ctypes.c_void_p * 12)(
-            *[t.data_ptr() for w in self.quant for t in (w.qs, w.d, w.m)])
+            *[None if t is None else t.data_ptr() for w in self.quant for t in (w.qs, w.d, w.m)])
         self.max_rows = min((lin.max_rows for lin in self.linears if isinstance(lin, QuantLinear)), default=0)
 
 

@@ -97,7 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--quant-max-rows", type=int, default=6,
-                    help="run matmuls of up to this many rows on the GGUF's 4-bit weights as stored (0 = off)")
+                    help="run matmuls of up to this many rows on the GGUF's quantized weights as stored (0 = off)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s")
 

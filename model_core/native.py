@@ -92,7 +92,7 @@ def load_library() -> ctypes.CDLL | None:
                     stderr.decode(errors="replace")[-500:])
         return None
     lib = ctypes.CDLL(str(path))
-    lib.q4_matmul_bf16.argtypes = [*[ctypes.c_void_p] * 6, *[ctypes.c_int] * 4]
+    lib.quant_matmul_bf16.argtypes = [*[ctypes.c_void_p] * 6, *[ctypes.c_int] * 4]
     lib.paged_attention_decode.argtypes = [*[ctypes.c_void_p] * 5, *[ctypes.c_int] * 5, ctypes.c_float,
                                            ctypes.c_int, ctypes.c_int]
     lib.llama_decode_layer.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
@@ -102,7 +102,7 @@ def load_library() -> ctypes.CDLL | None:
     lib.llama_add_rmsnorm.argtypes = [ptr, ptr, ptr, f32, ptr, i32, i32]
     lib.llama_swiglu.argtypes = [ptr, ptr, i32, i32]
     lib.llama_attention.argtypes = [ptr, i32, *[ptr] * 7, *[i32] * 5]
-    for fn in (lib.q4_matmul_bf16, lib.paged_attention_decode, lib.llama_decode_layer, lib.llama_rmsnorm,
+    for fn in (lib.quant_matmul_bf16, lib.paged_attention_decode, lib.llama_decode_layer, lib.llama_rmsnorm,
                lib.llama_add_rmsnorm, lib.llama_swiglu, lib.llama_attention):
         fn.restype = ctypes.c_int
     return lib

@@ -1,4 +1,4 @@
-"""Matmuls on GGUF 4-bit weights kept quantized (Q4_0, Q4_1), for decode-sized batches.
+"""Matmuls on GGUF-quantized weights kept quantized (Q4_0, Q4_1, Q8_0), for decode-sized batches.
 
 A 135M-parameter model in Q4_1 is 97 MB; dequantized to bf16 it is 269 MB, and a decode step with
 few rows reads every weight once, so it is bound by memory traffic. `QuantLinear` keeps both forms:
@@ -19,18 +19,22 @@ from torch import nn
 
 from model_core import native
 
-Q4_0, Q4_1 = 2, 3  # GGML type ids
-BLOCK_BYTES = {Q4_0: 18, Q4_1: 20}  # bytes per block of 32 weights
+Q4_0, Q4_1, Q8_0 = 2, 3, 8  # GGML type ids
+BLOCK_BYTES = {Q4_0: 18, Q4_1: 20, Q8_0: 34}  # bytes per block of 32 weights
+# 8-bit blocks take more ops to decode than 4-bit ones: with SmolLM2's Q8_0 head the kernel beat the
+# dense bf16 matmul up to 2 rows, tied at 3-4 and lost from 6 (2-core Xeon, AVX512-BF16)
+Q8_MAX_ROWS = 4
 
 
 @dataclass(frozen=True)
 class QuantWeight:
-    """An (out_features, in_features) 4-bit weight, repacked for the kernel: per block of 32 weights its
-    nibbles `qs` (N, K/32, 16) uint8 and `d`, `m` (N, K/32) float16, with w = d q + m (see qmatmul.c)."""
+    """An (out_features, in_features) block-quantized weight, repacked for the kernel (see qmatmul.c):
+    4-bit: nibbles `qs` (N, K/32, 16) uint8, `d` and `m` (N, K/32) float16 with w = d q + m;
+    8-bit: `qs` (N, K/32, 32) holding int8 q, `d` (N, K/32) float16, `m` None, w = d q."""
 
     qs: torch.Tensor
     d: torch.Tensor
-    m: torch.Tensor
+    m: torch.Tensor | None
 
     @property
     def out_features(self) -> int:
@@ -42,9 +46,9 @@ class QuantWeight:
 
     @classmethod
     def from_ggml(cls, qtype: int, blocks: torch.Tensor) -> QuantWeight:
-        """blocks: (N, row bytes) uint8, each row K/32 GGML blocks of `qtype` (Q4_0 or Q4_1)."""
+        """blocks: (N, row bytes) uint8, each row K/32 GGML blocks of `qtype` (Q4_0, Q4_1 or Q8_0)."""
         if qtype not in BLOCK_BYTES:
-            raise ValueError(f"GGML type {qtype} has no 4-bit kernel (Q4_0 = 2 and Q4_1 = 3 do)")
+            raise ValueError(f"GGML type {qtype} has no kernel (Q4_0 = 2, Q4_1 = 3 and Q8_0 = 8 do)")
         bs = BLOCK_BYTES[qtype]
         if blocks.dtype != torch.uint8 or blocks.dim() != 2 or blocks.shape[1] % bs:
             raise ValueError(f"expected (rows, blocks * {bs}) uint8, got {tuple(blocks.shape)} {blocks.dtype}")
@@ -56,17 +60,20 @@ class QuantWeight:
         d = half(0)
         if qtype == Q4_1:  # w = d q + m
             m, qs = half(2), b[:, :, 4:]
-        else:  # w = d (q - 8): m = -8 d, exact in fp16
+        elif qtype == Q4_0:  # w = d (q - 8): m = -8 d, exact in fp16
             m, qs = d * -8, b[:, :, 2:]
-        return cls(qs.contiguous(), d.contiguous(), m.contiguous())
+        else:  # Q8_0: w = d q
+            m, qs = None, b[:, :, 2:]
+        return cls(qs.contiguous(), d.contiguous(), None if m is None else m.contiguous())
 
     def dequantize(self) -> torch.Tensor:
         """The (N, K) float32 weights."""
-        q = torch.cat([self.qs & 0x0F, self.qs >> 4], dim=-1).float()  # (N, nb, 32)
-        w = self.d.float().unsqueeze(-1) * q + self.m.float().unsqueeze(-1)
+        if self.m is None:
+            w = self.d.float().unsqueeze(-1) * self.qs.view(torch.int8).float()  # (N, nb, 32)
+        else:
+            q = torch.cat([self.qs & 0x0F, self.qs >> 4], dim=-1).float()  # (N, nb, 32)
+            w = self.d.float().unsqueeze(-1) * q + self.m.float().unsqueeze(-1)
         return w.reshape(self.out_features, self.in_features)
-
-
 
 
 def qmatmul(x: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -83,16 +90,17 @@ def qmatmul(x: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None = None) -
     M = x2.shape[0]
     y = torch.empty(M, N, dtype=torch.bfloat16)
     if M:
-        rc = lib.q4_matmul_bf16(x2.data_ptr(), w.qs.data_ptr(), w.d.data_ptr(), w.m.data_ptr(),
-                                None if bias is None else bias.data_ptr(), y.data_ptr(), M, N, K,
-                                torch.get_num_threads())
+        m = None if w.m is None else w.m.data_ptr()
+        rc = lib.quant_matmul_bf16(x2.data_ptr(), w.qs.data_ptr(), w.d.data_ptr(), m,
+                                   None if bias is None else bias.data_ptr(), y.data_ptr(), M, N, K,
+                                   torch.get_num_threads())
         if rc:
             raise RuntimeError(f"qmatmul rejected its arguments (M={M}, N={N}, K={K})")
     return y.view(*x.shape[:-1], N)
 
 
 class QuantLinear(nn.Module):
-    """A linear layer with a 4-bit copy of its weight: bf16 batches of at most `max_rows` rows use the
+    """A linear layer with a quantized copy of its weight: bf16 batches of at most `max_rows` rows use the
     quantized kernel; larger ones, other dtypes and anything needing autograd the wrapped dense layer."""
 
     quant: QuantWeight
@@ -125,9 +133,11 @@ class QuantLinear(nn.Module):
 
 def attach_quantized(model: nn.Module, weights: dict[str, QuantWeight], max_rows: int) -> int:
     """Wrap each linear layer named in `weights` (module paths, e.g. 'blocks.0.attn.qkv') in a
-    QuantLinear; returns how many were wrapped."""
+    QuantLinear serving up to `max_rows` rows (at most Q8_MAX_ROWS for 8-bit weights); returns how
+    many were wrapped."""
     for name, w in weights.items():
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, attr, QuantLinear(getattr(parent, attr), w, max_rows))
+        rows = max_rows if w.m is not None else min(max_rows, Q8_MAX_ROWS)
+        setattr(parent, attr, QuantLinear(getattr(parent, attr), w, rows))
     return len(weights)

@@ -30,7 +30,7 @@ class Settings(BaseSettings):
     device: str = Field("auto", description="auto | cpu | cuda[:N]")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="weights/activations")
     quant_max_rows: int = Field(6, ge=0, le=1024, description="matmuls of up to this many rows (decode batches) "
-                                "run on a GGUF's Q4_0/Q4_1 weights as stored (CPU, bf16); 0 = off")
+                                "run on a GGUF's Q4_0/Q4_1/Q8_0 weights as stored (CPU, bf16); 0 = off")
     max_num_seqs: int = Field(32, ge=1, le=1024, description="max sequences decoded together")
     max_num_batched_tokens: int = Field(512, ge=16, description="token budget per engine step")
     kv_cache_memory_gb: float = Field(1.0, gt=0, description="memory for the KV cache")

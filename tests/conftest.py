@@ -35,3 +35,32 @@ def tiny_llama(vocab_size: int = 49152, seed: int = 0, max_seq_len: int = 256) -
 @pytest.fixture(scope="session")
 def tiny_model() -> CausalLM:
     return tiny_llama()
+
+
+def tiny_llama_q4(max_rows: int, seed: int = 0) -> CausalLM:
+    """tiny_llama with its projections stored as GGUF Q4_1 blocks, served in bf16 the way the loader
+    serves a 4-bit GGUF on the CPU: dense bf16 copies for prompts, the 4-bit kernel for batches of at
+    most `max_rows` rows, decode steps through the fused decoder (when the native kernels build)."""
+    import gguf
+    import numpy as np
+    from gguf.quants import dequantize, quantize
+
+    from model_core.fused_decode import FusedLlamaDecoder
+    from model_core.packing import pack_linears, packing_available
+    from model_core.qmatmul import QuantWeight, attach_quantized
+
+    model = tiny_llama(seed=seed)
+    q4 = gguf.GGMLQuantizationType.Q4_1
+    blocks: dict[str, QuantWeight] = {}
+    with torch.no_grad():
+        for name, mod in model.named_modules():
+            if isinstance(mod, torch.nn.Linear) and name.startswith("blocks."):
+                raw = quantize(mod.weight.numpy(), q4)
+                mod.weight.copy_(torch.from_numpy(np.asarray(dequantize(raw, q4)).reshape(mod.weight.shape)))
+                blocks[name] = QuantWeight.from_ggml(int(q4), torch.from_numpy(np.ascontiguousarray(raw)))
+    model = model.to(torch.bfloat16)
+    if packing_available(torch.bfloat16, torch.device("cpu")):
+        pack_linears(model)
+    attach_quantized(model, blocks, max_rows)
+    model.decoder_fast_path = FusedLlamaDecoder.build(model)
+    return model

@@ -50,7 +50,7 @@ static inline __m512 exp_neg(__m512 x) {
     return _mm512_scalef_ps(p, n);
 }
 
-int q4_matmul_bf16(const uint16_t *x, const uint8_t *qs, const uint16_t *d, const uint16_t *m,
+int quant_matmul_bf16(const uint16_t *x, const uint8_t *qs, const uint16_t *d, const uint16_t *m,
                    const float *bias, uint16_t *y, int M, int N, int K, int nthreads);
 
 int paged_attention_decode(const void *q, const void *kv, const int64_t *rows, const int32_t *lens, void *out,

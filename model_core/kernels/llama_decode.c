@@ -1,7 +1,7 @@
 /* A llama decoder layer for a decode step (one new token per sequence), in C:
  *   h = rmsnorm(x) * w_attn;  q, k, v = h Wqkv;  rotate q, k;  store k, v in the paged cache;
  *   x += attention(q, cache) Wo;  h = rmsnorm(x) * w_ffn;  x += (silu(h Wg) * (h Wu)) Wd
- * with the four projections on 4-bit weights (q4_matmul_bf16) and attention read in place from the
+ * with the four projections on quantized weights (quant_matmul_bf16) and attention read in place from the
  * cache (paged_attention_decode); or its pieces, between PyTorch's own matmuls. Activations are
  * bfloat16, rounded where PyTorch's bf16 modules round them (norms, residual adds, SwiGLU), so the
  * result matches the module path up to fp32 summation order; RoPE is fp32 from fp32 cos/sin.
@@ -76,7 +76,7 @@ static void swiglu_rows(const uint16_t *gu, uint16_t *g, int B, int F) {
 }
 
 /* The pieces of a decode step's layer, exported for the path that keeps PyTorch's dense matmuls
- * (batches too big for the 4-bit kernel): each replaces several small PyTorch ops. */
+ * (batches too big for the quantized kernel): each replaces several small PyTorch ops. */
 
 /* out = rmsnorm(x) * w, (B, C) bf16 */
 int llama_rmsnorm(const uint16_t *x, const uint16_t *w, float eps, uint16_t *out, int B, int C) {
@@ -118,8 +118,8 @@ int llama_attention(uint16_t *qkv, int B, const float *cos, const float *sin, ui
     return rc;
 }
 
-/* The whole layer with its four projections on 4-bit weights.
- * w: the 12 pointers (qs, d, m) of Wqkv, Wo, Wgate|up, Wdown; kv: this layer's store (rows, 2*nkv, hs);
+/* The whole layer with its four projections on quantized weights.
+ * w: the 12 pointers (qs, d, m; m NULL for Q8_0) of Wqkv, Wo, Wgate|up, Wdown; kv: this layer's store (rows, 2*nkv, hs);
  * write: (B,) rows for this step's k, v; rows: (B, Tk) key rows; lens: (B,) keys per sequence;
  * cos, sin: (B, hs) fp32 for each sequence's position. x (B, C) is updated in place. 0, or -1. */
 int llama_decode_layer(uint16_t *x, int B, int C, const uint16_t *attn_norm, const uint16_t *ffn_norm, float eps,
@@ -137,14 +137,14 @@ int llama_decode_layer(uint16_t *x, int B, int C, const uint16_t *attn_norm, con
     if (!h || !qkv || !att || !gu || !o) goto done;
 #define W(i) ((const uint8_t *)w[3 * (i)]), ((const uint16_t *)w[3 * (i) + 1]), ((const uint16_t *)w[3 * (i) + 2])
     rmsnorm_rows(x, attn_norm, eps, h, B, C);
-    if (q4_matmul_bf16(h, W(0), NULL, qkv, B, qkv_n, C, nthreads)) goto done;
+    if (quant_matmul_bf16(h, W(0), NULL, qkv, B, qkv_n, C, nthreads)) goto done;
     if (llama_attention(qkv, B, cos, sin, kv, write, rows, lens, att, Tk, nh, nkv, hs, nthreads)) goto done;
-    if (q4_matmul_bf16(att, W(1), NULL, o, B, C, q_n, nthreads)) goto done;
+    if (quant_matmul_bf16(att, W(1), NULL, o, B, C, q_n, nthreads)) goto done;
     add_into(x, o, (size_t)B * C);
     rmsnorm_rows(x, ffn_norm, eps, h, B, C);
-    if (q4_matmul_bf16(h, W(2), NULL, gu, B, 2 * F, C, nthreads)) goto done;
+    if (quant_matmul_bf16(h, W(2), NULL, gu, B, 2 * F, C, nthreads)) goto done;
     swiglu_rows(gu, h, B, F);
-    if (q4_matmul_bf16(h, W(3), NULL, o, B, C, F, nthreads)) goto done;
+    if (quant_matmul_bf16(h, W(3), NULL, o, B, C, F, nthreads)) goto done;
     add_into(x, o, (size_t)B * C);
     rc = 0;
 #undef W

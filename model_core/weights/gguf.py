@@ -122,7 +122,7 @@ def _linear_sources(cfg: LMConfig, tensor_names: set[str]) -> dict[str, list[tup
 
 
 def load_gguf_blocks(path: str | os.PathLike[str], cfg: LMConfig) -> dict[str, QuantWeight]:
-    """The linear layers whose GGUF tensors are in a type the quantized kernel runs (Q4_0, Q4_1),
+    """The linear layers whose GGUF tensors are in a type the quantized kernel runs (Q4_0, Q4_1, Q8_0),
     repacked in our row order, keyed by module path. Layers in other types are left out."""
     from gguf import GGUFReader
 

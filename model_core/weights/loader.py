@@ -35,7 +35,7 @@ def load_lm(path: str | os.PathLike[str], dtype: torch.dtype = torch.float32,
             device: torch.device | str = "cpu", pack: bool = True, quantized_max_rows: int = 0,
             native_decode: bool = True) -> LoadedLM:
     """pack: on CPUs in bf16, pre-pack linear weights for oneDNN (same results, faster matmuls).
-    quantized_max_rows: for a GGUF file on the CPU, keep its Q4_0/Q4_1 weights quantized as well and run
+    quantized_max_rows: for a GGUF file on the CPU, keep its Q4_0/Q4_1/Q8_0 weights quantized as well and run
     matmuls of up to this many rows (decode steps) on them (0 = off; see model_core.qmatmul).
     native_decode: run decode steps of bf16 llama models on the CPU with native kernels between the
     matmuls (model_core.fused_decode), where the kernels build."""
@@ -62,7 +62,7 @@ def load_lm(path: str | os.PathLike[str], dtype: torch.dtype = torch.float32,
     on_cpu = torch.device(device).type == "cpu"
     if quantized_max_rows > 0 and p.is_file() and on_cpu and native.load_library() is not None:
         n = attach_quantized(model, load_gguf_blocks(p, cfg), quantized_max_rows)
-        log.info("%d linear layers also run on their 4-bit weights for up to %d rows", n, quantized_max_rows)
+        log.info("%d linear layers also run on their quantized weights for up to %d rows", n, quantized_max_rows)
     if native_decode and on_cpu:
         model.decoder_fast_path = FusedLlamaDecoder.build(model)
         if model.decoder_fast_path is not None:

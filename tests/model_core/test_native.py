@@ -1,4 +1,4 @@
-"""The C kernels against PyTorch references: the 4-bit matmul (GGUF Q4_0/Q4_1 blocks) against the
+"""The C kernels against PyTorch references: the quantized matmul (GGUF Q4_0/Q4_1/Q8_0 blocks) against the
 dequantized weights, decode attention from the paged cache against gather + attention, a GGUF model
 with both kernels against the same model without them, and the fallback where they cannot build."""
 
@@ -20,12 +20,13 @@ from model_core import native
 from model_core.attention import scaled_dot_product_attention
 from model_core.kv_cache import PagedKVCache
 from model_core.lm import CausalLM
-from model_core.qmatmul import Q4_0, Q4_1, QuantLinear, QuantWeight, qmatmul
+from model_core.qmatmul import Q4_0, Q4_1, Q8_0, QuantLinear, QuantWeight, qmatmul
 
 pytestmark = pytest.mark.skipif(native.load_library() is None,
                                 reason="native kernels need gcc and an AVX-512 (BF16) CPU")
 
-QTYPES = {Q4_0: gguf.GGMLQuantizationType.Q4_0, Q4_1: gguf.GGMLQuantizationType.Q4_1}
+QTYPES = {Q4_0: gguf.GGMLQuantizationType.Q4_0, Q4_1: gguf.GGMLQuantizationType.Q4_1,
+          Q8_0: gguf.GGMLQuantizationType.Q8_0}
 
 
 def _quantized(qtype: int, n: int, k: int, seed: int) -> tuple[QuantWeight, torch.Tensor]:
@@ -36,14 +37,14 @@ def _quantized(qtype: int, n: int, k: int, seed: int) -> tuple[QuantWeight, torc
     return QuantWeight.from_ggml(qtype, torch.from_numpy(np.ascontiguousarray(raw))), ref
 
 
-@pytest.mark.parametrize("qtype", [Q4_0, Q4_1])
+@pytest.mark.parametrize("qtype", [Q4_0, Q4_1, Q8_0])
 def test_repacked_weights_dequantize_like_gguf(qtype: int) -> None:
     qw, ref = _quantized(qtype, 48, 96, seed=qtype)
     assert torch.equal(qw.dequantize(), ref)
 
 
 @settings(max_examples=40, deadline=None)
-@given(qtype=st.sampled_from([Q4_0, Q4_1]), m=st.integers(1, 13), n=st.integers(1, 70),
+@given(qtype=st.sampled_from([Q4_0, Q4_1, Q8_0]), m=st.integers(1, 13), n=st.integers(1, 70),
        nb=st.integers(1, 40), bias=st.booleans(), seed=st.integers(0, 2**16))
 def test_qmatmul_is_the_product_with_the_files_weights(qtype: int, m: int, n: int, nb: int, bias: bool,
                                                        seed: int) -> None:
@@ -67,7 +68,7 @@ def test_qmatmul_keeps_leading_dims_and_checks_arguments() -> None:
     with pytest.raises(ValueError, match="bfloat16"):
         qmatmul(torch.randn(1, 64), qw)
     with pytest.raises(ValueError, match="GGML type"):
-        QuantWeight.from_ggml(8, torch.zeros(4, 34, dtype=torch.uint8))
+        QuantWeight.from_ggml(12, torch.zeros(4, 144, dtype=torch.uint8))  # Q4_K: no kernel
 
 
 def test_quant_linear_uses_the_kernel_only_for_small_bf16_batches() -> None:
@@ -155,9 +156,9 @@ def _decode_logits(model: CausalLM, dtype: torch.dtype) -> torch.Tensor:
     return torch.stack(out)
 
 
-@pytest.mark.parametrize("kind,qtype", [("llama", "Q4_1"), ("llama", "Q4_0"), ("gpt2", "Q4_1")])
+@pytest.mark.parametrize("kind,qtype", [("llama", "Q4_1"), ("llama", "Q4_0"), ("llama", "Q8_0"), ("gpt2", "Q4_1")])
 def test_gguf_model_with_kernels_matches_without(kind: str, qtype: str, tmp_path: Path) -> None:
-    """Load a tiny 4-bit GGUF three ways: fp32 (the reference), bf16 modules, bf16 with the kernels. The
+    """Load a tiny quantized GGUF three ways: fp32 (the reference), bf16 modules, bf16 with the kernels. The
     kernels' model has the file's weights exactly, so it is at least as close to fp32 as the dense one,
     and its quantized layers are the file's rows in our order (same as the dequantized dense weights)."""
     from model_core.weights.loader import load_lm
@@ -166,7 +167,7 @@ def test_gguf_model_with_kernels_matches_without(kind: str, qtype: str, tmp_path
     ref = load_lm(path).model
     fast = load_lm(path, torch.bfloat16, quantized_max_rows=8).model
     wrapped = {n: m for n, m in fast.named_modules() if isinstance(m, QuantLinear)}
-    assert len(wrapped) == 4 * ref.cfg.n_layers + 1  # the head (output.weight) is 4-bit too
+    assert len(wrapped) == 4 * ref.cfg.n_layers + 1  # the head (output.weight) is quantized too
     for name, layer in wrapped.items():
         assert torch.equal(layer.quant.dequantize(), ref.get_submodule(name).weight), name
     assert (fast.decoder_fast_path is not None) == (kind == "llama")  # the fused decoder runs llama layers
@@ -195,6 +196,35 @@ def test_fused_decoder_matches_the_module_path(max_rows: int, one_call: bool, tm
     print(f"fused decode ({'one call per layer' if one_call else 'between matmuls'}) vs modules: max |diff| {diff:.3f}")
     assert torch.equal(got[:3], want[:3])  # prefill: the module path both times
     assert diff <= 0.03 * want.abs().max().item()
+
+
+def test_one_call_decode_is_independent_of_the_batch() -> None:
+    """Each sequence's row goes through the one-call layers on its own (norms, matmul rows, attention per
+    sequence), so decoding 4 sequences together gives bit-identical logits to decoding each alone."""
+    from tests.conftest import tiny_llama_q4
+
+    model = tiny_llama_q4(max_rows=4)
+    assert model.decoder_fast_path is not None
+    cfg = model.cfg
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, cfg.vocab_size, (n,), generator=g) for n in (7, 1, 30, 12)]
+    steps = torch.randint(0, cfg.vocab_size, (5, 4), generator=g)
+    tables = [list(range(4 * i, 4 * i + 4)) for i in range(4)]
+
+    def run(groups: list[list[int]]) -> torch.Tensor:
+        cache = PagedKVCache(cfg.n_layers, 16, 16, cfg.n_kv_heads, cfg.hd, torch.bfloat16)
+        out = torch.empty(5, 4, cfg.vocab_size)
+        with torch.inference_mode():
+            for b, p in enumerate(prompts):
+                model(p.unsqueeze(0), cache.prepare([tables[b]], [0], len(p)), cache, last_only=True)
+            for t, tok in enumerate(steps):
+                for rows in groups:
+                    pos = cache.prepare([tables[b] for b in rows], [len(prompts[b]) + t for b in rows], 1)
+                    out[t, rows] = model(tok[rows].view(-1, 1), pos, cache, last_only=True).float()
+        return out
+
+    assert torch.equal(run([[0, 1, 2, 3]]), run([[0], [1], [2], [3]]))
+    assert torch.equal(run([[0, 1, 2, 3]]), run([[3, 1], [0, 2]]))
 
 
 def test_no_compiler_means_no_kernel_and_a_warning(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
