@@ -180,6 +180,17 @@ def test_completion_returns_text(container: Running) -> None:
     print(f"\n[container] completion in {time.monotonic() - t0:.2f} s: {text!r}")
 
 
+def test_native_kernels_come_prebuilt(podman_env: dict[str, str], container: Running) -> None:
+    """The image has no compiler: the kernels built at image build time load from its cache."""
+    code = ("from model_core import native; import torch; "
+            "print(native.library_path().exists(), native.load_library() is not None, "
+            "all(f in native.cpu_flags() for f in native.CPU_FLAGS))")
+    prebuilt, loads, cpu_ok = podman(podman_env, "exec", container.name, "python", "-c", code).split()
+    assert prebuilt == "True"
+    assert loads == cpu_ok  # loaded wherever this CPU can run them
+    assert podman(podman_env, "exec", container.name, "sh", "-c", "command -v gcc || echo none") == "none"
+
+
 def test_metrics_expose_what_the_dashboard_reads(container: Running) -> None:
     httpx.post(f"{container.url}/v1/completions", json={"prompt": "Hi", "max_tokens": 2}, timeout=120)
     r = httpx.get(f"{container.url}/metrics", timeout=10)
