@@ -77,7 +77,7 @@ class QuantWeight:
 
 
 def qmatmul(x: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x (..., in_features) bfloat16 on the CPU -> x @ W^T (+ float32 bias), bfloat16."""
+    """x (..., in_features) bfloat16 on the CPU -> x @ W^T (+ bias, added in fp32), bfloat16."""
     lib = native.load_library()
     if lib is None:
         raise RuntimeError("the quantized matmul kernel is not available on this machine")
@@ -89,6 +89,8 @@ def qmatmul(x: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None = None) -
     x2 = x.reshape(-1, K).contiguous()  # (M, K)
     M = x2.shape[0]
     y = torch.empty(M, N, dtype=torch.bfloat16)
+    if bias is not None:
+        bias = bias.to(torch.float32).contiguous()  # (N,)
     if M:
         m = None if w.m is None else w.m.data_ptr()
         rc = lib.quant_matmul_bf16(x2.data_ptr(), w.qs.data_ptr(), w.d.data_ptr(), m,
@@ -126,7 +128,7 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // max(x.shape[-1], 1)
-        if rows > self.max_rows or x.requires_grad or x.dtype != torch.bfloat16:
+        if rows > self.max_rows or x.requires_grad or x.dtype != torch.bfloat16 or x.device.type != "cpu":
             return self.dense(x)
         return qmatmul(x, self.quant, self.qbias)
 
