@@ -85,14 +85,15 @@ def dequantize_tensor(t: Any) -> torch.Tensor:
     return torch.from_numpy(np.array(arr, dtype=np.float32, copy=True).reshape(shape))
 
 
-def load_gguf(path: str | os.PathLike[str]) -> tuple[LMConfig, dict[str, torch.Tensor], dict[str, Any]]:
+def load_gguf(path: str | os.PathLike[str], reader: Any = None
+              ) -> tuple[LMConfig, dict[str, torch.Tensor], dict[str, Any]]:
     """Returns (config, tensors by GGUF name as float32, metadata)."""
     from gguf import GGUFReader
     from tqdm import tqdm
 
     from model_core.weights.names import NAME_MAPS
 
-    reader = GGUFReader(os.fspath(path))
+    reader = reader or GGUFReader(os.fspath(path))  # parsing the header takes ~2 s for a 49k vocabulary
     meta = read_metadata(reader)
     meta["_tensor_names"] = [t.name for t in reader.tensors]
     cfg = config_from_metadata(meta)
@@ -121,14 +122,14 @@ def _linear_sources(cfg: LMConfig, tensor_names: set[str]) -> dict[str, list[tup
     return layers
 
 
-def load_gguf_blocks(path: str | os.PathLike[str], cfg: LMConfig) -> dict[str, QuantWeight]:
+def load_gguf_blocks(path: str | os.PathLike[str], cfg: LMConfig, reader: Any = None) -> dict[str, QuantWeight]:
     """The linear layers whose GGUF tensors are in a type the quantized kernel runs (Q4_0, Q4_1, Q8_0),
     repacked in our row order, keyed by module path. Layers in other types are left out."""
     from gguf import GGUFReader
 
     from model_core.weights.names import unpermute_rope_rows
 
-    tensors = {t.name: t for t in GGUFReader(os.fspath(path)).tensors}
+    tensors = {t.name: t for t in (reader or GGUFReader(os.fspath(path))).tensors}
     out: dict[str, QuantWeight] = {}
     for module, parts in _linear_sources(cfg, set(tensors)).items():
         if any(name not in tensors for name, _ in parts):

@@ -39,17 +39,21 @@ def load_lm(path: str | os.PathLike[str], dtype: torch.dtype = torch.float32,
     matmuls of up to this many rows (decode steps) on them (0 = off; see model_core.qmatmul).
     native_decode: run decode steps of bf16 llama models on the CPU with native kernels between the
     matmuls (model_core.fused_decode), where the kernels build."""
+    from gguf import GGUFReader
+
     from model_core.weights.gguf import load_gguf, load_gguf_blocks
     from model_core.weights.safetensors import load_safetensors_dir
 
     t0 = time.perf_counter()
     p = Path(path)
+    reader = None
     if p.is_dir():
         cfg, sd, _ = load_safetensors_dir(p)
         tok = Tokenizer.from_pretrained_dir(p)
         name = p.name
     elif p.is_file():
-        cfg, sd, meta = load_gguf(p)
+        reader = GGUFReader(os.fspath(p))  # read by both the dense and the quantized loaders
+        cfg, sd, meta = load_gguf(p, reader)
         tok = Tokenizer.from_gguf(p, meta)
         name = p.name[: -len(".gguf")] if p.name.endswith(".gguf") else p.name
     else:
@@ -60,8 +64,8 @@ def load_lm(path: str | os.PathLike[str], dtype: torch.dtype = torch.float32,
     if pack and packing_available(dtype, torch.device(device)):
         log.info("packed %d linear layers for oneDNN", pack_linears(model))
     on_cpu = torch.device(device).type == "cpu"
-    if quantized_max_rows > 0 and p.is_file() and on_cpu and native.load_library() is not None:
-        n = attach_quantized(model, load_gguf_blocks(p, cfg), quantized_max_rows)
+    if quantized_max_rows > 0 and reader is not None and on_cpu and native.load_library() is not None:
+        n = attach_quantized(model, load_gguf_blocks(p, cfg, reader), quantized_max_rows)
         log.info("%d linear layers also run on their quantized weights for up to %d rows", n, quantized_max_rows)
     if native_decode and on_cpu:
         model.decoder_fast_path = FusedLlamaDecoder.build(model)
