@@ -162,7 +162,8 @@ def make_launch(system: str, a: argparse.Namespace, gguf: str, dtype: str, slots
     py = sys.executable
     if system == "ours":
         return Launch("ours", (py, "-m", "service", "--host", "127.0.0.1", "--port", str(port), "--model", gguf,
-                               "--dtype", dtype, "--enable-gan", "false", "--drain-timeout-s", "5",
+                               "--dtype", dtype, "--kernels", a.kernels, "--enable-gan", "false",
+                               "--drain-timeout-s", "5",
                                "--max-num-seqs", str(max(32, slots)), "--log-level", "warning", *a.ours_args),
                       env, port, "/ready")
     if system == "hf":
@@ -319,7 +320,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--prompt-set", choices=PROMPT_SETS, default="short_chat")
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     ap.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
-                    help="dtype for ours and HF (auto: bf16 where the CPU does it natively)")
+                    help="dtype for ours and HF (auto: what our server picks for its kernels on this CPU)")
+    ap.add_argument("--kernels", default="auto", help="our server's decode backend (--kernels of python -m service), "
+                    "e.g. avx2 to measure the AVX2 build on an AVX-512 machine")
     ap.add_argument("--model", default=None, help="GGUF file; default: the SmolLM2 GGUF")
     ap.add_argument("--max-seconds", type=float, default=None, help="no request starts later (default 120; quick 60)")
     ap.add_argument("--drain-seconds", type=float, default=60.0, help="then in-flight requests are cancelled")
@@ -372,6 +375,7 @@ def _on_sigterm(signum: int, frame: Any) -> None:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     import torch
 
+    from model_core.backend import select_backend
     from model_core.device import select_dtype
     from model_core.tokenizer import find_default_model
 
@@ -379,7 +383,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     signal.signal(signal.SIGTERM, _on_sigterm)
     signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C stops servers even if started as a background job
     gguf = os.path.abspath(a.model or find_default_model())
-    dtype = str(select_dtype(a.dtype, torch.device("cpu"))).removeprefix("torch.")
+    dtype = str(select_dtype(a.dtype, torch.device("cpu"), select_backend(a.kernels))).removeprefix("torch.")
     rates = [float(x) for x in a.request_rates.split(",") if x.strip()]
     slots = max([*a.concurrency, 1])
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -387,7 +391,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     os.makedirs(log_dir, exist_ok=True)
     os.makedirs(a.out_dir, exist_ok=True)
     run: dict[str, Any] = {"meta": {
-        "timestamp": stamp, "model": gguf, "dtype": dtype, "prompt_set": a.prompt_set, "output_len": a.output_len,
+        "timestamp": stamp, "model": gguf, "dtype": dtype, "kernels": a.kernels, "prompt_set": a.prompt_set,
+        "output_len": a.output_len,
         "num_prompts": a.num_prompts, "concurrency": a.concurrency, "request_rates": rates, "threads": a.threads,
         "max_seconds": a.max_seconds, "drain_seconds": a.drain_seconds, "quick": a.quick, "cpu": _cpu_name(),
         "cpus": os.cpu_count(), "python": platform.python_version(), "log_dir": log_dir}, "systems": {}}

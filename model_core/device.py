@@ -3,8 +3,15 @@
 from __future__ import annotations
 
 import functools
+import logging
 
 import torch
+
+from model_core import native
+from model_core.backend import TORCH, DecodeBackend
+from model_core.packing import mkldnn_bf16_supported
+
+log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -12,13 +19,8 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
 
 @functools.lru_cache(maxsize=1)
 def cpu_has_fast_bf16() -> bool:
-    """True on CPUs with AVX-512 BF16 or AMX (oneDNN runs bf16 matmuls natively there)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    """True on CPUs with AVX-512 BF16 where oneDNN runs bf16 matmuls natively."""
+    return bool(native.cpu_features() & native.CPU_AVX512BF16) and mkldnn_bf16_supported()
 
 
 def select_device(name: str = "auto") -> torch.device:
@@ -31,11 +33,22 @@ def select_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def select_dtype(name: str, device: torch.device) -> torch.dtype:
+def select_dtype(name: str, device: torch.device, backend: DecodeBackend = TORCH) -> torch.dtype:
+    """auto: on a GPU bf16 (fp16 without it); on a CPU bf16 where it computes natively (AVX512-BF16: its
+    kernels and oneDNN's matmuls), else float32 (AVX2, NEON: the kernels read the quantized weights
+    either way, and prefill runs on the BLAS's fp32 matmul rather than an emulated bf16 one)."""
     if name == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+        if backend.kernels is not None:
+            fast = backend.isa == "avx512bf16"
+            why = f"the {backend.isa} kernels" + ("" if fast else " have no native bf16 arithmetic")
+        else:
+            fast = cpu_has_fast_bf16()
+            why = "oneDNN " + ("runs bf16 natively here" if fast else "has no native bf16 here")
+        dtype = torch.bfloat16 if fast else torch.float32
+        log.info("dtype auto: %s (%s)", str(dtype).removeprefix("torch."), why)
+        return dtype
     try:
         return DTYPES[name]
     except KeyError:

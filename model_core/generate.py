@@ -18,6 +18,7 @@ import torch
 
 from model_core.kv_cache import PagedKVCache
 from model_core.lm import CausalLM
+from model_core.native import Kernels
 from model_core.sampling import SamplingParams, compute_logprobs, make_generator, process_logits, sample
 from model_core.stopping import OutputStream
 from model_core.tokenizer import Tokenizer
@@ -43,8 +44,10 @@ def generate(
     tokenizer: Tokenizer | None = None,
     eos_token_ids: Sequence[int] = (),
     generator: torch.Generator | None = None,
+    kernels: Kernels | None = None,
 ) -> Iterator[Step]:
-    """Yields one Step per generated token. Text is produced only when a tokenizer is given."""
+    """Yields one Step per generated token. Text is produced only when a tokenizer is given. kernels: the
+    model's backend's (LoadedLM.backend.kernels), for decode attention read in place from the cache."""
     cfg = model.cfg
     device = model.embed.weight.device
     prompt = list(prompt_ids)
@@ -56,7 +59,7 @@ def generate(
     gen = generator if generator is not None else make_generator(params.seed, device)
     eos = () if params.ignore_eos else tuple(eos_token_ids)
     cache = PagedKVCache(cfg.n_layers, 1, len(prompt) + max_new, cfg.n_kv_heads, cfg.hd,
-                         model.embed.weight.dtype, device, max_positions=cfg.max_seq_len)
+                         model.embed.weight.dtype, device, max_positions=cfg.max_seq_len, kernels=kernels)
     stream = OutputStream(max_new, params.stop, tuple(params.stop_token_ids) + tuple(eos),
                           tokenizer.incremental_decoder() if tokenizer is not None else None)
     out: list[int] = []
@@ -80,9 +83,9 @@ def generate(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from model_core.device import select_device, select_dtype
+    from model_core.backend import CHOICES
     from model_core.tokenizer import find_default_model
-    from model_core.weights.loader import load_lm
+    from model_core.weights.loader import load_for_inference
 
     ap = argparse.ArgumentParser(prog="python -m model_core.generate", description=__doc__)
     ap.add_argument("--prompt", required=True)
@@ -96,14 +99,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto")
-    ap.add_argument("--quant-max-rows", type=int, default=6,
-                    help="run matmuls of up to this many rows on the GGUF's quantized weights as stored (0 = off)")
+    ap.add_argument("--kernels", default="auto", choices=CHOICES,
+                    help="decode backend: native kernels for an instruction set, or torch (default: the best here)")
+    ap.add_argument("--quant-max-rows", type=int, default=None,
+                    help="run matmuls of up to this many rows on the GGUF's quantized weights as stored "
+                         "(0 = off; default: the kernels' own)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s")
 
-    device = select_device(args.device)
-    lm = load_lm(args.model or find_default_model(), select_dtype(args.dtype, device), device,
-                 quantized_max_rows=args.quant_max_rows)
+    lm = load_for_inference(args.model or find_default_model(), args.device, args.dtype, args.kernels,
+                            args.quant_max_rows)
     tok = lm.tokenizer
     if args.chat:
         msgs = ([{"role": "system", "content": args.system}] if args.system else [])
@@ -117,7 +122,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     t0 = time.perf_counter()
     n = 0
     t_first = None
-    for step in generate(lm.model, ids, params, tokenizer=tok, eos_token_ids=tok.eos_token_ids):
+    for step in generate(lm.model, ids, params, tokenizer=tok, eos_token_ids=tok.eos_token_ids,
+                         kernels=lm.backend.kernels):
         if t_first is None:
             t_first = time.perf_counter()
         n += 1

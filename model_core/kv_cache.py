@@ -9,8 +9,9 @@ sequences each computing T new tokens and precomputes, once for all layers: wher
 K/V, which rows to gather back for attention and the attention mask (query at position p sees keys
 at positions <= p of its own sequence). `update()` is what attention calls per layer.
 
-Decode steps (one new token per sequence) on the CPU skip the gather: `attend()` runs a C kernel
-(kernels/paged_attention.c) that reads each sequence's keys and values in place through its rows.
+Decode steps (one new token per sequence) on the CPU skip the gather when the cache is given native
+kernels (the model's backend, model_core.backend): `attend()` runs a C kernel (kernels/attention.c)
+that reads each sequence's keys and values in place through its rows.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from collections.abc import Sequence
 
 import torch
 
-from model_core import native
+from model_core.native import Kernels
 
 
 class PagedKVCache:
@@ -34,6 +35,7 @@ class PagedKVCache:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
         max_positions: int | None = None,
+        kernels: Kernels | None = None,
     ) -> None:
         self.max_positions = max_positions  # the model's context length, when given
         self.n_layers, self.num_blocks, self.block_size = n_layers, num_blocks, block_size
@@ -52,8 +54,8 @@ class PagedKVCache:
         self.attends_in_place = False  # this forward is a decode step `attend()` serves without a gather
         self._rows: torch.Tensor | None = None  # (B, Tk) flat row of every key position, for attend()
         self._lens: torch.Tensor | None = None  # (B,) int32 keys of each sequence, for attend()
-        self._in_place_ok = (self.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16)
-                             and head_dim % 16 == 0 and head_dim <= 256)
+        self.kernels = kernels if (self.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16)
+                                   and head_dim % 16 == 0 and head_dim <= 256) else None
 
     @staticmethod
     def bytes_per_token(n_layers: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
@@ -96,7 +98,7 @@ class PagedKVCache:
         else:
             self._read, self._read_range = rows.reshape(-1).to(self.device), None
         self._shape = (B, T, Tk)
-        self.attends_in_place = T == 1 and self._in_place_ok and native.load_library() is not None
+        self.attends_in_place = T == 1 and self.kernels is not None
         if self.attends_in_place:
             self._rows = rows.contiguous()
             self._lens = (start_t.view(B) + 1).to(torch.int32)
@@ -133,8 +135,7 @@ class PagedKVCache:
     def attend(self, layer: int, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
         """Decode step: store this step's kv (B, 1, 2*nkv, hs) and return softmax(q k^T / sqrt(hs)) v over
         each sequence's keys, for q (B, 1, nh, hs) -> (B, 1, nh, hs). Only when `attends_in_place`."""
-        lib = native.load_library()
-        assert self.attends_in_place and lib is not None and self._rows is not None and self._lens is not None
+        assert self.attends_in_place and self.kernels is not None and self._rows is not None and self._lens is not None
         assert self._write is not None
         B, T, Tk = self._shape
         nh, nkv, hs = q.shape[2], self.n_kv_heads, self.head_dim
@@ -142,9 +143,9 @@ class PagedKVCache:
         store.index_copy_(0, self._write, kv.reshape(B, 2 * nkv, hs))
         q = q.contiguous()
         out = torch.empty_like(q)
-        rc = lib.paged_attention_decode(q.data_ptr(), store.data_ptr(), self._rows.data_ptr(), self._lens.data_ptr(),
-                                        out.data_ptr(), B, nh, nkv, hs, Tk, 1.0 / math.sqrt(hs),
-                                        int(q.dtype == torch.bfloat16), torch.get_num_threads())
+        rc = self.kernels.lib.paged_attention_decode(
+            q.data_ptr(), store.data_ptr(), self._rows.data_ptr(), self._lens.data_ptr(), out.data_ptr(), B, nh, nkv,
+            hs, Tk, 1.0 / math.sqrt(hs), int(q.dtype == torch.bfloat16), torch.get_num_threads())
         if rc:
             raise RuntimeError(f"paged attention kernel rejected its arguments (B={B}, heads={nh}/{nkv}, hs={hs})")
         return out

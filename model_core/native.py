@@ -1,10 +1,10 @@
-"""The C kernels (model_core/kernels/*.c): compiled on first use, loaded with ctypes.
+"""The C kernels (model_core/kernels/): one library per instruction set, compiled on first use, loaded with ctypes.
 
-All sources are compiled together, once, with the system C compiler into a per-user cache (named by
-a hash of the sources and flags; `AIGC_CACHE_DIR` moves it) and loaded with ctypes. They use OpenMP
-and share PyTorch's thread pool (the same libgomp is loaded). Where they cannot run (a CPU without
-AVX-512 BF16, no compiler, `AIGC_NATIVE_KERNELS=0`), `load_library` returns None and the callers keep
-their PyTorch paths. `python -m model_core.native --build` fills the cache ahead of time.
+Each ISA's library is compiled from its sources (see kernels/common.h) with the system C compiler into a
+per-user cache (named by a hash of the sources and flags; `AIGC_CACHE_DIR` moves it) and loaded with
+ctypes. They use OpenMP and share PyTorch's thread pool (the same libgomp is loaded). Which one a model
+uses is decided once, by `model_core.backend`. `python -m model_core.native --build` fills the cache
+ahead of time with every library this CPU runs.
 """
 
 from __future__ import annotations
@@ -14,30 +14,48 @@ import functools
 import hashlib
 import logging
 import os
+import platform
 import shutil
 import subprocess
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 log = logging.getLogger(__name__)
 
 KERNEL_DIR = Path(__file__).parent / "kernels"
-CFLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma", "-mf16c", "-fopenmp", "-fPIC",
-          "-shared")
-CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "fma", "f16c")
+COMMON_FLAGS = ("-O3", "-fopenmp", "-fPIC", "-shared")
+LIBS = ("-lm", "-Wl,-z,defs")  # a symbol left undefined fails the build, not the load
+SIMD_SOURCES = ("qmatmul.c", "qmatmul_i8.c", "attention.c", "ops.c", "layer.c", "cpu.c")
 
 
-@functools.lru_cache(maxsize=1)
-def cpu_flags() -> frozenset[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return frozenset(next((line for line in f if line.startswith("flags")), "").split())
-    except OSError:
-        return frozenset()
+@dataclass(frozen=True)
+class Isa:
+    name: str
+    arch: str  # the machine (platform.machine()) it runs on; "" = any
+    sources: tuple[str, ...]
+    flags: tuple[str, ...]
+    feature: int  # the aigc_cpu_features() bit it needs (0: none)
+    max_rows: int  # decode batches up to this many rows run on the quantized weights by default (measured)
+    q8_max_rows: int  # the same for 8-bit weights (their blocks cost more to decode in some builds)
+    int8: bool  # its matmuls round activations to int8 per block (integer dot products, as llama.cpp) by default
 
 
-def enabled() -> bool:
-    return os.environ.get("AIGC_NATIVE_KERNELS", "1").lower() not in ("0", "false", "no", "off")
+# best first; features as kernels/cpu.c reports them
+CPU_AVX2, CPU_AVX512BF16, CPU_NEON, CPU_NEON_DOTPROD = 1, 2, 4, 8
+ISAS: dict[str, Isa] = {isa.name: isa for isa in (
+    Isa("avx512bf16", "x86_64", (*SIMD_SOURCES, "qmatmul_avx512bf16.c"),
+        ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma", "-mf16c"), CPU_AVX512BF16, 6, 4, False),
+    Isa("avx2", "x86_64", SIMD_SOURCES, ("-mavx2", "-mfma", "-mf16c"), CPU_AVX2, 16, 16, True),
+    Isa("neon-dotprod", "aarch64", SIMD_SOURCES, ("-march=armv8.2-a+dotprod",), CPU_NEON | CPU_NEON_DOTPROD, 16, 16,
+        True),
+    Isa("neon", "aarch64", SIMD_SOURCES, ("-march=armv8-a",), CPU_NEON, 16, 16, False),
+    Isa("reference", "", ("reference.c", "layer.c", "cpu.c"), (), 0, 16, 16, False),
+)}
+
+
+class KernelsUnavailable(RuntimeError):
+    """An ISA's library cannot run here (not this CPU, no compiler, the build failed)."""
 
 
 def cache_dir() -> Path:
@@ -46,66 +64,132 @@ def cache_dir() -> Path:
     return Path(root) / "kernels"
 
 
-def _sources() -> list[Path]:
-    return sorted(KERNEL_DIR.glob("*.c"))
+def compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
 
 
-def library_path() -> Path:
-    """Where the kernels compile to: the cache, under a hash of the sources, headers and flags."""
-    digest = hashlib.sha256(" ".join(CFLAGS).encode())
+def command(isa: Isa, cc: str, out: Path) -> list[str]:
+    return [cc, *COMMON_FLAGS, *isa.flags, f'-DAIGC_ISA="{isa.name}"', *(str(KERNEL_DIR / s) for s in isa.sources),
+            *LIBS, "-o", str(out)]
+
+
+def library_path(isa: Isa, cc: str = "cc") -> Path:
+    """Where an ISA's library compiles to: the cache, under a hash of the sources, headers, flags and compiler."""
+    digest = hashlib.sha256(" ".join((*COMMON_FLAGS, *LIBS, *isa.flags, isa.name, *isa.sources,
+                                      os.path.basename(cc))).encode())
     for f in sorted(KERNEL_DIR.glob("*.[ch]")):
         digest.update(f.name.encode() + f.read_bytes())
-    return cache_dir() / f"aigc-kernels-{digest.hexdigest()[:16]}.so"
+    return cache_dir() / f"aigc-kernels-{isa.name}-{digest.hexdigest()[:16]}.so"
 
 
-def build() -> Path:
-    """Compile the kernels into the cache (whatever this CPU is); raises OSError/SubprocessError."""
-    target = library_path()
-    if target.exists():
-        return target
-    cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+def build(name: str, cc: str | None = None) -> Path:
+    """Compile an ISA's library into the cache (for this machine unless `cc` cross-compiles);
+    raises OSError/SubprocessError."""
+    isa = ISAS[name]
+    cc = cc or compiler()
     if cc is None:
         raise OSError("no C compiler (gcc or cc) on PATH")
+    target = library_path(isa, cc)
+    if target.exists():
+        return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         out = Path(tmp) / target.name
-        subprocess.run([cc, *CFLAGS, *map(str, _sources()), "-o", str(out)], check=True, capture_output=True,
-                       timeout=300)
+        subprocess.run(command(isa, cc, out), check=True, capture_output=True, timeout=300)
         os.replace(out, target)  # atomic: concurrent builders each install a whole file
     return target
 
 
+class Kernels:
+    """One ISA's loaded library, its entry points typed (see kernels/layer.c)."""
+
+    def __init__(self, isa: Isa, path: Path) -> None:
+        self.isa, self.path = isa, path
+        self.lib = lib = ctypes.CDLL(str(path))
+        ptr, i32, f32 = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
+        lib.aigc_kernels_isa.restype = ctypes.c_char_p
+        lib.aigc_kernels_isa.argtypes = []
+        lib.aigc_cpu_features.argtypes = []
+        lib.quant_matmul.argtypes = [ptr, i32, *[ptr] * 5, *[i32] * 5]
+        lib.paged_attention_decode.argtypes = [*[ptr] * 5, *[i32] * 5, f32, i32, i32]
+        lib.llama_rmsnorm.argtypes = [ptr, ptr, f32, ptr, i32, i32, i32]
+        lib.llama_add_rmsnorm.argtypes = [ptr, ptr, ptr, f32, ptr, i32, i32, i32]
+        lib.llama_swiglu.argtypes = [ptr, ptr, i32, i32, i32]
+        lib.llama_attention.argtypes = [ptr, i32, *[ptr] * 7, *[i32] * 6]
+        lib.llama_decode_layer.argtypes = [ptr, i32, i32, ptr, ptr, f32, *[ptr] * 7, *[i32] * 8]
+        for fn in (lib.aigc_cpu_features, lib.quant_matmul, lib.paged_attention_decode, lib.llama_decode_layer,
+                   lib.llama_rmsnorm, lib.llama_add_rmsnorm, lib.llama_swiglu, lib.llama_attention):
+            fn.restype = i32
+        built_for = lib.aigc_kernels_isa().decode()
+        if built_for != isa.name:
+            raise KernelsUnavailable(f"{path} holds the {built_for!r} kernels, not {isa.name!r}")
+
+    @property
+    def name(self) -> str:
+        return self.isa.name
+
+    def __repr__(self) -> str:
+        return f"Kernels({self.isa.name!r})"
+
+
+def features_from_cpuinfo(text: str, machine: str) -> int:
+    """CPU_* bits from /proc/cpuinfo's text (x86 `flags`, aarch64 `Features` lines)."""
+    words: set[str] = set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            words.update(value.split())
+    bits = 0
+    if {"avx2", "fma", "f16c"} <= words:
+        bits |= CPU_AVX2
+    if {"avx512f", "avx512bw", "avx512vl", "avx512_bf16"} <= words:
+        bits |= CPU_AVX512BF16
+    if "asimd" in words or machine in ("aarch64", "arm64"):
+        bits |= CPU_NEON
+    if "asimddp" in words:
+        bits |= CPU_NEON_DOTPROD
+    return bits
+
+
+def machine() -> str:
+    return platform.machine().lower().replace("arm64", "aarch64").replace("amd64", "x86_64")
+
+
 @functools.cache
-def load_library() -> ctypes.CDLL | None:
-    """The kernels as a loaded library, or None (the reason logged once) where they cannot run here."""
-    if not enabled():
-        return None
-    missing = [f for f in CPU_FLAGS if f not in cpu_flags()]
-    if missing:
-        log.info("native kernels off: this CPU lacks %s", ", ".join(missing))
-        return None
+def cpu_features() -> int:
+    """What this CPU runs (CPU_* bits), asked of the CPU through the reference library (CPUID, HWCAP: right under
+    emulators too), else read from /proc/cpuinfo."""
     try:
-        path = build()
+        return int(load("reference").lib.aigc_cpu_features())
+    except KernelsUnavailable:
+        try:
+            with open("/proc/cpuinfo") as f:
+                return features_from_cpuinfo(f.read(), machine())
+        except OSError:
+            return features_from_cpuinfo("", machine())
+
+
+def runs_here(isa: Isa) -> bool:
+    return (not isa.arch or isa.arch == machine()) and (cpu_features() & isa.feature) == isa.feature
+
+
+def runnable() -> list[str]:
+    """The ISAs this CPU executes, best first (the reference last)."""
+    return [name for name, isa in ISAS.items() if runs_here(isa)]
+
+
+@functools.cache
+def load(name: str) -> Kernels:
+    """An ISA's library, built if needed; KernelsUnavailable (with the reason) where it cannot run here."""
+    isa = ISAS[name]
+    if name != "reference" and not runs_here(isa):
+        raise KernelsUnavailable(f"this CPU cannot run the {name} kernels")
+    try:
+        return Kernels(isa, build(name))
     except (OSError, subprocess.SubprocessError) as e:
         stderr = getattr(e, "stderr", None) or b""
-        log.warning("native kernels off (PyTorch paths used): build failed: %s %s", e,
-                    stderr.decode(errors="replace")[-500:])
-        return None
-    lib = ctypes.CDLL(str(path))
-    lib.quant_matmul_bf16.argtypes = [*[ctypes.c_void_p] * 6, *[ctypes.c_int] * 4]
-    lib.paged_attention_decode.argtypes = [*[ctypes.c_void_p] * 5, *[ctypes.c_int] * 5, ctypes.c_float,
-                                           ctypes.c_int, ctypes.c_int]
-    lib.llama_decode_layer.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
-                                       ctypes.c_void_p, ctypes.c_float, *[ctypes.c_void_p] * 7, *[ctypes.c_int] * 6]
-    ptr, i32, f32 = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
-    lib.llama_rmsnorm.argtypes = [ptr, ptr, f32, ptr, i32, i32]
-    lib.llama_add_rmsnorm.argtypes = [ptr, ptr, ptr, f32, ptr, i32, i32]
-    lib.llama_swiglu.argtypes = [ptr, ptr, i32, i32]
-    lib.llama_attention.argtypes = [ptr, i32, *[ptr] * 7, *[i32] * 5]
-    for fn in (lib.quant_matmul_bf16, lib.paged_attention_decode, lib.llama_decode_layer, lib.llama_rmsnorm,
-               lib.llama_add_rmsnorm, lib.llama_swiglu, lib.llama_attention):
-        fn.restype = ctypes.c_int
-    return lib
+        raise KernelsUnavailable(f"building the {name} kernels failed: {e} {stderr.decode(errors='replace')[-500:]}"
+                                 ) from e
 
 
 if __name__ == "__main__":  # fill the cache, e.g. in an image build where the compiler is
@@ -113,4 +197,5 @@ if __name__ == "__main__":  # fill the cache, e.g. in an image build where the c
 
     if sys.argv[1:] != ["--build"]:
         sys.exit("usage: python -m model_core.native --build")
-    print(build())
+    for name in runnable():
+        print(name, load(name).path)

@@ -1,13 +1,11 @@
 """Matmuls on GGUF-quantized weights kept quantized (Q4_0, Q4_1, Q8_0), for decode-sized batches.
 
-A 135M-parameter model in Q4_1 is 97 MB; dequantized to bf16 it is 269 MB, and a decode step with
-few rows reads every weight once, so it is bound by memory traffic. `QuantLinear` keeps both forms:
-bf16 batches of at most `max_rows` rows go to a C kernel (kernels/qmatmul.c) that decodes each
-32-weight block in registers and takes exact products with the file's weights (fp32 sums); bigger
-batches (prefill) and other dtypes go to the dense layer, where oneDNN's matmul is faster.
-
-The kernel is built and loaded by model_core.native; where it cannot run (no compiler, no AVX-512
-BF16, another device) nothing changes: the dense layers are used.
+A 135M-parameter model in Q4_1 is 97 MB; dequantized to bf16 it is 269 MB (fp32: 540 MB), and a
+decode step with few rows reads every weight once, so it is bound by memory traffic. `QuantLinear`
+keeps both forms: float32/bfloat16 batches of at most `max_rows` rows go to the native kernel of the
+model's backend (model_core.native), which reads the blocks as stored and takes the product with the
+file's exact weights (fp32 sums); bigger batches (prefill), autograd and other devices go to the dense
+layer, where the BLAS matmul is faster.
 """
 
 from __future__ import annotations
@@ -17,18 +15,16 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from model_core import native
+from model_core.native import Kernels
 
 Q4_0, Q4_1, Q8_0 = 2, 3, 8  # GGML type ids
 BLOCK_BYTES = {Q4_0: 18, Q4_1: 20, Q8_0: 34}  # bytes per block of 32 weights
-# 8-bit blocks take more ops to decode than 4-bit ones: with SmolLM2's Q8_0 head the kernel beat the
-# dense bf16 matmul up to 2 rows, tied at 3-4 and lost from 6 (2-core Xeon, AVX512-BF16)
-Q8_MAX_ROWS = 4
+ACT = {torch.float32: 0, torch.bfloat16: 1}  # the kernels' activation dtypes (kernels/common.h)
 
 
 @dataclass(frozen=True)
 class QuantWeight:
-    """An (out_features, in_features) block-quantized weight, repacked for the kernel (see qmatmul.c):
+    """An (out_features, in_features) block-quantized weight, repacked for the kernels (see kernels/common.h):
     4-bit: nibbles `qs` (N, K/32, 16) uint8, `d` and `m` (N, K/32) float16 with w = d q + m;
     8-bit: `qs` (N, K/32, 32) holding int8 q, `d` (N, K/32) float16, `m` None, w = d q."""
 
@@ -76,39 +72,39 @@ class QuantWeight:
         return w.reshape(self.out_features, self.in_features)
 
 
-def qmatmul(x: torch.Tensor, w: QuantWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x (..., in_features) bfloat16 on the CPU -> x @ W^T (+ bias, added in fp32), bfloat16."""
-    lib = native.load_library()
-    if lib is None:
-        raise RuntimeError("the quantized matmul kernel is not available on this machine")
-    if x.dtype != torch.bfloat16 or x.device.type != "cpu":
-        raise ValueError(f"qmatmul takes bfloat16 CPU activations, not {x.dtype} on {x.device}")
+def qmatmul(x: torch.Tensor, w: QuantWeight, kernels: Kernels, bias: torch.Tensor | None = None,
+            int8: bool | None = None) -> torch.Tensor:
+    """x (..., in_features) float32 or bfloat16 on the CPU -> x @ W^T (+ bias, added in fp32), in x's dtype.
+    int8: round x to int8 per block of 32 first (integer dot products, as llama.cpp; default: what the kernels'
+    ISA does by default, see model_core.native)."""
+    if x.dtype not in ACT or x.device.type != "cpu":
+        raise ValueError(f"qmatmul takes float32 or bfloat16 CPU activations, not {x.dtype} on {x.device}")
     K, N = w.in_features, w.out_features
     if x.shape[-1] != K:
         raise ValueError(f"activations have {x.shape[-1]} features, the weight {K}")
     x2 = x.reshape(-1, K).contiguous()  # (M, K)
     M = x2.shape[0]
-    y = torch.empty(M, N, dtype=torch.bfloat16)
+    y = torch.empty(M, N, dtype=x.dtype)
     if bias is not None:
         bias = bias.to(torch.float32).contiguous()  # (N,)
     if M:
         m = None if w.m is None else w.m.data_ptr()
-        rc = lib.quant_matmul_bf16(x2.data_ptr(), w.qs.data_ptr(), w.d.data_ptr(), m,
-                                   None if bias is None else bias.data_ptr(), y.data_ptr(), M, N, K,
-                                   torch.get_num_threads())
+        rc = kernels.lib.quant_matmul(x2.data_ptr(), ACT[x.dtype], w.qs.data_ptr(), w.d.data_ptr(), m,
+                                      None if bias is None else bias.data_ptr(), y.data_ptr(), M, N, K,
+                                      int(kernels.isa.int8 if int8 is None else int8), torch.get_num_threads())
         if rc:
             raise RuntimeError(f"qmatmul rejected its arguments (M={M}, N={N}, K={K})")
     return y.view(*x.shape[:-1], N)
 
 
 class QuantLinear(nn.Module):
-    """A linear layer with a quantized copy of its weight: bf16 batches of at most `max_rows` rows use the
-    quantized kernel; larger ones, other dtypes and anything needing autograd the wrapped dense layer."""
+    """A linear layer with a quantized copy of its weight: float32/bf16 CPU batches of at most `max_rows` rows
+    use the kernel; larger ones, other dtypes and anything needing autograd the wrapped dense layer."""
 
     quant: QuantWeight
     qbias: torch.Tensor | None
 
-    def __init__(self, dense: nn.Module, weight: QuantWeight, max_rows: int) -> None:
+    def __init__(self, dense: nn.Module, weight: QuantWeight, max_rows: int, kernels: Kernels) -> None:
         super().__init__()
         if (weight.out_features, weight.in_features) != (dense.out_features, dense.in_features):
             raise ValueError(f"quantized weight {weight.out_features}x{weight.in_features} does not match the "
@@ -116,6 +112,7 @@ class QuantLinear(nn.Module):
         self.dense = dense
         self.quant = weight
         self.max_rows = max_rows
+        self.kernels = kernels
         self.in_features, self.out_features = dense.in_features, dense.out_features
         bias = getattr(dense, "bias", None)
         self.qbias = None if bias is None else bias.detach().float().contiguous()
@@ -128,18 +125,17 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // max(x.shape[-1], 1)
-        if rows > self.max_rows or x.requires_grad or x.dtype != torch.bfloat16 or x.device.type != "cpu":
+        if rows > self.max_rows or x.requires_grad or x.dtype not in ACT or x.device.type != "cpu":
             return self.dense(x)
-        return qmatmul(x, self.quant, self.qbias)
+        return qmatmul(x, self.quant, self.kernels, self.qbias)
 
 
-def attach_quantized(model: nn.Module, weights: dict[str, QuantWeight], max_rows: int) -> int:
-    """Wrap each linear layer named in `weights` (module paths, e.g. 'blocks.0.attn.qkv') in a
-    QuantLinear serving up to `max_rows` rows (at most Q8_MAX_ROWS for 8-bit weights); returns how
-    many were wrapped."""
+def attach_quantized(model: nn.Module, weights: dict[str, QuantWeight], max_rows: int, kernels: Kernels) -> int:
+    """Wrap each linear layer named in `weights` (module paths, e.g. 'blocks.0.attn.qkv') in a QuantLinear
+    serving up to `max_rows` rows (at most the kernels' limit for 8-bit weights); returns how many were wrapped."""
     for name, w in weights.items():
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        rows = max_rows if w.m is not None else min(max_rows, Q8_MAX_ROWS)
-        setattr(parent, attr, QuantLinear(getattr(parent, attr), w, rows))
+        rows = max_rows if w.m is not None else min(max_rows, kernels.isa.q8_max_rows)
+        setattr(parent, attr, QuantLinear(getattr(parent, attr), w, rows, kernels))
     return len(weights)

@@ -29,8 +29,12 @@ class Settings(BaseSettings):
     served_model_name: str | None = Field(None, description="model id clients use; default: file name")
     device: str = Field("auto", description="auto | cpu | cuda[:N]")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="weights/activations")
-    quant_max_rows: int = Field(6, ge=0, le=1024, description="matmuls of up to this many rows (decode batches) "
-                                "run on a GGUF's Q4_0/Q4_1/Q8_0 weights as stored (CPU, bf16); 0 = off")
+    kernels: Literal["auto", "torch", "avx512bf16", "avx2", "neon-dotprod", "neon", "reference"] = Field(
+        "auto", description="CPU decode backend: native kernels for an instruction set this CPU runs, or torch only; "
+        "auto = the best here")
+    quant_max_rows: int | None = Field(None, ge=0, le=1024, description="matmuls of up to this many rows (decode "
+                                       "batches) run on a GGUF's Q4_0/Q4_1/Q8_0 weights as stored (CPU kernels); "
+                                       "0 = off; default: the kernels' own (avx512bf16 6, others 16)")
     max_num_seqs: int = Field(32, ge=1, le=1024, description="max sequences decoded together")
     max_num_batched_tokens: int = Field(512, ge=16, description="token budget per engine step")
     kv_cache_memory_gb: float = Field(1.0, gt=0, description="memory for the KV cache")

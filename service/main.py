@@ -35,17 +35,15 @@ IMAGE_MODEL = "gan-digits"
 
 def build_text_model(settings: Settings, observer: EngineObserver | None = None) -> TextModel:
     """Load the LM and its tokenizer, size the KV cache from the memory budget, start the engine."""
-    from model_core.device import select_device, select_dtype
     from model_core.kv_cache import PagedKVCache
     from model_core.tokenizer import find_default_model
-    from model_core.weights.loader import load_lm
+    from model_core.weights.loader import load_for_inference
     from service.engine.engine import EngineConfig, LLMEngine
     from service.engine.runner import ModelRunner
 
-    device = select_device(settings.device)
-    dtype = select_dtype(settings.dtype, device)
-    lm = load_lm(settings.model or find_default_model(), dtype, device, quantized_max_rows=settings.quant_max_rows)
-    cfg = lm.config
+    lm = load_for_inference(settings.model or find_default_model(), settings.device, settings.dtype, settings.kernels,
+                            settings.quant_max_rows)
+    cfg, dtype = lm.config, lm.model.embed.weight.dtype
     max_len = min(cfg.max_seq_len, settings.max_model_len or cfg.max_seq_len)
     per_block = PagedKVCache.bytes_per_token(cfg.n_layers, cfg.n_kv_heads, cfg.hd, dtype) * settings.block_size
     num_blocks = int(settings.kv_cache_memory_gb * 2**30) // per_block
@@ -53,7 +51,8 @@ def build_text_model(settings: Settings, observer: EngineObserver | None = None)
         raise ValueError(
             f"kv_cache_memory_gb={settings.kv_cache_memory_gb} holds {num_blocks * settings.block_size} tokens, "
             f"fewer than one sequence of max_model_len={max_len}; raise the budget or lower max_model_len")
-    runner = ModelRunner(lm.model, num_blocks, settings.block_size, tuple(lm.tokenizer.eos_token_ids))
+    runner = ModelRunner(lm.model, num_blocks, settings.block_size, tuple(lm.tokenizer.eos_token_ids),
+                         lm.backend.kernels)
     engine = LLMEngine(runner, lm.tokenizer, EngineConfig(
         max_num_seqs=settings.max_num_seqs, max_num_batched_tokens=settings.max_num_batched_tokens,
         block_size=settings.block_size, num_blocks=num_blocks, max_model_len=max_len,

@@ -2,11 +2,38 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
+from model_core import native
+from model_core.backend import DecodeBackend, select_backend
 from model_core.lm import CausalLM, LMConfig
+from model_core.native import Kernels
 from model_core.tokenizer import Tokenizer, find_default_model
+
+
+def pytest_report_header() -> list[str]:
+    """Which decode backends this run exercises: every native build this CPU executes, and PyTorch."""
+    auto = select_backend("auto")
+    return [f"decode backends: auto = {auto.name} ({auto.reason}); native builds tested here: "
+            f"{', '.join(native.runnable()) or 'none'}; plus torch"]
+
+
+@functools.cache
+def kernels_for(isa: str) -> Kernels:
+    return native.load(isa)
+
+
+def native_isas(reference: bool = True) -> list[str]:
+    """The native builds this CPU runs (each test parametrized over them runs them all)."""
+    return [isa for isa in native.runnable() if reference or isa != "reference"]
+
+
+@pytest.fixture(scope="session")
+def auto_backend() -> DecodeBackend:
+    return select_backend("auto")
 
 
 @pytest.fixture(scope="session")
@@ -37,10 +64,10 @@ def tiny_model() -> CausalLM:
     return tiny_llama()
 
 
-def tiny_llama_q4(max_rows: int, seed: int = 0) -> CausalLM:
-    """tiny_llama with its projections stored as GGUF Q4_1 blocks, served in bf16 the way the loader
-    serves a 4-bit GGUF on the CPU: dense bf16 copies for prompts, the 4-bit kernel for batches of at
-    most `max_rows` rows, decode steps through the fused decoder (when the native kernels build)."""
+def tiny_llama_q4(max_rows: int, kernels: Kernels, dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> CausalLM:
+    """tiny_llama with its projections stored as GGUF Q4_1 blocks, served the way the loader serves a 4-bit
+    GGUF on the CPU (the head too): dense copies for prompts, the 4-bit kernel for batches of at most `max_rows` rows,
+    decode steps through the fused decoder."""
     import gguf
     import numpy as np
     from gguf.quants import dequantize, quantize
@@ -54,13 +81,13 @@ def tiny_llama_q4(max_rows: int, seed: int = 0) -> CausalLM:
     blocks: dict[str, QuantWeight] = {}
     with torch.no_grad():
         for name, mod in model.named_modules():
-            if isinstance(mod, torch.nn.Linear) and name.startswith("blocks."):
+            if isinstance(mod, torch.nn.Linear) and (name.startswith("blocks.") or name == "lm_head"):
                 raw = quantize(mod.weight.numpy(), q4)
                 mod.weight.copy_(torch.from_numpy(np.asarray(dequantize(raw, q4)).reshape(mod.weight.shape)))
                 blocks[name] = QuantWeight.from_ggml(int(q4), torch.from_numpy(np.ascontiguousarray(raw)))
-    model = model.to(torch.bfloat16)
-    if packing_available(torch.bfloat16, torch.device("cpu")):
+    model = model.to(dtype)
+    if packing_available(dtype, torch.device("cpu")):
         pack_linears(model)
-    attach_quantized(model, blocks, max_rows)
-    model.decoder_fast_path = FusedLlamaDecoder.build(model)
+    attach_quantized(model, blocks, max_rows, kernels)
+    model.decoder_fast_path = FusedLlamaDecoder.build(model, kernels)
     return model

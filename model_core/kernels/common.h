@@ -1,10 +1,24 @@
-/* Shared helpers and the entry points of the kernels library (see model_core/native.py). */
+/* Shared by every build of the kernels library (see model_core/native.py).
+ *
+ * The library is compiled once per instruction set (ISA) from the same entry points (layer.c):
+ *   reference   reference.c: plain C, no SIMD; what the SIMD builds are tested against
+ *   avx2        qmatmul.c, attention.c, ops.c with GCC vector types (simd.h) at 8 floats
+ *   avx512bf16  the same at 16 floats, plus AVX512-BF16 dot products for bf16 activations
+ *   neon        the same at 4 floats (aarch64)
+ * The k_* primitives below are what each build implements; layer.c composes them.
+ *
+ * Activations (act) are float32 (ACT_F32) or bfloat16 (ACT_BF16, stored as uint16_t). In bf16, every
+ * op rounds where PyTorch's bf16 modules round (norms, residual adds, SwiGLU, matmul outputs).
+ */
 #ifndef AIGC_KERNELS_COMMON_H
 #define AIGC_KERNELS_COMMON_H
 
-#include <immintrin.h>
+#include <math.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <string.h>
+
+enum { ACT_F32 = 0, ACT_BF16 = 1 };
 
 static inline float bf16_to_float(uint16_t h) {
     const uint32_t u = (uint32_t)h << 16;
@@ -22,38 +36,74 @@ static inline uint16_t float_to_bf16(float f) {
     return (uint16_t)(u >> 16);
 }
 
-/* 16 bf16 at p -> fp32 */
-static inline __m512 load_bf16x16(const uint16_t *p) {
-    const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+/* IEEE half (the GGUF block scales) -> float, exact */
+static inline float half_to_float(uint16_t h) {
+    const uint32_t sign = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 0x1Fu, f = h & 0x3FFu;
+    uint32_t u;
+    if (e == 0x1F) {
+        u = sign | 0x7F800000u | (f << 13); /* inf, NaN */
+    } else if (e) {
+        u = sign | ((e + 112u) << 23) | (f << 13);
+    } else { /* zero or subnormal: f * 2^-24 */
+        float v = (float)f * 5.9604644775390625e-8f;
+        memcpy(&u, &v, 4);
+        u |= sign;
+    }
+    float r;
+    memcpy(&r, &u, 4);
+    return r;
 }
 
-/* 16 fp32 -> 16 bf16 at p (round to nearest even, like float_to_bf16) */
-static inline void store_bf16x16(uint16_t *p, __m512 v) {
-    _mm256_storeu_si256((__m256i *)p, (__m256i)_mm512_cvtneps_pbh(v));
+static inline float load_act(const void *p, size_t i, int act) {
+    return act == ACT_BF16 ? bf16_to_float(((const uint16_t *)p)[i]) : ((const float *)p)[i];
 }
 
-/* e^x for x <= 0, relative error ~2e-7: 2^n * p(r), r = x - n ln2 */
-static inline __m512 exp_neg(__m512 x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-    p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-    return _mm512_scalef_ps(p, n);
+static inline void store_act(void *p, size_t i, float v, int act) {
+    if (act == ACT_BF16)
+        ((uint16_t *)p)[i] = float_to_bf16(v);
+    else
+        ((float *)p)[i] = v;
 }
 
-int quant_matmul_bf16(const uint16_t *x, const uint8_t *qs, const uint16_t *d, const uint16_t *m,
-                   const float *bias, uint16_t *y, int M, int N, int K, int nthreads);
+/* v as the activation dtype holds it */
+static inline float round_act(float v, int act) { return act == ACT_BF16 ? bf16_to_float(float_to_bf16(v)) : v; }
 
-int paged_attention_decode(const void *q, const void *kv, const int64_t *rows, const int32_t *lens, void *out,
-                           int B, int nh, int nkv, int hs, int Tk, float scale, int bf16, int nthreads);
+static inline size_t act_size(int act) { return act == ACT_BF16 ? 2 : 4; }
+
+/* 32 activations -> int8 q with x ~ scale * q: scale = max|x| / 127, q = x / scale rounded to nearest even
+ * (nearbyintf in the default rounding mode; the SIMD builds' conversions round the same way). Returns the
+ * scale; q_sum gets the sum of q. */
+static inline float quantize_block(const float *x, int8_t *q, int *q_sum) {
+    float amax = 0.0f;
+    for (int i = 0; i < 32; i++) amax = fabsf(x[i]) > amax ? fabsf(x[i]) : amax;
+    const float scale = amax / 127.0f, inv = scale > 0.0f ? 1.0f / scale : 0.0f;
+    int s = 0;
+    for (int i = 0; i < 32; i++) {
+        q[i] = (int8_t)nearbyintf(x[i] * inv);
+        s += q[i];
+    }
+    *q_sum = s;
+    return scale;
+}
+
+/* The primitives every build implements. Shapes in elements; all activations in `act`.
+ * k_qmatmul: y (M, N) = x (M, K) W^T (+ bias fp32), W as GGML blocks of 32 repacked (see
+ *   model_core/qmatmul.py): 4-bit qs (N, K/32, 16) nibbles with fp16 d, m (N, K/32), w = d q + m;
+ *   8-bit (m NULL) qs (N, K/32, 32) int8 with fp16 d, w = d q. Returns 0 or -1.
+ *   i8 = 0: the exact products with x. i8 = 1: with x rounded to int8 per block of 32 first (quantize_block:
+ *   the same rounding in every build), which lets AVX2 and NEON take integer dot products as llama.cpp
+ *   does; the other builds compute the same numbers from the dequantized activations.
+ * k_attention: out (B, nh, hs) = softmax(scale q K^T) V for q (B, nh, hs), keys/values read in place from
+ *   a paged layer kv (rows, 2 nkv, hs) through rows (B, Tk), lens[b] keys each. Returns 0 or -1.
+ * k_rmsnorm: out (B, C) = rmsnorm(x) * w.  k_add: x += y (n).  k_swiglu: g (B, F) = silu(gate) * up
+ *   of gu (B, 2F).  k_rope: rotate nheads heads of hs (half-split form) by fp32 cos, sin (hs). */
+int k_qmatmul(const void *x, int act, const uint8_t *qs, const uint16_t *d, const uint16_t *m, const float *bias,
+              void *y, int M, int N, int K, int i8, int nthreads);
+int k_attention(const void *q, const void *kv, const int64_t *rows, const int32_t *lens, void *out, int B, int nh,
+                int nkv, int hs, int Tk, float scale, int act, int nthreads);
+void k_rmsnorm(const void *x, const void *w, float eps, void *out, int B, int C, int act);
+void k_add(void *x, const void *y, size_t n, int act);
+void k_swiglu(const void *gu, void *g, int B, int F, int act);
+void k_rope(void *v, int nheads, int hs, const float *cos, const float *sin, int act);
 
 #endif

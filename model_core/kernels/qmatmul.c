@@ -1,151 +1,108 @@
-/* y = x W^T for bfloat16 activations and GGML block-quantized weights (Q4_0, Q4_1, Q8_0), for small
- * batches of rows (decode steps), reading the weights about as compact as in the file.
+/* y = x W^T for GGML block-quantized weights (Q4_0, Q4_1, Q8_0) kept as stored, for small batches of
+ * rows (decode steps), in the SIMD builds; fp32 or bf16 activations.
  *
- * Weights come repacked per block of 32: the quants qs and fp16 scales d (and, for 4 bits, m).
- * 4 bits: 16 bytes of nibbles in ggml's order (low nibbles are weights 0..15, high nibbles 16..31),
- * w = d q + m (Q4_0 has m = -8 d). For the block's 32 activations x:
- *     sum_i w_i x_i = d * sum_i (128 + q_i) x_i + (m - 128 d) * sum_i x_i
- * 128 + q is exact in bfloat16 (its bits are 0x4300 | q), so a block costs three integer ops to decode.
- * 8 bits (m = NULL): 32 int8 q, w = d q; q converts exactly to bfloat16.
- * Per row and block: one AVX512-BF16 dot product (exact products, fp32 sums) and one FMA by d, so the
- * result is the exact product with the file's weights, accumulated in fp32. Threads split the output
- * columns; the result is rounded to bfloat16 (nearest even).
+ * Each thread takes weight rows in turn: it dequantizes the row into an fp32 buffer in L1 (w = d q + m,
+ * exactly the float32 weights GGUF readers produce) and takes its dot products with every activation
+ * row (fp32 FMAs; bf16 activations are widened once per call). The weights stream from memory once per
+ * call, at about their stored size. The AVX512-BF16 build sends bf16 activations to its own kernel
+ * (qmatmul_avx512bf16.c).
  */
 #include <stdlib.h>
 
-#include "common.h"
+#include "simd.h"
 
-#ifndef PREFETCH_ROWS
 #define PREFETCH_ROWS 4
+#define BLOCK 32
+
+#if defined(__AVX2__) || defined(__ARM_FEATURE_DOTPROD)
+#define QMATMUL_I8 /* this build has integer dot products for i8 mode (qmatmul_i8.c) */
+int qmatmul_i8(const void *x, int act, const uint8_t *qs, const uint16_t *d, const uint16_t *m, const float *bias,
+               void *y, int M, int N, int K, int nthreads);
 #endif
 
-/* a 4-bit block's 32 weights as bfloat16 (128 + q) */
-static inline __m512bh decode_q4(const uint8_t *qs) {
-    const __m256i both = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)qs)); /* [qs | qs] */
-    const __m512i words = _mm512_cvtepu8_epi16(both);
-    const __m512i shifts = _mm512_set_epi64(0x0004000400040004LL, 0x0004000400040004LL, 0x0004000400040004LL,
-                                            0x0004000400040004LL, 0, 0, 0, 0);
-    const __m512i q = _mm512_srlv_epi16(words, shifts); /* words 16..31 take the high nibbles */
-    /* (q & 0x000F) | 0x4300 */
-    return (__m512bh)_mm512_ternarylogic_epi32(q, _mm512_set1_epi16(0x000F), _mm512_set1_epi16(0x4300), 0xEA);
+#if defined(__AVX512BF16__)
+int qmatmul_avx512bf16(const uint16_t *x, const uint8_t *qs, const uint16_t *d, const uint16_t *m, const float *bias,
+                       uint16_t *y, int M, int N, int K, int nthreads);
+#endif
+
+/* one weight row of nb blocks -> wf (nb * 32 floats) */
+static void dequantize_row(const uint8_t *qs, const uint16_t *d, const uint16_t *m, int nb, float *wf) {
+    if (m)
+        for (int b = 0; b < nb; b++) dequant_q4(qs + (size_t)b * 16, half_f32(d[b]), half_f32(m[b]), wf + b * 32);
+    else
+        for (int b = 0; b < nb; b++) dequant_q8(qs + (size_t)b * 32, half_f32(d[b]), wf + b * 32);
 }
 
-/* an 8-bit block's 32 weights (q) as bfloat16 */
-static inline __m512bh decode_q8(const uint8_t *qs) {
-    const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)qs)));
-    const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(qs + 16))));
-    return _mm512_cvtne2ps_pbh(hi, lo);
+/* MT activation rows (row stride K) . w -> sums[0..MT). Every row sums its products in the same order
+ * whatever MT is (two accumulators, even and odd vectors, then the lanes), so a row's result does not
+ * depend on the batch it came in. */
+INLINE void dot_rows(const float *w, const float *x, int K, float *sums, const int MT) {
+    vf acc[MT][2];
+    for (int i = 0; i < MT; i++) acc[i][0] = acc[i][1] = vset1(0.0f);
+    for (int k = 0; k < K; k += 2 * VL) { /* K is a multiple of 32 >= 2 VL */
+        const vf w0 = vload(w + k), w1 = vload(w + k + VL);
+        for (int i = 0; i < MT; i++) {
+            acc[i][0] += w0 * vload(x + (size_t)i * K + k);
+            acc[i][1] += w1 * vload(x + (size_t)i * K + k + VL);
+        }
+    }
+    for (int i = 0; i < MT; i++) sums[i] = vsum(acc[i][0] + acc[i][1]);
 }
 
-/* MT rows of x (row stride K) against one weight row (QB bytes of quants per block) -> sums[0..MT) of
- * d * dot(decoded q, x) over its blocks. Two accumulators per row (even and odd blocks) keep the FMA
- * latency off the critical path. */
-#define DEFINE_TILE(NAME, DECODE, QB, MT)                                                                \
-    static void NAME(const uint8_t *qs, const float *d, const uint16_t *x, int K, int nb, __m512 *sums) { \
-        __m512 a0[MT], a1[MT];                                                                           \
-        for (int i = 0; i < MT; i++) a0[i] = a1[i] = _mm512_setzero_ps();                               \
-        int b = 0;                                                                                       \
-        for (; b + 2 <= nb; b += 2) {                                                                    \
-            const __m512bh w0 = DECODE(qs + (size_t)b * QB), w1 = DECODE(qs + (size_t)(b + 1) * QB);     \
-            const __m512 d0 = _mm512_set1_ps(d[b]), d1 = _mm512_set1_ps(d[b + 1]);                         \
-            _Pragma("GCC unroll 16") for (int i = 0; i < MT; i++) {                                      \
-                const uint16_t *xb = x + (size_t)i * K + (size_t)b * 32;                                 \
-                const __m512 p0 = _mm512_dpbf16_ps(_mm512_setzero_ps(), w0, (__m512bh)_mm512_loadu_si512(xb)); \
-                const __m512 p1 = _mm512_dpbf16_ps(_mm512_setzero_ps(), w1, (__m512bh)_mm512_loadu_si512(xb + 32)); \
-                a0[i] = _mm512_fmadd_ps(p0, d0, a0[i]);                                                  \
-                a1[i] = _mm512_fmadd_ps(p1, d1, a1[i]);                                                  \
-            }                                                                                            \
-        }                                                                                                \
-        if (b < nb) {                                                                                    \
-            const __m512bh w0 = DECODE(qs + (size_t)b * QB);                                             \
-            const __m512 d0 = _mm512_set1_ps(d[b]);                                                      \
-            for (int i = 0; i < MT; i++) {                                                               \
-                const uint16_t *xb = x + (size_t)i * K + (size_t)b * 32;                                 \
-                const __m512 p0 = _mm512_dpbf16_ps(_mm512_setzero_ps(), w0, (__m512bh)_mm512_loadu_si512(xb)); \
-                a0[i] = _mm512_fmadd_ps(p0, d0, a0[i]);                                                  \
-            }                                                                                            \
-        }                                                                                                \
-        for (int i = 0; i < MT; i++) sums[i] = _mm512_add_ps(a0[i], a1[i]);                              \
-    }
-
-#define DEFINE_TILES(Q, QB)                          \
-    DEFINE_TILE(tile_##Q##_1, decode_##Q, QB, 1)     \
-    DEFINE_TILE(tile_##Q##_2, decode_##Q, QB, 2)     \
-    DEFINE_TILE(tile_##Q##_4, decode_##Q, QB, 4)     \
-    DEFINE_TILE(tile_##Q##_8, decode_##Q, QB, 8)
-
-DEFINE_TILES(q4, 16)
-DEFINE_TILES(q8, 32)
-
-/* x: (M, K) bf16; qs: (N, K/32, 16) uint8 nibbles with d, m: (N, K/32) fp16, or (N, K/32, 32) int8 with
- * d and m = NULL (Q8_0); bias: N fp32 or NULL; y: (M, N) bf16. Returns 0, or -1 for bad arguments. */
-int quant_matmul_bf16(const uint16_t *x, const uint8_t *qs, const uint16_t *d, const uint16_t *m,
-                      const float *bias, uint16_t *y, int M, int N, int K, int nthreads) {
-    if (K % 32 || M <= 0 || N <= 0) return -1;
-    const int nb = K / 32, qb = m ? 16 : 32;
-    float *xsum = NULL; /* (M, nb) block sums of x, for the 4-bit offset term */
-    if (m) {
-        xsum = malloc(((size_t)M * nb + 16) * sizeof(float));
-        if (!xsum) return -1;
-        for (int r = 0; r < M; r++)
-            for (int b = 0; b < nb; b++) {
-                float s = 0.0f;
-                for (int i = 0; i < 32; i++) s += bf16_to_float(x[(size_t)r * K + (size_t)b * 32 + i]);
-                xsum[(size_t)r * nb + b] = s;
-            }
-    }
-#pragma omp parallel for schedule(static) num_threads(nthreads)
-    for (int n = 0; n < N; n++) {
-        const uint8_t *qn = qs + (size_t)n * nb * qb;
-        const uint16_t *dn = d + (size_t)n * nb, *mn = m ? m + (size_t)n * nb : NULL;
-        const float bn = bias ? bias[n] : 0.0f;
-        if (n + PREFETCH_ROWS < N) { /* the weight stream of a later row, ahead of the hardware prefetcher */
-            const uint8_t *ahead = qs + (size_t)(n + PREFETCH_ROWS) * nb * qb;
-            for (int c = 0; c < nb * qb; c += 64) _mm_prefetch((const char *)ahead + c, _MM_HINT_T0);
-            _mm_prefetch((const char *)(d + (size_t)(n + PREFETCH_ROWS) * nb), _MM_HINT_T0);
-            if (m) _mm_prefetch((const char *)(m + (size_t)(n + PREFETCH_ROWS) * nb), _MM_HINT_T0);
+int k_qmatmul(const void *x, int act, const uint8_t *qs, const uint16_t *d, const uint16_t *m, const float *bias,
+              void *y, int M, int N, int K, int i8, int nthreads) {
+    if (K % BLOCK || M <= 0 || N <= 0) return -1;
+#if defined(__AVX512BF16__)
+    if (act == ACT_BF16 && !i8) return qmatmul_avx512bf16(x, qs, d, m, bias, y, M, N, K, nthreads);
+#endif
+#if defined(QMATMUL_I8)
+    if (i8) return qmatmul_i8(x, act, qs, d, m, bias, y, M, N, K, nthreads);
+#endif
+    const int nb = K / BLOCK;
+    const size_t row_bytes = (size_t)nb * (m ? 16 : 32);
+    const float *xf = x;
+    float *widened = NULL;
+    if (act == ACT_BF16 || i8) { /* (M, K) fp32 copy of the activations (i8: rounded to int8 and back) */
+        widened = malloc((size_t)M * K * sizeof(float));
+        if (!widened) return -1;
+        for (size_t i = 0; i < (size_t)M * K; i++) widened[i] = load_act(x, i, act);
+        for (size_t b = 0; i8 && b < (size_t)M * nb; b++) {
+            int8_t q[BLOCK];
+            int q_sum;
+            const float scale = quantize_block(widened + b * BLOCK, q, &q_sum);
+            for (int i = 0; i < BLOCK; i++) widened[b * BLOCK + i] = (float)q[i] * scale;
         }
-        float d32[nb + 16]; /* this row's d as fp32, o = m - 128 d */
-        float o32[nb + 16];
-        for (int b = 0; b < nb; b += 16) {
-            const __mmask16 k = nb - b >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (nb - b)) - 1u);
-            const __m512 db = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, dn + b));
-            _mm512_storeu_ps(d32 + b, db);
-            if (mn) {
-                const __m512 mb = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, mn + b));
-                _mm512_storeu_ps(o32 + b, _mm512_fnmadd_ps(db, _mm512_set1_ps(128.0f), mb));
+        xf = widened;
+    }
+    int bad = 0;
+#pragma omp parallel num_threads(nthreads) reduction(| : bad)
+    {
+        float *wf = malloc((size_t)K * sizeof(float));
+        if (!wf) bad = 1;
+#pragma omp for schedule(static)
+        for (int n = 0; n < N; n++) {
+            if (!wf) continue;
+            if (n + PREFETCH_ROWS < N) { /* a later row's stream, ahead of the hardware prefetcher */
+                const uint8_t *ahead = qs + (size_t)(n + PREFETCH_ROWS) * row_bytes;
+                for (size_t c = 0; c < row_bytes; c += 64) __builtin_prefetch(ahead + c);
             }
-        }
-        __m512 sums[8];
-        for (int r0 = 0; r0 < M;) {
-            const int left = M - r0;
-            const int mt = left >= 8 ? 8 : left >= 4 ? 4 : left >= 2 ? 2 : 1;
-            const uint16_t *xr = x + (size_t)r0 * K;
-            switch (mt * (m ? 1 : -1)) {
-            case 8: tile_q4_8(qn, d32, xr, K, nb, sums); break;
-            case 4: tile_q4_4(qn, d32, xr, K, nb, sums); break;
-            case 2: tile_q4_2(qn, d32, xr, K, nb, sums); break;
-            case 1: tile_q4_1(qn, d32, xr, K, nb, sums); break;
-            case -8: tile_q8_8(qn, d32, xr, K, nb, sums); break;
-            case -4: tile_q8_4(qn, d32, xr, K, nb, sums); break;
-            case -2: tile_q8_2(qn, d32, xr, K, nb, sums); break;
-            default: tile_q8_1(qn, d32, xr, K, nb, sums); break;
-            }
-            for (int i = 0; i < mt; i++) {
-                __m512 acc = sums[i];
-                if (xsum) { /* + sum over blocks of (m - 128 d) * sum(x of the block) */
-                    const float *xs = xsum + (size_t)(r0 + i) * nb;
-                    for (int b = 0; b < nb; b += 16) {
-                        const __mmask16 k = nb - b >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (nb - b)) - 1u);
-                        acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, o32 + b), _mm512_maskz_loadu_ps(k, xs + b),
-                                              acc);
-                    }
+            dequantize_row(qs + (size_t)n * row_bytes, d + (size_t)n * nb, m ? m + (size_t)n * nb : NULL, nb, wf);
+            const float bn = bias ? bias[n] : 0.0f;
+            float sums[4];
+            for (int r0 = 0; r0 < M;) {
+                const int left = M - r0, mt = left >= 4 ? 4 : left >= 2 ? 2 : 1;
+                const float *xr = xf + (size_t)r0 * K;
+                switch (mt) {
+                case 4: dot_rows(wf, xr, K, sums, 4); break;
+                case 2: dot_rows(wf, xr, K, sums, 2); break;
+                default: dot_rows(wf, xr, K, sums, 1); break;
                 }
-                y[(size_t)(r0 + i) * N + n] = float_to_bf16(_mm512_reduce_add_ps(acc) + bn);
+                for (int i = 0; i < mt; i++) store_act(y, (size_t)(r0 + i) * N + n, sums[i] + bn, act);
+                r0 += mt;
             }
-            r0 += mt;
         }
+        free(wf);
     }
-    free(xsum);
-    return 0;
+    free(widened);
+    return bad ? -1 : 0;
 }

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import torch
 
-from model_core import native
+from model_core.backend import TORCH, DecodeBackend, select_backend
+from model_core.device import select_device, select_dtype
 from model_core.fused_decode import FusedLlamaDecoder
 from model_core.lm import CausalLM, LMConfig
 from model_core.packing import pack_linears, packing_available
@@ -29,16 +30,18 @@ class LoadedLM:
     path: str
     name: str
     load_seconds: float
+    backend: DecodeBackend  # what runs decode steps; give its kernels to the KV cache
 
 
 def load_lm(path: str | os.PathLike[str], dtype: torch.dtype = torch.float32,
-            device: torch.device | str = "cpu", pack: bool = True, quantized_max_rows: int = 0,
-            native_decode: bool = True) -> LoadedLM:
-    """pack: on CPUs in bf16, pre-pack linear weights for oneDNN (same results, faster matmuls).
-    quantized_max_rows: for a GGUF file on the CPU, keep its Q4_0/Q4_1/Q8_0 weights quantized as well and run
-    matmuls of up to this many rows (decode steps) on them (0 = off; see model_core.qmatmul).
-    native_decode: run decode steps of bf16 llama models on the CPU with native kernels between the
-    matmuls (model_core.fused_decode), where the kernels build."""
+            device: torch.device | str = "cpu", pack: bool = True, quantized_max_rows: int | None = 0,
+            native_decode: bool = True, backend: DecodeBackend = TORCH) -> LoadedLM:
+    """pack: on CPUs that run oneDNN's bf16 matmuls, pre-pack bf16 linear weights (same results, faster).
+    backend: what runs decode steps (model_core.backend.select_backend); with native kernels:
+    quantized_max_rows: for a GGUF file, keep its Q4_0/Q4_1/Q8_0 weights quantized as well and run matmuls of up
+    to this many rows (decode steps) on them (0 = off, None = the backend's default; see model_core.qmatmul);
+    native_decode: run decode steps of llama models with native kernels between the matmuls
+    (model_core.fused_decode)."""
     from gguf import GGUFReader
 
     from model_core.weights.gguf import load_gguf, load_gguf_blocks
@@ -63,16 +66,30 @@ def load_lm(path: str | os.PathLike[str], dtype: torch.dtype = torch.float32,
     model = build_lm(cfg, sd, dtype=dtype, device=device)
     if pack and packing_available(dtype, torch.device(device)):
         log.info("packed %d linear layers for oneDNN", pack_linears(model))
-    on_cpu = torch.device(device).type == "cpu"
-    if quantized_max_rows > 0 and reader is not None and on_cpu and native.load_library() is not None:
-        n = attach_quantized(model, load_gguf_blocks(p, cfg, reader), quantized_max_rows)
-        log.info("%d linear layers also run on their quantized weights for up to %d rows", n, quantized_max_rows)
-    if native_decode and on_cpu:
-        model.decoder_fast_path = FusedLlamaDecoder.build(model)
+    kernels = backend.kernels if torch.device(device).type == "cpu" else None
+    if kernels is None:
+        backend = TORCH
+    max_rows = backend.quant_max_rows if quantized_max_rows is None else quantized_max_rows
+    if kernels is not None and max_rows > 0 and reader is not None:
+        n = attach_quantized(model, load_gguf_blocks(p, cfg, reader), max_rows, kernels)
+        log.info("%d linear layers also run on their quantized weights for up to %d rows", n, max_rows)
+    if kernels is not None and native_decode:
+        model.decoder_fast_path = FusedLlamaDecoder.build(model, kernels)
         if model.decoder_fast_path is not None:
             log.info("decode steps run with native kernels between matmuls (one call per layer up to %d rows)",
                      model.decoder_fast_path.max_rows)
     dt = time.perf_counter() - t0
     log.info("loaded %s (%s, %d layers, d=%d) as %s on %s in %.1fs", name, cfg.arch, cfg.n_layers,
              cfg.d_model, dtype, device, dt)
-    return LoadedLM(model, tok, cfg, str(p), name, dt)
+    return LoadedLM(model, tok, cfg, str(p), name, dt, backend)
+
+
+def load_for_inference(path: str | os.PathLike[str], device: str = "auto", dtype: str = "auto", kernels: str = "auto",
+                       quantized_max_rows: int | None = None) -> LoadedLM:
+    """Device, then decode backend, then dtype (auto picks by what the backend computes fast), then the model;
+    logs one line naming the backend, ISA, dtype and threads."""
+    dev = select_device(device)
+    backend = select_backend(kernels, dev)
+    lm = load_lm(path, select_dtype(dtype, dev, backend), dev, quantized_max_rows=quantized_max_rows, backend=backend)
+    log.info("%s", lm.backend.describe(lm.model.embed.weight.dtype, torch.get_num_threads()))
+    return lm

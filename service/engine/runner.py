@@ -14,6 +14,7 @@ import torch
 
 from model_core.kv_cache import PagedKVCache
 from model_core.lm import CausalLM
+from model_core.native import Kernels
 from model_core.sampling import SamplingParams, compute_logprobs, process_logits, sample
 from service.engine.scheduler import ScheduledChunk, SchedulerOutput
 
@@ -29,14 +30,16 @@ class SampleResult:
 
 
 class ModelRunner:
-    def __init__(self, model: CausalLM, num_blocks: int, block_size: int, eos_token_ids: tuple[int, ...]) -> None:
+    def __init__(self, model: CausalLM, num_blocks: int, block_size: int, eos_token_ids: tuple[int, ...],
+                 kernels: Kernels | None = None) -> None:
+        """kernels: the model's decode backend's (LoadedLM.backend.kernels), for the KV cache."""
         cfg = model.cfg
         self.model = model
         self.device = model.embed.weight.device
         self.dtype = model.embed.weight.dtype
         self.eos_token_ids = eos_token_ids
         self.cache = PagedKVCache(cfg.n_layers, num_blocks, block_size, cfg.n_kv_heads, cfg.hd, self.dtype,
-                                  self.device, max_positions=cfg.max_seq_len)
+                                  self.device, max_positions=cfg.max_seq_len, kernels=kernels)
 
     def _forward(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
         """One forward over chunks of possibly different lengths (shorter ones padded).

@@ -11,11 +11,14 @@ import os
 import pytest
 import torch
 
+from model_core.backend import select_backend
+from model_core.device import select_dtype
 from model_core.generate import generate
 from model_core.kv_cache import PagedKVCache
 from model_core.qmatmul import QuantLinear
 from model_core.sampling import SamplingParams
 from model_core.weights.loader import LoadedLM, load_lm
+from tests.conftest import native_isas
 
 transformers = pytest.importorskip("transformers")
 
@@ -186,11 +189,12 @@ def test_bf16_perplexity_within_one_percent_of_fp32(smol_path: str, ours: Loaded
 
 def _decode_logits(lm: LoadedLM, ids: list[int]) -> torch.Tensor:
     """Logits after each token as the server computes them while decoding: one token per forward
-    through the paged cache (the decode kernels run here where they can). (T, V) float32."""
+    through the paged cache, with the backend's kernels. (T, V) float32."""
     cfg = lm.config
     blocks = (len(ids) + 15) // 16
     dtype = lm.model.embed.weight.dtype
-    cache = PagedKVCache(cfg.n_layers, blocks, 16, cfg.n_kv_heads, cfg.hd, dtype, max_positions=cfg.max_seq_len)
+    cache = PagedKVCache(cfg.n_layers, blocks, 16, cfg.n_kv_heads, cfg.hd, dtype, max_positions=cfg.max_seq_len,
+                         kernels=lm.backend.kernels)
     out = []
     with torch.inference_mode():
         for t, tok in enumerate(ids):
@@ -199,17 +203,18 @@ def _decode_logits(lm: LoadedLM, ids: list[int]) -> torch.Tensor:
     return torch.stack(out)
 
 
-def test_serving_decode_path_agrees_with_hf_fp32(smol_path: str, ours: LoadedLM, hf,
+@pytest.mark.parametrize("kernels", [*native_isas(reference=False), "torch"])
+def test_serving_decode_path_agrees_with_hf_fp32(smol_path: str, ours: LoadedLM, hf, kernels: str,
                                                  prompt_ids: dict[str, list[int]],
                                                  hf_greedy: dict[str, list[int]]) -> None:
-    """What the server runs per decode step (bf16, the 4-bit weights as stored, attention from the paged
-    cache) against HF fp32, token by token over the prompts and greedy continuations, plus perplexity."""
-    from model_core import native
-
-    if native.load_library() is None:  # then the server decodes through the modules (+1.03% perplexity here)
-        pytest.skip("native kernels unavailable: the server's decode path is the PyTorch module path")
-    lm = load_lm(smol_path, torch.bfloat16, quantized_max_rows=8)
-    kernels = any(isinstance(m, QuantLinear) for m in lm.model.modules())
+    """What the server runs per decode step with each backend this CPU has, in the dtype `auto` picks for it (the
+    4-bit weights as stored, attention from the paged cache), against HF fp32, token by token over the prompts
+    and greedy continuations, plus perplexity."""
+    backend = select_backend(kernels)
+    dtype = select_dtype("auto", torch.device("cpu"), backend)
+    lm = load_lm(smol_path, dtype, quantized_max_rows=None, backend=backend)
+    quantized = any(isinstance(m, QuantLinear) for m in lm.model.modules())
+    assert quantized == (backend.kernels is not None)
     agree = total = 0
     worst = 0.0
     for key in GREEDY:
@@ -223,10 +228,10 @@ def test_serving_decode_path_agrees_with_hf_fp32(smol_path: str, ours: LoadedLM,
     ids = ours.tokenizer.encode(PPL_TEXT)
     nll = torch.nn.functional.cross_entropy(_decode_logits(lm, ids)[:-1], torch.tensor(ids[1:]))
     ppl, ppl32 = float(torch.exp(nll)), _perplexity(ours, ids)
-    print(f"SmolLM2 decode path (bf16, quantized kernels {'on' if kernels else 'off'}, fused layers "
-          f"{'on' if lm.model.decoder_fast_path else 'off'}) vs HF fp32: max abs logit diff {worst:.3f}, top-1 "
+    print(f"SmolLM2 decode path ({backend.name}, {dtype}, quantized kernels {'on' if quantized else 'off'}, fused "
+          f"layers {'on' if lm.model.decoder_fast_path else 'off'}) vs HF fp32: max abs logit diff {worst:.3f}, top-1 "
           f"agreement {agree}/{total} = {agree / total:.1%}; perplexity {ppl:.3f} vs fp32 {ppl32:.3f} "
           f"({(ppl - ppl32) / ppl32:+.2%})")
     assert agree / total >= 0.95
-    assert worst < 3.0  # logits span about -30..40; measured 1.25 (the dense bf16 full forward: up to ~5)
+    assert worst < 3.0  # logits span about -30..40; measured 1.25 for bf16 kernels (the dense bf16 forward: up to ~5)
     assert abs(ppl - ppl32) / ppl32 < 0.01

@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import Sequence
 
 from model_core.lm import CausalLM
+from model_core.native import Kernels
 from model_core.sampling import SamplingParams
 from model_core.tokenizer import Tokenizer
 from service.engine.engine import EngineConfig, LLMEngine, TokenEvent
@@ -13,8 +14,9 @@ from service.engine.runner import ModelRunner
 
 
 def make_engine(model: CausalLM, tokenizer: Tokenizer, *, num_blocks: int = 256, block_size: int = 16,
-                max_num_seqs: int = 32, max_num_batched_tokens: int = 256, start: bool = True) -> LLMEngine:
-    runner = ModelRunner(model, num_blocks, block_size, tuple(tokenizer.eos_token_ids))
+                max_num_seqs: int = 32, max_num_batched_tokens: int = 256, start: bool = True,
+                kernels: Kernels | None = None) -> LLMEngine:
+    runner = ModelRunner(model, num_blocks, block_size, tuple(tokenizer.eos_token_ids), kernels)
     engine = LLMEngine(runner, tokenizer, EngineConfig(
         max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, block_size=block_size,
         num_blocks=num_blocks, max_model_len=model.cfg.max_seq_len))

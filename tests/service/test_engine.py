@@ -10,6 +10,7 @@ import pytest
 
 from model_core.generate import generate
 from model_core.sampling import SamplingParams
+from tests.conftest import kernels_for, native_isas
 from tests.service.engine_utils import collect, make_engine, run_all
 
 
@@ -18,20 +19,24 @@ def _prompts(n: int, seed: int = 0) -> list[list[int]]:
     return [[rng.randrange(3, 49152) for _ in range(rng.randint(1, 90))] for _ in range(n)]
 
 
-def _reference(model, tok, prompt, params):
-    return [s.token_id for s in generate(model, prompt, params, tokenizer=tok, eos_token_ids=tok.eos_token_ids)]
+def _reference(model, tok, prompt, params, kernels=None):
+    return [s.token_id for s in generate(model, prompt, params, tokenizer=tok, eos_token_ids=tok.eos_token_ids,
+                                         kernels=kernels)]
 
 
-def test_sixteen_concurrent_greedy_requests_equal_reference(tiny_model, smol_tokenizer):
+@pytest.mark.parametrize("isa", ["torch", *native_isas(reference=False)[:1]])
+def test_sixteen_concurrent_greedy_requests_equal_reference(tiny_model, smol_tokenizer, isa):
+    """With PyTorch alone and with the best native kernels here (decode attention read in place)."""
+    kernels = None if isa == "torch" else kernels_for(isa)
     prompts = _prompts(16)
     params = [SamplingParams(max_tokens=random.Random(i).randint(1, 40), temperature=0.0) for i in range(16)]
-    engine = make_engine(tiny_model, smol_tokenizer, max_num_batched_tokens=64)  # forces chunked prefill
+    engine = make_engine(tiny_model, smol_tokenizer, max_num_batched_tokens=64, kernels=kernels)  # chunked prefill
     try:
         results = run_all(engine, list(zip(prompts, params, strict=True)))
     finally:
         engine.stop()
     for prompt, p, events in zip(prompts, params, results, strict=True):
-        assert [e.token_id for e in events] == _reference(tiny_model, smol_tokenizer, prompt, p)
+        assert [e.token_id for e in events] == _reference(tiny_model, smol_tokenizer, prompt, p, kernels)
         assert events[-1].finish_reason in ("stop", "length")
         assert events[-1].completion_tokens == len(events)
     assert engine.stats.max_decode_batch > 1, "requests were not batched"

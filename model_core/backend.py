@@ -1,0 +1,78 @@
+"""The decode backend: decided once, at load time, and handed to everything that runs decode steps.
+
+`select_backend(choice)` returns a `DecodeBackend`: either native kernels for one instruction set
+(model_core.native: "avx512bf16", "avx2", "neon-dotprod", "neon", or the plain-C "reference") or the PyTorch path
+("torch"). "auto" takes the best SIMD build this CPU runs; a named ISA must be one this CPU executes
+(so an AVX-512 machine also tests its AVX2 build). The loader attaches the backend's kernels to the
+model's quantized layers and fused decoder; the runner gives them to the KV cache.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from model_core import native
+
+log = logging.getLogger(__name__)
+
+CHOICES = ("auto", "torch", *native.ISAS)
+
+
+@dataclass(frozen=True)
+class DecodeBackend:
+    kernels: native.Kernels | None  # None: PyTorch only
+    reason: str  # why this one
+
+    @property
+    def name(self) -> str:
+        return "torch" if self.kernels is None else f"native-{self.kernels.name}"
+
+    @property
+    def isa(self) -> str | None:
+        return None if self.kernels is None else self.kernels.name
+
+    @property
+    def quant_max_rows(self) -> int:
+        """Decode batches up to this many rows run on the quantized weights unless told otherwise (0: never)."""
+        return 0 if self.kernels is None else self.kernels.isa.max_rows
+
+    def describe(self, dtype: torch.dtype, threads: int) -> str:
+        dt = str(dtype).removeprefix("torch.")
+        act = "" if self.kernels is None else (", int8 activations" if self.kernels.isa.int8 else ", exact products")
+        isa = self.isa or "none"
+        return f"decode backend {self.name} (isa {isa}{act}, {self.reason}), dtype {dt}, threads {threads}"
+
+
+TORCH = DecodeBackend(None, "PyTorch only")
+
+
+def select_backend(choice: str = "auto", device: torch.device | str = "cpu") -> DecodeBackend:
+    """auto: the best native build this CPU runs (PyTorch where none does, or on a GPU); torch: PyTorch only;
+    an ISA name: that build, or ValueError if this CPU cannot run it or it does not build."""
+    if choice not in CHOICES:
+        raise ValueError(f"unknown kernels {choice!r}; expected one of {', '.join(CHOICES)}")
+    if choice == "torch":
+        return DecodeBackend(None, "asked for")
+    if torch.device(device).type != "cpu":
+        if choice != "auto":
+            raise ValueError(f"kernels {choice!r} run on the CPU, not on {device}")
+        return DecodeBackend(None, f"the native kernels are for the CPU, the model is on {device}")
+    if choice != "auto":
+        try:
+            return DecodeBackend(native.load(choice), "asked for")
+        except native.KernelsUnavailable as e:
+            raise ValueError(f"kernels {choice!r}: {e}") from None
+    reasons = []
+    for name in native.runnable():
+        if name == "reference":
+            continue  # plain C: for tests, and when asked for
+        try:
+            return DecodeBackend(native.load(name), "the best this CPU runs")
+        except native.KernelsUnavailable as e:
+            reasons.append(str(e))
+    why = "; ".join(reasons) or "no native build for this CPU (needs AVX2, AVX512-BF16 or NEON)"
+    log.warning("native kernels off, PyTorch only: %s", why)
+    return DecodeBackend(None, why)

@@ -1,0 +1,117 @@
+/* The reference build: every primitive in plain C, one element at a time, written for clarity. The SIMD
+ * builds are tested against it (and it against PyTorch); it also runs where no SIMD build applies. */
+#include <math.h>
+#include <stdlib.h>
+
+#include "common.h"
+
+/* the weight (n, k) of a repacked GGML matrix (see common.h) */
+static float weight_at(const uint8_t *qs, const uint16_t *d, const uint16_t *m, int nb, int n, int k) {
+    const int b = k / 32, i = k % 32;
+    const size_t blk = (size_t)n * nb + b;
+    if (m) {
+        const uint8_t byte = qs[blk * 16 + i % 16];
+        const int q = i < 16 ? byte & 0x0F : byte >> 4;
+        return half_to_float(d[blk]) * (float)q + half_to_float(m[blk]);
+    }
+    return half_to_float(d[blk]) * (float)(int8_t)qs[blk * 32 + i];
+}
+
+int k_qmatmul(const void *x, int act, const uint8_t *qs, const uint16_t *d, const uint16_t *m, const float *bias,
+              void *y, int M, int N, int K, int i8, int nthreads) {
+    (void)nthreads;
+    if (K % 32 || M <= 0 || N <= 0) return -1;
+    float *xf = malloc((size_t)K * sizeof(float)); /* one activation row, as the product uses it */
+    if (!xf) return -1;
+    for (int r = 0; r < M; r++) {
+        for (int k = 0; k < K; k++) xf[k] = load_act(x, (size_t)r * K + k, act);
+        if (i8)
+            for (int b = 0; b < K / 32; b++) { /* int8 per block, then back: q * scale */
+                int8_t q[32];
+                int q_sum;
+                const float scale = quantize_block(xf + b * 32, q, &q_sum);
+                for (int i = 0; i < 32; i++) xf[b * 32 + i] = (float)q[i] * scale;
+            }
+        for (int n = 0; n < N; n++) {
+            float s = 0.0f;
+            for (int k = 0; k < K; k++) s += weight_at(qs, d, m, K / 32, n, k) * xf[k];
+            store_act(y, (size_t)r * N + n, s + (bias ? bias[n] : 0.0f), act);
+        }
+    }
+    free(xf);
+    return 0;
+}
+
+int k_attention(const void *q, const void *kv, const int64_t *rows, const int32_t *lens, void *out, int B, int nh,
+                int nkv, int hs, int Tk, float scale, int act, int nthreads) {
+    (void)nthreads;
+    if (hs % 16 || nh % nkv || B <= 0 || Tk <= 0) return -1;
+    const size_t row = (size_t)2 * nkv * hs; /* elements per cache row: K heads, then V heads */
+    float *s = malloc((size_t)Tk * sizeof(float));
+    if (!s) return -1;
+    int rc = 0;
+    for (int b = 0; b < B && !rc; b++) {
+        const int n = lens[b];
+        if (n <= 0 || n > Tk) {
+            rc = -1;
+            break;
+        }
+        for (int h = 0; h < nh; h++) {
+            const int kvh = h / (nh / nkv);
+            const size_t qat = ((size_t)b * nh + h) * hs;
+            float mx = -INFINITY, sum = 0.0f;
+            for (int t = 0; t < n; t++) {
+                const size_t k = (size_t)rows[(size_t)b * Tk + t] * row + (size_t)kvh * hs;
+                float dot = 0.0f;
+                for (int i = 0; i < hs; i++) dot += load_act(q, qat + i, act) * load_act(kv, k + i, act);
+                s[t] = dot * scale;
+                mx = s[t] > mx ? s[t] : mx;
+            }
+            for (int t = 0; t < n; t++) sum += (s[t] = expf(s[t] - mx));
+            for (int i = 0; i < hs; i++) {
+                float o = 0.0f;
+                for (int t = 0; t < n; t++) {
+                    const size_t v = (size_t)rows[(size_t)b * Tk + t] * row + (size_t)(nkv + kvh) * hs;
+                    o += s[t] * load_act(kv, v + i, act);
+                }
+                store_act(out, qat + i, o / sum, act);
+            }
+        }
+    }
+    free(s);
+    return rc;
+}
+
+void k_rmsnorm(const void *x, const void *w, float eps, void *out, int B, int C, int act) {
+    for (int b = 0; b < B; b++) {
+        const size_t at = (size_t)b * C;
+        float ss = 0.0f;
+        for (int i = 0; i < C; i++) ss += load_act(x, at + i, act) * load_act(x, at + i, act);
+        const float r = 1.0f / sqrtf(ss / (float)C + eps);
+        for (int i = 0; i < C; i++)
+            store_act(out, at + i, round_act(load_act(x, at + i, act) * r, act) * load_act(w, i, act), act);
+    }
+}
+
+void k_add(void *x, const void *y, size_t n, int act) {
+    for (size_t i = 0; i < n; i++) store_act(x, i, load_act(x, i, act) + load_act(y, i, act), act);
+}
+
+void k_swiglu(const void *gu, void *g, int B, int F, int act) {
+    for (int b = 0; b < B; b++)
+        for (int i = 0; i < F; i++) {
+            const float gate = load_act(gu, (size_t)b * 2 * F + i, act), up = load_act(gu, (size_t)b * 2 * F + F + i, act);
+            store_act(g, (size_t)b * F + i, round_act(gate / (1.0f + expf(-gate)), act) * up, act);
+        }
+}
+
+void k_rope(void *v, int nheads, int hs, const float *cos, const float *sin, int act) {
+    const int half = hs / 2;
+    for (int h = 0; h < nheads; h++)
+        for (int i = 0; i < half; i++) {
+            const size_t at = (size_t)h * hs + i;
+            const float a = load_act(v, at, act), b = load_act(v, at + half, act);
+            store_act(v, at, a * cos[i] - b * sin[i], act);
+            store_act(v, at + half, b * cos[i + half] + a * sin[i + half], act);
+        }
+}
