@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 ARGS ?=
 
-.PHONY: install install-dev serve generate test lint typecheck imports bench clean
+.PHONY: install install-dev serve generate test test-neon lint typecheck imports bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,14 @@ imports: install-dev
 
 test: lint typecheck imports
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The NEON kernels, cross-compiled for aarch64 and run under qemu-user against the reference build (Debian
+# packages installed when the tools are missing).
+test-neon: install-dev
+	@if ! command -v aarch64-linux-gnu-gcc >/dev/null || ! command -v qemu-aarch64 >/dev/null \
+	    || [ ! -e /usr/aarch64-linux-gnu/lib/libgomp.so.1 ]; then \
+	    apt-get update && apt-get install -y gcc-aarch64-linux-gnu qemu-user libgomp1-arm64-cross; fi
+	$(PY) -m pytest -m emulated tests/model_core/test_native_neon.py $(PYTEST_ARGS)
 
 bench: install-dev
 	$(PY) -m benchmarks.run $(ARGS)

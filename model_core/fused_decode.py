@@ -37,6 +37,9 @@ class _Layer:
             raise ValueError("the fused decoder runs llama projections (no biases)")
         quant: list[QuantWeight] = [lin.quant for lin in self.linears if isinstance(lin, QuantLinear)]
         self.quant = quant if len(quant) == 4 else None  # keeps the tensors behind `ptrs` alive
+        if self.quant is not None and len({w.interleaved for w in self.quant}) > 1:
+            raise ValueError("the fused decoder runs a layer's projections in one matmul mode")
+        self.i8 = int(self.quant is not None and self.quant[0].interleaved)  # int8 activations (kernels/common.h)
         self.ptrs = None if self.quant is None else (ctypes.c_void_p * 12)(
             *[None if t is None else t.data_ptr() for w in self.quant for t in (w.qs, w.d, w.m)])
         self.max_rows = min((lin.max_rows for lin in self.linears if isinstance(lin, QuantLinear)), default=0)
@@ -88,7 +91,7 @@ class FusedLlamaDecoder:
                 rc = lib.llama_decode_layer(x.data_ptr(), B, C, layer.attn_norm.data_ptr(), layer.ffn_norm.data_ptr(),
                                             cfg.norm_eps, layer.ptrs, cos.data_ptr(), sin.data_ptr(),
                                             cache.kv[i].data_ptr(), write.data_ptr(), rows.data_ptr(), lens.data_ptr(),
-                                            Tk, nh, nkv, hs, cfg.d_ff, act, int(self.kernels.isa.int8), threads)
+                                            Tk, nh, nkv, hs, cfg.d_ff, act, layer.i8, threads)
                 if rc:
                     raise RuntimeError(f"fused decode of layer {i} failed (B={B})")
             return x.view(B, 1, C)

@@ -39,18 +39,20 @@ class Isa:
     max_rows: int  # decode batches up to this many rows run on the quantized weights by default (measured)
     q8_max_rows: int  # the same for 8-bit weights (their blocks cost more to decode in some builds)
     int8: bool  # its matmuls round activations to int8 per block (integer dot products, as llama.cpp) by default
+    has_int8: bool  # it has that mode (interleaved weights; see kernels/common.h)
 
 
 # best first; features as kernels/cpu.c reports them
 CPU_AVX2, CPU_AVX512BF16, CPU_NEON, CPU_NEON_DOTPROD = 1, 2, 4, 8
 ISAS: dict[str, Isa] = {isa.name: isa for isa in (
     Isa("avx512bf16", "x86_64", (*SIMD_SOURCES, "qmatmul_avx512bf16.c"),
-        ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma", "-mf16c"), CPU_AVX512BF16, 6, 4, False),
-    Isa("avx2", "x86_64", SIMD_SOURCES, ("-mavx2", "-mfma", "-mf16c"), CPU_AVX2, 16, 16, True),
-    Isa("neon-dotprod", "aarch64", SIMD_SOURCES, ("-march=armv8.2-a+dotprod",), CPU_NEON | CPU_NEON_DOTPROD, 16, 16,
+        ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma", "-mf16c"), CPU_AVX512BF16, 6, 4, False,
         True),
-    Isa("neon", "aarch64", SIMD_SOURCES, ("-march=armv8-a",), CPU_NEON, 16, 16, False),
-    Isa("reference", "", ("reference.c", "layer.c", "cpu.c"), (), 0, 16, 16, False),
+    Isa("avx2", "x86_64", SIMD_SOURCES, ("-mavx2", "-mfma", "-mf16c"), CPU_AVX2, 32, 32, True, True),
+    Isa("neon-dotprod", "aarch64", SIMD_SOURCES, ("-march=armv8.2-a+dotprod",), CPU_NEON | CPU_NEON_DOTPROD, 16, 16,
+        True, True),
+    Isa("neon", "aarch64", SIMD_SOURCES, ("-march=armv8-a",), CPU_NEON, 16, 16, False, False),
+    Isa("reference", "", ("reference.c", "layer.c", "cpu.c"), (), 0, 16, 16, False, True),
 )}
 
 

@@ -26,15 +26,22 @@ ACT = {torch.float32: 0, torch.bfloat16: 1}  # the kernels' activation dtypes (k
 class QuantWeight:
     """An (out_features, in_features) block-quantized weight, repacked for the kernels (see kernels/common.h):
     4-bit: nibbles `qs` (N, K/32, 16) uint8, `d` and `m` (N, K/32) float16 with w = d q + m;
-    8-bit: `qs` (N, K/32, 32) holding int8 q, `d` (N, K/32) float16, `m` None, w = d q."""
+    8-bit: `qs` (N, K/32, 32) holding int8 q, `d` (N, K/32) float16, `m` None, w = d q.
+    `interleave()` gives the form the int8 mode reads (groups of 8 rows; `rows` is then N): a weight in that
+    form is multiplied in int8 mode, one in row form with exact products."""
 
     qs: torch.Tensor
     d: torch.Tensor
     m: torch.Tensor | None
+    rows: int | None = None  # out_features, when interleaved by 8 rows (the tensors are padded to a multiple of 8)
+
+    @property
+    def interleaved(self) -> bool:
+        return self.rows is not None
 
     @property
     def out_features(self) -> int:
-        return int(self.qs.shape[0])
+        return int(self.qs.shape[0]) if self.rows is None else self.rows
 
     @property
     def in_features(self) -> int:
@@ -62,8 +69,36 @@ class QuantWeight:
             m, qs = None, b[:, :, 2:]
         return cls(qs.contiguous(), d.contiguous(), None if m is None else m.contiguous())
 
+    def interleave(self) -> QuantWeight:
+        """Rows in groups of 8, each block's quants as 4-byte runs of the 8 rows side by side (kernels/common.h):
+        qs (G, K/32, 4 or 8, 8, 4), d and m (G, K/32, 8), zero rows padding the last group."""
+        if self.interleaved:
+            return self
+        N, nb, nbytes = self.qs.shape
+        G = -(-N // 8)
+
+        def groups(t: torch.Tensor) -> torch.Tensor:  # (N, ...) -> (G, 8, ...), zero rows at the end
+            return torch.nn.functional.pad(t, (0, 0) * (t.dim() - 1) + (0, G * 8 - N)).view(G, 8, *t.shape[1:])
+
+        qs = groups(self.qs).view(G, 8, nb, nbytes // 4, 4).permute(0, 2, 3, 1, 4)  # (G, nb, k, 8, 4)
+        d = groups(self.d).permute(0, 2, 1)  # (G, nb, 8)
+        m = None if self.m is None else groups(self.m).permute(0, 2, 1)
+        return QuantWeight(qs.contiguous(), d.contiguous(), None if m is None else m.contiguous(), rows=N)
+
+    def row_form(self) -> QuantWeight:
+        """The inverse of `interleave()`."""
+        if self.rows is None:
+            return self
+        G, nb, k = self.qs.shape[:3]
+        qs = self.qs.permute(0, 3, 1, 2, 4).reshape(G * 8, nb, k * 4)[: self.rows]  # (N, nb, bytes)
+        d = self.d.permute(0, 2, 1).reshape(G * 8, nb)[: self.rows]
+        m = None if self.m is None else self.m.permute(0, 2, 1).reshape(G * 8, nb)[: self.rows]
+        return QuantWeight(qs.contiguous(), d.contiguous(), None if m is None else m.contiguous())
+
     def dequantize(self) -> torch.Tensor:
         """The (N, K) float32 weights."""
+        if self.interleaved:
+            return self.row_form().dequantize()
         if self.m is None:
             w = self.d.float().unsqueeze(-1) * self.qs.view(torch.int8).float()  # (N, nb, 32)
         else:
@@ -72,11 +107,12 @@ class QuantWeight:
         return w.reshape(self.out_features, self.in_features)
 
 
-def qmatmul(x: torch.Tensor, w: QuantWeight, kernels: Kernels, bias: torch.Tensor | None = None,
-            int8: bool | None = None) -> torch.Tensor:
+def qmatmul(x: torch.Tensor, w: QuantWeight, kernels: Kernels, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x (..., in_features) float32 or bfloat16 on the CPU -> x @ W^T (+ bias, added in fp32), in x's dtype.
-    int8: round x to int8 per block of 32 first (integer dot products, as llama.cpp; default: what the kernels'
-    ISA does by default, see model_core.native)."""
+    An interleaved weight takes x rounded to int8 per block of 32 (integer dot products, as llama.cpp; builds
+    that have them, see model_core.native); one in row form the exact products."""
+    if w.interleaved and not kernels.isa.has_int8:
+        raise ValueError(f"the {kernels.name} kernels have no int8 mode for interleaved weights")
     if x.dtype not in ACT or x.device.type != "cpu":
         raise ValueError(f"qmatmul takes float32 or bfloat16 CPU activations, not {x.dtype} on {x.device}")
     K, N = w.in_features, w.out_features
@@ -91,7 +127,7 @@ def qmatmul(x: torch.Tensor, w: QuantWeight, kernels: Kernels, bias: torch.Tenso
         m = None if w.m is None else w.m.data_ptr()
         rc = kernels.lib.quant_matmul(x2.data_ptr(), ACT[x.dtype], w.qs.data_ptr(), w.d.data_ptr(), m,
                                       None if bias is None else bias.data_ptr(), y.data_ptr(), M, N, K,
-                                      int(kernels.isa.int8 if int8 is None else int8), torch.get_num_threads())
+                                      int(w.interleaved), torch.get_num_threads())
         if rc:
             raise RuntimeError(f"qmatmul rejected its arguments (M={M}, N={N}, K={K})")
     return y.view(*x.shape[:-1], N)
@@ -132,8 +168,10 @@ class QuantLinear(nn.Module):
 
 def attach_quantized(model: nn.Module, weights: dict[str, QuantWeight], max_rows: int, kernels: Kernels) -> int:
     """Wrap each linear layer named in `weights` (module paths, e.g. 'blocks.0.attn.qkv') in a QuantLinear
-    serving up to `max_rows` rows (at most the kernels' limit for 8-bit weights); returns how many were wrapped."""
+    serving up to `max_rows` rows (at most the kernels' limit for 8-bit weights), in the form the kernels' mode
+    reads (interleaved for int8 activations); returns how many were wrapped."""
     for name, w in weights.items():
+        w = w.interleave() if kernels.isa.int8 else w
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         rows = max_rows if w.m is not None else min(max_rows, kernels.isa.q8_max_rows)

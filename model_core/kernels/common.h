@@ -90,9 +90,15 @@ static inline float quantize_block(const float *x, int8_t *q, int *q_sum) {
  * k_qmatmul: y (M, N) = x (M, K) W^T (+ bias fp32), W as GGML blocks of 32 repacked (see
  *   model_core/qmatmul.py): 4-bit qs (N, K/32, 16) nibbles with fp16 d, m (N, K/32), w = d q + m;
  *   8-bit (m NULL) qs (N, K/32, 32) int8 with fp16 d, w = d q. Returns 0 or -1.
- *   i8 = 0: the exact products with x. i8 = 1: with x rounded to int8 per block of 32 first (quantize_block:
- *   the same rounding in every build), which lets AVX2 and NEON take integer dot products as llama.cpp
- *   does; the other builds compute the same numbers from the dequantized activations.
+ *   i8 = 0: the exact products with x. i8 = 1 (builds with integer dot products: AVX2, NEON dotprod, and the
+ *   reference): x is rounded to int8 per block of 32 (quantize_block) and W comes interleaved by 8 rows
+ *   (model_core/qmatmul.py, QuantWeight.interleave): rows padded to G = ceil(N/8) groups; 4-bit qs
+ *   (G, K/32, 4, 8, 4) = [group][block][k][row][bytes 4k..4k+3 of the row's 16], 8-bit qs (G, K/32, 8, 8, 4)
+ *   = [group][block][k][row][bytes 4k..4k+3 of 32]; d, m (G, K/32, 8). Per output (row i, column n) with block
+ *   sums I_b = sum_j w_j q_j (exact integers), scales s_b of x and t_b = s_b * sum_j q_j, in block order:
+ *     acc = fma(I_b, d_b * s_b, acc);  off = fma(m_b, t_b, off);  y = acc + off (+ bias)
+ *   which every build computes bit for bit the same way (a row's result never depends on the batch).
+ *   Builds without int8 mode return -1 for i8 = 1.
  * k_attention: out (B, nh, hs) = softmax(scale q K^T) V for q (B, nh, hs), keys/values read in place from
  *   a paged layer kv (rows, 2 nkv, hs) through rows (B, Tk), lens[b] keys each. Returns 0 or -1.
  * k_rmsnorm: out (B, C) = rmsnorm(x) * w.  k_add: x += y (n).  k_swiglu: g (B, F) = silu(gate) * up

@@ -58,20 +58,15 @@ int k_qmatmul(const void *x, int act, const uint8_t *qs, const uint16_t *d, cons
 #if defined(QMATMUL_I8)
     if (i8) return qmatmul_i8(x, act, qs, d, m, bias, y, M, N, K, nthreads);
 #endif
+    if (i8) return -1; /* no integer dot products in this build */
     const int nb = K / BLOCK;
     const size_t row_bytes = (size_t)nb * (m ? 16 : 32);
     const float *xf = x;
     float *widened = NULL;
-    if (act == ACT_BF16 || i8) { /* (M, K) fp32 copy of the activations (i8: rounded to int8 and back) */
+    if (act == ACT_BF16) { /* (M, K) fp32 copy of the activations */
         widened = malloc((size_t)M * K * sizeof(float));
         if (!widened) return -1;
-        for (size_t i = 0; i < (size_t)M * K; i++) widened[i] = load_act(x, i, act);
-        for (size_t b = 0; i8 && b < (size_t)M * nb; b++) {
-            int8_t q[BLOCK];
-            int q_sum;
-            const float scale = quantize_block(widened + b * BLOCK, q, &q_sum);
-            for (int i = 0; i < BLOCK; i++) widened[b * BLOCK + i] = (float)q[i] * scale;
-        }
+        for (size_t i = 0; i < (size_t)M * K; i++) widened[i] = bf16_to_float(((const uint16_t *)x)[i]);
         xf = widened;
     }
     int bad = 0;

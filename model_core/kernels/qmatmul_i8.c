@@ -1,12 +1,13 @@
-/* i8 mode of the quantized matmul (see k_qmatmul in common.h) with integer dot products, as llama.cpp
- * computes Q4/Q8 matmuls on these CPUs: AVX2 (maddubs) and NEON with the dot-product extension (sdot).
+/* i8 mode of the quantized matmul (see k_qmatmul in common.h) with integer dot products: AVX2 (maddubs)
+ * and NEON with the dot-product extension (sdot by lane).
  *
- * The activations are rounded to int8 per block of 32 once per call (quantize_block: scale s, q, sum q).
- * Per weight block (scale d, offset m, quants w) and activation block:
- *     sum_i (d w_i + m) (s q_i) = d s * sum_i w_i q_i + m * s * sum_i q_i
- * The integer sum is exact; the first terms accumulate per row in block order (two accumulators, even and
- * odd blocks) and the second is one dot product over the blocks, the same whatever the batch, so a row's
- * result does not depend on its neighbours.
+ * The activations are rounded to int8 per block of 32 once per call. The weights come interleaved by 8
+ * rows, so one vector holds 4 consecutive quants of each of 8 rows: multiplied by 4 activations broadcast
+ * to every lane, 8 such products give the block sums of 8 output columns at once, with integer adds only;
+ * then one conversion and one FMA per block for the 8 columns. A thread takes groups of 8 rows in turn:
+ * it widens the group's 4-bit quants and fp16 scales once into L1 scratch, and reads them back for every
+ * activation row (tiles of up to 4 rows). Each output's float sums run in block order (common.h), the same
+ * for every batch, tile and build.
  */
 #if defined(__AVX2__) || defined(__ARM_FEATURE_DOTPROD)
 #include <stdlib.h>
@@ -14,119 +15,157 @@
 #include "simd.h"
 
 #define BLOCK 32
-#define PREFETCH_ROWS 4
-
-#if defined(__AVX2__)
-typedef __m256i wblock; /* a weight block's 32 quants, widened for the dot product */
-typedef __m256 facc;    /* 8 float partial sums */
-#define FACC_ZERO _mm256_setzero_ps()
-
-static inline wblock load_q4(const uint8_t *q) { /* 32 x uint8 in 0..15 */
-    const __m128i v = _mm_loadu_si128((const __m128i *)q);
-    const __m256i both = _mm256_set_m128i(_mm_srli_epi16(v, 4), v);
-    return _mm256_and_si256(both, _mm256_set1_epi8(0x0F));
-}
-static inline wblock load_q8(const uint8_t *q) { return _mm256_loadu_si256((const __m256i *)q); }
-
-/* acc += scale * (w . x) for 32 unsigned (q4) or signed (q8) weights and 32 int8 activations */
-static inline facc dot_q4(facc acc, wblock w, const int8_t *x, float scale) {
-    const __m256i p16 = _mm256_maddubs_epi16(w, _mm256_loadu_si256((const __m256i *)x));
-    const __m256i p32 = _mm256_madd_epi16(p16, _mm256_set1_epi16(1));
-    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(p32), _mm256_set1_ps(scale), acc);
-}
-static inline facc dot_q8(facc acc, wblock w, const int8_t *x, float scale) {
-    const __m256i xv = _mm256_loadu_si256((const __m256i *)x);
-    /* |w| as unsigned times x with w's sign: maddubs takes unsigned x signed */
-    const __m256i p16 = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(xv, w));
-    const __m256i p32 = _mm256_madd_epi16(p16, _mm256_set1_epi16(1));
-    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(p32), _mm256_set1_ps(scale), acc);
-}
-static inline float facc_sum(facc a, facc b) {
-    const __m256 s = _mm256_add_ps(a, b);
-    __m128 r = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
-    r = _mm_add_ps(r, _mm_movehl_ps(r, r));
-    r = _mm_add_ss(r, _mm_movehdup_ps(r));
-    return _mm_cvtss_f32(r);
-}
-#else /* NEON + dotprod */
-typedef struct {
-    int8x16_t lo, hi;
-} wblock;
-typedef float32x4_t facc;
-#define FACC_ZERO vdupq_n_f32(0.0f)
-
-static inline wblock load_q4(const uint8_t *q) {
-    const uint8x16_t v = vld1q_u8(q);
-    return (wblock){vreinterpretq_s8_u8(vandq_u8(v, vdupq_n_u8(0x0F))), vreinterpretq_s8_u8(vshrq_n_u8(v, 4))};
-}
-static inline wblock load_q8(const uint8_t *q) {
-    return (wblock){vld1q_s8((const int8_t *)q), vld1q_s8((const int8_t *)q + 16)};
-}
-static inline facc dot_q4(facc acc, wblock w, const int8_t *x, float scale) {
-    const int32x4_t p = vdotq_s32(vdotq_s32(vdupq_n_s32(0), w.lo, vld1q_s8(x)), w.hi, vld1q_s8(x + 16));
-    return vfmaq_n_f32(acc, vcvtq_f32_s32(p), scale);
-}
-#define dot_q8 dot_q4 /* signed x signed either way */
-static inline float facc_sum(facc a, facc b) { return vaddvq_f32(vaddq_f32(a, b)); }
-#endif
-
-/* sum_b a[b] * b[b] in a fixed order (VL lanes, then the tail) */
-static inline float dot_f32(const float *a, const float *b, int n) {
-    vf acc = vset1(0.0f);
-    int i = 0;
-    for (; i + VL <= n; i += VL) acc += vload(a + i) * vload(b + i);
-    float s = vsum(acc);
-    for (; i < n; i++) s += a[i] * b[i];
-    return s;
-}
-
-/* MT activation rows against one weight row (quants qn, scales dw, offsets mw as floats; q4 when mw != NULL).
- * scale: (MT, nb) scratch for dw[b] * xs[i][b]. The inner loop is integer dot products and one FMA per block
- * and row; the offsets' term is one dot product per row after it. */
-static inline __attribute__((always_inline)) void rows_dot(const uint8_t *qn, const float *dw, const float *mw, int nb,
-                                                          const int8_t *xq, const float *xs, const float *xm,
-                                                          float *scale, float *sums, const int MT) {
-    for (int i = 0; i < MT; i++) {
-        const float *xsi = xs + (size_t)i * nb;
-        float *si = scale + (size_t)i * nb;
-        int b = 0;
-        for (; b + VL <= nb; b += VL) vstore(si + b, vload(dw + b) * vload(xsi + b));
-        for (; b < nb; b++) si[b] = dw[b] * xsi[b];
-    }
-    facc acc[MT][2]; /* even and odd blocks; indexed by constants only, so they stay in registers */
-    for (int i = 0; i < MT; i++) acc[i][0] = acc[i][1] = FACC_ZERO;
-#define ROWS_STEP(LOAD, DOT, QB, b, k)                                                                         \
-    do {                                                                                                   \
-        const wblock w = LOAD(qn + (size_t)(b) * (QB));                                                    \
-        for (int i = 0; i < MT; i++)                                                                       \
-            acc[i][k] = DOT(acc[i][k], w, xq + ((size_t)i * nb + (b)) * BLOCK, scale[(size_t)i * nb + (b)]); \
-    } while (0)
-    int b = 0;
-    if (mw) {
-        for (; b + 2 <= nb; b += 2) {
-            ROWS_STEP(load_q4, dot_q4, 16, b, 0);
-            ROWS_STEP(load_q4, dot_q4, 16, b + 1, 1);
-        }
-        if (b < nb) ROWS_STEP(load_q4, dot_q4, 16, b, 0);
-    } else {
-        for (; b + 2 <= nb; b += 2) {
-            ROWS_STEP(load_q8, dot_q8, BLOCK, b, 0);
-            ROWS_STEP(load_q8, dot_q8, BLOCK, b + 1, 1);
-        }
-        if (b < nb) ROWS_STEP(load_q8, dot_q8, BLOCK, b, 0);
-    }
-#undef ROWS_STEP
-    for (int i = 0; i < MT; i++)
-        sums[i] = facc_sum(acc[i][0], acc[i][1]) + (mw ? dot_f32(mw, xm + (size_t)i * nb, nb) : 0.0f);
-}
+#define ROWS 8 /* weight rows per group */
 
 int qmatmul_i8(const void *x, int act, const uint8_t *qs, const uint16_t *d, const uint16_t *m, const float *bias,
                void *y, int M, int N, int K, int nthreads);
 
+#if defined(__AVX2__)
+typedef __m256i qv;   /* 8 rows x 4 quants, widened to bytes */
+typedef __m256i isum; /* 8 int32 block sums, one per row */
+typedef __m256 f8;    /* 8 floats, one per row */
+#define F8_ZERO _mm256_setzero_ps()
+static inline f8 f8_load(const float *p) { return _mm256_loadu_ps(p); }
+static inline void f8_store(float *p, f8 v) { _mm256_storeu_ps(p, v); }
+static inline f8 f8_scale_fma(isum s, f8 d, float xs, f8 acc) { /* acc + s * (d * xs) */
+    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(d, _mm256_set1_ps(xs)), acc);
+}
+static inline f8 f8_fma(f8 a, float b, f8 acc) { return _mm256_fmadd_ps(a, _mm256_set1_ps(b), acc); }
+static inline void halves8(const uint16_t *h, float *out) {
+    _mm256_storeu_ps(out, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)h)));
+}
+
+/* 4-bit: a block's 4 groups of 32 bytes -> 8 vectors of unsigned quants, vector k = quants 4k..4k+3 of each row */
+static inline void unpack_q4(const uint8_t *q, qv *out) {
+    const __m256i mask = _mm256_set1_epi8(0x0F);
+    for (int k = 0; k < 4; k++) {
+        const __m256i v = _mm256_loadu_si256((const __m256i *)(q + 32 * k));
+        out[k] = _mm256_and_si256(v, mask);
+        out[4 + k] = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+    }
+}
+
+/* block sums of 8 rows against one activation block xb (32 int8): 4-bit quants in 0..15 make pair sums of at
+ * most 2 * 15 * 127, so the 8 products add up in int16 without overflow */
+static inline isum sums_q4(const qv *w, const int8_t *xb) {
+    __m256i s16 = _mm256_setzero_si256();
+    for (int k = 0; k < 8; k++) {
+        int32_t four;
+        memcpy(&four, xb + 4 * k, 4);
+        s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(w[k], _mm256_set1_epi32(four)));
+    }
+    return _mm256_madd_epi16(s16, _mm256_set1_epi16(1));
+}
+
+/* 8-bit (signed) quants: |w| times x with w's sign (maddubs takes unsigned x signed), widened per product */
+static inline isum sums_q8(const uint8_t *q, const int8_t *xb) {
+    __m256i s32 = _mm256_setzero_si256();
+    for (int k = 0; k < 8; k++) {
+        const __m256i w = _mm256_loadu_si256((const __m256i *)(q + 32 * k));
+        int32_t four;
+        memcpy(&four, xb + 4 * k, 4);
+        const __m256i p16 = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(_mm256_set1_epi32(four), w));
+        s32 = _mm256_add_epi32(s32, _mm256_madd_epi16(p16, _mm256_set1_epi16(1)));
+    }
+    return s32;
+}
+#else /* NEON + dotprod: rows 0-3 and 4-7 in two vectors */
+typedef struct {
+    int8x16_t lo, hi;
+} qv;
+typedef struct {
+    int32x4_t lo, hi;
+} isum;
+typedef struct {
+    float32x4_t lo, hi;
+} f8;
+#define F8_ZERO ((f8){vdupq_n_f32(0.0f), vdupq_n_f32(0.0f)})
+static inline f8 f8_load(const float *p) { return (f8){vld1q_f32(p), vld1q_f32(p + 4)}; }
+static inline void f8_store(float *p, f8 v) {
+    vst1q_f32(p, v.lo);
+    vst1q_f32(p + 4, v.hi);
+}
+static inline f8 f8_scale_fma(isum s, f8 d, float xs, f8 acc) {
+    return (f8){vfmaq_f32(acc.lo, vcvtq_f32_s32(s.lo), vmulq_n_f32(d.lo, xs)),
+                vfmaq_f32(acc.hi, vcvtq_f32_s32(s.hi), vmulq_n_f32(d.hi, xs))};
+}
+static inline f8 f8_fma(f8 a, float b, f8 acc) {
+    return (f8){vfmaq_f32(acc.lo, a.lo, vdupq_n_f32(b)), vfmaq_f32(acc.hi, a.hi, vdupq_n_f32(b))};
+}
+static inline void halves8(const uint16_t *h, float *out) {
+    for (int i = 0; i < 8; i++) out[i] = half_f32(h[i]);
+}
+
+static inline void unpack_q4(const uint8_t *q, qv *out) {
+    const uint8x16_t mask = vdupq_n_u8(0x0F);
+    for (int k = 0; k < 4; k++) {
+        const uint8x16_t a = vld1q_u8(q + 32 * k), b = vld1q_u8(q + 32 * k + 16);
+        out[k] = (qv){vreinterpretq_s8_u8(vandq_u8(a, mask)), vreinterpretq_s8_u8(vandq_u8(b, mask))};
+        out[4 + k] = (qv){vreinterpretq_s8_u8(vshrq_n_u8(a, 4)), vreinterpretq_s8_u8(vshrq_n_u8(b, 4))};
+    }
+}
+
+#define DOT_LANES(W, X0, X1)                                                                          \
+    do {                                                                                              \
+        lo = vdotq_laneq_s32(lo, W[0].lo, X0, 0), hi = vdotq_laneq_s32(hi, W[0].hi, X0, 0);           \
+        lo = vdotq_laneq_s32(lo, W[1].lo, X0, 1), hi = vdotq_laneq_s32(hi, W[1].hi, X0, 1);           \
+        lo = vdotq_laneq_s32(lo, W[2].lo, X0, 2), hi = vdotq_laneq_s32(hi, W[2].hi, X0, 2);           \
+        lo = vdotq_laneq_s32(lo, W[3].lo, X0, 3), hi = vdotq_laneq_s32(hi, W[3].hi, X0, 3);           \
+        lo = vdotq_laneq_s32(lo, W[4].lo, X1, 0), hi = vdotq_laneq_s32(hi, W[4].hi, X1, 0);           \
+        lo = vdotq_laneq_s32(lo, W[5].lo, X1, 1), hi = vdotq_laneq_s32(hi, W[5].hi, X1, 1);           \
+        lo = vdotq_laneq_s32(lo, W[6].lo, X1, 2), hi = vdotq_laneq_s32(hi, W[6].hi, X1, 2);           \
+        lo = vdotq_laneq_s32(lo, W[7].lo, X1, 3), hi = vdotq_laneq_s32(hi, W[7].hi, X1, 3);           \
+    } while (0)
+
+static inline isum sums_q4(const qv *w, const int8_t *xb) {
+    const int8x16_t x0 = vld1q_s8(xb), x1 = vld1q_s8(xb + 16);
+    int32x4_t lo = vdupq_n_s32(0), hi = vdupq_n_s32(0);
+    DOT_LANES(w, x0, x1);
+    return (isum){lo, hi};
+}
+
+static inline isum sums_q8(const uint8_t *q, const int8_t *xb) {
+    qv w[8];
+    for (int k = 0; k < 8; k++)
+        w[k] = (qv){vld1q_s8((const int8_t *)q + 32 * k), vld1q_s8((const int8_t *)q + 32 * k + 16)};
+    const int8x16_t x0 = vld1q_s8(xb), x1 = vld1q_s8(xb + 16);
+    int32x4_t lo = vdupq_n_s32(0), hi = vdupq_n_s32(0);
+    DOT_LANES(w, x0, x1);
+    return (isum){lo, hi};
+}
+#endif
+
+/* MT activation rows against one group of 8 weight rows -> out (MT, 8). w4: the group's widened 4-bit quants
+ * (nb * 8 vectors) or NULL for 8-bit ones read from q8; dv, mv: (nb, 8) float scales and offsets (mv NULL:
+ * none); xq, xs, xt: the rows' int8 blocks, scales and scale * sum q. */
+static inline __attribute__((always_inline)) void group_rows(const qv *w4, const uint8_t *q8, const float *dv,
+                                                            const float *mv, int nb, const int8_t *xq,
+                                                            const float *xs, const float *xt, float *out,
+                                                            const int MT) {
+    f8 acc[MT], off[MT];
+    for (int i = 0; i < MT; i++) acc[i] = off[i] = F8_ZERO;
+    for (int b = 0; b < nb; b++) {
+        const f8 db = f8_load(dv + (size_t)b * ROWS);
+        for (int i = 0; i < MT; i++) {
+            const size_t at = (size_t)i * nb + b;
+            const isum s = w4 ? sums_q4(w4 + (size_t)b * 8, xq + at * BLOCK)
+                              : sums_q8(q8 + (size_t)b * ROWS * BLOCK, xq + at * BLOCK);
+            acc[i] = f8_scale_fma(s, db, xs[at], acc[i]);
+            if (mv) off[i] = f8_fma(f8_load(mv + (size_t)b * ROWS), xt[at], off[i]);
+        }
+    }
+    for (int i = 0; i < MT; i++) {
+        float a[ROWS], o[ROWS];
+        f8_store(a, acc[i]);
+        f8_store(o, off[i]);
+        for (int r = 0; r < ROWS; r++) out[i * ROWS + r] = a[r] + o[r];
+    }
+}
+
 int qmatmul_i8(const void *x, int act, const uint8_t *qs, const uint16_t *d, const uint16_t *m, const float *bias,
                void *y, int M, int N, int K, int nthreads) {
-    const int nb = K / BLOCK;
-    const size_t row_bytes = (size_t)nb * (m ? 16 : 32), nblk = (size_t)M * nb;
+    const int nb = K / BLOCK, G = (N + ROWS - 1) / ROWS;
+    const size_t group_bytes = (size_t)nb * ROWS * (m ? 16 : 32), nblk = (size_t)M * nb;
     int8_t *xq = malloc(nblk * BLOCK);           /* (M, nb, 32) */
     float *xs = malloc(nblk * 2 * sizeof(float)); /* (M, nb) scales, then (M, nb) scale * sum q */
     if (!xq || !xs) {
@@ -134,45 +173,54 @@ int qmatmul_i8(const void *x, int act, const uint8_t *qs, const uint16_t *d, con
         free(xs);
         return -1;
     }
-    float *xm = xs + nblk;
+    float *xt = xs + nblk;
     for (size_t b = 0; b < nblk; b++) {
         float xf[BLOCK];
         int q_sum;
         for (int i = 0; i < BLOCK; i++) xf[i] = load_act(x, b * BLOCK + i, act);
         xs[b] = quantize_block(xf, xq + b * BLOCK, &q_sum);
-        xm[b] = xs[b] * (float)q_sum;
+        xt[b] = xs[b] * (float)q_sum;
     }
     int bad = 0;
 #pragma omp parallel num_threads(nthreads) reduction(| : bad)
     {
-        float *scratch = malloc((size_t)nb * 6 * sizeof(float)); /* dw, mw, and (4, nb) scales */
-        if (!scratch) bad = 1;
+        /* per thread: the group's widened quants (4-bit), float scales and offsets */
+        qv *w4 = m ? aligned_alloc(64, ((sizeof(qv) * (size_t)nb * 8 + 63) / 64) * 64) : NULL;
+        float *dv = malloc(sizeof(float) * (size_t)nb * ROWS * 2);
+        if ((m && !w4) || !dv) bad = 1;
 #pragma omp for schedule(static)
-        for (int n = 0; n < N; n++) {
-            if (!scratch) continue;
-            if (n + PREFETCH_ROWS < N) { /* a later row's stream, ahead of the hardware prefetcher */
-                const uint8_t *ahead = qs + (size_t)(n + PREFETCH_ROWS) * row_bytes;
-                for (size_t c = 0; c < row_bytes; c += 64) __builtin_prefetch(ahead + c);
+        for (int g = 0; g < G; g++) {
+            if (!dv || (m && !w4)) continue;
+            const uint8_t *qg = qs + (size_t)g * group_bytes;
+            float *mv = m ? dv + (size_t)nb * ROWS : NULL;
+            for (int b = 0; b < nb; b++) {
+                const size_t at = ((size_t)g * nb + b) * ROWS;
+                halves8(d + at, dv + (size_t)b * ROWS);
+                if (m) {
+                    halves8(m + at, mv + (size_t)b * ROWS);
+                    unpack_q4(qg + (size_t)b * ROWS * 16, w4 + (size_t)b * 8);
+                }
             }
-            const uint8_t *qn = qs + (size_t)n * row_bytes;
-            float *dw = scratch, *mw = m ? scratch + nb : NULL, *scale = scratch + 2 * (size_t)nb;
-            for (int b = 0; b < nb; b++) dw[b] = half_f32(d[(size_t)n * nb + b]);
-            for (int b = 0; mw && b < nb; b++) mw[b] = half_f32(m[(size_t)n * nb + b]);
-            const float bn = bias ? bias[n] : 0.0f;
-            float sums[4];
+            const int cols = N - g * ROWS < ROWS ? N - g * ROWS : ROWS;
+            float out[4 * ROWS];
             for (int r0 = 0; r0 < M;) {
                 const int left = M - r0, mt = left >= 4 ? 4 : left >= 2 ? 2 : 1;
                 const size_t at = (size_t)r0 * nb;
                 switch (mt) {
-                case 4: rows_dot(qn, dw, mw, nb, xq + at * BLOCK, xs + at, xm + at, scale, sums, 4); break;
-                case 2: rows_dot(qn, dw, mw, nb, xq + at * BLOCK, xs + at, xm + at, scale, sums, 2); break;
-                default: rows_dot(qn, dw, mw, nb, xq + at * BLOCK, xs + at, xm + at, scale, sums, 1); break;
+                case 4: group_rows(w4, qg, dv, mv, nb, xq + at * BLOCK, xs + at, xt + at, out, 4); break;
+                case 2: group_rows(w4, qg, dv, mv, nb, xq + at * BLOCK, xs + at, xt + at, out, 2); break;
+                default: group_rows(w4, qg, dv, mv, nb, xq + at * BLOCK, xs + at, xt + at, out, 1); break;
                 }
-                for (int i = 0; i < mt; i++) store_act(y, (size_t)(r0 + i) * N + n, sums[i] + bn, act);
+                for (int i = 0; i < mt; i++)
+                    for (int c = 0; c < cols; c++) {
+                        const int n = g * ROWS + c;
+                        store_act(y, (size_t)(r0 + i) * N + n, out[i * ROWS + c] + (bias ? bias[n] : 0.0f), act);
+                    }
                 r0 += mt;
             }
         }
-        free(scratch);
+        free(w4);
+        free(dv);
     }
     free(xq);
     free(xs);

@@ -17,28 +17,63 @@ static float weight_at(const uint8_t *qs, const uint16_t *d, const uint16_t *m, 
     return half_to_float(d[blk]) * (float)(int8_t)qs[blk * 32 + i];
 }
 
+/* the quant of weight (n, k) and its block's d, m in the int8 mode's layout (interleaved by 8 rows) */
+static int quant8_at(const uint8_t *qs, const uint16_t *d, const uint16_t *m, int nb, int n, int k, float *dn,
+                     float *mn) {
+    const int g = n / 8, r = n % 8, b = k / 32, i = k % 32;
+    const size_t blk = (size_t)g * nb + b;
+    *dn = half_to_float(d[blk * 8 + r]);
+    *mn = m ? half_to_float(m[blk * 8 + r]) : 0.0f;
+    if (m) {
+        const int j = i % 16; /* byte j of the row's 16: group j / 4, byte j % 4 */
+        const uint8_t byte = qs[((blk * 4 + j / 4) * 8 + r) * 4 + j % 4];
+        return i < 16 ? byte & 0x0F : byte >> 4;
+    }
+    return (int8_t)qs[((blk * 8 + i / 4) * 8 + r) * 4 + i % 4];
+}
+
+static int qmatmul_i8(const void *x, int act, const uint8_t *qs, const uint16_t *d, const uint16_t *m,
+                      const float *bias, void *y, int M, int N, int K) {
+    const int nb = K / 32;
+    float xf[32], *scale = malloc((size_t)nb * 2 * sizeof(float));
+    int8_t *xq = malloc((size_t)K);
+    int rc = scale && xq ? 0 : -1;
+    for (int r = 0; r < M && !rc; r++) {
+        float *t = scale + nb;
+        for (int b = 0; b < nb; b++) {
+            int q_sum;
+            for (int i = 0; i < 32; i++) xf[i] = load_act(x, (size_t)r * K + b * 32 + i, act);
+            scale[b] = quantize_block(xf, xq + b * 32, &q_sum);
+            t[b] = scale[b] * (float)q_sum;
+        }
+        for (int n = 0; n < N; n++) {
+            float acc = 0.0f, off = 0.0f;
+            for (int b = 0; b < nb; b++) {
+                float dn = 0.0f, mn = 0.0f;
+                int sum = 0;
+                for (int i = 0; i < 32; i++) sum += quant8_at(qs, d, m, nb, n, b * 32 + i, &dn, &mn) * xq[b * 32 + i];
+                acc = fmaf((float)sum, dn * scale[b], acc);
+                off = fmaf(mn, t[b], off);
+            }
+            store_act(y, (size_t)r * N + n, acc + off + (bias ? bias[n] : 0.0f), act);
+        }
+    }
+    free(scale);
+    free(xq);
+    return rc;
+}
+
 int k_qmatmul(const void *x, int act, const uint8_t *qs, const uint16_t *d, const uint16_t *m, const float *bias,
               void *y, int M, int N, int K, int i8, int nthreads) {
     (void)nthreads;
     if (K % 32 || M <= 0 || N <= 0) return -1;
-    float *xf = malloc((size_t)K * sizeof(float)); /* one activation row, as the product uses it */
-    if (!xf) return -1;
-    for (int r = 0; r < M; r++) {
-        for (int k = 0; k < K; k++) xf[k] = load_act(x, (size_t)r * K + k, act);
-        if (i8)
-            for (int b = 0; b < K / 32; b++) { /* int8 per block, then back: q * scale */
-                int8_t q[32];
-                int q_sum;
-                const float scale = quantize_block(xf + b * 32, q, &q_sum);
-                for (int i = 0; i < 32; i++) xf[b * 32 + i] = (float)q[i] * scale;
-            }
+    if (i8) return qmatmul_i8(x, act, qs, d, m, bias, y, M, N, K);
+    for (int r = 0; r < M; r++)
         for (int n = 0; n < N; n++) {
             float s = 0.0f;
-            for (int k = 0; k < K; k++) s += weight_at(qs, d, m, K / 32, n, k) * xf[k];
+            for (int k = 0; k < K; k++) s += weight_at(qs, d, m, K / 32, n, k) * load_act(x, (size_t)r * K + k, act);
             store_act(y, (size_t)r * N + n, s + (bias ? bias[n] : 0.0f), act);
         }
-    }
-    free(xf);
     return 0;
 }
 

@@ -1,0 +1,172 @@
+/* Runs entry points of a kernels library (model_core/kernels/layer.c) on requests read from a file, so that
+ * builds for another machine (aarch64 under qemu-user) can be tested from Python: test_native_neon.py.
+ *
+ *   kernel_driver LIBRARY REQUESTS RESULTS
+ *
+ * REQUESTS holds any number of calls, one after the other, each (native byte order):
+ *   u32 length of the name, the name (no NUL)
+ *   u32 nbuf, u32 nint, u32 nflt
+ *   nbuf buffers, each: i64 size in bytes (-1: pass NULL), u32 returned (1: written to RESULTS after the call),
+ *                       then its bytes
+ *   nint i64, then nflt f32
+ * The buffers are the entry point's pointer arguments in the order of its signature (llama_decode_layer's w:
+ * its 12 pointers in place of the one), the ints its int arguments in order, the floats its float arguments.
+ * aigc_kernels_isa takes one 64-byte buffer that receives the name; aigc_cpu_features nothing.
+ * RESULTS, per call: i32 the entry point's return value, then each returned buffer: i64 size, its bytes.
+ */
+#include <dlfcn.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define MAX_BUF 32
+#define MAX_NUM 16
+
+/* the entry points' types, as layer.c declares them */
+typedef const char *isa_fn(void);
+typedef int features_fn(void);
+typedef int quant_matmul_fn(const void *x, int act, const uint8_t *qs, const uint16_t *d, const uint16_t *m,
+                            const float *bias, void *y, int M, int N, int K, int i8, int nthreads);
+typedef int paged_attention_decode_fn(const void *q, const void *kv, const int64_t *rows, const int32_t *lens,
+                                      void *out, int B, int nh, int nkv, int hs, int Tk, float scale, int act,
+                                      int nthreads);
+typedef int llama_rmsnorm_fn(const void *x, const void *w, float eps, void *out, int B, int C, int act);
+typedef int llama_add_rmsnorm_fn(void *x, const void *y, const void *w, float eps, void *out, int B, int C, int act);
+typedef int llama_swiglu_fn(const void *gu, void *g, int B, int F, int act);
+typedef int llama_attention_fn(void *qkv, int B, const float *cos, const float *sin, void *kv, const int64_t *write,
+                               const int64_t *rows, const int32_t *lens, void *att, int Tk, int nh, int nkv, int hs,
+                               int act, int nthreads);
+typedef int llama_decode_layer_fn(void *x, int B, int C, const void *attn_norm, const void *ffn_norm, float eps,
+                                  const void *const *w, const float *cos, const float *sin, void *kv,
+                                  const int64_t *write, const int64_t *rows, const int32_t *lens, int Tk, int nh,
+                                  int nkv, int hs, int F, int act, int i8, int nthreads);
+
+/* One per entry point: call fn with the request's buffers b, ints i and floats f (in the order above). */
+typedef void (*any_fn)(void);
+typedef int call_fn(any_fn fn, void **b, const int64_t *i, const float *f);
+#define I(k) ((int)i[k])
+
+static int call_isa(any_fn fn, void **b, const int64_t *i, const float *f) {
+    (void)i, (void)f;
+    snprintf(b[0], 64, "%s", ((isa_fn *)fn)());
+    return 0;
+}
+
+static int call_cpu_features(any_fn fn, void **b, const int64_t *i, const float *f) {
+    (void)b, (void)i, (void)f;
+    return ((features_fn *)fn)();
+}
+
+static int call_quant_matmul(any_fn fn, void **b, const int64_t *i, const float *f) {
+    (void)f;
+    return ((quant_matmul_fn *)fn)(b[0], I(0), b[1], b[2], b[3], b[4], b[5], I(1), I(2), I(3), I(4), I(5));
+}
+
+static int call_paged_attention_decode(any_fn fn, void **b, const int64_t *i, const float *f) {
+    return ((paged_attention_decode_fn *)fn)(b[0], b[1], b[2], b[3], b[4], I(0), I(1), I(2), I(3), I(4), f[0], I(5),
+                                             I(6));
+}
+
+static int call_llama_rmsnorm(any_fn fn, void **b, const int64_t *i, const float *f) {
+    return ((llama_rmsnorm_fn *)fn)(b[0], b[1], f[0], b[2], I(0), I(1), I(2));
+}
+
+static int call_llama_add_rmsnorm(any_fn fn, void **b, const int64_t *i, const float *f) {
+    return ((llama_add_rmsnorm_fn *)fn)(b[0], b[1], b[2], f[0], b[3], I(0), I(1), I(2));
+}
+
+static int call_llama_swiglu(any_fn fn, void **b, const int64_t *i, const float *f) {
+    (void)f;
+    return ((llama_swiglu_fn *)fn)(b[0], b[1], I(0), I(1), I(2));
+}
+
+static int call_llama_attention(any_fn fn, void **b, const int64_t *i, const float *f) {
+    (void)f;
+    return ((llama_attention_fn *)fn)(b[0], I(0), b[1], b[2], b[3], b[4], b[5], b[6], b[7], I(1), I(2), I(3), I(4),
+                                      I(5), I(6));
+}
+
+/* buffers: x, attn_norm, ffn_norm, the 12 of w, cos, sin, kv, write, rows, lens */
+static int call_llama_decode_layer(any_fn fn, void **b, const int64_t *i, const float *f) {
+    const void *w[12];
+    memcpy(w, b + 3, sizeof w);
+    return ((llama_decode_layer_fn *)fn)(b[0], I(0), I(1), b[1], b[2], f[0], w, b[15], b[16], b[17], b[18], b[19],
+                                         b[20], I(2), I(3), I(4), I(5), I(6), I(7), I(8), I(9));
+}
+
+static const struct {
+    const char *name;
+    unsigned nbuf, nint, nflt;
+    call_fn *call;
+} ENTRY[] = {
+    {"aigc_kernels_isa", 1, 0, 0, call_isa},
+    {"aigc_cpu_features", 0, 0, 0, call_cpu_features},
+    {"quant_matmul", 6, 6, 0, call_quant_matmul},
+    {"paged_attention_decode", 5, 7, 1, call_paged_attention_decode},
+    {"llama_rmsnorm", 3, 3, 1, call_llama_rmsnorm},
+    {"llama_add_rmsnorm", 4, 3, 1, call_llama_add_rmsnorm},
+    {"llama_swiglu", 2, 3, 0, call_llama_swiglu},
+    {"llama_attention", 8, 7, 0, call_llama_attention},
+    {"llama_decode_layer", 21, 10, 1, call_llama_decode_layer},
+};
+
+static void die(const char *what, const char *detail) {
+    fprintf(stderr, "kernel_driver: %s%s%s\n", what, detail ? ": " : "", detail ? detail : "");
+    exit(2);
+}
+
+static void read_exact(FILE *in, void *p, size_t n) {
+    if (n && fread(p, 1, n, in) != n) die("truncated request", NULL);
+}
+
+static void write_exact(FILE *out, const void *p, size_t n) {
+    if (n && fwrite(p, 1, n, out) != n) die("cannot write the results", NULL);
+}
+
+int main(int argc, char **argv) {
+    if (argc != 4) die("usage: kernel_driver LIBRARY REQUESTS RESULTS", NULL);
+    void *lib = dlopen(argv[1], RTLD_NOW);
+    if (!lib) die("dlopen", dlerror());
+    FILE *in = fopen(argv[2], "rb"), *out = fopen(argv[3], "wb");
+    if (!in || !out) die("cannot open", !in ? argv[2] : argv[3]);
+    uint32_t len;
+    while (fread(&len, 4, 1, in) == 1) {
+        char name[64] = {0};
+        if (len >= sizeof name) die("entry point name too long", NULL);
+        read_exact(in, name, len);
+        uint32_t n[3];
+        read_exact(in, n, sizeof n);
+        size_t e = 0;
+        while (e < sizeof ENTRY / sizeof ENTRY[0] && strcmp(ENTRY[e].name, name)) e++;
+        if (e == sizeof ENTRY / sizeof ENTRY[0]) die("unknown entry point", name);
+        if (n[0] != ENTRY[e].nbuf || n[1] != ENTRY[e].nint || n[2] != ENTRY[e].nflt)
+            die("wrong number of buffers, ints or floats for", name);
+        void *buf[MAX_BUF] = {0};
+        int64_t size[MAX_BUF], ints[MAX_NUM];
+        uint32_t returned[MAX_BUF];
+        float flts[MAX_NUM];
+        for (uint32_t k = 0; k < n[0]; k++) {
+            read_exact(in, &size[k], 8);
+            read_exact(in, &returned[k], 4);
+            if (size[k] < 0) continue; /* NULL */
+            if (!(buf[k] = malloc(size[k] ? (size_t)size[k] : 1))) die("out of memory", NULL);
+            read_exact(in, buf[k], (size_t)size[k]);
+        }
+        read_exact(in, ints, 8 * (size_t)n[1]);
+        read_exact(in, flts, 4 * (size_t)n[2]);
+        any_fn fn = (any_fn)dlsym(lib, name);
+        if (!fn) die("dlsym", dlerror());
+        const int32_t rc = ENTRY[e].call(fn, buf, ints, flts);
+        write_exact(out, &rc, 4);
+        for (uint32_t k = 0; k < n[0]; k++) {
+            if (!returned[k]) continue;
+            write_exact(out, &size[k], 8);
+            if (size[k] > 0) write_exact(out, buf[k], (size_t)size[k]);
+        }
+        for (uint32_t k = 0; k < n[0]; k++) free(buf[k]);
+    }
+    if (fclose(out)) die("cannot write the results", NULL);
+    fclose(in);
+    return 0;
+}
