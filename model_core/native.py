@@ -75,25 +75,26 @@ def command(isa: Isa, cc: str, out: Path) -> list[str]:
             *LIBS, "-o", str(out)]
 
 
-def library_path(isa: Isa, cc: str = "cc") -> Path:
-    """Where an ISA's library compiles to: the cache, under a hash of the sources, headers, flags and compiler."""
+def library_path(isa: Isa, cross_cc: str | None = None) -> Path:
+    """Where an ISA's library compiles to: the cache, under a hash of the sources, headers and flags (and of the
+    compiler, for a cross-compiler's build), so that a cache filled ahead of time serves a machine without gcc."""
     digest = hashlib.sha256(" ".join((*COMMON_FLAGS, *LIBS, *isa.flags, isa.name, *isa.sources,
-                                      os.path.basename(cc))).encode())
+                                      os.path.basename(cross_cc or ""))).encode())
     for f in sorted(KERNEL_DIR.glob("*.[ch]")):
         digest.update(f.name.encode() + f.read_bytes())
     return cache_dir() / f"aigc-kernels-{isa.name}-{digest.hexdigest()[:16]}.so"
 
 
 def build(name: str, cc: str | None = None) -> Path:
-    """Compile an ISA's library into the cache (for this machine unless `cc` cross-compiles);
-    raises OSError/SubprocessError."""
+    """Compile an ISA's library into the cache, unless it is there (for this machine, or for another with a
+    cross-compiler `cc`); raises OSError/SubprocessError."""
     isa = ISAS[name]
-    cc = cc or compiler()
-    if cc is None:
-        raise OSError("no C compiler (gcc or cc) on PATH")
     target = library_path(isa, cc)
     if target.exists():
         return target
+    cc = cc or compiler()
+    if cc is None:
+        raise OSError("no C compiler (gcc or cc) on PATH")
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         out = Path(tmp) / target.name
@@ -194,10 +195,15 @@ def load(name: str) -> Kernels:
                                  ) from e
 
 
+def buildable() -> list[str]:
+    """The ISAs of this machine's architecture (whether or not this CPU runs them): what an image ships."""
+    return [name for name, isa in ISAS.items() if isa.arch in ("", machine())]
+
+
 if __name__ == "__main__":  # fill the cache, e.g. in an image build where the compiler is
     import sys
 
     if sys.argv[1:] != ["--build"]:
         sys.exit("usage: python -m model_core.native --build")
-    for name in runnable():
-        print(name, load(name).path)
+    for name in buildable():  # the image may run on another CPU of this architecture than the one building it
+        print(name, build(name))

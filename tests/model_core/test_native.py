@@ -399,5 +399,11 @@ def test_no_compiler_means_no_kernels_and_a_warning(monkeypatch: pytest.MonkeyPa
             with pytest.raises(ValueError, match="build"):
                 select_backend(ISAS[0])  # asked for by name: an error, not a quiet fallback
         assert not list(tmp_path.rglob("*.so"))  # nothing half-built left behind
+        monkeypatch.delenv("CC")
+        for isa in native.buildable():  # what an image build does where gcc is
+            native.build(isa)
+        monkeypatch.setenv("CC", "/bin/false")
+        native.load.cache_clear()
+        assert select_backend("auto").isa == (SIMD[0] if SIMD else None)  # served from the cache, no compiler
     finally:
         native.load.cache_clear()
