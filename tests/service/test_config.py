@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from model_core import native
 from service.config import Settings, parse_settings
 
 
@@ -20,6 +21,7 @@ def test_env_then_flags_override_defaults(monkeypatch: pytest.MonkeyPatch) -> No
     (["--port", "70000"], "port"),
     (["--dtype", "int4"], "dtype"),
     (["--device", "tpu"], "device"),
+    (["--kernels", "sse9"], "kernels"),
     (["--max-num-seqs", "0"], "max_num_seqs"),
     (["--max-num-seqs", "64", "--max-num-batched-tokens", "32"], "max_num_batched_tokens"),
     (["--api-key-file", "/nonexistent/keys"], "api_key_file"),
@@ -31,3 +33,13 @@ def test_invalid_settings_stop_start_up_naming_the_option(argv: list[str], optio
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert "invalid settings" in err and option in err
+
+
+def test_kernels_from_env_and_a_build_this_cpu_cannot_run_stops_start_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    from service.main import build_text_model
+
+    monkeypatch.setenv("AIGC_KERNELS", "torch")
+    assert parse_settings([]).kernels == "torch"
+    other = next(isa for isa in native.ISAS if isa not in native.runnable())  # x86 never runs NEON, ARM never AVX2
+    with pytest.raises(ValueError, match=f"kernels '{other}'"):
+        build_text_model(Settings(kernels=other, enable_gan=False))
