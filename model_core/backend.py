@@ -19,6 +19,9 @@ from model_core import native
 log = logging.getLogger(__name__)
 
 CHOICES = ("auto", "torch", *native.ISAS)
+# Without AVX-512 the BLAS's fp32 matmul runs on AVX2 too, and the int8 kernel beat it at every size measured
+# (32 to 256 rows; MKL, oneDNN and ATen capped at AVX2): there prompt chunks run on the quantized weights too.
+AVX2_ONLY_MAX_ROWS = 512
 
 
 @dataclass(frozen=True)
@@ -36,8 +39,13 @@ class DecodeBackend:
 
     @property
     def quant_max_rows(self) -> int:
-        """Decode batches up to this many rows run on the quantized weights unless told otherwise (0: never)."""
-        return 0 if self.kernels is None else self.kernels.isa.max_rows
+        """Matmuls of up to this many rows (decode batches, short prompt chunks) run on the quantized weights unless
+        told otherwise (0: never)."""
+        if self.kernels is None:
+            return 0
+        if self.kernels.name == "avx2" and not native.cpu_features() & native.CPU_AVX512F:
+            return AVX2_ONLY_MAX_ROWS
+        return self.kernels.isa.max_rows
 
     def describe(self, dtype: torch.dtype, threads: int) -> str:
         dt = str(dtype).removeprefix("torch.")
@@ -50,8 +58,9 @@ TORCH = DecodeBackend(None, "PyTorch only")
 
 
 def select_backend(choice: str = "auto", device: torch.device | str = "cpu") -> DecodeBackend:
-    """auto: the best native build this CPU runs (PyTorch where none does, or on a GPU); torch: PyTorch only;
-    an ISA name: that build, or ValueError if this CPU cannot run it or it does not build."""
+    """auto: the best native build this CPU runs (PyTorch where none does, or on a GPU): avx512bf16 (bf16) where
+    AMX runs the bf16 matmuls, else the int8 builds (avx2, neon-dotprod) before the exact ones; torch: PyTorch
+    only; an ISA name: that build, or ValueError if this CPU cannot run it or it does not build."""
     if choice not in CHOICES:
         raise ValueError(f"unknown kernels {choice!r}; expected one of {', '.join(CHOICES)}")
     if choice == "torch":
@@ -66,11 +75,17 @@ def select_backend(choice: str = "auto", device: torch.device | str = "cpu") -> 
         except native.KernelsUnavailable as e:
             raise ValueError(f"kernels {choice!r}: {e}") from None
     reasons = []
+    amx = bool(native.cpu_features() & native.CPU_AMX_BF16)
     for name in native.runnable():
         if name == "reference":
             continue  # plain C: for tests, and when asked for
+        if name == "avx512bf16" and not amx:
+            # measured on an AVX512-BF16 machine without AMX: oneDNN's bf16 matmuls ran at half its fp32 rate, and
+            # the avx2 build's int8 decode (fp32 activations) beat the bf16 kernels at every batch size
+            continue
         try:
-            return DecodeBackend(native.load(name), "the best this CPU runs")
+            why = "AVX512-BF16 with AMX: bf16 matmuls run natively" if name == "avx512bf16" else "the best this CPU runs"
+            return DecodeBackend(native.load(name), why)
         except native.KernelsUnavailable as e:
             reasons.append(str(e))
     why = "; ".join(reasons) or "no native build for this CPU (needs AVX2, AVX512-BF16 or NEON)"

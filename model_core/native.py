@@ -43,13 +43,13 @@ class Isa:
 
 
 # best first; features as kernels/cpu.c reports them
-CPU_AVX2, CPU_AVX512BF16, CPU_NEON, CPU_NEON_DOTPROD = 1, 2, 4, 8
+CPU_AVX2, CPU_AVX512BF16, CPU_NEON, CPU_NEON_DOTPROD, CPU_AMX_BF16, CPU_AVX512F = 1, 2, 4, 8, 16, 32
 ISAS: dict[str, Isa] = {isa.name: isa for isa in (
     Isa("avx512bf16", "x86_64", (*SIMD_SOURCES, "qmatmul_avx512bf16.c"),
         ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma", "-mf16c"), CPU_AVX512BF16, 6, 4, False,
         True),
     Isa("avx2", "x86_64", SIMD_SOURCES, ("-mavx2", "-mfma", "-mf16c"), CPU_AVX2, 32, 32, True, True),
-    Isa("neon-dotprod", "aarch64", SIMD_SOURCES, ("-march=armv8.2-a+dotprod",), CPU_NEON | CPU_NEON_DOTPROD, 16, 16,
+    Isa("neon-dotprod", "aarch64", SIMD_SOURCES, ("-march=armv8.2-a+dotprod",), CPU_NEON | CPU_NEON_DOTPROD, 32, 32,
         True, True),
     Isa("neon", "aarch64", SIMD_SOURCES, ("-march=armv8-a",), CPU_NEON, 16, 16, False, False),
     Isa("reference", "", ("reference.c", "layer.c", "cpu.c"), (), 0, 16, 16, False, True),
@@ -151,6 +151,10 @@ def features_from_cpuinfo(text: str, machine: str) -> int:
         bits |= CPU_NEON
     if "asimddp" in words:
         bits |= CPU_NEON_DOTPROD
+    if {"amx_bf16", "amx_tile"} <= words:
+        bits |= CPU_AMX_BF16
+    if "avx512f" in words:
+        bits |= CPU_AVX512F
     return bits
 
 

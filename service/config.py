@@ -33,8 +33,9 @@ class Settings(BaseSettings):
         "auto", description="CPU decode backend: native kernels for an instruction set this CPU runs, or torch only; "
         "auto = the best here")
     quant_max_rows: int | None = Field(None, ge=0, le=1024, description="matmuls of up to this many rows (decode "
-                                       "batches) run on a GGUF's Q4_0/Q4_1/Q8_0 weights as stored (CPU kernels); "
-                                       "0 = off; default: the kernels' own (avx512bf16 6, others 16)")
+                                       "batches, prompt chunks) run on a GGUF's Q4_0/Q4_1/Q8_0 weights as stored (CPU "
+                                       "kernels); 0 = off; default: the kernels' own (avx512bf16 6, avx2 without "
+                                       "AVX-512 512, others 32)")
     max_num_seqs: int = Field(32, ge=1, le=1024, description="max sequences decoded together")
     max_num_batched_tokens: int = Field(512, ge=16, description="token budget per engine step")
     kv_cache_memory_gb: float = Field(1.0, gt=0, description="memory for the KV cache")

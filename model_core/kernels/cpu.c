@@ -9,6 +9,8 @@ enum {
     CPU_AVX512BF16 = 1 << 1, /* avx512f + bw + vl + bf16 (OS saves the state) */
     CPU_NEON = 1 << 2,       /* aarch64 Advanced SIMD */
     CPU_NEON_DOTPROD = 1 << 3,
+    CPU_AMX_BF16 = 1 << 4, /* AMX tiles with bf16 (the matmul units oneDNN's bf16 matmuls run fast on) */
+    CPU_AVX512F = 1 << 5,  /* AVX-512 foundation (what the BLAS's fp32 matmuls use where present) */
 };
 
 int aigc_cpu_features(void) {
@@ -19,6 +21,8 @@ int aigc_cpu_features(void) {
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
         __builtin_cpu_supports("avx512bf16"))
         f |= CPU_AVX512BF16;
+    if (__builtin_cpu_supports("amx-bf16") && __builtin_cpu_supports("amx-tile")) f |= CPU_AMX_BF16;
+    if (__builtin_cpu_supports("avx512f")) f |= CPU_AVX512F;
 #elif defined(__aarch64__)
     f |= CPU_NEON; /* baseline on aarch64 */
 #if defined(__linux__)

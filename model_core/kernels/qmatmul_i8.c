@@ -135,32 +135,41 @@ static inline isum sums_q8(const uint8_t *q, const int8_t *xb) {
 }
 #endif
 
-/* MT activation rows against one group of 8 weight rows -> out (MT, 8). w4: the group's widened 4-bit quants
- * (nb * 8 vectors) or NULL for 8-bit ones read from q8; dv, mv: (nb, 8) float scales and offsets (mv NULL:
- * none); xq, xs, xt: the rows' int8 blocks, scales and scale * sum q. */
+/* MT activation rows against one group of 8 weight rows -> out (MT, 8). Q4: 4-bit quants, widened in w4
+ * (nb * 8 vectors), with offsets mv; else 8-bit ones read from q8. dv, mv: (nb, 8) float scales and offsets;
+ * xq, xs, xt: the rows' int8 blocks, scales and scale * sum q. MT and Q4 are constants where this is inlined,
+ * so the accumulators live in registers. */
 static inline __attribute__((always_inline)) void group_rows(const qv *w4, const uint8_t *q8, const float *dv,
                                                             const float *mv, int nb, const int8_t *xq,
                                                             const float *xs, const float *xt, float *out,
-                                                            const int MT) {
+                                                            const int MT, const int Q4) {
     f8 acc[MT], off[MT];
-    for (int i = 0; i < MT; i++) acc[i] = off[i] = F8_ZERO;
+    _Pragma("GCC unroll 4") for (int i = 0; i < MT; i++) acc[i] = off[i] = F8_ZERO;
     for (int b = 0; b < nb; b++) {
         const f8 db = f8_load(dv + (size_t)b * ROWS);
-        for (int i = 0; i < MT; i++) {
+        _Pragma("GCC unroll 4") for (int i = 0; i < MT; i++) {
             const size_t at = (size_t)i * nb + b;
-            const isum s = w4 ? sums_q4(w4 + (size_t)b * 8, xq + at * BLOCK)
+            const isum s = Q4 ? sums_q4(w4 + (size_t)b * 8, xq + at * BLOCK)
                               : sums_q8(q8 + (size_t)b * ROWS * BLOCK, xq + at * BLOCK);
             acc[i] = f8_scale_fma(s, db, xs[at], acc[i]);
-            if (mv) off[i] = f8_fma(f8_load(mv + (size_t)b * ROWS), xt[at], off[i]);
         }
     }
-    for (int i = 0; i < MT; i++) {
+    if (Q4) /* the offsets' term in its own pass, so that the loop above keeps only acc in registers */
+        for (int b = 0; b < nb; b++) {
+            const f8 mb = f8_load(mv + (size_t)b * ROWS);
+            _Pragma("GCC unroll 4") for (int i = 0; i < MT; i++) off[i] = f8_fma(mb, xt[(size_t)i * nb + b], off[i]);
+        }
+    _Pragma("GCC unroll 4") for (int i = 0; i < MT; i++) {
         float a[ROWS], o[ROWS];
         f8_store(a, acc[i]);
         f8_store(o, off[i]);
         for (int r = 0; r < ROWS; r++) out[i * ROWS + r] = a[r] + o[r];
     }
 }
+
+/* the row tile of MT rows starting at row r0, for 4-bit (Q4) or 8-bit weights */
+#define GROUP_TILE(MT, Q4) \
+    group_rows(w4, qg, dv, mv, nb, xq + at * BLOCK, xs + at, xt + at, out, MT, Q4)
 
 int qmatmul_i8(const void *x, int act, const uint8_t *qs, const uint16_t *d, const uint16_t *m, const float *bias,
                void *y, int M, int N, int K, int nthreads) {
@@ -206,10 +215,13 @@ int qmatmul_i8(const void *x, int act, const uint8_t *qs, const uint16_t *d, con
             for (int r0 = 0; r0 < M;) {
                 const int left = M - r0, mt = left >= 4 ? 4 : left >= 2 ? 2 : 1;
                 const size_t at = (size_t)r0 * nb;
-                switch (mt) {
-                case 4: group_rows(w4, qg, dv, mv, nb, xq + at * BLOCK, xs + at, xt + at, out, 4); break;
-                case 2: group_rows(w4, qg, dv, mv, nb, xq + at * BLOCK, xs + at, xt + at, out, 2); break;
-                default: group_rows(w4, qg, dv, mv, nb, xq + at * BLOCK, xs + at, xt + at, out, 1); break;
+                switch (mt * (m ? 1 : -1)) {
+                case 4: GROUP_TILE(4, 1); break;
+                case 2: GROUP_TILE(2, 1); break;
+                case 1: GROUP_TILE(1, 1); break;
+                case -4: GROUP_TILE(4, 0); break;
+                case -2: GROUP_TILE(2, 0); break;
+                default: GROUP_TILE(1, 0); break;
                 }
                 for (int i = 0; i < mt; i++)
                     for (int c = 0; c < cols; c++) {
