@@ -84,7 +84,7 @@ def select_backend(choice: str = "auto", device: torch.device | str = "cpu") -> 
             # the avx2 build's int8 decode (fp32 activations) beat the bf16 kernels at every batch size
             continue
         try:
-            why = "AVX512-BF16 with AMX: bf16 matmuls run natively" if name == "avx512bf16" else "the best this CPU runs"
+            why = "the best this CPU runs" + (" (AMX: bf16 matmuls run natively)" if name == "avx512bf16" else "")
             return DecodeBackend(native.load(name), why)
         except native.KernelsUnavailable as e:
             reasons.append(str(e))
