@@ -2,8 +2,9 @@
 
 `select_backend(choice)` returns a `DecodeBackend`: either native kernels for one instruction set
 (model_core.native: "avx512bf16", "avx2", "neon-dotprod", "neon", or the plain-C "reference") or the PyTorch path
-("torch"). "auto" takes the best SIMD build this CPU runs; a named ISA must be one this CPU executes
-(so an AVX-512 machine also tests its AVX2 build). The loader attaches the backend's kernels to the
+("torch"). "auto" takes the best SIMD build this CPU runs (avx512bf16 only where AMX makes its bf16 matmuls
+fast, else the int8 builds first); a named ISA must be one this CPU executes (so an AVX-512 machine also
+tests its AVX2 build). The loader attaches the backend's kernels to the
 model's quantized layers and fused decoder; the runner gives them to the KV cache.
 """
 
@@ -20,7 +21,7 @@ log = logging.getLogger(__name__)
 
 CHOICES = ("auto", "torch", *native.ISAS)
 # Without AVX-512 the BLAS's fp32 matmul runs on AVX2 too, and the int8 kernel beat it at every size measured
-# (32 to 256 rows; MKL, oneDNN and ATen capped at AVX2): there prompt chunks run on the quantized weights too.
+# (32 to 256 rows; MKL, oneDNN and ATen capped at AVX2): there decode batches of any size run on the kernel.
 AVX2_ONLY_MAX_ROWS = 512
 
 

@@ -17,6 +17,7 @@ from torch import nn
 from model_core.attention import MultiHeadAttention
 from model_core.kv_cache import PagedKVCache
 from model_core.positional import LearnedPositionalEmbedding, RotaryEmbedding
+from model_core.qmatmul import exact_products
 from model_core.transformer import FeedForward, make_norm
 
 ARCHITECTURES = ("llama", "gpt2")
@@ -110,6 +111,14 @@ class CausalLM(nn.Module):
             positions = torch.arange(T, device=tokens.device).expand(B, T)
         elif cache is None and int(positions.max()) >= self.cfg.max_seq_len:  # (the cache checks its own)
             raise ValueError(f"position {int(positions.max())} exceeds the context length {self.cfg.max_seq_len}")
+        if T > 1:  # a prompt chunk: exact products, so that prompt logits do not depend on the decode kernels
+            with exact_products():
+                return self._forward(tokens, positions, cache, last_only, last_index)
+        return self._forward(tokens, positions, cache, last_only, last_index)
+
+    def _forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: PagedKVCache | None, last_only: bool,
+                 last_index: torch.Tensor | None) -> torch.Tensor:
+        B = tokens.shape[0]
         x = self.embed(tokens)  # (B, T, C)
         fast = self.decoder_fast_path
         if fast is not None and cache is not None and fast.applies(B, cache):

@@ -10,6 +10,9 @@ layer, where the BLAS matmul is faster.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +23,18 @@ from model_core.native import Kernels
 Q4_0, Q4_1, Q8_0 = 2, 3, 8  # GGML type ids
 BLOCK_BYTES = {Q4_0: 18, Q4_1: 20, Q8_0: 34}  # bytes per block of 32 weights
 ACT = {torch.float32: 0, torch.bfloat16: 1}  # the kernels' activation dtypes (kernels/common.h)
+_EXACT_ONLY: ContextVar[bool] = ContextVar("exact_only", default=False)
+
+
+@contextmanager
+def exact_products() -> Iterator[None]:
+    """Within it, layers whose kernels would round activations to int8 run their dense copy instead: CausalLM
+    runs prompt chunks so, so that prompt logits (the first token, prompt logprobs) stay exact."""
+    token = _EXACT_ONLY.set(True)
+    try:
+        yield
+    finally:
+        _EXACT_ONLY.reset(token)
 
 
 @dataclass(frozen=True)
@@ -135,7 +150,8 @@ def qmatmul(x: torch.Tensor, w: QuantWeight, kernels: Kernels, bias: torch.Tenso
 
 class QuantLinear(nn.Module):
     """A linear layer with a quantized copy of its weight: float32/bf16 CPU batches of at most `max_rows` rows
-    use the kernel; larger ones, other dtypes and anything needing autograd the wrapped dense layer."""
+    use the kernel; larger ones, other dtypes, anything needing autograd and, for int8 mode, whatever runs under
+    `exact_products()` the wrapped dense layer."""
 
     quant: QuantWeight
     qbias: torch.Tensor | None
@@ -161,7 +177,8 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // max(x.shape[-1], 1)
-        if rows > self.max_rows or x.requires_grad or x.dtype not in ACT or x.device.type != "cpu":
+        if (rows > self.max_rows or x.requires_grad or x.dtype not in ACT or x.device.type != "cpu"
+                or (self.quant.interleaved and _EXACT_ONLY.get())):
             return self.dense(x)
         return qmatmul(x, self.quant, self.kernels, self.qbias)
 

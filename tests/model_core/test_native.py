@@ -297,6 +297,22 @@ def test_gguf_model_with_kernels_matches_without(isa: str, kind: str, qtype: str
             assert err_fast <= max(1.5 * err_dense, 0.05 * scale)
 
 
+@pytest.mark.parametrize("isa", [isa for isa in ISAS if native.ISAS[isa].int8])
+def test_prompt_chunks_stay_exact_where_decode_rounds_activations_to_int8(isa: str, tmp_path: Path) -> None:
+    """Builds whose decode steps take int8 activations run prompt chunks on the dense weights: prompt logits (the
+    first token, prompt logprobs) equal the model's without the kernels, bit for bit; decode steps do differ."""
+    from model_core.weights.loader import load_lm
+
+    path = _tiny_gguf("llama", "Q4_1", tmp_path)
+    backend = select_backend(isa)
+    fast = load_lm(path, torch.float32, quantized_max_rows=64, backend=backend).model
+    plain = load_lm(path, torch.float32).model
+    tokens = torch.randint(0, plain.cfg.vocab_size, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        assert torch.equal(fast(tokens), plain(tokens))  # 40 rows <= 64: the kernel would have taken them
+        assert not torch.equal(fast(tokens[:, :1]), plain(tokens[:, :1]))  # one token per row: int8 decode
+
+
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("max_rows,one_call", [(8, True), (2, False), (0, False)])
