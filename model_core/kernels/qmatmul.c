@@ -4,8 +4,9 @@
  * Each thread takes weight rows in turn: it dequantizes the row into an fp32 buffer in L1 (w = d q + m,
  * exactly the float32 weights GGUF readers produce) and takes its dot products with every activation
  * row (fp32 FMAs; bf16 activations are widened once per call). The weights stream from memory once per
- * call, at about their stored size. The AVX512-BF16 build sends bf16 activations to its own kernel
- * (qmatmul_avx512bf16.c).
+ * call, at about their stored size. This is the exact mode (k_qmatmul in common.h); the int8 mode goes to
+ * qmatmul_i8.c where the build has integer dot products (-1 elsewhere), and the AVX512-BF16 build sends
+ * bf16 activations to its own kernel (qmatmul_avx512bf16.c).
  */
 #include <stdlib.h>
 

@@ -25,8 +25,6 @@ typedef int32_t vi __attribute__((vector_size(VL * 4)));
 typedef uint32_t vu __attribute__((vector_size(VL * 4)));
 typedef uint16_t vh __attribute__((vector_size(VL * 2)));
 
-
-
 #define INLINE static inline __attribute__((always_inline))
 
 INLINE vf vset1(float a) { return (vf){0} + a; }
