@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from model_core import native
-from model_core.backend import DecodeBackend, select_backend
+from model_core.backend import select_backend
 from model_core.lm import CausalLM, LMConfig
 from model_core.native import Kernels
 from model_core.tokenizer import Tokenizer, find_default_model
@@ -29,11 +29,6 @@ def kernels_for(isa: str) -> Kernels:
 def native_isas(reference: bool = True) -> list[str]:
     """The native builds this CPU runs (each test parametrized over them runs them all)."""
     return [isa for isa in native.runnable() if reference or isa != "reference"]
-
-
-@pytest.fixture(scope="session")
-def auto_backend() -> DecodeBackend:
-    return select_backend("auto")
 
 
 @pytest.fixture(scope="session")
