@@ -9,6 +9,7 @@ the scores of the merged pieces.
 from __future__ import annotations
 
 import codecs
+import functools
 import importlib.util
 import json
 import logging
@@ -48,6 +49,8 @@ _SPLIT_PRES = {
     **dict.fromkeys(("llama-bpe", "llama3", "llama-v3", "smaug-bpe", "falcon3", "dbrx"), _LLAMA3_SPLIT),
     **dict.fromkeys(("qwen2", "deepseek-r1-qwen", "megrez"), _QWEN2_SPLIT),
 }
+# texts (characters) and id lists longer than this use the tokenizers calls that release the GIL
+_GIL_FREE_ABOVE = 4096
 _IGNORE_MERGES_PRES = {"llama-bpe", "llama3", "llama-v3", "smaug-bpe", "falcon3"}
 
 # Tokens that end a turn in common chat formats; counted as stop tokens when special in the vocab.
@@ -258,11 +261,23 @@ class Tokenizer:
 
     # ---------------------------------------------------------------- text <-> ids
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        """Token ids of `text`; special tokens written in the text become their single ids."""
+        """Token ids of `text`; special tokens written in the text become their single ids.
+        Long texts go through the batch call, which releases the GIL while it works (other threads, such
+        as a server's event loop, keep running); its "fast" form skips the offsets, whose clean-up would
+        hold the GIL again."""
+        if len(text) > _GIL_FREE_ABOVE:
+            return self.backend.encode_batch_fast([text], add_special_tokens=add_special_tokens)[0].ids
         return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        if len(ids) > _GIL_FREE_ABOVE:
+            return self.backend.decode_batch([list(ids)], skip_special_tokens=skip_special_tokens)[0]
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    @functools.cached_property
+    def max_token_bytes(self) -> int:
+        """The longest token in UTF-8 bytes: a text of B bytes has at least B / max_token_bytes tokens."""
+        return max(len(self.token_bytes(i)) for i in range(self.backend.get_vocab_size(with_added_tokens=True)))
 
     def id_to_token(self, i: int) -> str:
         tok = self.backend.id_to_token(int(i))

@@ -51,6 +51,10 @@ class Settings(BaseSettings):
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list,
                                                          description="allowed CORS origins; empty = CORS off")
     max_body_bytes: int = Field(4 * 2**20, ge=1024, description="largest accepted request body")
+    request_body_timeout_s: float = Field(30.0, gt=0, description="longest a client may take to send a request "
+                                          "body (408 after)")
+    max_tokens_default: int | None = Field(None, ge=1, description="completion limit of requests that set no "
+                                           "max_tokens; default: the rest of the context for chat, 16 for completions")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info")
     log_format: Literal["json", "text"] = Field("json", description="stderr log lines as JSON or text")
     enable_gan: bool = Field(True, description="serve /v1/images/generations")
@@ -91,6 +95,12 @@ class Settings(BaseSettings):
         return self
 
 
+def _shown_default(value: Any) -> str:
+    if isinstance(value, list):
+        return ",".join(value) if value else "none"
+    return "none" if value is None else str(value)
+
+
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
@@ -104,7 +114,8 @@ def parse_settings(argv: Sequence[str] | None = None) -> Settings:
                             action="append", dest="api_keys", metavar="KEY")
         else:
             ap.add_argument(_flag(name), dest=name, default=None,
-                            help=f"{f.description or name} (env AIGC_{name.upper()}, default {f.default!r})")
+                            help=f"{f.description or name} (env AIGC_{name.upper()}, default "
+                                 f"{_shown_default(f.get_default(call_default_factory=True))})")
     args = {k: v for k, v in vars(ap.parse_args(argv)).items() if v is not None}
     try:
         return Settings(**args)

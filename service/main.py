@@ -8,6 +8,7 @@ turns 200 when loading is done) and starts the engine loop.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 import time
@@ -16,12 +17,13 @@ from contextlib import asynccontextmanager
 from types import FrameType
 
 from fastapi import FastAPI
-from fastapi.middleware.cors import CORSMiddleware
 
-from service.api import chat, completions, health, images, models
+from service.api import chat, completions, health, images, models, responses
 from service.api.auth import APIKeyMiddleware
+from service.api.cors import CORS
 from service.api.errors import install_error_handlers
 from service.api.generation import TextModel
+from service.api.images import IMAGE_MODEL
 from service.api.middleware import InFlight, RequestContextMiddleware
 from service.config import Settings, parse_settings
 from service.engine.engine import EngineObserver
@@ -30,7 +32,6 @@ from service.logs import setup_logging
 from service.metrics import Metrics
 
 log = logging.getLogger("service")
-IMAGE_MODEL = "gan-digits"
 
 
 def build_text_model(settings: Settings, observer: EngineObserver | None = None) -> TextModel:
@@ -130,22 +131,23 @@ def create_app(settings: Settings | None = None, text_model: TextModel | None = 
     app.state.inflight = InFlight()
     app.state.draining = False
     install_error_handlers(app)
-    for r in (health.router, models.router, completions.router, chat.router, images.router):
+    for r in (health.router, models.router, completions.router, chat.router, responses.router, images.router):
         app.include_router(r)
     # outermost last: request context (ids, size limit) -> CORS -> API keys -> routes
     app.add_middleware(APIKeyMiddleware, keys=settings.all_api_keys(), public_paths=settings.public_paths)
     if settings.cors_origins:
-        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
-                           allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
-                           expose_headers=["X-Request-ID"])
+        app.add_middleware(CORS, origins=settings.cors_origins)
     app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.max_body_bytes,
-                       inflight=app.state.inflight)
+                       body_timeout_s=settings.request_body_timeout_s, inflight=app.state.inflight,
+                       draining=lambda: bool(app.state.draining))
     return app
 
 
 def _drain_server(app: FastAPI, settings: Settings) -> type:
     """A uvicorn Server whose first SIGTERM/SIGINT drains: /ready and new requests get 503 while
-    in-flight requests finish (up to drain_timeout_s), then it exits. A second signal exits at once."""
+    in-flight requests finish (up to drain_timeout_s). Requests still running then are ended by stopping
+    the engine (streams get an error event and [DONE]) before the server exits. A second signal exits at
+    once."""
     import uvicorn
 
     class DrainingServer(uvicorn.Server):
@@ -158,13 +160,19 @@ def _drain_server(app: FastAPI, settings: Settings) -> type:
                      settings.drain_timeout_s)
 
             def wait_then_exit() -> None:
+                inflight = app.state.inflight
                 deadline = time.monotonic() + settings.drain_timeout_s
-                while app.state.inflight.count > 0 and time.monotonic() < deadline:
+                while inflight.count > 0 and time.monotonic() < deadline:
                     time.sleep(0.05)
-                log.info("drained (%d requests left); shutting down", app.state.inflight.count)
+                tm = app.state.text_model
+                if inflight.count > 0 and tm is not None:
+                    log.info("drain timeout: ending %d requests in flight", inflight.count)
+                    tm.engine.stop(message="the server is shutting down")
+                    deadline = time.monotonic() + 2.0  # time for the streams to send their error and [DONE]
+                    while inflight.count > 0 and time.monotonic() < deadline:
+                        time.sleep(0.02)
+                log.info("drained (%d requests left); shutting down", inflight.count)
                 self.should_exit = True
-                if app.state.inflight.count > 0:
-                    self.force_exit = True
 
             threading.Thread(target=wait_then_exit, name="drain", daemon=True).start()
 
@@ -181,4 +189,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                             access_log=False, log_config=None, timeout_graceful_shutdown=5)
     server = _drain_server(app, settings)(config)
     server.run()
+    return _exit_code_after_stop(app)
+
+
+def _exit_code_after_stop(app: FastAPI) -> int:
+    """Stop the engine before the interpreter exits: a thread still inside torch at exit aborts the process
+    (SIGABRT). If one is still busy (a model still loading, a step that will not end), leave at once."""
+    tm = app.state.text_model if hasattr(app.state, "text_model") else None
+    if tm is not None:
+        tm.engine.stop(message="the server is shutting down")
+    busy = [t.name for t in threading.enumerate() if t.name in ("llm-engine", "model-loader") and t.is_alive()]
+    if busy:
+        log.warning("exiting while %s still run", ", ".join(busy))
+        logging.shutdown()
+        os._exit(0)
     return 0

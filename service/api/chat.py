@@ -1,7 +1,9 @@
-"""POST /v1/chat/completions: messages rendered with the model's chat template, streaming and not."""
+"""POST /v1/chat/completions: messages rendered with the model's chat template, streaming and not; tools
+(`service.api.tools`) and structured outputs (`service.api.structured`)."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
@@ -10,28 +12,47 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Request
 
 from service.api.errors import APIError, error_responses
+from service.api.fields import check_extra_fields
 from service.api.generation import (
+    Job,
     TextModel,
     admit,
     check_model,
+    check_prompt_chars,
     choice_params,
+    default_max_tokens,
     event_error,
     get_text_model,
     new_id,
     resolve_max_tokens,
     run_choices,
 )
+from service.api.json_route import OffLoopJSONRoute
 from service.api.schemas import MAX_TOP_LOGPROBS, ChatCompletionRequest, ChatMessage, sampling_params
 from service.api.sse import DONE, sse_data, sse_response
+from service.api.structured import compile_grammar, output_constraint
+from service.api.tools import Function, ReplyStreamer, ToolCall, call_grammar, parse_reply, with_tools
+from service.engine.admission import Admission
 from service.engine.engine import TokenEvent
 
-router = APIRouter(responses=error_responses(400, 401, 404, 413, 422, 500, 503, 504))
+router = APIRouter(route_class=OffLoopJSONRoute, responses=error_responses(400, 401, 404, 413, 422, 500, 503, 504))
 
 
 def message_dicts(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+    """The messages as the chat template takes them, checked as OpenAI checks them: every role but the
+    assistant's needs content (the assistant's, content or tool calls), a tool result needs the id of the
+    call it answers, and only an assistant makes calls."""
     out = []
     for i, m in enumerate(messages):
         content = m.content
+        if content is None and not (m.role == "assistant" and m.tool_calls):
+            raise APIError(f"messages[{i}]: a{'n' if m.role == 'assistant' else ''} {m.role} message needs content"
+                           + (" or tool_calls" if m.role == "assistant" else ""), param=f"messages.{i}.content")
+        if m.role == "tool" and not m.tool_call_id:
+            raise APIError(f"messages[{i}]: a tool message needs the tool_call_id of the call it answers",
+                           param=f"messages.{i}.tool_call_id")
+        if m.tool_calls and m.role != "assistant":
+            raise APIError(f"messages[{i}]: only assistant messages carry tool_calls", param=f"messages.{i}.tool_calls")
         if isinstance(content, list):
             parts = []
             for part in content:
@@ -43,18 +64,142 @@ def message_dicts(messages: list[ChatMessage]) -> list[dict[str, Any]]:
         d: dict[str, Any] = {"role": m.role, "content": content or ""}
         if m.name:
             d["name"] = m.name
+        if m.tool_calls:
+            d["tool_calls"] = [c.model_dump() for c in m.tool_calls]
+        if m.tool_call_id:
+            d["tool_call_id"] = m.tool_call_id
         out.append(d)
     return out
 
 
-def render_chat(tm: TextModel, messages: list[ChatMessage], add_generation_prompt: bool = True) -> list[int]:
+def template_knows_tools(tm: TextModel) -> bool:
+    """Whether the model's chat template renders `tools` itself (else the generic tool prompt is used)."""
+    return "tools" in (tm.tokenizer.chat_template or "")
+
+
+def _render(tm: TextModel, messages: list[dict[str, Any]], add_generation_prompt: bool,
+            tools: list[dict[str, Any]] | None) -> list[int]:
     try:
-        text = tm.tokenizer.apply_chat_template(message_dicts(messages), add_generation_prompt=add_generation_prompt)
-    except APIError:
-        raise
+        text = tm.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tools=tools)
     except Exception as e:  # template errors (raise_exception, sandbox) are the client's input problem
         raise APIError(f"could not apply the chat template: {e}", param="messages") from None
     return tm.tokenizer.encode(text, add_special_tokens=False)
+
+
+async def render_chat(tm: TextModel, messages: list[ChatMessage], add_generation_prompt: bool = True,
+                      limit_length: bool = True, functions: list[Function] | None = None) -> list[int]:
+    """The prompt's token ids, templated and tokenized off the event loop. With `limit_length`, messages
+    that could not fit the context whatever their tokens are refused before any of that work. `functions`:
+    the tools the model may call, described by its template or by the generic tool prompt."""
+    dicts = message_dicts(messages)
+    tools = None
+    if template_knows_tools(tm):
+        tools = [{"type": "function", "function": {"name": f.name, "description": f.description or "",
+                                                   "parameters": f.parameters}} for f in functions or []] or None
+    elif functions is not None or any(d.get("tool_calls") or d["role"] == "tool" for d in dicts):
+        dicts = with_tools(dicts, functions or [])
+    if limit_length:
+        check_prompt_chars(tm, sum(len(d["content"]) for d in dicts), "messages")
+    return await asyncio.to_thread(_render, tm, dicts, add_generation_prompt, tools)
+
+
+def tool_setup(req: ChatCompletionRequest) -> tuple[list[Function] | None, list[Function] | None]:
+    """(the functions the model is told about, the functions a call is forced to) from tools/tool_choice."""
+    tools = req.tools or []
+    choice = req.tool_choice
+    if choice is not None and not tools and choice != "none":
+        raise APIError("tool_choice needs tools", param="tool_choice")
+    functions = [Function(t.function.name, t.function.description, t.function.parameters or
+                          {"type": "object", "properties": {}}) for t in tools]
+    names = [f.name for f in functions]
+    if len(set(names)) != len(names):
+        raise APIError("tools: function names must be unique", param="tools")
+    if not functions or choice == "none":
+        return None, None
+    if choice == "required":
+        return functions, functions
+    if choice is not None and choice != "auto":
+        named = [f for f in functions if f.name == choice.function.name]  # type: ignore[union-attr]
+        if not named:
+            raise APIError(f"tool_choice names {choice.function.name!r}, which is not in tools",  # type: ignore[union-attr]
+                           param="tool_choice.function.name")
+        return functions, named
+    return functions, None
+
+
+@router.post("/v1/chat/completions", responses={200: {
+    "description": "A chat completion, or with `stream` a text/event-stream", "content": {"text/event-stream": {}}}})
+async def create_chat_completion(req: ChatCompletionRequest, request: Request,
+                                 tm: Annotated[TextModel, Depends(get_text_model)]) -> Any:
+    check_model(tm, req.model)
+    check_extra_fields(req, "chat")
+    functions, forced = tool_setup(req)
+    constraint = output_constraint(req.response_format, req.structured_outputs)
+    if forced is not None and constraint is not None:
+        raise APIError(f"{constraint[1]} cannot be combined with tool_choice {req.tool_choice!r}: the reply is a "
+                       "tool call", param=constraint[1].split(".")[0])
+    ids = await render_chat(tm, req.messages, functions=functions)
+    requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    max_tokens = resolve_max_tokens(tm, len(ids), requested, default_max_tokens(request, None))
+    if req.top_logprobs is not None and not req.logprobs:
+        raise APIError("top_logprobs requires logprobs to be true", param="top_logprobs")
+    if req.top_logprobs is not None and not 0 <= req.top_logprobs <= MAX_TOP_LOGPROBS:
+        raise APIError(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {req.top_logprobs}",
+                       param="top_logprobs", code="invalid_value")
+    logprobs = (req.top_logprobs or 0) if req.logprobs else None
+    base = sampling_params(req, max_tokens=max_tokens, logprobs=logprobs, vocab_size=tm.vocab_size)
+    grammar = None
+    if forced is not None:
+        # several calls only when asked for: a small model under a forced call tends to repeat it
+        parallel = req.parallel_tool_calls is True and req.tool_choice == "required"
+        grammar = await compile_grammar(tm, call_grammar(forced, parallel), "tools")
+    elif constraint is not None:
+        grammar = await compile_grammar(tm, *constraint)
+    jobs = [Job(ids, choice_params(base, i), grammar) for i in range(req.n)]
+    admission = admit(request, tm, len(jobs), "chat")
+    rid, created = new_id("chatcmpl"), int(time.time())
+
+    def head(obj: str) -> dict[str, Any]:
+        return {"id": rid, "object": obj, "created": created, "model": tm.name, "system_fingerprint": None}
+
+    if req.stream:
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        return sse_response(_stream(tm, jobs, admission, rid, head, len(ids), include_usage, logprobs is not None,
+                                    req.timeout, functions))
+
+    texts = [""] * len(jobs)
+    finish: list[str | None] = [None] * len(jobs)
+    lps: list[list[dict[str, Any]]] = [[] for _ in jobs]
+    completion_tokens = 0
+    async with aclosing(run_choices(tm.engine, jobs, rid, admission, request, timeout_s=req.timeout)) as events:
+        async for i, ev in events:
+            if ev.finish_reason == "error":
+                raise event_error(ev)
+            if logprobs is not None and ev.token_id is not None:
+                lps[i].append(_logprob_entry(tm, ev))
+            texts[i] += ev.text
+            if ev.finish_reason is not None:
+                finish[i] = ev.finish_reason
+                completion_tokens += ev.completion_tokens
+    choices = []
+    for i in range(len(jobs)):
+        content, calls = parse_reply(texts[i], functions) if functions else (texts[i], [])
+        message: dict[str, Any] = {"role": "assistant", "content": content}
+        if calls:
+            message["tool_calls"] = [c.as_dict() for c in calls]
+        choices.append({"index": i, "message": message,
+                        "logprobs": {"content": lps[i]} if logprobs is not None else None,
+                        "finish_reason": _finish_reason(finish[i], calls)})
+    return {
+        **head("chat.completion"),
+        "choices": choices,
+        "usage": {"prompt_tokens": len(ids), "completion_tokens": completion_tokens,
+                  "total_tokens": len(ids) + completion_tokens},
+    }
+
+
+def _finish_reason(reason: str | None, calls: list[ToolCall]) -> str | None:
+    return "tool_calls" if calls and reason == "stop" else reason
 
 
 def _logprob_entry(tm: TextModel, ev: TokenEvent) -> dict[str, Any]:
@@ -68,78 +213,39 @@ def _logprob_entry(tm: TextModel, ev: TokenEvent) -> dict[str, Any]:
     return entry
 
 
-@router.post("/v1/chat/completions", responses={200: {
-    "description": "A chat completion, or with `stream` a text/event-stream", "content": {"text/event-stream": {}}}})
-async def create_chat_completion(req: ChatCompletionRequest, request: Request,
-                                 tm: Annotated[TextModel, Depends(get_text_model)]) -> Any:
-    check_model(tm, req.model)
-    ids = render_chat(tm, req.messages)
-    requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-    max_tokens = resolve_max_tokens(tm, len(ids), requested, None)
-    if req.top_logprobs is not None and not req.logprobs:
-        raise APIError("top_logprobs requires logprobs to be true", param="top_logprobs")
-    if req.top_logprobs is not None and not 0 <= req.top_logprobs <= MAX_TOP_LOGPROBS:
-        raise APIError(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {req.top_logprobs}",
-                       param="top_logprobs", code="invalid_value")
-    logprobs = (req.top_logprobs or 0) if req.logprobs else None
-    base = sampling_params(req, max_tokens=max_tokens, logprobs=logprobs, vocab_size=tm.vocab_size)
-    jobs = [(ids, choice_params(base, i)) for i in range(req.n)]
-    admit(request, tm, len(jobs), "chat")
-    rid, created = new_id("chatcmpl"), int(time.time())
-
-    def head(obj: str) -> dict[str, Any]:
-        return {"id": rid, "object": obj, "created": created, "model": tm.name, "system_fingerprint": None}
-
-    if req.stream:
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return sse_response(_stream(tm, jobs, rid, head, len(ids), include_usage, logprobs is not None,
-                                    req.timeout))
-
-    texts = [""] * len(jobs)
-    finish: list[str | None] = [None] * len(jobs)
-    lps: list[list[dict[str, Any]]] = [[] for _ in jobs]
-    completion_tokens = 0
-    async with aclosing(run_choices(tm.engine, jobs, rid, request, timeout_s=req.timeout)) as events:
-        async for i, ev in events:
-            if ev.finish_reason == "error":
-                raise event_error(ev)
-            if logprobs is not None and ev.token_id is not None:
-                lps[i].append(_logprob_entry(tm, ev))
-            texts[i] += ev.text
-            if ev.finish_reason is not None:
-                finish[i] = ev.finish_reason
-                completion_tokens += ev.completion_tokens
-    return {
-        **head("chat.completion"),
-        "choices": [{"index": i, "message": {"role": "assistant", "content": texts[i]},
-                     "logprobs": {"content": lps[i]} if logprobs is not None else None,
-                     "finish_reason": finish[i]} for i in range(len(jobs))],
-        "usage": {"prompt_tokens": len(ids), "completion_tokens": completion_tokens,
-                  "total_tokens": len(ids) + completion_tokens},
-    }
-
-
-async def _stream(tm: TextModel, jobs: list, rid: str, head: Any, prompt_tokens: int, include_usage: bool,
-                  want_logprobs: bool, timeout: float | None) -> AsyncIterator[bytes]:
+async def _stream(tm: TextModel, jobs: list[Job], admission: Admission, rid: str, head: Any, prompt_tokens: int,
+                  include_usage: bool, want_logprobs: bool, timeout: float | None,
+                  functions: list[Function] | None) -> AsyncIterator[bytes]:
     usage_null = {"usage": None} if include_usage else {}
+
+    def chunk(i: int, delta: dict[str, Any], logprobs: Any = None, finish: str | None = None) -> bytes:
+        return sse_data({**head("chat.completion.chunk"), "choices": [
+            {"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": finish}], **usage_null})
+
+    replies = [ReplyStreamer(functions) if functions else None for _ in jobs]
     for i in range(len(jobs)):
-        yield sse_data({**head("chat.completion.chunk"), "choices": [
-            {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}],
-            **usage_null})
+        yield chunk(i, {"role": "assistant", "content": ""})
     completion_tokens = 0
-    async with aclosing(run_choices(tm.engine, jobs, rid, timeout_s=timeout)) as events:
+    async with aclosing(run_choices(tm.engine, jobs, rid, admission, timeout_s=timeout)) as events:
         async for i, ev in events:
             if ev.finish_reason == "error":
                 yield sse_data(event_error(ev).body())
                 break
+            reply = replies[i]
+            text = reply.feed(ev.text) if reply is not None else ev.text
             lp = {"content": [_logprob_entry(tm, ev)]} if want_logprobs and ev.token_id is not None else None
-            if ev.text or lp is not None:
-                yield sse_data({**head("chat.completion.chunk"), "choices": [
-                    {"index": i, "delta": {"content": ev.text}, "logprobs": lp, "finish_reason": None}], **usage_null})
+            if text or lp is not None:
+                yield chunk(i, {"content": text}, lp)
             if ev.finish_reason is not None:
                 completion_tokens += ev.completion_tokens
-                yield sse_data({**head("chat.completion.chunk"), "choices": [
-                    {"index": i, "delta": {}, "logprobs": None, "finish_reason": ev.finish_reason}], **usage_null})
+                calls: list[ToolCall] = []
+                if reply is not None:
+                    rest, calls = reply.finish()
+                    if rest:
+                        yield chunk(i, {"content": rest})
+                    for k, call in enumerate(calls):
+                        yield chunk(i, {"tool_calls": [{"index": k, **call.as_dict()}]})
+                yield chunk(i, {}, None, _finish_reason(ev.finish_reason, calls))
     if include_usage:
         yield sse_data({**head("chat.completion.chunk"), "choices": [], "usage": {
             "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,

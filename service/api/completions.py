@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
@@ -10,33 +11,40 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Request
 
 from service.api.errors import APIError, error_responses
+from service.api.fields import check_extra_fields
 from service.api.generation import (
+    Job,
     TextModel,
     admit,
     check_model,
     choice_params,
+    default_max_tokens,
+    encode_prompt,
     event_error,
     get_text_model,
     new_id,
     resolve_max_tokens,
     run_choices,
 )
+from service.api.json_route import OffLoopJSONRoute
 from service.api.schemas import CompletionRequest, sampling_params
 from service.api.sse import DONE, sse_data, sse_response
+from service.api.structured import compile_grammar, output_constraint
+from service.engine.admission import Admission
 from service.engine.engine import TokenEvent
 
-router = APIRouter(responses=error_responses(400, 401, 404, 413, 422, 500, 503, 504))
+router = APIRouter(route_class=OffLoopJSONRoute, responses=error_responses(400, 401, 404, 413, 422, 500, 503, 504))
 DEFAULT_MAX_TOKENS = 16
 
 
-def _prompts(req: CompletionRequest, tm: TextModel) -> list[list[int]]:
+async def _prompts(req: CompletionRequest, tm: TextModel) -> list[list[int]]:
     p = req.prompt
     if isinstance(p, str):
-        return [tm.tokenizer.encode(p)]
+        return [await encode_prompt(tm, p, "prompt")]
     if not p:
         raise APIError("prompt must not be empty", param="prompt")
     if all(isinstance(x, str) for x in p):
-        return [tm.tokenizer.encode(x) for x in p]  # type: ignore[arg-type]
+        return [await encode_prompt(tm, x, f"prompt.{i}") for i, x in enumerate(p)]  # type: ignore[arg-type]
     prompts: list[list[int]]
     if all(isinstance(x, int) for x in p):
         prompts = [[int(x) for x in p]]  # type: ignore[arg-type]
@@ -76,33 +84,40 @@ class _LogprobAcc:
 async def create_completion(req: CompletionRequest, request: Request,
                             tm: Annotated[TextModel, Depends(get_text_model)]) -> Any:
     check_model(tm, req.model)
+    check_extra_fields(req, "completions")
     if req.suffix:
         raise APIError("suffix is not supported", param="suffix")
     if req.echo and req.logprobs is not None:
         raise APIError("echo together with logprobs is not supported", param="echo")
-    prompts = _prompts(req, tm)
+    if req.best_of is not None and req.best_of != req.n:
+        raise APIError(f"best_of is not supported (best_of={req.best_of}, n={req.n}): the server returns every "
+                       "choice it generates; set n instead", param="best_of")
+    constraint = output_constraint(req.response_format, req.structured_outputs)
+    prompts = await _prompts(req, tm)
     jobs = []
+    default = default_max_tokens(request, DEFAULT_MAX_TOKENS)
+    grammar = await compile_grammar(tm, *constraint) if constraint is not None else None
     for ids in prompts:
-        max_tokens = resolve_max_tokens(tm, len(ids), req.max_tokens, DEFAULT_MAX_TOKENS)
+        max_tokens = resolve_max_tokens(tm, len(ids), req.max_tokens, default)
         base = sampling_params(req, max_tokens=max_tokens, logprobs=req.logprobs, vocab_size=tm.vocab_size)
-        jobs += [(ids, choice_params(base, i)) for i in range(req.n)]
-    admit(request, tm, len(jobs), "completions")
+        jobs += [Job(ids, choice_params(base, i), grammar) for i in range(req.n)]
+    echo_text = [await asyncio.to_thread(tm.tokenizer.decode, ids, False) if req.echo else "" for ids in prompts]
+    admission = admit(request, tm, len(jobs), "completions")
     rid, created = new_id("cmpl"), int(time.time())
     prompt_tokens = sum(len(ids) for ids in prompts)
-    echo_text = [tm.tokenizer.decode(ids, skip_special_tokens=False) if req.echo else "" for ids in prompts]
 
     def head() -> dict[str, Any]:
         return {"id": rid, "object": "text_completion", "created": created, "model": tm.name}
 
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return sse_response(_stream(tm, req, jobs, rid, head, echo_text, prompt_tokens, include_usage))
+        return sse_response(_stream(tm, req, jobs, admission, rid, head, echo_text, prompt_tokens, include_usage))
 
     texts = [echo_text[i // req.n] for i in range(len(jobs))]
     finish: list[str | None] = [None] * len(jobs)
     lps = [_LogprobAcc(tm) for _ in jobs]
     completion_tokens = 0
-    async with aclosing(run_choices(tm.engine, jobs, rid, request, timeout_s=req.timeout)) as events:
+    async with aclosing(run_choices(tm.engine, jobs, rid, admission, request, timeout_s=req.timeout)) as events:
         async for i, ev in events:
             if ev.finish_reason == "error":
                 raise event_error(ev)
@@ -121,8 +136,8 @@ async def create_completion(req: CompletionRequest, request: Request,
     }
 
 
-async def _stream(tm: TextModel, req: CompletionRequest, jobs: list, rid: str, head: Any, echo_text: list[str],
-                  prompt_tokens: int, include_usage: bool) -> AsyncIterator[bytes]:
+async def _stream(tm: TextModel, req: CompletionRequest, jobs: list[Job], admission: Admission, rid: str, head: Any,
+                  echo_text: list[str], prompt_tokens: int, include_usage: bool) -> AsyncIterator[bytes]:
     usage_null = {"usage": None} if include_usage else {}
     offsets = [0] * len(jobs)
     lps = [_LogprobAcc(tm) for _ in jobs]
@@ -132,7 +147,7 @@ async def _stream(tm: TextModel, req: CompletionRequest, jobs: list, rid: str, h
             offsets[i] = len(echo_text[i // req.n])
             yield sse_data({**head(), "choices": [{"index": i, "text": echo_text[i // req.n], "logprobs": None,
                                                    "finish_reason": None}], **usage_null})
-    async with aclosing(run_choices(tm.engine, jobs, rid, timeout_s=req.timeout)) as events:
+    async with aclosing(run_choices(tm.engine, jobs, rid, admission, timeout_s=req.timeout)) as events:
         async for i, ev in events:
             if ev.finish_reason == "error":
                 yield sse_data(event_error(ev).body())

@@ -109,6 +109,14 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
         errors = exc.errors()
         first = errors[0] if errors else {}
+        if first.get("type") == "json_invalid":  # not JSON at all: OpenAI's 400, not a field error
+            detail = (first.get("ctx") or {}).get("error", "")
+            return error_response(400, f"We could not parse the JSON body of your request ({detail}). The body "
+                                  "must be a JSON object; send it with 'Content-Type: application/json'.",
+                                  code="invalid_json")
+        if first.get("type") == "lone_surrogate":
+            param = (first.get("ctx") or {}).get("param")
+            return error_response(400, str(first.get("msg")), param=param, code="invalid_unicode")
         param = _loc_to_param(first.get("loc", ()))
         msg = "; ".join(
             f"{_loc_to_param(e.get('loc', ())) or 'body'}: {e.get('msg', 'invalid')}" for e in errors[:5]

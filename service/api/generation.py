@@ -4,16 +4,19 @@ running n choices of one or more prompts on the engine, merged into one stream o
 from __future__ import annotations
 
 import asyncio
+import functools
 import uuid
 from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, replace
 
 from fastapi import Request
 
+from model_core.grammar import CompiledGrammar, GrammarCompiler
 from model_core.sampling import SamplingParams
 from model_core.tokenizer import Tokenizer
 from service.api.errors import APIError
-from service.engine.engine import EngineDeadError, EngineOverloadedError, LLMEngine, TokenEvent
+from service.engine.admission import Admission, EngineOverloadedError
+from service.engine.engine import EngineDeadError, LLMEngine, TokenEvent
 
 
 @dataclass
@@ -28,6 +31,38 @@ class TextModel:
     created: int
     load_seconds: float = 0.0
 
+    def __post_init__(self) -> None:
+        self.max_prompt_chars = self.max_model_len * self.tokenizer.max_token_bytes
+
+    @functools.cached_property
+    def grammars(self) -> GrammarCompiler:
+        """Compiles (and caches) output grammars for this tokenizer; built on first use, off the event loop
+        (`service.api.structured.compile_grammar`)."""
+        return GrammarCompiler(self.tokenizer, self.vocab_size)
+
+
+def check_prompt_chars(tm: TextModel, chars: int, param: str) -> None:
+    """Refuse, before tokenizing it, a text too long to fit the context whatever its tokens: no token is
+    longer than `max_token_bytes` bytes, so a text of C characters has at least C / max_token_bytes tokens."""
+    if chars > tm.max_prompt_chars:
+        raise APIError(f"This model's maximum context length is {tm.max_model_len} tokens; your prompt of {chars} "
+                       f"characters cannot fit in it (at most {tm.max_prompt_chars} characters can).", param=param,
+                       code="context_length_exceeded")
+
+
+async def encode_prompt(tm: TextModel, text: str, param: str) -> list[int]:
+    """Token ids of a prompt, tokenized off the event loop (the tokenizer releases the GIL for long texts)."""
+    check_prompt_chars(tm, len(text), param)
+    return await asyncio.to_thread(tm.tokenizer.encode, text)
+
+
+def default_max_tokens(request: Request, fallback: int | None) -> int | None:
+    """The completion limit of a request that sets none: the server's `--max-tokens-default`, else the
+    endpoint's own `fallback` (None: the rest of the context)."""
+    settings = getattr(request.app.state, "settings", None)
+    configured: int | None = getattr(settings, "max_tokens_default", None)
+    return fallback if configured is None else configured
+
 
 def get_text_model(request: Request) -> TextModel:
     tm: TextModel | None = getattr(request.app.state, "text_model", None)
@@ -36,11 +71,11 @@ def get_text_model(request: Request) -> TextModel:
     return tm
 
 
-def admit(request: Request, tm: TextModel, n: int, endpoint: str) -> None:
-    """Admission control: 503 + Retry-After when the queue is full or the engine is down; 400 when the
-    request needs more sequences than the server ever holds at once (retrying could not help)."""
-    cfg = tm.engine.config
-    capacity = cfg.max_waiting + cfg.max_num_seqs
+def admit(request: Request, tm: TextModel, n: int, endpoint: str) -> Admission:
+    """Admission control, decided when the request arrives: room for its n sequences is reserved at once
+    (pass the ticket to `run_choices`), or 503 + Retry-After when the server is full or the engine is down;
+    400 when the request needs more sequences than the server ever holds at once (retrying could not help)."""
+    capacity = tm.engine.admission.capacity
     if n > capacity:
         raise APIError(f"this request needs {n} sequences (prompts x n); the server accepts at most {capacity} "
                        "at once", param="n", code="too_many_sequences")
@@ -49,8 +84,7 @@ def admit(request: Request, tm: TextModel, n: int, endpoint: str) -> None:
         reason, msg = "draining", "the server is shutting down"
     else:
         try:
-            tm.engine.check_admission(n)
-            return
+            return tm.engine.admit(n)
         except EngineOverloadedError as e:
             reason, msg = "queue_full", str(e)
         except EngineDeadError as e:
@@ -102,18 +136,28 @@ async def _wait_for_disconnect(request: Request) -> None:
         pass
 
 
-async def run_choices(engine: LLMEngine, jobs: Sequence[tuple[list[int], SamplingParams]], request_id: str,
-                      request: Request | None = None,
+@dataclass(frozen=True)
+class Job:
+    """One sequence to generate: a choice of a prompt."""
+
+    ids: list[int]
+    params: SamplingParams
+    grammar: CompiledGrammar | None = None  # the output must match it (structured outputs, forced tool calls)
+
+
+async def run_choices(engine: LLMEngine, jobs: Sequence[Job], request_id: str,
+                      admission: Admission, request: Request | None = None,
                       timeout_s: float | None = None) -> AsyncGenerator[tuple[int, TokenEvent], None]:
-    """Run every (prompt ids, params) job concurrently; yield (job index, event) as they come.
+    """Run every job concurrently; yield (job index, event) as they come.
     Leaving the iterator early (client gone) cancels every job, which aborts it in the engine; close it
     with `contextlib.aclosing` so that this happens at once. Given the `request` of a non-streamed
     response, a client disconnect also aborts every job and raises APIError(499)."""
     queue: asyncio.Queue[tuple[int, TokenEvent | BaseException | None]] = asyncio.Queue()
 
-    async def consume(i: int, ids: list[int], params: SamplingParams) -> None:
+    async def consume(i: int, job: Job) -> None:
         try:
-            async for ev in engine.generate(ids, params, f"{request_id}-{i}", timeout_s=timeout_s):
+            async for ev in engine.generate(job.ids, job.params, f"{request_id}-{i}", timeout_s=timeout_s,
+                                            admission=admission, grammar=job.grammar):
                 await queue.put((i, ev))
         except asyncio.CancelledError:
             raise
@@ -124,7 +168,7 @@ async def run_choices(engine: LLMEngine, jobs: Sequence[tuple[list[int], Samplin
         await _wait_for_disconnect(req)
         await queue.put((-1, None))
 
-    tasks = [asyncio.create_task(consume(i, ids, p)) for i, (ids, p) in enumerate(jobs)]
+    tasks = [asyncio.create_task(consume(i, job)) for i, job in enumerate(jobs)]
     if request is not None:
         tasks.append(asyncio.create_task(watch(request)))
     remaining = len(jobs)
@@ -146,6 +190,7 @@ async def run_choices(engine: LLMEngine, jobs: Sequence[tuple[list[int], Samplin
         for t in tasks:
             if not t.done():
                 t.cancel()
+        admission.release()
 
 
 def new_id(prefix: str) -> str:

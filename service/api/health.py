@@ -49,3 +49,8 @@ async def ready(request: Request) -> Any:
 async def metrics(request: Request) -> Response:
     body, content_type = request.app.state.metrics.exposition()
     return Response(body, media_type=content_type)
+
+
+# HEAD answers like GET without a body (probes and monitors use it); kept out of the OpenAPI schema
+for _path, _endpoint in (("/health", health), ("/ready", ready), ("/metrics", metrics)):
+    router.add_api_route(_path, _endpoint, methods=["HEAD"], include_in_schema=False)

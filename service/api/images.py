@@ -24,9 +24,10 @@ from pydantic import BaseModel, Field
 
 from model_core.gan import interpolate_latents, label_from_prompt, sample_latents, to_uint8
 from service.api.errors import APIError, error_responses
+from service.api.json_route import OffLoopJSONRoute
 from service.engine.images import BatcherNotRunning, ImageBatcher, ImageRequest
 
-router = APIRouter(responses=error_responses(400, 401, 413, 422, 500, 503))
+router = APIRouter(route_class=OffLoopJSONRoute, responses=error_responses(400, 401, 404, 413, 422, 500, 503))
 
 MAX_N = 16
 MIN_SIZE, MAX_SIZE = 32, 256
@@ -34,7 +35,8 @@ MAX_FRAMES = 32
 DEFAULT_SIZE = "256x256"
 MIN_TRUNCATION, MAX_TRUNCATION = 0.1, 100.0
 SEED_MOD = 2**63
-_SIZE_RE = re.compile(r"^\s*(\d{1,5})\s*x\s*(\d{1,5})\s*$")
+_SIZE_RE = re.compile(r"^\s*(\d{1,5})\s*x\s*(\d{1,5})\s*$", re.ASCII)
+IMAGE_MODEL = "gan-digits"
 
 
 class Interpolate(BaseModel):
@@ -153,6 +155,9 @@ async def create_image(body: ImageGenerationRequest, request: Request) -> Images
     batcher: ImageBatcher | None = getattr(request.app.state, "image_batcher", None)
     if getattr(request.app.state, "draining", False):
         raise APIError("the server is shutting down", status_code=503, code="draining", headers={"Retry-After": "1"})
+    if body.model is not None and body.model != IMAGE_MODEL:
+        raise APIError(f"The model '{body.model}' does not exist; available for images: '{IMAGE_MODEL}'",
+                       status_code=404, param="model", code="model_not_found")
     if batcher is None or not batcher.running:
         raise APIError("the image model is not loaded", status_code=503, code="model_not_ready")
     if body.response_format not in (None, "b64_json"):

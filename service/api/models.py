@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends
+from fastapi.responses import Response
 
 from service.api.chat import render_chat
 from service.api.errors import APIError, error_responses
 from service.api.generation import TextModel, check_model, get_text_model
+from service.api.json_route import OffLoopJSONRoute
 from service.api.schemas import DetokenizeRequest, TokenizeRequest
 
-router = APIRouter(responses=error_responses(400, 401, 404, 413, 422, 500, 503))
+router = APIRouter(route_class=OffLoopJSONRoute, responses=error_responses(400, 401, 404, 413, 422, 500, 503))
 
 
 @router.get("/v1/models")
@@ -27,18 +30,33 @@ async def get_model(model_id: str, tm: Annotated[TextModel, Depends(get_text_mod
             "max_model_len": tm.max_model_len}
 
 
-@router.post("/tokenize")
-async def tokenize(req: TokenizeRequest, tm: Annotated[TextModel, Depends(get_text_model)]) -> dict[str, Any]:
+for _path, _endpoint in (("/v1/models", list_models), ("/v1/models/{model_id}", get_model)):
+    router.add_api_route(_path, _endpoint, methods=["HEAD"], include_in_schema=False)
+
+
+def _tokens_json(ids: list[int], max_model_len: int) -> Response:
+    """The /tokenize reply, serialised in slices: one C call over a million ids would hold the GIL (and
+    so the event loop) for its whole length."""
+    step = 1 << 16
+    tokens = ",".join(",".join(map(str, ids[i : i + step])) for i in range(0, len(ids), step))
+    body = f'{{"tokens":[{tokens}],"count":{len(ids)},"max_model_len":{max_model_len}}}'
+    return Response(body.encode(), media_type="application/json")
+
+
+@router.post("/tokenize", response_model=None)
+async def tokenize(req: TokenizeRequest, tm: Annotated[TextModel, Depends(get_text_model)]) -> Response:
+    """Token ids of a prompt or of chat messages as the chat template renders them; a long text is tokenized
+    and its reply serialised off the event loop."""
     check_model(tm, req.model)
     if (req.prompt is None) == (req.messages is None):
         raise APIError("give exactly one of prompt or messages", param="prompt")
     if req.messages is not None:
         if not req.messages:
             raise APIError("messages must not be empty", param="messages")
-        ids = render_chat(tm, req.messages, req.add_generation_prompt)
+        ids = await render_chat(tm, req.messages, req.add_generation_prompt, limit_length=False)
     else:
-        ids = tm.tokenizer.encode(req.prompt or "", add_special_tokens=req.add_special_tokens)
-    return {"tokens": ids, "count": len(ids), "max_model_len": tm.max_model_len}
+        ids = await asyncio.to_thread(tm.tokenizer.encode, req.prompt or "", req.add_special_tokens)
+    return await asyncio.to_thread(_tokens_json, ids, tm.max_model_len)
 
 
 @router.post("/detokenize")
@@ -47,4 +65,4 @@ async def detokenize(req: DetokenizeRequest, tm: Annotated[TextModel, Depends(ge
     bad = [t for t in req.tokens if not 0 <= t < tm.vocab_size]
     if bad:
         raise APIError(f"token ids must be in [0, {tm.vocab_size}); got {bad[:5]}", param="tokens")
-    return {"prompt": tm.tokenizer.decode(req.tokens, skip_special_tokens=False)}
+    return {"prompt": await asyncio.to_thread(tm.tokenizer.decode, req.tokens, False)}

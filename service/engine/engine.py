@@ -9,19 +9,22 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
 
+from model_core.grammar import CompiledGrammar, GrammarMatcher
 from model_core.sampling import SamplingParams, make_generator
 from model_core.stopping import OutputStream
 from model_core.tokenizer import Tokenizer
+from service.engine.admission import Admission, AdmissionControl
 from service.engine.runner import ModelRunner, SampleResult
 from service.engine.scheduler import FinishReason, Scheduler
 from service.engine.scheduler import Sequence as Seq
@@ -43,10 +46,6 @@ class EngineConfig:
 
 class EngineDeadError(RuntimeError):
     pass
-
-
-class EngineOverloadedError(RuntimeError):
-    """The waiting queue is full: the caller should retry later (HTTP 503 + Retry-After)."""
 
 
 class EngineObserver(Protocol):
@@ -82,6 +81,7 @@ class RequestState:
     last_token_time: float = 0.0
     deadline: float | None = None  # monotonic time after which the request is ended with a timeout
     queue_deadline: float | None = None  # monotonic time by which it must have been scheduled
+    matcher: GrammarMatcher | None = None  # constrained decoding: this request's grammar state
 
 
 @dataclass
@@ -118,13 +118,19 @@ class LLMEngine:
         self._lock = threading.Lock()  # guards the scheduler between the loop and readers
         self._inbox_lock = threading.Lock()  # orders new requests against the loop's final _fail_all
         self._closed = False  # set once the loop has exited: nothing new is accepted after that
+        self._stop_message = "the engine was stopped"
+        self.admission = AdmissionControl(config.max_num_seqs, config.max_waiting)
 
     # ---- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="llm-engine", daemon=True)
         self._thread.start()
 
-    def stop(self, timeout: float = 10.0) -> None:
+    def stop(self, timeout: float = 10.0, message: str | None = None) -> None:
+        """Stop the loop after its current step; requests still in flight end with an error event
+        carrying `message`. Returns once the thread has exited (or after `timeout`)."""
+        if message is not None:
+            self._stop_message = message
         self._stop.set()
         self._wake.set()
         if self._thread is not None:
@@ -148,23 +154,42 @@ class LLMEngine:
     def num_pending(self) -> int:
         return len(self._inbox) + self.scheduler.num_waiting
 
-    def check_admission(self, n: int = 1) -> None:
-        """Raise EngineOverloadedError when n more requests would overflow the waiting queue."""
+    def admit(self, n: int = 1) -> Admission:
+        """Reserve room for n requests (each then passed to `generate`), atomically with the check; raise
+        EngineOverloadedError when they would overflow the queue, EngineDeadError when the loop is down."""
         self.check_health()
-        free_slots = self.config.max_num_seqs - self.scheduler.num_running
-        if self.num_pending() + n > self.config.max_waiting + max(free_slots, 0):
-            raise EngineOverloadedError(
-                f"server is at capacity ({self.num_pending()} requests waiting, limit {self.config.max_waiting})")
+        return self.admission.admit(n)
 
     def state(self) -> dict[str, float]:
         return {"aigc_num_requests_running": float(self.scheduler.num_running),
-                "aigc_num_requests_waiting": float(self.num_pending()),
+                "aigc_num_requests_waiting": float(self.admission.waiting),
                 "aigc_kv_cache_usage_ratio": float(self.scheduler.kv_usage)}
 
     async def generate(self, prompt_ids: Sequence[int], params: SamplingParams, request_id: str | None = None,
-                       timeout_s: float | None = None) -> AsyncIterator[TokenEvent]:
+                       timeout_s: float | None = None, admission: Admission | None = None,
+                       grammar: CompiledGrammar | None = None) -> AsyncIterator[TokenEvent]:
         """Stream events for one request. Closing the iterator early aborts the request.
-        timeout_s caps this request's total time (never above the engine's request_timeout_s)."""
+        timeout_s caps this request's total time (never above the engine's request_timeout_s).
+        admission: the ticket from `admit()` this request takes its place from; without one the request
+        is counted but not limited (direct use).
+        grammar: constrain the output to it (a per-request matcher masks each step's logits); EOS then
+        ends the request whenever the grammar allows it (ignore_eos does not apply), and the request
+        ends with "stop" as soon as the grammar is complete (even before min_tokens)."""
+        if admission is not None:
+            admission.take()
+        else:
+            self.admission.enter()
+        try:
+            async with contextlib.aclosing(self._generate(prompt_ids, params, request_id, timeout_s,
+                                                                 grammar)) as events:
+                async for ev in events:
+                    yield ev
+        finally:
+            self.admission.leave()
+
+    async def _generate(self, prompt_ids: Sequence[int], params: SamplingParams, request_id: str | None,
+                        timeout_s: float | None, grammar: CompiledGrammar | None = None,
+                        ) -> AsyncGenerator[TokenEvent, None]:
         self.check_health()
         rid = request_id or uuid.uuid4().hex
         prompt = list(prompt_ids)
@@ -173,6 +198,9 @@ class LLMEngine:
             raise ValueError("prompt is empty")
         if max_new < 1:
             raise ValueError(f"prompt has {len(prompt)} tokens; the context length is {self.config.max_model_len}")
+        if grammar is not None and grammar.vocab_size != self.runner.model.cfg.vocab_size:
+            raise ValueError(f"grammar compiled for {grammar.vocab_size} logits; "
+                             f"the model has {self.runner.model.cfg.vocab_size}")
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
         eos = () if params.ignore_eos else self.eos_token_ids
@@ -182,6 +210,7 @@ class LLMEngine:
             stream=OutputStream(max_new, params.stop, tuple(params.stop_token_ids) + eos,
                                 self.tokenizer.incremental_decoder()),
             queue=queue, loop=loop, arrival=time.monotonic(),
+            matcher=grammar.matcher() if grammar is not None else None,
         )
         limits = [t for t in (timeout_s, self.config.request_timeout_s) if t is not None]
         if limits:
@@ -266,6 +295,10 @@ class LLMEngine:
     def _deliver(self, seq: Seq, res: SampleResult, now: float) -> None:
         st: RequestState = seq.data
         obs = self.observer
+        if st.matcher is not None and not st.matcher.accept(res.token_id):  # masked logits: never expected
+            log.error("request %s: grammar rejected token %d: %s", seq.request_id, res.token_id, st.matcher.error)
+            self._fail(seq, f"constrained decoding failed: {st.matcher.error}", "internal_error")
+            return
         if st.first_token_time is None:
             st.first_token_time = now
             if obs is not None:
@@ -280,6 +313,12 @@ class LLMEngine:
             log.exception("request %s failed while detokenizing", seq.request_id)
             self._fail(seq, f"detokenization failed: {e}", "internal_error")
             return
+        if st.matcher is not None and finish != "stop" and st.matcher.is_terminated:
+            # the grammar is complete (only EOS could follow, or EOS was taken with ignore_eos): stop here
+            if finish is None:
+                rest = st.stream.finish_text()  # held-back bytes / stop-string prefix
+                text, st.stream.text = text + rest, st.stream.text + rest
+            finish = "stop"
         if finish is not None:
             self._finish(seq, FinishReason(finish))
             if obs is not None:
@@ -323,7 +362,7 @@ class LLMEngine:
             log.exception("engine loop died")
             self._fail_all(f"engine failure: {e!r}")
         else:  # stopped: requests still in flight end now rather than wait for a loop that is gone
-            self._fail_all("the engine was stopped")
+            self._fail_all(self._stop_message)
 
     def _fail_all(self, message: str) -> None:
         with self._inbox_lock:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from model_core.grammar import GrammarMatcher, apply_token_masks
 from model_core.kv_cache import PagedKVCache
 from model_core.lm import CausalLM
 from model_core.native import Kernels
@@ -99,13 +100,28 @@ class ModelRunner:
             return results
 
     def _sample(self, raw: torch.Tensor, chunks: list[ScheduledChunk]) -> dict[str, SampleResult]:
-        """raw: (N, V) model logits for the N chunks to sample."""
+        """raw: (N, V) model logits for the N chunks to sample.
+
+        Rows of constrained requests (state.matcher set) first get their grammar's token mask, then the
+        usual processing: top-k/top-p/min-p and greedy argmax choose among the allowed tokens only.
+        Logprobs stay those of the raw logits (OpenAI semantics)."""
         states = [c.seq.data for c in chunks]
         params: list[SamplingParams] = [s.params for s in states]
-        processed = process_logits(raw, params, [c.seq.prompt_ids for c in chunks],
+        matchers: list[GrammarMatcher | None] = [getattr(s, "matcher", None) for s in states]
+        constrained = [i for i, m in enumerate(matchers) if m is not None]
+        logits = raw
+        if constrained:
+            logits = raw.to(torch.float32, copy=True)  # (N, V); raw stays unmasked for logprobs
+            apply_token_masks(logits, matchers)
+        processed = process_logits(logits, params, [c.seq.prompt_ids for c in chunks],
                                    [c.seq.output_ids for c in chunks], eos_token_ids=self.eos_token_ids)
+        dead = self._guard_constrained(logits, processed, constrained) if constrained else set()
         tokens = sample(processed, params, [s.generator for s in states])
         results = {c.seq.request_id: SampleResult(int(t)) for c, t in zip(chunks, tokens.tolist(), strict=True)}
+        for i in dead:
+            m = matchers[i]
+            results[chunks[i].seq.request_id] = SampleResult(
+                -1, error=f"constrained decoding failed: the grammar allows no token ({m.error if m else ''})")
         want = [i for i, p in enumerate(params) if p.logprobs is not None]
         if want:
             lps = compute_logprobs(raw[want].float(), tokens[want], [params[i].logprobs or 0 for i in want])
@@ -113,3 +129,20 @@ class ModelRunner:
                 r = results[chunks[i].seq.request_id]
                 r.logprob, r.top_logprobs = lp, top
         return results
+
+    @staticmethod
+    def _guard_constrained(masked: torch.Tensor, processed: torch.Tensor, rows: list[int]) -> set[int]:
+        """Rows (of `rows`) whose grammar allows no token at all are returned (their processed logits set to
+        0 so that sampling stays defined). A row the processing emptied although its grammar allows tokens
+        (min_tokens masking the only ones it allows) gets its masked logits back: the grammar wins."""
+        idx = torch.tensor(rows, dtype=torch.long, device=masked.device)
+        allowed = torch.isfinite(masked[idx]).any(dim=-1).tolist()  # (n,)
+        left = torch.isfinite(processed[idx]).any(dim=-1).tolist()  # (n,)
+        dead: set[int] = set()
+        for i, ok, kept in zip(rows, allowed, left, strict=True):
+            if not ok:
+                dead.add(i)
+                processed[i] = 0.0
+            elif not kept:
+                processed[i] = masked[i]
+        return dead

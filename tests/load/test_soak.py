@@ -3,10 +3,12 @@ descriptors must not grow. Marked slow: run with `-m slow`; `SOAK_SECONDS` (defa
 measured period, `SOAK_WARMUP_SECONDS` (default 10) the warm-up before the baseline is taken.
 
 The load mixes streamed and non-streamed completions and chats with fresh prompts (so tokenizer caches
-see new text all the time), clients that disconnect mid-stream, requests rejected by validation,
-tokenize/detokenize, image generations and metric scrapes. The baseline (RSS, open fds, metric series)
-is taken after warm-up with every client closed; the same figures are taken at the end, again with
-every client closed: RSS and fds within 5%, the same metric series, no request left in the engine.
+see new text all the time), clients that disconnect mid-stream, requests rejected by validation, hostile
+bodies (lone surrogates, null content, prompts longer than the context, bodies that are not JSON),
+tokenize/detokenize, image generations and metric scrapes, while a probe times /health every 50 ms. The
+baseline (RSS, open fds, metric series) is taken after warm-up with every client closed; the same
+figures are taken at the end, again with every client closed: RSS and fds within 5%, the same metric
+series, no request left in the engine, no 5xx, and /health's p99 reported.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import gc
 import json
 import os
 import random
+import statistics
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -50,14 +53,29 @@ def live(smol_tokenizer: Tokenizer, tmp_path_factory: pytest.TempPathFactory) ->
         yield server
 
 
+HOSTILE = [  # (path, raw body, expected status)
+    ("/v1/completions", b'{"prompt": "a\\ud800b"}', 400),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": null}]}', 400),
+    ("/v1/chat/completions", b'{"messages": [{"role": "tool", "content": "x"}]}', 400),
+    ("/v1/completions", b'{"prompt": [true, false]}', 422),
+    ("/v1/completions", b'{"prompt": "x", "best_of": 4}', 400),
+    ("/v1/completions", b"{not json", 400),
+    ("/v1/completions", b'{"prompt": "' + b"word " * 30000 + b'"}', 400),  # longer than the context
+]
+
+
 async def client_loop(base_url: str, seed: int, until: float, tally: Counter[str]) -> None:
     """One client: random requests back to back until `until` (monotonic)."""
     rng = random.Random(seed)
-    async with httpx.AsyncClient(base_url=base_url, timeout=60.0) as c:
+    async def count_status(response: httpx.Response) -> None:
+        tally[f"status_{response.status_code}"] += 1
+
+    async with httpx.AsyncClient(base_url=base_url, timeout=60.0,
+                                 event_hooks={"response": [count_status]}) as c:
         while time.monotonic() < until:
             prompt = " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 12))) + f" #{rng.randrange(10**9)}"
-            kind = rng.choices(["cmpl", "chat", "stream", "disconnect", "invalid", "tokenize", "image", "metrics"],
-                               weights=[4, 3, 4, 2, 1, 1, 1, 1])[0]
+            kind = rng.choices(["cmpl", "chat", "stream", "disconnect", "invalid", "hostile", "tokenize", "image",
+                                "metrics"], weights=[4, 3, 4, 2, 1, 1, 1, 1, 1])[0]
             tally[kind] += 1
             if kind == "cmpl":
                 r = await c.post("/v1/completions", json={"prompt": prompt, "max_tokens": rng.randint(1, 24),
@@ -86,6 +104,10 @@ async def client_loop(base_url: str, seed: int, until: float, tally: Counter[str
             elif kind == "invalid":
                 r = await c.post("/v1/completions", json={"prompt": prompt, "n": 99})
                 assert r.status_code == 400
+            elif kind == "hostile":
+                path, raw, status = rng.choice(HOSTILE)
+                r = await c.post(path, content=raw, headers={"content-type": "application/json"})
+                assert r.status_code == status, (raw[:80], r.text)
             elif kind == "tokenize":
                 r = await c.post("/tokenize", json={"prompt": prompt})
                 assert r.status_code == 200
@@ -99,15 +121,34 @@ async def client_loop(base_url: str, seed: int, until: float, tally: Counter[str
                 assert (await c.get("/metrics")).status_code == 200
 
 
-def run_load(base_url: str, seconds: float, seed: int) -> Counter[str]:
+async def probe_health(base_url: str, until: float, latencies: list[float]) -> None:
+    """/health every 50 ms on its own connection: what a liveness probe sees under the load."""
+    async with httpx.AsyncClient(base_url=base_url, timeout=30.0) as c:
+        while time.monotonic() < until:
+            t = time.perf_counter()
+            assert (await c.get("/health")).status_code == 200
+            latencies.append(time.perf_counter() - t)
+            await asyncio.sleep(0.05)
+
+
+def run_load(base_url: str, seconds: float, seed: int) -> tuple[Counter[str], list[float]]:
     tally: Counter[str] = Counter()
+    health: list[float] = []
 
     async def main() -> None:
         until = time.monotonic() + seconds
-        await asyncio.gather(*(client_loop(base_url, seed * 1000 + i, until, tally) for i in range(CLIENTS)))
+        await asyncio.gather(probe_health(base_url, until, health),
+                             *(client_loop(base_url, seed * 1000 + i, until, tally) for i in range(CLIENTS)))
 
     asyncio.run(main())
-    return tally
+    return tally, health
+
+
+def engine_errors(base_url: str) -> int:
+    """Requests the engine ended in error (a stream's status is 200 before it can fail)."""
+    text = httpx.get(f"{base_url}/metrics", timeout=30).text
+    return sum(int(float(line.rsplit(" ", 1)[1])) for line in text.splitlines()
+               if line.startswith("aigc_request_success_total{") and 'finish_reason="error"' in line)
 
 
 def metric_series(base_url: str) -> set[str]:
@@ -137,17 +178,17 @@ def settle(engine: LLMEngine, proc: psutil.Process, timeout_s: float = 20.0) -> 
 def test_soak_memory_and_fds_stay_flat(live: LiveServer) -> None:
     proc = psutil.Process()
     engine = live.text_model.engine
-    warm = run_load(live.base_url, WARMUP_SECONDS, seed=1)
+    warm, _ = run_load(live.base_url, WARMUP_SECONDS, seed=1)
     rss0, fds0 = settle(engine, proc)
     series0 = metric_series(live.base_url)
 
     t0 = time.monotonic()
-    tally = run_load(live.base_url, SOAK_SECONDS, seed=2)
+    tally, health = run_load(live.base_url, SOAK_SECONDS, seed=2)
     took = time.monotonic() - t0
     rss1, fds1 = settle(engine, proc)
     series1 = metric_series(live.base_url)
 
-    requests = sum(tally.values())
+    requests = sum(n for k, n in tally.items() if not k.startswith("status_"))
     report = {
         "soak_seconds": round(took, 1), "requests": requests, "requests_per_s": round(requests / took, 1),
         "warmup_requests": sum(warm.values()), "mix": dict(tally),
@@ -155,9 +196,15 @@ def test_soak_memory_and_fds_stay_flat(live: LiveServer) -> None:
         "rss_change_pct": round(100 * (rss1 - rss0) / rss0, 2),
         "fds_after_warmup": fds0, "fds_end": fds1,
         "metric_series": [len(series0), len(series1)],
+        "responses_5xx": sum(n for k, n in tally.items() if k.startswith("status_5")),
+        "engine_errors": engine_errors(live.base_url),
+        "health_probes": len(health), "health_p50_ms": round(1e3 * statistics.median(health), 2),
+        "health_p99_ms": round(1e3 * statistics.quantiles(health, n=100)[98], 2),
+        "health_max_ms": round(1e3 * max(health), 2),
     }
     print("\nsoak: " + json.dumps(report, ensure_ascii=False))
-    assert requests > 0 and all(tally[k] > 0 for k in ("cmpl", "chat", "stream", "disconnect"))
+    assert requests > 0 and all(tally[k] > 0 for k in ("cmpl", "chat", "stream", "disconnect", "hostile"))
+    assert report["responses_5xx"] == 0 and report["engine_errors"] == 0
     assert rss1 <= rss0 * (1 + TOLERANCE), report
     assert abs(fds1 - fds0) <= max(1, TOLERANCE * fds0), report
     assert series1 == series0, sorted(series1 ^ series0)  # no per-request label: series do not grow

@@ -149,7 +149,8 @@ def test_every_error_has_the_openai_shape(http: httpx.Client) -> None:
     assert_error(http.post("/v1/chat/completions", json={"messages": "hi"}), 422, "messages")
     assert_error(http.post("/v1/chat/completions", json={"messages": []}), 422, "messages")
     assert_error(http.post("/v1/completions", json={}), 422, "prompt")
-    assert_error(http.post("/v1/completions", content=b"[1,", headers={"content-type": "application/json"}), 422)
+    assert_error(http.post("/v1/completions", content=b"[1,", headers={"content-type": "application/json"}), 400, None,
+                 "invalid_json")
     assert_error(http.get("/v1/no-such-route"), 404)
     assert_error(http.get("/v1/completions"), 405)
     assert_error(http.post("/v1/completions", json={"prompt": "x", "suffix": "y"}), 400, "suffix")

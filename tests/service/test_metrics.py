@@ -80,7 +80,8 @@ def test_rejections_are_counted_by_endpoint_and_reason(server) -> None:
     assert r.status_code == 400 and r.json()["error"]["param"] == "n"
     with c.stream("POST", "/v1/completions", json={"prompt": [1, 2], "max_tokens": 200, "ignore_eos": True,
                                                     "n": 4, "stream": True}) as s:
-        next(s.iter_lines())
+        lines = s.iter_lines()  # kept: a dropped iterator closes the stream
+        next(lines)
         r = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
         assert r.status_code == 503 and r.headers["retry-after"]
     deadline = time.monotonic() + 10

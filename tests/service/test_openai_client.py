@@ -360,4 +360,5 @@ def test_malformed_body_is_unprocessable(client: openai.OpenAI, server: LiveServ
     assert e.value.param is not None and e.value.param.startswith("messages.0")
     r = httpx.post(f"{server.base_url}/v1/chat/completions", content=b"{not json", timeout=10,
                    headers={"content-type": "application/json"})
-    assert r.status_code == 422 and set(r.json()) == {"error"}
+    assert r.status_code == 400 and set(r.json()) == {"error"}  # not JSON at all: OpenAI's 400
+    assert r.json()["error"]["param"] is None and r.json()["error"]["code"] == "invalid_json"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -22,25 +23,28 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_sigterm_drains_in_flight_streams_then_exits_zero(smol_path: str) -> None:
+def _start(smol_path: str, drain_timeout_s: float) -> tuple[subprocess.Popen[bytes], str]:
     port = _free_port()
-    env = {**os.environ, "AIGC_DRAIN_TIMEOUT_S": "30", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "AIGC_DRAIN_TIMEOUT_S": str(drain_timeout_s), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "service", "--port", str(port), "--model", smol_path, "--enable-gan", "false",
          "--log-level", "warning"], cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else "server exited"
-            try:
-                if httpx.get(f"{base}/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "server never became ready"
-            time.sleep(0.2)
+    deadline = time.monotonic() + 120
+    while True:
+        assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else "server exited"
+        try:
+            if httpx.get(f"{base}/ready", timeout=1).status_code == 200:
+                return proc, base
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, "server never became ready"
+        time.sleep(0.2)
 
+
+def test_sigterm_drains_in_flight_streams_then_exits_zero(smol_path: str) -> None:
+    proc, base = _start(smol_path, 30)
+    try:
         chunks: list[str] = []
         started = threading.Event()
 
@@ -71,3 +75,41 @@ def test_sigterm_drains_in_flight_streams_then_exits_zero(smol_path: str) -> Non
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_a_drain_timeout_ends_open_streams_with_an_error_and_done_then_exits_zero(smol_path: str) -> None:
+    """Streams still running when the drain times out get an error event and [DONE]; the engine is stopped
+    before the interpreter exits, so the process never dies inside torch (SIGABRT, exit 134)."""
+    for attempt in range(2):
+        proc, base = _start(smol_path, 1.0)
+        try:
+            streams: list[list[str]] = [[], []]
+            started = threading.Barrier(3)
+
+            def stream(out: list[str], base: str = base, started: threading.Barrier = started) -> None:
+                body = {"prompt": "Once upon a time", "max_tokens": 4000, "ignore_eos": True, "stream": True}
+                with httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=120) as r:
+                    lines = r.iter_lines()
+                    out.append(next(lines))
+                    started.wait()
+                    out.extend(line for line in lines if line)
+
+            threads = [threading.Thread(target=stream, args=(out,)) for out in streams]
+            for t in threads:
+                t.start()
+            started.wait(60)
+            time.sleep(0.2 * attempt)  # a different point of the step loop each time
+            proc.send_signal(signal.SIGTERM)
+            for t in threads:
+                t.join(60)
+            code = proc.wait(timeout=60)
+            stderr = proc.stderr.read().decode() if proc.stderr else ""
+            assert code == 0 and "terminate called" not in stderr, (code, stderr[-2000:])
+            for out in streams:
+                assert out[-1] == "data: [DONE]", out[-3:]
+                err = json.loads(out[-2][len("data: "):])["error"]
+                assert err["code"] == "engine_dead" and "shutting down" in err["message"], err
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
