@@ -342,8 +342,9 @@ def _unpack_with_shifts(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
     return bits.view(n, w * 32)[:, :vocab_size].bool()  # (N, V)
 
 
-def apply_token_masks(logits: torch.Tensor, matchers: Sequence[GrammarMatcher | None]) -> None:
-    """Set the logits (N, V) of tokens each row's grammar forbids to -inf, in place.
+def apply_token_masks(logits: torch.Tensor, matchers: Sequence[GrammarMatcher | None]) -> list[int]:
+    """Set the logits (N, V) of tokens each row's grammar forbids to -inf, in place; return the rows whose
+    grammar allows no token at all (their logits are all -inf now).
 
     One bitmask is filled for the constrained rows (matcher not None) and applied to them at once;
     rows without a matcher are not touched and cost nothing.
@@ -353,7 +354,7 @@ def apply_token_masks(logits: torch.Tensor, matchers: Sequence[GrammarMatcher | 
         raise ValueError(f"batch mismatch: logits {n} rows, {len(matchers)} matchers")
     rows = [i for i, m in enumerate(matchers) if m is not None]
     if not rows:
-        return
+        return []
     bitmask = allocate_bitmask(len(rows), V)  # (n_rows, W)
     for j, i in enumerate(rows):
         m = matchers[i]
@@ -361,9 +362,11 @@ def apply_token_masks(logits: torch.Tensor, matchers: Sequence[GrammarMatcher | 
         if m.vocab_size != V:
             raise ValueError(f"row {i}: grammar compiled for {m.vocab_size} logits, got {V}")
         m.fill_bitmask(bitmask, j)
+    empty = (bitmask == 0).all(dim=1).tolist()  # (n_rows,): cheap on the packed words
     forbidden = unpack_bitmask(bitmask.to(logits.device), V).logical_not_()  # (n_rows, V)
     if len(rows) == n:
         logits.masked_fill_(forbidden, float("-inf"))
     else:
         idx = torch.tensor(rows, dtype=torch.long, device=logits.device)
         logits[idx] = logits[idx].masked_fill(forbidden, float("-inf"))
+    return [i for i, e in zip(rows, empty, strict=True) if e]

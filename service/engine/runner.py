@@ -110,12 +110,17 @@ class ModelRunner:
         matchers: list[GrammarMatcher | None] = [getattr(s, "matcher", None) for s in states]
         constrained = [i for i, m in enumerate(matchers) if m is not None]
         logits = raw
+        dead: list[int] = []
         if constrained:
             logits = raw.to(torch.float32, copy=True)  # (N, V); raw stays unmasked for logprobs
-            apply_token_masks(logits, matchers)
+            dead = apply_token_masks(logits, matchers)
         processed = process_logits(logits, params, [c.seq.prompt_ids for c in chunks],
                                    [c.seq.output_ids for c in chunks], eos_token_ids=self.eos_token_ids)
-        dead = self._guard_constrained(logits, processed, constrained) if constrained else set()
+        if constrained:
+            # min_tokens masks EOS (and stop ids): where that leaves none of the tokens the grammar allows,
+            # the grammar wins. Only those rows can have been emptied by the processing.
+            held = [i for i in constrained if params[i].min_tokens > len(chunks[i].seq.output_ids)]
+            self._guard_constrained(logits, processed, held, dead)
         tokens = sample(processed, params, [s.generator for s in states])
         results = {c.seq.request_id: SampleResult(int(t)) for c, t in zip(chunks, tokens.tolist(), strict=True)}
         for i in dead:
@@ -131,18 +136,15 @@ class ModelRunner:
         return results
 
     @staticmethod
-    def _guard_constrained(masked: torch.Tensor, processed: torch.Tensor, rows: list[int]) -> set[int]:
-        """Rows (of `rows`) whose grammar allows no token at all are returned (their processed logits set to
-        0 so that sampling stays defined). A row the processing emptied although its grammar allows tokens
-        (min_tokens masking the only ones it allows) gets its masked logits back: the grammar wins."""
-        idx = torch.tensor(rows, dtype=torch.long, device=masked.device)
-        allowed = torch.isfinite(masked[idx]).any(dim=-1).tolist()  # (n,)
-        left = torch.isfinite(processed[idx]).any(dim=-1).tolist()  # (n,)
-        dead: set[int] = set()
-        for i, ok, kept in zip(rows, allowed, left, strict=True):
-            if not ok:
-                dead.add(i)
-                processed[i] = 0.0
-            elif not kept:
-                processed[i] = masked[i]
-        return dead
+    def _guard_constrained(masked: torch.Tensor, processed: torch.Tensor, held: list[int], dead: list[int]) -> None:
+        """Rows whose grammar allows no token (`dead`) get processed logits 0, so that sampling stays defined
+        (their result is an error). A row of `held` the processing emptied although its grammar allows
+        tokens gets its masked logits back."""
+        for i in dead:
+            processed[i] = 0.0
+        if held:
+            idx = torch.tensor(held, dtype=torch.long, device=masked.device)
+            left = torch.isfinite(processed[idx]).any(dim=-1).tolist()  # (n,)
+            for i, kept in zip(held, left, strict=True):
+                if not kept and i not in dead:
+                    processed[i] = masked[i]
