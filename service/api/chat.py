@@ -11,6 +11,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
 
+from model_core.grammar import GrammarSpec
 from service.api.errors import APIError, error_responses
 from service.api.fields import check_extra_fields
 from service.api.generation import (
@@ -127,6 +128,12 @@ def tool_setup(req: ChatCompletionRequest) -> tuple[list[Function] | None, list[
     return functions, None
 
 
+def forced_call_grammar(req: ChatCompletionRequest, forced: list[Function]) -> GrammarSpec:
+    """The grammar of a forced reply: one call, or with `required` and `parallel_tool_calls: true` several
+    (only when asked for: a small model under a forced call tends to repeat it)."""
+    return call_grammar(forced, parallel=req.parallel_tool_calls is True and req.tool_choice == "required")
+
+
 @router.post("/v1/chat/completions", responses={200: {
     "description": "A chat completion, or with `stream` a text/event-stream", "content": {"text/event-stream": {}}}})
 async def create_chat_completion(req: ChatCompletionRequest, request: Request,
@@ -150,9 +157,7 @@ async def create_chat_completion(req: ChatCompletionRequest, request: Request,
     base = sampling_params(req, max_tokens=max_tokens, logprobs=logprobs, vocab_size=tm.vocab_size)
     grammar = None
     if forced is not None:
-        # several calls only when asked for: a small model under a forced call tends to repeat it
-        parallel = req.parallel_tool_calls is True and req.tool_choice == "required"
-        grammar = await compile_grammar(tm, call_grammar(forced, parallel), "tools")
+        grammar = await compile_grammar(tm, forced_call_grammar(req, forced), "tools")
     elif constraint is not None:
         grammar = await compile_grammar(tm, *constraint)
     jobs = [Job(ids, choice_params(base, i), grammar) for i in range(req.n)]

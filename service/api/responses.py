@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from service.api.chat import render_chat, tool_setup
+from service.api.chat import forced_call_grammar, render_chat, tool_setup
 from service.api.errors import APIError, error_responses
 from service.api.fields import check_extra_fields
 from service.api.generation import (
@@ -47,7 +47,7 @@ from service.api.schemas import (
 )
 from service.api.sse import sse_data, sse_response
 from service.api.structured import compile_grammar, output_constraint
-from service.api.tools import Function, ReplyStreamer, ToolCall, call_grammar, parse_reply
+from service.api.tools import Function, ReplyStreamer, ToolCall, parse_reply
 from service.engine.admission import Admission
 from service.engine.engine import TokenEvent
 
@@ -385,7 +385,7 @@ async def create_response(req: ResponsesRequest, request: Request,
                              vocab_size=tm.vocab_size)
     grammar = None
     if forced is not None:
-        grammar = await compile_grammar(tm, call_grammar(forced, req.parallel_tool_calls is not False), "tools")
+        grammar = await compile_grammar(tm, forced_call_grammar(chat, forced), "tools")
     elif constraint is not None:
         grammar = await compile_grammar(tm, constraint[0], "text.format.schema")
     job = Job(ids, params, grammar)
