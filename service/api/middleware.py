@@ -157,6 +157,8 @@ class RequestContextMiddleware:
                    (b"x-request-id", rid.encode())]
         if close:
             headers.append((b"connection", b"close"))
+        if status == 503:
+            headers.append((b"retry-after", b"1"))
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 

@@ -283,6 +283,27 @@ def test_slow_or_lying_bodies_get_408_and_free_their_slot(server: LiveServer, ki
     assert server.app.state.inflight.count == 0
 
 
+def test_a_body_still_arriving_when_a_drain_starts_gets_503(server: LiveServer) -> None:
+    head = (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 100\r\n\r\n")
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+        s.sendall(head + b'{"prompt": ')
+        time.sleep(0.2)
+        server.app.state.draining = True
+        try:
+            data = b""
+            while b"\r\n\r\n" not in data or not data.rstrip().endswith(b"}"):
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+        finally:
+            server.app.state.draining = False
+    head_part, _, body = data.partition(b"\r\n\r\n")
+    assert head_part.split(b" ", 2)[1] == b"503" and b"retry-after: 1" in head_part.lower()
+    assert json.loads(body)["error"]["code"] == "draining"
+
+
 # ----------------------------------------------------------------------------- 8. the small ones
 def test_wrong_content_type_is_415(http: httpx.Client) -> None:
     for ctype in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x"):
