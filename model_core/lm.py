@@ -101,9 +101,13 @@ class CausalLM(nn.Module):
         cache: PagedKVCache | None = None,
         last_only: bool = False,
         last_index: torch.Tensor | None = None,
+        hidden: bool = False,
     ) -> torch.Tensor:
         """tokens: (B, T) ids; positions: (B, T) (default 0..T-1). Returns logits (B, T, V), or
-        (B, V) for the last position of each row when last_only, or for position last_index[b] of row b."""
+        (B, V) for the last position of each row when last_only, or for position last_index[b] of row b.
+        With hidden: the final-normed hidden states (B, T, C) instead (every position; last_only and
+        last_index are ignored), which `project` turns into logits for the rows the caller picks, so
+        that scoring a prompt never needs (T, V) logits at once. Computed with exact products."""
         B, T = tokens.shape
         if positions is None:
             if T > self.cfg.max_seq_len:
@@ -111,13 +115,18 @@ class CausalLM(nn.Module):
             positions = torch.arange(T, device=tokens.device).expand(B, T)
         elif cache is None and int(positions.max()) >= self.cfg.max_seq_len:  # (the cache checks its own)
             raise ValueError(f"position {int(positions.max())} exceeds the context length {self.cfg.max_seq_len}")
-        if T > 1:  # a prompt chunk: exact products, so that prompt logits do not depend on the decode kernels
+        if T > 1 or hidden:  # a prompt chunk: exact products, so that prompt logits do not depend on the decode kernels
             with exact_products():
-                return self._forward(tokens, positions, cache, last_only, last_index)
+                return self._forward(tokens, positions, cache, last_only, last_index, hidden)
         return self._forward(tokens, positions, cache, last_only, last_index)
 
+    def project(self, h: torch.Tensor) -> torch.Tensor:
+        """Logits (..., V) of final-normed hidden states (..., C) from `forward(..., hidden=True)`."""
+        with exact_products():
+            return self.lm_head(h)
+
     def _forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: PagedKVCache | None, last_only: bool,
-                 last_index: torch.Tensor | None) -> torch.Tensor:
+                 last_index: torch.Tensor | None, hidden: bool = False) -> torch.Tensor:
         B = tokens.shape[0]
         x = self.embed(tokens)  # (B, T, C)
         fast = self.decoder_fast_path
@@ -125,6 +134,8 @@ class CausalLM(nn.Module):
             x = fast.run(x, positions, cache)  # (B, 1, C)
         else:
             x = self._decoder_layers(x, positions, cache)
+        if hidden:
+            return self.norm(x)  # (B, T, C)
         if last_index is not None:
             x = x[torch.arange(B, device=x.device), last_index]  # (B, C)
         elif last_only:

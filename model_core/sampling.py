@@ -43,7 +43,7 @@ def _check(ok: bool, field: str, allowed: str, value: object) -> None:
 class SamplingParams:
     """Per-request sampling settings (OpenAI / vLLM semantics)."""
 
-    max_tokens: int = 16
+    max_tokens: int = 16  # the engine also takes 0: score the prompt only (generate() needs >= 1)
     temperature: float = 1.0  # 0 (or < GREEDY_EPS) means greedy argmax
     top_p: float = 1.0  # (0, 1]
     top_k: int = 0  # 0 or -1 = off
@@ -58,6 +58,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # number of top logprobs to return per token (0..20), None = none
     min_tokens: int = 0  # EOS/stop_token_ids masked until this many output tokens
+    prompt_logprobs: int | None = None  # score the prompt: logprob, rank and this many top logprobs per position
 
     def __post_init__(self) -> None:
         # Accept lists where tuples are declared, so params stay hashable and immutable.
@@ -130,6 +131,13 @@ class SamplingParams:
             "logprobs",
             f"None or an int in [0, {MAX_LOGPROBS}]",
             self.logprobs,
+        )
+        _check(
+            self.prompt_logprobs is None
+            or (_is_int(self.prompt_logprobs) and 0 <= self.prompt_logprobs <= MAX_LOGPROBS),
+            "prompt_logprobs",
+            f"None or an int in [0, {MAX_LOGPROBS}]",
+            self.prompt_logprobs,
         )
         _check(
             _is_int(self.min_tokens) and 0 <= self.min_tokens <= self.max_tokens,
@@ -389,3 +397,31 @@ def compute_logprobs(
     else:
         vals, ids = [[] for _ in range(B)], [[] for _ in range(B)]
     return [(chosen[i], [(ids[i][j], vals[i][j]) for j in range(min(top_n[i], n_max))]) for i in range(B)]
+
+
+@dataclass(frozen=True)
+class TokenScore:
+    """How the model scored one given token: its logprob, its rank (1 = most likely) and the top tokens."""
+
+    logprob: float
+    rank: int
+    top: tuple[tuple[int, float], ...]  # (token_id, logprob), most likely first
+
+
+def score_tokens(raw_logits: torch.Tensor, token_ids: torch.Tensor, top_n: int) -> list[TokenScore]:
+    """raw_logits: (N, V); token_ids: (N,). Per row the fp32 log_softmax score of token_ids[i] (prompt logprobs).
+    The caller bounds N: this allocates an (N, V) fp32 tensor."""
+    N = raw_logits.shape[0]
+    if token_ids.shape[0] != N:
+        raise ValueError(f"batch mismatch: logits {N} rows, {token_ids.shape[0]} tokens")
+    lp = torch.log_softmax(raw_logits.float(), dim=-1)  # (N, V)
+    chosen = lp.gather(1, token_ids.to(lp.device, torch.long).reshape(N, 1))  # (N, 1)
+    ranks = (lp > chosen).sum(dim=-1).add(1).tolist()  # (N,)
+    n = min(top_n, lp.shape[1])
+    if n > 0:
+        top = torch.topk(lp, n, dim=-1)
+        vals, ids = top.values.tolist(), top.indices.tolist()
+    else:
+        vals, ids = [[] for _ in range(N)], [[] for _ in range(N)]
+    return [TokenScore(c, int(r), tuple(zip(i, v, strict=True)))
+            for c, r, i, v in zip(chosen.squeeze(1).tolist(), ranks, ids, vals, strict=True)]

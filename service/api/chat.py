@@ -27,6 +27,7 @@ from service.api.generation import (
     new_id,
     resolve_max_tokens,
     run_choices,
+    vllm_prompt_logprobs,
 )
 from service.api.json_route import OffLoopJSONRoute
 from service.api.schemas import MAX_TOP_LOGPROBS, ChatCompletionRequest, ChatMessage, sampling_params
@@ -169,17 +170,21 @@ async def create_chat_completion(req: ChatCompletionRequest, request: Request,
 
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        score = (ids, req.prompt_logprobs) if req.prompt_logprobs is not None else None
         return sse_response(_stream(tm, jobs, admission, rid, head, len(ids), include_usage, logprobs is not None,
-                                    req.timeout, functions))
+                                    req.timeout, functions, score))
 
     texts = [""] * len(jobs)
     finish: list[str | None] = [None] * len(jobs)
     lps: list[list[dict[str, Any]]] = [[] for _ in jobs]
+    prompt_lps: list[Any] | None = None
     completion_tokens = 0
     async with aclosing(run_choices(tm.engine, jobs, rid, admission, request, timeout_s=req.timeout)) as events:
         async for i, ev in events:
             if ev.finish_reason == "error":
                 raise event_error(ev)
+            if ev.prompt_logprobs is not None and prompt_lps is None and req.prompt_logprobs is not None:
+                prompt_lps = vllm_prompt_logprobs(tm, ids, ev.prompt_logprobs, req.prompt_logprobs)
             if logprobs is not None and ev.token_id is not None:
                 lps[i].append(_logprob_entry(tm, ev))
             texts[i] += ev.text
@@ -200,6 +205,7 @@ async def create_chat_completion(req: ChatCompletionRequest, request: Request,
         "choices": choices,
         "usage": {"prompt_tokens": len(ids), "completion_tokens": completion_tokens,
                   "total_tokens": len(ids) + completion_tokens},
+        **({"prompt_logprobs": prompt_lps} if req.prompt_logprobs is not None else {}),  # vLLM's extension
     }
 
 
@@ -220,8 +226,11 @@ def _logprob_entry(tm: TextModel, ev: TokenEvent) -> dict[str, Any]:
 
 async def _stream(tm: TextModel, jobs: list[Job], admission: Admission, rid: str, head: Any, prompt_tokens: int,
                   include_usage: bool, want_logprobs: bool, timeout: float | None,
-                  functions: list[Function] | None) -> AsyncIterator[bytes]:
+                  functions: list[Function] | None, score: tuple[list[int], int] | None = None,
+                  ) -> AsyncIterator[bytes]:
+    """score: (prompt ids, k) when prompt_logprobs was asked: they come in a chunk of their own, first."""
     usage_null = {"usage": None} if include_usage else {}
+    scored = False
 
     def chunk(i: int, delta: dict[str, Any], logprobs: Any = None, finish: str | None = None) -> bytes:
         return sse_data({**head("chat.completion.chunk"), "choices": [
@@ -236,6 +245,10 @@ async def _stream(tm: TextModel, jobs: list[Job], admission: Admission, rid: str
             if ev.finish_reason == "error":
                 yield sse_data(event_error(ev).body())
                 break
+            if score is not None and not scored and ev.prompt_logprobs is not None:
+                scored = True
+                yield sse_data({**head("chat.completion.chunk"), "choices": [], **usage_null,
+                                "prompt_logprobs": vllm_prompt_logprobs(tm, score[0], ev.prompt_logprobs, score[1])})
             reply = replies[i]
             text = reply.feed(ev.text) if reply is not None else ev.text
             lp = {"content": [_logprob_entry(tm, ev)]} if want_logprobs and ev.token_id is not None else None

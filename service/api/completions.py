@@ -6,10 +6,12 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
+from dataclasses import replace
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
 
+from model_core.sampling import TokenScore
 from service.api.errors import APIError, error_responses
 from service.api.fields import check_extra_fields
 from service.api.generation import (
@@ -18,6 +20,7 @@ from service.api.generation import (
     admit,
     check_model,
     choice_params,
+    decode_token,
     default_max_tokens,
     encode_prompt,
     event_error,
@@ -25,6 +28,7 @@ from service.api.generation import (
     new_id,
     resolve_max_tokens,
     run_choices,
+    vllm_prompt_logprobs,
 )
 from service.api.json_route import OffLoopJSONRoute
 from service.api.schemas import CompletionRequest, sampling_params
@@ -74,6 +78,26 @@ class _LogprobAcc:
         self.offsets.append(offset)
         return {"tokens": [tok], "token_logprobs": [ev.logprob], "top_logprobs": [top], "text_offset": [offset]}
 
+    def add_prompt(self, ids: list[int], scores: list[TokenScore | None] | None, k: int) -> dict[str, Any]:
+        """The echoed prompt's entries (they come first): the first token has no logprob (nothing precedes it);
+        each top_logprobs dict holds the prompt token and the k most likely tokens, as vLLM does."""
+        start = len(self.tokens)
+        offset = 0
+        for i, tid in enumerate(ids):
+            tok = decode_token(self.tm, tid)
+            sc = scores[i] if scores is not None and i > 0 else None
+            top: dict[str, float] | None = None
+            if sc is not None:
+                top = {decode_token(self.tm, t): lp for t, lp in sc.top[:k]}
+                top.setdefault(tok, sc.logprob)
+            self.tokens.append(tok)
+            self.token_logprobs.append(sc.logprob if sc is not None else None)
+            self.top.append(top)
+            self.offsets.append(offset)
+            offset += len(tok)
+        return {"tokens": self.tokens[start:], "token_logprobs": self.token_logprobs[start:],
+                "top_logprobs": self.top[start:], "text_offset": self.offsets[start:]}
+
     def result(self) -> dict[str, Any]:
         return {"tokens": self.tokens, "token_logprobs": self.token_logprobs, "top_logprobs": self.top,
                 "text_offset": self.offsets}
@@ -87,8 +111,6 @@ async def create_completion(req: CompletionRequest, request: Request,
     check_extra_fields(req, "completions")
     if req.suffix:
         raise APIError("suffix is not supported", param="suffix")
-    if req.echo and req.logprobs is not None:
-        raise APIError("echo together with logprobs is not supported", param="echo")
     if req.best_of is not None and req.best_of != req.n:
         raise APIError(f"best_of is not supported (best_of={req.best_of}, n={req.n}): the server returns every "
                        "choice it generates; set n instead", param="best_of")
@@ -97,9 +119,14 @@ async def create_completion(req: CompletionRequest, request: Request,
     jobs = []
     default = default_max_tokens(request, DEFAULT_MAX_TOKENS)
     grammar = await compile_grammar(tm, *constraint) if constraint is not None else None
+    echo_lp = req.echo and req.logprobs is not None
+    score_k = max(req.logprobs or 0 if echo_lp else -1, -1 if req.prompt_logprobs is None else req.prompt_logprobs)
     for ids in prompts:
-        max_tokens = resolve_max_tokens(tm, len(ids), req.max_tokens, default)
+        max_tokens = resolve_max_tokens(tm, len(ids), req.max_tokens, default,
+                                        allow_zero=req.echo or req.prompt_logprobs is not None)
         base = sampling_params(req, max_tokens=max_tokens, logprobs=req.logprobs, vocab_size=tm.vocab_size)
+        if score_k >= 0:  # the prompt is scored by the prefill: echo with logprobs, prompt_logprobs
+            base = replace(base, prompt_logprobs=score_k)
         jobs += [Job(ids, choice_params(base, i), grammar) for i in range(req.n)]
     echo_text = [await asyncio.to_thread(tm.tokenizer.decode, ids, False) if req.echo else "" for ids in prompts]
     admission = admit(request, tm, len(jobs), "completions")
@@ -116,21 +143,28 @@ async def create_completion(req: CompletionRequest, request: Request,
     texts = [echo_text[i // req.n] for i in range(len(jobs))]
     finish: list[str | None] = [None] * len(jobs)
     lps = [_LogprobAcc(tm) for _ in jobs]
+    plps: list[Any] = [None] * len(jobs)
     completion_tokens = 0
     async with aclosing(run_choices(tm.engine, jobs, rid, admission, request, timeout_s=req.timeout)) as events:
         async for i, ev in events:
             if ev.finish_reason == "error":
                 raise event_error(ev)
+            if ev.prompt_logprobs is not None:  # the choice's first event
+                if echo_lp:
+                    lps[i].add_prompt(jobs[i].ids, ev.prompt_logprobs, req.logprobs or 0)
+                if req.prompt_logprobs is not None:
+                    plps[i] = vllm_prompt_logprobs(tm, jobs[i].ids, ev.prompt_logprobs, req.prompt_logprobs)
             if req.logprobs is not None and ev.token_id is not None:
                 lps[i].add(ev, len(texts[i]))
             texts[i] += ev.text
             if ev.finish_reason is not None:
                 finish[i] = ev.finish_reason
                 completion_tokens += ev.completion_tokens
+    extra = [{"prompt_logprobs": plps[i]} if req.prompt_logprobs is not None else {} for i in range(len(jobs))]
     return {
         **head(),
         "choices": [{"index": i, "text": texts[i], "logprobs": lps[i].result() if req.logprobs is not None else None,
-                     "finish_reason": finish[i]} for i in range(len(jobs))],
+                     "finish_reason": finish[i], **extra[i]} for i in range(len(jobs))],
         "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                   "total_tokens": prompt_tokens + completion_tokens},
     }
@@ -142,7 +176,8 @@ async def _stream(tm: TextModel, req: CompletionRequest, jobs: list[Job], admiss
     offsets = [0] * len(jobs)
     lps = [_LogprobAcc(tm) for _ in jobs]
     completion_tokens = 0
-    if req.echo:
+    scored = req.echo and req.logprobs is not None or req.prompt_logprobs is not None
+    if req.echo and not scored:
         for i in range(len(jobs)):
             offsets[i] = len(echo_text[i // req.n])
             yield sse_data({**head(), "choices": [{"index": i, "text": echo_text[i // req.n], "logprobs": None,
@@ -152,6 +187,16 @@ async def _stream(tm: TextModel, req: CompletionRequest, jobs: list[Job], admiss
             if ev.finish_reason == "error":
                 yield sse_data(event_error(ev).body())
                 break
+            if scored and ev.prompt_logprobs is not None:  # first event: the echo and the prompt's scores first
+                echo = echo_text[i // req.n] if req.echo else ""
+                offsets[i] = len(echo)
+                plp = lps[i].add_prompt(jobs[i].ids, ev.prompt_logprobs, req.logprobs or 0) if (
+                    req.echo and req.logprobs is not None) else None
+                extra = {"prompt_logprobs": vllm_prompt_logprobs(tm, jobs[i].ids, ev.prompt_logprobs,
+                                                                 req.prompt_logprobs)} if (
+                    req.prompt_logprobs is not None) else {}
+                yield sse_data({**head(), "choices": [{"index": i, "text": echo, "logprobs": plp,
+                                                       "finish_reason": None, **extra}], **usage_null})
             if ev.finish_reason is not None:
                 completion_tokens += ev.completion_tokens
             lp = lps[i].add(ev, offsets[i]) if req.logprobs is not None and ev.token_id is not None else None

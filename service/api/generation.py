@@ -8,11 +8,12 @@ import functools
 import uuid
 from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 from fastapi import Request
 
 from model_core.grammar import CompiledGrammar, GrammarCompiler
-from model_core.sampling import SamplingParams
+from model_core.sampling import SamplingParams, TokenScore
 from model_core.tokenizer import Tokenizer
 from service.api.errors import APIError
 from service.engine.admission import Admission, EngineOverloadedError
@@ -100,11 +101,15 @@ def check_model(tm: TextModel, requested: str | None) -> None:
                        param="model", code="model_not_found")
 
 
-def resolve_max_tokens(tm: TextModel, prompt_len: int, requested: int | None, default: int | None) -> int:
-    """OpenAI/vLLM semantics: prompt + max_tokens must fit the context; unset means `default` or the rest."""
+def resolve_max_tokens(tm: TextModel, prompt_len: int, requested: int | None, default: int | None,
+                       allow_zero: bool = False) -> int:
+    """OpenAI/vLLM semantics: prompt + max_tokens must fit the context; unset means `default` or the rest.
+    allow_zero: max_tokens 0 (score the prompt, generate nothing) is allowed; then the prompt may fill the context."""
     room = tm.max_model_len - prompt_len
     if prompt_len == 0:
         raise APIError("the prompt is empty", param="prompt")
+    if allow_zero and requested == 0 and room >= 0:
+        return 0
     if room < 1:
         raise APIError(
             f"This model's maximum context length is {tm.max_model_len} tokens. However, your prompt has "
@@ -113,7 +118,9 @@ def resolve_max_tokens(tm: TextModel, prompt_len: int, requested: int | None, de
     if requested is None:
         return room if default is None else min(default, room)
     if requested < 1:
-        raise APIError(f"max_tokens must be at least 1, got {requested}", param="max_tokens")
+        raise APIError(f"max_tokens must be at least 1, got {requested}"
+                       + (" (0 only to score the prompt: with echo or prompt_logprobs)" if requested == 0 else ""),
+                       param="max_tokens")
     if requested > room:
         raise APIError(
             f"This model's maximum context length is {tm.max_model_len} tokens. However, you requested "
@@ -205,3 +212,24 @@ def event_error(ev: TokenEvent) -> APIError:
     status = _ERROR_STATUS.get(ev.error_code or "", 500)
     return APIError(ev.error or "generation failed", status_code=status, code=ev.error_code,
                     type="timeout_error" if status == 504 else None)
+
+
+def decode_token(tm: TextModel, token_id: int) -> str:
+    return tm.tokenizer.decode([token_id], skip_special_tokens=False)
+
+
+def vllm_prompt_logprobs(tm: TextModel, ids: list[int], scores: list[TokenScore | None] | None,
+                         k: int) -> list[dict[str, dict[str, Any]] | None]:
+    """vLLM's `prompt_logprobs` reply: None for the first token, then per position
+    {token_id: {"logprob", "rank", "decoded_token"}} for the prompt token and the k most likely ones."""
+    out: list[dict[str, dict[str, Any]] | None] = []
+    for i, tid in enumerate(ids):
+        sc = scores[i] if scores is not None and i > 0 else None
+        if sc is None:
+            out.append(None)
+            continue
+        entry = {str(tid): {"logprob": sc.logprob, "rank": sc.rank, "decoded_token": decode_token(tm, tid)}}
+        for r, (t, lp) in enumerate(sc.top[:k], start=1):
+            entry.setdefault(str(t), {"logprob": lp, "rank": r, "decoded_token": decode_token(tm, t)})
+        out.append(entry)
+    return out

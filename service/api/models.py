@@ -1,4 +1,4 @@
-"""GET /v1/models, POST /tokenize and POST /detokenize."""
+"""GET /v1/models, POST /tokenize, POST /detokenize and GET /tokenizer_info."""
 
 from __future__ import annotations
 
@@ -66,3 +66,24 @@ async def detokenize(req: DetokenizeRequest, tm: Annotated[TextModel, Depends(ge
     if bad:
         raise APIError(f"token ids must be in [0, {tm.vocab_size}); got {bad[:5]}", param="tokens")
     return {"prompt": await asyncio.to_thread(tm.tokenizer.decode, req.tokens, False)}
+
+
+@router.get("/tokenizer_info")
+async def tokenizer_info(tm: Annotated[TextModel, Depends(get_text_model)]) -> dict[str, Any]:
+    """The tokenizer's configuration, as vLLM serves it and lm-evaluation-harness's remote tokenizer
+    (`tokenizer_backend=remote`) reads it: special tokens as text (which /tokenize turns back into their
+    ids), the chat template and the context length."""
+    tok = tm.tokenizer
+
+    def text(i: int | None) -> str | None:
+        return None if i is None else tok.id_to_token(i)
+
+    return {"tokenizer_class": "PreTrainedTokenizerFast", "model": tm.name,
+            "eos_token": text(tok.eos_token_id), "bos_token": text(tok.bos_token_id),
+            "pad_token": text(tok.pad_token_id), "unk_token": text(tok.unk_token_id),
+            "eos_token_id": tok.eos_token_id, "bos_token_id": tok.bos_token_id, "pad_token_id": tok.pad_token_id,
+            "add_bos_token": tok.add_bos, "chat_template": tok.chat_template,
+            "model_max_length": tm.max_model_len, "vocab_size": tm.vocab_size}
+
+
+router.add_api_route("/tokenizer_info", tokenizer_info, methods=["HEAD"], include_in_schema=False)

@@ -136,6 +136,8 @@ class _Sampling(RequestBody):
     timeout: float | None = Field(None, description="seconds this request may take, > 0 (capped by the server)")
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputs | None = None
+    prompt_logprobs: int | None = Field(None, description="vLLM extension: score every prompt token, with this "
+                                        "many top logprobs per position (0-20)")
 
 
 class CompletionRequest(_Sampling):
@@ -198,6 +200,7 @@ def sampling_params(req: _Sampling, *, max_tokens: int, logprobs: int | None, vo
     _check("n", req.n, 1, MAX_N)
     _check("min_tokens", req.min_tokens, 0, max_tokens)
     _check("logprobs", logprobs, 0, MAX_TOP_LOGPROBS)
+    _check("prompt_logprobs", req.prompt_logprobs, 0, MAX_TOP_LOGPROBS)
     if req.timeout is not None and not req.timeout > 0:  # also NaN
         raise APIError(f"timeout must be > 0 seconds, got {req.timeout}", param="timeout", code="invalid_value")
     if req.seed is not None:
@@ -240,4 +243,5 @@ def sampling_params(req: _Sampling, *, max_tokens: int, logprobs: int | None, vo
         ignore_eos=req.ignore_eos,
         logprobs=logprobs,
         min_tokens=req.min_tokens,
+        prompt_logprobs=req.prompt_logprobs,
     )

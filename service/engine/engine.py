@@ -21,7 +21,7 @@ from typing import Any, Protocol
 import torch
 
 from model_core.grammar import CompiledGrammar, GrammarMatcher
-from model_core.sampling import SamplingParams, make_generator
+from model_core.sampling import SamplingParams, TokenScore, make_generator
 from model_core.stopping import OutputStream
 from model_core.tokenizer import Tokenizer
 from service.engine.admission import Admission, AdmissionControl
@@ -67,6 +67,9 @@ class TokenEvent:
     completion_tokens: int = 0
     error: str | None = None
     error_code: str | None = None  # timeout | queue_timeout | internal_error | engine_dead | invalid_request
+    # on the request's first event, when params.prompt_logprobs is set: per prompt position i, how the model
+    # scored prompt token i given the tokens before it (index 0 is None: nothing precedes it)
+    prompt_logprobs: list[TokenScore | None] | None = None
 
 
 @dataclass
@@ -82,6 +85,7 @@ class RequestState:
     deadline: float | None = None  # monotonic time after which the request is ended with a timeout
     queue_deadline: float | None = None  # monotonic time by which it must have been scheduled
     matcher: GrammarMatcher | None = None  # constrained decoding: this request's grammar state
+    prompt_logprobs: list[TokenScore | None] | None = None  # filled by the runner during the prefill
 
 
 @dataclass
@@ -174,7 +178,9 @@ class LLMEngine:
         is counted but not limited (direct use).
         grammar: constrain the output to it (a per-request matcher masks each step's logits); EOS then
         ends the request whenever the grammar allows it (ignore_eos does not apply), and the request
-        ends with "stop" as soon as the grammar is complete (even before min_tokens)."""
+        ends with "stop" as soon as the grammar is complete (even before min_tokens).
+        params.max_tokens == 0 scores the prompt only: one event, finish_reason "length", no token (set
+        params.prompt_logprobs to get the scores)."""
         if admission is not None:
             admission.take()
         else:
@@ -196,7 +202,7 @@ class LLMEngine:
         max_new = min(params.max_tokens, self.config.max_model_len - len(prompt))
         if not prompt:
             raise ValueError("prompt is empty")
-        if max_new < 1:
+        if max_new < 1 and not (params.max_tokens == 0 and len(prompt) <= self.config.max_model_len):
             raise ValueError(f"prompt has {len(prompt)} tokens; the context length is {self.config.max_model_len}")
         if grammar is not None and grammar.vocab_size != self.runner.model.cfg.vocab_size:
             raise ValueError(f"grammar compiled for {grammar.vocab_size} logits; "
@@ -211,6 +217,7 @@ class LLMEngine:
                                 self.tokenizer.incremental_decoder()),
             queue=queue, loop=loop, arrival=time.monotonic(),
             matcher=grammar.matcher() if grammar is not None else None,
+            prompt_logprobs=[None] * len(prompt) if params.prompt_logprobs is not None else None,
         )
         limits = [t for t in (timeout_s, self.config.request_timeout_s) if t is not None]
         if limits:
@@ -289,12 +296,24 @@ class LLMEngine:
                 self._fail(seq, err or "sampling failed", "internal_error")
         now = time.monotonic()
         for seq in advanced:
-            self._deliver(seq, results[seq.request_id], now)
+            if seq.max_tokens == 0:
+                self._deliver_scored(seq, now)
+            else:
+                self._deliver(seq, results[seq.request_id], now)
         return len(advanced)
+
+    def _deliver_scored(self, seq: Seq, now: float) -> None:
+        """A prompt-only request (max_tokens 0) whose prefill is done: it ends now, with no token."""
+        st: RequestState = seq.data
+        self._finish(seq, FinishReason.LENGTH)
+        if self.observer is not None:
+            self.observer.on_finish("length", now - st.arrival)
+        self._emit(seq, TokenEvent(None, "", "length", prompt_logprobs=st.prompt_logprobs))
 
     def _deliver(self, seq: Seq, res: SampleResult, now: float) -> None:
         st: RequestState = seq.data
         obs = self.observer
+        first = st.first_token_time is None
         if st.matcher is not None and not st.matcher.accept(res.token_id):  # masked logits: never expected
             log.error("request %s: grammar rejected token %d: %s", seq.request_id, res.token_id, st.matcher.error)
             self._fail(seq, f"constrained decoding failed: {st.matcher.error}", "internal_error")
@@ -323,7 +342,8 @@ class LLMEngine:
             self._finish(seq, FinishReason(finish))
             if obs is not None:
                 obs.on_finish(finish, now - st.arrival)
-        self._emit(seq, TokenEvent(res.token_id, text, finish, res.logprob, res.top_logprobs))
+        self._emit(seq, TokenEvent(res.token_id, text, finish, res.logprob, res.top_logprobs,
+                                   prompt_logprobs=st.prompt_logprobs if first else None))
 
     def _fail(self, seq: Seq, message: str, code: str) -> None:
         """End one request with an error event and free its blocks."""

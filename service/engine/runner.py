@@ -3,6 +3,12 @@
 A step is a batch of decodes (one token each, one batched forward) plus prefill chunks (one forward
 each, so that no padding is needed). The logits of every position that must be sampled are then
 processed and sampled together in one batched call.
+
+Prompt logprobs (`SamplingParams.prompt_logprobs`, echo with logprobs) come from the same prefill forward that
+fills the KV cache: only a group holding a chunk that asks for them keeps the hidden states of every position,
+and the lm_head runs over them in slices of `SCORE_ROWS` positions, so no (prompt_len, V) tensor is ever made.
+Each scored position is stored in the request's `prompt_logprobs` list (index i: how the model scored prompt
+token i given tokens 0..i-1).
 """
 
 from __future__ import annotations
@@ -16,10 +22,11 @@ from model_core.grammar import GrammarMatcher, apply_token_masks
 from model_core.kv_cache import PagedKVCache
 from model_core.lm import CausalLM
 from model_core.native import Kernels
-from model_core.sampling import SamplingParams, compute_logprobs, process_logits, sample
+from model_core.sampling import SamplingParams, TokenScore, compute_logprobs, process_logits, sample, score_tokens
 from service.engine.scheduler import ScheduledChunk, SchedulerOutput
 
 log = logging.getLogger(__name__)
+SCORE_ROWS = 128  # prompt positions whose logits are computed at once when scoring a prompt
 
 
 @dataclass
@@ -42,18 +49,50 @@ class ModelRunner:
         self.cache = PagedKVCache(cfg.n_layers, num_blocks, block_size, cfg.n_kv_heads, cfg.hd, self.dtype,
                                   self.device, max_positions=cfg.max_seq_len, kernels=kernels)
 
-    def _forward(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
+    def _forward(self, chunks: list[ScheduledChunk], score: bool = False) -> torch.Tensor:
         """One forward over chunks of possibly different lengths (shorter ones padded).
-        Returns the logits at each chunk's last token (B, V)."""
+        Returns the logits at each chunk's last token (B, V). With score, the chunks that ask for prompt
+        logprobs get them from this same forward (see `_score_prompt`)."""
         counts = [c.num_tokens for c in chunks]
         T = max(counts)
         ids = [c.seq.token_ids(c.start, c.start + c.num_tokens) + [0] * (T - c.num_tokens) for c in chunks]
         tokens = torch.tensor(ids, dtype=torch.long, device=self.device)  # (B, T)
         positions = self.cache.prepare([c.seq.block_table for c in chunks], [c.start for c in chunks], counts)
+        if score:
+            h = self.model(tokens, positions, self.cache, hidden=True)  # (B, T, C), final-normed
+            for b, c in enumerate(chunks):
+                if self.wants_prompt_scores(c):
+                    self._score_prompt(c, h[b, : c.num_tokens])
+            last = torch.tensor([n - 1 for n in counts], device=self.device)  # (B,)
+            return self.model.project(h[torch.arange(len(chunks), device=self.device), last])  # (B, V)
         if min(counts) == T:
             return self.model(tokens, positions, self.cache, last_only=True)  # (B, V)
         last = torch.tensor([n - 1 for n in counts], device=self.device)  # (B,)
         return self.model(tokens, positions, self.cache, last_index=last)  # (B, V)
+
+    @staticmethod
+    def wants_prompt_scores(chunk: ScheduledChunk) -> bool:
+        """The chunk covers prompt positions whose logprobs its request asked for and does not have yet
+        (a sequence preempted and recomputed keeps those it has)."""
+        scores: list[TokenScore | None] | None = getattr(chunk.seq.data, "prompt_logprobs", None)
+        last = min(chunk.end, len(chunk.seq.prompt_ids) - 1)  # the last prompt position it scores
+        return scores is not None and chunk.start < last and scores[last] is None
+
+    def _score_prompt(self, chunk: ScheduledChunk, h: torch.Tensor) -> None:
+        """h: (n, C) final-normed hidden states of the chunk's positions. Position p predicts prompt token
+        p + 1; the logits are made SCORE_ROWS positions at a time."""
+        state = chunk.seq.data
+        scores: list[TokenScore | None] = state.prompt_logprobs
+        prompt = chunk.seq.prompt_ids
+        n = min(chunk.end, len(prompt) - 1) - chunk.start  # positions scored: start .. start + n - 1
+        k = state.params.prompt_logprobs or 0
+        for i in range(0, n, SCORE_ROWS):
+            m = min(SCORE_ROWS, n - i)
+            first = chunk.start + i + 1  # the first prompt token this slice scores
+            targets = torch.tensor(prompt[first : first + m], dtype=torch.long, device=self.device)  # (m,)
+            logits = self.model.project(h[i : i + m])  # (m, V)
+            for j, sc in enumerate(score_tokens(logits, targets, k)):
+                scores[first + j] = sc
 
     @staticmethod
     def prefill_groups(chunks: list[ScheduledChunk], max_waste: float = 0.25) -> list[list[ScheduledChunk]]:
@@ -75,12 +114,16 @@ class ModelRunner:
     def execute(self, out: SchedulerOutput) -> dict[str, SampleResult]:
         rows: list[torch.Tensor] = []
         to_sample: list[ScheduledChunk] = []
+        decodes = [c for c in out.decodes if c.seq.max_tokens > 0]  # prompt-only tails are not sampled
         if out.decodes:
-            rows.append(self._forward(out.decodes))
-            to_sample.extend(out.decodes)
+            logits = self._forward(out.decodes)  # (B, V)
+            if decodes:
+                rows.append(logits if len(decodes) == len(out.decodes) else
+                            logits[[i for i, c in enumerate(out.decodes) if c.seq.max_tokens > 0]])
+                to_sample.extend(decodes)
         for group in self.prefill_groups(out.prefills):
-            logits = self._forward(group)  # (len(group), V)
-            keep = [i for i, c in enumerate(group) if c.sample]
+            logits = self._forward(group, score=any(self.wants_prompt_scores(c) for c in group))  # (len(group), V)
+            keep = [i for i, c in enumerate(group) if c.sample and c.seq.max_tokens > 0]
             if keep:
                 rows.append(logits[keep] if len(keep) < len(group) else logits)
                 to_sample.extend(group[i] for i in keep)

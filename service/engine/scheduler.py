@@ -278,8 +278,8 @@ class Scheduler:
         n = len(seq.prompt_ids)
         if n == 0:
             raise ValueError("prompt is empty")
-        if seq.max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {seq.max_tokens}")
+        if seq.max_tokens < 0:
+            raise ValueError(f"max_tokens must be >= 0, got {seq.max_tokens}")
         if n + seq.max_tokens > self.max_model_len:
             raise ValueError(
                 f"prompt ({n} tokens) + max_tokens ({seq.max_tokens}) "
@@ -400,7 +400,9 @@ class Scheduler:
         return 0
 
     def update(self, out: SchedulerOutput, sampled: Mapping[str, int]) -> list[Sequence]:
-        """Advance computed counts and append sampled tokens; returns sequences that got a token.
+        """Advance computed counts and append sampled tokens; returns sequences that got a token, and
+        prompt-only sequences (``max_tokens == 0``: scoring) whose prefill just ended, which get no token
+        (nothing is sampled for them; the engine finishes them at once).
 
         Chunks of sequences no longer running (aborted or finished since ``schedule``) are ignored,
         and so is a sampling chunk whose request id is missing from ``sampled``: it is recomputed
@@ -413,7 +415,10 @@ class Scheduler:
                 continue
             if chunk.start != seq.num_computed:
                 raise RuntimeError(f"stale SchedulerOutput for {seq.request_id!r}")
-            if chunk.sample:
+            if chunk.sample and seq.max_tokens == 0:
+                seq.num_computed += chunk.num_tokens
+                new.append(seq)
+            elif chunk.sample:
                 token = sampled.get(seq.request_id)
                 if token is None:
                     continue

@@ -154,7 +154,7 @@ def test_every_error_has_the_openai_shape(http: httpx.Client) -> None:
     assert_error(http.get("/v1/no-such-route"), 404)
     assert_error(http.get("/v1/completions"), 405)
     assert_error(http.post("/v1/completions", json={"prompt": "x", "suffix": "y"}), 400, "suffix")
-    assert_error(http.post("/v1/completions", json={"prompt": "x", "echo": True, "logprobs": 1}), 400, "echo")
+    assert_error(http.post("/v1/completions", json={"prompt": "x", "prompt_logprobs": 21}), 400, "prompt_logprobs")
     assert_error(http.post("/v1/completions", json={"prompt": [5, 10**9]}), 400, "prompt")
     assert_error(http.post("/v1/completions", json={"prompt": []}), 400, "prompt")
     assert_error(http.post("/v1/completions", json={"prompt": ""}), 400, "prompt")

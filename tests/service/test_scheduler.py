@@ -186,7 +186,7 @@ def test_validation() -> None:
     with pytest.raises(ValueError, match="max_model_len"):
         s.add(seq("a", 15, 6))
     with pytest.raises(ValueError):
-        s.add(seq("a", 5, 0))
+        s.add(seq("a", 5, -1))  # max_tokens 0 is a prompt-only (scoring) request
     s.add(seq("a", 15, 5))
     with pytest.raises(ValueError, match="duplicate"):
         s.add(seq("a", 3, 3))
