@@ -184,7 +184,8 @@ async def create_chat_completion(req: ChatCompletionRequest, request: Request,
             if ev.finish_reason == "error":
                 raise event_error(ev)
             if ev.prompt_logprobs is not None and prompt_lps is None and req.prompt_logprobs is not None:
-                prompt_lps = vllm_prompt_logprobs(tm, ids, ev.prompt_logprobs, req.prompt_logprobs)
+                prompt_lps = await asyncio.to_thread(vllm_prompt_logprobs, tm, ids, ev.prompt_logprobs,
+                                                     req.prompt_logprobs)  # a long prompt: decoded off the loop
             if logprobs is not None and ev.token_id is not None:
                 lps[i].append(_logprob_entry(tm, ev))
             texts[i] += ev.text
@@ -247,8 +248,9 @@ async def _stream(tm: TextModel, jobs: list[Job], admission: Admission, rid: str
                 break
             if score is not None and not scored and ev.prompt_logprobs is not None:
                 scored = True
+                scores = await asyncio.to_thread(vllm_prompt_logprobs, tm, score[0], ev.prompt_logprobs, score[1])
                 yield sse_data({**head("chat.completion.chunk"), "choices": [], **usage_null,
-                                "prompt_logprobs": vllm_prompt_logprobs(tm, score[0], ev.prompt_logprobs, score[1])})
+                                "prompt_logprobs": scores})
             reply = replies[i]
             text = reply.feed(ev.text) if reply is not None else ev.text
             lp = {"content": [_logprob_entry(tm, ev)]} if want_logprobs and ev.token_id is not None else None

@@ -149,11 +149,12 @@ async def create_completion(req: CompletionRequest, request: Request,
         async for i, ev in events:
             if ev.finish_reason == "error":
                 raise event_error(ev)
-            if ev.prompt_logprobs is not None:  # the choice's first event
+            if ev.prompt_logprobs is not None:  # the choice's first event; a long prompt is decoded off the loop
                 if echo_lp:
-                    lps[i].add_prompt(jobs[i].ids, ev.prompt_logprobs, req.logprobs or 0)
+                    await asyncio.to_thread(lps[i].add_prompt, jobs[i].ids, ev.prompt_logprobs, req.logprobs or 0)
                 if req.prompt_logprobs is not None:
-                    plps[i] = vllm_prompt_logprobs(tm, jobs[i].ids, ev.prompt_logprobs, req.prompt_logprobs)
+                    plps[i] = await asyncio.to_thread(vllm_prompt_logprobs, tm, jobs[i].ids, ev.prompt_logprobs,
+                                                      req.prompt_logprobs)
             if req.logprobs is not None and ev.token_id is not None:
                 lps[i].add(ev, len(texts[i]))
             texts[i] += ev.text
@@ -190,10 +191,10 @@ async def _stream(tm: TextModel, req: CompletionRequest, jobs: list[Job], admiss
             if scored and ev.prompt_logprobs is not None:  # first event: the echo and the prompt's scores first
                 echo = echo_text[i // req.n] if req.echo else ""
                 offsets[i] = len(echo)
-                plp = lps[i].add_prompt(jobs[i].ids, ev.prompt_logprobs, req.logprobs or 0) if (
-                    req.echo and req.logprobs is not None) else None
-                extra = {"prompt_logprobs": vllm_prompt_logprobs(tm, jobs[i].ids, ev.prompt_logprobs,
-                                                                 req.prompt_logprobs)} if (
+                plp = await asyncio.to_thread(lps[i].add_prompt, jobs[i].ids, ev.prompt_logprobs,
+                                              req.logprobs or 0) if req.echo and req.logprobs is not None else None
+                extra = {"prompt_logprobs": await asyncio.to_thread(vllm_prompt_logprobs, tm, jobs[i].ids,
+                                                                    ev.prompt_logprobs, req.prompt_logprobs)} if (
                     req.prompt_logprobs is not None) else {}
                 yield sse_data({**head(), "choices": [{"index": i, "text": echo, "logprobs": plp,
                                                        "finish_reason": None, **extra}], **usage_null})
