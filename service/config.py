@@ -62,6 +62,7 @@ class Settings(BaseSettings):
     image_max_batch: int = Field(32, ge=1, le=256, description="GAN micro-batch size")
     image_max_wait_ms: float = Field(10.0, ge=0, le=1000, description="GAN micro-batch wait")
     drain_timeout_s: float = Field(30.0, ge=0, description="graceful shutdown drain timeout")
+    ui: bool = Field(True, description="serve the web playground at / (--no-ui or --ui false: off)")
 
     @field_validator("api_keys", "public_paths", "cors_origins", mode="before")
     @classmethod
@@ -113,6 +114,9 @@ def parse_settings(argv: Sequence[str] | None = None) -> Settings:
             ap.add_argument("--api-key", help="API key (repeatable); env AIGC_API_KEYS", default=None,
                             action="append", dest="api_keys", metavar="KEY")
         else:
+            if name == "ui":
+                ap.add_argument("--no-ui", dest="ui", action="store_const", const="false",
+                                help="do not serve the web playground (same as --ui false)")
             ap.add_argument(_flag(name), dest=name, default=None,
                             help=f"{f.description or name} (env AIGC_{name.upper()}, default "
                                  f"{_shown_default(f.get_default(call_default_factory=True))})")

@@ -18,7 +18,7 @@ from types import FrameType
 
 from fastapi import FastAPI
 
-from service.api import chat, completions, health, images, models, responses
+from service.api import chat, completions, health, images, models, responses, ui
 from service.api.auth import APIKeyMiddleware
 from service.api.cors import CORS
 from service.api.errors import install_error_handlers
@@ -133,8 +133,12 @@ def create_app(settings: Settings | None = None, text_model: TextModel | None = 
     install_error_handlers(app)
     for r in (health.router, models.router, completions.router, chat.router, responses.router, images.router):
         app.include_router(r)
+    public_paths = list(settings.public_paths)
+    if settings.ui:  # the playground's page and assets are public; the API calls it makes are not
+        app.include_router(ui.router)
+        public_paths += ui.PUBLIC_PATHS
     # outermost last: request context (ids, size limit) -> CORS -> API keys -> routes
-    app.add_middleware(APIKeyMiddleware, keys=settings.all_api_keys(), public_paths=settings.public_paths)
+    app.add_middleware(APIKeyMiddleware, keys=settings.all_api_keys(), public_paths=public_paths)
     if settings.cors_origins:
         app.add_middleware(CORS, origins=settings.cors_origins)
     app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.max_body_bytes,

@@ -17,6 +17,7 @@ from starlette.routing import Route
 import service.api.models as models_module
 from model_core.lm import CausalLM
 from model_core.tokenizer import Tokenizer
+from service.api import ui
 from service.config import Settings, parse_settings
 from service.main import create_app
 from tests.service.server_utils import TINY_MODEL_NAME, LiveServer, serve, tiny_text_model
@@ -25,7 +26,7 @@ KEYS = ("sk-alpha-0123456789", "sk-beta-9876543210")
 FILE_KEY = "sk-from-file-abcdef"
 ORIGIN = "https://app.example"
 ERROR_KEYS = {"message", "type", "param", "code"}
-PUBLIC = ("/health", "/ready", "/metrics")
+PUBLIC = ("/health", "/ready", "/metrics", *ui.PUBLIC_PATHS)  # the playground's page and assets
 LEAK_MARKERS = ("Traceback", 'File "', "root:x:0:0", "/work/", "site-packages", ".py\", line")
 
 
