@@ -21,6 +21,7 @@ from service.api.generation import (
     check_model,
     check_prompt_chars,
     choice_params,
+    decode_token,
     default_max_tokens,
     event_error,
     get_text_model,
@@ -187,7 +188,7 @@ async def create_chat_completion(req: ChatCompletionRequest, request: Request,
                 prompt_lps = await asyncio.to_thread(vllm_prompt_logprobs, tm, ids, ev.prompt_logprobs,
                                                      req.prompt_logprobs)  # a long prompt: decoded off the loop
             if logprobs is not None and ev.token_id is not None:
-                lps[i].append(_logprob_entry(tm, ev))
+                lps[i].append(logprob_entry(tm, ev))
             texts[i] += ev.text
             if ev.finish_reason is not None:
                 finish[i] = ev.finish_reason
@@ -214,9 +215,10 @@ def _finish_reason(reason: str | None, calls: list[ToolCall]) -> str | None:
     return "tool_calls" if calls and reason == "stop" else reason
 
 
-def _logprob_entry(tm: TextModel, ev: TokenEvent) -> dict[str, Any]:
+def logprob_entry(tm: TextModel, ev: TokenEvent) -> dict[str, Any]:
+    """A generated token's logprobs as chat completions and the Responses API write them."""
     def one(tid: int, lp: float) -> dict[str, Any]:
-        s = tm.tokenizer.decode([tid], skip_special_tokens=False)
+        s = decode_token(tm, tid)
         return {"token": s, "logprob": lp, "bytes": list(s.encode("utf-8"))}
 
     assert ev.token_id is not None
@@ -253,7 +255,7 @@ async def _stream(tm: TextModel, jobs: list[Job], admission: Admission, rid: str
                                 "prompt_logprobs": scores})
             reply = replies[i]
             text = reply.feed(ev.text) if reply is not None else ev.text
-            lp = {"content": [_logprob_entry(tm, ev)]} if want_logprobs and ev.token_id is not None else None
+            lp = {"content": [logprob_entry(tm, ev)]} if want_logprobs and ev.token_id is not None else None
             if text or lp is not None:
                 yield chunk(i, {"content": text}, lp)
             if ev.finish_reason is not None:

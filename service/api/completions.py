@@ -69,9 +69,8 @@ class _LogprobAcc:
         self.offsets: list[int] = []
 
     def add(self, ev: TokenEvent, offset: int) -> dict[str, Any]:
-        dec = self.tm.tokenizer.decode
-        tok = dec([ev.token_id], skip_special_tokens=False) if ev.token_id is not None else ""
-        top = {dec([t], skip_special_tokens=False): lp for t, lp in ev.top_logprobs}
+        tok = decode_token(self.tm, ev.token_id) if ev.token_id is not None else ""
+        top = {decode_token(self.tm, t): lp for t, lp in ev.top_logprobs}
         self.tokens.append(tok)
         self.token_logprobs.append(ev.logprob)
         self.top.append(top)

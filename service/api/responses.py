@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from service.api.chat import forced_call_grammar, render_chat, tool_setup
+from service.api.chat import forced_call_grammar, logprob_entry, render_chat, tool_setup
 from service.api.errors import APIError, error_responses
 from service.api.fields import check_extra_fields
 from service.api.generation import (
@@ -49,7 +49,6 @@ from service.api.sse import sse_data, sse_response
 from service.api.structured import compile_grammar, output_constraint
 from service.api.tools import Function, ReplyStreamer, ToolCall, parse_reply
 from service.engine.admission import Admission
-from service.engine.engine import TokenEvent
 
 router = APIRouter(route_class=OffLoopJSONRoute, responses=error_responses(400, 401, 404, 413, 422, 500, 503, 504))
 
@@ -339,16 +338,6 @@ def _function_call(item_id: str, call: ToolCall, arguments: str, status: str) ->
             "arguments": arguments, "status": status}
 
 
-def _logprob_entry(tm: TextModel, ev: TokenEvent) -> dict[str, Any]:
-    def one(tid: int, lp: float) -> dict[str, Any]:
-        s = tm.tokenizer.decode([tid], skip_special_tokens=False)
-        return {"token": s, "bytes": list(s.encode("utf-8")), "logprob": lp}
-
-    assert ev.token_id is not None
-    return {**one(ev.token_id, ev.logprob if ev.logprob is not None else 0.0),
-            "top_logprobs": [one(t, lp) for t, lp in ev.top_logprobs]}
-
-
 def _status(finish_reason: str | None) -> str:
     return "incomplete" if finish_reason == "length" else "completed"
 
@@ -401,7 +390,7 @@ async def create_response(req: ResponsesRequest, request: Request,
             if ev.finish_reason == "error":
                 raise event_error(ev)
             if want_logprobs and ev.token_id is not None:
-                logprobs.append(_logprob_entry(tm, ev))
+                logprobs.append(logprob_entry(tm, ev))
             text += ev.text
             if ev.finish_reason is not None:
                 finish, output_tokens = ev.finish_reason, ev.completion_tokens
@@ -464,7 +453,7 @@ async def _stream(tm: TextModel, job: Job, admission: Admission, head: _Response
                     "code": "server_error", "message": err.message}))
                 return
             if want_logprobs and ev.token_id is not None:
-                pending.append(_logprob_entry(tm, ev))
+                pending.append(logprob_entry(tm, ev))
             chunk = reply.feed(ev.text) if reply is not None else ev.text
             if chunk:
                 for b in delta(chunk):
