@@ -40,6 +40,8 @@ class Settings(BaseSettings):
     max_num_batched_tokens: int = Field(512, ge=16, description="token budget per engine step")
     kv_cache_memory_gb: float = Field(1.0, gt=0, description="memory for the KV cache")
     block_size: int = Field(16, ge=1, le=1024, description="tokens per KV cache block")
+    enable_prefix_caching: bool = Field(True, description="reuse the KV cache blocks of prompt prefixes computed "
+                                        "before (--no-enable-prefix-caching: off)")
     max_model_len: int | None = Field(None, ge=16, description="context length cap; default: the model's")
     max_waiting: int = Field(256, ge=0, description="queued requests beyond which new ones get 503")
     request_timeout_s: float = Field(600.0, gt=0, description="longest a text request may run (504 after)")
@@ -114,10 +116,12 @@ def parse_settings(argv: Sequence[str] | None = None) -> Settings:
             ap.add_argument("--api-key", help="API key (repeatable); env AIGC_API_KEYS", default=None,
                             action="append", dest="api_keys", metavar="KEY")
         else:
-            if name == "ui":
-                ap.add_argument("--no-ui", dest="ui", action="store_const", const="false",
-                                help="do not serve the web playground (same as --ui false)")
-            ap.add_argument(_flag(name), dest=name, default=None,
+            switch: dict[str, Any] = {}
+            if f.annotation is bool:  # --x alone means true, --no-x false; --x true|false works too
+                ap.add_argument("--no-" + _flag(name)[2:], dest=name, action="store_const", const="false",
+                                help=f"same as {_flag(name)} false")
+                switch = {"nargs": "?", "const": "true"}
+            ap.add_argument(_flag(name), dest=name, default=None, **switch,
                             help=f"{f.description or name} (env AIGC_{name.upper()}, default "
                                  f"{_shown_default(f.get_default(call_default_factory=True))})")
     args = {k: v for k, v in vars(ap.parse_args(argv)).items() if v is not None}

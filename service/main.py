@@ -18,7 +18,7 @@ from types import FrameType
 
 from fastapi import FastAPI
 
-from service.api import chat, completions, health, images, models, responses, ui
+from service.api import admin, chat, completions, health, images, models, responses, ui
 from service.api.auth import APIKeyMiddleware
 from service.api.cors import CORS
 from service.api.errors import install_error_handlers
@@ -58,7 +58,8 @@ def build_text_model(settings: Settings, observer: EngineObserver | None = None)
         max_num_seqs=settings.max_num_seqs, max_num_batched_tokens=settings.max_num_batched_tokens,
         block_size=settings.block_size, num_blocks=num_blocks, max_model_len=max_len,
         max_waiting=settings.max_waiting, request_timeout_s=settings.request_timeout_s,
-        queue_timeout_s=settings.queue_timeout_s), observer=observer)
+        queue_timeout_s=settings.queue_timeout_s, enable_prefix_caching=settings.enable_prefix_caching,
+        cache_salt=f"{lm.name}:{dtype}"), observer=observer)
     log.info("KV cache: %d blocks x %d tokens (%.2f GiB), max_model_len %d", num_blocks, settings.block_size,
              num_blocks * per_block / 2**30, max_len)
     return TextModel(engine=engine, tokenizer=lm.tokenizer, name=settings.served_model_name or lm.name,
@@ -131,7 +132,8 @@ def create_app(settings: Settings | None = None, text_model: TextModel | None = 
     app.state.inflight = InFlight()
     app.state.draining = False
     install_error_handlers(app)
-    for r in (health.router, models.router, completions.router, chat.router, responses.router, images.router):
+    for r in (health.router, models.router, completions.router, chat.router, responses.router, images.router,
+              admin.router):
         app.include_router(r)
     public_paths = list(settings.public_paths)
     if settings.ui:  # the playground's page and assets are public; the API calls it makes are not

@@ -2,7 +2,8 @@
 
 Latency histograms and token counters are fed by the engine through the `EngineObserver` methods
 (`on_first_token`, `on_token`, `on_finish`); gauges (running, waiting, KV usage) are read from the
-engine at scrape time by a custom collector, so they are never stale.
+engine at scrape time by a custom collector, so they are never stale; so are the prefix cache's
+counters, which the scheduler keeps.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 disable_created_metrics()  # no *_created series: they double the exposition for no use here
@@ -25,7 +26,7 @@ class _EngineGauges(Collector):
     def __init__(self, model: Callable[[], str], read: Callable[[], dict[str, float] | None]) -> None:
         self._model, self._read = model, read
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         values = self._read()
         if values is None:
             return
@@ -38,6 +39,14 @@ class _EngineGauges(Collector):
             g = GaugeMetricFamily(name, doc, labels=["model"])
             g.add_metric([self._model()], values[name])
             yield g
+        counters = {  # cumulative counts the scheduler keeps
+            "aigc_prefix_cache_queries": "Prompt tokens looked up in the prefix cache.",
+            "aigc_prefix_cache_hits": "Prompt tokens found in the prefix cache (not computed).",
+        }
+        for name, doc in counters.items():
+            c = CounterMetricFamily(name, doc, labels=["model"])
+            c.add_metric([self._model()], values[name])
+            yield c
 
 
 class Metrics:

@@ -17,6 +17,7 @@ from service.api.fields import check_extra_fields
 from service.api.generation import (
     Job,
     TextModel,
+    Usage,
     admit,
     check_model,
     check_prompt_chars,
@@ -172,18 +173,19 @@ async def create_chat_completion(req: ChatCompletionRequest, request: Request,
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         score = (ids, req.prompt_logprobs) if req.prompt_logprobs is not None else None
-        return sse_response(_stream(tm, jobs, admission, rid, head, len(ids), include_usage, logprobs is not None,
+        return sse_response(_stream(tm, jobs, admission, rid, head, include_usage, logprobs is not None,
                                     req.timeout, functions, score))
 
     texts = [""] * len(jobs)
     finish: list[str | None] = [None] * len(jobs)
     lps: list[list[dict[str, Any]]] = [[] for _ in jobs]
     prompt_lps: list[Any] | None = None
-    completion_tokens = 0
+    usage = Usage(jobs)
     async with aclosing(run_choices(tm.engine, jobs, rid, admission, request, timeout_s=req.timeout)) as events:
         async for i, ev in events:
             if ev.finish_reason == "error":
                 raise event_error(ev)
+            usage.add(i, ev)
             if ev.prompt_logprobs is not None and prompt_lps is None and req.prompt_logprobs is not None:
                 prompt_lps = await asyncio.to_thread(vllm_prompt_logprobs, tm, ids, ev.prompt_logprobs,
                                                      req.prompt_logprobs)  # a long prompt: decoded off the loop
@@ -192,7 +194,6 @@ async def create_chat_completion(req: ChatCompletionRequest, request: Request,
             texts[i] += ev.text
             if ev.finish_reason is not None:
                 finish[i] = ev.finish_reason
-                completion_tokens += ev.completion_tokens
     choices = []
     for i in range(len(jobs)):
         content, calls = parse_reply(texts[i], functions) if functions else (texts[i], [])
@@ -205,8 +206,7 @@ async def create_chat_completion(req: ChatCompletionRequest, request: Request,
     return {
         **head("chat.completion"),
         "choices": choices,
-        "usage": {"prompt_tokens": len(ids), "completion_tokens": completion_tokens,
-                  "total_tokens": len(ids) + completion_tokens},
+        "usage": usage.openai(),
         **({"prompt_logprobs": prompt_lps} if req.prompt_logprobs is not None else {}),  # vLLM's extension
     }
 
@@ -227,10 +227,9 @@ def logprob_entry(tm: TextModel, ev: TokenEvent) -> dict[str, Any]:
     return entry
 
 
-async def _stream(tm: TextModel, jobs: list[Job], admission: Admission, rid: str, head: Any, prompt_tokens: int,
-                  include_usage: bool, want_logprobs: bool, timeout: float | None,
-                  functions: list[Function] | None, score: tuple[list[int], int] | None = None,
-                  ) -> AsyncIterator[bytes]:
+async def _stream(tm: TextModel, jobs: list[Job], admission: Admission, rid: str, head: Any, include_usage: bool,
+                  want_logprobs: bool, timeout: float | None, functions: list[Function] | None,
+                  score: tuple[list[int], int] | None = None) -> AsyncIterator[bytes]:
     """score: (prompt ids, k) when prompt_logprobs was asked: they come in a chunk of their own, first."""
     usage_null = {"usage": None} if include_usage else {}
     scored = False
@@ -242,12 +241,13 @@ async def _stream(tm: TextModel, jobs: list[Job], admission: Admission, rid: str
     replies = [ReplyStreamer(functions) if functions else None for _ in jobs]
     for i in range(len(jobs)):
         yield chunk(i, {"role": "assistant", "content": ""})
-    completion_tokens = 0
+    usage = Usage(jobs)
     async with aclosing(run_choices(tm.engine, jobs, rid, admission, timeout_s=timeout)) as events:
         async for i, ev in events:
             if ev.finish_reason == "error":
                 yield sse_data(event_error(ev).body())
                 break
+            usage.add(i, ev)
             if score is not None and not scored and ev.prompt_logprobs is not None:
                 scored = True
                 scores = await asyncio.to_thread(vllm_prompt_logprobs, tm, score[0], ev.prompt_logprobs, score[1])
@@ -259,7 +259,6 @@ async def _stream(tm: TextModel, jobs: list[Job], admission: Admission, rid: str
             if text or lp is not None:
                 yield chunk(i, {"content": text}, lp)
             if ev.finish_reason is not None:
-                completion_tokens += ev.completion_tokens
                 calls: list[ToolCall] = []
                 if reply is not None:
                     rest, calls = reply.finish()
@@ -269,7 +268,5 @@ async def _stream(tm: TextModel, jobs: list[Job], admission: Admission, rid: str
                         yield chunk(i, {"tool_calls": [{"index": k, **call.as_dict()}]})
                 yield chunk(i, {}, None, _finish_reason(ev.finish_reason, calls))
     if include_usage:
-        yield sse_data({**head("chat.completion.chunk"), "choices": [], "usage": {
-            "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}})
+        yield sse_data({**head("chat.completion.chunk"), "choices": [], "usage": usage.openai()})
     yield DONE

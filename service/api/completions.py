@@ -17,6 +17,7 @@ from service.api.fields import check_extra_fields
 from service.api.generation import (
     Job,
     TextModel,
+    Usage,
     admit,
     check_model,
     choice_params,
@@ -130,24 +131,24 @@ async def create_completion(req: CompletionRequest, request: Request,
     echo_text = [await asyncio.to_thread(tm.tokenizer.decode, ids, False) if req.echo else "" for ids in prompts]
     admission = admit(request, tm, len(jobs), "completions")
     rid, created = new_id("cmpl"), int(time.time())
-    prompt_tokens = sum(len(ids) for ids in prompts)
 
     def head() -> dict[str, Any]:
         return {"id": rid, "object": "text_completion", "created": created, "model": tm.name}
 
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return sse_response(_stream(tm, req, jobs, admission, rid, head, echo_text, prompt_tokens, include_usage))
+        return sse_response(_stream(tm, req, jobs, admission, rid, head, echo_text, include_usage))
 
     texts = [echo_text[i // req.n] for i in range(len(jobs))]
     finish: list[str | None] = [None] * len(jobs)
     lps = [_LogprobAcc(tm) for _ in jobs]
     plps: list[Any] = [None] * len(jobs)
-    completion_tokens = 0
+    usage = Usage(jobs)
     async with aclosing(run_choices(tm.engine, jobs, rid, admission, request, timeout_s=req.timeout)) as events:
         async for i, ev in events:
             if ev.finish_reason == "error":
                 raise event_error(ev)
+            usage.add(i, ev)
             if ev.prompt_logprobs is not None:  # the choice's first event; a long prompt is decoded off the loop
                 if echo_lp:
                     await asyncio.to_thread(lps[i].add_prompt, jobs[i].ids, ev.prompt_logprobs, req.logprobs or 0)
@@ -159,23 +160,21 @@ async def create_completion(req: CompletionRequest, request: Request,
             texts[i] += ev.text
             if ev.finish_reason is not None:
                 finish[i] = ev.finish_reason
-                completion_tokens += ev.completion_tokens
     extra = [{"prompt_logprobs": plps[i]} if req.prompt_logprobs is not None else {} for i in range(len(jobs))]
     return {
         **head(),
         "choices": [{"index": i, "text": texts[i], "logprobs": lps[i].result() if req.logprobs is not None else None,
                      "finish_reason": finish[i], **extra[i]} for i in range(len(jobs))],
-        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                  "total_tokens": prompt_tokens + completion_tokens},
+        "usage": usage.openai(),
     }
 
 
 async def _stream(tm: TextModel, req: CompletionRequest, jobs: list[Job], admission: Admission, rid: str, head: Any,
-                  echo_text: list[str], prompt_tokens: int, include_usage: bool) -> AsyncIterator[bytes]:
+                  echo_text: list[str], include_usage: bool) -> AsyncIterator[bytes]:
     usage_null = {"usage": None} if include_usage else {}
     offsets = [0] * len(jobs)
     lps = [_LogprobAcc(tm) for _ in jobs]
-    completion_tokens = 0
+    usage = Usage(jobs)
     scored = req.echo and req.logprobs is not None or req.prompt_logprobs is not None
     if req.echo and not scored:
         for i in range(len(jobs)):
@@ -187,6 +186,7 @@ async def _stream(tm: TextModel, req: CompletionRequest, jobs: list[Job], admiss
             if ev.finish_reason == "error":
                 yield sse_data(event_error(ev).body())
                 break
+            usage.add(i, ev)
             if scored and ev.prompt_logprobs is not None:  # first event: the echo and the prompt's scores first
                 echo = echo_text[i // req.n] if req.echo else ""
                 offsets[i] = len(echo)
@@ -197,15 +197,11 @@ async def _stream(tm: TextModel, req: CompletionRequest, jobs: list[Job], admiss
                     req.prompt_logprobs is not None) else {}
                 yield sse_data({**head(), "choices": [{"index": i, "text": echo, "logprobs": plp,
                                                        "finish_reason": None, **extra}], **usage_null})
-            if ev.finish_reason is not None:
-                completion_tokens += ev.completion_tokens
             lp = lps[i].add(ev, offsets[i]) if req.logprobs is not None and ev.token_id is not None else None
             offsets[i] += len(ev.text)
             if ev.text or ev.finish_reason is not None or lp is not None:
                 yield sse_data({**head(), "choices": [{"index": i, "text": ev.text, "logprobs": lp,
                                                        "finish_reason": ev.finish_reason}], **usage_null})
     if include_usage:
-        yield sse_data({**head(), "choices": [], "usage": {
-            "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}})
+        yield sse_data({**head(), "choices": [], "usage": usage.openai()})
     yield DONE

@@ -200,6 +200,44 @@ async def run_choices(engine: LLMEngine, jobs: Sequence[Job], request_id: str,
         admission.release()
 
 
+class Usage:
+    """Token counts of a request's jobs: each distinct prompt counts once (n choices of it share its ids), and
+    so do its cached tokens, taken from its first choice (later ones may reuse what that one computed)."""
+
+    def __init__(self, jobs: Sequence[Job]) -> None:
+        first: dict[int, int] = {}  # id(prompt ids) -> index of the first job with them
+        for i, job in enumerate(jobs):
+            first.setdefault(id(job.ids), i)
+        self._firsts = set(first.values())
+        self.prompt_tokens = sum(len(jobs[i].ids) for i in self._firsts)
+        self.completion_tokens = 0
+        self._cached: dict[int, int] = {}
+
+    def add(self, i: int, ev: TokenEvent) -> None:
+        """Count an event of job i."""
+        if i in self._firsts:
+            self._cached[i] = ev.cached_tokens
+        if ev.finish_reason is not None:
+            self.completion_tokens += ev.completion_tokens
+
+    @property
+    def cached_tokens(self) -> int:
+        return sum(self._cached.values())
+
+    def openai(self) -> dict[str, Any]:
+        """The `usage` object of completions and chat completions."""
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "total_tokens": self.prompt_tokens + self.completion_tokens,
+                "prompt_tokens_details": {"cached_tokens": self.cached_tokens}}
+
+    def responses(self) -> dict[str, Any]:
+        """The `usage` object of the Responses API."""
+        return {"input_tokens": self.prompt_tokens,
+                "input_tokens_details": {"cached_tokens": self.cached_tokens, "cache_write_tokens": 0},
+                "output_tokens": self.completion_tokens, "output_tokens_details": {"reasoning_tokens": 0},
+                "total_tokens": self.prompt_tokens + self.completion_tokens}
+
+
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 

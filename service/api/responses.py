@@ -21,6 +21,7 @@ from service.api.fields import check_extra_fields
 from service.api.generation import (
     Job,
     TextModel,
+    Usage,
     admit,
     check_model,
     default_max_tokens,
@@ -318,12 +319,6 @@ def _echo(req: ResponsesRequest, model: str) -> dict[str, Any]:
     }
 
 
-def _usage(input_tokens: int, output_tokens: int) -> dict[str, Any]:
-    return {"input_tokens": input_tokens, "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
-            "output_tokens": output_tokens, "output_tokens_details": {"reasoning_tokens": 0},
-            "total_tokens": input_tokens + output_tokens}
-
-
 def _message(msg_id: str, text: str, status: str, logprobs: list[dict[str, Any]]) -> dict[str, Any]:
     return {"type": "message", "id": msg_id, "status": status, "role": "assistant",
             "content": [] if status == "in_progress" and not text else [_text_part(text, logprobs)]}
@@ -383,24 +378,25 @@ async def create_response(req: ResponsesRequest, request: Request,
     if req.stream:
         return sse_response(_stream(tm, job, admission, head, functions, want_logprobs, req.timeout))
 
-    text, finish, output_tokens = "", None, 0
+    text, finish, usage = "", None, Usage([job])
     logprobs: list[dict[str, Any]] = []
     async with aclosing(run_choices(tm.engine, [job], head.id, admission, request, timeout_s=req.timeout)) as events:
         async for _, ev in events:
             if ev.finish_reason == "error":
                 raise event_error(ev)
+            usage.add(0, ev)
             if want_logprobs and ev.token_id is not None:
                 logprobs.append(logprob_entry(tm, ev))
             text += ev.text
             if ev.finish_reason is not None:
-                finish, output_tokens = ev.finish_reason, ev.completion_tokens
+                finish = ev.finish_reason
     content, calls = parse_reply(text, functions) if functions else (text, [])
     status = _status(finish)
     output = []
     if content or not calls:
         output.append(_message(_new_id("msg"), content or "", status, logprobs))
     output += [_function_call(_new_id("fc"), c, c.arguments, "completed") for c in calls]
-    return head.body(status, output, _usage(len(ids), output_tokens))
+    return head.body(status, output, usage.responses())
 
 
 @dataclass
@@ -428,7 +424,7 @@ async def _stream(tm: TextModel, job: Job, admission: Admission, head: _Response
     text, opened = "", False
     pending: list[dict[str, Any]] = []  # logprobs of tokens whose text is not sent yet
     sent: list[dict[str, Any]] = []
-    finish, output_tokens = None, 0
+    finish, usage = None, Usage([job])
 
     def delta(chunk: str) -> Iterator[bytes]:
         nonlocal text, opened, pending
@@ -452,6 +448,7 @@ async def _stream(tm: TextModel, job: Job, admission: Admission, head: _Response
                 yield emit("response.failed", response=head.body("failed", emit.output, error={
                     "code": "server_error", "message": err.message}))
                 return
+            usage.add(0, ev)
             if want_logprobs and ev.token_id is not None:
                 pending.append(logprob_entry(tm, ev))
             chunk = reply.feed(ev.text) if reply is not None else ev.text
@@ -459,7 +456,7 @@ async def _stream(tm: TextModel, job: Job, admission: Admission, head: _Response
                 for b in delta(chunk):
                     yield b
             if ev.finish_reason is not None:
-                finish, output_tokens = ev.finish_reason, ev.completion_tokens
+                finish = ev.finish_reason
     status = _status(finish)
     calls: list[ToolCall] = []
     if reply is not None:
@@ -489,4 +486,4 @@ async def _stream(tm: TextModel, job: Job, admission: Admission, head: _Response
         emit.output.append(_function_call(item_id, call, call.arguments, "completed"))
         yield emit("response.output_item.done", output_index=index, item=emit.output[-1])
     final = "response.completed" if status == "completed" else "response.incomplete"
-    yield emit(final, response=head.body(status, emit.output, _usage(len(job.ids), output_tokens)))
+    yield emit(final, response=head.body(status, emit.output, usage.responses()))

@@ -42,6 +42,8 @@ class EngineConfig:
     max_waiting: int = 256
     request_timeout_s: float | None = None  # default total time limit of a request
     queue_timeout_s: float | None = None  # how long a request may wait before its first schedule
+    enable_prefix_caching: bool = True  # reuse the KV blocks of prompt prefixes computed before
+    cache_salt: str = ""  # what besides the tokens determines the KV (the model), mixed into block hashes
 
 
 class EngineDeadError(RuntimeError):
@@ -65,6 +67,7 @@ class TokenEvent:
     top_logprobs: list[tuple[int, float]] = field(default_factory=list)
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
     error: str | None = None
     error_code: str | None = None  # timeout | queue_timeout | internal_error | engine_dead | invalid_request
     # on the request's first event, when params.prompt_logprobs is set: per prompt position i, how the model
@@ -110,6 +113,7 @@ class LLMEngine:
         self.scheduler = Scheduler(
             num_blocks=config.num_blocks, block_size=config.block_size, max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens, max_model_len=config.max_model_len,
+            enable_prefix_caching=config.enable_prefix_caching, cache_salt=config.cache_salt,
         )
         self.eos_token_ids = tuple(tokenizer.eos_token_ids)
         self.stats = EngineStats()
@@ -167,7 +171,15 @@ class LLMEngine:
     def state(self) -> dict[str, float]:
         return {"aigc_num_requests_running": float(self.scheduler.num_running),
                 "aigc_num_requests_waiting": float(self.admission.waiting),
-                "aigc_kv_cache_usage_ratio": float(self.scheduler.kv_usage)}
+                "aigc_kv_cache_usage_ratio": float(self.scheduler.kv_usage),
+                "aigc_prefix_cache_queries": float(self.scheduler.prefix_cache_queries),
+                "aigc_prefix_cache_hits": float(self.scheduler.prefix_cache_hits)}
+
+    def reset_prefix_cache(self) -> int:
+        """Forget every cached prefix block; returns how many were forgotten. Safe at any time: blocks in
+        use stay with their sequences (the scheduler lock only waits out a schedule or an update)."""
+        with self._lock:
+            return self.scheduler.reset_prefix_cache()
 
     async def generate(self, prompt_ids: Sequence[int], params: SamplingParams, request_id: str | None = None,
                        timeout_s: float | None = None, admission: Admission | None = None,
@@ -224,7 +236,8 @@ class LLMEngine:
             state.deadline = state.arrival + min(limits)
         if self.config.queue_timeout_s is not None:
             state.queue_deadline = state.arrival + self.config.queue_timeout_s
-        seq = Seq(request_id=rid, prompt_ids=prompt, max_tokens=max_new, arrival_time=state.arrival, data=state)
+        seq = Seq(request_id=rid, prompt_ids=prompt, max_tokens=max_new, arrival_time=state.arrival, data=state,
+                  lookup_prefix=params.prompt_logprobs is None)  # scoring computes every prompt position
         with self._inbox_lock:  # a request added after the loop exited would never get an event
             if self._closed:
                 raise EngineDeadError("engine loop is not running")
@@ -252,6 +265,7 @@ class LLMEngine:
         st: RequestState = seq.data
         ev.prompt_tokens = len(seq.prompt_ids)
         ev.completion_tokens = len(seq.output_ids)
+        ev.cached_tokens = seq.num_cached_tokens
         st.loop.call_soon_threadsafe(st.queue.put_nowait, ev)
 
     def _drain_inputs(self) -> None:

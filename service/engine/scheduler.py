@@ -20,6 +20,16 @@ Policy of one step (budget = ``max_num_batched_tokens`` tokens; "order" is FCFS,
    that does not fit (strict FCFS, no skipping ahead). Preempted sequences arrived before every
    never-run one, so keeping waiting sorted puts them at its front.
 
+Prefix caching (``enable_prefix_caching``; `block_pool` has the block states): a block full of
+computed tokens is registered under the hash of its tokens and of all before it. A sequence being
+admitted shares the cached blocks of its longest full-block prefix, stopping short of its last
+token (that one's logits are needed, and a shared block is never written), starts with
+``num_computed`` at their end, and computes only the rest: the budget and the chunk sizes count
+uncached tokens only. A preempted sequence finds its own released blocks again while they are not
+evicted. ``lookup_prefix = False`` (prompt logprobs: every position must be computed) skips the
+lookup. "Free blocks" below and above counts evictable cached ones, which an allocation evicts
+least recently released first.
+
 Chunk sizes: with ``chunked_prefill`` a prefill takes min(tokens left, budget left); without it
 the whole remainder must fit the budget left, except that a remainder longer than
 ``max_num_batched_tokens`` itself runs as the only prefill of its step (that step's token count
@@ -34,10 +44,11 @@ fits, since ``__init__`` demands the pool hold ``max_model_len`` tokens), so the
 import bisect
 import enum
 import time
-from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+from service.engine.block_pool import BlockHash, BlockPool, hash_block, root_hash
 
 
 class SeqStatus(enum.Enum):
@@ -70,6 +81,10 @@ class Sequence:
     first_scheduled_time: float | None = None
     data: Any = None  # opaque per-request payload for the engine
     seq_no: int = -1  # set by Scheduler.add(); breaks ties of arrival_time
+    lookup_prefix: bool = True  # may reuse cached prefix blocks (False when every prompt position must be computed)
+    num_cached_tokens: int = 0  # prompt tokens found in the prefix cache when first scheduled
+    block_hashes: list[BlockHash] = field(default_factory=list)  # of its full blocks so far, first to last
+    num_registered: int = 0  # leading blocks of block_table already offered to the prefix cache
 
     @property
     def all_ids(self) -> list[int]:
@@ -155,49 +170,6 @@ class SchedulerOutput:
         return not self.decodes and not self.prefills
 
 
-class BlockAllocator:
-    """Free list over ``num_blocks`` KV blocks; detects double frees."""
-
-    def __init__(self, num_blocks: int) -> None:
-        if num_blocks <= 0:
-            raise ValueError(f"num_blocks must be positive, got {num_blocks}")
-        self.num_blocks = num_blocks
-        self._free: deque[int] = deque(range(num_blocks))
-        self._is_free = [True] * num_blocks
-
-    @property
-    def num_free(self) -> int:
-        return len(self._free)
-
-    @property
-    def num_used(self) -> int:
-        return self.num_blocks - len(self._free)
-
-    def is_free(self, block: int) -> bool:
-        return self._is_free[block]
-
-    def allocate(self, n: int) -> list[int]:
-        if n < 0:
-            raise ValueError(f"cannot allocate {n} blocks")
-        if n > len(self._free):
-            raise RuntimeError(f"out of KV blocks: want {n}, {len(self._free)} free")
-        blocks = [self._free.popleft() for _ in range(n)]
-        for b in blocks:
-            self._is_free[b] = False
-        return blocks
-
-    def free(self, blocks: Iterable[int]) -> None:
-        blocks = list(blocks)
-        if len(set(blocks)) != len(blocks):
-            raise ValueError(f"duplicate blocks in free(): {blocks}")
-        for b in blocks:
-            if not 0 <= b < self.num_blocks or self._is_free[b]:
-                raise ValueError(f"block {b} is not allocated")
-        for b in blocks:
-            self._is_free[b] = True
-            self._free.append(b)
-
-
 class Scheduler:
     """Waiting/running queues, token budget, block allocation and preemption (see module docstring)."""
 
@@ -210,6 +182,8 @@ class Scheduler:
         max_model_len: int,
         chunked_prefill: bool = True,
         clock: Callable[[], float] = time.monotonic,
+        enable_prefix_caching: bool = False,
+        cache_salt: str = "",
     ) -> None:
         for name, value in [
             ("block_size", block_size),
@@ -223,7 +197,10 @@ class Scheduler:
             raise ValueError(
                 f"max_num_batched_tokens ({max_num_batched_tokens}) must be >= max_num_seqs ({max_num_seqs})"
             )
-        self.allocator = BlockAllocator(num_blocks)
+        self.block_pool = BlockPool(num_blocks, enable_caching=enable_prefix_caching)
+        self._root_hash = root_hash(cache_salt)
+        self.prefix_cache_queries = 0  # prompt tokens looked up in the prefix cache (first schedule of each)
+        self.prefix_cache_hits = 0  # of which found cached
         self.block_size = block_size
         if self.blocks_for(max_model_len) > num_blocks:
             raise ValueError(
@@ -260,7 +237,7 @@ class Scheduler:
     @property
     def kv_usage(self) -> float:
         """Fraction of KV blocks in use."""
-        return self.allocator.num_used / self.num_blocks
+        return self.block_pool.num_used / self.num_blocks
 
     @property
     def waiting(self) -> tuple[Sequence, ...]:
@@ -316,8 +293,38 @@ class Scheduler:
         return seq
 
     def _release(self, seq: Sequence) -> None:
-        self.allocator.free(seq.block_table)
+        self.block_pool.free(reversed(seq.block_table))  # last first: the prefix stays cached longest
         seq.block_table = []
+        seq.num_registered = 0
+
+    def reset_prefix_cache(self) -> int:
+        """Forget every cached block (blocks in use stay with their sequences); returns how many."""
+        return self.block_pool.reset()
+
+    # ---- prefix cache ----------------------------------------------------------------------
+    def _hashes(self, seq: Sequence, num_blocks: int) -> list[BlockHash]:
+        """The hashes of seq's first num_blocks full blocks (computed once per sequence, then kept)."""
+        hashes, bs = seq.block_hashes, self.block_size
+        for i in range(len(hashes), num_blocks):
+            hashes.append(hash_block(hashes[-1] if hashes else self._root_hash, seq.token_ids(i * bs, (i + 1) * bs)))
+        return hashes[:num_blocks]
+
+    def _cached_prefix(self, seq: Sequence) -> list[int]:
+        """Cached blocks holding seq's longest prefix of full blocks, short of its last token (whose logits
+        must be computed, and whose block is written)."""
+        if not self.block_pool.enable_caching or not seq.lookup_prefix:
+            return []
+        return self.block_pool.lookup(self._hashes(seq, (seq.num_tokens - 1) // self.block_size))
+
+    def _register_full_blocks(self, seq: Sequence) -> None:
+        """Offer seq's blocks that are full of computed tokens to the prefix cache."""
+        full = seq.num_computed // self.block_size
+        if full <= seq.num_registered:
+            return
+        hashes = self._hashes(seq, full)
+        for i in range(seq.num_registered, full):
+            self.block_pool.register(seq.block_table[i], hashes[i])
+        seq.num_registered = full
 
     def _preempt_youngest(self) -> Sequence:
         seq = self._running.pop()
@@ -338,7 +345,7 @@ class Scheduler:
             if seq.status is not SeqStatus.RUNNING or seq.num_remaining != 1:
                 continue
             need = self.blocks_for(seq.num_computed + 1) - len(seq.block_table)
-            while need > self.allocator.num_free:
+            while need > self.block_pool.num_free:
                 victim = self._preempt_youngest()
                 out.preempted.append(victim)
                 if victim is seq:
@@ -346,7 +353,7 @@ class Scheduler:
             if seq.status is not SeqStatus.RUNNING:
                 break  # seq was the youngest left: every younger one is preempted too
             if need > 0:
-                seq.block_table.extend(self.allocator.allocate(need))
+                seq.block_table.extend(self.block_pool.allocate(need))
             out.decodes.append(ScheduledChunk(seq, seq.num_computed, 1, True))
             budget -= 1
 
@@ -357,33 +364,43 @@ class Scheduler:
             if seq.num_remaining <= 1:
                 continue
             room = len(seq.block_table) * self.block_size - seq.num_computed
-            room += self.allocator.num_free * self.block_size
+            room += self.block_pool.num_free * self.block_size
             n = self._chunk_len(seq.num_remaining, budget, first=not out.prefills)
             n = min(n, room) if self.chunked_prefill else (n if n <= room else 0)
             if n <= 0:
                 continue
             need = self.blocks_for(seq.num_computed + n) - len(seq.block_table)
             if need > 0:
-                seq.block_table.extend(self.allocator.allocate(need))
+                seq.block_table.extend(self.block_pool.allocate(need))
             out.prefills.append(ScheduledChunk(seq, seq.num_computed, n, n == seq.num_remaining))
             budget -= n
 
-        # 3. admit waiting sequences, strict FCFS, unless this step had to preempt
+        # 3. admit waiting sequences, strict FCFS, unless this step had to preempt; a cached prefix is
+        #    shared, not computed, and costs no budget
+        pool = self.block_pool
         while not out.preempted and self._waiting and budget > 0 and len(self._running) < self.max_num_seqs:
             seq = self._waiting[0]
-            n = self._chunk_len(seq.num_tokens, budget, first=not out.prefills)
+            hit = self._cached_prefix(seq)
+            cached = len(hit) * self.block_size
+            n = self._chunk_len(seq.num_tokens - cached, budget, first=not out.prefills)
             if n <= 0:
                 break
-            need = self.blocks_for(n)
-            if need > self.allocator.num_free:
+            need = self.blocks_for(cached + n) - len(hit)
+            if need > pool.num_free - pool.num_evictable_in(hit):
                 break
             self._waiting.pop(0)
-            seq.block_table = self.allocator.allocate(need)
+            pool.share(hit)
+            seq.block_table = hit + pool.allocate(need)
+            seq.num_computed = seq.num_registered = cached
             seq.status = SeqStatus.RUNNING
             if seq.first_scheduled_time is None:
                 seq.first_scheduled_time = self.clock()
+                seq.num_cached_tokens = min(cached, seq.num_prompt_tokens)
+                if pool.enable_caching and seq.lookup_prefix:
+                    self.prefix_cache_queries += seq.num_prompt_tokens
+                    self.prefix_cache_hits += seq.num_cached_tokens
             bisect.insort(self._running, seq, key=_order)
-            out.prefills.append(ScheduledChunk(seq, 0, n, n == seq.num_tokens))
+            out.prefills.append(ScheduledChunk(seq, cached, n, n == seq.num_tokens - cached))
             budget -= n
 
         out.num_batched_tokens = sum(c.num_tokens for c in out.decodes) + sum(
@@ -427,6 +444,8 @@ class Scheduler:
                 new.append(seq)
             else:
                 seq.num_computed += chunk.num_tokens
+            if self.block_pool.enable_caching:
+                self._register_full_blocks(seq)
         return new
 
 

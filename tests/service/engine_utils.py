@@ -15,11 +15,11 @@ from service.engine.runner import ModelRunner
 
 def make_engine(model: CausalLM, tokenizer: Tokenizer, *, num_blocks: int = 256, block_size: int = 16,
                 max_num_seqs: int = 32, max_num_batched_tokens: int = 256, start: bool = True,
-                kernels: Kernels | None = None) -> LLMEngine:
+                kernels: Kernels | None = None, prefix_caching: bool = True) -> LLMEngine:
     runner = ModelRunner(model, num_blocks, block_size, tuple(tokenizer.eos_token_ids), kernels)
     engine = LLMEngine(runner, tokenizer, EngineConfig(
         max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, block_size=block_size,
-        num_blocks=num_blocks, max_model_len=model.cfg.max_seq_len))
+        num_blocks=num_blocks, max_model_len=model.cfg.max_seq_len, enable_prefix_caching=prefix_caching))
     if start:
         engine.start()
     return engine

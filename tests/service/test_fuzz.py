@@ -79,7 +79,7 @@ def fuzz_server(smol_tokenizer: Tokenizer, gan_dir: Path, request: pytest.Fixtur
         assert live.app.state.image_batcher is not None, "the GAN did not load"
         yield live
         assert tm.engine.is_alive
-        assert tm.engine.scheduler.allocator.num_used == 0 and not tm.engine.scheduler.has_work
+        assert tm.engine.scheduler.block_pool.num_used == 0 and not tm.engine.scheduler.has_work
     total = sum(COUNTS.values())
     capture: Any = request.config.pluginmanager.get_plugin("capturemanager")
     with capture.global_and_fixture_disabled():

@@ -179,7 +179,7 @@ def test_bursts_ten_times_the_queue_get_200_or_503_and_the_gauge_stays_under_max
         assert all(s[1] for s in refused)  # Retry-After
         assert len(ok) >= 3 * (max_waiting + max_num_seqs)  # each burst filled the server
         assert max(gauge) <= max_waiting
-        assert engine.admission.active == 0 and engine.scheduler.allocator.num_used == 0
+        assert engine.admission.active == 0 and engine.scheduler.block_pool.num_used == 0
 
 
 # ----------------------------------------------------------------------------- 4, 5. input checks

@@ -92,7 +92,8 @@ def test_echo_logprobs_text_prompt(server: LiveServer, client: httpx.Client, tin
     assert abs(lp["token_logprobs"][-1] - float(ref[-1, gen])) < TOL
     assert ch["text"] == tm.tokenizer.decode(ids, False) + tm.tokenizer.decode([gen], False)
     assert lp["text_offset"][-1] == len(tm.tokenizer.decode(ids, False))
-    assert out["usage"] == {"prompt_tokens": len(ids), "completion_tokens": 1, "total_tokens": len(ids) + 1}
+    assert out["usage"] == {"prompt_tokens": len(ids), "completion_tokens": 1, "total_tokens": len(ids) + 1,
+                            "prompt_tokens_details": {"cached_tokens": 0}}  # scored prompts are always computed
 
 
 def test_echo_logprobs_token_ids_and_batches(server: LiveServer, client: httpx.Client, tiny_model: CausalLM) -> None:
@@ -138,7 +139,7 @@ def test_max_tokens_zero_scores_only(server: LiveServer, client: httpx.Client, t
     r = client.post("/v1/completions", json={"prompt": prompt, "max_tokens": 0})
     assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
     sched = tm.engine.scheduler
-    assert sched.allocator.num_free == sched.num_blocks and not sched.has_work  # every block came back
+    assert sched.block_pool.num_free == sched.num_blocks and not sched.has_work  # every block came back
 
 
 def check_vllm_prompt_logprobs(model: CausalLM, ids: list[int], plp: list[Any], k: int) -> None:
@@ -263,7 +264,7 @@ def test_scheduler_prompt_only_sequences_keep_invariants() -> None:
     assert any(q.num_preemptions for q in scoring) and any(q.num_prompt_tokens > 16 for q in scoring)
     for q in reqs:
         assert q.output_ids == reference(q.prompt_ids, q.max_tokens)
-    assert s.allocator.num_free == s.num_blocks
+    assert s.block_pool.num_free == s.num_blocks
 
 
 def test_preempted_requests_keep_exact_prompt_logprobs(tiny_model: CausalLM, smol_tokenizer: Tokenizer,
@@ -294,7 +295,7 @@ def test_preempted_requests_keep_exact_prompt_logprobs(tiny_model: CausalLM, smo
         with ThreadPoolExecutor(4) as pool:
             outs = list(pool.map(one, prompts))
         sched = live.text_model.engine.scheduler
-        assert sched.allocator.num_free == sched.num_blocks
+        assert sched.block_pool.num_free == sched.num_blocks
     assert preempted  # the pool really was contended
     for ids, out in zip(prompts, outs, strict=True):
         lp = out["choices"][0]["logprobs"]

@@ -93,10 +93,10 @@ def wait_idle(engine: LLMEngine, timeout_s: float = 10.0) -> None:
     """The engine holds no request and no KV block (within timeout_s)."""
     sched = engine.scheduler
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and (sched.has_work or engine.num_pending() or sched.allocator.num_used):
+    while time.monotonic() < deadline and (sched.has_work or engine.num_pending() or sched.block_pool.num_used):
         time.sleep(0.01)
     assert sched.num_running == 0 and engine.num_pending() == 0
-    assert sched.allocator.num_used == 0 and sched.kv_usage == 0.0
+    assert sched.block_pool.num_used == 0 and sched.kv_usage == 0.0
     assert sched.get("any") is None and not sched._seqs  # no finished sequence is kept
 
 
@@ -257,7 +257,7 @@ def test_load_with_random_disconnects_loses_nothing_and_frees_every_block(tiny_m
     n_disc = sum(j.disconnect_after is not None for j in jobs)
     print(f"\nload: {LOAD_REQUESTS} requests, concurrency {LOAD_CONCURRENCY}, {n_disc} disconnecting, "
           f"{completed} completed, {aborted:.0f} aborted in the engine, {elapsed:.1f}s, statuses "
-          f"{sorted(set(statuses))}, KV blocks in use at the end {tm.engine.scheduler.allocator.num_used}")
+          f"{sorted(set(statuses))}, KV blocks in use at the end {tm.engine.scheduler.block_pool.num_used}")
     assert not [s for s in statuses if s >= 500], statuses
     assert all(s == 200 for s in statuses), sorted(set(statuses))
     assert completed == LOAD_REQUESTS - n_disc and disconnected == n_disc

@@ -1,163 +1,20 @@
 """Scheduler tests: a fake paged "model" checks every KV read against what the sequence wrote."""
 
 import random
-from dataclasses import dataclass, field
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from service.engine.scheduler import (
-    BlockAllocator,
-    FinishReason,
-    Scheduler,
-    SchedulerOutput,
-    SeqStatus,
-    Sequence,
-)
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.t = 0.0
-
-    def __call__(self) -> float:
-        return self.t
-
-
-def next_token(context: list[int]) -> int:
-    """The fake model's greedy choice: a deterministic function of the whole context."""
-    h = len(context)
-    for t in context:
-        h = (h * 31 + t) % 1009
-    return h
-
-
-def reference(prompt: list[int], max_tokens: int) -> list[int]:
-    ids = list(prompt)
-    for _ in range(max_tokens):
-        ids.append(next_token(ids))
-    return ids[len(prompt) :]
-
-
-class FakePagedModel:
-    """Writes (request, position, token) into the paged slots the block table names and reads the
-    whole context back through it, so a block shared, lost or reused too early shows up."""
-
-    def __init__(self, num_blocks: int, block_size: int) -> None:
-        self.bs = block_size
-        self.slots: list[tuple[str, int, int] | None] = [None] * (num_blocks * block_size)
-
-    def _slot(self, seq: Sequence, pos: int) -> int:
-        return seq.block_table[pos // self.bs] * self.bs + pos % self.bs
-
-    def run(self, out: SchedulerOutput) -> dict[str, int]:
-        for ch in out.chunks:
-            for i, tok in enumerate(ch.token_ids):
-                self.slots[self._slot(ch.seq, ch.start + i)] = (ch.seq.request_id, ch.start + i, tok)
-        sampled: dict[str, int] = {}
-        for ch in out.chunks:  # read after all writes of the step
-            seq = ch.seq
-            context = seq.all_ids[: ch.end]
-            got = [self.slots[self._slot(seq, p)] for p in range(ch.end)]
-            assert got == [(seq.request_id, p, t) for p, t in enumerate(context)]
-            if ch.sample:
-                sampled[seq.request_id] = next_token(context)
-        return sampled
-
-
-def make(**kw: object) -> Scheduler:
-    args: dict = dict(
-        num_blocks=16,
-        block_size=4,
-        max_num_seqs=4,
-        max_num_batched_tokens=32,
-        max_model_len=64,
-        clock=FakeClock(),
-    )
-    args.update(kw)
-    return Scheduler(**args)
-
-
-def seq(rid: str, prompt_len: int, max_tokens: int, t: float = 0.0, base: int = 0) -> Sequence:
-    return Sequence(rid, [(base + i) % 50 + 1 for i in range(prompt_len)], max_tokens, t)
-
-
-def check_invariants(s: Scheduler, out: SchedulerOutput) -> None:
-    owned = [b for q in s.running for b in q.block_table]
-    assert len(owned) == len(set(owned)), "a block is owned twice"
-    assert not any(s.allocator.is_free(b) for b in owned), "an owned block is on the free list"
-    assert len(owned) + s.allocator.num_free == s.num_blocks, "blocks leaked"
-    assert all(not q.block_table and q.num_computed == 0 for q in s.waiting)
-    assert all(q.status is SeqStatus.RUNNING for q in s.running)
-    assert all(q.status is SeqStatus.WAITING for q in s.waiting)
-    assert s.num_running <= s.max_num_seqs
-    for q in s.running:
-        assert len(q.block_table) * s.block_size >= q.num_computed
-    assert out.num_batched_tokens == sum(c.num_tokens for c in out.chunks)
-    if s.chunked_prefill:
-        assert out.num_batched_tokens <= s.max_num_batched_tokens
-    elif out.num_batched_tokens > s.max_num_batched_tokens:  # only an oversized prefill, alone
-        assert len(out.prefills) == 1 and out.prefills[0].num_tokens > s.max_num_batched_tokens
-    ids = [id(c.seq) for c in out.chunks]
-    assert len(ids) == len(set(ids)), "a sequence scheduled twice in one step"
-    for c in out.decodes:
-        assert c.num_tokens == 1 and c.sample
-    for c in out.chunks:
-        q = c.seq
-        assert q.status is SeqStatus.RUNNING and c.start == q.num_computed and c.num_tokens >= 1
-        assert c.end <= q.num_tokens and c.sample == (c.end == q.num_tokens)
-        assert len(q.block_table) * s.block_size >= c.end
-        assert len(q.block_table) == s.blocks_for(c.end), "blocks beyond the computed positions"
-    for q in out.preempted:
-        assert q.status is SeqStatus.WAITING and q.num_computed == 0 and not q.block_table
-    keys = [q.order_key for q in s.waiting]
-    assert keys == sorted(keys), "waiting is not in arrival order (preempted ones first)"
-    for c in out.prefills:
-        if c.start == 0:  # admitted this step: strict FCFS, nothing older is left waiting
-            assert all(w.order_key > c.seq.order_key for w in s.waiting)
-
-
-@dataclass
-class Sim:
-    """The engine loop: schedule -> fake model -> update -> finish at max_tokens."""
-
-    s: Scheduler
-    model: FakePagedModel
-    finished: list[Sequence] = field(default_factory=list)
-    outputs: list[SchedulerOutput] = field(default_factory=list)
-    step_no: int = 0
-
-    @classmethod
-    def of(cls, s: Scheduler) -> "Sim":
-        return cls(s, FakePagedModel(s.num_blocks, s.block_size))
-
-    def step(self) -> SchedulerOutput:
-        out = self.s.schedule()
-        check_invariants(self.s, out)
-        sampled = self.model.run(out)
-        for q in self.s.update(out, sampled):
-            if q.num_output_tokens >= q.max_tokens:
-                self.s.finish(q.request_id, FinishReason.LENGTH)
-                self.finished.append(q)
-        self.outputs.append(out)
-        self.step_no += 1
-        clock = self.s.clock
-        if isinstance(clock, FakeClock):
-            clock.t += 1.0
-        return out
-
-    def run(self, max_steps: int = 10_000) -> None:
-        while self.s.has_work:
-            assert self.step_no < max_steps, "no progress"
-            self.step()
-
+from service.engine.block_pool import BlockPool
+from service.engine.scheduler import FinishReason, Scheduler, SeqStatus
+from tests.service.scheduler_utils import FakeClock, Sim, check_invariants, make, reference, seq
 
 # ---- allocator and validation ------------------------------------------------------------------
 
 
 def test_block_allocator() -> None:
-    a = BlockAllocator(5)
+    a = BlockPool(5)
     x = a.allocate(3)
     assert len(set(x)) == 3 and a.num_free == 2 and a.num_used == 3
     with pytest.raises(RuntimeError):
@@ -172,7 +29,7 @@ def test_block_allocator() -> None:
         a.free([y[0], y[0]])
     assert a.num_free == 3  # a rejected free changes nothing
     with pytest.raises(ValueError):
-        BlockAllocator(0)
+        BlockPool(0)
 
 
 def test_validation() -> None:
@@ -215,7 +72,7 @@ def test_chunked_prefill_splits_and_decodes_never_stall() -> None:
     assert chunks == [(15 * i, 15, False) for i in range(6)] + [(90, 10, True)]
     sim.run()
     assert a.output_ids == reference(a.prompt_ids, 40) and b.output_ids == reference(b.prompt_ids, 3)
-    assert s.allocator.num_free == s.num_blocks
+    assert s.block_pool.num_free == s.num_blocks
 
 
 def test_budget_respected_under_load() -> None:
@@ -270,7 +127,7 @@ def test_admission_waits_for_free_blocks_strict_fcfs() -> None:
         sim.step()
         # b needs 4 blocks, at most 3 are free; c would fit but may not overtake b
         assert b.status is SeqStatus.WAITING and c.status is SeqStatus.WAITING
-    assert s.allocator.num_free == 8
+    assert s.block_pool.num_free == 8
     out = sim.step()
     assert [q.seq for q in out.prefills] == [b, c]
     sim.run()
@@ -284,7 +141,7 @@ def test_preemption_of_youngest_and_recompute() -> None:
     for q in (a, b, c):
         s.add(q)
     out = sim.step()
-    assert [ch.seq for ch in out.prefills] == [a, b] and s.allocator.num_free == 0
+    assert [ch.seq for ch in out.prefills] == [a, b] and s.block_pool.num_free == 0
     out = sim.step()  # a's position 8 opens block 3: b, the youngest, is preempted
     assert out.preempted == [b] and [ch.seq for ch in out.decodes] == [a] and not out.prefills
     assert b.status is SeqStatus.WAITING and b.num_computed == 0 and b.num_preemptions == 1
@@ -302,7 +159,7 @@ def test_preemption_of_youngest_and_recompute() -> None:
     sim.run()
     for q in (a, b, c):
         assert q.output_ids == reference(q.prompt_ids, q.max_tokens)
-    assert s.allocator.num_free == 4
+    assert s.block_pool.num_free == 4
 
 
 def test_decode_preempts_itself_when_youngest() -> None:
@@ -314,7 +171,7 @@ def test_decode_preempts_itself_when_youngest() -> None:
     sim.step()
     out = sim.step()  # both cross into block 2 with one block free: a (older) gets it
     assert out.preempted == [b] and [c.seq for c in out.decodes] == [a]
-    assert len(a.block_table) == 2 and s.allocator.num_free == 1
+    assert len(a.block_table) == 2 and s.block_pool.num_free == 1
     sim.run()
     assert [q.request_id for q in sim.finished] == ["a", "b"]
     assert b.output_ids == reference(b.prompt_ids, 8) and b.num_preemptions == 1
@@ -327,23 +184,23 @@ def test_abort_frees_blocks_at_once() -> None:
     for q in (a, b, c):
         s.add(q)
     sim.step()
-    assert s.allocator.num_free == 3 and b.status is SeqStatus.WAITING
+    assert s.block_pool.num_free == 3 and b.status is SeqStatus.WAITING
     assert s.abort("b") is b  # from waiting
     assert b.status is SeqStatus.FINISHED and b.finish_reason is FinishReason.ABORT
-    assert s.num_waiting == 1 and s.allocator.num_free == 3 and s.get("b") is None
+    assert s.num_waiting == 1 and s.block_pool.num_free == 3 and s.get("b") is None
     out = sim.step()  # c now fits behind a
     assert [q.seq for q in out.prefills] == [c]
     used_by_a = len(a.block_table)
-    free_before = s.allocator.num_free
+    free_before = s.block_pool.num_free
     assert s.abort("a") is a  # from running
-    assert s.allocator.num_free == free_before + used_by_a and not a.block_table
+    assert s.block_pool.num_free == free_before + used_by_a and not a.block_table
     assert s.abort("a") is None and s.abort("nope") is None
     # abort between schedule and update: the chunk is ignored, blocks are back at once
     out = s.schedule()
     assert [q.seq for q in out.decodes] == [c]
     sampled = sim.model.run(out)
     s.abort("c")
-    assert s.allocator.num_free == 8 and not s.has_work
+    assert s.block_pool.num_free == 8 and not s.has_work
     assert s.update(out, sampled) == [] and c.num_computed == 4
     assert s.kv_usage == 0.0
 
@@ -393,7 +250,7 @@ def test_steady_stream_no_starvation() -> None:
     assert all(q.first_scheduled_time is not None for q in reqs)
     assert first == sorted(first)  # admitted in arrival order
     assert sum(q.num_preemptions for q in reqs) > 0  # the pool really was contended
-    assert s.allocator.num_free == s.num_blocks and s.kv_usage == 0.0
+    assert s.block_pool.num_free == s.num_blocks and s.kv_usage == 0.0
 
 
 # ---- property test -----------------------------------------------------------------------------
@@ -409,7 +266,9 @@ def test_random_workloads_keep_invariants(data: st.DataObject) -> None:
     max_num_seqs = data.draw(st.integers(1, 5), "max_num_seqs")
     budget = data.draw(st.integers(max_num_seqs, 24), "budget")
     chunked = data.draw(st.booleans(), "chunked")
-    s = Scheduler(num_blocks, block_size, max_num_seqs, budget, max_model_len, chunked, FakeClock())
+    caching = data.draw(st.booleans(), "prefix caching")
+    s = Scheduler(num_blocks, block_size, max_num_seqs, budget, max_model_len, chunked, FakeClock(),
+                  enable_prefix_caching=caching)
     sim = Sim.of(s)
     n = data.draw(st.integers(1, 12), "num_requests")
     plan = []
@@ -419,7 +278,10 @@ def test_random_workloads_keep_invariants(data: st.DataObject) -> None:
         arrive = data.draw(st.integers(0, 15))
         abort_at = data.draw(st.none() | st.integers(0, 40))
         mid_step = data.draw(st.booleans())  # abort between schedule and update
-        plan.append((seq(f"r{i}", p, m, t=float(arrive), base=i), arrive, abort_at, mid_step))
+        q = seq(f"r{i}", p, m, t=float(arrive), base=i)
+        if caching:  # prompts share prefixes: a few distinct first tokens, then mostly the same ones
+            q.prompt_ids = [data.draw(st.integers(1, 2 if j % 3 else 3)) for j in range(p)]
+        plan.append((q, arrive, abort_at, mid_step))
     aborted: set[str] = set()
     while sim.step_no < 16 or s.has_work:
         assert sim.step_no < 2000, "no progress"
@@ -430,22 +292,21 @@ def test_random_workloads_keep_invariants(data: st.DataObject) -> None:
             if abort_at == sim.step_no and not mid and s.abort(q.request_id) is not None:
                 aborted.add(q.request_id)
                 assert not q.block_table
+        waiting = {id(q) for q in s.waiting}
         out = s.schedule()
-        check_invariants(s, out)
+        check_invariants(s, out, waiting)
         sampled = sim.model.run(out)
         for q, _, abort_at, mid in plan:
             if abort_at == sim.step_no and mid and s.abort(q.request_id) is not None:
                 aborted.add(q.request_id)
                 sampled.pop(q.request_id, None)
-        owned = sum(len(q.block_table) for q in s.running)
-        assert owned + s.allocator.num_free == num_blocks
         for q in s.update(out, sampled):
             assert q.request_id not in aborted
             if q.num_output_tokens >= q.max_tokens:
                 s.finish(q.request_id, FinishReason.LENGTH)
                 sim.finished.append(q)
         sim.step_no += 1
-    assert s.allocator.num_free == num_blocks and s.num_running == 0 and s.num_waiting == 0
+    assert s.block_pool.num_free == num_blocks and s.num_running == 0 and s.num_waiting == 0
     for q, _, _, _ in plan:
         assert q.is_finished
         if q.request_id in aborted:
