@@ -66,9 +66,9 @@ def test_abort_frees_blocks_within_one_step(tiny_model, smol_tokenizer):
         async for _ in it:
             got += 1
             if got == 3:
+                assert engine.scheduler.block_pool.num_used > 0  # 197 tokens to go: it holds its blocks
                 break
         await it.aclose()
-        assert engine.scheduler.kv_usage > 0 or engine.scheduler.num_running == 0
         steps = engine.stats.steps
         deadline = time.monotonic() + 5
         while engine.scheduler.get("r1") is not None and time.monotonic() < deadline:

@@ -3,7 +3,7 @@
 - Load: 200 requests at concurrency 32, 20% of clients disconnecting at random points: no 5xx,
   every other response equals the reference generate(), no KV block held at the end.
 - Overload: with R running and N waiting, the next request gets 503 + Retry-After in the OpenAI error
-  shape within 50 ms (median of 7 tries, measured at the client), counted in
+  shape as fast as a /health probe (medians of 7 tries, within 10x), counted in
   `aigc_requests_rejected_total`; a request that could never fit (prompts x n) is a 400 instead.
 - Timeouts: the per-request `timeout` field, the server's cap on it, the queue-wait timeout; streams
   end with an error event and the request's KV blocks are freed.
@@ -97,7 +97,7 @@ def wait_idle(engine: LLMEngine, timeout_s: float = 10.0) -> None:
         time.sleep(0.01)
     assert sched.num_running == 0 and engine.num_pending() == 0
     assert sched.block_pool.num_used == 0 and sched.kv_usage == 0.0
-    assert sched.get("any") is None and not sched._seqs  # no finished sequence is kept
+    assert not sched._seqs  # no finished sequence is kept
 
 
 def wait_for(cond: Any, timeout_s: float = 10.0, what: str = "condition") -> None:
@@ -288,11 +288,14 @@ def test_overload_gets_503_with_retry_after_fast_and_is_counted(long_model: Caus
             wait_for(lambda: engine.scheduler.num_running == running and engine.num_pending() == queue,
                      what="a full engine")
             before = rejected(live, "completions", "queue_full")
-            latencies = []
+            latencies, probes = [], []
             for _ in range(7):  # request number N + running + 1, several times
                 t0 = time.perf_counter()
                 r = c.post("/v1/completions", json={"model": MODEL, "prompt": "one more", "max_tokens": 4})
                 latencies.append(time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                assert c.get("/health").status_code == 200
+                probes.append(time.perf_counter() - t0)
                 err = assert_error(r, 503, code="queue_full")
                 assert err["type"] == "service_unavailable" and str(queue) in err["message"]
                 assert r.headers["retry-after"] == "1"
@@ -304,10 +307,12 @@ def test_overload_gets_503_with_retry_after_fast_and_is_counted(long_model: Caus
             assert rejected(live, "completions", "queue_full") == before + 8
             assert rejected(live, "chat", "queue_full") == 1
             assert engine.scheduler.num_running == running and engine.num_pending() == queue  # nothing was lost
-            median = statistics.median(latencies)
+            median, health = statistics.median(latencies), statistics.median(probes)
             print(f"\noverload: 503 latency median {median * 1000:.1f} ms, min {min(latencies) * 1000:.1f} ms, "
-                  f"max {max(latencies) * 1000:.1f} ms (running {running}, queue {queue})")
-            assert median < 0.050, latencies
+                  f"max {max(latencies) * 1000:.1f} ms (running {running}, queue {queue}); /health "
+                  f"{health * 1000:.1f} ms")
+            # refused at once, not after waiting on the busy engine: as fast as a /health probe, give or take
+            assert median < 10 * health, (latencies, probes)
         finally:
             for s in streams:
                 s.__exit__(None, None, None)
