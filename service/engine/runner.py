@@ -1,8 +1,10 @@
 """The model runner: owns the model, the paged KV cache and the device; runs one scheduled step.
 
-A step is a batch of decodes (one token each, one batched forward) plus prefill chunks (one forward
-each, so that no padding is needed). The logits of every position that must be sampled are then
-processed and sampled together in one batched call.
+A step is a batch of decodes (one token each, one batched forward) plus prefill chunks, grouped by
+length into padded forwards (`prefill_groups`: a group grows while padding stays under a quarter of
+its tokens). A chunk may start anywhere in its sequence (chunked prefill, or a prefix found in the
+prefix cache). The logits of every position that must be sampled are then processed and sampled
+together in one batched call.
 
 Prompt logprobs (`SamplingParams.prompt_logprobs`, echo with logprobs) come from the same prefill forward that
 fills the KV cache: only a group holding a chunk that asks for them keeps the hidden states of every position,
