@@ -383,6 +383,10 @@ class LLMEngine:
             self.scheduler.finish(seq.request_id, reason)
 
     def _run(self) -> None:
+        # Subnormal floats (activations of ~1e-39, e.g. SiLU of a very negative input) take a slow path on x86
+        # unless the thread flushes them to zero; the mode is per thread and inherited from whichever thread
+        # created this one, so set it here. Measured: a 1,570-token prompt prefilled 5-10x slower without it.
+        torch.set_flush_denormal(True)
         try:
             while not self._stop.is_set():
                 self._drain_inputs()

@@ -391,7 +391,7 @@ class Scheduler:
             self._waiting.pop(0)
             pool.share(hit)
             seq.block_table = hit + pool.allocate(need)
-            seq.num_computed = seq.num_registered = cached
+            seq.num_computed, seq.num_registered = cached, len(hit)
             seq.status = SeqStatus.RUNNING
             if seq.first_scheduled_time is None:
                 seq.first_scheduled_time = self.clock()

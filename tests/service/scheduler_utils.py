@@ -113,6 +113,8 @@ def check_invariants(s: Scheduler, out: SchedulerOutput, admitted: set[int] | No
     assert s.num_running <= s.max_num_seqs
     for q in s.running:
         assert len(q.block_table) * s.block_size >= q.num_computed
+        if s.block_pool.enable_caching:  # every block full of computed tokens was offered to the cache
+            assert q.num_registered == q.num_computed // s.block_size, q.request_id
     assert out.num_batched_tokens == sum(c.num_tokens for c in out.chunks)
     if s.chunked_prefill:
         assert out.num_batched_tokens <= s.max_num_batched_tokens

@@ -131,7 +131,7 @@ class PoolMachine(RuleBasedStateMachine):
         if self.pool.register(b, H(h)):
             self.contents[b] = H(h)
 
-    @rule(hs=st.lists(st.integers(0, 5), max_size=4))
+    @rule(hs=st.lists(st.integers(0, 5), max_size=4, unique=True))  # chained hashes never repeat in a sequence
     def share(self, hs: list[int]) -> None:
         found = self.pool.lookup([H(h) for h in hs])
         for b, h in zip(found, hs, strict=False):
@@ -231,6 +231,22 @@ def test_generated_tokens_are_cached_too_so_the_next_turn_hits_them() -> None:
     s.add(turn2)
     sim.run()
     assert turn2.num_cached_tokens == 16 and turn2.output_ids == reference(turn2.prompt_ids, 4)
+
+
+def test_a_conversation_extends_the_cache_turn_after_turn() -> None:
+    """Each turn hits everything the turns before it computed, including the blocks a turn that itself
+    started from the cache computed and registered."""
+    s = make(enable_prefix_caching=True, num_blocks=64, max_model_len=200)
+    sim = Sim.of(s)
+    history = list(range(1, 12))
+    for turn in range(6):
+        q = prompt_seq(f"t{turn}", history + [100 + turn] * 5, 6, t=float(turn))
+        s.add(q)
+        sim.run()
+        assert q.output_ids == reference(q.prompt_ids, 6)
+        computed = len(history) - 1 if turn else 0  # the last token of the turn before had no KV computed
+        assert q.num_cached_tokens == computed // 4 * 4, turn  # every full block of it
+        history = q.prompt_ids + q.output_ids  # the next turn resends all of it
 
 
 def test_lookup_prefix_false_computes_every_position() -> None:
