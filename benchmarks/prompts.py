@@ -75,14 +75,16 @@ def chatml(user: str, system: str = _SYSTEM) -> str:
             f"<|im_start|>assistant\n")
 
 
-def _question(i: int) -> str:
+def question(i: int) -> str:
+    """The i-th of a fixed list of short questions."""
     t = _TOPICS[i % len(_TOPICS)]
     q = _QUESTIONS[(i // len(_TOPICS)) % len(_QUESTIONS)]
     n = i // (len(_TOPICS) * len(_QUESTIONS))
     return q.format(t=t) + (f" (variant {n})" if n else "")
 
 
-def _document(i: int, n_sentences: int) -> str:
+def document(i: int, n_sentences: int) -> str:
+    """A fixed pseudo-report of n_sentences sentences (about 20 tokens each), the same for the same i."""
     rng = random.Random(1000 + i)
     sentences = [f"{rng.choice(_SUBJECTS)} {rng.choice(_VERBS)} {rng.choice(_OBJECTS)} {rng.choice(_TAILS)}"
                  for _ in range(n_sentences)]
@@ -90,11 +92,12 @@ def _document(i: int, n_sentences: int) -> str:
     return "\n\n".join(paragraphs)
 
 
-def _shared_system_prompt() -> str:
+def shared_system_prompt(long: bool = False) -> str:
+    """The help desk's system prompt: about 540 tokens, or with `long` about 1,600."""
     rules = "\n".join(f"{k + 1}. {r}" for k, r in enumerate(_SHARED_RULES))
     return (f"{_SYSTEM}. You work for a public library's help desk and answer visitors' questions.\n"
             f"Follow these rules in every answer:\n{rules}\n"
-            f"Background for the help desk:\n{_document(-1, 16)}")
+            f"Background for the help desk:\n{document(-1, 86 if long else 16)}")
 
 
 def make_prompts(name: str, n: int) -> list[str]:
@@ -102,11 +105,11 @@ def make_prompts(name: str, n: int) -> list[str]:
     if n < 0:
         raise ValueError("n must be >= 0")
     if name == "short_chat":
-        return [chatml(_question(i)) for i in range(n)]
+        return [chatml(question(i)) for i in range(n)]
     if name == "long_prompt":
-        return [chatml(f"Read the following report.\n\n{_document(i, 64)}\n\nWhat is the main theme of the report? "
-                       f"({_question(i)})") for i in range(n)]
+        return [chatml(f"Read the following report.\n\n{document(i, 64)}\n\nWhat is the main theme of the report? "
+                       f"({question(i)})") for i in range(n)]
     if name == "shared_system":
-        system = _shared_system_prompt()
-        return [chatml(_question(i), system=system) for i in range(n)]
+        system = shared_system_prompt()
+        return [chatml(question(i), system=system) for i in range(n)]
     raise ValueError(f"unknown prompt set {name!r}; expected one of {', '.join(PROMPT_SETS)}")
