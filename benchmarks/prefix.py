@@ -225,12 +225,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         for system in [s for s in a.systems.split(",") if s]:
             run["systems"].append(bench_system(system, a, a.model, log_dir))
             log(json.dumps(run["systems"][-1]))
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = RESULTS / "prefix"
+    out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    (RESULTS / f"prefix-{stamp}.json").write_text(json.dumps(run, indent=2))
+    (out / f"prefix-{stamp}.json").write_text(json.dumps(run, indent=2))
     report = markdown(run)
-    (RESULTS / "prefix-latest.md").write_text(report + "\n")
-    plot(run, RESULTS / "prefix_ttft.png")
+    (out / "latest.md").write_text(report + "\n")
+    plot(run, out / "ttft.png")
     print(report)
     return run
 

@@ -89,6 +89,14 @@ class MultiHeadAttention(nn.Module):
         self.out = nn.Linear(self.q_size, d_model, bias=bias if out_bias is None else out_bias)
         self.dropout = dropout
 
+    def project_memory(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """memory: (B, S, C) -> cross-attention keys and values, each (B, nkv, S, hs)."""
+        B, S, _ = memory.shape
+        w, b = self.qkv.weight, self.qkv.bias
+        kv = F.linear(memory, w[self.q_size :], None if b is None else b[self.q_size :])  # (B, S, 2*nkv*hs)
+        kv = kv.view(B, S, 2 * self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, 2*nkv, S, hs)
+        return kv[:, : self.n_kv_heads], kv[:, self.n_kv_heads :]
+
     def forward(
         self,
         x: torch.Tensor,
@@ -98,15 +106,18 @@ class MultiHeadAttention(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,
         cache: KVStore | None = None,
         layer: int = 0,
+        memory_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """x: (B, T, C) queries; memory: (B, S, C) for cross-attention (None = self-attention).
 
         rope: (cos, sin) each (B, T, hs) for the query positions (self-attention only).
         cache: stores this step's K/V for `layer` and returns everything to attend to.
+        memory_kv: cross-attention's keys and values from `project_memory`, computed once per source
+        and reused every decoding step (memory is then not needed).
         """
         B, T, _ = x.shape
         nh, nkv, hs = self.n_heads, self.n_kv_heads, self.head_dim
-        if memory is None:
+        if memory is None and memory_kv is None:
             qkv = self.qkv(x).view(B, T, nh + 2 * nkv, hs)  # (B, T, nh + 2*nkv, hs): [q heads | k heads | v heads]
             if rope is not None:  # rotate q and k heads together, v untouched
                 qkv = torch.cat([apply_rotary_bthd(qkv[:, :, : nh + nkv], rope), qkv[:, :, nh + nkv :]], dim=2)
@@ -127,11 +138,11 @@ class MultiHeadAttention(nn.Module):
                 raise ValueError("rotary embeddings apply to self-attention only")
             w, b = self.qkv.weight, self.qkv.bias
             q = F.linear(x, w[: self.q_size], None if b is None else b[: self.q_size])
-            kv = F.linear(memory, w[self.q_size :], None if b is None else b[self.q_size :])
-            S = memory.shape[1]
             q = q.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
-            kv = kv.view(B, S, 2 * nkv, hs).transpose(1, 2)  # (B, 2*nkv, S, hs)
-            k, v = kv[:, :nkv], kv[:, nkv:]  # (B, nkv, S, hs) each
+            if memory_kv is None:
+                assert memory is not None
+                memory_kv = self.project_memory(memory)
+            k, v = memory_kv  # (B, nkv, S, hs) each
             if cache is not None:
                 k, v = cache.update(layer, k, v)
         dropout_p = self.dropout if self.training else 0.0

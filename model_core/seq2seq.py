@@ -47,11 +47,22 @@ class Seq2SeqConfig:
 
 
 class DecoderCache:
-    """Grows the decoder self-attention K/V per layer, one step at a time (implements `KVStore`)."""
+    """Grows the decoder self-attention K/V per layer, one step at a time (implements `KVStore`), and
+    holds the cross-attention K/V of the encoder memory, computed once on the first decoding step."""
 
     def __init__(self) -> None:
         self.k: dict[int, torch.Tensor] = {}
         self.v: dict[int, torch.Tensor] = {}
+        self.memory_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per layer, (B, nh, S, hs) each
+
+    def select(self, index: torch.Tensor) -> None:
+        """Keep (and reorder, or repeat) batch rows: index (B',) of rows -> every tensor (B', ...).
+        Beam search reorders hypotheses with it; a batch drops its finished rows."""
+        for layer in self.k:
+            self.k[layer] = self.k[layer].index_select(0, index)
+            self.v[layer] = self.v[layer].index_select(0, index)
+        if self.memory_kv is not None:
+            self.memory_kv = [(k.index_select(0, index), v.index_select(0, index)) for k, v in self.memory_kv]
 
     @property
     def seq_len(self) -> int:
@@ -92,7 +103,8 @@ class Seq2SeqTransformer(nn.Module):
             for p in stack.parameters():
                 if p.dim() > 1:
                     nn.init.xavier_uniform_(p)
-        for emb in {self.src_embed, self.tgt_embed}:
+        tables = [self.tgt_embed] if self.tgt_embed is self.src_embed else [self.tgt_embed, self.src_embed]
+        for emb in tables:  # a fixed order (not a set's): a seed must give the same weights in every run
             nn.init.normal_(emb.weight, std=self.config.d_model**-0.5)
         nn.init.xavier_uniform_(self.lm_head.weight)
 
@@ -126,11 +138,19 @@ class Seq2SeqTransformer(nn.Module):
         """tgt: (B, T) ids; memory: (B, S, C) -> logits (B, T, V).
 
         With a cache, tgt holds only the new tokens (positions continue after the cached ones) and
-        tgt_pad_mask, if given, covers cached and new positions: (B, cache.seq_len + T).
+        tgt_pad_mask, if given, covers cached and new positions: (B, cache.seq_len + T). The cache
+        also keeps the cross-attention K/V of `memory` from its first call: later calls reuse them
+        and do not read `memory`.
         """
         start = 0 if cache is None else cache.seq_len
+        memory_kv = None
+        if cache is not None:
+            if cache.memory_kv is None:
+                cache.memory_kv = self.decoder.project_memory(memory)
+            memory_kv = cache.memory_kv
         h = self.decoder(self.embed_tgt(tgt, start), memory, tgt_key_padding_mask=tgt_pad_mask,
-                         memory_key_padding_mask=memory_pad_mask, causal=True, cache=cache)  # (B, T, C)
+                         memory_key_padding_mask=memory_pad_mask, causal=True, cache=cache,
+                         memory_kv=memory_kv)  # (B, T, C)
         return self.lm_head(h)
 
     def forward(

@@ -149,12 +149,14 @@ class DecoderLayer(nn.Module):
         cross_attn_mask: torch.Tensor | None = None,
         cache: KVStore | None = None,
         layer: int = 0,
+        memory_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """x: (B, T, C) targets; memory: (B, S, C).
 
         tgt_key_padding_mask: (B, Tk) True = pad, Tk counting cached keys; memory_key_padding_mask: (B, S).
         causal: query i sees keys j <= i + (Tk - T), so it also holds for the last T positions of a cache.
         cache: stores this layer's self-attention K/V under index `layer` (incremental decoding).
+        memory_kv: this layer's cross-attention K/V from `cross_attn.project_memory(memory)`, if precomputed.
         """
         sa_mask = merge_masks(self_attn_mask, tgt_key_padding_mask)
         ca_mask = merge_masks(cross_attn_mask, memory_key_padding_mask)
@@ -163,7 +165,7 @@ class DecoderLayer(nn.Module):
             return self.dropout1(self.self_attn(h, mask=sa_mask, is_causal=causal, cache=cache, layer=layer))
 
         def ca(h: torch.Tensor) -> torch.Tensor:
-            return self.dropout2(self.cross_attn(h, memory=memory, mask=ca_mask))
+            return self.dropout2(self.cross_attn(h, memory=memory, mask=ca_mask, memory_kv=memory_kv))
 
         if self.norm_first:
             x = x + sa(self.norm1(x))
@@ -220,9 +222,16 @@ class Decoder(nn.Module):
         self_attn_mask: torch.Tensor | None = None,
         cross_attn_mask: torch.Tensor | None = None,
         cache: KVStore | None = None,
+        memory_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
     ) -> torch.Tensor:
-        """x: (B, T, C) embedded targets; memory: (B, S, C) -> (B, T, C). Masks as in `DecoderLayer`."""
+        """x: (B, T, C) embedded targets; memory: (B, S, C) -> (B, T, C). Masks as in `DecoderLayer`.
+        memory_kv: every layer's cross-attention K/V from `project_memory` (then memory is unused)."""
         for i, layer in enumerate(self.layers):
             x = layer(x, memory, tgt_key_padding_mask, memory_key_padding_mask, causal,
-                      self_attn_mask, cross_attn_mask, cache, i)
+                      self_attn_mask, cross_attn_mask, cache, i, None if memory_kv is None else memory_kv[i])
         return x if self.norm is None else self.norm(x)
+
+    def project_memory(self, memory: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """memory: (B, S, C) -> per layer the cross-attention (k, v), each (B, nh, S, hs), to compute once."""
+        layers: list[DecoderLayer] = list(self.layers)  # type: ignore[arg-type]
+        return [layer.cross_attn.project_memory(memory) for layer in layers]

@@ -63,6 +63,11 @@ class Settings(BaseSettings):
     gan_path: str | None = Field(None, description="GAN checkpoint dir; default: the shipped one")
     image_max_batch: int = Field(32, ge=1, le=256, description="GAN micro-batch size")
     image_max_wait_ms: float = Field(10.0, ge=0, le=1000, description="GAN micro-batch wait")
+    enable_g2p: bool = Field(True, description="serve the grapheme-to-phoneme model cmudict-g2p on /v1/completions")
+    g2p_path: str | None = Field(None, description="G2P checkpoint dir; default: the shipped one")
+    g2p_max_batch: int = Field(64, ge=1, le=1024, description="G2P micro-batch size, in decoder rows")
+    g2p_max_wait_ms: float = Field(0.0, ge=0, le=1000, description="G2P micro-batch wait (0: a batch takes what is "
+                                   "queued; requests arriving while one runs form the next)")
     drain_timeout_s: float = Field(30.0, ge=0, description="graceful shutdown drain timeout")
     ui: bool = Field(True, description="serve the web playground at / (--no-ui or --ui false: off)")
 

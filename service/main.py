@@ -18,16 +18,19 @@ from types import FrameType
 
 from fastapi import FastAPI
 
+from model_core.g2p import Hypothesis
 from service.api import admin, chat, completions, health, images, models, responses, ui
 from service.api.auth import APIKeyMiddleware
 from service.api.cors import CORS
 from service.api.errors import install_error_handlers
+from service.api.g2p import G2P_MODEL
 from service.api.generation import TextModel
 from service.api.images import IMAGE_MODEL
 from service.api.middleware import InFlight, RequestContextMiddleware
 from service.config import Settings, parse_settings
 from service.engine.engine import EngineObserver
 from service.engine.images import ImageBatcher
+from service.engine.seq2seq import Seq2SeqBatcher, Seq2SeqRequest
 from service.logs import setup_logging
 from service.metrics import Metrics
 
@@ -87,6 +90,34 @@ async def start_image_batcher(settings: Settings, metrics: Metrics) -> ImageBatc
     return batcher
 
 
+async def start_g2p_batcher(settings: Settings, metrics: Metrics) -> Seq2SeqBatcher | None:
+    """Load the grapheme-to-phoneme model (a small checkpoint) and start its micro-batcher; None if it
+    cannot load (requests for it then get 404, as for any model not served)."""
+    from model_core.g2p import load_g2p
+
+    try:
+        g2p = load_g2p(settings.g2p_path)
+    except Exception:
+        log.exception("the G2P model failed to load; %s is not served", G2P_MODEL)
+        return None
+    model = G2P_MODEL
+
+    def on_batch(rows: int, requests: int, seconds: float) -> None:
+        metrics.seq2seq_batch.labels(model).observe(rows)
+
+    def on_finish(rq: Seq2SeqRequest, choices: list[Hypothesis], seconds: float) -> None:
+        metrics.prompt_tokens.labels(model).inc(sum(len(w) for w in rq.words))
+        metrics.generation_tokens.labels(model).inc(sum(len(h.phones) for h in choices))
+        for h in choices:
+            metrics.success.labels(model, "stop" if h.finished else "length").inc()
+        metrics.e2e.labels(model).observe(seconds)
+
+    batcher = Seq2SeqBatcher(g2p, settings.g2p_max_batch, settings.g2p_max_wait_ms, on_batch=on_batch,
+                             on_finish=on_finish)
+    await batcher.start()
+    return batcher
+
+
 def create_app(settings: Settings | None = None, text_model: TextModel | None = None) -> FastAPI:
     settings = settings or Settings()
 
@@ -117,11 +148,14 @@ def create_app(settings: Settings | None = None, text_model: TextModel | None = 
         else:
             threading.Thread(target=load, name="model-loader", daemon=True).start()
         app.state.image_batcher = await start_image_batcher(settings, metrics) if settings.enable_gan else None
+        app.state.g2p_batcher = await start_g2p_batcher(settings, metrics) if settings.enable_g2p else None
         try:
             yield
         finally:
             if app.state.image_batcher is not None:
                 await app.state.image_batcher.stop()
+            if app.state.g2p_batcher is not None:
+                await app.state.g2p_batcher.stop()
             tm = app.state.text_model
             if tm is not None:
                 tm.engine.stop()
@@ -190,6 +224,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     settings = parse_settings(argv)
     setup_logging(settings.log_level, settings.log_format)
+    import torch
+
+    # Before any thread starts: threads inherit the mode. Subnormal floats otherwise take a slow path on x86
+    # (the engine thread sets it again for engines started elsewhere).
+    torch.set_flush_denormal(True)
     app = create_app(settings)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                             access_log=False, log_config=None, timeout_graceful_shutdown=5)

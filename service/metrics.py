@@ -74,6 +74,8 @@ class Metrics:
         self.images = Counter("aigc_images_generated", "Images generated.", ["model"], registry=r)
         self.image_batch = Histogram("aigc_image_batch_size", "Images per GAN forward pass.", ["model"],
                                      buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
+        self.seq2seq_batch = Histogram("aigc_seq2seq_batch_size", "Decoder rows per encoder-decoder batch.",
+                                       ["model"], buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512), registry=r)
         self._engine_state: Callable[[], dict[str, float] | None] = lambda: None
         r.register(_EngineGauges(lambda: self.model, lambda: self._engine_state()))
 

@@ -7,13 +7,14 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import replace
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 
 from model_core.sampling import TokenScore
 from service.api.errors import APIError, error_responses
 from service.api.fields import check_extra_fields
+from service.api.g2p import G2P_MODEL, g2p_completion, get_g2p_batcher
 from service.api.generation import (
     Job,
     TextModel,
@@ -105,8 +106,14 @@ class _LogprobAcc:
 
 @router.post("/v1/completions", responses={200: {"description": "A completion, or with `stream` a text/event-stream",
                                                   "content": {"text/event-stream": {}}}})
-async def create_completion(req: CompletionRequest, request: Request,
-                            tm: Annotated[TextModel, Depends(get_text_model)]) -> Any:
+async def create_completion(req: CompletionRequest, request: Request) -> Any:
+    g2p = get_g2p_batcher(request)
+    if req.model == G2P_MODEL and g2p is not None:  # the encoder-decoder model: words in, phones out
+        return await g2p_completion(req, request, g2p)
+    return await _lm_completion(req, request, get_text_model(request))
+
+
+async def _lm_completion(req: CompletionRequest, request: Request, tm: TextModel) -> Any:
     check_model(tm, req.model)
     check_extra_fields(req, "completions")
     if req.suffix:

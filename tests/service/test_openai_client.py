@@ -56,7 +56,7 @@ def assert_sorted_logprobs(values: list[float]) -> None:
 # ---------------------------------------------------------------------------------------------- models
 def test_models_list_and_retrieve(client: openai.OpenAI, server: LiveServer) -> None:
     models = client.models.list()
-    assert [m.id for m in models.data] == [MODEL]
+    assert [m.id for m in models.data] == [MODEL, "cmudict-g2p"]  # the LM first, then the G2P model
     assert models.data[0].object == "model"
     assert client.models.retrieve(MODEL).id == MODEL
     with pytest.raises(openai.NotFoundError):
