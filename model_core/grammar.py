@@ -128,6 +128,16 @@ class GrammarMatcher:
         """Advance by one token; False (and the matcher in an error state) if the grammar forbids it."""
         return bool(self._m.consume_token(int(token_id)))
 
+    def validate(self, token_id: int) -> bool:
+        """Whether `accept(token_id)` would succeed, without changing the state. llguidance's masks can allow
+        a token its parser then refuses (seen with forced bytes inside multi-byte UTF-8 characters), so a
+        sampled token is checked before it is kept."""
+        return self._m.validate_tokens([int(token_id)]) == 1
+
+    def forced_tokens(self) -> list[int]:
+        """Tokens the grammar forces next, whatever the model says (possibly none)."""
+        return [int(t) for t in self._m.compute_ff_tokens()]
+
     def rollback(self, num_tokens: int) -> bool:
         return bool(self._m.rollback(num_tokens))
 

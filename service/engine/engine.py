@@ -301,13 +301,13 @@ class LLMEngine:
             self.stats.decode_steps += 1
             self.stats.decode_rows += len(out.decodes)
             self.stats.max_decode_batch = max(self.stats.max_decode_batch, len(out.decodes))
-        failed = {rid: r.error for rid, r in results.items() if r.error is not None}
+        failed = {rid: (r.error, r.error_code) for rid, r in results.items() if r.error is not None}
         with self._lock:
             advanced = self.scheduler.update(out, {rid: r.token_id for rid, r in results.items() if r.error is None})
-        for rid, err in failed.items():
+        for rid, (err, code) in failed.items():
             seq = self.scheduler.get(rid)
             if seq is not None:
-                self._fail(seq, err or "sampling failed", "internal_error")
+                self._fail(seq, err or "sampling failed", code)
         now = time.monotonic()
         for seq in advanced:
             if seq.max_tokens == 0:

@@ -29,6 +29,7 @@ from service.engine.scheduler import ScheduledChunk, SchedulerOutput
 
 log = logging.getLogger(__name__)
 SCORE_ROWS = 128  # prompt positions whose logits are computed at once when scoring a prompt
+MAX_RESAMPLES = 8  # tries for a constrained row whose sampled token the grammar refuses despite its mask
 
 
 @dataclass
@@ -37,6 +38,7 @@ class SampleResult:
     logprob: float | None = None
     top_logprobs: list[tuple[int, float]] = field(default_factory=list)
     error: str | None = None  # set when this row could not be sampled (token_id is then -1)
+    error_code: str = "internal_error"  # invalid_request: the request's grammar cannot be followed here
 
 
 class ModelRunner:
@@ -167,11 +169,19 @@ class ModelRunner:
             held = [i for i in constrained if params[i].min_tokens > len(chunks[i].seq.output_ids)]
             self._guard_constrained(logits, processed, held, dead)
         tokens = sample(processed, params, [s.generator for s in states])
+        stuck: list[int] = []
+        if constrained:
+            stuck = self._resample_refused(tokens, processed, constrained, dead, matchers, params, states)
         results = {c.seq.request_id: SampleResult(int(t)) for c, t in zip(chunks, tokens.tolist(), strict=True)}
         for i in dead:
             m = matchers[i]
             results[chunks[i].seq.request_id] = SampleResult(
                 -1, error=f"constrained decoding failed: the grammar allows no token ({m.error if m else ''})")
+        for i in stuck:
+            results[chunks[i].seq.request_id] = SampleResult(
+                -1, error="constrained decoding failed: the grammar engine cannot continue this output with the "
+                "model's tokens (the grammar's text splits characters the vocabulary encodes as byte tokens)",
+                error_code="invalid_request")
         want = [i for i, p in enumerate(params) if p.logprobs is not None]
         if want:
             lps = compute_logprobs(raw[want].float(), tokens[want], [params[i].logprobs or 0 for i in want])
@@ -179,6 +189,36 @@ class ModelRunner:
                 r = results[chunks[i].seq.request_id]
                 r.logprob, r.top_logprobs = lp, top
         return results
+
+    @staticmethod
+    def _resample_refused(tokens: torch.Tensor, processed: torch.Tensor, rows: list[int], dead: list[int],
+                          matchers: list[GrammarMatcher | None], params: list[SamplingParams], states: list,
+                          ) -> list[int]:
+        """A constrained row whose sampled token its matcher refuses although the mask allowed it gets that
+        token banned and is sampled again (a few times), then the grammar's forced token is tried. Rows left
+        with no token the parser accepts are returned (and added to `dead`): their grammar cannot be followed
+        with this vocabulary (seen with choices that split multi-byte characters), an error, never a bad token."""
+        stuck: list[int] = []
+        for i in rows:
+            m = matchers[i]
+            if m is None or i in dead or m.validate(int(tokens[i])):
+                continue
+            for _ in range(MAX_RESAMPLES):
+                processed[i, int(tokens[i])] = float("-inf")
+                if not bool(torch.isfinite(processed[i]).any()):
+                    break
+                tokens[i] = sample(processed[i : i + 1], [params[i]], [states[i].generator])[0]
+                if m.validate(int(tokens[i])):
+                    break
+            else:  # still refused: the token the grammar forces here (forced bytes the mask does not allow)
+                forced = m.forced_tokens()
+                if forced and m.validate(forced[0]):
+                    tokens[i] = forced[0]
+                    continue
+            if not m.validate(int(tokens[i])):
+                dead.append(i)
+                stuck.append(i)
+        return stuck
 
     @staticmethod
     def _guard_constrained(masked: torch.Tensor, processed: torch.Tensor, held: list[int], dead: list[int]) -> None:

@@ -83,7 +83,7 @@ def test_unconstrained_greedy_row_is_unchanged_by_constrained_neighbours(engine,
     greedy = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
     alone = run(engine, [(p, greedy, None)])[0]
     grammar = compiler.compile(GrammarSpec.json_object())
-    mixed = run(engine, [(p, SamplingParams(max_tokens=24, temperature=1.0, seed=i), grammar) for i in range(3)]
+    mixed = run(engine, [(p, SamplingParams(max_tokens=24, temperature=50.0, seed=i), grammar) for i in range(3)]
                 + [(p, greedy, None)])
     assert [e.token_id for e in mixed[-1]] == [e.token_id for e in alone]
     assert text_of(mixed[-1]) == text_of(alone)
@@ -155,6 +155,30 @@ def test_a_grammar_the_vocabulary_cannot_spell_ends_in_an_error(engine, compiler
     engine's mask then allows a token its matcher rejects) instead of producing text outside the grammar."""
     grammar = compiler.compile(GrammarSpec.choice(["\U00040000"]))
     events = run(engine, [(prompt(smol_tokenizer), SamplingParams(max_tokens=8, temperature=0.0), grammar)])[0]
-    assert events[-1].finish_reason == "error" and events[-1].error_code == "internal_error"
+    assert events[-1].finish_reason == "error" and events[-1].error_code == "invalid_request"
     assert "constrained decoding failed" in (events[-1].error or "")
     assert engine.scheduler.kv_usage == 0.0
+
+
+def test_a_token_the_mask_allows_but_the_parser_refuses_is_resampled(engine, compiler, smol_tokenizer):
+    """Choices that split multi-byte UTF-8 characters across byte tokens (found by the API fuzzer): llguidance's
+    mask can allow a byte token its parser then refuses. The runner checks each sampled token and samples
+    again; where the parser accepts no token at all the request ends with a client error, never with a token
+    outside the grammar and never a server error."""
+    choices = json.loads(r'''["\udba6\ude29\u00f1", "\u00c3", "\u00cc", "\udbb4\udd0d(\u00bf8",
+        "\u009d\u0015\u00a6\ud8b2\ude5c\u00d2", "\u00bb|\u00d1\u0010\u00f1\u00ad\ud99f\ude24P\u0098\u00df",
+        "\u00d6M\u00d7h\udb2d\udcdc", "3\udb86\ude57", "\u00da",
+        "\u0002\ud937\udd1cM\udb57\udd32.\u009a\u0081\u008a\ud97b\udd88"]''')
+    grammar = compiler.compile(GrammarSpec.choice(choices))
+    # a high temperature: near-uniform over the allowed tokens, where the refused byte tokens are often drawn
+    jobs = [(prompt(smol_tokenizer, f"Pick {i}"), SamplingParams(max_tokens=40, temperature=50.0, seed=i), grammar)
+            for i in range(32)]
+    outcomes = {"stop": 0, "refused": 0}
+    for events in run(engine, jobs):
+        if events[-1].finish_reason == "stop":
+            assert text_of(events) in choices
+            outcomes["stop"] += 1
+        else:  # where llguidance's parser accepts no token at all: a client error naming why, never a bad token
+            assert events[-1].error_code == "invalid_request" and "grammar engine cannot" in (events[-1].error or "")
+            outcomes["refused"] += 1
+    assert outcomes["stop"] > 0, outcomes
