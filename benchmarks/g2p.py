@@ -26,9 +26,28 @@ import httpx
 import numpy as np
 
 MODEL = "cmudict-g2p"
-FALLBACK_WORDS = ("porpoise", "memorizing", "any", "ad-lib", "sathyavagiswaran", "baby-sit", "expansionary",
-                  "trillion", "larceny", "maynard", "panthers", "moralism", "advisable", "laterites", "apollonian",
-                  "nonbusiness", "emancipated", "deoxyribonucleic", "self-consciousness", "misrepresentations")
+FALLBACK_WORDS = (
+    "porpoise",
+    "memorizing",
+    "any",
+    "ad-lib",
+    "sathyavagiswaran",
+    "baby-sit",
+    "expansionary",
+    "trillion",
+    "larceny",
+    "maynard",
+    "panthers",
+    "moralism",
+    "advisable",
+    "laterites",
+    "apollonian",
+    "nonbusiness",
+    "emancipated",
+    "deoxyribonucleic",
+    "self-consciousness",
+    "misrepresentations",
+)
 
 
 def benchmark_words(seed: int = 0) -> list[str]:
@@ -56,8 +75,14 @@ class Level:
     phones_per_word: float
 
 
-async def run_level(client: httpx.AsyncClient, words: list[str], concurrency: int, num_requests: int,
-                    per_request: int, extra: dict[str, Any]) -> Level:
+async def run_level(
+    client: httpx.AsyncClient,
+    words: list[str],
+    concurrency: int,
+    num_requests: int,
+    per_request: int,
+    extra: dict[str, Any],
+) -> Level:
     latencies: list[float] = []
     phones = errors = 0
     next_request = 0
@@ -82,10 +107,18 @@ async def run_level(client: httpx.AsyncClient, words: list[str], concurrency: in
     seconds = time.perf_counter() - t0
     done = num_requests - errors
     lat = np.array(latencies) * 1000
-    return Level(concurrency, num_requests, done * per_request, errors, round(seconds, 3),
-                 round(done * per_request / seconds, 1), round(done / seconds, 1),
-                 round(float(np.percentile(lat, 50)), 2), round(float(np.percentile(lat, 99)), 2),
-                 round(phones / max(done * per_request, 1), 2))
+    return Level(
+        concurrency,
+        num_requests,
+        done * per_request,
+        errors,
+        round(seconds, 3),
+        round(done * per_request / seconds, 1),
+        round(done / seconds, 1),
+        round(float(np.percentile(lat, 50)), 2),
+        round(float(np.percentile(lat, 99)), 2),
+        round(phones / max(done * per_request, 1), 2),
+    )
 
 
 async def main_async(a: argparse.Namespace) -> list[Level]:
@@ -102,17 +135,25 @@ async def main_async(a: argparse.Namespace) -> list[Level]:
         for c in a.concurrency:
             await run_level(client, words, c, min(a.warmup, a.num_requests), a.words_per_request, extra)  # warm-up
             lv = await run_level(client, words, c, a.num_requests, a.words_per_request, extra)
-            print(f"concurrency {c}: {lv.words_per_s} words/s, p50 {lv.latency_p50_ms} ms, p99 {lv.latency_p99_ms} ms"
-                  f" ({lv.errors} errors)", file=sys.stderr)
+            print(
+                f"concurrency {c}: {lv.words_per_s} words/s, p50 {lv.latency_p50_ms} ms, p99 {lv.latency_p99_ms} ms"
+                f" ({lv.errors} errors)",
+                file=sys.stderr,
+            )
             levels.append(lv)
     return levels
 
 
 def table(levels: list[Level]) -> str:
-    rows = ["| concurrency | words/s | requests/s | latency p50 (ms) | latency p99 (ms) | errors |",
-            "|---:|---:|---:|---:|---:|---:|"]
-    rows += [f"| {lv.concurrency} | {lv.words_per_s:.0f} | {lv.requests_per_s:.0f} | {lv.latency_p50_ms:.1f} | "
-             f"{lv.latency_p99_ms:.1f} | {lv.errors} |" for lv in levels]
+    rows = [
+        "| concurrency | words/s | requests/s | latency p50 (ms) | latency p99 (ms) | errors |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
+    rows += [
+        f"| {lv.concurrency} | {lv.words_per_s:.0f} | {lv.requests_per_s:.0f} | {lv.latency_p50_ms:.1f} | "
+        f"{lv.latency_p99_ms:.1f} | {lv.errors} |"
+        for lv in levels
+    ]
     return "\n".join(rows)
 
 
@@ -123,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-requests", type=int, default=1000, help="measured requests per level")
     p.add_argument("--warmup", type=int, default=64, help="unmeasured requests before each level")
     p.add_argument("--words-per-request", type=int, default=1)
-    p.add_argument("--extra-body", default=None, help='JSON merged into every request, e.g. \'{"n": 4}\'')
+    p.add_argument("--extra-body", default=None, help="JSON merged into every request, e.g. '{\"n\": 4}'")
     p.add_argument("--api-key", default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="also write the levels to this JSON file")
@@ -133,8 +174,15 @@ def main(argv: list[str] | None = None) -> int:
     print(table(levels))
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({"base_url": a.base_url, "args": {k: v for k, v in vars(a).items() if k != "api_key"},
-                       "levels": [asdict(lv) for lv in levels]}, f, indent=2)
+            json.dump(
+                {
+                    "base_url": a.base_url,
+                    "args": {k: v for k, v in vars(a).items() if k != "api_key"},
+                    "levels": [asdict(lv) for lv in levels],
+                },
+                f,
+                indent=2,
+            )
     return 0
 
 

@@ -84,9 +84,13 @@ def create_app(model: Any, tokenizer: Any, name: str) -> FastAPI:
             def work() -> None:
                 try:
                     with torch.inference_mode():
-                        model.generate(inputs, attention_mask=torch.ones_like(inputs),
-                                       streamer=_TokenStreamer(loop, queue),
-                                       stopping_criteria=StoppingCriteriaList([_StopFlag(stop)]), **kw)
+                        model.generate(
+                            inputs,
+                            attention_mask=torch.ones_like(inputs),
+                            streamer=_TokenStreamer(loop, queue),
+                            stopping_criteria=StoppingCriteriaList([_StopFlag(stop)]),
+                            **kw,
+                        )
                 except Exception:
                     log.exception("generate failed")
                     loop.call_soon_threadsafe(queue.put_nowait, None)
@@ -102,7 +106,7 @@ def create_app(model: Any, tokenizer: Any, name: str) -> FastAPI:
                     if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
                         yield "", len(out)
                         continue
-                    delta, sent = text[len(sent):], text
+                    delta, sent = text[len(sent) :], text
                     yield delta, len(out)
             finally:
                 stop.set()
@@ -110,8 +114,12 @@ def create_app(model: Any, tokenizer: Any, name: str) -> FastAPI:
 
     async def respond(ids: list[int], body: dict[str, Any], chat: bool) -> Any:
         rid, created = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", int(time.time())
-        head = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion", "created": created,
-                "model": name}
+        head = {
+            "id": rid,
+            "object": "chat.completion.chunk" if chat else "text_completion",
+            "created": created,
+            "model": name,
+        }
 
         def choice(text: str, finish: str | None) -> dict[str, Any]:
             if chat:
@@ -130,8 +138,13 @@ def create_app(model: Any, tokenizer: Any, name: str) -> FastAPI:
                         yield _sse({**head, "choices": [choice(delta, None)]})
                 yield _sse({**head, "choices": [choice("", "length" if n >= max_tokens else "stop")]})
                 if include_usage:
-                    yield _sse({**head, "choices": [], "usage": {"prompt_tokens": len(ids), "completion_tokens": n,
-                                                                 "total_tokens": len(ids) + n}})
+                    yield _sse(
+                        {
+                            **head,
+                            "choices": [],
+                            "usage": {"prompt_tokens": len(ids), "completion_tokens": n, "total_tokens": len(ids) + n},
+                        }
+                    )
                 yield b"data: [DONE]\n\n"
 
             return StreamingResponse(events(), media_type="text/event-stream")
@@ -139,10 +152,17 @@ def create_app(model: Any, tokenizer: Any, name: str) -> FastAPI:
         async for delta, k in generate(ids, body):
             text, n = text + delta, k
         finish = "length" if n >= max_tokens else "stop"
-        msg = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish} if chat else \
-            {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
-        return {**head, "object": "chat.completion" if chat else "text_completion", "choices": [msg],
-                "usage": {"prompt_tokens": len(ids), "completion_tokens": n, "total_tokens": len(ids) + n}}
+        msg = (
+            {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
+            if chat
+            else {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+        )
+        return {
+            **head,
+            "object": "chat.completion" if chat else "text_completion",
+            "choices": [msg],
+            "usage": {"prompt_tokens": len(ids), "completion_tokens": n, "total_tokens": len(ids) + n},
+        }
 
     @app.get("/health")
     async def health() -> dict[str, str]:
@@ -161,8 +181,9 @@ def create_app(model: Any, tokenizer: Any, name: str) -> FastAPI:
         body = await request.json()
         prompt = body.get("prompt")
         if not isinstance(prompt, str):
-            return JSONResponse({"error": {"message": "prompt must be a string", "type": "invalid_request_error"}},
-                                status_code=400)
+            return JSONResponse(
+                {"error": {"message": "prompt must be a string", "type": "invalid_request_error"}}, status_code=400
+            )
         return await respond(tokenizer(prompt, add_special_tokens=True)["input_ids"], body, chat=False)
 
     @app.post("/v1/chat/completions")
@@ -208,8 +229,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     t0 = time.perf_counter()
     model, tok = load(path, dtype)
     name = a.served_model_name or os.path.splitext(os.path.basename(path.rstrip("/")))[0]
-    log.info("loaded %s (%s) in %.1f s; serving as %r with %d threads", path, dtype, time.perf_counter() - t0, name,
-             torch.get_num_threads())
+    log.info(
+        "loaded %s (%s) in %.1f s; serving as %r with %d threads",
+        path,
+        dtype,
+        time.perf_counter() - t0,
+        name,
+        torch.get_num_threads(),
+    )
     uvicorn.run(create_app(model, tok, name), host=a.host, port=a.port, log_level="warning")
 
 

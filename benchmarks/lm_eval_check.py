@@ -47,14 +47,21 @@ def run_lm_eval(base_url: str, tasks: list[str], limit: int | None, num_concurre
     from lm_eval.tasks import TaskManager
 
     model = served_model_id(base_url, "default")
-    args = (f"model={model},base_url={base_url}/v1/completions,tokenizer_backend=remote,"
-            f"num_concurrent={num_concurrent},max_retries=1")
+    args = (
+        f"model={model},base_url={base_url}/v1/completions,tokenizer_backend=remote,"
+        f"num_concurrent={num_concurrent},max_retries=1"
+    )
     cwd = os.getcwd()
     os.chdir(REPO)  # the task files name their data relative to the repository root
     try:
         out: dict[str, Any] = lm_eval.simple_evaluate(
-            model="local-completions", model_args=args, tasks=tasks, limit=limit, log_samples=True,
-            task_manager=TaskManager(include_path=str(TASKS_DIR)))
+            model="local-completions",
+            model_args=args,
+            tasks=tasks,
+            limit=limit,
+            log_samples=True,
+            task_manager=TaskManager(include_path=str(TASKS_DIR)),
+        )
     finally:
         os.chdir(cwd)
     return out
@@ -73,7 +80,7 @@ def _encode_pair(tok: Any, context: str, continuation: str) -> tuple[list[int], 
         context, continuation = context[:-n], context[-n:] + continuation
     whole = tok.encode(context + continuation, add_special_tokens=False)
     ctx = tok.encode(context, add_special_tokens=False)
-    return ctx, whole[len(ctx):]
+    return ctx, whole[len(ctx) :]
 
 
 @torch.no_grad()
@@ -104,8 +111,10 @@ def reference_gen(lm: Any, limit: int | None, max_new: int = 16) -> tuple[float,
     import string
 
     docs = _docs(GEN_TASK, limit)
-    prefix = ("Answer each question in a few words.\n\nQuestion: What color is grass?\nAnswer: Green\n\n"
-              "Question: What is the capital of England?\nAnswer: London\n\n")
+    prefix = (
+        "Answer each question in a few words.\n\nQuestion: What color is grass?\nAnswer: Green\n\n"
+        "Question: What is the capital of England?\nAnswer: London\n\n"
+    )
     eos = set(lm.tokenizer.eos_token_ids)
     texts, hits = [], 0
     for d in docs:
@@ -133,8 +142,11 @@ def compare(results: dict[str, Any], model_path: str | None, limit: int | None) 
     from model_core.weights.loader import load_lm
 
     lm = load_lm(model_path or find_default_model())
-    summary: dict[str, Any] = {"lm_eval": {k: {m: v for m, v in r.items() if "stderr" not in m and m != "alias"}
-                                           for k, r in results["results"].items()}}
+    summary: dict[str, Any] = {
+        "lm_eval": {
+            k: {m: v for m, v in r.items() if "stderr" not in m and m != "alias"} for k, r in results["results"].items()
+        }
+    }
     samples = results.get("samples", {})
     if MC_TASK in samples:
         ref, ref_lls = reference_mc(lm, limit)
@@ -148,8 +160,7 @@ def compare(results: dict[str, Any], model_path: str | None, limit: int | None) 
         em, texts = reference_gen(lm, limit)
         served_texts = {s["doc_id"]: s["filtered_resps"][0] for s in samples[GEN_TASK]}
         summary.setdefault("reference", {})[GEN_TASK] = {"exact_match": em}
-        summary["generations_equal_to_reference"] = sum(
-            served_texts.get(i) == t for i, t in enumerate(texts))
+        summary["generations_equal_to_reference"] = sum(served_texts.get(i) == t for i, t in enumerate(texts))
         summary["generations"] = len(texts)
     return summary
 
@@ -161,8 +172,25 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         results = run_lm_eval(a.base_url.rstrip("/"), tasks, a.limit, a.num_concurrent)
     else:
         port = free_port()
-        launch = Launch("ours", (sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(port),
-                                 "--enable-gan", "false", "--log-level", "warning"), (), port, "/ready")
+        launch = Launch(
+            "ours",
+            (
+                sys.executable,
+                "-m",
+                "service",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--enable-gan",
+                "false",
+                "--log-level",
+                "warning",
+            ),
+            (),
+            port,
+            "/ready",
+        )
         with tempfile.TemporaryDirectory() as logs, running(launch, logs, 300.0):
             results = run_lm_eval(launch.base_url, tasks, a.limit, a.num_concurrent)
     summary = compare(results, a.model, a.limit)

@@ -1,6 +1,6 @@
 """PNG plots of a benchmark run: output throughput and TTFT p50 against concurrency, one line per system.
 
-    python -m benchmarks.plot benchmarks/results/<timestamp>.json [--out-dir benchmarks/results]
+python -m benchmarks.plot benchmarks/results/<timestamp>.json [--out-dir benchmarks/results]
 """
 
 from __future__ import annotations
@@ -23,8 +23,15 @@ def _concurrency_levels(levels: Sequence[Mapping[str, Any]]) -> list[Mapping[str
     return sorted(pts, key=lambda lv: lv["max_concurrency"])
 
 
-def _plot(systems: Mapping[str, Sequence[Mapping[str, Any]]], key: str, ylabel: str, title: str, path: str,
-          scale: float = 1.0, logy: bool = False) -> str:
+def _plot(
+    systems: Mapping[str, Sequence[Mapping[str, Any]]],
+    key: str,
+    ylabel: str,
+    title: str,
+    path: str,
+    scale: float = 1.0,
+    logy: bool = False,
+) -> str:
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
     ticks: set[int] = set()
     for name, levels in systems.items():
@@ -57,13 +64,26 @@ def plot_run(run: Mapping[str, Any], out_dir: str) -> list[str]:
     os.makedirs(out_dir, exist_ok=True)
     systems = {name: s["levels"] for name, s in run["systems"].items() if s.get("levels")}
     meta = run.get("meta", {})
-    sub = (f"{meta.get('prompt_set', '')}, {meta.get('output_len', '?')} output tokens, "
-           f"{meta.get('threads', '?')} threads")
+    sub = (
+        f"{meta.get('prompt_set', '')}, {meta.get('output_len', '?')} output tokens, {meta.get('threads', '?')} threads"
+    )
     return [
-        _plot(systems, "output_throughput", "output tokens/s", f"Output throughput ({sub})",
-              os.path.join(out_dir, "throughput.png")),
-        _plot(systems, "median_ttft_ms", "TTFT p50 (s)", f"Time to first token ({sub})",
-              os.path.join(out_dir, "ttft.png"), scale=1e-3, logy=True),
+        _plot(
+            systems,
+            "output_throughput",
+            "output tokens/s",
+            f"Output throughput ({sub})",
+            os.path.join(out_dir, "throughput.png"),
+        ),
+        _plot(
+            systems,
+            "median_ttft_ms",
+            "TTFT p50 (s)",
+            f"Time to first token ({sub})",
+            os.path.join(out_dir, "ttft.png"),
+            scale=1e-3,
+            logy=True,
+        ),
     ]
 
 

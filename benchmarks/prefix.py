@@ -36,8 +36,11 @@ from benchmarks.run import RESULTS, Launch, _cpu_name, free_port, llama_server_b
 from benchmarks.serve import BenchConfig, RequestResult, send_request
 
 SYSTEMS = ("ours", "ours-nocache", "llama")
-LABELS = {"ours": "ours (prefix cache)", "ours-nocache": "ours (--no-enable-prefix-caching)",
-          "llama": "llama-server (--cache-reuse 256)"}
+LABELS = {
+    "ours": "ours (prefix cache)",
+    "ours-nocache": "ours (--no-enable-prefix-caching)",
+    "llama": "llama-server (--cache-reuse 256)",
+}
 
 
 def conversation_prompts(conv: int, turns: int) -> list[str]:
@@ -48,8 +51,9 @@ def conversation_prompts(conv: int, turns: int) -> list[str]:
     for t in range(turns):
         prompts.append(history + "<|im_start|>assistant\n")
         reply = document(10_000 + conv * 100 + t, 3)  # a fixed ~60-token assistant reply
-        history += f"<|im_start|>assistant\n{reply}<|im_end|>\n<|im_start|>user\n{question(conv + 7 * (t + 1))}" \
-                   "<|im_end|>\n"
+        history += (
+            f"<|im_start|>assistant\n{reply}<|im_end|>\n<|im_start|>user\n{question(conv + 7 * (t + 1))}<|im_end|>\n"
+        )
     return prompts
 
 
@@ -63,11 +67,16 @@ class WorkloadResult:
 
     def summary(self) -> dict[str, Any]:
         ok = bool(self.ttft)
-        return {"workload": self.name, "requests": len(self.ttft), "errors": len(self.errors),
-                "first_errors": self.errors[:3], "seconds": round(self.seconds, 2),
-                "ttft_p50_ms": round(1000 * statistics.median(self.ttft), 1) if ok else None,
-                "ttft_p90_ms": round(1000 * sorted(self.ttft)[int(0.9 * (len(self.ttft) - 1))], 1) if ok else None,
-                "mean_prompt_tokens": round(statistics.mean(self.prompt_tokens), 1) if self.prompt_tokens else None}
+        return {
+            "workload": self.name,
+            "requests": len(self.ttft),
+            "errors": len(self.errors),
+            "first_errors": self.errors[:3],
+            "seconds": round(self.seconds, 2),
+            "ttft_p50_ms": round(1000 * statistics.median(self.ttft), 1) if ok else None,
+            "ttft_p90_ms": round(1000 * sorted(self.ttft)[int(0.9 * (len(self.ttft) - 1))], 1) if ok else None,
+            "mean_prompt_tokens": round(statistics.mean(self.prompt_tokens), 1) if self.prompt_tokens else None,
+        }
 
 
 def _count(res: RequestResult, out: WorkloadResult) -> None:
@@ -84,6 +93,7 @@ async def shared_system(cfg: BenchConfig, questions: int, concurrency: int) -> W
     out = WorkloadResult("shared_system")
     sem = asyncio.Semaphore(concurrency)
     async with httpx.AsyncClient(timeout=cfg.request_timeout) as client:
+
         async def one(p: str) -> None:
             async with sem:
                 _count(await send_request(client, cfg, p), out)
@@ -98,6 +108,7 @@ async def multi_turn(cfg: BenchConfig, conversations: int, turns: int, concurren
     out = WorkloadResult("multi_turn")
     sem = asyncio.Semaphore(concurrency)
     async with httpx.AsyncClient(timeout=cfg.request_timeout) as client:
+
         async def conversation(c: int) -> None:
             async with sem:
                 for t, p in enumerate(conversation_prompts(c, turns)):
@@ -127,15 +138,59 @@ def make_launch(system: str, a: argparse.Namespace, gguf: str) -> Launch:
     env = (("OMP_NUM_THREADS", threads), ("MKL_NUM_THREADS", threads))
     if system in ("ours", "ours-nocache"):
         flag = "--enable-prefix-caching" if system == "ours" else "--no-enable-prefix-caching"
-        return Launch(system, (sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(port),
-                               "--model", gguf, "--no-enable-gan", "--no-ui", flag, "--drain-timeout-s", "5",
-                               "--log-level", "warning"), env, port, "/ready")
+        return Launch(
+            system,
+            (
+                sys.executable,
+                "-m",
+                "service",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--model",
+                gguf,
+                "--no-enable-gan",
+                "--no-ui",
+                flag,
+                "--drain-timeout-s",
+                "5",
+                "--log-level",
+                "warning",
+            ),
+            env,
+            port,
+            "/ready",
+        )
     if system == "llama":
         binary = llama_server_binary(a.llama_server)
         slots = a.concurrency
-        return Launch("llama", (binary, "-m", gguf, "--host", "127.0.0.1", "--port", str(port), "-np", str(slots),
-                                "-c", str(slots * 4096), "-cb", "-t", threads, "-tb", threads,
-                                "--cache-reuse", "256"), env, port, "/health")
+        return Launch(
+            "llama",
+            (
+                binary,
+                "-m",
+                gguf,
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "-np",
+                str(slots),
+                "-c",
+                str(slots * 4096),
+                "-cb",
+                "-t",
+                threads,
+                "-tb",
+                threads,
+                "--cache-reuse",
+                "256",
+            ),
+            env,
+            port,
+            "/health",
+        )
     raise ValueError(f"unknown system {system!r}; expected one of {', '.join(SYSTEMS)}")
 
 
@@ -143,14 +198,17 @@ def bench_system(system: str, a: argparse.Namespace, gguf: str, log_dir: str) ->
     launch = make_launch(system, a, gguf)
     with running(launch, log_dir, a.ready_timeout):
         model = served_model_id(launch.base_url, Path(gguf).name)
-        cfg = BenchConfig(base_url=launch.base_url, model=model, prompts=(), output_len=a.output_len,
-                          ignore_eos=True, temperature=0.0)
+        cfg = BenchConfig(
+            base_url=launch.base_url, model=model, prompts=(), output_len=a.output_len, ignore_eos=True, temperature=0.0
+        )
         # warm-up, unrelated to the workloads: a short prompt, then a long one (a server's first long prefill
         # can pay one-time costs)
         asyncio.run(send_one(cfg, chatml("Say hello.")))
         asyncio.run(send_one(cfg, chatml(f"Summarise this.\n\n{document(99_999, 60)}")))
-        results = [asyncio.run(shared_system(cfg, a.questions, a.concurrency)),
-                   asyncio.run(multi_turn(cfg, a.conversations, a.turns, a.concurrency))]
+        results = [
+            asyncio.run(shared_system(cfg, a.questions, a.concurrency)),
+            asyncio.run(multi_turn(cfg, a.conversations, a.turns, a.concurrency)),
+        ]
     return {"system": system, "label": LABELS[system], "workloads": [r.summary() for r in results]}
 
 
@@ -162,14 +220,18 @@ async def send_one(cfg: BenchConfig, prompt: str) -> None:
 
 
 def markdown(run: dict[str, Any]) -> str:
-    rows = ["| workload | system | TTFT p50 (ms) | TTFT p90 (ms) | mean prompt tokens | requests | errors |",
-            "|---|---|---:|---:|---:|---:|---:|"]
+    rows = [
+        "| workload | system | TTFT p50 (ms) | TTFT p90 (ms) | mean prompt tokens | requests | errors |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
     by: dict[tuple[str, str], dict[str, Any]] = {}
     for s in run["systems"]:
         for w in s["workloads"]:
             by[(w["workload"], s["system"])] = w
-            rows.append(f"| {w['workload']} | {s['label']} | {w['ttft_p50_ms']} | {w['ttft_p90_ms']} | "
-                        f"{w['mean_prompt_tokens']} | {w['requests']} | {w['errors']} |")
+            rows.append(
+                f"| {w['workload']} | {s['label']} | {w['ttft_p50_ms']} | {w['ttft_p90_ms']} | "
+                f"{w['mean_prompt_tokens']} | {w['requests']} | {w['errors']} |"
+            )
     lines = ["\n".join(rows), ""]
     for wl in ("shared_system", "multi_turn"):
         ours = by.get((wl, "ours"), {}).get("ttft_p50_ms")
@@ -195,8 +257,7 @@ def plot(run: dict[str, Any], path: Path) -> None:
         ax.bar(xs, [vals.get(w, 0) for w in workloads], width, label=s["label"])
     ax.set_xticks([i + width * (len(run["systems"]) - 1) / 2 for i in range(len(workloads))], workloads)
     ax.set_ylabel("TTFT p50 (ms)")
-    ax.set_title(f"Prefix reuse, concurrency {run['concurrency']} ({run['cpu']}, {run['threads']} threads)",
-                 fontsize=9)
+    ax.set_title(f"Prefix reuse, concurrency {run['concurrency']} ({run['cpu']}, {run['threads']} threads)", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
@@ -218,9 +279,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     a = ap.parse_args(argv)
     if a.model is None:
         a.model = default_gguf()
-    run: dict[str, Any] = {"cpu": _cpu_name(), "threads": a.threads, "concurrency": a.concurrency,
-                           "questions": a.questions, "conversations": a.conversations, "turns": a.turns,
-                           "output_len": a.output_len, "model": Path(a.model).name, "systems": []}
+    run: dict[str, Any] = {
+        "cpu": _cpu_name(),
+        "threads": a.threads,
+        "concurrency": a.concurrency,
+        "questions": a.questions,
+        "conversations": a.conversations,
+        "turns": a.turns,
+        "output_len": a.output_len,
+        "model": Path(a.model).name,
+        "systems": [],
+    }
     with tempfile.TemporaryDirectory(prefix="bench-prefix-") as log_dir:
         for system in [s for s in a.systems.split(",") if s]:
             run["systems"].append(bench_system(system, a, a.model, log_dir))

@@ -21,12 +21,38 @@ PROMPT_SETS = ("short_chat", "long_prompt", "shared_system")
 _SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 
 _TOPICS = (
-    "photosynthesis", "the water cycle", "volcanoes", "black holes", "the Roman Empire", "bread baking",
-    "electric cars", "honey bees", "the human heart", "ocean tides", "the printing press", "rainbows",
-    "chess openings", "compound interest", "vaccines", "plate tectonics", "jazz music", "the Moon landing",
-    "recycling plastic", "solar panels", "migrating birds", "coffee roasting", "glaciers", "the internet",
-    "earthquakes", "penguins", "the Olympic games", "wind turbines", "sourdough starters", "coral reefs",
-    "the Great Wall of China", "lightning",
+    "photosynthesis",
+    "the water cycle",
+    "volcanoes",
+    "black holes",
+    "the Roman Empire",
+    "bread baking",
+    "electric cars",
+    "honey bees",
+    "the human heart",
+    "ocean tides",
+    "the printing press",
+    "rainbows",
+    "chess openings",
+    "compound interest",
+    "vaccines",
+    "plate tectonics",
+    "jazz music",
+    "the Moon landing",
+    "recycling plastic",
+    "solar panels",
+    "migrating birds",
+    "coffee roasting",
+    "glaciers",
+    "the internet",
+    "earthquakes",
+    "penguins",
+    "the Olympic games",
+    "wind turbines",
+    "sourdough starters",
+    "coral reefs",
+    "the Great Wall of China",
+    "lightning",
 )
 
 _QUESTIONS = (
@@ -40,18 +66,60 @@ _QUESTIONS = (
     "Summarise what scientists know about {t}.",
 )
 
-_SUBJECTS = ("The committee", "A small team of engineers", "The old harbour town", "Our research group",
-             "The city council", "A travelling musician", "The village library", "The mountain observatory",
-             "A local farmer", "The night-shift nurse", "The museum curator", "A young inventor")
-_VERBS = ("reviewed", "discovered", "rebuilt", "questioned", "documented", "celebrated", "measured",
-          "repaired", "described", "planned", "compared", "explained")
-_OBJECTS = ("the annual budget", "an unusual pattern in the data", "the bridge over the river",
-            "the results of the long experiment", "a forgotten manuscript", "the new irrigation system",
-            "the schedule for the coming winter", "the causes of the flood", "a map of the northern coast",
-            "the design of a quieter engine", "the history of the market square", "the cost of the repairs")
-_TAILS = ("after a long debate.", "with great care.", "before the storm arrived.", "despite the cold weather.",
-          "for the first time in decades.", "to everyone's surprise.", "in less than a week.",
-          "using only simple tools.", "while the town slept.", "as the season changed.")
+_SUBJECTS = (
+    "The committee",
+    "A small team of engineers",
+    "The old harbour town",
+    "Our research group",
+    "The city council",
+    "A travelling musician",
+    "The village library",
+    "The mountain observatory",
+    "A local farmer",
+    "The night-shift nurse",
+    "The museum curator",
+    "A young inventor",
+)
+_VERBS = (
+    "reviewed",
+    "discovered",
+    "rebuilt",
+    "questioned",
+    "documented",
+    "celebrated",
+    "measured",
+    "repaired",
+    "described",
+    "planned",
+    "compared",
+    "explained",
+)
+_OBJECTS = (
+    "the annual budget",
+    "an unusual pattern in the data",
+    "the bridge over the river",
+    "the results of the long experiment",
+    "a forgotten manuscript",
+    "the new irrigation system",
+    "the schedule for the coming winter",
+    "the causes of the flood",
+    "a map of the northern coast",
+    "the design of a quieter engine",
+    "the history of the market square",
+    "the cost of the repairs",
+)
+_TAILS = (
+    "after a long debate.",
+    "with great care.",
+    "before the storm arrived.",
+    "despite the cold weather.",
+    "for the first time in decades.",
+    "to everyone's surprise.",
+    "in less than a week.",
+    "using only simple tools.",
+    "while the town slept.",
+    "as the season changed.",
+)
 
 _SHARED_RULES = (
     "Answer in clear, plain English and keep the tone friendly and professional.",
@@ -71,8 +139,7 @@ _SHARED_RULES = (
 
 def chatml(user: str, system: str = _SYSTEM) -> str:
     """A ChatML conversation ready for the assistant's turn (SmolLM2's template)."""
-    return (f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{user}<|im_end|>\n"
-            f"<|im_start|>assistant\n")
+    return f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
 
 
 def question(i: int) -> str:
@@ -86,18 +153,22 @@ def question(i: int) -> str:
 def document(i: int, n_sentences: int) -> str:
     """A fixed pseudo-report of n_sentences sentences (about 20 tokens each), the same for the same i."""
     rng = random.Random(1000 + i)
-    sentences = [f"{rng.choice(_SUBJECTS)} {rng.choice(_VERBS)} {rng.choice(_OBJECTS)} {rng.choice(_TAILS)}"
-                 for _ in range(n_sentences)]
-    paragraphs = [" ".join(sentences[k:k + 6]) for k in range(0, n_sentences, 6)]
+    sentences = [
+        f"{rng.choice(_SUBJECTS)} {rng.choice(_VERBS)} {rng.choice(_OBJECTS)} {rng.choice(_TAILS)}"
+        for _ in range(n_sentences)
+    ]
+    paragraphs = [" ".join(sentences[k : k + 6]) for k in range(0, n_sentences, 6)]
     return "\n\n".join(paragraphs)
 
 
 def shared_system_prompt(long: bool = False) -> str:
     """The help desk's system prompt: about 540 tokens, or with `long` about 1,600."""
     rules = "\n".join(f"{k + 1}. {r}" for k, r in enumerate(_SHARED_RULES))
-    return (f"{_SYSTEM}. You work for a public library's help desk and answer visitors' questions.\n"
-            f"Follow these rules in every answer:\n{rules}\n"
-            f"Background for the help desk:\n{document(-1, 86 if long else 16)}")
+    return (
+        f"{_SYSTEM}. You work for a public library's help desk and answer visitors' questions.\n"
+        f"Follow these rules in every answer:\n{rules}\n"
+        f"Background for the help desk:\n{document(-1, 86 if long else 16)}"
+    )
 
 
 def make_prompts(name: str, n: int) -> list[str]:
@@ -107,8 +178,13 @@ def make_prompts(name: str, n: int) -> list[str]:
     if name == "short_chat":
         return [chatml(question(i)) for i in range(n)]
     if name == "long_prompt":
-        return [chatml(f"Read the following report.\n\n{document(i, 64)}\n\nWhat is the main theme of the report? "
-                       f"({question(i)})") for i in range(n)]
+        return [
+            chatml(
+                f"Read the following report.\n\n{document(i, 64)}\n\nWhat is the main theme of the report? "
+                f"({question(i)})"
+            )
+            for i in range(n)
+        ]
     if name == "shared_system":
         system = shared_system_prompt()
         return [chatml(question(i), system=system) for i in range(n)]

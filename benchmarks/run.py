@@ -96,8 +96,9 @@ def wait_ready(launch: Launch, proc: subprocess.Popen[bytes], timeout: float, lo
     url = launch.base_url + launch.ready_path
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise ServerExited(f"{launch.name} exited with code {proc.returncode} before ready; log: {log_path}",
-                               proc.returncode)
+            raise ServerExited(
+                f"{launch.name} exited with code {proc.returncode} before ready; log: {log_path}", proc.returncode
+            )
         try:
             if httpx.get(url, timeout=2.0).status_code == 200:
                 return
@@ -113,8 +114,14 @@ def running(launch: Launch, log_dir: str, ready_timeout: float) -> Iterator[subp
     log_path = os.path.join(log_dir, f"{launch.name}.log")
     log(f"starting {launch.name}: {' '.join(launch.cmd)}  (log: {log_path})")
     with open(log_path, "ab") as logf:  # a retry appends to the same log
-        proc = subprocess.Popen(list(launch.cmd), stdout=logf, stderr=subprocess.STDOUT, cwd=REPO,
-                                env={**os.environ, **dict(launch.env)}, start_new_session=True)
+        proc = subprocess.Popen(
+            list(launch.cmd),
+            stdout=logf,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+            env={**os.environ, **dict(launch.env)},
+            start_new_session=True,
+        )
         try:
             t0 = time.perf_counter()
             wait_ready(launch, proc, ready_timeout, log_path)
@@ -161,19 +168,85 @@ def make_launch(system: str, a: argparse.Namespace, gguf: str, dtype: str, slots
     env = (("OMP_NUM_THREADS", threads), ("MKL_NUM_THREADS", threads))
     py = sys.executable
     if system == "ours":
-        return Launch("ours", (py, "-m", "service", "--host", "127.0.0.1", "--port", str(port), "--model", gguf,
-                               "--dtype", dtype, "--kernels", a.kernels, "--enable-gan", "false",
-                               "--drain-timeout-s", "5",
-                               "--max-num-seqs", str(max(32, slots)), "--log-level", "warning", *a.ours_args),
-                      env, port, "/ready")
+        return Launch(
+            "ours",
+            (
+                py,
+                "-m",
+                "service",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--model",
+                gguf,
+                "--dtype",
+                dtype,
+                "--kernels",
+                a.kernels,
+                "--enable-gan",
+                "false",
+                "--drain-timeout-s",
+                "5",
+                "--max-num-seqs",
+                str(max(32, slots)),
+                "--log-level",
+                "warning",
+                *a.ours_args,
+            ),
+            env,
+            port,
+            "/ready",
+        )
     if system == "hf":
-        return Launch("hf", (py, "-m", "benchmarks.hf_server", "--host", "127.0.0.1", "--port", str(port),
-                             "--model", gguf, "--dtype", dtype, "--threads", threads), env, port, "/health")
+        return Launch(
+            "hf",
+            (
+                py,
+                "-m",
+                "benchmarks.hf_server",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--model",
+                gguf,
+                "--dtype",
+                dtype,
+                "--threads",
+                threads,
+            ),
+            env,
+            port,
+            "/health",
+        )
     if system == "llama":
         binary = llama_server_binary(a.llama_server)
-        return Launch("llama", (binary, "-m", gguf, "--host", "127.0.0.1", "--port", str(port), "-np", str(slots),
-                                "-c", str(slots * ctx), "-cb", "-t", threads, "-tb", threads, *a.llama_args),
-                      env, port, "/health")
+        return Launch(
+            "llama",
+            (
+                binary,
+                "-m",
+                gguf,
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "-np",
+                str(slots),
+                "-c",
+                str(slots * ctx),
+                "-cb",
+                "-t",
+                threads,
+                "-tb",
+                threads,
+                *a.llama_args,
+            ),
+            env,
+            port,
+            "/health",
+        )
     raise ValueError(f"unknown system {system!r}; expected one of {', '.join(SYSTEMS)}")
 
 
@@ -182,8 +255,14 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 
 def _by_conc(levels: Sequence[Mapping[str, Any]], c: int) -> Mapping[str, Any] | None:
-    return next((lv for lv in levels if lv.get("request_rate") is None and lv.get("max_concurrency") == c
-                 and lv.get("completed")), None)
+    return next(
+        (
+            lv
+            for lv in levels
+            if lv.get("request_rate") is None and lv.get("max_concurrency") == c and lv.get("completed")
+        ),
+        None,
+    )
 
 
 def targets(run: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -196,14 +275,24 @@ def targets(run: Mapping[str, Any]) -> list[dict[str, Any]]:
         return None if lv is None else lv.get(k)
 
     rows = [
-        ("single-stream decode tok/s (1/TPOT p50, c=1), ours/llama", _ratio(get(o1, "decode_tok_s"),
-                                                                          get(l1, "decode_tok_s")), ">=", 1.0),
-        ("output throughput at c=16, ours/llama", _ratio(get(o16, "output_throughput"),
-                                                        get(l16, "output_throughput")), ">=", 2.0),
+        (
+            "single-stream decode tok/s (1/TPOT p50, c=1), ours/llama",
+            _ratio(get(o1, "decode_tok_s"), get(l1, "decode_tok_s")),
+            ">=",
+            1.0,
+        ),
+        (
+            "output throughput at c=16, ours/llama",
+            _ratio(get(o16, "output_throughput"), get(l16, "output_throughput")),
+            ">=",
+            2.0,
+        ),
         ("TTFT p50 at c=16, ours/llama", _ratio(get(o16, "median_ttft_ms"), get(l16, "median_ttft_ms")), "<=", 1.0),
     ]
-    return [{"target": t, "value": v, "op": op, "goal": g,
-             "met": None if v is None else (v >= g if op == ">=" else v <= g)} for t, v, op, g in rows]
+    return [
+        {"target": t, "value": v, "op": op, "goal": g, "met": None if v is None else (v >= g if op == ">=" else v <= g)}
+        for t, v, op, g in rows
+    ]
 
 
 def roofline_fractions(run: Mapping[str, Any]) -> dict[str, dict[str, float | None]]:
@@ -218,15 +307,19 @@ def roofline_fractions(run: Mapping[str, Any]) -> dict[str, dict[str, float | No
         if not levels:
             continue
         wbytes = {"llama": mb["stored_bytes"], "ours": mb.get("decode_bytes", mb["dense_bytes"])}.get(
-            name, mb["dense_bytes"])
+            name, mb["dense_bytes"]
+        )
         one = _by_conc(levels, 1)
         top = max(levels, key=lambda lv: lv["max_concurrency"])
         d1 = one.get("decode_tok_s") if one else None
         out[name] = {
-            "weight_bytes": wbytes, "batch1_decode_tok_s": d1,
+            "weight_bytes": wbytes,
+            "batch1_decode_tok_s": d1,
             "batch1_bandwidth_fraction": bandwidth.bandwidth_fraction(d1, wbytes, roof["read_bandwidth_gb_s"])
-            if d1 else None,
-            "max_concurrency": top["max_concurrency"], "max_conc_output_tok_s": top["output_throughput"],
+            if d1
+            else None,
+            "max_concurrency": top["max_concurrency"],
+            "max_conc_output_tok_s": top["output_throughput"],
             "max_conc_flop_fraction": bandwidth.flop_fraction(top["output_throughput"], mb["params"], gflops),
         }
     return out
@@ -243,12 +336,16 @@ def _x(v: float | None) -> str:
 def markdown_report(run: Mapping[str, Any]) -> str:
     """latest.md: setup, the table (with ours/llama ratio rows), targets and roofline fractions."""
     meta = run["meta"]
-    lines = [f"# Serving benchmark {meta['timestamp']}", "",
-             f"Model `{os.path.basename(meta['model'])}` ({meta['dtype']} for ours and HF; llama-server runs the GGUF "
-             f"as stored), prompt set `{meta['prompt_set']}`, {meta['output_len']} output tokens per request "
-             f"(`ignore_eos`, temperature 0), {_n(meta['threads'], 'thread')}, up to {meta['num_prompts']} "
-             f"requests per level (at least 2x its concurrency), {meta['max_seconds']:.0f} s per level. "
-             f"CPU: {meta['cpu']}.{' QUICK run: indicative only.' if meta.get('quick') else ''}", ""]
+    lines = [
+        f"# Serving benchmark {meta['timestamp']}",
+        "",
+        f"Model `{os.path.basename(meta['model'])}` ({meta['dtype']} for ours and HF; llama-server runs the GGUF "
+        f"as stored), prompt set `{meta['prompt_set']}`, {meta['output_len']} output tokens per request "
+        f"(`ignore_eos`, temperature 0), {_n(meta['threads'], 'thread')}, up to {meta['num_prompts']} "
+        f"requests per level (at least 2x its concurrency), {meta['max_seconds']:.0f} s per level. "
+        f"CPU: {meta['cpu']}.{' QUICK run: indicative only.' if meta.get('quick') else ''}",
+        "",
+    ]
     rows = [TABLE_HEADER]
     for name, s in run["systems"].items():
         for lv in s.get("level_objects", []):
@@ -259,14 +356,20 @@ def markdown_report(run: Mapping[str, Any]) -> str:
         other = _by_conc(llama, c) if lv.get("request_rate") is None and c else None
         if other is None or not lv.get("completed"):
             continue
-        rows.append(f"| ours/llama | {c} | {_x(_ratio(lv['request_throughput'], other['request_throughput']))} | "
-                    f"{_x(_ratio(lv['output_throughput'], other['output_throughput']))} | "
-                    f"{_x(_ratio(lv['median_ttft_ms'], other['median_ttft_ms']))} | "
-                    f"{_x(_ratio(lv['p99_ttft_ms'], other['p99_ttft_ms']))} | "
-                    f"{_x(_ratio(lv['median_itl_ms'], other['median_itl_ms']))} | "
-                    f"{_x(_ratio(lv['median_tpot_ms'], other['median_tpot_ms']))} | |")
-    lines += rows + ["", "Ratio rows are ours / llama-server: above 1x is better for req/s and tok/s, below 1x is "
-                     "better for the latencies.", ""]
+        rows.append(
+            f"| ours/llama | {c} | {_x(_ratio(lv['request_throughput'], other['request_throughput']))} | "
+            f"{_x(_ratio(lv['output_throughput'], other['output_throughput']))} | "
+            f"{_x(_ratio(lv['median_ttft_ms'], other['median_ttft_ms']))} | "
+            f"{_x(_ratio(lv['p99_ttft_ms'], other['p99_ttft_ms']))} | "
+            f"{_x(_ratio(lv['median_itl_ms'], other['median_itl_ms']))} | "
+            f"{_x(_ratio(lv['median_tpot_ms'], other['median_tpot_ms']))} | |"
+        )
+    lines += rows + [
+        "",
+        "Ratio rows are ours / llama-server: above 1x is better for req/s and tok/s, below 1x is "
+        "better for the latencies.",
+        "",
+    ]
     errs = [f"- {LABELS.get(n, n)}: {s['error']}" for n, s in run["systems"].items() if s.get("error")]
     if errs:
         lines += ["Errors:", *errs, ""]
@@ -276,21 +379,29 @@ def markdown_report(run: Mapping[str, Any]) -> str:
         lines.append(f"| {t['target']} | {_x(t['value'])} | {t['op']} {t['goal']:.1f}x | {met} |")
     roof, mb = run.get("roofline"), run.get("model_bytes")
     if roof and mb:
-        lines += ["", "## Against this machine's bounds", "",
-                  f"Measured with {_n(roof['threads'], 'thread')}: memory read {roof['read_bandwidth_gb_s']:.1f} GB/s, "
-                  f"matmul {roof['matmul_gflop_s_fp32']:.0f} GFLOP/s fp32, {roof['matmul_gflop_s_bf16']:.0f} GFLOP/s "
-                  f"bf16. Model: {mb['params'] / 1e6:.1f} M parameters, {mb['dense_bytes'] / 1e6:.0f} MB in "
-                  f"{mb['dtype']}, {mb['stored_bytes'] / 1e6:.0f} MB as stored in the GGUF; our decode step reads "
-                  f"{mb.get('decode_bytes', mb['dense_bytes']) / 1e6:.0f} MB (quantized matrices as stored, the "
-                  f"rest in {mb['dtype']}).", "",
-                  "| system | weight MB read per token | batch-1 decode tok/s | of bandwidth bound | concurrency | "
-                  f"output tok/s | of {mb['dtype']} matmul FLOP/s bound |", "|---|---:|---:|---:|---:|---:|---:|"]
+        lines += [
+            "",
+            "## Against this machine's bounds",
+            "",
+            f"Measured with {_n(roof['threads'], 'thread')}: memory read {roof['read_bandwidth_gb_s']:.1f} GB/s, "
+            f"matmul {roof['matmul_gflop_s_fp32']:.0f} GFLOP/s fp32, {roof['matmul_gflop_s_bf16']:.0f} GFLOP/s "
+            f"bf16. Model: {mb['params'] / 1e6:.1f} M parameters, {mb['dense_bytes'] / 1e6:.0f} MB in "
+            f"{mb['dtype']}, {mb['stored_bytes'] / 1e6:.0f} MB as stored in the GGUF; our decode step reads "
+            f"{mb.get('decode_bytes', mb['dense_bytes']) / 1e6:.0f} MB (quantized matrices as stored, the "
+            f"rest in {mb['dtype']}).",
+            "",
+            "| system | weight MB read per token | batch-1 decode tok/s | of bandwidth bound | concurrency | "
+            f"output tok/s | of {mb['dtype']} matmul FLOP/s bound |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
         for name, f in run.get("roofline_fractions", {}).items():
             b1, bf = f["batch1_decode_tok_s"], f["batch1_bandwidth_fraction"]
-            lines.append(f"| {LABELS.get(name, name)} | {f['weight_bytes'] / 1e6:.0f} | "
-                         f"{'-' if b1 is None else f'{b1:.1f}'} | {'-' if bf is None else f'{bf:.1%}'} | "
-                         f"{f['max_concurrency']} | {f['max_conc_output_tok_s']:.1f} | "
-                         f"{f['max_conc_flop_fraction']:.1%} |")
+            lines.append(
+                f"| {LABELS.get(name, name)} | {f['weight_bytes'] / 1e6:.0f} | "
+                f"{'-' if b1 is None else f'{b1:.1f}'} | {'-' if bf is None else f'{bf:.1%}'} | "
+                f"{f['max_concurrency']} | {f['max_conc_output_tok_s']:.1f} | "
+                f"{f['max_conc_flop_fraction']:.1%} |"
+            )
     lines += ["", "![output throughput](throughput.png)", "", "![TTFT](ttft.png)", ""]
     return "\n".join(lines)
 
@@ -319,18 +430,29 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--output-len", type=int, default=None, help="output tokens per request (default 128; quick: 32)")
     ap.add_argument("--prompt-set", choices=PROMPT_SETS, default="short_chat")
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
-    ap.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
-                    help="dtype for ours and HF (auto: what our server picks for its kernels on this CPU)")
-    ap.add_argument("--kernels", default="auto", help="our server's decode backend (--kernels of python -m service), "
-                    "e.g. avx2 to measure the AVX2 build on an AVX-512 machine")
+    ap.add_argument(
+        "--dtype",
+        choices=["auto", "float32", "bfloat16"],
+        default="auto",
+        help="dtype for ours and HF (auto: what our server picks for its kernels on this CPU)",
+    )
+    ap.add_argument(
+        "--kernels",
+        default="auto",
+        help="our server's decode backend (--kernels of python -m service), "
+        "e.g. avx2 to measure the AVX2 build on an AVX-512 machine",
+    )
     ap.add_argument("--model", default=None, help="GGUF file; default: the SmolLM2 GGUF")
     ap.add_argument("--max-seconds", type=float, default=None, help="no request starts later (default 120; quick 60)")
     ap.add_argument("--drain-seconds", type=float, default=60.0, help="then in-flight requests are cancelled")
     ap.add_argument("--ready-timeout", type=float, default=600.0)
     ap.add_argument("--llama-server", default=None, help="llama-server binary (default: build via the peer script)")
     ap.add_argument("--llama-args", default="", help="extra llama-server flags, one string: --llama-args='--no-repack'")
-    ap.add_argument("--ours-args", default="",
-                    help="extra flags for our server, one string: --ours-args='--max-num-batched-tokens 1024'")
+    ap.add_argument(
+        "--ours-args",
+        default="",
+        help="extra flags for our server, one string: --ours-args='--max-num-batched-tokens 1024'",
+    )
     ap.add_argument("--no-roofline", action="store_true", help="skip the bandwidth/FLOP measurement")
     ap.add_argument("--out-dir", default=str(RESULTS))
     ap.add_argument("--log-dir", default=None, help="server logs (default: a new temp folder)")
@@ -348,14 +470,22 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return a
 
 
-def bench_system(launch: Launch, a: argparse.Namespace, rates: Sequence[float], gguf: str,
-                 log_dir: str) -> list[LevelResult]:
+def bench_system(
+    launch: Launch, a: argparse.Namespace, rates: Sequence[float], gguf: str, log_dir: str
+) -> list[LevelResult]:
     """Start one system, sweep it (warm-up before each level), stop it."""
     with running(launch, log_dir, a.ready_timeout) as proc:
         model = served_model_id(launch.base_url, os.path.splitext(os.path.basename(gguf))[0])
         pool = PromptPool(a.prompt_set)  # every system sees the same prompts in the same order
-        base = BenchConfig(base_url=launch.base_url, model=model, prompts=pool.take(1), output_len=a.output_len,
-                           num_requests=a.num_prompts, max_seconds=a.max_seconds, drain_seconds=a.drain_seconds)
+        base = BenchConfig(
+            base_url=launch.base_url,
+            model=model,
+            prompts=pool.take(1),
+            output_len=a.output_len,
+            num_requests=a.num_prompts,
+            max_seconds=a.max_seconds,
+            drain_seconds=a.drain_seconds,
+        )
         try:
             levels = asyncio.run(sweep(base, a.concurrency, rates, prompts_for=pool.take, label=LABELS[launch.name]))
         except RuntimeError:
@@ -363,8 +493,11 @@ def bench_system(launch: Launch, a: argparse.Namespace, rates: Sequence[float], 
                 raise
             levels = []
         if proc.poll() is not None:  # it crashed under load: its figures are not a measurement
-            raise ServerExited(f"{launch.name} exited with code {proc.returncode} during the benchmark; "
-                               f"log: {os.path.join(log_dir, launch.name + '.log')}", proc.returncode)
+            raise ServerExited(
+                f"{launch.name} exited with code {proc.returncode} during the benchmark; "
+                f"log: {os.path.join(log_dir, launch.name + '.log')}",
+                proc.returncode,
+            )
         return levels
 
 
@@ -390,18 +523,36 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     log_dir = a.log_dir or tempfile.mkdtemp(prefix=f"bench-logs-{stamp}-")
     os.makedirs(log_dir, exist_ok=True)
     os.makedirs(a.out_dir, exist_ok=True)
-    run: dict[str, Any] = {"meta": {
-        "timestamp": stamp, "model": gguf, "dtype": dtype, "kernels": a.kernels, "prompt_set": a.prompt_set,
-        "output_len": a.output_len,
-        "num_prompts": a.num_prompts, "concurrency": a.concurrency, "request_rates": rates, "threads": a.threads,
-        "max_seconds": a.max_seconds, "drain_seconds": a.drain_seconds, "quick": a.quick, "cpu": _cpu_name(),
-        "cpus": os.cpu_count(), "python": platform.python_version(), "log_dir": log_dir}, "systems": {}}
+    run: dict[str, Any] = {
+        "meta": {
+            "timestamp": stamp,
+            "model": gguf,
+            "dtype": dtype,
+            "kernels": a.kernels,
+            "prompt_set": a.prompt_set,
+            "output_len": a.output_len,
+            "num_prompts": a.num_prompts,
+            "concurrency": a.concurrency,
+            "request_rates": rates,
+            "threads": a.threads,
+            "max_seconds": a.max_seconds,
+            "drain_seconds": a.drain_seconds,
+            "quick": a.quick,
+            "cpu": _cpu_name(),
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "log_dir": log_dir,
+        },
+        "systems": {},
+    }
     if not a.no_roofline:
         log(f"measuring memory bandwidth and matmul FLOP/s with {a.threads} threads")
         roof = bandwidth.measure(a.threads, (256 << 20) if a.quick else (1 << 30), 3 if a.quick else 5)
         run["roofline"] = asdict(roof)
-        log(f"read {roof.read_bandwidth_gb_s:.1f} GB/s, matmul {roof.matmul_gflop_s_fp32:.0f} GFLOP/s fp32, "
-            f"{roof.matmul_gflop_s_bf16:.0f} GFLOP/s bf16")
+        log(
+            f"read {roof.read_bandwidth_gb_s:.1f} GB/s, matmul {roof.matmul_gflop_s_fp32:.0f} GFLOP/s fp32, "
+            f"{roof.matmul_gflop_s_bf16:.0f} GFLOP/s bf16"
+        )
     run["model_bytes"] = asdict(bandwidth.model_bytes(gguf, dtype))
     ctx = 0
     try:
@@ -421,8 +572,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                     # without weight repacking llama-server does not use them.
                     if system != "llama" or e.returncode != -signal.SIGILL or "--no-repack" in launch.cmd:
                         raise
-                    log("llama-server died of SIGILL (AMX kernels this machine does not allow); retrying "
-                        "with --no-repack")
+                    log(
+                        "llama-server died of SIGILL (AMX kernels this machine does not allow); retrying "
+                        "with --no-repack"
+                    )
                     launch = replace(launch, cmd=(*launch.cmd, "--no-repack"))
                     entry["command"] = list(launch.cmd)
                     levels = bench_system(launch, a, rates, gguf, log_dir)
@@ -430,9 +583,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 entry["levels"] = [lv.to_json() for lv in levels]
                 for lv in levels:
                     m = lv.metrics
-                    log(f"{LABELS[system]} c={lv.max_concurrency}: {m.output_throughput:.1f} tok/s, "
+                    log(
+                        f"{LABELS[system]} c={lv.max_concurrency}: {m.output_throughput:.1f} tok/s, "
                         f"TTFT p50 {m.median_ttft_ms or 0:.0f} ms, {m.completed}/{lv.num_requests_sent} done"
-                        + (f", first error: {lv.first_error}" if lv.first_error else ""))
+                        + (f", first error: {lv.first_error}" if lv.first_error else "")
+                    )
             except (RuntimeError, OSError, ValueError) as e:
                 entry["error"] = f"{type(e).__name__}: {e}"
                 log(f"{system} failed: {entry['error']}")

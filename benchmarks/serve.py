@@ -121,7 +121,7 @@ class SSEDecoder:
             nl = self._buf.find("\n")
             if nl < 0:
                 return out
-            line, self._buf = self._buf[:nl].rstrip("\r"), self._buf[nl + 1:]
+            line, self._buf = self._buf[:nl].rstrip("\r"), self._buf[nl + 1 :]
             if not line:  # a blank line ends the event
                 if self._data:
                     out.append("\n".join(self._data))
@@ -152,8 +152,13 @@ def parse_chunk(obj: Any) -> tuple[str, dict[str, Any] | None, str | None]:
 
 def build_payload(cfg: BenchConfig, prompt: str, output_len: int | None = None) -> dict[str, Any]:
     n = cfg.output_len if output_len is None else output_len
-    body: dict[str, Any] = {"model": cfg.model, "max_tokens": n, "temperature": cfg.temperature, "stream": True,
-                            "stream_options": {"include_usage": True}}
+    body: dict[str, Any] = {
+        "model": cfg.model,
+        "max_tokens": n,
+        "temperature": cfg.temperature,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     if cfg.endpoint == "chat":
         body["messages"] = [{"role": "user", "content": prompt}]
     else:
@@ -169,8 +174,9 @@ def endpoint_url(cfg: BenchConfig) -> str:
     return cfg.base_url.rstrip("/") + path
 
 
-async def send_request(client: httpx.AsyncClient, cfg: BenchConfig, prompt: str,
-                       output_len: int | None = None) -> RequestResult:
+async def send_request(
+    client: httpx.AsyncClient, cfg: BenchConfig, prompt: str, output_len: int | None = None
+) -> RequestResult:
     """Send one streaming request and time its chunks."""
     res = RequestResult()
     headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
@@ -178,8 +184,13 @@ async def send_request(client: httpx.AsyncClient, cfg: BenchConfig, prompt: str,
     st = time.perf_counter()
     last = st
     try:
-        async with client.stream("POST", endpoint_url(cfg), json=build_payload(cfg, prompt, output_len),
-                                 headers=headers, timeout=cfg.request_timeout) as resp:
+        async with client.stream(
+            "POST",
+            endpoint_url(cfg),
+            json=build_payload(cfg, prompt, output_len),
+            headers=headers,
+            timeout=cfg.request_timeout,
+        ) as resp:
             if resp.status_code != 200:
                 body = (await resp.aread()).decode("utf-8", "replace")
                 res.error = f"HTTP {resp.status_code}: {body[:300]}"
@@ -250,14 +261,27 @@ def compute_metrics(results: Sequence[RequestResult], duration_s: float) -> Metr
     d = max(duration_s, 1e-9)
     ttft, tpot, itl, e2e = _stats([r.ttft for r in ok]), _stats(tpots), _stats(itls), _stats([r.e2e for r in ok])
     return Metrics(
-        completed=len(ok), failed=sum(1 for r in results if not r.ok and not r.cancelled),
-        cancelled=sum(1 for r in results if r.cancelled), duration_s=duration_s,
-        total_input_tokens=in_tokens, total_output_tokens=out_tokens, request_throughput=len(ok) / d,
-        output_throughput=out_tokens / d, total_token_throughput=(in_tokens + out_tokens) / d,
-        mean_ttft_ms=ttft[0], median_ttft_ms=ttft[1], p99_ttft_ms=ttft[2],
-        mean_tpot_ms=tpot[0], median_tpot_ms=tpot[1], p99_tpot_ms=tpot[2],
-        mean_itl_ms=itl[0], median_itl_ms=itl[1], p99_itl_ms=itl[2],
-        mean_e2el_ms=e2e[0], median_e2el_ms=e2e[1], p99_e2el_ms=e2e[2],
+        completed=len(ok),
+        failed=sum(1 for r in results if not r.ok and not r.cancelled),
+        cancelled=sum(1 for r in results if r.cancelled),
+        duration_s=duration_s,
+        total_input_tokens=in_tokens,
+        total_output_tokens=out_tokens,
+        request_throughput=len(ok) / d,
+        output_throughput=out_tokens / d,
+        total_token_throughput=(in_tokens + out_tokens) / d,
+        mean_ttft_ms=ttft[0],
+        median_ttft_ms=ttft[1],
+        p99_ttft_ms=ttft[2],
+        mean_tpot_ms=tpot[0],
+        median_tpot_ms=tpot[1],
+        p99_tpot_ms=tpot[2],
+        mean_itl_ms=itl[0],
+        median_itl_ms=itl[1],
+        p99_itl_ms=itl[2],
+        mean_e2el_ms=e2e[0],
+        median_e2el_ms=e2e[1],
+        p99_e2el_ms=e2e[2],
     )
 
 
@@ -273,24 +297,32 @@ class LevelResult:
     results: tuple[RequestResult, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
-        return {"max_concurrency": self.max_concurrency,
-                "request_rate": None if math.isinf(self.request_rate) else self.request_rate,
-                "num_requests_sent": self.num_requests_sent, "first_error": self.first_error,
-                "decode_tok_s": self.metrics.decode_tok_s, **asdict(self.metrics)}
+        return {
+            "max_concurrency": self.max_concurrency,
+            "request_rate": None if math.isinf(self.request_rate) else self.request_rate,
+            "num_requests_sent": self.num_requests_sent,
+            "first_error": self.first_error,
+            "decode_tok_s": self.metrics.decode_tok_s,
+            **asdict(self.metrics),
+        }
 
 
-async def run_benchmark(cfg: BenchConfig, progress: bool = True, desc: str = "",
-                        client: httpx.AsyncClient | None = None) -> LevelResult:
+async def run_benchmark(
+    cfg: BenchConfig, progress: bool = True, desc: str = "", client: httpx.AsyncClient | None = None
+) -> LevelResult:
     """Send up to `cfg.num_requests` requests (prompts cycled) under the configured load; summarise them."""
     if not cfg.prompts:
         raise ValueError("no prompts")
-    limits = httpx.Limits(max_connections=max(cfg.max_concurrency or cfg.num_requests, 1) + 4,
-                          max_keepalive_connections=max(cfg.max_concurrency or cfg.num_requests, 1) + 4)
+    limits = httpx.Limits(
+        max_connections=max(cfg.max_concurrency or cfg.num_requests, 1) + 4,
+        max_keepalive_connections=max(cfg.max_concurrency or cfg.num_requests, 1) + 4,
+    )
     own = client is None
     cl = client or httpx.AsyncClient(limits=limits, timeout=cfg.request_timeout)
     sem = asyncio.Semaphore(cfg.max_concurrency) if cfg.max_concurrency else None
-    bar = tqdm(total=cfg.num_requests, desc=desc or "requests", unit="req", file=sys.stderr, disable=not progress,
-               leave=False)
+    bar = tqdm(
+        total=cfg.num_requests, desc=desc or "requests", unit="req", file=sys.stderr, disable=not progress, leave=False
+    )
     tasks: list[asyncio.Task[RequestResult]] = []
 
     async def one(prompt: str) -> RequestResult:
@@ -314,7 +346,7 @@ async def run_benchmark(cfg: BenchConfig, progress: bool = True, desc: str = "",
             if sem is not None:
                 try:
                     await asyncio.wait_for(sem.acquire(), timeout=max(start_deadline - time.perf_counter(), 0.0))
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     break
             if time.perf_counter() >= start_deadline:
                 if sem is not None:
@@ -331,8 +363,11 @@ async def run_benchmark(cfg: BenchConfig, progress: bool = True, desc: str = "",
                 await asyncio.gather(*pending, return_exceptions=True)
             duration = time.perf_counter() - t0
             for t in tasks:
-                results.append(t.result() if t in done else
-                               RequestResult(cancelled=True, error="cancelled at the level's time bound"))
+                results.append(
+                    t.result()
+                    if t in done
+                    else RequestResult(cancelled=True, error="cancelled at the level's time bound")
+                )
         else:
             duration = time.perf_counter() - t0
     finally:
@@ -340,14 +375,26 @@ async def run_benchmark(cfg: BenchConfig, progress: bool = True, desc: str = "",
         if own:
             await cl.aclose()
     first_error = next((r.error for r in results if not r.ok and not r.cancelled), "")
-    return LevelResult(cfg.max_concurrency, cfg.request_rate, len(tasks), compute_metrics(results, duration),
-                       first_error, tuple(results))
+    return LevelResult(
+        cfg.max_concurrency,
+        cfg.request_rate,
+        len(tasks),
+        compute_metrics(results, duration),
+        first_error,
+        tuple(results),
+    )
 
 
 async def warm_up(cfg: BenchConfig, n: int, output_len: int = 16) -> None:
     """Send `n` concurrent unmeasured requests (same shape, shorter output); raise if all of them fail."""
-    wcfg = replace(cfg, num_requests=n, max_concurrency=n, request_rate=math.inf,
-                   output_len=min(output_len, cfg.output_len), max_seconds=max(cfg.max_seconds, 60.0))
+    wcfg = replace(
+        cfg,
+        num_requests=n,
+        max_concurrency=n,
+        request_rate=math.inf,
+        output_len=min(output_len, cfg.output_len),
+        max_seconds=max(cfg.max_seconds, 60.0),
+    )
     lvl = await run_benchmark(wcfg, progress=False)
     if lvl.metrics.completed == 0:
         raise RuntimeError(f"warm-up failed against {cfg.base_url}: {lvl.first_error or 'no request completed'}")
@@ -365,24 +412,34 @@ def level_label(max_concurrency: int | None, request_rate: float) -> str:
     return f"rate {request_rate:g}/s{cap}"
 
 
-TABLE_HEADER = ("| system | concurrency | req/s | output tok/s | TTFT p50 (ms) | TTFT p99 (ms) | ITL p50 (ms) "
-                "| TPOT p50 (ms) | done/sent |\n|---|---|---:|---:|---:|---:|---:|---:|---:|")
+TABLE_HEADER = (
+    "| system | concurrency | req/s | output tok/s | TTFT p50 (ms) | TTFT p99 (ms) | ITL p50 (ms) "
+    "| TPOT p50 (ms) | done/sent |\n|---|---|---:|---:|---:|---:|---:|---:|---:|"
+)
 
 
 def table_row(system: str, lvl: LevelResult) -> str:
     m, label = lvl.metrics, level_label(lvl.max_concurrency, lvl.request_rate)
-    return (f"| {system} | {label} | {m.request_throughput:.2f} | {m.output_throughput:.1f} | "
-            f"{_fmt(m.median_ttft_ms)} | {_fmt(m.p99_ttft_ms)} | {_fmt(m.median_itl_ms)} | "
-            f"{_fmt(m.median_tpot_ms)} | {m.completed}/{lvl.num_requests_sent} |")
+    return (
+        f"| {system} | {label} | {m.request_throughput:.2f} | {m.output_throughput:.1f} | "
+        f"{_fmt(m.median_ttft_ms)} | {_fmt(m.p99_ttft_ms)} | {_fmt(m.median_itl_ms)} | "
+        f"{_fmt(m.median_tpot_ms)} | {m.completed}/{lvl.num_requests_sent} |"
+    )
 
 
 def markdown_table(rows: Sequence[tuple[str, LevelResult]]) -> str:
     return "\n".join([TABLE_HEADER, *(table_row(s, lvl) for s, lvl in rows)])
 
 
-async def sweep(base: BenchConfig, concurrencies: Sequence[int], rates: Sequence[float] = (),
-                prompts_for: Callable[[int], tuple[str, ...]] | None = None, warmup: bool = True,
-                progress: bool = True, label: str = "") -> list[LevelResult]:
+async def sweep(
+    base: BenchConfig,
+    concurrencies: Sequence[int],
+    rates: Sequence[float] = (),
+    prompts_for: Callable[[int], tuple[str, ...]] | None = None,
+    warmup: bool = True,
+    progress: bool = True,
+    label: str = "",
+) -> list[LevelResult]:
     """Measure each concurrency level (rate inf), then each Poisson rate; fresh prompts per level when given."""
     levels: list[LevelResult] = []
     plan: list[tuple[int | None, float]] = [(c, math.inf) for c in concurrencies]
@@ -393,8 +450,9 @@ async def sweep(base: BenchConfig, concurrencies: Sequence[int], rates: Sequence
         if prompts_for is not None:
             cfg = replace(cfg, prompts=prompts_for(n))
         if warmup:
-            await warm_up(replace(cfg, prompts=prompts_for(max(c or 1, 1)) if prompts_for else cfg.prompts),
-                          max(c or 1, 1))
+            await warm_up(
+                replace(cfg, prompts=prompts_for(max(c or 1, 1)) if prompts_for else cfg.prompts), max(c or 1, 1)
+            )
         lvl = await run_benchmark(cfg, progress=progress, desc=f"{label} {level_label(c, r)}".strip())
         levels.append(lvl)
     return levels
@@ -434,11 +492,27 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--out", default=None, help="write the levels as JSON here")
     a = ap.parse_args(argv)
     pool = PromptPool(a.prompt_set)
-    base = BenchConfig(base_url=a.base_url, model=a.model, prompts=pool.take(1), output_len=a.output_len,
-                       ignore_eos=not a.no_ignore_eos, num_requests=a.num_prompts, max_seconds=a.max_seconds,
-                       drain_seconds=a.drain_seconds, endpoint=a.endpoint, api_key=a.api_key)
-    levels = asyncio.run(sweep(base, [int(x) for x in _floats(a.concurrency)], _floats(a.request_rate),
-                               prompts_for=pool.take, label=a.base_url))
+    base = BenchConfig(
+        base_url=a.base_url,
+        model=a.model,
+        prompts=pool.take(1),
+        output_len=a.output_len,
+        ignore_eos=not a.no_ignore_eos,
+        num_requests=a.num_prompts,
+        max_seconds=a.max_seconds,
+        drain_seconds=a.drain_seconds,
+        endpoint=a.endpoint,
+        api_key=a.api_key,
+    )
+    levels = asyncio.run(
+        sweep(
+            base,
+            [int(x) for x in _floats(a.concurrency)],
+            _floats(a.request_rate),
+            prompts_for=pool.take,
+            label=a.base_url,
+        )
+    )
     print(markdown_table([(a.model, lvl) for lvl in levels]))
     if a.out:
         with open(a.out, "w") as f:

@@ -27,18 +27,41 @@ import httpx
 
 from benchmarks.run import Launch, free_port, running, served_model_id
 
-RECORDS: dict[str, Any] = {"type": "object", "properties": {"people": {"type": "array", "minItems": 200, "items": {
-    "type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"},
-                                     "city": {"type": "string"}, "role": {"enum": ["admin", "user", "guest"]}},
-    "required": ["name", "age", "city", "role"], "additionalProperties": False}}},
-    "required": ["people"], "additionalProperties": False}
+RECORDS: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "people": {
+            "type": "array",
+            "minItems": 200,
+            "items": {
+                "type": "object",
+                "properties": {
+                    "name": {"type": "string"},
+                    "age": {"type": "integer"},
+                    "city": {"type": "string"},
+                    "role": {"enum": ["admin", "user", "guest"]},
+                },
+                "required": ["name", "age", "city", "role"],
+                "additionalProperties": False,
+            },
+        }
+    },
+    "required": ["people"],
+    "additionalProperties": False,
+}
 PROMPT = "List the people in the staff directory as JSON records with name, age, city and role."
 
 
 async def one(c: httpx.AsyncClient, model: str, max_tokens: int, constrained: bool, seed: int) -> float | None:
-    body: dict[str, Any] = {"model": model, "messages": [{"role": "user", "content": PROMPT}], "stream": True,
-                            "max_tokens": max_tokens, "temperature": 0.7, "seed": seed,
-                            "stream_options": {"include_usage": True}}
+    body: dict[str, Any] = {
+        "model": model,
+        "messages": [{"role": "user", "content": PROMPT}],
+        "stream": True,
+        "max_tokens": max_tokens,
+        "temperature": 0.7,
+        "seed": seed,
+        "stream_options": {"include_usage": True},
+    }
     if constrained:
         body["response_format"] = {"type": "json_schema", "json_schema": {"name": "records", "schema": RECORDS}}
     else:
@@ -50,7 +73,7 @@ async def one(c: httpx.AsyncClient, model: str, max_tokens: int, constrained: bo
         async for line in r.aiter_lines():
             if not line.startswith("data: {"):
                 continue
-            chunk = json.loads(line[len("data: "):])
+            chunk = json.loads(line[len("data: ") :])
             if chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]
             if any(ch["delta"].get("content") for ch in chunk.get("choices", [])):
@@ -68,13 +91,18 @@ async def level(base_url: str, model: str, conc: int, rounds: int, max_tokens: i
         await one(c, model, 8, True, 0)  # compiles (and caches) the grammar outside the measurement
         for r in range(rounds):
             for kind in ("json_schema", "none"):
-                got = await asyncio.gather(*(one(c, model, max_tokens, kind == "json_schema", 1000 * r + i)
-                                             for i in range(conc)))
+                got = await asyncio.gather(
+                    *(one(c, model, max_tokens, kind == "json_schema", 1000 * r + i) for i in range(conc))
+                )
                 tpot[kind] += [t for t in got if t is not None]
     js, free = statistics.median(tpot["json_schema"]), statistics.median(tpot["none"])
-    return {"concurrency": conc, "tpot_ms_json_schema": round(1e3 * js, 2),
-            "tpot_ms_unconstrained": round(1e3 * free, 2), "ratio": round(js / free, 3),
-            "requests": {k: len(v) for k, v in tpot.items()}}
+    return {
+        "concurrency": conc,
+        "tpot_ms_json_schema": round(1e3 * js, 2),
+        "tpot_ms_unconstrained": round(1e3 * free, 2),
+        "ratio": round(js / free, 3),
+        "requests": {k: len(v) for k, v in tpot.items()},
+    }
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -103,8 +131,25 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         return asyncio.run(run(a.base_url, a))
     port = free_port()
     env = (("OMP_NUM_THREADS", str(a.threads)),)
-    launch = Launch("ours", (sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(port),
-                             "--enable-gan", "false", "--log-level", "warning"), env, port, "/ready")
+    launch = Launch(
+        "ours",
+        (
+            sys.executable,
+            "-m",
+            "service",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--enable-gan",
+            "false",
+            "--log-level",
+            "warning",
+        ),
+        env,
+        port,
+        "/ready",
+    )
     with tempfile.TemporaryDirectory() as logs, running(launch, logs, 300.0):
         return asyncio.run(run(launch.base_url, a))
 

@@ -150,7 +150,8 @@ class MultiHeadAttention(nn.Module):
             # torch's is_causal aligns top-left and excludes a mask; ours aligns the queries to the last keys
             y = scaled_dot_product_attention(q, k, v, mask=mask, is_causal=True, dropout_p=dropout_p)
         else:  # the same computation as ours (tested equal), in one fused kernel
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=dropout_p,
-                                               enable_gqa=nkv != nh)  # (B, nh, T, hs)
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=dropout_p, enable_gqa=nkv != nh
+            )  # (B, nh, T, hs)
         y = y.transpose(1, 2).reshape(B, T, self.q_size)  # (B, T, nh*hs)
         return self.out(y)

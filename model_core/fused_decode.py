@@ -28,8 +28,12 @@ from model_core.transformer import RMSNorm
 class _Layer:
     def __init__(self, block: Block) -> None:
         attn_norm, ffn_norm = block.attn_norm, block.ffn_norm
-        if not (isinstance(attn_norm, RMSNorm) and isinstance(ffn_norm, RMSNorm)
-                and attn_norm.weight.dtype == ffn_norm.weight.dtype and attn_norm.weight.dtype in ACT):
+        if not (
+            isinstance(attn_norm, RMSNorm)
+            and isinstance(ffn_norm, RMSNorm)
+            and attn_norm.weight.dtype == ffn_norm.weight.dtype
+            and attn_norm.weight.dtype in ACT
+        ):
             raise ValueError("the fused decoder runs float32 or bf16 llama layers (RMSNorm)")
         self.attn_norm, self.ffn_norm = attn_norm.weight.detach(), ffn_norm.weight.detach()
         self.linears: list[nn.Module] = [block.attn.qkv, block.attn.out, block.ffn.w_in, block.ffn.w_out]
@@ -40,8 +44,13 @@ class _Layer:
         if self.quant is not None and len({w.interleaved for w in self.quant}) > 1:
             raise ValueError("the fused decoder runs a layer's projections in one matmul mode")
         self.i8 = int(self.quant is not None and self.quant[0].interleaved)  # int8 activations (kernels/common.h)
-        self.ptrs = None if self.quant is None else (ctypes.c_void_p * 12)(
-            *[None if t is None else t.data_ptr() for w in self.quant for t in (w.qs, w.d, w.m)])
+        self.ptrs = (
+            None
+            if self.quant is None
+            else (ctypes.c_void_p * 12)(
+                *[None if t is None else t.data_ptr() for w in self.quant for t in (w.qs, w.d, w.m)]
+            )
+        )
         self.max_rows = min((lin.max_rows for lin in self.linears if isinstance(lin, QuantLinear)), default=0)
 
 
@@ -56,8 +65,9 @@ class FusedLlamaDecoder:
         self.kernels = kernels
         self.act = ACT[model.embed.weight.dtype]
         self.layers = [_Layer(block) for block in model.blocks]  # type: ignore[arg-type]
-        self.max_rows = min(layer.max_rows for layer in self.layers) if all(
-            layer.ptrs is not None for layer in self.layers) else 0  # batches the one-call layers serve
+        self.max_rows = (
+            min(layer.max_rows for layer in self.layers) if all(layer.ptrs is not None for layer in self.layers) else 0
+        )  # batches the one-call layers serve
         rotary = model.rotary
         assert rotary is not None
         self.cos: torch.Tensor = rotary.cos  # type: ignore[assignment]  # (L, hs)
@@ -88,10 +98,29 @@ class FusedLlamaDecoder:
         nh, nkv, hs = cfg.n_heads, cfg.n_kv_heads, cfg.hd
         if B <= self.max_rows:
             for i, layer in enumerate(self.layers):
-                rc = lib.llama_decode_layer(x.data_ptr(), B, C, layer.attn_norm.data_ptr(), layer.ffn_norm.data_ptr(),
-                                            cfg.norm_eps, layer.ptrs, cos.data_ptr(), sin.data_ptr(),
-                                            cache.kv[i].data_ptr(), write.data_ptr(), rows.data_ptr(), lens.data_ptr(),
-                                            Tk, nh, nkv, hs, cfg.d_ff, act, layer.i8, threads)
+                rc = lib.llama_decode_layer(
+                    x.data_ptr(),
+                    B,
+                    C,
+                    layer.attn_norm.data_ptr(),
+                    layer.ffn_norm.data_ptr(),
+                    cfg.norm_eps,
+                    layer.ptrs,
+                    cos.data_ptr(),
+                    sin.data_ptr(),
+                    cache.kv[i].data_ptr(),
+                    write.data_ptr(),
+                    rows.data_ptr(),
+                    lens.data_ptr(),
+                    Tk,
+                    nh,
+                    nkv,
+                    hs,
+                    cfg.d_ff,
+                    act,
+                    layer.i8,
+                    threads,
+                )
                 if rc:
                     raise RuntimeError(f"fused decode of layer {i} failed (B={B})")
             return x.view(B, 1, C)
@@ -102,13 +131,28 @@ class FusedLlamaDecoder:
         for i, layer in enumerate(self.layers):
             qkv_proj, out_proj, in_proj, down_proj = layer.linears
             qkv = qkv_proj(h).contiguous()  # (B, (nh + 2 nkv) hs)
-            if lib.llama_attention(qkv.data_ptr(), B, cos.data_ptr(), sin.data_ptr(), cache.kv[i].data_ptr(),
-                                   write.data_ptr(), rows.data_ptr(), lens.data_ptr(), att.data_ptr(), Tk, nh, nkv,
-                                   hs, act, threads):
+            if lib.llama_attention(
+                qkv.data_ptr(),
+                B,
+                cos.data_ptr(),
+                sin.data_ptr(),
+                cache.kv[i].data_ptr(),
+                write.data_ptr(),
+                rows.data_ptr(),
+                lens.data_ptr(),
+                att.data_ptr(),
+                Tk,
+                nh,
+                nkv,
+                hs,
+                act,
+                threads,
+            ):
                 raise RuntimeError(f"decode attention of layer {i} failed (B={B})")
             o = out_proj(att).contiguous()  # (B, C)
-            lib.llama_add_rmsnorm(x.data_ptr(), o.data_ptr(), layer.ffn_norm.data_ptr(), cfg.norm_eps, h.data_ptr(),
-                                  B, C, act)
+            lib.llama_add_rmsnorm(
+                x.data_ptr(), o.data_ptr(), layer.ffn_norm.data_ptr(), cfg.norm_eps, h.data_ptr(), B, C, act
+            )
             gu = in_proj(h).contiguous()  # (B, 2 F) = [gate | up]
             lib.llama_swiglu(gu.data_ptr(), g.data_ptr(), B, cfg.d_ff, act)
             o = down_proj(g).contiguous()  # (B, C)

@@ -26,8 +26,32 @@ WEIGHTS_FILE = "model.safetensors"
 # CMUdict's alphabet (words are lowercase there; input is lowercased) and its 39 phonemes, vowels with stress
 GRAPHEMES = tuple("'-.abcdefghijklmnopqrstuvwxyz")
 _VOWELS = ("AA", "AE", "AH", "AO", "AW", "AY", "EH", "ER", "EY", "IH", "IY", "OW", "OY", "UH", "UW")
-_CONSONANTS = ("B", "CH", "D", "DH", "F", "G", "HH", "JH", "K", "L", "M", "N", "NG", "P", "R", "S", "SH", "T",
-               "TH", "V", "W", "Y", "Z", "ZH")
+_CONSONANTS = (
+    "B",
+    "CH",
+    "D",
+    "DH",
+    "F",
+    "G",
+    "HH",
+    "JH",
+    "K",
+    "L",
+    "M",
+    "N",
+    "NG",
+    "P",
+    "R",
+    "S",
+    "SH",
+    "T",
+    "TH",
+    "V",
+    "W",
+    "Y",
+    "Z",
+    "ZH",
+)
 PHONES = tuple(sorted([v + s for v in _VOWELS for s in "012"] + list(_CONSONANTS)))
 SRC_SPECIALS = ("<pad>",)
 TGT_SPECIALS = ("<pad>", "<s>", "</s>")
@@ -54,8 +78,15 @@ class G2PConfig:
     norm_first: bool = True  # pre-norm trains without a long warm-up
 
     def __post_init__(self) -> None:
-        for name in ("max_word_len", "max_phones", "d_model", "n_heads", "d_ff", "n_encoder_layers",
-                     "n_decoder_layers"):
+        for name in (
+            "max_word_len",
+            "max_phones",
+            "d_model",
+            "n_heads",
+            "d_ff",
+            "n_encoder_layers",
+            "n_decoder_layers",
+        ):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"G2PConfig.{name} must be a positive int, got {v!r}")
@@ -68,10 +99,18 @@ class G2PConfig:
 
     def seq2seq_config(self) -> Seq2SeqConfig:
         return Seq2SeqConfig(
-            src_vocab_size=len(SRC_SPECIALS) + len(self.graphemes), tgt_vocab_size=len(TGT_SPECIALS) + len(self.phones),
-            d_model=self.d_model, n_heads=self.n_heads, d_ff=self.d_ff, n_encoder_layers=self.n_encoder_layers,
-            n_decoder_layers=self.n_decoder_layers, dropout=self.dropout, activation=self.activation,
-            norm_first=self.norm_first, max_len=max(self.max_word_len, self.max_phones + 1), pad_id=PAD_ID,
+            src_vocab_size=len(SRC_SPECIALS) + len(self.graphemes),
+            tgt_vocab_size=len(TGT_SPECIALS) + len(self.phones),
+            d_model=self.d_model,
+            n_heads=self.n_heads,
+            d_ff=self.d_ff,
+            n_encoder_layers=self.n_encoder_layers,
+            n_decoder_layers=self.n_decoder_layers,
+            dropout=self.dropout,
+            activation=self.activation,
+            norm_first=self.norm_first,
+            max_len=max(self.max_word_len, self.max_phones + 1),
+            pad_id=PAD_ID,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -133,8 +172,7 @@ class G2P:
             raise WordError(f"a word must be a string, got {type(word).__name__}")
         w = word.strip().lower()
         if not w:
-            raise WordError("empty word; a word is 1 to "
-                            f"{self.config.max_word_len} characters: {self.accepted()}")
+            raise WordError(f"empty word; a word is 1 to {self.config.max_word_len} characters: {self.accepted()}")
         if len(w) > self.config.max_word_len:
             raise WordError(f"word of {len(w)} characters; at most {self.config.max_word_len} are accepted")
         bad = sorted({c for c in w if c not in self._src_ids})
@@ -181,8 +219,11 @@ class G2P:
         called after every step with the rows (indices into words) that emitted a phone and those phones.
         """
         B = len(words)
-        params = list(params) if params is not None else [SamplingParams(max_tokens=self.config.max_phones,
-                                                                          temperature=0.0)] * B
+        params = (
+            list(params)
+            if params is not None
+            else [SamplingParams(max_tokens=self.config.max_phones, temperature=0.0)] * B
+        )
         gens = list(generators) if generators is not None else [None] * B
         limit = [min(p.max_tokens, self.config.max_phones) for p in params]
         self.model.eval()
@@ -229,8 +270,14 @@ class G2P:
         return [h.phones for h in self.decode(words)]
 
     @torch.no_grad()
-    def beam_search(self, words: Sequence[str], width: int = 4, n: int = 1, length_penalty: float = 0.0,
-                    max_phones: int | None = None) -> list[list[Hypothesis]]:
+    def beam_search(
+        self,
+        words: Sequence[str],
+        width: int = 4,
+        n: int = 1,
+        length_penalty: float = 0.0,
+        max_phones: int | None = None,
+    ) -> list[list[Hypothesis]]:
         """Batched beam search: per word the n best of `width` beams, best first.
 
         Hypotheses rank by logprob / len**length_penalty (len counts EOS); a word stops once `width`
@@ -304,8 +351,7 @@ class G2P:
             for k in range(K):
                 if len(done[w]) < K and scores[a, k] > float("-inf"):
                     s = float(scores[a, k])
-                    done[w].append(Hypothesis(self.phones_of(seqs[a * K + k]), s, False,
-                                              rank(s, len(seqs[a * K + k]))))
+                    done[w].append(Hypothesis(self.phones_of(seqs[a * K + k]), s, False, rank(s, len(seqs[a * K + k]))))
         return [sorted(d, key=lambda h: -h.score)[:n] for d in done]
 
 
@@ -331,8 +377,13 @@ def score(predictions: Sequence[Sequence[str]], references: Sequence[Sequence[Se
         d, n = min((edit_distance(pred, r), len(r)) for r in refs)
         errors, phones, wrong = errors + d, phones + n, wrong + (d > 0)
     n_words = max(len(predictions), 1)
-    return {"per": errors / max(phones, 1), "wer": wrong / n_words, "words": len(predictions),
-            "phones": phones, "errors": errors}
+    return {
+        "per": errors / max(phones, 1),
+        "wer": wrong / n_words,
+        "words": len(predictions),
+        "phones": phones,
+        "errors": errors,
+    }
 
 
 # ---- checkpoint --------------------------------------------------------------------------------------
@@ -343,8 +394,9 @@ def default_g2p_path() -> Path:
     return Path(__file__).parent / "assets" / "g2p"
 
 
-def save_g2p(g2p: G2P, path_dir: str | Path, extra: dict[str, Any] | None = None,
-             dtype: torch.dtype = torch.float32) -> Path:
+def save_g2p(
+    g2p: G2P, path_dir: str | Path, extra: dict[str, Any] | None = None, dtype: torch.dtype = torch.float32
+) -> Path:
     """Write `config.json` (+ `extra` under "training") and `model.safetensors` with tensors in `dtype`
     (loading casts back to float32). The output projection is tied to the target embedding: not stored."""
     from safetensors.torch import save_file
@@ -355,8 +407,9 @@ def save_g2p(g2p: G2P, path_dir: str | Path, extra: dict[str, Any] | None = None
     if extra:
         cfg["training"] = extra
     (out / CONFIG_FILE).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-    state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in g2p.model.state_dict().items()
-             if k != "lm_head.weight"}
+    state = {
+        k: v.detach().to("cpu", dtype).contiguous() for k, v in g2p.model.state_dict().items() if k != "lm_head.weight"
+    }
     save_file(state, str(out / WEIGHTS_FILE), metadata={"format": "pt", "model": "g2p-seq2seq"})
     return out
 
@@ -389,10 +442,12 @@ def load_g2p(path_dir: str | Path | None = None, device: str | torch.device = "c
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
-        raise ValueError(f"{w_path}: tensor names do not match the config: missing={missing}, "
-                         f"unexpected={unexpected}")
-    bad = [f"{k}: file {tuple(state[k].shape)} != expected {tuple(v.shape)}"
-           for k, v in expected.items() if state[k].shape != v.shape]
+        raise ValueError(f"{w_path}: tensor names do not match the config: missing={missing}, unexpected={unexpected}")
+    bad = [
+        f"{k}: file {tuple(state[k].shape)} != expected {tuple(v.shape)}"
+        for k, v in expected.items()
+        if state[k].shape != v.shape
+    ]
     if bad:
         raise ValueError(f"{w_path}: tensor shapes do not match the config: " + "; ".join(bad))
     nonfinite = [k for k, v in state.items() if not bool(torch.isfinite(v.float()).all())]
@@ -405,4 +460,3 @@ def load_g2p(path_dir: str | Path | None = None, device: str | torch.device = "c
 
 def count_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-

@@ -42,9 +42,7 @@ class GANConfig:
         if not isinstance(s, int) or s < 8 or s & (s - 1):
             raise ValueError(f"GANConfig.image_size must be a power of two >= 8, got {s!r}")
         if len(self.class_names) != self.num_classes:
-            raise ValueError(
-                f"GANConfig.class_names has {len(self.class_names)} names for {self.num_classes} classes"
-            )
+            raise ValueError(f"GANConfig.class_names has {len(self.class_names)} names for {self.num_classes} classes")
 
     @property
     def n_stages(self) -> int:
@@ -163,8 +161,7 @@ def slerp(z0: Tensor, z1: Tensor, t: Tensor) -> Tensor:
     return (torch.sin((1 - t) * omega) / so) * z0 + (torch.sin(t * omega) / so) * z1  # (T, D)
 
 
-def interpolate_latents(seed_a: int, seed_b: int, steps: int, z_dim: int,
-                        truncation: float | None = None) -> Tensor:
+def interpolate_latents(seed_a: int, seed_b: int, steps: int, z_dim: int, truncation: float | None = None) -> Tensor:
     """`steps` >= 2 frames (steps, z_dim) from seed_a's latent to seed_b's, endpoints included."""
     if steps < 2:
         raise ValueError(f"steps must be >= 2, got {steps}")
@@ -189,8 +186,7 @@ def to_uint8(images: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def generate(generator: Generator, labels: list[int], seeds: list[int],
-             truncation: float | None = None) -> Tensor:
+def generate(generator: Generator, labels: list[int], seeds: list[int], truncation: float | None = None) -> Tensor:
     """Reference single-request sampling: images (B, C, S, S) in [-1, 1] on the CPU."""
     device = next(generator.parameters()).device
     z = sample_latents(seeds, generator.config.z_dim, truncation).to(device)
@@ -246,12 +242,13 @@ def load_gan(path_dir: str | Path | None = None, device: str | torch.device = "c
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
-        raise ValueError(f"{w_path}: tensor names do not match the config: missing={missing}, "
-                         f"unexpected={unexpected}")
-    bad = [f"{k}: file {tuple(state[k].shape)} != expected {tuple(v.shape)}"
-           for k, v in expected.items() if state[k].shape != v.shape]
+        raise ValueError(f"{w_path}: tensor names do not match the config: missing={missing}, unexpected={unexpected}")
+    bad = [
+        f"{k}: file {tuple(state[k].shape)} != expected {tuple(v.shape)}"
+        for k, v in expected.items()
+        if state[k].shape != v.shape
+    ]
     if bad:
         raise ValueError(f"{w_path}: tensor shapes do not match the config: " + "; ".join(bad))
     model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()})
     return model.to(device).eval()
-

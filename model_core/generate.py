@@ -58,10 +58,23 @@ def generate(
     max_new = min(params.max_tokens, cfg.max_seq_len - len(prompt))
     gen = generator if generator is not None else make_generator(params.seed, device)
     eos = () if params.ignore_eos else tuple(eos_token_ids)
-    cache = PagedKVCache(cfg.n_layers, 1, len(prompt) + max_new, cfg.n_kv_heads, cfg.hd,
-                         model.embed.weight.dtype, device, max_positions=cfg.max_seq_len, kernels=kernels)
-    stream = OutputStream(max_new, params.stop, tuple(params.stop_token_ids) + tuple(eos),
-                          tokenizer.incremental_decoder() if tokenizer is not None else None)
+    cache = PagedKVCache(
+        cfg.n_layers,
+        1,
+        len(prompt) + max_new,
+        cfg.n_kv_heads,
+        cfg.hd,
+        model.embed.weight.dtype,
+        device,
+        max_positions=cfg.max_seq_len,
+        kernels=kernels,
+    )
+    stream = OutputStream(
+        max_new,
+        params.stop,
+        tuple(params.stop_token_ids) + tuple(eos),
+        tokenizer.incremental_decoder() if tokenizer is not None else None,
+    )
     out: list[int] = []
     tokens = torch.tensor([prompt], device=device)
     start = 0
@@ -99,31 +112,42 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto")
-    ap.add_argument("--kernels", default="auto", choices=CHOICES,
-                    help="decode backend: native kernels for an instruction set, or torch (default: the best here)")
-    ap.add_argument("--quant-max-rows", type=int, default=None,
-                    help="run matmuls of up to this many rows on the GGUF's quantized weights as stored "
-                         "(0 = off; default: the kernels' own)")
+    ap.add_argument(
+        "--kernels",
+        default="auto",
+        choices=CHOICES,
+        help="decode backend: native kernels for an instruction set, or torch (default: the best here)",
+    )
+    ap.add_argument(
+        "--quant-max-rows",
+        type=int,
+        default=None,
+        help="run matmuls of up to this many rows on the GGUF's quantized weights as stored "
+        "(0 = off; default: the kernels' own)",
+    )
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s")
 
-    lm = load_for_inference(args.model or find_default_model(), args.device, args.dtype, args.kernels,
-                            args.quant_max_rows)
+    lm = load_for_inference(
+        args.model or find_default_model(), args.device, args.dtype, args.kernels, args.quant_max_rows
+    )
     tok = lm.tokenizer
     if args.chat:
-        msgs = ([{"role": "system", "content": args.system}] if args.system else [])
+        msgs = [{"role": "system", "content": args.system}] if args.system else []
         msgs.append({"role": "user", "content": args.prompt})
         ids = tok.encode(tok.apply_chat_template(msgs, add_generation_prompt=True), add_special_tokens=False)
     else:
         ids = tok.encode(args.prompt)
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                            top_k=args.top_k, seed=args.seed)
+    params = SamplingParams(
+        max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed
+    )
     params.validate(lm.config.vocab_size)
     t0 = time.perf_counter()
     n = 0
     t_first = None
-    for step in generate(lm.model, ids, params, tokenizer=tok, eos_token_ids=tok.eos_token_ids,
-                         kernels=lm.backend.kernels):
+    for step in generate(
+        lm.model, ids, params, tokenizer=tok, eos_token_ids=tok.eos_token_ids, kernels=lm.backend.kernels
+    ):
         if t_first is None:
             t_first = time.perf_counter()
         n += 1
@@ -132,8 +156,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     sys.stdout.write("\n")
     dt = time.perf_counter() - t0
     decode_s = time.perf_counter() - (t_first or t0)
-    log.info("%d prompt tokens, %d generated in %.2fs (first token %.3fs, decode %.1f tok/s)", len(ids), n, dt,
-             (t_first or t0) - t0, (n - 1) / decode_s if n > 1 and decode_s > 0 else 0.0)
+    log.info(
+        "%d prompt tokens, %d generated in %.2fs (first token %.3fs, decode %.1f tok/s)",
+        len(ids),
+        n,
+        dt,
+        (t_first or t0) - t0,
+        (n - 1) / decode_s if n > 1 and decode_s > 0 else 0.0,
+    )
     return 0
 
 

@@ -160,8 +160,7 @@ class GrammarMatcher:
 class CompiledGrammar:
     """A grammar compiled for one tokenizer; `matcher()` makes a fresh per-request state (~20 us)."""
 
-    def __init__(self, spec: GrammarSpec, template: llguidance.LLMatcher, vocab_size: int,
-                 compile_s: float) -> None:
+    def __init__(self, spec: GrammarSpec, template: llguidance.LLMatcher, vocab_size: int, compile_s: float) -> None:
         self.spec = spec
         self.vocab_size = vocab_size
         self.compile_s = compile_s
@@ -183,8 +182,14 @@ class GrammarCompiler:
     finishes in the background, within its work limits, and is not cached). Thread-safe.
     """
 
-    def __init__(self, tokenizer: Tokenizer, vocab_size: int, cache_size: int = 128, max_compile_s: float = 5.0,
-                 limits: llguidance.LLParserLimits | None = None) -> None:
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        vocab_size: int,
+        cache_size: int = 128,
+        max_compile_s: float = 5.0,
+        limits: llguidance.LLParserLimits | None = None,
+    ) -> None:
         if not tokenizer.eos_token_ids:
             raise ValueError("constrained decoding needs a tokenizer with an EOS token")
         if vocab_size < tokenizer.vocab_size:
@@ -194,8 +199,9 @@ class GrammarCompiler:
         self.max_compile_s = max_compile_s
         self.eos_token_ids = tuple(tokenizer.eos_token_ids)
         self._limits = limits if limits is not None else llguidance.LLParserLimits(verbose_errors=False)
-        self._lltok = llguidance.LLTokenizer(llguidance.TokenizerWrapper(_TokenizerView(tokenizer, vocab_size)),
-                                             eos_token=list(self.eos_token_ids))
+        self._lltok = llguidance.LLTokenizer(
+            llguidance.TokenizerWrapper(_TokenizerView(tokenizer, vocab_size)), eos_token=list(self.eos_token_ids)
+        )
         self._cache: collections.OrderedDict[GrammarSpec, CompiledGrammar] = collections.OrderedDict()
         self._lock = threading.Lock()
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="grammar-compile")
@@ -211,8 +217,7 @@ class GrammarCompiler:
         try:
             compiled = future.result(timeout=self.max_compile_s)
         except concurrent.futures.TimeoutError:
-            raise GrammarError(f"{spec.kind}: compiling took longer than {self.max_compile_s:g}s",
-                               spec.kind) from None
+            raise GrammarError(f"{spec.kind}: compiling took longer than {self.max_compile_s:g}s", spec.kind) from None
         with self._lock:
             compiled = self._cache.setdefault(spec, compiled)  # a concurrent compile of spec may have won
             self._cache.move_to_end(spec)
@@ -245,8 +250,9 @@ class _TokenizerView:
         self.eos_token_id = tok.eos_token_ids[0]
         self.bos_token_id = tok.bos_token_id
         self.special_token_ids = sorted(special)
-        self.tokens = [b"\xff" + tok.token_bytes(i) if i in special else tok.token_bytes(i)
-                       for i in range(tok.vocab_size)]
+        self.tokens = [
+            b"\xff" + tok.token_bytes(i) if i in special else tok.token_bytes(i) for i in range(tok.vocab_size)
+        ]
         self.tokens += [b""] * (vocab_size - tok.vocab_size)  # ids past the tokenizer's: no bytes, never allowed
         self._tok = tok
 
@@ -259,8 +265,10 @@ def _to_llguidance(spec: GrammarSpec) -> str:
     """The llguidance grammar (JSON text) of spec; GrammarError for what cannot even be translated."""
     kind, value = spec.kind, spec.value
     # overrides, not defaults: a schema's own "x-guidance" options cannot turn on leniency
-    opts: JsonCompileOptions = {"whitespace_pattern": rf"[\x20\x0A\x0D\x09]{{0,{MAX_JSON_WHITESPACE}}}",
-                                "lenient": False}
+    opts: JsonCompileOptions = {
+        "whitespace_pattern": rf"[\x20\x0A\x0D\x09]{{0,{MAX_JSON_WHITESPACE}}}",
+        "lenient": False,
+    }
     if kind == "json_object":
         return llguidance.LLMatcher.grammar_from_json_schema('{"type":"object"}', overrides=opts)
     if kind == "json_schema":
@@ -273,8 +281,7 @@ def _to_llguidance(spec: GrammarSpec) -> str:
         if not isinstance(schema, (dict, bool)):
             raise GrammarError("json_schema: a schema must be a JSON object or a boolean", kind)
         try:  # `true` accepts any JSON value, as does {}
-            return llguidance.LLMatcher.grammar_from_json_schema(value if schema is not True else "{}",
-                                                                 overrides=opts)
+            return llguidance.LLMatcher.grammar_from_json_schema(value if schema is not True else "{}", overrides=opts)
         except ValueError as e:
             raise GrammarError(f"json_schema: {_first_line(str(e))}", kind) from None
     if kind == "regex":

@@ -54,15 +54,24 @@ class PagedKVCache:
         self.attends_in_place = False  # this forward is a decode step `attend()` serves without a gather
         self._rows: torch.Tensor | None = None  # (B, Tk) flat row of every key position, for attend()
         self._lens: torch.Tensor | None = None  # (B,) int32 keys of each sequence, for attend()
-        self.kernels = kernels if (self.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16)
-                                   and head_dim % 16 == 0 and head_dim <= 256) else None
+        self.kernels = (
+            kernels
+            if (
+                self.device.type == "cpu"
+                and dtype in (torch.float32, torch.bfloat16)
+                and head_dim % 16 == 0
+                and head_dim <= 256
+            )
+            else None
+        )
 
     @staticmethod
     def bytes_per_token(n_layers: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
         return 2 * n_layers * n_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
 
-    def prepare(self, block_tables: Sequence[Sequence[int]], starts: Sequence[int],
-                num_tokens: int | Sequence[int]) -> torch.Tensor:
+    def prepare(
+        self, block_tables: Sequence[Sequence[int]], starts: Sequence[int], num_tokens: int | Sequence[int]
+    ) -> torch.Tensor:
         """Set up one forward of B sequences; row b computes num_tokens[b] tokens from starts[b].
 
         Rows shorter than the longest (T) are padded: their padding tokens are written to a scratch row
@@ -79,8 +88,9 @@ class PagedKVCache:
         for b, bt in enumerate(block_tables):
             need = (starts[b] + counts[b] + bs - 1) // bs
             if len(bt) < need:
-                raise ValueError(f"block table of sequence {b} covers {len(bt) * bs} tokens, "
-                                 f"needs {starts[b] + counts[b]}")
+                raise ValueError(
+                    f"block table of sequence {b} covers {len(bt) * bs} tokens, needs {starts[b] + counts[b]}"
+                )
             table[b, :need] = torch.as_tensor(list(bt[:need]), dtype=torch.long)
         key_pos = torch.arange(Tk)  # (Tk,)
         rows = table[:, key_pos // bs] * bs + key_pos % bs  # (B, Tk) flat row of every key position
@@ -144,8 +154,20 @@ class PagedKVCache:
         q = q.contiguous()
         out = torch.empty_like(q)
         rc = self.kernels.lib.paged_attention_decode(
-            q.data_ptr(), store.data_ptr(), self._rows.data_ptr(), self._lens.data_ptr(), out.data_ptr(), B, nh, nkv,
-            hs, Tk, 1.0 / math.sqrt(hs), int(q.dtype == torch.bfloat16), torch.get_num_threads())
+            q.data_ptr(),
+            store.data_ptr(),
+            self._rows.data_ptr(),
+            self._lens.data_ptr(),
+            out.data_ptr(),
+            B,
+            nh,
+            nkv,
+            hs,
+            Tk,
+            1.0 / math.sqrt(hs),
+            int(q.dtype == torch.bfloat16),
+            torch.get_num_threads(),
+        )
         if rc:
             raise RuntimeError(f"paged attention kernel rejected its arguments (B={B}, heads={nh}/{nkv}, hs={hs})")
         return out

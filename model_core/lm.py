@@ -65,8 +65,15 @@ class Block(nn.Module):
         self.ffn_norm = make_norm(norm, cfg.d_model, cfg.norm_eps)
         self.ffn = FeedForward(cfg.d_model, cfg.d_ff, "swiglu" if llama else "gelu_tanh", bias=not llama)
 
-    def forward(self, x: torch.Tensor, layer: int, mask: torch.Tensor | None, is_causal: bool,
-                rope: tuple[torch.Tensor, torch.Tensor] | None, cache: PagedKVCache | None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        layer: int,
+        mask: torch.Tensor | None,
+        is_causal: bool,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        cache: PagedKVCache | None,
+    ) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x), mask=mask, is_causal=is_causal, rope=rope, cache=cache, layer=layer)
         return x + self.ffn(self.ffn_norm(x))
 
@@ -125,8 +132,15 @@ class CausalLM(nn.Module):
         with exact_products():
             return self.lm_head(h)
 
-    def _forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: PagedKVCache | None, last_only: bool,
-                 last_index: torch.Tensor | None, hidden: bool = False) -> torch.Tensor:
+    def _forward(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        cache: PagedKVCache | None,
+        last_only: bool,
+        last_index: torch.Tensor | None,
+        hidden: bool = False,
+    ) -> torch.Tensor:
         B = tokens.shape[0]
         x = self.embed(tokens)  # (B, T, C)
         fast = self.decoder_fast_path

@@ -44,16 +44,36 @@ class Isa:
 
 # best first; features as kernels/cpu.c reports them
 CPU_AVX2, CPU_AVX512BF16, CPU_NEON, CPU_NEON_DOTPROD, CPU_AMX_BF16, CPU_AVX512F = 1, 2, 4, 8, 16, 32
-ISAS: dict[str, Isa] = {isa.name: isa for isa in (
-    Isa("avx512bf16", "x86_64", (*SIMD_SOURCES, "qmatmul_avx512bf16.c"),
-        ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma", "-mf16c"), CPU_AVX512BF16, 6, 4, False,
-        True),
-    Isa("avx2", "x86_64", SIMD_SOURCES, ("-mavx2", "-mfma", "-mf16c"), CPU_AVX2, 32, 32, True, True),
-    Isa("neon-dotprod", "aarch64", SIMD_SOURCES, ("-march=armv8.2-a+dotprod",), CPU_NEON | CPU_NEON_DOTPROD, 32, 32,
-        True, True),
-    Isa("neon", "aarch64", SIMD_SOURCES, ("-march=armv8-a",), CPU_NEON, 16, 16, False, False),
-    Isa("reference", "", ("reference.c", "layer.c", "cpu.c"), (), 0, 16, 16, False, True),
-)}
+ISAS: dict[str, Isa] = {
+    isa.name: isa
+    for isa in (
+        Isa(
+            "avx512bf16",
+            "x86_64",
+            (*SIMD_SOURCES, "qmatmul_avx512bf16.c"),
+            ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma", "-mf16c"),
+            CPU_AVX512BF16,
+            6,
+            4,
+            False,
+            True,
+        ),
+        Isa("avx2", "x86_64", SIMD_SOURCES, ("-mavx2", "-mfma", "-mf16c"), CPU_AVX2, 32, 32, True, True),
+        Isa(
+            "neon-dotprod",
+            "aarch64",
+            SIMD_SOURCES,
+            ("-march=armv8.2-a+dotprod",),
+            CPU_NEON | CPU_NEON_DOTPROD,
+            32,
+            32,
+            True,
+            True,
+        ),
+        Isa("neon", "aarch64", SIMD_SOURCES, ("-march=armv8-a",), CPU_NEON, 16, 16, False, False),
+        Isa("reference", "", ("reference.c", "layer.c", "cpu.c"), (), 0, 16, 16, False, True),
+    )
+}
 
 
 class KernelsUnavailable(RuntimeError):
@@ -62,7 +82,8 @@ class KernelsUnavailable(RuntimeError):
 
 def cache_dir() -> Path:
     root = os.environ.get("AIGC_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "aigc-serve")
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "aigc-serve"
+    )
     return Path(root) / "kernels"
 
 
@@ -71,15 +92,24 @@ def compiler() -> str | None:
 
 
 def command(isa: Isa, cc: str, out: Path) -> list[str]:
-    return [cc, *COMMON_FLAGS, *isa.flags, f'-DAIGC_ISA="{isa.name}"', *(str(KERNEL_DIR / s) for s in isa.sources),
-            *LIBS, "-o", str(out)]
+    return [
+        cc,
+        *COMMON_FLAGS,
+        *isa.flags,
+        f'-DAIGC_ISA="{isa.name}"',
+        *(str(KERNEL_DIR / s) for s in isa.sources),
+        *LIBS,
+        "-o",
+        str(out),
+    ]
 
 
 def library_path(isa: Isa, cross_cc: str | None = None) -> Path:
     """Where an ISA's library compiles to: the cache, under a hash of the sources, headers and flags (and of the
     compiler, for a cross-compiler's build), so that a cache filled ahead of time serves a machine without gcc."""
-    digest = hashlib.sha256(" ".join((*COMMON_FLAGS, *LIBS, *isa.flags, isa.name, *isa.sources,
-                                      os.path.basename(cross_cc or ""))).encode())
+    digest = hashlib.sha256(
+        " ".join((*COMMON_FLAGS, *LIBS, *isa.flags, isa.name, *isa.sources, os.path.basename(cross_cc or ""))).encode()
+    )
     for f in sorted(KERNEL_DIR.glob("*.[ch]")):
         digest.update(f.name.encode() + f.read_bytes())
     return cache_dir() / f"aigc-kernels-{isa.name}-{digest.hexdigest()[:16]}.so"
@@ -120,8 +150,16 @@ class Kernels:
         lib.llama_swiglu.argtypes = [ptr, ptr, i32, i32, i32]
         lib.llama_attention.argtypes = [ptr, i32, *[ptr] * 7, *[i32] * 6]
         lib.llama_decode_layer.argtypes = [ptr, i32, i32, ptr, ptr, f32, *[ptr] * 7, *[i32] * 8]
-        for fn in (lib.aigc_cpu_features, lib.quant_matmul, lib.paged_attention_decode, lib.llama_decode_layer,
-                   lib.llama_rmsnorm, lib.llama_add_rmsnorm, lib.llama_swiglu, lib.llama_attention):
+        for fn in (
+            lib.aigc_cpu_features,
+            lib.quant_matmul,
+            lib.paged_attention_decode,
+            lib.llama_decode_layer,
+            lib.llama_rmsnorm,
+            lib.llama_add_rmsnorm,
+            lib.llama_swiglu,
+            lib.llama_attention,
+        ):
             fn.restype = i32
         built_for = lib.aigc_kernels_isa().decode()
         if built_for != isa.name:
@@ -195,8 +233,9 @@ def load(name: str) -> Kernels:
         return Kernels(isa, build(name))
     except (OSError, subprocess.SubprocessError) as e:
         stderr = getattr(e, "stderr", None) or b""
-        raise KernelsUnavailable(f"building the {name} kernels failed: {e} {stderr.decode(errors='replace')[-500:]}"
-                                 ) from e
+        raise KernelsUnavailable(
+            f"building the {name} kernels failed: {e} {stderr.decode(errors='replace')[-500:]}"
+        ) from e
 
 
 def buildable() -> list[str]:

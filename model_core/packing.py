@@ -19,8 +19,13 @@ log = logging.getLogger(__name__)
 def packing_available(dtype: torch.dtype, device: torch.device) -> bool:
     """oneDNN packs bf16 weights only on CPUs with its bf16 path (AVX-512 BW/VL/DQ, AVX-NE-CONVERT, or
     ARM's BF16 extension): elsewhere (AVX2-only x86, for one) the reorder fails, and F.linear is used."""
-    return (device.type == "cpu" and dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
-            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight") and mkldnn_bf16_supported())
+    return (
+        device.type == "cpu"
+        and dtype == torch.bfloat16
+        and torch.backends.mkldnn.is_available()
+        and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+        and mkldnn_bf16_supported()
+    )
 
 
 def mkldnn_bf16_supported() -> bool:

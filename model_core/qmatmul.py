@@ -140,9 +140,20 @@ def qmatmul(x: torch.Tensor, w: QuantWeight, kernels: Kernels, bias: torch.Tenso
         bias = bias.to(torch.float32).contiguous()  # (N,)
     if M:
         m = None if w.m is None else w.m.data_ptr()
-        rc = kernels.lib.quant_matmul(x2.data_ptr(), ACT[x.dtype], w.qs.data_ptr(), w.d.data_ptr(), m,
-                                      None if bias is None else bias.data_ptr(), y.data_ptr(), M, N, K,
-                                      int(w.interleaved), torch.get_num_threads())
+        rc = kernels.lib.quant_matmul(
+            x2.data_ptr(),
+            ACT[x.dtype],
+            w.qs.data_ptr(),
+            w.d.data_ptr(),
+            m,
+            None if bias is None else bias.data_ptr(),
+            y.data_ptr(),
+            M,
+            N,
+            K,
+            int(w.interleaved),
+            torch.get_num_threads(),
+        )
         if rc:
             raise RuntimeError(f"qmatmul rejected its arguments (M={M}, N={N}, K={K})")
     return y.view(*x.shape[:-1], N)
@@ -158,9 +169,11 @@ class QuantLinear(nn.Module):
 
     def __init__(self, dense: nn.Module, weight: QuantWeight, max_rows: int, kernels: Kernels) -> None:
         super().__init__()
-        if (weight.out_features, weight.in_features) != (dense.out_features, dense.in_features):
-            raise ValueError(f"quantized weight {weight.out_features}x{weight.in_features} does not match the "
-                             f"layer {dense.out_features}x{dense.in_features}")
+        if (weight.out_features, weight.in_features) != tuple(dense.get_parameter("weight").shape):
+            raise ValueError(
+                f"quantized weight {weight.out_features}x{weight.in_features} does not match the "
+                f"layer {dense.out_features}x{dense.in_features}"
+            )
         self.dense = dense
         self.quant = weight
         self.max_rows = max_rows
@@ -177,8 +190,13 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // max(x.shape[-1], 1)
-        if (rows > self.max_rows or x.requires_grad or x.dtype not in ACT or x.device.type != "cpu"
-                or (self.quant.interleaved and _EXACT_ONLY.get())):
+        if (
+            rows > self.max_rows
+            or x.requires_grad
+            or x.dtype not in ACT
+            or x.device.type != "cpu"
+            or (self.quant.interleaved and _EXACT_ONLY.get())
+        ):
             return self.dense(x)
         return qmatmul(x, self.quant, self.kernels, self.qbias)
 

@@ -369,8 +369,9 @@ def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     r = u * bcum[:, -1]  # (n,)
     blk = torch.searchsorted(bcum, r.unsqueeze(1), right=True).squeeze(1)  # (n,)
     blk = torch.where(blk >= nb, _last_nonzero(bsum), blk)  # rounding put r at the very top
-    before = torch.where(blk > 0, bcum.gather(1, (blk - 1).clamp(min=0).unsqueeze(1)).squeeze(1),
-                         torch.zeros_like(r))  # (n,) mass of the blocks before
+    before = torch.where(
+        blk > 0, bcum.gather(1, (blk - 1).clamp(min=0).unsqueeze(1)).squeeze(1), torch.zeros_like(r)
+    )  # (n,) mass of the blocks before
     inner = blocks[torch.arange(n, device=probs.device), blk]  # (n, 256)
     icum = torch.cumsum(inner, dim=-1, dtype=torch.float64)  # (n, 256)
     j = torch.searchsorted(icum, (r - before).unsqueeze(1), right=True).squeeze(1)  # (n,)
@@ -423,5 +424,7 @@ def score_tokens(raw_logits: torch.Tensor, token_ids: torch.Tensor, top_n: int) 
         vals, ids = top.values.tolist(), top.indices.tolist()
     else:
         vals, ids = [[] for _ in range(N)], [[] for _ in range(N)]
-    return [TokenScore(c, int(r), tuple(zip(i, v, strict=True)))
-            for c, r, i, v in zip(chosen.squeeze(1).tolist(), ranks, ids, vals, strict=True)]
+    return [
+        TokenScore(c, int(r), tuple(zip(i, v, strict=True)))
+        for c, r, i, v in zip(chosen.squeeze(1).tolist(), ranks, ids, vals, strict=True)
+    ]

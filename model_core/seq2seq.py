@@ -87,10 +87,32 @@ class Seq2SeqTransformer(nn.Module):
         self.src_embed = nn.Embedding(c.src_vocab_size, c.d_model)
         self.tgt_embed = self.src_embed if c.share_embeddings else nn.Embedding(c.tgt_vocab_size, c.d_model)
         self.pos = SinusoidalPositionalEncoding(c.d_model, c.max_len, c.dropout)
-        self.encoder = Encoder(c.d_model, c.n_heads, c.d_ff, c.dropout, c.activation, c.norm_first, c.norm,
-                               c.eps, c.bias, n_layers=c.n_encoder_layers, final_norm=c.final_norm)
-        self.decoder = Decoder(c.d_model, c.n_heads, c.d_ff, c.dropout, c.activation, c.norm_first, c.norm,
-                               c.eps, c.bias, n_layers=c.n_decoder_layers, final_norm=c.final_norm)
+        self.encoder = Encoder(
+            c.d_model,
+            c.n_heads,
+            c.d_ff,
+            c.dropout,
+            c.activation,
+            c.norm_first,
+            c.norm,
+            c.eps,
+            c.bias,
+            n_layers=c.n_encoder_layers,
+            final_norm=c.final_norm,
+        )
+        self.decoder = Decoder(
+            c.d_model,
+            c.n_heads,
+            c.d_ff,
+            c.dropout,
+            c.activation,
+            c.norm_first,
+            c.norm,
+            c.eps,
+            c.bias,
+            n_layers=c.n_decoder_layers,
+            final_norm=c.final_norm,
+        )
         self.lm_head = nn.Linear(c.d_model, c.tgt_vocab_size, bias=False)
         self.embed_scale = math.sqrt(c.d_model)
         self._init_weights()
@@ -148,9 +170,15 @@ class Seq2SeqTransformer(nn.Module):
             if cache.memory_kv is None:
                 cache.memory_kv = self.decoder.project_memory(memory)
             memory_kv = cache.memory_kv
-        h = self.decoder(self.embed_tgt(tgt, start), memory, tgt_key_padding_mask=tgt_pad_mask,
-                         memory_key_padding_mask=memory_pad_mask, causal=True, cache=cache,
-                         memory_kv=memory_kv)  # (B, T, C)
+        h = self.decoder(
+            self.embed_tgt(tgt, start),
+            memory,
+            tgt_key_padding_mask=tgt_pad_mask,
+            memory_key_padding_mask=memory_pad_mask,
+            causal=True,
+            cache=cache,
+            memory_kv=memory_kv,
+        )  # (B, T, C)
         return self.lm_head(h)
 
     def forward(

@@ -58,8 +58,13 @@ class OutputStream:
     the batched engine so that both stop at exactly the same token with exactly the same text.
     """
 
-    def __init__(self, max_new_tokens: int, stop: Sequence[str] = (), stop_token_ids: Sequence[int] = (),
-                 detokenizer: object | None = None) -> None:
+    def __init__(
+        self,
+        max_new_tokens: int,
+        stop: Sequence[str] = (),
+        stop_token_ids: Sequence[int] = (),
+        detokenizer: object | None = None,
+    ) -> None:
         self.max_new_tokens = max_new_tokens
         self.stop_ids = frozenset(stop_token_ids)
         self.detok = detokenizer  # an IncrementalDetokenizer (step/flush), or None for ids only

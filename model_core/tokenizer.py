@@ -22,8 +22,9 @@ from typing import Any
 
 import jinja2
 from jinja2 import nodes
+from jinja2.exceptions import SecurityError
 from jinja2.ext import Extension, loopcontrols
-from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
 from tokenizers import Tokenizer as Backend
 
@@ -55,8 +56,17 @@ _IGNORE_MERGES_PRES = {"llama-bpe", "llama3", "llama-v3", "smaug-bpe", "falcon3"
 
 # Tokens that end a turn in common chat formats; counted as stop tokens when special in the vocab.
 _END_OF_TURN = (
-    "<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>",
-    "<|end_of_text|>", "<|return|>", "<EOT>", "</s>", "<｜end▁of▁sentence｜>",
+    "<|im_end|>",
+    "<|eot_id|>",
+    "<|eom_id|>",
+    "<|end|>",
+    "<end_of_turn>",
+    "<|endoftext|>",
+    "<|end_of_text|>",
+    "<|return|>",
+    "<EOT>",
+    "</s>",
+    "<｜end▁of▁sentence｜>",
 )
 
 
@@ -93,7 +103,7 @@ def _char_to_byte() -> dict[str, int]:
 _GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
 
 
-def read_gguf_metadata(path: str | os.PathLike) -> dict[str, Any]:
+def read_gguf_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
     """All key/values of a GGUF file's header as plain Python values; tensors are not read.
 
     A small reader of the documented layout (magic, version, counts, then typed key/values): much
@@ -177,7 +187,7 @@ class Tokenizer:
 
     # ---------------------------------------------------------------- construction
     @classmethod
-    def from_gguf(cls, path: str | os.PathLike, metadata: Mapping[str, Any] | None = None) -> Tokenizer:
+    def from_gguf(cls, path: str | os.PathLike[str], metadata: Mapping[str, Any] | None = None) -> Tokenizer:
         """Build from a GGUF file's metadata (`metadata` spares re-reading the file)."""
         md = dict(metadata) if metadata is not None else read_gguf_metadata(path)
         kind = md.get("tokenizer.ggml.model")
@@ -226,7 +236,7 @@ class Tokenizer:
         )
 
     @classmethod
-    def from_pretrained_dir(cls, path: str | os.PathLike) -> Tokenizer:
+    def from_pretrained_dir(cls, path: str | os.PathLike[str]) -> Tokenizer:
         """Load a Hugging Face tokenizer directory (tokenizer.json, tokenizer_config.json, ...)."""
         root = os.fspath(path)
         tj = os.path.join(root, "tokenizer.json")
@@ -307,14 +317,18 @@ class Tokenizer:
 
     # ---------------------------------------------------------------- chat
     def apply_chat_template(
-        self, messages: list[dict], add_generation_prompt: bool = True, **kwargs: Any
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **kwargs: Any
     ) -> str:
         """Render `messages` with the model's chat template in a sandboxed jinja2 environment."""
         template = kwargs.pop("chat_template", None) or self.chat_template
         if not template:
             raise ChatTemplateError("this model has no chat template; send a plain completion prompt instead")
-        names = {"bos_token": self.bos_token_id, "eos_token": self.eos_token_id,
-                 "unk_token": self.unk_token_id, "pad_token": self.pad_token_id}
+        names = {
+            "bos_token": self.bos_token_id,
+            "eos_token": self.eos_token_id,
+            "unk_token": self.unk_token_id,
+            "pad_token": self.pad_token_id,
+        }
         variables: dict[str, Any] = {k: self.id_to_token(v) for k, v in names.items() if v is not None}
         variables.update(tools=None, documents=None)
         variables.update(kwargs)
@@ -373,7 +387,7 @@ class IncrementalDetokenizer:
             piece = self._end_run()
         else:
             full = self._decode_window(len(self._ids))
-            piece = full[len(self._decode_window(self._read_offset)):]
+            piece = full[len(self._decode_window(self._read_offset)) :]
             self._prefix_offset = self._read_offset = len(self._ids)
         return self._emit(piece)
 
@@ -393,7 +407,7 @@ class IncrementalDetokenizer:
             return "\ufffd" * len(run)
 
     def _decode_window(self, end: int) -> str:
-        return self._tok.decode(self._ids[self._prefix_offset:end], skip_special_tokens=False)
+        return self._tok.decode(self._ids[self._prefix_offset : end], skip_special_tokens=False)
 
     def _generic_step(self, token_id: int) -> str:
         self._ids.append(token_id)
@@ -402,7 +416,7 @@ class IncrementalDetokenizer:
         if len(full) <= len(prefix) or full.endswith("\ufffd"):
             return ""
         self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)
-        return full[len(prefix):]
+        return full[len(prefix) :]
 
 
 # -------------------------------------------------------------------- backends
@@ -429,15 +443,19 @@ def _byte_level_backend(tokens: list[str], types: list[int], merges: list[str] |
         log.warning("GGUF has no tokenizer.ggml.merges; BPE will not merge")
     backend = Backend(models.BPE(vocab=vocab, merges=pairs, ignore_merges=pre in _IGNORE_MERGES_PRES))
     if pre in _SPLIT_PRES:
-        backend.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(_SPLIT_PRES[pre]), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ])
+        backend.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(_SPLIT_PRES[pre]), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
     elif pre in _DIGITS_THEN_GPT2_PRES:
-        backend.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Digits(individual_digits=True),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-        ])
+        backend.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Digits(individual_digits=True),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+            ]
+        )
     else:
         if pre not in _GPT2_PRES:
             log.warning("unknown tokenizer.ggml.pre %r; using the GPT-2 pre-tokenizer regex", pre)
@@ -448,8 +466,12 @@ def _byte_level_backend(tokens: list[str], types: list[int], merges: list[str] |
 
 
 def _sentencepiece_backend(
-    tokens: list[str], types: list[int], scores: list[float], merges: list[str] | None,
-    unk: int | None, add_space_prefix: bool,
+    tokens: list[str],
+    types: list[int],
+    scores: list[float],
+    merges: list[str] | None,
+    unk: int | None,
+    add_space_prefix: bool,
 ) -> Backend:
     vocab: dict[str, int] = {}
     for i, t in enumerate(tokens):
@@ -466,8 +488,9 @@ def _sentencepiece_backend(
                     ranked.append((-scores[i], i, k))
         ranked.sort()
         pairs = [(tokens[i][:k], tokens[i][k:]) for _, i, k in ranked]
-    model = models.BPE(vocab=vocab, merges=pairs, unk_token=tokens[unk] if unk is not None else None,
-                       fuse_unk=True, byte_fallback=True)
+    model = models.BPE(
+        vocab=vocab, merges=pairs, unk_token=tokens[unk] if unk is not None else None, fuse_unk=True, byte_fallback=True
+    )
     backend = Backend(model)
     backend.pre_tokenizer = pre_tokenizers.Metaspace(
         replacement="\u2581", prepend_scheme="first" if add_space_prefix else "never", split=False
@@ -482,18 +505,25 @@ def _sentencepiece_backend(
 
 def _add_added_tokens(backend: Backend, tokens: list[str], types: list[int]) -> None:
     """Control/unknown tokens match whole and count as special; user-defined ones match whole."""
-    special = [AddedToken(t, special=True, normalized=False)
-               for t, ty in zip(tokens, types, strict=True) if ty in (CONTROL, UNKNOWN)]
-    user = [AddedToken(t, special=False, normalized=False)
-            for t, ty in zip(tokens, types, strict=True) if ty == USER_DEFINED]
+    special = [
+        AddedToken(t, special=True, normalized=False)
+        for t, ty in zip(tokens, types, strict=True)
+        if ty in (CONTROL, UNKNOWN)
+    ]
+    user = [
+        AddedToken(t, special=False, normalized=False)
+        for t, ty in zip(tokens, types, strict=True)
+        if ty == USER_DEFINED
+    ]
     if special:
         backend.add_special_tokens(special)
     if user:
         backend.add_tokens(user)
 
 
-def _set_post_processor(backend: Backend, names: Sequence[str] | Mapping[int, str],
-                        bos: int | None, eos: int | None) -> None:
+def _set_post_processor(
+    backend: Backend, names: Sequence[str] | Mapping[int, str], bos: int | None, eos: int | None
+) -> None:
     """Add BOS/EOS around encoded text when the model asks for them."""
     if bos is None and eos is None:
         return
@@ -542,8 +572,13 @@ def _raise_exception(message: str) -> None:
     raise jinja2.TemplateError(message)
 
 
-def _tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None,
-            separators: tuple[str, str] | None = None, sort_keys: bool = False) -> str:
+def _tojson(
+    x: Any,
+    ensure_ascii: bool = False,
+    indent: int | None = None,
+    separators: tuple[str, str] | None = None,
+    sort_keys: bool = False,
+) -> str:
     return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
@@ -560,9 +595,7 @@ class _Sandbox(ImmutableSandboxedEnvironment):
 
 @lru_cache(maxsize=16)
 def _compile_template(source: str) -> jinja2.Template:
-    env = _Sandbox(
-        trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, loopcontrols]
-    )
+    env = _Sandbox(trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, loopcontrols])
     env.filters["tojson"] = _tojson
     env.globals.update(raise_exception=_raise_exception, strftime_now=_strftime_now)
     return env.from_string(source)

@@ -38,8 +38,9 @@ class FeedForward(nn.Module):
     """Position-wise FFN. Gated kinds (swiglu, geglu) hold gate and up projections fused in `w_in`
     as [gate rows | up rows]: act(x W_g) * (x W_u), then `w_out`."""
 
-    def __init__(self, d_model: int, d_ff: int, activation: str = "relu", bias: bool = True,
-                 dropout: float = 0.0) -> None:
+    def __init__(
+        self, d_model: int, d_ff: int, activation: str = "relu", bias: bool = True, dropout: float = 0.0
+    ) -> None:
         super().__init__()
         if activation not in ACTIVATIONS:
             raise ValueError(f"unknown activation {activation!r}; expected one of {ACTIVATIONS}")
@@ -95,9 +96,18 @@ def merge_masks(attn_mask: torch.Tensor | None, key_padding_mask: torch.Tensor |
 class EncoderLayer(nn.Module):
     """Self-attention then FFN, each in a residual branch; post-norm (2017) or pre-norm."""
 
-    def __init__(self, d_model: int, n_heads: int, d_ff: int, dropout: float = 0.0, activation: str = "relu",
-                 norm_first: bool = False, norm: str = "layernorm", eps: float = 1e-5,
-                 bias: bool = True) -> None:
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        d_ff: int,
+        dropout: float = 0.0,
+        activation: str = "relu",
+        norm_first: bool = False,
+        norm: str = "layernorm",
+        eps: float = 1e-5,
+        bias: bool = True,
+    ) -> None:
         super().__init__()
         self.norm_first = norm_first
         self.self_attn = MultiHeadAttention(d_model, n_heads, bias=bias, dropout=dropout)
@@ -107,8 +117,9 @@ class EncoderLayer(nn.Module):
         self.dropout1 = nn.Dropout(dropout)
         self.dropout2 = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, src_key_padding_mask: torch.Tensor | None = None,
-                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, src_key_padding_mask: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """x: (B, S, C); src_key_padding_mask: (B, S) True = pad; attn_mask as in `merge_masks`."""
         mask = merge_masks(attn_mask, src_key_padding_mask)
         if self.norm_first:
@@ -123,9 +134,18 @@ class EncoderLayer(nn.Module):
 class DecoderLayer(nn.Module):
     """Masked self-attention, cross-attention over the encoder memory, FFN; post- or pre-norm."""
 
-    def __init__(self, d_model: int, n_heads: int, d_ff: int, dropout: float = 0.0, activation: str = "relu",
-                 norm_first: bool = False, norm: str = "layernorm", eps: float = 1e-5,
-                 bias: bool = True) -> None:
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        d_ff: int,
+        dropout: float = 0.0,
+        activation: str = "relu",
+        norm_first: bool = False,
+        norm: str = "layernorm",
+        eps: float = 1e-5,
+        bias: bool = True,
+    ) -> None:
         super().__init__()
         self.norm_first = norm_first
         self.self_attn = MultiHeadAttention(d_model, n_heads, bias=bias, dropout=dropout)
@@ -181,9 +201,20 @@ class DecoderLayer(nn.Module):
 class Encoder(nn.Module):
     """A stack of `EncoderLayer`s with an optional final norm (needed after pre-norm layers)."""
 
-    def __init__(self, d_model: int, n_heads: int, d_ff: int, dropout: float = 0.0, activation: str = "relu",
-                 norm_first: bool = False, norm: str = "layernorm", eps: float = 1e-5, bias: bool = True,
-                 n_layers: int = 6, final_norm: bool = True) -> None:
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        d_ff: int,
+        dropout: float = 0.0,
+        activation: str = "relu",
+        norm_first: bool = False,
+        norm: str = "layernorm",
+        eps: float = 1e-5,
+        bias: bool = True,
+        n_layers: int = 6,
+        final_norm: bool = True,
+    ) -> None:
         super().__init__()
         self.layers = nn.ModuleList(
             EncoderLayer(d_model, n_heads, d_ff, dropout, activation, norm_first, norm, eps, bias)
@@ -191,8 +222,9 @@ class Encoder(nn.Module):
         )
         self.norm = _layer_norm(norm, d_model, eps, bias) if final_norm else None
 
-    def forward(self, x: torch.Tensor, src_key_padding_mask: torch.Tensor | None = None,
-                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, src_key_padding_mask: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """x: (B, S, C) embedded source -> memory (B, S, C)."""
         for layer in self.layers:
             x = layer(x, src_key_padding_mask=src_key_padding_mask, attn_mask=attn_mask)
@@ -202,9 +234,20 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
     """A stack of `DecoderLayer`s with an optional final norm; layer i uses cache index i."""
 
-    def __init__(self, d_model: int, n_heads: int, d_ff: int, dropout: float = 0.0, activation: str = "relu",
-                 norm_first: bool = False, norm: str = "layernorm", eps: float = 1e-5, bias: bool = True,
-                 n_layers: int = 6, final_norm: bool = True) -> None:
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        d_ff: int,
+        dropout: float = 0.0,
+        activation: str = "relu",
+        norm_first: bool = False,
+        norm: str = "layernorm",
+        eps: float = 1e-5,
+        bias: bool = True,
+        n_layers: int = 6,
+        final_norm: bool = True,
+    ) -> None:
         super().__init__()
         self.layers = nn.ModuleList(
             DecoderLayer(d_model, n_heads, d_ff, dropout, activation, norm_first, norm, eps, bias)
@@ -227,8 +270,18 @@ class Decoder(nn.Module):
         """x: (B, T, C) embedded targets; memory: (B, S, C) -> (B, T, C). Masks as in `DecoderLayer`.
         memory_kv: every layer's cross-attention K/V from `project_memory` (then memory is unused)."""
         for i, layer in enumerate(self.layers):
-            x = layer(x, memory, tgt_key_padding_mask, memory_key_padding_mask, causal,
-                      self_attn_mask, cross_attn_mask, cache, i, None if memory_kv is None else memory_kv[i])
+            x = layer(
+                x,
+                memory,
+                tgt_key_padding_mask,
+                memory_key_padding_mask,
+                causal,
+                self_attn_mask,
+                cross_attn_mask,
+                cache,
+                i,
+                None if memory_kv is None else memory_kv[i],
+            )
         return x if self.norm is None else self.norm(x)
 
     def project_memory(self, memory: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:

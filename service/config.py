@@ -30,18 +30,27 @@ class Settings(BaseSettings):
     device: str = Field("auto", description="auto | cpu | cuda[:N]")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="weights/activations")
     kernels: Literal["auto", "torch", "avx512bf16", "avx2", "neon-dotprod", "neon", "reference"] = Field(
-        "auto", description="CPU decode backend: native kernels for an instruction set this CPU runs, or torch only; "
-        "auto = the best here")
-    quant_max_rows: int | None = Field(None, ge=0, le=1024, description="matmuls of up to this many rows (decode "
-                                       "batches, prompt chunks) run on a GGUF's Q4_0/Q4_1/Q8_0 weights as stored (CPU "
-                                       "kernels); 0 = off; default: the kernels' own (avx512bf16 6, avx2 without "
-                                       "AVX-512 512, others 32)")
+        "auto",
+        description="CPU decode backend: native kernels for an instruction set this CPU runs, or torch only; "
+        "auto = the best here",
+    )
+    quant_max_rows: int | None = Field(
+        None,
+        ge=0,
+        le=1024,
+        description="matmuls of up to this many rows (decode "
+        "batches, prompt chunks) run on a GGUF's Q4_0/Q4_1/Q8_0 weights as stored (CPU "
+        "kernels); 0 = off; default: the kernels' own (avx512bf16 6, avx2 without "
+        "AVX-512 512, others 32)",
+    )
     max_num_seqs: int = Field(32, ge=1, le=1024, description="max sequences decoded together")
     max_num_batched_tokens: int = Field(512, ge=16, description="token budget per engine step")
     kv_cache_memory_gb: float = Field(1.0, gt=0, description="memory for the KV cache")
     block_size: int = Field(16, ge=1, le=1024, description="tokens per KV cache block")
-    enable_prefix_caching: bool = Field(True, description="reuse the KV cache blocks of prompt prefixes computed "
-                                        "before (--no-enable-prefix-caching: off)")
+    enable_prefix_caching: bool = Field(
+        True,
+        description="reuse the KV cache blocks of prompt prefixes computed before (--no-enable-prefix-caching: off)",
+    )
     max_model_len: int | None = Field(None, ge=16, description="context length cap; default: the model's")
     max_waiting: int = Field(256, ge=0, description="queued requests beyond which new ones get 503")
     request_timeout_s: float = Field(600.0, gt=0, description="longest a text request may run (504 after)")
@@ -49,14 +58,21 @@ class Settings(BaseSettings):
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list, description="comma-separated keys")
     api_key_file: str | None = Field(None, description="file with one API key per line")
     public_paths: Annotated[list[str], NoDecode] = Field(
-        default_factory=lambda: ["/health", "/ready", "/metrics"], description="paths open without a key")
-    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list,
-                                                         description="allowed CORS origins; empty = CORS off")
+        default_factory=lambda: ["/health", "/ready", "/metrics"], description="paths open without a key"
+    )
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="allowed CORS origins; empty = CORS off"
+    )
     max_body_bytes: int = Field(4 * 2**20, ge=1024, description="largest accepted request body")
-    request_body_timeout_s: float = Field(30.0, gt=0, description="longest a client may take to send a request "
-                                          "body (408 after)")
-    max_tokens_default: int | None = Field(None, ge=1, description="completion limit of requests that set no "
-                                           "max_tokens; default: the rest of the context for chat, 16 for completions")
+    request_body_timeout_s: float = Field(
+        30.0, gt=0, description="longest a client may take to send a request body (408 after)"
+    )
+    max_tokens_default: int | None = Field(
+        None,
+        ge=1,
+        description="completion limit of requests that set no "
+        "max_tokens; default: the rest of the context for chat, 16 for completions",
+    )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info")
     log_format: Literal["json", "text"] = Field("json", description="stderr log lines as JSON or text")
     enable_gan: bool = Field(True, description="serve /v1/images/generations")
@@ -66,8 +82,13 @@ class Settings(BaseSettings):
     enable_g2p: bool = Field(True, description="serve the grapheme-to-phoneme model cmudict-g2p on /v1/completions")
     g2p_path: str | None = Field(None, description="G2P checkpoint dir; default: the shipped one")
     g2p_max_batch: int = Field(64, ge=1, le=1024, description="G2P micro-batch size, in decoder rows")
-    g2p_max_wait_ms: float = Field(0.0, ge=0, le=1000, description="G2P micro-batch wait (0: a batch takes what is "
-                                   "queued; requests arriving while one runs form the next)")
+    g2p_max_wait_ms: float = Field(
+        0.0,
+        ge=0,
+        le=1000,
+        description="G2P micro-batch wait (0: a batch takes what is "
+        "queued; requests arriving while one runs form the next)",
+    )
     drain_timeout_s: float = Field(30.0, ge=0, description="graceful shutdown drain timeout")
     ui: bool = Field(True, description="serve the web playground at / (--no-ui or --ui false: off)")
 
@@ -118,17 +139,33 @@ def parse_settings(argv: Sequence[str] | None = None) -> Settings:
     ap = argparse.ArgumentParser(prog="python -m service", description="AIGC inference server")
     for name, f in Settings.model_fields.items():
         if name == "api_keys":
-            ap.add_argument("--api-key", help="API key (repeatable); env AIGC_API_KEYS", default=None,
-                            action="append", dest="api_keys", metavar="KEY")
+            ap.add_argument(
+                "--api-key",
+                help="API key (repeatable); env AIGC_API_KEYS",
+                default=None,
+                action="append",
+                dest="api_keys",
+                metavar="KEY",
+            )
         else:
             switch: dict[str, Any] = {}
             if f.annotation is bool:  # --x alone means true, --no-x false; --x true|false works too
-                ap.add_argument("--no-" + _flag(name)[2:], dest=name, action="store_const", const="false",
-                                help=f"same as {_flag(name)} false")
+                ap.add_argument(
+                    "--no-" + _flag(name)[2:],
+                    dest=name,
+                    action="store_const",
+                    const="false",
+                    help=f"same as {_flag(name)} false",
+                )
                 switch = {"nargs": "?", "const": "true"}
-            ap.add_argument(_flag(name), dest=name, default=None, **switch,
-                            help=f"{f.description or name} (env AIGC_{name.upper()}, default "
-                                 f"{_shown_default(f.get_default(call_default_factory=True))})")
+            ap.add_argument(
+                _flag(name),
+                dest=name,
+                default=None,
+                **switch,
+                help=f"{f.description or name} (env AIGC_{name.upper()}, default "
+                f"{_shown_default(f.get_default(call_default_factory=True))})",
+            )
     args = {k: v for k, v in vars(ap.parse_args(argv)).items() if v is not None}
     try:
         return Settings(**args)

@@ -45,8 +45,13 @@ def build_text_model(settings: Settings, observer: EngineObserver | None = None)
     from service.engine.engine import EngineConfig, LLMEngine
     from service.engine.runner import ModelRunner
 
-    lm = load_for_inference(settings.model or find_default_model(), settings.device, settings.dtype, settings.kernels,
-                            settings.quant_max_rows)
+    lm = load_for_inference(
+        settings.model or find_default_model(),
+        settings.device,
+        settings.dtype,
+        settings.kernels,
+        settings.quant_max_rows,
+    )
     cfg, dtype = lm.config, lm.model.embed.weight.dtype
     max_len = min(cfg.max_seq_len, settings.max_model_len or cfg.max_seq_len)
     per_block = PagedKVCache.bytes_per_token(cfg.n_layers, cfg.n_kv_heads, cfg.hd, dtype) * settings.block_size
@@ -54,20 +59,44 @@ def build_text_model(settings: Settings, observer: EngineObserver | None = None)
     if num_blocks * settings.block_size < max_len:
         raise ValueError(
             f"kv_cache_memory_gb={settings.kv_cache_memory_gb} holds {num_blocks * settings.block_size} tokens, "
-            f"fewer than one sequence of max_model_len={max_len}; raise the budget or lower max_model_len")
-    runner = ModelRunner(lm.model, num_blocks, settings.block_size, tuple(lm.tokenizer.eos_token_ids),
-                         lm.backend.kernels)
-    engine = LLMEngine(runner, lm.tokenizer, EngineConfig(
-        max_num_seqs=settings.max_num_seqs, max_num_batched_tokens=settings.max_num_batched_tokens,
-        block_size=settings.block_size, num_blocks=num_blocks, max_model_len=max_len,
-        max_waiting=settings.max_waiting, request_timeout_s=settings.request_timeout_s,
-        queue_timeout_s=settings.queue_timeout_s, enable_prefix_caching=settings.enable_prefix_caching,
-        cache_salt=f"{lm.name}:{dtype}"), observer=observer)
-    log.info("KV cache: %d blocks x %d tokens (%.2f GiB), max_model_len %d", num_blocks, settings.block_size,
-             num_blocks * per_block / 2**30, max_len)
-    return TextModel(engine=engine, tokenizer=lm.tokenizer, name=settings.served_model_name or lm.name,
-                     max_model_len=max_len, vocab_size=cfg.vocab_size, created=int(time.time()),
-                     load_seconds=lm.load_seconds)
+            f"fewer than one sequence of max_model_len={max_len}; raise the budget or lower max_model_len"
+        )
+    runner = ModelRunner(
+        lm.model, num_blocks, settings.block_size, tuple(lm.tokenizer.eos_token_ids), lm.backend.kernels
+    )
+    engine = LLMEngine(
+        runner,
+        lm.tokenizer,
+        EngineConfig(
+            max_num_seqs=settings.max_num_seqs,
+            max_num_batched_tokens=settings.max_num_batched_tokens,
+            block_size=settings.block_size,
+            num_blocks=num_blocks,
+            max_model_len=max_len,
+            max_waiting=settings.max_waiting,
+            request_timeout_s=settings.request_timeout_s,
+            queue_timeout_s=settings.queue_timeout_s,
+            enable_prefix_caching=settings.enable_prefix_caching,
+            cache_salt=f"{lm.name}:{dtype}",
+        ),
+        observer=observer,
+    )
+    log.info(
+        "KV cache: %d blocks x %d tokens (%.2f GiB), max_model_len %d",
+        num_blocks,
+        settings.block_size,
+        num_blocks * per_block / 2**30,
+        max_len,
+    )
+    return TextModel(
+        engine=engine,
+        tokenizer=lm.tokenizer,
+        name=settings.served_model_name or lm.name,
+        max_model_len=max_len,
+        vocab_size=cfg.vocab_size,
+        created=int(time.time()),
+        load_seconds=lm.load_seconds,
+    )
 
 
 async def start_image_batcher(settings: Settings, metrics: Metrics) -> ImageBatcher | None:
@@ -112,8 +141,9 @@ async def start_g2p_batcher(settings: Settings, metrics: Metrics) -> Seq2SeqBatc
             metrics.success.labels(model, "stop" if h.finished else "length").inc()
         metrics.e2e.labels(model).observe(seconds)
 
-    batcher = Seq2SeqBatcher(g2p, settings.g2p_max_batch, settings.g2p_max_wait_ms, on_batch=on_batch,
-                             on_finish=on_finish)
+    batcher = Seq2SeqBatcher(
+        g2p, settings.g2p_max_batch, settings.g2p_max_wait_ms, on_batch=on_batch, on_finish=on_finish
+    )
     await batcher.start()
     return batcher
 
@@ -166,8 +196,15 @@ def create_app(settings: Settings | None = None, text_model: TextModel | None = 
     app.state.inflight = InFlight()
     app.state.draining = False
     install_error_handlers(app)
-    for r in (health.router, models.router, completions.router, chat.router, responses.router, images.router,
-              admin.router):
+    for r in (
+        health.router,
+        models.router,
+        completions.router,
+        chat.router,
+        responses.router,
+        images.router,
+        admin.router,
+    ):
         app.include_router(r)
     public_paths = list(settings.public_paths)
     if settings.ui:  # the playground's page and assets are public; the API calls it makes are not
@@ -177,9 +214,13 @@ def create_app(settings: Settings | None = None, text_model: TextModel | None = 
     app.add_middleware(APIKeyMiddleware, keys=settings.all_api_keys(), public_paths=public_paths)
     if settings.cors_origins:
         app.add_middleware(CORS, origins=settings.cors_origins)
-    app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.max_body_bytes,
-                       body_timeout_s=settings.request_body_timeout_s, inflight=app.state.inflight,
-                       draining=lambda: bool(app.state.draining))
+    app.add_middleware(
+        RequestContextMiddleware,
+        max_body_bytes=settings.max_body_bytes,
+        body_timeout_s=settings.request_body_timeout_s,
+        inflight=app.state.inflight,
+        draining=lambda: bool(app.state.draining),
+    )
     return app
 
 
@@ -196,8 +237,9 @@ def _drain_server(app: FastAPI, settings: Settings) -> type:
                 super().handle_exit(sig, frame)
                 return
             app.state.draining = True
-            log.info("draining: %d requests in flight, timeout %.0fs", app.state.inflight.count,
-                     settings.drain_timeout_s)
+            log.info(
+                "draining: %d requests in flight, timeout %.0fs", app.state.inflight.count, settings.drain_timeout_s
+            )
 
             def wait_then_exit() -> None:
                 inflight = app.state.inflight
@@ -230,8 +272,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     # (the engine thread sets it again for engines started elsewhere).
     torch.set_flush_denormal(True)
     app = create_app(settings)
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                            access_log=False, log_config=None, timeout_graceful_shutdown=5)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        access_log=False,
+        log_config=None,
+        timeout_graceful_shutdown=5,
+    )
     server = _drain_server(app, settings)(config)
     server.run()
     return _exit_code_after_stop(app)

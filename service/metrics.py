@@ -16,10 +16,47 @@ from prometheus_client.registry import Collector
 
 disable_created_metrics()  # no *_created series: they double the exposition for no use here
 
-LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
-                   20.0, 40.0, 80.0)
-ITL_BUCKETS = (0.001, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4,
-               0.5, 0.75, 1.0, 2.5)
+LATENCY_BUCKETS = (
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+)
+ITL_BUCKETS = (
+    0.001,
+    0.005,
+    0.01,
+    0.015,
+    0.02,
+    0.025,
+    0.03,
+    0.04,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.4,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+)
 
 
 class _EngineGauges(Collector):
@@ -54,28 +91,57 @@ class Metrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.model = "unknown"
-        self.ttft = Histogram("aigc_time_to_first_token_seconds", "Time to first token.", ["model"],
-                              buckets=LATENCY_BUCKETS, registry=r)
-        self.itl = Histogram("aigc_inter_token_latency_seconds", "Time between consecutive output tokens.",
-                             ["model"], buckets=ITL_BUCKETS, registry=r)
-        self.e2e = Histogram("aigc_e2e_request_latency_seconds", "Request latency from arrival to finish.",
-                             ["model"], buckets=LATENCY_BUCKETS, registry=r)
-        self.queue = Histogram("aigc_request_queue_time_seconds", "Time from arrival to first schedule.",
-                               ["model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.ttft = Histogram(
+            "aigc_time_to_first_token_seconds", "Time to first token.", ["model"], buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.itl = Histogram(
+            "aigc_inter_token_latency_seconds",
+            "Time between consecutive output tokens.",
+            ["model"],
+            buckets=ITL_BUCKETS,
+            registry=r,
+        )
+        self.e2e = Histogram(
+            "aigc_e2e_request_latency_seconds",
+            "Request latency from arrival to finish.",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue = Histogram(
+            "aigc_request_queue_time_seconds",
+            "Time from arrival to first schedule.",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.prompt_tokens = Counter("aigc_prompt_tokens", "Prefilled prompt tokens.", ["model"], registry=r)
         self.generation_tokens = Counter("aigc_generation_tokens", "Generated tokens.", ["model"], registry=r)
-        self.success = Counter("aigc_request_success", "Finished requests by finish reason.",
-                               ["model", "finish_reason"], registry=r)
-        self.rejected = Counter("aigc_requests_rejected", "Requests rejected before running.",
-                                ["endpoint", "reason"], registry=r)
-        self.load_seconds = Gauge("aigc_model_load_seconds", "Time to load the model at start-up.", ["model"],
-                                  registry=r)
+        self.success = Counter(
+            "aigc_request_success", "Finished requests by finish reason.", ["model", "finish_reason"], registry=r
+        )
+        self.rejected = Counter(
+            "aigc_requests_rejected", "Requests rejected before running.", ["endpoint", "reason"], registry=r
+        )
+        self.load_seconds = Gauge(
+            "aigc_model_load_seconds", "Time to load the model at start-up.", ["model"], registry=r
+        )
         self.image_requests = Counter("aigc_image_requests", "Image generation requests.", ["model"], registry=r)
         self.images = Counter("aigc_images_generated", "Images generated.", ["model"], registry=r)
-        self.image_batch = Histogram("aigc_image_batch_size", "Images per GAN forward pass.", ["model"],
-                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
-        self.seq2seq_batch = Histogram("aigc_seq2seq_batch_size", "Decoder rows per encoder-decoder batch.",
-                                       ["model"], buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512), registry=r)
+        self.image_batch = Histogram(
+            "aigc_image_batch_size",
+            "Images per GAN forward pass.",
+            ["model"],
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+            registry=r,
+        )
+        self.seq2seq_batch = Histogram(
+            "aigc_seq2seq_batch_size",
+            "Decoder rows per encoder-decoder batch.",
+            ["model"],
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
+            registry=r,
+        )
         self._engine_state: Callable[[], dict[str, float] | None] = lambda: None
         r.register(_EngineGauges(lambda: self.model, lambda: self._engine_state()))
 

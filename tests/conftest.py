@@ -17,8 +17,10 @@ from model_core.tokenizer import Tokenizer, find_default_model
 def pytest_report_header() -> list[str]:
     """Which decode backends this run exercises: every native build this CPU executes, and PyTorch."""
     auto = select_backend("auto")
-    return [f"decode backends: auto = {auto.name} ({auto.reason}); native builds tested here: "
-            f"{', '.join(native.runnable()) or 'none'}; plus torch"]
+    return [
+        f"decode backends: auto = {auto.name} ({auto.reason}); native builds tested here: "
+        f"{', '.join(native.runnable()) or 'none'}; plus torch"
+    ]
 
 
 @functools.cache
@@ -44,8 +46,17 @@ def smol_tokenizer(smol_path: str) -> Tokenizer:
 def tiny_llama(vocab_size: int = 49152, seed: int = 0, max_seq_len: int = 256) -> CausalLM:
     """A 2-layer llama with GQA and random weights (scaled up so the logits are far from uniform)."""
     torch.manual_seed(seed)
-    cfg = LMConfig("llama", vocab_size, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128,
-                   max_seq_len=max_seq_len, rope_theta=10000.0)
+    cfg = LMConfig(
+        "llama",
+        vocab_size,
+        d_model=64,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        d_ff=128,
+        max_seq_len=max_seq_len,
+        rope_theta=10000.0,
+    )
     model = CausalLM(cfg)
     with torch.no_grad():
         for p in model.parameters():

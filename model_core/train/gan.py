@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -79,8 +80,16 @@ def translate(x: Tensor, shift: int, rng: torch.Generator) -> Tensor:
     return xp.permute(0, 2, 3, 1)[bi, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)  # (B, C, H, W)
 
 
-def train_step(G: Generator, D: Discriminator, opt_g: torch.optim.Optimizer, opt_d: torch.optim.Optimizer,
-               real: Tensor, labels: Tensor, rng: torch.Generator, shift: int = 0) -> tuple[float, float]:
+def train_step(
+    G: Generator,
+    D: Discriminator,
+    opt_g: torch.optim.Optimizer,
+    opt_d: torch.optim.Optimizer,
+    real: Tensor,
+    labels: Tensor,
+    rng: torch.Generator,
+    shift: int = 0,
+) -> tuple[float, float]:
     """One D update then one G update; returns (loss_d, loss_g)."""
     b, nc = real.shape[0], G.config.num_classes
     z = torch.randn(b, G.config.z_dim, generator=rng)
@@ -116,8 +125,12 @@ def calibrate_batchnorm(G: Generator, batches: int, batch_size: int, rng: torch.
     G.eval()
 
 
-def train(tc: TrainConfig, config: GANConfig | None = None, progress: bool = True,
-          on_epoch: Callable[[int, Generator], None] | None = None) -> tuple[Generator, dict]:
+def train(
+    tc: TrainConfig,
+    config: GANConfig | None = None,
+    progress: bool = True,
+    on_epoch: Callable[[int, Generator], None] | None = None,
+) -> tuple[Generator, dict[str, Any]]:
     """Train from scratch; returns the eval-mode generator and a summary dict.
     `on_epoch(epoch, G)` runs after every epoch (G in train mode; don't step its RNG-free state)."""
     config = config or GANConfig()
@@ -137,7 +150,7 @@ def train(tc: TrainConfig, config: GANConfig | None = None, progress: bool = Tru
         D.train()
         perm = torch.randperm(n, generator=rng)
         for s in range(steps_per_epoch):
-            idx = perm[s * tc.batch_size:(s + 1) * tc.batch_size]
+            idx = perm[s * tc.batch_size : (s + 1) * tc.batch_size]
             ld, lg = train_step(G, D, opt_g, opt_d, x[idx], y[idx], rng, tc.augment_shift)
         bar.set_postfix(loss_d=f"{ld:.3f}", loss_g=f"{lg:.3f}")
         if on_epoch is not None:
@@ -146,10 +159,15 @@ def train(tc: TrainConfig, config: GANConfig | None = None, progress: bool = Tru
     wall_s = time.perf_counter() - t0
     log.info("trained %d steps in %.1f s", tc.epochs * steps_per_epoch, wall_s)
     summary = {
-        "epochs": tc.epochs, "batch_size": tc.batch_size, "seed": tc.seed,
-        "steps": tc.epochs * steps_per_epoch, "lr_g": tc.lr_g, "lr_d": tc.lr_d,
+        "epochs": tc.epochs,
+        "batch_size": tc.batch_size,
+        "seed": tc.seed,
+        "steps": tc.epochs * steps_per_epoch,
+        "lr_g": tc.lr_g,
+        "lr_d": tc.lr_d,
         "augment_shift": tc.augment_shift,
-        "final_loss_d": round(ld, 4), "final_loss_g": round(lg, 4),
+        "final_loss_d": round(ld, 4),
+        "final_loss_g": round(lg, 4),
         "threads": torch.get_num_threads(),
         "dataset": "sklearn.datasets.load_digits (1797 images, 8x8 -> 32x32 bilinear)",
     }
@@ -180,9 +198,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
     p.add_argument("--seed", type=int, default=TrainConfig.seed)
     p.add_argument("--lr", type=float, default=TrainConfig.lr_g, help="Adam learning rate for G and D")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch intra-op threads (default 1: on a CPU shared with other work two threads "
-                        "spin against each other and run several times slower; results depend on it)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads (default 1: on a CPU shared with other work two threads "
+        "spin against each other and run several times slower; results depend on it)",
+    )
     p.add_argument("--out", type=Path, required=True, help="checkpoint directory to write")
     p.add_argument("--grid", type=Path, default=None, help="also write a PNG grid of samples, a row per class")
     a = p.parse_args(argv)

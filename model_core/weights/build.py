@@ -7,8 +7,9 @@ import torch
 from model_core.lm import CausalLM, LMConfig
 
 
-def build_lm(cfg: LMConfig, sd: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32,
-             device: torch.device | str = "cpu") -> CausalLM:
+def build_lm(
+    cfg: LMConfig, sd: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
+) -> CausalLM:
     if not cfg.tie_embeddings and "lm_head.weight" not in sd:
         raise ValueError("checkpoint is missing tensor 'lm_head.weight' and the config does not tie embeddings")
     sd = dict(sd)  # the caller's dict is left as it was (the tied head is dropped from our copy)

@@ -85,8 +85,9 @@ def dequantize_tensor(t: Any) -> torch.Tensor:
     return torch.from_numpy(np.array(arr, dtype=np.float32, copy=True).reshape(shape))
 
 
-def load_gguf(path: str | os.PathLike[str], reader: Any = None
-              ) -> tuple[LMConfig, dict[str, torch.Tensor], dict[str, Any]]:
+def load_gguf(
+    path: str | os.PathLike[str], reader: Any = None
+) -> tuple[LMConfig, dict[str, torch.Tensor], dict[str, Any]]:
     """Returns (config, tensors by GGUF name as float32, metadata)."""
     from gguf import GGUFReader
     from tqdm import tqdm
@@ -97,8 +98,10 @@ def load_gguf(path: str | os.PathLike[str], reader: Any = None
     meta = read_metadata(reader)
     meta["_tensor_names"] = [t.name for t in reader.tensors]
     cfg = config_from_metadata(meta)
-    raw = {t.name: dequantize_tensor(t) for t in tqdm(reader.tensors, desc="dequantizing", unit="tensor",
-                                                     leave=False, disable=None)}
+    raw = {
+        t.name: dequantize_tensor(t)
+        for t in tqdm(reader.tensors, desc="dequantizing", unit="tensor", leave=False, disable=None)
+    }
     sd = NAME_MAPS[("gguf", cfg.arch)](raw, cfg)
     return cfg, sd, meta
 
@@ -110,8 +113,11 @@ def _linear_sources(cfg: LMConfig, tensor_names: set[str]) -> dict[str, list[tup
     for i in range(cfg.n_layers):
         p, o = f"blk.{i}.", f"blocks.{i}."
         if cfg.is_llama:
-            layers[o + "attn.qkv"] = [(p + "attn_q.weight", cfg.n_heads), (p + "attn_k.weight", cfg.n_kv_heads),
-                                      (p + "attn_v.weight", None)]
+            layers[o + "attn.qkv"] = [
+                (p + "attn_q.weight", cfg.n_heads),
+                (p + "attn_k.weight", cfg.n_kv_heads),
+                (p + "attn_v.weight", None),
+            ]
             layers[o + "ffn.w_in"] = [(p + "ffn_gate.weight", None), (p + "ffn_up.weight", None)]
         else:
             layers[o + "attn.qkv"] = [(p + "attn_qkv.weight", None)]

@@ -33,9 +33,15 @@ class LoadedLM:
     backend: DecodeBackend  # what runs decode steps; give its kernels to the KV cache
 
 
-def load_lm(path: str | os.PathLike[str], dtype: torch.dtype = torch.float32,
-            device: torch.device | str = "cpu", pack: bool = True, quantized_max_rows: int | None = 0,
-            native_decode: bool = True, backend: DecodeBackend = TORCH) -> LoadedLM:
+def load_lm(
+    path: str | os.PathLike[str],
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    pack: bool = True,
+    quantized_max_rows: int | None = 0,
+    native_decode: bool = True,
+    backend: DecodeBackend = TORCH,
+) -> LoadedLM:
     """pack: on CPUs that run oneDNN's bf16 matmuls, pre-pack bf16 linear weights (same results, faster).
     backend: what runs decode steps (model_core.backend.select_backend); with native kernels:
     quantized_max_rows: for a GGUF file, keep its Q4_0/Q4_1/Q8_0 weights quantized as well and run matmuls of up
@@ -76,16 +82,31 @@ def load_lm(path: str | os.PathLike[str], dtype: torch.dtype = torch.float32,
     if kernels is not None and native_decode:
         model.decoder_fast_path = FusedLlamaDecoder.build(model, kernels)
         if model.decoder_fast_path is not None:
-            log.info("decode steps run with native kernels between matmuls (one call per layer up to %d rows)",
-                     model.decoder_fast_path.max_rows)
+            log.info(
+                "decode steps run with native kernels between matmuls (one call per layer up to %d rows)",
+                model.decoder_fast_path.max_rows,
+            )
     dt = time.perf_counter() - t0
-    log.info("loaded %s (%s, %d layers, d=%d) as %s on %s in %.1fs", name, cfg.arch, cfg.n_layers,
-             cfg.d_model, dtype, device, dt)
+    log.info(
+        "loaded %s (%s, %d layers, d=%d) as %s on %s in %.1fs",
+        name,
+        cfg.arch,
+        cfg.n_layers,
+        cfg.d_model,
+        dtype,
+        device,
+        dt,
+    )
     return LoadedLM(model, tok, cfg, str(p), name, dt, backend)
 
 
-def load_for_inference(path: str | os.PathLike[str], device: str = "auto", dtype: str = "auto", kernels: str = "auto",
-                       quantized_max_rows: int | None = None) -> LoadedLM:
+def load_for_inference(
+    path: str | os.PathLike[str],
+    device: str = "auto",
+    dtype: str = "auto",
+    kernels: str = "auto",
+    quantized_max_rows: int | None = None,
+) -> LoadedLM:
     """Device, then decode backend, then dtype (auto picks by what the backend computes fast), then the model;
     logs one line naming the backend, ISA, dtype and threads."""
     dev = select_device(device)

@@ -51,8 +51,10 @@ class _Source:
     def check_all_used(self, ignorable: tuple[str, ...] = ()) -> None:
         extra = sorted(n for n in self.tensors if n not in self.used and not n.endswith(ignorable))
         if extra:
-            raise ValueError(f"checkpoint has {len(extra)} tensors this architecture does not use "
-                             f"(a variant we do not implement?), e.g. {extra[:5]}")
+            raise ValueError(
+                f"checkpoint has {len(extra)} tensors this architecture does not use "
+                f"(a variant we do not implement?), e.g. {extra[:5]}"
+            )
 
 
 def unpermute_rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -91,8 +93,9 @@ def gguf_llama(tensors: Tensors, cfg: LMConfig) -> dict[str, torch.Tensor]:
         sd[o + "attn.out.weight"] = src.get(p + "attn_output.weight", C, q_rows)
         sd[o + "attn_norm.weight"] = src.get(p + "attn_norm.weight", C)
         sd[o + "ffn_norm.weight"] = src.get(p + "ffn_norm.weight", C)
-        sd[o + "ffn.w_in.weight"] = torch.cat([src.get(p + "ffn_gate.weight", F, C),
-                                               src.get(p + "ffn_up.weight", F, C)])
+        sd[o + "ffn.w_in.weight"] = torch.cat(
+            [src.get(p + "ffn_gate.weight", F, C), src.get(p + "ffn_up.weight", F, C)]
+        )
         sd[o + "ffn.w_out.weight"] = src.get(p + "ffn_down.weight", C, F)
     _head(sd, src, "output.weight", cfg)
     src.check_all_used()
@@ -110,9 +113,14 @@ def gguf_gpt2(tensors: Tensors, cfg: LMConfig) -> dict[str, torch.Tensor]:
         "norm.bias": src.get("output_norm.bias", C),
     }
     # ours, theirs, weight shape (rows, cols), bias length
-    layout = [("attn_norm", "attn_norm", (C,), C), ("ffn_norm", "ffn_norm", (C,), C),
-              ("attn.qkv", "attn_qkv", (qkv_rows, C), qkv_rows), ("attn.out", "attn_output", (C, q_rows), C),
-              ("ffn.w_in", "ffn_up", (F, C), F), ("ffn.w_out", "ffn_down", (C, F), C)]
+    layout = [
+        ("attn_norm", "attn_norm", (C,), C),
+        ("ffn_norm", "ffn_norm", (C,), C),
+        ("attn.qkv", "attn_qkv", (qkv_rows, C), qkv_rows),
+        ("attn.out", "attn_output", (C, q_rows), C),
+        ("ffn.w_in", "ffn_up", (F, C), F),
+        ("ffn.w_out", "ffn_down", (C, F), C),
+    ]
     for i in range(cfg.n_layers):
         for ours, theirs, shape, n_bias in layout:
             sd[f"blocks.{i}.{ours}.weight"] = src.get(f"blk.{i}.{theirs}.weight", *shape)
@@ -129,14 +137,19 @@ def hf_llama(tensors: Tensors, cfg: LMConfig) -> dict[str, torch.Tensor]:
     sd = {"embed.weight": src.get("model.embed_tokens.weight", V, C), "norm.weight": src.get("model.norm.weight", C)}
     for i in range(cfg.n_layers):
         p, o = f"model.layers.{i}.", f"blocks.{i}."
-        sd[o + "attn.qkv.weight"] = torch.cat([src.get(p + "self_attn.q_proj.weight", q_rows, C),
-                                               src.get(p + "self_attn.k_proj.weight", kv_rows, C),
-                                               src.get(p + "self_attn.v_proj.weight", kv_rows, C)])
+        sd[o + "attn.qkv.weight"] = torch.cat(
+            [
+                src.get(p + "self_attn.q_proj.weight", q_rows, C),
+                src.get(p + "self_attn.k_proj.weight", kv_rows, C),
+                src.get(p + "self_attn.v_proj.weight", kv_rows, C),
+            ]
+        )
         sd[o + "attn.out.weight"] = src.get(p + "self_attn.o_proj.weight", C, q_rows)
         sd[o + "attn_norm.weight"] = src.get(p + "input_layernorm.weight", C)
         sd[o + "ffn_norm.weight"] = src.get(p + "post_attention_layernorm.weight", C)
-        sd[o + "ffn.w_in.weight"] = torch.cat([src.get(p + "mlp.gate_proj.weight", F, C),
-                                               src.get(p + "mlp.up_proj.weight", F, C)])
+        sd[o + "ffn.w_in.weight"] = torch.cat(
+            [src.get(p + "mlp.gate_proj.weight", F, C), src.get(p + "mlp.up_proj.weight", F, C)]
+        )
         sd[o + "ffn.w_out.weight"] = src.get(p + "mlp.down_proj.weight", C, F)
     _head(sd, src, "lm_head.weight", cfg)
     src.check_all_used(_IGNORABLE_SUFFIXES)
@@ -156,9 +169,14 @@ def hf_gpt2(tensors: Tensors, cfg: LMConfig) -> dict[str, torch.Tensor]:
         "norm.bias": src.get(pre + "ln_f.bias", C),
     }
     # ours, theirs, HF weight shape (norm: (C,), Conv1D: (in, out)), bias length
-    layout = [("attn_norm", "ln_1", (C,), C), ("ffn_norm", "ln_2", (C,), C),
-              ("attn.qkv", "attn.c_attn", (C, qkv_rows), qkv_rows), ("attn.out", "attn.c_proj", (q_rows, C), C),
-              ("ffn.w_in", "mlp.c_fc", (C, F), F), ("ffn.w_out", "mlp.c_proj", (F, C), C)]
+    layout = [
+        ("attn_norm", "ln_1", (C,), C),
+        ("ffn_norm", "ln_2", (C,), C),
+        ("attn.qkv", "attn.c_attn", (C, qkv_rows), qkv_rows),
+        ("attn.out", "attn.c_proj", (q_rows, C), C),
+        ("ffn.w_in", "mlp.c_fc", (C, F), F),
+        ("ffn.w_out", "mlp.c_proj", (F, C), C),
+    ]
     for i in range(cfg.n_layers):
         for ours, theirs, shape, n_bias in layout:
             w = src.get(f"{pre}h.{i}.{theirs}.weight", *shape)

@@ -31,9 +31,15 @@ def config_from_hf(hf: dict[str, Any]) -> LMConfig:
         _require(hf, "scale_attn_by_inverse_layer_idx", (False,), False)
         d = int(hf["n_embd"])
         return LMConfig(
-            arch="gpt2", vocab_size=int(hf["vocab_size"]), d_model=d, n_layers=int(hf["n_layer"]),
-            n_heads=int(hf["n_head"]), n_kv_heads=int(hf["n_head"]), d_ff=int(hf.get("n_inner") or 4 * d),
-            max_seq_len=int(hf["n_positions"]), norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
+            arch="gpt2",
+            vocab_size=int(hf["vocab_size"]),
+            d_model=d,
+            n_layers=int(hf["n_layer"]),
+            n_heads=int(hf["n_head"]),
+            n_kv_heads=int(hf["n_head"]),
+            d_ff=int(hf.get("n_inner") or 4 * d),
+            max_seq_len=int(hf["n_positions"]),
+            norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
             tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
         )
     _require(hf, "hidden_act", ("silu",), "silu")
@@ -48,11 +54,17 @@ def config_from_hf(hf: dict[str, Any]) -> LMConfig:
     hd = hf.get("head_dim")
     rope_theta = hf.get("rope_theta") or (hf.get("rope_parameters") or {}).get("rope_theta", 10000.0)
     return LMConfig(
-        arch="llama", vocab_size=int(hf["vocab_size"]), d_model=int(hf["hidden_size"]),
-        n_layers=int(hf["num_hidden_layers"]), n_heads=n_heads,
-        n_kv_heads=int(hf.get("num_key_value_heads") or n_heads), d_ff=int(hf["intermediate_size"]),
-        max_seq_len=int(hf.get("max_position_embeddings", 2048)), norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-        rope_theta=float(rope_theta), head_dim=int(hd) if hd and int(hd) != int(hf["hidden_size"]) // n_heads else None,
+        arch="llama",
+        vocab_size=int(hf["vocab_size"]),
+        d_model=int(hf["hidden_size"]),
+        n_layers=int(hf["num_hidden_layers"]),
+        n_heads=n_heads,
+        n_kv_heads=int(hf.get("num_key_value_heads") or n_heads),
+        d_ff=int(hf["intermediate_size"]),
+        max_seq_len=int(hf.get("max_position_embeddings", 2048)),
+        norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        rope_theta=float(rope_theta),
+        head_dim=int(hd) if hd and int(hd) != int(hf["hidden_size"]) // n_heads else None,
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
     )
 

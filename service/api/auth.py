@@ -43,9 +43,23 @@ class APIKeyMiddleware:
         if self._authorized(scope):
             await self.app(scope, receive, send)
             return
-        body = json.dumps(error_body("Invalid or missing API key. Send 'Authorization: Bearer <key>'.",
-                                     "authentication_error", None, "invalid_api_key")).encode()
-        await send({"type": "http.response.start", "status": 401, "headers": [
-            (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-            (b"www-authenticate", b"Bearer")]})
+        body = json.dumps(
+            error_body(
+                "Invalid or missing API key. Send 'Authorization: Bearer <key>'.",
+                "authentication_error",
+                None,
+                "invalid_api_key",
+            )
+        ).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 401,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                    (b"www-authenticate", b"Bearer"),
+                ],
+            }
+        )
         await send({"type": "http.response.body", "body": body})

@@ -50,19 +50,25 @@ def message_dicts(messages: list[ChatMessage]) -> list[dict[str, Any]]:
     for i, m in enumerate(messages):
         content = m.content
         if content is None and not (m.role == "assistant" and m.tool_calls):
-            raise APIError(f"messages[{i}]: a{'n' if m.role == 'assistant' else ''} {m.role} message needs content"
-                           + (" or tool_calls" if m.role == "assistant" else ""), param=f"messages.{i}.content")
+            raise APIError(
+                f"messages[{i}]: a{'n' if m.role == 'assistant' else ''} {m.role} message needs content"
+                + (" or tool_calls" if m.role == "assistant" else ""),
+                param=f"messages.{i}.content",
+            )
         if m.role == "tool" and not m.tool_call_id:
-            raise APIError(f"messages[{i}]: a tool message needs the tool_call_id of the call it answers",
-                           param=f"messages.{i}.tool_call_id")
+            raise APIError(
+                f"messages[{i}]: a tool message needs the tool_call_id of the call it answers",
+                param=f"messages.{i}.tool_call_id",
+            )
         if m.tool_calls and m.role != "assistant":
             raise APIError(f"messages[{i}]: only assistant messages carry tool_calls", param=f"messages.{i}.tool_calls")
         if isinstance(content, list):
             parts = []
             for part in content:
                 if part.get("type") != "text" or not isinstance(part.get("text"), str):
-                    raise APIError(f"messages[{i}].content: only text parts are supported",
-                                   param=f"messages.{i}.content")
+                    raise APIError(
+                        f"messages[{i}].content: only text parts are supported", param=f"messages.{i}.content"
+                    )
                 parts.append(part["text"])
             content = "".join(parts)
         d: dict[str, Any] = {"role": m.role, "content": content or ""}
@@ -81,8 +87,9 @@ def template_knows_tools(tm: TextModel) -> bool:
     return "tools" in (tm.tokenizer.chat_template or "")
 
 
-def _render(tm: TextModel, messages: list[dict[str, Any]], add_generation_prompt: bool,
-            tools: list[dict[str, Any]] | None) -> list[int]:
+def _render(
+    tm: TextModel, messages: list[dict[str, Any]], add_generation_prompt: bool, tools: list[dict[str, Any]] | None
+) -> list[int]:
     try:
         text = tm.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tools=tools)
     except Exception as e:  # template errors (raise_exception, sandbox) are the client's input problem
@@ -90,16 +97,26 @@ def _render(tm: TextModel, messages: list[dict[str, Any]], add_generation_prompt
     return tm.tokenizer.encode(text, add_special_tokens=False)
 
 
-async def render_chat(tm: TextModel, messages: list[ChatMessage], add_generation_prompt: bool = True,
-                      limit_length: bool = True, functions: list[Function] | None = None) -> list[int]:
+async def render_chat(
+    tm: TextModel,
+    messages: list[ChatMessage],
+    add_generation_prompt: bool = True,
+    limit_length: bool = True,
+    functions: list[Function] | None = None,
+) -> list[int]:
     """The prompt's token ids, templated and tokenized off the event loop. With `limit_length`, messages
     that could not fit the context whatever their tokens are refused before any of that work. `functions`:
     the tools the model may call, described by its template or by the generic tool prompt."""
     dicts = message_dicts(messages)
     tools = None
     if template_knows_tools(tm):
-        tools = [{"type": "function", "function": {"name": f.name, "description": f.description or "",
-                                                   "parameters": f.parameters}} for f in functions or []] or None
+        tools = [
+            {
+                "type": "function",
+                "function": {"name": f.name, "description": f.description or "", "parameters": f.parameters},
+            }
+            for f in functions or []
+        ] or None
     elif functions is not None or any(d.get("tool_calls") or d["role"] == "tool" for d in dicts):
         dicts = with_tools(dicts, functions or [])
     if limit_length:
@@ -113,8 +130,10 @@ def tool_setup(req: ChatCompletionRequest) -> tuple[list[Function] | None, list[
     choice = req.tool_choice
     if choice is not None and not tools and choice != "none":
         raise APIError("tool_choice needs tools", param="tool_choice")
-    functions = [Function(t.function.name, t.function.description, t.function.parameters or
-                          {"type": "object", "properties": {}}) for t in tools]
+    functions = [
+        Function(t.function.name, t.function.description, t.function.parameters or {"type": "object", "properties": {}})
+        for t in tools
+    ]
     names = [f.name for f in functions]
     if len(set(names)) != len(names):
         raise APIError("tools: function names must be unique", param="tools")
@@ -123,10 +142,12 @@ def tool_setup(req: ChatCompletionRequest) -> tuple[list[Function] | None, list[
     if choice == "required":
         return functions, functions
     if choice is not None and choice != "auto":
-        named = [f for f in functions if f.name == choice.function.name]  # type: ignore[union-attr]
+        named = [f for f in functions if f.name == choice.function.name]
         if not named:
-            raise APIError(f"tool_choice names {choice.function.name!r}, which is not in tools",  # type: ignore[union-attr]
-                           param="tool_choice.function.name")
+            raise APIError(
+                f"tool_choice names {choice.function.name!r}, which is not in tools",
+                param="tool_choice.function.name",
+            )
         return functions, named
     return functions, None
 
@@ -137,25 +158,38 @@ def forced_call_grammar(req: ChatCompletionRequest, forced: list[Function]) -> G
     return call_grammar(forced, parallel=req.parallel_tool_calls is True and req.tool_choice == "required")
 
 
-@router.post("/v1/chat/completions", responses={200: {
-    "description": "A chat completion, or with `stream` a text/event-stream", "content": {"text/event-stream": {}}}})
-async def create_chat_completion(req: ChatCompletionRequest, request: Request,
-                                 tm: Annotated[TextModel, Depends(get_text_model)]) -> Any:
+@router.post(
+    "/v1/chat/completions",
+    responses={
+        200: {
+            "description": "A chat completion, or with `stream` a text/event-stream",
+            "content": {"text/event-stream": {}},
+        }
+    },
+)
+async def create_chat_completion(
+    req: ChatCompletionRequest, request: Request, tm: Annotated[TextModel, Depends(get_text_model)]
+) -> Any:
     check_model(tm, req.model)
     check_extra_fields(req, "chat")
     functions, forced = tool_setup(req)
     constraint = output_constraint(req.response_format, req.structured_outputs)
     if forced is not None and constraint is not None:
-        raise APIError(f"{constraint[1]} cannot be combined with tool_choice {req.tool_choice!r}: the reply is a "
-                       "tool call", param=constraint[1].split(".")[0])
+        raise APIError(
+            f"{constraint[1]} cannot be combined with tool_choice {req.tool_choice!r}: the reply is a tool call",
+            param=constraint[1].split(".")[0],
+        )
     ids = await render_chat(tm, req.messages, functions=functions)
     requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     max_tokens = resolve_max_tokens(tm, len(ids), requested, default_max_tokens(request, None))
     if req.top_logprobs is not None and not req.logprobs:
         raise APIError("top_logprobs requires logprobs to be true", param="top_logprobs")
     if req.top_logprobs is not None and not 0 <= req.top_logprobs <= MAX_TOP_LOGPROBS:
-        raise APIError(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {req.top_logprobs}",
-                       param="top_logprobs", code="invalid_value")
+        raise APIError(
+            f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {req.top_logprobs}",
+            param="top_logprobs",
+            code="invalid_value",
+        )
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
     base = sampling_params(req, max_tokens=max_tokens, logprobs=logprobs, vocab_size=tm.vocab_size)
     grammar = None
@@ -173,8 +207,9 @@ async def create_chat_completion(req: ChatCompletionRequest, request: Request,
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         score = (ids, req.prompt_logprobs) if req.prompt_logprobs is not None else None
-        return sse_response(_stream(tm, jobs, admission, rid, head, include_usage, logprobs is not None,
-                                    req.timeout, functions, score))
+        return sse_response(
+            _stream(tm, jobs, admission, rid, head, include_usage, logprobs is not None, req.timeout, functions, score)
+        )
 
     texts = [""] * len(jobs)
     finish: list[str | None] = [None] * len(jobs)
@@ -187,8 +222,9 @@ async def create_chat_completion(req: ChatCompletionRequest, request: Request,
                 raise event_error(ev)
             usage.add(i, ev)
             if ev.prompt_logprobs is not None and prompt_lps is None and req.prompt_logprobs is not None:
-                prompt_lps = await asyncio.to_thread(vllm_prompt_logprobs, tm, ids, ev.prompt_logprobs,
-                                                     req.prompt_logprobs)  # a long prompt: decoded off the loop
+                prompt_lps = await asyncio.to_thread(
+                    vllm_prompt_logprobs, tm, ids, ev.prompt_logprobs, req.prompt_logprobs
+                )  # a long prompt: decoded off the loop
             if logprobs is not None and ev.token_id is not None:
                 lps[i].append(logprob_entry(tm, ev))
             texts[i] += ev.text
@@ -200,9 +236,14 @@ async def create_chat_completion(req: ChatCompletionRequest, request: Request,
         message: dict[str, Any] = {"role": "assistant", "content": content}
         if calls:
             message["tool_calls"] = [c.as_dict() for c in calls]
-        choices.append({"index": i, "message": message,
-                        "logprobs": {"content": lps[i]} if logprobs is not None else None,
-                        "finish_reason": _finish_reason(finish[i], calls)})
+        choices.append(
+            {
+                "index": i,
+                "message": message,
+                "logprobs": {"content": lps[i]} if logprobs is not None else None,
+                "finish_reason": _finish_reason(finish[i], calls),
+            }
+        )
     return {
         **head("chat.completion"),
         "choices": choices,
@@ -217,6 +258,7 @@ def _finish_reason(reason: str | None, calls: list[ToolCall]) -> str | None:
 
 def logprob_entry(tm: TextModel, ev: TokenEvent) -> dict[str, Any]:
     """A generated token's logprobs as chat completions and the Responses API write them."""
+
     def one(tid: int, lp: float) -> dict[str, Any]:
         s = decode_token(tm, tid)
         return {"token": s, "logprob": lp, "bytes": list(s.encode("utf-8"))}
@@ -227,16 +269,30 @@ def logprob_entry(tm: TextModel, ev: TokenEvent) -> dict[str, Any]:
     return entry
 
 
-async def _stream(tm: TextModel, jobs: list[Job], admission: Admission, rid: str, head: Any, include_usage: bool,
-                  want_logprobs: bool, timeout: float | None, functions: list[Function] | None,
-                  score: tuple[list[int], int] | None = None) -> AsyncIterator[bytes]:
+async def _stream(
+    tm: TextModel,
+    jobs: list[Job],
+    admission: Admission,
+    rid: str,
+    head: Any,
+    include_usage: bool,
+    want_logprobs: bool,
+    timeout: float | None,
+    functions: list[Function] | None,
+    score: tuple[list[int], int] | None = None,
+) -> AsyncIterator[bytes]:
     """score: (prompt ids, k) when prompt_logprobs was asked: they come in a chunk of their own, first."""
     usage_null = {"usage": None} if include_usage else {}
     scored = False
 
     def chunk(i: int, delta: dict[str, Any], logprobs: Any = None, finish: str | None = None) -> bytes:
-        return sse_data({**head("chat.completion.chunk"), "choices": [
-            {"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": finish}], **usage_null})
+        return sse_data(
+            {
+                **head("chat.completion.chunk"),
+                "choices": [{"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": finish}],
+                **usage_null,
+            }
+        )
 
     replies = [ReplyStreamer(functions) if functions else None for _ in jobs]
     for i in range(len(jobs)):
@@ -251,8 +307,9 @@ async def _stream(tm: TextModel, jobs: list[Job], admission: Admission, rid: str
             if score is not None and not scored and ev.prompt_logprobs is not None:
                 scored = True
                 scores = await asyncio.to_thread(vllm_prompt_logprobs, tm, score[0], ev.prompt_logprobs, score[1])
-                yield sse_data({**head("chat.completion.chunk"), "choices": [], **usage_null,
-                                "prompt_logprobs": scores})
+                yield sse_data(
+                    {**head("chat.completion.chunk"), "choices": [], **usage_null, "prompt_logprobs": scores}
+                )
             reply = replies[i]
             text = reply.feed(ev.text) if reply is not None else ev.text
             lp = {"content": [logprob_entry(tm, ev)]} if want_logprobs and ev.token_id is not None else None

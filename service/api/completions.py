@@ -96,16 +96,28 @@ class _LogprobAcc:
             self.top.append(top)
             self.offsets.append(offset)
             offset += len(tok)
-        return {"tokens": self.tokens[start:], "token_logprobs": self.token_logprobs[start:],
-                "top_logprobs": self.top[start:], "text_offset": self.offsets[start:]}
+        return {
+            "tokens": self.tokens[start:],
+            "token_logprobs": self.token_logprobs[start:],
+            "top_logprobs": self.top[start:],
+            "text_offset": self.offsets[start:],
+        }
 
     def result(self) -> dict[str, Any]:
-        return {"tokens": self.tokens, "token_logprobs": self.token_logprobs, "top_logprobs": self.top,
-                "text_offset": self.offsets}
+        return {
+            "tokens": self.tokens,
+            "token_logprobs": self.token_logprobs,
+            "top_logprobs": self.top,
+            "text_offset": self.offsets,
+        }
 
 
-@router.post("/v1/completions", responses={200: {"description": "A completion, or with `stream` a text/event-stream",
-                                                  "content": {"text/event-stream": {}}}})
+@router.post(
+    "/v1/completions",
+    responses={
+        200: {"description": "A completion, or with `stream` a text/event-stream", "content": {"text/event-stream": {}}}
+    },
+)
 async def create_completion(req: CompletionRequest, request: Request) -> Any:
     g2p = get_g2p_batcher(request)
     if req.model == G2P_MODEL and g2p is not None:  # the encoder-decoder model: words in, phones out
@@ -119,8 +131,11 @@ async def _lm_completion(req: CompletionRequest, request: Request, tm: TextModel
     if req.suffix:
         raise APIError("suffix is not supported", param="suffix")
     if req.best_of is not None and req.best_of != req.n:
-        raise APIError(f"best_of is not supported (best_of={req.best_of}, n={req.n}): the server returns every "
-                       "choice it generates; set n instead", param="best_of")
+        raise APIError(
+            f"best_of is not supported (best_of={req.best_of}, n={req.n}): the server returns every "
+            "choice it generates; set n instead",
+            param="best_of",
+        )
     constraint = output_constraint(req.response_format, req.structured_outputs)
     prompts = await _prompts(req, tm)
     jobs = []
@@ -129,8 +144,9 @@ async def _lm_completion(req: CompletionRequest, request: Request, tm: TextModel
     echo_lp = req.echo and req.logprobs is not None
     score_k = max(req.logprobs or 0 if echo_lp else -1, -1 if req.prompt_logprobs is None else req.prompt_logprobs)
     for ids in prompts:
-        max_tokens = resolve_max_tokens(tm, len(ids), req.max_tokens, default,
-                                        allow_zero=req.echo or req.prompt_logprobs is not None)
+        max_tokens = resolve_max_tokens(
+            tm, len(ids), req.max_tokens, default, allow_zero=req.echo or req.prompt_logprobs is not None
+        )
         base = sampling_params(req, max_tokens=max_tokens, logprobs=req.logprobs, vocab_size=tm.vocab_size)
         if score_k >= 0:  # the prompt is scored by the prefill: echo with logprobs, prompt_logprobs
             base = replace(base, prompt_logprobs=score_k)
@@ -160,8 +176,9 @@ async def _lm_completion(req: CompletionRequest, request: Request, tm: TextModel
                 if echo_lp:
                     await asyncio.to_thread(lps[i].add_prompt, jobs[i].ids, ev.prompt_logprobs, req.logprobs or 0)
                 if req.prompt_logprobs is not None:
-                    plps[i] = await asyncio.to_thread(vllm_prompt_logprobs, tm, jobs[i].ids, ev.prompt_logprobs,
-                                                      req.prompt_logprobs)
+                    plps[i] = await asyncio.to_thread(
+                        vllm_prompt_logprobs, tm, jobs[i].ids, ev.prompt_logprobs, req.prompt_logprobs
+                    )
             if req.logprobs is not None and ev.token_id is not None:
                 lps[i].add(ev, len(texts[i]))
             texts[i] += ev.text
@@ -170,14 +187,30 @@ async def _lm_completion(req: CompletionRequest, request: Request, tm: TextModel
     extra = [{"prompt_logprobs": plps[i]} if req.prompt_logprobs is not None else {} for i in range(len(jobs))]
     return {
         **head(),
-        "choices": [{"index": i, "text": texts[i], "logprobs": lps[i].result() if req.logprobs is not None else None,
-                     "finish_reason": finish[i], **extra[i]} for i in range(len(jobs))],
+        "choices": [
+            {
+                "index": i,
+                "text": texts[i],
+                "logprobs": lps[i].result() if req.logprobs is not None else None,
+                "finish_reason": finish[i],
+                **extra[i],
+            }
+            for i in range(len(jobs))
+        ],
         "usage": usage.openai(),
     }
 
 
-async def _stream(tm: TextModel, req: CompletionRequest, jobs: list[Job], admission: Admission, rid: str, head: Any,
-                  echo_text: list[str], include_usage: bool) -> AsyncIterator[bytes]:
+async def _stream(
+    tm: TextModel,
+    req: CompletionRequest,
+    jobs: list[Job],
+    admission: Admission,
+    rid: str,
+    head: Any,
+    echo_text: list[str],
+    include_usage: bool,
+) -> AsyncIterator[bytes]:
     usage_null = {"usage": None} if include_usage else {}
     offsets = [0] * len(jobs)
     lps = [_LogprobAcc(tm) for _ in jobs]
@@ -186,8 +219,13 @@ async def _stream(tm: TextModel, req: CompletionRequest, jobs: list[Job], admiss
     if req.echo and not scored:
         for i in range(len(jobs)):
             offsets[i] = len(echo_text[i // req.n])
-            yield sse_data({**head(), "choices": [{"index": i, "text": echo_text[i // req.n], "logprobs": None,
-                                                   "finish_reason": None}], **usage_null})
+            yield sse_data(
+                {
+                    **head(),
+                    "choices": [{"index": i, "text": echo_text[i // req.n], "logprobs": None, "finish_reason": None}],
+                    **usage_null,
+                }
+            )
     async with aclosing(run_choices(tm.engine, jobs, rid, admission, timeout_s=req.timeout)) as events:
         async for i, ev in events:
             if ev.finish_reason == "error":
@@ -197,18 +235,37 @@ async def _stream(tm: TextModel, req: CompletionRequest, jobs: list[Job], admiss
             if scored and ev.prompt_logprobs is not None:  # first event: the echo and the prompt's scores first
                 echo = echo_text[i // req.n] if req.echo else ""
                 offsets[i] = len(echo)
-                plp = await asyncio.to_thread(lps[i].add_prompt, jobs[i].ids, ev.prompt_logprobs,
-                                              req.logprobs or 0) if req.echo and req.logprobs is not None else None
-                extra = {"prompt_logprobs": await asyncio.to_thread(vllm_prompt_logprobs, tm, jobs[i].ids,
-                                                                    ev.prompt_logprobs, req.prompt_logprobs)} if (
-                    req.prompt_logprobs is not None) else {}
-                yield sse_data({**head(), "choices": [{"index": i, "text": echo, "logprobs": plp,
-                                                       "finish_reason": None, **extra}], **usage_null})
+                plp = (
+                    await asyncio.to_thread(lps[i].add_prompt, jobs[i].ids, ev.prompt_logprobs, req.logprobs or 0)
+                    if req.echo and req.logprobs is not None
+                    else None
+                )
+                extra = (
+                    {
+                        "prompt_logprobs": await asyncio.to_thread(
+                            vllm_prompt_logprobs, tm, jobs[i].ids, ev.prompt_logprobs, req.prompt_logprobs
+                        )
+                    }
+                    if (req.prompt_logprobs is not None)
+                    else {}
+                )
+                yield sse_data(
+                    {
+                        **head(),
+                        "choices": [{"index": i, "text": echo, "logprobs": plp, "finish_reason": None, **extra}],
+                        **usage_null,
+                    }
+                )
             lp = lps[i].add(ev, offsets[i]) if req.logprobs is not None and ev.token_id is not None else None
             offsets[i] += len(ev.text)
             if ev.text or ev.finish_reason is not None or lp is not None:
-                yield sse_data({**head(), "choices": [{"index": i, "text": ev.text, "logprobs": lp,
-                                                       "finish_reason": ev.finish_reason}], **usage_null})
+                yield sse_data(
+                    {
+                        **head(),
+                        "choices": [{"index": i, "text": ev.text, "logprobs": lp, "finish_reason": ev.finish_reason}],
+                        **usage_null,
+                    }
+                )
     if include_usage:
         yield sse_data({**head(), "choices": [], "usage": usage.openai()})
     yield DONE

@@ -17,15 +17,24 @@ from service.api.errors import error_body
 
 class CORS(CORSMiddleware):
     def __init__(self, app: ASGIApp, origins: Sequence[str]) -> None:
-        super().__init__(app, allow_origins=list(origins), allow_methods=["GET", "HEAD", "POST"], allow_headers=["*"],
-                         expose_headers=["X-Request-ID", "Retry-After"], max_age=600)
+        super().__init__(
+            app,
+            allow_origins=list(origins),
+            allow_methods=["GET", "HEAD", "POST"],
+            allow_headers=["*"],
+            expose_headers=["X-Request-ID", "Retry-After"],
+            max_age=600,
+        )
 
     def preflight_response(self, request_headers: Headers) -> Response:
         response = super().preflight_response(request_headers)
         if response.status_code == 200:
             return response
         refused = bytes(response.body).decode()  # "Disallowed CORS origin, method"
-        body = json.dumps(error_body(f"{refused} (origin {request_headers.get('origin')!r})",
-                                     "invalid_request_error", None, "cors_refused")).encode()
+        body = json.dumps(
+            error_body(
+                f"{refused} (origin {request_headers.get('origin')!r})", "invalid_request_error", None, "cors_refused"
+            )
+        ).encode()
         headers = {k: v for k, v in response.headers.items() if k.lower() not in ("content-length", "content-type")}
         return Response(body, status_code=400, headers=headers, media_type="application/json")

@@ -89,8 +89,14 @@ def error_body(message: str, type: str, param: str | None = None, code: str | No
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
-def error_response(status_code: int, message: str, *, param: str | None = None, code: str | None = None,
-                   headers: dict[str, str] | None = None) -> JSONResponse:
+def error_response(
+    status_code: int,
+    message: str,
+    *,
+    param: str | None = None,
+    code: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
     body = error_body(message, _TYPES.get(status_code, "invalid_request_error"), param, code)
     return JSONResponse(body, status_code=status_code, headers=headers)
 
@@ -111,16 +117,17 @@ def install_error_handlers(app: FastAPI) -> None:
         first = errors[0] if errors else {}
         if first.get("type") == "json_invalid":  # not JSON at all: OpenAI's 400, not a field error
             detail = (first.get("ctx") or {}).get("error", "")
-            return error_response(400, f"We could not parse the JSON body of your request ({detail}). The body "
-                                  "must be a JSON object; send it with 'Content-Type: application/json'.",
-                                  code="invalid_json")
+            return error_response(
+                400,
+                f"We could not parse the JSON body of your request ({detail}). The body "
+                "must be a JSON object; send it with 'Content-Type: application/json'.",
+                code="invalid_json",
+            )
         if first.get("type") == "lone_surrogate":
             param = (first.get("ctx") or {}).get("param")
             return error_response(400, str(first.get("msg")), param=param, code="invalid_unicode")
         param = _loc_to_param(first.get("loc", ()))
-        msg = "; ".join(
-            f"{_loc_to_param(e.get('loc', ())) or 'body'}: {e.get('msg', 'invalid')}" for e in errors[:5]
-        )
+        msg = "; ".join(f"{_loc_to_param(e.get('loc', ())) or 'body'}: {e.get('msg', 'invalid')}" for e in errors[:5])
         return error_response(422, msg or "invalid request body", param=param, code="invalid_value")
 
     @app.exception_handler(StarletteHTTPException)

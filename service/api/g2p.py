@@ -33,13 +33,32 @@ MAX_BEAM = MAX_N
 
 # fields of a completions request this model cannot honour, with the values that ask for nothing
 _DEFAULTS: dict[str, tuple[Any, ...]] = {
-    "logprobs": (None,), "echo": (False,), "suffix": (None, ""), "stop": (None, [], ""), "stop_token_ids": (None, []),
-    "logit_bias": (None, {}), "ignore_eos": (False,), "min_tokens": (0,), "presence_penalty": (None, 0.0),
-    "frequency_penalty": (None, 0.0), "repetition_penalty": (None, 1.0), "response_format": (None,),
-    "structured_outputs": (None,), "prompt_logprobs": (None,),
+    "logprobs": (None,),
+    "echo": (False,),
+    "suffix": (None, ""),
+    "stop": (None, [], ""),
+    "stop_token_ids": (None, []),
+    "logit_bias": (None, {}),
+    "ignore_eos": (False,),
+    "min_tokens": (0,),
+    "presence_penalty": (None, 0.0),
+    "frequency_penalty": (None, 0.0),
+    "repetition_penalty": (None, 1.0),
+    "response_format": (None,),
+    "structured_outputs": (None,),
+    "prompt_logprobs": (None,),
 }
-_EXTRA_REFUSED = ("tools", "tool_choice", "functions", "function_call", "parallel_tool_calls", "guided_json",
-                  "guided_regex", "guided_choice", "guided_grammar")
+_EXTRA_REFUSED = (
+    "tools",
+    "tool_choice",
+    "functions",
+    "function_call",
+    "parallel_tool_calls",
+    "guided_json",
+    "guided_regex",
+    "guided_choice",
+    "guided_grammar",
+)
 
 
 def get_g2p_batcher(request: Request) -> Seq2SeqBatcher | None:
@@ -49,20 +68,29 @@ def get_g2p_batcher(request: Request) -> Seq2SeqBatcher | None:
 def model_entry(batcher: Seq2SeqBatcher, created: int) -> dict[str, Any]:
     """The model's /v1/models entry."""
     cfg = batcher.g2p.config
-    return {"id": G2P_MODEL, "object": "model", "created": created, "owned_by": "aigc", "kind": "seq2seq",
-            "max_model_len": cfg.max_word_len, "max_output_tokens": cfg.max_phones,
-            "description": "grapheme-to-phoneme: a word in, CMUdict ARPAbet phones with stress out"}
+    return {
+        "id": G2P_MODEL,
+        "object": "model",
+        "created": created,
+        "owned_by": "aigc",
+        "kind": "seq2seq",
+        "max_model_len": cfg.max_word_len,
+        "max_output_tokens": cfg.max_phones,
+        "description": "grapheme-to-phoneme: a word in, CMUdict ARPAbet phones with stress out",
+    }
 
 
 def _check_fields(req: CompletionRequest) -> None:
     for name, allowed in _DEFAULTS.items():
         if getattr(req, name) not in allowed:
-            raise APIError(f"{name} is not supported by the {G2P_MODEL} model", param=name,
-                           code="unsupported_parameter")
+            raise APIError(
+                f"{name} is not supported by the {G2P_MODEL} model", param=name, code="unsupported_parameter"
+            )
     for name in _EXTRA_REFUSED:
         if (req.model_extra or {}).get(name) is not None:
-            raise APIError(f"{name} is not supported by the {G2P_MODEL} model", param=name,
-                           code="unsupported_parameter")
+            raise APIError(
+                f"{name} is not supported by the {G2P_MODEL} model", param=name, code="unsupported_parameter"
+            )
     check_extra_fields(req, "completions")
 
 
@@ -74,14 +102,17 @@ def _words(req: CompletionRequest, batcher: Seq2SeqBatcher) -> list[str]:
     elif p and all(isinstance(x, str) for x in p):
         items, params = list(p), [f"prompt.{i}" for i in range(len(p))]  # type: ignore[arg-type]
     else:
-        raise APIError(f"prompt must be a word or a non-empty list of words for {G2P_MODEL} (not token ids); "
-                       f"accepted characters: {g2p.accepted()}", param="prompt")
+        raise APIError(
+            f"prompt must be a word or a non-empty list of words for {G2P_MODEL} (not token ids); "
+            f"accepted characters: {g2p.accepted()}",
+            param="prompt",
+        )
     if len(items) > MAX_WORDS:
         raise APIError(f"at most {MAX_WORDS} words per request, got {len(items)}", param="prompt")
     words = []
     for w, param in zip(items, params):
         try:
-            words.append(g2p.normalize(w))  # type: ignore[arg-type]
+            words.append(g2p.normalize(w))
         except WordError as e:
             raise APIError(f"{param}: {e}", param="prompt", code="invalid_word") from e
     return words
@@ -89,8 +120,9 @@ def _words(req: CompletionRequest, batcher: Seq2SeqBatcher) -> list[str]:
 
 def _check_range(name: str, value: float | None, lo: float, hi: float, lo_open: bool = False) -> None:
     if value is not None and (value != value or value < lo or value > hi or (lo_open and value == lo)):
-        raise APIError(f"{name} must be in {'(' if lo_open else '['}{lo}, {hi}], got {value}", param=name,
-                       code="invalid_value")
+        raise APIError(
+            f"{name} must be in {'(' if lo_open else '['}{lo}, {hi}], got {value}", param=name, code="invalid_value"
+        )
 
 
 def build_request(req: CompletionRequest, batcher: Seq2SeqBatcher) -> Seq2SeqRequest:
@@ -110,18 +142,23 @@ def build_request(req: CompletionRequest, batcher: Seq2SeqBatcher) -> Seq2SeqReq
         raise APIError(f"best_of ({req.best_of}) must be >= n ({req.n})", param="best_of")
     temperature = 0.0 if req.temperature is None else req.temperature
     try:
-        params = SamplingParams(max_tokens=req.max_tokens or max_phones, temperature=temperature,
-                                top_p=1.0 if req.top_p is None else req.top_p,
-                                top_k=0 if req.top_k is None else req.top_k,
-                                min_p=0.0 if req.min_p is None else req.min_p, seed=req.seed)
+        params = SamplingParams(
+            max_tokens=req.max_tokens or max_phones,
+            temperature=temperature,
+            top_p=1.0 if req.top_p is None else req.top_p,
+            top_k=0 if req.top_k is None else req.top_k,
+            min_p=0.0 if req.min_p is None else req.min_p,
+            seed=req.seed,
+        )
     except ValueError as e:  # SamplingParams names the field first
         raise APIError(str(e), param=str(e).split(" ", 1)[0], code="invalid_value") from e
     width = max(req.n, req.best_of or 1)
     if params.greedy and width > 1:  # beam search: the n best of `width` beams
         return Seq2SeqRequest(tuple(words), n=req.n, beam_width=width, params=params)
     if not params.greedy and req.best_of not in (None, req.n):
-        raise APIError("best_of > n needs temperature 0 (beam search); with sampling every sample is returned",
-                       param="best_of")
+        raise APIError(
+            "best_of > n needs temperature 0 (beam search); with sampling every sample is returned", param="best_of"
+        )
     return Seq2SeqRequest(tuple(words), n=req.n, params=params)
 
 
@@ -131,16 +168,21 @@ def _text(phones: list[str]) -> str:
 
 def _usage(rq: Seq2SeqRequest, completion: int) -> dict[str, Any]:
     prompt = sum(len(w) for w in rq.words)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": 0}}
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": 0},
+    }
 
 
 async def _with_timeout(aw: Awaitable[list[Hypothesis]], timeout: float | None) -> list[Hypothesis]:
     try:
         return await asyncio.wait_for(aw, timeout) if timeout else await aw
-    except asyncio.TimeoutError as e:
-        raise APIError(f"the request ran past its timeout of {timeout} s", status_code=504, code="timeout",
-                       type="timeout_error") from e
+    except TimeoutError as e:
+        raise APIError(
+            f"the request ran past its timeout of {timeout} s", status_code=504, code="timeout", type="timeout_error"
+        ) from e
     except BatcherFull as e:
         raise APIError(str(e), status_code=503, code="queue_full", headers={"Retry-After": "1"}) from e
     except BatcherNotRunning as e:
@@ -161,14 +203,19 @@ async def g2p_completion(req: CompletionRequest, request: Request, batcher: Seq2
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         return sse_response(_stream(batcher, rq, head, include_usage, req.timeout))
     choices = await _with_timeout(batcher.transcribe(rq), req.timeout)
-    return {**head,
-            "choices": [{"index": i, "text": _text(h.phones), "logprobs": None,
-                         "finish_reason": "stop" if h.finished else "length"} for i, h in enumerate(choices)],
-            "usage": _usage(rq, sum(len(h.phones) for h in choices))}
+    return {
+        **head,
+        "choices": [
+            {"index": i, "text": _text(h.phones), "logprobs": None, "finish_reason": "stop" if h.finished else "length"}
+            for i, h in enumerate(choices)
+        ],
+        "usage": _usage(rq, sum(len(h.phones) for h in choices)),
+    }
 
 
-async def _stream(batcher: Seq2SeqBatcher, rq: Seq2SeqRequest, head: dict[str, Any], include_usage: bool,
-                  timeout: float | None) -> AsyncIterator[bytes]:
+async def _stream(
+    batcher: Seq2SeqBatcher, rq: Seq2SeqRequest, head: dict[str, Any], include_usage: bool, timeout: float | None
+) -> AsyncIterator[bytes]:
     usage_null = {"usage": None} if include_usage else {}
     events: asyncio.Queue[PhoneEvent] = asyncio.Queue()
     task = asyncio.ensure_future(_with_timeout(batcher.transcribe(rq, events.put_nowait), timeout))
@@ -192,12 +239,24 @@ async def _stream(batcher: Seq2SeqBatcher, rq: Seq2SeqRequest, head: dict[str, A
                 text = ev.phone if not started[ev.index] else " " + ev.phone
                 started[ev.index] = True
                 completion += 1
-                yield sse_data({**head, "choices": [{"index": ev.index, "text": text, "logprobs": None,
-                                                     "finish_reason": None}], **usage_null})
+                yield sse_data(
+                    {
+                        **head,
+                        "choices": [{"index": ev.index, "text": text, "logprobs": None, "finish_reason": None}],
+                        **usage_null,
+                    }
+                )
             else:
                 open_choices -= 1
-                yield sse_data({**head, "choices": [{"index": ev.index, "text": "", "logprobs": None,
-                                                     "finish_reason": ev.finish_reason}], **usage_null})
+                yield sse_data(
+                    {
+                        **head,
+                        "choices": [
+                            {"index": ev.index, "text": "", "logprobs": None, "finish_reason": ev.finish_reason}
+                        ],
+                        **usage_null,
+                    }
+                )
         try:
             await task
         except APIError as e:

@@ -46,9 +46,12 @@ def check_prompt_chars(tm: TextModel, chars: int, param: str) -> None:
     """Refuse, before tokenizing it, a text too long to fit the context whatever its tokens: no token is
     longer than `max_token_bytes` bytes, so a text of C characters has at least C / max_token_bytes tokens."""
     if chars > tm.max_prompt_chars:
-        raise APIError(f"This model's maximum context length is {tm.max_model_len} tokens; your prompt of {chars} "
-                       f"characters cannot fit in it (at most {tm.max_prompt_chars} characters can).", param=param,
-                       code="context_length_exceeded")
+        raise APIError(
+            f"This model's maximum context length is {tm.max_model_len} tokens; your prompt of {chars} "
+            f"characters cannot fit in it (at most {tm.max_prompt_chars} characters can).",
+            param=param,
+            code="context_length_exceeded",
+        )
 
 
 async def encode_prompt(tm: TextModel, text: str, param: str) -> list[int]:
@@ -78,8 +81,11 @@ def admit(request: Request, tm: TextModel, n: int, endpoint: str) -> Admission:
     400 when the request needs more sequences than the server ever holds at once (retrying could not help)."""
     capacity = tm.engine.admission.capacity
     if n > capacity:
-        raise APIError(f"this request needs {n} sequences (prompts x n); the server accepts at most {capacity} "
-                       "at once", param="n", code="too_many_sequences")
+        raise APIError(
+            f"this request needs {n} sequences (prompts x n); the server accepts at most {capacity} at once",
+            param="n",
+            code="too_many_sequences",
+        )
     metrics = getattr(request.app.state, "metrics", None)
     if getattr(request.app.state, "draining", False):
         reason, msg = "draining", "the server is shutting down"
@@ -97,12 +103,17 @@ def admit(request: Request, tm: TextModel, n: int, endpoint: str) -> Admission:
 
 def check_model(tm: TextModel, requested: str | None) -> None:
     if requested is not None and requested != tm.name:
-        raise APIError(f"The model '{requested}' does not exist; available: '{tm.name}'", status_code=404,
-                       param="model", code="model_not_found")
+        raise APIError(
+            f"The model '{requested}' does not exist; available: '{tm.name}'",
+            status_code=404,
+            param="model",
+            code="model_not_found",
+        )
 
 
-def resolve_max_tokens(tm: TextModel, prompt_len: int, requested: int | None, default: int | None,
-                       allow_zero: bool = False) -> int:
+def resolve_max_tokens(
+    tm: TextModel, prompt_len: int, requested: int | None, default: int | None, allow_zero: bool = False
+) -> int:
     """OpenAI/vLLM semantics: prompt + max_tokens must fit the context; unset means `default` or the rest.
     allow_zero: max_tokens 0 (score the prompt, generate nothing) is allowed; then the prompt may fill the context."""
     room = tm.max_model_len - prompt_len
@@ -113,19 +124,26 @@ def resolve_max_tokens(tm: TextModel, prompt_len: int, requested: int | None, de
     if room < 1:
         raise APIError(
             f"This model's maximum context length is {tm.max_model_len} tokens. However, your prompt has "
-            f"{prompt_len} tokens, which leaves no room for a completion.", param="prompt",
-            code="context_length_exceeded")
+            f"{prompt_len} tokens, which leaves no room for a completion.",
+            param="prompt",
+            code="context_length_exceeded",
+        )
     if requested is None:
         return room if default is None else min(default, room)
     if requested < 1:
-        raise APIError(f"max_tokens must be at least 1, got {requested}"
-                       + (" (0 only to score the prompt: with echo or prompt_logprobs)" if requested == 0 else ""),
-                       param="max_tokens")
+        raise APIError(
+            f"max_tokens must be at least 1, got {requested}"
+            + (" (0 only to score the prompt: with echo or prompt_logprobs)" if requested == 0 else ""),
+            param="max_tokens",
+        )
     if requested > room:
         raise APIError(
             f"This model's maximum context length is {tm.max_model_len} tokens. However, you requested "
             f"{prompt_len + requested} tokens ({prompt_len} in the prompt, {requested} for the completion). "
-            "Please reduce the prompt or max_tokens.", param="max_tokens", code="context_length_exceeded")
+            "Please reduce the prompt or max_tokens.",
+            param="max_tokens",
+            code="context_length_exceeded",
+        )
     return requested
 
 
@@ -152,9 +170,14 @@ class Job:
     grammar: CompiledGrammar | None = None  # the output must match it (structured outputs, forced tool calls)
 
 
-async def run_choices(engine: LLMEngine, jobs: Sequence[Job], request_id: str,
-                      admission: Admission, request: Request | None = None,
-                      timeout_s: float | None = None) -> AsyncGenerator[tuple[int, TokenEvent], None]:
+async def run_choices(
+    engine: LLMEngine,
+    jobs: Sequence[Job],
+    request_id: str,
+    admission: Admission,
+    request: Request | None = None,
+    timeout_s: float | None = None,
+) -> AsyncGenerator[tuple[int, TokenEvent], None]:
     """Run every job concurrently; yield (job index, event) as they come.
     Leaving the iterator early (client gone) cancels every job, which aborts it in the engine; close it
     with `contextlib.aclosing` so that this happens at once. Given the `request` of a non-streamed
@@ -163,8 +186,9 @@ async def run_choices(engine: LLMEngine, jobs: Sequence[Job], request_id: str,
 
     async def consume(i: int, job: Job) -> None:
         try:
-            async for ev in engine.generate(job.ids, job.params, f"{request_id}-{i}", timeout_s=timeout_s,
-                                            admission=admission, grammar=job.grammar):
+            async for ev in engine.generate(
+                job.ids, job.params, f"{request_id}-{i}", timeout_s=timeout_s, admission=admission, grammar=job.grammar
+            ):
                 await queue.put((i, ev))
         except asyncio.CancelledError:
             raise
@@ -186,8 +210,11 @@ async def run_choices(engine: LLMEngine, jobs: Sequence[Job], request_id: str,
                 raise APIError("the client closed the connection", status_code=499, code="client_closed_request")
             if isinstance(ev, BaseException):
                 remaining -= 1
-                code = "invalid_request" if isinstance(ev, ValueError) else (
-                    "engine_dead" if isinstance(ev, EngineDeadError) else "internal_error")
+                code = (
+                    "invalid_request"
+                    if isinstance(ev, ValueError)
+                    else ("engine_dead" if isinstance(ev, EngineDeadError) else "internal_error")
+                )
                 yield i, TokenEvent(None, "", "error", error=str(ev) or type(ev).__name__, error_code=code)
                 continue
             if ev.finish_reason is not None:
@@ -226,16 +253,22 @@ class Usage:
 
     def openai(self) -> dict[str, Any]:
         """The `usage` object of completions and chat completions."""
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-                "total_tokens": self.prompt_tokens + self.completion_tokens,
-                "prompt_tokens_details": {"cached_tokens": self.cached_tokens}}
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.prompt_tokens + self.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": self.cached_tokens},
+        }
 
     def responses(self) -> dict[str, Any]:
         """The `usage` object of the Responses API."""
-        return {"input_tokens": self.prompt_tokens,
-                "input_tokens_details": {"cached_tokens": self.cached_tokens, "cache_write_tokens": 0},
-                "output_tokens": self.completion_tokens, "output_tokens_details": {"reasoning_tokens": 0},
-                "total_tokens": self.prompt_tokens + self.completion_tokens}
+        return {
+            "input_tokens": self.prompt_tokens,
+            "input_tokens_details": {"cached_tokens": self.cached_tokens, "cache_write_tokens": 0},
+            "output_tokens": self.completion_tokens,
+            "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": self.prompt_tokens + self.completion_tokens,
+        }
 
 
 def new_id(prefix: str) -> str:
@@ -248,16 +281,21 @@ _ERROR_STATUS = {"timeout": 504, "queue_timeout": 503, "engine_dead": 503, "inva
 def event_error(ev: TokenEvent) -> APIError:
     """The APIError for an error event (its status and type also label SSE error chunks)."""
     status = _ERROR_STATUS.get(ev.error_code or "", 500)
-    return APIError(ev.error or "generation failed", status_code=status, code=ev.error_code,
-                    type="timeout_error" if status == 504 else None)
+    return APIError(
+        ev.error or "generation failed",
+        status_code=status,
+        code=ev.error_code,
+        type="timeout_error" if status == 504 else None,
+    )
 
 
 def decode_token(tm: TextModel, token_id: int) -> str:
     return tm.tokenizer.decode([token_id], skip_special_tokens=False)
 
 
-def vllm_prompt_logprobs(tm: TextModel, ids: list[int], scores: list[TokenScore | None] | None,
-                         k: int) -> list[dict[str, dict[str, Any]] | None]:
+def vllm_prompt_logprobs(
+    tm: TextModel, ids: list[int], scores: list[TokenScore | None] | None, k: int
+) -> list[dict[str, dict[str, Any]] | None]:
     """vLLM's `prompt_logprobs` reply: None for the first token, then per position
     {token_id: {"logprob", "rank", "decoded_token"}} for the prompt token and the k most likely ones."""
     out: list[dict[str, dict[str, Any]] | None] = []

@@ -12,8 +12,13 @@ from service.api.errors import error_responses
 
 router = APIRouter()
 # /metrics answers text/plain, but its errors (401 when it is not public, 500) are JSON like everywhere
-_JSON_ERRORS = {s: {"description": r["description"], "content": {"application/json": {
-    "schema": {"$ref": "#/components/schemas/ErrorResponse"}}}} for s, r in error_responses(401, 500).items()}
+_JSON_ERRORS = {
+    s: {
+        "description": r["description"],
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}},
+    }
+    for s, r in error_responses(401, 500).items()
+}
 
 
 class NotReady(BaseModel):
@@ -26,8 +31,10 @@ async def health() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/ready", responses={**error_responses(401, 500),
-                                 503: {"model": NotReady, "description": "Not ready, with the reasons"}})
+@router.get(
+    "/ready",
+    responses={**error_responses(401, 500), 503: {"model": NotReady, "description": "Not ready, with the reasons"}},
+)
 async def ready(request: Request) -> Any:
     state = request.app.state
     problems = []

@@ -78,14 +78,15 @@ def _resolve_label(body: ImageGenerationRequest, names: tuple[str, ...]) -> int:
         label = label_from_prompt(body.prompt, names)
         if label is None:
             shown = body.prompt if len(body.prompt) <= 40 else body.prompt[:40] + "..."
-            raise APIError(f"prompt {shown!r} names no class this model can draw; accepted prompts: "
-                           f"{_accepted_prompts(names)}", param="prompt")
+            raise APIError(
+                f"prompt {shown!r} names no class this model can draw; accepted prompts: {_accepted_prompts(names)}",
+                param="prompt",
+            )
     if body.class_label is not None:
         if not 0 <= body.class_label < len(names):
             raise APIError(f"class_label must be in 0..{len(names) - 1}", param="class_label")
         if label is not None and label != body.class_label:
-            raise APIError(f"prompt names class {label} but class_label is {body.class_label}",
-                           param="class_label")
+            raise APIError(f"prompt names class {label} but class_label is {body.class_label}", param="class_label")
         label = body.class_label
     if label is None:
         raise APIError(f"a prompt is required; accepted prompts: {_accepted_prompts(names)}", param="prompt")
@@ -120,8 +121,7 @@ def _latents(body: ImageGenerationRequest, z_dim: int) -> tuple[torch.Tensor, in
         if n != 1:
             raise APIError("n must be 1 with interpolate: the frame count is interpolate.steps", param="n")
         if body.seed is not None:
-            raise APIError("seed cannot be combined with interpolate, which carries its own seeds",
-                           param="seed")
+            raise APIError("seed cannot be combined with interpolate, which carries its own seeds", param="seed")
         if len(it.seeds) != 2:
             raise APIError("interpolate.seeds must hold exactly two seeds", param="interpolate.seeds")
         for s in it.seeds:
@@ -156,13 +156,18 @@ async def create_image(body: ImageGenerationRequest, request: Request) -> Images
     if getattr(request.app.state, "draining", False):
         raise APIError("the server is shutting down", status_code=503, code="draining", headers={"Retry-After": "1"})
     if body.model is not None and body.model != IMAGE_MODEL:
-        raise APIError(f"The model '{body.model}' does not exist; available for images: '{IMAGE_MODEL}'",
-                       status_code=404, param="model", code="model_not_found")
+        raise APIError(
+            f"The model '{body.model}' does not exist; available for images: '{IMAGE_MODEL}'",
+            status_code=404,
+            param="model",
+            code="model_not_found",
+        )
     if batcher is None or not batcher.running:
         raise APIError("the image model is not loaded", status_code=503, code="model_not_ready")
     if body.response_format not in (None, "b64_json"):
-        raise APIError(f"response_format {body.response_format!r} is not supported: only 'b64_json' is",
-                       param="response_format")
+        raise APIError(
+            f"response_format {body.response_format!r} is not supported: only 'b64_json' is", param="response_format"
+        )
     cfg = batcher.config
     label = _resolve_label(body, cfg.class_names)
     size = _parse_size(body.size)
@@ -173,5 +178,6 @@ async def create_image(body: ImageGenerationRequest, request: Request) -> Images
     except BatcherNotRunning as e:  # stopped while we waited
         raise APIError(f"the image model is unavailable: {e}", status_code=503) from e
     b64 = await asyncio.to_thread(encode_png, images, size)
-    return ImagesResponse(created=int(time.time()), data=[ImageData(b64_json=b) for b in b64],
-                          seed=seed, class_label=label)
+    return ImagesResponse(
+        created=int(time.time()), data=[ImageData(b64_json=b) for b in b64], seed=seed, class_label=label
+    )

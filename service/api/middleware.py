@@ -34,8 +34,14 @@ def _is_json(content_type: bytes) -> bool:
 
 
 class RequestContextMiddleware:
-    def __init__(self, app: ASGIApp, max_body_bytes: int, inflight: InFlight, body_timeout_s: float = 30.0,
-                 draining: Callable[[], bool] = lambda: False) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        max_body_bytes: int,
+        inflight: InFlight,
+        body_timeout_s: float = 30.0,
+        draining: Callable[[], bool] = lambda: False,
+    ) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
         self.body_timeout_s = body_timeout_s
@@ -61,9 +67,15 @@ class RequestContextMiddleware:
             return
         content_type = headers.get(b"content-type")
         if scope["method"] == "POST" and content_type is not None and not _is_json(content_type):
-            await self._send_error(send, rid, 415, f"Content-Type {content_type.decode('latin-1')[:64]!r} is not "
-                                   "supported: send the body as JSON with 'Content-Type: application/json'",
-                                   "invalid_request_error", "unsupported_media_type")
+            await self._send_error(
+                send,
+                rid,
+                415,
+                f"Content-Type {content_type.decode('latin-1')[:64]!r} is not "
+                "supported: send the body as JSON with 'Content-Type: application/json'",
+                "invalid_request_error",
+                "unsupported_media_type",
+            )
             self._log(scope, rid, 415, t0)
             return
 
@@ -119,16 +131,16 @@ class RequestContextMiddleware:
             # then closes the keep-alive connection under the client's feet; this keeps the request id too
             log.exception("unhandled error", extra={"fields": {"request_id": rid}})
             status = 500
-            await self._send_error(send, rid, 500, "internal server error", "internal_server_error",
-                                   "internal_error")
+            await self._send_error(send, rid, 500, "internal server error", "internal_server_error", "internal_error")
         finally:
             if tracked:
                 self.inflight.count -= 1
             self._log(scope, rid, status, t0)
 
     def _too_large(self) -> _BodyError:
-        return _BodyError(413, f"request body exceeds {self.max_body_bytes} bytes", "invalid_request_error",
-                          "body_too_large")
+        return _BodyError(
+            413, f"request body exceeds {self.max_body_bytes} bytes", "invalid_request_error", "body_too_large"
+        )
 
     async def _send_body_error(self, send: Send, rid: str, e: _BodyError) -> None:
         # the rest of the body may still come: the connection cannot carry another request
@@ -140,8 +152,12 @@ class RequestContextMiddleware:
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
-                raise _BodyError(408, f"the request body was not received within {self.body_timeout_s:g} s",
-                                   "timeout_error", "request_body_timeout")
+                raise _BodyError(
+                    408,
+                    f"the request body was not received within {self.body_timeout_s:g} s",
+                    "timeout_error",
+                    "request_body_timeout",
+                )
             if self.draining():
                 raise _BodyError(503, "the server is shutting down", "service_unavailable", "draining")
             try:
@@ -150,11 +166,15 @@ class RequestContextMiddleware:
                 continue
 
     @staticmethod
-    async def _send_error(send: Send, rid: str, status: int, message: str, type: str, code: str,
-                          close: bool = False) -> None:
+    async def _send_error(
+        send: Send, rid: str, status: int, message: str, type: str, code: str, close: bool = False
+    ) -> None:
         body = json.dumps(error_body(message, type, None, code)).encode()
-        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                   (b"x-request-id", rid.encode())]
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            (b"x-request-id", rid.encode()),
+        ]
         if close:
             headers.append((b"connection", b"close"))
         if status == 503:
@@ -166,9 +186,18 @@ class RequestContextMiddleware:
     def _log(scope: Scope, rid: str, status: int, t0: float) -> None:
         if scope["path"] in UNTRACKED and status < 400:
             return
-        log.info("request", extra={"fields": {
-            "request_id": rid, "method": scope["method"], "path": scope["path"], "status": status,
-            "duration_ms": round((time.perf_counter() - t0) * 1000, 2)}})
+        log.info(
+            "request",
+            extra={
+                "fields": {
+                    "request_id": rid,
+                    "method": scope["method"],
+                    "path": scope["path"],
+                    "status": status,
+                    "duration_ms": round((time.perf_counter() - t0) * 1000, 2),
+                }
+            },
+        )
 
 
 class _BodyError(Exception):

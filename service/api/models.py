@@ -22,15 +22,30 @@ router = APIRouter(route_class=OffLoopJSONRoute, responses=error_responses(400, 
 
 def _entries(request: Request, tm: TextModel) -> list[dict[str, Any]]:
     """Every served model, the LM first, each with its kind."""
-    data = [{"id": tm.name, "object": "model", "created": tm.created, "owned_by": "aigc", "kind": "text-generation",
-             "max_model_len": tm.max_model_len}]
+    data = [
+        {
+            "id": tm.name,
+            "object": "model",
+            "created": tm.created,
+            "owned_by": "aigc",
+            "kind": "text-generation",
+            "max_model_len": tm.max_model_len,
+        }
+    ]
     g2p = get_g2p_batcher(request)
     if g2p is not None and g2p.running:
         data.append(g2p_model_entry(g2p, tm.created))
     images = getattr(request.app.state, "image_batcher", None)
     if images is not None and images.running:
-        data.append({"id": IMAGE_MODEL, "object": "model", "created": tm.created, "owned_by": "aigc",
-                     "kind": "image-generation"})
+        data.append(
+            {
+                "id": IMAGE_MODEL,
+                "object": "model",
+                "created": tm.created,
+                "owned_by": "aigc",
+                "kind": "image-generation",
+            }
+        )
     return data
 
 
@@ -40,15 +55,20 @@ async def list_models(request: Request, tm: Annotated[TextModel, Depends(get_tex
 
 
 @router.get("/v1/models/{model_id}")
-async def get_model(model_id: str, request: Request,
-                    tm: Annotated[TextModel, Depends(get_text_model)]) -> dict[str, Any]:
+async def get_model(
+    model_id: str, request: Request, tm: Annotated[TextModel, Depends(get_text_model)]
+) -> dict[str, Any]:
     entries = _entries(request, tm)
     for entry in entries:
         if entry["id"] == model_id:
             return entry
     available = ", ".join(f"'{e['id']}'" for e in entries)
-    raise APIError(f"The model '{model_id}' does not exist; available: {available}", status_code=404,
-                   param="model", code="model_not_found")
+    raise APIError(
+        f"The model '{model_id}' does not exist; available: {available}",
+        status_code=404,
+        param="model",
+        code="model_not_found",
+    )
 
 
 for _path, _endpoint in (("/v1/models", list_models), ("/v1/models/{model_id}", get_model)):
@@ -99,12 +119,21 @@ async def tokenizer_info(tm: Annotated[TextModel, Depends(get_text_model)]) -> d
     def text(i: int | None) -> str | None:
         return None if i is None else tok.id_to_token(i)
 
-    return {"tokenizer_class": "PreTrainedTokenizerFast", "model": tm.name,
-            "eos_token": text(tok.eos_token_id), "bos_token": text(tok.bos_token_id),
-            "pad_token": text(tok.pad_token_id), "unk_token": text(tok.unk_token_id),
-            "eos_token_id": tok.eos_token_id, "bos_token_id": tok.bos_token_id, "pad_token_id": tok.pad_token_id,
-            "add_bos_token": tok.add_bos, "chat_template": tok.chat_template,
-            "model_max_length": tm.max_model_len, "vocab_size": tm.vocab_size}
+    return {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "model": tm.name,
+        "eos_token": text(tok.eos_token_id),
+        "bos_token": text(tok.bos_token_id),
+        "pad_token": text(tok.pad_token_id),
+        "unk_token": text(tok.unk_token_id),
+        "eos_token_id": tok.eos_token_id,
+        "bos_token_id": tok.bos_token_id,
+        "pad_token_id": tok.pad_token_id,
+        "add_bos_token": tok.add_bos,
+        "chat_template": tok.chat_template,
+        "model_max_length": tm.max_model_len,
+        "vocab_size": tm.vocab_size,
+    }
 
 
 router.add_api_route("/tokenizer_info", tokenizer_info, methods=["HEAD"], include_in_schema=False)

@@ -138,7 +138,7 @@ def _renamed(params: dict[str, str]) -> Iterator[None]:
     except APIError as e:
         for old, new in params.items():
             if e.param is not None and (e.param == old or e.param.startswith(old + ".")):
-                e.param = new + e.param[len(old):]
+                e.param = new + e.param[len(old) :]
                 e.message = e.message.replace(old, new)
                 break
         raise
@@ -150,22 +150,34 @@ def _refuse_unsupported(req: ResponsesRequest) -> None:
         if name in UNSUPPORTED_HERE and value not in UNSUPPORTED_HERE[name]:
             raise APIError(f"{name} is not supported by this server", param=name, code="unsupported_parameter")
     if req.previous_response_id is not None:
-        raise APIError("previous_response_id is not supported: this server stores no responses; send the whole "
-                       "conversation as input items", param="previous_response_id", code="unsupported_parameter")
+        raise APIError(
+            "previous_response_id is not supported: this server stores no responses; send the whole "
+            "conversation as input items",
+            param="previous_response_id",
+            code="unsupported_parameter",
+        )
     if req.store:
-        raise APIError("store=true is not supported: this server stores no responses; send store=false",
-                       param="store", code="unsupported_parameter")
+        raise APIError(
+            "store=true is not supported: this server stores no responses; send store=false",
+            param="store",
+            code="unsupported_parameter",
+        )
     if req.truncation == "auto":
-        raise APIError("truncation 'auto' is not supported; an input longer than the context is a 400",
-                       param="truncation", code="unsupported_parameter")
+        raise APIError(
+            "truncation 'auto' is not supported; an input longer than the context is a 400",
+            param="truncation",
+            code="unsupported_parameter",
+        )
     if req.reasoning and any(v is not None for v in req.reasoning.values()):
         raise APIError("reasoning is not supported by this model", param="reasoning", code="unsupported_parameter")
     if req.text is not None and req.text.verbosity not in (None, "medium"):
         raise APIError("text.verbosity is not supported", param="text.verbosity", code="unsupported_parameter")
-    if req.metadata is not None and (len(req.metadata) > MAX_METADATA or any(
-            len(k) > 64 or len(v) > 512 for k, v in req.metadata.items())):
-        raise APIError(f"metadata: at most {MAX_METADATA} pairs, keys up to 64 and values up to 512 characters",
-                       param="metadata")
+    if req.metadata is not None and (
+        len(req.metadata) > MAX_METADATA or any(len(k) > 64 or len(v) > 512 for k, v in req.metadata.items())
+    ):
+        raise APIError(
+            f"metadata: at most {MAX_METADATA} pairs, keys up to 64 and values up to 512 characters", param="metadata"
+        )
 
 
 def _text_of(content: Any, param: str) -> str:
@@ -178,8 +190,10 @@ def _text_of(content: Any, param: str) -> str:
     for j, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else None
         if kind not in TEXT_PARTS or not isinstance(part.get("text"), str):
-            raise APIError(f"{param}[{j}]: only text parts (input_text, output_text) are supported, got "
-                           f"{kind!r}", param=f"{param}.{j}")
+            raise APIError(
+                f"{param}[{j}]: only text parts (input_text, output_text) are supported, got {kind!r}",
+                param=f"{param}.{j}",
+            )
         texts.append(part["text"])
     return "".join(texts)
 
@@ -197,20 +211,25 @@ def input_messages(req: ResponsesRequest) -> list[ChatMessage]:
     messages: list[dict[str, Any]] = []
     if req.instructions is not None:
         messages.append({"role": "system", "content": req.instructions})
-    items: list[dict[str, Any]] = ([{"role": "user", "content": req.input}] if isinstance(req.input, str)
-                                   else req.input)
+    items: list[dict[str, Any]] = [{"role": "user", "content": req.input}] if isinstance(req.input, str) else req.input
     for i, item in enumerate(items):
         param = f"input.{i}"
         kind = item.get("type", "message")
         if kind == "message":
             role = item.get("role")
             if role not in ("user", "system", "developer", "assistant"):
-                raise APIError(f"{param}.role must be one of user, system, developer, assistant; got {role!r}",
-                               param=f"{param}.role")
+                raise APIError(
+                    f"{param}.role must be one of user, system, developer, assistant; got {role!r}",
+                    param=f"{param}.role",
+                )
             messages.append({"role": role, "content": _text_of(item.get("content"), f"{param}.content")})
         elif kind == "function_call":
-            call = ToolCallIn(id=_str_field(item, "call_id", param), function=ToolCallFunction(
-                name=_str_field(item, "name", param), arguments=_str_field(item, "arguments", param)))
+            call = ToolCallIn(
+                id=_str_field(item, "call_id", param),
+                function=ToolCallFunction(
+                    name=_str_field(item, "name", param), arguments=_str_field(item, "arguments", param)
+                ),
+            )
             last = messages[-1] if messages else None
             if last is not None and last["role"] == "assistant":
                 last.setdefault("tool_calls", []).append(call)
@@ -218,11 +237,19 @@ def input_messages(req: ResponsesRequest) -> list[ChatMessage]:
                 messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
         elif kind == "function_call_output":
             output = item.get("output")
-            messages.append({"role": "tool", "tool_call_id": _str_field(item, "call_id", param),
-                             "content": _text_of(output, f"{param}.output")})
+            messages.append(
+                {
+                    "role": "tool",
+                    "tool_call_id": _str_field(item, "call_id", param),
+                    "content": _text_of(output, f"{param}.output"),
+                }
+            )
         else:
-            raise APIError(f"{param}: input items of type {kind!r} are not supported (only message, function_call "
-                           "and function_call_output)", param=f"{param}.type")
+            raise APIError(
+                f"{param}: input items of type {kind!r} are not supported (only message, function_call "
+                "and function_call_output)",
+                param=f"{param}.type",
+            )
     if not messages:
         raise APIError("input must not be empty", param="input")
     return [ChatMessage(**m) for m in messages]
@@ -234,12 +261,20 @@ def _chat_tools(req: ResponsesRequest) -> list[ChatTool] | None:
     out = []
     for i, t in enumerate(req.tools):
         if t.type != "function":
-            raise APIError(f"tools[{i}]: tools of type {t.type!r} are not supported; only function tools are",
-                           param="tools", code="unsupported_parameter")
+            raise APIError(
+                f"tools[{i}]: tools of type {t.type!r} are not supported; only function tools are",
+                param="tools",
+                code="unsupported_parameter",
+            )
         if t.name is None:
             raise APIError(f"tools[{i}].name is required", param=f"tools.{i}.name")
-        out.append(ChatTool(function=FunctionDefinition(name=t.name, description=t.description,
-                                                        parameters=t.parameters, strict=t.strict)))
+        out.append(
+            ChatTool(
+                function=FunctionDefinition(
+                    name=t.name, description=t.description, parameters=t.parameters, strict=t.strict
+                )
+            )
+        )
     return out
 
 
@@ -248,8 +283,11 @@ def _chat_tool_choice(req: ResponsesRequest) -> Literal["none", "auto", "require
     if choice is None or isinstance(choice, str):
         return None if choice == "auto" and not req.tools else choice
     if choice.type != "function":
-        raise APIError(f"tool_choice of type {choice.type!r} is not supported (only none, auto, required or a "
-                       "function)", param="tool_choice", code="unsupported_parameter")
+        raise APIError(
+            f"tool_choice of type {choice.type!r} is not supported (only none, auto, required or a function)",
+            param="tool_choice",
+            code="unsupported_parameter",
+        )
     if choice.name is None:
         raise APIError("tool_choice of type function needs a name", param="tool_choice.name")
     return NamedToolChoice(function=FunctionName(name=choice.name))
@@ -260,8 +298,10 @@ def _response_format(fmt: TextFormat | None) -> ResponseFormat | None:
         return None if fmt is None else ResponseFormat(type=fmt.type)
     if fmt.schema_ is None:
         raise APIError("text.format of type json_schema needs a schema", param="text.format.schema")
-    return ResponseFormat(type="json_schema", json_schema=JSONSchemaFormat(
-        name=fmt.name, description=fmt.description, schema=fmt.schema_, strict=fmt.strict))
+    return ResponseFormat(
+        type="json_schema",
+        json_schema=JSONSchemaFormat(name=fmt.name, description=fmt.description, schema=fmt.schema_, strict=fmt.strict),
+    )
 
 
 def chat_request(req: ResponsesRequest, messages: list[ChatMessage]) -> ChatCompletionRequest:
@@ -269,12 +309,26 @@ def chat_request(req: ResponsesRequest, messages: list[ChatMessage]) -> ChatComp
     fmt = req.text.format if req.text is not None else None
     try:
         return ChatCompletionRequest(
-            messages=messages, tools=_chat_tools(req), tool_choice=_chat_tool_choice(req),
-            parallel_tool_calls=req.parallel_tool_calls, response_format=_response_format(fmt),
-            temperature=req.temperature, top_p=req.top_p, seed=req.seed, top_k=req.top_k, min_p=req.min_p,
-            presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
-            repetition_penalty=req.repetition_penalty, stop=req.stop, stop_token_ids=req.stop_token_ids,
-            ignore_eos=req.ignore_eos, min_tokens=req.min_tokens, timeout=req.timeout, user=req.user)
+            messages=messages,
+            tools=_chat_tools(req),
+            tool_choice=_chat_tool_choice(req),
+            parallel_tool_calls=req.parallel_tool_calls,
+            response_format=_response_format(fmt),
+            temperature=req.temperature,
+            top_p=req.top_p,
+            seed=req.seed,
+            top_k=req.top_k,
+            min_p=req.min_p,
+            presence_penalty=req.presence_penalty,
+            frequency_penalty=req.frequency_penalty,
+            repetition_penalty=req.repetition_penalty,
+            stop=req.stop,
+            stop_token_ids=req.stop_token_ids,
+            ignore_eos=req.ignore_eos,
+            min_tokens=req.min_tokens,
+            timeout=req.timeout,
+            user=req.user,
+        )
     except ValidationError as e:  # only what this module built can fail here
         raise APIError(f"invalid request: {e.errors()[0].get('msg', e)}") from None
 
@@ -291,12 +345,26 @@ class _Response:
     created_at: int
     echo: dict[str, Any]
 
-    def body(self, status: str, output: list[dict[str, Any]], usage: dict[str, Any] | None = None,
-             error: dict[str, Any] | None = None) -> dict[str, Any]:
+    def body(
+        self,
+        status: str,
+        output: list[dict[str, Any]],
+        usage: dict[str, Any] | None = None,
+        error: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
         incomplete = {"reason": "max_output_tokens"} if status == "incomplete" else None
-        return {"id": self.id, "object": "response", "created_at": self.created_at, "status": status,
-                **({"completed_at": int(time.time())} if status == "completed" else {}),
-                "error": error, "incomplete_details": incomplete, **self.echo, "output": output, "usage": usage}
+        return {
+            "id": self.id,
+            "object": "response",
+            "created_at": self.created_at,
+            "status": status,
+            **({"completed_at": int(time.time())} if status == "completed" else {}),
+            "error": error,
+            "incomplete_details": incomplete,
+            **self.echo,
+            "output": output,
+            "usage": usage,
+        }
 
 
 def _echo(req: ResponsesRequest, model: str) -> dict[str, Any]:
@@ -305,23 +373,45 @@ def _echo(req: ResponsesRequest, model: str) -> dict[str, Any]:
     if isinstance(choice, ToolChoiceObject):
         choice = {"type": choice.type, "name": choice.name}
     return {
-        "background": False, "instructions": req.instructions, "max_output_tokens": req.max_output_tokens,
-        "max_tool_calls": req.max_tool_calls, "metadata": req.metadata or {}, "model": model,
-        "parallel_tool_calls": req.parallel_tool_calls is not False, "previous_response_id": None,
-        "reasoning": {"effort": None, "summary": None}, "service_tier": "default", "store": False,
+        "background": False,
+        "instructions": req.instructions,
+        "max_output_tokens": req.max_output_tokens,
+        "max_tool_calls": req.max_tool_calls,
+        "metadata": req.metadata or {},
+        "model": model,
+        "parallel_tool_calls": req.parallel_tool_calls is not False,
+        "previous_response_id": None,
+        "reasoning": {"effort": None, "summary": None},
+        "service_tier": "default",
+        "store": False,
         "temperature": 1.0 if req.temperature is None else req.temperature,
         "text": {"format": fmt.model_dump(by_alias=True, exclude_none=True), "verbosity": "medium"},
         "tool_choice": choice,
-        "tools": [{"type": "function", "name": t.name, "description": t.description, "parameters": t.parameters,
-                   "strict": t.strict} for t in req.tools or []],
-        "top_logprobs": req.top_logprobs or 0, "top_p": 1.0 if req.top_p is None else req.top_p,
-        "truncation": "disabled", "user": req.user,
+        "tools": [
+            {
+                "type": "function",
+                "name": t.name,
+                "description": t.description,
+                "parameters": t.parameters,
+                "strict": t.strict,
+            }
+            for t in req.tools or []
+        ],
+        "top_logprobs": req.top_logprobs or 0,
+        "top_p": 1.0 if req.top_p is None else req.top_p,
+        "truncation": "disabled",
+        "user": req.user,
     }
 
 
 def _message(msg_id: str, text: str, status: str, logprobs: list[dict[str, Any]]) -> dict[str, Any]:
-    return {"type": "message", "id": msg_id, "status": status, "role": "assistant",
-            "content": [] if status == "in_progress" and not text else [_text_part(text, logprobs)]}
+    return {
+        "type": "message",
+        "id": msg_id,
+        "status": status,
+        "role": "assistant",
+        "content": [] if status == "in_progress" and not text else [_text_part(text, logprobs)],
+    }
 
 
 def _text_part(text: str, logprobs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -329,19 +419,32 @@ def _text_part(text: str, logprobs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _function_call(item_id: str, call: ToolCall, arguments: str, status: str) -> dict[str, Any]:
-    return {"type": "function_call", "id": item_id, "call_id": call.id, "name": call.name,
-            "arguments": arguments, "status": status}
+    return {
+        "type": "function_call",
+        "id": item_id,
+        "call_id": call.id,
+        "name": call.name,
+        "arguments": arguments,
+        "status": status,
+    }
 
 
 def _status(finish_reason: str | None) -> str:
     return "incomplete" if finish_reason == "length" else "completed"
 
 
-@router.post("/v1/responses", responses={200: {
-    "description": "A Response object, or with `stream` a text/event-stream of Responses API events",
-    "content": {"text/event-stream": {}}}})
-async def create_response(req: ResponsesRequest, request: Request,
-                          tm: Annotated[TextModel, Depends(get_text_model)]) -> Any:
+@router.post(
+    "/v1/responses",
+    responses={
+        200: {
+            "description": "A Response object, or with `stream` a text/event-stream of Responses API events",
+            "content": {"text/event-stream": {}},
+        }
+    },
+)
+async def create_response(
+    req: ResponsesRequest, request: Request, tm: Annotated[TextModel, Depends(get_text_model)]
+) -> Any:
     check_model(tm, req.model)
     _refuse_unsupported(req)
     check_extra_fields(req, "responses")
@@ -352,21 +455,29 @@ async def create_response(req: ResponsesRequest, request: Request,
     with _renamed({"response_format.json_schema.schema": "text.format.schema", "response_format": "text.format"}):
         constraint = output_constraint(chat.response_format, None)
     if forced is not None and constraint is not None:
-        raise APIError("text.format cannot be combined with a tool_choice that forces a call: the reply is a tool "
-                       "call", param="text.format")
+        raise APIError(
+            "text.format cannot be combined with a tool_choice that forces a call: the reply is a tool call",
+            param="text.format",
+        )
     with _renamed({"messages": "input"}):
         ids = await render_chat(tm, messages, functions=functions)
     if req.max_output_tokens is not None and req.max_output_tokens < 1:
-        raise APIError(f"max_output_tokens must be at least 1, got {req.max_output_tokens}",
-                       param="max_output_tokens")
+        raise APIError(f"max_output_tokens must be at least 1, got {req.max_output_tokens}", param="max_output_tokens")
     with _renamed({"max_tokens": "max_output_tokens", "prompt": "input"}):
         max_tokens = resolve_max_tokens(tm, len(ids), req.max_output_tokens, default_max_tokens(request, None))
     if req.top_logprobs is not None and not 0 <= req.top_logprobs <= MAX_TOP_LOGPROBS:
-        raise APIError(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {req.top_logprobs}",
-                       param="top_logprobs", code="invalid_value")
+        raise APIError(
+            f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {req.top_logprobs}",
+            param="top_logprobs",
+            code="invalid_value",
+        )
     want_logprobs = req.top_logprobs is not None or LOGPROBS_INCLUDE in (req.include or [])
-    params = sampling_params(chat, max_tokens=max_tokens, logprobs=(req.top_logprobs or 0) if want_logprobs else None,
-                             vocab_size=tm.vocab_size)
+    params = sampling_params(
+        chat,
+        max_tokens=max_tokens,
+        logprobs=(req.top_logprobs or 0) if want_logprobs else None,
+        vocab_size=tm.vocab_size,
+    )
     grammar = None
     if forced is not None:
         grammar = await compile_grammar(tm, forced_call_grammar(chat, forced), "tools")
@@ -412,8 +523,15 @@ class _Events:
         return b"event: " + kind.encode() + b"\n" + sse_data(data)
 
 
-async def _stream(tm: TextModel, job: Job, admission: Admission, head: _Response, functions: list[Function] | None,
-                  want_logprobs: bool, timeout: float | None) -> AsyncIterator[bytes]:
+async def _stream(
+    tm: TextModel,
+    job: Job,
+    admission: Admission,
+    head: _Response,
+    functions: list[Function] | None,
+    want_logprobs: bool,
+    timeout: float | None,
+) -> AsyncIterator[bytes]:
     """The Responses API's events: created, in_progress, the message's item/part/text deltas, each function
     call's item and arguments, then completed or incomplete (or error + failed). No [DONE] follows."""
     emit = _Events()
@@ -431,13 +549,20 @@ async def _stream(tm: TextModel, job: Job, admission: Admission, head: _Response
         if not opened:
             opened = True
             yield emit("response.output_item.added", output_index=0, item=_message(msg_id, "", "in_progress", []))
-            yield emit("response.content_part.added", item_id=msg_id, output_index=0, content_index=0,
-                       part=_text_part("", []))
+            yield emit(
+                "response.content_part.added", item_id=msg_id, output_index=0, content_index=0, part=_text_part("", [])
+            )
         if chunk:
             text += chunk
             sent.extend(pending)
-            yield emit("response.output_text.delta", item_id=msg_id, output_index=0, content_index=0, delta=chunk,
-                       logprobs=pending)
+            yield emit(
+                "response.output_text.delta",
+                item_id=msg_id,
+                output_index=0,
+                content_index=0,
+                delta=chunk,
+                logprobs=pending,
+            )
             pending = []
 
     async with aclosing(run_choices(tm.engine, [job], head.id, admission, timeout_s=timeout)) as events:
@@ -445,8 +570,10 @@ async def _stream(tm: TextModel, job: Job, admission: Admission, head: _Response
             if ev.finish_reason == "error":
                 err = event_error(ev)
                 yield emit("error", code=err.code, message=err.message, param=None)
-                yield emit("response.failed", response=head.body("failed", emit.output, error={
-                    "code": "server_error", "message": err.message}))
+                yield emit(
+                    "response.failed",
+                    response=head.body("failed", emit.output, error={"code": "server_error", "message": err.message}),
+                )
                 return
             usage.add(0, ev)
             if want_logprobs and ev.token_id is not None:
@@ -469,20 +596,27 @@ async def _stream(tm: TextModel, job: Job, admission: Admission, head: _Response
             yield b
     if opened:
         sent.extend(pending)
-        yield emit("response.output_text.done", item_id=msg_id, output_index=0, content_index=0, text=text,
-                   logprobs=sent)
-        yield emit("response.content_part.done", item_id=msg_id, output_index=0, content_index=0,
-                   part=_text_part(text, sent))
+        yield emit(
+            "response.output_text.done", item_id=msg_id, output_index=0, content_index=0, text=text, logprobs=sent
+        )
+        yield emit(
+            "response.content_part.done", item_id=msg_id, output_index=0, content_index=0, part=_text_part(text, sent)
+        )
         emit.output.append(_message(msg_id, text, status, sent))
         yield emit("response.output_item.done", output_index=0, item=emit.output[-1])
     for call in calls:
         index, item_id = len(emit.output), _new_id("fc")
-        yield emit("response.output_item.added", output_index=index,
-                   item=_function_call(item_id, call, "", "in_progress"))
-        yield emit("response.function_call_arguments.delta", item_id=item_id, output_index=index,
-                   delta=call.arguments)
-        yield emit("response.function_call_arguments.done", item_id=item_id, output_index=index, name=call.name,
-                   arguments=call.arguments)
+        yield emit(
+            "response.output_item.added", output_index=index, item=_function_call(item_id, call, "", "in_progress")
+        )
+        yield emit("response.function_call_arguments.delta", item_id=item_id, output_index=index, delta=call.arguments)
+        yield emit(
+            "response.function_call_arguments.done",
+            item_id=item_id,
+            output_index=index,
+            name=call.name,
+            arguments=call.arguments,
+        )
         emit.output.append(_function_call(item_id, call, call.arguments, "completed"))
         yield emit("response.output_item.done", output_index=index, item=emit.output[-1])
     final = "response.completed" if status == "completed" else "response.incomplete"

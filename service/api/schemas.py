@@ -50,8 +50,11 @@ class RequestBody(_Body):
     def _valid_unicode(cls, data: Any) -> Any:
         where = find_lone_surrogate(data)
         if where is not None:
-            raise PydanticCustomError("lone_surrogate", "{param}: the text holds a lone UTF-16 surrogate, which is "
-                                      "not valid Unicode", {"param": where})
+            raise PydanticCustomError(
+                "lone_surrogate",
+                "{param}: the text holds a lone UTF-16 surrogate, which is not valid Unicode",
+                {"param": where},
+            )
         return data
 
 
@@ -136,8 +139,9 @@ class _Sampling(RequestBody):
     timeout: float | None = Field(None, description="seconds this request may take, > 0 (capped by the server)")
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputs | None = None
-    prompt_logprobs: int | None = Field(None, description="vLLM extension: score every prompt token, with this "
-                                        "many top logprobs per position (0-20)")
+    prompt_logprobs: int | None = Field(
+        None, description="vLLM extension: score every prompt token, with this many top logprobs per position (0-20)"
+    )
 
 
 class CompletionRequest(_Sampling):

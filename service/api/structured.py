@@ -12,8 +12,10 @@ from service.api.generation import TextModel
 from service.api.schemas import ResponseFormat, StructuredOutputs
 
 
-def output_constraint(response_format: ResponseFormat | None, structured: StructuredOutputs | None,
-                      ) -> tuple[GrammarSpec, str] | None:
+def output_constraint(
+    response_format: ResponseFormat | None,
+    structured: StructuredOutputs | None,
+) -> tuple[GrammarSpec, str] | None:
     """The grammar a request's output must match and the field that asked for it, or None."""
     found: list[tuple[GrammarSpec, str]] = []
     if response_format is not None and response_format.type != "text":
@@ -25,13 +27,22 @@ def output_constraint(response_format: ResponseFormat | None, structured: Struct
                 raise APIError("response_format of type json_schema needs json_schema.schema", param=param)
             found.append((_schema(js.schema_, param), param))
     if structured is not None:
-        given = [(name, value) for name, value in (("json", structured.json_), ("regex", structured.regex),
-                                                   ("choice", structured.choice), ("grammar", structured.grammar),
-                                                   ("json_object", structured.json_object or None))
-                 if value is not None]
+        given = [
+            (name, value)
+            for name, value in (
+                ("json", structured.json_),
+                ("regex", structured.regex),
+                ("choice", structured.choice),
+                ("grammar", structured.grammar),
+                ("json_object", structured.json_object or None),
+            )
+            if value is not None
+        ]
         if len(given) != 1:
-            raise APIError("structured_outputs takes exactly one of json, regex, choice, grammar, json_object",
-                           param="structured_outputs")
+            raise APIError(
+                "structured_outputs takes exactly one of json, regex, choice, grammar, json_object",
+                param="structured_outputs",
+            )
         name, value = given[0]
         param = f"structured_outputs.{name}"
         if name == "json":

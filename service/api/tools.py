@@ -52,8 +52,10 @@ def new_call_id() -> str:
 
 
 def system_prompt(functions: list[Function]) -> str:
-    described = [{"name": f.name, **({"description": f.description} if f.description else {}),
-                  "parameters": f.parameters} for f in functions]
+    described = [
+        {"name": f.name, **({"description": f.description} if f.description else {}), "parameters": f.parameters}
+        for f in functions
+    ]
     return TOOL_PROMPT.format(tools="\n".join(json.dumps(d, ensure_ascii=False) for d in described))
 
 
@@ -65,8 +67,10 @@ def with_tools(messages: list[dict[str, Any]], functions: list[Function]) -> lis
     for m in messages:
         m = dict(m)
         if m.get("tool_calls"):
-            calls = [{"name": c["function"]["name"], "arguments": _loads_or_text(c["function"]["arguments"])}
-                     for c in m.pop("tool_calls")]
+            calls = [
+                {"name": c["function"]["name"], "arguments": _loads_or_text(c["function"]["arguments"])}
+                for c in m.pop("tool_calls")
+            ]
             text = OPEN + json.dumps(calls, ensure_ascii=False) + CLOSE
             m["content"] = (m.get("content") or "") + text
         if m["role"] == "tool":
@@ -91,12 +95,26 @@ def _loads_or_text(arguments: str) -> Any:
 def call_grammar(functions: list[Function], parallel: bool) -> GrammarSpec:
     """A grammar admitting exactly `<tool_call>[calls]</tool_call>` whose calls name one of `functions` with
     arguments valid under its parameter schema (one call unless `parallel`)."""
-    call = {"anyOf": [{"type": "object", "properties": {"name": {"const": f.name}, "arguments": _closed(f.parameters)},
-                       "required": ["name", "arguments"], "additionalProperties": False} for f in functions]}
+    call = {
+        "anyOf": [
+            {
+                "type": "object",
+                "properties": {"name": {"const": f.name}, "arguments": _closed(f.parameters)},
+                "required": ["name", "arguments"],
+                "additionalProperties": False,
+            }
+            for f in functions
+        ]
+    }
     # JSON on one line (at most a space between tokens: calls are parsed, not read), and no leniency: a
     # parameter schema keyword the engine cannot enforce fails the compile (a 400) instead of being ignored
-    array: dict[str, Any] = {"type": "array", "items": call, "minItems": 1, "maxItems": MAX_PARALLEL_CALLS if parallel
-                             else 1, "x-guidance": {"whitespace_pattern": "[\x20]?", "lenient": False}}
+    array: dict[str, Any] = {
+        "type": "array",
+        "items": call,
+        "minItems": 1,
+        "maxItems": MAX_PARALLEL_CALLS if parallel else 1,
+        "x-guidance": {"whitespace_pattern": "[\x20]?", "lenient": False},
+    }
     lark = f'start: "{OPEN}" calls "{CLOSE}"\ncalls: %json {json.dumps(array)}\n'  # key order kept: name first
     return GrammarSpec.grammar(lark)
 
@@ -116,10 +134,10 @@ def parse_reply(text: str, functions: list[Function]) -> tuple[str | None, list[
     start = text.find(OPEN)
     if start >= 0:
         end = text.find(CLOSE, start)
-        body = text[start + len(OPEN): end if end >= 0 else len(text)]
+        body = text[start + len(OPEN) : end if end >= 0 else len(text)]
         calls = _calls(body, names)
         if calls is not None:
-            rest = (text[:start] + (text[end + len(CLOSE):] if end >= 0 else "")).strip()
+            rest = (text[:start] + (text[end + len(CLOSE) :] if end >= 0 else "")).strip()
             return rest or None, calls
         return text, []
     stripped = text.strip()
@@ -174,18 +192,18 @@ class ReplyStreamer:
             return self._send_to(start)
         if self.sent == 0 and self.text.lstrip()[:1] in ("{", "["):
             return ""  # maybe a bare JSON call: decided at the end
-        return self._send_to(len(self.text) - _held_prefix(self.text[self.sent:]))
+        return self._send_to(len(self.text) - _held_prefix(self.text[self.sent :]))
 
     def finish(self) -> tuple[str, list[ToolCall]]:
         """At the end of the reply: (content still to send, the calls)."""
         if self.in_call or (self.sent == 0 and self.text.lstrip()[:1] in ("{", "[")):
-            content, calls = parse_reply(self.text[self.sent:], self.functions)
+            content, calls = parse_reply(self.text[self.sent :], self.functions)
             if calls:
                 return content or "", calls
         return self._send_to(len(self.text)), []
 
     def _send_to(self, end: int) -> str:
-        out = self.text[self.sent:end]
+        out = self.text[self.sent : end]
         self.sent = max(self.sent, end)
         return out
 

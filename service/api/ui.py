@@ -25,7 +25,7 @@ _HEADERS = {
     "X-Content-Type-Options": "nosniff",
     # no inline script, no third-party origin: model text can never run as code here
     "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
-                               "connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'",
+    "connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'",
 }
 
 router = APIRouter(include_in_schema=False)

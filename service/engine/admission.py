@@ -43,7 +43,8 @@ class AdmissionControl:
             if self._active + n > self.capacity:
                 raise EngineOverloadedError(
                     f"server is at capacity ({self._active} requests running or queued; it holds "
-                    f"{self.max_num_seqs} running and {self.max_waiting} queued)")
+                    f"{self.max_num_seqs} running and {self.max_waiting} queued)"
+                )
             self._active += n
         return Admission(self, n)
 

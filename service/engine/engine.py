@@ -104,16 +104,21 @@ class EngineStats:
 
 
 class LLMEngine:
-    def __init__(self, runner: ModelRunner, tokenizer: Tokenizer, config: EngineConfig,
-                 observer: EngineObserver | None = None) -> None:
+    def __init__(
+        self, runner: ModelRunner, tokenizer: Tokenizer, config: EngineConfig, observer: EngineObserver | None = None
+    ) -> None:
         self.runner = runner
         self.observer = observer
         self.tokenizer = tokenizer
         self.config = config
         self.scheduler = Scheduler(
-            num_blocks=config.num_blocks, block_size=config.block_size, max_num_seqs=config.max_num_seqs,
-            max_num_batched_tokens=config.max_num_batched_tokens, max_model_len=config.max_model_len,
-            enable_prefix_caching=config.enable_prefix_caching, cache_salt=config.cache_salt,
+            num_blocks=config.num_blocks,
+            block_size=config.block_size,
+            max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=config.max_num_batched_tokens,
+            max_model_len=config.max_model_len,
+            enable_prefix_caching=config.enable_prefix_caching,
+            cache_salt=config.cache_salt,
         )
         self.eos_token_ids = tuple(tokenizer.eos_token_ids)
         self.stats = EngineStats()
@@ -169,11 +174,13 @@ class LLMEngine:
         return self.admission.admit(n)
 
     def state(self) -> dict[str, float]:
-        return {"aigc_num_requests_running": float(self.scheduler.num_running),
-                "aigc_num_requests_waiting": float(self.admission.waiting),
-                "aigc_kv_cache_usage_ratio": float(self.scheduler.kv_usage),
-                "aigc_prefix_cache_queries": float(self.scheduler.prefix_cache_queries),
-                "aigc_prefix_cache_hits": float(self.scheduler.prefix_cache_hits)}
+        return {
+            "aigc_num_requests_running": float(self.scheduler.num_running),
+            "aigc_num_requests_waiting": float(self.admission.waiting),
+            "aigc_kv_cache_usage_ratio": float(self.scheduler.kv_usage),
+            "aigc_prefix_cache_queries": float(self.scheduler.prefix_cache_queries),
+            "aigc_prefix_cache_hits": float(self.scheduler.prefix_cache_hits),
+        }
 
     def reset_prefix_cache(self) -> int:
         """Forget every cached prefix block; returns how many were forgotten. Safe at any time: blocks in
@@ -181,9 +188,15 @@ class LLMEngine:
         with self._lock:
             return self.scheduler.reset_prefix_cache()
 
-    async def generate(self, prompt_ids: Sequence[int], params: SamplingParams, request_id: str | None = None,
-                       timeout_s: float | None = None, admission: Admission | None = None,
-                       grammar: CompiledGrammar | None = None) -> AsyncIterator[TokenEvent]:
+    async def generate(
+        self,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        request_id: str | None = None,
+        timeout_s: float | None = None,
+        admission: Admission | None = None,
+        grammar: CompiledGrammar | None = None,
+    ) -> AsyncIterator[TokenEvent]:
         """Stream events for one request. Closing the iterator early aborts the request.
         timeout_s caps this request's total time (never above the engine's request_timeout_s).
         admission: the ticket from `admit()` this request takes its place from; without one the request
@@ -198,16 +211,22 @@ class LLMEngine:
         else:
             self.admission.enter()
         try:
-            async with contextlib.aclosing(self._generate(prompt_ids, params, request_id, timeout_s,
-                                                                 grammar)) as events:
+            async with contextlib.aclosing(
+                self._generate(prompt_ids, params, request_id, timeout_s, grammar)
+            ) as events:
                 async for ev in events:
                     yield ev
         finally:
             self.admission.leave()
 
-    async def _generate(self, prompt_ids: Sequence[int], params: SamplingParams, request_id: str | None,
-                        timeout_s: float | None, grammar: CompiledGrammar | None = None,
-                        ) -> AsyncGenerator[TokenEvent, None]:
+    async def _generate(
+        self,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        request_id: str | None,
+        timeout_s: float | None,
+        grammar: CompiledGrammar | None = None,
+    ) -> AsyncGenerator[TokenEvent, None]:
         self.check_health()
         rid = request_id or uuid.uuid4().hex
         prompt = list(prompt_ids)
@@ -217,17 +236,21 @@ class LLMEngine:
         if max_new < 1 and not (params.max_tokens == 0 and len(prompt) <= self.config.max_model_len):
             raise ValueError(f"prompt has {len(prompt)} tokens; the context length is {self.config.max_model_len}")
         if grammar is not None and grammar.vocab_size != self.runner.model.cfg.vocab_size:
-            raise ValueError(f"grammar compiled for {grammar.vocab_size} logits; "
-                             f"the model has {self.runner.model.cfg.vocab_size}")
+            raise ValueError(
+                f"grammar compiled for {grammar.vocab_size} logits; the model has {self.runner.model.cfg.vocab_size}"
+            )
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
         eos = () if params.ignore_eos else self.eos_token_ids
         state = RequestState(
             params=params,
             generator=make_generator(params.seed, self.runner.device),
-            stream=OutputStream(max_new, params.stop, tuple(params.stop_token_ids) + eos,
-                                self.tokenizer.incremental_decoder()),
-            queue=queue, loop=loop, arrival=time.monotonic(),
+            stream=OutputStream(
+                max_new, params.stop, tuple(params.stop_token_ids) + eos, self.tokenizer.incremental_decoder()
+            ),
+            queue=queue,
+            loop=loop,
+            arrival=time.monotonic(),
             matcher=grammar.matcher() if grammar is not None else None,
             prompt_logprobs=[None] * len(prompt) if params.prompt_logprobs is not None else None,
         )
@@ -236,8 +259,14 @@ class LLMEngine:
             state.deadline = state.arrival + min(limits)
         if self.config.queue_timeout_s is not None:
             state.queue_deadline = state.arrival + self.config.queue_timeout_s
-        seq = Seq(request_id=rid, prompt_ids=prompt, max_tokens=max_new, arrival_time=state.arrival, data=state,
-                  lookup_prefix=params.prompt_logprobs is None)  # scoring computes every prompt position
+        seq = Seq(
+            request_id=rid,
+            prompt_ids=prompt,
+            max_tokens=max_new,
+            arrival_time=state.arrival,
+            data=state,
+            lookup_prefix=params.prompt_logprobs is None,
+        )  # scoring computes every prompt position
         with self._inbox_lock:  # a request added after the loop exited would never get an event
             if self._closed:
                 raise EngineDeadError("engine loop is not running")
@@ -356,8 +385,17 @@ class LLMEngine:
             self._finish(seq, FinishReason(finish))
             if obs is not None:
                 obs.on_finish(finish, now - st.arrival)
-        self._emit(seq, TokenEvent(res.token_id, text, finish, res.logprob, res.top_logprobs,
-                                   prompt_logprobs=st.prompt_logprobs if first else None))
+        self._emit(
+            seq,
+            TokenEvent(
+                res.token_id,
+                text,
+                finish,
+                res.logprob,
+                res.top_logprobs,
+                prompt_logprobs=st.prompt_logprobs if first else None,
+            ),
+        )
 
     def _fail(self, seq: Seq, message: str, code: str) -> None:
         """End one request with an error event and free its blocks."""
@@ -373,10 +411,17 @@ class LLMEngine:
             st: RequestState = seq.data
             if st.deadline is not None and now > st.deadline:
                 self._fail(seq, f"request timed out after {st.deadline - st.arrival:.1f}s", "timeout")
-            elif (st.queue_deadline is not None and st.first_token_time is None
-                  and seq.first_scheduled_time is None and now > st.queue_deadline):
-                self._fail(seq, f"request waited in the queue longer than {st.queue_deadline - st.arrival:.1f}s",
-                           "queue_timeout")
+            elif (
+                st.queue_deadline is not None
+                and st.first_token_time is None
+                and seq.first_scheduled_time is None
+                and now > st.queue_deadline
+            ):
+                self._fail(
+                    seq,
+                    f"request waited in the queue longer than {st.queue_deadline - st.arrival:.1f}s",
+                    "queue_timeout",
+                )
 
     def _finish(self, seq: Seq, reason: FinishReason) -> None:
         with self._lock:

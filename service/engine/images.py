@@ -51,9 +51,15 @@ class _Item:
 class ImageBatcher:
     """Micro-batches `generate()` calls into forward passes of at most `max_batch` images."""
 
-    def __init__(self, generator: Generator, max_batch: int = 32, max_wait_ms: float = 10.0, *,
-                 pad_to_max_batch: bool = True,
-                 on_batch: Callable[[int, int, float], None] | None = None) -> None:
+    def __init__(
+        self,
+        generator: Generator,
+        max_batch: int = 32,
+        max_wait_ms: float = 10.0,
+        *,
+        pad_to_max_batch: bool = True,
+        on_batch: Callable[[int, int, float], None] | None = None,
+    ) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         if max_wait_ms < 0:
@@ -151,7 +157,7 @@ class ImageBatcher:
                         break
                     try:
                         nxt = await asyncio.wait_for(self._queue.get(), remaining)
-                    except asyncio.TimeoutError:
+                    except TimeoutError:
                         break
                 if nxt is None:
                     stopping = True
@@ -188,7 +194,7 @@ class ImageBatcher:
         for it in live:
             n = it.request.n
             if not it.future.done():
-                it.future.set_result(images[start:start + n])
+                it.future.set_result(images[start : start + n])
             start += n
 
     @torch.inference_mode()
@@ -196,7 +202,7 @@ class ImageBatcher:
         """Runs on the worker thread: chunks of max_batch, each padded to max_batch rows."""
         outs = []
         for s in range(0, z.shape[0], self.max_batch):
-            zc, yc = z[s:s + self.max_batch], y[s:s + self.max_batch]  # (b, z_dim), (b,)
+            zc, yc = z[s : s + self.max_batch], y[s : s + self.max_batch]  # (b, z_dim), (b,)
             b = zc.shape[0]
             if self.pad_to_max_batch and b < self.max_batch:
                 zc = torch.cat([zc, zc.new_zeros(self.max_batch - b, zc.shape[1])])  # (max_batch, z_dim)

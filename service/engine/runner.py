@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -42,16 +43,31 @@ class SampleResult:
 
 
 class ModelRunner:
-    def __init__(self, model: CausalLM, num_blocks: int, block_size: int, eos_token_ids: tuple[int, ...],
-                 kernels: Kernels | None = None) -> None:
+    def __init__(
+        self,
+        model: CausalLM,
+        num_blocks: int,
+        block_size: int,
+        eos_token_ids: tuple[int, ...],
+        kernels: Kernels | None = None,
+    ) -> None:
         """kernels: the model's decode backend's (LoadedLM.backend.kernels), for the KV cache."""
         cfg = model.cfg
         self.model = model
         self.device = model.embed.weight.device
         self.dtype = model.embed.weight.dtype
         self.eos_token_ids = eos_token_ids
-        self.cache = PagedKVCache(cfg.n_layers, num_blocks, block_size, cfg.n_kv_heads, cfg.hd, self.dtype,
-                                  self.device, max_positions=cfg.max_seq_len, kernels=kernels)
+        self.cache = PagedKVCache(
+            cfg.n_layers,
+            num_blocks,
+            block_size,
+            cfg.n_kv_heads,
+            cfg.hd,
+            self.dtype,
+            self.device,
+            max_positions=cfg.max_seq_len,
+            kernels=kernels,
+        )
 
     def _forward(self, chunks: list[ScheduledChunk], score: bool = False) -> torch.Tensor:
         """One forward over chunks of possibly different lengths (shorter ones padded).
@@ -122,8 +138,11 @@ class ModelRunner:
         if out.decodes:
             logits = self._forward(out.decodes)  # (B, V)
             if decodes:
-                rows.append(logits if len(decodes) == len(out.decodes) else
-                            logits[[i for i, c in enumerate(out.decodes) if c.seq.max_tokens > 0]])
+                rows.append(
+                    logits
+                    if len(decodes) == len(out.decodes)
+                    else logits[[i for i, c in enumerate(out.decodes) if c.seq.max_tokens > 0]]
+                )
                 to_sample.extend(decodes)
         for group in self.prefill_groups(out.prefills):
             logits = self._forward(group, score=any(self.wants_prompt_scores(c) for c in group))  # (len(group), V)
@@ -161,8 +180,13 @@ class ModelRunner:
         if constrained:
             logits = raw.to(torch.float32, copy=True)  # (N, V); raw stays unmasked for logprobs
             dead = apply_token_masks(logits, matchers)
-        processed = process_logits(logits, params, [c.seq.prompt_ids for c in chunks],
-                                   [c.seq.output_ids for c in chunks], eos_token_ids=self.eos_token_ids)
+        processed = process_logits(
+            logits,
+            params,
+            [c.seq.prompt_ids for c in chunks],
+            [c.seq.output_ids for c in chunks],
+            eos_token_ids=self.eos_token_ids,
+        )
         if constrained:
             # min_tokens masks EOS (and stop ids): where that leaves none of the tokens the grammar allows,
             # the grammar wins. Only those rows can have been emptied by the processing.
@@ -176,12 +200,15 @@ class ModelRunner:
         for i in dead:
             m = matchers[i]
             results[chunks[i].seq.request_id] = SampleResult(
-                -1, error=f"constrained decoding failed: the grammar allows no token ({m.error if m else ''})")
+                -1, error=f"constrained decoding failed: the grammar allows no token ({m.error if m else ''})"
+            )
         for i in stuck:
             results[chunks[i].seq.request_id] = SampleResult(
-                -1, error="constrained decoding failed: the grammar engine cannot continue this output with the "
+                -1,
+                error="constrained decoding failed: the grammar engine cannot continue this output with the "
                 "model's tokens (the grammar's text splits characters the vocabulary encodes as byte tokens)",
-                error_code="invalid_request")
+                error_code="invalid_request",
+            )
         want = [i for i, p in enumerate(params) if p.logprobs is not None]
         if want:
             lps = compute_logprobs(raw[want].float(), tokens[want], [params[i].logprobs or 0 for i in want])
@@ -191,9 +218,15 @@ class ModelRunner:
         return results
 
     @staticmethod
-    def _resample_refused(tokens: torch.Tensor, processed: torch.Tensor, rows: list[int], dead: list[int],
-                          matchers: list[GrammarMatcher | None], params: list[SamplingParams], states: list,
-                          ) -> list[int]:
+    def _resample_refused(
+        tokens: torch.Tensor,
+        processed: torch.Tensor,
+        rows: list[int],
+        dead: list[int],
+        matchers: list[GrammarMatcher | None],
+        params: list[SamplingParams],
+        states: list[Any],
+    ) -> list[int]:
         """A constrained row whose sampled token its matcher refuses although the mask allowed it gets that
         token banned and is sampled again (a few times), then the grammar's forced token is tried. Rows left
         with no token the parser accepts are returned (and added to `dead`): their grammar cannot be followed

@@ -57,7 +57,7 @@ class SeqStatus(enum.Enum):
     FINISHED = "finished"
 
 
-class FinishReason(str, enum.Enum):
+class FinishReason(enum.StrEnum):
     STOP = "stop"
     LENGTH = "length"
     ABORT = "abort"
@@ -259,8 +259,7 @@ class Scheduler:
             raise ValueError(f"max_tokens must be >= 0, got {seq.max_tokens}")
         if n + seq.max_tokens > self.max_model_len:
             raise ValueError(
-                f"prompt ({n} tokens) + max_tokens ({seq.max_tokens}) "
-                f"exceeds max_model_len ({self.max_model_len})"
+                f"prompt ({n} tokens) + max_tokens ({seq.max_tokens}) exceeds max_model_len ({self.max_model_len})"
             )
         if seq.request_id in self._seqs:
             raise ValueError(f"duplicate request id {seq.request_id!r}")
@@ -403,9 +402,7 @@ class Scheduler:
             out.prefills.append(ScheduledChunk(seq, cached, n, n == seq.num_tokens - cached))
             budget -= n
 
-        out.num_batched_tokens = sum(c.num_tokens for c in out.decodes) + sum(
-            c.num_tokens for c in out.prefills
-        )
+        out.num_batched_tokens = sum(c.num_tokens for c in out.decodes) + sum(c.num_tokens for c in out.prefills)
         return out
 
     def _chunk_len(self, remaining: int, budget: int, first: bool) -> int:

@@ -75,9 +75,16 @@ class _Item:
 class Seq2SeqBatcher:
     """Micro-batches `transcribe()` calls into shared encoder and decoder passes."""
 
-    def __init__(self, g2p: G2P, max_batch: int = 64, max_wait_ms: float = 0.0, max_queued_rows: int = 4096, *,
-                 on_batch: Callable[[int, int, float], None] | None = None,
-                 on_finish: Callable[[Seq2SeqRequest, list[Hypothesis], float], None] | None = None) -> None:
+    def __init__(
+        self,
+        g2p: G2P,
+        max_batch: int = 64,
+        max_wait_ms: float = 0.0,
+        max_queued_rows: int = 4096,
+        *,
+        on_batch: Callable[[int, int, float], None] | None = None,
+        on_finish: Callable[[Seq2SeqRequest, list[Hypothesis], float], None] | None = None,
+    ) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         if max_wait_ms < 0:
@@ -130,13 +137,13 @@ class Seq2SeqBatcher:
         if not request.words:
             raise ValueError("a request needs at least one word")
         if request.n < 1 or request.beam_width < 1 or (request.beam_width > 1 and request.n > request.beam_width):
-            raise ValueError(f"need n >= 1 and, with beams, n <= beam_width (n={request.n}, "
-                             f"beam_width={request.beam_width})")
+            raise ValueError(
+                f"need n >= 1 and, with beams, n <= beam_width (n={request.n}, beam_width={request.beam_width})"
+            )
         if not self.running or self._queue is None:
             raise BatcherNotRunning("the seq2seq batcher is not running")
         if self._queued_rows + request.rows > self.max_queued_rows and self._queued_rows > 0:
-            raise BatcherFull(f"{self._queued_rows} decoder rows are queued; the server accepts "
-                              f"{self.max_queued_rows}")
+            raise BatcherFull(f"{self._queued_rows} decoder rows are queued; the server accepts {self.max_queued_rows}")
         fut: asyncio.Future[list[Hypothesis]] = asyncio.get_running_loop().create_future()
         self._queued_rows += request.rows
         self._queue.put_nowait(_Item(request, fut, on_event, time.perf_counter()))
@@ -171,7 +178,7 @@ class Seq2SeqBatcher:
                         break
                     try:
                         nxt = await asyncio.wait_for(self._queue.get(), remaining)
-                    except asyncio.TimeoutError:
+                    except TimeoutError:
                         break
                 if nxt is None:
                     stopping = True
@@ -237,9 +244,13 @@ class Seq2SeqBatcher:
                     owners.append((k, idx))
                     words.append(word)
                     params.append(rq.params)
-                    gens.append(None if rq.params.greedy else make_generator(
-                        None if rq.params.seed is None else rq.params.seed + idx))
+                    gens.append(
+                        None
+                        if rq.params.greedy
+                        else make_generator(None if rq.params.seed is None else rq.params.seed + idx)
+                    )
         if words:
+
             def on_step(rows: list[int], phones: list[str]) -> None:
                 for r, ph in zip(rows, phones):
                     k, idx = owners[r]

@@ -57,8 +57,11 @@ def _fake_app() -> FastAPI:
         ttft, itl = float(body.get("fake_ttft", 0.0)), float(body.get("fake_itl", 0.0))
 
         def chunk(text: str, finish: str | None = None) -> bytes:
-            ch = ({"index": 0, "delta": {"content": text} if text else {"role": "assistant"}, "finish_reason": finish}
-                  if chat else {"index": 0, "text": text, "finish_reason": finish})
+            ch = (
+                {"index": 0, "delta": {"content": text} if text else {"role": "assistant"}, "finish_reason": finish}
+                if chat
+                else {"index": 0, "text": text, "finish_reason": finish}
+            )
             return f"data: {json.dumps({'choices': [ch]})}\n\n".encode()
 
         async def events() -> AsyncIterator[bytes]:
@@ -135,14 +138,16 @@ def _cfg(url: str, tag: str, **kw: Any) -> BenchConfig:
 
 # --- SSE and chunk parsing ---------------------------------------------------------------------------------------
 
+
 def test_sse_decoder_is_independent_of_how_bytes_are_split() -> None:
-    stream = ('data: {"a": 1}\r\n\r\n: comment\n\nevent: x\ndata: {"b":\ndata: "é€"}\n\nid: 3\n'
-              'data:[DONE]\n\n').encode()
+    stream = (
+        'data: {"a": 1}\r\n\r\n: comment\n\nevent: x\ndata: {"b":\ndata: "é€"}\n\nid: 3\ndata:[DONE]\n\n'
+    ).encode()
     whole = SSEDecoder().feed(stream)
     assert whole == ['{"a": 1}', '{"b":\n"é€"}', "[DONE]"]
     dec, pieces = SSEDecoder(), []
     for i in range(len(stream)):  # byte by byte, splitting multi-byte UTF-8 characters
-        pieces += dec.feed(stream[i:i + 1])
+        pieces += dec.feed(stream[i : i + 1])
     assert pieces == whole
     assert SSEDecoder().feed(b'data: {"x": 1}\n') == []  # no blank line yet: the event is not complete
 
@@ -153,8 +158,9 @@ def test_parse_chunk_shapes() -> None:
     assert parse_chunk({"choices": [{"index": 0, "delta": {"role": "assistant"}}]}) == ("", None, None)
     # llama-server's last chunk: empty text, a finish reason, timings and usage
     usage = {"prompt_tokens": 3, "completion_tokens": 5}
-    assert parse_chunk({"choices": [{"text": "", "finish_reason": "length"}], "usage": usage,
-                        "timings": {"predicted_n": 5}}) == ("", usage, None)
+    assert parse_chunk(
+        {"choices": [{"text": "", "finish_reason": "length"}], "usage": usage, "timings": {"predicted_n": 5}}
+    ) == ("", usage, None)
     assert parse_chunk({"error": {"message": "boom", "type": "x"}})[2] == "boom"
     assert parse_chunk([1, 2])[2] is not None  # not a JSON object: an error, not a crash
 
@@ -162,13 +168,22 @@ def test_parse_chunk_shapes() -> None:
 def test_payload_asks_for_equal_work() -> None:
     cfg = BenchConfig(base_url="http://h/", model="m", prompts=("p",), output_len=17, extra_body={"seed": 1})
     body = build_payload(cfg, "hello")
-    assert body == {"model": "m", "prompt": "hello", "max_tokens": 17, "temperature": 0.0, "stream": True,
-                    "stream_options": {"include_usage": True}, "ignore_eos": True, "seed": 1}
+    assert body == {
+        "model": "m",
+        "prompt": "hello",
+        "max_tokens": 17,
+        "temperature": 0.0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "ignore_eos": True,
+        "seed": 1,
+    }
     chat = build_payload(BenchConfig(base_url="u", model="m", prompts=("p",), endpoint="chat", ignore_eos=False), "q")
     assert chat["messages"] == [{"role": "user", "content": "q"}] and "ignore_eos" not in chat
 
 
 # --- metric definitions ------------------------------------------------------------------------------------------
+
 
 def _pct(xs: list[float], q: float) -> float:
     """Linear-interpolation percentile, written out (numpy's default method)."""
@@ -186,8 +201,17 @@ def test_compute_metrics_follows_vllm_definitions() -> None:
         n = int(rng.integers(1, 40))
         itl = [float(x) for x in rng.uniform(0.01, 0.1, size=max(n - 1, 0))]
         ttft = float(rng.uniform(0.05, 2.0))
-        ok.append(RequestResult(ok=True, ttft=ttft, itl=itl, e2e=ttft + sum(itl) + 0.003, output_tokens=n,
-                                prompt_tokens=10 + i, chunks=n))
+        ok.append(
+            RequestResult(
+                ok=True,
+                ttft=ttft,
+                itl=itl,
+                e2e=ttft + sum(itl) + 0.003,
+                output_tokens=n,
+                prompt_tokens=10 + i,
+                chunks=n,
+            )
+        )
     bad = [RequestResult(error="HTTP 503"), RequestResult(cancelled=True, error="cancelled")]
     m = compute_metrics(ok + bad, duration_s=12.5)
     assert (m.completed, m.failed, m.cancelled) == (37, 1, 1)
@@ -228,12 +252,14 @@ def test_poisson_arrivals() -> None:
 
 # --- against the fake server -------------------------------------------------------------------------------------
 
+
 def test_ttft_itl_tpot_of_one_stream(fake: tuple[str, FastAPI]) -> None:
     url, _ = fake
     cfg = _cfg(url, "one", output_len=5, extra={"fake_ttft": 0.2, "fake_itl": 0.05})
 
     async def go() -> RequestResult:
         import httpx
+
         async with httpx.AsyncClient() as c:
             return await send_request(c, cfg, "hello")
 
@@ -252,6 +278,7 @@ def test_usage_beats_chunk_count_and_chunks_are_the_fallback(fake: tuple[str, Fa
 
     async def go(**extra: Any) -> RequestResult:
         import httpx
+
         async with httpx.AsyncClient() as c:
             return await send_request(c, _cfg(url, "usage", output_len=6, extra=extra), "x")
 
@@ -263,8 +290,11 @@ def test_usage_beats_chunk_count_and_chunks_are_the_fallback(fake: tuple[str, Fa
 
 def test_chat_stream_shape(fake: tuple[str, FastAPI]) -> None:
     url, _ = fake
-    lvl = asyncio.run(run_benchmark(_cfg(url, "chat", endpoint="chat", output_len=4, num_requests=3,
-                                         max_concurrency=3), progress=False))
+    lvl = asyncio.run(
+        run_benchmark(
+            _cfg(url, "chat", endpoint="chat", output_len=4, num_requests=3, max_concurrency=3), progress=False
+        )
+    )
     assert lvl.metrics.completed == 3 and lvl.metrics.total_output_tokens == 12
     assert all(r.text == "tok " * 4 for r in lvl.results)
 
@@ -283,8 +313,16 @@ def test_bounded_count_and_concurrency_cap(fake: tuple[str, FastAPI]) -> None:
 
 def test_bounded_time_cancels_what_is_left(fake: tuple[str, FastAPI]) -> None:
     url, app = fake
-    cfg = _cfg(url, "slow", output_len=50, num_requests=100, max_concurrency=2, max_seconds=0.3, drain_seconds=0.3,
-               extra={"fake_itl": 0.2})  # each request would take ~10 s
+    cfg = _cfg(
+        url,
+        "slow",
+        output_len=50,
+        num_requests=100,
+        max_concurrency=2,
+        max_seconds=0.3,
+        drain_seconds=0.3,
+        extra={"fake_itl": 0.2},
+    )  # each request would take ~10 s
     t0 = time.perf_counter()
     lvl = asyncio.run(run_benchmark(cfg, progress=False))
     assert time.perf_counter() - t0 < 5.0
@@ -309,6 +347,7 @@ def test_http_errors_are_recorded_not_raised(fake: tuple[str, FastAPI]) -> None:
 
 # --- prompts, reporting, process control --------------------------------------------------------------------------
 
+
 def test_prompt_sets_are_fixed_and_distinct() -> None:
     for name in PROMPT_SETS:
         ps = make_prompts(name, 300)
@@ -322,16 +361,31 @@ def test_prompt_sets_are_fixed_and_distinct() -> None:
 
 
 def _lv(c: int, tok_s: float, ttft: float, tpot: float) -> dict[str, Any]:
-    return {"max_concurrency": c, "request_rate": None, "completed": 8, "output_throughput": tok_s,
-            "median_ttft_ms": ttft, "median_tpot_ms": tpot, "decode_tok_s": 1000 / tpot}
+    return {
+        "max_concurrency": c,
+        "request_rate": None,
+        "completed": 8,
+        "output_throughput": tok_s,
+        "median_ttft_ms": ttft,
+        "median_tpot_ms": tpot,
+        "decode_tok_s": 1000 / tpot,
+    }
 
 
 def test_targets_and_roofline_fractions() -> None:
-    run: dict[str, Any] = {"systems": {"ours": {"levels": [_lv(1, 90, 50, 10.0), _lv(16, 600, 400, 20.0)]},
-                       "llama": {"levels": [_lv(1, 100, 40, 12.5), _lv(16, 250, 500, 50.0)]}},
-           "roofline": {"read_bandwidth_gb_s": 50.0, "matmul_gflop_s_bf16": 800.0, "matmul_gflop_s_fp32": 200.0},
-           "model_bytes": {"params": 100_000_000, "dense_bytes": 200_000_000, "stored_bytes": 60_000_000,
-                           "dtype": "bfloat16"}}
+    run: dict[str, Any] = {
+        "systems": {
+            "ours": {"levels": [_lv(1, 90, 50, 10.0), _lv(16, 600, 400, 20.0)]},
+            "llama": {"levels": [_lv(1, 100, 40, 12.5), _lv(16, 250, 500, 50.0)]},
+        },
+        "roofline": {"read_bandwidth_gb_s": 50.0, "matmul_gflop_s_bf16": 800.0, "matmul_gflop_s_fp32": 200.0},
+        "model_bytes": {
+            "params": 100_000_000,
+            "dense_bytes": 200_000_000,
+            "stored_bytes": 60_000_000,
+            "dtype": "bfloat16",
+        },
+    }
     t = {x["target"].split(",")[0]: x for x in targets(run)}
     assert t["single-stream decode tok/s (1/TPOT p50"]["value"] == pytest.approx(100 / 80)
     assert t["output throughput at c=16"]["value"] == pytest.approx(2.4) and t["output throughput at c=16"]["met"]
@@ -345,8 +399,9 @@ def test_targets_and_roofline_fractions() -> None:
 
 
 def test_stop_process_kills_what_ignores_sigterm() -> None:
-    code = "import signal,sys,time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('up', flush=True); " \
-           "time.sleep(60)"
+    code = (
+        "import signal,sys,time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('up', flush=True); time.sleep(60)"
+    )
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
     assert proc.stdout is not None and proc.stdout.readline().strip() == b"up"
     t0 = time.perf_counter()
@@ -355,6 +410,7 @@ def test_stop_process_kills_what_ignores_sigterm() -> None:
 
 
 # --- the HF baseline server ---------------------------------------------------------------------------------------
+
 
 class _CharTokenizer:
     """A stand-in tokenizer: one id per character, enough for the baseline's plumbing."""
@@ -374,17 +430,33 @@ def test_hf_baseline_streams_greedy_tokens() -> None:
     from benchmarks.hf_server import create_app
 
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2, eos_token_id=0,
-                                         bos_token_id=1)).eval()
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            eos_token_id=0,
+            bos_token_id=1,
+        )
+    ).eval()
     tok = _CharTokenizer()
     ids = torch.tensor([tok("hello")["input_ids"]])
     with torch.no_grad():
-        ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, min_new_tokens=12,
-                             do_sample=False, pad_token_id=0)[0, ids.shape[1]:].tolist()
+        ref = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=12,
+            min_new_tokens=12,
+            do_sample=False,
+            pad_token_id=0,
+        )[0, ids.shape[1] :].tolist()
     with _ThreadServer(create_app(model, tok, "tiny")) as srv:
-        cfg = BenchConfig(base_url=srv.url, model="tiny", prompts=("hello",), output_len=12, num_requests=2,
-                          max_concurrency=2)
+        cfg = BenchConfig(
+            base_url=srv.url, model="tiny", prompts=("hello",), output_len=12, num_requests=2, max_concurrency=2
+        )
         lvl = asyncio.run(run_benchmark(cfg, progress=False))
     assert lvl.metrics.completed == 2, lvl.first_error
     assert all(r.output_tokens == 12 for r in lvl.results)  # ignore_eos: exactly max_tokens tokens

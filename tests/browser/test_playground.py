@@ -55,8 +55,10 @@ def _app(smol_tokenizer: Tokenizer, gan_dir: Path, **settings: Any) -> Any:
 
 @pytest.fixture(scope="module")
 def gan_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return save_gan(Generator(GANConfig(z_dim=8, embed_dim=4, g_width=4, d_width=4, image_size=32)).eval(),
-                    tmp_path_factory.mktemp("gan") / "gan")
+    return save_gan(
+        Generator(GANConfig(z_dim=8, embed_dim=4, g_width=4, d_width=4, image_size=32)).eval(),
+        tmp_path_factory.mktemp("gan") / "gan",
+    )
 
 
 @pytest.fixture(scope="module")
@@ -160,10 +162,13 @@ def test_chat_streams_tokens_in_several_updates(ui: Page) -> None:
 def test_stop_aborts_the_stream_and_the_server_frees_it(ui: Page, server: LiveServer) -> None:
     page = ui.page
     send_chat(page, "Tell me a very long story.", max_tokens=CONTEXT - 100, seed=3)
-    page.wait_for_function("""() => {
+    page.wait_for_function(
+        """() => {
         const c = document.querySelector('#conversation .msg.assistant .content');
         return c && c.textContent.length > 20;
-    }""", timeout=60_000)
+    }""",
+        timeout=60_000,
+    )
     assert running(server) == 1
     page.get_by_role("button", name="Stop", exact=True).first.click()
     page.wait_for_selector("#conversation .msg.assistant.stopped:not(.streaming)", timeout=10_000)
@@ -185,13 +190,24 @@ def test_invalid_json_schema_shows_an_error_without_sending(ui: Page) -> None:
     assert "JSON schema is not valid JSON" in page.locator("#chat-error").text_content()
     assert page.locator("#conversation .msg").count() == 0 and requests == []
     # a valid one is sent as response_format json_schema
-    page.get_by_label("JSON schema (optional)").fill('{"type": "object", "properties": {"a": {"type": "integer"}}, '
-                                                       '"required": ["a"], "additionalProperties": false}')
+    page.get_by_label("JSON schema (optional)").fill(
+        '{"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"], "additionalProperties": false}'
+    )
     with page.expect_request("**/v1/chat/completions") as req:
         page.get_by_role("button", name="Send").click()
     body = json.loads(req.value.post_data)
-    assert body["response_format"] == {"type": "json_schema", "json_schema": {"name": "schema", "schema": {
-        "type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"], "additionalProperties": False}}}
+    assert body["response_format"] == {
+        "type": "json_schema",
+        "json_schema": {
+            "name": "schema",
+            "schema": {
+                "type": "object",
+                "properties": {"a": {"type": "integer"}},
+                "required": ["a"],
+                "additionalProperties": False,
+            },
+        },
+    }
     page.wait_for_selector("#conversation .msg.assistant:not(.streaming)", timeout=60_000)
     reply = page.locator("#conversation .msg.assistant .content").text_content()
     assert reply.startswith("{")
@@ -202,17 +218,22 @@ def test_html_in_messages_and_replies_renders_as_text(ui: Page) -> None:
     page = ui.page
     hostile = '<script>alert(1)</script><img src=x onerror="alert(2)"><b>bold</b>'
     # the model's reply is controlled by answering the page's request in the browser (no server change)
-    chunks = [{"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]},
-              {"choices": [{"index": 0, "delta": {"content": "<img src=x onerror=\"alert(3)\">"}}]},
-              {"choices": [{"index": 0, "delta": {"content": "<script>alert(4)</script>"}}]}]
+    chunks = [
+        {"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]},
+        {"choices": [{"index": 0, "delta": {"content": '<img src=x onerror="alert(3)">'}}]},
+        {"choices": [{"index": 0, "delta": {"content": "<script>alert(4)</script>"}}]},
+    ]
     sse = "".join(f"data: {json.dumps(c)}\n\n" for c in chunks) + "data: [DONE]\n\n"
-    page.route("**/v1/chat/completions", lambda route: route.fulfill(
-        status=200, headers={"content-type": "text/event-stream"}, body=sse))
+    page.route(
+        "**/v1/chat/completions",
+        lambda route: route.fulfill(status=200, headers={"content-type": "text/event-stream"}, body=sse),
+    )
     send_chat(page, hostile, max_tokens=8)
     page.wait_for_selector("#conversation .msg.assistant:not(.streaming)")
     assert page.locator("#conversation .msg.user .content").text_content() == hostile
     assert page.locator("#conversation .msg.assistant .content").text_content() == (
-        '<img src=x onerror="alert(3)"><script>alert(4)</script>')
+        '<img src=x onerror="alert(3)"><script>alert(4)</script>'
+    )
     assert page.locator("#conversation script, #conversation img, #conversation b").count() == 0
     page.wait_for_timeout(300)
     assert ui.dialogs == []
@@ -246,7 +267,8 @@ def test_digit_images_and_interpolation(ui: Page) -> None:
     imgs = page.locator("#img-output img")
     assert imgs.count() == 3
     assert [imgs.nth(i).get_attribute("alt") for i in range(3)] == [
-        f"Digit seven, image {i + 1} of 3 (seed {5 + i})" for i in range(3)]
+        f"Digit seven, image {i + 1} of 3 (seed {5 + i})" for i in range(3)
+    ]
     assert imgs.first.get_attribute("src").startswith("data:image/png;base64,")
     assert page.evaluate("[...document.querySelectorAll('#img-output img')].every(i => i.naturalWidth === 64)")
     page.get_by_role("button", name="Interpolate").click()

@@ -153,9 +153,7 @@ def container(podman_env: dict[str, str], image: str) -> Iterator[Running]:
         startup = time.monotonic() - t0
         if status != 200:
             logs = podman(podman_env, "logs", name, check=False)
-            raise AssertionError(
-                f"/ready never answered 200 (last {status}) in {startup:.0f} s:\n{logs[-4000:]}"
-            )
+            raise AssertionError(f"/ready never answered 200 (last {status}) in {startup:.0f} s:\n{logs[-4000:]}")
         print(f"\n[container] start-up to /ready 200: {startup:.1f} s")
         yield Running(name, url, startup)
     finally:
@@ -182,9 +180,11 @@ def test_completion_returns_text(container: Running) -> None:
 
 def test_native_kernels_come_prebuilt(podman_env: dict[str, str], container: Running) -> None:
     """The image has no compiler: the kernels built at image build time load from its cache."""
-    code = ("from model_core import native; from model_core.backend import select_backend; "
-            "print(all(native.library_path(native.ISAS[i]).exists() for i in native.buildable()), "
-            "select_backend('auto').isa, next((i for i in native.runnable() if i != 'reference'), None))")
+    code = (
+        "from model_core import native; from model_core.backend import select_backend; "
+        "print(all(native.library_path(native.ISAS[i]).exists() for i in native.buildable()), "
+        "select_backend('auto').isa, next((i for i in native.runnable() if i != 'reference'), None))"
+    )
     prebuilt, chosen, best = podman(podman_env, "exec", container.name, "python", "-c", code).split()
     assert prebuilt == "True"  # every build of this architecture, for whichever CPU the image runs on
     assert chosen == best  # the best build this CPU runs loads without a compiler

@@ -127,9 +127,7 @@ def test_every_yaml_file_parses() -> None:
 def test_k8s_manifests_match_the_kubernetes_schemas(version: str | None) -> None:
     kv = pytest.importorskip("kubernetes_validate")
     version = version or kv.latest_version()
-    files = sorted(
-        p for p in K8S.glob("*.yaml") if p.name not in ("kustomization.yaml", "deployment-gpu-patch.yaml")
-    )
+    files = sorted(p for p in K8S.glob("*.yaml") if p.name not in ("kustomization.yaml", "deployment-gpu-patch.yaml"))
     kinds = set()
     for path in files:
         for doc in load_docs(path):
@@ -288,10 +286,7 @@ def test_service_pdb_and_hpa_select_the_deployment() -> None:
     assert svc["spec"]["selector"].items() <= pod_labels.items()
     (sport,) = svc["spec"]["ports"]
     target = sport["targetPort"]
-    assert (
-        target == CONTAINER_PORT
-        or {p["name"]: p["containerPort"] for p in c["ports"]}[target] == CONTAINER_PORT
-    )
+    assert target == CONTAINER_PORT or {p["name"]: p["containerPort"] for p in c["ports"]}[target] == CONTAINER_PORT
     pdb = the("PodDisruptionBudget")
     assert pdb["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
     assert dep["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
@@ -381,8 +376,7 @@ def test_grafana_provisioning_points_at_prometheus_and_the_dashboard() -> None:
     # the compose file mounts deploy/grafana/dashboards at the provider's path
     mounts = compose()["services"]["grafana"]["volumes"]
     assert any(
-        v.split(":")[0] == "./grafana/dashboards" and v.split(":")[1] == provider["options"]["path"]
-        for v in mounts
+        v.split(":")[0] == "./grafana/dashboards" and v.split(":")[1] == provider["options"]["path"] for v in mounts
     )
     # every panel uses the provisioned datasource
     uids = {t["datasource"]["uid"] for p in dashboard_panels() for t in p.get("targets", [])}
@@ -421,9 +415,9 @@ def test_dashboard_uses_only_contract_metrics() -> None:
 
 
 def test_metric_name_parsing() -> None:
-    assert metric_names(
-        "histogram_quantile(0.5, sum by (le) (rate(aigc_time_to_first_token_seconds_bucket[1m])))"
-    ) == {"aigc_time_to_first_token_seconds"}
+    assert metric_names("histogram_quantile(0.5, sum by (le) (rate(aigc_time_to_first_token_seconds_bucket[1m])))") == {
+        "aigc_time_to_first_token_seconds"
+    }
     assert metric_names("rate(aigc_image_batch_size_sum[1m]) / rate(aigc_image_batch_size_count[1m])") == {
         "aigc_image_batch_size"
     }

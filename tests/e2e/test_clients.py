@@ -45,8 +45,14 @@ def test_langchain_bind_tools_and_with_structured_output(server: LiveServer, mod
         """Current weather in a city."""
         return "sunny"
 
-    llm = ChatOpenAI(base_url=f"{server.base_url}/v1", api_key="x", model=model, max_tokens=200,  # type: ignore[arg-type]
-                     temperature=0, max_retries=0)
+    llm = ChatOpenAI(
+        base_url=f"{server.base_url}/v1",
+        api_key="x",
+        model=model,
+        max_tokens=200,  # type: ignore[arg-type]
+        temperature=0,
+        max_retries=0,
+    )
     msg = llm.bind_tools([get_weather], tool_choice="get_weather", parallel_tool_calls=False).invoke("Weather in Rome?")
     assert msg.tool_calls and msg.tool_calls[0]["name"] == "get_weather"
     assert {"city", "unit"} <= set(msg.tool_calls[0]["args"])  # LangChain's schema admits more properties
@@ -61,8 +67,13 @@ def test_instructor_tools_and_json_modes(server: LiveServer, model: str) -> None
     raw = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="x", max_retries=0)
     for mode in (instructor.Mode.TOOLS, instructor.Mode.JSON_SCHEMA):
         person = instructor.from_openai(raw, mode=mode).chat.completions.create(
-            model=model, response_model=Person, messages=[{"role": "user", "content": "A person, please."}],
-            max_tokens=300, temperature=0, max_retries=0)
+            model=model,
+            response_model=Person,
+            messages=[{"role": "user", "content": "A person, please."}],
+            max_tokens=300,
+            temperature=0,
+            max_retries=0,
+        )
         assert isinstance(person, Person), mode
     # Mode.JSON sends response_format json_object and the schema in the prompt: the reply is a JSON object;
     # whether it holds Person's fields is the model's doing, so either outcome is accepted here
@@ -70,9 +81,17 @@ def test_instructor_tools_and_json_modes(server: LiveServer, model: str) -> None
     client = instructor.from_openai(raw, mode=instructor.Mode.JSON)
     client.on("completion:response", seen.append)
     try:
-        assert isinstance(client.chat.completions.create(
-            model=model, response_model=Person, max_retries=0, max_tokens=300, temperature=0,
-            messages=[{"role": "user", "content": "A person, please."}]), Person)
+        assert isinstance(
+            client.chat.completions.create(
+                model=model,
+                response_model=Person,
+                max_retries=0,
+                max_tokens=300,
+                temperature=0,
+                messages=[{"role": "user", "content": "A person, please."}],
+            ),
+            Person,
+        )
     except (InstructorRetryException, ValidationError):
         pass
     assert seen and isinstance(json.loads(seen[0].choices[0].message.content), dict)
@@ -90,11 +109,16 @@ def test_openai_agents_with_a_function_tool_over_chat_completions(server: LiveSe
         calls.append({"city": city})
         return f"sunny in {city}"
 
-    model = OpenAIChatCompletionsModel(model=model, openai_client=openai.AsyncOpenAI(
-        base_url=f"{server.base_url}/v1", api_key="x", max_retries=0))
-    agent = Agent(name="weather", instructions="Answer with the weather.", model=model, tools=[get_weather],
-                  model_settings=ModelSettings(tool_choice="required", max_tokens=200, temperature=0,
-                                               parallel_tool_calls=False))
+    model = OpenAIChatCompletionsModel(
+        model=model, openai_client=openai.AsyncOpenAI(base_url=f"{server.base_url}/v1", api_key="x", max_retries=0)
+    )
+    agent = Agent(
+        name="weather",
+        instructions="Answer with the weather.",
+        model=model,
+        tools=[get_weather],
+        model_settings=ModelSettings(tool_choice="required", max_tokens=200, temperature=0, parallel_tool_calls=False),
+    )
     result = Runner.run_sync(agent, "Weather in Lima?", max_turns=4)
     assert calls and isinstance(calls[0]["city"], str)
     assert isinstance(result.final_output, str)
@@ -112,11 +136,16 @@ def test_openai_agents_with_a_function_tool_over_the_responses_api(server: LiveS
         calls.append(city)
         return f"sunny in {city}"
 
-    responses_model = OpenAIResponsesModel(model=model, openai_client=openai.AsyncOpenAI(
-        base_url=f"{server.base_url}/v1", api_key="x", max_retries=0))
-    agent = Agent(name="weather", instructions="Answer with the weather.", model=responses_model,
-                  tools=[get_weather], model_settings=ModelSettings(tool_choice="required", max_tokens=200,
-                                                                    temperature=0, parallel_tool_calls=False))
+    responses_model = OpenAIResponsesModel(
+        model=model, openai_client=openai.AsyncOpenAI(base_url=f"{server.base_url}/v1", api_key="x", max_retries=0)
+    )
+    agent = Agent(
+        name="weather",
+        instructions="Answer with the weather.",
+        model=responses_model,
+        tools=[get_weather],
+        model_settings=ModelSettings(tool_choice="required", max_tokens=200, temperature=0, parallel_tool_calls=False),
+    )
     result = Runner.run_sync(agent, "Weather in Lima?", max_turns=4)
     assert calls and all(isinstance(c, str) for c in calls)
     assert isinstance(result.final_output, str) and result.final_output

@@ -52,14 +52,19 @@ def is_coherent(text: str) -> bool:
 
 
 async def _ask_all(server: LiveServer, questions: list[str]) -> list[tuple[str, str | None]]:
-    async with openai.AsyncOpenAI(base_url=f"{server.base_url}/v1", api_key="x", max_retries=0,
-                                  timeout=300.0) as client:
+    async with openai.AsyncOpenAI(
+        base_url=f"{server.base_url}/v1", api_key="x", max_retries=0, timeout=300.0
+    ) as client:
         model = server.text_model.name
 
         async def ask(q: str) -> tuple[str, str | None]:
             stream = await client.chat.completions.create(
-                model=model, messages=[{"role": "user", "content": q}], max_tokens=MAX_TOKENS, temperature=0,
-                stream=True)
+                model=model,
+                messages=[{"role": "user", "content": q}],
+                max_tokens=MAX_TOKENS,
+                temperature=0,
+                stream=True,
+            )
             text, finish = "", None
             async for chunk in stream:
                 for c in chunk.choices:
@@ -78,8 +83,10 @@ def test_concurrent_chat_streams_are_coherent_and_batched(server: LiveServer) ->
     wall = time.perf_counter() - t0
     mean_batch = (stats.decode_rows - rows0) / max(stats.decode_steps - steps0, 1)
     tokens = sum(len(server.text_model.tokenizer.encode(t, add_special_tokens=False)) for t, _ in answers)
-    print(f"8 streams in {wall:.1f} s (~{tokens / wall:.0f} tok/s); decode batch mean {mean_batch:.2f}, "
-          f"max {stats.max_decode_batch}; lifetime mean {stats.mean_decode_batch:.2f}")
+    print(
+        f"8 streams in {wall:.1f} s (~{tokens / wall:.0f} tok/s); decode batch mean {mean_batch:.2f}, "
+        f"max {stats.max_decode_batch}; lifetime mean {stats.mean_decode_batch:.2f}"
+    )
     for q, (text, finish) in zip(QUESTIONS, answers, strict=True):
         print(f"  {q!r} -> {text!r} [{finish}]")
         assert finish in ("stop", "length"), (q, finish)
@@ -96,8 +103,15 @@ def test_served_greedy_completion_equals_reference(server: LiveServer) -> None:
     with openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="x", max_retries=0, timeout=300.0) as client:
         r = client.completions.create(model=tm.name, prompt=prompt, max_tokens=12, temperature=0)
     ids = tm.tokenizer.encode(prompt)
-    ref = list(generate(tm.engine.runner.model, ids, SamplingParams(max_tokens=12, temperature=0.0),
-                        tokenizer=tm.tokenizer, eos_token_ids=tm.tokenizer.eos_token_ids))
+    ref = list(
+        generate(
+            tm.engine.runner.model,
+            ids,
+            SamplingParams(max_tokens=12, temperature=0.0),
+            tokenizer=tm.tokenizer,
+            eos_token_ids=tm.tokenizer.eos_token_ids,
+        )
+    )
     assert r.choices[0].text == "".join(s.text for s in ref)
     assert r.usage is not None and r.usage.completion_tokens == len(ref)
     assert "Paris" in r.choices[0].text

@@ -46,8 +46,10 @@ WORDS = ("alpha", "beta", "gamma", "delta", "dragon", "castle", "river", "stone"
 
 @pytest.fixture(scope="module")
 def live(smol_tokenizer: Tokenizer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
-    gan_dir: Path = save_gan(Generator(GANConfig(z_dim=8, embed_dim=4, g_width=4, d_width=4, image_size=32)).eval(),
-                             tmp_path_factory.mktemp("gan"))
+    gan_dir: Path = save_gan(
+        Generator(GANConfig(z_dim=8, embed_dim=4, g_width=4, d_width=4, image_size=32)).eval(),
+        tmp_path_factory.mktemp("gan"),
+    )
     tm = text_model(tiny_llama(max_seq_len=256), smol_tokenizer, max_num_seqs=16, max_waiting=64)
     with serve_model(tm, enable_gan=True, gan_path=str(gan_dir)) as server:
         yield server
@@ -67,31 +69,53 @@ HOSTILE = [  # (path, raw body, expected status)
 async def client_loop(base_url: str, seed: int, until: float, tally: Counter[str]) -> None:
     """One client: random requests back to back until `until` (monotonic)."""
     rng = random.Random(seed)
+
     async def count_status(response: httpx.Response) -> None:
         tally[f"status_{response.status_code}"] += 1
 
-    async with httpx.AsyncClient(base_url=base_url, timeout=60.0,
-                                 event_hooks={"response": [count_status]}) as c:
+    async with httpx.AsyncClient(base_url=base_url, timeout=60.0, event_hooks={"response": [count_status]}) as c:
         while time.monotonic() < until:
             prompt = " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 12))) + f" #{rng.randrange(10**9)}"
-            kind = rng.choices(["cmpl", "chat", "stream", "disconnect", "invalid", "hostile", "tokenize", "image",
-                                "metrics"], weights=[4, 3, 4, 2, 1, 1, 1, 1, 1])[0]
+            kind = rng.choices(
+                ["cmpl", "chat", "stream", "disconnect", "invalid", "hostile", "tokenize", "image", "metrics"],
+                weights=[4, 3, 4, 2, 1, 1, 1, 1, 1],
+            )[0]
             tally[kind] += 1
             if kind == "cmpl":
-                r = await c.post("/v1/completions", json={"prompt": prompt, "max_tokens": rng.randint(1, 24),
-                                                          "temperature": rng.choice([0, 0.8]), "n": rng.randint(1, 2)})
+                r = await c.post(
+                    "/v1/completions",
+                    json={
+                        "prompt": prompt,
+                        "max_tokens": rng.randint(1, 24),
+                        "temperature": rng.choice([0, 0.8]),
+                        "n": rng.randint(1, 2),
+                    },
+                )
                 assert r.status_code == 200, r.text
             elif kind == "chat":
                 logprobs = {"logprobs": True, "top_logprobs": 2} if rng.random() < 0.3 else {}
-                r = await c.post("/v1/chat/completions", json={
-                    "messages": [{"role": "user", "content": prompt}], "max_tokens": rng.randint(1, 24),
-                    "stop": [rng.choice(WORDS)], **logprobs})
+                r = await c.post(
+                    "/v1/chat/completions",
+                    json={
+                        "messages": [{"role": "user", "content": prompt}],
+                        "max_tokens": rng.randint(1, 24),
+                        "stop": [rng.choice(WORDS)],
+                        **logprobs,
+                    },
+                )
                 assert r.status_code == 200, r.text
             elif kind in ("stream", "disconnect"):
                 path = rng.choice(["/v1/completions", "/v1/chat/completions"])
-                body = {"max_tokens": rng.randint(4, 48), "stream": True, "stream_options": {"include_usage": True},
-                        **({"prompt": prompt} if path == "/v1/completions" else
-                           {"messages": [{"role": "user", "content": prompt}]})}
+                body = {
+                    "max_tokens": rng.randint(4, 48),
+                    "stream": True,
+                    "stream_options": {"include_usage": True},
+                    **(
+                        {"prompt": prompt}
+                        if path == "/v1/completions"
+                        else {"messages": [{"role": "user", "content": prompt}]}
+                    ),
+                }
                 async with c.stream("POST", path, json=body) as r:
                     assert r.status_code == 200
                     n = 0
@@ -99,7 +123,7 @@ async def client_loop(base_url: str, seed: int, until: float, tally: Counter[str
                         n += line.startswith("data: ")
                         if kind == "disconnect" and n >= 3:
                             break  # the client goes away mid-stream
-                        if line.startswith("data: {") and "error" in json.loads(line[len("data: "):]):
+                        if line.startswith("data: {") and "error" in json.loads(line[len("data: ") :]):
                             raise AssertionError(line)
             elif kind == "invalid":
                 r = await c.post("/v1/completions", json={"prompt": prompt, "n": 99})
@@ -114,8 +138,10 @@ async def client_loop(base_url: str, seed: int, until: float, tally: Counter[str
                 r = await c.post("/detokenize", json={"tokens": r.json()["tokens"]})
                 assert r.status_code == 200 and r.json()["prompt"] == prompt
             elif kind == "image":
-                r = await c.post("/v1/images/generations", json={"prompt": str(rng.randrange(10)), "size": "32x32",
-                                                                 "n": rng.randint(1, 4)})
+                r = await c.post(
+                    "/v1/images/generations",
+                    json={"prompt": str(rng.randrange(10)), "size": "32x32", "n": rng.randint(1, 4)},
+                )
                 assert r.status_code == 200, r.text
             else:
                 assert (await c.get("/metrics")).status_code == 200
@@ -137,8 +163,10 @@ def run_load(base_url: str, seconds: float, seed: int) -> tuple[Counter[str], li
 
     async def main() -> None:
         until = time.monotonic() + seconds
-        await asyncio.gather(probe_health(base_url, until, health),
-                             *(client_loop(base_url, seed * 1000 + i, until, tally) for i in range(CLIENTS)))
+        await asyncio.gather(
+            probe_health(base_url, until, health),
+            *(client_loop(base_url, seed * 1000 + i, until, tally) for i in range(CLIENTS)),
+        )
 
     asyncio.run(main())
     return tally, health
@@ -147,8 +175,11 @@ def run_load(base_url: str, seconds: float, seed: int) -> tuple[Counter[str], li
 def engine_errors(base_url: str) -> int:
     """Requests the engine ended in error (a stream's status is 200 before it can fail)."""
     text = httpx.get(f"{base_url}/metrics", timeout=30).text
-    return sum(int(float(line.rsplit(" ", 1)[1])) for line in text.splitlines()
-               if line.startswith("aigc_request_success_total{") and 'finish_reason="error"' in line)
+    return sum(
+        int(float(line.rsplit(" ", 1)[1]))
+        for line in text.splitlines()
+        if line.startswith("aigc_request_success_total{") and 'finish_reason="error"' in line
+    )
 
 
 def metric_series(base_url: str) -> set[str]:
@@ -190,15 +221,21 @@ def test_soak_memory_and_fds_stay_flat(live: LiveServer) -> None:
 
     requests = sum(n for k, n in tally.items() if not k.startswith("status_"))
     report = {
-        "soak_seconds": round(took, 1), "requests": requests, "requests_per_s": round(requests / took, 1),
-        "warmup_requests": sum(warm.values()), "mix": dict(tally),
-        "rss_after_warmup_mib": round(rss0 / 2**20, 1), "rss_end_mib": round(rss1 / 2**20, 1),
+        "soak_seconds": round(took, 1),
+        "requests": requests,
+        "requests_per_s": round(requests / took, 1),
+        "warmup_requests": sum(warm.values()),
+        "mix": dict(tally),
+        "rss_after_warmup_mib": round(rss0 / 2**20, 1),
+        "rss_end_mib": round(rss1 / 2**20, 1),
         "rss_change_pct": round(100 * (rss1 - rss0) / rss0, 2),
-        "fds_after_warmup": fds0, "fds_end": fds1,
+        "fds_after_warmup": fds0,
+        "fds_end": fds1,
         "metric_series": [len(series0), len(series1)],
         "responses_5xx": sum(n for k, n in tally.items() if k.startswith("status_5")),
         "engine_errors": engine_errors(live.base_url),
-        "health_probes": len(health), "health_p50_ms": round(1e3 * statistics.median(health), 2),
+        "health_probes": len(health),
+        "health_p50_ms": round(1e3 * statistics.median(health), 2),
         "health_p99_ms": round(1e3 * statistics.quantiles(health, n=100)[98], 2),
         "health_max_ms": round(1e3 * max(health), 2),
     }

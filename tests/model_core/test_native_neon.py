@@ -49,8 +49,11 @@ NEON = ["neon", "neon-dotprod"]
 QEMU_CPU = {"neon": "cortex-a53", "neon-dotprod": "max", "reference": "cortex-a53"}
 CPU_FEATURES = {"cortex-a53": native.CPU_NEON, "max": native.CPU_NEON | native.CPU_NEON_DOTPROD}
 TOLERANCE = {0: 1e-5, 1: 2**-7}  # fp32, bf16 activations: max |diff| / max |reference|
-QTYPES = {Q4_0: gguf.GGMLQuantizationType.Q4_0, Q4_1: gguf.GGMLQuantizationType.Q4_1,
-          Q8_0: gguf.GGMLQuantizationType.Q8_0}
+QTYPES = {
+    Q4_0: gguf.GGMLQuantizationType.Q4_0,
+    Q4_1: gguf.GGMLQuantizationType.Q4_1,
+    Q8_0: gguf.GGMLQuantizationType.Q8_0,
+}
 QNAMES = {Q4_0: "Q4_0", Q4_1: "Q4_1", Q8_0: "Q8_0"}
 
 _missing = [tool for tool in (CROSS_CC, QEMU) if shutil.which(tool) is None]
@@ -58,31 +61,47 @@ if not Path(SYSROOT, "lib", "libgomp.so.1").exists():
     _missing.append(f"{SYSROOT}/lib/libgomp.so.1")
 pytestmark = [
     pytest.mark.emulated,
-    pytest.mark.skipif(bool(_missing), reason=f"{' and '.join(_missing)} not installed (Debian: apt-get install "
-                                              "gcc-aarch64-linux-gnu qemu-user libgomp1-arm64-cross; make test-neon)"),
+    pytest.mark.skipif(
+        bool(_missing),
+        reason=f"{' and '.join(_missing)} not installed (Debian: apt-get install "
+        "gcc-aarch64-linux-gnu qemu-user libgomp1-arm64-cross; make test-neon)",
+    ),
 ]
 
 # Each entry point's arguments in layer.c's order, name:kind with kind b a buffer (or NULL), w llama_decode_layer's
 # array of 12 weight pointers, i an int, f a float. kernel_driver.c reads the buffers (w: its 12), then the ints,
 # then the floats, each in this order (aigc_kernels_isa's one buffer is the driver's: 64 bytes for the name).
-SIGNATURES = {name: [tuple(a.split(":")) for a in args.split()] for name, args in {
-    "aigc_kernels_isa": "name:b",
-    "aigc_cpu_features": "",
-    "quant_matmul": "x:b act:i qs:b d:b m:b bias:b y:b M:i N:i K:i i8:i nthreads:i",
-    "paged_attention_decode": "q:b kv:b rows:b lens:b out:b B:i nh:i nkv:i hs:i Tk:i scale:f act:i nthreads:i",
-    "llama_rmsnorm": "x:b w:b eps:f out:b B:i C:i act:i",
-    "llama_add_rmsnorm": "x:b y:b w:b eps:f out:b B:i C:i act:i",
-    "llama_swiglu": "gu:b g:b B:i F:i act:i",
-    "llama_attention": "qkv:b B:i cos:b sin:b kv:b write:b rows:b lens:b att:b Tk:i nh:i nkv:i hs:i act:i nthreads:i",
-    "llama_decode_layer": "x:b B:i C:i attn_norm:b ffn_norm:b eps:f w:w cos:b sin:b kv:b write:b rows:b lens:b Tk:i "
-                          "nh:i nkv:i hs:i F:i act:i i8:i nthreads:i",
-}.items()}
+SIGNATURES = {
+    name: [tuple(a.split(":")) for a in args.split()]
+    for name, args in {
+        "aigc_kernels_isa": "name:b",
+        "aigc_cpu_features": "",
+        "quant_matmul": "x:b act:i qs:b d:b m:b bias:b y:b M:i N:i K:i i8:i nthreads:i",
+        "paged_attention_decode": "q:b kv:b rows:b lens:b out:b B:i nh:i nkv:i hs:i Tk:i scale:f act:i nthreads:i",
+        "llama_rmsnorm": "x:b w:b eps:f out:b B:i C:i act:i",
+        "llama_add_rmsnorm": "x:b y:b w:b eps:f out:b B:i C:i act:i",
+        "llama_swiglu": "gu:b g:b B:i F:i act:i",
+        "llama_attention": "qkv:b B:i cos:b sin:b kv:b write:b rows:b lens:b att:b Tk:i "
+        "nh:i nkv:i hs:i act:i nthreads:i",
+        "llama_decode_layer": "x:b B:i C:i attn_norm:b ffn_norm:b eps:f w:w cos:b sin:b kv:b write:b rows:b lens:b "
+        "Tk:i "
+        "nh:i nkv:i hs:i F:i act:i i8:i nthreads:i",
+    }.items()
+}
 # The buffers each writes (all activations, of the call's act): they come back from the driver.
-OUTPUTS = {"aigc_kernels_isa": ("name",), "aigc_cpu_features": (), "quant_matmul": ("y",),
-           "paged_attention_decode": ("out",), "llama_rmsnorm": ("out",),
-           "llama_add_rmsnorm": ("x", "out"), "llama_swiglu": ("g",), "llama_attention": ("qkv", "kv", "att"),
-           "llama_decode_layer": ("x", "kv")}
+OUTPUTS = {
+    "aigc_kernels_isa": ("name",),
+    "aigc_cpu_features": (),
+    "quant_matmul": ("y",),
+    "paged_attention_decode": ("out",),
+    "llama_rmsnorm": ("out",),
+    "llama_add_rmsnorm": ("x", "out"),
+    "llama_swiglu": ("g",),
+    "llama_attention": ("qkv", "kv", "att"),
+    "llama_decode_layer": ("x", "kv"),
+}
 ENTRIES = list(SIGNATURES)[2:]  # those with cases (CASES)
+
 
 @dataclass
 class Call:
@@ -112,8 +131,13 @@ def act_array(a: np.ndarray, act: int) -> np.ndarray:
     """float32 values as the kernels' activations: float32, or bfloat16 bits (uint16, rounded to nearest even)."""
     if act == 0:
         return np.ascontiguousarray(a, dtype=np.float32)
-    return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).to(torch.bfloat16).view(torch.int16).numpy(
-    ).view(np.uint16)
+    return (
+        torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
+        .to(torch.bfloat16)
+        .view(torch.int16)
+        .numpy()
+        .view(np.uint16)
+    )
 
 
 def as_float(a: np.ndarray) -> np.ndarray:
@@ -148,8 +172,24 @@ def paged_rows(rng: np.random.Generator, lens: list[int], Tk: int) -> tuple[int,
 
 def quant_matmul_cases() -> Iterator[Call]:
     # (M, N, nb = K/32): rows 1..19, N mostly not a multiple of 8, 1 to 40 blocks; then random ones
-    fixed = [(1, 1, 1), (19, 13, 40), (4, 70, 3), (2, 9, 1), (7, 31, 17), (3, 8, 2), (5, 45, 39), (1, 66, 40),
-             (18, 3, 5), (11, 24, 8), (6, 17, 12), (13, 50, 25), (9, 5, 33), (16, 41, 7), (8, 2, 21), (17, 63, 4)]
+    fixed = [
+        (1, 1, 1),
+        (19, 13, 40),
+        (4, 70, 3),
+        (2, 9, 1),
+        (7, 31, 17),
+        (3, 8, 2),
+        (5, 45, 39),
+        (1, 66, 40),
+        (18, 3, 5),
+        (11, 24, 8),
+        (6, 17, 12),
+        (13, 50, 25),
+        (9, 5, 33),
+        (16, 41, 7),
+        (8, 2, 21),
+        (17, 63, 4),
+    ]
     rng = np.random.default_rng(1)
     n = 0
     for qtype in QTYPES:
@@ -163,24 +203,59 @@ def quant_matmul_cases() -> Iterator[Call]:
                         x[:, :32] = 0  # a block of zeros (int8 scale 0)
                     bias = rng.standard_normal(N, dtype=np.float32) if n % 2 else None
                     qs, d, m = weight_buffers(quantized(qtype, N, 32 * nb, rng, i8))
-                    yield Call("quant_matmul", dict(
-                        x=act_array(x, act), act=act, qs=qs, d=d, m=m, bias=bias,
-                        y=np.zeros((M, N), np.float32 if act == 0 else np.uint16), M=M, N=N, K=32 * nb, i8=i8,
-                        nthreads=1 + n % 3), f"{QNAMES[qtype]} M={M} N={N} K={32 * nb} bias={bias is not None}")
+                    yield Call(
+                        "quant_matmul",
+                        dict(
+                            x=act_array(x, act),
+                            act=act,
+                            qs=qs,
+                            d=d,
+                            m=m,
+                            bias=bias,
+                            y=np.zeros((M, N), np.float32 if act == 0 else np.uint16),
+                            M=M,
+                            N=N,
+                            K=32 * nb,
+                            i8=i8,
+                            nthreads=1 + n % 3,
+                        ),
+                        f"{QNAMES[qtype]} M={M} N={N} K={32 * nb} bias={bias is not None}",
+                    )
 
 
 def paged_attention_decode_cases() -> Iterator[Call]:
     rng = np.random.default_rng(2)
-    for nh, nkv, hs, lens in [(9, 3, 64, [1, 7, 33, 4, 30]), (4, 4, 16, [17]), (8, 2, 128, [2, 64, 65]),
-                              (2, 1, 32, [300, 1]), (6, 2, 80, [5, 40, 9]), (2, 2, 256, [13]), (3, 1, 48, [1, 2])]:
+    for nh, nkv, hs, lens in [
+        (9, 3, 64, [1, 7, 33, 4, 30]),
+        (4, 4, 16, [17]),
+        (8, 2, 128, [2, 64, 65]),
+        (2, 1, 32, [300, 1]),
+        (6, 2, 80, [5, 40, 9]),
+        (2, 2, 256, [13]),
+        (3, 1, 48, [1, 2]),
+    ]:
         for act in (0, 1):
             B, Tk = len(lens), max(lens) + 2
             R, rows = paged_rows(rng, lens, Tk)
-            yield Call("paged_attention_decode", dict(
-                q=act_array(rng.standard_normal((B, nh, hs)), act), kv=act_array(rng.standard_normal(
-                    (R, 2 * nkv, hs)), act), rows=rows, lens=np.array(lens, np.int32),
-                out=act_array(np.zeros((B, nh, hs)), act), B=B, nh=nh, nkv=nkv, hs=hs, Tk=Tk,
-                scale=float(hs) ** -0.5, act=act, nthreads=2), f"nh={nh} nkv={nkv} hs={hs} lens={lens}")
+            yield Call(
+                "paged_attention_decode",
+                dict(
+                    q=act_array(rng.standard_normal((B, nh, hs)), act),
+                    kv=act_array(rng.standard_normal((R, 2 * nkv, hs)), act),
+                    rows=rows,
+                    lens=np.array(lens, np.int32),
+                    out=act_array(np.zeros((B, nh, hs)), act),
+                    B=B,
+                    nh=nh,
+                    nkv=nkv,
+                    hs=hs,
+                    Tk=Tk,
+                    scale=float(hs) ** -0.5,
+                    act=act,
+                    nthreads=2,
+                ),
+                f"nh={nh} nkv={nkv} hs={hs} lens={lens}",
+            )
 
 
 NORM_SHAPES = [(1, 1), (3, 7), (2, 96), (5, 131), (4, 576), (1, 1003), (19, 64)]
@@ -190,9 +265,19 @@ def llama_rmsnorm_cases() -> Iterator[Call]:
     rng = np.random.default_rng(3)
     for B, C in NORM_SHAPES:
         for act in (0, 1):
-            yield Call("llama_rmsnorm", dict(
-                x=act_array(rng.standard_normal((B, C)) * 3, act), w=act_array(1 + 0.3 * rng.standard_normal(C), act),
-                eps=1e-5 if C % 2 else 1e-6, out=act_array(np.zeros((B, C)), act), B=B, C=C, act=act), f"B={B} C={C}")
+            yield Call(
+                "llama_rmsnorm",
+                dict(
+                    x=act_array(rng.standard_normal((B, C)) * 3, act),
+                    w=act_array(1 + 0.3 * rng.standard_normal(C), act),
+                    eps=1e-5 if C % 2 else 1e-6,
+                    out=act_array(np.zeros((B, C)), act),
+                    B=B,
+                    C=C,
+                    act=act,
+                ),
+                f"B={B} C={C}",
+            )
 
 
 def llama_add_rmsnorm_cases() -> Iterator[Call]:
@@ -200,44 +285,83 @@ def llama_add_rmsnorm_cases() -> Iterator[Call]:
     for B, C in NORM_SHAPES:
         for act in (0, 1):
             norm = C != 131  # once without w: the add alone (out NULL)
-            yield Call("llama_add_rmsnorm", dict(
-                x=act_array(rng.standard_normal((B, C)) * 3, act), y=act_array(rng.standard_normal((B, C)), act),
-                w=act_array(1 + 0.3 * rng.standard_normal(C), act) if norm else None, eps=1e-5,
-                out=act_array(np.zeros((B, C)), act) if norm else None, B=B, C=C, act=act),
-                f"B={B} C={C}{'' if norm else ' w=NULL'}")
+            yield Call(
+                "llama_add_rmsnorm",
+                dict(
+                    x=act_array(rng.standard_normal((B, C)) * 3, act),
+                    y=act_array(rng.standard_normal((B, C)), act),
+                    w=act_array(1 + 0.3 * rng.standard_normal(C), act) if norm else None,
+                    eps=1e-5,
+                    out=act_array(np.zeros((B, C)), act) if norm else None,
+                    B=B,
+                    C=C,
+                    act=act,
+                ),
+                f"B={B} C={C}{'' if norm else ' w=NULL'}",
+            )
 
 
 def llama_swiglu_cases() -> Iterator[Call]:
     rng = np.random.default_rng(5)
     for B, F in [(1, 1), (3, 5), (2, 160), (4, 259), (1, 1536), (7, 33)]:
         for act in (0, 1):
-            yield Call("llama_swiglu", dict(gu=act_array(rng.standard_normal((B, 2 * F)) * 4, act),
-                                            g=act_array(np.zeros((B, F)), act), B=B, F=F, act=act), f"B={B} F={F}")
+            yield Call(
+                "llama_swiglu",
+                dict(
+                    gu=act_array(rng.standard_normal((B, 2 * F)) * 4, act),
+                    g=act_array(np.zeros((B, F)), act),
+                    B=B,
+                    F=F,
+                    act=act,
+                ),
+                f"B={B} F={F}",
+            )
 
 
 def llama_attention_cases() -> Iterator[Call]:
     rng = np.random.default_rng(6)
-    for nh, nkv, hs, lens, Tk in [(4, 2, 32, [9, 5, 1], 9), (2, 1, 16, [3], 4), (8, 2, 64, [1, 40, 17, 33, 2], 40),
-                                  (3, 3, 48, [7, 7], 7), (4, 1, 128, [70, 12], 72)]:
+    for nh, nkv, hs, lens, Tk in [
+        (4, 2, 32, [9, 5, 1], 9),
+        (2, 1, 16, [3], 4),
+        (8, 2, 64, [1, 40, 17, 33, 2], 40),
+        (3, 3, 48, [7, 7], 7),
+        (4, 1, 128, [70, 12], 72),
+    ]:
         for act in (0, 1):
             B = len(lens)
             R, rows = paged_rows(rng, lens, Tk)
             cos, sin = rope_tables(rng, B, hs)
-            yield Call("llama_attention", dict(
-                qkv=act_array(rng.standard_normal((B, (nh + 2 * nkv) * hs)), act), B=B, cos=cos, sin=sin,
-                kv=act_array(rng.standard_normal((R, 2 * nkv, hs)), act),
-                write=np.ascontiguousarray(rows[np.arange(B), np.array(lens) - 1]), rows=rows,
-                lens=np.array(lens, np.int32), att=act_array(np.zeros((B, nh * hs)), act), Tk=Tk, nh=nh, nkv=nkv,
-                hs=hs, act=act, nthreads=2), f"nh={nh} nkv={nkv} hs={hs} lens={lens}")
+            yield Call(
+                "llama_attention",
+                dict(
+                    qkv=act_array(rng.standard_normal((B, (nh + 2 * nkv) * hs)), act),
+                    B=B,
+                    cos=cos,
+                    sin=sin,
+                    kv=act_array(rng.standard_normal((R, 2 * nkv, hs)), act),
+                    write=np.ascontiguousarray(rows[np.arange(B), np.array(lens) - 1]),
+                    rows=rows,
+                    lens=np.array(lens, np.int32),
+                    att=act_array(np.zeros((B, nh * hs)), act),
+                    Tk=Tk,
+                    nh=nh,
+                    nkv=nkv,
+                    hs=hs,
+                    act=act,
+                    nthreads=2,
+                ),
+                f"nh={nh} nkv={nkv} hs={hs} lens={lens}",
+            )
 
 
 def llama_decode_layer_cases() -> Iterator[Call]:
     rng = np.random.default_rng(7)
     for C, F, nh, nkv, hs, lens, Tk, qtypes in [
-            (96, 160, 4, 2, 32, [9, 5, 1], 9, (Q4_1,) * 4),
-            (64, 96, 2, 1, 16, [5], 5, (Q4_0,) * 4),
-            (128, 256, 2, 2, 64, [1, 12, 7, 3, 10], 12, (Q8_0,) * 4),
-            (160, 224, 4, 2, 48, [20, 6], 20, (Q4_1, Q4_0, Q8_0, Q4_1))]:
+        (96, 160, 4, 2, 32, [9, 5, 1], 9, (Q4_1,) * 4),
+        (64, 96, 2, 1, 16, [5], 5, (Q4_0,) * 4),
+        (128, 256, 2, 2, 64, [1, 12, 7, 3, 10], 12, (Q8_0,) * 4),
+        (160, 224, 4, 2, 48, [20, 6], 20, (Q4_1, Q4_0, Q8_0, Q4_1)),
+    ]:
         for act in (0, 1):
             for i8 in (0, 1):
                 B = len(lens)
@@ -245,20 +369,42 @@ def llama_decode_layer_cases() -> Iterator[Call]:
                 cos, sin = rope_tables(rng, B, hs)
                 shapes = [((nh + 2 * nkv) * hs, C), (C, nh * hs), (2 * F, C), (C, F)]  # Wqkv, Wo, Wgate|up, Wdown
                 w = [b for qt, (n, k) in zip(qtypes, shapes) for b in weight_buffers(quantized(qt, n, k, rng, i8))]
-                yield Call("llama_decode_layer", dict(
-                    x=act_array(rng.standard_normal((B, C)), act), B=B, C=C,
-                    attn_norm=act_array(1 + 0.1 * rng.standard_normal(C), act),
-                    ffn_norm=act_array(1 + 0.1 * rng.standard_normal(C), act), eps=1e-5, w=w, cos=cos, sin=sin,
-                    kv=act_array(rng.standard_normal((R, 2 * nkv, hs)), act),
-                    write=np.ascontiguousarray(rows[np.arange(B), np.array(lens) - 1]), rows=rows,
-                    lens=np.array(lens, np.int32), Tk=Tk, nh=nh, nkv=nkv, hs=hs, F=F, act=act, i8=i8, nthreads=2),
-                    f"C={C} F={F} nh={nh} nkv={nkv} hs={hs} lens={lens} {'/'.join(QNAMES[q] for q in qtypes)}")
+                yield Call(
+                    "llama_decode_layer",
+                    dict(
+                        x=act_array(rng.standard_normal((B, C)), act),
+                        B=B,
+                        C=C,
+                        attn_norm=act_array(1 + 0.1 * rng.standard_normal(C), act),
+                        ffn_norm=act_array(1 + 0.1 * rng.standard_normal(C), act),
+                        eps=1e-5,
+                        w=w,
+                        cos=cos,
+                        sin=sin,
+                        kv=act_array(rng.standard_normal((R, 2 * nkv, hs)), act),
+                        write=np.ascontiguousarray(rows[np.arange(B), np.array(lens) - 1]),
+                        rows=rows,
+                        lens=np.array(lens, np.int32),
+                        Tk=Tk,
+                        nh=nh,
+                        nkv=nkv,
+                        hs=hs,
+                        F=F,
+                        act=act,
+                        i8=i8,
+                        nthreads=2,
+                    ),
+                    f"C={C} F={F} nh={nh} nkv={nkv} hs={hs} lens={lens} {'/'.join(QNAMES[q] for q in qtypes)}",
+                )
 
 
 CASES: dict[str, Callable[[], Iterator[Call]]] = {
-    "quant_matmul": quant_matmul_cases, "paged_attention_decode": paged_attention_decode_cases,
-    "llama_rmsnorm": llama_rmsnorm_cases, "llama_add_rmsnorm": llama_add_rmsnorm_cases,
-    "llama_swiglu": llama_swiglu_cases, "llama_attention": llama_attention_cases,
+    "quant_matmul": quant_matmul_cases,
+    "paged_attention_decode": paged_attention_decode_cases,
+    "llama_rmsnorm": llama_rmsnorm_cases,
+    "llama_add_rmsnorm": llama_add_rmsnorm_cases,
+    "llama_swiglu": llama_swiglu_cases,
+    "llama_attention": llama_attention_cases,
     "llama_decode_layer": llama_decode_layer_cases,
 }
 
@@ -319,8 +465,9 @@ def decode(data: bytes, calls: list[Call]) -> list[Result]:
 
 def run_host(kernels: native.Kernels, call: Call) -> Result:
     """The call on a library this machine loads (ctypes), on copies of its buffers."""
-    copies = {n: None if call.args[n] is None else np.array(call.args[n])
-              for n, kind in SIGNATURES[call.entry] if kind == "b"}
+    copies = {
+        n: None if call.args[n] is None else np.array(call.args[n]) for n, kind in SIGNATURES[call.entry] if kind == "b"
+    }
     args: list[Any] = []
     for name, kind in SIGNATURES[call.entry]:
         if kind == "b":
@@ -366,8 +513,12 @@ class Aarch64:
     def driver(self) -> Path:
         def make() -> Path:
             out = self.root / "kernel_driver"
-            subprocess.run([CROSS_CC, "-O2", "-Wall", "-Wextra", "-Werror", str(DRIVER_SOURCE), "-ldl", "-o",
-                            str(out)], check=True, capture_output=True, timeout=120)
+            subprocess.run(
+                [CROSS_CC, "-O2", "-Wall", "-Wextra", "-Werror", str(DRIVER_SOURCE), "-ldl", "-o", str(out)],
+                check=True,
+                capture_output=True,
+                timeout=120,
+            )
             return out
 
         return self._build("kernel_driver", make)
@@ -438,8 +589,10 @@ def compare(entry: str, runs: list[tuple[Call, Result, Result]], who: str, repor
                 worst[key] = (rel, err, f"{name} of {call.label}")
             exact = entry == "quant_matmul" and bool(call.i8)
             if not (np.isfinite(a).all() and np.isfinite(b).all()) or (err > 0 if exact else rel > TOLERANCE[call.act]):
-                failures.append(f"{where}: {name} max |diff| {err:.3g} (max |ref| {scale:.3g}, relative {rel:.3g}; "
-                                f"allowed {0 if exact else TOLERANCE[call.act]})")
+                failures.append(
+                    f"{where}: {name} max |diff| {err:.3g} (max |ref| {scale:.3g}, relative {rel:.3g}; "
+                    f"allowed {0 if exact else TOLERANCE[call.act]})"
+                )
         bad += len(failures) > before
     for key, (rel, err, at) in sorted(worst.items()):
         where = f"(|diff| {err:.2e}; {at})" if err else "(all equal)"
@@ -458,23 +611,40 @@ def test_the_signatures_here_are_layer_cs() -> None:
         match = re.search(rf"\bint {entry}\(([^)]*)\)\s*{{", source)
         assert match, f"layer.c defines no int {entry}(...)"
         params = [" ".join(p.split()) for p in match.group(1).split(",")]
-        kinds = [(p.rsplit(" ", 1)[-1].lstrip("*"), "w" if "*const *" in p else "b" if "*" in p else
-                  "f" if p.startswith("float ") else "i" if p.startswith("int ") else p) for p in params]
+        kinds = [
+            (
+                p.rsplit(" ", 1)[-1].lstrip("*"),
+                "w"
+                if "*const *" in p
+                else "b"
+                if "*" in p
+                else "f"
+                if p.startswith("float ")
+                else "i"
+                if p.startswith("int ")
+                else p,
+            )
+            for p in params
+        ]
         assert kinds == SIGNATURES[entry], f"{entry}: layer.c has ({', '.join(params)})"
 
 
 @pytest.mark.parametrize("isa", [*NEON, "reference"])
 def test_each_aarch64_build_names_its_isa_and_sees_the_emulated_cpu(isa: str, aarch64: Aarch64) -> None:
-    name, features = aarch64.run(isa, [Call("aigc_kernels_isa", {"name": np.zeros(64, np.uint8)}, "name"),
-                                       Call("aigc_cpu_features", {}, "features")], "isa")
+    name, features = aarch64.run(
+        isa,
+        [Call("aigc_kernels_isa", {"name": np.zeros(64, np.uint8)}, "name"), Call("aigc_cpu_features", {}, "features")],
+        "isa",
+    )
     assert name.rc == 0 and name.out["name"].tobytes().split(b"\0")[0].decode() == isa
     assert features.rc == CPU_FEATURES[QEMU_CPU[isa]], f"{features.rc} on qemu's {QEMU_CPU[isa]}"
 
 
 @pytest.mark.parametrize("entry", ENTRIES)
 @pytest.mark.parametrize("isa", NEON)
-def test_neon_build_computes_what_the_aarch64_reference_build_computes(isa: str, entry: str, aarch64: Aarch64,
-                                                                       report: list[str]) -> None:
+def test_neon_build_computes_what_the_aarch64_reference_build_computes(
+    isa: str, entry: str, aarch64: Aarch64, report: list[str]
+) -> None:
     """Every case of the entry point (fp32 and bf16; the matmuls exact and in int8 mode) on the NEON build and on
     the reference build, both aarch64 under qemu. A build without the int8 mode must refuse it (-1)."""
     want, got = aarch64.results("reference", entry), aarch64.results(isa, entry)
@@ -489,7 +659,8 @@ def test_neon_build_computes_what_the_aarch64_reference_build_computes(isa: str,
 
 @pytest.mark.parametrize("entry", ENTRIES)
 def test_aarch64_reference_build_computes_what_this_machines_reference_build_computes(
-        entry: str, aarch64: Aarch64, report: list[str]) -> None:
+    entry: str, aarch64: Aarch64, report: list[str]
+) -> None:
     """The same plain C compiled for aarch64 (run under qemu) and for this machine (ctypes): equal up to float
     rounding (fused multiply-adds, libm)."""
     host = native.load("reference")

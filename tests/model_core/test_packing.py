@@ -8,8 +8,9 @@ from torch import nn
 
 from model_core.packing import PackedLinear, pack_linears, packing_available
 
-pytestmark = pytest.mark.skipif(not packing_available(torch.bfloat16, torch.device("cpu")),
-                                reason="oneDNN weight packing is not available")
+pytestmark = pytest.mark.skipif(
+    not packing_available(torch.bfloat16, torch.device("cpu")), reason="oneDNN weight packing is not available"
+)
 
 
 @pytest.mark.parametrize("rows", [1, 7, 64])

@@ -67,8 +67,9 @@ def test_rope_matches_complex_rotation() -> None:
     rope = RotaryEmbedding(16, max_len=64, theta=500.0)
     positions = torch.tensor([[0, 1, 2, 40], [63, 5, 9, 17]])
     x = torch.randn(2, 3, 4, 16)
-    torch.testing.assert_close(apply_rotary(x, rope(positions)), rope_complex_reference(x, positions, 500.0),
-                               atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        apply_rotary(x, rope(positions)), rope_complex_reference(x, positions, 500.0), atol=1e-5, rtol=0
+    )
     # position 0 is the identity
     torch.testing.assert_close(apply_rotary(x[:, :, :1], rope(positions[:1, :1])), x[:, :, :1])
 
@@ -81,8 +82,7 @@ def test_rope_matches_complex_rotation() -> None:
     hs=st.sampled_from([2, 8, 32, 64]),
     seed=st.integers(0, 2**16),
 )
-def test_rope_dot_product_depends_only_on_relative_position(m: int, n: int, shift: int, hs: int,
-                                                            seed: int) -> None:
+def test_rope_dot_product_depends_only_on_relative_position(m: int, n: int, shift: int, hs: int, seed: int) -> None:
     gen = torch.Generator().manual_seed(seed)
     rope = RotaryEmbedding(hs, max_len=512)
     q = torch.randn(1, 1, 1, hs, generator=gen, dtype=torch.float32)

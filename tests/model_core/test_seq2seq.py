@@ -21,8 +21,17 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_config(**overrides: object) -> Seq2SeqConfig:
-    base: dict[str, object] = dict(src_vocab_size=17, tgt_vocab_size=19, d_model=32, n_heads=4, d_ff=48,
-                                   n_encoder_layers=2, n_decoder_layers=3, dropout=0.1, max_len=64)
+    base: dict[str, object] = dict(
+        src_vocab_size=17,
+        tgt_vocab_size=19,
+        d_model=32,
+        n_heads=4,
+        d_ff=48,
+        n_encoder_layers=2,
+        n_decoder_layers=3,
+        dropout=0.1,
+        max_len=64,
+    )
     base.update(overrides)
     return Seq2SeqConfig(**base)  # type: ignore[arg-type]
 
@@ -44,9 +53,18 @@ def torch_twin(cfg: Seq2SeqConfig, seed: int) -> tuple[nn.Transformer, Seq2SeqTr
     torch.manual_seed(seed)
     with warnings.catch_warnings():  # "enable_nested_tensor is True, but ... norm_first was True"
         warnings.simplefilter("ignore", UserWarning)
-        ref = nn.Transformer(cfg.d_model, cfg.n_heads, cfg.n_encoder_layers, cfg.n_decoder_layers, cfg.d_ff,
-                             dropout=cfg.dropout, activation=cfg.activation, batch_first=True,
-                             norm_first=cfg.norm_first, layer_norm_eps=cfg.eps).eval()
+        ref = nn.Transformer(
+            cfg.d_model,
+            cfg.n_heads,
+            cfg.n_encoder_layers,
+            cfg.n_decoder_layers,
+            cfg.d_ff,
+            dropout=cfg.dropout,
+            activation=cfg.activation,
+            batch_first=True,
+            norm_first=cfg.norm_first,
+            layer_norm_eps=cfg.eps,
+        ).eval()
     for p in ref.parameters():
         nn.init.normal_(p, std=0.2)
     ours = Seq2SeqTransformer(cfg).eval()
@@ -63,8 +81,15 @@ def test_body_matches_nn_transformer(norm_first: bool) -> None:
     S, T = 9, 7
     src, tgt = torch.randn(3, S, cfg.d_model), torch.randn(3, T, cfg.d_model)
     src_pad, tgt_pad = pads([9, 5, 3], S), pads([7, 7, 4], T)
-    expected = ref(src, tgt, tgt_mask=torch_causal(T), tgt_is_causal=True, src_key_padding_mask=src_pad,
-                   tgt_key_padding_mask=tgt_pad, memory_key_padding_mask=src_pad)
+    expected = ref(
+        src,
+        tgt,
+        tgt_mask=torch_causal(T),
+        tgt_is_causal=True,
+        src_key_padding_mask=src_pad,
+        tgt_key_padding_mask=tgt_pad,
+        memory_key_padding_mask=src_pad,
+    )
     memory = ours.encoder(src, src_key_padding_mask=src_pad)
     got = ours.decoder(tgt, memory, tgt_key_padding_mask=tgt_pad, memory_key_padding_mask=src_pad)
     torch.testing.assert_close(got, expected, atol=TOL, rtol=0)
@@ -86,8 +111,15 @@ def test_logits_match_nn_transformer_with_reproduced_embeddings(share: bool, tie
     scale = math.sqrt(cfg.d_model)
     src_x = F.embedding(src, ours.src_embed.weight) * scale + reference_positions(S, cfg.d_model)
     tgt_x = F.embedding(tgt, ours.tgt_embed.weight) * scale + reference_positions(T, cfg.d_model)
-    h = ref(src_x, tgt_x, tgt_mask=torch_causal(T), tgt_is_causal=True, src_key_padding_mask=src_pad,
-            tgt_key_padding_mask=tgt_pad, memory_key_padding_mask=src_pad)
+    h = ref(
+        src_x,
+        tgt_x,
+        tgt_mask=torch_causal(T),
+        tgt_is_causal=True,
+        src_key_padding_mask=src_pad,
+        tgt_key_padding_mask=tgt_pad,
+        memory_key_padding_mask=src_pad,
+    )
     expected = h @ ours.lm_head.weight.T  # (B, T, V)
     got = ours(src, tgt, src_pad_mask=src_pad, tgt_pad_mask=tgt_pad)
     assert got.shape == (2, T, vocab)
@@ -123,8 +155,9 @@ def stepwise_reference(model: Seq2SeqTransformer, src: torch.Tensor, max_len: in
     return ys[1:]
 
 
-def assert_greedy_matches_stepwise(model: Seq2SeqTransformer, src: torch.Tensor, lengths: list[int],
-                                   max_len: int) -> torch.Tensor:
+def assert_greedy_matches_stepwise(
+    model: Seq2SeqTransformer, src: torch.Tensor, lengths: list[int], max_len: int
+) -> torch.Tensor:
     src_pad = pads(lengths, src.shape[1])
     out = model.greedy_decode(src.masked_fill(src_pad, PAD), BOS, EOS, max_len, src_pad_mask=src_pad)
     # the recomputing path, given junk (not PAD) under the padding: masked keys must not matter
@@ -157,8 +190,7 @@ def test_config_validation_and_max_len() -> None:
         model.encode(torch.zeros(1, 9, dtype=torch.long))
 
 
-def reverse_batch(n: int, vocab: int,
-                  gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def reverse_batch(n: int, vocab: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sources of 2..6 content tokens (ids >= 3), right-padded; targets BOS + reversed + EOS, padded."""
     lengths = torch.randint(2, 7, (n,), generator=gen)
     S = int(lengths.max())
@@ -175,8 +207,18 @@ def test_tiny_seq2seq_learns_to_reverse() -> None:
     """A few hundred Adam steps teach a tiny post-norm model to reverse variable-length, padded inputs."""
     torch.manual_seed(0)
     vocab = 12
-    cfg = Seq2SeqConfig(vocab, vocab, d_model=32, n_heads=4, d_ff=64, n_encoder_layers=2,
-                        n_decoder_layers=2, dropout=0.0, max_len=16, share_embeddings=True)
+    cfg = Seq2SeqConfig(
+        vocab,
+        vocab,
+        d_model=32,
+        n_heads=4,
+        d_ff=64,
+        n_encoder_layers=2,
+        n_decoder_layers=2,
+        dropout=0.0,
+        max_len=16,
+        share_embeddings=True,
+    )
     model = Seq2SeqTransformer(cfg)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     gen = torch.Generator().manual_seed(1)

@@ -22,8 +22,10 @@ from tests.conftest import native_isas
 
 transformers = pytest.importorskip("transformers")
 
-CHAT = [{"role": "system", "content": "You are a concise assistant."},
-        {"role": "user", "content": "Name three primary colours and explain why they are called primary."}]
+CHAT = [
+    {"role": "system", "content": "You are a concise assistant."},
+    {"role": "user", "content": "Name three primary colours and explain why they are called primary."},
+]
 PROMPTS = {
     "plain": "The capital of France is Paris, and the capital of Germany is",
     "code": 'def fibonacci(n: int) -> int:\n    """Return the n-th Fibonacci number."""\n',
@@ -74,8 +76,13 @@ def hf_logits(hf, prompt_ids: dict[str, list[int]]) -> dict[str, torch.Tensor]:
 def test_config_and_tokens_match_hf(ours: LoadedLM, hf, hf_tok, prompt_ids: dict[str, list[int]]) -> None:
     c, h = ours.config, hf.config
     assert (c.n_layers, c.d_model, c.n_heads, c.n_kv_heads, c.d_ff, c.vocab_size) == (
-        h.num_hidden_layers, h.hidden_size, h.num_attention_heads, h.num_key_value_heads, h.intermediate_size,
-        h.vocab_size)
+        h.num_hidden_layers,
+        h.hidden_size,
+        h.num_attention_heads,
+        h.num_key_value_heads,
+        h.intermediate_size,
+        h.vocab_size,
+    )
     assert c.rope_theta == pytest.approx(h.rope_parameters["rope_theta"]) and c.tie_embeddings
     for key, text in PROMPTS.items():
         if text is not None:
@@ -84,24 +91,30 @@ def test_config_and_tokens_match_hf(ours: LoadedLM, hf, hf_tok, prompt_ids: dict
 
 def test_chat_prompt_matches_hf(ours: LoadedLM, hf_tok) -> None:
     tok = ours.tokenizer
-    for msgs in (CHAT, CHAT[1:], [*CHAT, {"role": "assistant", "content": "Red, yellow, blue."},
-                                 {"role": "user", "content": "And for light?"}]):
+    for msgs in (
+        CHAT,
+        CHAT[1:],
+        [*CHAT, {"role": "assistant", "content": "Red, yellow, blue."}, {"role": "user", "content": "And for light?"}],
+    ):
         for gen_prompt in (True, False):
             ours_text = tok.apply_chat_template(msgs, add_generation_prompt=gen_prompt)
             assert ours_text == hf_tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen_prompt)
             assert tok.encode(ours_text, add_special_tokens=False) == hf_tok.encode(ours_text, add_special_tokens=False)
 
 
-def test_fp32_logits_match_hf(ours: LoadedLM, prompt_ids: dict[str, list[int]],
-                              hf_logits: dict[str, torch.Tensor]) -> None:
+def test_fp32_logits_match_hf(
+    ours: LoadedLM, prompt_ids: dict[str, list[int]], hf_logits: dict[str, torch.Tensor]
+) -> None:
     worst = 0.0
     for key, ids in prompt_ids.items():
         with torch.inference_mode():
             mine = ours.model(torch.tensor([ids]))[0]
         ref = hf_logits[key]
         d = float((mine - ref).abs().max())
-        print(f"SmolLM2 fp32 logits vs HF [{key}, {len(ids)} tokens]: max abs diff {d:.2e} "
-              f"(logit range {float(ref.min()):.1f}..{float(ref.max()):.1f})")
+        print(
+            f"SmolLM2 fp32 logits vs HF [{key}, {len(ids)} tokens]: max abs diff {d:.2e} "
+            f"(logit range {float(ref.min()):.1f}..{float(ref.max()):.1f})"
+        )
         assert torch.equal(mine.argmax(-1), ref.argmax(-1)), key
         worst = max(worst, d)
     assert worst <= 1e-3
@@ -114,27 +127,31 @@ def hf_greedy(hf, prompt_ids: dict[str, list[int]]) -> dict[str, list[int]]:
     for key in GREEDY:
         x = torch.tensor([prompt_ids[key]])
         with torch.inference_mode():  # an explicit mask: else HF takes the prompt's <|im_end|> (= pad id 2) for padding
-            seq = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=N_NEW, do_sample=False,
-                              pad_token_id=2)
-        out[key] = seq[0, x.shape[1]:].tolist()
+            seq = hf.generate(
+                x, attention_mask=torch.ones_like(x), max_new_tokens=N_NEW, do_sample=False, pad_token_id=2
+            )
+        out[key] = seq[0, x.shape[1] :].tolist()
     return out
 
 
 @pytest.mark.parametrize("key", GREEDY)
-def test_greedy_generation_matches_hf(key: str, ours: LoadedLM, prompt_ids: dict[str, list[int]],
-                                      hf_greedy: dict[str, list[int]]) -> None:
+def test_greedy_generation_matches_hf(
+    key: str, ours: LoadedLM, prompt_ids: dict[str, list[int]], hf_greedy: dict[str, list[int]]
+) -> None:
     params = SamplingParams(max_tokens=N_NEW, temperature=0.0, ignore_eos=True)
     mine = [s.token_id for s in generate(ours.model, prompt_ids[key], params)]
     theirs = hf_greedy[key]
     first = next((i for i, (a, b) in enumerate(zip(mine, theirs, strict=False)) if a != b), None)
-    print(f"SmolLM2 greedy [{key}]: {len(mine)} tokens, first difference at {first}: "
-          f"{ours.tokenizer.decode(mine)[:70]!r}")
+    print(
+        f"SmolLM2 greedy [{key}]: {len(mine)} tokens, first difference at {first}: {ours.tokenizer.decode(mine)[:70]!r}"
+    )
     assert len(mine) == len(theirs) == N_NEW
     assert mine == theirs
 
 
-def test_bf16_logits_close_to_hf_fp32(smol_path: str, hf, prompt_ids: dict[str, list[int]],
-                                      hf_greedy: dict[str, list[int]]) -> None:
+def test_bf16_logits_close_to_hf_fp32(
+    smol_path: str, hf, prompt_ids: dict[str, list[int]], hf_greedy: dict[str, list[int]]
+) -> None:
     """Our default bf16 load (as the service runs it) against HF in fp32, on the prompts and the
     greedy continuations (~320 positions)."""
     lm = load_lm(smol_path, torch.bfloat16)
@@ -150,8 +167,10 @@ def test_bf16_logits_close_to_hf_fp32(smol_path: str, hf, prompt_ids: dict[str, 
         worst = max(worst, float((mine - ref).abs().max()))
         agree += int((mine.argmax(-1) == ref.argmax(-1)).sum())
         total += len(ids)
-    print(f"SmolLM2 bf16 logits vs HF fp32: max abs diff {worst:.3f}, top-1 agreement {agree}/{total} "
-          f"= {agree / total:.1%}")
+    print(
+        f"SmolLM2 bf16 logits vs HF fp32: max abs diff {worst:.3f}, top-1 agreement {agree}/{total} "
+        f"= {agree / total:.1%}"
+    )
     assert agree / total >= 0.95
 
 
@@ -193,8 +212,16 @@ def _decode_logits(lm: LoadedLM, ids: list[int]) -> torch.Tensor:
     cfg = lm.config
     blocks = (len(ids) + 15) // 16
     dtype = lm.model.embed.weight.dtype
-    cache = PagedKVCache(cfg.n_layers, blocks, 16, cfg.n_kv_heads, cfg.hd, dtype, max_positions=cfg.max_seq_len,
-                         kernels=lm.backend.kernels)
+    cache = PagedKVCache(
+        cfg.n_layers,
+        blocks,
+        16,
+        cfg.n_kv_heads,
+        cfg.hd,
+        dtype,
+        max_positions=cfg.max_seq_len,
+        kernels=lm.backend.kernels,
+    )
     out = []
     with torch.inference_mode():
         for t, tok in enumerate(ids):
@@ -204,9 +231,9 @@ def _decode_logits(lm: LoadedLM, ids: list[int]) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("kernels", [*native_isas(reference=False), "torch"])
-def test_serving_decode_path_agrees_with_hf_fp32(smol_path: str, ours: LoadedLM, hf, kernels: str,
-                                                 prompt_ids: dict[str, list[int]],
-                                                 hf_greedy: dict[str, list[int]]) -> None:
+def test_serving_decode_path_agrees_with_hf_fp32(
+    smol_path: str, ours: LoadedLM, hf, kernels: str, prompt_ids: dict[str, list[int]], hf_greedy: dict[str, list[int]]
+) -> None:
     """What the server runs per decode step with each backend this CPU has, in the dtype `auto` picks for it (the
     4-bit weights as stored, attention from the paged cache), against HF fp32, token by token over the prompts
     and greedy continuations, plus perplexity."""
@@ -228,10 +255,12 @@ def test_serving_decode_path_agrees_with_hf_fp32(smol_path: str, ours: LoadedLM,
     ids = ours.tokenizer.encode(PPL_TEXT)
     nll = torch.nn.functional.cross_entropy(_decode_logits(lm, ids)[:-1], torch.tensor(ids[1:]))
     ppl, ppl32 = float(torch.exp(nll)), _perplexity(ours, ids)
-    print(f"SmolLM2 decode path ({backend.name}, {dtype}, quantized kernels {'on' if quantized else 'off'}, fused "
-          f"layers {'on' if lm.model.decoder_fast_path else 'off'}) vs HF fp32: max abs logit diff {worst:.3f}, top-1 "
-          f"agreement {agree}/{total} = {agree / total:.1%}; perplexity {ppl:.3f} vs fp32 {ppl32:.3f} "
-          f"({(ppl - ppl32) / ppl32:+.2%})")
+    print(
+        f"SmolLM2 decode path ({backend.name}, {dtype}, quantized kernels {'on' if quantized else 'off'}, fused "
+        f"layers {'on' if lm.model.decoder_fast_path else 'off'}) vs HF fp32: max abs logit diff {worst:.3f}, top-1 "
+        f"agreement {agree}/{total} = {agree / total:.1%}; perplexity {ppl:.3f} vs fp32 {ppl32:.3f} "
+        f"({(ppl - ppl32) / ppl32:+.2%})"
+    )
     assert agree / total >= 0.95
     assert worst < 3.0  # logits span about -30..40; measured 1.25 for bf16 kernels (the dense bf16 forward: up to ~5)
     assert abs(ppl - ppl32) / ppl32 < 0.01

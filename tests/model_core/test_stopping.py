@@ -74,7 +74,7 @@ def test_emitted_text_is_never_taken_back(text: str, stops: list[str], cuts: lis
         assert expected.startswith(emitted)
         assert fed.startswith(emitted)
         if not m.stopped:
-            held = fed[len(emitted):]
+            held = fed[len(emitted) :]
             # what is held back is the longest suffix that is a proper prefix of some stop string
             longest = max((n for s in stops for n in range(1, len(s)) if fed.endswith(s[:n])), default=0)
             assert len(held) == min(longest, len(fed))
@@ -98,7 +98,7 @@ def test_feed_after_stop_emits_nothing() -> None:
 
 
 def test_a_stop_ending_first_wins_over_one_starting_first() -> None:
-    """"abc" starts before "b" but "b" completes first: streaming and one-shot feeding agree."""
+    """ "abc" starts before "b" but "b" completes first: streaming and one-shot feeding agree."""
     assert run_matcher(["abc"], ["abc", "b"])[0][0] == "a"
     assert "".join(run_matcher(list("abc"), ["abc", "b"])[0]) == "a"
     assert "".join(run_matcher(["ab", "ab"], ["ab", "bab"])[0]) == ""
@@ -131,10 +131,15 @@ def run_stream(stream: OutputStream, ids: Sequence[int]) -> tuple[list[str], str
 
 
 @PROPS
-@given(pieces=st.lists(st.text(alphabet=ALPHABET, max_size=4), min_size=1, max_size=15), tail=texts,
-       stops=stop_lists, extra=st.integers(0, 5))
-def test_output_stream_stops_at_the_token_completing_the_stop(pieces: list[str], tail: str, stops: list[str],
-                                                              extra: int) -> None:
+@given(
+    pieces=st.lists(st.text(alphabet=ALPHABET, max_size=4), min_size=1, max_size=15),
+    tail=texts,
+    stops=stop_lists,
+    extra=st.integers(0, 5),
+)
+def test_output_stream_stops_at_the_token_completing_the_stop(
+    pieces: list[str], tail: str, stops: list[str], extra: int
+) -> None:
     ids = list(range(len(pieces)))
     max_new = len(ids) + extra  # may end by length only when there is no extra room
     stream = OutputStream(max_new, stops, (), PieceDetokenizer(pieces, tail))
@@ -187,10 +192,13 @@ def tokenizer(smol_tokenizer: Tokenizer) -> Tokenizer:
     return smol_tokenizer
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow,
-                                                                   HealthCheck.function_scoped_fixture])
-@given(text=st.text(alphabet="ab c.\né東🚀", min_size=1, max_size=40),
-       stops=st.lists(st.text(alphabet="ab c.é東🚀", min_size=1, max_size=4), min_size=1, max_size=3))
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
+)
+@given(
+    text=st.text(alphabet="ab c.\né東🚀", min_size=1, max_size=40),
+    stops=st.lists(st.text(alphabet="ab c.é東🚀", min_size=1, max_size=4), min_size=1, max_size=3),
+)
 def test_real_detokenizer_stream_equals_reference(tokenizer: Tokenizer, text: str, stops: list[str]) -> None:
     """Byte-level BPE tokens split multi-byte characters: the streamed text still equals the oracle."""
     ids = tokenizer.encode(text, add_special_tokens=False)

@@ -74,9 +74,7 @@ def ours(gguf_path: str) -> Tokenizer:
 
 @pytest.fixture(scope="module")
 def hf(gguf_path: str):
-    return transformers.AutoTokenizer.from_pretrained(
-        os.path.dirname(gguf_path), gguf_file=os.path.basename(gguf_path)
-    )
+    return transformers.AutoTokenizer.from_pretrained(os.path.dirname(gguf_path), gguf_file=os.path.basename(gguf_path))
 
 
 @pytest.fixture(scope="module")
@@ -170,9 +168,7 @@ def test_random_unicode_matches_hf(
 # ---------------------------------------------------------------- chat template
 @pytest.mark.parametrize("messages", CONVERSATIONS)
 @pytest.mark.parametrize("add_generation_prompt", [True, False])
-def test_chat_template_matches_hf(
-    ours: Tokenizer, hf, messages: list[dict], add_generation_prompt: bool
-) -> None:
+def test_chat_template_matches_hf(ours: Tokenizer, hf, messages: list[dict], add_generation_prompt: bool) -> None:
     gen = add_generation_prompt
     got = ours.apply_chat_template(messages, add_generation_prompt=gen)
     want = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen)
@@ -200,9 +196,7 @@ LLAMA2_STYLE = (
 def test_custom_template_matches_hf(ours: Tokenizer, hf, messages: list[dict]) -> None:
     """Whitespace control (trim_blocks/lstrip_blocks), bos/eos variables and tojson behave like HF."""
     got = ours.apply_chat_template(messages, chat_template=LLAMA2_STYLE)
-    want = hf.apply_chat_template(
-        messages, chat_template=LLAMA2_STYLE, tokenize=False, add_generation_prompt=True
-    )
+    want = hf.apply_chat_template(messages, chat_template=LLAMA2_STYLE, tokenize=False, add_generation_prompt=True)
     assert got == want
 
 
@@ -335,9 +329,13 @@ def test_tiny_gpt2_gguf_matches_hf(tmp_path: Path, pre: str) -> None:
         tmp_path / "tiny.gguf",
         tokens,
         {
-            "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": pre, "tokenizer.ggml.merges": merges,
-            "tokenizer.ggml.bos_token_id": 1, "tokenizer.ggml.eos_token_id": 2,
-            "tokenizer.ggml.add_bos_token": False, "tokenizer.chat_template": template,
+            "tokenizer.ggml.model": "gpt2",
+            "tokenizer.ggml.pre": pre,
+            "tokenizer.ggml.merges": merges,
+            "tokenizer.ggml.bos_token_id": 1,
+            "tokenizer.ggml.eos_token_id": 2,
+            "tokenizer.ggml.add_bos_token": False,
+            "tokenizer.chat_template": template,
         },
         types=[3] * len(specials) + [1] * (len(tokens) - len(specials)),
     )
@@ -383,8 +381,11 @@ def test_minimal_gpt2_gguf_and_unknown_pre(tmp_path: Path, caplog: pytest.LogCap
     assert Tokenizer.from_gguf("not-read.gguf", metadata).encode(TINY_TEXT[1]) == bare.encode(TINY_TEXT[1])
     assert bare.vocab_size == len(tokens) and bare.bos_token_id is None and bare.eos_token_ids == ()
     assert bare.decode(bare.encode(TINY_TEXT[0])) == TINY_TEXT[0]
-    reference = Backend(models.BPE(vocab={t: i for i, t in enumerate(tokens)},
-                                   merges=[(m.split(" ")[0], m.split(" ")[1]) for m in merges]))
+    reference = Backend(
+        models.BPE(
+            vocab={t: i for i, t in enumerate(tokens)}, merges=[(m.split(" ")[0], m.split(" ")[1]) for m in merges]
+        )
+    )
     reference.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     assert bare.encode(TINY_TEXT[1]) == reference.encode(TINY_TEXT[1]).ids
     with caplog.at_level(logging.WARNING, logger="model_core.tokenizer"):
@@ -401,13 +402,47 @@ def test_unsupported_tokenizer_model_is_a_clear_error() -> None:
 
 
 def test_tiny_sentencepiece_gguf_matches_hf(tmp_path: Path) -> None:
-    pieces = ["▁", "h", "e", "l", "o", "w", "r", "d", "▁h", "▁he", "ll", "llo", "▁hello", "▁w", "or", "▁wor",
-              "ld", "▁world", "a", "b", "▁a", "ab", "▁ab", "!", "中", "x", "y", "xy", "▁x"]
+    pieces = [
+        "▁",
+        "h",
+        "e",
+        "l",
+        "o",
+        "w",
+        "r",
+        "d",
+        "▁h",
+        "▁he",
+        "ll",
+        "llo",
+        "▁hello",
+        "▁w",
+        "or",
+        "▁wor",
+        "ld",
+        "▁world",
+        "a",
+        "b",
+        "▁a",
+        "ab",
+        "▁ab",
+        "!",
+        "中",
+        "x",
+        "y",
+        "xy",
+        "▁x",
+    ]
     tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + pieces + ["<|user|>"]
     types = [2, 3, 3] + [6] * 256 + [1] * len(pieces) + [3]
     scores = [0.0] * 259 + [-float(i) for i in range(len(pieces))] + [0.0]
-    kv = {"tokenizer.ggml.model": "llama", "tokenizer.ggml.scores": scores, "tokenizer.ggml.bos_token_id": 1,
-          "tokenizer.ggml.eos_token_id": 2, "tokenizer.ggml.unknown_token_id": 0}
+    kv = {
+        "tokenizer.ggml.model": "llama",
+        "tokenizer.ggml.scores": scores,
+        "tokenizer.ggml.bos_token_id": 1,
+        "tokenizer.ggml.eos_token_id": 2,
+        "tokenizer.ggml.unknown_token_id": 0,
+    }
     _write_gguf(tmp_path / "sp.gguf", tokens, kv, types)
     ours = Tokenizer.from_gguf(tmp_path / "sp.gguf")
     hf = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file="sp.gguf")
@@ -443,8 +478,12 @@ def _write_tiny_dir(root: Path, with_template: bool = True, normalizer: bool = F
         backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         backend.decoder = decoders.ByteLevel()
         alphabet = pre_tokenizers.ByteLevel.alphabet()
-    trainer = trainers.BpeTrainer(vocab_size=350, show_progress=False, initial_alphabet=alphabet,
-                                  special_tokens=["<unk>", "<|im_start|>", "<|im_end|>", "<|endoftext|>"])
+    trainer = trainers.BpeTrainer(
+        vocab_size=350,
+        show_progress=False,
+        initial_alphabet=alphabet,
+        special_tokens=["<unk>", "<|im_start|>", "<|im_end|>", "<|endoftext|>"],
+    )
     backend.train_from_iterator(TINY_TEXT * 5, trainer)
     backend.save(str(root / "tokenizer.json"))
     eos = {"__type": "AddedToken", "content": "<|endoftext|>", "special": True}  # the dict form
@@ -473,8 +512,9 @@ def test_from_pretrained_dir_matches_hf(tmp_path: Path) -> None:
         assert ours.decode(ids, skip_special_tokens=False) == text
         assert "".join(_stream(ours, ids)) == ours.decode(ids)
     for msgs in CONVERSATIONS:
-        assert ours.apply_chat_template(msgs) == hf.apply_chat_template(msgs, tokenize=False,
-                                                                         add_generation_prompt=True)
+        assert ours.apply_chat_template(msgs) == hf.apply_chat_template(
+            msgs, tokenize=False, add_generation_prompt=True
+        )
 
 
 def test_generic_decoder_streams_like_decode(tmp_path: Path) -> None:

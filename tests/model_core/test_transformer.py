@@ -74,40 +74,64 @@ LAYER_CASES = [
 @pytest.mark.parametrize("norm_first,activation,bias", LAYER_CASES)
 def test_encoder_layer_matches_torch(norm_first: bool, activation: str, bias: bool) -> None:
     torch.manual_seed(0)
-    ref = nn.TransformerEncoderLayer(D, NH, FF, dropout=0.1, activation=activation, batch_first=True,
-                                     norm_first=norm_first, bias=bias, layer_norm_eps=1e-6).eval()
-    ours = EncoderLayer(D, NH, FF, dropout=0.1, activation=activation, norm_first=norm_first,
-                        eps=1e-6, bias=bias).eval()
+    ref = nn.TransformerEncoderLayer(
+        D,
+        NH,
+        FF,
+        dropout=0.1,
+        activation=activation,
+        batch_first=True,
+        norm_first=norm_first,
+        bias=bias,
+        layer_norm_eps=1e-6,
+    ).eval()
+    ours = EncoderLayer(
+        D, NH, FF, dropout=0.1, activation=activation, norm_first=norm_first, eps=1e-6, bias=bias
+    ).eval()
     load_from_torch(ours, ref)
     x = torch.randn(3, 7, D)
     pad = pads([7, 4, 2], 7)
-    torch.testing.assert_close(ours(x, src_key_padding_mask=pad), ref(x, src_key_padding_mask=pad),
-                               atol=TOL, rtol=0)
+    torch.testing.assert_close(ours(x, src_key_padding_mask=pad), ref(x, src_key_padding_mask=pad), atol=TOL, rtol=0)
     torch.testing.assert_close(ours(x), ref(x), atol=TOL, rtol=0)
     additive = torch.randn(7, 7)  # a float src_mask means the same in both conventions
-    torch.testing.assert_close(ours(x, src_key_padding_mask=pad, attn_mask=additive),
-                               ref(x, src_mask=additive, src_key_padding_mask=pad.float() * -1e30),
-                               atol=TOL, rtol=0)
+    torch.testing.assert_close(
+        ours(x, src_key_padding_mask=pad, attn_mask=additive),
+        ref(x, src_mask=additive, src_key_padding_mask=pad.float() * -1e30),
+        atol=TOL,
+        rtol=0,
+    )
 
 
 @pytest.mark.parametrize("norm_first,activation,bias", LAYER_CASES)
 def test_decoder_layer_matches_torch(norm_first: bool, activation: str, bias: bool) -> None:
     torch.manual_seed(1)
-    ref = nn.TransformerDecoderLayer(D, NH, FF, dropout=0.1, activation=activation, batch_first=True,
-                                     norm_first=norm_first, bias=bias).eval()
-    ours = DecoderLayer(D, NH, FF, dropout=0.1, activation=activation, norm_first=norm_first,
-                        bias=bias).eval()
+    ref = nn.TransformerDecoderLayer(
+        D, NH, FF, dropout=0.1, activation=activation, batch_first=True, norm_first=norm_first, bias=bias
+    ).eval()
+    ours = DecoderLayer(D, NH, FF, dropout=0.1, activation=activation, norm_first=norm_first, bias=bias).eval()
     load_from_torch(ours, ref)
     T, S = 6, 8
     x, memory = torch.randn(3, T, D), torch.randn(3, S, D)
     tgt_pad, mem_pad = pads([6, 3, 5], T), pads([8, 8, 2], S)
-    expected = ref(x, memory, tgt_mask=torch_causal(T), tgt_is_causal=True,
-                   tgt_key_padding_mask=tgt_pad, memory_key_padding_mask=mem_pad)
+    expected = ref(
+        x,
+        memory,
+        tgt_mask=torch_causal(T),
+        tgt_is_causal=True,
+        tgt_key_padding_mask=tgt_pad,
+        memory_key_padding_mask=mem_pad,
+    )
     got = ours(x, memory, tgt_key_padding_mask=tgt_pad, memory_key_padding_mask=mem_pad, causal=True)
     torch.testing.assert_close(got, expected, atol=TOL, rtol=0)
     # an explicit mask instead of the causal flag (ours: True = attend)
-    got = ours(x, memory, tgt_key_padding_mask=tgt_pad, memory_key_padding_mask=mem_pad, causal=False,
-               self_attn_mask=~torch_causal(T))
+    got = ours(
+        x,
+        memory,
+        tgt_key_padding_mask=tgt_pad,
+        memory_key_padding_mask=mem_pad,
+        causal=False,
+        self_attn_mask=~torch_causal(T),
+    )
     torch.testing.assert_close(got, expected, atol=TOL, rtol=0)
     # no causal mask at all is a different function
     noncausal = ours(x, memory, causal=False)
@@ -119,10 +143,12 @@ def test_decoder_layer_matches_torch(norm_first: bool, activation: str, bias: bo
 def test_stacks_match_torch(norm_first: bool) -> None:
     torch.manual_seed(2)
     n_enc, n_dec = 3, 2
-    enc_layer = nn.TransformerEncoderLayer(D, NH, FF, dropout=0.0, activation="gelu", batch_first=True,
-                                           norm_first=norm_first)
-    dec_layer = nn.TransformerDecoderLayer(D, NH, FF, dropout=0.0, activation="gelu", batch_first=True,
-                                           norm_first=norm_first)
+    enc_layer = nn.TransformerEncoderLayer(
+        D, NH, FF, dropout=0.0, activation="gelu", batch_first=True, norm_first=norm_first
+    )
+    dec_layer = nn.TransformerDecoderLayer(
+        D, NH, FF, dropout=0.0, activation="gelu", batch_first=True, norm_first=norm_first
+    )
     ref_enc = nn.TransformerEncoder(enc_layer, n_enc, norm=nn.LayerNorm(D), enable_nested_tensor=False).eval()
     ref_dec = nn.TransformerDecoder(dec_layer, n_dec, norm=nn.LayerNorm(D)).eval()
     for p in list(ref_enc.parameters()) + list(ref_dec.parameters()):  # layers are deep copies: differ them
@@ -136,8 +162,14 @@ def test_stacks_match_torch(norm_first: bool) -> None:
     ref_memory = ref_enc(src, src_key_padding_mask=src_pad)
     memory = enc(src, src_key_padding_mask=src_pad)
     torch.testing.assert_close(memory, ref_memory, atol=TOL, rtol=0)
-    expected = ref_dec(tgt, ref_memory, tgt_mask=torch_causal(5), tgt_is_causal=True,
-                       tgt_key_padding_mask=tgt_pad, memory_key_padding_mask=src_pad)
+    expected = ref_dec(
+        tgt,
+        ref_memory,
+        tgt_mask=torch_causal(5),
+        tgt_is_causal=True,
+        tgt_key_padding_mask=tgt_pad,
+        memory_key_padding_mask=src_pad,
+    )
     got = dec(tgt, memory, tgt_key_padding_mask=tgt_pad, memory_key_padding_mask=src_pad)
     torch.testing.assert_close(got, expected, atol=TOL, rtol=0)
 
@@ -189,7 +221,10 @@ def test_feedforward_activations_match_reference(activation: str) -> None:
     ff = FeedForward(D, FF, activation=activation)
     x = torch.randn(2, 3, D)
     acts: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-        "relu": F.relu, "gelu": F.gelu, "silu": F.silu, "gelu_tanh": lambda h: F.gelu(h, approximate="tanh"),
+        "relu": F.relu,
+        "gelu": F.gelu,
+        "silu": F.silu,
+        "gelu_tanh": lambda h: F.gelu(h, approximate="tanh"),
     }
     h = x @ ff.w_in.weight.T + ff.w_in.bias
     if activation == "geglu":

@@ -135,7 +135,8 @@ def test_gguf_matches_hf(kind: str, qtype: str, vocab: TinyVocab, ids: torch.Ten
     assert (tok.vocab_size, tok.bos_token_id, tok.eos_token_id) == (VOCAB_SIZE, vocab.bos_id, vocab.eos_id)
     assert tok.encode("hello world, the quick model") == _backend_ids(vocab, "hello world, the quick model")
     assert tok.apply_chat_template([{"role": "user", "content": "hi"}]) == (
-        "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
+        "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    )
 
 
 def _backend_ids(vocab: TinyVocab, text: str) -> list[int]:
@@ -211,9 +212,13 @@ def test_gguf_without_unpermute_differs(vocab: TinyVocab, ids: torch.Tensor, tmp
     q_rows, kv_rows = cfg.n_heads * cfg.hd, cfg.n_kv_heads * cfg.hd
     for i in range(cfg.n_layers):
         w = sd[f"blocks.{i}.attn.qkv.weight"]
-        sd[f"blocks.{i}.attn.qkv.weight"] = torch.cat([
-            permute_rope_rows(w[:q_rows], cfg.n_heads),
-            permute_rope_rows(w[q_rows : q_rows + kv_rows], cfg.n_kv_heads), w[q_rows + kv_rows :]])
+        sd[f"blocks.{i}.attn.qkv.weight"] = torch.cat(
+            [
+                permute_rope_rows(w[:q_rows], cfg.n_heads),
+                permute_rope_rows(w[q_rows : q_rows + kv_rows], cfg.n_kv_heads),
+                w[q_rows + kv_rows :],
+            ]
+        )
     bad = build_lm(cfg, sd)
     assert _max_diff(_logits(good, ids), _logits(bad, ids)) > 0.1
 
@@ -266,13 +271,15 @@ def test_missing_safetensors_tensor_is_named(vocab: TinyVocab, tmp_path: Path) -
 
 def test_shape_mismatch_names_tensor_and_shapes(vocab: TinyVocab, tmp_path: Path) -> None:
     bad_k = np.zeros((48, 64), dtype=np.float32)  # 3 KV heads' rows where the metadata says 2
-    tiny = write_gguf(MODELS["llama"](), tmp_path / "k.gguf", "F16", vocab=vocab,
-                      replace={"blk.0.attn_k.weight": bad_k})
+    tiny = write_gguf(
+        MODELS["llama"](), tmp_path / "k.gguf", "F16", vocab=vocab, replace={"blk.0.attn_k.weight": bad_k}
+    )
     with pytest.raises(ValueError, match=r"'blk\.0\.attn_k\.weight' has shape \(48, 64\).*\(32, 64\)"):
         load_lm(tiny.path)
     bad_pos = np.zeros((64, 64), dtype=np.float32)  # fewer positions than the context length
-    tiny = write_gguf(MODELS["gpt2"](), tmp_path / "p.gguf", "F32", vocab=vocab,
-                      replace={"position_embd.weight": bad_pos})
+    tiny = write_gguf(
+        MODELS["gpt2"](), tmp_path / "p.gguf", "F32", vocab=vocab, replace={"position_embd.weight": bad_pos}
+    )
     with pytest.raises(ValueError, match=r"'position_embd\.weight' has shape \(64, 64\).*\(128, 64\)"):
         load_lm(tiny.path)
     path = write_hf_dir(MODELS["llama"](), tmp_path / "hf", vocab)
@@ -285,8 +292,13 @@ def test_shape_mismatch_names_tensor_and_shapes(vocab: TinyVocab, tmp_path: Path
 
 def test_unused_tensors_are_an_error(vocab: TinyVocab, tmp_path: Path) -> None:
     """A llama3-style rope_freqs tensor (or attention biases) would change the logits: refuse it."""
-    tiny = write_gguf(MODELS["llama"](), tmp_path / "m.gguf", "F32", vocab=vocab,
-                      extra={"rope_freqs.weight": np.ones(8, dtype=np.float32)})
+    tiny = write_gguf(
+        MODELS["llama"](),
+        tmp_path / "m.gguf",
+        "F32",
+        vocab=vocab,
+        extra={"rope_freqs.weight": np.ones(8, dtype=np.float32)},
+    )
     with pytest.raises(ValueError, match="rope_freqs.weight"):
         load_lm(tiny.path)
     path = write_hf_dir(MODELS["llama"](), tmp_path / "hf", vocab)
@@ -318,16 +330,25 @@ def test_unsupported_config_options_are_refused(vocab: TinyVocab, tmp_path: Path
     llama_changes: list[tuple[dict[str, Any], str]] = [
         ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}}, "llama3"),
         ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "linear"),
-        ({"hidden_act": "gelu"}, "hidden_act"), ({"attention_bias": True}, "attention_bias")]
+        ({"hidden_act": "gelu"}, "hidden_act"),
+        ({"attention_bias": True}, "attention_bias"),
+    ]
     for change, word in llama_changes:
         with pytest.raises(ValueError, match=word):
             config_from_hf({**base, **change})
-    gpt2: dict[str, Any] = {"model_type": "gpt2", "n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 128,
-                            "vocab_size": 300}
+    gpt2: dict[str, Any] = {
+        "model_type": "gpt2",
+        "n_embd": 64,
+        "n_layer": 2,
+        "n_head": 4,
+        "n_positions": 128,
+        "vocab_size": 300,
+    }
     assert config_from_hf(gpt2).d_ff == 256
     gpt2_changes: list[tuple[dict[str, Any], str]] = [
         ({"activation_function": "relu"}, "activation_function"),
-        ({"scale_attn_by_inverse_layer_idx": True}, "scale_attn_by_inverse_layer_idx")]
+        ({"scale_attn_by_inverse_layer_idx": True}, "scale_attn_by_inverse_layer_idx"),
+    ]
     for change, word in gpt2_changes:
         with pytest.raises(ValueError, match=word):
             config_from_hf({**gpt2, **change})

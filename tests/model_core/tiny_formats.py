@@ -36,9 +36,12 @@ CHAT_TEMPLATE = (
 )
 QTYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")
 _FILE_TYPES = {
-    "F32": gguf.LlamaFileType.ALL_F32, "F16": gguf.LlamaFileType.MOSTLY_F16,
-    "BF16": gguf.LlamaFileType.MOSTLY_BF16, "Q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
-    "Q4_0": gguf.LlamaFileType.MOSTLY_Q4_0, "Q4_1": gguf.LlamaFileType.MOSTLY_Q4_1,
+    "F32": gguf.LlamaFileType.ALL_F32,
+    "F16": gguf.LlamaFileType.MOSTLY_F16,
+    "BF16": gguf.LlamaFileType.MOSTLY_BF16,
+    "Q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+    "Q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
+    "Q4_1": gguf.LlamaFileType.MOSTLY_Q4_1,
 }
 _CORPUS = [
     "The quick brown fox jumps over the lazy dog while the cat sleeps in the sun.",
@@ -63,12 +66,29 @@ def _randomize_(model: torch.nn.Module, seed: int) -> None:
                 p.copy_(1.0 + 0.1 * noise)
 
 
-def tiny_hf_llama(*, vocab_size: int = VOCAB_SIZE, n_heads: int = 4, n_kv_heads: int = 2, tie: bool = False,
-                  max_pos: int = 128, rope_theta: float = 10000.0, seed: int = 0) -> LlamaForCausalLM:
+def tiny_hf_llama(
+    *,
+    vocab_size: int = VOCAB_SIZE,
+    n_heads: int = 4,
+    n_kv_heads: int = 2,
+    tie: bool = False,
+    max_pos: int = 128,
+    rope_theta: float = 10000.0,
+    seed: int = 0,
+) -> LlamaForCausalLM:
     cfg = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=n_heads, num_key_value_heads=n_kv_heads, max_position_embeddings=max_pos,
-        rope_theta=rope_theta, rms_norm_eps=1e-5, tie_word_embeddings=tie, bos_token_id=1, eos_token_id=0,
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=n_heads,
+        num_key_value_heads=n_kv_heads,
+        max_position_embeddings=max_pos,
+        rope_theta=rope_theta,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=tie,
+        bos_token_id=1,
+        eos_token_id=0,
         attn_implementation="eager",
     )  # type: ignore[call-arg]  # transformers' configs take these as **kwargs
     torch.manual_seed(seed)
@@ -81,8 +101,15 @@ def tiny_hf_llama(*, vocab_size: int = VOCAB_SIZE, n_heads: int = 4, n_kv_heads:
 
 def tiny_hf_gpt2(*, vocab_size: int = VOCAB_SIZE, max_pos: int = 128, seed: int = 0) -> GPT2LMHeadModel:
     cfg = GPT2Config(
-        vocab_size=vocab_size, n_embd=64, n_layer=2, n_head=4, n_positions=max_pos, layer_norm_epsilon=1e-5,
-        bos_token_id=1, eos_token_id=0, attn_implementation="eager",
+        vocab_size=vocab_size,
+        n_embd=64,
+        n_layer=2,
+        n_head=4,
+        n_positions=max_pos,
+        layer_norm_epsilon=1e-5,
+        bos_token_id=1,
+        eos_token_id=0,
+        attn_implementation="eager",
     )  # type: ignore[call-arg]
     torch.manual_seed(seed)
     model = GPT2LMHeadModel(cfg)
@@ -113,8 +140,12 @@ def tiny_vocab(vocab_size: int = VOCAB_SIZE) -> TinyVocab:
     backend = Backend(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  special_tokens=list(SPECIAL_TOKENS), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=list(SPECIAL_TOKENS),
+        show_progress=False,
+    )
     backend.train_from_iterator(_CORPUS * 4, trainer)
     data = json.loads(backend.to_str())
     tokens = [t for t, _ in sorted(data["model"]["vocab"].items(), key=lambda kv: kv[1])]
@@ -126,16 +157,21 @@ def tiny_vocab(vocab_size: int = VOCAB_SIZE) -> TinyVocab:
 
 
 # -------------------------------------------------------------------- HF directory
-def write_hf_dir(model: PreTrainedModel, path: Path, vocab: TinyVocab | None = None,
-                 max_shard_size: str | None = None) -> Path:
+def write_hf_dir(
+    model: PreTrainedModel, path: Path, vocab: TinyVocab | None = None, max_shard_size: str | None = None
+) -> Path:
     """`save_pretrained` (safetensors, optionally sharded) plus a tokenizer.json directory."""
     path.mkdir(parents=True, exist_ok=True)
     kwargs: dict[str, Any] = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(path, **kwargs)
     vocab = vocab or tiny_vocab(model.config.vocab_size)
     (path / "tokenizer.json").write_text(vocab.backend_json)
-    config = {"bos_token": "<|im_start|>", "eos_token": "<|endoftext|>", "chat_template": CHAT_TEMPLATE,
-              "tokenizer_class": "PreTrainedTokenizerFast"}
+    config = {
+        "bos_token": "<|im_start|>",
+        "eos_token": "<|endoftext|>",
+        "chat_template": CHAT_TEMPLATE,
+        "tokenizer_class": "PreTrainedTokenizerFast",
+    }
     (path / "tokenizer_config.json").write_text(json.dumps(config))
     return path
 
@@ -186,17 +222,33 @@ def _llama_entries(model: LlamaForCausalLM) -> list[_Entry]:
 def _gpt2_entries(model: GPT2LMHeadModel, output: bool) -> list[_Entry]:
     c = model.config
     t = "transformer."
-    out = [_Entry("token_embd.weight", t + "wte.weight", _identity),
-           _Entry("position_embd.weight", t + "wpe.weight", _identity)]
-    pairs = [("attn_norm", "ln_1", False), ("attn_qkv", "attn.c_attn", True), ("attn_output", "attn.c_proj", True),
-             ("ffn_norm", "ln_2", False), ("ffn_up", "mlp.c_fc", True), ("ffn_down", "mlp.c_proj", True)]
+    out = [
+        _Entry("token_embd.weight", t + "wte.weight", _identity),
+        _Entry("position_embd.weight", t + "wpe.weight", _identity),
+    ]
+    pairs = [
+        ("attn_norm", "ln_1", False),
+        ("attn_qkv", "attn.c_attn", True),
+        ("attn_output", "attn.c_proj", True),
+        ("ffn_norm", "ln_2", False),
+        ("ffn_up", "mlp.c_fc", True),
+        ("ffn_down", "mlp.c_proj", True),
+    ]
     for i in range(c.n_layer):
         for ours, theirs, conv in pairs:
-            out.append(_Entry(f"blk.{i}.{ours}.weight", f"{t}h.{i}.{theirs}.weight",
-                              (lambda w: w.t()) if conv else _identity, conv1d=conv))
+            out.append(
+                _Entry(
+                    f"blk.{i}.{ours}.weight",
+                    f"{t}h.{i}.{theirs}.weight",
+                    (lambda w: w.t()) if conv else _identity,
+                    conv1d=conv,
+                )
+            )
             out.append(_Entry(f"blk.{i}.{ours}.bias", f"{t}h.{i}.{theirs}.bias", _identity))
-    out += [_Entry("output_norm.weight", t + "ln_f.weight", _identity),
-            _Entry("output_norm.bias", t + "ln_f.bias", _identity)]
+    out += [
+        _Entry("output_norm.weight", t + "ln_f.weight", _identity),
+        _Entry("output_norm.bias", t + "ln_f.bias", _identity),
+    ]
     if output:  # llama.cpp's converter writes GPT-2's tied head as its own tensor
         out.append(_Entry("output.weight", "lm_head.weight", _identity))
     return out
@@ -295,8 +347,9 @@ def write_gguf(
             g, t = data.astype(np.float32), GGMLQuantizationType.F32
         enc = _encode(g, t)
         written[e.gguf_name] = (enc, t)
-        w.add_tensor(e.gguf_name, enc, raw_dtype=t if t not in (GGMLQuantizationType.F32,
-                                                                 GGMLQuantizationType.F16) else None)
+        w.add_tensor(
+            e.gguf_name, enc, raw_dtype=t if t not in (GGMLQuantizationType.F32, GGMLQuantizationType.F16) else None
+        )
     if replace:
         raise KeyError(f"no tensors named {sorted(replace)}")
     for name, data in (extra or {}).items():

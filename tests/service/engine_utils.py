@@ -13,20 +13,39 @@ from service.engine.engine import EngineConfig, LLMEngine, TokenEvent
 from service.engine.runner import ModelRunner
 
 
-def make_engine(model: CausalLM, tokenizer: Tokenizer, *, num_blocks: int = 256, block_size: int = 16,
-                max_num_seqs: int = 32, max_num_batched_tokens: int = 256, start: bool = True,
-                kernels: Kernels | None = None, prefix_caching: bool = True) -> LLMEngine:
+def make_engine(
+    model: CausalLM,
+    tokenizer: Tokenizer,
+    *,
+    num_blocks: int = 256,
+    block_size: int = 16,
+    max_num_seqs: int = 32,
+    max_num_batched_tokens: int = 256,
+    start: bool = True,
+    kernels: Kernels | None = None,
+    prefix_caching: bool = True,
+) -> LLMEngine:
     runner = ModelRunner(model, num_blocks, block_size, tuple(tokenizer.eos_token_ids), kernels)
-    engine = LLMEngine(runner, tokenizer, EngineConfig(
-        max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, block_size=block_size,
-        num_blocks=num_blocks, max_model_len=model.cfg.max_seq_len, enable_prefix_caching=prefix_caching))
+    engine = LLMEngine(
+        runner,
+        tokenizer,
+        EngineConfig(
+            max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens,
+            block_size=block_size,
+            num_blocks=num_blocks,
+            max_model_len=model.cfg.max_seq_len,
+            enable_prefix_caching=prefix_caching,
+        ),
+    )
     if start:
         engine.start()
     return engine
 
 
-async def collect(engine: LLMEngine, prompt: Sequence[int], params: SamplingParams,
-                  request_id: str | None = None) -> list[TokenEvent]:
+async def collect(
+    engine: LLMEngine, prompt: Sequence[int], params: SamplingParams, request_id: str | None = None
+) -> list[TokenEvent]:
     return [ev async for ev in engine.generate(prompt, params, request_id)]
 
 

@@ -34,7 +34,7 @@ def sse_events(raw: bytes) -> list[Any]:
     events: list[Any] = []
     for block in blocks[:-1]:
         assert block.startswith("data: ") and "\n" not in block, block
-        payload = block[len("data: "):]
+        payload = block[len("data: ") :]
         events.append(payload if payload == "[DONE]" else json.loads(payload))
     assert events.count("[DONE]") == 1 and events[-1] == "[DONE]"
     return events[:-1]

@@ -44,14 +44,36 @@ class LiveServer:
         return tm
 
 
-def tiny_text_model(model: CausalLM, tokenizer: Tokenizer, *, name: str = TINY_MODEL_NAME, num_blocks: int = 256,
-                    block_size: int = 16, max_num_seqs: int = 32, max_num_batched_tokens: int = 256,
-                    prefix_caching: bool = True) -> TextModel:
+def tiny_text_model(
+    model: CausalLM,
+    tokenizer: Tokenizer,
+    *,
+    name: str = TINY_MODEL_NAME,
+    num_blocks: int = 256,
+    block_size: int = 16,
+    max_num_seqs: int = 32,
+    max_num_batched_tokens: int = 256,
+    prefix_caching: bool = True,
+) -> TextModel:
     """A TextModel over `model` whose engine is not started yet (the app's lifespan starts it)."""
-    engine = make_engine(model, tokenizer, num_blocks=num_blocks, block_size=block_size, max_num_seqs=max_num_seqs,
-                         max_num_batched_tokens=max_num_batched_tokens, start=False, prefix_caching=prefix_caching)
-    return TextModel(engine=engine, tokenizer=tokenizer, name=name, max_model_len=model.cfg.max_seq_len,
-                     vocab_size=model.cfg.vocab_size, created=int(time.time()))
+    engine = make_engine(
+        model,
+        tokenizer,
+        num_blocks=num_blocks,
+        block_size=block_size,
+        max_num_seqs=max_num_seqs,
+        max_num_batched_tokens=max_num_batched_tokens,
+        start=False,
+        prefix_caching=prefix_caching,
+    )
+    return TextModel(
+        engine=engine,
+        tokenizer=tokenizer,
+        name=name,
+        max_model_len=model.cfg.max_seq_len,
+        vocab_size=model.cfg.vocab_size,
+        created=int(time.time()),
+    )
 
 
 def _free_socket() -> socket.socket:
@@ -67,8 +89,15 @@ def serve(app: FastAPI, startup_timeout: float = 30.0) -> Iterator[LiveServer]:
     """Run `app` with uvicorn on a free port of 127.0.0.1 until the block exits."""
     sock = _free_socket()
     port = sock.getsockname()[1]
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False,
-                            lifespan="on", timeout_graceful_shutdown=5)
+    config = uvicorn.Config(
+        app,
+        host="127.0.0.1",
+        port=port,
+        log_level="warning",
+        access_log=False,
+        lifespan="on",
+        timeout_graceful_shutdown=5,
+    )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name=f"uvicorn-{port}", daemon=True)
     thread.start()
@@ -91,11 +120,24 @@ def serve(app: FastAPI, startup_timeout: float = 30.0) -> Iterator[LiveServer]:
 
 
 @contextmanager
-def serve_tiny(model: CausalLM, tokenizer: Tokenizer, *, num_blocks: int = 256, max_num_seqs: int = 32,
-               max_num_batched_tokens: int = 256, prefix_caching: bool = True,
-               settings: Settings | None = None) -> Iterator[LiveServer]:
+def serve_tiny(
+    model: CausalLM,
+    tokenizer: Tokenizer,
+    *,
+    num_blocks: int = 256,
+    max_num_seqs: int = 32,
+    max_num_batched_tokens: int = 256,
+    prefix_caching: bool = True,
+    settings: Settings | None = None,
+) -> Iterator[LiveServer]:
     """`create_app(settings or Settings(enable_gan=False), text_model=tiny_text_model(...))` on a free port."""
-    tm = tiny_text_model(model, tokenizer, num_blocks=num_blocks, max_num_seqs=max_num_seqs,
-                         max_num_batched_tokens=max_num_batched_tokens, prefix_caching=prefix_caching)
+    tm = tiny_text_model(
+        model,
+        tokenizer,
+        num_blocks=num_blocks,
+        max_num_seqs=max_num_seqs,
+        max_num_batched_tokens=max_num_batched_tokens,
+        prefix_caching=prefix_caching,
+    )
     with serve(create_app(settings or Settings(enable_gan=False), text_model=tm)) as live:
         yield live

@@ -62,8 +62,9 @@ def test_health_and_ready(http: httpx.Client, server: LiveServer) -> None:
     assert server.text_model.engine.is_alive
 
 
-def test_ready_turns_200_once_the_model_has_loaded(monkeypatch: pytest.MonkeyPatch, tiny_model: CausalLM,
-                                                   smol_tokenizer: Tokenizer) -> None:
+def test_ready_turns_200_once_the_model_has_loaded(
+    monkeypatch: pytest.MonkeyPatch, tiny_model: CausalLM, smol_tokenizer: Tokenizer
+) -> None:
     release = threading.Event()
 
     def slow_build(settings: Settings, observer: Any = None) -> TextModel:
@@ -71,8 +72,7 @@ def test_ready_turns_200_once_the_model_has_loaded(monkeypatch: pytest.MonkeyPat
         return tiny_text_model(tiny_model, smol_tokenizer)
 
     monkeypatch.setattr(service.main, "build_text_model", slow_build)
-    with serve(create_app(Settings(enable_gan=False))) as live, \
-            httpx.Client(base_url=live.base_url, timeout=30.0) as c:
+    with serve(create_app(Settings(enable_gan=False))) as live, httpx.Client(base_url=live.base_url, timeout=30.0) as c:
         assert c.get("/health").status_code == 200  # liveness does not wait for the model
         r = c.get("/ready")
         assert r.status_code == 503 and r.json()["status"] == "unavailable"
@@ -93,8 +93,7 @@ def test_ready_reports_a_failed_load(monkeypatch: pytest.MonkeyPatch) -> None:
         raise FileNotFoundError("no model at /nowhere.gguf")
 
     monkeypatch.setattr(service.main, "build_text_model", failing_build)
-    with serve(create_app(Settings(enable_gan=False))) as live, \
-            httpx.Client(base_url=live.base_url, timeout=30.0) as c:
+    with serve(create_app(Settings(enable_gan=False))) as live, httpx.Client(base_url=live.base_url, timeout=30.0) as c:
         deadline = time.monotonic() + 10.0
         while "failed" not in c.get("/ready").text and time.monotonic() < deadline:
             time.sleep(0.01)
@@ -104,8 +103,15 @@ def test_ready_reports_a_failed_load(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 # ------------------------------------------------------------------------------ tokenize/detokenize
-@pytest.mark.parametrize("text", ["Hello, world!", "  leading spaces and\ttabs\n\nnewlines",
-                                  "naïve café — 東京 🚀 emoji", "<|im_start|>user\nhi<|im_end|>"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Hello, world!",
+        "  leading spaces and\ttabs\n\nnewlines",
+        "naïve café — 東京 🚀 emoji",
+        "<|im_start|>user\nhi<|im_end|>",
+    ],
+)
 def test_tokenize_detokenize_round_trip(http: httpx.Client, smol_tokenizer: Tokenizer, text: str) -> None:
     r = http.post("/tokenize", json={"model": MODEL, "prompt": text})
     assert r.status_code == 200, r.text
@@ -141,16 +147,21 @@ def test_tokenize_and_detokenize_errors(http: httpx.Client) -> None:
 
 # ------------------------------------------------------------------------------------- error shape
 def test_every_error_has_the_openai_shape(http: httpx.Client) -> None:
-    err = assert_error(http.post("/v1/completions", json={"model": "nope", "prompt": "x"}), 404, "model",
-                       "model_not_found")
+    err = assert_error(
+        http.post("/v1/completions", json={"model": "nope", "prompt": "x"}), 404, "model", "model_not_found"
+    )
     assert err["type"] == "not_found_error"
     err = assert_error(http.post("/v1/completions", json={"prompt": "x", "temperature": 5}), 400, "temperature")
     assert err["type"] == "invalid_request_error" and "temperature" in err["message"]
     assert_error(http.post("/v1/chat/completions", json={"messages": "hi"}), 422, "messages")
     assert_error(http.post("/v1/chat/completions", json={"messages": []}), 422, "messages")
     assert_error(http.post("/v1/completions", json={}), 422, "prompt")
-    assert_error(http.post("/v1/completions", content=b"[1,", headers={"content-type": "application/json"}), 400, None,
-                 "invalid_json")
+    assert_error(
+        http.post("/v1/completions", content=b"[1,", headers={"content-type": "application/json"}),
+        400,
+        None,
+        "invalid_json",
+    )
     assert_error(http.get("/v1/no-such-route"), 404)
     assert_error(http.get("/v1/completions"), 405)
     assert_error(http.post("/v1/completions", json={"prompt": "x", "suffix": "y"}), 400, "suffix")
@@ -160,11 +171,17 @@ def test_every_error_has_the_openai_shape(http: httpx.Client) -> None:
     assert_error(http.post("/v1/completions", json={"prompt": ""}), 400, "prompt")
     assert_error(http.post("/v1/completions", json={"prompt": "x", "stop": ["a"] * 17}), 400, "stop")
     assert_error(http.post("/v1/completions", json={"prompt": "x", "logit_bias": {"abc": 1}}), 400, "logit_bias")
-    assert_error(http.post("/v1/chat/completions", json={
-        "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}), 400)
+    assert_error(
+        http.post(
+            "/v1/chat/completions",
+            json={"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+        ),
+        400,
+    )
     # errors of streamed requests are found before the stream starts: a plain JSON error, not SSE
-    assert_error(http.post("/v1/chat/completions", json={"messages": MESSAGES, "stream": True, "top_p": 0}), 400,
-                 "top_p")
+    assert_error(
+        http.post("/v1/chat/completions", json={"messages": MESSAGES, "stream": True, "top_p": 0}), 400, "top_p"
+    )
 
 
 # ----------------------------------------------------------------------------------- prompt forms
@@ -198,8 +215,9 @@ def test_echo(http: httpx.Client, smol_tokenizer: Tokenizer) -> None:
     by_ids = completion(http, prompt=ids, max_tokens=5, echo=True)
     assert by_ids["choices"][0]["text"] == prompt + plain["choices"][0]["text"]
 
-    r = http.post("/v1/completions", json={"prompt": prompt, "max_tokens": 5, "temperature": 0, "echo": True,
-                                           "stream": True})
+    r = http.post(
+        "/v1/completions", json={"prompt": prompt, "max_tokens": 5, "temperature": 0, "echo": True, "stream": True}
+    )
     events = sse_events(r.content)
     assert events[0]["choices"][0]["text"] == prompt
     assert "".join(e["choices"][0]["text"] for e in events) == echoed["choices"][0]["text"]
@@ -207,8 +225,16 @@ def test_echo(http: httpx.Client, smol_tokenizer: Tokenizer) -> None:
 
 # ------------------------------------------------------------------------------------- SSE framing
 def test_sse_framing_completions_and_chat(http: httpx.Client) -> None:
-    r = http.post("/v1/completions", json={"prompt": "Stream me", "max_tokens": 8, "temperature": 0,
-                                           "stream": True, "stream_options": {"include_usage": True}})
+    r = http.post(
+        "/v1/completions",
+        json={
+            "prompt": "Stream me",
+            "max_tokens": 8,
+            "temperature": 0,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        },
+    )
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
     assert r.headers["cache-control"] == "no-cache"
     events = sse_events(r.content)
@@ -218,8 +244,9 @@ def test_sse_framing_completions_and_chat(http: httpx.Client) -> None:
     assert events[-1]["choices"] == [] and events[-1]["usage"]["completion_tokens"] >= 1
     assert [e["choices"][0]["finish_reason"] for e in events[:-1]][-1] in ("stop", "length")
 
-    r = http.post("/v1/chat/completions", json={"messages": MESSAGES, "max_tokens": 8, "temperature": 0,
-                                                "stream": True})
+    r = http.post(
+        "/v1/chat/completions", json={"messages": MESSAGES, "max_tokens": 8, "temperature": 0, "stream": True}
+    )
     events = sse_events(r.content)
     assert all(e["object"] == "chat.completion.chunk" and e["id"].startswith("chatcmpl-") for e in events)
     assert events[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
@@ -246,8 +273,7 @@ def aborts(server: LiveServer) -> Iterator[list[str]]:
 
 
 def _long_body(path: str, stream: bool) -> dict[str, Any]:
-    body: dict[str, Any] = {"max_tokens": CONTEXT - 64, "temperature": 0, "ignore_eos": True, "stream": stream,
-                            "n": 2}
+    body: dict[str, Any] = {"max_tokens": CONTEXT - 64, "temperature": 0, "ignore_eos": True, "stream": stream, "n": 2}
     body.update({"prompt": "A very long story:"} if path == "/v1/completions" else {"messages": MESSAGES})
     return body
 
@@ -270,12 +296,14 @@ def _assert_still_serves(server: LiveServer) -> None:
 @pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
 def test_stream_disconnect_aborts_and_frees_kv(server: LiveServer, aborts: list[str], path: str) -> None:
     engine = server.text_model.engine
-    with httpx.Client(base_url=server.base_url, timeout=30.0) as c, \
-            c.stream("POST", path, json=_long_body(path, stream=True)) as r:
+    with (
+        httpx.Client(base_url=server.base_url, timeout=30.0) as c,
+        c.stream("POST", path, json=_long_body(path, stream=True)) as r,
+    ):
         assert r.status_code == 200
         lines = r.iter_lines()
         first = next(line for line in lines if line.startswith("data: "))
-        rid = json.loads(first[len("data: "):])["id"]
+        rid = json.loads(first[len("data: ") :])["id"]
         got = 1
         for line in lines:
             got += line.startswith("data: ")
@@ -313,8 +341,9 @@ def test_non_streamed_disconnect_aborts_and_frees_kv(server: LiveServer, aborts:
     watcher = threading.Thread(target=watch)
     watcher.start()
     with pytest.raises(httpx.ReadTimeout):  # the client gives up while the server generates
-        httpx.post(f"{server.base_url}{path}", json=_long_body(path, stream=False),
-                   timeout=httpx.Timeout(10.0, read=1.0))
+        httpx.post(
+            f"{server.base_url}{path}", json=_long_body(path, stream=False), timeout=httpx.Timeout(10.0, read=1.0)
+        )
     watcher.join()
     _assert_engine_idle_soon(server)
     assert len(running) == 2

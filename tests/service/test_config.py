@@ -17,17 +17,21 @@ def test_env_then_flags_override_defaults(monkeypatch: pytest.MonkeyPatch) -> No
     assert Settings().host == "127.0.0.1"
 
 
-@pytest.mark.parametrize("argv, option", [
-    (["--port", "70000"], "port"),
-    (["--dtype", "int4"], "dtype"),
-    (["--device", "tpu"], "device"),
-    (["--kernels", "sse9"], "kernels"),
-    (["--max-num-seqs", "0"], "max_num_seqs"),
-    (["--max-num-seqs", "64", "--max-num-batched-tokens", "32"], "max_num_batched_tokens"),
-    (["--api-key-file", "/nonexistent/keys"], "api_key_file"),
-])
-def test_invalid_settings_stop_start_up_naming_the_option(argv: list[str], option: str,
-                                                          capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize(
+    "argv, option",
+    [
+        (["--port", "70000"], "port"),
+        (["--dtype", "int4"], "dtype"),
+        (["--device", "tpu"], "device"),
+        (["--kernels", "sse9"], "kernels"),
+        (["--max-num-seqs", "0"], "max_num_seqs"),
+        (["--max-num-seqs", "64", "--max-num-batched-tokens", "32"], "max_num_batched_tokens"),
+        (["--api-key-file", "/nonexistent/keys"], "api_key_file"),
+    ],
+)
+def test_invalid_settings_stop_start_up_naming_the_option(
+    argv: list[str], option: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     with pytest.raises(SystemExit) as exc:
         parse_settings(argv)
     assert exc.value.code == 2

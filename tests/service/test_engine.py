@@ -20,8 +20,10 @@ def _prompts(n: int, seed: int = 0) -> list[list[int]]:
 
 
 def _reference(model, tok, prompt, params, kernels=None):
-    return [s.token_id for s in generate(model, prompt, params, tokenizer=tok, eos_token_ids=tok.eos_token_ids,
-                                         kernels=kernels)]
+    return [
+        s.token_id
+        for s in generate(model, prompt, params, tokenizer=tok, eos_token_ids=tok.eos_token_ids, kernels=kernels)
+    ]
 
 
 @pytest.mark.parametrize("isa", ["torch", *native_isas(reference=False)[:1]])

@@ -65,8 +65,14 @@ def test_sampled_constrained_requests_give_valid_json(engine, compiler, smol_tok
     document (bounded schema, so every request ends with "stop" well within max_tokens)."""
     grammar = compiler.compile(GrammarSpec.json_schema(WEATHER))
     p = prompt(smol_tokenizer)
-    jobs = [(p, SamplingParams(max_tokens=300, temperature=1.0, seed=s, top_k=(0, 50)[s % 2],
-                               top_p=(1.0, 0.9)[s % 2]), grammar) for s in range(6)]
+    jobs = [
+        (
+            p,
+            SamplingParams(max_tokens=300, temperature=1.0, seed=s, top_k=(0, 50)[s % 2], top_p=(1.0, 0.9)[s % 2]),
+            grammar,
+        )
+        for s in range(6)
+    ]
     outs = run(engine, jobs)
     texts = set()
     for events in outs:
@@ -83,8 +89,10 @@ def test_unconstrained_greedy_row_is_unchanged_by_constrained_neighbours(engine,
     greedy = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
     alone = run(engine, [(p, greedy, None)])[0]
     grammar = compiler.compile(GrammarSpec.json_object())
-    mixed = run(engine, [(p, SamplingParams(max_tokens=24, temperature=50.0, seed=i), grammar) for i in range(3)]
-                + [(p, greedy, None)])
+    mixed = run(
+        engine,
+        [(p, SamplingParams(max_tokens=24, temperature=50.0, seed=i), grammar) for i in range(3)] + [(p, greedy, None)],
+    )
     assert [e.token_id for e in mixed[-1]] == [e.token_id for e in alone]
     assert text_of(mixed[-1]) == text_of(alone)
 
@@ -113,8 +121,10 @@ def test_grammar_end_overrides_ignore_eos_and_min_tokens(engine, compiler, smol_
     options = ["yes", "no", "maybe later"]
     grammar = compiler.compile(GrammarSpec.choice(options))
     p = prompt(smol_tokenizer, "Is it raining?")
-    jobs = [(p, SamplingParams(max_tokens=50, temperature=1.0, seed=s, ignore_eos=s % 2 == 0, min_tokens=20), grammar)
-            for s in range(4)]
+    jobs = [
+        (p, SamplingParams(max_tokens=50, temperature=1.0, seed=s, ignore_eos=s % 2 == 0, min_tokens=20), grammar)
+        for s in range(4)
+    ]
     for events in run(engine, jobs):
         assert events[-1].finish_reason == "stop"
         assert text_of(events) in options
@@ -125,8 +135,7 @@ def test_regex_with_eos_when_accepting(engine, compiler, smol_tokenizer):
     """An open-ended grammar: the output stops on EOS (allowed once it matches) or at max_tokens."""
     grammar = compiler.compile(GrammarSpec.regex(r"[0-9]+(\.[0-9]+)?"))
     p = prompt(smol_tokenizer, "Pi is about")
-    for events in run(engine, [(p, SamplingParams(max_tokens=12, temperature=1.0, seed=s), grammar)
-                               for s in range(4)]):
+    for events in run(engine, [(p, SamplingParams(max_tokens=12, temperature=1.0, seed=s), grammar) for s in range(4)]):
         text = text_of(events)
         if events[-1].finish_reason == "stop":
             assert re.fullmatch(r"[0-9]+(\.[0-9]+)?", text)  # a complete match
@@ -165,14 +174,16 @@ def test_a_token_the_mask_allows_but_the_parser_refuses_is_resampled(engine, com
     mask can allow a byte token its parser then refuses. The runner checks each sampled token and samples
     again; where the parser accepts no token at all the request ends with a client error, never with a token
     outside the grammar and never a server error."""
-    choices = json.loads(r'''["\udba6\ude29\u00f1", "\u00c3", "\u00cc", "\udbb4\udd0d(\u00bf8",
+    choices = json.loads(r"""["\udba6\ude29\u00f1", "\u00c3", "\u00cc", "\udbb4\udd0d(\u00bf8",
         "\u009d\u0015\u00a6\ud8b2\ude5c\u00d2", "\u00bb|\u00d1\u0010\u00f1\u00ad\ud99f\ude24P\u0098\u00df",
         "\u00d6M\u00d7h\udb2d\udcdc", "3\udb86\ude57", "\u00da",
-        "\u0002\ud937\udd1cM\udb57\udd32.\u009a\u0081\u008a\ud97b\udd88"]''')
+        "\u0002\ud937\udd1cM\udb57\udd32.\u009a\u0081\u008a\ud97b\udd88"]""")
     grammar = compiler.compile(GrammarSpec.choice(choices))
     # a high temperature: near-uniform over the allowed tokens, where the refused byte tokens are often drawn
-    jobs = [(prompt(smol_tokenizer, f"Pick {i}"), SamplingParams(max_tokens=40, temperature=50.0, seed=i), grammar)
-            for i in range(32)]
+    jobs = [
+        (prompt(smol_tokenizer, f"Pick {i}"), SamplingParams(max_tokens=40, temperature=50.0, seed=i), grammar)
+        for i in range(32)
+    ]
     outcomes = {"stop": 0, "refused": 0}
     for events in run(engine, jobs):
         if events[-1].finish_reason == "stop":

@@ -125,8 +125,9 @@ def run_case(case: schemathesis.Case, live: LiveServer, session: requests.Sessio
 
 
 @schema.parametrize()
-@settings(max_examples=FUZZ_EXAMPLES, deadline=None, derandomize=True, database=None,
-          suppress_health_check=list(HealthCheck))
+@settings(
+    max_examples=FUZZ_EXAMPLES, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck)
+)
 def test_schema_fuzz(case: schemathesis.Case, fuzz_server: LiveServer, session: requests.Session) -> None:
     run_case(case, fuzz_server, session)
 

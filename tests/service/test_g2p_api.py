@@ -70,13 +70,18 @@ def test_models_list_each_with_its_kind(http: httpx.Client, g2p: G2P) -> None:
 def test_routing_by_model(http: httpx.Client) -> None:
     body = ok(http, prompt="hello")
     assert body["model"] == G2P_MODEL and body["object"] == "text_completion"
-    r = http.post("/v1/completions", json={"model": TINY_MODEL_NAME, "prompt": "hello", "max_tokens": 3,
-                                           "temperature": 0})
+    r = http.post(
+        "/v1/completions", json={"model": TINY_MODEL_NAME, "prompt": "hello", "max_tokens": 3, "temperature": 0}
+    )
     assert r.status_code == 200 and r.json()["model"] == TINY_MODEL_NAME  # the LM path is unchanged
     r = http.post("/v1/completions", json={"prompt": "hello", "max_tokens": 2})  # no model: the LM
     assert r.status_code == 200 and r.json()["model"] == TINY_MODEL_NAME
-    assert_error(http.post("/v1/completions", json={"model": "cmudict", "prompt": "hello"}), 404, param="model",
-                 code="model_not_found")
+    assert_error(
+        http.post("/v1/completions", json={"model": "cmudict", "prompt": "hello"}),
+        404,
+        param="model",
+        code="model_not_found",
+    )
     chat = http.post("/v1/chat/completions", json={"model": G2P_MODEL, "messages": [{"role": "user", "content": "a"}]})
     assert_error(chat, 404, param="model")  # only /v1/completions serves it
 
@@ -88,8 +93,12 @@ def test_word_and_list_of_words_match_the_model(http: httpx.Client, g2p: G2P) ->
     assert texts(body) == expected[:1] and body["choices"][0]["finish_reason"] == "stop"
     assert body["choices"][0]["logprobs"] is None
     n = len(expected[0].split())
-    assert body["usage"] == {"prompt_tokens": 8, "completion_tokens": n, "total_tokens": 8 + n,
-                             "prompt_tokens_details": {"cached_tokens": 0}}
+    assert body["usage"] == {
+        "prompt_tokens": 8,
+        "completion_tokens": n,
+        "total_tokens": 8 + n,
+        "prompt_tokens_details": {"cached_tokens": 0},
+    }
     body = ok(http, prompt=WORDS)
     assert texts(body) == expected
     assert body["usage"]["prompt_tokens"] == sum(map(len, WORDS))
@@ -115,7 +124,8 @@ def test_streaming_one_chunk_per_phone(http: httpx.Client, g2p: G2P) -> None:
         assert c["finish_reason"] is not None or c["text"].strip() in g2p.config.phones
     assert got == expected and finish == ["stop"] * 3
     assert events[-1]["choices"] == [] and events[-1]["usage"]["completion_tokens"] == sum(
-        len(t.split()) for t in expected)
+        len(t.split()) for t in expected
+    )
     beams = g2p_post(http, prompt="porpoise", n=2, stream=True)
     chunks = sse_events(beams.content)
     assert "usage" not in chunks[0]
@@ -139,11 +149,20 @@ def test_beams_and_samples(http: httpx.Client, g2p: G2P) -> None:
 
 
 # ------------------------------------------------------------------------------------------- errors
-@pytest.mark.parametrize("prompt,needle", [
-    ("", "empty"), (["hello", "  "], "prompt.1: empty"), ("a" * 33, "at most 32"), ("héllo", "'é'"),
-    ("two words", "' '"), ([1, 2, 3], "not token ids"), ([[1, 2]], "not token ids"), ([], "non-empty"),
-    (["a"] * 257, "at most 256 words"),
-])
+@pytest.mark.parametrize(
+    "prompt,needle",
+    [
+        ("", "empty"),
+        (["hello", "  "], "prompt.1: empty"),
+        ("a" * 33, "at most 32"),
+        ("héllo", "'é'"),
+        ("two words", "' '"),
+        ([1, 2, 3], "not token ids"),
+        ([[1, 2]], "not token ids"),
+        ([], "non-empty"),
+        (["a"] * 257, "at most 256 words"),
+    ],
+)
 def test_bad_words_are_400_naming_the_accepted_characters(http: httpx.Client, prompt: Any, needle: str) -> None:
     err = assert_error(g2p_post(http, prompt=prompt), 400, param="prompt")
     assert needle in err["message"], err
@@ -151,20 +170,38 @@ def test_bad_words_are_400_naming_the_accepted_characters(http: httpx.Client, pr
         assert "a-z" in err["message"] and "apostrophe" in err["message"], err
 
 
-@pytest.mark.parametrize("field,value", [
-    ("logprobs", 1), ("echo", True), ("suffix", "x"), ("stop", ["AH0"]), ("logit_bias", {"5": 1.0}),
-    ("presence_penalty", 0.5), ("response_format", {"type": "json_object"}), ("tools", [{"type": "function"}]),
-    ("prompt_logprobs", 1), ("min_tokens", 2),
-])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("logprobs", 1),
+        ("echo", True),
+        ("suffix", "x"),
+        ("stop", ["AH0"]),
+        ("logit_bias", {"5": 1.0}),
+        ("presence_penalty", 0.5),
+        ("response_format", {"type": "json_object"}),
+        ("tools", [{"type": "function"}]),
+        ("prompt_logprobs", 1),
+        ("min_tokens", 2),
+    ],
+)
 def test_fields_it_cannot_honour_are_400_naming_them(http: httpx.Client, field: str, value: Any) -> None:
     assert_error(g2p_post(http, prompt="hello", **{field: value}), 400, param=field, code="unsupported_parameter")
 
 
-@pytest.mark.parametrize("body,param", [
-    ({"max_tokens": 0}, "max_tokens"), ({"max_tokens": 49}, "max_tokens"), ({"n": 17}, "n"),
-    ({"n": 3, "best_of": 2}, "best_of"), ({"temperature": 3}, "temperature"), ({"top_p": 0}, "top_p"),
-    ({"temperature": 1, "best_of": 3}, "best_of"), ({"timeout": 0}, "timeout"),
-])
+@pytest.mark.parametrize(
+    "body,param",
+    [
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"max_tokens": 49}, "max_tokens"),
+        ({"n": 17}, "n"),
+        ({"n": 3, "best_of": 2}, "best_of"),
+        ({"temperature": 3}, "temperature"),
+        ({"top_p": 0}, "top_p"),
+        ({"temperature": 1, "best_of": 3}, "best_of"),
+        ({"timeout": 0}, "timeout"),
+    ],
+)
 def test_out_of_range_values_are_400(http: httpx.Client, body: dict[str, Any], param: str) -> None:
     assert_error(g2p_post(http, prompt="hello", **body), 400, param=param)
 
@@ -174,8 +211,11 @@ def test_metrics_carry_the_model_label(http: httpx.Client) -> None:
     ok(http, prompt=["porpoise", "any"])
     assert http.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2}).status_code == 200  # the LM
     text = http.get("/metrics").text
-    lines = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-             if line and not line.startswith("#")}
+    lines = {
+        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line and not line.startswith("#")
+    }
     assert lines[f'aigc_prompt_tokens_total{{model="{G2P_MODEL}"}}'] >= 11
     assert lines[f'aigc_generation_tokens_total{{model="{G2P_MODEL}"}}'] >= 4
     assert lines[f'aigc_request_success_total{{finish_reason="stop",model="{G2P_MODEL}"}}'] >= 2
@@ -184,11 +224,14 @@ def test_metrics_carry_the_model_label(http: httpx.Client) -> None:
     assert f'aigc_e2e_request_latency_seconds_count{{model="{TINY_MODEL_NAME}"}}' in lines  # the LM's own
 
 
-def test_disabled_or_missing_checkpoint_is_not_served(tiny_model: CausalLM, smol_tokenizer: Tokenizer,
-                                                      tmp_path: Any) -> None:
+def test_disabled_or_missing_checkpoint_is_not_served(
+    tiny_model: CausalLM, smol_tokenizer: Tokenizer, tmp_path: Any
+) -> None:
     for settings in (Settings(enable_gan=False, enable_g2p=False), Settings(enable_gan=False, g2p_path=str(tmp_path))):
-        with serve_tiny(tiny_model, smol_tokenizer, settings=settings) as live, \
-                httpx.Client(base_url=live.base_url, timeout=30.0) as c:
+        with (
+            serve_tiny(tiny_model, smol_tokenizer, settings=settings) as live,
+            httpx.Client(base_url=live.base_url, timeout=30.0) as c,
+        ):
             assert [m["id"] for m in c.get("/v1/models").json()["data"]] == [TINY_MODEL_NAME]
             assert_error(c.post("/v1/completions", json={"model": G2P_MODEL, "prompt": "hi"}), 404, param="model")
 
@@ -236,8 +279,11 @@ def test_openai_client(server: LiveServer, g2p: G2P) -> None:
         assert client.models.retrieve(G2P_MODEL).id == G2P_MODEL
         out = client.completions.create(model=G2P_MODEL, prompt=["porpoise", "any"])
         assert [c.text for c in out.choices] == [" ".join(p) for p in g2p.greedy(["porpoise", "any"])]
-        streamed = "".join(c.choices[0].text for c in client.completions.create(
-            model=G2P_MODEL, prompt="porpoise", stream=True) if c.choices)
+        streamed = "".join(
+            c.choices[0].text
+            for c in client.completions.create(model=G2P_MODEL, prompt="porpoise", stream=True)
+            if c.choices
+        )
         assert streamed == out.choices[0].text
         with pytest.raises(openai.BadRequestError, match="a-z"):
             client.completions.create(model=G2P_MODEL, prompt="naïve")

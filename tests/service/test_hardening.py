@@ -40,10 +40,15 @@ BIG = ("The quick brown fox jumps over the lazy dog. 12345 " * 80000)[:3_900_000
 
 
 @pytest.fixture(scope="module")
-def server(tiny_model: CausalLM, smol_tokenizer: Tokenizer, tmp_path_factory: pytest.TempPathFactory,
-           ) -> Iterator[LiveServer]:
-    gan_dir = save_gan(Generator(GANConfig(z_dim=8, embed_dim=4, g_width=4, d_width=4, image_size=32)).eval(),
-                       tmp_path_factory.mktemp("gan") / "gan")
+def server(
+    tiny_model: CausalLM,
+    smol_tokenizer: Tokenizer,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[LiveServer]:
+    gan_dir = save_gan(
+        Generator(GANConfig(z_dim=8, embed_dim=4, g_width=4, d_width=4, image_size=32)).eval(),
+        tmp_path_factory.mktemp("gan") / "gan",
+    )
     settings = Settings(gan_path=str(gan_dir), cors_origins=[ORIGIN], request_body_timeout_s=1.0)
     with serve(create_app(settings, text_model=tiny_text_model(tiny_model, smol_tokenizer))) as live:
         yield live
@@ -71,8 +76,9 @@ def health_latencies(c: httpx.Client, until: Any, pause: float = 0.005) -> list[
         time.sleep(pause)
 
 
-def test_big_inputs_never_hold_the_event_loop(server: LiveServer, http: httpx.Client,
-                                              smol_tokenizer: Tokenizer) -> None:
+def test_big_inputs_never_hold_the_event_loop(
+    server: LiveServer, http: httpx.Client, smol_tokenizer: Tokenizer
+) -> None:
     idle: list[float] = []
     for _ in range(60):
         idle += health_latencies(http, lambda: True)
@@ -80,11 +86,15 @@ def test_big_inputs_never_hold_the_event_loop(server: LiveServer, http: httpx.Cl
     base = statistics.median(idle)
     # bodies serialised once here: the load threads share this process, so they must not hold the GIL
     # with JSON work of their own
-    loads = [("/tokenize", json.dumps({"prompt": BIG}).encode()),
-             ("/v1/completions", json.dumps({"prompt": BIG, "max_tokens": 1}).encode()),
-             ("/v1/chat/completions", json.dumps({"messages": [{"role": "user", "content": BIG}]}).encode()),
-             ("/v1/completions", json.dumps({"prompt": "Hello there", "n": 16, "max_tokens": 64,
-                                             "ignore_eos": True}).encode())]
+    loads = [
+        ("/tokenize", json.dumps({"prompt": BIG}).encode()),
+        ("/v1/completions", json.dumps({"prompt": BIG, "max_tokens": 1}).encode()),
+        ("/v1/chat/completions", json.dumps({"messages": [{"role": "user", "content": BIG}]}).encode()),
+        (
+            "/v1/completions",
+            json.dumps({"prompt": "Hello there", "n": 16, "max_tokens": 64, "ignore_eos": True}).encode(),
+        ),
+    ]
     results: dict[int, httpx.Response] = {}
 
     def hit(i: int, path: str, body: bytes) -> None:
@@ -98,8 +108,10 @@ def test_big_inputs_never_hold_the_event_loop(server: LiveServer, http: httpx.Cl
     for t in threads:
         t.join()
     busy_p50, busy_max = statistics.median(busy), max(busy)
-    print(f"\n/health idle p50 {base * 1e3:.2f} ms; under load p50 {busy_p50 * 1e3:.2f} ms, "
-          f"max {busy_max * 1e3:.1f} ms ({busy_max / base:.0f}x idle), {len(busy)} probes")
+    print(
+        f"\n/health idle p50 {base * 1e3:.2f} ms; under load p50 {busy_p50 * 1e3:.2f} ms, "
+        f"max {busy_max * 1e3:.1f} ms ({busy_max / base:.0f}x idle), {len(busy)} probes"
+    )
     # before the fix, four such prompts froze /health for 34 s (tens of thousands of times idle)
     assert busy_p50 < 10 * base + 0.005
     assert busy_max < 300 * base + 0.1
@@ -114,22 +126,28 @@ def test_big_inputs_never_hold_the_event_loop(server: LiveServer, http: httpx.Cl
             assert err["param"] in ("prompt", "messages") and "characters" in err["message"]
 
 
-def test_a_prompt_refused_for_length_is_never_tokenized(server: LiveServer, http: httpx.Client,
-                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_prompt_refused_for_length_is_never_tokenized(
+    server: LiveServer, http: httpx.Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
     tm = server.text_model
     calls = []
     monkeypatch.setattr(tm.tokenizer, "encode", lambda *a, **k: calls.append(1) or [1])
     text = "x" * (tm.max_prompt_chars + 1)
     assert_error(http.post("/v1/completions", json={"prompt": text}), 400, "prompt", "context_length_exceeded")
     assert_error(http.post("/v1/completions", json={"prompt": ["ok", text]}), 400, "prompt.1")
-    assert_error(http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": text}]}), 400,
-                 "messages", "context_length_exceeded")
+    assert_error(
+        http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": text}]}),
+        400,
+        "messages",
+        "context_length_exceeded",
+    )
     assert calls == [1]  # only the short "ok"
 
 
 # ----------------------------------------------------------------------------- 2. admission
 def test_bursts_ten_times_the_queue_get_200_or_503_and_the_gauge_stays_under_max_waiting(
-        tiny_model: CausalLM, smol_tokenizer: Tokenizer) -> None:
+    tiny_model: CausalLM, smol_tokenizer: Tokenizer
+) -> None:
     max_waiting, max_num_seqs = 4, 2
     tm = text_model(tiny_model, smol_tokenizer, max_num_seqs=max_num_seqs, max_waiting=max_waiting)
     with serve(create_app(Settings(enable_gan=False), text_model=tm)) as live:
@@ -172,8 +190,10 @@ def test_bursts_ten_times_the_queue_get_200_or_503_and_the_gauge_stays_under_max
         watcher.join()
         ok = [s for s in statuses if s[0] == 200]
         refused = [s for s in statuses if s[0] == 503]
-        print(f"\n{len(statuses)} requests in 3 bursts of {burst}: {len(ok)} x 200, {len(refused)} x 503; "
-              f"waiting gauge max {max(gauge):.0f} over {len(gauge)} samples (limit {max_waiting})")
+        print(
+            f"\n{len(statuses)} requests in 3 bursts of {burst}: {len(ok)} x 200, {len(refused)} x 503; "
+            f"waiting gauge max {max(gauge):.0f} over {len(gauge)} samples (limit {max_waiting})"
+        )
         assert len(ok) + len(refused) == len(statuses)  # nothing else: no 504, no 500
         assert all(s[2] for s in ok)  # no 200 stream ended in an error
         assert all(s[1] for s in refused)  # Retry-After
@@ -186,14 +206,20 @@ def test_bursts_ten_times_the_queue_get_200_or_503_and_the_gauge_stays_under_max
 SURROGATE = b'"a\\ud800b"'
 
 
-@pytest.mark.parametrize(("path", "body", "param"), [
-    ("/v1/completions", b'{"prompt": ' + SURROGATE + b"}", "prompt"),
-    ("/v1/completions", b'{"prompt": ["ok", ' + SURROGATE + b"]}", "prompt.1"),
-    ("/v1/completions", b'{"prompt": "ok", "stop": [' + SURROGATE + b"]}", "stop.0"),
-    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": ' + SURROGATE + b"}]}",
-     "messages.0.content"),
-    ("/tokenize", b'{"prompt": ' + SURROGATE + b"}", "prompt"),
-])
+@pytest.mark.parametrize(
+    ("path", "body", "param"),
+    [
+        ("/v1/completions", b'{"prompt": ' + SURROGATE + b"}", "prompt"),
+        ("/v1/completions", b'{"prompt": ["ok", ' + SURROGATE + b"]}", "prompt.1"),
+        ("/v1/completions", b'{"prompt": "ok", "stop": [' + SURROGATE + b"]}", "stop.0"),
+        (
+            "/v1/chat/completions",
+            b'{"messages": [{"role": "user", "content": ' + SURROGATE + b"}]}",
+            "messages.0.content",
+        ),
+        ("/tokenize", b'{"prompt": ' + SURROGATE + b"}", "prompt"),
+    ],
+)
 def test_lone_surrogates_are_a_400_naming_the_field(http: httpx.Client, path: str, body: bytes, param: str) -> None:
     err = assert_error(post_json(http, path, body), 400, param, "invalid_unicode")
     assert "surrogate" in err["message"]
@@ -202,19 +228,23 @@ def test_lone_surrogates_are_a_400_naming_the_field(http: httpx.Client, path: st
     assert ok.status_code == 200 and ok.json()["count"] >= 1
 
 
-@pytest.mark.parametrize(("messages", "param"), [
-    ([{"role": "user"}], "messages.0.content"),
-    ([{"role": "user", "content": None}], "messages.0.content"),
-    ([{"role": "system", "content": "be brief"}, {"role": "user", "content": None}], "messages.1.content"),
-    ([{"role": "user", "content": "hi"}, {"role": "tool", "content": "42"}], "messages.1.tool_call_id"),
-])
+@pytest.mark.parametrize(
+    ("messages", "param"),
+    [
+        ([{"role": "user"}], "messages.0.content"),
+        ([{"role": "user", "content": None}], "messages.0.content"),
+        ([{"role": "system", "content": "be brief"}, {"role": "user", "content": None}], "messages.1.content"),
+        ([{"role": "user", "content": "hi"}, {"role": "tool", "content": "42"}], "messages.1.tool_call_id"),
+    ],
+)
 def test_messages_are_checked(http: httpx.Client, messages: list[dict[str, Any]], param: str) -> None:
     assert_error(http.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 2}), 400, param)
 
 
 def test_best_of_is_refused_unless_it_equals_n(http: httpx.Client) -> None:
-    err = assert_error(http.post("/v1/completions", json={"prompt": "hi", "best_of": 3, "max_tokens": 2}), 400,
-                       "best_of")
+    err = assert_error(
+        http.post("/v1/completions", json={"prompt": "hi", "best_of": 3, "max_tokens": 2}), 400, "best_of"
+    )
     assert "best_of" in err["message"]
     r = http.post("/v1/completions", json={"prompt": "hi", "best_of": 2, "n": 2, "max_tokens": 2})
     assert r.status_code == 200 and len(r.json()["choices"]) == 2
@@ -222,18 +252,31 @@ def test_best_of_is_refused_unless_it_equals_n(http: httpx.Client) -> None:
 
 # ----------------------------------------------------------------------------- 6. CORS
 def test_cors_preflight_with_the_openai_js_sdk_headers(http: httpx.Client) -> None:
-    sdk_headers = ("authorization, content-type, x-stainless-arch, x-stainless-lang, x-stainless-os, "
-                   "x-stainless-package-version, x-stainless-retry-count, x-stainless-runtime, "
-                   "x-stainless-runtime-version, x-stainless-timeout")
-    r = http.options("/v1/chat/completions", headers={
-        "Origin": ORIGIN, "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": sdk_headers})
+    sdk_headers = (
+        "authorization, content-type, x-stainless-arch, x-stainless-lang, x-stainless-os, "
+        "x-stainless-package-version, x-stainless-retry-count, x-stainless-runtime, "
+        "x-stainless-runtime-version, x-stainless-timeout"
+    )
+    r = http.options(
+        "/v1/chat/completions",
+        headers={
+            "Origin": ORIGIN,
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": sdk_headers,
+        },
+    )
     assert r.status_code == 200, r.text
     assert r.headers["access-control-allow-origin"] == ORIGIN
     allowed = {h.strip() for h in r.headers["access-control-allow-headers"].lower().split(",")}
     assert {h.strip() for h in sdk_headers.split(",")} <= allowed
-    r = http.options("/v1/chat/completions", headers={
-        "Origin": "https://evil.example", "Access-Control-Request-Method": "POST",
-        "Access-Control-Request-Headers": sdk_headers})
+    r = http.options(
+        "/v1/chat/completions",
+        headers={
+            "Origin": "https://evil.example",
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": sdk_headers,
+        },
+    )
     err = assert_error(r, 400, code="cors_refused")
     assert "origin" in err["message"] and "access-control-allow-origin" not in r.headers
 
@@ -268,8 +311,10 @@ def raw_exchange(port: int, head: bytes, body_parts: list[bytes], gap_s: float, 
 def test_slow_or_lying_bodies_get_408_and_free_their_slot(server: LiveServer, kind: str) -> None:
     body = json.dumps({"prompt": "hello", "max_tokens": 2}).encode()
     length = len(body) + 100 if kind == "lying_length" else len(body)
-    head = (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            b"Content-Length: " + str(length).encode() + b"\r\n\r\n")
+    head = (
+        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: " + str(length).encode() + b"\r\n\r\n"
+    )
     parts = [body] if kind == "lying_length" else [body[i : i + 1] for i in range(len(body))]
     t0 = time.monotonic()
     status, reply = raw_exchange(server.port, head, parts, gap_s=0.2, wait_s=10.0)
@@ -284,8 +329,7 @@ def test_slow_or_lying_bodies_get_408_and_free_their_slot(server: LiveServer, ki
 
 
 def test_a_body_still_arriving_when_a_drain_starts_gets_503(server: LiveServer) -> None:
-    head = (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            b"Content-Length: 100\r\n\r\n")
+    head = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n"
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
         s.sendall(head + b'{"prompt": ')
         time.sleep(0.2)
@@ -309,8 +353,11 @@ def test_wrong_content_type_is_415(http: httpx.Client) -> None:
     for ctype in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x"):
         r = http.post("/v1/completions", content=b'{"prompt": "hi"}', headers={"content-type": ctype})
         assert_error(r, 415, code="unsupported_media_type")
-    r = http.post("/v1/completions", content=b'{"prompt": "hi", "max_tokens": 1}',
-                  headers={"content-type": "application/json; charset=utf-8"})
+    r = http.post(
+        "/v1/completions",
+        content=b'{"prompt": "hi", "max_tokens": 1}',
+        headers={"content-type": "application/json; charset=utf-8"},
+    )
     assert r.status_code == 200
 
 
@@ -342,11 +389,13 @@ def test_help_shows_real_defaults(capsys: pytest.CaptureFixture[str]) -> None:
     assert "default /health,/ready,/metrics" in out and "--max-tokens-default" in out
 
 
-def test_max_tokens_default_caps_requests_that_set_no_limit(tiny_model: CausalLM, smol_tokenizer: Tokenizer,
-                                                            tmp_path: Path) -> None:
+def test_max_tokens_default_caps_requests_that_set_no_limit(
+    tiny_model: CausalLM, smol_tokenizer: Tokenizer, tmp_path: Path
+) -> None:
     model = tiny_llama(max_seq_len=256)
-    app = create_app(Settings(enable_gan=False, max_tokens_default=5),
-                     text_model=tiny_text_model(model, smol_tokenizer))
+    app = create_app(
+        Settings(enable_gan=False, max_tokens_default=5), text_model=tiny_text_model(model, smol_tokenizer)
+    )
     with serve(app) as live, httpx.Client(base_url=live.base_url, timeout=60.0) as c:
         r = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "ignore_eos": True})
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 5

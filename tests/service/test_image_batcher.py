@@ -159,8 +159,9 @@ def test_forward_error_reaches_every_request_and_batcher_survives() -> None:
         b = ImageBatcher(gen, max_batch=8, max_wait_ms=20)
         await b.start()
         try:
-            res = await asyncio.gather(b.generate(request(1, 1, 0)), b.generate(request(2, 1, 1)),
-                                       return_exceptions=True)
+            res = await asyncio.gather(
+                b.generate(request(1, 1, 0)), b.generate(request(2, 1, 1)), return_exceptions=True
+            )
             fail["on"] = False
             ok = await b.generate(request(3, 1, 2))
             return list(res), ok

@@ -89,13 +89,25 @@ def post(client: TestClient, **body: object) -> Any:
 
 def test_openai_client_gets_pngs_of_the_requested_size(server_url: str, gan: Generator) -> None:
     oa = openai.OpenAI(base_url=server_url + "/v1", api_key="unused", max_retries=0)
-    res = oa.images.generate(model="gan-digits", prompt="seven", n=3, size="64x64",  # type: ignore[arg-type]
-                             response_format="b64_json", extra_body={"seed": 42})
+    res = oa.images.generate(
+        model="gan-digits",
+        prompt="seven",
+        n=3,
+        size="64x64",  # type: ignore[arg-type]
+        response_format="b64_json",
+        extra_body={"seed": 42},
+    )
     assert res.data is not None and len(res.data) == 3
     imgs = [png(d.b64_json or "") for d in res.data]
     assert all(i.size == (64, 64) and i.mode == "L" for i in imgs)
-    again = oa.images.generate(model="gan-digits", prompt="7", n=3, size="64x64",  # type: ignore[arg-type]
-                               response_format="b64_json", extra_body={"seed": 42})
+    again = oa.images.generate(
+        model="gan-digits",
+        prompt="7",
+        n=3,
+        size="64x64",  # type: ignore[arg-type]
+        response_format="b64_json",
+        extra_body={"seed": 42},
+    )
     assert again.data is not None
     assert [d.b64_json for d in again.data] == [d.b64_json for d in res.data]
 
@@ -213,6 +225,7 @@ def test_concurrent_http_requests_share_forward_passes(gan: Generator) -> None:
             batcher: ImageBatcher = app.state.image_batcher
             transport = httpx.ASGITransport(app=app)
             async with httpx.AsyncClient(transport=transport, base_url="http://t") as ac:
+
                 async def call(b: dict) -> list[str]:
                     r = await ac.post(URL, json=b)
                     assert r.status_code == 200, r.text

@@ -13,7 +13,7 @@ from service.main import create_app
 from tests.service.server_utils import serve
 from tests.service.test_reliability import text_model
 
-SAMPLE = re.compile(r'^(?P<name>[a-z_0-9]+)(?:\{(?P<labels>[^}]*)\})? (?P<value>[-+0-9.e]+|NaN)$')
+SAMPLE = re.compile(r"^(?P<name>[a-z_0-9]+)(?:\{(?P<labels>[^}]*)\})? (?P<value>[-+0-9.e]+|NaN)$")
 
 
 def parse(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
@@ -35,8 +35,9 @@ def value(samples: dict, name: str, **labels: str) -> float:
 
 @pytest.fixture(scope="module")
 def server(tiny_model, smol_tokenizer):
-    app = create_app(Settings(enable_gan=False),
-                     text_model=text_model(tiny_model, smol_tokenizer, max_num_seqs=4, max_waiting=0))
+    app = create_app(
+        Settings(enable_gan=False), text_model=text_model(tiny_model, smol_tokenizer, max_num_seqs=4, max_waiting=0)
+    )
     with serve(app) as live:
         yield live
 
@@ -48,8 +49,10 @@ def test_counters_and_histograms_count_known_requests(server) -> None:
     for ids in prompts:
         r = c.post("/v1/completions", json={"prompt": ids, "max_tokens": 6, "ignore_eos": True, "temperature": 0})
         assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] == "length"
-    r = c.post("/v1/completions", json={"prompt": [5, 6], "max_tokens": 9, "temperature": 0, "ignore_eos": True,
-                                        "stop_token_ids": []})
+    r = c.post(
+        "/v1/completions",
+        json={"prompt": [5, 6], "max_tokens": 9, "temperature": 0, "ignore_eos": True, "stop_token_ids": []},
+    )
     assert r.status_code == 200
     after = parse(c.get("/metrics").text)
 
@@ -78,8 +81,11 @@ def test_rejections_are_counted_by_endpoint_and_reason(server) -> None:
     # n=4 holds every slot, one more request is refused for capacity (503)
     r = c.post("/v1/completions", json={"prompt": [1, 2], "max_tokens": 2, "n": 8})
     assert r.status_code == 400 and r.json()["error"]["param"] == "n"
-    with c.stream("POST", "/v1/completions", json={"prompt": [1, 2], "max_tokens": 200, "ignore_eos": True,
-                                                    "n": 4, "stream": True}) as s:
+    with c.stream(
+        "POST",
+        "/v1/completions",
+        json={"prompt": [1, 2], "max_tokens": 200, "ignore_eos": True, "n": 4, "stream": True},
+    ) as s:
         lines = s.iter_lines()  # kept: a dropped iterator closes the stream
         next(lines)
         r = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
@@ -88,13 +94,17 @@ def test_rejections_are_counted_by_endpoint_and_reason(server) -> None:
     while True:  # the dropped stream's abort reaches the engine within a step
         after = parse(c.get("/metrics").text)
         aborted = value(after, "aigc_request_success_total", finish_reason="abort") - value(
-            before, "aigc_request_success_total", finish_reason="abort")
+            before, "aigc_request_success_total", finish_reason="abort"
+        )
         if aborted >= 4 or time.monotonic() > deadline:
             break
         time.sleep(0.05)
     assert aborted == 4  # the n=4 stream's choices
-    assert value(after, "aigc_requests_rejected_total", endpoint="chat", reason="queue_full") - value(
-        before, "aigc_requests_rejected_total", endpoint="chat", reason="queue_full") == 1
+    assert (
+        value(after, "aigc_requests_rejected_total", endpoint="chat", reason="queue_full")
+        - value(before, "aigc_requests_rejected_total", endpoint="chat", reason="queue_full")
+        == 1
+    )
 
 
 def test_model_load_time_is_exported(server) -> None:

@@ -20,8 +20,10 @@ from tests.service.server_utils import TINY_MODEL_NAME, LiveServer, serve_tiny
 
 MODEL = TINY_MODEL_NAME
 PROMPT = "The quick brown fox jumps over the lazy dog. Once upon a time"
-MESSAGES: list[Any] = [{"role": "system", "content": "You are terse."},
-                       {"role": "user", "content": "Name three colours."}]
+MESSAGES: list[Any] = [
+    {"role": "system", "content": "You are terse."},
+    {"role": "user", "content": "Name three colours."},
+]
 
 
 @pytest.fixture(scope="module")
@@ -64,8 +66,9 @@ def test_models_list_and_retrieve(client: openai.OpenAI, server: LiveServer) -> 
 
 
 # ------------------------------------------------------------------------------- greedy == reference
-def test_completion_greedy_equals_reference_and_stream(client: openai.OpenAI, tiny_model: CausalLM,
-                                                       smol_tokenizer: Tokenizer) -> None:
+def test_completion_greedy_equals_reference_and_stream(
+    client: openai.OpenAI, tiny_model: CausalLM, smol_tokenizer: Tokenizer
+) -> None:
     ids = smol_tokenizer.encode(PROMPT)
     ref = reference(tiny_model, smol_tokenizer, ids, greedy(24))
     r = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=24, temperature=0)
@@ -83,8 +86,9 @@ def test_completion_greedy_equals_reference_and_stream(client: openai.OpenAI, ti
     assert all(c.choices[0].finish_reason is None for c in chunks[:-1])
 
 
-def test_chat_greedy_equals_reference_and_stream(client: openai.OpenAI, tiny_model: CausalLM,
-                                                 smol_tokenizer: Tokenizer) -> None:
+def test_chat_greedy_equals_reference_and_stream(
+    client: openai.OpenAI, tiny_model: CausalLM, smol_tokenizer: Tokenizer
+) -> None:
     ids = chat_ids(smol_tokenizer, MESSAGES)
     ref = reference(tiny_model, smol_tokenizer, ids, greedy(20))
     r = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=20, temperature=0)
@@ -94,8 +98,9 @@ def test_chat_greedy_equals_reference_and_stream(client: openai.OpenAI, tiny_mod
     assert r.choices[0].finish_reason == ref[-1].finish_reason
     assert r.usage is not None and (r.usage.prompt_tokens, r.usage.completion_tokens) == (len(ids), len(ref))
 
-    chunks = list(client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=20, temperature=0,
-                                                 stream=True))
+    chunks = list(
+        client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=20, temperature=0, stream=True)
+    )
     assert all(c.object == "chat.completion.chunk" and c.id == chunks[0].id for c in chunks)
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == msg.content
@@ -105,21 +110,36 @@ def test_chat_greedy_equals_reference_and_stream(client: openai.OpenAI, tiny_mod
 
 def test_max_completion_tokens_and_ignore_eos_give_exact_usage(client: openai.OpenAI) -> None:
     for n_tok in (1, 7, 33):
-        r = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=n_tok, temperature=0.8, seed=3,
-                                      extra_body={"ignore_eos": True})
+        r = client.completions.create(
+            model=MODEL, prompt=PROMPT, max_tokens=n_tok, temperature=0.8, seed=3, extra_body={"ignore_eos": True}
+        )
         assert r.choices[0].finish_reason == "length"
         assert r.usage is not None and r.usage.completion_tokens == n_tok
-        c = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_completion_tokens=n_tok,
-                                           temperature=0.8, seed=3, extra_body={"ignore_eos": True})
+        c = client.chat.completions.create(
+            model=MODEL,
+            messages=MESSAGES,
+            max_completion_tokens=n_tok,
+            temperature=0.8,
+            seed=3,
+            extra_body={"ignore_eos": True},
+        )
         assert c.choices[0].finish_reason == "length"
         assert c.usage is not None and c.usage.completion_tokens == n_tok
 
 
 # ------------------------------------------------------------------------------------------ n > 1
-def test_completion_n_choices_are_seeded_and_distinct(client: openai.OpenAI, tiny_model: CausalLM,
-                                                      smol_tokenizer: Tokenizer) -> None:
-    kw: dict[str, Any] = {"model": MODEL, "prompt": PROMPT, "max_tokens": 12, "temperature": 1.0, "seed": 11, "n": 3,
-                          "extra_body": {"ignore_eos": True}}
+def test_completion_n_choices_are_seeded_and_distinct(
+    client: openai.OpenAI, tiny_model: CausalLM, smol_tokenizer: Tokenizer
+) -> None:
+    kw: dict[str, Any] = {
+        "model": MODEL,
+        "prompt": PROMPT,
+        "max_tokens": 12,
+        "temperature": 1.0,
+        "seed": 11,
+        "n": 3,
+        "extra_body": {"ignore_eos": True},
+    }
     r = client.completions.create(**kw)
     assert sorted(c.index for c in r.choices) == [0, 1, 2]
     texts = [c.text for c in sorted(r.choices, key=lambda c: c.index)]
@@ -127,8 +147,12 @@ def test_completion_n_choices_are_seeded_and_distinct(client: openai.OpenAI, tin
     assert r.usage is not None and r.usage.completion_tokens == 3 * 12
     assert r.usage.prompt_tokens == len(smol_tokenizer.encode(PROMPT))
     # choice 0 uses the request's seed: it equals the reference sampler with that seed
-    ref = reference(tiny_model, smol_tokenizer, smol_tokenizer.encode(PROMPT),
-                    SamplingParams(max_tokens=12, temperature=1.0, seed=11, ignore_eos=True))
+    ref = reference(
+        tiny_model,
+        smol_tokenizer,
+        smol_tokenizer.encode(PROMPT),
+        SamplingParams(max_tokens=12, temperature=1.0, seed=11, ignore_eos=True),
+    )
     assert texts[0] == "".join(s.text for s in ref)
 
     streamed: dict[int, str] = {}
@@ -143,8 +167,15 @@ def test_completion_n_choices_are_seeded_and_distinct(client: openai.OpenAI, tin
 
 
 def test_chat_n_choices(client: openai.OpenAI) -> None:
-    kw: dict[str, Any] = {"model": MODEL, "messages": MESSAGES, "max_tokens": 10, "temperature": 1.0, "seed": 5,
-                          "n": 2, "extra_body": {"ignore_eos": True}}
+    kw: dict[str, Any] = {
+        "model": MODEL,
+        "messages": MESSAGES,
+        "max_tokens": 10,
+        "temperature": 1.0,
+        "seed": 5,
+        "n": 2,
+        "extra_body": {"ignore_eos": True},
+    }
     r = client.chat.completions.create(**kw)
     assert sorted(c.index for c in r.choices) == [0, 1]
     texts = [c.message.content for c in sorted(r.choices, key=lambda c: c.index)]
@@ -161,12 +192,14 @@ def test_chat_n_choices(client: openai.OpenAI) -> None:
 
 
 # -------------------------------------------------------------------------------------- logprobs
-def test_completion_logprobs_match_reference(client: openai.OpenAI, tiny_model: CausalLM,
-                                             smol_tokenizer: Tokenizer) -> None:
+def test_completion_logprobs_match_reference(
+    client: openai.OpenAI, tiny_model: CausalLM, smol_tokenizer: Tokenizer
+) -> None:
     ids = smol_tokenizer.encode(PROMPT)
     ref = reference(tiny_model, smol_tokenizer, ids, greedy(10, logprobs=3, ignore_eos=True))
-    r = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=10, temperature=0, logprobs=3,
-                                  extra_body={"ignore_eos": True})
+    r = client.completions.create(
+        model=MODEL, prompt=PROMPT, max_tokens=10, temperature=0, logprobs=3, extra_body={"ignore_eos": True}
+    )
     lp = r.choices[0].logprobs
     assert lp is not None and lp.tokens is not None and lp.token_logprobs is not None
     assert lp.top_logprobs is not None and lp.text_offset is not None
@@ -184,8 +217,17 @@ def test_completion_logprobs_match_reference(client: openai.OpenAI, tiny_model: 
         assert top.keys() == want.keys()
         assert list(top.values()) == pytest.approx(list(want.values()), abs=1e-4)
 
-    chunks = list(client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=10, temperature=0, logprobs=3,
-                                            stream=True, extra_body={"ignore_eos": True}))
+    chunks = list(
+        client.completions.create(
+            model=MODEL,
+            prompt=PROMPT,
+            max_tokens=10,
+            temperature=0,
+            logprobs=3,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        )
+    )
     s_tokens: list[str] = []
     s_lps: list[float | None] = []
     for c in chunks:
@@ -200,8 +242,15 @@ def test_completion_logprobs_match_reference(client: openai.OpenAI, tiny_model: 
 def test_chat_logprobs(client: openai.OpenAI, tiny_model: CausalLM, smol_tokenizer: Tokenizer) -> None:
     ids = chat_ids(smol_tokenizer, MESSAGES)
     ref = reference(tiny_model, smol_tokenizer, ids, greedy(8, logprobs=2, ignore_eos=True))
-    r = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=8, temperature=0, logprobs=True,
-                                       top_logprobs=2, extra_body={"ignore_eos": True})
+    r = client.chat.completions.create(
+        model=MODEL,
+        messages=MESSAGES,
+        max_tokens=8,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=2,
+        extra_body={"ignore_eos": True},
+    )
     lp = r.choices[0].logprobs
     assert lp is not None and lp.content is not None and len(lp.content) == 8
     for entry, step in zip(lp.content, ref, strict=True):
@@ -216,16 +265,24 @@ def test_chat_logprobs(client: openai.OpenAI, tiny_model: CausalLM, smol_tokeniz
         assert [t.logprob for t in entry.top_logprobs] == pytest.approx([v for _, v in step.top_logprobs], abs=1e-4)
 
     streamed = []
-    for chunk in client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=8, temperature=0,
-                                                logprobs=True, top_logprobs=2, stream=True,
-                                                extra_body={"ignore_eos": True}):
+    for chunk in client.chat.completions.create(
+        model=MODEL,
+        messages=MESSAGES,
+        max_tokens=8,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=2,
+        stream=True,
+        extra_body={"ignore_eos": True},
+    ):
         for c in chunk.choices:
             if c.logprobs is not None and c.logprobs.content:
                 streamed += c.logprobs.content
     assert [(e.token, round(e.logprob, 5)) for e in streamed] == [(e.token, round(e.logprob, 5)) for e in lp.content]
 
-    plain = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=3, temperature=0,
-                                           logprobs=True, extra_body={"ignore_eos": True})
+    plain = client.chat.completions.create(
+        model=MODEL, messages=MESSAGES, max_tokens=3, temperature=0, logprobs=True, extra_body={"ignore_eos": True}
+    )
     assert plain.choices[0].logprobs is not None and plain.choices[0].logprobs.content is not None
     assert [e.top_logprobs for e in plain.choices[0].logprobs.content] == [[], [], []]
     none = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=3, temperature=0)
@@ -236,51 +293,80 @@ def test_chat_logprobs(client: openai.OpenAI, tiny_model: CausalLM, smol_tokeniz
 def _pick_stop(text: str) -> tuple[str, str]:
     """A stop string taken from the second half of `text`, and the prefix before its first occurrence."""
     for start in range(len(text) // 2, len(text) - 3):
-        stop = text[start:start + 3]
+        stop = text[start : start + 3]
         if stop.strip() and stop.isprintable():
-            return stop, text[:text.find(stop)]
+            return stop, text[: text.find(stop)]
     raise AssertionError(f"no usable stop string in {text!r}")
 
 
 def test_completion_stop_string(client: openai.OpenAI, tiny_model: CausalLM, smol_tokenizer: Tokenizer) -> None:
-    full = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=30, temperature=0,
-                                     extra_body={"ignore_eos": True})
+    full = client.completions.create(
+        model=MODEL, prompt=PROMPT, max_tokens=30, temperature=0, extra_body={"ignore_eos": True}
+    )
     stop, expected = _pick_stop(full.choices[0].text)
-    r = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=30, temperature=0, stop=[stop, "\x00zz"],
-                                  extra_body={"ignore_eos": True})
+    r = client.completions.create(
+        model=MODEL, prompt=PROMPT, max_tokens=30, temperature=0, stop=[stop, "\x00zz"], extra_body={"ignore_eos": True}
+    )
     assert r.choices[0].text == expected
     assert r.choices[0].finish_reason == "stop"
     # completion_tokens counts up to and including the token that completed the stop string
-    out = [s.token_id for s in reference(tiny_model, smol_tokenizer, smol_tokenizer.encode(PROMPT),
-                                         greedy(30, ignore_eos=True))]
+    out = [
+        s.token_id
+        for s in reference(tiny_model, smol_tokenizer, smol_tokenizer.encode(PROMPT), greedy(30, ignore_eos=True))
+    ]
     k = next(k for k in range(1, 31) if stop in smol_tokenizer.decode(out[:k]))
     assert r.usage is not None and r.usage.completion_tokens == k
 
-    chunks = list(client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=30, temperature=0, stop=stop,
-                                            stream=True, extra_body={"ignore_eos": True}))
+    chunks = list(
+        client.completions.create(
+            model=MODEL,
+            prompt=PROMPT,
+            max_tokens=30,
+            temperature=0,
+            stop=stop,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        )
+    )
     assert "".join(c.choices[0].text for c in chunks) == expected
     assert chunks[-1].choices[0].finish_reason == "stop"
 
 
 def test_chat_stop_string(client: openai.OpenAI) -> None:
-    full = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=30, temperature=0,
-                                          extra_body={"ignore_eos": True})
+    full = client.chat.completions.create(
+        model=MODEL, messages=MESSAGES, max_tokens=30, temperature=0, extra_body={"ignore_eos": True}
+    )
     assert full.choices[0].message.content is not None
     stop, expected = _pick_stop(full.choices[0].message.content)
-    r = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=30, temperature=0, stop=stop,
-                                       extra_body={"ignore_eos": True})
+    r = client.chat.completions.create(
+        model=MODEL, messages=MESSAGES, max_tokens=30, temperature=0, stop=stop, extra_body={"ignore_eos": True}
+    )
     assert r.choices[0].message.content == expected
     assert r.choices[0].finish_reason == "stop"
-    chunks = list(client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=30, temperature=0,
-                                                 stop=[stop], stream=True, extra_body={"ignore_eos": True}))
+    chunks = list(
+        client.chat.completions.create(
+            model=MODEL,
+            messages=MESSAGES,
+            max_tokens=30,
+            temperature=0,
+            stop=[stop],
+            stream=True,
+            extra_body={"ignore_eos": True},
+        )
+    )
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == expected
     assert chunks[-1].choices[0].finish_reason == "stop"
 
 
 # ------------------------------------------------------------------------------- stream usage chunk
 def test_stream_include_usage(client: openai.OpenAI, smol_tokenizer: Tokenizer) -> None:
-    kw: dict[str, Any] = {"max_tokens": 9, "temperature": 0, "extra_body": {"ignore_eos": True},
-                          "stream": True, "stream_options": {"include_usage": True}}
+    kw: dict[str, Any] = {
+        "max_tokens": 9,
+        "temperature": 0,
+        "extra_body": {"ignore_eos": True},
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     chunks = list(client.completions.create(model=MODEL, prompt=PROMPT, n=2, **kw))
     *body, last = chunks
     assert last.choices == [] and last.usage is not None
@@ -335,8 +421,13 @@ def test_out_of_range_sampling_is_bad_request(client: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=2, temperature=5, stream=True)
     assert "temperature" in e.value.message
-    bad: list[dict[str, Any]] = [{"top_p": 0.0}, {"n": 0}, {"presence_penalty": 3.0}, {"logprobs": 50},
-                                 {"max_tokens": 0}]
+    bad: list[dict[str, Any]] = [
+        {"top_p": 0.0},
+        {"n": 0},
+        {"presence_penalty": 3.0},
+        {"logprobs": 50},
+        {"max_tokens": 0},
+    ]
     for kw in bad:
         with pytest.raises(openai.BadRequestError) as e:
             client.completions.create(model=MODEL, prompt=PROMPT, **{"max_tokens": 2, **kw})
@@ -358,7 +449,11 @@ def test_malformed_body_is_unprocessable(client: openai.OpenAI, server: LiveServ
     with pytest.raises(openai.UnprocessableEntityError) as e:
         client.chat.completions.create(model=MODEL, messages=[{"role": "wizard", "content": "hi"}])  # type: ignore
     assert e.value.param is not None and e.value.param.startswith("messages.0")
-    r = httpx.post(f"{server.base_url}/v1/chat/completions", content=b"{not json", timeout=10,
-                   headers={"content-type": "application/json"})
+    r = httpx.post(
+        f"{server.base_url}/v1/chat/completions",
+        content=b"{not json",
+        timeout=10,
+        headers={"content-type": "application/json"},
+    )
     assert r.status_code == 400 and set(r.json()) == {"error"}  # not JSON at all: OpenAI's 400
     assert r.json()["error"]["param"] is None and r.json()["error"]["code"] == "invalid_json"

@@ -263,8 +263,14 @@ def test_lookup_prefix_false_computes_every_position() -> None:
 
 
 def test_a_preempted_sequence_finds_its_own_blocks_again() -> None:
-    s = make(enable_prefix_caching=True, num_blocks=6, block_size=4, max_num_seqs=2, max_num_batched_tokens=32,
-             max_model_len=24)
+    s = make(
+        enable_prefix_caching=True,
+        num_blocks=6,
+        block_size=4,
+        max_num_seqs=2,
+        max_num_batched_tokens=32,
+        max_model_len=24,
+    )
     sim = Sim.of(s)
     a, b = prompt_seq("a", list(range(1, 9)), 8), prompt_seq("b", list(range(20, 30)), 8, t=1.0)
     s.add(a)
@@ -283,8 +289,14 @@ def test_many_shared_prompts_under_memory_pressure_match_the_reference() -> None
     """200 requests from 5 system prompts (and repeats of earlier conversations) in a pool that holds a few:
     hits, evictions and preemptions all happen, and every output equals the reference."""
     rng = random.Random(3)
-    s = make(enable_prefix_caching=True, num_blocks=24, block_size=4, max_num_seqs=6, max_num_batched_tokens=24,
-             max_model_len=64)
+    s = make(
+        enable_prefix_caching=True,
+        num_blocks=24,
+        block_size=4,
+        max_num_seqs=6,
+        max_num_batched_tokens=24,
+        max_model_len=64,
+    )
     sim = Sim.of(s)
     systems = [[rng.randint(1, 900) for _ in range(rng.randint(8, 30))] for _ in range(5)]
     done: list[Sequence] = []
@@ -344,8 +356,12 @@ def test_engine_outputs_equal_with_and_without_the_cache(tiny_model: CausalLM, s
     rng = random.Random(7)
     system = [rng.randrange(3, 49152) for _ in range(70)]
     prompts = [system + [rng.randrange(3, 49152) for _ in range(rng.randint(1, 20))] for _ in range(6)]
-    params = [SamplingParams(max_tokens=12, temperature=0.0) if i % 2 == 0 else
-              SamplingParams(max_tokens=12, temperature=0.8, top_p=0.9, seed=50 + i) for i in range(6)]
+    params = [
+        SamplingParams(max_tokens=12, temperature=0.0)
+        if i % 2 == 0
+        else SamplingParams(max_tokens=12, temperature=0.8, top_p=0.9, seed=50 + i)
+        for i in range(6)
+    ]
     jobs = list(zip(prompts, params, strict=True))
     off = make_engine(tiny_model, smol_tokenizer, prefix_caching=False, max_num_batched_tokens=64)
     try:
@@ -427,8 +443,9 @@ def test_chat_and_responses_report_cached_tokens(http: httpx.Client) -> None:
     out = http.post("/v1/chat/completions", json={**chat, "messages": [*msgs[:1], {"role": "user", "content": "Yo"}]})
     cached = out.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
     assert cached >= 64 and cached % 16 == 0
-    resp = http.post("/v1/responses", json={"model": TINY_MODEL_NAME, "instructions": system, "input": "Hey",
-                                           "max_output_tokens": 2}).json()
+    resp = http.post(
+        "/v1/responses", json={"model": TINY_MODEL_NAME, "instructions": system, "input": "Hey", "max_output_tokens": 2}
+    ).json()
     assert resp["usage"]["input_tokens_details"]["cached_tokens"] >= 64
 
 
@@ -455,10 +472,15 @@ def test_caching_can_be_switched_off(tiny_model: CausalLM, smol_tokenizer: Token
     assert parse_settings(["--no-enable-prefix-caching"]).enable_prefix_caching is False
     assert parse_settings([]).enable_prefix_caching is True
     ids = [random.Random(14).randrange(3, 49000) for _ in range(40)]
-    with serve_tiny(tiny_model, smol_tokenizer, prefix_caching=False) as live, httpx.Client(
-            base_url=live.base_url, timeout=60) as c:
+    with (
+        serve_tiny(tiny_model, smol_tokenizer, prefix_caching=False) as live,
+        httpx.Client(base_url=live.base_url, timeout=60) as c,
+    ):
         for _ in range(2):
             out = c.post("/v1/completions", json=_body(ids)).json()
             assert out["usage"]["prompt_tokens_details"] == {"cached_tokens": 0}
-        assert c.post("/reset_prefix_cache").json() == {"object": "prefix_cache.reset", "enabled": False,
-                                                         "blocks_forgotten": 0}
+        assert c.post("/reset_prefix_cache").json() == {
+            "object": "prefix_cache.reset",
+            "enabled": False,
+            "blocks_forgotten": 0,
+        }

@@ -92,8 +92,12 @@ def test_echo_logprobs_text_prompt(server: LiveServer, client: httpx.Client, tin
     assert abs(lp["token_logprobs"][-1] - float(ref[-1, gen])) < TOL
     assert ch["text"] == tm.tokenizer.decode(ids, False) + tm.tokenizer.decode([gen], False)
     assert lp["text_offset"][-1] == len(tm.tokenizer.decode(ids, False))
-    assert out["usage"] == {"prompt_tokens": len(ids), "completion_tokens": 1, "total_tokens": len(ids) + 1,
-                            "prompt_tokens_details": {"cached_tokens": 0}}  # scored prompts are always computed
+    assert out["usage"] == {
+        "prompt_tokens": len(ids),
+        "completion_tokens": 1,
+        "total_tokens": len(ids) + 1,
+        "prompt_tokens_details": {"cached_tokens": 0},
+    }  # scored prompts are always computed
 
 
 def test_echo_logprobs_token_ids_and_batches(server: LiveServer, client: httpx.Client, tiny_model: CausalLM) -> None:
@@ -171,8 +175,9 @@ def test_prompt_logprobs_completions_and_chat(server: LiveServer, client: httpx.
     out = post(client, "/v1/chat/completions", {"messages": msgs, "prompt_logprobs": 2, "max_tokens": 2})
     check_vllm_prompt_logprobs(tiny_model, chat_ids, out["prompt_logprobs"], 2)
     # streamed: the scores come first, in a chunk of their own
-    with client.stream("POST", "/v1/chat/completions", json={"messages": msgs, "prompt_logprobs": 1,
-                                                             "max_tokens": 2, "stream": True}) as r:
+    with client.stream(
+        "POST", "/v1/chat/completions", json={"messages": msgs, "prompt_logprobs": 1, "max_tokens": 2, "stream": True}
+    ) as r:
         chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
     scored = [c for c in chunks if "prompt_logprobs" in c]
     assert len(scored) == 1
@@ -185,8 +190,15 @@ def test_streamed_echo_logprobs(server: LiveServer, client: httpx.Client, tiny_m
     tm = server.text_model
     prompt = "Streaming an echo with logprobs sends the prompt's entries first."
     ids = tm.tokenizer.encode(prompt)
-    body = {"model": TINY_MODEL_NAME, "prompt": prompt, "echo": True, "logprobs": 1, "max_tokens": 3,
-            "temperature": 0, "stream": True}
+    body = {
+        "model": TINY_MODEL_NAME,
+        "prompt": prompt,
+        "echo": True,
+        "logprobs": 1,
+        "max_tokens": 3,
+        "temperature": 0,
+        "stream": True,
+    }
     with client.stream("POST", "/v1/completions", json=body) as r:
         chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
     first = chunks[0]["choices"][0]
@@ -196,8 +208,9 @@ def test_streamed_echo_logprobs(server: LiveServer, client: httpx.Client, tiny_m
     assert sum(len(lp["tokens"]) for lp in later) == 3
 
 
-def test_requests_without_scores_pay_nothing(server: LiveServer, client: httpx.Client,
-                                             monkeypatch: pytest.MonkeyPatch) -> None:
+def test_requests_without_scores_pay_nothing(
+    server: LiveServer, client: httpx.Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
     runner = server.text_model.engine.runner
     hidden_calls: list[int] = []
     scored_rows: list[int] = []
@@ -218,8 +231,11 @@ def test_requests_without_scores_pay_nothing(server: LiveServer, client: httpx.C
     post(client, "/v1/completions", {"prompt": prompt, "max_tokens": 3})
     post(client, "/v1/completions", {"prompt": prompt, "max_tokens": 3, "logprobs": 5})  # output logprobs only
     post(client, "/v1/completions", {"prompt": prompt, "max_tokens": 3, "echo": True})
-    post(client, "/v1/chat/completions", {"messages": [{"role": "user", "content": prompt}], "max_tokens": 3,
-                                          "logprobs": True, "top_logprobs": 2})
+    post(
+        client,
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": prompt}], "max_tokens": 3, "logprobs": True, "top_logprobs": 2},
+    )
     assert hidden_calls == [] and scored_rows == []
     n = len(server.text_model.tokenizer.encode(prompt))
     post(client, "/v1/completions", {"prompt": prompt, "max_tokens": 1, "echo": True, "logprobs": 0})
@@ -267,8 +283,9 @@ def test_scheduler_prompt_only_sequences_keep_invariants() -> None:
     assert s.block_pool.num_free == s.num_blocks
 
 
-def test_preempted_requests_keep_exact_prompt_logprobs(tiny_model: CausalLM, smol_tokenizer: Tokenizer,
-                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+def test_preempted_requests_keep_exact_prompt_logprobs(
+    tiny_model: CausalLM, smol_tokenizer: Tokenizer, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A KV pool too small for every request at once: sequences are preempted and recomputed, and their prompt
     scores (kept from the first prefill) still equal the reference."""
     from concurrent.futures import ThreadPoolExecutor
@@ -286,11 +303,15 @@ def test_preempted_requests_keep_exact_prompt_logprobs(tiny_model: CausalLM, smo
     monkeypatch.setattr(Scheduler, "_preempt_youngest", spy)
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(0, 49152, (n,), generator=g).tolist() for n in (70, 60, 50, 40)]
-    with serve_tiny(tiny_model, smol_tokenizer, num_blocks=17, max_num_seqs=4, max_num_batched_tokens=32) as live, \
-            httpx.Client(base_url=live.base_url, timeout=120) as c:
+    with (
+        serve_tiny(tiny_model, smol_tokenizer, num_blocks=17, max_num_seqs=4, max_num_batched_tokens=32) as live,
+        httpx.Client(base_url=live.base_url, timeout=120) as c,
+    ):
+
         def one(ids: list[int]) -> dict[str, Any]:
-            return post(c, "/v1/completions", {"prompt": ids, "echo": True, "logprobs": 2, "max_tokens": 60,
-                                               "ignore_eos": True})
+            return post(
+                c, "/v1/completions", {"prompt": ids, "echo": True, "logprobs": 2, "max_tokens": 60, "ignore_eos": True}
+            )
 
         with ThreadPoolExecutor(4) as pool:
             outs = list(pool.map(one, prompts))

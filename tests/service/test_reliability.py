@@ -58,18 +58,41 @@ LONG_CONTEXT = 1024
 
 
 # ------------------------------------------------------------------------------------------ helpers
-def text_model(model: CausalLM, tok: Tokenizer, *, max_num_seqs: int = 32, max_waiting: int = 256,
-               request_timeout_s: float | None = None, queue_timeout_s: float | None = None) -> TextModel:
+def text_model(
+    model: CausalLM,
+    tok: Tokenizer,
+    *,
+    max_num_seqs: int = 32,
+    max_waiting: int = 256,
+    request_timeout_s: float | None = None,
+    queue_timeout_s: float | None = None,
+) -> TextModel:
     """A TextModel whose engine (not started: the app's lifespan starts it) has the given limits."""
     ctx = model.cfg.max_seq_len
     num_blocks = 2 * ctx // 16 + 16
     runner = ModelRunner(model, num_blocks, 16, tuple(tok.eos_token_ids))
-    engine = LLMEngine(runner, tok, EngineConfig(
-        max_num_seqs=max_num_seqs, max_num_batched_tokens=max(256, max_num_seqs), block_size=16,
-        num_blocks=num_blocks, max_model_len=ctx, max_waiting=max_waiting, request_timeout_s=request_timeout_s,
-        queue_timeout_s=queue_timeout_s))
-    return TextModel(engine=engine, tokenizer=tok, name=MODEL, max_model_len=ctx, vocab_size=model.cfg.vocab_size,
-                     created=int(time.time()))
+    engine = LLMEngine(
+        runner,
+        tok,
+        EngineConfig(
+            max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max(256, max_num_seqs),
+            block_size=16,
+            num_blocks=num_blocks,
+            max_model_len=ctx,
+            max_waiting=max_waiting,
+            request_timeout_s=request_timeout_s,
+            queue_timeout_s=queue_timeout_s,
+        ),
+    )
+    return TextModel(
+        engine=engine,
+        tokenizer=tok,
+        name=MODEL,
+        max_model_len=ctx,
+        vocab_size=model.cfg.vocab_size,
+        created=int(time.time()),
+    )
 
 
 @contextmanager
@@ -115,14 +138,23 @@ class Ref:
 
 
 def reference(model: CausalLM, tok: Tokenizer, ids: list[int], max_tokens: int) -> Ref:
-    steps = list(generate(model, ids, SamplingParams(max_tokens=max_tokens, temperature=0.0), tokenizer=tok,
-                          eos_token_ids=tok.eos_token_ids))
+    steps = list(
+        generate(
+            model,
+            ids,
+            SamplingParams(max_tokens=max_tokens, temperature=0.0),
+            tokenizer=tok,
+            eos_token_ids=tok.eos_token_ids,
+        )
+    )
     return Ref("".join(s.text for s in steps), steps[-1].finish_reason or "", len(steps))
 
 
 def chat_ids(tok: Tokenizer, content: str) -> list[int]:
-    return tok.encode(tok.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True),
-                      add_special_tokens=False)
+    return tok.encode(
+        tok.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True),
+        add_special_tokens=False,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -132,14 +164,31 @@ def long_model() -> CausalLM:
 
 
 def long_stream_body(**extra: Any) -> dict[str, Any]:
-    return {"model": MODEL, "prompt": "Tell me everything:", "max_tokens": LONG_CONTEXT - 64, "temperature": 0,
-            "ignore_eos": True, "stream": True, **extra}
+    return {
+        "model": MODEL,
+        "prompt": "Tell me everything:",
+        "max_tokens": LONG_CONTEXT - 64,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+        **extra,
+    }
 
 
 # --------------------------------------------------------------------------------------------- load
 LOAD_REQUESTS, LOAD_CONCURRENCY, DISCONNECT_SHARE = 200, 32, 0.2
-PROMPTS = ["Once upon a time", "The capital of France is", "1, 2, 3,", "def add(a, b):", "Dear diary, today",
-           "In the beginning", "Roses are red,", "The weather is", "Q: why is the sky blue?\nA:", "naïve café 東京"]
+PROMPTS = [
+    "Once upon a time",
+    "The capital of France is",
+    "1, 2, 3,",
+    "def add(a, b):",
+    "Dear diary, today",
+    "In the beginning",
+    "Roses are red,",
+    "The weather is",
+    "Q: why is the sky blue?\nA:",
+    "naïve café 東京",
+]
 
 
 @dataclass(frozen=True)
@@ -152,24 +201,29 @@ class Job:
 
 
 @pytest.mark.timeout(240)
-def test_load_with_random_disconnects_loses_nothing_and_frees_every_block(tiny_model: CausalLM,
-                                                                          smol_tokenizer: Tokenizer) -> None:
+def test_load_with_random_disconnects_loses_nothing_and_frees_every_block(
+    tiny_model: CausalLM, smol_tokenizer: Tokenizer
+) -> None:
     rng = random.Random(1234)
     disconnecting = set(rng.sample(range(LOAD_REQUESTS), round(DISCONNECT_SHARE * LOAD_REQUESTS)))
     jobs = []
     for i in range(LOAD_REQUESTS):
         disconnect = i in disconnecting
         stream = rng.random() < 0.5
-        jobs.append(Job(path=rng.choice(["/v1/completions", "/v1/chat/completions"]), prompt=PROMPTS[i % len(PROMPTS)],
-                        max_tokens=rng.randint(1, 20) if not disconnect else 200, stream=stream,
-                        disconnect_after=(rng.randint(0, 6) if stream else rng.randint(0, 150)) if disconnect
-                        else None))
+        jobs.append(
+            Job(
+                path=rng.choice(["/v1/completions", "/v1/chat/completions"]),
+                prompt=PROMPTS[i % len(PROMPTS)],
+                max_tokens=rng.randint(1, 20) if not disconnect else 200,
+                stream=stream,
+                disconnect_after=(rng.randint(0, 6) if stream else rng.randint(0, 150)) if disconnect else None,
+            )
+        )
     refs: dict[tuple[str, str, int], Ref] = {}
     for j in jobs:
         key = (j.path, j.prompt, j.max_tokens)
         if j.disconnect_after is None and key not in refs:
-            ids = smol_tokenizer.encode(j.prompt) if j.path == "/v1/completions" else chat_ids(smol_tokenizer,
-                                                                                               j.prompt)
+            ids = smol_tokenizer.encode(j.prompt) if j.path == "/v1/completions" else chat_ids(smol_tokenizer, j.prompt)
             refs[key] = reference(tiny_model, smol_tokenizer, ids, j.max_tokens)
 
     tm = text_model(tiny_model, smol_tokenizer, max_num_seqs=32)
@@ -198,7 +252,7 @@ def test_load_with_random_disconnects_loses_nothing_and_frees_every_block(tiny_m
             try:  # the client gives up after a random delay: the connection closes mid-request
                 r = await asyncio.wait_for(client.post(j.path, json=body(j)), j.disconnect_after / 1000)
                 statuses.append(r.status_code)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
             disconnected += 1
             return
@@ -211,7 +265,7 @@ def test_load_with_random_disconnects_loses_nothing_and_frees_every_block(tiny_m
                 lines: list[str] = []
                 async for line in r.aiter_lines():
                     if line.startswith("data: "):
-                        lines.append(line[len("data: "):])
+                        lines.append(line[len("data: ") :])
                         if j.disconnect_after is not None and len(lines) >= j.disconnect_after:
                             break  # leaving the block closes the connection mid-stream
             if j.disconnect_after is not None:
@@ -233,14 +287,19 @@ def test_load_with_random_disconnects_loses_nothing_and_frees_every_block(tiny_m
             if r.status_code != 200:
                 return
             c = r.json()["choices"][0]
-            check(j, c["text"] if "text" in c else c["message"]["content"], c["finish_reason"],
-                  r.json()["usage"]["completion_tokens"])
+            check(
+                j,
+                c["text"] if "text" in c else c["message"]["content"],
+                c["finish_reason"],
+                r.json()["usage"]["completion_tokens"],
+            )
         completed += 1
 
     async def main(base_url: str) -> None:
         sem = asyncio.Semaphore(LOAD_CONCURRENCY)
         limits = httpx.Limits(max_connections=LOAD_CONCURRENCY, max_keepalive_connections=LOAD_CONCURRENCY)
         async with httpx.AsyncClient(base_url=base_url, timeout=60.0, limits=limits) as client:
+
             async def guarded(j: Job) -> None:
                 async with sem:
                     await one(client, j)
@@ -255,9 +314,11 @@ def test_load_with_random_disconnects_loses_nothing_and_frees_every_block(tiny_m
         aborted = metric(live, "aigc_request_success_total", finish_reason="abort")
         assert httpx.get(f"{live.base_url}/ready").status_code == 200
     n_disc = sum(j.disconnect_after is not None for j in jobs)
-    print(f"\nload: {LOAD_REQUESTS} requests, concurrency {LOAD_CONCURRENCY}, {n_disc} disconnecting, "
-          f"{completed} completed, {aborted:.0f} aborted in the engine, {elapsed:.1f}s, statuses "
-          f"{sorted(set(statuses))}, KV blocks in use at the end {tm.engine.scheduler.block_pool.num_used}")
+    print(
+        f"\nload: {LOAD_REQUESTS} requests, concurrency {LOAD_CONCURRENCY}, {n_disc} disconnecting, "
+        f"{completed} completed, {aborted:.0f} aborted in the engine, {elapsed:.1f}s, statuses "
+        f"{sorted(set(statuses))}, KV blocks in use at the end {tm.engine.scheduler.block_pool.num_used}"
+    )
     assert not [s for s in statuses if s >= 500], statuses
     assert all(s == 200 for s in statuses), sorted(set(statuses))
     assert completed == LOAD_REQUESTS - n_disc and disconnected == n_disc
@@ -272,8 +333,9 @@ def rejected(live: LiveServer, endpoint: str, reason: str) -> float:
 
 
 @pytest.mark.timeout(120)
-def test_overload_gets_503_with_retry_after_fast_and_is_counted(long_model: CausalLM,
-                                                                smol_tokenizer: Tokenizer) -> None:
+def test_overload_gets_503_with_retry_after_fast_and_is_counted(
+    long_model: CausalLM, smol_tokenizer: Tokenizer
+) -> None:
     running, queue = 2, 3
     tm = text_model(long_model, smol_tokenizer, max_num_seqs=running, max_waiting=queue)
     engine = tm.engine
@@ -285,8 +347,9 @@ def test_overload_gets_503_with_retry_after_fast_and_is_counted(long_model: Caus
                 r = s.__enter__()
                 streams.append(s)
                 assert r.status_code == 200
-            wait_for(lambda: engine.scheduler.num_running == running and engine.num_pending() == queue,
-                     what="a full engine")
+            wait_for(
+                lambda: engine.scheduler.num_running == running and engine.num_pending() == queue, what="a full engine"
+            )
             before = rejected(live, "completions", "queue_full")
             latencies, probes = [], []
             for _ in range(7):  # request number N + running + 1, several times
@@ -308,9 +371,11 @@ def test_overload_gets_503_with_retry_after_fast_and_is_counted(long_model: Caus
             assert rejected(live, "chat", "queue_full") == 1
             assert engine.scheduler.num_running == running and engine.num_pending() == queue  # nothing was lost
             median, health = statistics.median(latencies), statistics.median(probes)
-            print(f"\noverload: 503 latency median {median * 1000:.1f} ms, min {min(latencies) * 1000:.1f} ms, "
-                  f"max {max(latencies) * 1000:.1f} ms (running {running}, queue {queue}); /health "
-                  f"{health * 1000:.1f} ms")
+            print(
+                f"\noverload: 503 latency median {median * 1000:.1f} ms, min {min(latencies) * 1000:.1f} ms, "
+                f"max {max(latencies) * 1000:.1f} ms (running {running}, queue {queue}); /health "
+                f"{health * 1000:.1f} ms"
+            )
             # refused at once, not after waiting on the busy engine: as fast as a /health probe, give or take
             assert median < 10 * health, (latencies, probes)
         finally:
@@ -346,14 +411,15 @@ def stream_error(events: list[Any]) -> dict[str, Any]:
     errors = [(i, e["error"]) for i, e in enumerate(events) if "error" in e]
     assert len(errors) == 1, events[-3:]
     i, err = errors[0]
-    assert all(e["choices"] == [] and "usage" in e for e in events[i + 1:]), events[i:]
+    assert all(e["choices"] == [] and "usage" in e for e in events[i + 1 :]), events[i:]
     assert set(err) == ERROR_KEYS
     return err
 
 
 @pytest.mark.timeout(120)
-def test_per_request_timeout_ends_streams_with_an_error_and_frees_blocks(long_model: CausalLM,
-                                                                         smol_tokenizer: Tokenizer) -> None:
+def test_per_request_timeout_ends_streams_with_an_error_and_frees_blocks(
+    long_model: CausalLM, smol_tokenizer: Tokenizer
+) -> None:
     tm = text_model(long_model, smol_tokenizer, request_timeout_s=600.0)
     with serve_model(tm) as live, httpx.Client(base_url=live.base_url, timeout=30.0) as c:
         events, took = read_stream(c, "/v1/completions", long_stream_body(timeout=0.4))
@@ -363,9 +429,18 @@ def test_per_request_timeout_ends_streams_with_an_error_and_frees_blocks(long_mo
         assert took < 10.0
         wait_idle(tm.engine)
 
-        events, _ = read_stream(c, "/v1/chat/completions", {
-            "messages": [{"role": "user", "content": "go on"}], "max_tokens": LONG_CONTEXT - 64, "ignore_eos": True,
-            "stream": True, "timeout": 0.3, "stream_options": {"include_usage": True}})
+        events, _ = read_stream(
+            c,
+            "/v1/chat/completions",
+            {
+                "messages": [{"role": "user", "content": "go on"}],
+                "max_tokens": LONG_CONTEXT - 64,
+                "ignore_eos": True,
+                "stream": True,
+                "timeout": 0.3,
+                "stream_options": {"include_usage": True},
+            },
+        )
         assert stream_error(events)["code"] == "timeout"
         wait_idle(tm.engine)
 
@@ -405,8 +480,11 @@ def test_queue_wait_timeout(long_model: CausalLM, smol_tokenizer: Tokenizer) -> 
             err = assert_error(r, 503, code="queue_timeout")
             assert err["type"] == "service_unavailable" and "0.4" in err["message"]
             assert 0.3 < took < 10.0
-            events, _ = read_stream(c, "/v1/chat/completions", {
-                "messages": [{"role": "user", "content": "waiting"}], "max_tokens": 4, "stream": True})
+            events, _ = read_stream(
+                c,
+                "/v1/chat/completions",
+                {"messages": [{"role": "user", "content": "waiting"}], "max_tokens": 4, "stream": True},
+            )
             assert stream_error(events)["code"] == "queue_timeout"
             assert engine.scheduler.num_running == 1  # the running one is not affected
         wait_idle(engine)
@@ -434,8 +512,9 @@ def run_concurrently(base_url: str, bodies: list[dict[str, Any]]) -> list[httpx.
     return asyncio.run(main())
 
 
-def test_failing_sampling_ends_only_that_request(server: LiveServer, tiny_model: CausalLM, smol_tokenizer: Tokenizer,
-                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_failing_sampling_ends_only_that_request(
+    server: LiveServer, tiny_model: CausalLM, smol_tokenizer: Tokenizer, monkeypatch: pytest.MonkeyPatch
+) -> None:
     real_sample = runner_module.sample
     calls = {"poisoned": 0}
 
@@ -472,8 +551,9 @@ def test_failing_sampling_ends_only_that_request(server: LiveServer, tiny_model:
     assert server.text_model.engine.is_alive
 
 
-def test_failing_detokenizer_ends_only_that_request(server: LiveServer, tiny_model: CausalLM,
-                                                    smol_tokenizer: Tokenizer, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_failing_detokenizer_ends_only_that_request(
+    server: LiveServer, tiny_model: CausalLM, smol_tokenizer: Tokenizer, monkeypatch: pytest.MonkeyPatch
+) -> None:
     marker = "\u0000poison"
 
     class PoisonedStream(OutputStream):
@@ -498,14 +578,18 @@ def test_failing_detokenizer_ends_only_that_request(server: LiveServer, tiny_mod
         assert err["code"] == "internal_error" and "detokenization failed" in err["message"]
         for r, (_, ref) in zip(rs, refs, strict=True):
             assert r.status_code == 200
-            text = ("".join(e["choices"][0]["text"] for e in sse_events(r.content)) if stream
-                    else r.json()["choices"][0]["text"])
+            text = (
+                "".join(e["choices"][0]["text"] for e in sse_events(r.content))
+                if stream
+                else r.json()["choices"][0]["text"]
+            )
             assert text == ref.text
     wait_idle(server.text_model.engine)
 
 
-def test_a_failed_model_step_ends_its_requests_not_the_loop(server: LiveServer,
-                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_failed_model_step_ends_its_requests_not_the_loop(
+    server: LiveServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
     engine = server.text_model.engine
     real_execute = engine.runner.execute
     failures = {"left": 1}
@@ -517,8 +601,9 @@ def test_a_failed_model_step_ends_its_requests_not_the_loop(server: LiveServer,
         return real_execute(out)
 
     monkeypatch.setattr(engine.runner, "execute", execute)
-    r = httpx.post(f"{server.base_url}/v1/completions", json={"prompt": "x", "max_tokens": 8, "ignore_eos": True},
-                   timeout=30)
+    r = httpx.post(
+        f"{server.base_url}/v1/completions", json={"prompt": "x", "max_tokens": 8, "ignore_eos": True}, timeout=30
+    )
     err = assert_error(r, 500, code="internal_error")
     assert "model step failed" in err["message"] and "Traceback" not in r.text
     assert failures["left"] == 0 and engine.is_alive
@@ -536,13 +621,21 @@ def test_dead_engine_loop_fails_streams_and_turns_ready_503(long_model: CausalLM
         outcome: dict[str, Any] = {}
 
         def non_streamed() -> None:
-            outcome["r"] = httpx.post(f"{live.base_url}/v1/completions", json=long_stream_body(stream=False),
-                                      timeout=30.0)
+            outcome["r"] = httpx.post(
+                f"{live.base_url}/v1/completions", json=long_stream_body(stream=False), timeout=30.0
+            )
 
         t = threading.Thread(target=non_streamed)
-        with c.stream("POST", "/v1/chat/completions", json={
-                "messages": [{"role": "user", "content": "talk"}], "max_tokens": LONG_CONTEXT - 64,
-                "ignore_eos": True, "stream": True}) as r:
+        with c.stream(
+            "POST",
+            "/v1/chat/completions",
+            json={
+                "messages": [{"role": "user", "content": "talk"}],
+                "max_tokens": LONG_CONTEXT - 64,
+                "ignore_eos": True,
+                "stream": True,
+            },
+        ) as r:
             assert r.status_code == 200
             lines = r.iter_lines()
             for _ in range(4):
@@ -555,7 +648,7 @@ def test_dead_engine_loop_fails_streams_and_turns_ready_503(long_model: CausalLM
 
             engine.scheduler.schedule = broken_schedule  # type: ignore[method-assign]
             t0 = time.monotonic()
-            rest = [x[len("data: "):] for x in lines if x.startswith("data: ")]  # ends: no hang
+            rest = [x[len("data: ") :] for x in lines if x.startswith("data: ")]  # ends: no hang
             took = time.monotonic() - t0
         assert rest[-1] == "[DONE]"
         err = json.loads(rest[-2])["error"]
@@ -612,8 +705,12 @@ def test_limits_are_400_naming_the_field_and_the_limit(server: LiveServer) -> No
         (url, {"prompt": "x", "n": 0}, "n", "1"),
         (url, {"prompt": "x", "stop": ["s"] * (MAX_STOP + 1)}, "stop", str(MAX_STOP)),
         (url, {"prompt": "x", "stop_token_ids": [1] * (MAX_STOP + 1)}, "stop_token_ids", str(MAX_STOP)),
-        (url, {"prompt": "x", "logit_bias": {str(i): 1 for i in range(MAX_LOGIT_BIAS + 1)}}, "logit_bias",
-         str(MAX_LOGIT_BIAS)),
+        (
+            url,
+            {"prompt": "x", "logit_bias": {str(i): 1 for i in range(MAX_LOGIT_BIAS + 1)}},
+            "logit_bias",
+            str(MAX_LOGIT_BIAS),
+        ),
         (url, {"prompt": "x", "logit_bias": {"5": 500}}, "logit_bias", "100"),
         (url, {"prompt": "x", "max_tokens": ctx}, "max_tokens", str(ctx)),
         (url, {"prompt": "x", "max_tokens": 0}, "max_tokens", "1"),
@@ -626,8 +723,12 @@ def test_limits_are_400_naming_the_field_and_the_limit(server: LiveServer) -> No
         (chat, {"messages": [{"role": "user", "content": "hello " * ctx}]}, "prompt", str(ctx)),
         (chat, {"messages": msgs, "max_completion_tokens": ctx}, "max_tokens", str(ctx)),
         (chat, {"messages": msgs, "n": MAX_N + 1, "stream": True}, "n", str(MAX_N)),
-        (chat, {"messages": msgs, "logprobs": True, "top_logprobs": MAX_TOP_LOGPROBS + 1}, "top_logprobs",
-         str(MAX_TOP_LOGPROBS)),
+        (
+            chat,
+            {"messages": msgs, "logprobs": True, "top_logprobs": MAX_TOP_LOGPROBS + 1},
+            "top_logprobs",
+            str(MAX_TOP_LOGPROBS),
+        ),
     ]
     for target, body, param, limit in cases:
         r = httpx.post(target, json=body, timeout=30)
@@ -641,12 +742,22 @@ def test_limits_are_400_naming_the_field_and_the_limit(server: LiveServer) -> No
 def test_unknown_fields_are_ignored(server: LiveServer) -> None:
     base = {"prompt": "Once upon a time", "max_tokens": 5, "temperature": 0}
     plain = httpx.post(f"{server.base_url}/v1/completions", json=base, timeout=30)
-    extra = httpx.post(f"{server.base_url}/v1/completions", timeout=30, json={
-        **base, "frobnicate": True, "best_of_luck": [1, 2], "nested": {"a": {"b": None}}, "service_tier": "auto"})
+    extra = httpx.post(
+        f"{server.base_url}/v1/completions",
+        timeout=30,
+        json={**base, "frobnicate": True, "best_of_luck": [1, 2], "nested": {"a": {"b": None}}, "service_tier": "auto"},
+    )
     assert plain.status_code == extra.status_code == 200
     assert extra.json()["choices"][0]["text"] == plain.json()["choices"][0]["text"]
-    r = httpx.post(f"{server.base_url}/v1/chat/completions", timeout=30, json={
-        "messages": [{"role": "user", "content": "hi", "unknown_part": 1}], "max_tokens": 2, "parallel_tool_calls": 1})
+    r = httpx.post(
+        f"{server.base_url}/v1/chat/completions",
+        timeout=30,
+        json={
+            "messages": [{"role": "user", "content": "hi", "unknown_part": 1}],
+            "max_tokens": 2,
+            "parallel_tool_calls": 1,
+        },
+    )
     assert r.status_code == 200, r.text
     r = httpx.post(f"{server.base_url}/tokenize", json={"prompt": "hi", "what": "ever"}, timeout=30)
     assert r.status_code == 200
@@ -678,12 +789,16 @@ def test_wrong_types_are_422_naming_the_field(server: LiveServer) -> None:
             assert param in err["message"]
 
 
-def test_image_limits_are_400_naming_the_field_and_the_limit(tiny_model: CausalLM, smol_tokenizer: Tokenizer,
-                                                            tmp_path: Path) -> None:
-    gan_dir = save_gan(Generator(GANConfig(z_dim=8, embed_dim=4, g_width=4, d_width=4, image_size=32)).eval(),
-                       tmp_path / "gan")
-    with serve_model(text_model(tiny_model, smol_tokenizer), enable_gan=True, gan_path=str(gan_dir)) as live, \
-            httpx.Client(base_url=live.base_url, timeout=30.0) as c:
+def test_image_limits_are_400_naming_the_field_and_the_limit(
+    tiny_model: CausalLM, smol_tokenizer: Tokenizer, tmp_path: Path
+) -> None:
+    gan_dir = save_gan(
+        Generator(GANConfig(z_dim=8, embed_dim=4, g_width=4, d_width=4, image_size=32)).eval(), tmp_path / "gan"
+    )
+    with (
+        serve_model(text_model(tiny_model, smol_tokenizer), enable_gan=True, gan_path=str(gan_dir)) as live,
+        httpx.Client(base_url=live.base_url, timeout=30.0) as c,
+    ):
         url = "/v1/images/generations"
         cases: list[tuple[dict[str, Any], str, str]] = [
             ({"prompt": "7", "n": IMAGE_MAX_N + 1}, "n", str(IMAGE_MAX_N)),
@@ -691,8 +806,11 @@ def test_image_limits_are_400_naming_the_field_and_the_limit(tiny_model: CausalL
             ({"prompt": "7", "size": f"{2 * MAX_SIZE}x{2 * MAX_SIZE}"}, "size", str(MAX_SIZE)),
             ({"prompt": "7", "size": f"{MIN_SIZE // 2}x{MIN_SIZE // 2}"}, "size", str(MIN_SIZE)),
             ({"prompt": "7", "size": "64x32"}, "size", str(MAX_SIZE)),
-            ({"prompt": "7", "interpolate": {"seeds": [1, 2], "steps": MAX_FRAMES + 1}}, "interpolate.steps",
-             str(MAX_FRAMES)),
+            (
+                {"prompt": "7", "interpolate": {"seeds": [1, 2], "steps": MAX_FRAMES + 1}},
+                "interpolate.steps",
+                str(MAX_FRAMES),
+            ),
         ]
         for body, param, limit in cases:
             err = assert_error(c.post(url, json=body), 400, param=param)
@@ -712,14 +830,16 @@ def test_body_over_the_limit_is_413(server: LiveServer) -> None:
 
     def chunks() -> Iterator[bytes]:  # no Content-Length: chunked transfer, counted as it arrives
         for i in range(0, len(payload), 8192):
-            yield payload[i:i + 8192]
+            yield payload[i : i + 8192]
 
-    r = httpx.post(f"{server.base_url}/v1/completions", content=chunks(), timeout=30,
-                   headers={"content-type": "application/json"})
+    r = httpx.post(
+        f"{server.base_url}/v1/completions", content=chunks(), timeout=30, headers={"content-type": "application/json"}
+    )
     assert "content-length" not in r.request.headers
     err = assert_error(r, 413, code="body_too_large")
     assert str(limit) in err["message"]
-    r = httpx.post(f"{server.base_url}/v1/completions", json={"prompt": "x" * (limit // 2), "max_tokens": 1},
-                   timeout=30)
+    r = httpx.post(
+        f"{server.base_url}/v1/completions", json={"prompt": "x" * (limit // 2), "max_tokens": 1}, timeout=30
+    )
     assert r.status_code != 413  # under the limit it is parsed (and may fail on the context length)
     wait_idle(server.text_model.engine)

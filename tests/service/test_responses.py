@@ -21,13 +21,23 @@ from tests.service.server_utils import TINY_MODEL_NAME, LiveServer, serve_tiny
 
 MODEL = TINY_MODEL_NAME
 ASK = "What is the weather in Paris?"
-PARAMS = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 10},
-                                           "unit": {"enum": ["celsius", "fahrenheit"]}},
-          "required": ["city", "unit"], "additionalProperties": False}
-TOOL: Any = {"type": "function", "name": "get_weather", "description": "Current weather in a city",
-             "parameters": PARAMS, "strict": True}
-CHAT_TOOL: Any = {"type": "function", "function": {"name": "get_weather", "description": "Current weather in a city",
-                                                   "parameters": PARAMS}}
+PARAMS = {
+    "type": "object",
+    "properties": {"city": {"type": "string", "maxLength": 10}, "unit": {"enum": ["celsius", "fahrenheit"]}},
+    "required": ["city", "unit"],
+    "additionalProperties": False,
+}
+TOOL: Any = {
+    "type": "function",
+    "name": "get_weather",
+    "description": "Current weather in a city",
+    "parameters": PARAMS,
+    "strict": True,
+}
+CHAT_TOOL: Any = {
+    "type": "function",
+    "function": {"name": "get_weather", "description": "Current weather in a city", "parameters": PARAMS},
+}
 GREEDY: dict[str, Any] = {"temperature": 0}
 
 
@@ -64,8 +74,9 @@ def status_for(finish_reason: str | None) -> str:
 # ------------------------------------------------------------------------------------------- text
 def test_text_equals_chat_completion(client: openai.OpenAI) -> None:
     r = client.responses.create(model=MODEL, input="Name three colours.", max_output_tokens=20, **GREEDY)
-    c = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Name three colours."}],
-                                       max_tokens=20, **GREEDY)
+    c = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Name three colours."}], max_tokens=20, **GREEDY
+    )
     assert r.object == "response" and r.id.startswith("resp_") and r.model == MODEL and r.error is None
     assert text_of(r) == c.choices[0].message.content == r.output_text
     assert r.output[0].id.startswith("msg_")  # type: ignore[union-attr]
@@ -77,18 +88,31 @@ def test_text_equals_chat_completion(client: openai.OpenAI) -> None:
     assert r.usage.input_tokens_details.cached_tokens == 0 and r.usage.output_tokens_details.reasoning_tokens == 0
 
     # instructions are a system message first; content parts and "type": "message" items are accepted
-    r = client.responses.create(model=MODEL, instructions="You are terse.", max_output_tokens=12, input=[
-        {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Name three colours."}]}],
-        **GREEDY)
-    c = client.chat.completions.create(model=MODEL, max_tokens=12, messages=[
-        {"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name three colours."}], **GREEDY)
+    r = client.responses.create(
+        model=MODEL,
+        instructions="You are terse.",
+        max_output_tokens=12,
+        input=[{"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Name three colours."}]}],
+        **GREEDY,
+    )
+    c = client.chat.completions.create(
+        model=MODEL,
+        max_tokens=12,
+        messages=[{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name three colours."}],
+        **GREEDY,
+    )
     assert r.instructions == "You are terse." and text_of(r) == c.choices[0].message.content
     assert r.usage is not None and c.usage is not None and r.usage.input_tokens == c.usage.prompt_tokens
 
 
 def test_max_output_tokens_cut_is_incomplete(client: openai.OpenAI) -> None:
-    r = client.responses.create(model=MODEL, input="Tell me a story.", max_output_tokens=5, temperature=0.9,
-                                extra_body={"ignore_eos": True, "seed": 1})
+    r = client.responses.create(
+        model=MODEL,
+        input="Tell me a story.",
+        max_output_tokens=5,
+        temperature=0.9,
+        extra_body={"ignore_eos": True, "seed": 1},
+    )
     assert r.status == "incomplete" and r.incomplete_details is not None
     assert r.incomplete_details.reason == "max_output_tokens"
     assert r.usage is not None and r.usage.output_tokens == 5
@@ -102,10 +126,17 @@ def test_stream_events_in_order_and_deltas_join_to_the_text(client: openai.OpenA
     events = list(client.responses.create(stream=True, **kw))
     kinds = [e.type for e in events]
     deltas = [e for e in events if e.type == "response.output_text.delta"]
-    assert kinds == ["response.created", "response.in_progress", "response.output_item.added",
-                     "response.content_part.added", *["response.output_text.delta"] * len(deltas),
-                     "response.output_text.done", "response.content_part.done", "response.output_item.done",
-                     f"response.{plain.status}"]
+    assert kinds == [
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.content_part.added",
+        *["response.output_text.delta"] * len(deltas),
+        "response.output_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+        f"response.{plain.status}",
+    ]
     assert [e.sequence_number for e in events] == list(range(len(events)))
     assert len(deltas) > 1
     final = events[-1].response  # type: ignore[union-attr]
@@ -115,15 +146,15 @@ def test_stream_events_in_order_and_deltas_join_to_the_text(client: openai.OpenA
     assert final.id == events[0].response.id and final.usage == plain.usage  # type: ignore[union-attr]
 
     # the SDK's stream helper accumulates the same response
-    with client.responses.stream(model=MODEL, input="Name three colours.", max_output_tokens=16,
-                                 temperature=0) as stream:
+    with client.responses.stream(
+        model=MODEL, input="Name three colours.", max_output_tokens=16, temperature=0
+    ) as stream:
         texts = [e.delta for e in stream if e.type == "response.output_text.delta"]
         if plain.status == "completed":
             assert stream.get_final_response().output_text == text_of(plain)
     assert "".join(texts) == text_of(plain)
 
-    cut = list(client.responses.create(stream=True, **{**kw, "max_output_tokens": 3},
-                                       extra_body={"ignore_eos": True}))
+    cut = list(client.responses.create(stream=True, **{**kw, "max_output_tokens": 3}, extra_body={"ignore_eos": True}))
     assert cut[-1].type == "response.incomplete"
     assert cut[-1].response.incomplete_details.reason == "max_output_tokens"  # type: ignore[union-attr]
 
@@ -145,15 +176,34 @@ def test_stream_wire_format(server: LiveServer) -> None:
 # ------------------------------------------------------------------------------------- function calls
 def test_function_call_items_round_trip_as_chat_tool_messages(client: openai.OpenAI) -> None:
     args = json.dumps({"city": "Paris", "unit": "celsius"})
-    r = client.responses.create(model=MODEL, tools=[TOOL], max_output_tokens=12, **GREEDY, input=[
-        {"role": "user", "content": ASK},
-        {"type": "function_call", "call_id": "call_1", "name": "get_weather", "arguments": args},
-        {"type": "function_call_output", "call_id": "call_1", "output": "18 degrees, sunny"}])
-    c = client.chat.completions.create(model=MODEL, tools=[CHAT_TOOL], max_tokens=12, **GREEDY, messages=[
-        {"role": "user", "content": ASK},
-        {"role": "assistant", "content": None, "tool_calls": [
-            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": args}}]},
-        {"role": "tool", "tool_call_id": "call_1", "content": "18 degrees, sunny"}])
+    r = client.responses.create(
+        model=MODEL,
+        tools=[TOOL],
+        max_output_tokens=12,
+        **GREEDY,
+        input=[
+            {"role": "user", "content": ASK},
+            {"type": "function_call", "call_id": "call_1", "name": "get_weather", "arguments": args},
+            {"type": "function_call_output", "call_id": "call_1", "output": "18 degrees, sunny"},
+        ],
+    )
+    c = client.chat.completions.create(
+        model=MODEL,
+        tools=[CHAT_TOOL],
+        max_tokens=12,
+        **GREEDY,
+        messages=[
+            {"role": "user", "content": ASK},
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [
+                    {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": args}}
+                ],
+            },
+            {"role": "tool", "tool_call_id": "call_1", "content": "18 degrees, sunny"},
+        ],
+    )
     assert r.usage is not None and c.usage is not None
     assert (r.usage.input_tokens, r.usage.output_tokens) == (c.usage.prompt_tokens, c.usage.completion_tokens)
     message = c.choices[0].message
@@ -161,13 +211,21 @@ def test_function_call_items_round_trip_as_chat_tool_messages(client: openai.Ope
         assert text_of(r) == message.content
     calls = [o for o in r.output if o.type == "function_call"]
     assert [(o.name, o.arguments) for o in calls] == [
-        (t.function.name, t.function.arguments) for t in message.tool_calls or []]  # type: ignore[union-attr]
+        (t.function.name, t.function.arguments) for t in message.tool_calls or []
+    ]  # type: ignore[union-attr]
 
 
 def test_required_tool_choice_gives_a_valid_function_call(client: openai.OpenAI) -> None:
-    r = client.responses.create(model=MODEL, input=ASK, tools=[TOOL], tool_choice="required", max_output_tokens=200,
-                                parallel_tool_calls=False, temperature=0.8,
-                                extra_body={"seed": 2})
+    r = client.responses.create(
+        model=MODEL,
+        input=ASK,
+        tools=[TOOL],
+        tool_choice="required",
+        max_output_tokens=200,
+        parallel_tool_calls=False,
+        temperature=0.8,
+        extra_body={"seed": 2},
+    )
     assert r.status == "completed", r.output
     [call] = r.output
     assert call.type == "function_call" and call.name == "get_weather" and call.status == "completed"
@@ -177,19 +235,36 @@ def test_required_tool_choice_gives_a_valid_function_call(client: openai.OpenAI)
     assert [t.type for t in r.tools] == ["function"] and r.tools[0].name == "get_weather"  # type: ignore[union-attr]
 
     # the output items go back as input with the function's result
-    items: Any = [{"role": "user", "content": ASK}, *[o.model_dump(exclude_none=True) for o in r.output],
-                  {"type": "function_call_output", "call_id": call.call_id, "output": "18 degrees"}]
+    items: Any = [
+        {"role": "user", "content": ASK},
+        *[o.model_dump(exclude_none=True) for o in r.output],
+        {"type": "function_call_output", "call_id": call.call_id, "output": "18 degrees"},
+    ]
     again = client.responses.create(model=MODEL, tools=[TOOL], max_output_tokens=8, input=items, **GREEDY)
     assert again.usage is not None and r.usage is not None and again.usage.input_tokens > r.usage.input_tokens
 
     # streamed, with a named tool_choice: the call's item, its arguments, then the completed response
-    events = list(client.responses.create(model=MODEL, input=ASK, tools=[TOOL], max_output_tokens=200, stream=True,
-                                          tool_choice={"type": "function", "name": "get_weather"},
-                                          parallel_tool_calls=False, temperature=0.8, extra_body={"seed": 2}))
+    events = list(
+        client.responses.create(
+            model=MODEL,
+            input=ASK,
+            tools=[TOOL],
+            max_output_tokens=200,
+            stream=True,
+            tool_choice={"type": "function", "name": "get_weather"},
+            parallel_tool_calls=False,
+            temperature=0.8,
+            extra_body={"seed": 2},
+        )
+    )
     kinds = [e.type for e in events]
-    assert kinds[-5:] == ["response.output_item.added", "response.function_call_arguments.delta",
-                          "response.function_call_arguments.done", "response.output_item.done",
-                          "response.completed"], kinds
+    assert kinds[-5:] == [
+        "response.output_item.added",
+        "response.function_call_arguments.delta",
+        "response.function_call_arguments.done",
+        "response.output_item.done",
+        "response.completed",
+    ], kinds
     done: Any = events[-2].item  # type: ignore[union-attr]
     assert done.type == "function_call" and done.name == "get_weather"
     assert events[-3].arguments == done.arguments == events[-4].delta  # type: ignore[union-attr]
@@ -201,41 +276,53 @@ def test_required_tool_choice_gives_a_valid_function_call(client: openai.OpenAI)
 def test_json_schema_text_format_and_parse(client: openai.OpenAI) -> None:
     schema = {**Weather.model_json_schema(), "additionalProperties": False}
     fmt: Any = {"type": "json_schema", "name": "weather", "schema": schema, "strict": True}
-    r = client.responses.create(model=MODEL, input="Weather as JSON.", max_output_tokens=250, temperature=0.7,
-                                extra_body={"seed": 4}, text={"format": fmt})
+    r = client.responses.create(
+        model=MODEL,
+        input="Weather as JSON.",
+        max_output_tokens=250,
+        temperature=0.7,
+        extra_body={"seed": 4},
+        text={"format": fmt},
+    )
     assert r.text is not None and r.text.format is not None and r.text.format.type == "json_schema"
     assert r.status == "completed"  # a bounded schema: the seeded sample ends well within the limit
     jsonschema.validate(json.loads(text_of(r)), schema)
 
-    parsed = client.responses.parse(model=MODEL, input="Weather as JSON.", text_format=Weather,
-                                    max_output_tokens=250, **GREEDY)
+    parsed = client.responses.parse(
+        model=MODEL, input="Weather as JSON.", text_format=Weather, max_output_tokens=250, **GREEDY
+    )
     assert parsed.status == "completed"
     assert isinstance(parsed.output_parsed, Weather)
 
-    obj = client.responses.create(model=MODEL, input="JSON please.", max_output_tokens=250,
-                                  text={"format": {"type": "json_object"}}, **GREEDY)
+    obj = client.responses.create(
+        model=MODEL, input="JSON please.", max_output_tokens=250, text={"format": {"type": "json_object"}}, **GREEDY
+    )
     assert text_of(obj).startswith("{")
     if obj.status == "completed":
         assert isinstance(json.loads(text_of(obj)), dict)
 
 
 # -------------------------------------------------------------------------------------------- errors
-@pytest.mark.parametrize(("kw", "param"), [
-    ({"previous_response_id": "resp_123"}, "previous_response_id"),
-    ({"store": True}, "store"),
-    ({"tools": [{"type": "web_search"}]}, "tools"),
-    ({"tool_choice": "required"}, "tool_choice"),
-    ({"tools": [TOOL], "tool_choice": {"type": "function", "name": "nope"}}, "tool_choice.name"),
-    ({"input": [{"type": "reasoning", "summary": []}]}, "input.0.type"),
-    ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}, "input.0.content.0"),
-    ({"text": {"format": {"type": "json_schema", "name": "x"}}}, "text.format.schema"),
-    ({"max_output_tokens": 100_000}, "max_output_tokens"),
-    ({"temperature": 3}, "temperature"),
-    ({"extra_body": {"conversation": "conv_1"}}, "conversation"),
-    ({"extra_body": {"context_management": [{"type": "compaction"}]}}, "context_management"),
-])
-def test_unsupported_or_invalid_fields_are_400_naming_them(client: openai.OpenAI, kw: dict[str, Any],
-                                                           param: str) -> None:
+@pytest.mark.parametrize(
+    ("kw", "param"),
+    [
+        ({"previous_response_id": "resp_123"}, "previous_response_id"),
+        ({"store": True}, "store"),
+        ({"tools": [{"type": "web_search"}]}, "tools"),
+        ({"tool_choice": "required"}, "tool_choice"),
+        ({"tools": [TOOL], "tool_choice": {"type": "function", "name": "nope"}}, "tool_choice.name"),
+        ({"input": [{"type": "reasoning", "summary": []}]}, "input.0.type"),
+        ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}, "input.0.content.0"),
+        ({"text": {"format": {"type": "json_schema", "name": "x"}}}, "text.format.schema"),
+        ({"max_output_tokens": 100_000}, "max_output_tokens"),
+        ({"temperature": 3}, "temperature"),
+        ({"extra_body": {"conversation": "conv_1"}}, "conversation"),
+        ({"extra_body": {"context_management": [{"type": "compaction"}]}}, "context_management"),
+    ],
+)
+def test_unsupported_or_invalid_fields_are_400_naming_them(
+    client: openai.OpenAI, kw: dict[str, Any], param: str
+) -> None:
     body: dict[str, Any] = {"model": MODEL, "input": "hi", "max_output_tokens": 4, **kw}
     with pytest.raises(openai.BadRequestError) as e:
         client.responses.create(**body)
@@ -244,8 +331,12 @@ def test_unsupported_or_invalid_fields_are_400_naming_them(client: openai.OpenAI
 
 def test_generation_errors(client: openai.OpenAI) -> None:
     """An error after the request was accepted: an HTTP error, or in a stream `error` then `response.failed`."""
-    kw: dict[str, Any] = {"model": MODEL, "input": "hi", "max_output_tokens": 200,
-                          "extra_body": {"timeout": 1e-6, "ignore_eos": True}}
+    kw: dict[str, Any] = {
+        "model": MODEL,
+        "input": "hi",
+        "max_output_tokens": 200,
+        "extra_body": {"timeout": 1e-6, "ignore_eos": True},
+    }
     with pytest.raises(openai.InternalServerError) as e:
         client.responses.create(**kw)
     assert e.value.status_code == 504 and e.value.code == "timeout"
@@ -258,9 +349,18 @@ def test_generation_errors(client: openai.OpenAI) -> None:
 
 
 def test_accepted_fields_and_unknown_model(client: openai.OpenAI) -> None:
-    r = client.responses.create(model=MODEL, input="hi", max_output_tokens=2, store=False, user="u1",
-                                metadata={"k": "v"}, include=["message.output_text.logprobs"], top_logprobs=2,
-                                truncation="disabled", **GREEDY)
+    r = client.responses.create(
+        model=MODEL,
+        input="hi",
+        max_output_tokens=2,
+        store=False,
+        user="u1",
+        metadata={"k": "v"},
+        include=["message.output_text.logprobs"],
+        top_logprobs=2,
+        truncation="disabled",
+        **GREEDY,
+    )
     assert r.store is False and r.metadata == {"k": "v"} and r.user == "u1"
     logprobs = r.output[0].content[0].logprobs  # type: ignore[union-attr]
     assert logprobs is not None and len(logprobs) == r.usage.output_tokens  # type: ignore[union-attr]

@@ -267,8 +267,9 @@ def test_random_workloads_keep_invariants(data: st.DataObject) -> None:
     budget = data.draw(st.integers(max_num_seqs, 24), "budget")
     chunked = data.draw(st.booleans(), "chunked")
     caching = data.draw(st.booleans(), "prefix caching")
-    s = Scheduler(num_blocks, block_size, max_num_seqs, budget, max_model_len, chunked, FakeClock(),
-                  enable_prefix_caching=caching)
+    s = Scheduler(
+        num_blocks, block_size, max_num_seqs, budget, max_model_len, chunked, FakeClock(), enable_prefix_caching=caching
+    )
     sim = Sim.of(s)
     n = data.draw(st.integers(1, 12), "num_requests")
     plan = []

@@ -27,7 +27,7 @@ FILE_KEY = "sk-from-file-abcdef"
 ORIGIN = "https://app.example"
 ERROR_KEYS = {"message", "type", "param", "code"}
 PUBLIC = ("/health", "/ready", "/metrics", *ui.PUBLIC_PATHS)  # the playground's page and assets
-LEAK_MARKERS = ("Traceback", 'File "', "root:x:0:0", "/work/", "site-packages", ".py\", line")
+LEAK_MARKERS = ("Traceback", 'File "', "root:x:0:0", "/work/", "site-packages", '.py", line')
 
 
 @pytest.fixture(scope="module")
@@ -73,8 +73,11 @@ def assert_no_leak(text: str) -> None:
 
 def routes(live: LiveServer) -> list[tuple[str, str]]:
     """(method, concrete path) of every route: those in the OpenAPI schema and the app's own (docs)."""
-    out = [(m.upper(), p.replace("{model_id}", TINY_MODEL_NAME))
-           for p, ops in live.app.openapi()["paths"].items() for m in ops]
+    out = [
+        (m.upper(), p.replace("{model_id}", TINY_MODEL_NAME))
+        for p, ops in live.app.openapi()["paths"].items()
+        for m in ops
+    ]
     for r in live.app.routes:
         if isinstance(r, Route) and r.include_in_schema is False:
             out += [(m, r.path) for m in sorted(r.methods or ()) if m != "HEAD"]
@@ -93,12 +96,27 @@ BODIES: dict[str, dict[str, Any]] = {
 # ------------------------------------------------------------------------------------------ API keys
 def test_every_protected_route_needs_a_valid_key(secured: LiveServer) -> None:
     protected = [(m, p) for m, p in routes(secured) if p not in PUBLIC]
-    for route in [("POST", "/v1/completions"), ("POST", "/v1/chat/completions"), ("GET", "/v1/models"),
-                  ("POST", "/tokenize"), ("GET", "/openapi.json"), ("GET", "/docs")]:
+    for route in [
+        ("POST", "/v1/completions"),
+        ("POST", "/v1/chat/completions"),
+        ("GET", "/v1/models"),
+        ("POST", "/tokenize"),
+        ("GET", "/openapi.json"),
+        ("GET", "/docs"),
+    ]:
         assert route in protected, protected
-    wrong = [None, "Bearer", "Bearer sk-wrong", f"Basic {KEYS[0]}", f"Bearer {KEYS[0][:-1]}",
-             f"Bearer {KEYS[0]}x", f"Token {KEYS[0]}", f"{KEYS[0]}", "Bearer sk-commented-out",
-             "Bearer # one key per line; comments and blank lines are skipped"]
+    wrong = [
+        None,
+        "Bearer",
+        "Bearer sk-wrong",
+        f"Basic {KEYS[0]}",
+        f"Bearer {KEYS[0][:-1]}",
+        f"Bearer {KEYS[0]}x",
+        f"Token {KEYS[0]}",
+        f"{KEYS[0]}",
+        "Bearer sk-commented-out",
+        "Bearer # one key per line; comments and blank lines are skipped",
+    ]
     with httpx.Client(base_url=secured.base_url, timeout=30.0) as c:
         for method, path in protected:
             for header in wrong:
@@ -134,8 +152,10 @@ def test_public_paths_stay_open(secured: LiveServer) -> None:
 
 def test_public_paths_are_configurable(tiny_model: CausalLM, smol_tokenizer: Tokenizer) -> None:
     settings = Settings(enable_gan=False, api_keys=[KEYS[0]], public_paths=["/health"])
-    with serve(create_app(settings, text_model=tiny_text_model(tiny_model, smol_tokenizer))) as live, \
-            httpx.Client(base_url=live.base_url, timeout=30.0) as c:
+    with (
+        serve(create_app(settings, text_model=tiny_text_model(tiny_model, smol_tokenizer))) as live,
+        httpx.Client(base_url=live.base_url, timeout=30.0) as c,
+    ):
         assert c.get("/health").status_code == 200
         assert_401(c.get("/ready"))
         assert_401(c.get("/metrics"))
@@ -154,8 +174,9 @@ def test_a_malformed_authorization_header_is_401_not_500(secured: LiveServer) ->
         assert_no_leak(data.decode("latin-1"))
 
 
-def test_keys_from_the_environment_the_cli_and_a_file(monkeypatch: pytest.MonkeyPatch, key_file: Path,
-                                                      tmp_path: Path) -> None:
+def test_keys_from_the_environment_the_cli_and_a_file(
+    monkeypatch: pytest.MonkeyPatch, key_file: Path, tmp_path: Path
+) -> None:
     monkeypatch.setenv("AIGC_API_KEYS", f"{KEYS[0]}, {KEYS[1]}")
     assert Settings().all_api_keys() == list(KEYS)
     monkeypatch.setenv("AIGC_API_KEY_FILE", str(key_file))
@@ -180,8 +201,14 @@ def test_no_keys_means_no_authentication(open_server: LiveServer) -> None:
 
 # ---------------------------------------------------------------------------------------------- CORS
 def preflight(c: httpx.Client, origin: str, path: str = "/v1/chat/completions") -> httpx.Response:
-    return c.options(path, headers={"Origin": origin, "Access-Control-Request-Method": "POST",
-                                    "Access-Control-Request-Headers": "authorization, content-type"})
+    return c.options(
+        path,
+        headers={
+            "Origin": origin,
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization, content-type",
+        },
+    )
 
 
 def test_cors_is_off_by_default(open_server: LiveServer) -> None:
@@ -229,11 +256,20 @@ def raw_get(port: int, target: bytes) -> tuple[int, bytes]:
     return int(head.split(b" ", 2)[1]), body
 
 
-TRAVERSALS = [b"/../../../../etc/passwd", b"/%2e%2e/%2e%2e/%2e%2e/etc/passwd", b"/v1/../../etc/passwd",
-              b"/static/..%2f..%2f..%2fetc%2fpasswd", b"/v1/models/..%2f..%2f..%2fetc%2fpasswd",
-              b"/v1/models/../../../etc/passwd", b"//etc/passwd", b"/docs/../../pyproject.toml",
-              b"/..%5c..%5c..%5cwindows%5cwin.ini", b"/%00/etc/passwd", b"/v1/models/%2e%2e%2f%2e%2e%2fREADME.md",
-              b"/openapi.json/../../service/config.py"]
+TRAVERSALS = [
+    b"/../../../../etc/passwd",
+    b"/%2e%2e/%2e%2e/%2e%2e/etc/passwd",
+    b"/v1/../../etc/passwd",
+    b"/static/..%2f..%2f..%2fetc%2fpasswd",
+    b"/v1/models/..%2f..%2f..%2fetc%2fpasswd",
+    b"/v1/models/../../../etc/passwd",
+    b"//etc/passwd",
+    b"/docs/../../pyproject.toml",
+    b"/..%5c..%5c..%5cwindows%5cwin.ini",
+    b"/%00/etc/passwd",
+    b"/v1/models/%2e%2e%2f%2e%2e%2fREADME.md",
+    b"/openapi.json/../../service/config.py",
+]
 
 
 def test_path_traversal_finds_nothing(open_server: LiveServer, secured: LiveServer) -> None:

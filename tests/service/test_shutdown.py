@@ -27,8 +27,24 @@ def _start(smol_path: str, drain_timeout_s: float) -> tuple[subprocess.Popen[byt
     port = _free_port()
     env = {**os.environ, "AIGC_DRAIN_TIMEOUT_S": str(drain_timeout_s), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "service", "--port", str(port), "--model", smol_path, "--enable-gan", "false",
-         "--log-level", "warning"], cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        [
+            sys.executable,
+            "-m",
+            "service",
+            "--port",
+            str(port),
+            "--model",
+            smol_path,
+            "--enable-gan",
+            "false",
+            "--log-level",
+            "warning",
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while True:
@@ -49,8 +65,13 @@ def test_sigterm_drains_in_flight_streams_then_exits_zero(smol_path: str) -> Non
         started = threading.Event()
 
         def stream() -> None:
-            body = {"prompt": "Once upon a time", "max_tokens": 48, "ignore_eos": True, "temperature": 0,
-                    "stream": True}
+            body = {
+                "prompt": "Once upon a time",
+                "max_tokens": 48,
+                "ignore_eos": True,
+                "temperature": 0,
+                "stream": True,
+            }
             with httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=120) as r:
                 for line in r.iter_lines():
                     if line:
@@ -107,7 +128,7 @@ def test_a_drain_timeout_ends_open_streams_with_an_error_and_done_then_exits_zer
             assert code == 0 and "terminate called" not in stderr, (code, stderr[-2000:])
             for out in streams:
                 assert out[-1] == "data: [DONE]", out[-3:]
-                err = json.loads(out[-2][len("data: "):])["error"]
+                err = json.loads(out[-2][len("data: ") :])["error"]
                 assert err["code"] == "engine_dead" and "shutting down" in err["message"], err
         finally:
             if proc.poll() is None:

@@ -25,14 +25,31 @@ from tests.service.http_checks import assert_error, sse_events
 from tests.service.server_utils import TINY_MODEL_NAME, LiveServer, serve_tiny
 
 MODEL = TINY_MODEL_NAME
-WEATHER = {"type": "function", "function": {
-    "name": "get_weather", "description": "Current weather in a city",
-    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12},
-                                                    "unit": {"enum": ["celsius", "fahrenheit"]}},
-                   "required": ["city", "unit"], "additionalProperties": False}}}
-TIME = {"type": "function", "function": {
-    "name": "get_time", "parameters": {"type": "object", "properties": {"zone": {"type": "string", "maxLength": 8}},
-                                       "required": ["zone"], "additionalProperties": False}}}
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Current weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "maxLength": 12}, "unit": {"enum": ["celsius", "fahrenheit"]}},
+            "required": ["city", "unit"],
+            "additionalProperties": False,
+        },
+    },
+}
+TIME = {
+    "type": "function",
+    "function": {
+        "name": "get_time",
+        "parameters": {
+            "type": "object",
+            "properties": {"zone": {"type": "string", "maxLength": 8}},
+            "required": ["zone"],
+            "additionalProperties": False,
+        },
+    },
+}
 ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 
@@ -79,8 +96,9 @@ def assert_valid_calls(message: dict[str, Any], tools: list[dict[str, Any]]) -> 
 # ----------------------------------------------------------------------------- response_format
 def test_openai_parse_with_a_pydantic_model(client: openai.OpenAI) -> None:
     for seed in range(3):
-        done = client.chat.completions.parse(model=MODEL, messages=ASK, response_format=Person, max_tokens=600,
-                                             temperature=1.0, seed=seed)
+        done = client.chat.completions.parse(
+            model=MODEL, messages=ASK, response_format=Person, max_tokens=600, temperature=1.0, seed=seed
+        )
         choice = done.choices[0]
         assert choice.finish_reason == "stop"
         assert isinstance(choice.message.parsed, Person)
@@ -88,13 +106,27 @@ def test_openai_parse_with_a_pydantic_model(client: openai.OpenAI) -> None:
 
 def test_json_object_and_json_schema_streamed_and_n(http: httpx.Client) -> None:
     schema = Person.model_json_schema()
-    body = chat(http, n=3, temperature=1.0, seed=5, response_format={
-        "type": "json_schema", "json_schema": {"name": "person", "schema": schema, "strict": True}})
+    body = chat(
+        http,
+        n=3,
+        temperature=1.0,
+        seed=5,
+        response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": schema, "strict": True}},
+    )
     for choice in body["choices"]:
         assert choice["finish_reason"] == "stop"
         jsonschema.validate(json.loads(choice["message"]["content"]), schema)
-    r = http.post("/v1/chat/completions", json={"messages": ASK, "max_tokens": 600, "stream": True, "n": 2,
-                                                 "temperature": 1.0, "response_format": {"type": "json_object"}})
+    r = http.post(
+        "/v1/chat/completions",
+        json={
+            "messages": ASK,
+            "max_tokens": 600,
+            "stream": True,
+            "n": 2,
+            "temperature": 1.0,
+            "response_format": {"type": "json_object"},
+        },
+    )
     texts = ["", ""]
     finish = [None, None]
     for event in sse_events(r.content):
@@ -109,40 +141,66 @@ def test_json_object_and_json_schema_streamed_and_n(http: httpx.Client) -> None:
 
 def test_structured_outputs_extension_on_completions(http: httpx.Client) -> None:
     def complete(**so: Any) -> str:
-        r = http.post("/v1/completions", json={"prompt": "Answer:", "max_tokens": 60, "temperature": 1.0,
-                                               "structured_outputs": so})
+        r = http.post(
+            "/v1/completions",
+            json={"prompt": "Answer:", "max_tokens": 60, "temperature": 1.0, "structured_outputs": so},
+        )
         assert r.status_code == 200, r.text
         assert r.json()["choices"][0]["finish_reason"] == "stop"
         return str(r.json()["choices"][0]["text"])
 
     assert complete(choice=["yes", "no", "maybe"]) in ("yes", "no", "maybe")
-    assert complete(regex=r"[0-9]{3}-[a-z]{2}") [3] == "-"
+    assert complete(regex=r"[0-9]{3}-[a-z]{2}")[3] == "-"
     text = complete(json={"type": "array", "items": {"type": "integer"}, "minItems": 2, "maxItems": 3})
     assert 2 <= len(json.loads(text)) <= 3
     assert complete(grammar='root ::= "a" ("b" | "c")') in ("ab", "ac")  # GBNF, as llama.cpp writes it
 
 
-@pytest.mark.parametrize(("body", "param"), [
-    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format.json_schema.schema"),
-    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {
-        "type": "object", "properties": {"a": {"type": "string", "format": "not-a-format-anyone-knows"}}}}}},
-     "response_format.json_schema.schema"),
-    ({"structured_outputs": {"regex": "a", "choice": ["a"]}}, "structured_outputs"),
-    ({"structured_outputs": {"regex": "(unclosed"}}, "structured_outputs.regex"),
-    ({"structured_outputs": {"grammar": "root ::= undefined_rule"}}, "structured_outputs.grammar"),
-    ({"response_format": {"type": "json_object"}, "structured_outputs": {"regex": "a"}}, "structured_outputs"),
-    ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}},
-     "tool_choice.function.name"),
-    ({"tool_choice": "required"}, "tool_choice"),
-    ({"tools": [WEATHER, WEATHER]}, "tools"),
-    ({"tools": [WEATHER], "tool_choice": "required", "response_format": {"type": "json_object"}}, "response_format"),
-    ({"audio": {"voice": "alloy", "format": "wav"}}, "audio"),
-    ({"modalities": ["text", "audio"]}, "modalities"),
-    ({"functions": [WEATHER["function"]]}, "functions"),
-    ({"store": True}, "store"),
-])
-def test_what_cannot_be_honoured_is_a_400_naming_the_field(http: httpx.Client, body: dict[str, Any],
-                                                           param: str) -> None:
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
+            "response_format.json_schema.schema",
+        ),
+        (
+            {
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {
+                        "name": "x",
+                        "schema": {
+                            "type": "object",
+                            "properties": {"a": {"type": "string", "format": "not-a-format-anyone-knows"}},
+                        },
+                    },
+                }
+            },
+            "response_format.json_schema.schema",
+        ),
+        ({"structured_outputs": {"regex": "a", "choice": ["a"]}}, "structured_outputs"),
+        ({"structured_outputs": {"regex": "(unclosed"}}, "structured_outputs.regex"),
+        ({"structured_outputs": {"grammar": "root ::= undefined_rule"}}, "structured_outputs.grammar"),
+        ({"response_format": {"type": "json_object"}, "structured_outputs": {"regex": "a"}}, "structured_outputs"),
+        (
+            {"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}},
+            "tool_choice.function.name",
+        ),
+        ({"tool_choice": "required"}, "tool_choice"),
+        ({"tools": [WEATHER, WEATHER]}, "tools"),
+        (
+            {"tools": [WEATHER], "tool_choice": "required", "response_format": {"type": "json_object"}},
+            "response_format",
+        ),
+        ({"audio": {"voice": "alloy", "format": "wav"}}, "audio"),
+        ({"modalities": ["text", "audio"]}, "modalities"),
+        ({"functions": [WEATHER["function"]]}, "functions"),
+        ({"store": True}, "store"),
+    ],
+)
+def test_what_cannot_be_honoured_is_a_400_naming_the_field(
+    http: httpx.Client, body: dict[str, Any], param: str
+) -> None:
     assert_error(http.post("/v1/chat/completions", json={"messages": ASK, "max_tokens": 4, **body}), 400, param)
 
 
@@ -154,11 +212,16 @@ def test_unknown_vendor_fields_are_accepted(http: httpx.Client) -> None:
 # ----------------------------------------------------------------------------- property: random schemas
 LEAF = st.one_of(
     st.just({"type": "boolean"}),
-    st.builds(lambda lo, span: {"type": "integer", "minimum": lo, "maximum": lo + span},
-              st.integers(-1000, 1000), st.integers(0, 1000)),
+    st.builds(
+        lambda lo, span: {"type": "integer", "minimum": lo, "maximum": lo + span},
+        st.integers(-1000, 1000),
+        st.integers(0, 1000),
+    ),
     st.builds(lambda n: {"type": "string", "maxLength": n}, st.integers(0, 8)),
-    st.builds(lambda vs: {"enum": vs}, st.lists(st.text("abcxyz ", min_size=1, max_size=5), min_size=1, max_size=4,
-                                                unique=True)),
+    st.builds(
+        lambda vs: {"enum": vs},
+        st.lists(st.text("abcxyz ", min_size=1, max_size=5), min_size=1, max_size=4, unique=True),
+    ),
     st.just({"type": "number", "minimum": 0, "maximum": 1}),
     st.just({"type": "null"}),
 )
@@ -180,10 +243,18 @@ SCHEMAS = st.recursive(
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(schema=SCHEMAS, seed=st.integers(0, 2**31), stream=st.booleans())
-def test_random_schemas_at_temperature_one_always_validate(http: httpx.Client, schema: dict[str, Any], seed: int,
-                                                           stream: bool) -> None:
-    body = {"messages": ASK, "max_tokens": 600, "temperature": 1.0, "seed": seed, "n": 2, "stream": stream,
-            "response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": schema}}}
+def test_random_schemas_at_temperature_one_always_validate(
+    http: httpx.Client, schema: dict[str, Any], seed: int, stream: bool
+) -> None:
+    body = {
+        "messages": ASK,
+        "max_tokens": 600,
+        "temperature": 1.0,
+        "seed": seed,
+        "n": 2,
+        "stream": stream,
+        "response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": schema}},
+    }
     r = http.post("/v1/chat/completions", json=body)
     assert r.status_code == 200, r.text
     if stream:
@@ -204,21 +275,35 @@ def test_random_schemas_at_temperature_one_always_validate(http: httpx.Client, s
 # ----------------------------------------------------------------------------- tools
 def test_required_and_named_tool_choice_always_give_valid_calls(http: httpx.Client) -> None:
     for seed in range(4):
-        body = chat(http, tools=[WEATHER, TIME], tool_choice="required", temperature=1.0, seed=seed,
-                    parallel_tool_calls=False)
+        body = chat(
+            http, tools=[WEATHER, TIME], tool_choice="required", temperature=1.0, seed=seed, parallel_tool_calls=False
+        )
         choice = body["choices"][0]
         assert choice["finish_reason"] == "tool_calls", choice
         assert len(assert_valid_calls(choice["message"], [WEATHER, TIME])) == 1
-    body = chat(http, tools=[WEATHER, TIME], tool_choice={"type": "function", "function": {"name": "get_time"}},
-                temperature=1.0, seed=9)
+    body = chat(
+        http,
+        tools=[WEATHER, TIME],
+        tool_choice={"type": "function", "function": {"name": "get_time"}},
+        temperature=1.0,
+        seed=9,
+    )
     calls = assert_valid_calls(body["choices"][0]["message"], [WEATHER, TIME])
     assert {c["function"]["name"] for c in calls} == {"get_time"}
 
 
 def test_streamed_tool_calls_use_openai_deltas(client: openai.OpenAI) -> None:
-    stream = client.chat.completions.create(model=MODEL, messages=ASK, tools=[WEATHER], tool_choice="required",  # type: ignore[list-item]
-                                            max_tokens=600, temperature=1.0, seed=3, stream=True,
-                                            parallel_tool_calls=False)
+    stream = client.chat.completions.create(
+        model=MODEL,
+        messages=ASK,
+        tools=[WEATHER],
+        tool_choice="required",  # type: ignore[list-item]
+        max_tokens=600,
+        temperature=1.0,
+        seed=3,
+        stream=True,
+        parallel_tool_calls=False,
+    )
     calls: dict[int, dict[str, str]] = {}
     finish = None
     content = ""
@@ -238,10 +323,16 @@ def test_streamed_tool_calls_use_openai_deltas(client: openai.OpenAI) -> None:
 
 
 def test_a_tool_conversation_round_trips_into_the_prompt(http: httpx.Client, server: LiveServer) -> None:
-    call = {"id": "call_abc", "type": "function",
-            "function": {"name": "get_weather", "arguments": '{"city": "Paris", "unit": "celsius"}'}}
-    messages = [*ASK, {"role": "assistant", "content": None, "tool_calls": [call]},
-                {"role": "tool", "tool_call_id": "call_abc", "content": "18 degrees, sunny"}]
+    call = {
+        "id": "call_abc",
+        "type": "function",
+        "function": {"name": "get_weather", "arguments": '{"city": "Paris", "unit": "celsius"}'},
+    }
+    messages = [
+        *ASK,
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_abc", "content": "18 degrees, sunny"},
+    ]
     r = http.post("/tokenize", json={"messages": messages})
     assert r.status_code == 200
     prompt = server.text_model.tokenizer.decode(r.json()["tokens"], skip_special_tokens=False)
@@ -257,8 +348,10 @@ def test_auto_tool_choice_parses_the_models_reply() -> None:
     from service.api.tools import Function, ReplyStreamer, parse_reply
 
     fns = [Function("get_weather", None, WEATHER["function"]["parameters"])]  # type: ignore[index]
-    reply = 'Let me check.<tool_call>[{"name": "get_weather", "arguments": {"city": "Oslo", "unit": "celsius"}}]' \
-            "</tool_call>"
+    reply = (
+        'Let me check.<tool_call>[{"name": "get_weather", "arguments": {"city": "Oslo", "unit": "celsius"}}]'
+        "</tool_call>"
+    )
     content, calls = parse_reply(reply, fns)
     assert content == "Let me check." and [c.name for c in calls] == ["get_weather"]
     assert json.loads(calls[0].arguments) == {"city": "Oslo", "unit": "celsius"}

@@ -53,8 +53,18 @@ def test_model_text_is_never_parsed_as_html() -> None:
     assert "eval(" not in js and "document.write" not in js
 
 
-@pytest.mark.parametrize("path", ["/static/", "/static/../config.py", "/static/..%2Fconfig.py", "/static/ui.py",
-                                  "/static/%2e%2e/api/ui.py", "/static/index.html/..", "/index.html"])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/static/",
+        "/static/../config.py",
+        "/static/..%2Fconfig.py",
+        "/static/ui.py",
+        "/static/%2e%2e/api/ui.py",
+        "/static/index.html/..",
+        "/index.html",
+    ],
+)
 def test_only_the_named_assets_are_served(path: str) -> None:
     r = client().get(path)
     assert r.status_code == 404, (path, r.status_code)
