@@ -19,7 +19,8 @@ from types import FrameType
 from fastapi import FastAPI
 
 from model_core.g2p import Hypothesis
-from service.api import admin, chat, completions, health, images, models, responses, ui
+from service.api import admin, chat, completions, health, images, models, responses, tokenize, ui
+from service.api import metrics as metrics_route
 from service.api.auth import APIKeyMiddleware
 from service.api.cors import CORS
 from service.api.errors import install_error_handlers
@@ -198,7 +199,9 @@ def create_app(settings: Settings | None = None, text_model: TextModel | None = 
     install_error_handlers(app)
     for r in (
         health.router,
+        metrics_route.router,
         models.router,
+        tokenize.router,
         completions.router,
         chat.router,
         responses.router,

@@ -5,20 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
 from service.api.errors import error_responses
 
 router = APIRouter()
-# /metrics answers text/plain, but its errors (401 when it is not public, 500) are JSON like everywhere
-_JSON_ERRORS = {
-    s: {
-        "description": r["description"],
-        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}},
-    }
-    for s, r in error_responses(401, 500).items()
-}
 
 
 class NotReady(BaseModel):
@@ -52,12 +44,6 @@ async def ready(request: Request) -> Any:
     return {"status": "ready", "model": tm.name}
 
 
-@router.get("/metrics", response_class=PlainTextResponse, responses=_JSON_ERRORS)
-async def metrics(request: Request) -> Response:
-    body, content_type = request.app.state.metrics.exposition()
-    return Response(body, media_type=content_type)
-
-
 # HEAD answers like GET without a body (probes and monitors use it); kept out of the OpenAPI schema
-for _path, _endpoint in (("/health", health), ("/ready", ready), ("/metrics", metrics)):
+for _path, _endpoint in (("/health", health), ("/ready", ready)):
     router.add_api_route(_path, _endpoint, methods=["HEAD"], include_in_schema=False)

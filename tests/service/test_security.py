@@ -14,7 +14,7 @@ import httpx
 import pytest
 from starlette.routing import Route
 
-import service.api.models as models_module
+import service.api.tokenize as tokenize_module
 from model_core.lm import CausalLM
 from model_core.tokenizer import Tokenizer
 from service.api import ui
@@ -290,7 +290,7 @@ def test_no_error_body_carries_a_stack_trace(open_server: LiveServer, monkeypatc
     def exploding_check(*args: Any, **kwargs: Any) -> None:
         raise RuntimeError(secret)
 
-    monkeypatch.setattr(models_module, "check_model", exploding_check)
+    monkeypatch.setattr(tokenize_module, "check_model", exploding_check)
     with httpx.Client(base_url=open_server.base_url, timeout=30.0) as c:
         for _ in range(3):  # an unexpected exception inside a route; the connection stays usable
             r = c.post("/tokenize", json={"prompt": "hi"})
