@@ -1,8 +1,9 @@
 """Micro-batcher for the encoder-decoder (grapheme-to-phoneme) model.
 
-A collector task on the event loop takes the first queued request, then keeps taking requests until
-the batch holds `max_batch` decoder rows or `max_wait_ms` has passed since the first (by default 0: the
-batch takes what is queued, and requests that arrive while it runs form the next one). The batch runs on
+A collector task on the event loop (`service.engine.micro_batcher.MicroBatcher`) takes the first queued
+request, then keeps taking requests until the batch holds `max_batch` decoder rows or `max_wait_ms` has
+passed since the first (by default 0: the batch takes what is queued, and requests that arrive while it
+runs form the next one); a request of more than `max_batch` rows runs alone. The batch runs on
 one worker thread: all greedy and sampled rows together (one encoder pass, then one decoder step per
 phone for the rows still running, each row's self-attention K/V cached and its cross-attention K/V
 computed once), and beam-search requests grouped by width (one encoder pass per group). Phones are
@@ -12,26 +13,20 @@ reported as they are decoded (`on_event`, called on the event loop), so response
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from model_core.g2p import G2P, Hypothesis
 from model_core.sampling import SamplingParams, make_generator
+from service.engine.micro_batcher import BatcherFull, BatcherNotRunning, MicroBatcher
+
+__all__ = ["BatcherFull", "BatcherNotRunning", "EventSink", "PhoneEvent", "Seq2SeqBatcher", "Seq2SeqRequest"]
 
 log = logging.getLogger("service.engine.seq2seq")
-
-
-class BatcherNotRunning(RuntimeError):
-    """transcribe() was called before start() or after stop()."""
-
-
-class BatcherFull(RuntimeError):
-    """More rows are queued than the batcher accepts; retry later."""
 
 
 @dataclass(frozen=True)
@@ -64,15 +59,23 @@ class PhoneEvent:
 EventSink = Callable[[PhoneEvent], None]
 
 
-@dataclass
-class _Item:
+def _on_loop(loop: asyncio.AbstractEventLoop, sink: EventSink) -> EventSink:
+    """A sink callable from the worker thread that calls `sink` on `loop`."""
+
+    def emit(ev: PhoneEvent) -> None:
+        loop.call_soon_threadsafe(sink, ev)
+
+    return emit
+
+
+@dataclass(frozen=True, eq=False)
+class _Job:
     request: Seq2SeqRequest
-    future: asyncio.Future[list[Hypothesis]]
-    on_event: EventSink | None
+    emit: EventSink | None  # thread-safe: hands the event to the caller's on_event on the event loop
     arrived: float
 
 
-class Seq2SeqBatcher:
+class Seq2SeqBatcher(MicroBatcher[_Job, list[Hypothesis]]):
     """Micro-batches `transcribe()` calls into shared encoder and decoder passes."""
 
     def __init__(
@@ -85,49 +88,19 @@ class Seq2SeqBatcher:
         on_batch: Callable[[int, int, float], None] | None = None,
         on_finish: Callable[[Seq2SeqRequest, list[Hypothesis], float], None] | None = None,
     ) -> None:
-        if max_batch < 1:
-            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
-        if max_wait_ms < 0:
-            raise ValueError(f"max_wait_ms must be >= 0, got {max_wait_ms}")
+        super().__init__(
+            max_batch=max_batch,
+            max_wait_ms=max_wait_ms,
+            on_batch=on_batch,  # (rows, requests, seconds) after every batch
+            name="seq2seq-batcher",
+            label="the seq2seq batcher",
+            thread_name_prefix="seq2seq-decode",
+            logger=log,
+        )
         self.g2p = g2p
-        self.max_batch = max_batch
-        self.max_wait_s = max_wait_ms / 1000.0
         self.max_queued_rows = max_queued_rows
-        self.on_batch = on_batch  # (rows, requests, seconds) after every batch
         self.on_finish = on_finish  # (request, choices, seconds since arrival) per finished request
-        self.batches = 0
         self.words_served = 0
-        self.requests_served = 0
-        self._queued_rows = 0
-        self._queue: asyncio.Queue[_Item | None] | None = None
-        self._task: asyncio.Task[None] | None = None
-        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
-        self._accepting = False
-
-    # ---- lifecycle -----------------------------------------------------------------------------
-
-    @property
-    def running(self) -> bool:
-        return self._accepting and self._task is not None and not self._task.done()
-
-    async def start(self) -> None:
-        if self._task is not None:
-            raise RuntimeError("seq2seq batcher already started")
-        self._queue = asyncio.Queue()
-        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="seq2seq-decode")
-        self._accepting = True
-        self._task = asyncio.get_running_loop().create_task(self._collect_loop(), name="seq2seq-batcher")
-
-    async def stop(self) -> None:
-        """Stop accepting, finish every request already queued, then release the worker."""
-        if self._task is None or self._queue is None:
-            return
-        self._accepting = False
-        self._queue.put_nowait(None)
-        await self._task
-        if self._executor is not None:
-            self._executor.shutdown(wait=True)
-        self._task = self._executor = None
 
     # ---- requests ------------------------------------------------------------------------------
 
@@ -140,93 +113,35 @@ class Seq2SeqBatcher:
             raise ValueError(
                 f"need n >= 1 and, with beams, n <= beam_width (n={request.n}, beam_width={request.beam_width})"
             )
-        if not self.running or self._queue is None:
-            raise BatcherNotRunning("the seq2seq batcher is not running")
-        if self._queued_rows + request.rows > self.max_queued_rows and self._queued_rows > 0:
-            raise BatcherFull(f"{self._queued_rows} decoder rows are queued; the server accepts {self.max_queued_rows}")
-        fut: asyncio.Future[list[Hypothesis]] = asyncio.get_running_loop().create_future()
-        self._queued_rows += request.rows
-        self._queue.put_nowait(_Item(request, fut, on_event, time.perf_counter()))
-        return await fut
+        emit = None if on_event is None else _on_loop(asyncio.get_running_loop(), on_event)
+        return await self.submit(_Job(request, emit, time.perf_counter()))
 
-    # ---- collector -----------------------------------------------------------------------------
+    def request_rows(self, request: _Job) -> int:
+        return request.request.rows
 
-    async def _collect_loop(self) -> None:
-        assert self._queue is not None
-        loop = asyncio.get_running_loop()
-        carry: _Item | None = None
-        stopping = False
-        while True:
-            if carry is not None:
-                first, carry = carry, None
-            else:
-                if stopping and self._queue.empty():
-                    return
-                got = await self._queue.get()
-                if got is None:
-                    stopping = True
-                    continue
-                first = got
-            batch, total = [first], first.request.rows
-            deadline = loop.time() + self.max_wait_s
-            while total < self.max_batch:
-                try:
-                    nxt = self._queue.get_nowait()
-                except asyncio.QueueEmpty:
-                    remaining = deadline - loop.time()
-                    if remaining <= 0 or stopping:
-                        break
-                    try:
-                        nxt = await asyncio.wait_for(self._queue.get(), remaining)
-                    except TimeoutError:
-                        break
-                if nxt is None:
-                    stopping = True
-                    continue
-                if total + nxt.request.rows > self.max_batch:
-                    carry = nxt
-                    break
-                batch.append(nxt)
-                total += nxt.request.rows
-            self._queued_rows -= total
-            await self._run_batch(batch)
+    def _admit(self, request: _Job, rows: int) -> None:
+        queued = self.queued_rows
+        if queued + rows > self.max_queued_rows and queued > 0:
+            raise BatcherFull(f"{queued} decoder rows are queued; the server accepts {self.max_queued_rows}")
 
-    async def _run_batch(self, batch: list[_Item]) -> None:
-        live = [it for it in batch if not it.future.done()]  # a caller that went away is not decoded
-        if not live:
-            return
-        loop = asyncio.get_running_loop()
-
-        def emit(item: _Item, ev: PhoneEvent) -> None:  # worker thread -> event loop
-            if item.on_event is not None:
-                loop.call_soon_threadsafe(item.on_event, ev)
-
-        t0 = time.perf_counter()
-        try:
-            results = await loop.run_in_executor(self._executor, self._decode, live, emit)
-        except Exception as e:  # the model failed: every request in the batch sees it
-            log.exception("seq2seq decoding failed")
-            for it in live:
-                if not it.future.done():
-                    it.future.set_exception(e)
-            return
-        seconds = time.perf_counter() - t0
-        self.batches += 1
-        rows = sum(it.request.rows for it in live)
-        if self.on_batch is not None:
-            self.on_batch(rows, len(live), seconds)
+    def _batch_done(self, requests: Sequence[_Job], results: Sequence[list[Hypothesis]]) -> None:
         now = time.perf_counter()
-        for it, res in zip(live, results):
-            self.requests_served += 1
-            self.words_served += len(it.request.words)
+        for job, res in zip(requests, results):
+            self.words_served += len(job.request.words)
             if self.on_finish is not None:
-                self.on_finish(it.request, res, now - it.arrived)
-            if not it.future.done():
-                it.future.set_result(res)
+                self.on_finish(job.request, res, now - job.arrived)
+
+    # ---- worker thread -------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def _decode(self, items: list[_Item], emit: Callable[[_Item, PhoneEvent], None]) -> list[list[Hypothesis]]:
-        """Worker thread: one decode call for the greedy/sampled rows, one beam search per beam width."""
+    def run_batch(self, requests: Sequence[_Job]) -> list[list[Hypothesis]]:
+        """One decode call for the greedy/sampled rows, one beam search per beam width."""
+        items = requests
+
+        def emit(item: _Job, ev: PhoneEvent) -> None:
+            if item.emit is not None:
+                item.emit(ev)
+
         results: list[list[Hypothesis]] = [[] for _ in items]
         # greedy and sampled rows: row r belongs to (item, choice index)
         owners: list[tuple[int, int]] = []
