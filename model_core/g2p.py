@@ -2,7 +2,7 @@
 
 Characters in, ARPAbet phones with stress out, as CMUdict writes them: "hello" -> "HH AH0 L OW1".
 `G2PConfig` holds both vocabularies and the Seq2Seq shape; a checkpoint is a directory with
-`config.json` and `model.safetensors`, validated at load like the GAN's. `G2P` normalises and encodes
+`config.json` and `model.safetensors` (`checkpoint.py`), validated at load like the GAN's. `G2P` normalises and encodes
 words, and decodes batches three ways: greedy and sampled rows together (`decode`, with the sampling
 functions the LM uses), or beam search (`beam_search`). Every decoder keeps the self-attention K/V in a
 `DecoderCache`, and computes each request's cross-attention K/V once from the encoder memory.
@@ -10,7 +10,6 @@ functions the LM uses), or beam search (`beam_search`). Every decoder keeps the 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -18,11 +17,10 @@ from typing import Any
 
 import torch
 
+from model_core.checkpoint import read_config, read_tensors, write_checkpoint
 from model_core.sampling import SamplingParams, process_logits, sample
 from model_core.seq2seq import DecoderCache, Seq2SeqConfig, Seq2SeqTransformer
 
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
 # CMUdict's alphabet (words are lowercase there; input is lowercased) and its 39 phonemes, vowels with stress
 GRAPHEMES = tuple("'-.abcdefghijklmnopqrstuvwxyz")
 _VOWELS = ("AA", "AE", "AH", "AO", "AW", "AY", "EH", "ER", "EY", "IH", "IY", "OW", "OY", "UH", "UW")
@@ -399,61 +397,16 @@ def save_g2p(
 ) -> Path:
     """Write `config.json` (+ `extra` under "training") and `model.safetensors` with tensors in `dtype`
     (loading casts back to float32). The output projection is tied to the target embedding: not stored."""
-    from safetensors.torch import save_file
-
-    out = Path(path_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    cfg = g2p.config.to_dict()
-    if extra:
-        cfg["training"] = extra
-    (out / CONFIG_FILE).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-    state = {
-        k: v.detach().to("cpu", dtype).contiguous() for k, v in g2p.model.state_dict().items() if k != "lm_head.weight"
-    }
-    save_file(state, str(out / WEIGHTS_FILE), metadata={"format": "pt", "model": "g2p-seq2seq"})
-    return out
+    state = {k: v for k, v in g2p.model.state_dict().items() if k != "lm_head.weight"}
+    return write_checkpoint(path_dir, g2p.config.to_dict(), state, model="g2p-seq2seq", extra=extra, dtype=dtype)
 
 
 def load_g2p(path_dir: str | Path | None = None, device: str | torch.device = "cpu") -> G2P:
     """Load a checkpoint directory, validating the config and every tensor's name, shape and values."""
-    from safetensors.torch import load_file
-
     d = Path(path_dir) if path_dir is not None else default_g2p_path()
-    cfg_path, w_path = d / CONFIG_FILE, d / WEIGHTS_FILE
-    for p in (cfg_path, w_path):
-        if not p.is_file():
-            raise FileNotFoundError(f"G2P checkpoint incomplete: {p} is missing")
-    try:
-        raw = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{cfg_path}: invalid JSON ({e})") from e
-    if not isinstance(raw, dict):
-        raise ValueError(f"{cfg_path}: expected a JSON object")
-    try:
-        config = G2PConfig.from_dict(raw)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{cfg_path}: invalid G2P config: {e}") from e
-    g2p = G2P(config)
+    g2p = G2P(read_config(d, "G2P", G2PConfig.from_dict))
     expected = {k: v for k, v in g2p.model.state_dict().items() if k != "lm_head.weight"}  # tied to tgt_embed
-    try:
-        state = load_file(str(w_path))
-    except Exception as e:  # safetensors raises its own error types for a corrupt header
-        raise ValueError(f"{w_path}: not a readable safetensors file ({e})") from e
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise ValueError(f"{w_path}: tensor names do not match the config: missing={missing}, unexpected={unexpected}")
-    bad = [
-        f"{k}: file {tuple(state[k].shape)} != expected {tuple(v.shape)}"
-        for k, v in expected.items()
-        if state[k].shape != v.shape
-    ]
-    if bad:
-        raise ValueError(f"{w_path}: tensor shapes do not match the config: " + "; ".join(bad))
-    nonfinite = [k for k, v in state.items() if not bool(torch.isfinite(v.float()).all())]
-    if nonfinite:
-        raise ValueError(f"{w_path}: tensors with NaN or infinite values: {nonfinite}")
-    g2p.model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=False)
+    g2p.model.load_state_dict(read_tensors(d, expected), strict=False)
     g2p.model.to(device).eval()
     return g2p
 

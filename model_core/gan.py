@@ -9,7 +9,6 @@ resampling entries with |z| > psi, and interpolates between two seeds' latents w
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -18,9 +17,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from model_core.checkpoint import read_config, read_tensors, write_checkpoint
+
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
 
 
 @dataclass(frozen=True)
@@ -204,51 +203,14 @@ def default_gan_path() -> Path:
 
 def save_gan(generator: Generator, path_dir: str | Path, extra: dict[str, Any] | None = None) -> Path:
     """Write `config.json` (+ `extra` under "training") and `model.safetensors` (generator only)."""
-    from safetensors.torch import save_file
-
-    out = Path(path_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    cfg = generator.config.to_dict()
-    if extra:
-        cfg["training"] = extra
-    (out / CONFIG_FILE).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-    state = {k: v.detach().cpu().contiguous() for k, v in generator.state_dict().items()}
-    save_file(state, str(out / WEIGHTS_FILE), metadata={"format": "pt", "model": "gan-generator"})
-    return out
+    return write_checkpoint(
+        path_dir, generator.config.to_dict(), generator.state_dict(), model="gan-generator", extra=extra
+    )
 
 
 def load_gan(path_dir: str | Path | None = None, device: str | torch.device = "cpu") -> Generator:
-    """Load a generator checkpoint directory, validating the config and every tensor's shape."""
-    from safetensors.torch import load_file
-
+    """Load a generator checkpoint directory, validating the config and every tensor's name, shape and values."""
     d = Path(path_dir) if path_dir is not None else default_gan_path()
-    cfg_path, w_path = d / CONFIG_FILE, d / WEIGHTS_FILE
-    for p in (cfg_path, w_path):
-        if not p.is_file():
-            raise FileNotFoundError(f"GAN checkpoint incomplete: {p} is missing")
-    try:
-        raw = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{cfg_path}: invalid JSON ({e})") from e
-    if not isinstance(raw, dict):
-        raise ValueError(f"{cfg_path}: expected a JSON object")
-    try:
-        config = GANConfig.from_dict(raw)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{cfg_path}: invalid GAN config: {e}") from e
-    model = Generator(config)
-    expected = model.state_dict()
-    state = load_file(str(w_path))
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise ValueError(f"{w_path}: tensor names do not match the config: missing={missing}, unexpected={unexpected}")
-    bad = [
-        f"{k}: file {tuple(state[k].shape)} != expected {tuple(v.shape)}"
-        for k, v in expected.items()
-        if state[k].shape != v.shape
-    ]
-    if bad:
-        raise ValueError(f"{w_path}: tensor shapes do not match the config: " + "; ".join(bad))
-    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()})
+    model = Generator(read_config(d, "GAN", GANConfig.from_dict))
+    model.load_state_dict(read_tensors(d, model.state_dict()))
     return model.to(device).eval()

@@ -55,6 +55,8 @@ def generate(
         raise ValueError("prompt is empty")
     if len(prompt) >= cfg.max_seq_len:
         raise ValueError(f"prompt has {len(prompt)} tokens; the context length is {cfg.max_seq_len}")
+    if params.max_tokens < 1:  # validate() takes 0 (the engine's score-the-prompt-only); this loop needs >= 1
+        raise ValueError(f"max_tokens must be >= 1 here, got {params.max_tokens}")
     max_new = min(params.max_tokens, cfg.max_seq_len - len(prompt))
     gen = generator if generator is not None else make_generator(params.seed, device)
     eos = () if params.ignore_eos else tuple(eos_token_ids)
@@ -97,7 +99,7 @@ def generate(
 
 def main(argv: Sequence[str] | None = None) -> int:
     from model_core.backend import CHOICES
-    from model_core.tokenizer import find_default_model
+    from model_core.default_model import find_default_model
     from model_core.weights.loader import load_for_inference
 
     ap = argparse.ArgumentParser(prog="python -m model_core.generate", description=__doc__)

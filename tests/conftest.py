@@ -9,9 +9,10 @@ import torch
 
 from model_core import native
 from model_core.backend import select_backend
+from model_core.default_model import find_default_model
 from model_core.lm import CausalLM, LMConfig
 from model_core.native import Kernels
-from model_core.tokenizer import Tokenizer, find_default_model
+from model_core.tokenizer import Tokenizer
 
 
 def pytest_report_header() -> list[str]:

@@ -1,4 +1,5 @@
-"""Load a GGUF file: metadata, hyper-parameters and dequantized tensors (via the `gguf` package).
+"""Load a GGUF file's weights: hyper-parameters from its metadata, dequantized tensors (via the `gguf`
+package), and the blocks of the quantized linear layers. The file is opened by `gguf_reader`.
 
 Supported tensor types are those `gguf.quants.dequantize` handles: F32, F16, BF16, Q8_0, Q4_0,
 Q4_1, Q5_0, Q5_1 and the K-quants (Q2_K..Q6_K).
@@ -15,18 +16,9 @@ import torch
 
 from model_core.lm import ARCHITECTURES, LMConfig
 from model_core.qmatmul import BLOCK_BYTES, QuantWeight
+from model_core.weights.gguf_reader import GGUFFile, open_gguf
 
 log = logging.getLogger(__name__)
-
-
-def read_metadata(reader: Any) -> dict[str, Any]:
-    """All key/value fields of a `gguf.GGUFReader` as Python values (arrays as lists)."""
-    meta: dict[str, Any] = {}
-    for name, field in reader.fields.items():
-        if name.startswith("GGUF."):
-            continue
-        meta[name] = field.contents()
-    return meta
 
 
 def config_from_metadata(meta: dict[str, Any]) -> LMConfig:
@@ -86,58 +78,35 @@ def dequantize_tensor(t: Any) -> torch.Tensor:
 
 
 def load_gguf(
-    path: str | os.PathLike[str], reader: Any = None
+    path: str | os.PathLike[str], file: GGUFFile | None = None
 ) -> tuple[LMConfig, dict[str, torch.Tensor], dict[str, Any]]:
-    """Returns (config, tensors by GGUF name as float32, metadata)."""
-    from gguf import GGUFReader
+    """Returns (config, tensors by our names as float32, metadata); `file`: `path` already opened."""
     from tqdm import tqdm
 
     from model_core.weights.names import NAME_MAPS
 
-    reader = reader or GGUFReader(os.fspath(path))  # parsing the header takes ~2 s for a 49k vocabulary
-    meta = read_metadata(reader)
-    meta["_tensor_names"] = [t.name for t in reader.tensors]
+    file = file or open_gguf(path)
+    meta = dict(file.metadata)
+    meta["_tensor_names"] = file.tensor_names
     cfg = config_from_metadata(meta)
     raw = {
         t.name: dequantize_tensor(t)
-        for t in tqdm(reader.tensors, desc="dequantizing", unit="tensor", leave=False, disable=None)
+        for t in tqdm(file.tensors, desc="dequantizing", unit="tensor", leave=False, disable=None)
     }
     sd = NAME_MAPS[("gguf", cfg.arch)](raw, cfg)
     return cfg, sd, meta
 
 
-def _linear_sources(cfg: LMConfig, tensor_names: set[str]) -> dict[str, list[tuple[str, int | None]]]:
-    """Our linear layers -> the GGUF tensors stacked (by rows) into each, with the head count when the
-    rows carry llama.cpp's rotary permutation (the same layout `names.gguf_llama` builds)."""
-    layers: dict[str, list[tuple[str, int | None]]] = {}
-    for i in range(cfg.n_layers):
-        p, o = f"blk.{i}.", f"blocks.{i}."
-        if cfg.is_llama:
-            layers[o + "attn.qkv"] = [
-                (p + "attn_q.weight", cfg.n_heads),
-                (p + "attn_k.weight", cfg.n_kv_heads),
-                (p + "attn_v.weight", None),
-            ]
-            layers[o + "ffn.w_in"] = [(p + "ffn_gate.weight", None), (p + "ffn_up.weight", None)]
-        else:
-            layers[o + "attn.qkv"] = [(p + "attn_qkv.weight", None)]
-            layers[o + "ffn.w_in"] = [(p + "ffn_up.weight", None)]
-        layers[o + "attn.out"] = [(p + "attn_output.weight", None)]
-        layers[o + "ffn.w_out"] = [(p + "ffn_down.weight", None)]
-    layers["lm_head"] = [("output.weight" if "output.weight" in tensor_names else "token_embd.weight", None)]
-    return layers
-
-
-def load_gguf_blocks(path: str | os.PathLike[str], cfg: LMConfig, reader: Any = None) -> dict[str, QuantWeight]:
+def load_gguf_blocks(
+    path: str | os.PathLike[str], cfg: LMConfig, file: GGUFFile | None = None
+) -> dict[str, QuantWeight]:
     """The linear layers whose GGUF tensors are in a type the quantized kernel runs (Q4_0, Q4_1, Q8_0),
     repacked in our row order, keyed by module path. Layers in other types are left out."""
-    from gguf import GGUFReader
+    from model_core.weights.names import gguf_linear_sources, unpermute_rope_rows
 
-    from model_core.weights.names import unpermute_rope_rows
-
-    tensors = {t.name: t for t in (reader or GGUFReader(os.fspath(path))).tensors}
+    tensors = {t.name: t for t in (file or open_gguf(path)).tensors}
     out: dict[str, QuantWeight] = {}
-    for module, parts in _linear_sources(cfg, set(tensors)).items():
+    for module, parts in gguf_linear_sources(cfg, set(tensors)).items():
         if any(name not in tensors for name, _ in parts):
             continue
         qtypes = {int(tensors[name].tensor_type) for name, _ in parts}

@@ -48,21 +48,20 @@ def load_lm(
     to this many rows (decode steps) on them (0 = off, None = the backend's default; see model_core.qmatmul);
     native_decode: run decode steps of llama models with native kernels between the matmuls
     (model_core.fused_decode)."""
-    from gguf import GGUFReader
-
     from model_core.weights.gguf import load_gguf, load_gguf_blocks
+    from model_core.weights.gguf_reader import GGUFFile, open_gguf
     from model_core.weights.safetensors import load_safetensors_dir
 
     t0 = time.perf_counter()
     p = Path(path)
-    reader = None
+    file: GGUFFile | None = None
     if p.is_dir():
         cfg, sd, _ = load_safetensors_dir(p)
         tok = Tokenizer.from_pretrained_dir(p)
         name = p.name
     elif p.is_file():
-        reader = GGUFReader(os.fspath(p))  # read by both the dense and the quantized loaders
-        cfg, sd, meta = load_gguf(p, reader)
+        file = open_gguf(p)  # read by both the dense and the quantized loaders
+        cfg, sd, meta = load_gguf(p, file)
         tok = Tokenizer.from_gguf(p, meta)
         name = p.name[: -len(".gguf")] if p.name.endswith(".gguf") else p.name
     else:
@@ -76,8 +75,8 @@ def load_lm(
     if kernels is None:
         backend = TORCH
     max_rows = backend.quant_max_rows if quantized_max_rows is None else quantized_max_rows
-    if kernels is not None and max_rows > 0 and reader is not None:
-        n = attach_quantized(model, load_gguf_blocks(p, cfg, reader), max_rows, kernels)
+    if kernels is not None and max_rows > 0 and file is not None:
+        n = attach_quantized(model, load_gguf_blocks(p, cfg, file), max_rows, kernels)
         log.info("%d linear layers also run on their quantized weights for up to %d rows", n, max_rows)
     if kernels is not None and native_decode:
         model.decoder_fast_path = FusedLlamaDecoder.build(model, kernels)

@@ -1,4 +1,6 @@
-"""Name maps from checkpoint formats to `CausalLM` parameter names, one per (format, architecture).
+"""Name maps from checkpoint formats to `CausalLM` parameter names: per architecture for Hugging Face
+checkpoints, and one table for GGUF (`gguf_layout`), which also tells the quantized loader which GGUF
+tensors make each linear layer (`gguf_linear_sources`).
 
 Each map turns a checkpoint's tensors (already float tensors, keyed by the checkpoint's names) into
 our state dict; fused projections are concatenated here: qkv = [q | k | v], ffn w_in = [gate | up].
@@ -9,7 +11,8 @@ instead of loading into wrong logits.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass
 
 import torch
 
@@ -80,40 +83,48 @@ def _head(sd: dict[str, torch.Tensor], src: _Source, name: str, cfg: LMConfig) -
         sd["lm_head.weight"] = w
 
 
-def gguf_llama(tensors: Tensors, cfg: LMConfig) -> dict[str, torch.Tensor]:
-    src = _Source(tensors)
+@dataclass(frozen=True)
+class Part:
+    """One checkpoint tensor stacked (by rows) into one of our parameters."""
+
+    name: str  # the checkpoint's tensor name
+    shape: tuple[int, ...]  # what the config implies, in PyTorch's (rows, cols) order
+    rope_heads: int | None = None  # the rows carry llama.cpp's rotary permutation of this many heads
+
+
+GGUF_HEAD, GGUF_EMBED = "output.weight", "token_embd.weight"
+
+
+def gguf_layout(cfg: LMConfig) -> dict[str, tuple[Part, ...]]:
+    """The GGUF name table: each of our parameters -> the GGUF tensors concatenated into it, in llama.cpp's
+    names (the LM head, `output.weight`, is optional: without it the head is tied to the embedding)."""
     C, F, V = cfg.d_model, cfg.d_ff, cfg.vocab_size
     q_rows, kv_rows = cfg.n_heads * cfg.hd, cfg.n_kv_heads * cfg.hd
-    sd = {"embed.weight": src.get("token_embd.weight", V, C), "norm.weight": src.get("output_norm.weight", C)}
-    for i in range(cfg.n_layers):
-        p, o = f"blk.{i}.", f"blocks.{i}."
-        q = unpermute_rope_rows(src.get(p + "attn_q.weight", q_rows, C), cfg.n_heads)
-        k = unpermute_rope_rows(src.get(p + "attn_k.weight", kv_rows, C), cfg.n_kv_heads)
-        sd[o + "attn.qkv.weight"] = torch.cat([q, k, src.get(p + "attn_v.weight", kv_rows, C)])
-        sd[o + "attn.out.weight"] = src.get(p + "attn_output.weight", C, q_rows)
-        sd[o + "attn_norm.weight"] = src.get(p + "attn_norm.weight", C)
-        sd[o + "ffn_norm.weight"] = src.get(p + "ffn_norm.weight", C)
-        sd[o + "ffn.w_in.weight"] = torch.cat(
-            [src.get(p + "ffn_gate.weight", F, C), src.get(p + "ffn_up.weight", F, C)]
-        )
-        sd[o + "ffn.w_out.weight"] = src.get(p + "ffn_down.weight", C, F)
-    _head(sd, src, "output.weight", cfg)
-    src.check_all_used()
-    return sd
-
-
-def gguf_gpt2(tensors: Tensors, cfg: LMConfig) -> dict[str, torch.Tensor]:
-    src = _Source(tensors)
-    C, F, V = cfg.d_model, cfg.d_ff, cfg.vocab_size
-    q_rows, qkv_rows = cfg.n_heads * cfg.hd, (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.hd
-    sd = {
-        "embed.weight": src.get("token_embd.weight", V, C),
-        "pos_embed.weight": src.get("position_embd.weight", cfg.max_seq_len, C),
-        "norm.weight": src.get("output_norm.weight", C),
-        "norm.bias": src.get("output_norm.bias", C),
+    layout: dict[str, tuple[Part, ...]]
+    if cfg.is_llama:
+        layout = {"embed.weight": (Part(GGUF_EMBED, (V, C)),), "norm.weight": (Part("output_norm.weight", (C,)),)}
+        for i in range(cfg.n_layers):
+            p, o = f"blk.{i}.", f"blocks.{i}."
+            layout[o + "attn.qkv.weight"] = (
+                Part(p + "attn_q.weight", (q_rows, C), cfg.n_heads),
+                Part(p + "attn_k.weight", (kv_rows, C), cfg.n_kv_heads),
+                Part(p + "attn_v.weight", (kv_rows, C)),
+            )
+            layout[o + "attn.out.weight"] = (Part(p + "attn_output.weight", (C, q_rows)),)
+            layout[o + "attn_norm.weight"] = (Part(p + "attn_norm.weight", (C,)),)
+            layout[o + "ffn_norm.weight"] = (Part(p + "ffn_norm.weight", (C,)),)
+            layout[o + "ffn.w_in.weight"] = (Part(p + "ffn_gate.weight", (F, C)), Part(p + "ffn_up.weight", (F, C)))
+            layout[o + "ffn.w_out.weight"] = (Part(p + "ffn_down.weight", (C, F)),)
+        return layout
+    qkv_rows = (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.hd
+    layout = {
+        "embed.weight": (Part(GGUF_EMBED, (V, C)),),
+        "pos_embed.weight": (Part("position_embd.weight", (cfg.max_seq_len, C)),),
+        "norm.weight": (Part("output_norm.weight", (C,)),),
+        "norm.bias": (Part("output_norm.bias", (C,)),),
     }
     # ours, theirs, weight shape (rows, cols), bias length
-    layout = [
+    blocks = [
         ("attn_norm", "attn_norm", (C,), C),
         ("ffn_norm", "ffn_norm", (C,), C),
         ("attn.qkv", "attn_qkv", (qkv_rows, C), qkv_rows),
@@ -122,10 +133,35 @@ def gguf_gpt2(tensors: Tensors, cfg: LMConfig) -> dict[str, torch.Tensor]:
         ("ffn.w_out", "ffn_down", (C, F), C),
     ]
     for i in range(cfg.n_layers):
-        for ours, theirs, shape, n_bias in layout:
-            sd[f"blocks.{i}.{ours}.weight"] = src.get(f"blk.{i}.{theirs}.weight", *shape)
-            sd[f"blocks.{i}.{ours}.bias"] = src.get(f"blk.{i}.{theirs}.bias", n_bias)
-    _head(sd, src, "output.weight", cfg)
+        for ours, theirs, shape, n_bias in blocks:
+            layout[f"blocks.{i}.{ours}.weight"] = (Part(f"blk.{i}.{theirs}.weight", shape),)
+            layout[f"blocks.{i}.{ours}.bias"] = (Part(f"blk.{i}.{theirs}.bias", (n_bias,)),)
+    return layout
+
+
+def gguf_linear_sources(cfg: LMConfig, tensor_names: Collection[str]) -> dict[str, list[tuple[str, int | None]]]:
+    """Our linear layers (module paths) -> the GGUF tensors stacked into each, with the rotary head count
+    where the rows are permuted; read from `gguf_layout`. The head reads the embedding when it is tied."""
+    layers = {
+        ours.removesuffix(".weight"): [(part.name, part.rope_heads) for part in parts]
+        for ours, parts in gguf_layout(cfg).items()
+        if ours.startswith("blocks.") and ours.endswith(".weight") and len(parts[0].shape) == 2
+    }
+    layers["lm_head"] = [(GGUF_HEAD if GGUF_HEAD in tensor_names else GGUF_EMBED, None)]
+    return layers
+
+
+def gguf_state_dict(tensors: Tensors, cfg: LMConfig) -> dict[str, torch.Tensor]:
+    """A GGUF file's tensors (llama or GPT-2 layout) -> our state dict, by `gguf_layout`."""
+    src = _Source(tensors)
+    sd: dict[str, torch.Tensor] = {}
+    for ours, parts in gguf_layout(cfg).items():
+        rows = []
+        for part in parts:
+            w = src.get(part.name, *part.shape)
+            rows.append(w if part.rope_heads is None else unpermute_rope_rows(w, part.rope_heads))
+        sd[ours] = torch.cat(rows) if len(rows) > 1 else rows[0]
+    _head(sd, src, GGUF_HEAD, cfg)
     src.check_all_used()
     return sd
 
@@ -188,8 +224,8 @@ def hf_gpt2(tensors: Tensors, cfg: LMConfig) -> dict[str, torch.Tensor]:
 
 
 NAME_MAPS: dict[tuple[str, str], Callable[[Tensors, LMConfig], dict[str, torch.Tensor]]] = {
-    ("gguf", "llama"): gguf_llama,
-    ("gguf", "gpt2"): gguf_gpt2,
+    ("gguf", "llama"): gguf_state_dict,
+    ("gguf", "gpt2"): gguf_state_dict,
     ("hf", "llama"): hf_llama,
     ("hf", "gpt2"): hf_gpt2,
 }

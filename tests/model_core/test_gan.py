@@ -12,10 +12,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from model_core.checkpoint import CONFIG_FILE, WEIGHTS_FILE
 from model_core.gan import (
-    CONFIG_FILE,
     DIGIT_NAMES,
-    WEIGHTS_FILE,
     Discriminator,
     GANConfig,
     Generator,

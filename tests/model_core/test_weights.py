@@ -18,7 +18,8 @@ pytest.importorskip("transformers")
 
 from model_core.lm import CausalLM  # noqa: E402
 from model_core.weights.build import build_lm  # noqa: E402
-from model_core.weights.gguf import config_from_metadata, dequantize_tensor, load_gguf, read_metadata  # noqa: E402
+from model_core.weights.gguf import config_from_metadata, dequantize_tensor, load_gguf  # noqa: E402
+from model_core.weights.gguf_reader import open_gguf, read_metadata  # noqa: E402
 from model_core.weights.loader import load_lm  # noqa: E402
 from model_core.weights.names import MissingTensorError, permute_rope_rows, unpermute_rope_rows  # noqa: E402
 from model_core.weights.safetensors import config_from_hf, load_safetensors_dir  # noqa: E402
@@ -109,9 +110,9 @@ def test_gguf_matches_hf(kind: str, qtype: str, vocab: TinyVocab, ids: torch.Ten
     hf = MODELS[kind]()
     tiny = write_gguf(hf, tmp_path / f"{kind}.{qtype}.gguf", qtype, vocab=vocab)
     # our dequantization of every stored tensor equals gguf's dequantize of the bytes we wrote
-    reader = gguf.GGUFReader(str(tiny.path))
-    assert {t.name for t in reader.tensors} == set(tiny.written)
-    for t in reader.tensors:
+    file = open_gguf(tiny.path)
+    assert set(file.tensor_names) == set(tiny.written)
+    for t in file.tensors:
         data, qt = tiny.written[t.name]
         assert t.tensor_type == qt
         ref = np.asarray(gguf.quants.dequantize(data, qt), dtype=np.float32)
@@ -158,8 +159,7 @@ def test_gguf_low_level(vocab: TinyVocab, tmp_path: Path) -> None:
     q_rows = cfg.n_heads * cfg.hd
     assert torch.equal(sd["blocks.0.attn.qkv.weight"][q_rows : q_rows + k_hf.shape[0]], k_hf)
     # vocab size falls back to the token list when the metadata lacks it
-    reader = gguf.GGUFReader(str(tiny.path))
-    md = read_metadata(reader)
+    md = read_metadata(tiny.path)
     del md["llama.vocab_size"]
     assert config_from_metadata(md).vocab_size == VOCAB_SIZE
 
@@ -353,7 +353,7 @@ def test_unsupported_config_options_are_refused(vocab: TinyVocab, tmp_path: Path
         with pytest.raises(ValueError, match=word):
             config_from_hf({**gpt2, **change})
     tiny = write_gguf(MODELS["llama"](), tmp_path / "m.gguf", "F32", vocab=vocab)
-    md = read_metadata(gguf.GGUFReader(str(tiny.path)))
+    md = read_metadata(tiny.path)
     with pytest.raises(ValueError, match="yarn"):
         config_from_metadata({**md, "llama.rope.scaling.type": "yarn"})
     with pytest.raises(ValueError, match="llama.block_count"):
