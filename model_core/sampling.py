@@ -23,7 +23,18 @@ import torch
 
 GREEDY_EPS = 1e-5
 MAX_LOGPROBS = 20
+MAX_TEMPERATURE = 2.0
+MAX_PENALTY = 2.0  # presence / frequency in [-2, 2], repetition in (0, 2]
+MAX_BIAS = 100.0  # logit_bias values in [-100, 100]
 _TOP_P_FIRST_K = 64  # top-p first looks for the nucleus among this many tokens, then 8x more each round
+
+
+class SamplingParamsError(ValueError):
+    """A SamplingParams field out of its range. `field` is the request field's name (e.g. "logit_bias")."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 def _is_int(x: object) -> bool:
@@ -34,9 +45,14 @@ def _is_num(x: object) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
-def _check(ok: bool, field: str, allowed: str, value: object) -> None:
+def _in(x: object, lo: float, hi: float, lo_open: bool = False) -> bool:
+    """x is a number in [lo, hi] ((lo, hi] when lo_open); NaN never is."""
+    return _is_num(x) and (lo < x if lo_open else lo <= x) and x <= hi  # type: ignore[operator]
+
+
+def _check(ok: bool, field: str, allowed: str, value: object, what: str | None = None) -> None:
     if not ok:
-        raise ValueError(f"{field} must be {allowed}, got {value!r}")
+        raise SamplingParamsError(field, f"{what or field} must be {allowed}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -44,20 +60,20 @@ class SamplingParams:
     """Per-request sampling settings (OpenAI / vLLM semantics)."""
 
     max_tokens: int = 16  # the engine also takes 0: score the prompt only (generate() needs >= 1)
-    temperature: float = 1.0  # 0 (or < GREEDY_EPS) means greedy argmax
+    temperature: float = 1.0  # [0, 2]; 0 (or < GREEDY_EPS) means greedy argmax
     top_p: float = 1.0  # (0, 1]
-    top_k: int = 0  # 0 or -1 = off
+    top_k: int = 0  # 0 or -1 = off, else 1..vocab_size
     min_p: float = 0.0  # [0, 1]
-    repetition_penalty: float = 1.0  # > 0; HF/vLLM semantics, applies to prompt + output tokens
+    repetition_penalty: float = 1.0  # (0, 2]; HF/vLLM semantics, applies to prompt + output tokens
     presence_penalty: float = 0.0  # [-2, 2]; OpenAI semantics, output tokens only
     frequency_penalty: float = 0.0  # [-2, 2]; OpenAI semantics, output tokens only
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token_id, bias in [-100, 100])
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    stop_token_ids: tuple[int, ...] = ()
+    seed: int | None = None  # any int (taken mod 2**64)
+    stop: tuple[str, ...] = ()  # non-empty strings
+    stop_token_ids: tuple[int, ...] = ()  # ids in [0, vocab_size)
     ignore_eos: bool = False
     logprobs: int | None = None  # number of top logprobs to return per token (0..20), None = none
-    min_tokens: int = 0  # EOS/stop_token_ids masked until this many output tokens
+    min_tokens: int = 0  # [0, max_tokens]; EOS/stop_token_ids masked until this many output tokens
     prompt_logprobs: int | None = None  # score the prompt: logprob, rank and this many top logprobs per position
 
     def __post_init__(self) -> None:
@@ -74,71 +90,63 @@ class SamplingParams:
         return self.temperature < GREEDY_EPS
 
     def validate(self, vocab_size: int | None = None) -> None:
-        """Raise ValueError naming the first out-of-range field and its allowed range."""
+        """The one check of what the fields mean (OpenAI / vLLM bounds; the API checks only the request's
+        shape, the engine trusts what passed). Token ids are checked against vocab_size when given.
+        Raises SamplingParamsError naming the first bad field, its allowed range and the value."""
         vocab = f"an int in [0, {vocab_size})" if vocab_size is not None else "an int >= 0"
 
         def token_ok(t: object) -> bool:
             return _is_int(t) and t >= 0 and (vocab_size is None or t < vocab_size)  # type: ignore[operator]
 
-        _check(_is_int(self.max_tokens) and self.max_tokens >= 1, "max_tokens", "an int >= 1", self.max_tokens)
+        _check(_is_int(self.max_tokens) and self.max_tokens >= 0, "max_tokens", "an int >= 0", self.max_tokens)
         _check(
-            _is_num(self.temperature) and 0.0 <= self.temperature < math.inf,
-            "temperature",
-            "a finite number >= 0",
-            self.temperature,
+            _in(self.temperature, 0.0, MAX_TEMPERATURE), "temperature", f"in [0.0, {MAX_TEMPERATURE}]", self.temperature
         )
-        _check(_is_num(self.top_p) and 0.0 < self.top_p <= 1.0, "top_p", "in (0, 1]", self.top_p)
+        _check(_in(self.top_p, 0.0, 1.0, lo_open=True), "top_p", "in (0.0, 1.0]", self.top_p)
+        k_max = math.inf if vocab_size is None else vocab_size
         _check(
-            _is_int(self.top_k) and (self.top_k == -1 or self.top_k >= 0),
+            _is_int(self.top_k) and (self.top_k in (-1, 0) or 1 <= self.top_k <= k_max),
             "top_k",
-            "-1 or 0 (off) or an int >= 1",
+            "-1 or 0 (off) or " + ("an int >= 1" if vocab_size is None else f"an int in [1, {vocab_size}]"),
             self.top_k,
         )
-        _check(_is_num(self.min_p) and 0.0 <= self.min_p <= 1.0, "min_p", "in [0, 1]", self.min_p)
+        _check(_in(self.min_p, 0.0, 1.0), "min_p", "in [0.0, 1.0]", self.min_p)
         _check(
-            _is_num(self.repetition_penalty) and 0.0 < self.repetition_penalty < math.inf,
+            _in(self.repetition_penalty, 0.0, MAX_PENALTY, lo_open=True),
             "repetition_penalty",
-            "a finite number > 0",
+            f"in (0.0, {MAX_PENALTY}]",
             self.repetition_penalty,
         )
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
-            _check(_is_num(value) and -2.0 <= value <= 2.0, name, "in [-2, 2]", value)
+            _check(_in(value, -MAX_PENALTY, MAX_PENALTY), name, f"in [{-MAX_PENALTY}, {MAX_PENALTY}]", value)
         _check(isinstance(self.logit_bias, tuple), "logit_bias", "a tuple of (token_id, bias)", self.logit_bias)
         seen: set[int] = set()
         for pair in self.logit_bias:
             _check(isinstance(pair, tuple) and len(pair) == 2, "logit_bias", "pairs of (token_id, bias)", pair)
             token, bias = pair
-            _check(token_ok(token), "logit_bias token id", vocab, token)
-            _check(token not in seen, "logit_bias token id", "unique", token)
+            _check(token_ok(token), "logit_bias", vocab, token, "logit_bias token ids")
+            _check(token not in seen, "logit_bias", "unique", token, "logit_bias token ids")
             seen.add(token)
-            _check(_is_num(bias) and -100.0 <= bias <= 100.0, "logit_bias value", "in [-100, 100]", bias)
+            _check(
+                _in(bias, -MAX_BIAS, MAX_BIAS), "logit_bias", f"in [{-MAX_BIAS}, {MAX_BIAS}]", bias, "logit_bias values"
+            )
         _check(self.seed is None or _is_int(self.seed), "seed", "an int or None", self.seed)
         _check(isinstance(self.stop, tuple), "stop", "a tuple of non-empty strings", self.stop)
         for s in self.stop:
-            _check(isinstance(s, str) and len(s) > 0, "stop", "a tuple of non-empty strings", s)
-        _check(
-            isinstance(self.stop_token_ids, tuple),
-            "stop_token_ids",
-            f"a tuple of {vocab}",
-            self.stop_token_ids,
-        )
+            _check(isinstance(s, str) and len(s) > 0, "stop", "non-empty strings", s, "stop strings")
+        _check(isinstance(self.stop_token_ids, tuple), "stop_token_ids", f"a tuple of {vocab}", self.stop_token_ids)
         for t in self.stop_token_ids:
-            _check(token_ok(t), "stop_token_ids", f"a tuple of {vocab}", t)
+            _check(token_ok(t), "stop_token_ids", vocab, t, "stop_token_ids entries")
         _check(isinstance(self.ignore_eos, bool), "ignore_eos", "a bool", self.ignore_eos)
-        _check(
-            self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS),
-            "logprobs",
-            f"None or an int in [0, {MAX_LOGPROBS}]",
-            self.logprobs,
-        )
-        _check(
-            self.prompt_logprobs is None
-            or (_is_int(self.prompt_logprobs) and 0 <= self.prompt_logprobs <= MAX_LOGPROBS),
-            "prompt_logprobs",
-            f"None or an int in [0, {MAX_LOGPROBS}]",
-            self.prompt_logprobs,
-        )
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            _check(
+                value is None or (_is_int(value) and _in(value, 0, MAX_LOGPROBS)),
+                name,
+                f"None or an int in [0, {MAX_LOGPROBS}]",
+                value,
+            )
         _check(
             _is_int(self.min_tokens) and 0 <= self.min_tokens <= self.max_tokens,
             "min_tokens",

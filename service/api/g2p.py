@@ -20,7 +20,7 @@ from typing import Any
 from fastapi import Request
 
 from model_core.g2p import Hypothesis, WordError
-from model_core.sampling import SamplingParams
+from model_core.sampling import SamplingParams, SamplingParamsError
 from service.api.errors import APIError
 from service.api.fields import check_extra_fields
 from service.api.schemas import MAX_N, CompletionRequest
@@ -133,25 +133,21 @@ def build_request(req: CompletionRequest, batcher: Seq2SeqBatcher) -> Seq2SeqReq
     _check_range("max_tokens", req.max_tokens, 1, max_phones)
     _check_range("n", req.n, 1, MAX_N)
     _check_range("best_of", req.best_of, 1, MAX_BEAM)
-    _check_range("temperature", req.temperature, 0.0, 2.0)
-    _check_range("top_p", req.top_p, 0.0, 1.0, lo_open=True)
-    _check_range("min_p", req.min_p, 0.0, 1.0)
-    if req.top_k is not None and req.top_k != -1:
-        _check_range("top_k", req.top_k, 0, len(batcher.g2p.config.phones) + 3)
     if req.best_of is not None and req.best_of < req.n:
         raise APIError(f"best_of ({req.best_of}) must be >= n ({req.n})", param="best_of")
     temperature = 0.0 if req.temperature is None else req.temperature
+    params = SamplingParams(
+        max_tokens=req.max_tokens or max_phones,
+        temperature=temperature,
+        top_p=1.0 if req.top_p is None else req.top_p,
+        top_k=0 if req.top_k is None else req.top_k,
+        min_p=0.0 if req.min_p is None else req.min_p,
+        seed=req.seed,
+    )
     try:
-        params = SamplingParams(
-            max_tokens=req.max_tokens or max_phones,
-            temperature=temperature,
-            top_p=1.0 if req.top_p is None else req.top_p,
-            top_k=0 if req.top_k is None else req.top_k,
-            min_p=0.0 if req.min_p is None else req.min_p,
-            seed=req.seed,
-        )
-    except ValueError as e:  # SamplingParams names the field first
-        raise APIError(str(e), param=str(e).split(" ", 1)[0], code="invalid_value") from e
+        params.validate(vocab_size=len(batcher.g2p.config.phones) + 3)  # the phones and BOS, EOS, PAD
+    except SamplingParamsError as e:
+        raise APIError(str(e), param=e.field, code="invalid_value") from e
     width = max(req.n, req.best_of or 1)
     if params.greedy and width > 1:  # beam search: the n best of `width` beams
         return Seq2SeqRequest(tuple(words), n=req.n, beam_width=width, params=params)

@@ -1,20 +1,22 @@
-"""Request bodies of the OpenAI-compatible text endpoints (pydantic), and their conversion to
-`SamplingParams` with range checks that name the offending field (400, not 422)."""
+"""Request bodies of the OpenAI-compatible text endpoints (pydantic: the shape, a 422), and their conversion
+to `SamplingParams`, whose `validate` checks what each field means (a 400 naming the field)."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_validator
 from pydantic_core import PydanticCustomError
 
-from model_core.sampling import SamplingParams
+from model_core.sampling import MAX_LOGPROBS, SamplingParams, SamplingParamsError
 from service.api.errors import APIError
 
 MAX_STOP = 16
 MAX_N = 16
 MAX_LOGIT_BIAS = 1024
-MAX_TOP_LOGPROBS = 20
+MAX_TOP_LOGPROBS = MAX_LOGPROBS
+
+_T = TypeVar("_T")
 
 
 class _Body(BaseModel):
@@ -183,65 +185,52 @@ class DetokenizeRequest(RequestBody):
     tokens: list[StrictInt]
 
 
-def _check(name: str, value: float | int | None, lo: float, hi: float, lo_open: bool = False) -> None:
-    if value is None:
-        return
-    if value != value or value < lo or value > hi or (lo_open and value == lo):
-        lo_s = f"({lo}" if lo_open else f"[{lo}"
-        raise APIError(f"{name} must be in {lo_s}, {hi}], got {value}", param=name, code="invalid_value")
+def _or(value: _T | None, default: _T) -> _T:
+    return default if value is None else value
+
+
+def _logit_bias(bias: dict[str, float] | None) -> tuple[tuple[int, float], ...]:
+    """The request's logit_bias with its keys as token ids (their range is SamplingParams' to check)."""
+    if not bias:
+        return ()
+    if len(bias) > MAX_LOGIT_BIAS:
+        raise APIError(f"logit_bias accepts at most {MAX_LOGIT_BIAS} entries, got {len(bias)}", param="logit_bias")
+    pairs = []
+    for k, v in bias.items():
+        try:
+            pairs.append((int(k), v))
+        except ValueError:
+            raise APIError(f"logit_bias keys must be token ids, got {k!r}", param="logit_bias") from None
+    return tuple(pairs)
 
 
 def sampling_params(req: _Sampling, *, max_tokens: int, logprobs: int | None, vocab_size: int) -> SamplingParams:
-    """Range-check the request and build SamplingParams. `max_tokens` is already resolved."""
-    _check("temperature", req.temperature, 0.0, 2.0)
-    _check("top_p", req.top_p, 0.0, 1.0, lo_open=True)
-    if req.top_k is not None and req.top_k != -1:
-        _check("top_k", req.top_k, 0, vocab_size)
-    _check("min_p", req.min_p, 0.0, 1.0)
-    _check("presence_penalty", req.presence_penalty, -2.0, 2.0)
-    _check("frequency_penalty", req.frequency_penalty, -2.0, 2.0)
-    _check("repetition_penalty", req.repetition_penalty, 0.0, 2.0, lo_open=True)
-    _check("n", req.n, 1, MAX_N)
-    _check("min_tokens", req.min_tokens, 0, max_tokens)
-    _check("logprobs", logprobs, 0, MAX_TOP_LOGPROBS)
-    _check("prompt_logprobs", req.prompt_logprobs, 0, MAX_TOP_LOGPROBS)
+    """The request's SamplingParams (`max_tokens` already resolved). Checked here: the request's shape (n,
+    timeout, how many stop strings, stop ids and logit_bias entries, the seed's range); by
+    `SamplingParams.validate`: what every sampling field means. Both raise a 400 naming the field."""
+    if not 1 <= req.n <= MAX_N:
+        raise APIError(f"n must be in [1, {MAX_N}], got {req.n}", param="n", code="invalid_value")
     if req.timeout is not None and not req.timeout > 0:  # also NaN
         raise APIError(f"timeout must be > 0 seconds, got {req.timeout}", param="timeout", code="invalid_value")
-    if req.seed is not None:
-        _check("seed", req.seed, -(2**63), 2**64 - 1)
+    if req.seed is not None and not -(2**63) <= req.seed <= 2**64 - 1:
+        raise APIError(f"seed must be in [{-(2**63)}, {2**64 - 1}], got {req.seed}", param="seed", code="invalid_value")
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     if len(stop) > MAX_STOP:
         raise APIError(f"stop accepts at most {MAX_STOP} strings, got {len(stop)}", param="stop")
-    if any(not s for s in stop):
-        raise APIError("stop strings must not be empty", param="stop")
     stop_ids = list(req.stop_token_ids or [])
-    if len(stop_ids) > MAX_STOP or any(not 0 <= t < vocab_size for t in stop_ids):
-        raise APIError(f"stop_token_ids: at most {MAX_STOP} ids in [0, {vocab_size})", param="stop_token_ids")
-    bias: list[tuple[int, float]] = []
-    if req.logit_bias:
-        if len(req.logit_bias) > MAX_LOGIT_BIAS:
-            raise APIError(f"logit_bias accepts at most {MAX_LOGIT_BIAS} entries", param="logit_bias")
-        for k, v in req.logit_bias.items():
-            try:
-                tid = int(k)
-            except ValueError:
-                raise APIError(f"logit_bias keys must be token ids, got {k!r}", param="logit_bias") from None
-            if not 0 <= tid < vocab_size:
-                raise APIError(f"logit_bias token id {tid} is outside [0, {vocab_size})", param="logit_bias")
-            _check("logit_bias", v, -100.0, 100.0)
-            bias.append((tid, float(v)))
-    seed = None if req.seed is None else req.seed % (2**63)
-    return SamplingParams(
+    if len(stop_ids) > MAX_STOP:
+        raise APIError(f"stop_token_ids accepts at most {MAX_STOP} ids, got {len(stop_ids)}", param="stop_token_ids")
+    params = SamplingParams(
         max_tokens=max_tokens,
-        temperature=1.0 if req.temperature is None else req.temperature,
-        top_p=1.0 if req.top_p is None else req.top_p,
-        top_k=0 if req.top_k in (None, -1) else int(req.top_k),
-        min_p=req.min_p or 0.0,
-        repetition_penalty=req.repetition_penalty or 1.0,
-        presence_penalty=req.presence_penalty or 0.0,
-        frequency_penalty=req.frequency_penalty or 0.0,
-        logit_bias=tuple(bias),
-        seed=seed,
+        temperature=_or(req.temperature, 1.0),
+        top_p=_or(req.top_p, 1.0),
+        top_k=0 if req.top_k is None or req.top_k == -1 else req.top_k,  # -1 and 0 both mean off
+        min_p=_or(req.min_p, 0.0),
+        repetition_penalty=_or(req.repetition_penalty, 1.0),
+        presence_penalty=_or(req.presence_penalty, 0.0),
+        frequency_penalty=_or(req.frequency_penalty, 0.0),
+        logit_bias=_logit_bias(req.logit_bias),
+        seed=None if req.seed is None else req.seed % (2**63),
         stop=tuple(stop),
         stop_token_ids=tuple(stop_ids),
         ignore_eos=req.ignore_eos,
@@ -249,3 +238,8 @@ def sampling_params(req: _Sampling, *, max_tokens: int, logprobs: int | None, vo
         min_tokens=req.min_tokens,
         prompt_logprobs=req.prompt_logprobs,
     )
+    try:
+        params.validate(vocab_size)
+    except SamplingParamsError as e:
+        raise APIError(str(e), param=e.field, code="invalid_value") from None
+    return params

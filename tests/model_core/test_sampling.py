@@ -14,14 +14,17 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
+from model_core.generate import generate
 from model_core.sampling import (
     GREEDY_EPS,
     SamplingParams,
+    SamplingParamsError,
     compute_logprobs,
     make_generator,
     process_logits,
     sample,
 )
+from tests.conftest import tiny_llama
 
 PROPS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 NEG_INF = float("-inf")
@@ -498,67 +501,109 @@ def test_compute_logprobs_uses_raw_distribution_in_any_dtype() -> None:
     assert [t for t, _ in res[1][1]] == ref[1].topk(2).indices.tolist()
 
 
-# ---------------------------------------------------------------- validation
+# ---------------------------------------------------------------- validation (the one check of what fields mean)
 
 
 @pytest.mark.parametrize(
-    ("field", "value"),
+    ("field", "value", "error_field"),
     [
-        ("max_tokens", 0),
-        ("max_tokens", 1.5),
-        ("temperature", -0.1),
-        ("temperature", float("nan")),
-        ("temperature", float("inf")),
-        ("top_p", 0.0),
-        ("top_p", 1.01),
-        ("top_k", -2),
-        ("top_k", 2.0),
-        ("min_p", -0.01),
-        ("min_p", 1.5),
-        ("repetition_penalty", 0.0),
-        ("repetition_penalty", -1.0),
-        ("presence_penalty", 2.01),
-        ("presence_penalty", float("nan")),
-        ("frequency_penalty", -2.5),
-        ("logit_bias", ((1, 101.0),)),
-        ("logit_bias", ((-1, 1.0),)),
-        ("logit_bias", ((1, 1.0), (1, 2.0))),
-        ("seed", 1.5),
-        ("stop", ("",)),
-        ("stop_token_ids", (-3,)),
-        ("logprobs", 21),
-        ("logprobs", -1),
-        ("min_tokens", -1),
-        ("min_tokens", 17),
-        ("ignore_eos", 1),
+        ("max_tokens", -1, "max_tokens"),
+        ("max_tokens", 1.5, "max_tokens"),
+        ("temperature", -0.1, "temperature"),
+        ("temperature", 2.01, "temperature"),
+        ("temperature", float("nan"), "temperature"),
+        ("temperature", float("inf"), "temperature"),
+        ("top_p", 0.0, "top_p"),
+        ("top_p", 1.01, "top_p"),
+        ("top_k", -2, "top_k"),
+        ("top_k", 2.0, "top_k"),
+        ("min_p", -0.01, "min_p"),
+        ("min_p", 1.5, "min_p"),
+        ("repetition_penalty", 0.0, "repetition_penalty"),
+        ("repetition_penalty", -1.0, "repetition_penalty"),
+        ("repetition_penalty", 2.5, "repetition_penalty"),
+        ("repetition_penalty", float("nan"), "repetition_penalty"),
+        ("presence_penalty", 2.01, "presence_penalty"),
+        ("presence_penalty", float("nan"), "presence_penalty"),
+        ("frequency_penalty", -2.5, "frequency_penalty"),
+        ("logit_bias", ((1, 101.0),), "logit_bias"),
+        ("logit_bias", ((1, float("nan")),), "logit_bias"),
+        ("logit_bias", ((-1, 1.0),), "logit_bias"),
+        ("logit_bias", ((1, 1.0), (1, 2.0)), "logit_bias"),
+        ("logit_bias", ((1, 1.0, 2.0),), "logit_bias"),
+        ("seed", 1.5, "seed"),
+        ("stop", ("",), "stop"),
+        ("stop", "x", "stop"),
+        ("stop_token_ids", (-3,), "stop_token_ids"),
+        ("stop_token_ids", (True,), "stop_token_ids"),
+        ("logprobs", 21, "logprobs"),
+        ("logprobs", -1, "logprobs"),
+        ("logprobs", 2.0, "logprobs"),
+        ("prompt_logprobs", 21, "prompt_logprobs"),
+        ("min_tokens", -1, "min_tokens"),
+        ("min_tokens", 17, "min_tokens"),  # above the default max_tokens=16
+        ("ignore_eos", 1, "ignore_eos"),
     ],
 )
-def test_validate_rejects_out_of_range(field: str, value: Any) -> None:
-    with pytest.raises(ValueError, match=field):
+def test_validate_rejects_out_of_range(field: str, value: Any, error_field: str) -> None:
+    with pytest.raises(SamplingParamsError, match=field) as e:
         replace(SamplingParams(), **{field: value}).validate()
+    assert e.value.field == error_field
+    assert isinstance(e.value, ValueError)
+    assert "must be" in str(e.value) and "got" in str(e.value)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("temperature", 2.5, "temperature must be in [0.0, 2.0], got 2.5"),
+        ("top_p", 0.0, "top_p must be in (0.0, 1.0], got 0.0"),
+        ("repetition_penalty", 2.5, "repetition_penalty must be in (0.0, 2.0], got 2.5"),
+        ("presence_penalty", -3.0, "presence_penalty must be in [-2.0, 2.0], got -3.0"),
+        ("logit_bias", ((5, 500.0),), "logit_bias values must be in [-100.0, 100.0], got 500.0"),
+        ("logprobs", 21, "logprobs must be None or an int in [0, 20], got 21"),
+        ("min_tokens", 50, "min_tokens must be an int in [0, max_tokens=16], got 50"),
+    ],
+)
+def test_validate_messages_name_field_range_and_value(field: str, value: Any, message: str) -> None:
+    with pytest.raises(SamplingParamsError) as e:
+        replace(SamplingParams(), **{field: value}).validate()
+    assert str(e.value) == message
 
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("logit_bias", ((100, 1.0),)), ("stop_token_ids", (5, 100))],
+    [("logit_bias", ((100, 1.0),)), ("stop_token_ids", (5, 100)), ("top_k", 101)],
 )
 def test_validate_checks_token_ids_against_vocab(field: str, value: Any) -> None:
     p = replace(SamplingParams(), **{field: value})
     p.validate()
-    with pytest.raises(ValueError, match=rf"{field}.*\[0, 100\)"):
+    with pytest.raises(SamplingParamsError, match=rf"{field}.*\[[01], 100[\])]") as e:
         p.validate(vocab_size=100)
+    assert e.value.field == field
 
 
 def test_validate_accepts_edges() -> None:
     for p in [
         SamplingParams(),
+        SamplingParams(max_tokens=0),  # the engine scores the prompt only
         SamplingParams(temperature=0.0, top_p=1.0, top_k=-1, min_p=1.0, logprobs=20, seed=-5),
-        SamplingParams(presence_penalty=-2.0, frequency_penalty=2.0, logit_bias=((0, -100.0), (1, 100.0))),
-        SamplingParams(max_tokens=1, min_tokens=1, stop=("\n",), stop_token_ids=(0,), logprobs=0),
+        SamplingParams(temperature=2.0, top_k=10, min_p=0.0, repetition_penalty=2.0, seed=2**70),
+        SamplingParams(repetition_penalty=1e-9, top_p=1e-9, prompt_logprobs=0),
+        SamplingParams(presence_penalty=-2.0, frequency_penalty=2.0, logit_bias=((0, -100.0), (9, 100.0))),
+        SamplingParams(max_tokens=1, min_tokens=1, stop=("\n",), stop_token_ids=(0, 9), logprobs=0),
+        SamplingParams(max_tokens=0, min_tokens=0, prompt_logprobs=20),
         SamplingParams(logit_bias=[(3, 1.0)], stop=["x"]),  # type: ignore[arg-type]  # lists are normalised to tuples
     ]:
         p.validate(vocab_size=10)
         hash(p)
+
+
+def test_generate_needs_max_tokens_of_at_least_one() -> None:
+    """validate() takes max_tokens=0 (the engine scores the prompt only); the reference generate() refuses it."""
+    SamplingParams(max_tokens=0).validate()
+    with pytest.raises(ValueError, match="max_tokens"):
+        next(generate(tiny_llama(vocab_size=64, max_seq_len=16), [1, 2], SamplingParams(max_tokens=0)))
 
 
 # ---------------------------------------------------------------- CUDA (run with -m gpu on a GPU machine)
