@@ -9,7 +9,7 @@ the text that could still grow into a stop string is held back until it either c
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 
 class StopStringMatcher:
@@ -62,7 +62,7 @@ class OutputStream:
         self,
         max_new_tokens: int,
         stop: Sequence[str] = (),
-        stop_token_ids: Sequence[int] = (),
+        stop_token_ids: Iterable[int] = (),
         detokenizer: object | None = None,
     ) -> None:
         self.max_new_tokens = max_new_tokens

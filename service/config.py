@@ -1,6 +1,8 @@
 """Settings: every option from an environment variable `AIGC_<OPTION>` or a CLI flag `--option`.
 
-This is the only place that reads the environment; the rest of the service receives plain values.
+This is the only place in `service/` that reads the environment; the rest of the service receives plain
+values. (`model_core.native` reads `AIGC_CACHE_DIR` and `CC` itself: where the kernels are built, and with
+which compiler, is a build setting the image build and `python -m model_core.native --build` share.)
 Invalid settings fail at start-up with a message naming the option.
 """
 

@@ -40,11 +40,10 @@ log = logging.getLogger("service")
 
 def build_text_model(settings: Settings, observer: EngineObserver | None = None) -> TextModel:
     """Load the LM and its tokenizer, size the KV cache from the memory budget, start the engine."""
+    from model_core.default_model import find_default_model
     from model_core.kv_cache import PagedKVCache
-    from model_core.tokenizer import find_default_model
     from model_core.weights.loader import load_for_inference
-    from service.engine.engine import EngineConfig, LLMEngine
-    from service.engine.runner import ModelRunner
+    from service.engine.engine import EngineConfig, build_engine
 
     lm = load_for_inference(
         settings.model or find_default_model(),
@@ -62,11 +61,8 @@ def build_text_model(settings: Settings, observer: EngineObserver | None = None)
             f"kv_cache_memory_gb={settings.kv_cache_memory_gb} holds {num_blocks * settings.block_size} tokens, "
             f"fewer than one sequence of max_model_len={max_len}; raise the budget or lower max_model_len"
         )
-    runner = ModelRunner(
-        lm.model, num_blocks, settings.block_size, tuple(lm.tokenizer.eos_token_ids), lm.backend.kernels
-    )
-    engine = LLMEngine(
-        runner,
+    engine = build_engine(
+        lm.model,
         lm.tokenizer,
         EngineConfig(
             max_num_seqs=settings.max_num_seqs,
@@ -80,7 +76,8 @@ def build_text_model(settings: Settings, observer: EngineObserver | None = None)
             enable_prefix_caching=settings.enable_prefix_caching,
             cache_salt=f"{lm.name}:{dtype}",
         ),
-        observer=observer,
+        lm.backend.kernels,
+        observer,
     )
     log.info(
         "KV cache: %d blocks x %d tokens (%.2f GiB), max_model_len %d",
@@ -97,6 +94,8 @@ def build_text_model(settings: Settings, observer: EngineObserver | None = None)
         vocab_size=cfg.vocab_size,
         created=int(time.time()),
         load_seconds=lm.load_seconds,
+        dtype=str(dtype).removeprefix("torch."),
+        kernels=lm.backend.isa or "torch",
     )
 
 

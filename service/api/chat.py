@@ -5,13 +5,26 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
-from contextlib import aclosing
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
 
 from model_core.grammar import GrammarSpec
+from service.api.chunks import (
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatDelta,
+    ChatLogprobs,
+    ChatMessageOut,
+    ChatTokenLogprob,
+    PromptLogprobs,
+    ReplyBody,
+    TokenLogprob,
+    ToolCallFunction,
+    ToolCallOut,
+)
 from service.api.errors import APIError, error_responses
 from service.api.fields import check_extra_fields
 from service.api.generation import (
@@ -24,19 +37,16 @@ from service.api.generation import (
     choice_params,
     decode_token,
     default_max_tokens,
-    event_error,
     get_text_model,
     new_id,
     resolve_max_tokens,
-    run_choices,
     vllm_prompt_logprobs,
 )
 from service.api.json_route import OffLoopJSONRoute
 from service.api.schemas import MAX_TOP_LOGPROBS, ChatCompletionRequest, ChatMessage, sampling_params
-from service.api.sse import DONE, sse_data, sse_response
+from service.api.serving import ChoiceWriter, respond
 from service.api.structured import compile_grammar, output_constraint
 from service.api.tools import Function, ReplyStreamer, ToolCall, call_grammar, parse_reply, with_tools
-from service.engine.admission import Admission
 from service.engine.engine import TokenEvent
 
 router = APIRouter(route_class=OffLoopJSONRoute, responses=error_responses(400, 401, 404, 413, 422, 500, 503, 504))
@@ -199,131 +209,134 @@ async def create_chat_completion(
         grammar = await compile_grammar(tm, *constraint)
     jobs = [Job(ids, choice_params(base, i), grammar) for i in range(req.n)]
     admission = admit(request, tm, len(jobs), "chat")
-    rid, created = new_id("chatcmpl"), int(time.time())
-
-    def head(obj: str) -> dict[str, Any]:
-        return {"id": rid, "object": obj, "created": created, "model": tm.name, "system_fingerprint": None}
-
-    if req.stream:
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        score = (ids, req.prompt_logprobs) if req.prompt_logprobs is not None else None
-        return sse_response(
-            _stream(tm, jobs, admission, rid, head, include_usage, logprobs is not None, req.timeout, functions, score)
-        )
-
-    texts = [""] * len(jobs)
-    finish: list[str | None] = [None] * len(jobs)
-    lps: list[list[dict[str, Any]]] = [[] for _ in jobs]
-    prompt_lps: list[Any] | None = None
-    usage = Usage(jobs)
-    async with aclosing(run_choices(tm.engine, jobs, rid, admission, request, timeout_s=req.timeout)) as events:
-        async for i, ev in events:
-            if ev.finish_reason == "error":
-                raise event_error(ev)
-            usage.add(i, ev)
-            if ev.prompt_logprobs is not None and prompt_lps is None and req.prompt_logprobs is not None:
-                prompt_lps = await asyncio.to_thread(
-                    vllm_prompt_logprobs, tm, ids, ev.prompt_logprobs, req.prompt_logprobs
-                )  # a long prompt: decoded off the loop
-            if logprobs is not None and ev.token_id is not None:
-                lps[i].append(logprob_entry(tm, ev))
-            texts[i] += ev.text
-            if ev.finish_reason is not None:
-                finish[i] = ev.finish_reason
-    choices = []
-    for i in range(len(jobs)):
-        content, calls = parse_reply(texts[i], functions) if functions else (texts[i], [])
-        message: dict[str, Any] = {"role": "assistant", "content": content}
-        if calls:
-            message["tool_calls"] = [c.as_dict() for c in calls]
-        choices.append(
-            {
-                "index": i,
-                "message": message,
-                "logprobs": {"content": lps[i]} if logprobs is not None else None,
-                "finish_reason": _finish_reason(finish[i], calls),
-            }
-        )
-    return {
-        **head("chat.completion"),
-        "choices": choices,
-        "usage": usage.openai(),
-        **({"prompt_logprobs": prompt_lps} if req.prompt_logprobs is not None else {}),  # vLLM's extension
-    }
+    include_usage = bool(req.stream and req.stream_options and req.stream_options.include_usage)
+    writer = ChatWriter(tm, req, jobs, new_id("chatcmpl"), int(time.time()), include_usage, functions)
+    return await respond(tm, jobs, admission, writer, stream=req.stream, request=request, timeout_s=req.timeout)
 
 
 def _finish_reason(reason: str | None, calls: list[ToolCall]) -> str | None:
     return "tool_calls" if calls and reason == "stop" else reason
 
 
-def logprob_entry(tm: TextModel, ev: TokenEvent) -> dict[str, Any]:
+def logprob_entry(tm: TextModel, ev: TokenEvent) -> ChatTokenLogprob:
     """A generated token's logprobs as chat completions and the Responses API write them."""
 
-    def one(tid: int, lp: float) -> dict[str, Any]:
+    def one(tid: int, lp: float) -> TokenLogprob:
         s = decode_token(tm, tid)
-        return {"token": s, "logprob": lp, "bytes": list(s.encode("utf-8"))}
+        return TokenLogprob(token=s, logprob=lp, bytes=list(s.encode("utf-8")))
 
     assert ev.token_id is not None
-    entry = one(ev.token_id, ev.logprob if ev.logprob is not None else 0.0)
-    entry["top_logprobs"] = [one(t, lp) for t, lp in ev.top_logprobs]
-    return entry
+    first = one(ev.token_id, ev.logprob if ev.logprob is not None else 0.0)
+    return ChatTokenLogprob(**dict(first), top_logprobs=[one(t, lp) for t, lp in ev.top_logprobs])
 
 
-async def _stream(
-    tm: TextModel,
-    jobs: list[Job],
-    admission: Admission,
-    rid: str,
-    head: Any,
-    include_usage: bool,
-    want_logprobs: bool,
-    timeout: float | None,
-    functions: list[Function] | None,
-    score: tuple[list[int], int] | None = None,
-) -> AsyncIterator[bytes]:
-    """score: (prompt ids, k) when prompt_logprobs was asked: they come in a chunk of their own, first."""
-    usage_null = {"usage": None} if include_usage else {}
-    scored = False
+def _tool_call(k: int | None, call: ToolCall) -> ToolCallOut:
+    fn = ToolCallFunction(name=call.name, arguments=call.arguments)
+    return ToolCallOut(id=call.id, function=fn) if k is None else ToolCallOut(index=k, id=call.id, function=fn)
 
-    def chunk(i: int, delta: dict[str, Any], logprobs: Any = None, finish: str | None = None) -> bytes:
-        return sse_data(
-            {
-                **head("chat.completion.chunk"),
-                "choices": [{"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": finish}],
-                **usage_null,
-            }
+
+class ChatWriter(ChoiceWriter):
+    """The choices of a chat completion: the assistant's content, tool calls (with tools: the stream sends
+    content as it comes and the calls when the reply ends; the whole reply is parsed at once), logprobs,
+    finish reason, and vLLM's prompt_logprobs for the request (its own chunk, first)."""
+
+    def __init__(
+        self,
+        tm: TextModel,
+        req: ChatCompletionRequest,
+        jobs: list[Job],
+        rid: str,
+        created: int,
+        include_usage: bool,
+        functions: list[Function] | None,
+    ) -> None:
+        super().__init__(tm, jobs, rid, created, include_usage)
+        self.req, self.functions = req, functions
+        self.want_logprobs = req.logprobs
+        self.texts = [""] * len(jobs)
+        self.finish: list[str | None] = [None] * len(jobs)
+        self.lps: list[list[ChatTokenLogprob]] = [[] for _ in jobs]
+        self.prompt_lps: PromptLogprobs | None = None
+        self.replies = [ReplyStreamer(functions) if functions else None for _ in jobs]
+
+    def _chunk(
+        self, i: int, delta: ChatDelta, logprobs: ChatLogprobs | None = None, finish: str | None = None
+    ) -> ChatCompletionChunk:
+        return self._chunk_of([ChatChunkChoice(index=i, delta=delta, logprobs=logprobs, finish_reason=finish)])
+
+    def _chunk_of(self, choices: list[ChatChunkChoice], **extra: Any) -> ChatCompletionChunk:
+        if self.usage_null:
+            extra["usage"] = None
+        return ChatCompletionChunk(
+            id=self.rid, created=self.created, model=self.tm.name, system_fingerprint=None, choices=choices, **extra
         )
 
-    replies = [ReplyStreamer(functions) if functions else None for _ in jobs]
-    for i in range(len(jobs)):
-        yield chunk(i, {"role": "assistant", "content": ""})
-    usage = Usage(jobs)
-    async with aclosing(run_choices(tm.engine, jobs, rid, admission, timeout_s=timeout)) as events:
-        async for i, ev in events:
-            if ev.finish_reason == "error":
-                yield sse_data(event_error(ev).body())
-                break
-            usage.add(i, ev)
-            if score is not None and not scored and ev.prompt_logprobs is not None:
-                scored = True
-                scores = await asyncio.to_thread(vllm_prompt_logprobs, tm, score[0], ev.prompt_logprobs, score[1])
-                yield sse_data(
-                    {**head("chat.completion.chunk"), "choices": [], **usage_null, "prompt_logprobs": scores}
+    def opening(self) -> list[ReplyBody]:
+        return [self._chunk(i, ChatDelta(role="assistant", content="")) for i in range(len(self.jobs))]
+
+    async def on_event(self, i: int, ev: TokenEvent) -> list[ReplyBody]:
+        out: list[ReplyBody] = []
+        k = self.req.prompt_logprobs
+        if k is not None and self.prompt_lps is None and ev.prompt_logprobs is not None:  # decoded off the loop
+            self.prompt_lps = await asyncio.to_thread(
+                vllm_prompt_logprobs, self.tm, self.jobs[i].ids, ev.prompt_logprobs, k
+            )
+            out.append(self._chunk_of([], prompt_logprobs=self.prompt_lps))
+        self.texts[i] += ev.text
+        reply = self.replies[i]
+        text = reply.feed(ev.text) if reply is not None else ev.text
+        lp = None
+        if self.want_logprobs and ev.token_id is not None:
+            entry = logprob_entry(self.tm, ev)
+            self.lps[i].append(entry)
+            lp = ChatLogprobs(content=[entry])
+        if text or lp is not None:
+            out.append(self._chunk(i, ChatDelta(content=text), lp))
+        if ev.finish_reason is not None:
+            self.finish[i] = ev.finish_reason
+            calls: list[ToolCall] = []
+            if reply is not None:
+                rest, calls = reply.finish()
+                if rest:
+                    out.append(self._chunk(i, ChatDelta(content=rest)))
+                for n, call in enumerate(calls):
+                    out.append(self._chunk(i, ChatDelta(tool_calls=[_tool_call(n, call)])))
+            out.append(self._chunk(i, ChatDelta(), None, _finish_reason(ev.finish_reason, calls)))
+        return out
+
+    def usage_chunk(self, usage: Usage) -> ReplyBody:
+        return ChatCompletionChunk(
+            id=self.rid,
+            created=self.created,
+            model=self.tm.name,
+            system_fingerprint=None,
+            choices=[],
+            usage=usage.openai(),
+        )
+
+    def response(self, usage: Usage) -> ReplyBody:
+        choices = []
+        for i in range(len(self.jobs)):
+            text = self.texts[i]
+            content, calls = parse_reply(text, self.functions) if self.functions else (text, [])
+            message = ChatMessageOut(content=content)
+            if calls:
+                message = ChatMessageOut(content=content, tool_calls=[_tool_call(None, c) for c in calls])
+            choices.append(
+                ChatChoice(
+                    index=i,
+                    message=message,
+                    logprobs=ChatLogprobs(content=self.lps[i]) if self.want_logprobs else None,
+                    finish_reason=_finish_reason(self.finish[i], calls),
                 )
-            reply = replies[i]
-            text = reply.feed(ev.text) if reply is not None else ev.text
-            lp = {"content": [logprob_entry(tm, ev)]} if want_logprobs and ev.token_id is not None else None
-            if text or lp is not None:
-                yield chunk(i, {"content": text}, lp)
-            if ev.finish_reason is not None:
-                calls: list[ToolCall] = []
-                if reply is not None:
-                    rest, calls = reply.finish()
-                    if rest:
-                        yield chunk(i, {"content": rest})
-                    for k, call in enumerate(calls):
-                        yield chunk(i, {"tool_calls": [{"index": k, **call.as_dict()}]})
-                yield chunk(i, {}, None, _finish_reason(ev.finish_reason, calls))
-    if include_usage:
-        yield sse_data({**head("chat.completion.chunk"), "choices": [], "usage": usage.openai()})
-    yield DONE
+            )
+        extra = {"prompt_logprobs": self.prompt_lps} if self.req.prompt_logprobs is not None else {}
+        return ChatCompletion(
+            id=self.rid,
+            created=self.created,
+            model=self.tm.name,
+            system_fingerprint=None,
+            choices=choices,
+            usage=usage.openai(),
+            **extra,
+        )

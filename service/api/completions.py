@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
-from contextlib import aclosing
 from dataclasses import replace
 from typing import Any
 
 from fastapi import APIRouter, Request
 
 from model_core.sampling import TokenScore
+from service.api.chunks import Completion, CompletionChoice, CompletionLogprobs, PromptLogprobs, ReplyBody
 from service.api.errors import APIError, error_responses
 from service.api.fields import check_extra_fields
 from service.api.g2p import G2P_MODEL, g2p_completion, get_g2p_batcher
@@ -25,18 +24,15 @@ from service.api.generation import (
     decode_token,
     default_max_tokens,
     encode_prompt,
-    event_error,
     get_text_model,
     new_id,
     resolve_max_tokens,
-    run_choices,
     vllm_prompt_logprobs,
 )
 from service.api.json_route import OffLoopJSONRoute
 from service.api.schemas import CompletionRequest, sampling_params
-from service.api.sse import DONE, sse_data, sse_response
+from service.api.serving import ChoiceWriter, respond
 from service.api.structured import compile_grammar, output_constraint
-from service.engine.admission import Admission
 from service.engine.engine import TokenEvent
 
 router = APIRouter(route_class=OffLoopJSONRoute, responses=error_responses(400, 401, 404, 413, 422, 500, 503, 504))
@@ -63,6 +59,8 @@ async def _prompts(req: CompletionRequest, tm: TextModel) -> list[list[int]]:
 
 
 class _LogprobAcc:
+    """One choice's `logprobs`: every token so far, with its logprob, top alternatives and text offset."""
+
     def __init__(self, tm: TextModel) -> None:
         self.tm = tm
         self.tokens: list[str] = []
@@ -70,16 +68,17 @@ class _LogprobAcc:
         self.top: list[dict[str, float] | None] = []
         self.offsets: list[int] = []
 
-    def add(self, ev: TokenEvent, offset: int) -> dict[str, Any]:
+    def add(self, ev: TokenEvent, offset: int) -> CompletionLogprobs:
+        """Record a generated token at text offset `offset`; returns its entry alone (a stream chunk's)."""
         tok = decode_token(self.tm, ev.token_id) if ev.token_id is not None else ""
         top = {decode_token(self.tm, t): lp for t, lp in ev.top_logprobs}
         self.tokens.append(tok)
         self.token_logprobs.append(ev.logprob)
         self.top.append(top)
         self.offsets.append(offset)
-        return {"tokens": [tok], "token_logprobs": [ev.logprob], "top_logprobs": [top], "text_offset": [offset]}
+        return CompletionLogprobs(tokens=[tok], token_logprobs=[ev.logprob], top_logprobs=[top], text_offset=[offset])
 
-    def add_prompt(self, ids: list[int], scores: list[TokenScore | None] | None, k: int) -> dict[str, Any]:
+    def add_prompt(self, ids: list[int], scores: list[TokenScore | None] | None, k: int) -> CompletionLogprobs:
         """The echoed prompt's entries (they come first): the first token has no logprob (nothing precedes it);
         each top_logprobs dict holds the prompt token and the k most likely tokens, as vLLM does."""
         start = len(self.tokens)
@@ -96,20 +95,111 @@ class _LogprobAcc:
             self.top.append(top)
             self.offsets.append(offset)
             offset += len(tok)
-        return {
-            "tokens": self.tokens[start:],
-            "token_logprobs": self.token_logprobs[start:],
-            "top_logprobs": self.top[start:],
-            "text_offset": self.offsets[start:],
-        }
+        return self._slice(start)
 
-    def result(self) -> dict[str, Any]:
-        return {
-            "tokens": self.tokens,
-            "token_logprobs": self.token_logprobs,
-            "top_logprobs": self.top,
-            "text_offset": self.offsets,
-        }
+    def result(self) -> CompletionLogprobs:
+        return self._slice(0)
+
+    def _slice(self, start: int) -> CompletionLogprobs:
+        return CompletionLogprobs(
+            tokens=self.tokens[start:],
+            token_logprobs=self.token_logprobs[start:],
+            top_logprobs=self.top[start:],
+            text_offset=self.offsets[start:],
+        )
+
+
+class CompletionWriter(ChoiceWriter):
+    """The choices of a completion: text (after the echoed prompt, with `echo`), logprobs, finish reason and
+    vLLM's prompt_logprobs. A prompt that is scored (echo with logprobs, prompt_logprobs) is echoed with its
+    scores on the choice's first event; otherwise the echo opens the reply."""
+
+    def __init__(
+        self,
+        tm: TextModel,
+        req: CompletionRequest,
+        jobs: list[Job],
+        rid: str,
+        created: int,
+        include_usage: bool,
+        echo_text: list[str],
+    ) -> None:
+        super().__init__(tm, jobs, rid, created, include_usage)
+        self.req, self.echo_text = req, echo_text
+        self.echo_lp = req.echo and req.logprobs is not None  # the echoed prompt carries logprobs
+        self.scored = self.echo_lp or req.prompt_logprobs is not None
+        self.texts = [""] * len(jobs)
+        self.finish: list[str | None] = [None] * len(jobs)
+        self.lps = [_LogprobAcc(tm) for _ in jobs]
+        self.plps: list[PromptLogprobs | None] = [None] * len(jobs)
+
+    def _echo(self, i: int) -> str:
+        return self.echo_text[i // self.req.n] if self.req.echo else ""
+
+    def _chunk(self, choice: CompletionChoice) -> Completion:
+        extra = {"usage": None} if self.usage_null else {}
+        return Completion(id=self.rid, created=self.created, model=self.tm.name, choices=[choice], **extra)
+
+    def opening(self) -> list[ReplyBody]:
+        if not self.req.echo or self.scored:
+            return []
+        out: list[ReplyBody] = []
+        for i in range(len(self.jobs)):
+            self.texts[i] = self._echo(i)
+            out.append(self._chunk(CompletionChoice(index=i, text=self.texts[i], logprobs=None, finish_reason=None)))
+        return out
+
+    async def on_event(self, i: int, ev: TokenEvent) -> list[ReplyBody]:
+        req = self.req
+        out: list[ReplyBody] = []
+        if self.scored and ev.prompt_logprobs is not None:  # the first event: the echo and the prompt's scores
+            self.texts[i] = self._echo(i)
+            ids = self.jobs[i].ids
+            plp = (  # a long prompt is decoded off the event loop
+                await asyncio.to_thread(self.lps[i].add_prompt, ids, ev.prompt_logprobs, req.logprobs or 0)
+                if self.echo_lp
+                else None
+            )
+            extra: dict[str, Any] = {}
+            if req.prompt_logprobs is not None:
+                self.plps[i] = await asyncio.to_thread(
+                    vllm_prompt_logprobs, self.tm, ids, ev.prompt_logprobs, req.prompt_logprobs
+                )
+                extra["prompt_logprobs"] = self.plps[i]
+            choice = CompletionChoice(index=i, text=self.texts[i], logprobs=plp, finish_reason=None, **extra)
+            out.append(self._chunk(choice))
+        lp = self.lps[i].add(ev, len(self.texts[i])) if req.logprobs is not None and ev.token_id is not None else None
+        self.texts[i] += ev.text
+        if ev.finish_reason is not None:
+            self.finish[i] = ev.finish_reason
+        if ev.text or ev.finish_reason is not None or lp is not None:
+            out.append(
+                self._chunk(CompletionChoice(index=i, text=ev.text, logprobs=lp, finish_reason=ev.finish_reason))
+            )
+        return out
+
+    def usage_chunk(self, usage: Usage) -> ReplyBody:
+        return Completion(id=self.rid, created=self.created, model=self.tm.name, choices=[], usage=usage.openai())
+
+    def response(self, usage: Usage) -> ReplyBody:
+        scored = self.req.prompt_logprobs is not None
+
+        def choice(i: int) -> CompletionChoice:
+            return CompletionChoice(
+                index=i,
+                text=self.texts[i],
+                logprobs=self.lps[i].result() if self.req.logprobs is not None else None,
+                finish_reason=self.finish[i],
+                **({"prompt_logprobs": self.plps[i]} if scored else {}),
+            )
+
+        return Completion(
+            id=self.rid,
+            created=self.created,
+            model=self.tm.name,
+            choices=[choice(i) for i in range(len(self.jobs))],
+            usage=usage.openai(),
+        )
 
 
 @router.post(
@@ -153,119 +243,6 @@ async def _lm_completion(req: CompletionRequest, request: Request, tm: TextModel
         jobs += [Job(ids, choice_params(base, i), grammar) for i in range(req.n)]
     echo_text = [await asyncio.to_thread(tm.tokenizer.decode, ids, False) if req.echo else "" for ids in prompts]
     admission = admit(request, tm, len(jobs), "completions")
-    rid, created = new_id("cmpl"), int(time.time())
-
-    def head() -> dict[str, Any]:
-        return {"id": rid, "object": "text_completion", "created": created, "model": tm.name}
-
-    if req.stream:
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return sse_response(_stream(tm, req, jobs, admission, rid, head, echo_text, include_usage))
-
-    texts = [echo_text[i // req.n] for i in range(len(jobs))]
-    finish: list[str | None] = [None] * len(jobs)
-    lps = [_LogprobAcc(tm) for _ in jobs]
-    plps: list[Any] = [None] * len(jobs)
-    usage = Usage(jobs)
-    async with aclosing(run_choices(tm.engine, jobs, rid, admission, request, timeout_s=req.timeout)) as events:
-        async for i, ev in events:
-            if ev.finish_reason == "error":
-                raise event_error(ev)
-            usage.add(i, ev)
-            if ev.prompt_logprobs is not None:  # the choice's first event; a long prompt is decoded off the loop
-                if echo_lp:
-                    await asyncio.to_thread(lps[i].add_prompt, jobs[i].ids, ev.prompt_logprobs, req.logprobs or 0)
-                if req.prompt_logprobs is not None:
-                    plps[i] = await asyncio.to_thread(
-                        vllm_prompt_logprobs, tm, jobs[i].ids, ev.prompt_logprobs, req.prompt_logprobs
-                    )
-            if req.logprobs is not None and ev.token_id is not None:
-                lps[i].add(ev, len(texts[i]))
-            texts[i] += ev.text
-            if ev.finish_reason is not None:
-                finish[i] = ev.finish_reason
-    extra = [{"prompt_logprobs": plps[i]} if req.prompt_logprobs is not None else {} for i in range(len(jobs))]
-    return {
-        **head(),
-        "choices": [
-            {
-                "index": i,
-                "text": texts[i],
-                "logprobs": lps[i].result() if req.logprobs is not None else None,
-                "finish_reason": finish[i],
-                **extra[i],
-            }
-            for i in range(len(jobs))
-        ],
-        "usage": usage.openai(),
-    }
-
-
-async def _stream(
-    tm: TextModel,
-    req: CompletionRequest,
-    jobs: list[Job],
-    admission: Admission,
-    rid: str,
-    head: Any,
-    echo_text: list[str],
-    include_usage: bool,
-) -> AsyncIterator[bytes]:
-    usage_null = {"usage": None} if include_usage else {}
-    offsets = [0] * len(jobs)
-    lps = [_LogprobAcc(tm) for _ in jobs]
-    usage = Usage(jobs)
-    scored = req.echo and req.logprobs is not None or req.prompt_logprobs is not None
-    if req.echo and not scored:
-        for i in range(len(jobs)):
-            offsets[i] = len(echo_text[i // req.n])
-            yield sse_data(
-                {
-                    **head(),
-                    "choices": [{"index": i, "text": echo_text[i // req.n], "logprobs": None, "finish_reason": None}],
-                    **usage_null,
-                }
-            )
-    async with aclosing(run_choices(tm.engine, jobs, rid, admission, timeout_s=req.timeout)) as events:
-        async for i, ev in events:
-            if ev.finish_reason == "error":
-                yield sse_data(event_error(ev).body())
-                break
-            usage.add(i, ev)
-            if scored and ev.prompt_logprobs is not None:  # first event: the echo and the prompt's scores first
-                echo = echo_text[i // req.n] if req.echo else ""
-                offsets[i] = len(echo)
-                plp = (
-                    await asyncio.to_thread(lps[i].add_prompt, jobs[i].ids, ev.prompt_logprobs, req.logprobs or 0)
-                    if req.echo and req.logprobs is not None
-                    else None
-                )
-                extra = (
-                    {
-                        "prompt_logprobs": await asyncio.to_thread(
-                            vllm_prompt_logprobs, tm, jobs[i].ids, ev.prompt_logprobs, req.prompt_logprobs
-                        )
-                    }
-                    if (req.prompt_logprobs is not None)
-                    else {}
-                )
-                yield sse_data(
-                    {
-                        **head(),
-                        "choices": [{"index": i, "text": echo, "logprobs": plp, "finish_reason": None, **extra}],
-                        **usage_null,
-                    }
-                )
-            lp = lps[i].add(ev, offsets[i]) if req.logprobs is not None and ev.token_id is not None else None
-            offsets[i] += len(ev.text)
-            if ev.text or ev.finish_reason is not None or lp is not None:
-                yield sse_data(
-                    {
-                        **head(),
-                        "choices": [{"index": i, "text": ev.text, "logprobs": lp, "finish_reason": ev.finish_reason}],
-                        **usage_null,
-                    }
-                )
-    if include_usage:
-        yield sse_data({**head(), "choices": [], "usage": usage.openai()})
-    yield DONE
+    include_usage = bool(req.stream and req.stream_options and req.stream_options.include_usage)
+    writer = CompletionWriter(tm, req, jobs, new_id("cmpl"), int(time.time()), include_usage, echo_text)
+    return await respond(tm, jobs, admission, writer, stream=req.stream, request=request, timeout_s=req.timeout)

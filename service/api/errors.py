@@ -1,7 +1,8 @@
 """Every error the API returns, in OpenAI's shape: {"error": {"message", "type", "param", "code"}}.
 
-Routes raise `APIError`; `install_error_handlers(app)` maps it, FastAPI's validation errors (422)
-and anything unexpected (500, without a stack trace) to that shape in one place.
+Routes raise `APIError`; the engines' one error type, `EngineError`, becomes one through `from_engine` (its
+kind's status is in `ENGINE_STATUS`, the only table of them). `install_error_handlers(app)` maps both,
+FastAPI's validation errors (422) and anything unexpected (500, without a stack trace) to that shape.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from service.engine.errors import EngineError, ErrorKind
 
 log = logging.getLogger("service.api")
 
@@ -85,6 +88,31 @@ class APIError(Exception):
         return error_body(self.message, self.type, self.param, self.code)
 
 
+# the HTTP status of each kind of engine error
+ENGINE_STATUS: dict[ErrorKind, int] = {
+    ErrorKind.INVALID_REQUEST: 400,
+    ErrorKind.OVERLOADED: 503,
+    ErrorKind.QUEUE_TIMEOUT: 503,
+    ErrorKind.TIMEOUT: 504,
+    ErrorKind.ENGINE_DEAD: 503,
+    ErrorKind.INTERNAL: 500,
+}
+
+
+def from_engine(error: EngineError) -> APIError:
+    """The APIError for an engine error (its status and type also label SSE error chunks); a 503 says when
+    to retry."""
+    status = ENGINE_STATUS[error.kind]
+    return APIError(
+        error.message,
+        status_code=status,
+        param=error.param,
+        code=error.kind.value,
+        type="timeout_error" if status == 504 else None,
+        headers={"Retry-After": "1"} if status == 503 else None,
+    )
+
+
 def error_body(message: str, type: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
@@ -110,6 +138,11 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
         return JSONResponse(exc.body(), status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(EngineError)
+    async def _engine_error(_: Request, exc: EngineError) -> JSONResponse:
+        err = from_engine(exc)
+        return JSONResponse(err.body(), status_code=err.status_code, headers=err.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -15,9 +15,11 @@ from fastapi import Request
 from model_core.grammar import CompiledGrammar, GrammarCompiler
 from model_core.sampling import SamplingParams, TokenScore
 from model_core.tokenizer import Tokenizer
-from service.api.errors import APIError
-from service.engine.admission import Admission, EngineOverloadedError
-from service.engine.engine import EngineDeadError, LLMEngine, TokenEvent
+from service.api.chunks import PromptTokensDetails, UsageInfo
+from service.api.errors import APIError, from_engine
+from service.engine.admission import Admission
+from service.engine.engine import LLMEngine, TokenEvent, error_event
+from service.engine.errors import EngineError, internal_error
 
 
 @dataclass
@@ -31,6 +33,8 @@ class TextModel:
     vocab_size: int
     created: int
     load_seconds: float = 0.0
+    dtype: str = "float32"  # of the weights and activations
+    kernels: str = "torch"  # what runs decode steps: a native ISA build (avx2, avx512bf16, neon...) or torch
 
     def __post_init__(self) -> None:
         self.max_prompt_chars = self.max_model_len * self.tokenizer.max_token_bytes
@@ -88,17 +92,15 @@ def admit(request: Request, tm: TextModel, n: int, endpoint: str) -> Admission:
         )
     metrics = getattr(request.app.state, "metrics", None)
     if getattr(request.app.state, "draining", False):
-        reason, msg = "draining", "the server is shutting down"
+        refused = APIError("the server is shutting down", 503, code="draining", headers={"Retry-After": "1"})
     else:
         try:
             return tm.engine.admit(n)
-        except EngineOverloadedError as e:
-            reason, msg = "queue_full", str(e)
-        except EngineDeadError as e:
-            reason, msg = "engine_dead", str(e)
+        except EngineError as e:  # full (queue_full) or down (engine_dead): 503 + Retry-After
+            refused = from_engine(e)
     if metrics is not None:
-        metrics.rejected.labels(endpoint, reason).inc()
-    raise APIError(msg, status_code=503, code=reason, headers={"Retry-After": "1"})
+        metrics.rejected.labels(endpoint, refused.code).inc()
+    raise refused
 
 
 def check_model(tm: TextModel, requested: str | None) -> None:
@@ -208,14 +210,10 @@ async def run_choices(
             i, ev = await queue.get()
             if ev is None:
                 raise APIError("the client closed the connection", status_code=499, code="client_closed_request")
-            if isinstance(ev, BaseException):
+            if isinstance(ev, BaseException):  # the engine refused the job (or failed to take it)
                 remaining -= 1
-                code = (
-                    "invalid_request"
-                    if isinstance(ev, ValueError)
-                    else ("engine_dead" if isinstance(ev, EngineDeadError) else "internal_error")
-                )
-                yield i, TokenEvent(None, "", "error", error=str(ev) or type(ev).__name__, error_code=code)
+                err = ev if isinstance(ev, EngineError) else internal_error(str(ev) or type(ev).__name__)
+                yield i, error_event(err)
                 continue
             if ev.finish_reason is not None:
                 remaining -= 1
@@ -251,14 +249,14 @@ class Usage:
     def cached_tokens(self) -> int:
         return sum(self._cached.values())
 
-    def openai(self) -> dict[str, Any]:
+    def openai(self) -> UsageInfo:
         """The `usage` object of completions and chat completions."""
-        return {
-            "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": self.completion_tokens,
-            "total_tokens": self.prompt_tokens + self.completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": self.cached_tokens},
-        }
+        return UsageInfo(
+            prompt_tokens=self.prompt_tokens,
+            completion_tokens=self.completion_tokens,
+            total_tokens=self.prompt_tokens + self.completion_tokens,
+            prompt_tokens_details=PromptTokensDetails(cached_tokens=self.cached_tokens),
+        )
 
     def responses(self) -> dict[str, Any]:
         """The `usage` object of the Responses API."""
@@ -275,18 +273,9 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
-_ERROR_STATUS = {"timeout": 504, "queue_timeout": 503, "engine_dead": 503, "invalid_request": 400}
-
-
 def event_error(ev: TokenEvent) -> APIError:
-    """The APIError for an error event (its status and type also label SSE error chunks)."""
-    status = _ERROR_STATUS.get(ev.error_code or "", 500)
-    return APIError(
-        ev.error or "generation failed",
-        status_code=status,
-        code=ev.error_code,
-        type="timeout_error" if status == 504 else None,
-    )
+    """The APIError of an error event."""
+    return from_engine(ev.error or internal_error("generation failed"))
 
 
 def decode_token(tm: TextModel, token_id: int) -> str:

@@ -26,6 +26,8 @@ def _entries(request: Request, tm: TextModel) -> list[dict[str, Any]]:
             "owned_by": "aigc",
             "kind": "text-generation",
             "max_model_len": tm.max_model_len,
+            "dtype": tm.dtype,
+            "kernels": tm.kernels,
         }
     ]
     g2p = get_g2p_batcher(request)

@@ -497,7 +497,7 @@ async def create_response(
                 raise event_error(ev)
             usage.add(0, ev)
             if want_logprobs and ev.token_id is not None:
-                logprobs.append(logprob_entry(tm, ev))
+                logprobs.append(logprob_entry(tm, ev).body())
             text += ev.text
             if ev.finish_reason is not None:
                 finish = ev.finish_reason
@@ -577,7 +577,7 @@ async def _stream(
                 return
             usage.add(0, ev)
             if want_logprobs and ev.token_id is not None:
-                pending.append(logprob_entry(tm, ev))
+                pending.append(logprob_entry(tm, ev).body())
             chunk = reply.feed(ev.text) if reply is not None else ev.text
             if chunk:
                 for b in delta(chunk):

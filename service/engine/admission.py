@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import threading
 
-
-class EngineOverloadedError(RuntimeError):
-    """The server is at capacity: the caller should retry later (HTTP 503 + Retry-After)."""
+from service.engine.errors import EngineOverloadedError
 
 
 class AdmissionControl:

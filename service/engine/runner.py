@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
@@ -25,8 +24,9 @@ from model_core.grammar import GrammarMatcher, apply_token_masks
 from model_core.kv_cache import PagedKVCache
 from model_core.lm import CausalLM
 from model_core.native import Kernels
-from model_core.sampling import SamplingParams, TokenScore, compute_logprobs, process_logits, sample, score_tokens
-from service.engine.scheduler import ScheduledChunk, SchedulerOutput
+from model_core.sampling import SamplingParams, compute_logprobs, process_logits, sample, score_tokens
+from service.engine.errors import EngineError, internal_error, invalid_request
+from service.engine.model_input import ChunkInput, ModelInput, SamplingState
 
 log = logging.getLogger(__name__)
 SCORE_ROWS = 128  # prompt positions whose logits are computed at once when scoring a prompt
@@ -38,8 +38,7 @@ class SampleResult:
     token_id: int
     logprob: float | None = None
     top_logprobs: list[tuple[int, float]] = field(default_factory=list)
-    error: str | None = None  # set when this row could not be sampled (token_id is then -1)
-    error_code: str = "internal_error"  # invalid_request: the request's grammar cannot be followed here
+    error: EngineError | None = None  # set when this row could not be sampled (token_id is then -1)
 
 
 class ModelRunner:
@@ -69,15 +68,15 @@ class ModelRunner:
             kernels=kernels,
         )
 
-    def _forward(self, chunks: list[ScheduledChunk], score: bool = False) -> torch.Tensor:
+    def _forward(self, chunks: list[ChunkInput], score: bool = False) -> torch.Tensor:
         """One forward over chunks of possibly different lengths (shorter ones padded).
         Returns the logits at each chunk's last token (B, V). With score, the chunks that ask for prompt
         logprobs get them from this same forward (see `_score_prompt`)."""
         counts = [c.num_tokens for c in chunks]
         T = max(counts)
-        ids = [c.seq.token_ids(c.start, c.start + c.num_tokens) + [0] * (T - c.num_tokens) for c in chunks]
+        ids = [c.token_ids + [0] * (T - c.num_tokens) for c in chunks]
         tokens = torch.tensor(ids, dtype=torch.long, device=self.device)  # (B, T)
-        positions = self.cache.prepare([c.seq.block_table for c in chunks], [c.start for c in chunks], counts)
+        positions = self.cache.prepare([c.block_table for c in chunks], [c.start for c in chunks], counts)
         if score:
             h = self.model(tokens, positions, self.cache, hidden=True)  # (B, T, C), final-normed
             for b, c in enumerate(chunks):
@@ -91,19 +90,20 @@ class ModelRunner:
         return self.model(tokens, positions, self.cache, last_index=last)  # (B, V)
 
     @staticmethod
-    def wants_prompt_scores(chunk: ScheduledChunk) -> bool:
+    def wants_prompt_scores(chunk: ChunkInput) -> bool:
         """The chunk covers prompt positions whose logprobs its request asked for and does not have yet
         (a sequence preempted and recomputed keeps those it has)."""
-        scores: list[TokenScore | None] | None = getattr(chunk.seq.data, "prompt_logprobs", None)
-        last = min(chunk.end, len(chunk.seq.prompt_ids) - 1)  # the last prompt position it scores
+        scores = chunk.sampling.prompt_scores
+        last = min(chunk.end, len(chunk.prompt_ids) - 1)  # the last prompt position it scores
         return scores is not None and chunk.start < last and scores[last] is None
 
-    def _score_prompt(self, chunk: ScheduledChunk, h: torch.Tensor) -> None:
+    def _score_prompt(self, chunk: ChunkInput, h: torch.Tensor) -> None:
         """h: (n, C) final-normed hidden states of the chunk's positions. Position p predicts prompt token
         p + 1; the logits are made SCORE_ROWS positions at a time."""
-        state = chunk.seq.data
-        scores: list[TokenScore | None] = state.prompt_logprobs
-        prompt = chunk.seq.prompt_ids
+        state = chunk.sampling
+        scores = state.prompt_scores
+        assert scores is not None
+        prompt = chunk.prompt_ids
         n = min(chunk.end, len(prompt) - 1) - chunk.start  # positions scored: start .. start + n - 1
         k = state.params.prompt_logprobs or 0
         for i in range(0, n, SCORE_ROWS):
@@ -115,10 +115,10 @@ class ModelRunner:
                 scores[first + j] = sc
 
     @staticmethod
-    def prefill_groups(chunks: list[ScheduledChunk], max_waste: float = 0.25) -> list[list[ScheduledChunk]]:
+    def prefill_groups(chunks: list[ChunkInput], max_waste: float = 0.25) -> list[list[ChunkInput]]:
         """Group prefill chunks of similar length into one padded forward each: sorted by length, a
         group grows while its padding stays under max_waste of its tokens."""
-        groups: list[list[ScheduledChunk]] = []
+        groups: list[list[ChunkInput]] = []
         for c in sorted(chunks, key=lambda c: c.num_tokens):
             g = groups[-1] if groups else None
             if g is not None:
@@ -131,22 +131,22 @@ class ModelRunner:
         return groups
 
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput) -> dict[str, SampleResult]:
+    def execute(self, out: ModelInput) -> dict[str, SampleResult]:
         rows: list[torch.Tensor] = []
-        to_sample: list[ScheduledChunk] = []
-        decodes = [c for c in out.decodes if c.seq.max_tokens > 0]  # prompt-only tails are not sampled
+        to_sample: list[ChunkInput] = []
+        decodes = [c for c in out.decodes if c.sample]  # prompt-only tails are not sampled
         if out.decodes:
             logits = self._forward(out.decodes)  # (B, V)
             if decodes:
                 rows.append(
                     logits
                     if len(decodes) == len(out.decodes)
-                    else logits[[i for i, c in enumerate(out.decodes) if c.seq.max_tokens > 0]]
+                    else logits[[i for i, c in enumerate(out.decodes) if c.sample]]
                 )
                 to_sample.extend(decodes)
         for group in self.prefill_groups(out.prefills):
             logits = self._forward(group, score=any(self.wants_prompt_scores(c) for c in group))  # (len(group), V)
-            keep = [i for i, c in enumerate(group) if c.sample and c.seq.max_tokens > 0]
+            keep = [i for i, c in enumerate(group) if c.sample]
             if keep:
                 rows.append(logits[keep] if len(keep) < len(group) else logits)
                 to_sample.extend(group[i] for i in keep)
@@ -162,18 +162,18 @@ class ModelRunner:
                 try:
                     results.update(self._sample(raw[i : i + 1], [chunk]))
                 except Exception as e:
-                    results[chunk.seq.request_id] = SampleResult(-1, error=f"sampling failed: {e}")
+                    results[chunk.request_id] = SampleResult(-1, error=internal_error(f"sampling failed: {e}"))
             return results
 
-    def _sample(self, raw: torch.Tensor, chunks: list[ScheduledChunk]) -> dict[str, SampleResult]:
+    def _sample(self, raw: torch.Tensor, chunks: list[ChunkInput]) -> dict[str, SampleResult]:
         """raw: (N, V) model logits for the N chunks to sample.
 
         Rows of constrained requests (state.matcher set) first get their grammar's token mask, then the
         usual processing: top-k/top-p/min-p and greedy argmax choose among the allowed tokens only.
         Logprobs stay those of the raw logits (OpenAI semantics)."""
-        states = [c.seq.data for c in chunks]
-        params: list[SamplingParams] = [s.params for s in states]
-        matchers: list[GrammarMatcher | None] = [getattr(s, "matcher", None) for s in states]
+        states = [c.sampling for c in chunks]
+        params = [s.params for s in states]
+        matchers = [s.matcher for s in states]
         constrained = [i for i, m in enumerate(matchers) if m is not None]
         logits = raw
         dead: list[int] = []
@@ -183,37 +183,41 @@ class ModelRunner:
         processed = process_logits(
             logits,
             params,
-            [c.seq.prompt_ids for c in chunks],
-            [c.seq.output_ids for c in chunks],
+            [c.prompt_ids for c in chunks],
+            [c.output_ids for c in chunks],
             eos_token_ids=self.eos_token_ids,
         )
         if constrained:
             # min_tokens masks EOS (and stop ids): where that leaves none of the tokens the grammar allows,
             # the grammar wins. Only those rows can have been emptied by the processing.
-            held = [i for i in constrained if params[i].min_tokens > len(chunks[i].seq.output_ids)]
+            held = [i for i in constrained if params[i].min_tokens > len(chunks[i].output_ids)]
             self._guard_constrained(logits, processed, held, dead)
         tokens = sample(processed, params, [s.generator for s in states])
         stuck: list[int] = []
         if constrained:
             stuck = self._resample_refused(tokens, processed, constrained, dead, matchers, params, states)
-        results = {c.seq.request_id: SampleResult(int(t)) for c, t in zip(chunks, tokens.tolist(), strict=True)}
+        results = {c.request_id: SampleResult(int(t)) for c, t in zip(chunks, tokens.tolist(), strict=True)}
         for i in dead:
             m = matchers[i]
-            results[chunks[i].seq.request_id] = SampleResult(
-                -1, error=f"constrained decoding failed: the grammar allows no token ({m.error if m else ''})"
+            results[chunks[i].request_id] = SampleResult(
+                -1,
+                error=internal_error(
+                    f"constrained decoding failed: the grammar allows no token ({m.error if m else ''})"
+                ),
             )
         for i in stuck:
-            results[chunks[i].seq.request_id] = SampleResult(
+            results[chunks[i].request_id] = SampleResult(
                 -1,
-                error="constrained decoding failed: the grammar engine cannot continue this output with the "
-                "model's tokens (the grammar's text splits characters the vocabulary encodes as byte tokens)",
-                error_code="invalid_request",
+                error=invalid_request(
+                    "constrained decoding failed: the grammar engine cannot continue this output with the model's "
+                    "tokens (the grammar's text splits characters the vocabulary encodes as byte tokens)"
+                ),
             )
         want = [i for i, p in enumerate(params) if p.logprobs is not None]
         if want:
             lps = compute_logprobs(raw[want].float(), tokens[want], [params[i].logprobs or 0 for i in want])
             for i, (lp, top) in zip(want, lps, strict=True):
-                r = results[chunks[i].seq.request_id]
+                r = results[chunks[i].request_id]
                 r.logprob, r.top_logprobs = lp, top
         return results
 
@@ -225,7 +229,7 @@ class ModelRunner:
         dead: list[int],
         matchers: list[GrammarMatcher | None],
         params: list[SamplingParams],
-        states: list[Any],
+        states: list[SamplingState],
     ) -> list[int]:
         """A constrained row whose sampled token its matcher refuses although the mask allowed it gets that
         token banned and is sampled again (a few times), then the grammar's forced token is tried. Rows left

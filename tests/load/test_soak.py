@@ -32,8 +32,7 @@ from model_core.gan import GANConfig, Generator, save_gan
 from model_core.tokenizer import Tokenizer
 from service.engine.engine import LLMEngine
 from tests.conftest import tiny_llama
-from tests.service.server_utils import TINY_MODEL_NAME, LiveServer
-from tests.service.test_reliability import serve_model, text_model
+from tests.service.server_utils import TINY_MODEL_NAME, LiveServer, serve_model, text_model
 
 pytestmark = pytest.mark.slow
 

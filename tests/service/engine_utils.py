@@ -4,39 +4,39 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from typing import Any
 
 from model_core.lm import CausalLM
 from model_core.native import Kernels
 from model_core.sampling import SamplingParams
 from model_core.tokenizer import Tokenizer
-from service.engine.engine import EngineConfig, LLMEngine, TokenEvent
-from service.engine.runner import ModelRunner
+from service.engine.engine import EngineConfig, LLMEngine, TokenEvent, build_engine
 
 
 def make_engine(
     model: CausalLM,
     tokenizer: Tokenizer,
     *,
-    num_blocks: int = 256,
-    block_size: int = 16,
-    max_num_seqs: int = 32,
-    max_num_batched_tokens: int = 256,
     start: bool = True,
     kernels: Kernels | None = None,
     prefix_caching: bool = True,
+    num_blocks: int = 256,
+    max_num_batched_tokens: int = 256,
+    **config: Any,
 ) -> LLMEngine:
-    runner = ModelRunner(model, num_blocks, block_size, tuple(tokenizer.eos_token_ids), kernels)
-    engine = LLMEngine(
-        runner,
+    """An engine over `model` built as the server builds one (`build_engine`); `config`: other EngineConfig
+    fields (max_num_seqs, block_size, max_waiting, timeouts)."""
+    engine = build_engine(
+        model,
         tokenizer,
         EngineConfig(
-            max_num_seqs=max_num_seqs,
-            max_num_batched_tokens=max_num_batched_tokens,
-            block_size=block_size,
             num_blocks=num_blocks,
+            max_num_batched_tokens=max(max_num_batched_tokens, config.get("max_num_seqs", 0)),
             max_model_len=model.cfg.max_seq_len,
             enable_prefix_caching=prefix_caching,
+            **config,
         ),
+        kernels,
     )
     if start:
         engine.start()

@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import httpx
 import uvicorn
@@ -44,36 +45,29 @@ class LiveServer:
         return tm
 
 
-def tiny_text_model(
-    model: CausalLM,
-    tokenizer: Tokenizer,
-    *,
-    name: str = TINY_MODEL_NAME,
-    num_blocks: int = 256,
-    block_size: int = 16,
-    max_num_seqs: int = 32,
-    max_num_batched_tokens: int = 256,
-    prefix_caching: bool = True,
-) -> TextModel:
-    """A TextModel over `model` whose engine is not started yet (the app's lifespan starts it)."""
-    engine = make_engine(
-        model,
-        tokenizer,
-        num_blocks=num_blocks,
-        block_size=block_size,
-        max_num_seqs=max_num_seqs,
-        max_num_batched_tokens=max_num_batched_tokens,
-        start=False,
-        prefix_caching=prefix_caching,
-    )
+def tiny_text_model(model: CausalLM, tokenizer: Tokenizer, *, name: str = TINY_MODEL_NAME, **engine: Any) -> TextModel:
+    """A TextModel over `model` whose engine is not started yet (the app's lifespan starts it); `engine`: the
+    arguments of `make_engine` (num_blocks, max_num_seqs, max_waiting, timeouts, prefix_caching...)."""
     return TextModel(
-        engine=engine,
+        engine=make_engine(model, tokenizer, start=False, **engine),
         tokenizer=tokenizer,
         name=name,
         max_model_len=model.cfg.max_seq_len,
         vocab_size=model.cfg.vocab_size,
         created=int(time.time()),
     )
+
+
+def text_model(model: CausalLM, tokenizer: Tokenizer, **engine: Any) -> TextModel:
+    """`tiny_text_model` with a KV cache of twice the model's context (room for long requests)."""
+    return tiny_text_model(model, tokenizer, num_blocks=2 * model.cfg.max_seq_len // 16 + 16, **engine)
+
+
+@contextmanager
+def serve_model(tm: TextModel, **settings: Any) -> Iterator[LiveServer]:
+    """Serve `tm` with `create_app(Settings(**settings))` (the GAN off unless asked for)."""
+    with serve(create_app(Settings(**{"enable_gan": False, **settings}), text_model=tm)) as live:
+        yield live
 
 
 def _free_socket() -> socket.socket:

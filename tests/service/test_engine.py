@@ -10,6 +10,7 @@ import pytest
 
 from model_core.generate import generate
 from model_core.sampling import SamplingParams
+from service.engine.errors import EngineError, ErrorKind
 from tests.conftest import kernels_for, native_isas
 from tests.service.engine_utils import collect, make_engine, run_all
 
@@ -85,10 +86,13 @@ def test_abort_frees_blocks_within_one_step(tiny_model, smol_tokenizer):
         engine.stop()
 
 
-def test_prompt_too_long_is_an_error_event(tiny_model, smol_tokenizer):
+def test_a_prompt_that_leaves_no_room_is_refused_naming_the_prompt(tiny_model, smol_tokenizer):
     engine = make_engine(tiny_model, smol_tokenizer)
     try:
-        with pytest.raises(ValueError, match="context length"):
-            asyncio.run(collect(engine, [5] * 256, SamplingParams(max_tokens=4)))
+        for prompt in ([5] * 256, []):
+            with pytest.raises(EngineError) as refused:
+                asyncio.run(collect(engine, prompt, SamplingParams(max_tokens=4)))
+            assert refused.value.kind is ErrorKind.INVALID_REQUEST and refused.value.param == "prompt"
+        assert engine.admission.active == 0 and engine.is_alive
     finally:
         engine.stop()

@@ -13,6 +13,7 @@ import torch
 from model_core.grammar import CompiledGrammar, GrammarCompiler, GrammarMatcher, GrammarSpec, apply_token_masks
 from model_core.sampling import SamplingParams
 from service.engine.engine import LLMEngine, TokenEvent
+from service.engine.errors import EngineError, ErrorKind
 from tests.service.engine_utils import make_engine
 
 WEATHER = {
@@ -155,7 +156,7 @@ def test_logprobs_of_constrained_rows_are_the_models(engine, compiler, smol_toke
 
 def test_grammar_for_another_vocab_is_refused(engine, smol_tokenizer):
     other = GrammarCompiler(smol_tokenizer, smol_tokenizer.vocab_size + 32).compile(GrammarSpec.json_object())
-    with pytest.raises(ValueError, match="logits"):
+    with pytest.raises(EngineError, match="logits"):
         run(engine, [(prompt(smol_tokenizer), SamplingParams(max_tokens=4), other)])
 
 
@@ -164,8 +165,9 @@ def test_a_grammar_the_vocabulary_cannot_spell_ends_in_an_error(engine, compiler
     engine's mask then allows a token its matcher rejects) instead of producing text outside the grammar."""
     grammar = compiler.compile(GrammarSpec.choice(["\U00040000"]))
     events = run(engine, [(prompt(smol_tokenizer), SamplingParams(max_tokens=8, temperature=0.0), grammar)])[0]
-    assert events[-1].finish_reason == "error" and events[-1].error_code == "invalid_request"
-    assert "constrained decoding failed" in (events[-1].error or "")
+    err = events[-1].error
+    assert events[-1].finish_reason == "error" and err is not None and err.kind is ErrorKind.INVALID_REQUEST
+    assert "constrained decoding failed" in err.message
     assert engine.scheduler.kv_usage == 0.0
 
 
@@ -190,6 +192,7 @@ def test_a_token_the_mask_allows_but_the_parser_refuses_is_resampled(engine, com
             assert text_of(events) in choices
             outcomes["stop"] += 1
         else:  # where llguidance's parser accepts no token at all: a client error naming why, never a bad token
-            assert events[-1].error_code == "invalid_request" and "grammar engine cannot" in (events[-1].error or "")
+            err = events[-1].error
+            assert err is not None and err.kind is ErrorKind.INVALID_REQUEST and "grammar engine cannot" in err.message
             outcomes["refused"] += 1
     assert outcomes["stop"] > 0, outcomes

@@ -34,8 +34,7 @@ from service.api.generation import TextModel
 from service.config import Settings
 from service.main import create_app
 from tests.conftest import tiny_llama
-from tests.service.server_utils import TINY_MODEL_NAME, LiveServer
-from tests.service.test_reliability import serve_model, text_model
+from tests.service.server_utils import TINY_MODEL_NAME, LiveServer, serve_model, text_model
 
 FUZZ_EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "200"))
 FUZZ_SLOW_EXAMPLES = int(os.environ.get("FUZZ_SLOW_EXAMPLES", "1000"))

@@ -32,8 +32,7 @@ from service.config import Settings, parse_settings
 from service.main import create_app
 from tests.conftest import tiny_llama
 from tests.service.http_checks import assert_error, sse_events
-from tests.service.server_utils import LiveServer, serve, tiny_text_model
-from tests.service.test_reliability import text_model
+from tests.service.server_utils import LiveServer, serve, text_model, tiny_text_model
 
 ORIGIN = "https://app.example"
 BIG = ("The quick brown fox jumps over the lazy dog. 12345 " * 80000)[:3_900_000]  # under the 4 MiB body limit

@@ -10,8 +10,7 @@ import pytest
 
 from service.config import Settings
 from service.main import create_app
-from tests.service.server_utils import serve
-from tests.service.test_reliability import text_model
+from tests.service.server_utils import serve, text_model
 
 SAMPLE = re.compile(r"^(?P<name>[a-z_0-9]+)(?:\{(?P<labels>[^}]*)\})? (?P<value>[-+0-9.e]+|NaN)$")
 

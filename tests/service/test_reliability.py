@@ -23,7 +23,6 @@ import statistics
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,67 +40,20 @@ from model_core.lm import CausalLM
 from model_core.sampling import SamplingParams
 from model_core.stopping import OutputStream
 from model_core.tokenizer import Tokenizer
-from service.api.generation import TextModel
 from service.api.images import MAX_FRAMES, MAX_SIZE, MIN_SIZE
 from service.api.images import MAX_N as IMAGE_MAX_N
 from service.api.schemas import MAX_LOGIT_BIAS, MAX_N, MAX_STOP, MAX_TOP_LOGPROBS
-from service.config import Settings
-from service.engine.engine import EngineConfig, LLMEngine
-from service.engine.runner import ModelRunner
-from service.main import create_app
+from service.engine.engine import LLMEngine
+from service.engine.errors import ErrorKind
 from tests.conftest import tiny_llama
 from tests.service.http_checks import ERROR_KEYS, assert_error, sse_events
-from tests.service.server_utils import TINY_MODEL_NAME, LiveServer, serve
+from tests.service.server_utils import TINY_MODEL_NAME, LiveServer, serve_model, text_model
 
 MODEL = TINY_MODEL_NAME
 LONG_CONTEXT = 1024
 
 
 # ------------------------------------------------------------------------------------------ helpers
-def text_model(
-    model: CausalLM,
-    tok: Tokenizer,
-    *,
-    max_num_seqs: int = 32,
-    max_waiting: int = 256,
-    request_timeout_s: float | None = None,
-    queue_timeout_s: float | None = None,
-) -> TextModel:
-    """A TextModel whose engine (not started: the app's lifespan starts it) has the given limits."""
-    ctx = model.cfg.max_seq_len
-    num_blocks = 2 * ctx // 16 + 16
-    runner = ModelRunner(model, num_blocks, 16, tuple(tok.eos_token_ids))
-    engine = LLMEngine(
-        runner,
-        tok,
-        EngineConfig(
-            max_num_seqs=max_num_seqs,
-            max_num_batched_tokens=max(256, max_num_seqs),
-            block_size=16,
-            num_blocks=num_blocks,
-            max_model_len=ctx,
-            max_waiting=max_waiting,
-            request_timeout_s=request_timeout_s,
-            queue_timeout_s=queue_timeout_s,
-        ),
-    )
-    return TextModel(
-        engine=engine,
-        tokenizer=tok,
-        name=MODEL,
-        max_model_len=ctx,
-        vocab_size=model.cfg.vocab_size,
-        created=int(time.time()),
-    )
-
-
-@contextmanager
-def serve_model(tm: TextModel, **settings: Any) -> Iterator[LiveServer]:
-    app = create_app(Settings(**{"enable_gan": False, **settings}), text_model=tm)
-    with serve(app) as live:
-        yield live
-
-
 def metric(live: LiveServer, name: str, **labels: str) -> float:
     """The value of one sample in /metrics (0 when absent)."""
     text = httpx.get(f"{live.base_url}/metrics", timeout=10).text
@@ -689,7 +641,8 @@ def test_stopping_the_engine_ends_in_flight_requests(tiny_model: CausalLM, smol_
 
     results = asyncio.run(main())
     for events in results:
-        assert events[-1].finish_reason == "error" and events[-1].error_code == "engine_dead"
+        err = events[-1].error
+        assert events[-1].finish_reason == "error" and err is not None and err.kind is ErrorKind.ENGINE_DEAD
         assert len(events) < 200
     assert not engine.is_alive
 
