@@ -17,7 +17,10 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from model_core.device import DTYPES
+from benchmarks.default_model import default_gguf
+
+# The dtype names the servers take (--dtype), as torch dtypes.
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def measure_read_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> float:
@@ -120,10 +123,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--model", default=None, help="GGUF to count weights of; default: the SmolLM2 GGUF")
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16")
     a = ap.parse_args(argv)
-    from model_core.tokenizer import find_default_model
-
     roof = measure(a.threads, int(a.gib * 2**30), a.repeats)
-    mb = model_bytes(a.model or find_default_model(), a.dtype)
+    mb = model_bytes(a.model or default_gguf(), a.dtype)
     bound = roof.read_bandwidth_gb_s * 1e9 / mb.dense_bytes
     print(json.dumps({**asdict(roof), **asdict(mb), "batch1_bandwidth_bound_tok_s": bound}, indent=2))
 

@@ -29,6 +29,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
+from benchmarks.default_model import default_gguf
+
 log = logging.getLogger("benchmarks.hf_server")
 
 
@@ -61,10 +63,34 @@ def _sse(obj: Any) -> bytes:
     return f"data: {json.dumps(obj)}\n\n".encode()
 
 
+def cpu_has_fast_bf16() -> bool:
+    """True where oneDNN runs bf16 matmuls natively: the CPU has AVX-512 BF16 (Linux's flag) and torch's oneDNN
+    says it supports bf16."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return "avx512_bf16" in flags and check is not None and bool(check())
+
+
+def select_dtype(name: str) -> torch.dtype:
+    """auto: bfloat16 where oneDNN computes it natively on this CPU, else float32 (plain transformers on
+    torch: no native kernels of ours are involved)."""
+    if name == "auto":
+        return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if name not in dtypes:
+        raise ValueError(f"unknown dtype {name!r}; expected auto, {', '.join(dtypes)}")
+    return dtypes[name]
+
+
 def create_app(model: Any, tokenizer: Any, name: str) -> FastAPI:
     app = FastAPI(title="HF transformers baseline")
     lock = asyncio.Lock()
     eos = tokenizer.eos_token_id
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
 
     async def generate(ids: list[int], body: dict[str, Any]) -> AsyncIterator[tuple[str, int]]:
         """Yield (new text, tokens so far) per generated token; holds the lock throughout."""
@@ -174,7 +200,8 @@ def create_app(model: Any, tokenizer: Any, name: str) -> FastAPI:
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": name, "object": "model", "owned_by": "hf-baseline"}]}
+        entry = {"id": name, "object": "model", "owned_by": "hf-baseline", "dtype": dtype, "kernels": "torch"}
+        return {"object": "list", "data": [entry]}
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Any:
@@ -210,22 +237,24 @@ def load(path: str, dtype: torch.dtype) -> tuple[Any, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    from model_core.device import select_dtype
-    from model_core.tokenizer import find_default_model
-
     ap = argparse.ArgumentParser(prog="python -m benchmarks.hf_server", description=__doc__.split("\n")[0])
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=8002)
     ap.add_argument("--model", default=None, help="GGUF file or HF directory; default: the SmolLM2 GGUF")
     ap.add_argument("--served-model-name", default=None)
-    ap.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto")
+    ap.add_argument(
+        "--dtype",
+        choices=["auto", "float32", "bfloat16"],
+        default="auto",
+        help="auto: bfloat16 where oneDNN runs it natively on this CPU, else float32",
+    )
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if a.threads:
         torch.set_num_threads(a.threads)
-    path = a.model or find_default_model()
-    dtype = select_dtype(a.dtype, torch.device("cpu"))
+    path = a.model or default_gguf()
+    dtype = select_dtype(a.dtype)
     t0 = time.perf_counter()
     model, tok = load(path, dtype)
     name = a.served_model_name or os.path.splitext(os.path.basename(path.rstrip("/")))[0]

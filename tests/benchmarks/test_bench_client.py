@@ -26,7 +26,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from benchmarks.prompts import PROMPT_SETS, make_prompts
-from benchmarks.run import roofline_fractions, stop_process, targets
+from benchmarks.run import count_tokens, ctx_per_slot, roofline_fractions, server_facts, stop_process, targets
 from benchmarks.serve import (
     BenchConfig,
     RequestResult,
@@ -345,6 +345,40 @@ def test_http_errors_are_recorded_not_raised(fake: tuple[str, FastAPI]) -> None:
     assert "503" in lvl.first_error and "overloaded" in lvl.first_error
 
 
+# --- model facts over HTTP: GET /v1/models and POST /tokenize -----------------------------------------------------
+
+
+def test_model_facts_come_from_the_server() -> None:
+    """The benchmarks learn the model from the server (they never load it): its /v1/models entry, and token
+    counts from /tokenize (each distinct prompt asked once)."""
+    app = FastAPI()
+    asked: list[str] = []
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        entry = {"id": "m", "object": "model", "max_model_len": 2048, "dtype": "bfloat16", "kernels": "avx2"}
+        return {"object": "list", "data": [entry]}
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> dict[str, Any]:
+        prompt = (await request.json())["prompt"]
+        asked.append(prompt)
+        return {"tokens": list(range(len(prompt.split()))), "count": len(prompt.split()), "max_model_len": 2048}
+
+    with _ThreadServer(app) as srv:
+        assert server_facts(srv.url) == {
+            "id": "m",
+            "object": "model",
+            "max_model_len": 2048,
+            "dtype": "bfloat16",
+            "kernels": "avx2",
+        }
+        assert count_tokens(srv.url, ["a b c", "a", "a b c"]) == [3, 1, 3]
+    assert asked == ["a b c", "a"]
+    assert server_facts(srv.url) == {}  # gone: nothing known, not an error
+    assert ctx_per_slot([3, 1, 3], 128) == 256 and ctx_per_slot([200], 128) == 512
+
+
 # --- prompts, reporting, process control --------------------------------------------------------------------------
 
 
@@ -454,6 +488,7 @@ def test_hf_baseline_streams_greedy_tokens() -> None:
             pad_token_id=0,
         )[0, ids.shape[1] :].tolist()
     with _ThreadServer(create_app(model, tok, "tiny")) as srv:
+        facts = server_facts(srv.url)
         cfg = BenchConfig(
             base_url=srv.url, model="tiny", prompts=("hello",), output_len=12, num_requests=2, max_concurrency=2
         )
@@ -461,3 +496,4 @@ def test_hf_baseline_streams_greedy_tokens() -> None:
     assert lvl.metrics.completed == 2, lvl.first_error
     assert all(r.output_tokens == 12 for r in lvl.results)  # ignore_eos: exactly max_tokens tokens
     assert all(r.text == tok.decode(ref) for r in lvl.results)  # greedy: the same text as generate()
+    assert facts["id"] == "tiny" and facts["dtype"] == "float32"  # what it runs in, for the results' labels

@@ -1,12 +1,13 @@
 """Constrained decoding costs with the default model's tokenizer: tokenizer setup, grammar compile, masks.
 
-    python -m benchmarks.grammar [--steps 200] [--seed 0] [--threads N]
+    python -m model_core.tools.grammar_costs [--steps 200] [--seed 0] [--threads N]
 
 Prints the one-off tokenizer set-up of the grammar engine (llguidance), the compile time of a small tool
 schema (get_weather), a bigger nested schema, json_object and a regex, and the per-step cost of
 `apply_token_masks` (fill the bitmask + apply it to fp32 logits) at batch 1 and 16, during random walks
-through the grammar (tokens drawn among the allowed ones). model_core is imported inside main(), so that
-importing this module stays cheap.
+through the grammar (tokens drawn among the allowed ones). An in-process measurement of model_core.grammar
+(no server involved), hence here rather than in benchmarks/. torch and the grammar engine are imported inside
+main(), so that importing this module stays cheap.
 """
 
 from __future__ import annotations
@@ -84,8 +85,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
+    from model_core.default_model import find_default_model
     from model_core.grammar import GrammarCompiler, GrammarMatcher, GrammarSpec, apply_token_masks
-    from model_core.tokenizer import Tokenizer, find_default_model
+    from model_core.tokenizer import Tokenizer
 
     tok = Tokenizer.from_gguf(find_default_model())
     vocab = tok.vocab_size
