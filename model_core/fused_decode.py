@@ -7,8 +7,12 @@ the layer's arithmetic. `FusedLlamaDecoder` replaces them with native calls (ker
    attention from the paged cache, SwiGLU, residual adds);
  - otherwise each layer is its four projections (PyTorch, dense) with four native calls between them:
    norm, rope + cache write + attention, residual add + next norm, SwiGLU.
-It reads the model's parameters and the cache in place. Prompt chunks keep the module path. The kernels
-are the model's backend's (model_core.backend), for whatever ISA it chose.
+It reads the model's parameters, quantized weights and rotary tables and the cache in place, through the
+modules at each step: no address outlives the call it is taken for, so a model moved, cast or given new
+weights between steps decodes with what it holds then. The kernels' working memory is the cache's scratch
+(model_core.kv_cache.Scratch: one set per runner, kept from step to step, grown for a bigger batch).
+Prompt chunks keep the module path. The kernels are the model's backend's (model_core.backend), for
+whatever ISA it chose.
 """
 
 from __future__ import annotations
@@ -20,13 +24,19 @@ from torch import nn
 
 from model_core.kv_cache import PagedKVCache
 from model_core.lm import Block, CausalLM
-from model_core.native import Kernels
-from model_core.qmatmul import ACT, QuantLinear, QuantWeight
+from model_core.native import KernelError, Kernels
+from model_core.qmatmul import ACT, QuantLinear
 from model_core.transformer import RMSNorm
+
+_WeightPtrs = ctypes.c_void_p * 12  # llama_decode_layer's w: (qs, d, m) of Wqkv, Wo, Wgate|up, Wdown
 
 
 class _Layer:
+    """One block as the kernels take it, read from the block's modules at each call (through their dicts: a
+    module attribute costs a microsecond, and a step reads 30 layers' worth)."""
+
     def __init__(self, block: Block) -> None:
+        self.block = block
         attn_norm, ffn_norm = block.attn_norm, block.ffn_norm
         if not (
             isinstance(attn_norm, RMSNorm)
@@ -35,23 +45,52 @@ class _Layer:
             and attn_norm.weight.dtype in ACT
         ):
             raise ValueError("the fused decoder runs float32 or bf16 llama layers (RMSNorm)")
-        self.attn_norm, self.ffn_norm = attn_norm.weight.detach(), ffn_norm.weight.detach()
-        self.linears: list[nn.Module] = [block.attn.qkv, block.attn.out, block.ffn.w_in, block.ffn.w_out]
-        if any(getattr(lin, "bias", None) is not None for lin in self.linears):
+        if any(getattr(lin, "bias", None) is not None for lin in self.linears()):
             raise ValueError("the fused decoder runs llama projections (no biases)")
-        quant: list[QuantWeight] = [lin.quant for lin in self.linears if isinstance(lin, QuantLinear)]
-        self.quant = quant if len(quant) == 4 else None  # keeps the tensors behind `ptrs` alive
-        if self.quant is not None and len({w.interleaved for w in self.quant}) > 1:
+        # what refresh() derived from the projections and their quantized weights, valid while they are these
+        # objects: the weights' addresses (the array llama_decode_layer's w), the mode, the one-call batch limit
+        self._seen: tuple[object, ...] = ()
+        self._ptrs: ctypes.Array[ctypes.c_void_p] | None = None
+        self._i8 = 0
+        self.one_call_rows = 0  # batches up to this many rows run as one call (0: not all four quantized)
+        self.refresh()
+
+    def linears(self) -> list[nn.Module]:
+        mods = self.block._modules
+        attn, ffn = mods["attn"]._modules, mods["ffn"]._modules  # type: ignore[union-attr]
+        return [attn["qkv"], attn["out"], ffn["w_in"], ffn["w_out"]]  # type: ignore[list-item]
+
+    def norms(self) -> tuple[torch.Tensor, torch.Tensor]:
+        mods = self.block._modules
+        attn_norm = mods["attn_norm"]._parameters["weight"]  # type: ignore[union-attr]
+        ffn_norm = mods["ffn_norm"]._parameters["weight"]  # type: ignore[union-attr]
+        assert attn_norm is not None and ffn_norm is not None
+        return attn_norm, ffn_norm
+
+    def refresh(self) -> None:
+        """Re-derive the weights' state where a projection or its quantized weight is another object than at the
+        last call (a QuantWeight is frozen, its tensors stay where they are: model.to() does not move them)."""
+        linears = self.linears()
+        seen = (*linears, *(lin.__dict__.get("quant") for lin in linears))
+        if len(seen) == len(self._seen) and all(a is b for a, b in zip(seen, self._seen)):
+            return
+        quant = [lin.quant for lin in linears if isinstance(lin, QuantLinear)]
+        if len(quant) == 4 and len({w.interleaved for w in quant}) > 1:
             raise ValueError("the fused decoder runs a layer's projections in one matmul mode")
-        self.i8 = int(self.quant is not None and self.quant[0].interleaved)  # int8 activations (kernels/common.h)
-        self.ptrs = (
-            None
-            if self.quant is None
-            else (ctypes.c_void_p * 12)(
-                *[None if t is None else t.data_ptr() for w in self.quant for t in (w.qs, w.d, w.m)]
-            )
-        )
-        self.max_rows = min((lin.max_rows for lin in self.linears if isinstance(lin, QuantLinear)), default=0)
+        if len(quant) == 4:
+            self._ptrs = _WeightPtrs(*[None if t is None else t.data_ptr() for w in quant for t in (w.qs, w.d, w.m)])
+            self._i8 = int(quant[0].interleaved)
+            self.one_call_rows = min(lin.max_rows for lin in linears if isinstance(lin, QuantLinear))
+        else:
+            self._ptrs, self._i8, self.one_call_rows = None, 0, 0
+        self._seen = seen
+
+    def weights(self) -> tuple[ctypes.Array[ctypes.c_void_p], int]:
+        """llama_decode_layer's w (the addresses of the projections' quantized weights, as they are since the last
+        refresh()) and i8 (the matmuls' mode)."""
+        if self._ptrs is None:
+            raise ValueError("the layer's projections are not all quantized")
+        return self._ptrs, self._i8
 
 
 class FusedLlamaDecoder:
@@ -61,17 +100,20 @@ class FusedLlamaDecoder:
         cfg = model.cfg
         if not cfg.is_llama or cfg.hd % 16 or model.embed.weight.dtype not in ACT:
             raise ValueError("the fused decoder runs float32 or bf16 llama models with a head size multiple of 16")
-        self.cfg = cfg
-        self.kernels = kernels
-        self.act = ACT[model.embed.weight.dtype]
-        self.layers = [_Layer(block) for block in model.blocks]  # type: ignore[arg-type]
-        self.max_rows = (
-            min(layer.max_rows for layer in self.layers) if all(layer.ptrs is not None for layer in self.layers) else 0
-        )  # batches the one-call layers serve
         rotary = model.rotary
         assert rotary is not None
-        self.cos: torch.Tensor = rotary.cos  # type: ignore[assignment]  # (L, hs)
-        self.sin: torch.Tensor = rotary.sin  # type: ignore[assignment]
+        self.cfg = cfg
+        self.kernels = kernels
+        self.embed = model.embed  # its weight's dtype is the activations'
+        self.rotary = rotary  # its cos, sin buffers (L, hs) are read at each step (they follow the model's dtype)
+        self.layers = [_Layer(block) for block in model.blocks]  # type: ignore[arg-type]
+
+    @property
+    def max_rows(self) -> int:
+        """Batches the one-call layers serve (0: none), as the model's layers are now."""
+        for layer in self.layers:
+            layer.refresh()
+        return min(layer.one_call_rows for layer in self.layers)
 
     @classmethod
     def build(cls, model: CausalLM, kernels: Kernels) -> FusedLlamaDecoder | None:
@@ -82,64 +124,95 @@ class FusedLlamaDecoder:
             return None
 
     def applies(self, batch: int, cache: PagedKVCache | None) -> bool:
-        return cache is not None and cache.attends_in_place
+        """A decode step the cache serves in place, with the model (as it is now) on the CPU in float32 or bf16,
+        the cache's dtype."""
+        if cache is None or not cache.attends_in_place:
+            return False
+        w = self.embed.weight
+        return w.dtype in ACT and w.device.type == "cpu" and cache.kv.dtype == w.dtype
 
     def run(self, x: torch.Tensor, positions: torch.Tensor, cache: PagedKVCache) -> torch.Tensor:
         """x: (B, 1, C) embeddings of this step's tokens; positions (B, 1). Returns the last layer's
         output (B, 1, C)."""
-        lib, act = self.kernels.lib, self.act
-        cfg = self.cfg
-        B, C = x.shape[0], cfg.d_model
+        try:
+            return self._run(x, positions, cache)
+        except KernelError as e:
+            e.add_note(f"fused decode step of {x.shape[0]} sequences")
+            raise
+
+    def _run(self, x: torch.Tensor, positions: torch.Tensor, cache: PagedKVCache) -> torch.Tensor:
+        call, cfg, scratch = self.kernels.call, self.cfg, cache.scratch
+        B, C, F = x.shape[0], cfg.d_model, cfg.d_ff
+        nh, nkv, hs = cfg.n_heads, cfg.n_kv_heads, cfg.hd
         x = x.reshape(B, C).contiguous()  # (B, C), updated in place layer by layer
+        if x.dtype not in ACT or x.dtype != cache.kv.dtype:
+            raise ValueError(f"fused decode of {x.dtype} activations with a {cache.kv.dtype} cache")
+        act = ACT[x.dtype]
         pos = positions.reshape(B)
-        cos, sin = self.cos[pos].float(), self.sin[pos].float()  # (B, hs) each (the tables follow the model's dtype)
+        cos = scratch.take("fused.cos", (B, hs), torch.float32)  # (B, hs) fp32 each, for each sequence's position
+        sin = scratch.take("fused.sin", (B, hs), torch.float32)
+        for table, dst in ((self.rotary.cos, cos), (self.rotary.sin, sin)):
+            assert isinstance(table, torch.Tensor)
+            if table.dtype == torch.float32:
+                torch.index_select(table, 0, pos, out=dst)
+            else:
+                dst.copy_(table[pos])
         write, rows, lens, Tk = cache.decode_tables()
         threads = torch.get_num_threads()
-        nh, nkv, hs = cfg.n_heads, cfg.n_kv_heads, cfg.hd
+        kv_base, kv_layer_bytes = cache.kv.data_ptr(), cache.kv.stride(0) * cache.kv.element_size()
+        work_bytes = call("llama_decode_scratch_bytes", B, C, nh, nkv, hs, F, act)
+        work = scratch.take("fused.layer", (work_bytes,), torch.uint8).data_ptr()
+        cos_p, sin_p, write_p, rows_p, lens_p = (t.data_ptr() for t in (cos, sin, write, rows, lens))
         if B <= self.max_rows:
             for i, layer in enumerate(self.layers):
-                rc = lib.llama_decode_layer(
+                attn_norm, ffn_norm = self._norms(layer, x.dtype)
+                w, i8 = layer.weights()  # (max_rows refreshed them above)
+                self._decode_layer(
+                    i,
                     x.data_ptr(),
                     B,
                     C,
-                    layer.attn_norm.data_ptr(),
-                    layer.ffn_norm.data_ptr(),
+                    attn_norm.data_ptr(),
+                    ffn_norm.data_ptr(),
                     cfg.norm_eps,
-                    layer.ptrs,
-                    cos.data_ptr(),
-                    sin.data_ptr(),
-                    cache.kv[i].data_ptr(),
-                    write.data_ptr(),
-                    rows.data_ptr(),
-                    lens.data_ptr(),
+                    w,
+                    cos_p,
+                    sin_p,
+                    kv_base + i * kv_layer_bytes,
+                    write_p,
+                    rows_p,
+                    lens_p,
                     Tk,
                     nh,
                     nkv,
                     hs,
-                    cfg.d_ff,
+                    F,
                     act,
-                    layer.i8,
+                    i8,
                     threads,
+                    work,
+                    work_bytes,
                 )
-                if rc:
-                    raise RuntimeError(f"fused decode of layer {i} failed (B={B})")
             return x.view(B, 1, C)
-        h = torch.empty_like(x)  # (B, C): the next projection's input
-        att = torch.empty(B, nh * hs, dtype=x.dtype)
-        g = torch.empty(B, cfg.d_ff, dtype=x.dtype)
-        lib.llama_rmsnorm(x.data_ptr(), self.layers[0].attn_norm.data_ptr(), cfg.norm_eps, h.data_ptr(), B, C, act)
+        h = scratch.take("fused.h", (B, C), x.dtype)  # the next projection's input
+        att = scratch.take("fused.att", (B, nh * hs), x.dtype)
+        g = scratch.take("fused.g", (B, F), x.dtype)
+        attn_norm, _ = self._norms(self.layers[0], x.dtype)
+        call("llama_rmsnorm", x.data_ptr(), attn_norm.data_ptr(), cfg.norm_eps, h.data_ptr(), B, C, act)
         for i, layer in enumerate(self.layers):
-            qkv_proj, out_proj, in_proj, down_proj = layer.linears
+            qkv_proj, out_proj, in_proj, down_proj = layer.linears()
+            _, ffn_norm = self._norms(layer, x.dtype)
             qkv = qkv_proj(h).contiguous()  # (B, (nh + 2 nkv) hs)
-            if lib.llama_attention(
+            call(
+                "llama_attention",
                 qkv.data_ptr(),
                 B,
-                cos.data_ptr(),
-                sin.data_ptr(),
-                cache.kv[i].data_ptr(),
-                write.data_ptr(),
-                rows.data_ptr(),
-                lens.data_ptr(),
+                cos_p,
+                sin_p,
+                kv_base + i * kv_layer_bytes,
+                write_p,
+                rows_p,
+                lens_p,
                 att.data_ptr(),
                 Tk,
                 nh,
@@ -147,15 +220,43 @@ class FusedLlamaDecoder:
                 hs,
                 act,
                 threads,
-            ):
-                raise RuntimeError(f"decode attention of layer {i} failed (B={B})")
+                work,
+                work_bytes,
+                context=f"layer {i}",
+            )
             o = out_proj(att).contiguous()  # (B, C)
-            lib.llama_add_rmsnorm(
-                x.data_ptr(), o.data_ptr(), layer.ffn_norm.data_ptr(), cfg.norm_eps, h.data_ptr(), B, C, act
+            call(
+                "llama_add_rmsnorm",
+                x.data_ptr(),
+                o.data_ptr(),
+                ffn_norm.data_ptr(),
+                cfg.norm_eps,
+                h.data_ptr(),
+                B,
+                C,
+                act,
             )
             gu = in_proj(h).contiguous()  # (B, 2 F) = [gate | up]
-            lib.llama_swiglu(gu.data_ptr(), g.data_ptr(), B, cfg.d_ff, act)
+            call("llama_swiglu", gu.data_ptr(), g.data_ptr(), B, F, act)
             o = down_proj(g).contiguous()  # (B, C)
-            nxt = self.layers[i + 1].attn_norm.data_ptr() if i + 1 < len(self.layers) else None
-            lib.llama_add_rmsnorm(x.data_ptr(), o.data_ptr(), nxt, cfg.norm_eps, h.data_ptr(), B, C, act)
+            nxt = self._norms(self.layers[i + 1], x.dtype)[0].data_ptr() if i + 1 < len(self.layers) else None
+            call("llama_add_rmsnorm", x.data_ptr(), o.data_ptr(), nxt, cfg.norm_eps, h.data_ptr(), B, C, act)
         return x.view(B, 1, C)
+
+    def _decode_layer(self, i: int, *args: object) -> None:
+        try:
+            self.kernels.call("llama_decode_layer", *args)
+        except KernelError as e:
+            e.add_note(f"layer {i}")
+            raise
+
+    @staticmethod
+    def _norms(layer: _Layer, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        attn_norm, ffn_norm = layer.norms()
+        if (
+            attn_norm.dtype != dtype
+            or ffn_norm.dtype != dtype
+            or not (attn_norm.is_contiguous() and ffn_norm.is_contiguous())
+        ):
+            raise ValueError(f"the layer's norms are {attn_norm.dtype}, the activations {dtype}")
+        return attn_norm, ffn_norm

@@ -11,7 +11,8 @@ at positions <= p of its own sequence). `update()` is what attention calls per l
 
 Decode steps (one new token per sequence) on the CPU skip the gather when the cache is given native
 kernels (the model's backend, model_core.backend): `attend()` runs a C kernel (kernels/attention.c)
-that reads each sequence's keys and values in place through its rows.
+that reads each sequence's keys and values in place through its rows. The buffers those steps work in
+(`scratch`: the cache's, so one per runner) are kept from step to step and grown for a bigger batch.
 """
 
 from __future__ import annotations
@@ -22,6 +23,40 @@ from collections.abc import Sequence
 import torch
 
 from model_core.native import Kernels
+
+
+class Scratch:
+    """Buffers a decode step works in, kept across layers and steps: `take(name, shape, dtype)` returns the same
+    tensor for the same request until a bigger one for that name replaces the storage (grown, never shrunk).
+    A buffer holds what its last user wrote: whoever takes it owns it until the next `take` of that name. Only
+    the buffers' addresses at the time of a call go to the kernels."""
+
+    def __init__(self) -> None:
+        self._store: dict[str, torch.Tensor] = {}  # name -> flat storage
+        self._views: dict[tuple[str, tuple[int, ...], torch.dtype], torch.Tensor] = {}
+        self.allocations = 0  # how many times storage was allocated (for tests)
+
+    def take(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        key = (name, shape, dtype)
+        view = self._views.get(key)
+        if view is not None:
+            return view
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        store = self._store.get(name)
+        if store is None or store.numel() < nbytes:
+            with torch.inference_mode(False):  # a normal tensor: written in and out of inference mode alike
+                store = torch.empty(max(nbytes, 64), dtype=torch.uint8)
+            self._store[name] = store
+            self._views = {k: v for k, v in self._views.items() if k[0] != name}  # they view the old storage
+            self.allocations += 1
+        with torch.inference_mode(False):
+            view = store[:nbytes].view(dtype).view(shape)
+        self._views[key] = view
+        return view
+
+    def nbytes(self, name: str) -> int:
+        store = self._store.get(name)
+        return 0 if store is None else store.numel()
 
 
 class PagedKVCache:
@@ -54,6 +89,7 @@ class PagedKVCache:
         self.attends_in_place = False  # this forward is a decode step `attend()` serves without a gather
         self._rows: torch.Tensor | None = None  # (B, Tk) flat row of every key position, for attend()
         self._lens: torch.Tensor | None = None  # (B,) int32 keys of each sequence, for attend()
+        self.scratch = Scratch()  # decode steps' working buffers (attend(), model_core.fused_decode)
         self.kernels = (
             kernels
             if (
@@ -144,16 +180,21 @@ class PagedKVCache:
 
     def attend(self, layer: int, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
         """Decode step: store this step's kv (B, 1, 2*nkv, hs) and return softmax(q k^T / sqrt(hs)) v over
-        each sequence's keys, for q (B, 1, nh, hs) -> (B, 1, nh, hs). Only when `attends_in_place`."""
+        each sequence's keys, for q (B, 1, nh, hs) -> (B, 1, nh, hs). Only when `attends_in_place`.
+        The result is a scratch buffer of the cache's, valid until the next attend() (the caller projects it)."""
         assert self.attends_in_place and self.kernels is not None and self._rows is not None and self._lens is not None
         assert self._write is not None
         B, T, Tk = self._shape
         nh, nkv, hs = q.shape[2], self.n_kv_heads, self.head_dim
+        if q.dtype != self.kv.dtype or q.device != self.kv.device:
+            raise ValueError(f"attend() takes {self.kv.dtype} queries like the cache's, not {q.dtype} on {q.device}")
         store = self.kv[layer]  # (rows, 2*nkv, hs)
         store.index_copy_(0, self._write, kv.reshape(B, 2 * nkv, hs))
-        q = q.contiguous()
-        out = torch.empty_like(q)
-        rc = self.kernels.lib.paged_attention_decode(
+        if not q.is_contiguous():  # (a slice of the qkv projection): copied into scratch, not a new tensor
+            q = self.scratch.take("attend.q", (B, 1, nh, hs), q.dtype).copy_(q)
+        out = self.scratch.take("attend.out", (B, 1, nh, hs), q.dtype)
+        self.kernels.call(
+            "paged_attention_decode",
             q.data_ptr(),
             store.data_ptr(),
             self._rows.data_ptr(),
@@ -167,9 +208,8 @@ class PagedKVCache:
             1.0 / math.sqrt(hs),
             int(q.dtype == torch.bfloat16),
             torch.get_num_threads(),
+            context=f"paged attention B={B} heads={nh}/{nkv} hs={hs} Tk={Tk}",
         )
-        if rc:
-            raise RuntimeError(f"paged attention kernel rejected its arguments (B={B}, heads={nh}/{nkv}, hs={hs})")
         return out
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

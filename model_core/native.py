@@ -5,6 +5,10 @@ per-user cache (named by a hash of the sources and flags; `AIGC_CACHE_DIR` moves
 ctypes. They use OpenMP and share PyTorch's thread pool (the same libgomp is loaded). Which one a model
 uses is decided once, by `model_core.backend`. `python -m model_core.native --build` fills the cache
 ahead of time with every library this CPU runs.
+
+What a library exports is declared in kernels/aigc_kernels.h, and mirrored here in ENTRY_POINTS (argument names
+and ctypes types, return type, whether it returns a status): `Kernels` types every entry point from that table,
+and `Kernels.call` checks the status, raising `KernelError` (the kernel's name and code) for a nonzero one.
 """
 
 from __future__ import annotations
@@ -20,11 +24,12 @@ import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
 
 KERNEL_DIR = Path(__file__).parent / "kernels"
-COMMON_FLAGS = ("-O3", "-fopenmp", "-fPIC", "-shared")
+COMMON_FLAGS = ("-O3", "-fopenmp", "-fPIC", "-shared", "-fvisibility=hidden")  # exported: AIGC_API only
 LIBS = ("-lm", "-Wl,-z,defs")  # a symbol left undefined fails the build, not the load
 SIMD_SOURCES = ("qmatmul.c", "qmatmul_i8.c", "attention.c", "ops.c", "layer.c", "cpu.c")
 
@@ -42,7 +47,7 @@ class Isa:
     has_int8: bool  # it has that mode (interleaved weights; see kernels/common.h)
 
 
-# best first; features as kernels/cpu.c reports them
+# best first; features as kernels/cpu.c reports them (the CPU_* bits of kernels/aigc_kernels.h)
 CPU_AVX2, CPU_AVX512BF16, CPU_NEON, CPU_NEON_DOTPROD, CPU_AMX_BF16, CPU_AVX512F = 1, 2, 4, 8, 16, 32
 ISAS: dict[str, Isa] = {
     isa.name: isa
@@ -133,37 +138,102 @@ def build(name: str, cc: str | None = None) -> Path:
     return target
 
 
+# The argument kinds of ENTRY_POINTS' specs: a pointer (a tensor's data_ptr(), or None), an array of pointers
+# (ctypes.c_void_p * n), a C int, a float, an int64_t.
+ARG_TYPES: dict[str, Any] = {
+    "p": ctypes.c_void_p,
+    "w": ctypes.POINTER(ctypes.c_void_p),
+    "i": ctypes.c_int,
+    "f": ctypes.c_float,
+    "l": ctypes.c_int64,
+}
+
+
+@dataclass(frozen=True)
+class EntryPoint:
+    """One exported function of kernels/aigc_kernels.h: its return type, its arguments in order (name, kind of
+    ARG_TYPES) and whether that return is an AIGC_* status (`Kernels.call` raises KernelError for nonzero)."""
+
+    restype: Any
+    args: tuple[tuple[str, str], ...]
+    status: bool = True
+
+    @property
+    def argtypes(self) -> list[Any]:
+        return [ARG_TYPES[kind] for _, kind in self.args]
+
+
+def _entry(restype: Any, spec: str, status: bool = True) -> EntryPoint:
+    """spec: 'name:kind ...' in the C declaration's order."""
+    return EntryPoint(restype, tuple((n, k) for n, _, k in (a.partition(":") for a in spec.split())), status)
+
+
+_I, _L = ctypes.c_int, ctypes.c_int64
+# kernels/aigc_kernels.h, entry for entry (tests/model_core/test_native.py checks the two agree).
+ENTRY_POINTS: dict[str, EntryPoint] = {
+    "aigc_kernels_isa": _entry(ctypes.c_char_p, "", status=False),
+    "aigc_cpu_features": _entry(_I, "", status=False),
+    "quant_matmul": _entry(_I, "x:p act:i qs:p d:p m:p bias:p y:p M:i N:i K:i i8:i nthreads:i"),
+    "paged_attention_decode": _entry(
+        _I, "q:p kv:p rows:p lens:p out:p B:i nh:i nkv:i hs:i Tk:i scale:f act:i nthreads:i"
+    ),
+    "llama_rmsnorm": _entry(_I, "x:p w:p eps:f out:p B:i C:i act:i"),
+    "llama_add_rmsnorm": _entry(_I, "x:p y:p w:p eps:f out:p B:i C:i act:i"),
+    "llama_swiglu": _entry(_I, "gu:p g:p B:i F:i act:i"),
+    "llama_decode_scratch_bytes": _entry(_L, "B:i C:i nh:i nkv:i hs:i F:i act:i", status=False),
+    "llama_attention": _entry(
+        _I,
+        "qkv:p B:i cos:p sin:p kv:p write:p rows:p lens:p att:p Tk:i nh:i nkv:i hs:i act:i nthreads:i "
+        "scratch:p scratch_bytes:l",
+    ),
+    "llama_decode_layer": _entry(
+        _I,
+        "x:p B:i C:i attn_norm:p ffn_norm:p eps:f w:w cos:p sin:p kv:p write:p rows:p lens:p Tk:i nh:i nkv:i hs:i "
+        "F:i act:i i8:i nthreads:i scratch:p scratch_bytes:l",
+    ),
+}
+
+# The AIGC_* statuses of kernels/aigc_kernels.h.
+AIGC_OK, AIGC_ERR_ARGS, AIGC_ERR_NOMEM, AIGC_ERR_UNSUPPORTED = 0, -1, -2, -3
+STATUS = {
+    AIGC_OK: "AIGC_OK",
+    AIGC_ERR_ARGS: "AIGC_ERR_ARGS (a shape, size or argument outside what the kernel takes)",
+    AIGC_ERR_NOMEM: "AIGC_ERR_NOMEM (an allocation failed)",
+    AIGC_ERR_UNSUPPORTED: "AIGC_ERR_UNSUPPORTED (this build lacks the mode asked for)",
+}
+
+
+class KernelError(RuntimeError):
+    """A kernel returned a nonzero AIGC_* status."""
+
+    def __init__(self, kernel: str, code: int, isa: str, context: str = "") -> None:
+        self.kernel, self.code, self.isa = kernel, code, isa
+        what = STATUS.get(code, "an unknown status")
+        super().__init__(f"kernel {kernel} ({isa} build) returned {code}: {what}{f'; {context}' if context else ''}")
+
+
 class Kernels:
-    """One ISA's loaded library, its entry points typed (see kernels/layer.c)."""
+    """One ISA's loaded library, its entry points typed from ENTRY_POINTS (see kernels/aigc_kernels.h)."""
 
     def __init__(self, isa: Isa, path: Path) -> None:
         self.isa, self.path = isa, path
         self.lib = lib = ctypes.CDLL(str(path))
-        ptr, i32, f32 = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
-        lib.aigc_kernels_isa.restype = ctypes.c_char_p
-        lib.aigc_kernels_isa.argtypes = []
-        lib.aigc_cpu_features.argtypes = []
-        lib.quant_matmul.argtypes = [ptr, i32, *[ptr] * 5, *[i32] * 5]
-        lib.paged_attention_decode.argtypes = [*[ptr] * 5, *[i32] * 5, f32, i32, i32]
-        lib.llama_rmsnorm.argtypes = [ptr, ptr, f32, ptr, i32, i32, i32]
-        lib.llama_add_rmsnorm.argtypes = [ptr, ptr, ptr, f32, ptr, i32, i32, i32]
-        lib.llama_swiglu.argtypes = [ptr, ptr, i32, i32, i32]
-        lib.llama_attention.argtypes = [ptr, i32, *[ptr] * 7, *[i32] * 6]
-        lib.llama_decode_layer.argtypes = [ptr, i32, i32, ptr, ptr, f32, *[ptr] * 7, *[i32] * 8]
-        for fn in (
-            lib.aigc_cpu_features,
-            lib.quant_matmul,
-            lib.paged_attention_decode,
-            lib.llama_decode_layer,
-            lib.llama_rmsnorm,
-            lib.llama_add_rmsnorm,
-            lib.llama_swiglu,
-            lib.llama_attention,
-        ):
-            fn.restype = i32
+        self._fns: dict[str, Any] = {}
+        for name, entry in ENTRY_POINTS.items():
+            fn = getattr(lib, name)
+            fn.restype, fn.argtypes = entry.restype, entry.argtypes
+            self._fns[name] = fn
         built_for = lib.aigc_kernels_isa().decode()
         if built_for != isa.name:
             raise KernelsUnavailable(f"{path} holds the {built_for!r} kernels, not {isa.name!r}")
+
+    def call(self, name: str, *args: Any, context: str = "") -> int:
+        """Run entry point `name` (ENTRY_POINTS); a nonzero status raises KernelError naming it, its code and
+        `context` (e.g. the shapes). Returns the result (0 for a status)."""
+        rc: int = self._fns[name](*args)
+        if rc and ENTRY_POINTS[name].status:
+            raise KernelError(name, rc, self.isa.name, context)
+        return rc
 
     @property
     def name(self) -> str:
@@ -205,7 +275,7 @@ def cpu_features() -> int:
     """What this CPU runs (CPU_* bits), asked of the CPU through the reference library (CPUID, HWCAP: right under
     emulators too), else read from /proc/cpuinfo."""
     try:
-        return int(load("reference").lib.aigc_cpu_features())
+        return load("reference").call("aigc_cpu_features")
     except KernelsUnavailable:
         try:
             with open("/proc/cpuinfo") as f:

@@ -138,9 +138,10 @@ def qmatmul(x: torch.Tensor, w: QuantWeight, kernels: Kernels, bias: torch.Tenso
     y = torch.empty(M, N, dtype=x.dtype)
     if bias is not None:
         bias = bias.to(torch.float32).contiguous()  # (N,)
-    if M:
+    if M:  # the addresses are taken here, at the call: nothing keeps them
         m = None if w.m is None else w.m.data_ptr()
-        rc = kernels.lib.quant_matmul(
+        kernels.call(
+            "quant_matmul",
             x2.data_ptr(),
             ACT[x.dtype],
             w.qs.data_ptr(),
@@ -153,9 +154,8 @@ def qmatmul(x: torch.Tensor, w: QuantWeight, kernels: Kernels, bias: torch.Tenso
             K,
             int(w.interleaved),
             torch.get_num_threads(),
+            context=f"qmatmul M={M} N={N} K={K}",
         )
-        if rc:
-            raise RuntimeError(f"qmatmul rejected its arguments (M={M}, N={N}, K={K})")
     return y.view(*x.shape[:-1], N)
 
 
@@ -165,11 +165,13 @@ class QuantLinear(nn.Module):
     `exact_products()` the wrapped dense layer."""
 
     quant: QuantWeight
-    qbias: torch.Tensor | None
 
     def __init__(self, dense: nn.Module, weight: QuantWeight, max_rows: int, kernels: Kernels) -> None:
         super().__init__()
-        if (weight.out_features, weight.in_features) != tuple(dense.get_parameter("weight").shape):
+        dense_weight = getattr(dense, "weight", None)  # a Parameter, or a PackedLinear's plain tensor
+        if not isinstance(dense_weight, torch.Tensor) or (weight.out_features, weight.in_features) != tuple(
+            dense_weight.shape
+        ):
             raise ValueError(
                 f"quantized weight {weight.out_features}x{weight.in_features} does not match the "
                 f"layer {dense.out_features}x{dense.in_features}"
@@ -179,8 +181,13 @@ class QuantLinear(nn.Module):
         self.max_rows = max_rows
         self.kernels = kernels
         self.in_features, self.out_features = dense.in_features, dense.out_features
-        bias = getattr(dense, "bias", None)
-        self.qbias = None if bias is None else bias.detach().float().contiguous()
+
+    @property
+    def qbias(self) -> torch.Tensor | None:
+        """The dense layer's bias as the kernel takes it (fp32), read at the call: it follows a moved, cast or
+        replaced bias (a no-op view for an fp32 one)."""
+        bias = getattr(self.dense, "bias", None)
+        return None if bias is None else bias.detach().to(torch.float32).contiguous()
 
     @property
     def weight(self) -> torch.Tensor:

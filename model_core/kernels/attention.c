@@ -77,20 +77,20 @@ INLINE void attend_head(const char *q, const char *kv, const int64_t *rb, int n,
 
 int k_attention(const void *q, const void *kv, const int64_t *rows, const int32_t *lens, void *out, int B, int nh,
                 int nkv, int hs, int Tk, float scale, int act, int nthreads) {
-    if (hs % VL || hs % 16 || hs > MAX_HS || nh % nkv || B <= 0 || Tk <= 0) return -1;
+    if (hs % VL || hs % 16 || hs > MAX_HS || nh % nkv || B <= 0 || Tk <= 0) return AIGC_ERR_ARGS;
     const int g = nh / nkv, nv = hs / VL;
     const size_t es = act_size(act), row_bytes = (size_t)2 * nkv * hs * es;
-    int bad = 0;
+    int bad = 0; /* 1: a sequence's lens out of range, 2: no memory */
 #pragma omp parallel num_threads(nthreads) reduction(| : bad)
     {
         float *s = malloc(((size_t)Tk + VL) * sizeof(float));
-        if (!s) bad = 1;
+        if (!s) bad |= 2;
         /* units are (sequence, kv head): its g query heads run back to back on rows still in cache */
 #pragma omp for schedule(static)
         for (int u = 0; u < B * nkv; u++) {
             const int b = u / nkv, h = u % nkv, n = lens[b];
             if (!s || n <= 0 || n > Tk) {
-                bad = 1;
+                bad |= s ? 1 : 2;
                 continue;
             }
             const int64_t *rb = rows + (size_t)b * Tk;
@@ -108,5 +108,5 @@ int k_attention(const void *q, const void *kv, const int64_t *rows, const int32_
         }
         free(s);
     }
-    return bad ? -1 : 0;
+    return bad & 1 ? AIGC_ERR_ARGS : bad ? AIGC_ERR_NOMEM : AIGC_OK;
 }

@@ -1,4 +1,5 @@
-/* Shared by every build of the kernels library (see model_core/native.py).
+/* Shared by every build of the kernels library (see model_core/native.py): the exported API (aigc_kernels.h) and
+ * what the sources share inside the library (hidden: the library exports only aigc_kernels.h's functions).
  *
  * The library is compiled once per instruction set (ISA) from the same entry points (layer.c):
  *   reference   reference.c: plain C, no SIMD; what the SIMD builds are tested against
@@ -17,6 +18,8 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
+
+#include "aigc_kernels.h"
 
 enum { ACT_F32 = 0, ACT_BF16 = 1 };
 
@@ -89,7 +92,7 @@ static inline float quantize_block(const float *x, int8_t *q, int *q_sum) {
 /* The primitives every build implements. Shapes in elements; all activations in `act`.
  * k_qmatmul: y (M, N) = x (M, K) W^T (+ bias fp32), W as GGML blocks of 32 repacked (see
  *   model_core/qmatmul.py): 4-bit qs (N, K/32, 16) nibbles with fp16 d, m (N, K/32), w = d q + m;
- *   8-bit (m NULL) qs (N, K/32, 32) int8 with fp16 d, w = d q. Returns 0 or -1.
+ *   8-bit (m NULL) qs (N, K/32, 32) int8 with fp16 d, w = d q.
  *   i8 = 0: the exact products with x. i8 = 1 (builds with integer dot products: AVX2, NEON dotprod, and the
  *   reference): x is rounded to int8 per block of 32 (quantize_block) and W comes interleaved by 8 rows
  *   (model_core/qmatmul.py, QuantWeight.interleave): rows padded to G = ceil(N/8) groups; 4-bit qs
@@ -98,11 +101,12 @@ static inline float quantize_block(const float *x, int8_t *q, int *q_sum) {
  *   sums I_b = sum_j w_j q_j (exact integers), scales s_b of x and t_b = s_b * sum_j q_j, in block order:
  *     acc = fma(I_b, d_b * s_b, acc);  off = fma(m_b, t_b, off);  y = acc + off (+ bias)
  *   which every build computes bit for bit the same way (a row's result never depends on the batch).
- *   Builds without int8 mode return -1 for i8 = 1.
+ *   Builds without int8 mode return AIGC_ERR_UNSUPPORTED for i8 = 1.
  * k_attention: out (B, nh, hs) = softmax(scale q K^T) V for q (B, nh, hs), keys/values read in place from
- *   a paged layer kv (rows, 2 nkv, hs) through rows (B, Tk), lens[b] keys each. Returns 0 or -1.
+ *   a paged layer kv (rows, 2 nkv, hs) through rows (B, Tk), lens[b] keys each.
  * k_rmsnorm: out (B, C) = rmsnorm(x) * w.  k_add: x += y (n).  k_swiglu: g (B, F) = silu(gate) * up
- *   of gu (B, 2F).  k_rope: rotate nheads heads of hs (half-split form) by fp32 cos, sin (hs). */
+ *   of gu (B, 2F).  k_rope: rotate nheads heads of hs (half-split form) by fp32 cos, sin (hs).
+ * The int-returning ones return an AIGC_* status (aigc_kernels.h). */
 int k_qmatmul(const void *x, int act, const uint8_t *qs, const uint16_t *d, const uint16_t *m, const float *bias,
               void *y, int M, int N, int K, int i8, int nthreads);
 int k_attention(const void *q, const void *kv, const int64_t *rows, const int32_t *lens, void *out, int B, int nh,
@@ -111,5 +115,17 @@ void k_rmsnorm(const void *x, const void *w, float eps, void *out, int B, int C,
 void k_add(void *x, const void *y, size_t n, int act);
 void k_swiglu(const void *gu, void *g, int B, int F, int act);
 void k_rope(void *v, int nheads, int hs, const float *cos, const float *sin, int act);
+
+/* k_qmatmul's int8 mode with integer dot products (qmatmul_i8.c), and the AVX512-BF16 build's kernel for bf16
+ * activations (qmatmul_avx512bf16.c): the same arguments and statuses */
+#if defined(__AVX2__) || defined(__ARM_FEATURE_DOTPROD)
+#define QMATMUL_I8 /* this build has integer dot products for i8 mode */
+int qmatmul_i8(const void *x, int act, const uint8_t *qs, const uint16_t *d, const uint16_t *m, const float *bias,
+               void *y, int M, int N, int K, int nthreads);
+#endif
+#if defined(__AVX512BF16__)
+int qmatmul_avx512bf16(const uint16_t *x, const uint8_t *qs, const uint16_t *d, const uint16_t *m, const float *bias,
+                       uint16_t *y, int M, int N, int K, int nthreads);
+#endif
 
 #endif

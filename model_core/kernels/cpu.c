@@ -4,14 +4,7 @@
 #include <sys/auxv.h>
 #endif
 
-enum {
-    CPU_AVX2 = 1 << 0,       /* avx2 + fma + f16c */
-    CPU_AVX512BF16 = 1 << 1, /* avx512f + bw + vl + bf16 (OS saves the state) */
-    CPU_NEON = 1 << 2,       /* aarch64 Advanced SIMD */
-    CPU_NEON_DOTPROD = 1 << 3,
-    CPU_AMX_BF16 = 1 << 4, /* AMX tiles with bf16 (the matmul units oneDNN's bf16 matmuls run fast on) */
-    CPU_AVX512F = 1 << 5,  /* AVX-512 foundation (what the BLAS's fp32 matmuls use where present) */
-};
+#include "common.h" /* aigc_kernels.h: the CPU_* bits */
 
 int aigc_cpu_features(void) {
     int f = 0;

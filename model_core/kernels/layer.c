@@ -5,6 +5,7 @@
  * with the four projections on quantized weights and attention read in place from the cache; or its
  * pieces, between PyTorch's own matmuls. Activations are `act` (fp32 or bf16, see common.h), rounded
  * where PyTorch's modules round, so the result matches the module path up to fp32 summation order.
+ * The declarations, with their arguments and statuses, are in aigc_kernels.h.
  */
 #include <math.h>
 #include <stdlib.h>
@@ -28,81 +29,109 @@ int paged_attention_decode(const void *q, const void *kv, const int64_t *rows, c
     return k_attention(q, kv, rows, lens, out, B, nh, nkv, hs, Tk, scale, act, nthreads);
 }
 
-/* out = rmsnorm(x) * w, (B, C) */
 int llama_rmsnorm(const void *x, const void *w, float eps, void *out, int B, int C, int act) {
+    if (B < 0 || C < 1 || !x || !w || !out) return AIGC_ERR_ARGS;
     k_rmsnorm(x, w, eps, out, B, C, act);
-    return 0;
+    return AIGC_OK;
 }
 
-/* x = x + y; then, when w is given, out = rmsnorm(x) * w (the next sublayer's input) */
 int llama_add_rmsnorm(void *x, const void *y, const void *w, float eps, void *out, int B, int C, int act) {
+    if (B < 0 || C < 1 || !x || !y || (w && !out)) return AIGC_ERR_ARGS;
     k_add(x, y, (size_t)B * C, act);
     if (w) k_rmsnorm(x, w, eps, out, B, C, act);
-    return 0;
+    return AIGC_OK;
 }
 
-/* g (B, F) = silu(gate) * up of gu (B, 2F) = [gate | up] */
 int llama_swiglu(const void *gu, void *g, int B, int F, int act) {
+    if (B < 0 || F < 1 || !gu || !g) return AIGC_ERR_ARGS;
     k_swiglu(gu, g, B, F, act);
-    return 0;
+    return AIGC_OK;
 }
 
-/* qkv (B, (nh + 2 nkv) hs) -> att (B, nh hs): rotate q and k heads (in place), store k, v at the rows
- * `write` of this layer's cache kv, attend from the paged rows. */
-int llama_attention(void *qkv, int B, const float *cos, const float *sin, void *kv, const int64_t *write,
-                    const int64_t *rows, const int32_t *lens, void *att, int Tk, int nh, int nkv, int hs, int act,
-                    int nthreads) {
+/* The scratch of a decode layer: its buffers, each at a multiple of 64 bytes. */
+enum { SCRATCH_H, SCRATCH_QKV, SCRATCH_ATT, SCRATCH_GU, SCRATCH_O, SCRATCH_Q, SCRATCH_N };
+
+static size_t align64(size_t n) { return (n + 63) & ~(size_t)63; }
+
+/* the bytes of each buffer (sizes[SCRATCH_N]); returns their total, 0 for shapes out of range */
+static size_t scratch_layout(int B, int C, int nh, int nkv, int hs, int F, int act, size_t *sizes) {
+    if (B < 1 || C < 1 || nh < 1 || nkv < 1 || hs < 1 || F < 1) return 0;
+    const size_t es = act_size(act), b = (size_t)B, q_n = (size_t)nh * hs;
+    sizes[SCRATCH_H] = align64(es * b * (size_t)(C > F ? C : F));
+    sizes[SCRATCH_QKV] = align64(es * b * (size_t)(nh + 2 * nkv) * hs);
+    sizes[SCRATCH_ATT] = align64(es * b * q_n);
+    sizes[SCRATCH_GU] = align64(es * b * 2 * (size_t)F);
+    sizes[SCRATCH_O] = align64(es * b * (size_t)C);
+    sizes[SCRATCH_Q] = align64(es * b * q_n);
+    size_t total = 0;
+    for (int i = 0; i < SCRATCH_N; i++) total += sizes[i];
+    return total;
+}
+
+int64_t llama_decode_scratch_bytes(int B, int C, int nh, int nkv, int hs, int F, int act) {
+    size_t sizes[SCRATCH_N];
+    return (int64_t)scratch_layout(B, C, nh, nkv, hs, F, act, sizes);
+}
+
+/* rope + cache write + attention with the query copy in q (B, nh hs) */
+static int attention_step(void *qkv, int B, const float *cos, const float *sin, void *kv, const int64_t *write,
+                          const int64_t *rows, const int32_t *lens, void *att, int Tk, int nh, int nkv, int hs, int act,
+                          int nthreads, char *q) {
     const size_t es = act_size(act), qkv_n = (size_t)(nh + 2 * nkv) * hs, q_n = (size_t)nh * hs;
     const size_t row = (size_t)2 * nkv * hs;
-    char *q = malloc(es * (size_t)B * q_n);
-    if (!q) return -1;
     for (int b = 0; b < B; b++) {
         char *r = (char *)qkv + es * (size_t)b * qkv_n; /* [q heads | k heads | v heads] */
         k_rope(r, nh + nkv, hs, cos + (size_t)b * hs, sin + (size_t)b * hs, act);
         memcpy(q + es * (size_t)b * q_n, r, es * q_n);
         memcpy((char *)kv + es * (size_t)write[b] * row, r + es * q_n, es * row);
     }
-    const int rc = k_attention(q, kv, rows, lens, att, B, nh, nkv, hs, Tk, 1.0f / sqrtf((float)hs), act, nthreads);
-    free(q);
+    return k_attention(q, kv, rows, lens, att, B, nh, nkv, hs, Tk, 1.0f / sqrtf((float)hs), act, nthreads);
+}
+
+int llama_attention(void *qkv, int B, const float *cos, const float *sin, void *kv, const int64_t *write,
+                    const int64_t *rows, const int32_t *lens, void *att, int Tk, int nh, int nkv, int hs, int act,
+                    int nthreads, void *scratch, int64_t scratch_bytes) {
+    if (B < 1 || nh < 1 || nkv < 1 || hs < 1 || nh % nkv) return AIGC_ERR_ARGS;
+    const size_t need = align64(act_size(act) * (size_t)B * (size_t)nh * hs);
+    char *q = scratch;
+    if (q && (scratch_bytes < 0 || (uint64_t)scratch_bytes < need)) return AIGC_ERR_ARGS;
+    if (!q && !(q = malloc(need))) return AIGC_ERR_NOMEM;
+    const int rc = attention_step(qkv, B, cos, sin, kv, write, rows, lens, att, Tk, nh, nkv, hs, act, nthreads, q);
+    if (q != scratch) free(q);
     return rc;
 }
 
-/* The whole layer with its four projections on quantized weights.
- * w: the 12 pointers (qs, d, m; m NULL for Q8_0) of Wqkv, Wo, Wgate|up, Wdown; kv: this layer's store (rows, 2*nkv, hs);
- * write: (B,) rows for this step's k, v; rows: (B, Tk) key rows; lens: (B,) keys per sequence;
- * cos, sin: (B, hs) fp32 for each sequence's position; i8: the matmuls' mode (k_qmatmul). x (B, C) is updated
- * in place. 0, or -1. */
 int llama_decode_layer(void *x, int B, int C, const void *attn_norm, const void *ffn_norm, float eps,
                        const void *const *w, const float *cos, const float *sin, void *kv, const int64_t *write,
                        const int64_t *rows, const int32_t *lens, int Tk, int nh, int nkv, int hs, int F, int act,
-                       int i8, int nthreads) {
-    if (B <= 0 || C % 32 || F % 32 || (nh * hs) % 32 || hs % 16 || nh % nkv) return -1;
-    const size_t es = act_size(act), qkv_n = (size_t)(nh + 2 * nkv) * hs, q_n = (size_t)nh * hs;
-    void *h = malloc(es * (size_t)B * (C > F ? C : F));
-    void *qkv = malloc(es * (size_t)B * qkv_n);
-    void *att = malloc(es * (size_t)B * q_n);
-    void *gu = malloc(es * (size_t)B * 2 * F);
-    void *o = malloc(es * (size_t)B * C);
-    int rc = -1;
-    if (!h || !qkv || !att || !gu || !o) goto done;
+                       int i8, int nthreads, void *scratch, int64_t scratch_bytes) {
+    if (B <= 0 || nkv <= 0 || C % 32 || F % 32 || (nh * hs) % 32 || hs % 16 || nh % nkv) return AIGC_ERR_ARGS;
+    size_t sizes[SCRATCH_N];
+    const size_t need = scratch_layout(B, C, nh, nkv, hs, F, act, sizes);
+    if (!need) return AIGC_ERR_ARGS;
+    char *base = scratch;
+    if (base && (scratch_bytes < 0 || (uint64_t)scratch_bytes < need)) return AIGC_ERR_ARGS;
+    if (!base && !(base = malloc(need))) return AIGC_ERR_NOMEM;
+    char *buf[SCRATCH_N];
+    for (size_t i = 0, at = 0; i < SCRATCH_N; at += sizes[i], i++) buf[i] = base + at;
+    void *h = buf[SCRATCH_H], *qkv = buf[SCRATCH_QKV], *att = buf[SCRATCH_ATT], *gu = buf[SCRATCH_GU];
+    void *o = buf[SCRATCH_O];
+    const int qkv_n = (nh + 2 * nkv) * hs, q_n = nh * hs;
+    int rc;
 #define W(i) ((const uint8_t *)w[3 * (i)]), ((const uint16_t *)w[3 * (i) + 1]), ((const uint16_t *)w[3 * (i) + 2])
     k_rmsnorm(x, attn_norm, eps, h, B, C, act);
-    if (k_qmatmul(h, act, W(0), NULL, qkv, B, (int)qkv_n, C, i8, nthreads)) goto done;
-    if (llama_attention(qkv, B, cos, sin, kv, write, rows, lens, att, Tk, nh, nkv, hs, act, nthreads)) goto done;
-    if (k_qmatmul(att, act, W(1), NULL, o, B, C, (int)q_n, i8, nthreads)) goto done;
+    if ((rc = k_qmatmul(h, act, W(0), NULL, qkv, B, qkv_n, C, i8, nthreads))) goto done;
+    rc = attention_step(qkv, B, cos, sin, kv, write, rows, lens, att, Tk, nh, nkv, hs, act, nthreads, buf[SCRATCH_Q]);
+    if (rc) goto done;
+    if ((rc = k_qmatmul(att, act, W(1), NULL, o, B, C, q_n, i8, nthreads))) goto done;
     k_add(x, o, (size_t)B * C, act);
     k_rmsnorm(x, ffn_norm, eps, h, B, C, act);
-    if (k_qmatmul(h, act, W(2), NULL, gu, B, 2 * F, C, i8, nthreads)) goto done;
+    if ((rc = k_qmatmul(h, act, W(2), NULL, gu, B, 2 * F, C, i8, nthreads))) goto done;
     k_swiglu(gu, h, B, F, act);
-    if (k_qmatmul(h, act, W(3), NULL, o, B, C, F, i8, nthreads)) goto done;
+    if ((rc = k_qmatmul(h, act, W(3), NULL, o, B, C, F, i8, nthreads))) goto done;
     k_add(x, o, (size_t)B * C, act);
-    rc = 0;
 #undef W
 done:
-    free(h);
-    free(qkv);
-    free(att);
-    free(gu);
-    free(o);
+    if (base != (char *)scratch) free(base);
     return rc;
 }

@@ -5,8 +5,8 @@
  * exactly the float32 weights GGUF readers produce) and takes its dot products with every activation
  * row (fp32 FMAs; bf16 activations are widened once per call). The weights stream from memory once per
  * call, at about their stored size. This is the exact mode (k_qmatmul in common.h); the int8 mode goes to
- * qmatmul_i8.c where the build has integer dot products (-1 elsewhere), and the AVX512-BF16 build sends
- * bf16 activations to its own kernel (qmatmul_avx512bf16.c).
+ * qmatmul_i8.c where the build has integer dot products (AIGC_ERR_UNSUPPORTED elsewhere), and the AVX512-BF16
+ * build sends bf16 activations to its own kernel (qmatmul_avx512bf16.c).
  */
 #include <stdlib.h>
 
@@ -14,17 +14,6 @@
 
 #define PREFETCH_ROWS 4
 #define BLOCK 32
-
-#if defined(__AVX2__) || defined(__ARM_FEATURE_DOTPROD)
-#define QMATMUL_I8 /* this build has integer dot products for i8 mode (qmatmul_i8.c) */
-int qmatmul_i8(const void *x, int act, const uint8_t *qs, const uint16_t *d, const uint16_t *m, const float *bias,
-               void *y, int M, int N, int K, int nthreads);
-#endif
-
-#if defined(__AVX512BF16__)
-int qmatmul_avx512bf16(const uint16_t *x, const uint8_t *qs, const uint16_t *d, const uint16_t *m, const float *bias,
-                       uint16_t *y, int M, int N, int K, int nthreads);
-#endif
 
 /* one weight row of nb blocks -> wf (nb * 32 floats) */
 static void dequantize_row(const uint8_t *qs, const uint16_t *d, const uint16_t *m, int nb, float *wf) {
@@ -52,21 +41,21 @@ INLINE void dot_rows(const float *w, const float *x, int K, float *sums, const i
 
 int k_qmatmul(const void *x, int act, const uint8_t *qs, const uint16_t *d, const uint16_t *m, const float *bias,
               void *y, int M, int N, int K, int i8, int nthreads) {
-    if (K % BLOCK || M <= 0 || N <= 0) return -1;
+    if (K % BLOCK || M <= 0 || N <= 0) return AIGC_ERR_ARGS;
 #if defined(__AVX512BF16__)
     if (act == ACT_BF16 && !i8) return qmatmul_avx512bf16(x, qs, d, m, bias, y, M, N, K, nthreads);
 #endif
 #if defined(QMATMUL_I8)
     if (i8) return qmatmul_i8(x, act, qs, d, m, bias, y, M, N, K, nthreads);
 #endif
-    if (i8) return -1; /* no integer dot products in this build */
+    if (i8) return AIGC_ERR_UNSUPPORTED; /* no integer dot products in this build */
     const int nb = K / BLOCK;
     const size_t row_bytes = (size_t)nb * (m ? 16 : 32);
     const float *xf = x;
     float *widened = NULL;
     if (act == ACT_BF16) { /* (M, K) fp32 copy of the activations */
         widened = malloc((size_t)M * K * sizeof(float));
-        if (!widened) return -1;
+        if (!widened) return AIGC_ERR_NOMEM;
         for (size_t i = 0; i < (size_t)M * K; i++) widened[i] = bf16_to_float(((const uint16_t *)x)[i]);
         xf = widened;
     }
@@ -100,5 +89,5 @@ int k_qmatmul(const void *x, int act, const uint8_t *qs, const uint16_t *d, cons
         free(wf);
     }
     free(widened);
-    return bad ? -1 : 0;
+    return bad ? AIGC_ERR_NOMEM : AIGC_OK;
 }

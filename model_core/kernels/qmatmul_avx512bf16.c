@@ -80,18 +80,15 @@ DEFINE_TILES(q4, 16)
 DEFINE_TILES(q8, 32)
 
 /* x: (M, K) bf16; qs: (N, K/32, 16) uint8 nibbles with d, m: (N, K/32) fp16, or (N, K/32, 32) int8 with
- * d and m = NULL (Q8_0); bias: N fp32 or NULL; y: (M, N) bf16. Returns 0, or -1 for bad arguments. */
-int qmatmul_avx512bf16(const uint16_t *x, const uint8_t *qs, const uint16_t *d, const uint16_t *m, const float *bias,
-                       uint16_t *y, int M, int N, int K, int nthreads);
-
+ * d and m = NULL (Q8_0); bias: N fp32 or NULL; y: (M, N) bf16. Returns an AIGC_* status. */
 int qmatmul_avx512bf16(const uint16_t *x, const uint8_t *qs, const uint16_t *d, const uint16_t *m, const float *bias,
                        uint16_t *y, int M, int N, int K, int nthreads) {
-    if (K % 32 || M <= 0 || N <= 0) return -1;
+    if (K % 32 || M <= 0 || N <= 0) return AIGC_ERR_ARGS;
     const int nb = K / 32, qb = m ? 16 : 32;
     float *xsum = NULL; /* (M, nb) block sums of x, for the 4-bit offset term */
     if (m) {
         xsum = malloc(((size_t)M * nb + 16) * sizeof(float));
-        if (!xsum) return -1;
+        if (!xsum) return AIGC_ERR_NOMEM;
         for (int r = 0; r < M; r++)
             for (int b = 0; b < nb; b++) {
                 float s = 0.0f;
@@ -152,5 +149,5 @@ int qmatmul_avx512bf16(const uint16_t *x, const uint8_t *qs, const uint16_t *d, 
         }
     }
     free(xsum);
-    return 0;
+    return AIGC_OK;
 }

@@ -17,9 +17,6 @@
 #define BLOCK 32
 #define ROWS 8 /* weight rows per group */
 
-int qmatmul_i8(const void *x, int act, const uint8_t *qs, const uint16_t *d, const uint16_t *m, const float *bias,
-               void *y, int M, int N, int K, int nthreads);
-
 #if defined(__AVX2__)
 typedef __m256i qv;   /* 8 rows x 4 quants, widened to bytes */
 typedef __m256i isum; /* 8 int32 block sums, one per row */
@@ -180,7 +177,7 @@ int qmatmul_i8(const void *x, int act, const uint8_t *qs, const uint16_t *d, con
     if (!xq || !xs) {
         free(xq);
         free(xs);
-        return -1;
+        return AIGC_ERR_NOMEM;
     }
     float *xt = xs + nblk;
     for (size_t b = 0; b < nblk; b++) {
@@ -236,6 +233,6 @@ int qmatmul_i8(const void *x, int act, const uint8_t *qs, const uint16_t *d, con
     }
     free(xq);
     free(xs);
-    return bad ? -1 : 0;
+    return bad ? AIGC_ERR_NOMEM : AIGC_OK;
 }
 #endif

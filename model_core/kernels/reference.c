@@ -32,12 +32,12 @@ static int quant8_at(const uint8_t *qs, const uint16_t *d, const uint16_t *m, in
     return (int8_t)qs[((blk * 8 + i / 4) * 8 + r) * 4 + i % 4];
 }
 
-static int qmatmul_i8(const void *x, int act, const uint8_t *qs, const uint16_t *d, const uint16_t *m,
-                      const float *bias, void *y, int M, int N, int K) {
+static int ref_qmatmul_i8(const void *x, int act, const uint8_t *qs, const uint16_t *d, const uint16_t *m,
+                          const float *bias, void *y, int M, int N, int K) {
     const int nb = K / 32;
     float xf[32], *scale = malloc((size_t)nb * 2 * sizeof(float));
     int8_t *xq = malloc((size_t)K);
-    int rc = scale && xq ? 0 : -1;
+    int rc = scale && xq ? AIGC_OK : AIGC_ERR_NOMEM;
     for (int r = 0; r < M && !rc; r++) {
         float *t = scale + nb;
         for (int b = 0; b < nb; b++) {
@@ -66,29 +66,29 @@ static int qmatmul_i8(const void *x, int act, const uint8_t *qs, const uint16_t 
 int k_qmatmul(const void *x, int act, const uint8_t *qs, const uint16_t *d, const uint16_t *m, const float *bias,
               void *y, int M, int N, int K, int i8, int nthreads) {
     (void)nthreads;
-    if (K % 32 || M <= 0 || N <= 0) return -1;
-    if (i8) return qmatmul_i8(x, act, qs, d, m, bias, y, M, N, K);
+    if (K % 32 || M <= 0 || N <= 0) return AIGC_ERR_ARGS;
+    if (i8) return ref_qmatmul_i8(x, act, qs, d, m, bias, y, M, N, K);
     for (int r = 0; r < M; r++)
         for (int n = 0; n < N; n++) {
             float s = 0.0f;
             for (int k = 0; k < K; k++) s += weight_at(qs, d, m, K / 32, n, k) * load_act(x, (size_t)r * K + k, act);
             store_act(y, (size_t)r * N + n, s + (bias ? bias[n] : 0.0f), act);
         }
-    return 0;
+    return AIGC_OK;
 }
 
 int k_attention(const void *q, const void *kv, const int64_t *rows, const int32_t *lens, void *out, int B, int nh,
                 int nkv, int hs, int Tk, float scale, int act, int nthreads) {
     (void)nthreads;
-    if (hs % 16 || nh % nkv || B <= 0 || Tk <= 0) return -1;
+    if (hs % 16 || nh % nkv || B <= 0 || Tk <= 0) return AIGC_ERR_ARGS;
     const size_t row = (size_t)2 * nkv * hs; /* elements per cache row: K heads, then V heads */
     float *s = malloc((size_t)Tk * sizeof(float));
-    if (!s) return -1;
-    int rc = 0;
+    if (!s) return AIGC_ERR_NOMEM;
+    int rc = AIGC_OK;
     for (int b = 0; b < B && !rc; b++) {
         const int n = lens[b];
         if (n <= 0 || n > Tk) {
-            rc = -1;
+            rc = AIGC_ERR_ARGS;
             break;
         }
         for (int h = 0; h < nh; h++) {

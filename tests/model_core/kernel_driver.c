@@ -1,4 +1,4 @@
-/* Runs entry points of a kernels library (model_core/kernels/layer.c) on requests read from a file, so that
+/* Runs entry points of a kernels library (model_core/kernels/aigc_kernels.h) on requests read from a file, so that
  * builds for another machine (aarch64 under qemu-user) can be tested from Python: test_native_neon.py.
  *
  *   kernel_driver LIBRARY REQUESTS RESULTS
@@ -10,7 +10,8 @@
  *                       then its bytes
  *   nint i64, then nflt f32
  * The buffers are the entry point's pointer arguments in the order of its signature (llama_decode_layer's w:
- * its 12 pointers in place of the one), the ints its int arguments in order, the floats its float arguments.
+ * its 12 pointers in place of the one), the ints its int and int64_t arguments in order, the floats its float
+ * arguments (aigc_kernels.h declares them all; test_native_neon.py takes the order from model_core/native.py).
  * aigc_kernels_isa takes one 64-byte buffer that receives the name; aigc_cpu_features nothing.
  * RESULTS, per call: i32 the entry point's return value, then each returned buffer: i64 size, its bytes.
  */
@@ -20,27 +21,21 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "aigc_kernels.h"
+
 #define MAX_BUF 32
 #define MAX_NUM 16
 
-/* the entry points' types, as layer.c declares them */
-typedef const char *isa_fn(void);
-typedef int features_fn(void);
-typedef int quant_matmul_fn(const void *x, int act, const uint8_t *qs, const uint16_t *d, const uint16_t *m,
-                            const float *bias, void *y, int M, int N, int K, int i8, int nthreads);
-typedef int paged_attention_decode_fn(const void *q, const void *kv, const int64_t *rows, const int32_t *lens,
-                                      void *out, int B, int nh, int nkv, int hs, int Tk, float scale, int act,
-                                      int nthreads);
-typedef int llama_rmsnorm_fn(const void *x, const void *w, float eps, void *out, int B, int C, int act);
-typedef int llama_add_rmsnorm_fn(void *x, const void *y, const void *w, float eps, void *out, int B, int C, int act);
-typedef int llama_swiglu_fn(const void *gu, void *g, int B, int F, int act);
-typedef int llama_attention_fn(void *qkv, int B, const float *cos, const float *sin, void *kv, const int64_t *write,
-                               const int64_t *rows, const int32_t *lens, void *att, int Tk, int nh, int nkv, int hs,
-                               int act, int nthreads);
-typedef int llama_decode_layer_fn(void *x, int B, int C, const void *attn_norm, const void *ffn_norm, float eps,
-                                  const void *const *w, const float *cos, const float *sin, void *kv,
-                                  const int64_t *write, const int64_t *rows, const int32_t *lens, int Tk, int nh,
-                                  int nkv, int hs, int F, int act, int i8, int nthreads);
+/* the entry points' types, from the library's header (built with -I model_core/kernels) */
+typedef __typeof__(aigc_kernels_isa) isa_fn;
+typedef __typeof__(aigc_cpu_features) features_fn;
+typedef __typeof__(quant_matmul) quant_matmul_fn;
+typedef __typeof__(paged_attention_decode) paged_attention_decode_fn;
+typedef __typeof__(llama_rmsnorm) llama_rmsnorm_fn;
+typedef __typeof__(llama_add_rmsnorm) llama_add_rmsnorm_fn;
+typedef __typeof__(llama_swiglu) llama_swiglu_fn;
+typedef __typeof__(llama_attention) llama_attention_fn;
+typedef __typeof__(llama_decode_layer) llama_decode_layer_fn;
 
 /* One per entry point: call fn with the request's buffers b, ints i and floats f (in the order above). */
 typedef void (*any_fn)(void);
@@ -84,15 +79,15 @@ static int call_llama_swiglu(any_fn fn, void **b, const int64_t *i, const float 
 static int call_llama_attention(any_fn fn, void **b, const int64_t *i, const float *f) {
     (void)f;
     return ((llama_attention_fn *)fn)(b[0], I(0), b[1], b[2], b[3], b[4], b[5], b[6], b[7], I(1), I(2), I(3), I(4),
-                                      I(5), I(6));
+                                      I(5), I(6), b[8], i[7]);
 }
 
-/* buffers: x, attn_norm, ffn_norm, the 12 of w, cos, sin, kv, write, rows, lens */
+/* buffers: x, attn_norm, ffn_norm, the 12 of w, cos, sin, kv, write, rows, lens, scratch */
 static int call_llama_decode_layer(any_fn fn, void **b, const int64_t *i, const float *f) {
     const void *w[12];
     memcpy(w, b + 3, sizeof w);
     return ((llama_decode_layer_fn *)fn)(b[0], I(0), I(1), b[1], b[2], f[0], w, b[15], b[16], b[17], b[18], b[19],
-                                         b[20], I(2), I(3), I(4), I(5), I(6), I(7), I(8), I(9));
+                                         b[20], I(2), I(3), I(4), I(5), I(6), I(7), I(8), I(9), b[21], i[10]);
 }
 
 static const struct {
@@ -107,8 +102,8 @@ static const struct {
     {"llama_rmsnorm", 3, 3, 1, call_llama_rmsnorm},
     {"llama_add_rmsnorm", 4, 3, 1, call_llama_add_rmsnorm},
     {"llama_swiglu", 2, 3, 0, call_llama_swiglu},
-    {"llama_attention", 8, 7, 0, call_llama_attention},
-    {"llama_decode_layer", 21, 10, 1, call_llama_decode_layer},
+    {"llama_attention", 9, 8, 0, call_llama_attention},
+    {"llama_decode_layer", 22, 11, 1, call_llama_decode_layer},
 };
 
 static void die(const char *what, const char *detail) {

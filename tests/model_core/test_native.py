@@ -190,7 +190,7 @@ def test_attention_kernel_is_not_used_where_it_does_not_apply() -> None:
 def _primitive_calls(kernels: native.Kernels, dtype: torch.dtype, seed: int) -> dict[str, torch.Tensor]:
     """Every entry point of a build on the same random inputs; returns what each wrote, by name."""
     g = torch.Generator().manual_seed(seed)
-    act, lib = int(dtype == torch.bfloat16), kernels.lib
+    act, call = int(dtype == torch.bfloat16), kernels.call
     B, C, F, nh, nkv, hs, Tk = 3, 96, 160, 4, 2, 32, 9
 
     def rnd(*shape: int) -> torch.Tensor:
@@ -199,13 +199,21 @@ def _primitive_calls(kernels: native.Kernels, dtype: torch.dtype, seed: int) -> 
     x, w, y = rnd(B, C), rnd(C), rnd(B, C)
     out: dict[str, torch.Tensor] = {}
     out["rmsnorm"] = torch.empty(B, C, dtype=dtype)
-    lib.llama_rmsnorm(x.data_ptr(), w.data_ptr(), 1e-5, out["rmsnorm"].data_ptr(), B, C, act)
+    call("llama_rmsnorm", x.data_ptr(), w.data_ptr(), 1e-5, out["rmsnorm"].data_ptr(), B, C, act)
     out["add"], out["add_rmsnorm"] = x.clone(), torch.empty(B, C, dtype=dtype)
-    lib.llama_add_rmsnorm(
-        out["add"].data_ptr(), y.data_ptr(), w.data_ptr(), 1e-5, out["add_rmsnorm"].data_ptr(), B, C, act
+    call(
+        "llama_add_rmsnorm",
+        out["add"].data_ptr(),
+        y.data_ptr(),
+        w.data_ptr(),
+        1e-5,
+        out["add_rmsnorm"].data_ptr(),
+        B,
+        C,
+        act,
     )
     gu, out["swiglu"] = rnd(B, 2 * F) * 4, torch.empty(B, F, dtype=dtype)
-    lib.llama_swiglu(gu.data_ptr(), out["swiglu"].data_ptr(), B, F, act)
+    call("llama_swiglu", gu.data_ptr(), out["swiglu"].data_ptr(), B, F, act)
     qkv = rnd(B, (nh + 2 * nkv) * hs)
     ang = torch.rand(B, hs // 2, generator=g) * 6
     cos, sin = torch.cat([ang.cos(), ang.cos()], 1), torch.cat([ang.sin(), ang.sin()], 1)  # (B, hs) fp32
@@ -214,25 +222,25 @@ def _primitive_calls(kernels: native.Kernels, dtype: torch.dtype, seed: int) -> 
     write = rows[torch.arange(B), torch.tensor([Tk - 1, 4, 0])].contiguous()
     lens = torch.tensor([Tk, 5, 1], dtype=torch.int32)
     att = torch.empty(B, nh * hs, dtype=dtype)
-    assert (
-        lib.llama_attention(
-            qkv.data_ptr(),
-            B,
-            cos.data_ptr(),
-            sin.data_ptr(),
-            kv.data_ptr(),
-            write.data_ptr(),
-            rows.data_ptr(),
-            lens.data_ptr(),
-            att.data_ptr(),
-            Tk,
-            nh,
-            nkv,
-            hs,
-            act,
-            2,
-        )
-        == 0
+    call(
+        "llama_attention",
+        qkv.data_ptr(),
+        B,
+        cos.data_ptr(),
+        sin.data_ptr(),
+        kv.data_ptr(),
+        write.data_ptr(),
+        rows.data_ptr(),
+        lens.data_ptr(),
+        att.data_ptr(),
+        Tk,
+        nh,
+        nkv,
+        hs,
+        act,
+        2,
+        None,
+        0,
     )
     out.update(rope=qkv, kv_cache=kv, attention=att)
     for qtype in (Q4_0, Q4_1, Q8_0):

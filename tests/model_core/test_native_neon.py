@@ -68,25 +68,15 @@ pytestmark = [
     ),
 ]
 
-# Each entry point's arguments in layer.c's order, name:kind with kind b a buffer (or NULL), w llama_decode_layer's
-# array of 12 weight pointers, i an int, f a float. kernel_driver.c reads the buffers (w: its 12), then the ints,
-# then the floats, each in this order (aigc_kernels_isa's one buffer is the driver's: 64 bytes for the name).
+# Each entry point's arguments, from native.ENTRY_POINTS (the ctypes table of kernels/aigc_kernels.h), as name:kind
+# with kind b a buffer (or NULL), w llama_decode_layer's array of 12 weight pointers, i an integer (int or int64_t),
+# f a float. kernel_driver.c reads the buffers (w: its 12), then the integers, then the floats, each in this order
+# (aigc_kernels_isa's one buffer is the driver's: 64 bytes for the name).
+DRIVER_KINDS = {"p": "b", "w": "w", "i": "i", "l": "i", "f": "f"}
 SIGNATURES = {
-    name: [tuple(a.split(":")) for a in args.split()]
-    for name, args in {
-        "aigc_kernels_isa": "name:b",
-        "aigc_cpu_features": "",
-        "quant_matmul": "x:b act:i qs:b d:b m:b bias:b y:b M:i N:i K:i i8:i nthreads:i",
-        "paged_attention_decode": "q:b kv:b rows:b lens:b out:b B:i nh:i nkv:i hs:i Tk:i scale:f act:i nthreads:i",
-        "llama_rmsnorm": "x:b w:b eps:f out:b B:i C:i act:i",
-        "llama_add_rmsnorm": "x:b y:b w:b eps:f out:b B:i C:i act:i",
-        "llama_swiglu": "gu:b g:b B:i F:i act:i",
-        "llama_attention": "qkv:b B:i cos:b sin:b kv:b write:b rows:b lens:b att:b Tk:i "
-        "nh:i nkv:i hs:i act:i nthreads:i",
-        "llama_decode_layer": "x:b B:i C:i attn_norm:b ffn_norm:b eps:f w:w cos:b sin:b kv:b write:b rows:b lens:b "
-        "Tk:i "
-        "nh:i nkv:i hs:i F:i act:i i8:i nthreads:i",
-    }.items()
+    name: [(arg, DRIVER_KINDS[kind]) for arg, kind in entry.args] if name != "aigc_kernels_isa" else [("name", "b")]
+    for name, entry in native.ENTRY_POINTS.items()
+    if name != "llama_decode_scratch_bytes"  # (returns a size, not a status: asked of the host's library instead)
 }
 # The buffers each writes (all activations, of the call's act): they come back from the driver.
 OUTPUTS = {
@@ -101,6 +91,15 @@ OUTPUTS = {
     "llama_decode_layer": ("x", "kv"),
 }
 ENTRIES = list(SIGNATURES)[2:]  # those with cases (CASES)
+
+
+def scratch_for(n: int, B: int, C: int, nh: int, nkv: int, hs: int, F: int, act: int) -> dict[str, Any]:
+    """The scratch arguments of llama_attention / llama_decode_layer for case n: every other case NULL (the library
+    allocates), the others a buffer of the size the (host) library asks for, which the aarch64 one asks for too."""
+    if n % 2:
+        return dict(scratch=None, scratch_bytes=0)
+    size = native.load("reference").call("llama_decode_scratch_bytes", B, C, nh, nkv, hs, F, act)
+    return dict(scratch=np.zeros(size, np.uint8), scratch_bytes=size)
 
 
 @dataclass
@@ -320,6 +319,7 @@ def llama_swiglu_cases() -> Iterator[Call]:
 
 def llama_attention_cases() -> Iterator[Call]:
     rng = np.random.default_rng(6)
+    n = 0
     for nh, nkv, hs, lens, Tk in [
         (4, 2, 32, [9, 5, 1], 9),
         (2, 1, 16, [3], 4),
@@ -328,7 +328,7 @@ def llama_attention_cases() -> Iterator[Call]:
         (4, 1, 128, [70, 12], 72),
     ]:
         for act in (0, 1):
-            B = len(lens)
+            B, n = len(lens), n + 1
             R, rows = paged_rows(rng, lens, Tk)
             cos, sin = rope_tables(rng, B, hs)
             yield Call(
@@ -349,6 +349,7 @@ def llama_attention_cases() -> Iterator[Call]:
                     hs=hs,
                     act=act,
                     nthreads=2,
+                    **scratch_for(n, B, 32, nh, nkv, hs, 32, act),
                 ),
                 f"nh={nh} nkv={nkv} hs={hs} lens={lens}",
             )
@@ -356,6 +357,7 @@ def llama_attention_cases() -> Iterator[Call]:
 
 def llama_decode_layer_cases() -> Iterator[Call]:
     rng = np.random.default_rng(7)
+    n = 0
     for C, F, nh, nkv, hs, lens, Tk, qtypes in [
         (96, 160, 4, 2, 32, [9, 5, 1], 9, (Q4_1,) * 4),
         (64, 96, 2, 1, 16, [5], 5, (Q4_0,) * 4),
@@ -364,7 +366,7 @@ def llama_decode_layer_cases() -> Iterator[Call]:
     ]:
         for act in (0, 1):
             for i8 in (0, 1):
-                B = len(lens)
+                B, n = len(lens), n + 1
                 R, rows = paged_rows(rng, lens, Tk)
                 cos, sin = rope_tables(rng, B, hs)
                 shapes = [((nh + 2 * nkv) * hs, C), (C, nh * hs), (2 * F, C), (C, F)]  # Wqkv, Wo, Wgate|up, Wdown
@@ -393,6 +395,7 @@ def llama_decode_layer_cases() -> Iterator[Call]:
                         act=act,
                         i8=i8,
                         nthreads=2,
+                        **scratch_for(n, B, C, nh, nkv, hs, F, act),
                     ),
                     f"C={C} F={F} nh={nh} nkv={nkv} hs={hs} lens={lens} {'/'.join(QNAMES[q] for q in qtypes)}",
                 )
@@ -477,7 +480,7 @@ def run_host(kernels: native.Kernels, call: Call) -> Result:
             args.append((ctypes.c_void_p * 12)(*[None if a is None else a.ctypes.data for a in call.args[name]]))
         else:
             args.append(call.args[name])
-    rc = getattr(kernels.lib, call.entry)(*args)
+    rc = getattr(kernels.lib, call.entry)(*args)  # (typed by native.ENTRY_POINTS; the raw status, compared)
     return Result(rc, {n: a for n in OUTPUTS[call.entry] if (a := copies[n]) is not None})
 
 
@@ -514,7 +517,18 @@ class Aarch64:
         def make() -> Path:
             out = self.root / "kernel_driver"
             subprocess.run(
-                [CROSS_CC, "-O2", "-Wall", "-Wextra", "-Werror", str(DRIVER_SOURCE), "-ldl", "-o", str(out)],
+                [
+                    CROSS_CC,
+                    "-O2",
+                    "-Wall",
+                    "-Wextra",
+                    "-Werror",
+                    f"-I{native.KERNEL_DIR}",  # aigc_kernels.h: the entry points' types
+                    str(DRIVER_SOURCE),
+                    "-ldl",
+                    "-o",
+                    str(out),
+                ],
                 check=True,
                 capture_output=True,
                 timeout=120,
@@ -604,29 +618,15 @@ def compare(entry: str, runs: list[tuple[Call, Result, Result]], who: str, repor
 # ---- the tests
 
 
-def test_the_signatures_here_are_layer_cs() -> None:
-    """SIGNATURES (and kernel_driver.c, written to the same order) against the entry points' definitions."""
-    source = (native.KERNEL_DIR / "layer.c").read_text()
-    for entry in ENTRIES:
-        match = re.search(rf"\bint {entry}\(([^)]*)\)\s*{{", source)
-        assert match, f"layer.c defines no int {entry}(...)"
-        params = [" ".join(p.split()) for p in match.group(1).split(",")]
-        kinds = [
-            (
-                p.rsplit(" ", 1)[-1].lstrip("*"),
-                "w"
-                if "*const *" in p
-                else "b"
-                if "*" in p
-                else "f"
-                if p.startswith("float ")
-                else "i"
-                if p.startswith("int ")
-                else p,
-            )
-            for p in params
-        ]
-        assert kinds == SIGNATURES[entry], f"{entry}: layer.c has ({', '.join(params)})"
+def test_the_driver_takes_each_entry_points_arguments() -> None:
+    """kernel_driver.c's table of buffer, integer and float counts against SIGNATURES (native.ENTRY_POINTS; the
+    table itself is checked against aigc_kernels.h in test_native.py, the driver's calls by the compiler)."""
+    table = re.findall(r'\{"(\w+)", (\d+), (\d+), (\d+), call_\w+\}', DRIVER_SOURCE.read_text())
+    assert [name for name, *_ in table] == list(SIGNATURES)
+    for name, nbuf, nint, nflt in table:
+        kinds = [kind for _, kind in SIGNATURES[name]]
+        counts = (kinds.count("b") + 12 * kinds.count("w"), kinds.count("i"), kinds.count("f"))
+        assert (int(nbuf), int(nint), int(nflt)) == counts, name
 
 
 @pytest.mark.parametrize("isa", [*NEON, "reference"])
@@ -646,13 +646,15 @@ def test_neon_build_computes_what_the_aarch64_reference_build_computes(
     isa: str, entry: str, aarch64: Aarch64, report: list[str]
 ) -> None:
     """Every case of the entry point (fp32 and bf16; the matmuls exact and in int8 mode) on the NEON build and on
-    the reference build, both aarch64 under qemu. A build without the int8 mode must refuse it (-1)."""
+    the reference build, both aarch64 under qemu. A build without the int8 mode must refuse it
+    (AIGC_ERR_UNSUPPORTED)."""
     want, got = aarch64.results("reference", entry), aarch64.results(isa, entry)
     assert all(r.rc == 0 for r in want), f"the reference build refused a case: {[r.rc for r in want]}"
     runs = list(zip(cases(entry), got, want))
-    if not native.ISAS[isa].has_int8:  # kernels/common.h: builds without int8 mode return -1 for i8 = 1
+    if not native.ISAS[isa].has_int8:  # aigc_kernels.h: builds without int8 mode refuse i8 = 1
         refused = [g.rc for c, g, _ in runs if c.i8]
-        assert refused == [-1] * len(refused), f"{isa} has no int8 mode, yet i8 = 1 returned {refused}"
+        unsupported = [native.AIGC_ERR_UNSUPPORTED] * len(refused)
+        assert refused == unsupported, f"{isa} has no int8 mode, yet i8 = 1 returned {refused}"
         runs = [r for r in runs if not r[0].i8]
     compare(entry, runs, f"{isa} vs aarch64 reference", report)
 

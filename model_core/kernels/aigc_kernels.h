@@ -1,0 +1,94 @@
+/* The kernels library's exported functions: every symbol the library exports is declared here, and nothing else
+ * (it is built with -fvisibility=hidden; AIGC_API marks these). model_core/native.py holds the same list as its
+ * ctypes table (ENTRY_POINTS: argument names and types, return type) and tests/model_core/test_native.py checks
+ * the two against each other; every kernel source includes this header (through common.h), so the compiler
+ * checks each definition against its declaration.
+ *
+ * Conventions: shapes are in elements; activations (act) are float32 (ACT_F32) or bfloat16 (ACT_BF16, stored as
+ * uint16_t), see common.h; nthreads is the OpenMP team size. Every function returning int returns an AIGC_*
+ * status: 0 (AIGC_OK), or a negative code saying why it did nothing usable (its outputs are then undefined).
+ * Pointers are read only during the call: the library keeps none.
+ */
+#ifndef AIGC_KERNELS_H
+#define AIGC_KERNELS_H
+
+#include <stdint.h>
+
+#define AIGC_API __attribute__((visibility("default")))
+
+/* the status codes (model_core/native.py: STATUS) */
+enum {
+    AIGC_OK = 0,
+    AIGC_ERR_ARGS = -1,        /* a shape, size or argument outside what the kernel takes */
+    AIGC_ERR_NOMEM = -2,       /* an allocation failed */
+    AIGC_ERR_UNSUPPORTED = -3, /* this build lacks the mode asked for (i8 = 1 without integer dot products) */
+};
+
+/* aigc_cpu_features() bits (model_core/native.py: CPU_*) */
+enum {
+    CPU_AVX2 = 1 << 0,       /* avx2 + fma + f16c */
+    CPU_AVX512BF16 = 1 << 1, /* avx512f + bw + vl + bf16 (OS saves the state) */
+    CPU_NEON = 1 << 2,       /* aarch64 Advanced SIMD */
+    CPU_NEON_DOTPROD = 1 << 3,
+    CPU_AMX_BF16 = 1 << 4, /* AMX tiles with bf16 (the matmul units oneDNN's bf16 matmuls run fast on) */
+    CPU_AVX512F = 1 << 5,  /* AVX-512 foundation (what the BLAS's fp32 matmuls use where present) */
+};
+
+/* Which build this is: "reference", "avx2", "avx512bf16", "neon", "neon-dotprod" (a static string). */
+AIGC_API const char *aigc_kernels_isa(void);
+
+/* What this CPU runs: CPU_* bits (CPUID on x86, HWCAP on Linux/aarch64). Not a status: never fails. */
+AIGC_API int aigc_cpu_features(void);
+
+/* y (M, N) = x (M, K) W^T (+ bias, N fp32, or NULL), W quantized (common.h, k_qmatmul): qs, d and m (m NULL for
+ * 8-bit weights); i8 = 1: x rounded to int8 per block, W interleaved by 8 rows.
+ * AIGC_ERR_ARGS: K not a multiple of 32, M or N < 1. AIGC_ERR_UNSUPPORTED: i8 = 1 in a build without int8 mode.
+ * AIGC_ERR_NOMEM. */
+AIGC_API int quant_matmul(const void *x, int act, const uint8_t *qs, const uint16_t *d, const uint16_t *m,
+                          const float *bias, void *y, int M, int N, int K, int i8, int nthreads);
+
+/* out (B, nh, hs) = softmax(scale q K^T) V for q (B, nh, hs), keys and values read in place from a paged layer kv
+ * (rows, 2 nkv, hs) through rows (B, Tk) int64, lens[b] (int32) keys of sequence b.
+ * AIGC_ERR_ARGS: hs not a multiple of 16 (SIMD builds: or of the vector width, or > 256), nh not a multiple of nkv,
+ * B or Tk < 1, a lens[b] outside [1, Tk]. AIGC_ERR_NOMEM. */
+AIGC_API int paged_attention_decode(const void *q, const void *kv, const int64_t *rows, const int32_t *lens, void *out,
+                                    int B, int nh, int nkv, int hs, int Tk, float scale, int act, int nthreads);
+
+/* out (B, C) = rmsnorm(x) * w. AIGC_ERR_ARGS: B < 0, C < 1, or a NULL buffer. */
+AIGC_API int llama_rmsnorm(const void *x, const void *w, float eps, void *out, int B, int C, int act);
+
+/* x (B, C) += y; then, when w is given, out = rmsnorm(x) * w (the next sublayer's input; out unused without w).
+ * AIGC_ERR_ARGS: B < 0, C < 1, x or y NULL, or w given without out. */
+AIGC_API int llama_add_rmsnorm(void *x, const void *y, const void *w, float eps, void *out, int B, int C, int act);
+
+/* g (B, F) = silu(gate) * up of gu (B, 2F) = [gate | up]. AIGC_ERR_ARGS: B < 0, F < 1, or a NULL buffer. */
+AIGC_API int llama_swiglu(const void *gu, void *g, int B, int F, int act);
+
+/* Bytes of scratch that llama_decode_layer and llama_attention take for these shapes (0 for bad shapes). A caller
+ * that passes a buffer of at least this size spares the library its allocations; one buffer serves any call with
+ * these or smaller shapes, so callers keep one and grow it. */
+AIGC_API int64_t llama_decode_scratch_bytes(int B, int C, int nh, int nkv, int hs, int F, int act);
+
+/* qkv (B, (nh + 2 nkv) hs) -> att (B, nh hs): rotate the q and k heads (in place) by cos, sin (B, hs) fp32, store
+ * k, v at the rows write (B,) int64 of this layer's cache kv (rows, 2 nkv, hs), attend from the paged rows
+ * (B, Tk) int64 with lens (B,) int32 keys each. scratch: NULL (allocated per call) or scratch_bytes >=
+ * llama_decode_scratch_bytes(...) bytes. AIGC_ERR_ARGS: as paged_attention_decode, or scratch too small.
+ * AIGC_ERR_NOMEM. */
+AIGC_API int llama_attention(void *qkv, int B, const float *cos, const float *sin, void *kv, const int64_t *write,
+                             const int64_t *rows, const int32_t *lens, void *att, int Tk, int nh, int nkv, int hs,
+                             int act, int nthreads, void *scratch, int64_t scratch_bytes);
+
+/* A whole llama decoder layer, one token per sequence, x (B, C) updated in place:
+ *   h = rmsnorm(x) attn_norm;  qkv = h Wqkv;  rotate;  cache write;  x += attention(q, cache) Wo;
+ *   h = rmsnorm(x) ffn_norm;  x += (silu(h Wg) * (h Wu)) Wd
+ * w: the 12 pointers (qs, d, m; m NULL for Q8_0) of Wqkv, Wo, Wgate|up, Wdown; the rest as llama_attention; i8:
+ * the matmuls' mode (quant_matmul). scratch: NULL (allocated per call) or scratch_bytes >=
+ * llama_decode_scratch_bytes(B, C, nh, nkv, hs, F, act) bytes.
+ * AIGC_ERR_ARGS: B < 1; C, F or nh hs not a multiple of 32; hs not of 16; nh not a multiple of nkv; scratch too
+ * small; or as the matmuls and attention. AIGC_ERR_UNSUPPORTED, AIGC_ERR_NOMEM: as quant_matmul. */
+AIGC_API int llama_decode_layer(void *x, int B, int C, const void *attn_norm, const void *ffn_norm, float eps,
+                                const void *const *w, const float *cos, const float *sin, void *kv,
+                                const int64_t *write, const int64_t *rows, const int32_t *lens, int Tk, int nh, int nkv,
+                                int hs, int F, int act, int i8, int nthreads, void *scratch, int64_t scratch_bytes);
+
+#endif
