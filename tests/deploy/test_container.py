@@ -21,7 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.deploy.test_manifests import CONTRACT_METRICS
+from tests.deploy.utils import CONTRACT_METRICS
 
 pytestmark = [pytest.mark.container, pytest.mark.timeout(2400)]
 

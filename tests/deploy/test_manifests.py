@@ -13,32 +13,14 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.deploy.utils import CONTRACT_METRICS
+
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
 K8S = DEPLOY / "k8s"
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "aigc.json"
 CONTAINER_PORT = 8000
 
-# The service's metric contract (names as exposed; histograms add _bucket/_sum/_count).
-CONTRACT_METRICS = frozenset(
-    {
-        "aigc_time_to_first_token_seconds",
-        "aigc_inter_token_latency_seconds",
-        "aigc_e2e_request_latency_seconds",
-        "aigc_request_queue_time_seconds",
-        "aigc_image_batch_size",
-        "aigc_num_requests_running",
-        "aigc_num_requests_waiting",
-        "aigc_kv_cache_usage_ratio",
-        "aigc_model_load_seconds",
-        "aigc_prompt_tokens_total",
-        "aigc_generation_tokens_total",
-        "aigc_request_success_total",
-        "aigc_requests_rejected_total",
-        "aigc_image_requests_total",
-        "aigc_images_generated_total",
-    }
-)
 METRIC_RE = re.compile(r"aigc_[a-z0-9_]+")  # digits: aigc_e2e_...
 # Kubernetes versions the manifests must be valid for: the oldest we support and the newest schema shipped.
 K8S_VERSIONS = ("1.27.0", None)

@@ -17,6 +17,8 @@ from service.config import Settings
 from service.main import build_text_model, create_app
 from tests.service.server_utils import LiveServer, serve
 
+pytestmark = pytest.mark.heavy  # the real model behind third-party clients (make test-fast skips it)
+
 
 class Person(BaseModel):
     name: str = Field(max_length=40)

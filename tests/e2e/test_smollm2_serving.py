@@ -19,6 +19,8 @@ from service.config import Settings
 from service.main import build_text_model, create_app
 from tests.service.server_utils import LiveServer, serve
 
+pytestmark = pytest.mark.heavy  # the real model served end to end (make test-fast skips it)
+
 QUESTIONS = [
     "What is the capital of France?",
     "Name a primary colour.",

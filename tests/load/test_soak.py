@@ -31,10 +31,10 @@ import pytest
 from model_core.gan import GANConfig, Generator, save_gan
 from model_core.tokenizer import Tokenizer
 from service.engine.engine import LLMEngine
-from tests.conftest import tiny_llama
 from tests.service.server_utils import TINY_MODEL_NAME, LiveServer, serve_model, text_model
+from tests.utils import tiny_llama
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.heavy]
 
 SOAK_SECONDS = float(os.environ.get("SOAK_SECONDS", "30"))
 WARMUP_SECONDS = float(os.environ.get("SOAK_WARMUP_SECONDS", "10"))

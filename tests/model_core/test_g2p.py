@@ -31,7 +31,7 @@ from model_core.g2p import (
 )
 from model_core.sampling import SamplingParams, make_generator
 from model_core.seq2seq import DecoderCache
-from tests.model_core.test_transformer import torch_causal, torch_to_ours
+from tests.model_core.utils import torch_causal, torch_to_ours
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -358,6 +358,7 @@ def test_held_out_words_in_this_file_are_held_out() -> None:
     assert all(zlib.crc32(w.encode()) % 20 == 0 for w in HELD_OUT)
 
 
+@pytest.mark.heavy  # the held-out PER
 def test_shipped_checkpoint_meets_per_on_the_test_bucket(g2p: G2P) -> None:
     """Greedy PER (stress included) and WER on every held-out test word (6,216; about 3 s on one thread)."""
     data = held_out()

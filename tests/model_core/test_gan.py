@@ -370,6 +370,7 @@ def judged() -> dict[str, float | np.ndarray]:
     }
 
 
+@pytest.mark.heavy  # the GAN judge
 def test_shipped_gan_draws_the_class_asked_for(judged: dict) -> None:
     print(
         f"\njudge held-out accuracy on real digits {judged['judge_real_accuracy']:.3f}; "
@@ -379,6 +380,7 @@ def test_shipped_gan_draws_the_class_asked_for(judged: dict) -> None:
     assert judged["accuracy"] >= 0.95
 
 
+@pytest.mark.heavy  # the GAN judge
 def test_shipped_gan_frechet_distance_against_real_baseline(judged: dict) -> None:
     print(
         f"\nFrechet distance in the judge's features: generated vs real {judged['fd']:.1f}, "
@@ -388,6 +390,7 @@ def test_shipped_gan_frechet_distance_against_real_baseline(judged: dict) -> Non
     assert judged["fd"] < 0.05 * judged["fd_untrained"]
 
 
+@pytest.mark.heavy  # the GAN judge
 def test_shipped_gan_is_diverse_within_each_class(judged: dict) -> None:
     r = judged["spread_ratio"]
     print("\nwithin-class spread, generated / real, per digit: " + " ".join(f"{v:.2f}" for v in r))

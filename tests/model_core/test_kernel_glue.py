@@ -18,7 +18,7 @@ from model_core.fused_decode import FusedLlamaDecoder
 from model_core.kv_cache import PagedKVCache, Scratch
 from model_core.lm import CausalLM
 from model_core.qmatmul import QuantLinear, QuantWeight
-from tests.conftest import kernels_for, native_isas, tiny_llama_q4
+from tests.utils import kernels_for, native_isas, tiny_llama_q4
 
 ISAS = native_isas()
 pytestmark = pytest.mark.skipif(not ISAS, reason="no C compiler: the native kernels cannot build here")
@@ -107,7 +107,7 @@ def _layer_case(
     kernels: native.Kernels, dtype: torch.dtype, i8: bool, seed: int
 ) -> tuple[list[object], list[torch.Tensor], tuple[int, ...]]:
     """Random llama_decode_layer arguments (without the scratch ones), the buffers it writes, and the shapes."""
-    from tests.model_core.test_native import _quantized
+    from tests.utils import quantized_weight as _quantized
 
     g = torch.Generator().manual_seed(seed)
     B, C, F, nh, nkv, hs, Tk = 3, 96, 160, 4, 2, 32, 9

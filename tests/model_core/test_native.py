@@ -10,11 +10,8 @@ import logging
 import math
 from pathlib import Path
 
-import gguf
-import numpy as np
 import pytest
 import torch
-from gguf.quants import dequantize, quantize
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -24,31 +21,17 @@ from model_core.backend import select_backend
 from model_core.kv_cache import PagedKVCache
 from model_core.lm import CausalLM
 from model_core.qmatmul import Q4_0, Q4_1, Q8_0, QuantLinear, QuantWeight, qmatmul
-from tests.conftest import kernels_for, native_isas
+from tests.utils import kernels_for, native_isas, quantized_weight
 
 ISAS = native_isas()  # the reference build and every SIMD build this CPU executes
 SIMD = native_isas(reference=False)
 DTYPES = [torch.float32, torch.bfloat16]
 pytestmark = pytest.mark.skipif(not ISAS, reason="no C compiler: the native kernels cannot build here")
 
-QTYPES = {
-    Q4_0: gguf.GGMLQuantizationType.Q4_0,
-    Q4_1: gguf.GGMLQuantizationType.Q4_1,
-    Q8_0: gguf.GGMLQuantizationType.Q8_0,
-}
-
-
-def _quantized(qtype: int, n: int, k: int, seed: int) -> tuple[QuantWeight, torch.Tensor]:
-    """A random (n, k) weight stored as GGML blocks, and what GGUF readers dequantize it to (float32)."""
-    w = np.random.default_rng(seed).standard_normal((n, k)).astype(np.float32) * 0.2
-    raw = quantize(w, QTYPES[qtype])
-    ref = torch.from_numpy(np.asarray(dequantize(raw, QTYPES[qtype]), dtype=np.float32).reshape(n, k))
-    return QuantWeight.from_ggml(qtype, torch.from_numpy(np.ascontiguousarray(raw))), ref
-
 
 @pytest.mark.parametrize("qtype", [Q4_0, Q4_1, Q8_0])
 def test_repacked_weights_dequantize_like_gguf(qtype: int) -> None:
-    qw, ref = _quantized(qtype, 48, 96, seed=qtype)
+    qw, ref = quantized_weight(qtype, 48, 96, seed=qtype)
     assert torch.equal(qw.dequantize(), ref)
 
 
@@ -72,7 +55,7 @@ MODES = [(isa, int8) for isa in ISAS for int8 in (False, True) if not int8 or na
 @pytest.mark.parametrize("qtype", [Q4_0, Q4_1, Q8_0])
 @pytest.mark.parametrize("n", [1, 8, 13, 40])
 def test_interleaved_weights_are_the_same_weights(qtype: int, n: int) -> None:
-    qw, ref = _quantized(qtype, n, 96, seed=n)
+    qw, ref = quantized_weight(qtype, n, 96, seed=n)
     inter = qw.interleave()
     assert inter.interleaved and inter.out_features == n and inter.in_features == 96
     assert inter.qs.shape[:2] == (-(-n // 8), 3) and inter.d.shape == (-(-n // 8), 3, 8)
@@ -97,7 +80,7 @@ def test_qmatmul_is_the_product_with_the_files_weights(
 ) -> None:
     """Exact mode: the product of x with the file's exact weights. int8 mode: the same with x rounded to int8 per
     block first (every build, whether it has integer dot products or not)."""
-    qw, w = _quantized(qtype, n, 32 * nb, seed)
+    qw, w = quantized_weight(qtype, n, 32 * nb, seed)
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(m, 32 * nb, generator=g).to(dtype)
     x[:, :32] *= 0 if seed % 3 == 0 else 1  # a block of zeros (scale 0) now and then
@@ -111,7 +94,7 @@ def test_qmatmul_is_the_product_with_the_files_weights(
 
 def test_qmatmul_keeps_leading_dims_and_checks_arguments() -> None:
     kernels = kernels_for(ISAS[0])
-    qw, w = _quantized(Q4_1, 8, 64, seed=3)
+    qw, w = quantized_weight(Q4_1, 8, 64, seed=3)
     x = torch.randn(2, 3, 64).to(torch.bfloat16)
     assert qmatmul(x, qw, kernels).shape == (2, 3, 8)
     with pytest.raises(ValueError, match="features"):
@@ -125,7 +108,7 @@ def test_qmatmul_keeps_leading_dims_and_checks_arguments() -> None:
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_quant_linear_uses_the_kernel_only_for_small_batches(dtype: torch.dtype) -> None:
     kernels = kernels_for(ISAS[0])
-    qw, w = _quantized(Q4_1, 16, 64, seed=4)
+    qw, w = quantized_weight(Q4_1, 16, 64, seed=4)
     dense = torch.nn.Linear(64, 16, bias=False)
     dense.weight.data = (w + 1.0).to(dtype)  # deliberately different: shows which path ran
     layer = QuantLinear(dense, qw, 4, kernels)
@@ -244,7 +227,7 @@ def _primitive_calls(kernels: native.Kernels, dtype: torch.dtype, seed: int) -> 
     )
     out.update(rope=qkv, kv_cache=kv, attention=att)
     for qtype in (Q4_0, Q4_1, Q8_0):
-        qw, _ = _quantized(qtype, 43, C, seed + qtype)
+        qw, _ = quantized_weight(qtype, 43, C, seed + qtype)
         xs, bias = rnd(7, C), torch.randn(43, generator=g)
         out[f"qmatmul_{qtype}"] = qmatmul(xs, qw, kernels, bias)
         if kernels.isa.has_int8:
@@ -388,7 +371,7 @@ def test_fused_decoder_matches_the_module_path(
 def test_one_call_decode_is_independent_of_the_batch(isa: str, dtype: torch.dtype) -> None:
     """Each sequence's row goes through the one-call layers on its own (norms, matmul rows, attention per
     sequence), so decoding 4 sequences together gives bit-identical logits to decoding each alone."""
-    from tests.conftest import tiny_llama_q4
+    from tests.utils import tiny_llama_q4
 
     kernels = kernels_for(isa)
     model = tiny_llama_q4(4, kernels, dtype)

@@ -24,7 +24,7 @@ from model_core.sampling import (
     process_logits,
     sample,
 )
-from tests.conftest import tiny_llama
+from tests.utils import tiny_llama
 
 PROPS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 NEG_INF = float("-inf")

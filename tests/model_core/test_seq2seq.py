@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model_core.seq2seq import DecoderCache, Seq2SeqConfig, Seq2SeqTransformer
-from tests.model_core.test_transformer import torch_causal, torch_to_ours
+from tests.model_core.utils import pads, torch_causal, torch_to_ours
 
 TOL = 1e-5
 PAD, BOS, EOS = 0, 1, 2
@@ -34,10 +34,6 @@ def tiny_config(**overrides: object) -> Seq2SeqConfig:
     )
     base.update(overrides)
     return Seq2SeqConfig(**base)  # type: ignore[arg-type]
-
-
-def pads(lengths: list[int], T: int) -> torch.Tensor:
-    return torch.arange(T).unsqueeze(0) >= torch.tensor(lengths).unsqueeze(1)  # (B, T), True = pad
 
 
 def reference_positions(T: int, d: int) -> torch.Tensor:

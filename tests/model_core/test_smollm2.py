@@ -18,7 +18,9 @@ from model_core.kv_cache import PagedKVCache
 from model_core.qmatmul import QuantLinear
 from model_core.sampling import SamplingParams
 from model_core.weights.loader import LoadedLM, load_lm
-from tests.conftest import native_isas
+from tests.utils import native_isas
+
+pytestmark = pytest.mark.heavy  # real-model parity (make test-fast skips it)
 
 transformers = pytest.importorskip("transformers")
 

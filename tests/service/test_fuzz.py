@@ -33,8 +33,10 @@ from model_core.tokenizer import Tokenizer
 from service.api.generation import TextModel
 from service.config import Settings
 from service.main import create_app
-from tests.conftest import tiny_llama
 from tests.service.server_utils import TINY_MODEL_NAME, LiveServer, serve_model, text_model
+from tests.utils import tiny_llama
+
+pytestmark = pytest.mark.heavy  # schema fuzzing, thousands of requests (make test-fast skips it)
 
 FUZZ_EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "200"))
 FUZZ_SLOW_EXAMPLES = int(os.environ.get("FUZZ_SLOW_EXAMPLES", "1000"))

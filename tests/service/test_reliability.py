@@ -3,7 +3,7 @@
 - Load: 200 requests at concurrency 32, 20% of clients disconnecting at random points: no 5xx,
   every other response equals the reference generate(), no KV block held at the end.
 - Overload: with R running and N waiting, the next request gets 503 + Retry-After in the OpenAI error
-  shape as fast as a /health probe (medians of 7 tries, within 10x), counted in
+  shape at once (it never reaches the engine, and what runs or waits is untouched), counted in
   `aigc_requests_rejected_total`; a request that could never fit (prompts x n) is a 400 instead.
 - Timeouts: the per-request `timeout` field, the server's cap on it, the queue-wait timeout; streams
   end with an error event and the request's KV blocks are freed.
@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-import statistics
 import threading
 import time
 from collections.abc import Iterator
@@ -45,9 +44,9 @@ from service.api.images import MAX_N as IMAGE_MAX_N
 from service.api.schemas import MAX_LOGIT_BIAS, MAX_N, MAX_STOP, MAX_TOP_LOGPROBS
 from service.engine.engine import LLMEngine
 from service.engine.errors import ErrorKind
-from tests.conftest import tiny_llama
 from tests.service.http_checks import ERROR_KEYS, assert_error, sse_events
 from tests.service.server_utils import TINY_MODEL_NAME, LiveServer, serve_model, text_model
+from tests.utils import tiny_llama
 
 MODEL = TINY_MODEL_NAME
 LONG_CONTEXT = 1024
@@ -285,7 +284,7 @@ def rejected(live: LiveServer, endpoint: str, reason: str) -> float:
 
 
 @pytest.mark.timeout(120)
-def test_overload_gets_503_with_retry_after_fast_and_is_counted(
+def test_overload_gets_503_with_retry_after_at_once_and_is_counted(
     long_model: CausalLM, smol_tokenizer: Tokenizer
 ) -> None:
     running, queue = 2, 3
@@ -303,33 +302,37 @@ def test_overload_gets_503_with_retry_after_fast_and_is_counted(
                 lambda: engine.scheduler.num_running == running and engine.num_pending() == queue, what="a full engine"
             )
             before = rejected(live, "completions", "queue_full")
-            latencies, probes = [], []
-            for _ in range(7):  # request number N + running + 1, several times
-                t0 = time.perf_counter()
-                r = c.post("/v1/completions", json={"model": MODEL, "prompt": "one more", "max_tokens": 4})
-                latencies.append(time.perf_counter() - t0)
-                t0 = time.perf_counter()
-                assert c.get("/health").status_code == 200
-                probes.append(time.perf_counter() - t0)
-                err = assert_error(r, 503, code="queue_full")
-                assert err["type"] == "service_unavailable" and str(queue) in err["message"]
+            # refused at once, not after waiting on the busy engine: a refused request never reaches
+            # engine.generate (admission says no before it is queued), and nothing running or queued ends
+            entered: list[str | None] = []
+            real_generate = engine.generate
+
+            def spy(*args: Any, **kwargs: Any) -> Any:
+                entered.append(kwargs.get("request_id", args[2] if len(args) > 2 else None))
+                return real_generate(*args, **kwargs)
+
+            engine.generate = spy  # type: ignore[method-assign]
+            try:
+                for _ in range(7):  # request number N + running + 1, several times
+                    r = c.post("/v1/completions", json={"model": MODEL, "prompt": "one more", "max_tokens": 4})
+                    err = assert_error(r, 503, code="queue_full")
+                    assert err["type"] == "service_unavailable" and str(queue) in err["message"]
+                    assert r.headers["retry-after"] == "1"
+                    assert engine.scheduler.num_running == running and engine.num_pending() == queue
+                    assert c.get("/health").status_code == 200
+                r = c.post(
+                    "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "stream": True}
+                )
+                assert_error(r, 503, code="queue_full")  # a stream is refused before it starts: plain JSON
                 assert r.headers["retry-after"] == "1"
-            r = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "stream": True})
-            assert_error(r, 503, code="queue_full")  # a stream is refused before it starts: plain JSON
-            assert r.headers["retry-after"] == "1"
-            r = c.post("/v1/completions", json={"prompt": ["a", "b"], "max_tokens": 2})
-            assert_error(r, 503, code="queue_full")
+                r = c.post("/v1/completions", json={"prompt": ["a", "b"], "max_tokens": 2})
+                assert_error(r, 503, code="queue_full")
+            finally:
+                del engine.generate
+            assert entered == []
             assert rejected(live, "completions", "queue_full") == before + 8
             assert rejected(live, "chat", "queue_full") == 1
             assert engine.scheduler.num_running == running and engine.num_pending() == queue  # nothing was lost
-            median, health = statistics.median(latencies), statistics.median(probes)
-            print(
-                f"\noverload: 503 latency median {median * 1000:.1f} ms, min {min(latencies) * 1000:.1f} ms, "
-                f"max {max(latencies) * 1000:.1f} ms (running {running}, queue {queue}); /health "
-                f"{health * 1000:.1f} ms"
-            )
-            # refused at once, not after waiting on the busy engine: as fast as a /health probe, give or take
-            assert median < 10 * health, (latencies, probes)
         finally:
             for s in streams:
                 s.__exit__(None, None, None)

@@ -1,6 +1,6 @@
-"""The HTTP API over a live uvicorn server (tiny random LM, real SmolLM2 tokenizer): tokenize and
-detokenize, health and readiness, the error shape, prompt forms, echo, SSE framing, and that a
-client disconnect aborts the request in the engine and frees its KV blocks."""
+"""The HTTP API in-process (tiny random LM, real SmolLM2 tokenizer): tokenize and detokenize, health and
+readiness, the error shape, prompt forms, echo, SSE framing; and over a live uvicorn server (the socket is the
+point there), that a client disconnect aborts the request in the engine and frees its KV blocks."""
 
 from __future__ import annotations
 
@@ -20,9 +20,17 @@ from service.api.generation import TextModel
 from service.config import Settings
 from service.engine.scheduler import FinishReason
 from service.main import create_app
-from tests.conftest import tiny_llama
 from tests.service.http_checks import assert_error, sse_events
-from tests.service.server_utils import TINY_MODEL_NAME, LiveServer, serve, serve_tiny, tiny_text_model
+from tests.service.server_utils import (
+    TINY_MODEL_NAME,
+    InProcessServer,
+    LiveServer,
+    serve_in_process,
+    serve_tiny,
+    serve_tiny_in_process,
+    tiny_text_model,
+)
+from tests.utils import tiny_llama
 
 MODEL = TINY_MODEL_NAME
 CONTEXT = 1024
@@ -36,14 +44,14 @@ def long_model() -> CausalLM:
 
 
 @pytest.fixture(scope="module")
-def server(long_model: CausalLM, smol_tokenizer: Tokenizer) -> Iterator[LiveServer]:
-    with serve_tiny(long_model, smol_tokenizer, num_blocks=2 * CONTEXT // 16) as live:
+def server(long_model: CausalLM, smol_tokenizer: Tokenizer) -> Iterator[InProcessServer]:
+    with serve_tiny_in_process(long_model, smol_tokenizer, num_blocks=2 * CONTEXT // 16) as live:
         yield live
 
 
 @pytest.fixture(scope="module")
-def http(server: LiveServer) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=server.base_url, timeout=60.0) as c:
+def http(server: InProcessServer) -> Iterator[httpx.Client]:
+    with server.client(timeout=60.0) as c:
         yield c
 
 
@@ -54,7 +62,7 @@ def completion(http: httpx.Client, **body: Any) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------- health, ready
-def test_health_and_ready(http: httpx.Client, server: LiveServer) -> None:
+def test_health_and_ready(http: httpx.Client, server: InProcessServer) -> None:
     r = http.get("/health")
     assert r.status_code == 200 and r.json()["status"] == "ok"
     r = http.get("/ready")
@@ -72,7 +80,7 @@ def test_ready_turns_200_once_the_model_has_loaded(
         return tiny_text_model(tiny_model, smol_tokenizer)
 
     monkeypatch.setattr(service.main, "build_text_model", slow_build)
-    with serve(create_app(Settings(enable_gan=False))) as live, httpx.Client(base_url=live.base_url, timeout=30.0) as c:
+    with serve_in_process(create_app(Settings(enable_gan=False))) as live, live.client(timeout=30.0) as c:
         assert c.get("/health").status_code == 200  # liveness does not wait for the model
         r = c.get("/ready")
         assert r.status_code == 503 and r.json()["status"] == "unavailable"
@@ -93,7 +101,7 @@ def test_ready_reports_a_failed_load(monkeypatch: pytest.MonkeyPatch) -> None:
         raise FileNotFoundError("no model at /nowhere.gguf")
 
     monkeypatch.setattr(service.main, "build_text_model", failing_build)
-    with serve(create_app(Settings(enable_gan=False))) as live, httpx.Client(base_url=live.base_url, timeout=30.0) as c:
+    with serve_in_process(create_app(Settings(enable_gan=False))) as live, live.client(timeout=30.0) as c:
         deadline = time.monotonic() + 10.0
         while "failed" not in c.get("/ready").text and time.monotonic() < deadline:
             time.sleep(0.01)
@@ -254,10 +262,17 @@ def test_sse_framing_completions_and_chat(http: httpx.Client) -> None:
 
 
 # -------------------------------------------------------------------------------------- disconnect
+@pytest.fixture(scope="module")
+def live_server(smol_tokenizer: Tokenizer) -> Iterator[LiveServer]:
+    """A real socket: the client closes its connection mid-request (its own model, not shared with `server`)."""
+    with serve_tiny(tiny_llama(max_seq_len=CONTEXT), smol_tokenizer, num_blocks=2 * CONTEXT // 16) as live:
+        yield live
+
+
 @pytest.fixture
-def aborts(server: LiveServer) -> Iterator[list[str]]:
+def aborts(live_server: LiveServer) -> Iterator[list[str]]:
     """Request ids the engine was asked to abort while the test runs."""
-    engine = server.text_model.engine
+    engine = live_server.text_model.engine
     aborted: list[str] = []
     real_abort = engine.abort
 
@@ -294,10 +309,10 @@ def _assert_still_serves(server: LiveServer) -> None:
 
 
 @pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
-def test_stream_disconnect_aborts_and_frees_kv(server: LiveServer, aborts: list[str], path: str) -> None:
-    engine = server.text_model.engine
+def test_stream_disconnect_aborts_and_frees_kv(live_server: LiveServer, aborts: list[str], path: str) -> None:
+    engine = live_server.text_model.engine
     with (
-        httpx.Client(base_url=server.base_url, timeout=30.0) as c,
+        httpx.Client(base_url=live_server.base_url, timeout=30.0) as c,
         c.stream("POST", path, json=_long_body(path, stream=True)) as r,
     ):
         assert r.status_code == 200
@@ -318,18 +333,18 @@ def test_stream_disconnect_aborts_and_frees_kv(server: LiveServer, aborts: list[
         assert all(s is not None for s in seqs), "both choices should be running"
         assert engine.scheduler.kv_usage > 0
         # leaving the block closes the connection mid-stream
-    _assert_engine_idle_soon(server)
+    _assert_engine_idle_soon(live_server)
     for i, seq in enumerate(seqs):
         assert seq is not None and engine.scheduler.get(seq.request_id) is None
         assert seq.finish_reason is FinishReason.ABORT
         assert seq.num_output_tokens < CONTEXT - 64
         assert f"{rid}-{i}" in aborts
-    _assert_still_serves(server)
+    _assert_still_serves(live_server)
 
 
 @pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
-def test_non_streamed_disconnect_aborts_and_frees_kv(server: LiveServer, aborts: list[str], path: str) -> None:
-    engine = server.text_model.engine
+def test_non_streamed_disconnect_aborts_and_frees_kv(live_server: LiveServer, aborts: list[str], path: str) -> None:
+    engine = live_server.text_model.engine
     running: list[Any] = []
 
     def watch() -> None:  # remember the sequences the request runs, to check how they ended
@@ -342,12 +357,12 @@ def test_non_streamed_disconnect_aborts_and_frees_kv(server: LiveServer, aborts:
     watcher.start()
     with pytest.raises(httpx.ReadTimeout):  # the client gives up while the server generates
         httpx.post(
-            f"{server.base_url}{path}", json=_long_body(path, stream=False), timeout=httpx.Timeout(10.0, read=1.0)
+            f"{live_server.base_url}{path}", json=_long_body(path, stream=False), timeout=httpx.Timeout(10.0, read=1.0)
         )
     watcher.join()
-    _assert_engine_idle_soon(server)
+    _assert_engine_idle_soon(live_server)
     assert len(running) == 2
     for seq in running:
         assert seq.finish_reason is FinishReason.ABORT and seq.num_output_tokens < CONTEXT - 64
         assert seq.request_id in aborts
-    _assert_still_serves(server)
+    _assert_still_serves(live_server)

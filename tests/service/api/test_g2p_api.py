@@ -1,4 +1,4 @@
-"""The grapheme-to-phoneme model `cmudict-g2p` served next to the LM on /v1/completions (live uvicorn, the
+"""The grapheme-to-phoneme model `cmudict-g2p` served next to the LM on /v1/completions (in-process, the
 shipped checkpoint, a tiny random LM): routing by `model`, words and lists of words, streaming, beams and
 samples, the 400s, /v1/models kinds, metrics labelled by model, and micro-batching."""
 
@@ -17,7 +17,7 @@ from model_core.tokenizer import Tokenizer
 from service.config import Settings
 from service.engine.seq2seq import Seq2SeqBatcher, Seq2SeqRequest
 from tests.service.http_checks import assert_error, sse_events
-from tests.service.server_utils import TINY_MODEL_NAME, LiveServer, serve_tiny
+from tests.service.server_utils import TINY_MODEL_NAME, InProcessServer, serve_tiny_in_process
 
 G2P_MODEL = "cmudict-g2p"
 WORDS = ["porpoise", "memorizing", "any", "ad-lib", "sathyavagiswaran", "baby-sit", "expansionary"]
@@ -29,14 +29,14 @@ def g2p() -> G2P:
 
 
 @pytest.fixture(scope="module")
-def server(tiny_model: CausalLM, smol_tokenizer: Tokenizer) -> Iterator[LiveServer]:
-    with serve_tiny(tiny_model, smol_tokenizer, settings=Settings(enable_gan=False)) as live:
+def server(tiny_model: CausalLM, smol_tokenizer: Tokenizer) -> Iterator[InProcessServer]:
+    with serve_tiny_in_process(tiny_model, smol_tokenizer, settings=Settings(enable_gan=False)) as live:
         yield live
 
 
 @pytest.fixture(scope="module")
-def http(server: LiveServer) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=server.base_url, timeout=60.0) as c:
+def http(server: InProcessServer) -> Iterator[httpx.Client]:
+    with server.client(timeout=60.0) as c:
         yield c
 
 
@@ -229,8 +229,8 @@ def test_disabled_or_missing_checkpoint_is_not_served(
 ) -> None:
     for settings in (Settings(enable_gan=False, enable_g2p=False), Settings(enable_gan=False, g2p_path=str(tmp_path))):
         with (
-            serve_tiny(tiny_model, smol_tokenizer, settings=settings) as live,
-            httpx.Client(base_url=live.base_url, timeout=30.0) as c,
+            serve_tiny_in_process(tiny_model, smol_tokenizer, settings=settings) as live,
+            live.client(timeout=30.0) as c,
         ):
             assert [m["id"] for m in c.get("/v1/models").json()["data"]] == [TINY_MODEL_NAME]
             assert_error(c.post("/v1/completions", json={"model": G2P_MODEL, "prompt": "hi"}), 404, param="model")
@@ -272,10 +272,12 @@ def test_batcher_streams_events_and_refuses_after_stop(g2p: G2P) -> None:
     asyncio.run(main())
 
 
-def test_openai_client(server: LiveServer, g2p: G2P) -> None:
+def test_openai_client(server: InProcessServer, g2p: G2P) -> None:
     import openai
 
-    with openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="x", max_retries=0, timeout=60.0) as client:
+    with openai.OpenAI(
+        base_url=f"{server.base_url}/v1", http_client=server.http_client(), api_key="x", max_retries=0, timeout=60.0
+    ) as client:
         assert client.models.retrieve(G2P_MODEL).id == G2P_MODEL
         out = client.completions.create(model=G2P_MODEL, prompt=["porpoise", "any"])
         assert [c.text for c in out.choices] == [" ".join(p) for p in g2p.greedy(["porpoise", "any"])]
@@ -289,11 +291,11 @@ def test_openai_client(server: LiveServer, g2p: G2P) -> None:
             client.completions.create(model=G2P_MODEL, prompt="naïve")
 
 
-def test_benchmark_client(server: LiveServer) -> None:
+def test_benchmark_client(server: InProcessServer) -> None:
     from benchmarks.g2p import FALLBACK_WORDS, run_level, table
 
     async def main() -> Any:
-        async with httpx.AsyncClient(base_url=server.base_url, timeout=60.0) as c:
+        async with server.async_client(timeout=60.0) as c:
             return [await run_level(c, list(FALLBACK_WORDS), 4, 12, k, {}) for k in (1, 3)]
 
     one, three = asyncio.run(main())

@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
-import socket
-import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -17,7 +15,6 @@ import numpy as np
 import openai
 import pytest
 import torch
-import uvicorn
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from PIL import Image
@@ -26,6 +23,7 @@ from model_core.gan import Generator, generate, load_gan, to_uint8
 from service.api.errors import install_error_handlers
 from service.api.images import router
 from service.engine.images import ImageBatcher
+from tests.service.server_utils import InProcessServer, serve_in_process
 
 URL = "/v1/images/generations"
 
@@ -59,20 +57,9 @@ def client(gan: Generator) -> Iterator[TestClient]:
 
 
 @pytest.fixture(scope="module")
-def server_url(gan: Generator) -> Iterator[str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(make_app(gan), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.02)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=10)
+def server(gan: Generator) -> Iterator[InProcessServer]:
+    with serve_in_process(make_app(gan)) as live:
+        yield live
 
 
 def png(b64: str) -> Image.Image:
@@ -87,8 +74,10 @@ def post(client: TestClient, **body: object) -> Any:
     return client.post(URL, json=body)
 
 
-def test_openai_client_gets_pngs_of_the_requested_size(server_url: str, gan: Generator) -> None:
-    oa = openai.OpenAI(base_url=server_url + "/v1", api_key="unused", max_retries=0)
+def test_openai_client_gets_pngs_of_the_requested_size(server: InProcessServer, gan: Generator) -> None:
+    oa = openai.OpenAI(
+        base_url=server.base_url + "/v1", api_key="unused", max_retries=0, http_client=server.http_client()
+    )
     res = oa.images.generate(
         model="gan-digits",
         prompt="seven",

@@ -1,4 +1,5 @@
-"""Metrics move as they should: after known requests the counters and histograms hold the right counts."""
+"""Metrics move as they should: after known requests the counters and histograms hold the right counts (in-process;
+the rejection test drops a stream mid-way, so it runs on a live socket)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 
 from service.config import Settings
 from service.main import create_app
-from tests.service.server_utils import serve, text_model
+from tests.service.server_utils import serve, serve_in_process, text_model
 
 SAMPLE = re.compile(r"^(?P<name>[a-z_0-9]+)(?:\{(?P<labels>[^}]*)\})? (?P<value>[-+0-9.e]+|NaN)$")
 
@@ -32,17 +33,26 @@ def value(samples: dict, name: str, **labels: str) -> float:
     return sum(v for (n, ls), v in samples.items() if n == name and want <= set(ls))
 
 
-@pytest.fixture(scope="module")
-def server(tiny_model, smol_tokenizer):
-    app = create_app(
+def make_app(tiny_model, smol_tokenizer):
+    return create_app(
         Settings(enable_gan=False), text_model=text_model(tiny_model, smol_tokenizer, max_num_seqs=4, max_waiting=0)
     )
-    with serve(app) as live:
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model, smol_tokenizer):
+    with serve_in_process(make_app(tiny_model, smol_tokenizer)) as live:
+        yield live
+
+
+@pytest.fixture
+def live_server(tiny_model, smol_tokenizer):
+    with serve(make_app(tiny_model, smol_tokenizer)) as live:
         yield live
 
 
 def test_counters_and_histograms_count_known_requests(server) -> None:
-    c = httpx.Client(base_url=server.base_url, timeout=60)
+    c = server.client(timeout=60)
     before = parse(c.get("/metrics").text)
     prompts = [[11, 12, 13], [21, 22, 23, 24, 25]]
     for ids in prompts:
@@ -73,8 +83,8 @@ def test_counters_and_histograms_count_known_requests(server) -> None:
     assert value(after, "aigc_kv_cache_usage_ratio") == 0
 
 
-def test_rejections_are_counted_by_endpoint_and_reason(server) -> None:
-    c = httpx.Client(base_url=server.base_url, timeout=60)
+def test_rejections_are_counted_by_endpoint_and_reason(live_server) -> None:
+    c = httpx.Client(base_url=live_server.base_url, timeout=60)
     before = parse(c.get("/metrics").text)
     # max_waiting=0 and 4 running slots: n=8 choices can never be admitted (400); once a stream of
     # n=4 holds every slot, one more request is refused for capacity (503)
@@ -107,5 +117,6 @@ def test_rejections_are_counted_by_endpoint_and_reason(server) -> None:
 
 
 def test_model_load_time_is_exported(server) -> None:
-    samples = parse(httpx.get(f"{server.base_url}/metrics").text)
+    with server.client() as c:
+        samples = parse(c.get("/metrics").text)
     assert any(n == "aigc_model_load_seconds" for n, _ in samples)

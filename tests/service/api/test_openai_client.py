@@ -1,4 +1,4 @@
-"""The official `openai` client against a real uvicorn server over a tiny random LM and the real
+"""The official `openai` client against the app in-process over a tiny random LM and the real
 SmolLM2 tokenizer: texts equal the reference generate(), streaming equals non-streaming, logprobs,
 stop strings, exact usage, and errors surface as the client's exception classes."""
 
@@ -8,7 +8,6 @@ import math
 from collections.abc import Iterator
 from typing import Any
 
-import httpx
 import openai
 import pytest
 
@@ -16,7 +15,7 @@ from model_core.generate import Step, generate
 from model_core.lm import CausalLM
 from model_core.sampling import SamplingParams
 from model_core.tokenizer import Tokenizer
-from tests.service.server_utils import TINY_MODEL_NAME, LiveServer, serve_tiny
+from tests.service.server_utils import TINY_MODEL_NAME, InProcessServer, serve_tiny_in_process
 
 MODEL = TINY_MODEL_NAME
 PROMPT = "The quick brown fox jumps over the lazy dog. Once upon a time"
@@ -27,14 +26,16 @@ MESSAGES: list[Any] = [
 
 
 @pytest.fixture(scope="module")
-def server(tiny_model: CausalLM, smol_tokenizer: Tokenizer) -> Iterator[LiveServer]:
-    with serve_tiny(tiny_model, smol_tokenizer) as live:
+def server(tiny_model: CausalLM, smol_tokenizer: Tokenizer) -> Iterator[InProcessServer]:
+    with serve_tiny_in_process(tiny_model, smol_tokenizer) as live:
         yield live
 
 
 @pytest.fixture(scope="module")
-def client(server: LiveServer) -> Iterator[openai.OpenAI]:
-    with openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="x", max_retries=0, timeout=60.0) as c:
+def client(server: InProcessServer) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(
+        base_url=f"{server.base_url}/v1", http_client=server.http_client(), api_key="x", max_retries=0, timeout=60.0
+    ) as c:
         yield c
 
 
@@ -56,7 +57,7 @@ def assert_sorted_logprobs(values: list[float]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- models
-def test_models_list_and_retrieve(client: openai.OpenAI, server: LiveServer) -> None:
+def test_models_list_and_retrieve(client: openai.OpenAI, server: InProcessServer) -> None:
     models = client.models.list()
     assert [m.id for m in models.data] == [MODEL, "cmudict-g2p"]  # the LM first, then the G2P model
     assert models.data[0].object == "model"
@@ -397,7 +398,7 @@ def test_unknown_model_is_not_found(client: openai.OpenAI) -> None:
         client.chat.completions.create(model="gpt-9", messages=MESSAGES, max_tokens=2, stream=True)
 
 
-def test_prompt_longer_than_context_is_bad_request(client: openai.OpenAI, server: LiveServer) -> None:
+def test_prompt_longer_than_context_is_bad_request(client: openai.OpenAI, server: InProcessServer) -> None:
     limit = server.text_model.max_model_len
     long_prompt = "hello " * (limit + 10)
     with pytest.raises(openai.BadRequestError) as e:
@@ -440,7 +441,7 @@ def test_out_of_range_sampling_is_bad_request(client: openai.OpenAI) -> None:
     assert e.value.param == "top_logprobs" and "top_logprobs" in e.value.message
 
 
-def test_malformed_body_is_unprocessable(client: openai.OpenAI, server: LiveServer) -> None:
+def test_malformed_body_is_unprocessable(client: openai.OpenAI, server: InProcessServer) -> None:
     with pytest.raises(openai.UnprocessableEntityError) as e:
         client.chat.completions.create(model=MODEL, messages=MESSAGES, extra_body={"messages": "not a list"})
     assert e.value.param == "messages" and "list" in e.value.message
@@ -449,11 +450,7 @@ def test_malformed_body_is_unprocessable(client: openai.OpenAI, server: LiveServ
     with pytest.raises(openai.UnprocessableEntityError) as e:
         client.chat.completions.create(model=MODEL, messages=[{"role": "wizard", "content": "hi"}])  # type: ignore
     assert e.value.param is not None and e.value.param.startswith("messages.0")
-    r = httpx.post(
-        f"{server.base_url}/v1/chat/completions",
-        content=b"{not json",
-        timeout=10,
-        headers={"content-type": "application/json"},
-    )
+    with server.client(timeout=10) as http:
+        r = http.post("/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
     assert r.status_code == 400 and set(r.json()) == {"error"}  # not JSON at all: OpenAI's 400
     assert r.json()["error"]["param"] is None and r.json()["error"]["code"] == "invalid_json"

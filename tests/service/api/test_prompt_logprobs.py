@@ -18,21 +18,21 @@ import torch
 import service.engine.runner as runner_mod
 from model_core.lm import CausalLM
 from model_core.tokenizer import Tokenizer
-from tests.service.server_utils import TINY_MODEL_NAME, LiveServer, serve_tiny
+from tests.service.server_utils import TINY_MODEL_NAME, InProcessServer, serve_tiny_in_process
 
 BUDGET = 16  # max_num_batched_tokens: prompts longer than this are prefilled in several chunks
 TOL = 1e-4
 
 
 @pytest.fixture(scope="module")
-def server(tiny_model: CausalLM, smol_tokenizer: Tokenizer) -> Iterator[LiveServer]:
-    with serve_tiny(tiny_model, smol_tokenizer, max_num_seqs=4, max_num_batched_tokens=BUDGET) as live:
+def server(tiny_model: CausalLM, smol_tokenizer: Tokenizer) -> Iterator[InProcessServer]:
+    with serve_tiny_in_process(tiny_model, smol_tokenizer, max_num_seqs=4, max_num_batched_tokens=BUDGET) as live:
         yield live
 
 
 @pytest.fixture
-def client(server: LiveServer) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=server.base_url, timeout=60) as c:
+def client(server: InProcessServer) -> Iterator[httpx.Client]:
+    with server.client(timeout=60) as c:
         yield c
 
 
@@ -77,7 +77,7 @@ def post(client: httpx.Client, path: str, body: dict[str, Any]) -> dict[str, Any
     return out
 
 
-def test_echo_logprobs_text_prompt(server: LiveServer, client: httpx.Client, tiny_model: CausalLM) -> None:
+def test_echo_logprobs_text_prompt(server: InProcessServer, client: httpx.Client, tiny_model: CausalLM) -> None:
     tm = server.text_model
     prompt = "The quick brown fox jumps over the lazy dog, and then it runs away into the deep dark forest again"
     ids = tm.tokenizer.encode(prompt)
@@ -100,7 +100,9 @@ def test_echo_logprobs_text_prompt(server: LiveServer, client: httpx.Client, tin
     }  # scored prompts are always computed
 
 
-def test_echo_logprobs_token_ids_and_batches(server: LiveServer, client: httpx.Client, tiny_model: CausalLM) -> None:
+def test_echo_logprobs_token_ids_and_batches(
+    server: InProcessServer, client: httpx.Client, tiny_model: CausalLM
+) -> None:
     tm = server.text_model
     g = torch.Generator().manual_seed(0)
     long_ids = torch.randint(0, tm.vocab_size, (100,), generator=g).tolist()  # 7 chunks of <= 16 tokens
@@ -120,7 +122,7 @@ def test_echo_logprobs_token_ids_and_batches(server: LiveServer, client: httpx.C
         check_echo(tm, tiny_model, tm.tokenizer.encode(texts[i // 2]), ch["logprobs"], 0)
 
 
-def test_max_tokens_zero_scores_only(server: LiveServer, client: httpx.Client, tiny_model: CausalLM) -> None:
+def test_max_tokens_zero_scores_only(server: InProcessServer, client: httpx.Client, tiny_model: CausalLM) -> None:
     tm = server.text_model
     prompt = "Scoring a prompt generates nothing at all, whatever its length is."
     ids = tm.tokenizer.encode(prompt)
@@ -162,7 +164,9 @@ def check_vllm_prompt_logprobs(model: CausalLM, ids: list[int], plp: list[Any], 
         assert all(isinstance(e["decoded_token"], str) for e in entry.values())
 
 
-def test_prompt_logprobs_completions_and_chat(server: LiveServer, client: httpx.Client, tiny_model: CausalLM) -> None:
+def test_prompt_logprobs_completions_and_chat(
+    server: InProcessServer, client: httpx.Client, tiny_model: CausalLM
+) -> None:
     tm = server.text_model
     prompt = "Prompt logprobs are a vLLM extension that lm-eval and others use."
     ids = tm.tokenizer.encode(prompt)
@@ -186,7 +190,7 @@ def test_prompt_logprobs_completions_and_chat(server: LiveServer, client: httpx.
     assert r.status_code == 400 and r.json()["error"]["param"] == "prompt_logprobs"
 
 
-def test_streamed_echo_logprobs(server: LiveServer, client: httpx.Client, tiny_model: CausalLM) -> None:
+def test_streamed_echo_logprobs(server: InProcessServer, client: httpx.Client, tiny_model: CausalLM) -> None:
     tm = server.text_model
     prompt = "Streaming an echo with logprobs sends the prompt's entries first."
     ids = tm.tokenizer.encode(prompt)
@@ -209,7 +213,7 @@ def test_streamed_echo_logprobs(server: LiveServer, client: httpx.Client, tiny_m
 
 
 def test_requests_without_scores_pay_nothing(
-    server: LiveServer, client: httpx.Client, monkeypatch: pytest.MonkeyPatch
+    server: InProcessServer, client: httpx.Client, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     runner = server.text_model.engine.runner
     hidden_calls: list[int] = []
@@ -243,7 +247,7 @@ def test_requests_without_scores_pay_nothing(
     assert sum(scored_rows) == n  # the chunks of this prompt, each once
 
 
-def test_tokenizer_info(server: LiveServer, client: httpx.Client) -> None:
+def test_tokenizer_info(server: InProcessServer, client: httpx.Client) -> None:
     tok = server.text_model.tokenizer
     info = client.get("/tokenizer_info").json()
     assert info["eos_token"] == tok.id_to_token(tok.eos_token_id) and info["chat_template"] == tok.chat_template
@@ -262,7 +266,7 @@ def test_scheduler_prompt_only_sequences_keep_invariants() -> None:
     import random
 
     from service.engine.scheduler import FinishReason
-    from tests.service.test_scheduler import Sim, make, reference, seq
+    from tests.service.engine.scheduler_utils import Sim, make, reference, seq
 
     rng = random.Random(2)
     s = make(num_blocks=24, block_size=4, max_num_seqs=8, max_num_batched_tokens=16, max_model_len=64)
@@ -304,8 +308,10 @@ def test_preempted_requests_keep_exact_prompt_logprobs(
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(0, 49152, (n,), generator=g).tolist() for n in (70, 60, 50, 40)]
     with (
-        serve_tiny(tiny_model, smol_tokenizer, num_blocks=17, max_num_seqs=4, max_num_batched_tokens=32) as live,
-        httpx.Client(base_url=live.base_url, timeout=120) as c,
+        serve_tiny_in_process(
+            tiny_model, smol_tokenizer, num_blocks=17, max_num_seqs=4, max_num_batched_tokens=32
+        ) as live,
+        live.client(timeout=120) as c,
     ):
 
         def one(ids: list[int]) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""POST /v1/responses through the official `openai` client against a live server (a tiny random LM with the
+"""POST /v1/responses through the official `openai` client against the app in-process (a tiny random LM with the
 real SmolLM2 tokenizer): greedy text equals the chat route's, input items round-trip, forced function calls
 and json_schema outputs validate, the stream's events come in OpenAI's order, and what a stateless server
 cannot do is a 400 naming the field."""
@@ -9,15 +9,14 @@ import json
 from collections.abc import Iterator
 from typing import Any, Literal
 
-import httpx
 import jsonschema
 import openai
 import pytest
 from pydantic import BaseModel, Field
 
 from model_core.tokenizer import Tokenizer
-from tests.conftest import tiny_llama
-from tests.service.server_utils import TINY_MODEL_NAME, LiveServer, serve_tiny
+from tests.service.server_utils import TINY_MODEL_NAME, InProcessServer, serve_tiny_in_process
+from tests.utils import tiny_llama
 
 MODEL = TINY_MODEL_NAME
 ASK = "What is the weather in Paris?"
@@ -48,15 +47,17 @@ class Weather(BaseModel):
 
 
 @pytest.fixture(scope="module")
-def server(smol_tokenizer: Tokenizer) -> Iterator[LiveServer]:
+def server(smol_tokenizer: Tokenizer) -> Iterator[InProcessServer]:
     # room for the tool prompt (~150 tokens) and bounded JSON whitespace
-    with serve_tiny(tiny_llama(max_seq_len=512), smol_tokenizer) as live:
+    with serve_tiny_in_process(tiny_llama(max_seq_len=512), smol_tokenizer) as live:
         yield live
 
 
 @pytest.fixture(scope="module")
-def client(server: LiveServer) -> Iterator[openai.OpenAI]:
-    with openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="x", max_retries=0, timeout=60.0) as c:
+def client(server: InProcessServer) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(
+        base_url=f"{server.base_url}/v1", http_client=server.http_client(), api_key="x", max_retries=0, timeout=60.0
+    ) as c:
         yield c
 
 
@@ -159,9 +160,9 @@ def test_stream_events_in_order_and_deltas_join_to_the_text(client: openai.OpenA
     assert cut[-1].response.incomplete_details.reason == "max_output_tokens"  # type: ignore[union-attr]
 
 
-def test_stream_wire_format(server: LiveServer) -> None:
+def test_stream_wire_format(server: InProcessServer) -> None:
     """Each event is `event: <type>` plus data of that type; the stream ends without [DONE]."""
-    with httpx.Client(base_url=server.base_url, timeout=60.0) as http:
+    with server.client(timeout=60.0) as http:
         r = http.post("/v1/responses", json={"input": "Hi", "max_output_tokens": 4, "stream": True})
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
     blocks = [b for b in r.text.split("\n\n") if b.strip()]

@@ -1,4 +1,4 @@
-"""Structured outputs and tool calling through real clients against a live server (issue #12).
+"""Structured outputs and tool calling through real clients against the app in-process (issue #12).
 
 The model is the tiny random-weight llama with the real SmolLM2 tokenizer: it knows nothing, so whatever
 is valid in its output is the grammar's doing. Every constrained reply that ends by itself ("stop") must
@@ -20,9 +20,9 @@ from hypothesis import strategies as st
 from pydantic import BaseModel, Field
 
 from model_core.tokenizer import Tokenizer
-from tests.conftest import tiny_llama
 from tests.service.http_checks import assert_error, sse_events
-from tests.service.server_utils import TINY_MODEL_NAME, LiveServer, serve_tiny
+from tests.service.server_utils import TINY_MODEL_NAME, InProcessServer, serve_tiny_in_process
+from tests.utils import tiny_llama
 
 MODEL = TINY_MODEL_NAME
 WEATHER = {
@@ -60,20 +60,20 @@ class Person(BaseModel):
 
 
 @pytest.fixture(scope="module")
-def server(smol_tokenizer: Tokenizer) -> Iterator[LiveServer]:
+def server(smol_tokenizer: Tokenizer) -> Iterator[InProcessServer]:
     # room for the tool prompt and a few hundred tokens of bounded JSON whitespace
-    with serve_tiny(tiny_llama(max_seq_len=1024), smol_tokenizer, num_blocks=512) as live:
+    with serve_tiny_in_process(tiny_llama(max_seq_len=1024), smol_tokenizer, num_blocks=512) as live:
         yield live
 
 
 @pytest.fixture(scope="module")
-def client(server: LiveServer) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="x", max_retries=0)
+def client(server: InProcessServer) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="x", max_retries=0, http_client=server.http_client())
 
 
 @pytest.fixture()
-def http(server: LiveServer) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=server.base_url, timeout=120.0) as c:
+def http(server: InProcessServer) -> Iterator[httpx.Client]:
+    with server.client(timeout=120.0) as c:
         yield c
 
 
@@ -322,7 +322,7 @@ def test_streamed_tool_calls_use_openai_deltas(client: openai.OpenAI) -> None:
         jsonschema.validate(json.loads(entry["arguments"]), WEATHER["function"]["parameters"])  # type: ignore[index]
 
 
-def test_a_tool_conversation_round_trips_into_the_prompt(http: httpx.Client, server: LiveServer) -> None:
+def test_a_tool_conversation_round_trips_into_the_prompt(http: httpx.Client, server: InProcessServer) -> None:
     call = {
         "id": "call_abc",
         "type": "function",

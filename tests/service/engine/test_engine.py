@@ -11,8 +11,8 @@ import pytest
 from model_core.generate import generate
 from model_core.sampling import SamplingParams
 from service.engine.errors import EngineError, ErrorKind
-from tests.conftest import kernels_for, native_isas
-from tests.service.engine_utils import collect, make_engine, run_all
+from tests.service.engine.engine_utils import collect, make_engine, run_all
+from tests.utils import kernels_for, native_isas
 
 
 def _prompts(n: int, seed: int = 0) -> list[list[int]]:

@@ -14,7 +14,7 @@ from model_core.grammar import CompiledGrammar, GrammarCompiler, GrammarMatcher,
 from model_core.sampling import SamplingParams
 from service.engine.engine import LLMEngine, TokenEvent
 from service.engine.errors import EngineError, ErrorKind
-from tests.service.engine_utils import make_engine
+from tests.service.engine.engine_utils import make_engine
 
 WEATHER = {
     "type": "object",

@@ -1,6 +1,6 @@
 """Prefix caching: the block pool's states, the scheduler sharing cached blocks (checked by a fake paged
 model that reads back every position's content), the engine's outputs equal with and without the cache,
-and the API's `cached_tokens`, metrics and reset route."""
+and the API's `cached_tokens`, metrics and reset route (in-process)."""
 
 from __future__ import annotations
 
@@ -22,10 +22,10 @@ from model_core.tokenizer import Tokenizer
 from service.config import Settings, parse_settings
 from service.engine.block_pool import BlockPool, hash_block, root_hash
 from service.engine.scheduler import Sequence
-from tests.service.engine_utils import make_engine, run_all
+from tests.service.engine.engine_utils import make_engine, run_all
+from tests.service.engine.scheduler_utils import Sim, make, reference
 from tests.service.http_checks import assert_error, sse_events
-from tests.service.scheduler_utils import Sim, make, reference
-from tests.service.server_utils import TINY_MODEL_NAME, LiveServer, serve_tiny
+from tests.service.server_utils import TINY_MODEL_NAME, InProcessServer, serve_tiny_in_process
 
 
 def H(i: int) -> bytes:
@@ -395,14 +395,14 @@ def test_engine_outputs_equal_with_and_without_the_cache(tiny_model: CausalLM, s
 
 
 @pytest.fixture(scope="module")
-def server(tiny_model: CausalLM, smol_tokenizer: Tokenizer) -> Iterator[LiveServer]:
-    with serve_tiny(tiny_model, smol_tokenizer, settings=Settings(enable_gan=False, api_keys=["k"])) as live:
+def server(tiny_model: CausalLM, smol_tokenizer: Tokenizer) -> Iterator[InProcessServer]:
+    with serve_tiny_in_process(tiny_model, smol_tokenizer, settings=Settings(enable_gan=False, api_keys=["k"])) as live:
         yield live
 
 
 @pytest.fixture(scope="module")
-def http(server: LiveServer) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=server.base_url, timeout=60.0, headers={"Authorization": "Bearer k"}) as c:
+def http(server: InProcessServer) -> Iterator[httpx.Client]:
+    with server.client(timeout=60.0, headers={"Authorization": "Bearer k"}) as c:
         yield c
 
 
@@ -449,14 +449,15 @@ def test_chat_and_responses_report_cached_tokens(http: httpx.Client) -> None:
     assert resp["usage"]["input_tokens_details"]["cached_tokens"] >= 64
 
 
-def test_reset_route_forgets_the_cache_and_needs_the_key(http: httpx.Client, server: LiveServer) -> None:
+def test_reset_route_forgets_the_cache_and_needs_the_key(http: httpx.Client, server: InProcessServer) -> None:
     ids = [random.Random(12).randrange(3, 49000) for _ in range(40)]
     http.post("/v1/completions", json=_body(ids))
     r = http.post("/reset_prefix_cache")
     assert r.status_code == 200 and r.json()["blocks_forgotten"] >= 2
     again = http.post("/v1/completions", json=_body(ids)).json()
     assert again["usage"]["prompt_tokens_details"] == {"cached_tokens": 0}
-    assert_error(httpx.post(server.base_url + "/reset_prefix_cache"), 401)
+    with server.client() as anonymous:
+        assert_error(anonymous.post("/reset_prefix_cache"), 401)
 
 
 def test_scored_prompts_are_computed_whole(http: httpx.Client) -> None:
@@ -473,8 +474,8 @@ def test_caching_can_be_switched_off(tiny_model: CausalLM, smol_tokenizer: Token
     assert parse_settings([]).enable_prefix_caching is True
     ids = [random.Random(14).randrange(3, 49000) for _ in range(40)]
     with (
-        serve_tiny(tiny_model, smol_tokenizer, prefix_caching=False) as live,
-        httpx.Client(base_url=live.base_url, timeout=60) as c,
+        serve_tiny_in_process(tiny_model, smol_tokenizer, prefix_caching=False) as live,
+        live.client(timeout=60) as c,
     ):
         for _ in range(2):
             out = c.post("/v1/completions", json=_body(ids)).json()

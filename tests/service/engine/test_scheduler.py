@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from service.engine.block_pool import BlockPool
 from service.engine.scheduler import FinishReason, Scheduler, SeqStatus
-from tests.service.scheduler_utils import FakeClock, Sim, check_invariants, make, reference, seq
+from tests.service.engine.scheduler_utils import FakeClock, Sim, check_invariants, make, reference, seq
 
 # ---- allocator and validation ------------------------------------------------------------------
 
