@@ -31,6 +31,7 @@ from service.api.middleware import InFlight, RequestContextMiddleware
 from service.config import Settings, parse_settings
 from service.engine.engine import EngineObserver
 from service.engine.images import ImageBatcher
+from service.engine.own_thread import run_in_own_thread
 from service.engine.seq2seq import Seq2SeqBatcher, Seq2SeqRequest
 from service.logs import setup_logging
 from service.metrics import Metrics
@@ -104,7 +105,7 @@ async def start_image_batcher(settings: Settings, metrics: Metrics) -> ImageBatc
     from model_core.gan import load_gan
 
     try:
-        gen = load_gan(settings.gan_path)
+        gen = await run_in_own_thread(load_gan, settings.gan_path, name="gan-loader")
     except Exception:
         log.exception("GAN failed to load; /v1/images/generations will answer 503")
         return None
@@ -125,7 +126,7 @@ async def start_g2p_batcher(settings: Settings, metrics: Metrics) -> Seq2SeqBatc
     from model_core.g2p import load_g2p
 
     try:
-        g2p = load_g2p(settings.g2p_path)
+        g2p = await run_in_own_thread(load_g2p, settings.g2p_path, name="g2p-loader")
     except Exception:
         log.exception("the G2P model failed to load; %s is not served", G2P_MODEL)
         return None

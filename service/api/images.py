@@ -9,7 +9,6 @@ The same request with the same seed always returns the same bytes.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import io
 import re
@@ -26,6 +25,7 @@ from model_core.gan import interpolate_latents, label_from_prompt, sample_latent
 from service.api.errors import APIError, error_responses
 from service.api.json_route import OffLoopJSONRoute
 from service.engine.images import BatcherNotRunning, ImageBatcher, ImageRequest
+from service.engine.own_thread import run_in_own_thread
 
 router = APIRouter(route_class=OffLoopJSONRoute, responses=error_responses(400, 401, 404, 413, 422, 500, 503))
 
@@ -177,7 +177,7 @@ async def create_image(body: ImageGenerationRequest, request: Request) -> Images
         images = await batcher.generate(ImageRequest(z, labels))
     except BatcherNotRunning as e:  # stopped while we waited
         raise APIError(f"the image model is unavailable: {e}", status_code=503) from e
-    b64 = await asyncio.to_thread(encode_png, images, size)
+    b64 = await run_in_own_thread(encode_png, images, size, name="png-encoder")  # torch: not on a kept thread
     return ImagesResponse(
         created=int(time.time()), data=[ImageData(b64_json=b) for b in b64], seed=seed, class_label=label
     )

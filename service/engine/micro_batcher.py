@@ -1,11 +1,13 @@
-"""A generic micro-batcher: concurrent requests share one batch run on a worker thread.
+"""A generic micro-batcher: concurrent requests share one batch, run on a worker thread.
 
 A collector task on the event loop takes the first queued request, then keeps taking requests until
 the batch holds `max_batch` rows or `max_wait_ms` has passed since the first one (0: the batch takes
 what is already queued, and requests that arrive while it runs form the next one). A request may hold
 several rows (images, words x choices); one that does not fit the batch opens the next one, and a
-request bigger than `max_batch` on its own forms a batch alone (`run_batch` may split it further). The
-batch runs on one worker thread, off the event loop, and its results go back to each request's future.
+request bigger than `max_batch` on its own forms a batch alone (`run_batch` may split it further). Each
+batch runs on a thread of its own that ends with it (`own_thread`: a thread kept alive would keep an OpenMP
+team that slows the LM engine down), off the event loop; batches run one at a time, and their results go back
+to each request's future.
 
 Requests cancelled while they wait are dropped from the batch. A batch that fails fails only its own
 requests' futures; the collector carries on. `stop()` stops accepting and by default serves every
@@ -18,12 +20,14 @@ the base is used directly with a `run_batch` callable.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
+import itertools
 import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
+
+from service.engine.own_thread import run_in_own_thread
 
 log = logging.getLogger("service.engine.micro_batcher")
 
@@ -52,7 +56,7 @@ class _Pending(Generic[ReqT, ResT]):
 class MicroBatcher(Generic[ReqT, ResT]):
     """Micro-batches `submit()` calls into `run_batch` calls of at most `max_batch` rows.
 
-    `run_batch(requests)` runs on the worker thread and returns one result per request, in order.
+    `run_batch(requests)` runs on a worker thread (one per batch) and returns one result per request, in order.
     `request_rows(request)` (default: `rows(request)` if given, else 1) is the request's size in rows.
     """
 
@@ -69,7 +73,7 @@ class MicroBatcher(Generic[ReqT, ResT]):
         thread_name_prefix: str | None = None,
         logger: logging.Logger | None = None,
     ) -> None:
-        """`name` names the collector task (and by default the worker thread); `label` ("image batcher")
+        """`name` names the collector task (and by default the worker threads); `label` ("image batcher")
         is used in error messages and logs."""
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
@@ -85,11 +89,11 @@ class MicroBatcher(Generic[ReqT, ResT]):
         self._run_batch_fn = run_batch
         self._rows_fn = rows
         self._thread_name_prefix = thread_name_prefix or f"{name}-worker"
+        self._batch_numbers = itertools.count()
         self._log = logger or log
         self._queued_rows = 0  # rows submitted and not yet taken into a batch
         self._queue: asyncio.Queue[_Pending[ReqT, ResT] | None] | None = None
         self._task: asyncio.Task[None] | None = None
-        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._accepting = False
         self._abandon = False  # stop(drain=False): fail what is waiting instead of serving it
 
@@ -123,11 +127,10 @@ class MicroBatcher(Generic[ReqT, ResT]):
         return self._queued_rows
 
     async def start(self) -> None:
-        """Start the collector task on the running event loop and the worker thread."""
+        """Start the collector task on the running event loop."""
         if self._task is not None:
             raise RuntimeError(f"{self.label} already started")
         self._queue = asyncio.Queue()
-        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=self._thread_name_prefix)
         self._accepting = True
         self._abandon = False
         self._task = asyncio.get_running_loop().create_task(self._collect_loop(), name=self.name)
@@ -147,9 +150,7 @@ class MicroBatcher(Generic[ReqT, ResT]):
                     self._fail_waiting([got])
         self._queue.put_nowait(None)
         await self._task
-        if self._executor is not None:
-            self._executor.shutdown(wait=True)
-        self._task = self._executor = None
+        self._task = None
 
     # ---- requests ------------------------------------------------------------------------------
 
@@ -248,10 +249,10 @@ class MicroBatcher(Generic[ReqT, ResT]):
         if not live:
             return
         requests = [it.request for it in live]
-        loop = asyncio.get_running_loop()
         t0 = time.perf_counter()
         try:
-            results = await loop.run_in_executor(self._executor, self.run_batch, requests)
+            name = f"{self._thread_name_prefix}-{next(self._batch_numbers)}"
+            results = await run_in_own_thread(self.run_batch, requests, name=name)
             if len(results) != len(live):
                 raise RuntimeError(f"run_batch returned {len(results)} results for {len(live)} requests")
         except Exception as e:  # the batch failed: every request in it sees the error

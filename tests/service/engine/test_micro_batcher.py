@@ -370,3 +370,39 @@ def test_without_run_batch_the_batch_fails_with_not_implemented() -> None:
             await b.stop()
 
     run(main())
+
+
+def test_each_batch_runs_on_a_thread_that_ends_with_it_one_batch_at_a_time() -> None:
+    """A worker thread kept alive would keep the OpenMP team of its torch work, which throttles the LM engine's
+    (service.engine.own_thread): every batch gets a fresh thread, gone once the batch is, and batches never
+    overlap."""
+    seen: list[threading.Thread] = []
+    running = threading.Lock()
+    overlaps = 0
+
+    def run_batch(requests: Sequence[Req]) -> list[str]:
+        nonlocal overlaps
+        if not running.acquire(blocking=False):
+            overlaps += 1
+            running.acquire()
+        try:
+            seen.append(threading.current_thread())
+            time.sleep(0.01)
+            return [r.name for r in requests]
+        finally:
+            running.release()
+
+    async def main() -> list[str]:
+        b = MicroBatcher(run_batch, max_batch=2, max_wait_ms=0, name="probe")
+        await b.start()
+        out = await asyncio.gather(*(b.submit(Req(f"r{i}")) for i in range(9)))
+        await b.stop()
+        return list(out)
+
+    assert run(main()) == [f"r{i}" for i in range(9)]
+    assert len(seen) >= 5 and len({id(t) for t in seen}) == len(seen)  # 9 requests, 2 per batch: a thread each
+    assert all(t is not threading.main_thread() and t.name.startswith("probe") for t in seen)
+    for t in seen:
+        t.join(GUARD_S)
+        assert not t.is_alive()
+    assert overlaps == 0
