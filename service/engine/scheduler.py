@@ -46,7 +46,6 @@ import enum
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
 
 from service.engine.block_pool import BlockHash, BlockPool, hash_block, root_hash
 
@@ -79,7 +78,6 @@ class Sequence:
     finish_reason: FinishReason | None = None
     num_preemptions: int = 0
     first_scheduled_time: float | None = None
-    data: Any = None  # opaque per-request payload for the engine
     seq_no: int = -1  # set by Scheduler.add(); breaks ties of arrival_time
     lookup_prefix: bool = True  # may reuse cached prefix blocks (False when every prompt position must be computed)
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache when first scheduled
