@@ -20,7 +20,6 @@ import asyncio
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -32,7 +31,17 @@ import httpx
 
 from benchmarks.default_model import default_gguf
 from benchmarks.prompts import chatml, document, question, shared_system_prompt
-from benchmarks.run import RESULTS, Launch, _cpu_name, free_port, llama_server_binary, log, running, served_model_id
+from benchmarks.run import (
+    RESULTS,
+    Launch,
+    _cpu_name,
+    llama_launch,
+    llama_server_binary,
+    log,
+    ours_launch,
+    running,
+    served_model_id,
+)
 from benchmarks.serve import BenchConfig, RequestResult, send_request
 
 SYSTEMS = ("ours", "ours-nocache", "llama")
@@ -125,64 +134,12 @@ async def multi_turn(cfg: BenchConfig, conversations: int, turns: int, concurren
 
 
 def make_launch(system: str, a: argparse.Namespace, gguf: str) -> Launch:
-    port = free_port()
-    threads = str(a.threads)
-    env = (("OMP_NUM_THREADS", threads), ("MKL_NUM_THREADS", threads))
     if system in ("ours", "ours-nocache"):
-        flag = "--enable-prefix-caching" if system == "ours" else "--no-enable-prefix-caching"
-        return Launch(
-            system,
-            (
-                sys.executable,
-                "-m",
-                "service",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--model",
-                gguf,
-                "--no-enable-gan",
-                "--no-ui",
-                flag,
-                "--drain-timeout-s",
-                "5",
-                "--log-level",
-                "warning",
-            ),
-            env,
-            port,
-            "/ready",
-        )
+        cache = "--enable-prefix-caching" if system == "ours" else "--no-enable-prefix-caching"
+        return ours_launch(system, gguf, a.threads, "--no-enable-gan", "--no-ui", cache, "--drain-timeout-s", "5")
     if system == "llama":
         binary = llama_server_binary(a.llama_server)
-        slots = a.concurrency
-        return Launch(
-            "llama",
-            (
-                binary,
-                "-m",
-                gguf,
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "-np",
-                str(slots),
-                "-c",
-                str(slots * 4096),
-                "-cb",
-                "-t",
-                threads,
-                "-tb",
-                threads,
-                "--cache-reuse",
-                "256",
-            ),
-            env,
-            port,
-            "/health",
-        )
+        return llama_launch(binary, gguf, a.threads, a.concurrency, 4096, "--cache-reuse", "256")
     raise ValueError(f"unknown system {system!r}; expected one of {', '.join(SYSTEMS)}")
 
 

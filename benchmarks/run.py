@@ -179,35 +179,29 @@ def ctx_per_slot(token_counts: Sequence[int], output_len: int) -> int:
     return int(math.ceil(need / 256) * 256)
 
 
+def thread_env(threads: int) -> tuple[tuple[str, str], ...]:
+    return (("OMP_NUM_THREADS", str(threads)), ("MKL_NUM_THREADS", str(threads)))
+
+
+def ours_launch(name: str, gguf: str, threads: int, *flags: str) -> Launch:
+    """Our server (`python -m service`) on `gguf`, 127.0.0.1 and a free port, `threads` threads, warnings only,
+    with `flags`; ready when /ready says so."""
+    port = free_port()
+    cmd = (sys.executable, *f"-m service --host 127.0.0.1 --port {port} --log-level warning --model".split(), gguf)
+    return Launch(name, (*cmd, *flags), thread_env(threads), port, "/ready")
+
+
+def llama_launch(binary: str, gguf: str, threads: int, slots: int, ctx: int, *flags: str) -> Launch:
+    """llama-server on `gguf` with `slots` slots of `ctx` tokens each, continuous batching, `threads` threads."""
+    port = free_port()
+    opts = f"--host 127.0.0.1 --port {port} -np {slots} -c {slots * ctx} -cb -t {threads} -tb {threads}".split()
+    return Launch("llama", (binary, "-m", gguf, *opts, *flags), thread_env(threads), port, "/health")
+
+
 def tokenizer_launch(gguf: str) -> Launch:
     """Our server on `gguf` with one thread and nothing but the LM: what /tokenize is asked before llama-server
     starts (its slots' context is sized from the prompts' token counts)."""
-    port = free_port()
-    return Launch(
-        "tokenizer",
-        (
-            sys.executable,
-            "-m",
-            "service",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--model",
-            gguf,
-            "--enable-gan",
-            "false",
-            "--enable-g2p",
-            "false",
-            "--ui",
-            "false",
-            "--log-level",
-            "warning",
-        ),
-        (("OMP_NUM_THREADS", "1"), ("MKL_NUM_THREADS", "1")),
-        port,
-        "/ready",
-    )
+    return ours_launch("tokenizer", gguf, 1, "--no-enable-gan", "--no-enable-g2p", "--no-ui")
 
 
 def llama_ctx(gguf: str, prompts: Sequence[str], output_len: int, log_dir: str, ready_timeout: float) -> int:
@@ -218,90 +212,15 @@ def llama_ctx(gguf: str, prompts: Sequence[str], output_len: int, log_dir: str, 
 
 
 def make_launch(system: str, a: argparse.Namespace, gguf: str, dtype: str, slots: int, ctx: int) -> Launch:
-    port = free_port()
-    threads = str(a.threads)
-    env = (("OMP_NUM_THREADS", threads), ("MKL_NUM_THREADS", threads))
-    py = sys.executable
     if system == "ours":
-        return Launch(
-            "ours",
-            (
-                py,
-                "-m",
-                "service",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--model",
-                gguf,
-                "--dtype",
-                dtype,
-                "--kernels",
-                a.kernels,
-                "--enable-gan",
-                "false",
-                "--drain-timeout-s",
-                "5",
-                "--max-num-seqs",
-                str(max(32, slots)),
-                "--log-level",
-                "warning",
-                *a.ours_args,
-            ),
-            env,
-            port,
-            "/ready",
-        )
+        flags = f"--dtype {dtype} --kernels {a.kernels} --no-enable-gan --drain-timeout-s 5 --max-num-seqs"
+        return ours_launch("ours", gguf, a.threads, *flags.split(), str(max(32, slots)), *a.ours_args)
     if system == "hf":
-        return Launch(
-            "hf",
-            (
-                py,
-                "-m",
-                "benchmarks.hf_server",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--model",
-                gguf,
-                "--dtype",
-                dtype,
-                "--threads",
-                threads,
-            ),
-            env,
-            port,
-            "/health",
-        )
+        port = free_port()
+        cmd = f"-m benchmarks.hf_server --host 127.0.0.1 --port {port} --dtype {dtype} --threads {a.threads}".split()
+        return Launch("hf", (sys.executable, *cmd, "--model", gguf), thread_env(a.threads), port, "/health")
     if system == "llama":
-        binary = llama_server_binary(a.llama_server)
-        return Launch(
-            "llama",
-            (
-                binary,
-                "-m",
-                gguf,
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "-np",
-                str(slots),
-                "-c",
-                str(slots * ctx),
-                "-cb",
-                "-t",
-                threads,
-                "-tb",
-                threads,
-                *a.llama_args,
-            ),
-            env,
-            port,
-            "/health",
-        )
+        return llama_launch(llama_server_binary(a.llama_server), gguf, a.threads, slots, ctx, *a.llama_args)
     raise ValueError(f"unknown system {system!r}; expected one of {', '.join(SYSTEMS)}")
 
 
