@@ -237,49 +237,25 @@ def serve(app: FastAPI, startup_timeout: float = 30.0) -> Iterator[LiveServer]:
         sock.close()
 
 
+def tiny_app(model: CausalLM, tokenizer: Tokenizer, settings: Settings | None = None, **engine: Any) -> FastAPI:
+    """`create_app(settings or Settings(enable_gan=False))` serving `tiny_text_model(model, tokenizer, **engine)`."""
+    tm = tiny_text_model(model, tokenizer, **engine)
+    return create_app(settings or Settings(enable_gan=False), text_model=tm)
+
+
 @contextmanager
 def serve_tiny(
-    model: CausalLM,
-    tokenizer: Tokenizer,
-    *,
-    num_blocks: int = 256,
-    max_num_seqs: int = 32,
-    max_num_batched_tokens: int = 256,
-    prefix_caching: bool = True,
-    settings: Settings | None = None,
+    model: CausalLM, tokenizer: Tokenizer, *, settings: Settings | None = None, **engine: Any
 ) -> Iterator[LiveServer]:
-    """`create_app(settings or Settings(enable_gan=False), text_model=tiny_text_model(...))` on a free port."""
-    tm = tiny_text_model(
-        model,
-        tokenizer,
-        num_blocks=num_blocks,
-        max_num_seqs=max_num_seqs,
-        max_num_batched_tokens=max_num_batched_tokens,
-        prefix_caching=prefix_caching,
-    )
-    with serve(create_app(settings or Settings(enable_gan=False), text_model=tm)) as live:
+    """`tiny_app(...)` on a free port (`engine`: num_blocks, max_num_seqs, prefix_caching, ...)."""
+    with serve(tiny_app(model, tokenizer, settings, **engine)) as live:
         yield live
 
 
 @contextmanager
 def serve_tiny_in_process(
-    model: CausalLM,
-    tokenizer: Tokenizer,
-    *,
-    num_blocks: int = 256,
-    max_num_seqs: int = 32,
-    max_num_batched_tokens: int = 256,
-    prefix_caching: bool = True,
-    settings: Settings | None = None,
+    model: CausalLM, tokenizer: Tokenizer, *, settings: Settings | None = None, **engine: Any
 ) -> Iterator[InProcessServer]:
     """`serve_tiny`, in-process."""
-    tm = tiny_text_model(
-        model,
-        tokenizer,
-        num_blocks=num_blocks,
-        max_num_seqs=max_num_seqs,
-        max_num_batched_tokens=max_num_batched_tokens,
-        prefix_caching=prefix_caching,
-    )
-    with serve_in_process(create_app(settings or Settings(enable_gan=False), text_model=tm)) as live:
+    with serve_in_process(tiny_app(model, tokenizer, settings, **engine)) as live:
         yield live
