@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from benchmarks.run import Launch, free_port, running, served_model_id
+from benchmarks.run import ours_launch, running, served_model_id
 
 TASKS_DIR = Path(__file__).resolve().parent / "lm_eval_tasks"
 REPO = TASKS_DIR.parent.parent
@@ -148,26 +148,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if a.base_url:
         results = run_lm_eval(a.base_url.rstrip("/"), tasks, a.limit, a.num_concurrent)
     else:
-        port = free_port()
-        launch = Launch(
-            "ours",
-            (
-                sys.executable,
-                "-m",
-                "service",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--enable-gan",
-                "false",
-                "--log-level",
-                "warning",
-            ),
-            (),
-            port,
-            "/ready",
-        )
+        launch = ours_launch("ours", None, None, "--no-enable-gan")
         with tempfile.TemporaryDirectory() as logs, running(launch, logs, 300.0):
             results = run_lm_eval(launch.base_url, tasks, a.limit, a.num_concurrent)
     summary = compare(results, a.model, a.limit)

@@ -183,12 +183,13 @@ def thread_env(threads: int) -> tuple[tuple[str, str], ...]:
     return (("OMP_NUM_THREADS", str(threads)), ("MKL_NUM_THREADS", str(threads)))
 
 
-def ours_launch(name: str, gguf: str, threads: int, *flags: str) -> Launch:
-    """Our server (`python -m service`) on `gguf`, 127.0.0.1 and a free port, `threads` threads, warnings only,
-    with `flags`; ready when /ready says so."""
+def ours_launch(name: str, gguf: str | None, threads: int | None, *flags: str) -> Launch:
+    """Our server (`python -m service`) on `gguf` (None: its default model), 127.0.0.1 and a free port, `threads`
+    threads (None: its default), warnings only, with `flags`; ready when /ready says so."""
     port = free_port()
-    cmd = (sys.executable, *f"-m service --host 127.0.0.1 --port {port} --log-level warning --model".split(), gguf)
-    return Launch(name, (*cmd, *flags), thread_env(threads), port, "/ready")
+    cmd = (sys.executable, *f"-m service --host 127.0.0.1 --port {port} --log-level warning".split())
+    model = ("--model", gguf) if gguf is not None else ()
+    return Launch(name, (*cmd, *model, *flags), thread_env(threads) if threads else (), port, "/ready")
 
 
 def llama_launch(binary: str, gguf: str, threads: int, slots: int, ctx: int, *flags: str) -> Launch:

@@ -17,7 +17,6 @@ import asyncio
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -25,7 +24,7 @@ from typing import Any
 
 import httpx
 
-from benchmarks.run import Launch, free_port, running, served_model_id
+from benchmarks.run import ours_launch, running, served_model_id
 
 RECORDS: dict[str, Any] = {
     "type": "object",
@@ -129,27 +128,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     a = parse_args(argv)
     if a.base_url:
         return asyncio.run(run(a.base_url, a))
-    port = free_port()
-    env = (("OMP_NUM_THREADS", str(a.threads)),)
-    launch = Launch(
-        "ours",
-        (
-            sys.executable,
-            "-m",
-            "service",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--enable-gan",
-            "false",
-            "--log-level",
-            "warning",
-        ),
-        env,
-        port,
-        "/ready",
-    )
+    launch = ours_launch("ours", None, a.threads, "--no-enable-gan")
     with tempfile.TemporaryDirectory() as logs, running(launch, logs, 300.0):
         return asyncio.run(run(launch.base_url, a))
 
