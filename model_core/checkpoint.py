@@ -7,6 +7,7 @@ tensors have exactly the names and shapes the config implies and finite values.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -42,6 +43,16 @@ def write_checkpoint(
     state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in tensors.items()}
     save_file(state, str(out / WEIGHTS_FILE), metadata={"format": "pt", "model": model})
     return out
+
+
+def config_fields(cls: type, d: Mapping[str, Any], kind: str) -> dict[str, Any]:
+    """The entries of a config dict that are fields of the dataclass `cls`; ValueError naming any other key
+    ("training" holds provenance, not shape, and is left out)."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known - {"training"})
+    if unknown:
+        raise ValueError(f"unknown {kind} config keys: {unknown}; expected a subset of {sorted(known)}")
+    return {k: v for k, v in d.items() if k in known}
 
 
 def read_config(path_dir: Path, kind: str, from_dict: Callable[[dict[str, Any]], C]) -> C:

@@ -11,13 +11,13 @@ functions the LM uses), or beam search (`beam_search`). Every decoder keeps the 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from model_core.checkpoint import read_config, read_tensors, write_checkpoint
+from model_core.checkpoint import config_fields, read_config, read_tensors, write_checkpoint
 from model_core.sampling import SamplingParams, process_logits, sample
 from model_core.seq2seq import DecoderCache, Seq2SeqConfig, Seq2SeqTransformer
 
@@ -118,11 +118,7 @@ class G2PConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> G2PConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known - {"training"})  # "training" holds provenance, not shape
-        if unknown:
-            raise ValueError(f"unknown G2P config keys: {unknown}; expected a subset of {sorted(known)}")
-        kwargs = {k: v for k, v in d.items() if k in known}
+        kwargs = config_fields(cls, d, "G2P")
         for k in ("graphemes", "phones"):
             if k in kwargs:
                 if not isinstance(kwargs[k], list):

@@ -10,14 +10,14 @@ resampling entries with |z| > psi, and interpolates between two seeds' latents w
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from model_core.checkpoint import read_config, read_tensors, write_checkpoint
+from model_core.checkpoint import config_fields, read_config, read_tensors, write_checkpoint
 
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
@@ -55,11 +55,7 @@ class GANConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> GANConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known - {"training"})  # "training" holds provenance, not shape
-        if unknown:
-            raise ValueError(f"unknown GAN config keys: {unknown}; expected a subset of {sorted(known)}")
-        kwargs = {k: v for k, v in d.items() if k in known}
+        kwargs = config_fields(cls, d, "GAN")
         if "class_names" in kwargs:
             kwargs["class_names"] = tuple(kwargs["class_names"])
         return cls(**kwargs)
