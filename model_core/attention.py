@@ -121,8 +121,8 @@ class MultiHeadAttention(nn.Module):
             qkv = self.qkv(x).view(B, T, nh + 2 * nkv, hs)  # (B, T, nh + 2*nkv, hs): [q heads | k heads | v heads]
             if rope is not None:  # rotate q and k heads together, v untouched
                 qkv = torch.cat([apply_rotary_bthd(qkv[:, :, : nh + nkv], rope), qkv[:, :, nh + nkv :]], dim=2)
-            if getattr(cache, "attends_in_place", False):  # a decode step read straight from a paged cache
-                y = cache.attend(layer, qkv[:, :, :nh], qkv[:, :, nh:])  # type: ignore[union-attr]  # (B, 1, nh, hs)
+            if getattr(cache, "attends_in_place", False):  # read straight from a paged cache, one query row a token
+                y = cache.attend(layer, qkv[:, :, :nh], qkv[:, :, nh:])  # type: ignore[union-attr]  # (B, T, nh, hs)
                 return self.out(y.reshape(B, T, self.q_size))
             q = qkv[:, :, :nh].transpose(1, 2)  # (B, nh, T, hs)
             fused = getattr(cache, "update_fused", None)

@@ -11,8 +11,9 @@ It reads the model's parameters, quantized weights and rotary tables and the cac
 modules at each step: no address outlives the call it is taken for, so a model moved, cast or given new
 weights between steps decodes with what it holds then. The kernels' working memory is the cache's scratch
 (model_core.kv_cache.Scratch: one set per runner, kept from step to step, grown for a bigger batch).
-Prompt chunks keep the module path. The kernels are the model's backend's (model_core.backend), for
-whatever ISA it chose.
+Prompt chunks keep the module path, except with a cache that serves them in place (the batch-invariant
+mode, model_core.lm): then every real token of the forward is one row of these calls, whatever chunk it
+belongs to. The kernels are the model's backend's (model_core.backend), for whatever ISA it chose.
 """
 
 from __future__ import annotations
@@ -132,23 +133,31 @@ class FusedLlamaDecoder:
         return w.dtype in ACT and w.device.type == "cpu" and cache.kv.dtype == w.dtype
 
     def run(self, x: torch.Tensor, positions: torch.Tensor, cache: PagedKVCache) -> torch.Tensor:
-        """x: (B, 1, C) embeddings of this step's tokens; positions (B, 1). Returns the last layer's
-        output (B, 1, C)."""
+        """x: (B, T, C) embeddings of this forward's tokens (T = 1 for a decode step); positions (B, T). Returns
+        the last layer's output (B, T, C) (zeros at padding tokens)."""
+        B, T, C = x.shape
+        index = cache.token_index()  # (N,) the real tokens of the B*T, or None: all
+        flat = x.reshape(B * T, C)  # (B*T, C)
+        flat = (flat if index is None else flat[index]).contiguous()  # (N, C), updated in place layer by layer
+        pos = positions.reshape(B * T)
+        pos = pos if index is None else pos[index]  # (N,)
         try:
-            return self._run(x, positions, cache)
+            out = self._run(flat, pos, cache)
         except KernelError as e:
-            e.add_note(f"fused decode step of {x.shape[0]} sequences")
+            e.add_note(f"fused step of {flat.shape[0]} tokens in {B} sequences")
             raise
+        if index is not None:
+            out = torch.zeros(B * T, C, dtype=out.dtype).index_copy_(0, index, out)  # (B*T, C)
+        return out.view(B, T, C)
 
-    def _run(self, x: torch.Tensor, positions: torch.Tensor, cache: PagedKVCache) -> torch.Tensor:
+    def _run(self, x: torch.Tensor, pos: torch.Tensor, cache: PagedKVCache) -> torch.Tensor:
+        """x: (N, C) rows, one per token, each at its position pos (N,): the cache's query rows."""
         call, cfg, scratch = self.kernels.call, self.cfg, cache.scratch
         B, C, F = x.shape[0], cfg.d_model, cfg.d_ff
         nh, nkv, hs = cfg.n_heads, cfg.n_kv_heads, cfg.hd
-        x = x.reshape(B, C).contiguous()  # (B, C), updated in place layer by layer
         if x.dtype not in ACT or x.dtype != cache.kv.dtype:
             raise ValueError(f"fused decode of {x.dtype} activations with a {cache.kv.dtype} cache")
         act = ACT[x.dtype]
-        pos = positions.reshape(B)
         cos = scratch.take("fused.cos", (B, hs), torch.float32)  # (B, hs) fp32 each, for each sequence's position
         sin = scratch.take("fused.sin", (B, hs), torch.float32)
         for table, dst in ((self.rotary.cos, cos), (self.rotary.sin, sin)):
@@ -193,7 +202,7 @@ class FusedLlamaDecoder:
                     work,
                     work_bytes,
                 )
-            return x.view(B, 1, C)
+            return x
         h = scratch.take("fused.h", (B, C), x.dtype)  # the next projection's input
         att = scratch.take("fused.att", (B, nh * hs), x.dtype)
         g = scratch.take("fused.g", (B, F), x.dtype)
@@ -241,7 +250,7 @@ class FusedLlamaDecoder:
             o = down_proj(g).contiguous()  # (B, C)
             nxt = self._norms(self.layers[i + 1], x.dtype)[0].data_ptr() if i + 1 < len(self.layers) else None
             call("llama_add_rmsnorm", x.data_ptr(), o.data_ptr(), nxt, cfg.norm_eps, h.data_ptr(), B, C, act)
-        return x.view(B, 1, C)
+        return x
 
     def _decode_layer(self, i: int, *args: object) -> None:
         try:

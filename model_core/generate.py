@@ -70,6 +70,7 @@ def generate(
         device,
         max_positions=cfg.max_seq_len,
         kernels=kernels,
+        in_place_prefill=model.batch_invariant,
     )
     stream = OutputStream(
         max_new,
@@ -127,11 +128,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="run matmuls of up to this many rows on the GGUF's quantized weights as stored "
         "(0 = off; default: the kernels' own)",
     )
+    ap.add_argument(
+        "--batch-invariant",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="every matmul on the native kernels, so that the output equals the server's under any load "
+        "(default: on; --no-batch-invariant: prompt chunks on dense matmuls)",
+    )
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s")
 
     lm = load_for_inference(
-        args.model or find_default_model(), args.device, args.dtype, args.kernels, args.quant_max_rows
+        args.model or find_default_model(),
+        args.device,
+        args.dtype,
+        args.kernels,
+        args.quant_max_rows,
+        args.batch_invariant,
     )
     tok = lm.tokenizer
     if args.chat:

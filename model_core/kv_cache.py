@@ -11,8 +11,12 @@ at positions <= p of its own sequence). `update()` is what attention calls per l
 
 Decode steps (one new token per sequence) on the CPU skip the gather when the cache is given native
 kernels (the model's backend, model_core.backend): `attend()` runs a C kernel (kernels/attention.c)
-that reads each sequence's keys and values in place through its rows. The buffers those steps work in
-(`scratch`: the cache's, so one per runner) are kept from step to step and grown for a bigger batch.
+that reads each sequence's keys and values in place through its rows. A cache made with
+`in_place_prefill` serves prompt chunks the same way: every real token of the forward is one query row
+of that kernel (its own position, write row and key count), so a token's attention is computed the same
+way whatever chunk, batch or cache hit it came in (the batch-invariant mode, model_core.lm). The buffers
+those steps work in (`scratch`: the cache's, so one per runner) are kept from step to step and grown for a
+bigger batch.
 """
 
 from __future__ import annotations
@@ -71,6 +75,7 @@ class PagedKVCache:
         device: torch.device | str = "cpu",
         max_positions: int | None = None,
         kernels: Kernels | None = None,
+        in_place_prefill: bool = False,
     ) -> None:
         self.max_positions = max_positions  # the model's context length, when given
         self.n_layers, self.num_blocks, self.block_size = n_layers, num_blocks, block_size
@@ -88,7 +93,8 @@ class PagedKVCache:
         self.is_causal = False  # with mask None: causal (a prompt from position 0) or all keys visible
         self.attends_in_place = False  # this forward is a decode step `attend()` serves without a gather
         self._rows: torch.Tensor | None = None  # (B, Tk) flat row of every key position, for attend()
-        self._lens: torch.Tensor | None = None  # (B,) int32 keys of each sequence, for attend()
+        self._lens: torch.Tensor | None = None  # (N,) int32 keys of each query row, for attend()
+        self._index: torch.Tensor | None = None  # (N,) which of the B*T tokens are real (None: all of them)
         self.scratch = Scratch()  # decode steps' working buffers (attend(), model_core.fused_decode)
         self.kernels = (
             kernels
@@ -100,6 +106,7 @@ class PagedKVCache:
             )
             else None
         )
+        self.in_place_prefill = in_place_prefill and self.kernels is not None
 
     @staticmethod
     def bytes_per_token(n_layers: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
@@ -144,10 +151,18 @@ class PagedKVCache:
         else:
             self._read, self._read_range = rows.reshape(-1).to(self.device), None
         self._shape = (B, T, Tk)
-        self.attends_in_place = T == 1 and self.kernels is not None
-        if self.attends_in_place:
-            self._rows = rows.contiguous()
-            self._lens = (start_t.view(B) + 1).to(torch.int32)
+        self.attends_in_place = self.kernels is not None and (T == 1 or self.in_place_prefill)
+        if self.attends_in_place:  # one query row per real token: N = sum(counts) rows
+            index = None
+            if min(counts) < T:
+                real = torch.arange(T).unsqueeze(0) < torch.as_tensor(counts).unsqueeze(1)  # (B, T)
+                index = real.reshape(-1).nonzero().squeeze(1)  # (N,)
+            self._index = index
+            self._rows = rows if T == 1 else rows.repeat_interleave(T, dim=0)  # (B*T, Tk)
+            lens = (positions + 1).reshape(-1).to(torch.int32)  # (B*T,)
+            if index is not None:
+                self._rows, lens, self._write = self._rows[index], lens[index], self._write[index]
+            self._rows, self._lens = self._rows.contiguous(), lens.contiguous()
         if T == 1 and all(st + 1 == Tk for st in starts):  # decode of equal-length rows: every key is visible
             self.mask, self.is_causal = None, False
         elif B == 1 and starts[0] == 0:  # a whole prompt from its start: plain causal attention
@@ -173,34 +188,47 @@ class PagedKVCache:
         return seen[:, :, :nkv].transpose(1, 2), seen[:, :, nkv:].transpose(1, 2)  # (B, nkv, Tk, hs) each
 
     def decode_tables(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-        """For a decode step served in place: (write rows (B,) int64, key rows (B, Tk) int64, keys per
-        sequence (B,) int32, Tk)."""
+        """For a forward served in place: (write rows (N,) int64, key rows (N, Tk) int64, keys per query row
+        (N,) int32, Tk), one row per real token (see `token_index`)."""
         assert self.attends_in_place and self._write is not None and self._rows is not None and self._lens is not None
         return self._write, self._rows, self._lens, self._shape[2]
 
+    def token_index(self) -> torch.Tensor | None:
+        """For a forward served in place: which rows of its flattened (B*T) tokens are real, in the order of
+        `decode_tables` (None: all of them, padding only exists where chunks of different lengths share it)."""
+        assert self.attends_in_place
+        return self._index
+
     def attend(self, layer: int, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
-        """Decode step: store this step's kv (B, 1, 2*nkv, hs) and return softmax(q k^T / sqrt(hs)) v over
-        each sequence's keys, for q (B, 1, nh, hs) -> (B, 1, nh, hs). Only when `attends_in_place`.
-        The result is a scratch buffer of the cache's, valid until the next attend() (the caller projects it)."""
+        """Store this forward's kv (B, T, 2*nkv, hs) and return softmax(q k^T / sqrt(hs)) v for each query row
+        over the keys its token sees, for q (B, T, nh, hs) -> (B, T, nh, hs) (padding rows: zeros). Only when
+        `attends_in_place`. The result is a scratch buffer of the cache's, valid until the next attend() (the
+        caller projects it)."""
         assert self.attends_in_place and self.kernels is not None and self._rows is not None and self._lens is not None
         assert self._write is not None
         B, T, Tk = self._shape
         nh, nkv, hs = q.shape[2], self.n_kv_heads, self.head_dim
         if q.dtype != self.kv.dtype or q.device != self.kv.device:
             raise ValueError(f"attend() takes {self.kv.dtype} queries like the cache's, not {q.dtype} on {q.device}")
+        index, N = self._index, self._lens.shape[0]
+        kv = kv.reshape(B * T, 2 * nkv, hs)
+        q = q.reshape(B * T, nh, hs)
+        if index is not None:  # the real tokens only
+            kv, q = kv[index], q[index]  # (N, 2*nkv, hs), (N, nh, hs)
         store = self.kv[layer]  # (rows, 2*nkv, hs)
-        store.index_copy_(0, self._write, kv.reshape(B, 2 * nkv, hs))
+        store.index_copy_(0, self._write, kv)
         if not q.is_contiguous():  # (a slice of the qkv projection): copied into scratch, not a new tensor
-            q = self.scratch.take("attend.q", (B, 1, nh, hs), q.dtype).copy_(q)
-        out = self.scratch.take("attend.out", (B, 1, nh, hs), q.dtype)
+            q = self.scratch.take("attend.q", (N, nh, hs), q.dtype).copy_(q)
+        out = self.scratch.take("attend.out", (B * T, nh, hs), q.dtype)
+        rows = out if index is None else self.scratch.take("attend.rows", (N, nh, hs), q.dtype)
         self.kernels.call(
             "paged_attention_decode",
             q.data_ptr(),
             store.data_ptr(),
             self._rows.data_ptr(),
             self._lens.data_ptr(),
-            out.data_ptr(),
-            B,
+            rows.data_ptr(),
+            N,
             nh,
             nkv,
             hs,
@@ -208,9 +236,11 @@ class PagedKVCache:
             1.0 / math.sqrt(hs),
             int(q.dtype == torch.bfloat16),
             torch.get_num_threads(),
-            context=f"paged attention B={B} heads={nh}/{nkv} hs={hs} Tk={Tk}",
+            context=f"paged attention B={N} heads={nh}/{nkv} hs={hs} Tk={Tk}",
         )
-        return out
+        if index is not None:
+            out.zero_().index_copy_(0, index, rows)
+        return out.view(B, T, nh, hs)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """k, v: (B, nkv, T, hs) for the prepared tokens -> all keys/values (B, nkv, Tk, hs)."""

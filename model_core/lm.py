@@ -4,6 +4,15 @@ family (learned positions, LayerNorm, GELU, biases).
 `forward(tokens, positions, cache)`: state is passed in. Without a cache the chunk attends
 causally to itself (positions 0..T-1); with a `PagedKVCache` the cache's prepared mask says which
 keys each query sees.
+
+Batch-invariant mode (`batch_invariant`, set by the loader where it holds): every token's logits are
+computed the same way whatever forward it is in (alone or batched, any chunking of its prompt, a decode
+step or a recomputed prompt, keys from a prefix-cache hit or not). The loader sets it only where every
+matmul runs on a native kernel whose rows do not depend on each other or on the batch's size (fixed
+summation order: model_core.qmatmul, kernels/), every layer runs through the fused decoder on a cache
+that attends in place with one query row a token (model_core.fused_decode, model_core.kv_cache), and
+norms and softmaxes are per row. Prompt chunks then use the decode kernels' products too (int8
+activations where the backend rounds them), instead of exact dense products.
 """
 
 from __future__ import annotations
@@ -88,6 +97,7 @@ class DecoderFastPath(Protocol):
 
 class CausalLM(nn.Module):
     decoder_fast_path: DecoderFastPath | None = None  # set by the loader where one applies
+    batch_invariant: bool = False  # set by the loader where it holds (see the module's docstring)
 
     def __init__(self, cfg: LMConfig) -> None:
         super().__init__()
@@ -122,15 +132,33 @@ class CausalLM(nn.Module):
             positions = torch.arange(T, device=tokens.device).expand(B, T)
         elif cache is None and int(positions.max()) >= self.cfg.max_seq_len:  # (the cache checks its own)
             raise ValueError(f"position {int(positions.max())} exceeds the context length {self.cfg.max_seq_len}")
-        if T > 1 or hidden:  # a prompt chunk: exact products, so that prompt logits do not depend on the decode kernels
+        if (T > 1 or hidden) and not self.batch_invariant:
+            # a prompt chunk: exact products, so that prompt logits do not depend on the decode kernels
             with exact_products():
                 return self._forward(tokens, positions, cache, last_only, last_index, hidden)
-        return self._forward(tokens, positions, cache, last_only, last_index)
+        return self._forward(tokens, positions, cache, last_only, last_index, hidden)
 
-    def project(self, h: torch.Tensor) -> torch.Tensor:
-        """Logits (..., V) of final-normed hidden states (..., C) from `forward(..., hidden=True)`."""
+    def project(self, h: torch.Tensor, exact: bool = False) -> torch.Tensor:
+        """Logits (..., V) of final-normed hidden states (..., C) from `forward(..., hidden=True)`; exact: with
+        exact products (as `exact_hidden`) even in batch-invariant mode."""
+        if self.batch_invariant and not exact:  # the same products as every other forward
+            return self.lm_head(h)
         with exact_products():
             return self.lm_head(h)
+
+    def exact_hidden(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Final-normed hidden states (B, T, C) of tokens (B, T) from position 0, without a cache, with exact
+        products (dense layers where the kernels round activations to int8): how a batch-invariant model scores
+        prompts (their logprobs), so that scoring keeps the serving dtype's precision."""
+        with exact_products():
+            return self._forward(
+                tokens,
+                torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens),
+                None,
+                False,
+                None,
+                hidden=True,
+            )
 
     def _forward(
         self,

@@ -24,6 +24,7 @@ Q4_0, Q4_1, Q8_0 = 2, 3, 8  # GGML type ids
 BLOCK_BYTES = {Q4_0: 18, Q4_1: 20, Q8_0: 34}  # bytes per block of 32 weights
 ACT = {torch.float32: 0, torch.bfloat16: 1}  # the kernels' activation dtypes (kernels/common.h)
 _EXACT_ONLY: ContextVar[bool] = ContextVar("exact_only", default=False)
+ALL_ROWS = 1 << 30  # max_rows of a layer that runs every batch on its kernel (the batch-invariant mode)
 
 
 @contextmanager
@@ -210,12 +211,12 @@ class QuantLinear(nn.Module):
 
 def attach_quantized(model: nn.Module, weights: dict[str, QuantWeight], max_rows: int, kernels: Kernels) -> int:
     """Wrap each linear layer named in `weights` (module paths, e.g. 'blocks.0.attn.qkv') in a QuantLinear
-    serving up to `max_rows` rows (at most the kernels' limit for 8-bit weights), in the form the kernels' mode
-    reads (interleaved for int8 activations); returns how many were wrapped."""
+    serving up to `max_rows` rows (at most the kernels' limit for 8-bit weights, unless ALL_ROWS), in the form
+    the kernels' mode reads (interleaved for int8 activations); returns how many were wrapped."""
     for name, w in weights.items():
         w = w.interleave() if kernels.isa.int8 else w
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        rows = max_rows if w.m is not None else min(max_rows, kernels.isa.q8_max_rows)
+        rows = max_rows if w.m is not None or max_rows >= ALL_ROWS else min(max_rows, kernels.isa.q8_max_rows)
         setattr(parent, attr, QuantLinear(getattr(parent, attr), w, rows, kernels))
     return len(weights)

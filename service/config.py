@@ -45,6 +45,13 @@ class Settings(BaseSettings):
         "kernels); 0 = off; default: the kernels' own (avx512bf16 6, avx2 without "
         "AVX-512 512, others 32)",
     )
+    batch_invariant: bool = Field(
+        True,
+        description="temperature 0 gives the same text under any load: each token's logits are computed the same "
+        "way alone or batched, in any prompt chunking, with or without a prefix-cache hit or preemption (every "
+        "matmul on the native kernels; GGUF Q4_0/Q4_1/Q8_0 llama models); --no-batch-invariant: prompt chunks on "
+        "the faster dense matmuls",
+    )
     max_num_seqs: int = Field(32, ge=1, le=1024, description="max sequences decoded together")
     max_num_batched_tokens: int = Field(512, ge=16, description="token budget per engine step")
     kv_cache_memory_gb: float = Field(1.0, gt=0, description="memory for the KV cache")

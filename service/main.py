@@ -52,6 +52,7 @@ def build_text_model(settings: Settings, observer: EngineObserver | None = None)
         settings.dtype,
         settings.kernels,
         settings.quant_max_rows,
+        settings.batch_invariant,
     )
     cfg, dtype = lm.config, lm.model.embed.weight.dtype
     max_len = min(cfg.max_seq_len, settings.max_model_len or cfg.max_seq_len)
@@ -97,6 +98,7 @@ def build_text_model(settings: Settings, observer: EngineObserver | None = None)
         load_seconds=lm.load_seconds,
         dtype=str(dtype).removeprefix("torch."),
         kernels=lm.backend.isa or "torch",
+        batch_invariant=lm.batch_invariant,
     )
 
 

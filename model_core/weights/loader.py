@@ -15,7 +15,7 @@ from model_core.device import select_device, select_dtype
 from model_core.fused_decode import FusedLlamaDecoder
 from model_core.lm import CausalLM, LMConfig
 from model_core.packing import pack_linears, packing_available
-from model_core.qmatmul import attach_quantized
+from model_core.qmatmul import ALL_ROWS, QuantLinear, attach_quantized
 from model_core.tokenizer import Tokenizer
 from model_core.weights.build import build_lm
 
@@ -32,6 +32,25 @@ class LoadedLM:
     load_seconds: float
     backend: DecodeBackend  # what runs decode steps; give its kernels to the KV cache
 
+    @property
+    def batch_invariant(self) -> bool:
+        """Whether each token's logits are the same in any batch (model_core.lm: batch-invariant mode)."""
+        return self.model.batch_invariant
+
+
+def invariance_gap(model: CausalLM) -> str | None:
+    """Why the batch-invariant mode cannot hold for this model as loaded, or None where it does: every layer
+    through the fused decoder in one call at any batch, the lm_head on its kernel at any batch."""
+    fast = model.decoder_fast_path
+    if not isinstance(fast, FusedLlamaDecoder):
+        return "the fused native decoder does not run this model (it runs float32/bf16 llama models on the CPU)"
+    if fast.max_rows < ALL_ROWS:
+        return "not every projection runs on its quantized weights at any batch size (GGUF Q4_0/Q4_1/Q8_0 only)"
+    head = model.lm_head
+    if not isinstance(head, QuantLinear) or head.max_rows < ALL_ROWS:
+        return "the output projection is not a GGUF Q4_0/Q4_1/Q8_0 tensor run on its kernel"
+    return None
+
 
 def load_lm(
     path: str | os.PathLike[str],
@@ -41,13 +60,16 @@ def load_lm(
     quantized_max_rows: int | None = 0,
     native_decode: bool = True,
     backend: DecodeBackend = TORCH,
+    batch_invariant: bool = False,
 ) -> LoadedLM:
     """pack: on CPUs that run oneDNN's bf16 matmuls, pre-pack bf16 linear weights (same results, faster).
     backend: what runs decode steps (model_core.backend.select_backend); with native kernels:
     quantized_max_rows: for a GGUF file, keep its Q4_0/Q4_1/Q8_0 weights quantized as well and run matmuls of up
     to this many rows (decode steps) on them (0 = off, None = the backend's default; see model_core.qmatmul);
     native_decode: run decode steps of llama models with native kernels between the matmuls
-    (model_core.fused_decode)."""
+    (model_core.fused_decode); batch_invariant: every matmul on its kernel at any batch size, prompt chunks
+    included (quantized_max_rows None then means all rows), and `model.batch_invariant` set where that makes each
+    token's logits independent of its batch (model_core.lm); a warning says why where it does not."""
     from model_core.weights.gguf import load_gguf, load_gguf_blocks
     from model_core.weights.gguf_reader import GGUFFile, open_gguf
     from model_core.weights.safetensors import load_safetensors_dir
@@ -75,6 +97,8 @@ def load_lm(
     if kernels is None:
         backend = TORCH
     max_rows = backend.quant_max_rows if quantized_max_rows is None else quantized_max_rows
+    if batch_invariant and quantized_max_rows is None and kernels is not None:
+        max_rows = ALL_ROWS
     if kernels is not None and max_rows > 0 and file is not None:
         n = attach_quantized(model, load_gguf_blocks(p, cfg, file), max_rows, kernels)
         log.info("%d linear layers also run on their quantized weights for up to %d rows", n, max_rows)
@@ -85,6 +109,13 @@ def load_lm(
                 "decode steps run with native kernels between matmuls (one call per layer up to %d rows)",
                 model.decoder_fast_path.max_rows,
             )
+    if batch_invariant:
+        gap = "no native kernels run this model (backend torch)" if kernels is None else invariance_gap(model)
+        if gap is None:
+            model.batch_invariant = True
+            log.info("batch-invariant: every token's logits are the same in any batch, chunking or cache hit")
+        else:
+            log.warning("batch-invariant mode off for this model: %s", gap)
     dt = time.perf_counter() - t0
     log.info(
         "loaded %s (%s, %d layers, d=%d) as %s on %s in %.1fs",
@@ -105,11 +136,19 @@ def load_for_inference(
     dtype: str = "auto",
     kernels: str = "auto",
     quantized_max_rows: int | None = None,
+    batch_invariant: bool = True,
 ) -> LoadedLM:
     """Device, then decode backend, then dtype (auto picks by what the backend computes fast), then the model;
     logs one line naming the backend, ISA, dtype and threads."""
     dev = select_device(device)
-    backend = select_backend(kernels, dev)
-    lm = load_lm(path, select_dtype(dtype, dev, backend), dev, quantized_max_rows=quantized_max_rows, backend=backend)
+    backend = select_backend(kernels, dev, batch_invariant)
+    lm = load_lm(
+        path,
+        select_dtype(dtype, dev, backend),
+        dev,
+        quantized_max_rows=quantized_max_rows,
+        backend=backend,
+        batch_invariant=batch_invariant,
+    )
     log.info("%s", lm.backend.describe(lm.model.embed.weight.dtype, torch.get_num_threads()))
     return lm

@@ -35,6 +35,7 @@ class TextModel:
     load_seconds: float = 0.0
     dtype: str = "float32"  # of the weights and activations
     kernels: str = "torch"  # what runs decode steps: a native ISA build (avx2, avx512bf16, neon...) or torch
+    batch_invariant: bool = False  # each token's logits the same in any batch (model_core.lm)
 
     def __post_init__(self) -> None:
         self.max_prompt_chars = self.max_model_len * self.tokenizer.max_token_bytes

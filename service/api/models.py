@@ -28,6 +28,7 @@ def _entries(request: Request, tm: TextModel) -> list[dict[str, Any]]:
             "max_model_len": tm.max_model_len,
             "dtype": tm.dtype,
             "kernels": tm.kernels,
+            "batch_invariant": tm.batch_invariant,
         }
     ]
     g2p = get_g2p_batcher(request)

@@ -2,13 +2,17 @@
 
 A step is a batch of decodes (one token each, one batched forward) plus prefill chunks, grouped by
 length into padded forwards (`prefill_groups`: a group grows while padding stays under a quarter of
-its tokens). A chunk may start anywhere in its sequence (chunked prefill, or a prefix found in the
+its tokens). A batch-invariant model (model_core.lm) runs the whole step as one forward: its cache
+serves every real token as one query row and skips the padding, so grouping would only cost passes.
+A chunk may start anywhere in its sequence (chunked prefill, or a prefix found in the
 prefix cache). The logits of every position that must be sampled are then processed and sampled
 together in one batched call.
 
 Prompt logprobs (`SamplingParams.prompt_logprobs`, echo with logprobs) come from the same prefill forward that
-fills the KV cache: only a group holding a chunk that asks for them keeps the hidden states of every position,
-and the lm_head runs over them in slices of `SCORE_ROWS` positions, so no (prompt_len, V) tensor is ever made.
+fills the KV cache (for a batch-invariant model: from an exact pass of their own over the prompt, since its
+serving products may round activations to int8): only a group holding a chunk that asks for them keeps the
+hidden states of every position, and the lm_head runs over them in slices of `SCORE_ROWS` positions, so no
+(prompt_len, V) tensor is ever made.
 Each scored position is stored in the request's `prompt_logprobs` list (index i: how the model scored prompt
 token i given tokens 0..i-1).
 """
@@ -66,6 +70,7 @@ class ModelRunner:
             self.device,
             max_positions=cfg.max_seq_len,
             kernels=kernels,
+            in_place_prefill=model.batch_invariant,
         )
 
     def _forward(self, chunks: list[ChunkInput], score: bool = False) -> torch.Tensor:
@@ -77,7 +82,11 @@ class ModelRunner:
         ids = [c.token_ids + [0] * (T - c.num_tokens) for c in chunks]
         tokens = torch.tensor(ids, dtype=torch.long, device=self.device)  # (B, T)
         positions = self.cache.prepare([c.block_table for c in chunks], [c.start for c in chunks], counts)
-        if score:
+        if score and self.model.batch_invariant:  # scores from an exact pass of their own; logits as any forward's
+            for c in chunks:
+                if self.wants_prompt_scores(c):
+                    self._score_prompt(c, self._exact_hidden(c), exact=True)
+        elif score:
             h = self.model(tokens, positions, self.cache, hidden=True)  # (B, T, C), final-normed
             for b, c in enumerate(chunks):
                 if self.wants_prompt_scores(c):
@@ -97,9 +106,16 @@ class ModelRunner:
         last = min(chunk.end, len(chunk.prompt_ids) - 1)  # the last prompt position it scores
         return scores is not None and chunk.start < last and scores[last] is None
 
-    def _score_prompt(self, chunk: ChunkInput, h: torch.Tensor) -> None:
+    def _exact_hidden(self, chunk: ChunkInput) -> torch.Tensor:
+        """(n, C) final-normed hidden states of the chunk's positions from an exact pass over the prompt up to the
+        chunk's end (batch-invariant mode: the serving products may round activations to int8)."""
+        end = min(chunk.end, len(chunk.prompt_ids))
+        tokens = torch.tensor([chunk.prompt_ids[:end]], dtype=torch.long, device=self.device)  # (1, end)
+        return self.model.exact_hidden(tokens)[0, chunk.start :]  # (end - start, C)
+
+    def _score_prompt(self, chunk: ChunkInput, h: torch.Tensor, exact: bool = False) -> None:
         """h: (n, C) final-normed hidden states of the chunk's positions. Position p predicts prompt token
-        p + 1; the logits are made SCORE_ROWS positions at a time."""
+        p + 1; the logits are made SCORE_ROWS positions at a time (with exact products where `exact`)."""
         state = chunk.sampling
         scores = state.prompt_scores
         assert scores is not None
@@ -110,7 +126,7 @@ class ModelRunner:
             m = min(SCORE_ROWS, n - i)
             first = chunk.start + i + 1  # the first prompt token this slice scores
             targets = torch.tensor(prompt[first : first + m], dtype=torch.long, device=self.device)  # (m,)
-            logits = self.model.project(h[i : i + m])  # (m, V)
+            logits = self.model.project(h[i : i + m], exact)  # (m, V)
             for j, sc in enumerate(score_tokens(logits, targets, k)):
                 scores[first + j] = sc
 
@@ -134,19 +150,13 @@ class ModelRunner:
     def execute(self, out: ModelInput) -> dict[str, SampleResult]:
         rows: list[torch.Tensor] = []
         to_sample: list[ChunkInput] = []
-        decodes = [c for c in out.decodes if c.sample]  # prompt-only tails are not sampled
-        if out.decodes:
-            logits = self._forward(out.decodes)  # (B, V)
-            if decodes:
-                rows.append(
-                    logits
-                    if len(decodes) == len(out.decodes)
-                    else logits[[i for i, c in enumerate(out.decodes) if c.sample]]
-                )
-                to_sample.extend(decodes)
-        for group in self.prefill_groups(out.prefills):
+        if self.cache.in_place_prefill:  # batch-invariant: one forward, padding skipped
+            forwards = [out.decodes + out.prefills] if out.decodes or out.prefills else []
+        else:
+            forwards = ([out.decodes] if out.decodes else []) + self.prefill_groups(out.prefills)
+        for group in forwards:
             logits = self._forward(group, score=any(self.wants_prompt_scores(c) for c in group))  # (len(group), V)
-            keep = [i for i, c in enumerate(group) if c.sample]
+            keep = [i for i, c in enumerate(group) if c.sample]  # prompt-only chunks and tails are not sampled
             if keep:
                 rows.append(logits[keep] if len(keep) < len(group) else logits)
                 to_sample.extend(group[i] for i in keep)

@@ -199,6 +199,7 @@ class Scheduler:
         self._root_hash = root_hash(cache_salt)
         self.prefix_cache_queries = 0  # prompt tokens looked up in the prefix cache (first schedule of each)
         self.prefix_cache_hits = 0  # of which found cached
+        self.preemptions = 0  # running sequences sent back to waiting for want of blocks, in all
         self.block_size = block_size
         if self.blocks_for(max_model_len) > num_blocks:
             raise ValueError(
@@ -329,6 +330,7 @@ class Scheduler:
         seq.num_computed = 0
         seq.status = SeqStatus.WAITING
         seq.num_preemptions += 1
+        self.preemptions += 1
         bisect.insort(self._waiting, seq, key=_order)
         return seq
 
