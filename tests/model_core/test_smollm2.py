@@ -18,6 +18,9 @@ from model_core.kv_cache import PagedKVCache
 from model_core.qmatmul import QuantLinear
 from model_core.sampling import SamplingParams
 from model_core.weights.loader import LoadedLM, load_lm
+from service.config import Settings
+from service.main import build_text_model
+from tests.service.server_utils import serve_model_in_process
 from tests.utils import native_isas
 
 pytestmark = pytest.mark.heavy  # real-model parity (make test-fast skips it)
@@ -309,3 +312,23 @@ def test_serving_decode_path_agrees_with_hf_fp32(
     assert agree / total >= 0.95
     assert worst < 3.0  # logits span about -30..40; measured 1.25 for bf16 kernels (the dense bf16 forward: up to ~5)
     _check_logprobs(label, _decode_logits(lm, ppl_ids), ppl_ids, fp32_logprobs, bf16_noise)
+
+
+def test_prompt_scores_with_the_default_settings_are_within_005_of_hf_fp32(
+    ppl_ids: list[int], fp32_logprobs: torch.Tensor
+) -> None:
+    """echo + logprobs through the server as it starts by default (batch-invariant, auto backend and dtype): the
+    prompt's log-probabilities come from an exact pass (model_core.lm.CausalLM.exact_hidden), within 0.05 mean
+    of HF fp32 on every kind of CPU whatever its serving products round."""
+    tm = build_text_model(Settings(enable_gan=False, enable_g2p=False, max_model_len=1024))
+    with serve_model_in_process(tm) as live, live.client(timeout=300) as client:
+        r = client.post(
+            "/v1/completions",
+            json={"model": tm.name, "prompt": PPL_TEXT, "max_tokens": 0, "echo": True, "logprobs": 1},
+        )
+    assert r.status_code == 200, r.text
+    got = torch.tensor(r.json()["choices"][0]["logprobs"]["token_logprobs"][1:])
+    assert len(got) == len(ppl_ids) - 1
+    dev = float((got - fp32_logprobs).abs().mean())
+    print(f"prompt scores, default settings ({tm.kernels}, {tm.dtype}): mean |d logprob| vs HF fp32 {dev:.4f}")
+    assert dev < 0.05
