@@ -158,11 +158,18 @@ class PagedKVCache:
                 real = torch.arange(T).unsqueeze(0) < torch.as_tensor(counts).unsqueeze(1)  # (B, T)
                 index = real.reshape(-1).nonzero().squeeze(1)  # (N,)
             self._index = index
-            self._rows = rows if T == 1 else rows.repeat_interleave(T, dim=0)  # (B*T, Tk)
             lens = (positions + 1).reshape(-1).to(torch.int32)  # (B*T,)
+            if T == 1:
+                self._rows = rows.contiguous()  # (B, Tk)
+            else:  # each real token's sequence's rows (never the padded B*T x Tk)
+                seq = torch.arange(B).repeat_interleave(T)  # (B*T,)
+                self._rows = rows[seq if index is None else seq[index]]  # (N, Tk)
             if index is not None:
-                self._rows, lens, self._write = self._rows[index], lens[index], self._write[index]
-            self._rows, self._lens = self._rows.contiguous(), lens.contiguous()
+                lens, self._write = lens[index], self._write[index]
+            self._lens = lens.contiguous()
+            if T > 1:  # attention reads the tables above; no (B, 1, T, Tk) mask
+                self.mask, self.is_causal = None, False
+                return positions.to(self.device)
         if T == 1 and all(st + 1 == Tk for st in starts):  # decode of equal-length rows: every key is visible
             self.mask, self.is_causal = None, False
         elif B == 1 and starts[0] == 0:  # a whole prompt from its start: plain causal attention

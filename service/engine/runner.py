@@ -2,8 +2,7 @@
 
 A step is a batch of decodes (one token each, one batched forward) plus prefill chunks, grouped by
 length into padded forwards (`prefill_groups`: a group grows while padding stays under a quarter of
-its tokens). A batch-invariant model (model_core.lm) runs the whole step as one forward: its cache
-serves every real token as one query row and skips the padding, so grouping would only cost passes.
+its tokens; a batch-invariant model's cache skips the padding, model_core.kv_cache).
 A chunk may start anywhere in its sequence (chunked prefill, or a prefix found in the
 prefix cache). The logits of every position that must be sampled are then processed and sampled
 together in one batched call.
@@ -150,10 +149,7 @@ class ModelRunner:
     def execute(self, out: ModelInput) -> dict[str, SampleResult]:
         rows: list[torch.Tensor] = []
         to_sample: list[ChunkInput] = []
-        if self.cache.in_place_prefill:  # batch-invariant: one forward, padding skipped
-            forwards = [out.decodes + out.prefills] if out.decodes or out.prefills else []
-        else:
-            forwards = ([out.decodes] if out.decodes else []) + self.prefill_groups(out.prefills)
+        forwards = ([out.decodes] if out.decodes else []) + self.prefill_groups(out.prefills)
         for group in forwards:
             logits = self._forward(group, score=any(self.wants_prompt_scores(c) for c in group))  # (len(group), V)
             keep = [i for i, c in enumerate(group) if c.sample]  # prompt-only chunks and tails are not sampled
