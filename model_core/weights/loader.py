@@ -136,7 +136,7 @@ def load_for_inference(
     dtype: str = "auto",
     kernels: str = "auto",
     quantized_max_rows: int | None = None,
-    batch_invariant: bool = True,
+    batch_invariant: bool = False,
 ) -> LoadedLM:
     """Device, then decode backend, then dtype (auto picks by what the backend computes fast), then the model;
     logs one line naming the backend, ISA, dtype and threads."""

@@ -83,7 +83,9 @@ async def _together(live: InProcessServer) -> list[Answer]:
 @contextmanager
 def _serve(isa: str, kv_tokens: int | None = None) -> Iterator[InProcessServer]:
     """The default model with kernels `isa`; kv_tokens: a KV cache of about that many tokens (else the default)."""
-    settings = Settings(kernels=isa, max_model_len=512, max_num_seqs=16, enable_gan=False, enable_g2p=False)
+    settings = Settings(
+        kernels=isa, batch_invariant=True, max_model_len=512, max_num_seqs=16, enable_gan=False, enable_g2p=False
+    )
     if kv_tokens is not None:
         probe = build_text_model(settings)  # (its cache size per token depends on the dtype auto picks)
         runner = probe.engine.runner
