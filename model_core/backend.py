@@ -2,11 +2,10 @@
 
 `select_backend(choice)` returns a `DecodeBackend`: either native kernels for one instruction set
 (model_core.native: "avx512bf16", "avx2", "neon-dotprod", "neon", or the plain-C "reference") or the PyTorch path
-("torch"). "auto" takes the best SIMD build this CPU runs (avx512bf16 only where AMX makes its dense bf16
-prompt matmuls fast and the batch-invariant mode, which runs prompts on the kernels too, is off; else the int8
-builds first); a named ISA must be one this CPU executes (so an AVX-512 machine also tests its AVX2 build).
-The loader attaches the backend's kernels to the model's quantized layers and fused decoder; the runner gives
-them to the KV cache.
+("torch"). "auto" takes the best SIMD build this CPU runs (avx512bf16 only where AMX makes its bf16 matmuls
+fast, else the int8 builds first); a named ISA must be one this CPU executes (so an AVX-512 machine also
+tests its AVX2 build). The loader attaches the backend's kernels to the
+model's quantized layers and fused decoder; the runner gives them to the KV cache.
 """
 
 from __future__ import annotations
@@ -59,13 +58,10 @@ class DecodeBackend:
 TORCH = DecodeBackend(None, "PyTorch only")
 
 
-def select_backend(
-    choice: str = "auto", device: torch.device | str = "cpu", batch_invariant: bool = False
-) -> DecodeBackend:
+def select_backend(choice: str = "auto", device: torch.device | str = "cpu") -> DecodeBackend:
     """auto: the best native build this CPU runs (PyTorch where none does, or on a GPU): avx512bf16 (bf16) where
-    AMX runs the bf16 matmuls of prompt chunks (not batch_invariant), else the int8 builds (avx2, neon-dotprod)
-    before the exact ones; torch: PyTorch only; an ISA name: that build, or ValueError if this CPU cannot run it
-    or it does not build."""
+    AMX runs the bf16 matmuls, else the int8 builds (avx2, neon-dotprod) before the exact ones; torch: PyTorch
+    only; an ISA name: that build, or ValueError if this CPU cannot run it or it does not build."""
     if choice not in CHOICES:
         raise ValueError(f"unknown kernels {choice!r}; expected one of {', '.join(CHOICES)}")
     if choice == "torch":
@@ -84,12 +80,9 @@ def select_backend(
     for name in native.runnable():
         if name == "reference":
             continue  # plain C: for tests, and when asked for
-        if name == "avx512bf16" and (not amx or batch_invariant):
+        if name == "avx512bf16" and not amx:
             # measured on an AVX512-BF16 machine without AMX: oneDNN's bf16 matmuls ran at half its fp32 rate, and
-            # the avx2 build's int8 decode (fp32 activations) beat the bf16 kernels at every batch size. With AMX,
-            # the bf16 build pays off only through oneDNN's dense prompt matmuls; batch-invariant prompts run on
-            # the kernels, where the int8 build was faster there too (512-token prompt 0.54 s vs 1.12 s; decode
-            # 520 vs 347 tok/s at 16 rows)
+            # the avx2 build's int8 decode (fp32 activations) beat the bf16 kernels at every batch size
             continue
         try:
             why = "the best this CPU runs" + (" (AMX: bf16 matmuls run natively)" if name == "avx512bf16" else "")

@@ -135,20 +135,14 @@ class FusedLlamaDecoder:
     def run(self, x: torch.Tensor, positions: torch.Tensor, cache: PagedKVCache) -> torch.Tensor:
         """x: (B, T, C) embeddings of this forward's tokens (T = 1 for a decode step); positions (B, T). Returns
         the last layer's output (B, T, C) (zeros at padding tokens)."""
-        B, T, C = x.shape
-        index = cache.token_index()  # (N,) the real tokens of the B*T, or None: all
-        flat = x.reshape(B * T, C)  # (B*T, C)
-        flat = (flat if index is None else flat[index]).contiguous()  # (N, C), updated in place layer by layer
-        pos = positions.reshape(B * T)
-        pos = pos if index is None else pos[index]  # (N,)
+        flat = cache.real_tokens(x).contiguous()  # (N, C): the real tokens, updated in place layer by layer
+        pos = cache.real_tokens(positions.unsqueeze(-1)).squeeze(-1)  # (N,)
         try:
             out = self._run(flat, pos, cache)
         except KernelError as e:
-            e.add_note(f"fused step of {flat.shape[0]} tokens in {B} sequences")
+            e.add_note(f"fused step of {flat.shape[0]} tokens in {x.shape[0]} sequences")
             raise
-        if index is not None:
-            out = torch.zeros(B * T, C, dtype=out.dtype).index_copy_(0, index, out)  # (B*T, C)
-        return out.view(B, T, C)
+        return cache.padded(out)  # (B, T, C)
 
     def _run(self, x: torch.Tensor, pos: torch.Tensor, cache: PagedKVCache) -> torch.Tensor:
         """x: (N, C) rows, one per token, each at its position pos (N,): the cache's query rows."""

@@ -196,15 +196,28 @@ class PagedKVCache:
 
     def decode_tables(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
         """For a forward served in place: (write rows (N,) int64, key rows (N, Tk) int64, keys per query row
-        (N,) int32, Tk), one row per real token (see `token_index`)."""
+        (N,) int32, Tk), one row per real token (see `real_tokens`)."""
         assert self.attends_in_place and self._write is not None and self._rows is not None and self._lens is not None
         return self._write, self._rows, self._lens, self._shape[2]
 
-    def token_index(self) -> torch.Tensor | None:
-        """For a forward served in place: which rows of its flattened (B*T) tokens are real, in the order of
-        `decode_tables` (None: all of them, padding only exists where chunks of different lengths share it)."""
+    def real_tokens(self, t: torch.Tensor) -> torch.Tensor:
+        """For a forward served in place: t (B, T, ...) -> (N, ...), the real tokens' rows in the order of
+        `decode_tables` (padding only exists where chunks of different lengths share a forward)."""
         assert self.attends_in_place
-        return self._index
+        B, T, _ = self._shape
+        flat = t.reshape(B * T, *t.shape[2:])  # (B*T, ...)
+        return flat if self._index is None else flat[self._index]
+
+    def padded(self, rows: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The inverse of `real_tokens`: rows (N, ...) -> (B, T, ...), zeros at padding tokens (into `out`, a
+        (B*T, ...) buffer, where given)."""
+        B, T, _ = self._shape
+        if self._index is not None:
+            out = torch.zeros(B * T, *rows.shape[1:], dtype=rows.dtype) if out is None else out.zero_()
+            rows = out.index_copy_(0, self._index, rows)
+        elif out is not None and out.data_ptr() != rows.data_ptr():
+            rows = out.copy_(rows)
+        return rows.view(B, T, *rows.shape[1:])
 
     def attend(self, layer: int, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
         """Store this forward's kv (B, T, 2*nkv, hs) and return softmax(q k^T / sqrt(hs)) v for each query row
@@ -217,17 +230,14 @@ class PagedKVCache:
         nh, nkv, hs = q.shape[2], self.n_kv_heads, self.head_dim
         if q.dtype != self.kv.dtype or q.device != self.kv.device:
             raise ValueError(f"attend() takes {self.kv.dtype} queries like the cache's, not {q.dtype} on {q.device}")
-        index, N = self._index, self._lens.shape[0]
-        kv = kv.reshape(B * T, 2 * nkv, hs)
-        q = q.reshape(B * T, nh, hs)
-        if index is not None:  # the real tokens only
-            kv, q = kv[index], q[index]  # (N, 2*nkv, hs), (N, nh, hs)
+        N = self._lens.shape[0]
+        kv, q = self.real_tokens(kv), self.real_tokens(q)  # (N, 2*nkv, hs), (N, nh, hs)
         store = self.kv[layer]  # (rows, 2*nkv, hs)
         store.index_copy_(0, self._write, kv)
         if not q.is_contiguous():  # (a slice of the qkv projection): copied into scratch, not a new tensor
             q = self.scratch.take("attend.q", (N, nh, hs), q.dtype).copy_(q)
         out = self.scratch.take("attend.out", (B * T, nh, hs), q.dtype)
-        rows = out if index is None else self.scratch.take("attend.rows", (N, nh, hs), q.dtype)
+        rows = out if self._index is None else self.scratch.take("attend.rows", (N, nh, hs), q.dtype)
         self.kernels.call(
             "paged_attention_decode",
             q.data_ptr(),
@@ -245,9 +255,7 @@ class PagedKVCache:
             torch.get_num_threads(),
             context=f"paged attention B={N} heads={nh}/{nkv} hs={hs} Tk={Tk}",
         )
-        if index is not None:
-            out.zero_().index_copy_(0, index, rows)
-        return out.view(B, T, nh, hs)
+        return self.padded(rows, out)  # (B, T, nh, hs)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """k, v: (B, nkv, T, hs) for the prepared tokens -> all keys/values (B, nkv, Tk, hs)."""

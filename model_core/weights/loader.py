@@ -141,7 +141,7 @@ def load_for_inference(
     """Device, then decode backend, then dtype (auto picks by what the backend computes fast), then the model;
     logs one line naming the backend, ISA, dtype and threads."""
     dev = select_device(device)
-    backend = select_backend(kernels, dev, batch_invariant)
+    backend = select_backend(kernels, dev)
     lm = load_lm(
         path,
         select_dtype(dtype, dev, backend),

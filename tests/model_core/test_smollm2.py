@@ -288,7 +288,7 @@ def test_serving_decode_path_agrees_with_hf_fp32(
     """What the server runs per decode step with each backend this CPU has, in the dtype `auto` picks for it (the
     4-bit weights as stored, attention from the paged cache; batch-invariant where the backend can be), against
     HF fp32, token by token over the prompts and greedy continuations, plus log-probabilities on a text."""
-    backend = select_backend(kernels, batch_invariant=True)
+    backend = select_backend(kernels)
     dtype = select_dtype("auto", torch.device("cpu"), backend)
     lm = load_lm(smol_path, dtype, quantized_max_rows=None, backend=backend, batch_invariant=True)
     quantized = any(isinstance(m, QuantLinear) for m in lm.model.modules())

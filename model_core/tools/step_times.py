@@ -1,0 +1,86 @@
+"""Model step times of the default model (or any GGUF) per backend: a prompt forward and decode steps.
+
+    python -m model_core.tools.step_times [--kernels auto] [--dtype auto] [--batch-invariant]
+        [--prompt-tokens 512] [--batches 1,4,16] [--model PATH]
+
+Prints the best of 3 times of one `prompt-tokens` prompt forward through the paged cache (the prefill a
+request's first chunk costs), and decode throughput (rows / median step time over 40 steps at 200 keys) for each
+decode batch: the cost of the batch-invariant mode (prompts on the kernels) against dense prompt matmuls, and
+of one kernel build against another, without a server. An in-process measurement of model_core (no HTTP), hence
+here rather than in benchmarks/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+
+def main(argv: list[str] | None = None) -> None:
+    import torch
+
+    from model_core.default_model import find_default_model
+    from model_core.kv_cache import PagedKVCache
+    from model_core.weights.loader import load_for_inference
+
+    ap = argparse.ArgumentParser(prog="python -m model_core.tools.step_times", description=__doc__)
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--kernels", default="auto")
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--batch-invariant", action=argparse.BooleanOptionalAction, default=False)
+    ap.add_argument("--prompt-tokens", type=int, default=512)
+    ap.add_argument("--batches", default="1,4,16")
+    a = ap.parse_args(argv)
+
+    lm = load_for_inference(
+        a.model or find_default_model(), "cpu", a.dtype, a.kernels, batch_invariant=a.batch_invariant
+    )
+    cfg, dtype, block = lm.config, lm.model.embed.weight.dtype, 16
+
+    def cache(blocks: int) -> PagedKVCache:
+        return PagedKVCache(
+            cfg.n_layers,
+            blocks,
+            block,
+            cfg.n_kv_heads,
+            cfg.hd,
+            dtype,
+            max_positions=cfg.max_seq_len,
+            kernels=lm.backend.kernels,
+            in_place_prefill=lm.batch_invariant,
+        )
+
+    text = "The water cycle describes how water moves between the land, the oceans and the atmosphere. "
+    ids = (lm.tokenizer.encode(text) * (a.prompt_tokens // 10 + 1))[: a.prompt_tokens]
+    blocks = -(-len(ids) // block)
+    kv = cache(blocks)
+    best = float("inf")
+    with torch.inference_mode():
+        for _ in range(3):
+            t0 = time.perf_counter()
+            pos = kv.prepare([list(range(blocks))], [0], len(ids))
+            lm.model(torch.tensor([ids]), pos, kv, last_only=True)
+            best = min(best, time.perf_counter() - t0)
+    rates = []
+    for B in (int(b) for b in a.batches.split(",")):
+        per = -(-240 // block)  # blocks per sequence: 200 keys and the 40 steps
+        kv = cache(B * per)
+        tables = [list(range(b * per, (b + 1) * per)) for b in range(B)]
+        steps = []
+        with torch.inference_mode():
+            for s in range(40):
+                t0 = time.perf_counter()
+                pos = kv.prepare(tables, [200 + s] * B, 1)
+                lm.model(torch.randint(0, cfg.vocab_size, (B, 1)), pos, kv, last_only=True)
+                steps.append(time.perf_counter() - t0)
+        rates.append(f"{B}: {B / statistics.median(steps):.0f}")
+    print(
+        f"{lm.backend.name}, {str(dtype).removeprefix('torch.')}, batch-invariant {lm.batch_invariant}, "
+        f"{torch.get_num_threads()} threads: {len(ids)}-token prompt {best * 1000:.0f} ms; "
+        f"decode tok/s at rows {', '.join(rates)}"
+    )
+
+
+if __name__ == "__main__":
+    main()
