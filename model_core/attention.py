@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model_core.norms import RMSNorm
 from model_core.positional import apply_rotary_bthd
 
 
@@ -27,8 +28,10 @@ def scaled_dot_product_attention(
     is_causal: bool = False,
     dropout_p: float = 0.0,
     scale: float | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
-    """softmax(q k^T * scale + mask) v, with grouped-query heads.
+    """softmax(q k^T * scale + mask) v, with grouped-query heads; with softcap, each score s becomes
+    softcap * tanh(s / softcap) before the mask (Gemma 2's logit soft-capping).
 
     q: (B, nh, Tq, hs); k, v: (B, nkv, Tk, hs) with nh a multiple of nkv.
     mask: boolean (True = attend) or additive float, broadcastable to (B, nh, Tq, Tk).
@@ -44,6 +47,8 @@ def scaled_dot_product_attention(
     qg = q.reshape(B, nkv, g * Tq, hs)  # (B, nkv, g*Tq, hs): the g query heads sharing one kv head
     att = torch.matmul(qg, k.transpose(-2, -1)) * scale  # (B, nkv, g*Tq, Tk)
     att = att.view(B, nh, Tq, Tk)  # (B, nh, Tq, Tk)
+    if softcap is not None:
+        att = torch.tanh(att / softcap) * softcap
     if is_causal:
         causal = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(diagonal=Tk - Tq)
         att = att.masked_fill(~causal, float("-inf"))
@@ -65,7 +70,13 @@ class KVStore(Protocol):
 
 
 class MultiHeadAttention(nn.Module):
-    """Multi-head attention with optional grouped-query heads, RoPE and KV cache."""
+    """Multi-head attention with optional grouped-query heads, RoPE and KV cache.
+
+    scale: of the scores (default 1/sqrt(head_dim)); softcap: scores s -> softcap * tanh(s / softcap);
+    qk_norm_eps: an RMSNorm over each query and key head (before RoPE; Qwen 3, Gemma 3), with this epsilon;
+    window: this layer attends to the last `window` positions only (0: all), where a cache attends in place
+    (other paths take the window as part of their mask).
+    """
 
     def __init__(
         self,
@@ -76,6 +87,10 @@ class MultiHeadAttention(nn.Module):
         bias: bool = True,
         out_bias: bool | None = None,
         dropout: float = 0.0,
+        scale: float | None = None,
+        softcap: float | None = None,
+        qk_norm_eps: float | None = None,
+        window: int = 0,
     ) -> None:
         super().__init__()
         self.n_heads = n_heads
@@ -88,6 +103,9 @@ class MultiHeadAttention(nn.Module):
         self.qkv = nn.Linear(d_model, self.q_size + 2 * self.kv_size, bias=bias)
         self.out = nn.Linear(self.q_size, d_model, bias=bias if out_bias is None else out_bias)
         self.dropout = dropout
+        self.scale, self.softcap, self.window = scale, softcap, window
+        self.q_norm = RMSNorm(self.head_dim, qk_norm_eps) if qk_norm_eps is not None else None
+        self.k_norm = RMSNorm(self.head_dim, qk_norm_eps) if qk_norm_eps is not None else None
 
     def project_memory(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """memory: (B, S, C) -> cross-attention keys and values, each (B, nkv, S, hs)."""
@@ -119,10 +137,16 @@ class MultiHeadAttention(nn.Module):
         nh, nkv, hs = self.n_heads, self.n_kv_heads, self.head_dim
         if memory is None and memory_kv is None:
             qkv = self.qkv(x).view(B, T, nh + 2 * nkv, hs)  # (B, T, nh + 2*nkv, hs): [q heads | k heads | v heads]
+            if self.q_norm is not None and self.k_norm is not None:
+                qkv = torch.cat(
+                    [self.q_norm(qkv[:, :, :nh]), self.k_norm(qkv[:, :, nh : nh + nkv]), qkv[:, :, nh + nkv :]], 2
+                )
             if rope is not None:  # rotate q and k heads together, v untouched
                 qkv = torch.cat([apply_rotary_bthd(qkv[:, :, : nh + nkv], rope), qkv[:, :, nh + nkv :]], dim=2)
             if getattr(cache, "attends_in_place", False):  # read straight from a paged cache, one query row a token
-                y = cache.attend(layer, qkv[:, :, :nh], qkv[:, :, nh:])  # type: ignore[union-attr]  # (B, T, nh, hs)
+                y = cache.attend(  # type: ignore[union-attr]
+                    layer, qkv[:, :, :nh], qkv[:, :, nh:], self.scale, self.softcap, self.window
+                )  # (B, T, nh, hs)
                 return self.out(y.reshape(B, T, self.q_size))
             q = qkv[:, :, :nh].transpose(1, 2)  # (B, nh, T, hs)
             fused = getattr(cache, "update_fused", None)
@@ -146,12 +170,21 @@ class MultiHeadAttention(nn.Module):
             if cache is not None:
                 k, v = cache.update(layer, k, v)
         dropout_p = self.dropout if self.training else 0.0
-        if is_causal and (mask is not None or q.shape[2] != k.shape[2]):
+        if (is_causal and (mask is not None or q.shape[2] != k.shape[2])) or self.softcap is not None:
             # torch's is_causal aligns top-left and excludes a mask; ours aligns the queries to the last keys
-            y = scaled_dot_product_attention(q, k, v, mask=mask, is_causal=True, dropout_p=dropout_p)
+            y = scaled_dot_product_attention(
+                q, k, v, mask=mask, is_causal=is_causal, dropout_p=dropout_p, scale=self.scale, softcap=self.softcap
+            )
         else:  # the same computation as ours (tested equal), in one fused kernel
             y = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=dropout_p, enable_gqa=nkv != nh
+                q,
+                k,
+                v,
+                attn_mask=mask,
+                is_causal=is_causal,
+                dropout_p=dropout_p,
+                enable_gqa=nkv != nh,
+                scale=self.scale,
             )  # (B, nh, T, hs)
         y = y.transpose(1, 2).reshape(B, T, self.q_size)  # (B, T, nh*hs)
         return self.out(y)

@@ -19,15 +19,16 @@ belongs to. The kernels are the model's backend's (model_core.backend), for what
 from __future__ import annotations
 
 import ctypes
+import math
 
 import torch
 from torch import nn
 
 from model_core.kv_cache import PagedKVCache
-from model_core.lm import Block, CausalLM
+from model_core.lm import Block, CausalLM, LMConfig
 from model_core.native import KernelError, Kernels
+from model_core.norms import RMSNorm
 from model_core.qmatmul import ACT, QuantLinear
-from model_core.transformer import RMSNorm
 
 _WeightPtrs = ctypes.c_void_p * 12  # llama_decode_layer's w: (qs, d, m) of Wqkv, Wo, Wgate|up, Wdown
 
@@ -38,6 +39,7 @@ class _Layer:
 
     def __init__(self, block: Block) -> None:
         self.block = block
+        self.window = int(block.attn.window)  # the positions this layer attends to (0: all)
         attn_norm, ffn_norm = block.attn_norm, block.ffn_norm
         if not (
             isinstance(attn_norm, RMSNorm)
@@ -94,13 +96,29 @@ class _Layer:
         return self._ptrs, self._i8
 
 
+def unsupported(cfg: LMConfig) -> str | None:
+    """What of the model's block options the kernels do not run (None: all of them): they run llama blocks (RoPE,
+    RMSNorm, SwiGLU, no biases; any attention scale, soft-cap and per-layer window; model_core.models.llama: Llama 2
+    and 3, SmolLM, Mistral)."""
+    plain = LMConfig(arch=cfg.arch, vocab_size=1, d_model=1, n_layers=1, n_heads=1, n_kv_heads=1, d_ff=1, max_seq_len=1)
+    for option in ("norm", "activation", "positions", "qkv_bias", "out_bias", "ffn_bias", "qk_norm", "post_norms"):
+        if getattr(cfg, option) != getattr(plain, option):
+            return f"{option}={getattr(cfg, option)!r}"
+    if cfg.rope_local_theta is not None:
+        return "windowed layers with their own rotary base"
+    return None
+
+
 class FusedLlamaDecoder:
     """For `CausalLM.decoder_fast_path`: `applies(B, cache)`, then `run(x, positions, cache)`."""
 
     def __init__(self, model: CausalLM, kernels: Kernels) -> None:
         cfg = model.cfg
-        if not cfg.is_llama or cfg.hd % 16 or model.embed.weight.dtype not in ACT:
-            raise ValueError("the fused decoder runs float32 or bf16 llama models with a head size multiple of 16")
+        gap = unsupported(cfg)
+        if gap is not None or cfg.hd % 16 or model.embed.weight.dtype not in ACT:
+            raise ValueError(
+                f"the fused decoder runs float32 or bf16 llama blocks with a head size multiple of 16 ({gap})"
+            )
         rotary = model.rotary
         assert rotary is not None
         self.cfg = cfg
@@ -161,6 +179,8 @@ class FusedLlamaDecoder:
             else:
                 dst.copy_(table[pos])
         write, rows, lens, Tk = cache.decode_tables()
+        scale = 1.0 / math.sqrt(hs) if cfg.attn_scale is None else cfg.attn_scale
+        softcap = cfg.attn_softcap or 0.0
         threads = torch.get_num_threads()
         kv_base, kv_layer_bytes = cache.kv.data_ptr(), cache.kv.stride(0) * cache.kv.element_size()
         work_bytes = call("llama_decode_scratch_bytes", B, C, nh, nkv, hs, F, act)
@@ -190,6 +210,9 @@ class FusedLlamaDecoder:
                     nkv,
                     hs,
                     F,
+                    scale,
+                    softcap,
+                    layer.window,
                     act,
                     i8,
                     threads,
@@ -221,6 +244,9 @@ class FusedLlamaDecoder:
                 nh,
                 nkv,
                 hs,
+                scale,
+                softcap,
+                layer.window,
                 act,
                 threads,
                 work,

@@ -179,6 +179,11 @@ class PagedKVCache:
             self.mask, self.is_causal = mask.to(self.device), False
         return positions.to(self.device)
 
+    @property
+    def num_keys(self) -> int:
+        """Tk: the prepared forward's queries see key positions 0..Tk-1 of their sequences (at most)."""
+        return self._shape[2]
+
     def update_fused(self, layer: int, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """kv: (B, T, 2*nkv, hs) = this step's [K heads | V heads] -> all keys and values, each (B, nkv, Tk, hs)."""
         assert self._write is not None, "prepare() must be called before the forward"
@@ -219,11 +224,20 @@ class PagedKVCache:
             rows = out.copy_(rows)
         return rows.view(B, T, *rows.shape[1:])
 
-    def attend(self, layer: int, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
-        """Store this forward's kv (B, T, 2*nkv, hs) and return softmax(q k^T / sqrt(hs)) v for each query row
+    def attend(
+        self,
+        layer: int,
+        q: torch.Tensor,
+        kv: torch.Tensor,
+        scale: float | None = None,
+        softcap: float | None = None,
+        window: int = 0,
+    ) -> torch.Tensor:
+        """Store this forward's kv (B, T, 2*nkv, hs) and return softmax(q k^T * scale) v for each query row
         over the keys its token sees, for q (B, T, nh, hs) -> (B, T, nh, hs) (padding rows: zeros). Only when
-        `attends_in_place`. The result is a scratch buffer of the cache's, valid until the next attend() (the
-        caller projects it)."""
+        `attends_in_place`. scale: default 1/sqrt(hs); softcap: scores s -> softcap * tanh(s / softcap); window:
+        each query sees only the last `window` of its keys (0: all). The result is a scratch buffer of the
+        cache's, valid until the next attend() (the caller projects it)."""
         assert self.attends_in_place and self.kernels is not None and self._rows is not None and self._lens is not None
         assert self._write is not None
         B, T, Tk = self._shape
@@ -250,7 +264,9 @@ class PagedKVCache:
             nkv,
             hs,
             Tk,
-            1.0 / math.sqrt(hs),
+            1.0 / math.sqrt(hs) if scale is None else scale,
+            softcap or 0.0,
+            window,
             int(q.dtype == torch.bfloat16),
             torch.get_num_threads(),
             context=f"paged attention B={N} heads={nh}/{nkv} hs={hs} Tk={Tk}",

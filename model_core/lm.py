@@ -25,15 +25,20 @@ from torch import nn
 
 from model_core.attention import MultiHeadAttention
 from model_core.kv_cache import PagedKVCache
+from model_core.norms import make_norm
 from model_core.positional import LearnedPositionalEmbedding, RotaryEmbedding
 from model_core.qmatmul import exact_products
-from model_core.transformer import FeedForward, make_norm
+from model_core.transformer import FeedForward
 
-ARCHITECTURES = ("llama", "gpt2")
+NORMS = ("rmsnorm", "layernorm")
+POSITIONS = ("rope", "learned")
 
 
 @dataclass(frozen=True)
 class LMConfig:
+    """The model's sizes and its family's block options (model_core.models reads them from a file; the defaults
+    are a llama's). `arch` names the family."""
+
     arch: str
     vocab_size: int
     d_model: int
@@ -46,33 +51,72 @@ class LMConfig:
     rope_theta: float = 10000.0
     head_dim: int | None = None
     tie_embeddings: bool = True
+    # block options
+    norm: str = "rmsnorm"  # NORMS
+    activation: str = "swiglu"  # model_core.transformer.ACTIVATIONS
+    positions: str = "rope"  # POSITIONS: rotary in attention, or a learned table added to the embeddings
+    qkv_bias: bool = False
+    out_bias: bool = False
+    ffn_bias: bool = False
+    qk_norm: bool = False  # an RMSNorm over each query and key head before RoPE (Qwen 3, Gemma 3)
+    post_norms: bool = False  # each sublayer's output normed before its residual add (Gemma 2, 3)
+    embed_scale: float | None = None  # embeddings multiplied by this (Gemma: sqrt(d_model))
+    attn_scale: float | None = None  # attention scores' scale (None: 1/sqrt(head size))
+    attn_softcap: float | None = None  # scores s -> cap * tanh(s / cap) (Gemma 2)
+    final_softcap: float | None = None  # logits likewise (Gemma 2)
+    windows: tuple[int, ...] = ()  # per layer, the positions it attends to (0: all); () = every layer global
+    rope_local_theta: float | None = None  # windowed layers' rotary base, where it differs (Gemma 3)
+    rope_freq_factors: tuple[float, ...] = ()  # global layers' per-frequency divisors (Llama 3 rope scaling)
+    rope_linear: float = 1.0  # global layers' positions divided by this (linear rope scaling)
 
     def __post_init__(self) -> None:
-        if self.arch not in ARCHITECTURES:
-            raise ValueError(f"unsupported architecture {self.arch!r}; supported: {ARCHITECTURES}")
+        from model_core.transformer import ACTIVATIONS
+
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
+        for name, value, allowed in (
+            ("norm", self.norm, NORMS),
+            ("positions", self.positions, POSITIONS),
+            ("activation", self.activation, ACTIVATIONS),
+        ):
+            if value not in allowed:
+                raise ValueError(f"unknown {name} {value!r}; supported: {', '.join(allowed)}")
+        if self.windows and (len(self.windows) != self.n_layers or min(self.windows) < 0):
+            raise ValueError(f"windows {self.windows} do not give one size >= 0 for each of {self.n_layers} layers")
 
     @property
     def hd(self) -> int:
         return self.head_dim or self.d_model // self.n_heads
 
-    @property
-    def is_llama(self) -> bool:
-        return self.arch == "llama"
+    def window(self, layer: int) -> int:
+        """The positions layer `layer` attends to (its own and the window - 1 before it), 0 for all."""
+        return self.windows[layer] if self.windows else 0
 
 
 class Block(nn.Module):
-    """Pre-norm residual block: x + attn(norm(x)), then x + ffn(norm(x))."""
+    """Pre-norm residual block: x + attn(norm(x)), then x + ffn(norm(x)); with post_norms (Gemma)
+    x + post_norm(attn(norm(x))) and likewise for the FFN."""
 
-    def __init__(self, cfg: LMConfig) -> None:
+    def __init__(self, cfg: LMConfig, layer: int) -> None:
         super().__init__()
-        llama = cfg.is_llama
-        norm = "rmsnorm" if llama else "layernorm"
-        self.attn_norm = make_norm(norm, cfg.d_model, cfg.norm_eps)
-        self.attn = MultiHeadAttention(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.hd, bias=not llama)
-        self.ffn_norm = make_norm(norm, cfg.d_model, cfg.norm_eps)
-        self.ffn = FeedForward(cfg.d_model, cfg.d_ff, "swiglu" if llama else "gelu_tanh", bias=not llama)
+        C, eps = cfg.d_model, cfg.norm_eps
+        self.attn_norm = make_norm(cfg.norm, C, eps)
+        self.attn = MultiHeadAttention(
+            C,
+            cfg.n_heads,
+            cfg.n_kv_heads,
+            cfg.hd,
+            bias=cfg.qkv_bias,
+            out_bias=cfg.out_bias,
+            scale=cfg.attn_scale,
+            softcap=cfg.attn_softcap,
+            qk_norm_eps=eps if cfg.qk_norm else None,
+            window=cfg.window(layer),
+        )
+        self.ffn_norm = make_norm(cfg.norm, C, eps)
+        self.ffn = FeedForward(C, cfg.d_ff, cfg.activation, bias=cfg.ffn_bias)
+        self.post_attn_norm = make_norm(cfg.norm, C, eps) if cfg.post_norms else None
+        self.post_ffn_norm = make_norm(cfg.norm, C, eps) if cfg.post_norms else None
 
     def forward(
         self,
@@ -83,8 +127,10 @@ class Block(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor] | None,
         cache: PagedKVCache | None,
     ) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), mask=mask, is_causal=is_causal, rope=rope, cache=cache, layer=layer)
-        return x + self.ffn(self.ffn_norm(x))
+        h = self.attn(self.attn_norm(x), mask=mask, is_causal=is_causal, rope=rope, cache=cache, layer=layer)
+        x = x + (h if self.post_attn_norm is None else self.post_attn_norm(h))
+        h = self.ffn(self.ffn_norm(x))
+        return x + (h if self.post_ffn_norm is None else self.post_ffn_norm(h))
 
 
 class DecoderFastPath(Protocol):
@@ -103,13 +149,26 @@ class CausalLM(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.pos_embed = None if cfg.is_llama else LearnedPositionalEmbedding(cfg.max_seq_len, cfg.d_model)
-        self.rotary = RotaryEmbedding(cfg.hd, cfg.max_seq_len, cfg.rope_theta) if cfg.is_llama else None
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
-        self.norm = make_norm("rmsnorm" if cfg.is_llama else "layernorm", cfg.d_model, cfg.norm_eps)
+        rope = cfg.positions == "rope"
+        self.pos_embed = None if rope else LearnedPositionalEmbedding(cfg.max_seq_len, cfg.d_model)
+        self.rotary: RotaryEmbedding | None = None
+        self.rotary_local: RotaryEmbedding | None = None
+        if rope:
+            self.rotary, self.rotary_local = self.rotary_tables(cfg)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
+
+    @staticmethod
+    def rotary_tables(cfg: LMConfig) -> tuple[RotaryEmbedding, RotaryEmbedding | None]:
+        """The global layers' rotary tables, and the windowed layers' where they differ (else None)."""
+        rotary = RotaryEmbedding(cfg.hd, cfg.max_seq_len, cfg.rope_theta, cfg.rope_freq_factors, cfg.rope_linear)
+        local = None
+        if cfg.rope_local_theta is not None and any(cfg.windows):
+            local = RotaryEmbedding(cfg.hd, cfg.max_seq_len, cfg.rope_local_theta)
+        return rotary, local
 
     def forward(
         self,
@@ -142,9 +201,15 @@ class CausalLM(nn.Module):
         """Logits (..., V) of final-normed hidden states (..., C) from `forward(..., hidden=True)`; exact: with
         exact products (as `exact_hidden`) even in batch-invariant mode."""
         if self.batch_invariant and not exact:  # the same products as every other forward
-            return self.lm_head(h)
+            return self._logits(h)
         with exact_products():
-            return self.lm_head(h)
+            return self._logits(h)
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Final-normed hidden states (..., C) -> logits (..., V), soft-capped where the family does."""
+        logits = self.lm_head(h)
+        cap = self.cfg.final_softcap
+        return logits if cap is None else torch.tanh(logits / cap) * cap
 
     def exact_hidden(self, tokens: torch.Tensor) -> torch.Tensor:
         """Final-normed hidden states (B, T, C) of tokens (B, T) from position 0, without a cache, with exact
@@ -171,6 +236,8 @@ class CausalLM(nn.Module):
     ) -> torch.Tensor:
         B = tokens.shape[0]
         x = self.embed(tokens)  # (B, T, C)
+        if self.cfg.embed_scale is not None:
+            x = x * torch.tensor(self.cfg.embed_scale, dtype=x.dtype)  # (rounded to the activations' dtype)
         fast = self.decoder_fast_path
         if fast is not None and cache is not None and fast.applies(B, cache):
             x = fast.run(x, positions, cache)  # (B, 1, C)
@@ -182,16 +249,33 @@ class CausalLM(nn.Module):
             x = x[torch.arange(B, device=x.device), last_index]  # (B, C)
         elif last_only:
             x = x[:, -1]  # (B, C)
-        return self.lm_head(self.norm(x))
+        return self._logits(self.norm(x))
 
     def _decoder_layers(self, x: torch.Tensor, positions: torch.Tensor, cache: PagedKVCache | None) -> torch.Tensor:
-        rope = None
+        rope = rope_local = None
         if self.rotary is not None:
             rope = self.rotary(positions, x.dtype)
+            rope_local = rope if self.rotary_local is None else self.rotary_local(positions, x.dtype)
         else:
             assert self.pos_embed is not None
             x = x + self.pos_embed(positions).to(x.dtype)
         mask, causal = (cache.mask, cache.is_causal) if cache is not None else (None, True)
+        masks = {0: (mask, causal)}  # window -> (mask, is_causal)
+        attends_in_place = cache is not None and cache.attends_in_place  # (the cache's kernel takes the window)
+        for w in set(self.cfg.windows) - {0}:
+            masks[w] = (mask, causal) if attends_in_place else (window_mask(positions, cache, w), False)
         for i, block in enumerate(self.blocks):
-            x = block(x, i, mask, causal, rope, cache)
+            w = self.cfg.window(i)
+            x = block(x, i, *masks[w], rope_local if w else rope, cache)
         return x
+
+
+def window_mask(positions: torch.Tensor, cache: PagedKVCache | None, window: int) -> torch.Tensor:
+    """(B, 1, T, Tk) bool, True = attend: each query at positions (B, T) sees the keys at its own position and the
+    window - 1 before it; the keys are the cache's positions 0..Tk-1, or without a cache the queries' own."""
+    if cache is not None:
+        keys = torch.arange(cache.num_keys, device=positions.device).view(1, 1, -1)  # (1, 1, Tk)
+    else:
+        keys = positions.unsqueeze(1)  # (B, 1, T)
+    q = positions.unsqueeze(-1)  # (B, T, 1)
+    return ((keys <= q) & (keys > q - window)).unsqueeze(1)  # (B, 1, T, Tk)

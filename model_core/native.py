@@ -175,7 +175,7 @@ ENTRY_POINTS: dict[str, EntryPoint] = {
     "aigc_cpu_features": _entry(_I, "", status=False),
     "quant_matmul": _entry(_I, "x:p act:i qs:p d:p m:p bias:p y:p M:i N:i K:i i8:i nthreads:i"),
     "paged_attention_decode": _entry(
-        _I, "q:p kv:p rows:p lens:p out:p B:i nh:i nkv:i hs:i Tk:i scale:f act:i nthreads:i"
+        _I, "q:p kv:p rows:p lens:p out:p B:i nh:i nkv:i hs:i Tk:i scale:f softcap:f window:i act:i nthreads:i"
     ),
     "llama_rmsnorm": _entry(_I, "x:p w:p eps:f out:p B:i C:i act:i"),
     "llama_add_rmsnorm": _entry(_I, "x:p y:p w:p eps:f out:p B:i C:i act:i"),
@@ -183,13 +183,13 @@ ENTRY_POINTS: dict[str, EntryPoint] = {
     "llama_decode_scratch_bytes": _entry(_L, "B:i C:i nh:i nkv:i hs:i F:i act:i", status=False),
     "llama_attention": _entry(
         _I,
-        "qkv:p B:i cos:p sin:p kv:p write:p rows:p lens:p att:p Tk:i nh:i nkv:i hs:i act:i nthreads:i "
-        "scratch:p scratch_bytes:l",
+        "qkv:p B:i cos:p sin:p kv:p write:p rows:p lens:p att:p Tk:i nh:i nkv:i hs:i scale:f softcap:f window:i act:i "
+        "nthreads:i scratch:p scratch_bytes:l",
     ),
     "llama_decode_layer": _entry(
         _I,
         "x:p B:i C:i attn_norm:p ffn_norm:p eps:f w:w cos:p sin:p kv:p write:p rows:p lens:p Tk:i nh:i nkv:i hs:i "
-        "F:i act:i i8:i nthreads:i scratch:p scratch_bytes:l",
+        "F:i scale:f softcap:f window:i act:i i8:i nthreads:i scratch:p scratch_bytes:l",
     ),
 }
 

@@ -54,10 +54,23 @@ class LearnedPositionalEmbedding(nn.Module):
 class RotaryEmbedding(nn.Module):
     """cos/sin tables for RoPE; `forward(positions)` returns the (cos, sin) pair attention takes."""
 
-    def __init__(self, head_dim: int, max_len: int = 8192, theta: float = 10000.0) -> None:
+    def __init__(
+        self,
+        head_dim: int,
+        max_len: int = 8192,
+        theta: float = 10000.0,
+        freq_factors: tuple[float, ...] = (),
+        linear: float = 1.0,
+    ) -> None:
+        """freq_factors: per frequency (hs/2 of them), a divisor of that frequency (Llama 3's rope scaling, GGUF's
+        rope_freqs); linear: positions are divided by this (linear rope scaling)."""
         super().__init__()
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
-        t = torch.arange(max_len, dtype=torch.float64)
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))  # (hs/2,)
+        if freq_factors:
+            if len(freq_factors) != head_dim // 2:
+                raise ValueError(f"{len(freq_factors)} rope frequency factors for a head size of {head_dim}")
+            inv_freq = inv_freq / torch.tensor(freq_factors, dtype=torch.float64)
+        t = torch.arange(max_len, dtype=torch.float64) / linear
         freqs = torch.outer(t, inv_freq)  # (L, hs/2)
         emb = torch.cat([freqs, freqs], dim=-1)  # (L, hs)
         self.register_buffer("cos", emb.cos().float(), persistent=False)

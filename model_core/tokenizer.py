@@ -24,6 +24,7 @@ from model_core.tokenizer_backends import (
     UNKNOWN,
     byte_level_backend,
     char_to_byte,
+    rstrip_tokens,
     sentencepiece_backend,
     set_post_processor,
 )
@@ -120,7 +121,8 @@ class Tokenizer:
                 unk = next((i for i, t in enumerate(types) if t == UNKNOWN), None)
             strip = bool(md.get("tokenizer.ggml.add_space_prefix", True))
             scores = [float(s) for s in md.get("tokenizer.ggml.scores", [0.0] * len(tokens))]
-            backend = sentencepiece_backend(tokens, types, scores, merges, unk, strip)
+            rstrip = rstrip_tokens(str(md.get("general.name", "")), tokens, types)
+            backend = sentencepiece_backend(tokens, types, scores, merges, unk, strip, rstrip)
             byte_ids = frozenset(i for i, t in enumerate(types) if t == BYTE)
         add_bos = bool(md.get("tokenizer.ggml.add_bos_token", kind == "llama"))
         add_eos = bool(md.get("tokenizer.ggml.add_eos_token", False))

@@ -11,7 +11,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from functools import lru_cache
 
-from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
 from tokenizers import Tokenizer as Backend
 
 log = logging.getLogger(__name__)
@@ -109,6 +109,7 @@ def sentencepiece_backend(
     merges: list[str] | None,
     unk: int | None,
     add_space_prefix: bool,
+    rstrip: frozenset[str] = frozenset(),
 ) -> Backend:
     """GGUF "llama": SentencePiece-style BPE with byte fallback (merges from `scores` when the file has none)."""
     vocab: dict[str, int] = {}
@@ -130,26 +131,41 @@ def sentencepiece_backend(
         vocab=vocab, merges=pairs, unk_token=tokens[unk] if unk is not None else None, fuse_unk=True, byte_fallback=True
     )
     backend = Backend(model)
-    backend.pre_tokenizer = pre_tokenizers.Metaspace(
-        replacement="\u2581", prepend_scheme="first" if add_space_prefix else "never", split=False
-    )
+    # spaces become U+2581; with add_space_prefix one more goes before the text and after every special or
+    # user-defined token (llama.cpp's rule; a normalizer runs on each stretch of text between added tokens, as in
+    # Llama 2's tokenizer.json), even where the text starts with a space
+    spaces = normalizers.Replace(" ", "\u2581")
+    backend.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), spaces]) if add_space_prefix else spaces
     steps = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
     if add_space_prefix:
         steps.append(decoders.Strip(content=" ", left=1, right=0))
     backend.decoder = decoders.Sequence(steps)
-    _add_added_tokens(backend, tokens, types)
+    _add_added_tokens(backend, tokens, types, rstrip)
     return backend
 
 
-def _add_added_tokens(backend: Backend, tokens: list[str], types: list[int]) -> None:
-    """Control/unknown tokens match whole and count as special; user-defined ones match whole."""
+def rstrip_tokens(model_name: str, tokens: Sequence[str], types: Sequence[int]) -> frozenset[str]:
+    """The added tokens that swallow the whitespace after them: llama.cpp's rule for models named Phi-3 (its
+    special tokens but <unk>, <s> and <|endoftext|>, plus </s>), none otherwise."""
+    name = model_name.lower()
+    if "phi-3" not in name and "phi3" not in name:
+        return frozenset()
+    special = {t for t, ty in zip(tokens, types, strict=True) if ty in (CONTROL, UNKNOWN, USER_DEFINED)}
+    return frozenset((special | {"</s>"}) - {"<unk>", "<s>", "<|endoftext|>"})
+
+
+def _add_added_tokens(
+    backend: Backend, tokens: list[str], types: list[int], rstrip: frozenset[str] = frozenset()
+) -> None:
+    """Control/unknown tokens match whole and count as special; user-defined ones match whole; those in rstrip
+    take the whitespace after them along."""
     special = [
-        AddedToken(t, special=True, normalized=False)
+        AddedToken(t, special=True, normalized=False, rstrip=t in rstrip)
         for t, ty in zip(tokens, types, strict=True)
         if ty in (CONTROL, UNKNOWN)
     ]
     user = [
-        AddedToken(t, special=False, normalized=False)
+        AddedToken(t, special=False, normalized=False, rstrip=t in rstrip)
         for t, ty in zip(tokens, types, strict=True)
         if ty == USER_DEFINED
     ]

@@ -7,35 +7,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from model_core.attention import KVStore, MultiHeadAttention
+from model_core.norms import make_norm
 
-ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu", "swiglu", "geglu")
-
-
-class RMSNorm(nn.Module):
-    """x / rms(x) * weight (computed in float32, cast back)."""
-
-    def __init__(self, dim: int, eps: float = 1e-6) -> None:
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32:  # one fused kernel, same formula
-            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
-        # normalise in float32, round to the input dtype, then scale (the llama reference order)
-        return F.rms_norm(x.float(), (x.shape[-1],), None, self.eps).to(x.dtype) * self.weight
-
-
-def make_norm(kind: str, dim: int, eps: float = 1e-5) -> nn.Module:
-    if kind == "rmsnorm":
-        return RMSNorm(dim, eps)
-    if kind == "layernorm":
-        return nn.LayerNorm(dim, eps=eps)
-    raise ValueError(f"unknown norm {kind!r}; expected 'layernorm' or 'rmsnorm'")
+ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu", "swiglu", "geglu", "geglu_tanh")
 
 
 class FeedForward(nn.Module):
-    """Position-wise FFN. Gated kinds (swiglu, geglu) hold gate and up projections fused in `w_in`
+    """Position-wise FFN. Gated kinds (swiglu, geglu, geglu_tanh: Gemma's) hold gate and up projections fused in `w_in`
     as [gate rows | up rows]: act(x W_g) * (x W_u), then `w_out`."""
 
     def __init__(
@@ -45,7 +23,7 @@ class FeedForward(nn.Module):
         if activation not in ACTIVATIONS:
             raise ValueError(f"unknown activation {activation!r}; expected one of {ACTIVATIONS}")
         self.activation = activation
-        self.gated = activation in ("swiglu", "geglu")
+        self.gated = activation in ("swiglu", "geglu", "geglu_tanh")
         self.d_ff = d_ff
         self.w_in = nn.Linear(d_model, 2 * d_ff if self.gated else d_ff, bias=bias)
         self.w_out = nn.Linear(d_ff, d_model, bias=bias)
@@ -57,7 +35,7 @@ class FeedForward(nn.Module):
             return F.relu(h)
         if a in ("gelu", "geglu"):
             return F.gelu(h)
-        if a == "gelu_tanh":
+        if a in ("gelu_tanh", "geglu_tanh"):
             return F.gelu(h, approximate="tanh")
         return F.silu(h)  # silu, swiglu
 

@@ -3,16 +3,23 @@
 `create_app(settings, text_model=None)` builds the FastAPI app; without an injected text model the
 lifespan loads the configured model on a background thread (so /health answers at once and /ready
 turns 200 when loading is done) and starts the engine loop.
+
+A model that cannot be served (a missing or corrupt file, an architecture or tokenizer the loaders do not
+support, a KV cache too small for one sequence) is fatal under `python -m service`: the loader thread logs one
+error line naming the model and the reason, asks uvicorn to stop, and the process exits with status 1, so a
+supervisor (systemd, Docker, Kubernetes) sees the failure and restarts or reports it, as llama-server does. An
+app built by `create_app` alone (tests, embedding) keeps running with /ready 503 and the reason.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 import threading
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from types import FrameType
 
@@ -38,6 +45,33 @@ from service.metrics import Metrics
 
 log = logging.getLogger("service")
 
+EXIT_STARTUP_FAILURE = 1  # the exit status when a model the server must serve cannot start
+
+
+class StartupError(ValueError):
+    """A model the server must serve cannot start, for an expected reason (bad path, file, format or setting):
+    the message is one line naming the model and why. Logged without a traceback."""
+
+
+def _model_label(settings: Settings) -> str:
+    """How start-up errors name the configured LM."""
+    return f"model {settings.model}" if settings.model else "the default model"
+
+
+def _reason(e: BaseException) -> str:
+    """An exception's message on one line (its type where it has none)."""
+    text = " ".join(str(e).split())
+    return text or type(e).__name__
+
+
+def _expected_load_errors() -> tuple[type[BaseException], ...]:
+    """What loaders raise for a bad model or setting (ValueError, OSError: a missing, unreadable, corrupt or
+    unsupported file) or a model too big for memory; anything else is a bug and keeps its traceback."""
+    import torch
+
+    oom = getattr(torch, "OutOfMemoryError", None)
+    return (ValueError, OSError, MemoryError) + ((oom,) if isinstance(oom, type) else ())
+
 
 def build_text_model(settings: Settings, observer: EngineObserver | None = None) -> TextModel:
     """Load the LM and its tokenizer, size the KV cache from the memory budget, start the engine."""
@@ -46,22 +80,29 @@ def build_text_model(settings: Settings, observer: EngineObserver | None = None)
     from model_core.weights.loader import load_for_inference
     from service.engine.engine import EngineConfig, build_engine
 
-    lm = load_for_inference(
-        settings.model or find_default_model(),
-        settings.device,
-        settings.dtype,
-        settings.kernels,
-        settings.quant_max_rows,
-        settings.batch_invariant,
-    )
+    try:
+        lm = load_for_inference(
+            settings.model or find_default_model(),
+            settings.device,
+            settings.dtype,
+            settings.kernels,
+            settings.quant_max_rows,
+            settings.batch_invariant,
+        )
+    except _expected_load_errors() as e:
+        raise StartupError(f"cannot load {_model_label(settings)}: {_reason(e)}") from e
     cfg, dtype = lm.config, lm.model.embed.weight.dtype
     max_len = min(cfg.max_seq_len, settings.max_model_len or cfg.max_seq_len)
     per_block = PagedKVCache.bytes_per_token(cfg.n_layers, cfg.n_kv_heads, cfg.hd, dtype) * settings.block_size
     num_blocks = int(settings.kv_cache_memory_gb * 2**30) // per_block
     if num_blocks * settings.block_size < max_len:
-        raise ValueError(
+        needed_gb = math.ceil(-(-max_len // settings.block_size) * per_block / 2**30 * 1000) / 1000  # rounded up
+        raise StartupError(
+            f"KV cache too small for model {settings.model or lm.name}: "
             f"kv_cache_memory_gb={settings.kv_cache_memory_gb} holds {num_blocks * settings.block_size} tokens, "
-            f"fewer than one sequence of max_model_len={max_len}; raise the budget or lower max_model_len"
+            f"fewer than one sequence of max_model_len={max_len} (that needs kv_cache_memory_gb >= {needed_gb:g} "
+            f"in {str(dtype).removeprefix('torch.')} with block_size={settings.block_size}); "
+            "raise kv_cache_memory_gb or lower max_model_len"
         )
     engine = build_engine(
         lm.model,
@@ -173,8 +214,16 @@ def create_app(settings: Settings | None = None, text_model: TextModel | None = 
                     tm.engine.start()
                 app.state.text_model = tm
             except Exception as e:
-                log.exception("model failed to load")
-                app.state.load_error = str(e)
+                if isinstance(e, StartupError):  # expected: one line says it all
+                    app.state.load_error = str(e)
+                    log.error("%s", e)
+                else:  # a bug: keep the traceback
+                    what = f"model {text_model.name}" if text_model else _model_label(settings)
+                    app.state.load_error = f"cannot start {what}: {type(e).__name__}: {_reason(e)}"
+                    log.error("%s", app.state.load_error, exc_info=e)
+                stop_server: Callable[[], None] | None = getattr(app.state, "stop_server", None)
+                if stop_server is not None:
+                    stop_server()
 
         if text_model is not None:
             load()
@@ -287,13 +336,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         timeout_graceful_shutdown=5,
     )
     server = _drain_server(app, settings)(config)
+
+    def stop_server() -> None:  # the model failed to load: stop serving (uvicorn checks every 0.1 s), exit 1
+        server.should_exit = True
+
+    app.state.stop_server = stop_server
     server.run()
     return _exit_code_after_stop(app)
 
 
 def _exit_code_after_stop(app: FastAPI) -> int:
-    """Stop the engine before the interpreter exits: a thread still inside torch at exit aborts the process
-    (SIGABRT). If one is still busy (a model still loading, a step that will not end), leave at once."""
+    """The process's exit status: 1 if the model failed to load, else 0. Stop the engine before the interpreter
+    exits: a thread still inside torch at exit aborts the process (SIGABRT). If one is still busy (a model still
+    loading, a step that will not end), leave at once."""
+    code = EXIT_STARTUP_FAILURE if getattr(app.state, "load_error", None) else 0
     tm = app.state.text_model if hasattr(app.state, "text_model") else None
     if tm is not None:
         tm.engine.stop(message="the server is shutting down")
@@ -301,5 +357,5 @@ def _exit_code_after_stop(app: FastAPI) -> int:
     if busy:
         log.warning("exiting while %s still run", ", ".join(busy))
         logging.shutdown()
-        os._exit(0)
-    return 0
+        os._exit(code)
+    return code

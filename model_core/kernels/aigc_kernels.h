@@ -47,12 +47,21 @@ AIGC_API int aigc_cpu_features(void);
 AIGC_API int quant_matmul(const void *x, int act, const uint8_t *qs, const uint16_t *d, const uint16_t *m,
                           const float *bias, void *y, int M, int N, int K, int i8, int nthreads);
 
-/* out (B, nh, hs) = softmax(scale q K^T) V for q (B, nh, hs), keys and values read in place from a paged layer kv
- * (rows, 2 nkv, hs) through rows (B, Tk) int64, lens[b] (int32) keys of sequence b.
+/* out (B, nh, hs) = softmax(scores) V for q (B, nh, hs), keys and values read in place from a paged layer kv
+ * (rows, 2 nkv, hs) through rows (B, Tk) int64, lens[b] (int32) keys of sequence b (its key positions 0..lens[b]-1
+ * in order). The attention parameters (the same three, in this order, right before act, in every entry point
+ * that attends: llama_attention, llama_decode_layer):
+ *   scale    each score is s = scale q.k (1/sqrt(hs) for most models; Gemma: query_pre_attn_scalar^-1/2)
+ *   softcap  0: none; > 0: s becomes softcap tanh(s / softcap) before the softmax (Gemma 2's logit soft-capping)
+ *   window   0: every key; > 0: sequence b sees only its last `window` keys, positions >= lens[b] - window (sliding
+ *            window attention: Mistral, Gemma 2/3 local layers). The keys before the window are not read at all: a
+ *            windowed call costs O(min(window, lens[b])) per query, whatever the context. The query's own key (the
+ *            last) is always in the window, so no row is ever empty.
  * AIGC_ERR_ARGS: hs not a multiple of 16 (SIMD builds: or of the vector width, or > 256), nh not a multiple of nkv,
- * B or Tk < 1, a lens[b] outside [1, Tk]. AIGC_ERR_NOMEM. */
+ * B or Tk < 1, a lens[b] outside [1, Tk], softcap < 0, infinite or NaN, window < 0. AIGC_ERR_NOMEM. */
 AIGC_API int paged_attention_decode(const void *q, const void *kv, const int64_t *rows, const int32_t *lens, void *out,
-                                    int B, int nh, int nkv, int hs, int Tk, float scale, int act, int nthreads);
+                                    int B, int nh, int nkv, int hs, int Tk, float scale, float softcap, int window,
+                                    int act, int nthreads);
 
 /* out (B, C) = rmsnorm(x) * w. AIGC_ERR_ARGS: B < 0, C < 1, or a NULL buffer. */
 AIGC_API int llama_rmsnorm(const void *x, const void *w, float eps, void *out, int B, int C, int act);
@@ -71,24 +80,27 @@ AIGC_API int64_t llama_decode_scratch_bytes(int B, int C, int nh, int nkv, int h
 
 /* qkv (B, (nh + 2 nkv) hs) -> att (B, nh hs): rotate the q and k heads (in place) by cos, sin (B, hs) fp32, store
  * k, v at the rows write (B,) int64 of this layer's cache kv (rows, 2 nkv, hs), attend from the paged rows
- * (B, Tk) int64 with lens (B,) int32 keys each. scratch: NULL (allocated per call) or scratch_bytes >=
- * llama_decode_scratch_bytes(...) bytes. AIGC_ERR_ARGS: as paged_attention_decode, or scratch too small.
- * AIGC_ERR_NOMEM. */
+ * (B, Tk) int64 with lens (B,) int32 keys each (the new token's key is the last), with scale, softcap and window
+ * as paged_attention_decode. scratch: NULL (allocated per call) or scratch_bytes >= llama_decode_scratch_bytes(...)
+ * bytes. AIGC_ERR_ARGS: as paged_attention_decode, or scratch too small. AIGC_ERR_NOMEM. */
 AIGC_API int llama_attention(void *qkv, int B, const float *cos, const float *sin, void *kv, const int64_t *write,
                              const int64_t *rows, const int32_t *lens, void *att, int Tk, int nh, int nkv, int hs,
-                             int act, int nthreads, void *scratch, int64_t scratch_bytes);
+                             float scale, float softcap, int window, int act, int nthreads, void *scratch,
+                             int64_t scratch_bytes);
 
 /* A whole llama decoder layer, one token per sequence, x (B, C) updated in place:
  *   h = rmsnorm(x) attn_norm;  qkv = h Wqkv;  rotate;  cache write;  x += attention(q, cache) Wo;
  *   h = rmsnorm(x) ffn_norm;  x += (silu(h Wg) * (h Wu)) Wd
- * w: the 12 pointers (qs, d, m; m NULL for Q8_0) of Wqkv, Wo, Wgate|up, Wdown; the rest as llama_attention; i8:
- * the matmuls' mode (quant_matmul). scratch: NULL (allocated per call) or scratch_bytes >=
- * llama_decode_scratch_bytes(B, C, nh, nkv, hs, F, act) bytes.
- * AIGC_ERR_ARGS: B < 1; C, F or nh hs not a multiple of 32; hs not of 16; nh not a multiple of nkv; scratch too
- * small; or as the matmuls and attention. AIGC_ERR_UNSUPPORTED, AIGC_ERR_NOMEM: as quant_matmul. */
+ * w: the 12 pointers (qs, d, m; m NULL for Q8_0) of Wqkv, Wo, Wgate|up, Wdown; the rest as llama_attention (scale,
+ * softcap, window: the attention's, as paged_attention_decode); i8: the matmuls' mode (quant_matmul). scratch: NULL
+ * (allocated per call) or scratch_bytes >= llama_decode_scratch_bytes(B, C, nh, nkv, hs, F, act) bytes.
+ * AIGC_ERR_ARGS: B < 1; C, F or nh hs not a multiple of 32; hs not of 16; nh not a multiple of nkv; softcap or window
+ * out of range (checked before anything is written); scratch too small; or as the matmuls and attention.
+ * AIGC_ERR_UNSUPPORTED, AIGC_ERR_NOMEM: as quant_matmul. */
 AIGC_API int llama_decode_layer(void *x, int B, int C, const void *attn_norm, const void *ffn_norm, float eps,
                                 const void *const *w, const float *cos, const float *sin, void *kv,
                                 const int64_t *write, const int64_t *rows, const int32_t *lens, int Tk, int nh, int nkv,
-                                int hs, int F, int act, int i8, int nthreads, void *scratch, int64_t scratch_bytes);
+                                int hs, int F, float scale, float softcap, int window, int act, int i8, int nthreads,
+                                void *scratch, int64_t scratch_bytes);
 
 #endif

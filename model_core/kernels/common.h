@@ -89,6 +89,21 @@ static inline float quantize_block(const float *x, int8_t *q, int *q_sum) {
     return scale;
 }
 
+/* The attention parameters (aigc_kernels.h, paged_attention_decode), shared by every build so that they treat
+ * scores and windows alike. softcap finite and >= 0 (0: none; NaN and infinity refused: inf tanh(s / inf) is NaN),
+ * window >= 0 (0: none). */
+static inline int attention_params_ok(float softcap, int window) {
+    return softcap >= 0.0f && softcap <= 3.40282347e38f && window >= 0;
+}
+
+/* a score (scale q.k) soft-capped: softcap tanh(s / softcap) for softcap > 0, else s unchanged */
+static inline float attention_score(float s, float softcap) {
+    return softcap > 0.0f ? softcap * tanhf(s / softcap) : s;
+}
+
+/* the first of a sequence's n keys that a query sees: n - window for a window shorter than n, else 0 */
+static inline int attention_window(int n, int window) { return window > 0 && window < n ? n - window : 0; }
+
 /* The primitives every build implements. Shapes in elements; all activations in `act`.
  * k_qmatmul: y (M, N) = x (M, K) W^T (+ bias fp32), W as GGML blocks of 32 repacked (see
  *   model_core/qmatmul.py): 4-bit qs (N, K/32, 16) nibbles with fp16 d, m (N, K/32), w = d q + m;
@@ -102,15 +117,17 @@ static inline float quantize_block(const float *x, int8_t *q, int *q_sum) {
  *     acc = fma(I_b, d_b * s_b, acc);  off = fma(m_b, t_b, off);  y = acc + off (+ bias)
  *   which every build computes bit for bit the same way (a row's result never depends on the batch).
  *   Builds without int8 mode return AIGC_ERR_UNSUPPORTED for i8 = 1.
- * k_attention: out (B, nh, hs) = softmax(scale q K^T) V for q (B, nh, hs), keys/values read in place from
- *   a paged layer kv (rows, 2 nkv, hs) through rows (B, Tk), lens[b] keys each.
+ * k_attention: out (B, nh, hs) = softmax(scores) V for q (B, nh, hs), keys/values read in place from
+ *   a paged layer kv (rows, 2 nkv, hs) through rows (B, Tk), lens[b] keys each; score s = scale q.k, then
+ *   softcap tanh(s / softcap) where softcap > 0 (attention_score); window > 0: only keys lens[b] - window ..
+ *   lens[b] - 1 (attention_window), the others never read.
  * k_rmsnorm: out (B, C) = rmsnorm(x) * w.  k_add: x += y (n).  k_swiglu: g (B, F) = silu(gate) * up
  *   of gu (B, 2F).  k_rope: rotate nheads heads of hs (half-split form) by fp32 cos, sin (hs).
  * The int-returning ones return an AIGC_* status (aigc_kernels.h). */
 int k_qmatmul(const void *x, int act, const uint8_t *qs, const uint16_t *d, const uint16_t *m, const float *bias,
               void *y, int M, int N, int K, int i8, int nthreads);
 int k_attention(const void *q, const void *kv, const int64_t *rows, const int32_t *lens, void *out, int B, int nh,
-                int nkv, int hs, int Tk, float scale, int act, int nthreads);
+                int nkv, int hs, int Tk, float scale, float softcap, int window, int act, int nthreads);
 void k_rmsnorm(const void *x, const void *w, float eps, void *out, int B, int C, int act);
 void k_add(void *x, const void *y, size_t n, int act);
 void k_swiglu(const void *gu, void *g, int B, int F, int act);

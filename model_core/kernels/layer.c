@@ -25,8 +25,9 @@ int quant_matmul(const void *x, int act, const uint8_t *qs, const uint16_t *d, c
 }
 
 int paged_attention_decode(const void *q, const void *kv, const int64_t *rows, const int32_t *lens, void *out, int B,
-                           int nh, int nkv, int hs, int Tk, float scale, int act, int nthreads) {
-    return k_attention(q, kv, rows, lens, out, B, nh, nkv, hs, Tk, scale, act, nthreads);
+                           int nh, int nkv, int hs, int Tk, float scale, float softcap, int window, int act,
+                           int nthreads) {
+    return k_attention(q, kv, rows, lens, out, B, nh, nkv, hs, Tk, scale, softcap, window, act, nthreads);
 }
 
 int llama_rmsnorm(const void *x, const void *w, float eps, void *out, int B, int C, int act) {
@@ -75,8 +76,8 @@ int64_t llama_decode_scratch_bytes(int B, int C, int nh, int nkv, int hs, int F,
 
 /* rope + cache write + attention with the query copy in q (B, nh hs) */
 static int attention_step(void *qkv, int B, const float *cos, const float *sin, void *kv, const int64_t *write,
-                          const int64_t *rows, const int32_t *lens, void *att, int Tk, int nh, int nkv, int hs, int act,
-                          int nthreads, char *q) {
+                          const int64_t *rows, const int32_t *lens, void *att, int Tk, int nh, int nkv, int hs,
+                          float scale, float softcap, int window, int act, int nthreads, char *q) {
     const size_t es = act_size(act), qkv_n = (size_t)(nh + 2 * nkv) * hs, q_n = (size_t)nh * hs;
     const size_t row = (size_t)2 * nkv * hs;
     for (int b = 0; b < B; b++) {
@@ -85,27 +86,29 @@ static int attention_step(void *qkv, int B, const float *cos, const float *sin, 
         memcpy(q + es * (size_t)b * q_n, r, es * q_n);
         memcpy((char *)kv + es * (size_t)write[b] * row, r + es * q_n, es * row);
     }
-    return k_attention(q, kv, rows, lens, att, B, nh, nkv, hs, Tk, 1.0f / sqrtf((float)hs), act, nthreads);
+    return k_attention(q, kv, rows, lens, att, B, nh, nkv, hs, Tk, scale, softcap, window, act, nthreads);
 }
 
 int llama_attention(void *qkv, int B, const float *cos, const float *sin, void *kv, const int64_t *write,
-                    const int64_t *rows, const int32_t *lens, void *att, int Tk, int nh, int nkv, int hs, int act,
-                    int nthreads, void *scratch, int64_t scratch_bytes) {
-    if (B < 1 || nh < 1 || nkv < 1 || hs < 1 || nh % nkv) return AIGC_ERR_ARGS;
+                    const int64_t *rows, const int32_t *lens, void *att, int Tk, int nh, int nkv, int hs, float scale,
+                    float softcap, int window, int act, int nthreads, void *scratch, int64_t scratch_bytes) {
+    if (B < 1 || nh < 1 || nkv < 1 || hs < 1 || nh % nkv || !attention_params_ok(softcap, window)) return AIGC_ERR_ARGS;
     const size_t need = align64(act_size(act) * (size_t)B * (size_t)nh * hs);
     char *q = scratch;
     if (q && (scratch_bytes < 0 || (uint64_t)scratch_bytes < need)) return AIGC_ERR_ARGS;
     if (!q && !(q = malloc(need))) return AIGC_ERR_NOMEM;
-    const int rc = attention_step(qkv, B, cos, sin, kv, write, rows, lens, att, Tk, nh, nkv, hs, act, nthreads, q);
+    const int rc = attention_step(qkv, B, cos, sin, kv, write, rows, lens, att, Tk, nh, nkv, hs, scale, softcap, window,
+                                  act, nthreads, q);
     if (q != scratch) free(q);
     return rc;
 }
 
 int llama_decode_layer(void *x, int B, int C, const void *attn_norm, const void *ffn_norm, float eps,
                        const void *const *w, const float *cos, const float *sin, void *kv, const int64_t *write,
-                       const int64_t *rows, const int32_t *lens, int Tk, int nh, int nkv, int hs, int F, int act,
-                       int i8, int nthreads, void *scratch, int64_t scratch_bytes) {
+                       const int64_t *rows, const int32_t *lens, int Tk, int nh, int nkv, int hs, int F, float scale,
+                       float softcap, int window, int act, int i8, int nthreads, void *scratch, int64_t scratch_bytes) {
     if (B <= 0 || nkv <= 0 || C % 32 || F % 32 || (nh * hs) % 32 || hs % 16 || nh % nkv) return AIGC_ERR_ARGS;
+    if (!attention_params_ok(softcap, window)) return AIGC_ERR_ARGS; /* (before anything is written) */
     size_t sizes[SCRATCH_N];
     const size_t need = scratch_layout(B, C, nh, nkv, hs, F, act, sizes);
     if (!need) return AIGC_ERR_ARGS;
@@ -121,7 +124,8 @@ int llama_decode_layer(void *x, int B, int C, const void *attn_norm, const void 
 #define W(i) ((const uint8_t *)w[3 * (i)]), ((const uint16_t *)w[3 * (i) + 1]), ((const uint16_t *)w[3 * (i) + 2])
     k_rmsnorm(x, attn_norm, eps, h, B, C, act);
     if ((rc = k_qmatmul(h, act, W(0), NULL, qkv, B, qkv_n, C, i8, nthreads))) goto done;
-    rc = attention_step(qkv, B, cos, sin, kv, write, rows, lens, att, Tk, nh, nkv, hs, act, nthreads, buf[SCRATCH_Q]);
+    rc = attention_step(qkv, B, cos, sin, kv, write, rows, lens, att, Tk, nh, nkv, hs, scale, softcap, window, act,
+                        nthreads, buf[SCRATCH_Q]);
     if (rc) goto done;
     if ((rc = k_qmatmul(att, act, W(1), NULL, o, B, C, q_n, i8, nthreads))) goto done;
     k_add(x, o, (size_t)B * C, act);

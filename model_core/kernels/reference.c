@@ -78,11 +78,11 @@ int k_qmatmul(const void *x, int act, const uint8_t *qs, const uint16_t *d, cons
 }
 
 int k_attention(const void *q, const void *kv, const int64_t *rows, const int32_t *lens, void *out, int B, int nh,
-                int nkv, int hs, int Tk, float scale, int act, int nthreads) {
+                int nkv, int hs, int Tk, float scale, float softcap, int window, int act, int nthreads) {
     (void)nthreads;
-    if (hs % 16 || nh % nkv || B <= 0 || Tk <= 0) return AIGC_ERR_ARGS;
+    if (hs % 16 || nh % nkv || B <= 0 || Tk <= 0 || !attention_params_ok(softcap, window)) return AIGC_ERR_ARGS;
     const size_t row = (size_t)2 * nkv * hs; /* elements per cache row: K heads, then V heads */
-    float *s = malloc((size_t)Tk * sizeof(float));
+    float *s = malloc((size_t)(window > 0 && window < Tk ? window : Tk) * sizeof(float)); /* a window's scores */
     if (!s) return AIGC_ERR_NOMEM;
     int rc = AIGC_OK;
     for (int b = 0; b < B && !rc; b++) {
@@ -91,23 +91,24 @@ int k_attention(const void *q, const void *kv, const int64_t *rows, const int32_
             rc = AIGC_ERR_ARGS;
             break;
         }
+        const int t0 = attention_window(n, window); /* keys t0..n-1: s[t - t0] */
         for (int h = 0; h < nh; h++) {
             const int kvh = h / (nh / nkv);
             const size_t qat = ((size_t)b * nh + h) * hs;
             float mx = -INFINITY, sum = 0.0f;
-            for (int t = 0; t < n; t++) {
+            for (int t = t0; t < n; t++) {
                 const size_t k = (size_t)rows[(size_t)b * Tk + t] * row + (size_t)kvh * hs;
                 float dot = 0.0f;
                 for (int i = 0; i < hs; i++) dot += load_act(q, qat + i, act) * load_act(kv, k + i, act);
-                s[t] = dot * scale;
-                mx = s[t] > mx ? s[t] : mx;
+                s[t - t0] = attention_score(dot * scale, softcap);
+                mx = s[t - t0] > mx ? s[t - t0] : mx;
             }
-            for (int t = 0; t < n; t++) sum += (s[t] = expf(s[t] - mx));
+            for (int t = t0; t < n; t++) sum += (s[t - t0] = expf(s[t - t0] - mx));
             for (int i = 0; i < hs; i++) {
                 float o = 0.0f;
-                for (int t = 0; t < n; t++) {
+                for (int t = t0; t < n; t++) {
                     const size_t v = (size_t)rows[(size_t)b * Tk + t] * row + (size_t)(nkv + kvh) * hs;
-                    o += s[t] * load_act(kv, v + i, act);
+                    o += s[t - t0] * load_act(kv, v + i, act);
                 }
                 store_act(out, qat + i, o / sum, act);
             }

@@ -34,7 +34,6 @@ def build_lm(
         model.lm_head.weight = model.embed.weight
     # buffers (rotary tables) were on meta: rebuild them on the device
     if model.rotary is not None:
-        from model_core.positional import RotaryEmbedding
-
-        model.rotary = RotaryEmbedding(cfg.hd, cfg.max_seq_len, cfg.rope_theta).to(device)
+        rotary, local = CausalLM.rotary_tables(cfg)
+        model.rotary, model.rotary_local = rotary.to(device), None if local is None else local.to(device)
     return model.to(dtype).eval()

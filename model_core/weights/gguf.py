@@ -14,48 +14,25 @@ from typing import Any
 import numpy as np
 import torch
 
-from model_core.lm import ARCHITECTURES, LMConfig
+from model_core import models
+from model_core.lm import LMConfig
 from model_core.qmatmul import BLOCK_BYTES, QuantWeight
 from model_core.weights.gguf_reader import GGUFFile, open_gguf
+from model_core.weights.names import Layout, linear_sources, state_dict_from_layout, unpermute_rope_rows
 
 log = logging.getLogger(__name__)
 
+ROPE_FREQS = "rope_freqs.weight"  # llama.cpp's Llama 3 rope scaling, one divisor per rotary frequency
+
 
 def config_from_metadata(meta: dict[str, Any]) -> LMConfig:
-    arch = meta.get("general.architecture")
-    if arch not in ARCHITECTURES:
-        raise ValueError(f"unsupported GGUF architecture {arch!r}; supported: {', '.join(ARCHITECTURES)}")
+    """The config of a GGUF file's model, by its family (model_core.models); meta may carry "_tensor_names" (the
+    file's tensors: whether the LM head is tied) and "_rope_freqs" (its rope_freqs tensor, Llama 3's scaling)."""
+    return models.for_gguf(meta.get("general.architecture")).from_gguf(meta)
 
-    def key(name: str, default: Any = None) -> Any:
-        v = meta.get(f"{arch}.{name}", default)
-        if v is None:
-            raise ValueError(f"GGUF metadata lacks '{arch}.{name}'")
-        return v
 
-    scaling = meta.get(f"{arch}.rope.scaling.type")
-    if scaling not in (None, "none"):
-        raise ValueError(f"GGUF rope scaling {scaling!r} is not supported; only plain RoPE is")
-    n_heads = int(key("attention.head_count"))
-    vocab = meta.get(f"{arch}.vocab_size") or len(meta.get("tokenizer.ggml.tokens") or [])
-    if not vocab:
-        raise ValueError("GGUF metadata has neither a vocab size nor tokenizer tokens")
-    eps_key = "attention.layer_norm_rms_epsilon" if arch == "llama" else "attention.layer_norm_epsilon"
-    d_model = int(key("embedding_length"))
-    head_dim = meta.get(f"{arch}.attention.key_length") or meta.get(f"{arch}.rope.dimension_count")
-    return LMConfig(
-        arch=arch,
-        vocab_size=int(vocab),
-        d_model=d_model,
-        n_layers=int(key("block_count")),
-        n_heads=n_heads,
-        n_kv_heads=int(meta.get(f"{arch}.attention.head_count_kv") or n_heads),
-        d_ff=int(key("feed_forward_length")),
-        max_seq_len=int(key("context_length")),
-        norm_eps=float(key(eps_key, 1e-5)),
-        rope_theta=float(meta.get(f"{arch}.rope.freq_base", 10000.0)),
-        head_dim=int(head_dim) if head_dim and int(head_dim) != d_model // n_heads else None,
-        tie_embeddings="output.weight" not in meta.get("_tensor_names", ()),
-    )
+def gguf_layout(cfg: LMConfig) -> Layout:
+    return models.family(cfg.arch).gguf_layout(cfg)
 
 
 def dequantize_tensor(t: Any) -> torch.Tensor:
@@ -83,18 +60,19 @@ def load_gguf(
     """Returns (config, tensors by our names as float32, metadata); `file`: `path` already opened."""
     from tqdm import tqdm
 
-    from model_core.weights.names import NAME_MAPS
-
     file = file or open_gguf(path)
     meta = dict(file.metadata)
     meta["_tensor_names"] = file.tensor_names
+    freqs = next((t for t in file.tensors if t.name == ROPE_FREQS), None)
+    if freqs is not None:  # Llama 3's rope scaling, a divisor per frequency: part of the config
+        meta["_rope_freqs"] = tuple(float(f) for f in dequantize_tensor(freqs).reshape(-1))
     cfg = config_from_metadata(meta)
     raw = {
         t.name: dequantize_tensor(t)
         for t in tqdm(file.tensors, desc="dequantizing", unit="tensor", leave=False, disable=None)
+        if t.name != ROPE_FREQS
     }
-    sd = NAME_MAPS[("gguf", cfg.arch)](raw, cfg)
-    return cfg, sd, meta
+    return cfg, state_dict_from_layout(raw, gguf_layout(cfg)), meta
 
 
 def load_gguf_blocks(
@@ -102,11 +80,9 @@ def load_gguf_blocks(
 ) -> dict[str, QuantWeight]:
     """The linear layers whose GGUF tensors are in a type the quantized kernel runs (Q4_0, Q4_1, Q8_0),
     repacked in our row order, keyed by module path. Layers in other types are left out."""
-    from model_core.weights.names import gguf_linear_sources, unpermute_rope_rows
-
     tensors = {t.name: t for t in (file or open_gguf(path)).tensors}
     out: dict[str, QuantWeight] = {}
-    for module, parts in gguf_linear_sources(cfg, set(tensors)).items():
+    for module, parts in linear_sources(gguf_layout(cfg), set(tensors)).items():
         if any(name not in tensors for name, _ in parts):
             continue
         qtypes = {int(tensors[name].tensor_type) for name, _ in parts}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from model_core.packing import pack_linears, packing_available
 from model_core.qmatmul import ALL_ROWS, QuantLinear, attach_quantized
 from model_core.tokenizer import Tokenizer
 from model_core.weights.build import build_lm
+from model_core.weights.gguf_reader import GGUFFile
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +73,7 @@ def load_lm(
     included (quantized_max_rows None then means all rows), and `model.batch_invariant` set where that makes each
     token's logits independent of its batch (model_core.lm); a warning says why where it does not."""
     from model_core.weights.gguf import load_gguf, load_gguf_blocks
-    from model_core.weights.gguf_reader import GGUFFile, open_gguf
+    from model_core.weights.gguf_reader import open_gguf
     from model_core.weights.safetensors import load_safetensors_dir
 
     t0 = time.perf_counter()
@@ -90,6 +92,7 @@ def load_lm(
         raise FileNotFoundError(f"model path {str(p)!r} does not exist")
     if tok.vocab_size > cfg.vocab_size:
         raise ValueError(f"the tokenizer has {tok.vocab_size} tokens but the model's vocabulary is {cfg.vocab_size}")
+    n_params = sum(t.numel() for name, t in sd.items() if name != "lm_head.weight" or not cfg.tie_embeddings)
     model = build_lm(cfg, sd, dtype=dtype, device=device)
     if pack and packing_available(dtype, torch.device(device)):
         log.info("packed %d linear layers for oneDNN", pack_linears(model))
@@ -118,16 +121,29 @@ def load_lm(
             log.warning("batch-invariant mode off for this model: %s", gap)
     dt = time.perf_counter() - t0
     log.info(
-        "loaded %s (%s, %d layers, d=%d) as %s on %s in %.1fs",
+        "loaded %s: family %s, %s parameters, %d layers, d=%d, context %d, tensors %s; as %s on %s in %.1fs",
         name,
         cfg.arch,
+        _count(n_params),
         cfg.n_layers,
         cfg.d_model,
+        cfg.max_seq_len,
+        _tensor_types(file) if file is not None else "safetensors",
         dtype,
         device,
         dt,
     )
     return LoadedLM(model, tok, cfg, str(p), name, dt, backend)
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
+
+
+def _tensor_types(file: GGUFFile) -> str:
+    """The file's quantization mix, e.g. "Q4_K x113, Q6_K x12, F32 x61"."""
+    kinds = Counter(getattr(t.tensor_type, "name", str(t.tensor_type)) for t in file.tensors)
+    return ", ".join(f"{k} x{n}" for k, n in kinds.most_common())
 
 
 def load_for_inference(

@@ -59,8 +59,8 @@ static int call_quant_matmul(any_fn fn, void **b, const int64_t *i, const float 
 }
 
 static int call_paged_attention_decode(any_fn fn, void **b, const int64_t *i, const float *f) {
-    return ((paged_attention_decode_fn *)fn)(b[0], b[1], b[2], b[3], b[4], I(0), I(1), I(2), I(3), I(4), f[0], I(5),
-                                             I(6));
+    return ((paged_attention_decode_fn *)fn)(b[0], b[1], b[2], b[3], b[4], I(0), I(1), I(2), I(3), I(4), f[0], f[1],
+                                             I(5), I(6), I(7));
 }
 
 static int call_llama_rmsnorm(any_fn fn, void **b, const int64_t *i, const float *f) {
@@ -77,9 +77,8 @@ static int call_llama_swiglu(any_fn fn, void **b, const int64_t *i, const float 
 }
 
 static int call_llama_attention(any_fn fn, void **b, const int64_t *i, const float *f) {
-    (void)f;
     return ((llama_attention_fn *)fn)(b[0], I(0), b[1], b[2], b[3], b[4], b[5], b[6], b[7], I(1), I(2), I(3), I(4),
-                                      I(5), I(6), b[8], i[7]);
+                                      f[0], f[1], I(5), I(6), I(7), b[8], i[8]);
 }
 
 /* buffers: x, attn_norm, ffn_norm, the 12 of w, cos, sin, kv, write, rows, lens, scratch */
@@ -87,7 +86,8 @@ static int call_llama_decode_layer(any_fn fn, void **b, const int64_t *i, const 
     const void *w[12];
     memcpy(w, b + 3, sizeof w);
     return ((llama_decode_layer_fn *)fn)(b[0], I(0), I(1), b[1], b[2], f[0], w, b[15], b[16], b[17], b[18], b[19],
-                                         b[20], I(2), I(3), I(4), I(5), I(6), I(7), I(8), I(9), b[21], i[10]);
+                                         b[20], I(2), I(3), I(4), I(5), I(6), f[1], f[2], I(7), I(8), I(9), I(10),
+                                         b[21], i[11]);
 }
 
 static const struct {
@@ -98,12 +98,12 @@ static const struct {
     {"aigc_kernels_isa", 1, 0, 0, call_isa},
     {"aigc_cpu_features", 0, 0, 0, call_cpu_features},
     {"quant_matmul", 6, 6, 0, call_quant_matmul},
-    {"paged_attention_decode", 5, 7, 1, call_paged_attention_decode},
+    {"paged_attention_decode", 5, 8, 2, call_paged_attention_decode},
     {"llama_rmsnorm", 3, 3, 1, call_llama_rmsnorm},
     {"llama_add_rmsnorm", 4, 3, 1, call_llama_add_rmsnorm},
     {"llama_swiglu", 2, 3, 0, call_llama_swiglu},
-    {"llama_attention", 9, 8, 0, call_llama_attention},
-    {"llama_decode_layer", 22, 11, 1, call_llama_decode_layer},
+    {"llama_attention", 9, 9, 2, call_llama_attention},
+    {"llama_decode_layer", 22, 12, 3, call_llama_decode_layer},
 };
 
 static void die(const char *what, const char *detail) {

@@ -6,6 +6,7 @@ each call (a model cast, or given new weights, after a first decode step decodes
 from __future__ import annotations
 
 import ctypes
+import math
 import re
 import shutil
 import subprocess
@@ -97,7 +98,8 @@ def test_a_nonzero_status_raises_naming_the_kernel_and_code(isa: str) -> None:
     # a sequence with more keys than its row table holds
     q, kv, out = torch.zeros(1, 2, 16), torch.zeros(8, 2, 16), torch.zeros(1, 2, 16)
     rows, lens = torch.arange(4).view(1, 4), torch.tensor([5], dtype=torch.int32)
-    args = (q.data_ptr(), kv.data_ptr(), rows.data_ptr(), lens.data_ptr(), out.data_ptr(), 1, 2, 1, 16, 4, 0.25, 0, 1)
+    args = (q.data_ptr(), kv.data_ptr(), rows.data_ptr(), lens.data_ptr(), out.data_ptr(), 1, 2, 1, 16, 4, 0.25)
+    args += (0.0, 0, 0, 1)  # softcap, window, act, nthreads
     with pytest.raises(native.KernelError, match="paged_attention_decode .*AIGC_ERR_ARGS"):
         kernels.call("paged_attention_decode", *args)
     assert kernels.call("aigc_cpu_features") == native.cpu_features()  # not a status: never raises
@@ -129,6 +131,7 @@ def _layer_case(
     write = rows[torch.arange(B), (lens - 1).long()].contiguous()
     act = int(dtype == torch.bfloat16)
     args: list[object] = [x, B, C, norms[0], norms[1], 1e-5, w, cos, sin, kv, write, rows, lens, Tk, nh, nkv, hs, F]
+    args += [hs**-0.5, 0.0, 0]  # scale, softcap, window
     args += [act, int(i8), 2, weights]  # (weights: kept alive with the call's arguments)
     return args, [x, kv], (B, C, nh, nkv, hs, F, act)
 
@@ -158,6 +161,82 @@ def test_the_callers_scratch_gives_what_the_librarys_own_allocations_give(isa: s
                     kernels.call("llama_decode_layer", *[_ptr(a) for a in args[:-1]], buf.data_ptr(), need - 1)
         for a, b in zip(*outs):
             assert torch.equal(a, b)
+
+
+def _layer_by_entry_points(kernels: native.Kernels, args: list[object]) -> None:
+    """What llama_decode_layer does to x and kv, through the library's other entry points (norms, quant_matmul,
+    llama_attention with the same scale, softcap and window, SwiGLU, residual adds)."""
+    x, B, C, attn_norm, ffn_norm, eps, _, cos, sin, kv, write, rows, lens, Tk, nh, nkv, hs, F = args[:18]
+    scale, softcap, window, act, i8, threads, weights = args[18:]
+    assert isinstance(x, torch.Tensor) and isinstance(B, int) and isinstance(C, int) and isinstance(F, int)
+    assert isinstance(nh, int) and isinstance(nkv, int) and isinstance(hs, int) and isinstance(weights, list)
+    call, p = kernels.call, _ptr
+
+    def matmul(inp: torch.Tensor, i: int, N: int, K: int) -> torch.Tensor:
+        w, y = weights[i], torch.empty(B, N, dtype=x.dtype)
+        m = None if w.m is None else w.m.data_ptr()
+        call(
+            "quant_matmul",
+            inp.data_ptr(),
+            act,
+            w.qs.data_ptr(),
+            w.d.data_ptr(),
+            m,
+            None,
+            y.data_ptr(),
+            B,
+            N,
+            K,
+            i8,
+            threads,
+        )
+        return y
+
+    h, att, g = (
+        torch.empty(B, C, dtype=x.dtype),
+        torch.empty(B, nh * hs, dtype=x.dtype),
+        torch.empty(B, F, dtype=x.dtype),
+    )
+    call("llama_rmsnorm", x.data_ptr(), p(attn_norm), eps, h.data_ptr(), B, C, act)
+    qkv = matmul(h, 0, (nh + 2 * nkv) * hs, C)
+    ptrs = [p(a) for a in (qkv, B, cos, sin, kv, write, rows, lens, att, Tk, nh, nkv, hs)]
+    call("llama_attention", *ptrs, scale, softcap, window, act, threads, None, 0)
+    o = matmul(att, 1, C, nh * hs)  # (kept referenced until the call that reads it is done)
+    call("llama_add_rmsnorm", x.data_ptr(), o.data_ptr(), p(ffn_norm), eps, h.data_ptr(), B, C, act)
+    gu = matmul(h, 2, 2 * F, C)
+    call("llama_swiglu", gu.data_ptr(), g.data_ptr(), B, F, act)
+    o = matmul(g, 3, C, F)
+    call("llama_add_rmsnorm", x.data_ptr(), o.data_ptr(), None, eps, None, B, C, act)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_decode_layer_passes_scale_softcap_and_window_to_its_attention(isa: str, dtype: torch.dtype) -> None:
+    """llama_decode_layer with a scale other than 1/sqrt(hs), soft-capped scores and a window shorter than two of
+    its rows: bit for bit the same layer through the other entry points (its attention: llama_attention, tested
+    against PyTorch in test_native.py, with the same three values), and not what the default attention gives; out
+    of range values are refused before anything is written."""
+    kernels = kernels_for(isa)
+    for i8 in (False, True) if kernels.isa.has_int8 else (False,):
+        results = {}
+        for params in [(0.2, 6.0, 3), (32**-0.5, 0.0, 0)]:
+            fused, written, _ = _layer_case(kernels, dtype, i8, seed=7)
+            fused[18:21] = params
+            kernels.call("llama_decode_layer", *[_ptr(a) for a in fused[:-1]], None, 0)
+            composed, by_entry, _ = _layer_case(kernels, dtype, i8, seed=7)
+            composed[18:21] = params
+            _layer_by_entry_points(kernels, composed)
+            for a, b in zip(written, by_entry):
+                assert torch.equal(a, b), f"{params} i8={i8}"
+            results[params] = written[0]
+        assert not torch.equal(*results.values())
+        for bad in [(0.2, -1.0, 0), (0.2, 0.0, -2), (0.2, math.nan, 3)]:
+            args, written, _ = _layer_case(kernels, dtype, i8, seed=7)
+            before = [t.clone() for t in written]
+            args[18:21] = bad
+            with pytest.raises(native.KernelError, match="llama_decode_layer .*AIGC_ERR_ARGS"):
+                kernels.call("llama_decode_layer", *[_ptr(a) for a in args[:-1]], None, 0)
+            assert all(torch.equal(a, b) for a, b in zip(written, before))  # x and the cache untouched
 
 
 def test_scratch_is_kept_and_grown_not_allocated_per_call() -> None:

@@ -9,6 +9,7 @@ import random
 import pytest
 import torch
 
+from model_core import models
 from model_core.generate import generate
 from model_core.kv_cache import PagedKVCache
 from model_core.lm import CausalLM, LMConfig
@@ -20,9 +21,8 @@ BLOCK = 4
 
 
 def tiny_lm(arch: str, n_heads: int = 4, n_kv_heads: int = 2, max_seq_len: int = 64, seed: int = 0) -> CausalLM:
-    cfg = LMConfig(
-        arch,
-        VOCAB,
+    cfg = models.family(arch).config(
+        vocab_size=VOCAB,
         d_model=64,
         n_layers=2,
         n_heads=n_heads,
@@ -201,7 +201,7 @@ def test_head_counts_must_divide() -> None:
     with pytest.raises(ValueError, match="multiple"):
         LMConfig("llama", VOCAB, d_model=64, n_layers=1, n_heads=4, n_kv_heads=3, d_ff=128, max_seq_len=16)
     with pytest.raises(ValueError, match="mamba"):
-        LMConfig("mamba", VOCAB, d_model=64, n_layers=1, n_heads=4, n_kv_heads=4, d_ff=128, max_seq_len=16)
+        models.family("mamba")
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])

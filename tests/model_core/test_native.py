@@ -170,6 +170,174 @@ def test_attention_kernel_is_not_used_where_it_does_not_apply() -> None:
     assert cache.attends_in_place
 
 
+def _attention_reference(
+    q: torch.Tensor,
+    kv: torch.Tensor,
+    rows: torch.Tensor,
+    lens: torch.Tensor,
+    scale: float,
+    softcap: float,
+    window: int,
+) -> torch.Tensor:
+    """softmax(scale q K^T, soft-capped, window-masked) V in float64 for q (B, nh, hs) over the paged layer kv
+    (R, 2 nkv, hs) through rows (B, Tk), lens (B,) keys each: every key scored, those before the window masked."""
+    B, nh, hs = q.shape
+    nkv = kv.shape[1] // 2
+    out = torch.empty(B, nh, hs, dtype=torch.float64)
+    for b in range(B):
+        n = int(lens[b])
+        keys = kv[rows[b, :n]].double()  # (n, 2 nkv, hs)
+        k = keys[:, :nkv].repeat_interleave(nh // nkv, 1)  # (n, nh, hs): query head h reads kv head h // (nh/nkv)
+        v = keys[:, nkv:].repeat_interleave(nh // nkv, 1)
+        s = scale * torch.einsum("hd,nhd->hn", q[b].double(), k)  # (nh, n)
+        if softcap:
+            s = softcap * torch.tanh(s / softcap)
+        if window:
+            s[:, : max(n - window, 0)] = -math.inf
+        out[b] = torch.einsum("hn,nhd->hd", torch.softmax(s, -1), v)
+    return out
+
+
+def _paged_layout(lens: list[int], bs: int, g: torch.Generator) -> tuple[torch.Tensor, int]:
+    """Each sequence's keys in blocks of bs rows, its blocks scattered over the cache (disjoint): the (B, Tk) row
+    table (key position t of sequence b at row table[t // bs] * bs + t % bs) and the cache's number of rows."""
+    per_seq = -(-max(lens) // bs)
+    blocks = torch.randperm(per_seq * len(lens), generator=g).view(len(lens), per_seq)
+    t = torch.arange(per_seq * bs)
+    rows = blocks[:, t // bs] * bs + t % bs  # (B, per_seq * bs)
+    return rows[:, : max(lens)].contiguous(), per_seq * len(lens) * bs
+
+
+def _attention_tolerance(ref: torch.Tensor, dtype: torch.dtype) -> float:
+    """fp32: summation order and expf/tanhf (relative 1e-5 of the output's scale); bf16: plus the output's rounding
+    (2^-9 relative) and the queries' in the SIMD builds' fp32 path."""
+    return (2**-8 if dtype == torch.bfloat16 else 1e-5) * max(ref.abs().max().item(), 1.0)
+
+
+# Windows: 0 (none), one key, shorter than a block, a block, across block boundaries, and as long as or longer than
+# the longest row. Softcaps: none, tight (scores of up to ~20 squashed into +-5), Gemma 2's 50. Scales: the usual
+# 1/sqrt(hs) and another (Gemma: query_pre_attn_scalar^-1/2).
+WINDOWS = [0, 1, 3, 4, 5, 17, 40, 299, 300, 301, 4096]
+SOFTCAPS = [0.0, 5.0, 50.0]
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "nh,nkv,hs,lens,bs",
+    [(8, 2, 64, [1, 7, 33, 300, 4, 40], 4), (4, 4, 128, [65, 18, 2], 16), (6, 2, 80, [41, 300], 16)],
+)
+def test_paged_attention_with_scale_softcap_and_window_equals_the_masked_reference(
+    isa: str, dtype: torch.dtype, nh: int, nkv: int, hs: int, lens: list[int], bs: int
+) -> None:
+    """paged_attention_decode's scale, softcap and window against PyTorch (every key scored, soft-capped, those
+    before the window masked), windows shorter and longer than the rows and starting inside blocks of the paged
+    layout. The keys and values before each row's window are NaN in the kernel's cache: a kernel that read them (even
+    to mask them) would return NaN."""
+    g = torch.Generator().manual_seed(hs + len(lens))
+    kernels = kernels_for(isa)
+    rows, R = _paged_layout(lens, bs, g)
+    B, Tk, act = len(lens), rows.shape[1], int(dtype == torch.bfloat16)
+    kv = torch.randn(R, 2 * nkv, hs, generator=g).to(dtype)
+    q = (torch.randn(B, nh, hs, generator=g) * 2).to(dtype)  # scores up to ~20: the tight softcap bites
+    lens_t = torch.tensor(lens, dtype=torch.int32)
+    out = torch.empty(B, nh, hs, dtype=dtype)
+    for window in WINDOWS:
+        poisoned = kv.clone()
+        for b, n in enumerate(lens):
+            poisoned[rows[b, : max(n - window, 0) if window else 0]] = math.nan
+        for softcap in SOFTCAPS:
+            for scale in (hs**-0.5, 0.3):
+                out.fill_(math.nan)
+                kernels.call(
+                    "paged_attention_decode",
+                    q.data_ptr(),
+                    poisoned.data_ptr(),
+                    rows.data_ptr(),
+                    lens_t.data_ptr(),
+                    out.data_ptr(),
+                    B,
+                    nh,
+                    nkv,
+                    hs,
+                    Tk,
+                    scale,
+                    softcap,
+                    window,
+                    act,
+                    2,
+                )
+                ref = _attention_reference(q, kv, rows, lens_t, scale, softcap, window)
+                err = (out.double() - ref).abs().max().item()
+                what = f"{isa} {dtype} window={window} softcap={softcap} scale={scale:.4f}"
+                assert err <= _attention_tolerance(ref, dtype), f"{what}: max |diff| {err}"
+    capped = _attention_reference(q, kv, rows, lens_t, 0.3, 5.0, 0)
+    assert (capped - _attention_reference(q, kv, rows, lens_t, 0.3, 0.0, 0)).abs().max() > 0.1  # the cap bites
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_llama_attention_takes_scale_softcap_and_window(isa: str, dtype: torch.dtype) -> None:
+    """llama_attention (rope, cache write, attention): its output is the reference attention of its rotated query
+    over the cache it updated, with the scale, softcap and window given, and bit for bit paged_attention_decode's
+    on the same query and cache."""
+    g = torch.Generator().manual_seed(11)
+    kernels = kernels_for(isa)
+    nh, nkv, hs, bs, lens = 4, 2, 64, 16, [50, 1, 17, 33]
+    B, act = len(lens), int(dtype == torch.bfloat16)
+    rows, R = _paged_layout(lens, bs, g)
+    Tk, lens_t = rows.shape[1], torch.tensor(lens, dtype=torch.int32)
+    write = rows[torch.arange(B), lens_t.long() - 1].contiguous()  # the new token is each row's last key
+    ang = torch.rand(B, hs // 2, generator=g) * 6
+    cos, sin = torch.cat([ang.cos(), ang.cos()], 1), torch.cat([ang.sin(), ang.sin()], 1)
+    for window, softcap, scale in [
+        (0, 0.0, hs**-0.5),
+        (16, 0.0, hs**-0.5),
+        (5, 8.0, 0.25),
+        (20, 50.0, 0.1),
+        (64, 3.0, 0.2),
+    ]:
+        qkv = (torch.randn(B, (nh + 2 * nkv) * hs, generator=g) * 2).to(dtype)
+        kv = torch.randn(R, 2 * nkv, hs, generator=g).to(dtype)
+        att, again = torch.empty(B, nh * hs, dtype=dtype), torch.empty(B, nh, hs, dtype=dtype)
+        ptrs = [t.data_ptr() for t in (cos, sin, kv, write, rows, lens_t, att)]
+        kernels.call(
+            "llama_attention", qkv.data_ptr(), B, *ptrs, Tk, nh, nkv, hs, scale, softcap, window, act, 2, None, 0
+        )
+        q = qkv[:, : nh * hs].reshape(B, nh, hs).contiguous()  # rotated in place
+        assert torch.equal(kv[write].flatten(1), qkv[:, nh * hs :])  # the rotated k and the v, stored
+        kernels.call(
+            "paged_attention_decode",
+            *[t.data_ptr() for t in (q, kv, rows, lens_t, again)],
+            B,
+            nh,
+            nkv,
+            hs,
+            Tk,
+            scale,
+            softcap,
+            window,
+            act,
+            2,
+        )
+        assert torch.equal(att.view(B, nh, hs), again)
+        ref = _attention_reference(q, kv, rows, lens_t, scale, softcap, window)
+        err = (att.view(B, nh, hs).double() - ref).abs().max().item()
+        assert err <= _attention_tolerance(ref, dtype), f"window={window} softcap={softcap} scale={scale}: {err}"
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_attention_parameters_out_of_range_are_refused(isa: str) -> None:
+    kernels = kernels_for(isa)
+    q, kv, out = torch.zeros(1, 2, 16), torch.zeros(8, 2, 16), torch.zeros(1, 2, 16)
+    rows, lens = torch.arange(4).view(1, 4), torch.tensor([3], dtype=torch.int32)
+    ptrs = (q.data_ptr(), kv.data_ptr(), rows.data_ptr(), lens.data_ptr(), out.data_ptr())
+    assert kernels.call("paged_attention_decode", *ptrs, 1, 2, 1, 16, 4, 0.25, 0.0, 0, 0, 1) == 0
+    for softcap, window in [(-1.0, 0), (math.nan, 0), (math.inf, 0), (-math.inf, 2), (0.0, -1), (5.0, -3)]:
+        with pytest.raises(native.KernelError, match="paged_attention_decode .*AIGC_ERR_ARGS"):
+            kernels.call("paged_attention_decode", *ptrs, 1, 2, 1, 16, 4, 0.25, softcap, window, 0, 1)
+
+
 def _primitive_calls(kernels: native.Kernels, dtype: torch.dtype, seed: int) -> dict[str, torch.Tensor]:
     """Every entry point of a build on the same random inputs; returns what each wrote, by name."""
     g = torch.Generator().manual_seed(seed)
@@ -220,12 +388,21 @@ def _primitive_calls(kernels: native.Kernels, dtype: torch.dtype, seed: int) -> 
         nh,
         nkv,
         hs,
+        hs**-0.5,
+        0.0,
+        0,
         act,
         2,
         None,
         0,
     )
     out.update(rope=qkv, kv_cache=kv, attention=att)
+    # again with Gemma-style attention: another scale, soft-capped scores, a window shorter than two of the rows
+    qkv2, kv2 = rnd(B, (nh + 2 * nkv) * hs) * 2, rnd(B * Tk + 1, 2 * nkv, hs)
+    out["attention_capped_windowed"] = torch.empty(B, nh * hs, dtype=dtype)
+    ptrs = (cos.data_ptr(), sin.data_ptr(), kv2.data_ptr(), write.data_ptr(), rows.data_ptr(), lens.data_ptr())
+    att2 = out["attention_capped_windowed"].data_ptr()
+    call("llama_attention", qkv2.data_ptr(), B, *ptrs, att2, Tk, nh, nkv, hs, 0.3, 4.0, 3, act, 2, None, 0)
     for qtype in (Q4_0, Q4_1, Q8_0):
         qw, _ = quantized_weight(qtype, 43, C, seed + qtype)
         xs, bias = rnd(7, C), torch.randn(43, generator=g)

@@ -222,8 +222,28 @@ def quant_matmul_cases() -> Iterator[Call]:
                     )
 
 
+# The attention parameters (scale, softcap, window; scale None: 1/sqrt(hs)) the attention cases cycle through: the
+# default attention, another scale with soft-capped scores, windows of one key, shorter than most rows, and longer.
+ATTENTION_PARAMS: list[tuple[float | None, float, int]] = [
+    (None, 0.0, 0),
+    (0.3, 5.0, 0),
+    (None, 0.0, 5),
+    (0.2, 30.0, 17),
+    (0.25, 8.0, 1),
+    (None, 50.0, 400),
+]
+
+
+def attention_params(n: int, hs: int) -> tuple[dict[str, Any], str]:
+    """Case n's scale, softcap and window arguments, and their label."""
+    scale, softcap, window = ATTENTION_PARAMS[n % len(ATTENTION_PARAMS)]
+    scale = float(hs) ** -0.5 if scale is None else scale
+    return dict(scale=scale, softcap=softcap, window=window), f" scale={scale:.3g} softcap={softcap:g} window={window}"
+
+
 def paged_attention_decode_cases() -> Iterator[Call]:
     rng = np.random.default_rng(2)
+    n = 0
     for nh, nkv, hs, lens in [
         (9, 3, 64, [1, 7, 33, 4, 30]),
         (4, 4, 16, [17]),
@@ -234,27 +254,29 @@ def paged_attention_decode_cases() -> Iterator[Call]:
         (3, 1, 48, [1, 2]),
     ]:
         for act in (0, 1):
-            B, Tk = len(lens), max(lens) + 2
-            R, rows = paged_rows(rng, lens, Tk)
-            yield Call(
-                "paged_attention_decode",
-                dict(
-                    q=act_array(rng.standard_normal((B, nh, hs)), act),
-                    kv=act_array(rng.standard_normal((R, 2 * nkv, hs)), act),
-                    rows=rows,
-                    lens=np.array(lens, np.int32),
-                    out=act_array(np.zeros((B, nh, hs)), act),
-                    B=B,
-                    nh=nh,
-                    nkv=nkv,
-                    hs=hs,
-                    Tk=Tk,
-                    scale=float(hs) ** -0.5,
-                    act=act,
-                    nthreads=2,
-                ),
-                f"nh={nh} nkv={nkv} hs={hs} lens={lens}",
-            )
+            for _ in range(3):
+                B, Tk, n = len(lens), max(lens) + 2, n + 1
+                R, rows = paged_rows(rng, lens, Tk)
+                params, label = attention_params(n, hs)
+                yield Call(
+                    "paged_attention_decode",
+                    dict(
+                        q=act_array(rng.standard_normal((B, nh, hs)), act),
+                        kv=act_array(rng.standard_normal((R, 2 * nkv, hs)), act),
+                        rows=rows,
+                        lens=np.array(lens, np.int32),
+                        out=act_array(np.zeros((B, nh, hs)), act),
+                        B=B,
+                        nh=nh,
+                        nkv=nkv,
+                        hs=hs,
+                        Tk=Tk,
+                        **params,
+                        act=act,
+                        nthreads=2,
+                    ),
+                    f"nh={nh} nkv={nkv} hs={hs} lens={lens}{label}",
+                )
 
 
 NORM_SHAPES = [(1, 1), (3, 7), (2, 96), (5, 131), (4, 576), (1, 1003), (19, 64)]
@@ -331,6 +353,7 @@ def llama_attention_cases() -> Iterator[Call]:
             B, n = len(lens), n + 1
             R, rows = paged_rows(rng, lens, Tk)
             cos, sin = rope_tables(rng, B, hs)
+            params, label = attention_params(n, hs)
             yield Call(
                 "llama_attention",
                 dict(
@@ -347,11 +370,12 @@ def llama_attention_cases() -> Iterator[Call]:
                     nh=nh,
                     nkv=nkv,
                     hs=hs,
+                    **params,
                     act=act,
                     nthreads=2,
                     **scratch_for(n, B, 32, nh, nkv, hs, 32, act),
                 ),
-                f"nh={nh} nkv={nkv} hs={hs} lens={lens}",
+                f"nh={nh} nkv={nkv} hs={hs} lens={lens}{label}",
             )
 
 
@@ -369,6 +393,7 @@ def llama_decode_layer_cases() -> Iterator[Call]:
                 B, n = len(lens), n + 1
                 R, rows = paged_rows(rng, lens, Tk)
                 cos, sin = rope_tables(rng, B, hs)
+                params, label = attention_params(n, hs)
                 shapes = [((nh + 2 * nkv) * hs, C), (C, nh * hs), (2 * F, C), (C, F)]  # Wqkv, Wo, Wgate|up, Wdown
                 w = [b for qt, (n, k) in zip(qtypes, shapes) for b in weight_buffers(quantized(qt, n, k, rng, i8))]
                 yield Call(
@@ -392,12 +417,13 @@ def llama_decode_layer_cases() -> Iterator[Call]:
                         nkv=nkv,
                         hs=hs,
                         F=F,
+                        **params,
                         act=act,
                         i8=i8,
                         nthreads=2,
                         **scratch_for(n, B, C, nh, nkv, hs, F, act),
                     ),
-                    f"C={C} F={F} nh={nh} nkv={nkv} hs={hs} lens={lens} {'/'.join(QNAMES[q] for q in qtypes)}",
+                    f"C={C} F={F} nh={nh} nkv={nkv} hs={hs} lens={lens} {'/'.join(QNAMES[q] for q in qtypes)}{label}",
                 )
 
 

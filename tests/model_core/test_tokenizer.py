@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from tokenizers import Tokenizer as Backend
-from tokenizers import models, pre_tokenizers, trainers
+from tokenizers import models, normalizers, pre_tokenizers, trainers
 
 from model_core.tokenizer import Tokenizer
 from model_core.weights.gguf_reader import read_metadata
@@ -79,8 +79,10 @@ def missing(hf) -> frozenset[int]:
     return missing_bytes(hf)
 
 
-def _has_non_ascii_numeral(s: str) -> bool:
-    return any(unicodedata.category(c).startswith("N") and not c.isascii() for c in s)
+def _has_numeral(s: str) -> bool:
+    """Where HF's plain GPT-2 split and SmolLM2's (numerals isolated first) can differ: a non-ASCII numeral, or any
+    numeral after whitespace (" \n0": HF splits " ", "\n", "0", the model's tokenizer.json " \n", "0")."""
+    return any(unicodedata.category(c).startswith("N") for c in s)
 
 
 # ---------------------------------------------------------------- the default model vs HF
@@ -105,7 +107,7 @@ def test_metadata_matches_hf(ours: Tokenizer, hf) -> None:
 def test_encode_matches_hf_and_round_trips(ours: Tokenizer, hf, hf_reference_pre: Backend, text: str) -> None:
     ids = ours.encode(text)
     assert ids == hf_reference_pre.encode(text).ids
-    if not _has_non_ascii_numeral(text):
+    if not _has_numeral(text):
         assert ids == hf.encode(text)
     assert ours.decode(ids, skip_special_tokens=False) == text
     assert ours.decode(ids) == hf.decode(ids, skip_special_tokens=True)
@@ -125,7 +127,7 @@ def test_random_unicode_matches_hf(
 ) -> None:
     ids = ours.encode(text)
     assert ids == hf_reference_pre.encode(text).ids
-    if not _has_non_ascii_numeral(text):
+    if not _has_numeral(text):
         assert ids == hf.encode(text)
     if representable(text, missing):
         assert ours.decode(ids, skip_special_tokens=False) == text
@@ -298,14 +300,23 @@ def test_tiny_sentencepiece_gguf_matches_hf(tmp_path: Path) -> None:
     _write_gguf(tmp_path / "sp.gguf", tokens, kv, types)
     ours = Tokenizer.from_gguf(tmp_path / "sp.gguf")
     hf = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file="sp.gguf")
+    # HF reads a GGUF SentencePiece vocabulary with Metaspace's prefix rule (one U+2581 before the text unless it
+    # starts with a space); llama.cpp, whose files these are, prepends one to every stretch of text between added
+    # tokens, even before a space (as Llama 2's tokenizer.json does; tests/model_core/test_families.py checks the
+    # rule against llama-server): HF's vocabulary and merges with llama.cpp's rule
+    llama_cpp = hf.backend_tokenizer
+    llama_cpp.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    llama_cpp.pre_tokenizer = None
     assert ours.add_bos and ours.eos_token_ids == (2,)
-    texts = ["hello world", " hello", "hello  world!", "héllo 中文 🙂 xy", "<|user|>hello<s>x", "", "\n a"]
+    texts = ["hello world", " hello", "hello  world!", "héllo 中文 🙂 xy", "<|user|>hello<s>x", "", "\n a", "<s> a"]
     for text in texts:
         ids = ours.encode(text)
-        assert ids == hf.encode(text), text
-        plain = text.replace("<s>", "").replace("<|user|>", "")
-        plain = plain[1:] if plain.startswith(" ") else plain  # SentencePiece drops one leading space
-        assert ours.decode(ids) == hf.decode(ids, skip_special_tokens=True) == plain
+        assert ids == llama_cpp.encode(text).ids, text
+        if not text.startswith(" ") and "<" not in text:  # where the two rules agree
+            assert ids == hf.encode(text), text
+        assert ours.decode(ids) == hf.decode(ids, skip_special_tokens=True)
+        if "<" not in text:  # the prefix added on encoding is the one space dropped on decoding
+            assert ours.decode(ids) == text
     rng = random.Random(0)
     for _ in range(300):  # byte-fallback runs, broken UTF-8, specials, the leading-space strip
         choices = lambda: [rng.randrange(len(tokens)), rng.randrange(3, 259), 1]  # noqa: E731

@@ -9,14 +9,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model_core.norms import RMSNorm, make_norm
 from model_core.transformer import (
     Decoder,
     DecoderLayer,
     Encoder,
     EncoderLayer,
     FeedForward,
-    RMSNorm,
-    make_norm,
     merge_masks,
 )
 from tests.model_core.utils import load_from_torch, pads, torch_causal

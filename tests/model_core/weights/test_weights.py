@@ -291,15 +291,15 @@ def test_shape_mismatch_names_tensor_and_shapes(vocab: TinyVocab, tmp_path: Path
 
 
 def test_unused_tensors_are_an_error(vocab: TinyVocab, tmp_path: Path) -> None:
-    """A llama3-style rope_freqs tensor (or attention biases) would change the logits: refuse it."""
+    """Attention biases in a llama file would change the logits: refuse them."""
     tiny = write_gguf(
         MODELS["llama"](),
         tmp_path / "m.gguf",
         "F32",
         vocab=vocab,
-        extra={"rope_freqs.weight": np.ones(8, dtype=np.float32)},
+        extra={"blk.0.attn_q.bias": np.ones(64, dtype=np.float32)},
     )
-    with pytest.raises(ValueError, match="rope_freqs.weight"):
+    with pytest.raises(ValueError, match="blk.0.attn_q.bias"):
         load_lm(tiny.path)
     path = write_hf_dir(MODELS["llama"](), tmp_path / "hf", vocab)
     st = load_file(str(path / "model.safetensors"))
@@ -328,8 +328,8 @@ def test_unsupported_config_options_are_refused(vocab: TinyVocab, tmp_path: Path
     base = json.loads((path / "config.json").read_text())
     assert config_from_hf(base).rope_theta == 10000.0
     llama_changes: list[tuple[dict[str, Any], str]] = [
-        ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}}, "llama3"),
-        ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "linear"),
+        ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 5e5, "factor": 8.0}}, "yarn"),
+        ({"rope_scaling": {"type": "dynamic", "factor": 2.0}}, "dynamic"),
         ({"hidden_act": "gelu"}, "hidden_act"),
         ({"attention_bias": True}, "attention_bias"),
     ]
