@@ -192,40 +192,69 @@ def _flat_ids(
 
 
 def _mask_top_k(x: torch.Tensor, ks: list[int]) -> torch.Tensor:
-    """Mask to -inf everything below each row's k-th largest value (ties with it are kept). x: (n, V)."""
+    """Mask to -inf everything below each row's k-th largest value (ties with it are kept), in place. x: (n, V)."""
     k = torch.tensor(ks, dtype=torch.long, device=x.device).unsqueeze(1)  # (n, 1)
     top = torch.topk(x, max(ks), dim=-1).values  # (n, kmax), sorted descending
     thresh = top.gather(1, k - 1)  # (n, 1): the k-th largest value, whatever kmax is
-    return x.masked_fill(x < thresh, float("-inf"))
+    return x.masked_fill_(x < thresh, float("-inf"))
 
 
 def _mask_top_p(x: torch.Tensor, ps: list[float]) -> torch.Tensor:
-    """Keep the smallest set of most probable tokens whose mass reaches p (ties at the edge kept).
+    """Keep the smallest set of most probable tokens whose mass reaches p (ties at the edge kept), in place.
+    x: (n, V).
 
-    The nucleus is searched among the top 64 tokens, then 512, 4096, and only then by a full sort; the
-    answer does not depend on where it is found: prefix sums are sequential, and the total mass is the
-    last prefix sum of the row in vocabulary order, so no result depends on other rows. x: (n, V).
+    A row with fewer finite logits than the first search width (64: after a top-k of at most 64, or a grammar
+    mask) is done on its top 64 alone. Otherwise the nucleus is searched among the top 64 tokens, then 512, 4096,
+    and only then by a full sort, against the row's total mass (`_row_mass`): the answer does not depend on where
+    it is found. Which way a row goes depends on that row alone, and every sum runs within one row in an order
+    its length fixes, so no result depends on other rows.
     """
     n, V = x.shape
-    mx = x.max(dim=-1, keepdim=True).values  # (n, 1)
-    mx = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
-    total = torch.cumsum(torch.exp(x - mx), -1, dtype=torch.float64)[:, -1:]  # (n, 1)
-    target = torch.tensor(ps, dtype=torch.float64, device=x.device).unsqueeze(1) * total  # (n, 1)
+    dev = x.device
+    target_p = torch.tensor(ps, dtype=torch.float64, device=dev).unsqueeze(1)  # (n, 1)
+    thresh = torch.full((n, 1), float("-inf"), dtype=x.dtype, device=dev)
+    k = min(_TOP_P_FIRST_K, V)
+    vals, _ = torch.topk(x, k, dim=-1)  # (n, k) descending
+    few = ~torch.isfinite(vals[:, -1]) if k < V else torch.ones(n, dtype=torch.bool, device=dev)  # (n,)
+    if few.any():  # every finite logit is among the top k: the distribution is softmax(vals)
+        fv = vals[few]  # (f, k)
+        cum = torch.cumsum(torch.softmax(fv, dim=-1), -1, dtype=torch.float64)  # (f, k)
+        thresh[few] = _nucleus_edge(fv, cum, target_p[few] * cum[:, -1:])
+    rest = torch.arange(n, device=dev)[~few]
+    if rest.numel():
+        thresh[rest] = _search_top_p(x[rest], target_p[rest])
+    return x.masked_fill_(x < thresh, float("-inf"))
+
+
+def _nucleus_edge(vals: torch.Tensor, cum: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The smallest kept value: vals (m, k) descending, cum (m, k) their float64 prefix sums of probability,
+    target (m, 1) the mass to reach. Returns (m, 1)."""
+    excl = torch.cat([torch.zeros_like(cum[:, :1]), cum[:, :-1]], dim=1)  # mass before each token
+    n_keep = (excl < target).sum(-1, keepdim=True).clamp(min=1)  # (m, 1)
+    return vals.gather(1, n_keep - 1)
+
+
+def _search_top_p(x: torch.Tensor, target_p: torch.Tensor) -> torch.Tensor:
+    """The nucleus edge (n, 1) of rows x (n, V) with more finite logits than the first search width, in widening
+    rounds; target_p (n, 1) float64."""
+    n, V = x.shape
+    probs = torch.softmax(x, dim=-1)  # (n, V)
+    target = target_p * _row_mass(probs).unsqueeze(1)  # (n, 1) float64
     thresh = torch.empty(n, 1, dtype=x.dtype, device=x.device)
     pending = torch.arange(n, device=x.device)
     k = _TOP_P_FIRST_K
     while pending.numel():
         sub = x if pending.numel() == n else x[pending]
         full = k >= V
-        vals = torch.sort(sub, dim=-1, descending=True).values if full else torch.topk(sub, k, dim=-1).values
-        cum = torch.cumsum(torch.exp(vals - mx[pending]), -1, dtype=torch.float64)  # (m, k)
-        excl = torch.cat([torch.zeros_like(cum[:, :1]), cum[:, :-1]], dim=1)  # mass before each token
-        n_keep = (excl < target[pending]).sum(-1, keepdim=True).clamp(min=1)  # (m, 1)
-        found = torch.ones_like(n_keep[:, 0], dtype=torch.bool) if full else cum[:, -1] >= target[pending, 0]
-        thresh[pending[found]] = vals.gather(1, n_keep - 1)[found]
+        vals, idx = torch.sort(sub, dim=-1, descending=True) if full else torch.topk(sub, k, dim=-1)  # (m, k)
+        cum = torch.cumsum((probs if pending.numel() == n else probs[pending]).gather(1, idx), -1, dtype=torch.float64)
+        found = (
+            torch.ones(len(pending), dtype=torch.bool, device=x.device) if full else cum[:, -1] >= target[pending, 0]
+        )
+        thresh[pending[found]] = _nucleus_edge(vals, cum, target[pending])[found]
         pending = pending[~found]
         k *= 8
-    return x.masked_fill(x < thresh, float("-inf"))
+    return thresh
 
 
 def process_logits(
@@ -296,7 +325,7 @@ def process_logits(
     # temperature (greedy rows keep theirs at 1: x / 1 == x exactly)
     temps = [p.temperature if s else 1.0 for p, s in zip(params, sampled, strict=True)]
     if any(t != 1.0 for t in temps):
-        x = x / _column(temps, dev)
+        x.div_(_column(temps, dev))
 
     # top-k: keep the k largest (ties with the k-th kept)
     ks = [p.top_k if s and 0 < p.top_k < V else 0 for p, s in zip(params, sampled, strict=True)]
@@ -308,12 +337,12 @@ def process_logits(
     if any(p < 1.0 for p in ps):
         x = _on_rows(x, [p < 1.0 for p in ps], lambda rows: _mask_top_p(rows, [p for p in ps if p < 1.0]))
 
-    # min-p: keep tokens with prob >= min_p * max prob, i.e. exp(x - max) >= min_p
+    # min-p: keep tokens with prob >= min_p * max prob, i.e. x >= max + log(min_p) (no exp over the vocabulary)
     mps = [p.min_p if s else 0.0 for p, s in zip(params, sampled, strict=True)]
     if any(m > 0.0 for m in mps):
         mx = x.max(dim=-1, keepdim=True).values  # (B, 1)
-        mx = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
-        x = x.masked_fill(torch.exp(x - mx) < _column(mps, dev), float("-inf"))
+        floor = mx + torch.log(_column(mps, dev))  # (B, 1); -inf where min_p is 0 (or the row has no finite logit)
+        x.masked_fill_(x < floor, float("-inf"))
     return x
 
 
@@ -353,6 +382,22 @@ def sample(
 _BLOCK = 256
 
 
+def _blocks(p: torch.Tensor) -> torch.Tensor:
+    """p (n, V) -> (n, nb, 256): the row in blocks of 256 (zero-padded at the end)."""
+    n, V = p.shape
+    nb = (V + _BLOCK - 1) // _BLOCK
+    if nb * _BLOCK != V:
+        p = torch.nn.functional.pad(p, (0, nb * _BLOCK - V))
+    return p.view(n, nb, _BLOCK)
+
+
+def _row_mass(p: torch.Tensor) -> torch.Tensor:
+    """The sum of each row of p (n, V) float32 >= 0, as float64 (n,): sums of 256-value blocks, then of the blocks,
+    each in an order fixed by the row's length alone (never by other rows); one pass over the vocabulary where a
+    float64 prefix sum of it is ~40x slower at V=262144."""
+    return _blocks(p).sum(dim=-1).double().sum(dim=-1)
+
+
 def _last_nonzero(p: torch.Tensor) -> torch.Tensor:
     """Index of the last positive entry of each row of p (n, m)."""
     m = p.shape[-1]
@@ -367,11 +412,9 @@ def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 
     probs: (n, V) float32 >= 0; u: (n,) float64 in [0, 1). Returns (n,) int64.
     """
-    n, V = probs.shape
-    nb = (V + _BLOCK - 1) // _BLOCK
-    if nb * _BLOCK != V:
-        probs = torch.nn.functional.pad(probs, (0, nb * _BLOCK - V))
-    blocks = probs.view(n, nb, _BLOCK)  # (n, nb, 256)
+    n = probs.shape[0]
+    blocks = _blocks(probs)  # (n, nb, 256)
+    nb = blocks.shape[1]
     bsum = blocks.sum(dim=-1).double()  # (n, nb)
     bcum = torch.cumsum(bsum, dim=-1)  # (n, nb)
     r = u * bcum[:, -1]  # (n,)
