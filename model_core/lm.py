@@ -1,5 +1,7 @@
-"""A decoder-only causal LM for the llama family (RoPE, RMSNorm, SwiGLU, GQA) and the GPT-2
-family (learned positions, LayerNorm, GELU, biases).
+"""A decoder-only causal LM: pre-norm residual blocks of grouped-query attention and a feed-forward network, with
+the block options of its family (`LMConfig`; model_core.models reads them from a file): RoPE or learned positions,
+RMSNorm or LayerNorm, SwiGLU / GELU-tanh gate / GELU, biases, QK-norm, post-norms, soft-capping, per-layer sliding
+windows and RoPE bases.
 
 `forward(tokens, positions, cache)`: state is passed in. Without a cache the chunk attends
 causally to itself (positions 0..T-1); with a `PagedKVCache` the cache's prepared mask says which
