@@ -852,19 +852,24 @@ def gguf_tensors(family: Family, model: PreTrainedModel) -> dict[str, np.ndarray
 GENERAL_KEYS_COMPARED = ("general.architecture", "general.type", "general.file_type", "general.quantization_version")
 
 
-def write_gguf(family: Family, model: PreTrainedModel, vocab: Vocab, path: Path) -> Path:
-    """The F32 GGUF llama.cpp's converter writes for `model`, written with gguf.GGUFWriter."""
+def write_gguf(family: Family, model: PreTrainedModel, vocab: Vocab, path: Path, quantized: bool = False) -> Path:
+    """The F32 GGUF llama.cpp's converter writes for `model`, written with gguf.GGUFWriter; quantized: its matrices
+    (rows a multiple of 32 long; not the 1-D norms and biases) in Q8_0, as llama-quantize's Q8_0 files."""
     w = gguf.GGUFWriter(str(path), family.arch)
     w.add_type(gguf.GGUFType.MODEL)
     w.add_name(family.gguf_name)
     for method, args in hparam_calls(family, model.config):
         getattr(w, method)(*args)
-    w.add_file_type(int(gguf.LlamaFileType.ALL_F32))
+    w.add_file_type(int(gguf.LlamaFileType.MOSTLY_Q8_0 if quantized else gguf.LlamaFileType.ALL_F32))
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     for method, args in vocab_calls(vocab):
         getattr(w, method)(*args)
+    q8 = gguf.GGMLQuantizationType.Q8_0
     for name, data in gguf_tensors(family, model).items():
-        w.add_tensor(name, data)
+        if quantized and data.ndim == 2 and data.shape[1] % 32 == 0 and name != "rope_freqs.weight":
+            w.add_tensor(name, gguf.quants.quantize(data, q8), raw_dtype=q8)
+        else:
+            w.add_tensor(name, data)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

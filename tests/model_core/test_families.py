@@ -39,7 +39,7 @@ from model_core.kv_cache import PagedKVCache  # noqa: E402
 from model_core.lm import CausalLM  # noqa: E402
 from model_core.sampling import SamplingParams  # noqa: E402
 from model_core.tokenizer import Tokenizer  # noqa: E402
-from model_core.weights.loader import LoadedLM, load_lm  # noqa: E402
+from model_core.weights.loader import LoadedLM, load_for_inference, load_lm  # noqa: E402
 from tests.model_core.families import (  # noqa: E402
     CONTROL,
     CORPUS,
@@ -52,6 +52,7 @@ from tests.model_core.families import (  # noqa: E402
     build_families,
     find_converter,
     read_gguf_contents,
+    write_gguf,
 )
 from tests.service.engine.engine_utils import make_engine, run_all  # noqa: E402
 from tests.utils import kernels_for, native_isas  # noqa: E402
@@ -452,3 +453,65 @@ def test_fused_llama_decoder_keeps_a_window(
     worst = _cached_diffs(lm, prompt, cont, ref, kernels)
     print(f"mistral, window 8, fused decoder {isa}: max abs diff vs HF {worst}")
     assert max(worst.values()) <= TOL, worst
+
+
+# -------------------------------------------------------------------- the served path
+@pytest.fixture(scope="session")
+def q8_files(families: dict[str, TinyFamily], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Each main family as a Q8_0 GGUF (llama-quantize's Q8_0: every matrix quantized), written once."""
+    root = tmp_path_factory.mktemp("q8")
+    return {
+        name: write_gguf(t.family, t.hf_model, t.vocab, root / f"{name}.gguf", quantized=True)
+        for name, t in families.items()
+        if name in MAIN_FAMILIES
+    }
+
+
+def _served_logprobs(lm: LoadedLM, ids: list[int]) -> torch.Tensor:
+    """Log-probabilities (T, V) fp32 of every position as the server computes them: prompt chunks of 16 through a
+    paged cache on the backend's kernels (exact products), then the rest one decode step a token (the decode
+    kernels: int8 activations where the backend rounds them)."""
+    c = lm.model.cfg
+    cache = PagedKVCache(
+        c.n_layers,
+        8,
+        16,
+        c.n_kv_heads,
+        c.hd,
+        lm.model.embed.weight.dtype,
+        max_positions=c.max_seq_len,
+        kernels=lm.backend.kernels,
+    )
+    table, out, prompt = list(range(8)), [], len(ids) // 2
+    with torch.inference_mode():
+        for start in range(0, prompt, 16):
+            n = min(16, prompt - start)
+            positions = cache.prepare([table], [start], n)
+            out.append(lm.model(torch.tensor([ids[start : start + n]]), positions, cache)[0])
+        for start in range(prompt, len(ids)):
+            positions = cache.prepare([table], [start], 1)
+            out.append(lm.model(torch.tensor([[ids[start]]]), positions, cache)[0])
+    return torch.log_softmax(torch.cat(out).float(), dim=-1)
+
+
+@pytest.mark.parametrize("isa", native_isas(reference=False) + ["torch"])
+@pytest.mark.parametrize("name", MAIN_FAMILIES)
+def test_served_backend_within_bf16_noise(
+    name: str, isa: str, families: dict[str, TinyFamily], q8_files: dict[str, Path]
+) -> None:
+    """A Q8_0 file served on this backend as the server serves it (the backend's dtype, its quantized kernels for
+    decode steps, native paged attention) stays within twice the rounding noise of HF transformers running the same
+    file in bf16: mean |logprob - HF fp32| over 48 positions (the default model's bound, test_smollm2.py)."""
+    path = q8_files[name]
+    tiny = families[name]
+    kwargs = {} if tiny.family.hf_reads_config else {"config": copy.deepcopy(tiny.hf_model.config)}
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, dtype=torch.float32, attn_implementation="eager", **kwargs
+    ).eval()
+    ids = random_ids(tiny.vocab.size, (1, 48), seed=5)
+    ref = torch.log_softmax(hf_logits(hf, ids)[0], dim=-1)
+    noise = float((torch.log_softmax(hf_logits(hf.to(torch.bfloat16), ids)[0].float(), -1) - ref).abs().mean())
+    lm = load_for_inference(path, kernels=isa)
+    got = float((_served_logprobs(lm, ids[0].tolist()) - ref).abs().mean())
+    print(f"{name} Q8_0 on {lm.backend.describe(lm.model.embed.weight.dtype, 1)}: {got:.4f} (HF bf16 {noise:.4f})")
+    assert got <= 2 * noise, (got, noise)
