@@ -46,6 +46,8 @@ from transformers import (
     Gemma2ForCausalLM,
     Gemma3ForCausalLM,
     Gemma3TextConfig,
+    GemmaConfig,
+    GemmaForCausalLM,
     GPT2Config,
     GPT2LMHeadModel,
     LlamaConfig,
@@ -332,6 +334,9 @@ class Family:
     # layer types, query_pre_attn_scalar, Llama 3 rope scaling, Qwen 3's head_dim), HF loads the GGUF with the
     # safetensors directory's config
     hf_reads_config: bool = True
+    # HF's GGUF loader reads this architecture at all (not Gemma 1's "gemma"): else the HF model saved to the
+    # directory, whose weights the F32 file holds exactly, is the GGUF's oracle too
+    hf_reads_gguf: bool = True
     # llama.cpp's converter writes it faithfully (it writes no sliding-window pattern for Gemma 3: llama.cpp then
     # takes every 6th layer as the global one, which gemma3_window's layer types are not)
     converter: bool = True
@@ -453,6 +458,24 @@ FAMILIES: dict[str, Family] = {
             seed=6,
             hf_reads_config=False,  # HF's GGUF loader leaves head_dim at Qwen3Config's default 128
             notes="QK-norm, head_dim 32 != hidden/heads, NEOX rope",
+        ),
+        Family(
+            "gemma",
+            GemmaForCausalLM,
+            lambda v: GemmaConfig(
+                **_common(v, layers=2),
+                head_dim=32,
+                hidden_activation="gelu_pytorch_tanh",
+                rope_parameters=_rope(10_000.0),
+                tie_word_embeddings=True,
+            ),
+            "gemma",
+            "gemma",
+            "gemma",
+            seed=10,
+            norm_plus_one=True,
+            hf_reads_gguf=False,
+            notes="Gemma 1: (1 + w) norms, embeddings x sqrt(d), GELU-tanh gate, head_dim 32 != hidden/heads",
         ),
         Family(
             "gemma2",
@@ -719,6 +742,8 @@ def hparam_calls(family: Family, config: PretrainedConfig) -> list[tuple[str, li
         ("add_head_count_kv", [c.num_key_value_heads]),
         ("add_layer_norm_rms_eps", [c.rms_norm_eps]),
     ]
+    if family.arch == "gemma":  # GemmaModel writes no rope base either
+        return calls + [("add_key_length", [head_dim]), ("add_value_length", [head_dim])]
     if family.arch == "gemma2":  # Gemma2Model writes no rope base (llama.cpp's default 10000 applies)
         return calls + [
             ("add_key_length", [head_dim]),
@@ -823,7 +848,7 @@ def gguf_tensors(family: Family, model: PreTrainedModel) -> dict[str, np.ndarray
         out["rope_freqs.weight"] = llama3_rope_factors(c).numpy()
     for hf_name, value in model.state_dict().items():
         base, _, suffix = hf_name.rpartition(".")  # suffix: weight | bias
-        if base == "lm_head" and (c.tie_word_embeddings or family.arch in ("gemma2", "gemma3")):
+        if base == "lm_head" and (c.tie_word_embeddings or family.arch in ("gemma", "gemma2", "gemma3")):
             continue
         w = value.detach().float().clone()
         parts = base.split(".")

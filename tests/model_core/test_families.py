@@ -89,9 +89,17 @@ def loaded(families: dict[str, TinyFamily]) -> Callable[[str, str], LoadedLM]:
 
 def hf_from_gguf(tiny: TinyFamily) -> Any:
     """HF's own GGUF loader reading the file; with the directory's config where HF's reading of the metadata is
-    lossy (Family.hf_reads_config), so the weights still come from the GGUF."""
+    lossy (Family.hf_reads_config), so the weights still come from the GGUF; the directory's model where HF does
+    not read the architecture (Family.hf_reads_gguf)."""
+    return hf_reading(tiny, tiny.gguf)
+
+
+def hf_reading(tiny: TinyFamily, path: Path) -> Any:
+    """HF transformers' model of the GGUF file `path` holding tiny's family (fp32, eager attention)."""
+    if not tiny.family.hf_reads_gguf:
+        assert path == tiny.gguf, "HF cannot read this architecture's quantized files"
+        return tiny.hf_model
     kwargs = {} if tiny.family.hf_reads_config else {"config": copy.deepcopy(tiny.hf_model.config)}
-    path = tiny.gguf
     return transformers.AutoModelForCausalLM.from_pretrained(
         str(path.parent), gguf_file=path.name, dtype=torch.float32, attn_implementation="eager", **kwargs
     ).eval()
@@ -127,16 +135,15 @@ def hf_logits(hf: Any, ids: torch.Tensor) -> torch.Tensor:
 
 
 def hf_greedy(hf: Any, prompt: list[int], n: int) -> list[int]:
-    """HF's generate(do_sample=False) for exactly n tokens (EOS does not stop it)."""
-    config = copy.deepcopy(hf.generation_config)
-    config.eos_token_id = None
-    config.do_sample = False
-    config.max_new_tokens = n
-    config.pad_token_id = 0
-    ids = torch.tensor([prompt])
+    """HF's greedy decoding (its forward with its own KV cache) for exactly n tokens: EOS does not stop it (HF's
+    generate() stops at the EOS of the model's config even with the generation config's eos_token_id unset)."""
+    out: list[int] = []
     with torch.inference_mode():
-        out = hf.generate(ids, attention_mask=torch.ones_like(ids), generation_config=config)
-    return [int(t) for t in out[0, len(prompt) :]]
+        res = hf(torch.tensor([prompt]), use_cache=True)
+        for _ in range(n):
+            out.append(int(res.logits[0, -1].argmax()))
+            res = hf(torch.tensor([[out[-1]]]), past_key_values=res.past_key_values, use_cache=True)
+    return out
 
 
 def our_greedy(lm: LoadedLM, prompt: list[int], n: int, kernels: Any = None, banned: tuple[int, ...] = ()) -> list[int]:
@@ -307,7 +314,9 @@ def test_tokenizer_matches_hf(kind: str, families: dict[str, TinyFamily], loaded
     """Ours from the GGUF equals HF's tokenizer of the GGUF; ours from the directory equals HF's of the directory."""
     tiny = families[KIND_FAMILY[kind]]
     hf = {
-        "gguf": transformers.AutoTokenizer.from_pretrained(str(tiny.gguf.parent), gguf_file=tiny.gguf.name),
+        "gguf": transformers.AutoTokenizer.from_pretrained(str(tiny.gguf.parent), gguf_file=tiny.gguf.name)
+        if tiny.family.hf_reads_gguf
+        else transformers.AutoTokenizer.from_pretrained(str(tiny.hf_dir)),
         "safetensors": transformers.AutoTokenizer.from_pretrained(str(tiny.hf_dir)),
     }
     for fmt in FORMATS:
@@ -504,13 +513,17 @@ def test_served_backend_within_bf16_noise(
     file in bf16: mean |logprob - HF fp32| over 48 positions (the default model's bound, test_smollm2.py)."""
     path = q8_files[name]
     tiny = families[name]
-    kwargs = {} if tiny.family.hf_reads_config else {"config": copy.deepcopy(tiny.hf_model.config)}
-    hf = transformers.AutoModelForCausalLM.from_pretrained(
-        str(path.parent), gguf_file=path.name, dtype=torch.float32, attn_implementation="eager", **kwargs
-    ).eval()
     ids = random_ids(tiny.vocab.size, (1, 48), seed=5)
-    ref = torch.log_softmax(hf_logits(hf, ids)[0], dim=-1)
-    noise = float((torch.log_softmax(hf_logits(hf.to(torch.bfloat16), ids)[0].float(), -1) - ref).abs().mean())
+    if tiny.family.hf_reads_gguf:
+        hf = hf_reading(tiny, path)
+        ref = torch.log_softmax(hf_logits(hf, ids)[0], dim=-1)
+    else:  # the file's values through our fp32 loader (which equals HF on the F32 file); HF's bf16 noise on the F32
+        hf = copy.deepcopy(tiny.hf_model)
+        with torch.inference_mode():
+            exact = load_lm(path, dtype=torch.float32, native_decode=False, pack=False).model(ids)[0]
+        ref = torch.log_softmax(exact, dim=-1)
+    hf32 = torch.log_softmax(hf_logits(hf, ids)[0], dim=-1)
+    noise = float((torch.log_softmax(hf_logits(hf.to(torch.bfloat16), ids)[0].float(), -1) - hf32).abs().mean())
     lm = load_for_inference(path, kernels=isa)
     got = float((_served_logprobs(lm, ids[0].tolist()) - ref).abs().mean())
     print(f"{name} Q8_0 on {lm.backend.describe(lm.model.embed.weight.dtype, 1)}: {got:.4f} (HF bf16 {noise:.4f})")
