@@ -3,13 +3,15 @@
 A decode step runs ~20 small PyTorch ops per layer; at small batches their dispatch costs as much as
 the layer's arithmetic. `FusedLlamaDecoder` replaces them with native calls (kernels/layer.c):
  - when all four projections of every layer are `QuantLinear`s (GGUF Q4_0/Q4_1/Q8_0 blocks) and the
-   batch is at most their `max_rows`, each layer is one call (norms, projections, RoPE, cache write,
-   attention from the paged cache, SwiGLU, residual adds);
- - otherwise each layer is its four projections (PyTorch, dense) with four native calls between them:
-   norm, rope + cache write + attention, residual add + next norm, SwiGLU.
-It reads the model's parameters, quantized weights and rotary tables and the cache in place, through the
-modules at each step: no address outlives the call it is taken for, so a model moved, cast or given new
-weights between steps decodes with what it holds then. The kernels' working memory is the cache's scratch
+   batch is at most their `max_rows`, each layer is one call (norms, projections with the QKV bias, QK-norm,
+   RoPE, cache write, attention from the paged cache, SwiGLU, residual adds);
+ - otherwise each layer is its four projections (PyTorch, dense, with their biases) with four native calls
+   between them: norm, QK-norm + rope + cache write + attention, residual add + next norm, SwiGLU.
+Llama blocks, and the llama variants among the families (model_core.models): Qwen 2's QKV biases and Qwen 3's
+QK-norm (an RMSNorm over each query and key head before RoPE) run fused too.
+It reads the model's parameters (norms, QK-norms, the QKV bias), quantized weights and rotary tables and the cache
+in place, through the modules at each step: no address outlives the call it is taken for, so a model moved, cast or
+given new weights between steps decodes with what it holds then. The kernels' working memory is the cache's scratch
 (model_core.kv_cache.Scratch: one set per runner, kept from step to step, grown for a bigger batch).
 Prompt chunks keep the module path, except with a cache that serves them in place (the batch-invariant
 mode, model_core.lm): then every real token of the forward is one row of these calls, whatever chunk it
@@ -48,8 +50,13 @@ class _Layer:
             and attn_norm.weight.dtype in ACT
         ):
             raise ValueError("the fused decoder runs float32 or bf16 llama layers (RMSNorm)")
-        if any(getattr(lin, "bias", None) is not None for lin in self.linears()):
-            raise ValueError("the fused decoder runs llama projections (no biases)")
+        if any(_bias(lin) is not None for lin in self.linears()[1:]):
+            raise ValueError("the fused decoder runs llama projections (a bias on the QKV projection only)")
+        q_norm, k_norm = block.attn.q_norm, block.attn.k_norm
+        if (q_norm is None) != (k_norm is None) or not all(
+            isinstance(n, RMSNorm) and n.eps == attn_norm.eps for n in (q_norm, k_norm) if n is not None
+        ):
+            raise ValueError("the fused decoder runs QK-norms as RMSNorms of the layer's epsilon, on both q and k")
         # what refresh() derived from the projections and their quantized weights, valid while they are these
         # objects: the weights' addresses (the array llama_decode_layer's w), the mode, the one-call batch limit
         self._seen: tuple[object, ...] = ()
@@ -70,6 +77,23 @@ class _Layer:
         assert attn_norm is not None and ffn_norm is not None
         return attn_norm, ffn_norm
 
+    def qk_norms(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The QK-norm's weights (q_norm, k_norm), or (None, None) where the block has none (as it is now)."""
+        attn = self.block._modules["attn"]._modules  # type: ignore[union-attr]
+        q_norm, k_norm = attn.get("q_norm"), attn.get("k_norm")
+        if q_norm is None or k_norm is None:  # (the module path norms both or neither)
+            return None, None
+        return q_norm._parameters["weight"], k_norm._parameters["weight"]
+
+    def qkv_bias(self) -> torch.Tensor | None:
+        """The QKV projection's bias as llama_decode_layer takes it (fp32, contiguous; a no-op view of an fp32 one),
+        read now; None without one."""
+        qkv = self.block._modules["attn"]._modules["qkv"]  # type: ignore[union-attr]
+        if isinstance(qkv, QuantLinear):
+            return qkv.qbias
+        bias = _bias(qkv)  # type: ignore[arg-type]
+        return None if bias is None else bias.detach().to(torch.float32).contiguous()
+
     def refresh(self) -> None:
         """Re-derive the weights' state where a projection or its quantized weight is another object than at the
         last call (a QuantWeight is frozen, its tensors stay where they are: model.to() does not move them)."""
@@ -78,6 +102,8 @@ class _Layer:
         if len(seen) == len(self._seen) and all(a is b for a, b in zip(seen, self._seen)):
             return
         quant = [lin.quant for lin in linears if isinstance(lin, QuantLinear)]
+        if any(w.kind.entry != "quant_matmul" for w in quant):  # K-quants: llama_decode_layer takes 4/8-bit blocks
+            quant = []  # so the per-projection path (QuantLinear's own kernel call per projection)
         if len(quant) == 4 and len({w.interleaved for w in quant}) > 1:
             raise ValueError("the fused decoder runs a layer's projections in one matmul mode")
         if len(quant) == 4:
@@ -96,12 +122,24 @@ class _Layer:
         return self._ptrs, self._i8
 
 
+def _bias(linear: nn.Module) -> torch.Tensor | None:
+    """A projection's bias: an nn.Linear's or PackedLinear's, or a QuantLinear's dense layer's."""
+    if isinstance(linear, QuantLinear):
+        linear = linear.dense
+    bias = getattr(linear, "bias", None)
+    return bias if isinstance(bias, torch.Tensor) else None
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
 def unsupported(cfg: LMConfig) -> str | None:
     """What of the model's block options the kernels do not run (None: all of them): they run llama blocks (RoPE,
-    RMSNorm, SwiGLU, no biases; any attention scale, soft-cap and per-layer window; model_core.models.llama: Llama 2
-    and 3, SmolLM, Mistral)."""
+    RMSNorm, SwiGLU; any attention scale, soft-cap and per-layer window; model_core.models.llama: Llama 2 and 3,
+    SmolLM, Mistral) with or without QKV biases (Qwen 2, 2.5) and QK-norm (Qwen 3); no other biases."""
     plain = LMConfig(arch=cfg.arch, vocab_size=1, d_model=1, n_layers=1, n_heads=1, n_kv_heads=1, d_ff=1, max_seq_len=1)
-    for option in ("norm", "activation", "positions", "qkv_bias", "out_bias", "ffn_bias", "qk_norm", "post_norms"):
+    for option in ("norm", "activation", "positions", "out_bias", "ffn_bias", "post_norms"):
         if getattr(cfg, option) != getattr(plain, option):
             return f"{option}={getattr(cfg, option)!r}"
     if cfg.rope_local_theta is not None:
@@ -186,9 +224,14 @@ class FusedLlamaDecoder:
         work_bytes = call("llama_decode_scratch_bytes", B, C, nh, nkv, hs, F, act)
         work = scratch.take("fused.layer", (work_bytes,), torch.uint8).data_ptr()
         cos_p, sin_p, write_p, rows_p, lens_p = (t.data_ptr() for t in (cos, sin, write, rows, lens))
+        qkv_n = (nh + 2 * nkv) * hs
         if B <= self.max_rows:
             for i, layer in enumerate(self.layers):
                 attn_norm, ffn_norm = self._norms(layer, x.dtype)
+                q_norm, k_norm = self._qk_norms(layer, x.dtype)
+                bias = layer.qkv_bias()  # (held until the call returns: a bf16 bias' fp32 copy is made here)
+                if bias is not None and bias.numel() != qkv_n:
+                    raise ValueError(f"layer {i}'s QKV bias has {bias.numel()} values, its projection {qkv_n}")
                 w, i8 = layer.weights()  # (max_rows refreshed them above)
                 self._decode_layer(
                     i,
@@ -199,6 +242,9 @@ class FusedLlamaDecoder:
                     ffn_norm.data_ptr(),
                     cfg.norm_eps,
                     w,
+                    _ptr(bias),
+                    _ptr(q_norm),
+                    _ptr(k_norm),
                     cos_p,
                     sin_p,
                     kv_base + i * kv_layer_bytes,
@@ -228,11 +274,15 @@ class FusedLlamaDecoder:
         for i, layer in enumerate(self.layers):
             qkv_proj, out_proj, in_proj, down_proj = layer.linears()
             _, ffn_norm = self._norms(layer, x.dtype)
-            qkv = qkv_proj(h).contiguous()  # (B, (nh + 2 nkv) hs)
+            q_norm, k_norm = self._qk_norms(layer, x.dtype)
+            qkv = qkv_proj(h).contiguous()  # (B, (nh + 2 nkv) hs), with the projection's bias
             call(
                 "llama_attention",
                 qkv.data_ptr(),
                 B,
+                cfg.norm_eps,
+                _ptr(q_norm),
+                _ptr(k_norm),
                 cos_p,
                 sin_p,
                 kv_base + i * kv_layer_bytes,
@@ -289,3 +339,11 @@ class FusedLlamaDecoder:
         ):
             raise ValueError(f"the layer's norms are {attn_norm.dtype}, the activations {dtype}")
         return attn_norm, ffn_norm
+
+    @staticmethod
+    def _qk_norms(layer: _Layer, dtype: torch.dtype) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        q_norm, k_norm = layer.qk_norms()
+        for w in (q_norm, k_norm):
+            if w is not None and (w.dtype != dtype or not w.is_contiguous()):
+                raise ValueError(f"the layer's QK-norms are {w.dtype}, the activations {dtype}")
+        return q_norm, k_norm

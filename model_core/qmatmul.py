@@ -1,4 +1,5 @@
-"""Matmuls on GGUF-quantized weights kept quantized (Q4_0, Q4_1, Q8_0), for decode-sized batches.
+"""Matmuls on GGUF-quantized weights kept quantized (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K), for decode-sized
+batches.
 
 A 135M-parameter model in Q4_1 is 97 MB; dequantized to bf16 it is 269 MB (fp32: 540 MB), and a
 decode step with few rows reads every weight once, so it is bound by memory traffic. `QuantLinear`
@@ -10,21 +11,148 @@ layer, where the BLAS matmul is faster.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from model_core.native import Kernels
 
-Q4_0, Q4_1, Q8_0 = 2, 3, 8  # GGML type ids
-BLOCK_BYTES = {Q4_0: 18, Q4_1: 20, Q8_0: 34}  # bytes per block of 32 weights
+Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K = 2, 3, 6, 7, 8, 12, 13, 14  # GGML type ids
 ACT = {torch.float32: 0, torch.bfloat16: 1}  # the kernels' activation dtypes (kernels/common.h)
 _EXACT_ONLY: ContextVar[bool] = ContextVar("exact_only", default=False)
 ALL_ROWS = 1 << 30  # max_rows of a layer that runs every batch on its kernel (the batch-invariant mode)
+
+
+@dataclass(frozen=True)
+class QuantKind:
+    """A repacked form of weights the kernels read (kernels/common.h; QKIND_* of kernels/aigc_kernels.h)."""
+
+    value: int  # the QKIND_* the kernels take
+    name: str
+    block: int  # weights per (super-)block: in_features is a multiple of it
+    entry: str  # the kernel entry point (model_core.native.ENTRY_POINTS) that runs it
+    int8: bool  # it has the int8 mode (interleave())
+
+
+KIND_Q4 = QuantKind(0, "4-bit", 32, "quant_matmul", True)  # Q4_0, Q4_1: nibbles, fp16 d and m per 32
+KIND_Q8 = QuantKind(1, "8-bit", 32, "quant_matmul", True)  # Q8_0: int8, fp16 d per 32
+KIND_Q4_K = QuantKind(2, "Q4_K", 256, "quant_matmul_kind", False)  # exact mode only, for now
+KIND_Q6_K = QuantKind(3, "Q6_K", 256, "quant_matmul_kind", False)
+KIND_Q5_0 = QuantKind(4, "Q5_0", 32, "quant_matmul_kind", False)  # 5-bit blocks of 32: exact mode only, for now
+KIND_Q5_1 = QuantKind(5, "Q5_1", 32, "quant_matmul_kind", False)
+KIND_Q5_K = QuantKind(6, "Q5_K", 256, "quant_matmul_kind", False)
+KINDS = {k.value: k for k in (KIND_Q4, KIND_Q8, KIND_Q4_K, KIND_Q6_K, KIND_Q5_0, KIND_Q5_1, KIND_Q5_K)}
+
+_Repacked = tuple[torch.Tensor, torch.Tensor, "torch.Tensor | None"]  # qs, d, m
+
+
+def _half(b: torch.Tensor, at: int) -> torch.Tensor:
+    """The fp16 at byte `at` of every block of b (N, nb, bytes) -> (N, nb) float16."""
+    return b[:, :, at : at + 2].contiguous().view(torch.float16).squeeze(-1)
+
+
+def _repack_q4_0(b: torch.Tensor) -> _Repacked:  # w = d (q - 8): m = -8 d, exact in fp16
+    d = _half(b, 0)
+    return b[:, :, 2:], d, d * -8
+
+
+def _repack_q4_1(b: torch.Tensor) -> _Repacked:  # w = d q + m
+    return b[:, :, 4:], _half(b, 0), _half(b, 2)
+
+
+def _repack_q8_0(b: torch.Tensor) -> _Repacked:  # w = d q
+    return b[:, :, 2:], _half(b, 0), None
+
+
+def _nibbles_by_32(v: torch.Tensor) -> torch.Tensor:
+    """(..., 32) values 0..15 -> (..., 16) bytes in the 4-bit blocks' order (low nibble value i, high value 16 + i)."""
+    return v[..., :16] | (v[..., 16:] << 4)
+
+
+def _repack_q4_k(b: torch.Tensor) -> _Repacked:
+    """144-byte Q4_K super-blocks (fp16 d, dmin; 12 bytes of 6-bit scales and mins; 128 of nibbles) -> qs (N, K/32, 16)
+    in the 4-bit order, d (N, K/256, 2) fp32 [d, dmin], m (N, K/256, 16) uint8 [8 scales, 8 mins] (kernels/common.h)."""
+    N, nb = b.shape[:2]
+    sc = b[:, :, 4:16].reshape(N, nb, 3, 4)  # the layout of gguf.quants.Q4_K.get_scale_min
+    lo, hi, both = sc[:, :, 0], sc[:, :, 1], sc[:, :, 2]
+    scales = torch.cat([lo & 0x3F, (both & 0x0F) | ((lo >> 2) & 0x30)], -1)
+    mins = torch.cat([hi & 0x3F, (both >> 4) | ((hi >> 2) & 0x30)], -1)
+    q = b[:, :, 16:].reshape(N, nb, 4, 1, 32)  # run i: sub-blocks 2i (low nibbles) and 2i + 1 (high)
+    q = torch.cat([q & 0x0F, q >> 4], 3).reshape(N, nb * 8, 32)
+    d = torch.stack([_half(b, 0), _half(b, 2)], -1).float()
+    return _nibbles_by_32(q), d, torch.cat([scales, mins], -1)
+
+
+def _q5_by_32(v: torch.Tensor) -> torch.Tensor:
+    """(..., 32) values 0..31 -> (..., 20) bytes: the low 4 bits in the 4-bit blocks' order (_nibbles_by_32), then the
+    fifth bits as a little-endian uint32 (bit i: weight i), as Q5_0/Q5_1 files hold them (kernels/common.h)."""
+    bits = ((v >> 4) & 1).reshape(*v.shape[:-1], 4, 8).to(torch.int32) << torch.arange(8, dtype=torch.int32)
+    return torch.cat([_nibbles_by_32(v & 0x0F), bits.sum(-1).to(torch.uint8)], -1)
+
+
+def _repack_q5_0(b: torch.Tensor) -> _Repacked:
+    """22-byte Q5_0 blocks (fp16 d, 4 bytes of fifth bits, 16 of nibbles) -> qs (N, K/32, 20): the nibbles, then the
+    fifth bits; d (N, K/32) fp16; w = d (q - 16) (the kernels: fma(q, d, -16 d), exact)."""
+    return torch.cat([b[:, :, 6:22], b[:, :, 2:6]], -1), _half(b, 0), None
+
+
+def _repack_q5_1(b: torch.Tensor) -> _Repacked:
+    """24-byte Q5_1 blocks (fp16 d, m, 4 bytes of fifth bits, 16 of nibbles) -> qs as Q5_0's, d and m (N, K/32) fp16:
+    w = d q + m (d q exact, one rounding)."""
+    return torch.cat([b[:, :, 8:24], b[:, :, 4:8]], -1), _half(b, 0), _half(b, 2)
+
+
+def _repack_q5_k(b: torch.Tensor) -> _Repacked:
+    """176-byte Q5_K super-blocks (fp16 d, dmin; 12 bytes of 6-bit scales and mins; 32 of fifth bits; 128 of nibbles)
+    -> qs (N, K/32, 20) per sub-block as Q5_0's, d (N, K/256, 2) fp32 [d, dmin] and m (N, K/256, 16) uint8 as Q4_K's:
+    w = (d sc_j) q - (dmin mn_j)."""
+    N, nb = b.shape[:2]
+    _, d, m = _repack_q4_k(torch.cat([b[:, :, :16], b[:, :, 48:176]], -1))  # the Q4_K fields, and their order
+    ql = b[:, :, 48:].reshape(N, nb, 4, 1, 32)  # run i: sub-blocks 2i (low nibbles) and 2i + 1 (high), as Q4_K
+    ql = torch.cat([ql & 0x0F, ql >> 4], 3).reshape(N, nb, 8, 32)
+    qh = b[:, :, 16:48].reshape(N, nb, 1, 32)  # byte i: bit j of weight i of sub-block j
+    qh = (qh >> torch.arange(8, dtype=torch.uint8).view(1, 1, 8, 1)) & 1
+    return _q5_by_32((ql | (qh << 4)).reshape(N, nb * 8, 32)), d, m
+
+
+def _repack_q6_k(b: torch.Tensor) -> _Repacked:
+    """210-byte Q6_K super-blocks (128 bytes ql, 64 qh, 16 int8 scales, fp16 d) -> qs (N, K/32, 24): per 32 weights
+    16 bytes of low nibbles in the 4-bit order and 8 of high bit pairs, d (N, K/256) fp32, m (N, K/256, 16) int8."""
+    N, nb = b.shape[:2]
+    ql = b[:, :, :128].reshape(N, nb, 2, 1, 64)  # as gguf.quants.Q6_K.dequantize_blocks
+    ql = torch.cat([ql & 0x0F, ql >> 4], 3).reshape(N, nb * 8, 32)
+    qh = b[:, :, 128:192].reshape(N, nb, 2, 1, 32)
+    qh = torch.cat([(qh >> s) & 3 for s in (0, 2, 4, 6)], 3).reshape(N, nb * 8, 32)
+    high = qh[..., 0:8] | (qh[..., 8:16] << 2) | (qh[..., 16:24] << 4) | (qh[..., 24:32] << 6)
+    qs = torch.cat([_nibbles_by_32(ql), high], -1)
+    return qs, _half(b, 208).float(), b[:, :, 192:208].contiguous().view(torch.int8)
+
+
+@dataclass(frozen=True)
+class GGMLType:
+    """A GGUF tensor type the kernels run: its blocks in the file and how they are repacked for them."""
+
+    name: str
+    block: int  # weights per block
+    nbytes: int  # bytes per block in the file
+    kind: QuantKind  # the repacked form (and the kernel entry that runs it)
+    repack: Callable[[torch.Tensor], _Repacked] = field(repr=False)  # (N, blocks, nbytes) uint8 -> qs, d, m
+
+
+GGML_TYPES: dict[int, GGMLType] = {
+    Q4_0: GGMLType("Q4_0", 32, 18, KIND_Q4, _repack_q4_0),
+    Q4_1: GGMLType("Q4_1", 32, 20, KIND_Q4, _repack_q4_1),
+    Q8_0: GGMLType("Q8_0", 32, 34, KIND_Q8, _repack_q8_0),
+    Q4_K: GGMLType("Q4_K", 256, 144, KIND_Q4_K, _repack_q4_k),
+    Q6_K: GGMLType("Q6_K", 256, 210, KIND_Q6_K, _repack_q6_k),
+    Q5_0: GGMLType("Q5_0", 32, 22, KIND_Q5_0, _repack_q5_0),
+    Q5_1: GGMLType("Q5_1", 32, 24, KIND_Q5_1, _repack_q5_1),
+    Q5_K: GGMLType("Q5_K", 256, 176, KIND_Q5_K, _repack_q5_k),
+}
 
 
 @contextmanager
@@ -43,13 +171,23 @@ class QuantWeight:
     """An (out_features, in_features) block-quantized weight, repacked for the kernels (see kernels/common.h):
     4-bit: nibbles `qs` (N, K/32, 16) uint8, `d` and `m` (N, K/32) float16 with w = d q + m;
     8-bit: `qs` (N, K/32, 32) holding int8 q, `d` (N, K/32) float16, `m` None, w = d q.
+    Q4_K and Q6_K (super-blocks of 256): `qs` (N, K/32, 16 or 24), `d` float32 super-block scales, `m` the
+    sub-block scales (kernels/common.h, k_qmatmul_kind; GGML_TYPES' repack functions make them).
+    Q5_0, Q5_1 (blocks of 32) and Q5_K (super-blocks of 256, scales as Q4_K's): `qs` (N, K/32, 20), nibbles then
+    fifth bits; Q5_0/Q5_1 `d` (and Q5_1 `m`) (N, K/32) float16.
+    `kind` says which form (KINDS); left out, it is the 4-bit form, or the 8-bit one where m is None.
     `interleave()` gives the form the int8 mode reads (groups of 8 rows; `rows` is then N): a weight in that
-    form is multiplied in int8 mode, one in row form with exact products."""
+    form is multiplied in int8 mode, one in row form with exact products (the only mode of the K-quants, for now)."""
 
     qs: torch.Tensor
     d: torch.Tensor
     m: torch.Tensor | None
     rows: int | None = None  # out_features, when interleaved by 8 rows (the tensors are padded to a multiple of 8)
+    kind: QuantKind = None  # type: ignore[assignment]  # set in __post_init__ where left out
+
+    def __post_init__(self) -> None:
+        if self.kind is None:  # the forms of before the K-quants, told apart by m
+            object.__setattr__(self, "kind", KIND_Q8 if self.m is None else KIND_Q4)
 
     @property
     def interleaved(self) -> bool:
@@ -63,33 +201,32 @@ class QuantWeight:
     def in_features(self) -> int:
         return int(self.qs.shape[1]) * 32
 
+    @property
+    def nbytes(self) -> int:
+        """The bytes the kernels read for the whole weight."""
+        return sum(t.numel() * t.element_size() for t in (self.qs, self.d, self.m) if t is not None)
+
     @classmethod
     def from_ggml(cls, qtype: int, blocks: torch.Tensor) -> QuantWeight:
-        """blocks: (N, row bytes) uint8, each row K/32 GGML blocks of `qtype` (Q4_0, Q4_1 or Q8_0)."""
-        if qtype not in BLOCK_BYTES:
-            raise ValueError(f"GGML type {qtype} has no kernel (Q4_0 = 2, Q4_1 = 3 and Q8_0 = 8 do)")
-        bs = BLOCK_BYTES[qtype]
+        """blocks: (N, row bytes) uint8, each row GGML blocks of `qtype` (one of GGML_TYPES)."""
+        t = GGML_TYPES.get(qtype)
+        if t is None:
+            have = ", ".join(f"{v.name} = {k}" for k, v in GGML_TYPES.items())
+            raise ValueError(f"GGML type {qtype} has no kernel ({have} do)")
+        bs = t.nbytes
         if blocks.dtype != torch.uint8 or blocks.dim() != 2 or blocks.shape[1] % bs:
             raise ValueError(f"expected (rows, blocks * {bs}) uint8, got {tuple(blocks.shape)} {blocks.dtype}")
-        b = blocks.reshape(blocks.shape[0], -1, bs)  # (N, nb, bytes per block)
-
-        def half(at: int) -> torch.Tensor:  # the fp16 at byte `at` of every block -> (N, nb)
-            return b[:, :, at : at + 2].contiguous().view(torch.float16).squeeze(-1)
-
-        d = half(0)
-        if qtype == Q4_1:  # w = d q + m
-            m, qs = half(2), b[:, :, 4:]
-        elif qtype == Q4_0:  # w = d (q - 8): m = -8 d, exact in fp16
-            m, qs = d * -8, b[:, :, 2:]
-        else:  # Q8_0: w = d q
-            m, qs = None, b[:, :, 2:]
-        return cls(qs.contiguous(), d.contiguous(), None if m is None else m.contiguous())
+        qs, d, m = t.repack(blocks.reshape(blocks.shape[0], -1, bs))  # of (N, nb, bytes per block)
+        return cls(qs.contiguous(), d.contiguous(), None if m is None else m.contiguous(), kind=t.kind)
 
     def interleave(self) -> QuantWeight:
         """Rows in groups of 8, each block's quants as 4-byte runs of the 8 rows side by side (kernels/common.h):
-        qs (G, K/32, 4 or 8, 8, 4), d and m (G, K/32, 8), zero rows padding the last group."""
+        qs (G, K/32, 4 or 8, 8, 4), d and m (G, K/32, 8), zero rows padding the last group. Only the 4- and 8-bit
+        forms have it (ValueError for the others)."""
         if self.interleaved:
             return self
+        if not self.kind.int8:
+            raise ValueError(f"{self.kind.name} weights have no int8 mode (no interleaved form)")
         N, nb, nbytes = self.qs.shape
         G = -(-N // 8)
 
@@ -99,7 +236,9 @@ class QuantWeight:
         qs = groups(self.qs).view(G, 8, nb, nbytes // 4, 4).permute(0, 2, 3, 1, 4)  # (G, nb, k, 8, 4)
         d = groups(self.d).permute(0, 2, 1)  # (G, nb, 8)
         m = None if self.m is None else groups(self.m).permute(0, 2, 1)
-        return QuantWeight(qs.contiguous(), d.contiguous(), None if m is None else m.contiguous(), rows=N)
+        return QuantWeight(
+            qs.contiguous(), d.contiguous(), None if m is None else m.contiguous(), rows=N, kind=self.kind
+        )
 
     def row_form(self) -> QuantWeight:
         """The inverse of `interleave()`."""
@@ -109,12 +248,41 @@ class QuantWeight:
         qs = self.qs.permute(0, 3, 1, 2, 4).reshape(G * 8, nb, k * 4)[: self.rows]  # (N, nb, bytes)
         d = self.d.permute(0, 2, 1).reshape(G * 8, nb)[: self.rows]
         m = None if self.m is None else self.m.permute(0, 2, 1).reshape(G * 8, nb)[: self.rows]
-        return QuantWeight(qs.contiguous(), d.contiguous(), None if m is None else m.contiguous())
+        return QuantWeight(qs.contiguous(), d.contiguous(), None if m is None else m.contiguous(), kind=self.kind)
 
     def dequantize(self) -> torch.Tensor:
         """The (N, K) float32 weights."""
         if self.interleaved:
             return self.row_form().dequantize()
+        N = self.out_features
+        if self.kind == KIND_Q4_K:  # w = (d sc) q - dmin mn, as gguf (both products exact)
+            assert self.m is not None
+            q = torch.cat([self.qs & 0x0F, self.qs >> 4], dim=-1).float().view(N, -1, 8, 32)
+            sm = self.m.float()
+            scale, mins = self.d[..., :1] * sm[..., :8], self.d[..., 1:] * sm[..., 8:]  # (N, K/256, 8)
+            return (scale.unsqueeze(-1) * q - mins.unsqueeze(-1)).reshape(N, self.in_features)
+        if self.kind in (KIND_Q5_0, KIND_Q5_1, KIND_Q5_K):  # 5-bit q: nibbles, then the fifth bits
+            lo, h = self.qs[..., :16], self.qs[..., 16:].to(torch.int32)
+            bits = (h.unsqueeze(-1) >> torch.arange(8, dtype=torch.int32)) & 1  # (N, nb, 4, 8): bit i = weight i
+            q = (torch.cat([lo & 0x0F, lo >> 4], -1).to(torch.int32) | (bits.flatten(-2) << 4)).float()
+            if self.kind == KIND_Q5_K:  # w = (d sc_j) q - dmin mn_j, as Q4_K
+                assert self.m is not None
+                sm = self.m.float()
+                scale, mins = self.d[..., :1] * sm[..., :8], self.d[..., 1:] * sm[..., 8:]  # (N, K/256, 8)
+                q = q.view(N, -1, 8, 32)
+                return (scale.unsqueeze(-1) * q - mins.unsqueeze(-1)).reshape(N, self.in_features)
+            d = self.d.float().unsqueeze(-1)
+            if self.m is None:  # Q5_0: w = d (q - 16), exact
+                return (d * (q - 16)).reshape(N, self.in_features)
+            return (d * q + self.m.float().unsqueeze(-1)).reshape(N, self.in_features)  # Q5_1: d q exact, + m
+        if self.kind == KIND_Q6_K:  # w = (d sc) (q - 32), exact
+            assert self.m is not None
+            lo, h = self.qs[..., :16], self.qs[..., 16:]
+            low = torch.cat([lo & 0x0F, lo >> 4], dim=-1)
+            high = torch.cat([h & 3, (h >> 2) & 3, (h >> 4) & 3, h >> 6], dim=-1)
+            q = ((low | (high << 4)).float() - 32).view(N, -1, 16, 16)
+            scale = self.d.unsqueeze(-1) * self.m.float()  # (N, K/256, 16)
+            return (scale.unsqueeze(-1) * q).reshape(N, self.in_features)
         if self.m is None:
             w = self.d.float().unsqueeze(-1) * self.qs.view(torch.int8).float()  # (N, nb, 32)
         else:
@@ -139,7 +307,25 @@ def qmatmul(x: torch.Tensor, w: QuantWeight, kernels: Kernels, bias: torch.Tenso
     y = torch.empty(M, N, dtype=x.dtype)
     if bias is not None:
         bias = bias.to(torch.float32).contiguous()  # (N,)
-    if M:  # the addresses are taken here, at the call: nothing keeps them
+    if M and w.kind.entry == "quant_matmul_kind":  # the kind as a value (kernels/aigc_kernels.h QKIND_*)
+        kernels.call(
+            "quant_matmul_kind",
+            x2.data_ptr(),
+            ACT[x.dtype],
+            w.kind.value,
+            w.qs.data_ptr(),
+            w.d.data_ptr(),
+            None if w.m is None else w.m.data_ptr(),
+            None if bias is None else bias.data_ptr(),
+            y.data_ptr(),
+            M,
+            N,
+            K,
+            int(w.interleaved),
+            torch.get_num_threads(),
+            context=f"qmatmul {w.kind.name} M={M} N={N} K={K}",
+        )
+    elif M:  # the addresses are taken here, at the call: nothing keeps them
         m = None if w.m is None else w.m.data_ptr()
         kernels.call(
             "quant_matmul",
@@ -212,11 +398,12 @@ class QuantLinear(nn.Module):
 def attach_quantized(model: nn.Module, weights: dict[str, QuantWeight], max_rows: int, kernels: Kernels) -> int:
     """Wrap each linear layer named in `weights` (module paths, e.g. 'blocks.0.attn.qkv') in a QuantLinear
     serving up to `max_rows` rows (at most the kernels' limit for 8-bit weights, unless ALL_ROWS), in the form
-    the kernels' mode reads (interleaved for int8 activations); returns how many were wrapped."""
+    the kernels' mode reads (interleaved for int8 activations, where the weight's kind has that mode: the K-quants
+    run with exact products in every build); returns how many were wrapped."""
     for name, w in weights.items():
-        w = w.interleave() if kernels.isa.int8 else w
+        w = w.interleave() if kernels.isa.int8 and w.kind.int8 else w
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        rows = max_rows if w.m is not None or max_rows >= ALL_ROWS else min(max_rows, kernels.isa.q8_max_rows)
+        rows = max_rows if w.kind != KIND_Q8 or max_rows >= ALL_ROWS else min(max_rows, kernels.isa.q8_max_rows)
         setattr(parent, attr, QuantLinear(getattr(parent, attr), w, rows, kernels))
     return len(weights)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from model_core import native
@@ -30,8 +31,10 @@ def native_isas(reference: bool = True) -> list[str]:
     return [isa for isa in native.runnable() if reference or isa != "reference"]
 
 
-def tiny_llama(vocab_size: int = 49152, seed: int = 0, max_seq_len: int = 256) -> CausalLM:
-    """A 2-layer llama with GQA and random weights (scaled up so the logits are far from uniform)."""
+def tiny_llama(vocab_size: int = 49152, seed: int = 0, max_seq_len: int = 256, **options: bool) -> CausalLM:
+    """A 2-layer llama with GQA and random weights (scaled up so the logits are far from uniform). options: LMConfig
+    block options of the llama variants, qkv_bias (Qwen 2) and qk_norm (Qwen 3), their biases ~ N(0, 0.5) and
+    QK-norm weights ~ 1 + N(0, 0.3) (big enough to matter)."""
     torch.manual_seed(seed)
     cfg = LMConfig(
         "llama",
@@ -43,19 +46,27 @@ def tiny_llama(vocab_size: int = 49152, seed: int = 0, max_seq_len: int = 256) -
         d_ff=128,
         max_seq_len=max_seq_len,
         rope_theta=10000.0,
+        **options,
     )
     model = CausalLM(cfg)
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() > 1:
                 p.normal_(0.0, 0.2)
+        for name, p in model.named_parameters():  # (none without options: the plain model's draws are as before)
+            if name.endswith("qkv.bias"):
+                p.normal_(0.0, 0.5)
+            elif name.endswith(("q_norm.weight", "k_norm.weight")):
+                p.copy_(1 + 0.3 * torch.randn_like(p))
     return model.eval()
 
 
-def tiny_llama_q4(max_rows: int, kernels: Kernels, dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> CausalLM:
-    """tiny_llama with its projections stored as GGUF Q4_1 blocks, served the way the loader serves a 4-bit
-    GGUF on the CPU (the head too): dense copies for prompts, the 4-bit kernel for batches of at most `max_rows` rows,
-    decode steps through the fused decoder."""
+def tiny_llama_q4(
+    max_rows: int, kernels: Kernels, dtype: torch.dtype = torch.bfloat16, seed: int = 0, **options: bool
+) -> CausalLM:
+    """tiny_llama (with its block `options`) with its projections stored as GGUF Q4_1 blocks, served the way the
+    loader serves a 4-bit GGUF on the CPU (the head too): dense copies for prompts, the 4-bit kernel for batches of
+    at most `max_rows` rows, decode steps through the fused decoder."""
     import gguf
     import numpy as np
     from gguf.quants import dequantize, quantize
@@ -64,7 +75,7 @@ def tiny_llama_q4(max_rows: int, kernels: Kernels, dtype: torch.dtype = torch.bf
     from model_core.packing import pack_linears, packing_available
     from model_core.qmatmul import QuantWeight, attach_quantized
 
-    model = tiny_llama(seed=seed)
+    model = tiny_llama(seed=seed, **options)
     q4 = gguf.GGMLQuantizationType.Q4_1
     blocks: dict[str, QuantWeight] = {}
     with torch.no_grad():
@@ -99,3 +110,92 @@ def quantized_weight(qtype: int, n: int, k: int, seed: int) -> tuple[QuantWeight
     raw = quantize(w, ggml)
     ref = torch.from_numpy(np.asarray(dequantize(raw, ggml), dtype=np.float32).reshape(n, k))
     return QuantWeight.from_ggml(qtype, torch.from_numpy(np.ascontiguousarray(raw))), ref
+
+
+def quantize_k(w: np.ndarray, qtype: int) -> np.ndarray:
+    """(n, k) float32 weights (k a multiple of 256) as GGML Q4_K, Q5_K or Q6_K super-blocks (n, k/256 * bytes) uint8: a
+    plain min/max quantizer (gguf's Python package has no quantizer for the K-quants; llama.cpp's picks better scales,
+    the format is the same)."""
+    from model_core.qmatmul import Q4_K, Q5_K, Q6_K
+
+    n, k = w.shape
+    x = w.astype(np.float32).reshape(n * k // 256, 256)
+    nb = x.shape[0]
+    if qtype in (Q4_K, Q5_K):
+        top = 15 if qtype == Q4_K else 31
+        sub = x.reshape(nb, 8, 32)
+        lo, hi = np.minimum(sub.min(-1), 0), np.maximum(sub.max(-1), 0)
+        scale, mins = (hi - lo) / top, -lo  # per sub-block: w = scale q - min
+        d = (scale.max(-1) / 63).astype(np.float16)
+        dmin = (mins.max(-1) / 63).astype(np.float16)
+        df, dminf = d.astype(np.float32)[:, None], dmin.astype(np.float32)[:, None]
+        sc = np.clip(np.rint(np.divide(scale, df, out=np.zeros_like(scale), where=df > 0)), 0, 63).astype(np.uint8)
+        mn = np.clip(np.rint(np.divide(mins, dminf, out=np.zeros_like(mins), where=dminf > 0)), 0, 63).astype(np.uint8)
+        step, off = df * sc, dminf * mn  # (nb, 8)
+        q = np.rint(np.divide(sub + off[..., None], step[..., None], out=np.zeros_like(sub), where=step[..., None] > 0))
+        q = np.clip(q, 0, top).astype(np.uint8)  # (nb, 8, 32)
+        packed = np.concatenate(
+            [
+                (sc[:, :4] & 0x3F) | ((sc[:, 4:] >> 4) << 6),
+                (mn[:, :4] & 0x3F) | ((mn[:, 4:] >> 4) << 6),
+                (sc[:, 4:] & 0x0F) | ((mn[:, 4:] & 0x0F) << 4),
+            ],
+            -1,
+        ).astype(np.uint8)
+        low = q & 0x0F
+        qs = (low[:, 0::2] | (low[:, 1::2] << 4)).reshape(nb, 128)  # run i: sub-blocks 2i (low) and 2i + 1 (high)
+        head = np.stack([d, dmin], -1).view(np.uint8).reshape(nb, 4)
+        if qtype == Q4_K:
+            out = np.concatenate([head, packed, qs], -1)
+        else:  # Q5_K: qh byte i holds bit 4 of weight i of sub-block j at bit j
+            qh = ((q >> 4) << np.arange(8, dtype=np.uint8)[None, :, None]).sum(1, dtype=np.uint8)  # (nb, 32)
+            out = np.concatenate([head, packed, qh, qs], -1)
+    elif qtype == Q6_K:
+        sub = x.reshape(nb, 16, 16)
+        scale = np.abs(sub).max(-1) / 32  # per 16 weights: w = scale (q - 32)
+        d = (scale.max(-1) / 127).astype(np.float16)
+        df = d.astype(np.float32)[:, None]
+        sc = np.clip(np.rint(np.divide(scale, df, out=np.zeros_like(scale), where=df > 0)), -128, 127).astype(np.int8)
+        step = df * sc
+        q = np.rint(np.divide(sub, step[..., None], out=np.zeros_like(sub), where=step[..., None] != 0))
+        # weight 128 h + 32 p + t: ql byte 64 h + 32 (p % 2) + t, nibble p // 2; qh byte 32 h + t, bit pair p
+        qv = (np.clip(q, -32, 31) + 32).astype(np.uint8).reshape(nb, 2, 4, 32)  # [h][p][t]
+        ql = (qv[:, :, 0:2] & 0x0F) | ((qv[:, :, 2:4] & 0x0F) << 4)  # (nb, 2, 2, 32)
+        qh = (qv[:, :, 0] >> 4) | ((qv[:, :, 1] >> 4) << 2) | ((qv[:, :, 2] >> 4) << 4) | ((qv[:, :, 3] >> 4) << 6)
+        out = np.concatenate(
+            [ql.reshape(nb, 128), qh.reshape(nb, 64), sc.view(np.uint8), d.view(np.uint8).reshape(nb, 2)], -1
+        )
+    else:
+        raise ValueError(f"no K-quant quantizer for GGML type {qtype}")
+    return np.ascontiguousarray(out.astype(np.uint8).reshape(n, -1))
+
+
+_FP16_AT = {"Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,), "Q5_0": (0,), "Q5_1": (0, 2)}  # the blocks' fp16 scales
+
+
+def kquant_weight(
+    qtype: int, n: int, k: int, seed: int, random_blocks: bool = False
+) -> tuple[QuantWeight, torch.Tensor]:
+    """A (n, k) weight of a K-quant (Q4_K, Q5_K, Q6_K) or a 5-bit type (Q5_0, Q5_1): random weights quantized
+    (quantize_k, or gguf's quantizer for Q5_0/Q5_1), or with random_blocks every byte random but the fp16 scales
+    (finite); and what gguf dequantizes it to (float32)."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize, quantize
+
+    from model_core.qmatmul import GGML_TYPES, QuantWeight
+
+    t = GGML_TYPES[qtype]
+    rng = np.random.default_rng(seed)
+    nb = k // t.block
+    if random_blocks:
+        b = rng.integers(0, 256, (n, nb, t.nbytes), dtype=np.uint8)
+        for at in _FP16_AT[t.name]:
+            h = (rng.standard_normal((n, nb)) * 0.02).astype(np.float16)
+            b[:, :, at : at + 2] = h.view(np.uint8).reshape(n, nb, 2)
+        raw = b.reshape(n, -1)
+    elif t.block == 32:
+        raw = quantize(rng.standard_normal((n, k)).astype(np.float32) * 0.2, GGMLQuantizationType[t.name])
+    else:
+        raw = quantize_k(rng.standard_normal((n, k)).astype(np.float32) * 0.2, qtype)
+    ref = np.asarray(dequantize(raw, GGMLQuantizationType[t.name]), dtype=np.float32).reshape(n, k)
+    return QuantWeight.from_ggml(qtype, torch.from_numpy(raw)), torch.from_numpy(ref)

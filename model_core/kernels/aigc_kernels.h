@@ -78,29 +78,53 @@ AIGC_API int llama_swiglu(const void *gu, void *g, int B, int F, int act);
  * these or smaller shapes, so callers keep one and grow it. */
 AIGC_API int64_t llama_decode_scratch_bytes(int B, int C, int nh, int nkv, int hs, int F, int act);
 
-/* qkv (B, (nh + 2 nkv) hs) -> att (B, nh hs): rotate the q and k heads (in place) by cos, sin (B, hs) fp32, store
- * k, v at the rows write (B,) int64 of this layer's cache kv (rows, 2 nkv, hs), attend from the paged rows
- * (B, Tk) int64 with lens (B,) int32 keys each (the new token's key is the last), with scale, softcap and window
- * as paged_attention_decode. scratch: NULL (allocated per call) or scratch_bytes >= llama_decode_scratch_bytes(...)
+/* qkv (B, (nh + 2 nkv) hs) -> att (B, nh hs): normalise the q and k heads where q_norm / k_norm are given, rotate
+ * them by cos, sin (B, hs) fp32 (both in place: qkv is overwritten), store k, v at the rows write (B,) int64 of this
+ * layer's cache kv (rows, 2 nkv, hs), attend from the paged rows (B, Tk) int64 with lens (B,) int32 keys each (the
+ * new token's key is the last), with scale, softcap and window as paged_attention_decode.
+ * The QK-norm (the same two arguments, right before cos and sin, in both entry points that rotate: llama_attention
+ * and llama_decode_layer; Qwen 3, Gemma 3):
+ *   q_norm   NULL: none; else hs weights in act: each query head becomes rmsnorm(head) * q_norm (RMSNorm over its hs
+ *            values with epsilon eps, computed as llama_rmsnorm computes a row: in bf16 normalised in fp32, rounded,
+ *            then scaled), before RoPE
+ *   k_norm   the same for each key head (the key is stored normalised and rotated)
+ * eps is unused without them. scratch: NULL (allocated per call) or scratch_bytes >= llama_decode_scratch_bytes(...)
  * bytes. AIGC_ERR_ARGS: as paged_attention_decode, or scratch too small. AIGC_ERR_NOMEM. */
-AIGC_API int llama_attention(void *qkv, int B, const float *cos, const float *sin, void *kv, const int64_t *write,
-                             const int64_t *rows, const int32_t *lens, void *att, int Tk, int nh, int nkv, int hs,
-                             float scale, float softcap, int window, int act, int nthreads, void *scratch,
-                             int64_t scratch_bytes);
+AIGC_API int llama_attention(void *qkv, int B, float eps, const void *q_norm, const void *k_norm, const float *cos,
+                             const float *sin, void *kv, const int64_t *write, const int64_t *rows,
+                             const int32_t *lens, void *att, int Tk, int nh, int nkv, int hs, float scale,
+                             float softcap, int window, int act, int nthreads, void *scratch, int64_t scratch_bytes);
 
 /* A whole llama decoder layer, one token per sequence, x (B, C) updated in place:
- *   h = rmsnorm(x) attn_norm;  qkv = h Wqkv;  rotate;  cache write;  x += attention(q, cache) Wo;
- *   h = rmsnorm(x) ffn_norm;  x += (silu(h Wg) * (h Wu)) Wd
- * w: the 12 pointers (qs, d, m; m NULL for Q8_0) of Wqkv, Wo, Wgate|up, Wdown; the rest as llama_attention (scale,
- * softcap, window: the attention's, as paged_attention_decode); i8: the matmuls' mode (quant_matmul). scratch: NULL
- * (allocated per call) or scratch_bytes >= llama_decode_scratch_bytes(B, C, nh, nkv, hs, F, act) bytes.
+ *   h = rmsnorm(x) attn_norm;  qkv = h Wqkv (+ qkv_bias);  QK-norm the q, k heads;  rotate them;  cache write;
+ *   x += attention(q, cache) Wo;  h = rmsnorm(x) ffn_norm;  x += (silu(h Wg) * (h Wu)) Wd
+ * w: the 12 pointers (qs, d, m; m NULL for Q8_0) of Wqkv, Wo, Wgate|up, Wdown; qkv_bias: NULL (none) or
+ * (nh + 2 nkv) hs fp32 values added to the qkv projection in fp32 before its output is rounded to act, as
+ * quant_matmul adds its bias (Qwen 2); q_norm, k_norm: the QK-norm as llama_attention (NULL: none), with the layer's
+ * eps; the rest as llama_attention (scale, softcap, window: the attention's, as paged_attention_decode); i8: the
+ * matmuls' mode (quant_matmul). scratch: NULL (allocated per call) or scratch_bytes >=
+ * llama_decode_scratch_bytes(B, C, nh, nkv, hs, F, act) bytes.
  * AIGC_ERR_ARGS: B < 1; C, F or nh hs not a multiple of 32; hs not of 16; nh not a multiple of nkv; softcap or window
  * out of range (checked before anything is written); scratch too small; or as the matmuls and attention.
  * AIGC_ERR_UNSUPPORTED, AIGC_ERR_NOMEM: as quant_matmul. */
 AIGC_API int llama_decode_layer(void *x, int B, int C, const void *attn_norm, const void *ffn_norm, float eps,
-                                const void *const *w, const float *cos, const float *sin, void *kv,
-                                const int64_t *write, const int64_t *rows, const int32_t *lens, int Tk, int nh, int nkv,
-                                int hs, int F, float scale, float softcap, int window, int act, int i8, int nthreads,
-                                void *scratch, int64_t scratch_bytes);
+                                const void *const *w, const float *qkv_bias, const void *q_norm, const void *k_norm,
+                                const float *cos, const float *sin, void *kv, const int64_t *write,
+                                const int64_t *rows, const int32_t *lens, int Tk, int nh, int nkv, int hs, int F,
+                                float scale, float softcap, int window, int act, int i8, int nthreads, void *scratch,
+                                int64_t scratch_bytes);
+
+/* The repacked weight forms quant_matmul_kind takes, by value (model_core/qmatmul.py: KINDS, GGML_TYPES; layouts in
+ * common.h, k_qmatmul_kind): the 4-bit blocks of 32 (Q4_0, Q4_1), the 8-bit ones (Q8_0), and the K-quants'
+ * super-blocks of 256 (Q4_K, Q6_K); the 5-bit blocks of 32 (Q5_0, Q5_1) and super-blocks of 256 (Q5_K). */
+enum { QKIND_Q4 = 0, QKIND_Q8 = 1, QKIND_Q4_K = 2, QKIND_Q6_K = 3, QKIND_Q5_0 = 4, QKIND_Q5_1 = 5, QKIND_Q5_K = 6 };
+
+/* quant_matmul for a weight of any kind: y (M, N) = x (M, K) W^T (+ bias, N fp32, or NULL); qs, d, m as the kind's
+ * layout (common.h, k_qmatmul_kind; QKIND_Q4 and QKIND_Q8 exactly as quant_matmul's, m NULL for QKIND_Q8).
+ * AIGC_ERR_ARGS: an unknown kind, K not a multiple of the kind's block (32, or 256 for the K-quants), M or N < 1, a
+ * NULL weight buffer. AIGC_ERR_UNSUPPORTED: i8 = 1 in a build without int8 mode, or for the K-quants and the 5-bit
+ * kinds (exact mode only, every build). AIGC_ERR_NOMEM. */
+AIGC_API int quant_matmul_kind(const void *x, int act, int kind, const uint8_t *qs, const void *d, const void *m,
+                               const float *bias, void *y, int M, int N, int K, int i8, int nthreads);
 
 #endif

@@ -126,6 +126,55 @@ static inline int attention_window(int n, int window) { return window > 0 && win
  * The int-returning ones return an AIGC_* status (aigc_kernels.h). */
 int k_qmatmul(const void *x, int act, const uint8_t *qs, const uint16_t *d, const uint16_t *m, const float *bias,
               void *y, int M, int N, int K, int i8, int nthreads);
+/* k_qmatmul_kind: k_qmatmul for a weight of any kind (QKIND_*, aigc_kernels.h); QKIND_Q4 and QKIND_Q8 are
+ *   k_qmatmul's two forms (m NULL for QKIND_Q8). The K-quants come in super-blocks of 256 weights (K a multiple of
+ *   256, nsb = K/256 per row), repacked at load (model_core/qmatmul.py) so that every weight the kernels use is
+ *   gguf.quants.dequantize's float32 bit for bit, at about the file's size:
+ *   QKIND_Q4_K (the file: 144 bytes = 4.5 bits a weight; here 152 bytes = 4.75):
+ *     qs (N, K/32, 16) uint8: sub-block j (32 weights) in the 4-bit blocks' order (byte i: low nibble weight i,
+ *       high nibble weight 16 + i), where the file holds sub-blocks 2i and 2i + 1 as the low and high nibbles of
+ *       one 32-byte run;
+ *     d (N, nsb, 2) float32: the super-block's d and dmin (the file's fp16, widened);
+ *     m (N, nsb, 16) uint8: the 8 sub-blocks' 6-bit scales sc_j, then their 6-bit mins mn_j (unpacked from 12 bytes);
+ *     w = (d sc_j) q - (dmin mn_j), computed as fma(q, d sc_j, -(dmin mn_j)): both products are exact in fp32
+ *     (11 + 6 + 4 bits), so it rounds once, as gguf's (d sc) q - dmin mn does.
+ *   QKIND_Q6_K (the file: 210 bytes = 6.5625 bits a weight; here 212 bytes = 6.625):
+ *     qs (N, K/32, 24) uint8 per sub-block of 32: bytes 0..15 the low 4 bits of q in the 4-bit order (byte i: low
+ *       nibble weight i, high nibble weight 16 + i), bytes 16..23 the high 2 bits (byte 16 + i: bits 0-1 weight i,
+ *       2-3 weight 8 + i, 4-5 weight 16 + i, 6-7 weight 24 + i); q = low | high << 4 in 0..63;
+ *     d (N, nsb) float32: the super-block's d (the file's fp16, widened);
+ *     m (N, nsb, 16) int8: the scale of each 16 weights;
+ *     w = (d sc) (q - 32): exact in fp32 (11 + 7 + 6 bits), in any order.
+ *   The 5-bit kinds keep q's fifth bits apart from its low four: qs (N, K/32, 20) uint8 per block (or sub-block) of 32:
+ *     bytes 0..15 the low 4 bits in the 4-bit order (byte i: low nibble weight i, high nibble weight 16 + i), bytes
+ *     16..19 the fifth bits as a little-endian uint32 (bit i: weight i); q = low | fifth << 4 in 0..31; all three
+ *     compute w = fma(q, d', m') for their d', m' below (one rounding, of an exact d' q: gguf's value):
+ *   QKIND_Q5_0 (blocks of 32, K a multiple of 32; the file: 22 bytes = 5.5 bits a weight; here 22 bytes = 5.5):
+ *     d (N, K/32) fp16, m NULL; w = d (q - 16): d' = d, m' = -16 d (exact in fp32), so w is exact.
+ *   QKIND_Q5_1 (blocks of 32; the file: 24 bytes = 6 bits a weight; here 24 bytes = 6):
+ *     d, m (N, K/32) fp16; w = d q + m.
+ *   QKIND_Q5_K (super-blocks of 256; the file: 176 bytes = 5.5 bits a weight; here 184 bytes = 5.75):
+ *     qs as above per sub-block j, d (N, nsb, 2) float32 and m (N, nsb, 16) uint8 as QKIND_Q4_K's;
+ *     w = (d sc_j) q - (dmin mn_j): d' = d sc_j (11 + 6 bits), m' = -(dmin mn_j), both exact.
+ *   i8 = 1 with a K-quant or a 5-bit kind: AIGC_ERR_UNSUPPORTED in every build (their int8 mode is not written yet).
+ */
+int k_qmatmul_kind(const void *x, int act, int kind, const uint8_t *qs, const void *d, const void *m,
+                   const float *bias, void *y, int M, int N, int K, int i8, int nthreads);
+/* the weights per block of a kind other than QKIND_Q4/QKIND_Q8 (K is a multiple of it); 0: not such a kind */
+static inline int qkind_block(int kind) {
+    switch (kind) {
+    case QKIND_Q4_K: case QKIND_Q5_K: case QKIND_Q6_K: return 256;
+    case QKIND_Q5_0: case QKIND_Q5_1: return 32;
+    default: return 0;
+    }
+}
+/* the bytes of one weight row (K weights) of such a kind in qs, d and m (0: no m) */
+static inline void qkind_row_bytes(int kind, int K, size_t *qs, size_t *d, size_t *m) {
+    const size_t nb = (size_t)K / 32, nsb = (size_t)K / 256;
+    *qs = nb * (kind == QKIND_Q4_K ? 16 : kind == QKIND_Q6_K ? 24 : 20);
+    *d = kind == QKIND_Q5_0 || kind == QKIND_Q5_1 ? nb * 2 : nsb * 4 * (kind == QKIND_Q6_K ? 1 : 2);
+    *m = kind == QKIND_Q5_1 ? nb * 2 : kind == QKIND_Q5_0 ? 0 : nsb * 16;
+}
 int k_attention(const void *q, const void *kv, const int64_t *rows, const int32_t *lens, void *out, int B, int nh,
                 int nkv, int hs, int Tk, float scale, float softcap, int window, int act, int nthreads);
 void k_rmsnorm(const void *x, const void *w, float eps, void *out, int B, int C, int act);
@@ -143,6 +192,8 @@ int qmatmul_i8(const void *x, int act, const uint8_t *qs, const uint16_t *d, con
 #if defined(__AVX512BF16__)
 int qmatmul_avx512bf16(const uint16_t *x, const uint8_t *qs, const uint16_t *d, const uint16_t *m, const float *bias,
                        uint16_t *y, int M, int N, int K, int nthreads);
+int qmatmul_avx512bf16_q4k(const uint16_t *x, const uint8_t *qs, const float *sd, const uint8_t *sm,
+                           const float *bias, uint16_t *y, int M, int N, int K, int nthreads);
 #endif
 
 #endif

@@ -1,6 +1,7 @@
 /* The library's entry points (every build): the primitives, and a llama decoder layer for a decode step
  * (one new token per sequence) composed of them:
- *   h = rmsnorm(x) * w_attn;  q, k, v = h Wqkv;  rotate q, k;  store k, v in the paged cache;
+ *   h = rmsnorm(x) * w_attn;  q, k, v = h Wqkv (+ bias: Qwen 2);  q, k heads rmsnorm'd (QK-norm: Qwen 3);
+ *   rotate q, k;  store k, v in the paged cache;
  *   x += attention(q, cache) Wo;  h = rmsnorm(x) * w_ffn;  x += (silu(h Wg) * (h Wu)) Wd
  * with the four projections on quantized weights and attention read in place from the cache; or its
  * pieces, between PyTorch's own matmuls. Activations are `act` (fp32 or bf16, see common.h), rounded
@@ -22,6 +23,11 @@ const char *aigc_kernels_isa(void) { return AIGC_ISA; }
 int quant_matmul(const void *x, int act, const uint8_t *qs, const uint16_t *d, const uint16_t *m, const float *bias,
                  void *y, int M, int N, int K, int i8, int nthreads) {
     return k_qmatmul(x, act, qs, d, m, bias, y, M, N, K, i8, nthreads);
+}
+
+int quant_matmul_kind(const void *x, int act, int kind, const uint8_t *qs, const void *d, const void *m,
+                      const float *bias, void *y, int M, int N, int K, int i8, int nthreads) {
+    return k_qmatmul_kind(x, act, kind, qs, d, m, bias, y, M, N, K, i8, nthreads);
 }
 
 int paged_attention_decode(const void *q, const void *kv, const int64_t *rows, const int32_t *lens, void *out, int B,
@@ -74,14 +80,18 @@ int64_t llama_decode_scratch_bytes(int B, int C, int nh, int nkv, int hs, int F,
     return (int64_t)scratch_layout(B, C, nh, nkv, hs, F, act, sizes);
 }
 
-/* rope + cache write + attention with the query copy in q (B, nh hs) */
-static int attention_step(void *qkv, int B, const float *cos, const float *sin, void *kv, const int64_t *write,
-                          const int64_t *rows, const int32_t *lens, void *att, int Tk, int nh, int nkv, int hs,
-                          float scale, float softcap, int window, int act, int nthreads, char *q) {
+/* QK-norm (where q_norm / k_norm are given) + rope + cache write + attention, with the query copy in q (B, nh hs).
+ * The norms run over each head's hs values in place (k_rmsnorm with a head as a row), before the rotation. */
+static int attention_step(void *qkv, int B, float eps, const void *q_norm, const void *k_norm, const float *cos,
+                          const float *sin, void *kv, const int64_t *write, const int64_t *rows, const int32_t *lens,
+                          void *att, int Tk, int nh, int nkv, int hs, float scale, float softcap, int window, int act,
+                          int nthreads, char *q) {
     const size_t es = act_size(act), qkv_n = (size_t)(nh + 2 * nkv) * hs, q_n = (size_t)nh * hs;
     const size_t row = (size_t)2 * nkv * hs;
     for (int b = 0; b < B; b++) {
         char *r = (char *)qkv + es * (size_t)b * qkv_n; /* [q heads | k heads | v heads] */
+        if (q_norm) k_rmsnorm(r, q_norm, eps, r, nh, hs, act);
+        if (k_norm) k_rmsnorm(r + es * q_n, k_norm, eps, r + es * q_n, nkv, hs, act);
         k_rope(r, nh + nkv, hs, cos + (size_t)b * hs, sin + (size_t)b * hs, act);
         memcpy(q + es * (size_t)b * q_n, r, es * q_n);
         memcpy((char *)kv + es * (size_t)write[b] * row, r + es * q_n, es * row);
@@ -89,24 +99,26 @@ static int attention_step(void *qkv, int B, const float *cos, const float *sin, 
     return k_attention(q, kv, rows, lens, att, B, nh, nkv, hs, Tk, scale, softcap, window, act, nthreads);
 }
 
-int llama_attention(void *qkv, int B, const float *cos, const float *sin, void *kv, const int64_t *write,
-                    const int64_t *rows, const int32_t *lens, void *att, int Tk, int nh, int nkv, int hs, float scale,
-                    float softcap, int window, int act, int nthreads, void *scratch, int64_t scratch_bytes) {
+int llama_attention(void *qkv, int B, float eps, const void *q_norm, const void *k_norm, const float *cos,
+                    const float *sin, void *kv, const int64_t *write, const int64_t *rows, const int32_t *lens, void *att,
+                    int Tk, int nh, int nkv, int hs, float scale, float softcap, int window, int act, int nthreads,
+                    void *scratch, int64_t scratch_bytes) {
     if (B < 1 || nh < 1 || nkv < 1 || hs < 1 || nh % nkv || !attention_params_ok(softcap, window)) return AIGC_ERR_ARGS;
     const size_t need = align64(act_size(act) * (size_t)B * (size_t)nh * hs);
     char *q = scratch;
     if (q && (scratch_bytes < 0 || (uint64_t)scratch_bytes < need)) return AIGC_ERR_ARGS;
     if (!q && !(q = malloc(need))) return AIGC_ERR_NOMEM;
-    const int rc = attention_step(qkv, B, cos, sin, kv, write, rows, lens, att, Tk, nh, nkv, hs, scale, softcap, window,
-                                  act, nthreads, q);
+    const int rc = attention_step(qkv, B, eps, q_norm, k_norm, cos, sin, kv, write, rows, lens, att, Tk, nh, nkv, hs,
+                                  scale, softcap, window, act, nthreads, q);
     if (q != scratch) free(q);
     return rc;
 }
 
 int llama_decode_layer(void *x, int B, int C, const void *attn_norm, const void *ffn_norm, float eps,
-                       const void *const *w, const float *cos, const float *sin, void *kv, const int64_t *write,
-                       const int64_t *rows, const int32_t *lens, int Tk, int nh, int nkv, int hs, int F, float scale,
-                       float softcap, int window, int act, int i8, int nthreads, void *scratch, int64_t scratch_bytes) {
+                       const void *const *w, const float *qkv_bias, const void *q_norm, const void *k_norm,
+                       const float *cos, const float *sin, void *kv, const int64_t *write, const int64_t *rows,
+                       const int32_t *lens, int Tk, int nh, int nkv, int hs, int F, float scale, float softcap,
+                       int window, int act, int i8, int nthreads, void *scratch, int64_t scratch_bytes) {
     if (B <= 0 || nkv <= 0 || C % 32 || F % 32 || (nh * hs) % 32 || hs % 16 || nh % nkv) return AIGC_ERR_ARGS;
     if (!attention_params_ok(softcap, window)) return AIGC_ERR_ARGS; /* (before anything is written) */
     size_t sizes[SCRATCH_N];
@@ -123,9 +135,9 @@ int llama_decode_layer(void *x, int B, int C, const void *attn_norm, const void 
     int rc;
 #define W(i) ((const uint8_t *)w[3 * (i)]), ((const uint16_t *)w[3 * (i) + 1]), ((const uint16_t *)w[3 * (i) + 2])
     k_rmsnorm(x, attn_norm, eps, h, B, C, act);
-    if ((rc = k_qmatmul(h, act, W(0), NULL, qkv, B, qkv_n, C, i8, nthreads))) goto done;
-    rc = attention_step(qkv, B, cos, sin, kv, write, rows, lens, att, Tk, nh, nkv, hs, scale, softcap, window, act,
-                        nthreads, buf[SCRATCH_Q]);
+    if ((rc = k_qmatmul(h, act, W(0), qkv_bias, qkv, B, qkv_n, C, i8, nthreads))) goto done;
+    rc = attention_step(qkv, B, eps, q_norm, k_norm, cos, sin, kv, write, rows, lens, att, Tk, nh, nkv, hs, scale,
+                        softcap, window, act, nthreads, buf[SCRATCH_Q]);
     if (rc) goto done;
     if ((rc = k_qmatmul(att, act, W(1), NULL, o, B, C, q_n, i8, nthreads))) goto done;
     k_add(x, o, (size_t)B * C, act);

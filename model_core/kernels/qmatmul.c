@@ -91,3 +91,194 @@ int k_qmatmul(const void *x, int act, const uint8_t *qs, const uint16_t *d, cons
     free(widened);
     return bad ? AIGC_ERR_NOMEM : AIGC_OK;
 }
+
+/* ---- the K-quants (Q4_K, Q5_K, Q6_K: super-blocks of 256 weights) and the 5-bit blocks of 32 (Q5_0, Q5_1), exact
+ * mode; layouts in common.h (k_qmatmul_kind) */
+
+/* 32 Q6_K weights (24 bytes: 16 of low nibbles in the 4-bit order, 8 of high bit pairs) with the scales s0 of
+ * weights 0..15 and s1 of 16..31: w = s (q - 32), exact */
+INLINE void dequant_q6(const uint8_t *q, float s0, float s1, float *out) {
+#if defined(__AVX2__)
+    const __m128i v = _mm_loadu_si128((const __m128i *)q), h = _mm_loadl_epi64((const __m128i *)(q + 16));
+    const __m128i m4 = _mm_set1_epi8(0x0F), m2 = _mm_set1_epi8(0x03), off = _mm_set1_epi8(32);
+    /* high pairs of weights 0..15 (bits 0-1 and 2-3 of the 8 bytes) and 16..31 (bits 4-5 and 6-7) */
+    const __m128i ha = _mm_and_si128(_mm_unpacklo_epi64(h, _mm_srli_epi16(h, 2)), m2);
+    const __m128i hb = _mm_and_si128(_mm_unpacklo_epi64(_mm_srli_epi16(h, 4), _mm_srli_epi16(h, 6)), m2);
+    const __m128i qa = _mm_sub_epi8(_mm_or_si128(_mm_and_si128(v, m4), _mm_slli_epi16(ha, 4)), off);
+    const __m128i qb = _mm_sub_epi8(_mm_or_si128(_mm_and_si128(_mm_srli_epi16(v, 4), m4), _mm_slli_epi16(hb, 4)), off);
+#if defined(__AVX512F__)
+    _mm512_storeu_ps(out, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(qa)), _mm512_set1_ps(s0)));
+    _mm512_storeu_ps(out + 16, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(qb)), _mm512_set1_ps(s1)));
+#else
+    const __m256 a = _mm256_set1_ps(s0), b = _mm256_set1_ps(s1);
+    _mm256_storeu_ps(out, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(qa)), a));
+    _mm256_storeu_ps(out + 8, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(qa, 8))), a));
+    _mm256_storeu_ps(out + 16, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(qb)), b));
+    _mm256_storeu_ps(out + 24, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(qb, 8))), b));
+#endif
+#elif defined(__ARM_NEON)
+    const uint8x16_t v = vld1q_u8(q);
+    const uint8x8_t h = vld1_u8(q + 16), m2 = vdup_n_u8(0x03);
+    const uint8x16_t ha = vcombine_u8(vand_u8(h, m2), vand_u8(vshr_n_u8(h, 2), m2));
+    const uint8x16_t hb = vcombine_u8(vand_u8(vshr_n_u8(h, 4), m2), vshr_n_u8(h, 6));
+    const int8x16_t half[2] = {
+        vreinterpretq_s8_u8(vsubq_u8(vorrq_u8(vandq_u8(v, vdupq_n_u8(0x0F)), vshlq_n_u8(ha, 4)), vdupq_n_u8(32))),
+        vreinterpretq_s8_u8(vsubq_u8(vorrq_u8(vshrq_n_u8(v, 4), vshlq_n_u8(hb, 4)), vdupq_n_u8(32)))};
+    for (int k = 0; k < 2; k++) {
+        const float32x4_t s = vdupq_n_f32(k ? s1 : s0);
+        const int16x8_t a = vmovl_s8(vget_low_s8(half[k])), b = vmovl_s8(vget_high_s8(half[k]));
+        float *o = out + 16 * k;
+        vst1q_f32(o, vmulq_f32(vcvtq_f32_s32(vmovl_s16(vget_low_s16(a))), s));
+        vst1q_f32(o + 4, vmulq_f32(vcvtq_f32_s32(vmovl_s16(vget_high_s16(a))), s));
+        vst1q_f32(o + 8, vmulq_f32(vcvtq_f32_s32(vmovl_s16(vget_low_s16(b))), s));
+        vst1q_f32(o + 12, vmulq_f32(vcvtq_f32_s32(vmovl_s16(vget_high_s16(b))), s));
+    }
+#else
+    for (int j = 0; j < 16; j++) {
+        const int hi = q[16 + j % 8] >> (2 * (j / 8));
+        out[j] = (float)((q[j] & 0x0F) + ((hi & 3) << 4) - 32) * s0;
+        out[16 + j] = (float)((q[j] >> 4) + (((hi >> 4) & 3) << 4) - 32) * s1;
+    }
+#endif
+}
+
+/* 32 weights of a 5-bit kind (20 bytes: 16 of low nibbles in the 4-bit order, then the fifth bits as a little-endian
+ * uint32, bit i weight i; common.h, k_qmatmul_kind): w = fma(q, d, m), q = low | fifth << 4 in 0..31 */
+INLINE void dequant_q5(const uint8_t *q, float d, float m, float *out) {
+    uint32_t fifth;
+    memcpy(&fifth, q + 16, 4);
+#if defined(__AVX2__)
+    const __m128i v = _mm_loadu_si128((const __m128i *)q), m4 = _mm_set1_epi8(0x0F), sixteen = _mm_set1_epi8(16);
+    const __m128i h = _mm_set1_epi32((int)fifth), bit = _mm_set1_epi64x((long long)0x8040201008040201ULL);
+    /* byte j of weights 0..15 (16..31): byte j / 8 (2 + j / 8) of the bits, bit j % 8 of it set -> 16 */
+    const __m128i ha = _mm_shuffle_epi8(h, _mm_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1));
+    const __m128i hb = _mm_shuffle_epi8(h, _mm_setr_epi8(2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3));
+    const __m128i fa = _mm_and_si128(_mm_cmpeq_epi8(_mm_and_si128(ha, bit), bit), sixteen);
+    const __m128i fb = _mm_and_si128(_mm_cmpeq_epi8(_mm_and_si128(hb, bit), bit), sixteen);
+    const __m128i lo = _mm_or_si128(_mm_and_si128(v, m4), fa);
+    const __m128i hi = _mm_or_si128(_mm_and_si128(_mm_srli_epi16(v, 4), m4), fb);
+#if defined(__AVX512F__)
+    const __m512 dv = _mm512_set1_ps(d), mv = _mm512_set1_ps(m);
+    _mm512_storeu_ps(out, _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(lo)), dv, mv));
+    _mm512_storeu_ps(out + 16, _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(hi)), dv, mv));
+#else
+    const __m256 dv = _mm256_set1_ps(d), mv = _mm256_set1_ps(m);
+    _mm256_storeu_ps(out, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)), dv, mv));
+    _mm256_storeu_ps(out + 8, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))), dv, mv));
+    _mm256_storeu_ps(out + 16, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), dv, mv));
+    _mm256_storeu_ps(out + 24, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))), dv, mv));
+#endif
+#elif defined(__ARM_NEON)
+    const uint8x16_t v = vld1q_u8(q), sixteen = vdupq_n_u8(16);
+    const uint8x16_t bit = {1, 2, 4, 8, 16, 32, 64, 128, 1, 2, 4, 8, 16, 32, 64, 128};
+    const uint8x16_t ha = vcombine_u8(vdup_n_u8((uint8_t)fifth), vdup_n_u8((uint8_t)(fifth >> 8)));
+    const uint8x16_t hb = vcombine_u8(vdup_n_u8((uint8_t)(fifth >> 16)), vdup_n_u8((uint8_t)(fifth >> 24)));
+    const uint8x16_t half[2] = {vorrq_u8(vandq_u8(v, vdupq_n_u8(0x0F)), vandq_u8(vtstq_u8(ha, bit), sixteen)),
+                                vorrq_u8(vshrq_n_u8(v, 4), vandq_u8(vtstq_u8(hb, bit), sixteen))};
+    const float32x4_t dv = vdupq_n_f32(d), mv = vdupq_n_f32(m);
+    for (int k = 0; k < 2; k++) {
+        const uint16x8_t a = vmovl_u8(vget_low_u8(half[k])), b = vmovl_u8(vget_high_u8(half[k]));
+        float *o = out + 16 * k;
+        vst1q_f32(o, vfmaq_f32(mv, vcvtq_f32_u32(vmovl_u16(vget_low_u16(a))), dv));
+        vst1q_f32(o + 4, vfmaq_f32(mv, vcvtq_f32_u32(vmovl_u16(vget_high_u16(a))), dv));
+        vst1q_f32(o + 8, vfmaq_f32(mv, vcvtq_f32_u32(vmovl_u16(vget_low_u16(b))), dv));
+        vst1q_f32(o + 12, vfmaq_f32(mv, vcvtq_f32_u32(vmovl_u16(vget_high_u16(b))), dv));
+    }
+#else
+    for (int j = 0; j < 16; j++) {
+        out[j] = fmaf((float)((q[j] & 0x0F) | (((fifth >> j) & 1) << 4)), d, m);
+        out[16 + j] = fmaf((float)((q[j] >> 4) | (((fifth >> (16 + j)) & 1) << 4)), d, m);
+    }
+#endif
+}
+
+/* one weight row of nsb super-blocks (kind QKIND_Q4_K, QKIND_Q5_K or QKIND_Q6_K) -> wf (nsb * 256 floats), the file's
+ * weights */
+static void dequantize_row_k(int kind, const uint8_t *qs, const float *d, const uint8_t *m, int nsb, float *wf) {
+    for (int s = 0; s < nsb; s++, wf += 256)
+        if (kind == QKIND_Q4_K) { /* w = (d sc_j) q - (dmin mn_j): both products exact, one rounding (an FMA) */
+            const float ds = d[2 * s], dm = d[2 * s + 1];
+            const uint8_t *sm = m + (size_t)s * 16;
+            for (int j = 0; j < 8; j++)
+                dequant_q4(qs + ((size_t)s * 8 + j) * 16, ds * (float)sm[j], -(dm * (float)sm[8 + j]), wf + 32 * j);
+        } else if (kind == QKIND_Q5_K) { /* as Q4_K, with 5-bit q */
+            const float ds = d[2 * s], dm = d[2 * s + 1];
+            const uint8_t *sm = m + (size_t)s * 16;
+            for (int j = 0; j < 8; j++)
+                dequant_q5(qs + ((size_t)s * 8 + j) * 20, ds * (float)sm[j], -(dm * (float)sm[8 + j]), wf + 32 * j);
+        } else { /* w = (d sc) (q - 32): exact */
+            const int8_t *sc = (const int8_t *)m + (size_t)s * 16;
+            for (int j = 0; j < 8; j++)
+                dequant_q6(qs + ((size_t)s * 8 + j) * 24, d[s] * (float)sc[2 * j], d[s] * (float)sc[2 * j + 1],
+                           wf + 32 * j);
+        }
+}
+
+/* one weight row of any kind but QKIND_Q4/QKIND_Q8 (its qs, d and m) -> wf (K floats), the file's weights */
+static void dequantize_row_kind(int kind, const uint8_t *qs, const void *d, const void *m, int K, float *wf) {
+    if (kind == QKIND_Q5_0 || kind == QKIND_Q5_1) { /* w = fma(q, d, m), m = -16 d for Q5_0 (exact) */
+        const uint16_t *dh = d, *mh = m;
+        for (int b = 0; b < K / 32; b++) {
+            const float db = half_f32(dh[b]);
+            dequant_q5(qs + (size_t)b * 20, db, kind == QKIND_Q5_1 ? half_f32(mh[b]) : -16.0f * db, wf + 32 * b);
+        }
+    } else {
+        dequantize_row_k(kind, qs, d, m, K / 256, wf);
+    }
+}
+
+int k_qmatmul_kind(const void *x, int act, int kind, const uint8_t *qs, const void *d, const void *m,
+                   const float *bias, void *y, int M, int N, int K, int i8, int nthreads) {
+    if (kind == QKIND_Q4 || kind == QKIND_Q8)
+        return m || kind == QKIND_Q8 ? k_qmatmul(x, act, qs, d, kind == QKIND_Q4 ? m : NULL, bias, y, M, N, K, i8,
+                                                 nthreads)
+                                     : AIGC_ERR_ARGS;
+    const int block = qkind_block(kind);
+    if (!block || K % block || M <= 0 || N <= 0 || !qs || !d || (!m && kind != QKIND_Q5_0)) return AIGC_ERR_ARGS;
+    if (i8) return AIGC_ERR_UNSUPPORTED; /* no int8 mode for the K-quants and the 5-bit kinds (yet) */
+#if defined(__AVX512BF16__)
+    if (act == ACT_BF16 && kind == QKIND_Q4_K) return qmatmul_avx512bf16_q4k(x, qs, d, m, bias, y, M, N, K, nthreads);
+#endif
+    size_t row_bytes, d_bytes, m_bytes; /* a weight row's qs, d and m */
+    qkind_row_bytes(kind, K, &row_bytes, &d_bytes, &m_bytes);
+    const float *xf = x;
+    float *widened = NULL;
+    if (act == ACT_BF16) { /* (M, K) fp32 copy of the activations */
+        widened = malloc((size_t)M * K * sizeof(float));
+        if (!widened) return AIGC_ERR_NOMEM;
+        for (size_t i = 0; i < (size_t)M * K; i++) widened[i] = bf16_to_float(((const uint16_t *)x)[i]);
+        xf = widened;
+    }
+    int bad = 0;
+#pragma omp parallel num_threads(nthreads) reduction(| : bad)
+    {
+        float *wf = malloc((size_t)K * sizeof(float));
+        if (!wf) bad = 1;
+#pragma omp for schedule(static)
+        for (int n = 0; n < N; n++) {
+            if (!wf) continue;
+            if (n + PREFETCH_ROWS < N) { /* a later row's stream, ahead of the hardware prefetcher */
+                const uint8_t *ahead = qs + (size_t)(n + PREFETCH_ROWS) * row_bytes;
+                for (size_t c = 0; c < row_bytes; c += 64) __builtin_prefetch(ahead + c);
+            }
+            dequantize_row_kind(kind, qs + (size_t)n * row_bytes, (const uint8_t *)d + (size_t)n * d_bytes,
+                                m ? (const uint8_t *)m + (size_t)n * m_bytes : NULL, K, wf);
+            const float bn = bias ? bias[n] : 0.0f;
+            float sums[4];
+            for (int r0 = 0; r0 < M;) {
+                const int left = M - r0, mt = left >= 4 ? 4 : left >= 2 ? 2 : 1;
+                const float *xr = xf + (size_t)r0 * K;
+                switch (mt) {
+                case 4: dot_rows(wf, xr, K, sums, 4); break;
+                case 2: dot_rows(wf, xr, K, sums, 2); break;
+                default: dot_rows(wf, xr, K, sums, 1); break;
+                }
+                for (int i = 0; i < mt; i++) store_act(y, (size_t)(r0 + i) * N + n, sums[i] + bn, act);
+                r0 += mt;
+            }
+        }
+        free(wf);
+    }
+    free(widened);
+    return bad ? AIGC_ERR_NOMEM : AIGC_OK;
+}

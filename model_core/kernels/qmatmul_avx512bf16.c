@@ -151,3 +151,63 @@ int qmatmul_avx512bf16(const uint16_t *x, const uint8_t *qs, const uint16_t *d, 
     free(xsum);
     return AIGC_OK;
 }
+
+/* Q4_K (k_qmatmul_kind's QKIND_Q4_K layout, common.h): its sub-blocks of 32 are 4-bit blocks in the order above, with
+ * d_j = d sc_j and m_j = -dmin mn_j (both exact in fp32), so the same tiles run them; x: (M, K) bf16, K a multiple
+ * of 256. Returns an AIGC_* status. */
+int qmatmul_avx512bf16_q4k(const uint16_t *x, const uint8_t *qs, const float *sd, const uint8_t *sm,
+                           const float *bias, uint16_t *y, int M, int N, int K, int nthreads) {
+    if (K % 256 || M <= 0 || N <= 0) return AIGC_ERR_ARGS;
+    const int nb = K / 32, nsb = K / 256;
+    float *xsum = malloc(((size_t)M * nb + 16) * sizeof(float)); /* (M, nb) block sums of x, for the offset term */
+    if (!xsum) return AIGC_ERR_NOMEM;
+    for (int r = 0; r < M; r++)
+        for (int b = 0; b < nb; b++) {
+            float s = 0.0f;
+            for (int i = 0; i < 32; i++) s += bf16_to_float(x[(size_t)r * K + (size_t)b * 32 + i]);
+            xsum[(size_t)r * nb + b] = s;
+        }
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int n = 0; n < N; n++) {
+        const uint8_t *qn = qs + (size_t)n * nb * 16;
+        const float *dn = sd + (size_t)n * nsb * 2;
+        const uint8_t *mn = sm + (size_t)n * nsb * 16;
+        const float bn = bias ? bias[n] : 0.0f;
+        if (n + PREFETCH_ROWS < N) { /* the weight stream of a later row, ahead of the hardware prefetcher */
+            const uint8_t *ahead = qs + (size_t)(n + PREFETCH_ROWS) * nb * 16;
+            for (int c = 0; c < nb * 16; c += 64) _mm_prefetch((const char *)ahead + c, _MM_HINT_T0);
+        }
+        float d32[nb + 16]; /* this row's sub-block d_j as fp32, o = m_j - 128 d_j */
+        float o32[nb + 16];
+        for (int s = 0; s < nsb; s++)
+            for (int j = 0; j < 8; j++) {
+                const float dj = dn[2 * s] * (float)mn[s * 16 + j], mj = -(dn[2 * s + 1] * (float)mn[s * 16 + 8 + j]);
+                d32[s * 8 + j] = dj;
+                o32[s * 8 + j] = fmaf(-128.0f, dj, mj);
+            }
+        __m512 sums[8];
+        for (int r0 = 0; r0 < M;) {
+            const int left = M - r0;
+            const int mt = left >= 8 ? 8 : left >= 4 ? 4 : left >= 2 ? 2 : 1;
+            const uint16_t *xr = x + (size_t)r0 * K;
+            switch (mt) {
+            case 8: tile_q4_8(qn, d32, xr, K, nb, sums); break;
+            case 4: tile_q4_4(qn, d32, xr, K, nb, sums); break;
+            case 2: tile_q4_2(qn, d32, xr, K, nb, sums); break;
+            default: tile_q4_1(qn, d32, xr, K, nb, sums); break;
+            }
+            for (int i = 0; i < mt; i++) {
+                __m512 acc = sums[i];
+                const float *xs = xsum + (size_t)(r0 + i) * nb;
+                for (int b = 0; b < nb; b += 16) { /* nb is a multiple of 8 */
+                    const __mmask16 k = nb - b >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (nb - b)) - 1u);
+                    acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, o32 + b), _mm512_maskz_loadu_ps(k, xs + b), acc);
+                }
+                y[(size_t)(r0 + i) * N + n] = float_to_bf16(_mm512_reduce_add_ps(acc) + bn);
+            }
+            r0 += mt;
+        }
+    }
+    free(xsum);
+    return AIGC_OK;
+}

@@ -151,3 +151,57 @@ void k_rope(void *v, int nheads, int hs, const float *cos, const float *sin, int
             store_act(v, at + half, b * cos[i + half] + a * sin[i + half], act);
         }
 }
+
+/* the weight (n, k) of a repacked 5-bit matrix (QKIND_Q5_0, QKIND_Q5_1, QKIND_Q5_K; common.h, k_qmatmul_kind):
+ * w = fma(q, d', m') */
+static float weight_at_q5(int kind, const uint8_t *qs, const void *d, const void *m, int K, int n, int k) {
+    const size_t sub = (size_t)n * (K / 32) + k / 32; /* block (or sub-block) of 32 */
+    const int i = k % 32;
+    const uint8_t *b = qs + sub * 20;
+    const int q = (i < 16 ? b[i] & 0x0F : b[i - 16] >> 4) | (((b[16 + i / 8] >> (i % 8)) & 1) << 4);
+    if (kind == QKIND_Q5_K) {
+        const size_t sb = (size_t)n * (K / 256) + k / 256;
+        const int j = (k % 256) / 32;
+        const float *sd = d;
+        const uint8_t *sm = m;
+        return fmaf((float)q, sd[2 * sb] * (float)sm[sb * 16 + j], -(sd[2 * sb + 1] * (float)sm[sb * 16 + 8 + j]));
+    }
+    const float db = half_to_float(((const uint16_t *)d)[sub]);
+    return fmaf((float)q, db, kind == QKIND_Q5_1 ? half_to_float(((const uint16_t *)m)[sub]) : -16.0f * db);
+}
+
+/* the weight (n, k) of a repacked K-quant matrix (QKIND_Q4_K, QKIND_Q6_K; common.h, k_qmatmul_kind) */
+static float weight_at_k(int kind, const uint8_t *qs, const float *d, const uint8_t *m, int nsb, int n, int k) {
+    const size_t sb = (size_t)n * nsb + k / 256, sub = (size_t)n * nsb * 8 + k / 32; /* super-block, sub-block */
+    const int i = k % 32, j = (k % 256) / 32;
+    const uint8_t lo = qs[sub * (kind == QKIND_Q4_K ? 16 : 24) + i % 16];
+    const int nib = i < 16 ? lo & 0x0F : lo >> 4;
+    if (kind == QKIND_Q4_K) {
+        const float scale = d[2 * sb] * (float)m[sb * 16 + j], min = d[2 * sb + 1] * (float)m[sb * 16 + 8 + j];
+        return fmaf((float)nib, scale, -min);
+    }
+    const int hi = (qs[sub * 24 + 16 + i % 8] >> (2 * (i / 8))) & 3;
+    const float scale = d[sb] * (float)(int8_t)m[sb * 16 + (k % 256) / 16];
+    return scale * (float)(nib + (hi << 4) - 32);
+}
+
+int k_qmatmul_kind(const void *x, int act, int kind, const uint8_t *qs, const void *d, const void *m,
+                   const float *bias, void *y, int M, int N, int K, int i8, int nthreads) {
+    if (kind == QKIND_Q4 || kind == QKIND_Q8)
+        return m || kind == QKIND_Q8 ? k_qmatmul(x, act, qs, d, kind == QKIND_Q4 ? m : NULL, bias, y, M, N, K, i8,
+                                                 nthreads)
+                                     : AIGC_ERR_ARGS;
+    const int block = qkind_block(kind);
+    if (!block || K % block || M <= 0 || N <= 0 || !qs || !d || (!m && kind != QKIND_Q5_0)) return AIGC_ERR_ARGS;
+    if (i8) return AIGC_ERR_UNSUPPORTED;
+    const int q5 = kind == QKIND_Q5_0 || kind == QKIND_Q5_1 || kind == QKIND_Q5_K;
+    for (int r = 0; r < M; r++)
+        for (int n = 0; n < N; n++) {
+            float s = 0.0f;
+            for (int k = 0; k < K; k++)
+                s += (q5 ? weight_at_q5(kind, qs, d, m, K, n, k) : weight_at_k(kind, qs, d, m, K / 256, n, k)) *
+                     load_act(x, (size_t)r * K + k, act);
+            store_act(y, (size_t)r * N + n, s + (bias ? bias[n] : 0.0f), act);
+        }
+    return AIGC_OK;
+}

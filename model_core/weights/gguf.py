@@ -16,7 +16,7 @@ import torch
 
 from model_core import models
 from model_core.lm import LMConfig
-from model_core.qmatmul import BLOCK_BYTES, QuantWeight
+from model_core.qmatmul import GGML_TYPES, QuantWeight
 from model_core.weights.gguf_reader import GGUFFile, open_gguf
 from model_core.weights.names import Layout, linear_sources, state_dict_from_layout, unpermute_rope_rows
 
@@ -78,15 +78,16 @@ def load_gguf(
 def load_gguf_blocks(
     path: str | os.PathLike[str], cfg: LMConfig, file: GGUFFile | None = None
 ) -> dict[str, QuantWeight]:
-    """The linear layers whose GGUF tensors are in a type the quantized kernel runs (Q4_0, Q4_1, Q8_0),
-    repacked in our row order, keyed by module path. Layers in other types are left out."""
+    """The linear layers whose GGUF tensors are in a type the quantized kernels run (model_core.qmatmul.GGML_TYPES:
+    Q4_0, Q4_1, Q8_0, Q4_K, Q6_K), all parts of a layer in the same one, repacked in our row order, keyed by module
+    path. Layers in other types, or whose parts (e.g. q, k, v) mix types, are left out."""
     tensors = {t.name: t for t in (file or open_gguf(path)).tensors}
     out: dict[str, QuantWeight] = {}
     for module, parts in linear_sources(gguf_layout(cfg), set(tensors)).items():
         if any(name not in tensors for name, _ in parts):
             continue
         qtypes = {int(tensors[name].tensor_type) for name, _ in parts}
-        if len(qtypes) != 1 or (qtype := qtypes.pop()) not in BLOCK_BYTES:
+        if len(qtypes) != 1 or (qtype := qtypes.pop()) not in GGML_TYPES:
             continue
         rows = []
         for name, heads in parts:

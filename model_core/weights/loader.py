@@ -16,12 +16,14 @@ from model_core.device import select_device, select_dtype
 from model_core.fused_decode import FusedLlamaDecoder
 from model_core.lm import CausalLM, LMConfig
 from model_core.packing import pack_linears, packing_available
-from model_core.qmatmul import ALL_ROWS, QuantLinear, attach_quantized
+from model_core.qmatmul import ALL_ROWS, GGML_TYPES, QuantLinear, attach_quantized
 from model_core.tokenizer import Tokenizer
 from model_core.weights.build import build_lm
 from model_core.weights.gguf_reader import GGUFFile
 
 log = logging.getLogger(__name__)
+
+_KERNEL_TYPES = "/".join(t.name for t in GGML_TYPES.values())  # the tensor types the native kernels read
 
 
 @dataclass
@@ -47,10 +49,10 @@ def invariance_gap(model: CausalLM) -> str | None:
     if not isinstance(fast, FusedLlamaDecoder):
         return "the fused native decoder does not run this model (it runs float32/bf16 llama models on the CPU)"
     if fast.max_rows < ALL_ROWS:
-        return "not every projection runs on its quantized weights at any batch size (GGUF Q4_0/Q4_1/Q8_0 only)"
+        return f"not every projection runs on its quantized weights at any batch size (GGUF {_KERNEL_TYPES} only)"
     head = model.lm_head
     if not isinstance(head, QuantLinear) or head.max_rows < ALL_ROWS:
-        return "the output projection is not a GGUF Q4_0/Q4_1/Q8_0 tensor run on its kernel"
+        return f"the output projection is not a GGUF {_KERNEL_TYPES} tensor run on its kernel"
     return None
 
 
@@ -66,8 +68,9 @@ def load_lm(
 ) -> LoadedLM:
     """pack: on CPUs that run oneDNN's bf16 matmuls, pre-pack bf16 linear weights (same results, faster).
     backend: what runs decode steps (model_core.backend.select_backend); with native kernels:
-    quantized_max_rows: for a GGUF file, keep its Q4_0/Q4_1/Q8_0 weights quantized as well and run matmuls of up
-    to this many rows (decode steps) on them (0 = off, None = the backend's default; see model_core.qmatmul);
+    quantized_max_rows: for a GGUF file, keep its weights of a type the kernels read (qmatmul.GGML_TYPES) quantized as
+    well and run matmuls of up to this many rows (decode steps) on them (0 = off, None = the backend's default; see
+    model_core.qmatmul);
     native_decode: run decode steps of llama models with native kernels between the matmuls
     (model_core.fused_decode); batch_invariant: every matmul on its kernel at any batch size, prompt chunks
     included (quantized_max_rows None then means all rows), and `model.batch_invariant` set where that makes each

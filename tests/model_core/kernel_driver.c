@@ -36,6 +36,7 @@ typedef __typeof__(llama_add_rmsnorm) llama_add_rmsnorm_fn;
 typedef __typeof__(llama_swiglu) llama_swiglu_fn;
 typedef __typeof__(llama_attention) llama_attention_fn;
 typedef __typeof__(llama_decode_layer) llama_decode_layer_fn;
+typedef __typeof__(quant_matmul_kind) quant_matmul_kind_fn;
 
 /* One per entry point: call fn with the request's buffers b, ints i and floats f (in the order above). */
 typedef void (*any_fn)(void);
@@ -76,18 +77,24 @@ static int call_llama_swiglu(any_fn fn, void **b, const int64_t *i, const float 
     return ((llama_swiglu_fn *)fn)(b[0], b[1], I(0), I(1), I(2));
 }
 
+/* buffers: qkv, q_norm, k_norm, cos, sin, kv, write, rows, lens, att, scratch; floats: eps, scale, softcap */
 static int call_llama_attention(any_fn fn, void **b, const int64_t *i, const float *f) {
-    return ((llama_attention_fn *)fn)(b[0], I(0), b[1], b[2], b[3], b[4], b[5], b[6], b[7], I(1), I(2), I(3), I(4),
-                                      f[0], f[1], I(5), I(6), I(7), b[8], i[8]);
+    return ((llama_attention_fn *)fn)(b[0], I(0), f[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7], b[8], b[9], I(1),
+                                      I(2), I(3), I(4), f[1], f[2], I(5), I(6), I(7), b[10], i[8]);
 }
 
-/* buffers: x, attn_norm, ffn_norm, the 12 of w, cos, sin, kv, write, rows, lens, scratch */
+/* buffers: x, attn_norm, ffn_norm, the 12 of w, qkv_bias, q_norm, k_norm, cos, sin, kv, write, rows, lens, scratch */
 static int call_llama_decode_layer(any_fn fn, void **b, const int64_t *i, const float *f) {
     const void *w[12];
     memcpy(w, b + 3, sizeof w);
     return ((llama_decode_layer_fn *)fn)(b[0], I(0), I(1), b[1], b[2], f[0], w, b[15], b[16], b[17], b[18], b[19],
-                                         b[20], I(2), I(3), I(4), I(5), I(6), f[1], f[2], I(7), I(8), I(9), I(10),
-                                         b[21], i[11]);
+                                         b[20], b[21], b[22], b[23], I(2), I(3), I(4), I(5), I(6), f[1], f[2], I(7),
+                                         I(8), I(9), I(10), b[24], i[11]);
+}
+
+static int call_quant_matmul_kind(any_fn fn, void **b, const int64_t *i, const float *f) {
+    (void)f;
+    return ((quant_matmul_kind_fn *)fn)(b[0], I(0), I(1), b[1], b[2], b[3], b[4], b[5], I(2), I(3), I(4), I(5), I(6));
 }
 
 static const struct {
@@ -102,8 +109,9 @@ static const struct {
     {"llama_rmsnorm", 3, 3, 1, call_llama_rmsnorm},
     {"llama_add_rmsnorm", 4, 3, 1, call_llama_add_rmsnorm},
     {"llama_swiglu", 2, 3, 0, call_llama_swiglu},
-    {"llama_attention", 9, 9, 2, call_llama_attention},
-    {"llama_decode_layer", 22, 12, 3, call_llama_decode_layer},
+    {"llama_attention", 11, 9, 3, call_llama_attention},
+    {"llama_decode_layer", 25, 12, 3, call_llama_decode_layer},
+    {"quant_matmul_kind", 6, 7, 0, call_quant_matmul_kind},
 };
 
 static void die(const char *what, const char *detail) {

@@ -6,6 +6,8 @@ its GGUF file, against Hugging Face transformers on the same weights:
 - the batched engine (chunked prefill, prefix cache, concurrent requests) equals the reference `generate()`;
 - Gemma 3's sliding window (8 tokens, alternate layers) on a 40-token prompt: full prefill, chunked prefill through
   a paged KV cache, and decode;
+- Qwen 2 (QKV biases) and Qwen 3 (QK-norm) decoding through the fused native decoder: HF's logits, and its one-call
+  layers on a Q8_0 file against the module path;
 - each vocabulary kind encodes a torture string as HF's tokenizer does;
 - the fixtures themselves: HF reads each GGUF back to the safetensors model's logits, and our GGUF writer writes
   byte for byte what llama.cpp's converter writes (where the converter is on this machine);
@@ -33,10 +35,12 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from model_core.backend import select_backend  # noqa: E402
 from model_core.fused_decode import FusedLlamaDecoder  # noqa: E402
 from model_core.generate import generate  # noqa: E402
 from model_core.kv_cache import PagedKVCache  # noqa: E402
 from model_core.lm import CausalLM  # noqa: E402
+from model_core.qmatmul import QuantLinear  # noqa: E402
 from model_core.sampling import SamplingParams  # noqa: E402
 from model_core.tokenizer import Tokenizer  # noqa: E402
 from model_core.weights.loader import LoadedLM, load_for_inference, load_lm  # noqa: E402
@@ -462,6 +466,89 @@ def test_fused_llama_decoder_keeps_a_window(
     worst = _cached_diffs(lm, prompt, cont, ref, kernels)
     print(f"mistral, window 8, fused decoder {isa}: max abs diff vs HF {worst}")
     assert max(worst.values()) <= TOL, worst
+
+
+# the families whose block options are llama's plus what the fused decoder runs too: QKV biases, QK-norm
+FUSED_VARIANTS = ("qwen2", "qwen3")
+
+
+def _counting_runs(fused: FusedLlamaDecoder) -> list[int]:
+    """Record the rows of each step the fused decoder runs (on this object only)."""
+    runs: list[int] = []
+    run = fused.run
+
+    def counted(x: torch.Tensor, positions: torch.Tensor, cache: PagedKVCache) -> torch.Tensor:
+        runs.append(x.shape[0] * x.shape[1])
+        return run(x, positions, cache)
+
+    fused.run = counted  # type: ignore[method-assign]
+    return runs
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("name", FUSED_VARIANTS)
+@pytest.mark.parametrize("isa", native_isas())
+def test_fused_decoder_runs_qkv_biases_and_qk_norm_as_hf(
+    isa: str, name: str, fmt: str, families: dict[str, TinyFamily], oracle: Callable[..., Any]
+) -> None:
+    """Qwen 2 (QKV biases) and Qwen 3 (QK-norm) loaded with native decoding get the fused decoder, and it runs their
+    decode steps (between PyTorch's dense fp32 matmuls): the logits of chunked prefill (module path) then decode
+    steps (fused) equal HF's, and so does greedy generation."""
+    lm = load_lm(families[name].path(fmt), dtype=torch.float32, native_decode=True, backend=select_backend(isa))
+    fused, kernels = lm.model.decoder_fast_path, lm.backend.kernels
+    assert isinstance(fused, FusedLlamaDecoder) and kernels is not None
+    c = lm.model.cfg
+    cache = PagedKVCache(c.n_layers, 4, 4, c.n_kv_heads, c.hd, max_positions=c.max_seq_len, kernels=kernels)
+    cache.prepare([[0]], [0], 1)
+    assert fused.applies(1, cache)
+    hf = oracle(name, fmt)
+    prompt, cont, ref = _window_case(lm, hf)
+    runs = _counting_runs(fused)
+    worst = _cached_diffs(lm, prompt, cont, ref, kernels)
+    print(f"{name} {fmt}, fused decoder {isa}: max abs diff vs HF {worst}")
+    assert runs == [1] * (1 + len(cont))  # every 1-token step (the 1-token prompt chunk too), and only those
+    assert max(worst.values()) <= TOL, worst
+    assert our_greedy(lm, prompt, N_NEW, kernels=kernels) == hf_greedy(hf, prompt, N_NEW)
+
+
+def _decode_logits(model: CausalLM, prompt: list[int], cont: list[int], kernels: Any) -> torch.Tensor:
+    """The prompt in one chunk, then cont token by token through a paged cache: the decode steps' logits (T, V)."""
+    c = model.cfg
+    cache = PagedKVCache(c.n_layers, 16, 4, c.n_kv_heads, c.hd, max_positions=c.max_seq_len, kernels=kernels)
+    table, out = [9, 2, 14, 5, 0, 11, 7, 3, 12, 6, 1, 15, 8], []
+    with torch.inference_mode():
+        model(torch.tensor([prompt]), cache.prepare([table], [0], len(prompt)), cache)
+        for i, tok in enumerate(cont):
+            positions = cache.prepare([table], [len(prompt) + i], 1)
+            out.append(model(torch.tensor([[tok]]), positions, cache, last_only=True)[0])
+    return torch.stack(out).float()
+
+
+@pytest.mark.parametrize("name", FUSED_VARIANTS)
+@pytest.mark.parametrize("isa", native_isas())
+def test_fused_one_call_layers_with_qkv_biases_and_qk_norm_equal_the_module_path(
+    isa: str, name: str, families: dict[str, TinyFamily], q8_files: dict[str, Path]
+) -> None:
+    """The Q8_0 file of Qwen 2 / Qwen 3 with every projection on its quantized weights: decode steps one native call a
+    layer (the QKV bias added in the QKV matmul, QK-norm before RoPE) against the module path on the same QuantLinears
+    (the bias added by QuantLinear, the QK-norm by RMSNorm modules): within fp32 summation order (test_native.py's
+    bound for the fused decoder of llama layers)."""
+    lm = load_lm(q8_files[name], dtype=torch.float32, quantized_max_rows=8, backend=select_backend(isa))
+    fused, kernels = lm.model.decoder_fast_path, lm.backend.kernels
+    assert isinstance(fused, FusedLlamaDecoder) and fused.max_rows >= 1 and kernels is not None
+    qkv = lm.model.blocks[0].attn.qkv
+    assert isinstance(qkv, QuantLinear) and (qkv.qbias is not None) == (name == "qwen2")
+    assert (lm.model.blocks[0].attn.q_norm is not None) == (name == "qwen3")
+    ids = lm.tokenizer.encode(" ".join(CORPUS))
+    prompt, cont = ids[:20], ids[20:36]
+    runs = _counting_runs(fused)
+    got = _decode_logits(lm.model, prompt, cont, kernels)
+    assert runs == [1] * len(cont)
+    lm.model.decoder_fast_path = None
+    want = _decode_logits(lm.model, prompt, cont, kernels)
+    diff = max_diff(got, want)
+    print(f"{name} Q8_0 on {isa}: one-call fused vs module path max |diff| {diff:.2e}")
+    assert diff <= 1e-4 * max(want.abs().max().item(), 1.0)
 
 
 # -------------------------------------------------------------------- the served path

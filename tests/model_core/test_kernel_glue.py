@@ -1,7 +1,9 @@
 """The ctypes glue of the C kernels: kernels/aigc_kernels.h against native.ENTRY_POINTS (the one table the library
 is typed from), the exported symbols, the statuses raised as KernelError, the callers' scratch buffers (the same
-results as the library's own allocations, kept across steps), and the fused decoder reading the model's tensors at
-each call (a model cast, or given new weights, after a first decode step decodes as a freshly built one)."""
+results as the library's own allocations, kept across steps), the fused decoder reading the model's tensors at
+each call (a model cast, or given new weights, after a first decode step decodes as a freshly built one), and the
+llama variants it runs: a QKV bias (Qwen 2) and QK-norm (Qwen 3) in the one-call layer and the attention entry point
+(the same as through the other entry points, bit for bit; the module path's within its tolerances)."""
 
 from __future__ import annotations
 
@@ -105,10 +107,14 @@ def test_a_nonzero_status_raises_naming_the_kernel_and_code(isa: str) -> None:
     assert kernels.call("aigc_cpu_features") == native.cpu_features()  # not a status: never raises
 
 
+ATTN_PARAMS = slice(21, 24)  # llama_decode_layer's scale, softcap, window in _layer_case's arguments
+
+
 def _layer_case(
-    kernels: native.Kernels, dtype: torch.dtype, i8: bool, seed: int
+    kernels: native.Kernels, dtype: torch.dtype, i8: bool, seed: int, bias: bool = False, qk_norm: bool = False
 ) -> tuple[list[object], list[torch.Tensor], tuple[int, ...]]:
-    """Random llama_decode_layer arguments (without the scratch ones), the buffers it writes, and the shapes."""
+    """Random llama_decode_layer arguments (without the scratch ones), the buffers it writes, and the shapes; with
+    bias a QKV bias (Qwen 2), with qk_norm QK-norm weights (Qwen 3), else NULL for them."""
     from tests.utils import quantized_weight as _quantized
 
     g = torch.Generator().manual_seed(seed)
@@ -130,14 +136,22 @@ def _layer_case(
     lens = torch.tensor([Tk, 5, 1], dtype=torch.int32)
     write = rows[torch.arange(B), (lens - 1).long()].contiguous()
     act = int(dtype == torch.bfloat16)
-    args: list[object] = [x, B, C, norms[0], norms[1], 1e-5, w, cos, sin, kv, write, rows, lens, Tk, nh, nkv, hs, F]
-    args += [hs**-0.5, 0.0, 0]  # scale, softcap, window
+    g_opt = torch.Generator().manual_seed(seed + 1000)  # (drawn apart: the other arguments are those without them)
+    qkv_bias = torch.randn((nh + 2 * nkv) * hs, generator=g_opt) if bias else None  # fp32 whatever the activations
+    qk = [(1 + 0.3 * torch.randn(hs, generator=g_opt)).to(dtype) if qk_norm else None for _ in range(2)]
+    args: list[object] = [x, B, C, norms[0], norms[1], 1e-5, w, qkv_bias, qk[0], qk[1], cos, sin, kv, write, rows]
+    args += [lens, Tk, nh, nkv, hs, F]
+    args += [hs**-0.5, 0.0, 0]  # scale, softcap, window (ATTN_PARAMS)
     args += [act, int(i8), 2, weights]  # (weights: kept alive with the call's arguments)
     return args, [x, kv], (B, C, nh, nkv, hs, F, act)
 
 
 def _ptr(a: object) -> object:
     return a.data_ptr() if isinstance(a, torch.Tensor) else a
+
+
+def _decode_layer(kernels: native.Kernels, args: list[object], scratch: tuple[object, int] = (None, 0)) -> None:
+    kernels.call("llama_decode_layer", *[_ptr(a) for a in args[:-1]], *scratch)
 
 
 @pytest.mark.parametrize("isa", ISAS)
@@ -149,25 +163,25 @@ def test_the_callers_scratch_gives_what_the_librarys_own_allocations_give(isa: s
     for i8 in (False, True) if kernels.isa.has_int8 else (False,):
         outs = []
         for scratch in ("none", "dirty"):
-            args, written, shapes = _layer_case(kernels, dtype, i8, seed=5)
+            args, written, shapes = _layer_case(kernels, dtype, i8, seed=5, bias=True, qk_norm=True)
             need = kernels.call("llama_decode_scratch_bytes", *shapes)
             assert need > 0 and need % 64 == 0
             buf = torch.full((need + 100,), 0xA5, dtype=torch.uint8)
-            extra = (None, 0) if scratch == "none" else (buf.data_ptr(), buf.numel())
-            kernels.call("llama_decode_layer", *[_ptr(a) for a in args[:-1]], *extra)
+            _decode_layer(kernels, args, (None, 0) if scratch == "none" else (buf.data_ptr(), buf.numel()))
             outs.append([t.clone() for t in written])
             if scratch == "dirty":
                 with pytest.raises(native.KernelError, match="llama_decode_layer .*AIGC_ERR_ARGS"):
-                    kernels.call("llama_decode_layer", *[_ptr(a) for a in args[:-1]], buf.data_ptr(), need - 1)
+                    _decode_layer(kernels, args, (buf.data_ptr(), need - 1))
         for a, b in zip(*outs):
             assert torch.equal(a, b)
 
 
 def _layer_by_entry_points(kernels: native.Kernels, args: list[object]) -> None:
-    """What llama_decode_layer does to x and kv, through the library's other entry points (norms, quant_matmul,
-    llama_attention with the same scale, softcap and window, SwiGLU, residual adds)."""
-    x, B, C, attn_norm, ffn_norm, eps, _, cos, sin, kv, write, rows, lens, Tk, nh, nkv, hs, F = args[:18]
-    scale, softcap, window, act, i8, threads, weights = args[18:]
+    """What llama_decode_layer does to x and kv, through the library's other entry points (norms, quant_matmul with
+    the QKV bias, llama_attention with the same QK-norm, scale, softcap and window, SwiGLU, residual adds)."""
+    x, B, C, attn_norm, ffn_norm, eps, _, qkv_bias, q_norm, k_norm, cos, sin, kv, write, rows = args[:15]
+    lens, Tk, nh, nkv, hs, F = args[15:21]
+    scale, softcap, window, act, i8, threads, weights = args[21:]
     assert isinstance(x, torch.Tensor) and isinstance(B, int) and isinstance(C, int) and isinstance(F, int)
     assert isinstance(nh, int) and isinstance(nkv, int) and isinstance(hs, int) and isinstance(weights, list)
     call, p = kernels.call, _ptr
@@ -182,7 +196,7 @@ def _layer_by_entry_points(kernels: native.Kernels, args: list[object]) -> None:
             w.qs.data_ptr(),
             w.d.data_ptr(),
             m,
-            None,
+            p(qkv_bias) if i == 0 else None,
             y.data_ptr(),
             B,
             N,
@@ -199,7 +213,7 @@ def _layer_by_entry_points(kernels: native.Kernels, args: list[object]) -> None:
     )
     call("llama_rmsnorm", x.data_ptr(), p(attn_norm), eps, h.data_ptr(), B, C, act)
     qkv = matmul(h, 0, (nh + 2 * nkv) * hs, C)
-    ptrs = [p(a) for a in (qkv, B, cos, sin, kv, write, rows, lens, att, Tk, nh, nkv, hs)]
+    ptrs = [p(a) for a in (qkv, B, eps, q_norm, k_norm, cos, sin, kv, write, rows, lens, att, Tk, nh, nkv, hs)]
     call("llama_attention", *ptrs, scale, softcap, window, act, threads, None, 0)
     o = matmul(att, 1, C, nh * hs)  # (kept referenced until the call that reads it is done)
     call("llama_add_rmsnorm", x.data_ptr(), o.data_ptr(), p(ffn_norm), eps, h.data_ptr(), B, C, act)
@@ -221,10 +235,10 @@ def test_the_decode_layer_passes_scale_softcap_and_window_to_its_attention(isa: 
         results = {}
         for params in [(0.2, 6.0, 3), (32**-0.5, 0.0, 0)]:
             fused, written, _ = _layer_case(kernels, dtype, i8, seed=7)
-            fused[18:21] = params
-            kernels.call("llama_decode_layer", *[_ptr(a) for a in fused[:-1]], None, 0)
+            fused[ATTN_PARAMS] = params
+            _decode_layer(kernels, fused)
             composed, by_entry, _ = _layer_case(kernels, dtype, i8, seed=7)
-            composed[18:21] = params
+            composed[ATTN_PARAMS] = params
             _layer_by_entry_points(kernels, composed)
             for a, b in zip(written, by_entry):
                 assert torch.equal(a, b), f"{params} i8={i8}"
@@ -233,10 +247,128 @@ def test_the_decode_layer_passes_scale_softcap_and_window_to_its_attention(isa: 
         for bad in [(0.2, -1.0, 0), (0.2, 0.0, -2), (0.2, math.nan, 3)]:
             args, written, _ = _layer_case(kernels, dtype, i8, seed=7)
             before = [t.clone() for t in written]
-            args[18:21] = bad
+            args[ATTN_PARAMS] = bad
             with pytest.raises(native.KernelError, match="llama_decode_layer .*AIGC_ERR_ARGS"):
-                kernels.call("llama_decode_layer", *[_ptr(a) for a in args[:-1]], None, 0)
+                _decode_layer(kernels, args)
             assert all(torch.equal(a, b) for a, b in zip(written, before))  # x and the cache untouched
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_decode_layer_adds_the_qkv_bias_and_norms_the_q_and_k_heads(isa: str, dtype: torch.dtype) -> None:
+    """llama_decode_layer with a QKV bias (Qwen 2), QK-norm weights (Qwen 3) or both, with the default attention and
+    a Gemma-style one: bit for bit the same layer through the other entry points (quant_matmul adding the bias,
+    llama_attention norming the heads), and each option changes the layer's output and cache (NULL is no bias, no
+    norm: the plain layer)."""
+    kernels = kernels_for(isa)
+    for i8 in (False, True) if kernels.isa.has_int8 else (False,):
+        for params in [(32**-0.5, 0.0, 0), (0.2, 6.0, 3)]:
+            results = []
+            for bias, qk_norm in [(False, False), (True, False), (False, True), (True, True)]:
+                fused, written, _ = _layer_case(kernels, dtype, i8, 9, bias, qk_norm)
+                fused[ATTN_PARAMS] = params
+                _decode_layer(kernels, fused)
+                composed, by_entry, _ = _layer_case(kernels, dtype, i8, 9, bias, qk_norm)
+                composed[ATTN_PARAMS] = params
+                _layer_by_entry_points(kernels, composed)
+                for a, b in zip(written, by_entry):
+                    assert torch.equal(a, b), f"bias={bias} qk_norm={qk_norm} {params} i8={i8}"
+                assert all(torch.isfinite(t.float()).all() for t in written)
+                results.append(written)
+            for i, a in enumerate(results):  # x and the cache of every pair of options differ
+                for b in results[i + 1 :]:
+                    assert not torch.equal(a[0], b[0]) and not torch.equal(a[1], b[1])
+
+
+def _attention_case(
+    dtype: torch.dtype, seed: int
+) -> tuple[dict[str, torch.Tensor], tuple[int, int, int, int, int], torch.Tensor, torch.Tensor]:
+    """llama_attention's tensors (qkv, cos, sin, kv, write, rows, lens) for B = 3 rows, its shapes (B, nh, nkv, hs,
+    Tk), and random QK-norm weights (q_norm, k_norm) in dtype."""
+    g = torch.Generator().manual_seed(seed)
+    B, nh, nkv, hs, Tk = 3, 4, 2, 64, 9
+    ang = torch.rand(B, hs // 2, generator=g) * 6
+    rows = torch.stack([torch.randperm(B * Tk, generator=g)[:Tk] for _ in range(B)])  # (B, Tk) int64
+    lens = torch.tensor([Tk, 5, 1], dtype=torch.int32)
+    t = {
+        "qkv": (torch.randn(B, (nh + 2 * nkv) * hs, generator=g) * 3).to(dtype),
+        "cos": torch.cat([ang.cos(), ang.cos()], 1),
+        "sin": torch.cat([ang.sin(), ang.sin()], 1),
+        "kv": torch.randn(B * Tk + 1, 2 * nkv, hs, generator=g).to(dtype),
+        "write": rows[torch.arange(B), (lens - 1).long()].contiguous(),
+        "rows": rows,
+        "lens": lens,
+    }
+    q_norm, k_norm = ((1 + 0.3 * torch.randn(hs, generator=g)).to(dtype) for _ in range(2))
+    return t, (B, nh, nkv, hs, Tk), q_norm, k_norm
+
+
+def _attention(
+    kernels: native.Kernels,
+    t: dict[str, torch.Tensor],
+    shapes: tuple[int, int, int, int, int],
+    eps: float,
+    q_norm: torch.Tensor | None,
+    k_norm: torch.Tensor | None,
+) -> torch.Tensor:
+    """llama_attention on t (its qkv and kv updated in place); returns att (B, nh hs)."""
+    B, nh, nkv, hs, Tk = shapes
+    att = torch.empty(B, nh * hs, dtype=t["qkv"].dtype)
+    ptrs = [t[k].data_ptr() for k in ("cos", "sin", "kv", "write", "rows", "lens")]
+    act = int(att.dtype == torch.bfloat16)
+    norms = (_ptr(q_norm), _ptr(k_norm))
+    args = (t["qkv"].data_ptr(), B, eps, *norms, *ptrs, att.data_ptr(), Tk, nh, nkv, hs, hs**-0.5, 0.0, 0, act, 2)
+    kernels.call("llama_attention", *args, None, 0)
+    return att
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attention_norms_each_q_and_k_head_before_rope(isa: str, dtype: torch.dtype) -> None:
+    """llama_attention with q_norm and k_norm: bit for bit llama_rmsnorm over each q and k head (a head a row) followed
+    by llama_attention without them (qkv rotated in place, the cache, the output); the rotated heads are what
+    model_core.norms.RMSNorm (the module path's QK-norm, in the activations' dtype) then RoPE give, within a rounding;
+    a norm without the other norms only its own heads."""
+    from model_core.norms import RMSNorm
+
+    kernels, eps = kernels_for(isa), 1e-6
+    t, shapes, q_norm, k_norm = _attention_case(dtype, seed=3)
+    B, nh, nkv, hs, _ = shapes
+    act = int(dtype == torch.bfloat16)
+    heads = t["qkv"].view(B, nh + 2 * nkv, hs)
+    fused = {k: v.clone() for k, v in t.items()}
+    att = _attention(kernels, fused, shapes, eps, q_norm, k_norm)
+    composed = {k: v.clone() for k, v in t.items()}
+    for lo, hi, w in ((0, nh, q_norm), (nh, nh + nkv, k_norm)):  # the heads through llama_rmsnorm, written back
+        rows = heads[:, lo:hi].reshape(-1, hs).contiguous()
+        normed = torch.empty_like(rows)
+        kernels.call("llama_rmsnorm", rows.data_ptr(), w.data_ptr(), eps, normed.data_ptr(), rows.shape[0], hs, act)
+        composed["qkv"].view(B, nh + 2 * nkv, hs)[:, lo:hi] = normed.view(B, hi - lo, hs)
+    want = _attention(kernels, composed, shapes, eps, None, None)
+    assert torch.equal(att, want)
+    assert torch.equal(fused["qkv"], composed["qkv"]) and torch.equal(fused["kv"], composed["kv"])
+    # against the module path's QK-norm, then RoPE in fp32 on its (rounded) output
+    ref_heads = []
+    for lo, hi, w in ((0, nh, q_norm), (nh, nh + nkv, k_norm)):
+        norm = RMSNorm(hs, eps).to(dtype)
+        with torch.no_grad():
+            norm.weight.copy_(w)
+            x = norm(heads[:, lo:hi]).float()  # (B, heads, hs), rounded to dtype as the module path's
+        c, s = t["cos"].unsqueeze(1), t["sin"].unsqueeze(1)
+        ref_heads.append(x * c + torch.cat([-x[..., hs // 2 :], x[..., : hs // 2]], -1) * s)
+    ref = torch.cat([*ref_heads, heads[:, nh + nkv :].float()], 1)  # (B, nh + 2 nkv, hs), v untouched
+    got = fused["qkv"].view(B, nh + 2 * nkv, hs).float()
+    tol = (2**-7 if dtype == torch.bfloat16 else 1e-5) * ref.abs().max().item()
+    assert (got - ref).abs().max().item() <= tol
+    assert torch.equal(got[:, nh + nkv :], ref[:, nh + nkv :])
+    # q_norm alone: the q heads as with both, the k heads as with none
+    only_q = {k: v.clone() for k, v in t.items()}
+    _attention(kernels, only_q, shapes, eps, q_norm, None)
+    plain = {k: v.clone() for k, v in t.items()}
+    _attention(kernels, plain, shapes, eps, None, None)
+    q_n = nh * hs
+    assert torch.equal(only_q["qkv"][:, :q_n], fused["qkv"][:, :q_n])
+    assert torch.equal(only_q["qkv"][:, q_n:], plain["qkv"][:, q_n:])
 
 
 def test_scratch_is_kept_and_grown_not_allocated_per_call() -> None:
@@ -288,14 +420,23 @@ def _decode(
     return torch.cat(out), cache
 
 
+# the llama variants the fused decoder runs: plain llama, Qwen 2's QKV biases, Qwen 3's QK-norm
+LLAMA: dict[str, bool] = {}
+QWEN2, QWEN3 = {"qkv_bias": True}, {"qk_norm": True}
+VARIANTS = [pytest.param(LLAMA, id="llama"), pytest.param(QWEN2 | QWEN3, id="qkv_bias+qk_norm")]
+
+
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("max_rows", [4, 1])  # one call per layer up to 4 rows; between the matmuls above 1
-def test_batches_growing_and_shrinking_reuse_the_caches_scratch(isa: str, max_rows: int) -> None:
+@pytest.mark.parametrize("options", VARIANTS)
+def test_batches_growing_and_shrinking_reuse_the_caches_scratch(
+    isa: str, max_rows: int, options: dict[str, bool]
+) -> None:
     """Decode steps of 1, 4, then 2 rows on one cache: bit for bit the logits of the same steps each with scratch of
     its own (the buffers grown for 4 rows, then serving 2, hold nothing over), and no allocation once the sizes
     have been seen."""
     kernels = kernels_for(isa)
-    model = tiny_llama_q4(max_rows, kernels, torch.float32)
+    model = tiny_llama_q4(max_rows, kernels, torch.float32, **options)
     assert model.decoder_fast_path is not None
     got, cache = _decode(model, kernels, torch.float32, [1, 4, 2])
     want, _ = _decode(model, kernels, torch.float32, [1, 4, 2], fresh_scratch=True)
@@ -311,12 +452,15 @@ def test_batches_growing_and_shrinking_reuse_the_caches_scratch(isa: str, max_ro
 
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("max_rows", [4, 1])
-def test_a_model_cast_after_a_decode_step_decodes_as_a_fresh_decoder(isa: str, max_rows: int) -> None:
-    """Decode in fp32, then cast the model to bf16 (new parameter storage, rotary tables, dtype) and decode on a bf16
-    cache with the same decoder object: the logits equal those of a decoder built after the cast, bit for bit (no
-    fp32 addresses or activation dtype kept from the first call)."""
+@pytest.mark.parametrize("options", VARIANTS)
+def test_a_model_cast_after_a_decode_step_decodes_as_a_fresh_decoder(
+    isa: str, max_rows: int, options: dict[str, bool]
+) -> None:
+    """Decode in fp32, then cast the model to bf16 (new parameter storage, rotary tables, dtype; the QKV bias and the
+    QK-norm weights too) and decode on a bf16 cache with the same decoder object: the logits equal those of a decoder
+    built after the cast, bit for bit (no fp32 addresses or activation dtype kept from the first call)."""
     kernels = kernels_for(isa)
-    model = tiny_llama_q4(max_rows, kernels, torch.float32)
+    model = tiny_llama_q4(max_rows, kernels, torch.float32, **options)
     fused = model.decoder_fast_path
     assert isinstance(fused, FusedLlamaDecoder)
     _decode(model, kernels, torch.float32, [3])
@@ -339,14 +483,16 @@ def test_a_model_cast_after_a_decode_step_decodes_as_a_fresh_decoder(isa: str, m
 
 
 @pytest.mark.parametrize("isa", ISAS)
-def test_new_weights_after_a_decode_step_are_the_ones_used(isa: str) -> None:
-    """Replace every layer's quantized weights (new tensors: new addresses) and a norm's parameter after a first
-    decode step: the same decoder object gives what one built on the new weights gives, and not the old logits."""
+@pytest.mark.parametrize("options", VARIANTS)
+def test_new_weights_after_a_decode_step_are_the_ones_used(isa: str, options: dict[str, bool]) -> None:
+    """Replace every layer's quantized weights (new tensors: new addresses; their dense layers, with another QKV bias)
+    and a norm's parameter (and a QK-norm's) after a first decode step: the same decoder object gives what one built
+    on the new weights gives, and not the old logits; and likewise after a QKV bias is changed in place."""
     kernels = kernels_for(isa)
-    model = tiny_llama_q4(4, kernels, torch.float32)
+    model = tiny_llama_q4(4, kernels, torch.float32, **options)
     fused = model.decoder_fast_path
     before, _ = _decode(model, kernels, torch.float32, [3])
-    other = tiny_llama_q4(4, kernels, torch.float32, seed=1)
+    other = tiny_llama_q4(4, kernels, torch.float32, seed=1, **options)
     for mine, theirs in zip(model.modules(), other.modules()):
         if isinstance(mine, QuantLinear) and isinstance(theirs, QuantLinear):
             q = theirs.quant
@@ -354,8 +500,46 @@ def test_new_weights_after_a_decode_step_are_the_ones_used(isa: str) -> None:
             mine.dense = theirs.dense
     with torch.no_grad():
         model.blocks[1].ffn_norm.weight = torch.nn.Parameter(model.blocks[1].ffn_norm.weight * 1.5)
+        if options.get("qk_norm"):
+            k_norm = model.blocks[0].attn.k_norm
+            k_norm.weight = torch.nn.Parameter(k_norm.weight * 0.5)  # type: ignore[union-attr]
     got, _ = _decode(model, kernels, torch.float32, [3])
     model.decoder_fast_path = FusedLlamaDecoder.build(model, kernels)
     want, _ = _decode(model, kernels, torch.float32, [3])
     assert torch.equal(got, want) and not torch.equal(got, before)
     model.decoder_fast_path = fused
+    if options.get("qkv_bias"):  # a bias changed in place (the same tensor): read at each step as well
+        qkv = model.blocks[1].attn.qkv
+        assert isinstance(qkv, QuantLinear) and isinstance(qkv.dense.bias, torch.Tensor)
+        with torch.no_grad():
+            qkv.dense.bias.mul_(-1)
+        got, _ = _decode(model, kernels, torch.float32, [3])
+        model.decoder_fast_path = FusedLlamaDecoder.build(model, kernels)
+        want, _ = _decode(model, kernels, torch.float32, [3])
+        assert torch.equal(got, want)
+        model.decoder_fast_path = fused
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("options", [pytest.param(QWEN2, id="qkv_bias"), pytest.param(QWEN3, id="qk_norm")])
+def test_the_fused_decoder_runs_qkv_biases_and_qk_norm_as_the_module_path(
+    isa: str, dtype: torch.dtype, options: dict[str, bool]
+) -> None:
+    """Qwen 2's QKV biases and Qwen 3's QK-norm in the fused decoder (quantized projections, Q4_1): decode steps of 3
+    then 1 rows, one call per layer (max_rows 4) and between the matmuls (max_rows 1: the 3-row steps on the dense
+    projections, which add their bias themselves), against the module path on the same QuantLinears: within the
+    tolerances of test_native.py's test_fused_decoder_matches_the_module_path (fp32 summation order; bf16 roundings
+    in other places, and with int8 activations a rounding that moves an int8 step)."""
+    kernels = kernels_for(isa)
+    for max_rows in (4, 1):
+        model = tiny_llama_q4(max_rows, kernels, dtype, **options)
+        fused = model.decoder_fast_path
+        assert isinstance(fused, FusedLlamaDecoder) and fused.max_rows == max_rows
+        got, _ = _decode(model, kernels, dtype, [3, 1])
+        model.decoder_fast_path = None
+        want, _ = _decode(model, kernels, dtype, [3, 1])
+        diff = (got - want).abs().max().item()
+        print(f"{isa} {dtype} {options} max_rows={max_rows}: fused vs modules max |diff| {diff:.3g}")
+        bf16_tol = 0.06 if kernels.isa.int8 else 0.03
+        assert diff <= (bf16_tol if dtype == torch.bfloat16 else 1e-4) * want.abs().max().item()

@@ -102,7 +102,7 @@ def test_qmatmul_keeps_leading_dims_and_checks_arguments() -> None:
     with pytest.raises(ValueError, match="float32 or bfloat16"):
         qmatmul(torch.randn(1, 64).half(), qw, kernels)
     with pytest.raises(ValueError, match="GGML type"):
-        QuantWeight.from_ggml(12, torch.zeros(4, 144, dtype=torch.uint8))  # Q4_K: no kernel
+        QuantWeight.from_ggml(11, torch.zeros(4, 110, dtype=torch.uint8))  # Q3_K: no kernel
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -302,7 +302,24 @@ def test_llama_attention_takes_scale_softcap_and_window(isa: str, dtype: torch.d
         att, again = torch.empty(B, nh * hs, dtype=dtype), torch.empty(B, nh, hs, dtype=dtype)
         ptrs = [t.data_ptr() for t in (cos, sin, kv, write, rows, lens_t, att)]
         kernels.call(
-            "llama_attention", qkv.data_ptr(), B, *ptrs, Tk, nh, nkv, hs, scale, softcap, window, act, 2, None, 0
+            "llama_attention",
+            qkv.data_ptr(),
+            B,
+            1e-6,
+            None,
+            None,
+            *ptrs,
+            Tk,
+            nh,
+            nkv,
+            hs,
+            scale,
+            softcap,
+            window,
+            act,
+            2,
+            None,
+            0,
         )
         q = qkv[:, : nh * hs].reshape(B, nh, hs).contiguous()  # rotated in place
         assert torch.equal(kv[write].flatten(1), qkv[:, nh * hs :])  # the rotated k and the v, stored
@@ -377,6 +394,9 @@ def _primitive_calls(kernels: native.Kernels, dtype: torch.dtype, seed: int) -> 
         "llama_attention",
         qkv.data_ptr(),
         B,
+        1e-6,
+        None,
+        None,
         cos.data_ptr(),
         sin.data_ptr(),
         kv.data_ptr(),
@@ -402,7 +422,54 @@ def _primitive_calls(kernels: native.Kernels, dtype: torch.dtype, seed: int) -> 
     out["attention_capped_windowed"] = torch.empty(B, nh * hs, dtype=dtype)
     ptrs = (cos.data_ptr(), sin.data_ptr(), kv2.data_ptr(), write.data_ptr(), rows.data_ptr(), lens.data_ptr())
     att2 = out["attention_capped_windowed"].data_ptr()
-    call("llama_attention", qkv2.data_ptr(), B, *ptrs, att2, Tk, nh, nkv, hs, 0.3, 4.0, 3, act, 2, None, 0)
+    call(
+        "llama_attention",
+        qkv2.data_ptr(),
+        B,
+        1e-6,
+        None,
+        None,
+        *ptrs,
+        att2,
+        Tk,
+        nh,
+        nkv,
+        hs,
+        0.3,
+        4.0,
+        3,
+        act,
+        2,
+        None,
+        0,
+    )
+    # and with QK-norm (Qwen 3): each q and k head RMSNorm'd (weights of its own) before the rotation
+    qkv3, kv3, q_norm, k_norm = rnd(B, (nh + 2 * nkv) * hs) * 3, rnd(B * Tk + 1, 2 * nkv, hs), rnd(hs), rnd(hs)
+    out["attention_qk_norm"] = torch.empty(B, nh * hs, dtype=dtype)
+    ptrs = (cos.data_ptr(), sin.data_ptr(), kv3.data_ptr(), write.data_ptr(), rows.data_ptr(), lens.data_ptr())
+    norms = (q_norm.data_ptr(), k_norm.data_ptr())
+    att3 = out["attention_qk_norm"].data_ptr()
+    call(
+        "llama_attention",
+        qkv3.data_ptr(),
+        B,
+        1e-6,
+        *norms,
+        *ptrs,
+        att3,
+        Tk,
+        nh,
+        nkv,
+        hs,
+        hs**-0.5,
+        0.0,
+        0,
+        act,
+        2,
+        None,
+        0,
+    )
+    out.update(rope_qk_norm=qkv3, kv_cache_qk_norm=kv3)
     for qtype in (Q4_0, Q4_1, Q8_0):
         qw, _ = quantized_weight(qtype, 43, C, seed + qtype)
         xs, bias = rnd(7, C), torch.randn(43, generator=g)

@@ -1,7 +1,9 @@
 """The NEON builds of the C kernels (neon: armv8-a; neon-dotprod: armv8.2-a with integer dot products), cross-compiled
 for aarch64 and run under qemu-user, against the aarch64 build of the plain-C reference on the same inputs: every
 entry point, fp32 and bf16 activations, the quantized matmul on Q4_0/Q4_1/Q8_0 weights in both modes (exact, and
-int8 activations on interleaved weights) at odd sizes; and the aarch64 reference build against this machine's own.
+int8 activations on interleaved weights) at odd sizes, and on Q4_K/Q5_K/Q6_K and Q5_0/Q5_1 weights (quant_matmul_kind,
+exact mode); and
+the aarch64 reference build against this machine's own.
 
 Marked `emulated`, so not in the default run: `make test-neon` (installs the tools if missing), or
 `pytest -m emulated tests/model_core/test_native_neon.py` with Debian's gcc-aarch64-linux-gnu, qemu-user and
@@ -38,7 +40,8 @@ import torch
 from gguf.quants import quantize
 
 from model_core import native
-from model_core.qmatmul import Q4_0, Q4_1, Q8_0, QuantWeight
+from model_core.qmatmul import GGML_TYPES, Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0, QuantWeight
+from tests.utils import kquant_weight
 
 CROSS_CC = "aarch64-linux-gnu-gcc"
 QEMU = "qemu-aarch64"
@@ -89,6 +92,7 @@ OUTPUTS = {
     "llama_swiglu": ("g",),
     "llama_attention": ("qkv", "kv", "att"),
     "llama_decode_layer": ("x", "kv"),
+    "quant_matmul_kind": ("y",),
 }
 ENTRIES = list(SIGNATURES)[2:]  # those with cases (CASES)
 
@@ -339,6 +343,14 @@ def llama_swiglu_cases() -> Iterator[Call]:
             )
 
 
+def qk_norms(n: int, rng: np.random.Generator, hs: int, act: int) -> tuple[dict[str, Any], str]:
+    """Case n's QK-norm arguments (eps, q_norm, k_norm): every other case none (NULL), the others random weights."""
+    if n % 2 == 0:
+        return dict(q_norm=None, k_norm=None), ""
+    q_norm, k_norm = (act_array(1 + 0.3 * rng.standard_normal(hs), act) for _ in range(2))
+    return dict(q_norm=q_norm, k_norm=k_norm), " qk_norm"
+
+
 def llama_attention_cases() -> Iterator[Call]:
     rng = np.random.default_rng(6)
     n = 0
@@ -354,11 +366,14 @@ def llama_attention_cases() -> Iterator[Call]:
             R, rows = paged_rows(rng, lens, Tk)
             cos, sin = rope_tables(rng, B, hs)
             params, label = attention_params(n, hs)
+            norms, norm_label = qk_norms(n, rng, hs, act)
             yield Call(
                 "llama_attention",
                 dict(
                     qkv=act_array(rng.standard_normal((B, (nh + 2 * nkv) * hs)), act),
                     B=B,
+                    eps=1e-6,
+                    **norms,
                     cos=cos,
                     sin=sin,
                     kv=act_array(rng.standard_normal((R, 2 * nkv, hs)), act),
@@ -375,7 +390,7 @@ def llama_attention_cases() -> Iterator[Call]:
                     nthreads=2,
                     **scratch_for(n, B, 32, nh, nkv, hs, 32, act),
                 ),
-                f"nh={nh} nkv={nkv} hs={hs} lens={lens}{label}",
+                f"nh={nh} nkv={nkv} hs={hs} lens={lens}{label}{norm_label}",
             )
 
 
@@ -395,7 +410,10 @@ def llama_decode_layer_cases() -> Iterator[Call]:
                 cos, sin = rope_tables(rng, B, hs)
                 params, label = attention_params(n, hs)
                 shapes = [((nh + 2 * nkv) * hs, C), (C, nh * hs), (2 * F, C), (C, F)]  # Wqkv, Wo, Wgate|up, Wdown
-                w = [b for qt, (n, k) in zip(qtypes, shapes) for b in weight_buffers(quantized(qt, n, k, rng, i8))]
+                w = [b for qt, (r, k) in zip(qtypes, shapes) for b in weight_buffers(quantized(qt, r, k, rng, i8))]
+                # a QKV bias, QK-norm, both or neither, over both activation dtypes and matmul modes
+                norms, norm_label = qk_norms(n // 2, rng, hs, act)
+                bias = rng.standard_normal((nh + 2 * nkv) * hs).astype(np.float32) if (n + n // 4) % 2 else None
                 yield Call(
                     "llama_decode_layer",
                     dict(
@@ -406,6 +424,8 @@ def llama_decode_layer_cases() -> Iterator[Call]:
                         ffn_norm=act_array(1 + 0.1 * rng.standard_normal(C), act),
                         eps=1e-5,
                         w=w,
+                        qkv_bias=bias,
+                        **norms,
                         cos=cos,
                         sin=sin,
                         kv=act_array(rng.standard_normal((R, 2 * nkv, hs)), act),
@@ -423,8 +443,56 @@ def llama_decode_layer_cases() -> Iterator[Call]:
                         nthreads=2,
                         **scratch_for(n, B, C, nh, nkv, hs, F, act),
                     ),
-                    f"C={C} F={F} nh={nh} nkv={nkv} hs={hs} lens={lens} {'/'.join(QNAMES[q] for q in qtypes)}{label}",
+                    f"C={C} F={F} nh={nh} nkv={nkv} hs={hs} lens={lens} {'/'.join(QNAMES[q] for q in qtypes)}{label}"
+                    f"{' qkv_bias' if bias is not None else ''}{norm_label}",
                 )
+
+
+def quant_matmul_kind_cases() -> Iterator[Call]:
+    """The K-quants and the 5-bit blocks of 32 (exact mode: they have no int8 mode yet) at odd sizes, from quantized
+    weights and from random blocks (Q5_0/Q5_1 with K = 32 * 9 nsb: not a multiple of 256); and the older forms once each
+    through this entry."""
+    rng = np.random.default_rng(7)
+    fixed = [(1, 1, 1), (19, 13, 2), (4, 70, 1), (7, 31, 3), (2, 9, 6), (9, 5, 4), (5, 45, 2), (16, 41, 1)]
+    n = 0
+    for qtype in (Q4_K, Q6_K, Q5_K, Q5_0, Q5_1):
+        for act in (0, 1):
+            for M, N, nsb in fixed:
+                n += 1
+                K = 256 * nsb if GGML_TYPES[qtype].block == 256 else 32 * 9 * nsb
+                x = rng.standard_normal((M, K), dtype=np.float32) * 2
+                bias = rng.standard_normal(N, dtype=np.float32) if n % 2 else None
+                qw, _ = kquant_weight(qtype, N, K, seed=n, random_blocks=n % 3 == 0)
+                qs, d, m = weight_buffers(qw)
+                yield Call(
+                    "quant_matmul_kind",
+                    dict(
+                        x=act_array(x, act),
+                        act=act,
+                        kind=qw.kind.value,
+                        qs=qs,
+                        d=d,
+                        m=m,
+                        bias=bias,
+                        y=np.zeros((M, N), np.float32 if act == 0 else np.uint16),
+                        M=M,
+                        N=N,
+                        K=K,
+                        i8=0,
+                        nthreads=1 + n % 3,
+                    ),
+                    f"{qw.kind.name} M={M} N={N} K={K} bias={bias is not None}",
+                )
+    for qtype in (Q4_1, Q8_0):
+        qw = quantized(qtype, 13, 96, rng, 0)
+        qs, d, m = weight_buffers(qw)
+        x = rng.standard_normal((3, 96), dtype=np.float32)
+        yield Call(
+            "quant_matmul_kind",
+            dict(x=act_array(x, 0), act=0, kind=qw.kind.value, qs=qs, d=d, m=m, bias=None,
+                 y=np.zeros((3, 13), np.float32), M=3, N=13, K=96, i8=0, nthreads=2),
+            f"{QNAMES[qtype]} M=3 N=13 K=96",
+        )  # fmt: skip
 
 
 CASES: dict[str, Callable[[], Iterator[Call]]] = {
@@ -435,6 +503,7 @@ CASES: dict[str, Callable[[], Iterator[Call]]] = {
     "llama_swiglu": llama_swiglu_cases,
     "llama_attention": llama_attention_cases,
     "llama_decode_layer": llama_decode_layer_cases,
+    "quant_matmul_kind": quant_matmul_kind_cases,
 }
 
 

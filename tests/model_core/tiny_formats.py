@@ -27,6 +27,7 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
 from model_core.weights.names import permute_rope_rows
+from tests.utils import quantize_k
 
 VOCAB_SIZE = 300
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
@@ -42,7 +43,14 @@ _FILE_TYPES = {
     "Q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
     "Q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
     "Q4_1": gguf.LlamaFileType.MOSTLY_Q4_1,
+    "Q4_K": gguf.LlamaFileType.MOSTLY_Q4_K_S,
+    "Q6_K": gguf.LlamaFileType.MOSTLY_Q6_K,
+    "Q4_K_M": gguf.LlamaFileType.MOSTLY_Q4_K_M,  # Q4_K, with Q6_K for ffn_down and the head (as llama.cpp's mix)
+    "Q5_0": gguf.LlamaFileType.MOSTLY_Q5_0,
+    "Q5_1": gguf.LlamaFileType.MOSTLY_Q5_1,
+    "Q5_K": gguf.LlamaFileType.MOSTLY_Q5_K_S,
 }
+_Q6_K_IN_Q4_K_M = ("ffn_down.weight", "output.weight")
 _CORPUS = [
     "The quick brown fox jumps over the lazy dog while the cat sleeps in the sun.",
     "Hello world! Hello tokenizer, hello model: numbers 123 4567 and code def f(x): return x * 2",
@@ -75,11 +83,13 @@ def tiny_hf_llama(
     max_pos: int = 128,
     rope_theta: float = 10000.0,
     seed: int = 0,
+    hidden: int = 64,
+    ffn: int = 128,
 ) -> LlamaForCausalLM:
     cfg = LlamaConfig(
         vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
+        hidden_size=hidden,
+        intermediate_size=ffn,
         num_hidden_layers=2,
         num_attention_heads=n_heads,
         num_key_value_heads=n_kv_heads,
@@ -259,6 +269,8 @@ def _encode(w: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
         return w.astype(np.float32)
     if qtype == GGMLQuantizationType.F16:
         return w.astype(np.float16)
+    if qtype in (GGMLQuantizationType.Q4_K, GGMLQuantizationType.Q5_K, GGMLQuantizationType.Q6_K):  # gguf has none
+        return quantize_k(w.astype(np.float32), int(qtype))
     return quantize(w.astype(np.float32), qtype)
 
 
@@ -294,7 +306,7 @@ def write_gguf(
     else:
         raise ValueError(f"no GGUF layout for {model_type!r}")
     arch = arch or model_type
-    qt = GGMLQuantizationType[qtype]
+    qt = GGMLQuantizationType[qtype.removesuffix("_M")]
     vocab = vocab or tiny_vocab(model.config.vocab_size)
     replace = dict(replace or {})
     c = model.config
@@ -337,6 +349,8 @@ def write_gguf(
         hf = state[e.hf_name]
         g = e.to_gguf(hf).contiguous().numpy()
         t = qt if g.ndim == 2 else GGMLQuantizationType.F32
+        if qtype == "Q4_K_M" and e.gguf_name.endswith(_Q6_K_IN_Q4_K_M):
+            t = GGMLQuantizationType.Q6_K
         # quantization works on rows of the GGUF layout: a row permutation commutes with it, a transpose not
         rt = torch.from_numpy(_round_trip(g if e.conv1d else hf.numpy(), t))
         hf_state[e.hf_name] = rt.t().contiguous() if e.conv1d else rt

@@ -1,0 +1,347 @@
+"""The K-quants (GGUF Q4_K, Q5_K and Q6_K, super-blocks of 256 weights) and the 5-bit blocks of 32 (Q5_0, Q5_1) on
+the native kernels, every build this CPU runs (NEON under emulation in test_native_neon.py), in float32 and bfloat16:
+the load-time repack gives gguf's own weights bit for bit at about the file's size; the exact-mode matmul
+(quant_matmul_kind) is the product with them up to fp32 summation order; tiny llama GGUFs in a Q4_K_M-like mix, in
+Q5_0 (rows of 64: not a multiple of 256) and in Q5_K load with their matrices kept quantized and decode as the
+dequantized model does. Their int8 mode is not written yet: it is refused, and such layers run exact products in
+every build (also the per-projection path of the fused decoder, not its one-call layers)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from model_core import native
+from model_core.backend import select_backend
+from model_core.kv_cache import PagedKVCache
+from model_core.lm import CausalLM
+from model_core.qmatmul import (
+    GGML_TYPES,
+    KIND_Q4,
+    KIND_Q4_K,
+    KIND_Q5_0,
+    KIND_Q5_1,
+    KIND_Q5_K,
+    KIND_Q6_K,
+    KIND_Q8,
+    Q4_1,
+    Q4_K,
+    Q5_0,
+    Q5_1,
+    Q5_K,
+    Q6_K,
+    Q8_0,
+    QuantLinear,
+    QuantWeight,
+    attach_quantized,
+    qmatmul,
+)
+from tests.utils import kernels_for, kquant_weight, native_isas, quantized_weight
+
+ISAS = native_isas()
+DTYPES = [torch.float32, torch.bfloat16]
+KQUANTS = [Q4_K, Q5_K, Q6_K, Q5_0, Q5_1]  # Q5_0, Q5_1: blocks of 32 (K a multiple of 32), the others of 256
+pytestmark = pytest.mark.skipif(not ISAS, reason="no C compiler: the native kernels cannot build here")
+
+
+def _matmul_tolerance(ref: torch.Tensor, x: torch.Tensor, w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """As test_native.py's Q4 tests: fp32 summation order (relative 1e-5 of the terms' scale), plus in bf16 the
+    output's rounding (2^-9)."""
+    order = 1e-5 * math.sqrt(x.shape[-1]) * (x.float().abs().max() * w.abs().max())
+    return (2**-8 if dtype == torch.bfloat16 else 1e-6) * ref.abs() + order
+
+
+@settings(max_examples=30, deadline=None)
+@given(qtype=st.sampled_from(KQUANTS), n=st.integers(1, 20), nsb=st.integers(1, 4), seed=st.integers(0, 2**16))
+def test_repacked_random_blocks_dequantize_like_gguf(qtype: int, n: int, nsb: int, seed: int) -> None:
+    """Every byte random but the fp16 scales: the repacked form's weights are gguf.quants.dequantize's, bit for bit."""
+    k = GGML_TYPES[qtype].block * (nsb if qtype in (Q4_K, Q5_K, Q6_K) else 3 * nsb)
+    qw, ref = kquant_weight(qtype, n, k, seed, random_blocks=True)
+    assert qw.kind == GGML_TYPES[qtype].kind and (qw.out_features, qw.in_features) == (n, k)
+    assert torch.equal(qw.dequantize(), ref)
+
+
+@pytest.mark.parametrize("qtype", KQUANTS)
+def test_quantized_weights_dequantize_like_gguf_within_the_byte_budget(qtype: int) -> None:
+    qw, ref = kquant_weight(qtype, 48, 768, seed=qtype)
+    assert torch.equal(qw.dequantize(), ref)
+    t = GGML_TYPES[qtype]
+    file_bytes = 48 * 768 // t.block * t.nbytes
+    assert qw.nbytes <= 1.15 * file_bytes, (qw.nbytes, file_bytes)  # Q4_K 152/144, Q6_K 212/210, Q5_K 184/176
+    assert qw.nbytes * 8 / (48 * 768) == {Q4_K: 4.75, Q6_K: 6.625, Q5_K: 5.75, Q5_0: 5.5, Q5_1: 6.0}[qtype]
+
+
+def test_the_kind_table() -> None:
+    """One entry per GGML type the kernels run; the older three keep their form (and the legacy construction)."""
+    assert {t.name: (t.block, t.nbytes, t.kind) for t in GGML_TYPES.values()} == {
+        "Q4_0": (32, 18, KIND_Q4),
+        "Q4_1": (32, 20, KIND_Q4),
+        "Q8_0": (32, 34, KIND_Q8),
+        "Q4_K": (256, 144, KIND_Q4_K),
+        "Q6_K": (256, 210, KIND_Q6_K),
+        "Q5_0": (32, 22, KIND_Q5_0),
+        "Q5_1": (32, 24, KIND_Q5_1),
+        "Q5_K": (256, 176, KIND_Q5_K),
+    }
+    q4, _ = quantized_weight(Q4_1, 8, 64, seed=1)
+    q8, _ = quantized_weight(Q8_0, 8, 64, seed=1)
+    assert QuantWeight(q4.qs, q4.d, q4.m).kind == KIND_Q4 and QuantWeight(q8.qs, q8.d, None).kind == KIND_Q8
+    assert q4.kind.entry == q8.kind.entry == "quant_matmul"
+    assert {k.entry for k in (KIND_Q4_K, KIND_Q6_K, KIND_Q5_0, KIND_Q5_1, KIND_Q5_K)} == {"quant_matmul_kind"}
+    with pytest.raises(ValueError, match="GGML type 11"):
+        QuantWeight.from_ggml(11, torch.zeros(4, 110, dtype=torch.uint8))  # Q3_K: no kernel
+    with pytest.raises(ValueError, match="expected"):
+        QuantWeight.from_ggml(Q4_K, torch.zeros(4, 100, dtype=torch.uint8))
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@settings(max_examples=15, deadline=None)
+@given(
+    qtype=st.sampled_from(KQUANTS),
+    m=st.integers(1, 19),
+    n=st.integers(1, 70),
+    nsb=st.integers(1, 6),
+    bias=st.booleans(),
+    random_blocks=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_kquant_matmul_is_the_product_with_the_files_weights(
+    isa: str, dtype: torch.dtype, qtype: int, m: int, n: int, nsb: int, bias: bool, random_blocks: bool, seed: int
+) -> None:
+    k = 256 * nsb if qtype in (Q4_K, Q5_K, Q6_K) else 32 * (1 + seed % 48)  # the 5-bit blocks of 32: K 32 .. 1536
+    qw, w = kquant_weight(qtype, n, k, seed, random_blocks)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g).to(dtype)
+    b = torch.randn(n, generator=g) if bias else None
+    got = qmatmul(x, qw, kernels_for(isa), b)
+    assert got.dtype == dtype and got.shape == (m, n)
+    ref = x.float() @ w.T + (0 if b is None else b)
+    err = (got.float() - ref).abs()
+    assert (err <= _matmul_tolerance(ref, x, w, dtype)).all(), err.max()
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("qtype", KQUANTS)
+@pytest.mark.parametrize("n,k", [(13, 256), (67, 512), (3, 1536), (576, 1536), (37, 96), (1536, 576)])
+def test_kquant_matmul_at_every_row_count(isa: str, dtype: torch.dtype, qtype: int, n: int, k: int) -> None:
+    """Row counts 1..9 (the kernels' tiles of 4, 2, 1 and what is left), N not a multiple of 8, SmolLM2's ffn_down,
+    and for the 5-bit blocks of 32 rows of 96 and SmolLM2's ffn_up (rows of 576)."""
+    if isa == "reference" and n * k > 100_000:
+        pytest.skip("the reference build's loop is slow at this size")
+    if k % GGML_TYPES[qtype].block:
+        pytest.skip("rows of a K-quant are a multiple of 256")
+    qw, w = kquant_weight(qtype, n, k, seed=n + k)
+    kernels = kernels_for(isa)
+    x = torch.randn(9, k, generator=torch.Generator().manual_seed(k)).to(dtype)
+    for rows in range(1, 10):
+        got = qmatmul(x[:rows], qw, kernels).float()
+        ref = x[:rows].float() @ w.T
+        assert ((got - ref).abs() <= _matmul_tolerance(ref, x, w, dtype)).all(), rows
+        assert torch.equal(got, qmatmul(x[:1], qw, kernels).float().expand(1, n)) or rows > 1
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_kquants_have_no_int8_mode_yet(isa: str) -> None:
+    """interleave() refuses them, quant_matmul_kind refuses i8 = 1 (every build), and attach_quantized keeps them in
+    row form (exact products) even where the build's matmuls default to int8 activations."""
+    kernels = kernels_for(isa)
+    qw, w = kquant_weight(Q4_K, 8, 256, seed=0)
+    with pytest.raises(ValueError, match="no int8 mode"):
+        qw.interleave()
+    x = torch.randn(2, 256)
+    y = torch.empty(2, 8)
+    with pytest.raises(native.KernelError, match="AIGC_ERR_UNSUPPORTED"):
+        kernels.call(
+            "quant_matmul_kind", x.data_ptr(), 0, KIND_Q4_K.value, qw.qs.data_ptr(), qw.d.data_ptr(),
+            qw.m.data_ptr() if qw.m is not None else None, None, y.data_ptr(), 2, 8, 256, 1, 1,
+        )  # fmt: skip
+    with pytest.raises(native.KernelError, match="AIGC_ERR_ARGS"):  # K not a multiple of 256, an unknown kind
+        kernels.call("quant_matmul_kind", x.data_ptr(), 0, 2, qw.qs.data_ptr(), qw.d.data_ptr(), qw.m.data_ptr(),
+                     None, y.data_ptr(), 2, 8, 128, 0, 1)  # fmt: skip
+    with pytest.raises(native.KernelError, match="AIGC_ERR_ARGS"):
+        kernels.call("quant_matmul_kind", x.data_ptr(), 0, 7, qw.qs.data_ptr(), qw.d.data_ptr(), qw.m.data_ptr(),
+                     None, y.data_ptr(), 2, 8, 256, 0, 1)  # fmt: skip
+    model = torch.nn.Sequential(torch.nn.Linear(256, 8, bias=False))
+    model[0].weight.data = w
+    assert attach_quantized(model, {"0": qw}, 8, kernels) == 1
+    layer = model[0]
+    assert isinstance(layer, QuantLinear) and not layer.quant.interleaved
+    with torch.inference_mode():
+        assert torch.equal(layer(x), qmatmul(x, qw, kernels))
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("qtype", [Q5_0, Q5_1, Q5_K])
+def test_5bit_kinds_have_no_int8_mode_yet(isa: str, qtype: int) -> None:
+    """As the K-quants: interleave() refuses them, i8 = 1 is refused, K not a multiple of the block or a NULL m (Q5_1,
+    Q5_K) is AIGC_ERR_ARGS, and attach_quantized keeps them in row form (exact products) where the build defaults to
+    int8 activations (avx2)."""
+    kernels = kernels_for(isa)
+    k = GGML_TYPES[qtype].block
+    qw, w = kquant_weight(qtype, 8, k, seed=qtype)
+    with pytest.raises(ValueError, match="no int8 mode"):
+        qw.interleave()
+    x = torch.randn(2, k)
+    y = torch.empty(2, 8)
+    m = None if qw.m is None else qw.m.data_ptr()
+
+    def call(kk: int, i8: int, mm: int | None = m) -> None:
+        kernels.call("quant_matmul_kind", x.data_ptr(), 0, qw.kind.value, qw.qs.data_ptr(), qw.d.data_ptr(), mm,
+                     None, y.data_ptr(), 2, 8, kk, i8, 1)  # fmt: skip
+
+    with pytest.raises(native.KernelError, match="AIGC_ERR_UNSUPPORTED"):
+        call(k, 1)
+    with pytest.raises(native.KernelError, match="AIGC_ERR_ARGS"):
+        call(k - 16, 0)
+    if qw.m is not None:
+        with pytest.raises(native.KernelError, match="AIGC_ERR_ARGS"):
+            call(k, 0, None)
+    call(k, 0)
+    assert torch.equal(y, qmatmul(x, qw, kernels))
+    model = torch.nn.Sequential(torch.nn.Linear(k, 8, bias=False))
+    model[0].weight.data = w
+    assert attach_quantized(model, {"0": qw}, 8, kernels) == 1
+    layer = model[0]
+    assert isinstance(layer, QuantLinear) and not layer.quant.interleaved and layer.max_rows == 8
+    with torch.inference_mode():
+        assert torch.equal(layer(x), qmatmul(x, qw, kernels))
+        ref = x @ w.T
+        assert (layer(x) - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_quant_matmul_kind_runs_the_older_forms_as_quant_matmul(isa: str) -> None:
+    kernels = kernels_for(isa)
+    for qtype in (Q4_1, Q8_0):
+        qw, _ = quantized_weight(qtype, 11, 96, seed=qtype)
+        x = torch.randn(3, 96)
+        y = torch.empty(3, 11)
+        m = None if qw.m is None else qw.m.data_ptr()
+        kernels.call("quant_matmul_kind", x.data_ptr(), 0, qw.kind.value, qw.qs.data_ptr(), qw.d.data_ptr(), m,
+                     None, y.data_ptr(), 3, 11, 96, 0, 1)  # fmt: skip
+        assert torch.equal(y, qmatmul(x, qw, kernels))
+
+
+# ---- a tiny llama GGUF with its matrices in Q4_K and Q6_K
+
+
+def _kquant_gguf(tmp_path: Path) -> Path:
+    pytest.importorskip("transformers")
+    from tests.model_core.tiny_formats import tiny_hf_llama, tiny_vocab, write_gguf
+
+    hf = tiny_hf_llama(n_kv_heads=2, seed=1, hidden=256, ffn=512)
+    return write_gguf(hf, tmp_path / "m.gguf", "Q4_K_M", vocab=tiny_vocab()).path
+
+
+def _decode_logits(model: CausalLM, dtype: torch.dtype, kernels: native.Kernels | None) -> torch.Tensor:
+    """Prefill 3 prompts one by one, then 5 batched decode steps of the 3 rows: the 3 + 15 logits rows, float32."""
+    cfg = model.cfg
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, cfg.vocab_size, (n,), generator=g) for n in (5, 11, 3)]
+    steps = torch.randint(0, cfg.vocab_size, (5, 3), generator=g)
+    cache = PagedKVCache(cfg.n_layers, 24, 4, cfg.n_kv_heads, cfg.hd, dtype, kernels=kernels)
+    tables = [list(range(8 * i, 8 * i + 8)) for i in range(3)]
+    out = []
+    with torch.inference_mode():
+        for b, p in enumerate(prompts):
+            pos = cache.prepare([tables[b]], [0], len(p))
+            out.append(model(p.unsqueeze(0), pos, cache, last_only=True).float()[0])
+        lens = [len(p) for p in prompts]
+        for tok in steps:
+            pos = cache.prepare(tables, lens, 1)
+            out.extend(model(tok.view(3, 1), pos, cache, last_only=True).float())
+            lens = [n + 1 for n in lens]
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_kquant_gguf_loads_quantized_and_decodes_as_the_dequantized_model(isa: str, tmp_path: Path) -> None:
+    """Q4_K matrices with Q6_K ffn_down and head: every projection and the head load as QuantLinears of the file's
+    exact weights; the fused decoder takes the per-projection path (no one-call layers for the K-quants); fp32 logits
+    equal the dequantized fp32 model's up to summation order, bf16 ones are as close as the dense bf16 model's."""
+    from model_core.weights.loader import load_lm
+
+    path = _kquant_gguf(tmp_path)
+    backend = select_backend(isa)
+    ref = load_lm(path).model
+    want = _decode_logits(ref, torch.float32, None)
+    scale = want.abs().max().item()
+    err_dense = (_decode_logits(load_lm(path, torch.bfloat16).model, torch.bfloat16, None) - want).abs().max().item()
+    for dtype in DTYPES:
+        fast = load_lm(path, dtype, quantized_max_rows=8, backend=backend).model
+        wrapped = {n: m for n, m in fast.named_modules() if isinstance(m, QuantLinear)}
+        assert len(wrapped) == 4 * ref.cfg.n_layers + 1
+        kinds = {name: layer.quant.kind for name, layer in wrapped.items()}
+        assert kinds["lm_head"] == KIND_Q6_K and kinds["blocks.0.ffn.w_out"] == KIND_Q6_K
+        assert kinds["blocks.1.attn.qkv"] == KIND_Q4_K and kinds["blocks.1.ffn.w_in"] == KIND_Q4_K
+        for name, layer in wrapped.items():
+            assert not layer.quant.interleaved
+            assert torch.equal(layer.quant.dequantize(), ref.get_submodule(name).weight), name
+        fused = fast.decoder_fast_path
+        assert fused is not None and fused.max_rows == 0  # no one-call layers: per-projection calls
+        err = (_decode_logits(fast, dtype, backend.kernels) - want).abs().max().item()
+        print(f"{isa} Q4_K_M {dtype}: max |logit - fp32 modules| kernels {err:.2e}, dense bf16 {err_dense:.2e}")
+        if dtype == torch.float32:
+            assert err <= 1e-4 * max(scale, 1.0)
+        else:
+            assert err <= max(1.5 * err_dense, 0.05 * scale)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("qtype,hidden,ffn", [("Q5_0", 64, 96), ("Q5_K", 256, 512)])
+def test_5bit_gguf_loads_quantized_and_decodes_as_the_dequantized_model(
+    isa: str, qtype: str, hidden: int, ffn: int, tmp_path: Path
+) -> None:
+    """A tiny llama all in Q5_0 (rows of 64 and 96: multiples of 32, not of 256, as SmolLM2's 576 in llama.cpp's
+    Q4_K_M files) or Q5_K: every projection and the head load as QuantLinears of the file's exact weights, in row form
+    (exact products, also where the build defaults to int8 mode), the fused decoder takes the per-projection path,
+    and the logits are the dequantized model's as in the Q4_K_M test."""
+    pytest.importorskip("transformers")
+    from model_core.weights.loader import load_lm
+    from tests.model_core.tiny_formats import tiny_hf_llama, tiny_vocab, write_gguf
+
+    hf = tiny_hf_llama(n_kv_heads=2, seed=2, hidden=hidden, ffn=ffn)
+    path = write_gguf(hf, tmp_path / "m.gguf", qtype, vocab=tiny_vocab()).path
+    kind = GGML_TYPES[{"Q5_0": Q5_0, "Q5_K": Q5_K}[qtype]].kind
+    backend = select_backend(isa)
+    ref = load_lm(path).model
+    want = _decode_logits(ref, torch.float32, None)
+    scale = want.abs().max().item()
+    err_dense = (_decode_logits(load_lm(path, torch.bfloat16).model, torch.bfloat16, None) - want).abs().max().item()
+    for dtype in DTYPES:
+        fast = load_lm(path, dtype, quantized_max_rows=8, backend=backend).model
+        wrapped = {n: m for n, m in fast.named_modules() if isinstance(m, QuantLinear)}
+        assert len(wrapped) == 4 * ref.cfg.n_layers + 1
+        for name, layer in wrapped.items():
+            assert layer.quant.kind == kind and not layer.quant.interleaved, name
+            assert torch.equal(layer.quant.dequantize(), ref.get_submodule(name).weight), name
+        fused = fast.decoder_fast_path
+        assert fused is not None and fused.max_rows == 0
+        err = (_decode_logits(fast, dtype, backend.kernels) - want).abs().max().item()
+        print(f"{isa} {qtype} {dtype}: max |logit - fp32 modules| kernels {err:.2e}, dense bf16 {err_dense:.2e}")
+        if dtype == torch.float32:
+            assert err <= 1e-4 * max(scale, 1.0)
+        else:
+            assert err <= max(1.5 * err_dense, 0.05 * scale)
+
+
+def test_quantizer_of_the_tests_writes_what_gguf_reads() -> None:
+    """tests.utils.quantize_k: its blocks decode (gguf) to close to the weights it was given."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    from tests.utils import quantize_k
+
+    w = np.random.default_rng(0).standard_normal((16, 512)).astype(np.float32) * 0.2
+    for qtype, tol in ((Q4_K, 0.08), (Q5_K, 0.04), (Q6_K, 0.04)):
+        raw = quantize_k(w, qtype)
+        back = np.asarray(dequantize(raw, GGMLQuantizationType(qtype)), np.float32).reshape(w.shape)
+        assert np.abs(back - w).max() <= tol * np.abs(w).max(), qtype
