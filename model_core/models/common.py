@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from model_core.lm import LMConfig
+from model_core.models import ArchSpec
 from model_core.weights.names import GGUF_EMBED, GGUF_HEAD, Layout, Part
 
 
@@ -287,3 +288,34 @@ def decoder_layout(cfg: LMConfig, names: TensorNames, rope_permuted: bool = Fals
             layout[o + "ffn.w_in.weight"] = (Part(n("up") + ".weight", (2 * F, C)),)
         layout[o + "ffn.w_out.weight"] = (Part(n("down") + ".weight", (C, F)),)
     return layout
+
+
+LLAMA_OPTIONS: dict[str, Any] = {"norm": "rmsnorm", "activation": "swiglu", "positions": "rope"}
+
+
+def llama_variant(name: str, hf_refuse: dict[str, tuple[Any, ...]], **options: Any) -> ArchSpec:
+    """The spec of a family that is a llama with `options` (LMConfig block options) and half-split RoPE in its GGUF
+    files too (GGUF architecture and HF model_type both `name`); hf_refuse: config.json keys -> the values
+    supported (the first is the default)."""
+
+    def from_gguf(meta: dict[str, Any]) -> LMConfig:
+        g = GGUFKeys(meta)
+        return spec.config(**gguf_sizes(g), **gguf_rope(g))
+
+    def from_hf(hf: dict[str, Any]) -> LMConfig:
+        for key, allowed in {"hidden_act": ("silu",), **hf_refuse}.items():
+            require(hf, key, allowed, allowed[0])
+        sizes = hf_sizes(hf)
+        return spec.config(**sizes, **hf_rope(hf, sizes["head_dim"] or sizes["d_model"] // sizes["n_heads"]))
+
+    spec = ArchSpec(
+        name=name,
+        gguf_archs=(name,),
+        hf_model_types=(name,),
+        from_gguf=from_gguf,
+        from_hf=from_hf,
+        gguf_layout=lambda cfg: decoder_layout(cfg, GGUF_NAMES),
+        hf_layout=lambda cfg, _names: decoder_layout(cfg, HF_NAMES),
+        options={**LLAMA_OPTIONS, **options},
+    )
+    return spec
