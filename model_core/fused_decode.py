@@ -2,7 +2,8 @@
 
 A decode step runs ~20 small PyTorch ops per layer; at small batches their dispatch costs as much as
 the layer's arithmetic. `FusedLlamaDecoder` replaces them with native calls (kernels/layer.c):
- - when all four projections of every layer are `QuantLinear`s (GGUF Q4_0/Q4_1/Q8_0 blocks) and the
+ - when all four projections of every layer are `QuantLinear`s (GGUF blocks of any kind the kernels run: Q4_0,
+   Q4_1, Q8_0, the K-quants and the 5-bit kinds, mixed as a Q4_K_M file mixes them) in one matmul mode, and the
    batch is at most their `max_rows`, each layer is one call (norms, projections with the QKV bias, QK-norm,
    RoPE, cache write, attention from the paged cache, SwiGLU, residual adds);
  - otherwise each layer is its four projections (PyTorch, dense, with their biases) with four native calls
@@ -33,6 +34,7 @@ from model_core.norms import RMSNorm
 from model_core.qmatmul import ACT, QuantLinear
 
 _WeightPtrs = ctypes.c_void_p * 12  # llama_decode_layer's w: (qs, d, m) of Wqkv, Wo, Wgate|up, Wdown
+_Kinds = ctypes.c_int32 * 4  # its kinds: the four's QKIND_* (model_core.qmatmul.QuantKind.value)
 
 
 class _Layer:
@@ -58,9 +60,11 @@ class _Layer:
         ):
             raise ValueError("the fused decoder runs QK-norms as RMSNorms of the layer's epsilon, on both q and k")
         # what refresh() derived from the projections and their quantized weights, valid while they are these
-        # objects: the weights' addresses (the array llama_decode_layer's w), the mode, the one-call batch limit
+        # objects: the weights' addresses and kinds (llama_decode_layer's w and kinds), the mode, the one-call batch
+        # limit
         self._seen: tuple[object, ...] = ()
         self._ptrs: ctypes.Array[ctypes.c_void_p] | None = None
+        self._kinds: ctypes.Array[ctypes.c_int32] | None = None
         self._i8 = 0
         self.one_call_rows = 0  # batches up to this many rows run as one call (0: not all four quantized)
         self.refresh()
@@ -102,24 +106,27 @@ class _Layer:
         if len(seen) == len(self._seen) and all(a is b for a, b in zip(seen, self._seen)):
             return
         quant = [lin.quant for lin in linears if isinstance(lin, QuantLinear)]
-        if any(w.kind.entry != "quant_matmul" for w in quant):  # K-quants: llama_decode_layer takes 4/8-bit blocks
-            quant = []  # so the per-projection path (QuantLinear's own kernel call per projection)
         if len(quant) == 4 and len({w.interleaved for w in quant}) > 1:
-            raise ValueError("the fused decoder runs a layer's projections in one matmul mode")
+            if all(w.kind.int8 for w in quant):
+                raise ValueError("the fused decoder runs a layer's projections in one matmul mode")
+            # 4/8-bit weights in int8 mode beside K-quants or 5-bit ones (exact mode only): the per-projection path
+            # (QuantLinear's own kernel call per projection)
+            quant = []
         if len(quant) == 4:
             self._ptrs = _WeightPtrs(*[None if t is None else t.data_ptr() for w in quant for t in (w.qs, w.d, w.m)])
+            self._kinds = _Kinds(*[w.kind.value for w in quant])
             self._i8 = int(quant[0].interleaved)
             self.one_call_rows = min(lin.max_rows for lin in linears if isinstance(lin, QuantLinear))
         else:
-            self._ptrs, self._i8, self.one_call_rows = None, 0, 0
+            self._ptrs, self._kinds, self._i8, self.one_call_rows = None, None, 0, 0
         self._seen = seen
 
-    def weights(self) -> tuple[ctypes.Array[ctypes.c_void_p], int]:
+    def weights(self) -> tuple[ctypes.Array[ctypes.c_void_p], ctypes.Array[ctypes.c_int32], int]:
         """llama_decode_layer's w (the addresses of the projections' quantized weights, as they are since the last
-        refresh()) and i8 (the matmuls' mode)."""
-        if self._ptrs is None:
+        refresh()), kinds (their QKIND_* values) and i8 (the matmuls' mode)."""
+        if self._ptrs is None or self._kinds is None:
             raise ValueError("the layer's projections are not all quantized")
-        return self._ptrs, self._i8
+        return self._ptrs, self._kinds, self._i8
 
 
 def _bias(linear: nn.Module) -> torch.Tensor | None:
@@ -232,7 +239,7 @@ class FusedLlamaDecoder:
                 bias = layer.qkv_bias()  # (held until the call returns: a bf16 bias' fp32 copy is made here)
                 if bias is not None and bias.numel() != qkv_n:
                     raise ValueError(f"layer {i}'s QKV bias has {bias.numel()} values, its projection {qkv_n}")
-                w, i8 = layer.weights()  # (max_rows refreshed them above)
+                w, kinds, i8 = layer.weights()  # (max_rows refreshed them above)
                 self._decode_layer(
                     i,
                     x.data_ptr(),
@@ -242,6 +249,7 @@ class FusedLlamaDecoder:
                     ffn_norm.data_ptr(),
                     cfg.norm_eps,
                     w,
+                    kinds,
                     _ptr(bias),
                     _ptr(q_norm),
                     _ptr(k_norm),

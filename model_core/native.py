@@ -188,8 +188,9 @@ ENTRY_POINTS: dict[str, EntryPoint] = {
     ),
     "llama_decode_layer": _entry(
         _I,
-        "x:p B:i C:i attn_norm:p ffn_norm:p eps:f w:w qkv_bias:p q_norm:p k_norm:p cos:p sin:p kv:p write:p rows:p "
-        "lens:p Tk:i nh:i nkv:i hs:i F:i scale:f softcap:f window:i act:i i8:i nthreads:i scratch:p scratch_bytes:l",
+        "x:p B:i C:i attn_norm:p ffn_norm:p eps:f w:w kinds:p qkv_bias:p q_norm:p k_norm:p cos:p sin:p kv:p write:p "
+        "rows:p lens:p Tk:i nh:i nkv:i hs:i F:i scale:f softcap:f window:i act:i i8:i nthreads:i scratch:p "
+        "scratch_bytes:l",
     ),
     "quant_matmul_kind": _entry(_I, "x:p act:i kind:i qs:p d:p m:p bias:p y:p M:i N:i K:i i8:i nthreads:i"),
 }

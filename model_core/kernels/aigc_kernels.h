@@ -98,21 +98,26 @@ AIGC_API int llama_attention(void *qkv, int B, float eps, const void *q_norm, co
 /* A whole llama decoder layer, one token per sequence, x (B, C) updated in place:
  *   h = rmsnorm(x) attn_norm;  qkv = h Wqkv (+ qkv_bias);  QK-norm the q, k heads;  rotate them;  cache write;
  *   x += attention(q, cache) Wo;  h = rmsnorm(x) ffn_norm;  x += (silu(h Wg) * (h Wu)) Wd
- * w: the 12 pointers (qs, d, m; m NULL for Q8_0) of Wqkv, Wo, Wgate|up, Wdown; qkv_bias: NULL (none) or
- * (nh + 2 nkv) hs fp32 values added to the qkv projection in fp32 before its output is rounded to act, as
- * quant_matmul adds its bias (Qwen 2); q_norm, k_norm: the QK-norm as llama_attention (NULL: none), with the layer's
- * eps; the rest as llama_attention (scale, softcap, window: the attention's, as paged_attention_decode); i8: the
- * matmuls' mode (quant_matmul). scratch: NULL (allocated per call) or scratch_bytes >=
- * llama_decode_scratch_bytes(B, C, nh, nkv, hs, F, act) bytes.
+ * w: the 12 pointers (qs, d, m; m NULL for Q8_0) of Wqkv, Wo, Wgate|up, Wdown; kinds: NULL (the four are 4/8-bit blocks
+ * as quant_matmul takes them: m NULL for 8-bit) or their 4 kinds (QKIND_*, int32), each projection then run as
+ * quant_matmul_kind runs that kind (the same kernel: the same results), its w in the kind's layout (a Q4_K_M file's mix
+ * of Q5_0, Q4_K, Q6_K and Q8_0 runs as one call); qkv_bias: NULL (none) or (nh + 2 nkv) hs fp32 values added to the qkv
+ * projection in fp32 before its output is rounded to act, as quant_matmul adds its bias (Qwen 2); q_norm, k_norm: the
+ * QK-norm as llama_attention (NULL: none), with the layer's eps; the rest as llama_attention (scale, softcap, window:
+ * the attention's, as paged_attention_decode); i8: the matmuls' mode (quant_matmul), one for all four: exact (0) for
+ * any mix of kinds, int8 (1, w interleaved) only with 4/8-bit kinds (QKIND_Q4, QKIND_Q8). scratch: NULL (allocated per
+ * call) or scratch_bytes >= llama_decode_scratch_bytes(B, C, nh, nkv, hs, F, act) bytes.
  * AIGC_ERR_ARGS: B < 1; C, F or nh hs not a multiple of 32; hs not of 16; nh not a multiple of nkv; softcap or window
- * out of range (checked before anything is written); scratch too small; or as the matmuls and attention.
+ * out of range; with kinds, an unknown kind, a projection's input features (C, nh hs, C, F) not a multiple of its
+ * kind's block, a NULL weight buffer the kind needs, or i8 = 1 with a kind other than QKIND_Q4/QKIND_Q8 (all these
+ * checked before anything is written); scratch too small; or as the matmuls and attention.
  * AIGC_ERR_UNSUPPORTED, AIGC_ERR_NOMEM: as quant_matmul. */
 AIGC_API int llama_decode_layer(void *x, int B, int C, const void *attn_norm, const void *ffn_norm, float eps,
-                                const void *const *w, const float *qkv_bias, const void *q_norm, const void *k_norm,
-                                const float *cos, const float *sin, void *kv, const int64_t *write,
-                                const int64_t *rows, const int32_t *lens, int Tk, int nh, int nkv, int hs, int F,
-                                float scale, float softcap, int window, int act, int i8, int nthreads, void *scratch,
-                                int64_t scratch_bytes);
+                                const void *const *w, const int32_t *kinds, const float *qkv_bias,
+                                const void *q_norm, const void *k_norm, const float *cos, const float *sin, void *kv,
+                                const int64_t *write, const int64_t *rows, const int32_t *lens, int Tk, int nh,
+                                int nkv, int hs, int F, float scale, float softcap, int window, int act, int i8,
+                                int nthreads, void *scratch, int64_t scratch_bytes);
 
 /* The repacked weight forms quant_matmul_kind takes, by value (model_core/qmatmul.py: KINDS, GGML_TYPES; layouts in
  * common.h, k_qmatmul_kind): the 4-bit blocks of 32 (Q4_0, Q4_1), the 8-bit ones (Q8_0), and the K-quants'

@@ -114,13 +114,27 @@ int llama_attention(void *qkv, int B, float eps, const void *q_norm, const void 
     return rc;
 }
 
+/* w's projections of kinds (QKIND_*), for inputs of K[i] features, in one matmul mode: any kind the kernels run, K a
+ * multiple of its block, its buffers given (m but for QKIND_Q8 and QKIND_Q5_0), in exact mode (i8 = 0); only the
+ * 4/8-bit kinds (QKIND_Q4, QKIND_Q8) in int8 mode */
+static int kinds_ok(const int32_t *kinds, const void *const *w, const int *K, int i8) {
+    for (int i = 0; i < 4; i++) {
+        const int kind = kinds[i], old = kind == QKIND_Q4 || kind == QKIND_Q8, block = old ? 32 : qkind_block(kind);
+        if (!block || K[i] % block || (i8 && !old) || !w[3 * i] || !w[3 * i + 1]) return 0;
+        if (!w[3 * i + 2] && kind != QKIND_Q8 && kind != QKIND_Q5_0) return 0;
+    }
+    return 1;
+}
+
 int llama_decode_layer(void *x, int B, int C, const void *attn_norm, const void *ffn_norm, float eps,
-                       const void *const *w, const float *qkv_bias, const void *q_norm, const void *k_norm,
-                       const float *cos, const float *sin, void *kv, const int64_t *write, const int64_t *rows,
-                       const int32_t *lens, int Tk, int nh, int nkv, int hs, int F, float scale, float softcap,
-                       int window, int act, int i8, int nthreads, void *scratch, int64_t scratch_bytes) {
+                       const void *const *w, const int32_t *kinds, const float *qkv_bias, const void *q_norm,
+                       const void *k_norm, const float *cos, const float *sin, void *kv, const int64_t *write,
+                       const int64_t *rows, const int32_t *lens, int Tk, int nh, int nkv, int hs, int F, float scale,
+                       float softcap, int window, int act, int i8, int nthreads, void *scratch,
+                       int64_t scratch_bytes) {
     if (B <= 0 || nkv <= 0 || C % 32 || F % 32 || (nh * hs) % 32 || hs % 16 || nh % nkv) return AIGC_ERR_ARGS;
     if (!attention_params_ok(softcap, window)) return AIGC_ERR_ARGS; /* (before anything is written) */
+    if (kinds && !kinds_ok(kinds, w, (const int[4]){C, nh * hs, C, F}, i8)) return AIGC_ERR_ARGS; /* (likewise) */
     size_t sizes[SCRATCH_N];
     const size_t need = scratch_layout(B, C, nh, nkv, hs, F, act, sizes);
     if (!need) return AIGC_ERR_ARGS;
@@ -133,20 +147,24 @@ int llama_decode_layer(void *x, int B, int C, const void *attn_norm, const void 
     void *o = buf[SCRATCH_O];
     const int qkv_n = (nh + 2 * nkv) * hs, q_n = nh * hs;
     int rc;
-#define W(i) ((const uint8_t *)w[3 * (i)]), ((const uint16_t *)w[3 * (i) + 1]), ((const uint16_t *)w[3 * (i) + 2])
+    /* projection i: the kind's kernel (k_qmatmul_kind, as quant_matmul_kind), or quant_matmul's without kinds */
+#define MATMUL(i, in, bias, out, N, K)                                                                                \
+    (kinds ? k_qmatmul_kind(in, act, kinds[i], w[3 * (i)], w[3 * (i) + 1], w[3 * (i) + 2], bias, out, B, N, K, i8,   \
+                            nthreads)                                                                                \
+           : k_qmatmul(in, act, w[3 * (i)], w[3 * (i) + 1], w[3 * (i) + 2], bias, out, B, N, K, i8, nthreads))
     k_rmsnorm(x, attn_norm, eps, h, B, C, act);
-    if ((rc = k_qmatmul(h, act, W(0), qkv_bias, qkv, B, qkv_n, C, i8, nthreads))) goto done;
+    if ((rc = MATMUL(0, h, qkv_bias, qkv, qkv_n, C))) goto done;
     rc = attention_step(qkv, B, eps, q_norm, k_norm, cos, sin, kv, write, rows, lens, att, Tk, nh, nkv, hs, scale,
                         softcap, window, act, nthreads, buf[SCRATCH_Q]);
     if (rc) goto done;
-    if ((rc = k_qmatmul(att, act, W(1), NULL, o, B, C, q_n, i8, nthreads))) goto done;
+    if ((rc = MATMUL(1, att, NULL, o, C, q_n))) goto done;
     k_add(x, o, (size_t)B * C, act);
     k_rmsnorm(x, ffn_norm, eps, h, B, C, act);
-    if ((rc = k_qmatmul(h, act, W(2), NULL, gu, B, 2 * F, C, i8, nthreads))) goto done;
+    if ((rc = MATMUL(2, h, NULL, gu, 2 * F, C))) goto done;
     k_swiglu(gu, h, B, F, act);
-    if ((rc = k_qmatmul(h, act, W(3), NULL, o, B, C, F, i8, nthreads))) goto done;
+    if ((rc = MATMUL(3, h, NULL, o, C, F))) goto done;
     k_add(x, o, (size_t)B * C, act);
-#undef W
+#undef MATMUL
 done:
     if (base != (char *)scratch) free(base);
     return rc;

@@ -20,8 +20,8 @@ from model_core import native
 from model_core.fused_decode import FusedLlamaDecoder
 from model_core.kv_cache import PagedKVCache, Scratch
 from model_core.lm import CausalLM
-from model_core.qmatmul import QuantLinear, QuantWeight
-from tests.utils import kernels_for, native_isas, tiny_llama_q4
+from model_core.qmatmul import GGML_TYPES, Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0, QuantLinear, QuantWeight
+from tests.utils import kernels_for, kquant_weight, native_isas, tiny_llama_q4
 
 ISAS = native_isas()
 pytestmark = pytest.mark.skipif(not ISAS, reason="no C compiler: the native kernels cannot build here")
@@ -107,26 +107,37 @@ def test_a_nonzero_status_raises_naming_the_kernel_and_code(isa: str) -> None:
     assert kernels.call("aigc_cpu_features") == native.cpu_features()  # not a status: never raises
 
 
-ATTN_PARAMS = slice(21, 24)  # llama_decode_layer's scale, softcap, window in _layer_case's arguments
+ATTN_PARAMS = slice(22, 25)  # llama_decode_layer's scale, softcap, window in _layer_case's arguments
+QTYPES = (Q4_1, Q4_0, Q8_0, Q4_1)  # _layer_case's projections (Wqkv, Wo, Wgate|up, Wdown) unless told otherwise
 
 
 def _layer_case(
-    kernels: native.Kernels, dtype: torch.dtype, i8: bool, seed: int, bias: bool = False, qk_norm: bool = False
+    kernels: native.Kernels,
+    dtype: torch.dtype,
+    i8: bool,
+    seed: int,
+    bias: bool = False,
+    qk_norm: bool = False,
+    qtypes: tuple[int, int, int, int] = QTYPES,
+    kinds: bool = False,
 ) -> tuple[list[object], list[torch.Tensor], tuple[int, ...]]:
     """Random llama_decode_layer arguments (without the scratch ones), the buffers it writes, and the shapes; with
-    bias a QKV bias (Qwen 2), with qk_norm QK-norm weights (Qwen 3), else NULL for them."""
+    bias a QKV bias (Qwen 2), with qk_norm QK-norm weights (Qwen 3), else NULL for them; the projections' weights of
+    the GGML types qtypes (in features multiples of 256 where one is a K-quant or a 5-bit kind), their kinds given
+    (kinds, or any K-quant or 5-bit type) or NULL."""
     from tests.utils import quantized_weight as _quantized
 
     g = torch.Generator().manual_seed(seed)
-    B, C, F, nh, nkv, hs, Tk = 3, 96, 160, 4, 2, 32, 9
+    kquants = any(GGML_TYPES[qt].kind.entry == "quant_matmul_kind" for qt in qtypes)
+    B, C, F, nh, nkv, hs, Tk = (3, 256, 256, 4, 2, 64, 9) if kquants else (3, 96, 160, 4, 2, 32, 9)
+    shapes = [((nh + 2 * nkv) * hs, C), (C, nh * hs), (2 * F, C), (C, F)]
     weights = [
-        _quantized(qt, n, k, seed + i)[0]
-        for i, (qt, (n, k)) in enumerate(
-            zip((3, 2, 8, 3), [((nh + 2 * nkv) * hs, C), (C, nh * hs), (2 * F, C), (C, F)])
-        )
+        (_quantized if GGML_TYPES[qt].kind.entry == "quant_matmul" else kquant_weight)(qt, n, k, seed + i)[0]
+        for i, (qt, (n, k)) in enumerate(zip(qtypes, shapes))
     ]
-    weights = [w.interleave() if i8 else w for w in weights]
+    weights = [w.interleave() if i8 and w.kind.int8 else w for w in weights]
     w = (ctypes.c_void_p * 12)(*[None if t is None else t.data_ptr() for q in weights for t in (q.qs, q.d, q.m)])
+    kind_values = (ctypes.c_int32 * 4)(*[q.kind.value for q in weights]) if kinds or kquants else None
     x = torch.randn(B, C, generator=g).to(dtype)
     norms = [(1 + 0.1 * torch.randn(C, generator=g)).to(dtype) for _ in range(2)]
     ang = torch.rand(B, hs // 2, generator=g) * 6
@@ -139,7 +150,8 @@ def _layer_case(
     g_opt = torch.Generator().manual_seed(seed + 1000)  # (drawn apart: the other arguments are those without them)
     qkv_bias = torch.randn((nh + 2 * nkv) * hs, generator=g_opt) if bias else None  # fp32 whatever the activations
     qk = [(1 + 0.3 * torch.randn(hs, generator=g_opt)).to(dtype) if qk_norm else None for _ in range(2)]
-    args: list[object] = [x, B, C, norms[0], norms[1], 1e-5, w, qkv_bias, qk[0], qk[1], cos, sin, kv, write, rows]
+    args: list[object] = [x, B, C, norms[0], norms[1], 1e-5, w, kind_values, qkv_bias, qk[0], qk[1], cos, sin, kv]
+    args += [write, rows]
     args += [lens, Tk, nh, nkv, hs, F]
     args += [hs**-0.5, 0.0, 0]  # scale, softcap, window (ATTN_PARAMS)
     args += [act, int(i8), 2, weights]  # (weights: kept alive with the call's arguments)
@@ -179,20 +191,23 @@ def test_the_callers_scratch_gives_what_the_librarys_own_allocations_give(isa: s
 def _layer_by_entry_points(kernels: native.Kernels, args: list[object]) -> None:
     """What llama_decode_layer does to x and kv, through the library's other entry points (norms, quant_matmul with
     the QKV bias, llama_attention with the same QK-norm, scale, softcap and window, SwiGLU, residual adds)."""
-    x, B, C, attn_norm, ffn_norm, eps, _, qkv_bias, q_norm, k_norm, cos, sin, kv, write, rows = args[:15]
-    lens, Tk, nh, nkv, hs, F = args[15:21]
-    scale, softcap, window, act, i8, threads, weights = args[21:]
+    x, B, C, attn_norm, ffn_norm, eps, _, _, qkv_bias, q_norm, k_norm, cos, sin, kv, write, rows = args[:16]
+    lens, Tk, nh, nkv, hs, F = args[16:22]
+    scale, softcap, window, act, i8, threads, weights = args[22:]
     assert isinstance(x, torch.Tensor) and isinstance(B, int) and isinstance(C, int) and isinstance(F, int)
     assert isinstance(nh, int) and isinstance(nkv, int) and isinstance(hs, int) and isinstance(weights, list)
     call, p = kernels.call, _ptr
 
     def matmul(inp: torch.Tensor, i: int, N: int, K: int) -> torch.Tensor:
+        """The projection as QuantLinear runs it: quant_matmul, or quant_matmul_kind (K-quants, 5-bit kinds)."""
         w, y = weights[i], torch.empty(B, N, dtype=x.dtype)
         m = None if w.m is None else w.m.data_ptr()
+        kind = () if w.kind.entry == "quant_matmul" else (w.kind.value,)
         call(
-            "quant_matmul",
+            w.kind.entry,
             inp.data_ptr(),
             act,
+            *kind,
             w.qs.data_ptr(),
             w.d.data_ptr(),
             m,
@@ -278,6 +293,83 @@ def test_the_decode_layer_adds_the_qkv_bias_and_norms_the_q_and_k_heads(isa: str
             for i, a in enumerate(results):  # x and the cache of every pair of options differ
                 for b in results[i + 1 :]:
                     assert not torch.equal(a[0], b[0]) and not torch.equal(a[1], b[1])
+
+
+# Wqkv, Wo, Wgate|up, Wdown: a Q4_K_M file's mixes (Q5_0 or Q4_K attention, Q6_K or Q8_0 down), every other kind
+KQUANT_MIXES = [
+    (Q5_0, Q4_K, Q4_K, Q6_K),
+    (Q4_K, Q5_0, Q4_K, Q8_0),
+    (Q5_K, Q6_K, Q5_1, Q4_0),
+    (Q8_0, Q4_1, Q6_K, Q5_K),
+]
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("qtypes", KQUANT_MIXES, ids=lambda q: "-".join(GGML_TYPES[t].name for t in q))
+def test_the_decode_layer_runs_any_mix_of_kinds_as_the_per_projection_kernels(
+    isa: str, dtype: torch.dtype, qtypes: tuple[int, int, int, int]
+) -> None:
+    """llama_decode_layer with its projections' kinds: K-quants, 5-bit and 4/8-bit blocks mixed (exact mode), with
+    and without a QKV bias and QK-norm, with the default attention and a Gemma-style one: bit for bit the layer
+    through the other entry points (each projection by quant_matmul_kind or quant_matmul, as QuantLinear runs it);
+    int8 mode with a kind that has none, an unknown kind or a missing m are refused before anything is written."""
+    kernels = kernels_for(isa)
+    for n, params in enumerate([(64**-0.5, 0.0, 0), (0.2, 6.0, 3)]):
+        bias, qk_norm = n == 1, n == 1
+        fused, written, _ = _layer_case(kernels, dtype, False, 11, bias, qk_norm, qtypes)
+        fused[ATTN_PARAMS] = params
+        _decode_layer(kernels, fused)
+        composed, by_entry, _ = _layer_case(kernels, dtype, False, 11, bias, qk_norm, qtypes)
+        composed[ATTN_PARAMS] = params
+        _layer_by_entry_points(kernels, composed)
+        for a, b in zip(written, by_entry):
+            assert torch.equal(a, b), f"{params}"
+        assert all(torch.isfinite(t.float()).all() for t in written)
+    kind_values = fused[7]
+    assert isinstance(kind_values, ctypes.Array)
+    for mode, kind in [(1, None), (0, 99), (0, -1)]:
+        args, written, _ = _layer_case(kernels, dtype, False, 11, qtypes=qtypes)
+        before = [t.clone() for t in written]
+        args[ATTN_PARAMS.stop + 1] = mode  # i8
+        if kind is not None:
+            bad = (ctypes.c_int32 * 4)(*args[7])  # type: ignore[misc]
+            bad[2] = kind
+            args[7] = bad
+        with pytest.raises(native.KernelError, match="llama_decode_layer .*AIGC_ERR_ARGS"):
+            _decode_layer(kernels, args)
+        assert all(torch.equal(a, b) for a, b in zip(written, before))
+    args, written, _ = _layer_case(kernels, dtype, False, 11, qtypes=qtypes)
+    w = args[6]
+    assert isinstance(w, ctypes.Array)
+    i = next(i for i, q in enumerate(qtypes) if q not in (Q8_0, Q5_0))
+    w[3 * i + 2] = None  # the m of a kind that needs one
+    before = [t.clone() for t in written]
+    with pytest.raises(native.KernelError, match="llama_decode_layer .*AIGC_ERR_ARGS"):
+        _decode_layer(kernels, args)
+    assert all(torch.equal(a, b) for a, b in zip(written, before))
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_decode_layers_kinds_of_4_and_8_bit_weights_are_null_kinds(isa: str, dtype: torch.dtype) -> None:
+    """Kinds given for 4/8-bit projections (QKIND_Q4, QKIND_Q8) in either mode: bit for bit the layer with kinds NULL;
+    a K-quant's block on a projection whose input is not a multiple of 256 is refused."""
+    kernels = kernels_for(isa)
+    for i8 in (False, True) if kernels.isa.has_int8 else (False,):
+        outs = []
+        for kinds in (False, True):
+            args, written, _ = _layer_case(kernels, dtype, i8, 13, True, True, kinds=kinds)
+            _decode_layer(kernels, args)
+            outs.append(written)
+        for a, b in zip(*outs):
+            assert torch.equal(a, b), f"i8={i8}"
+    args, written, _ = _layer_case(kernels, dtype, False, 13, kinds=True)  # C = 96: no K-quant fits
+    bad = args[7]
+    assert isinstance(bad, ctypes.Array)
+    bad[0] = GGML_TYPES[Q4_K].kind.value
+    with pytest.raises(native.KernelError, match="llama_decode_layer .*AIGC_ERR_ARGS"):
+        _decode_layer(kernels, args)
 
 
 def _attention_case(

@@ -4,7 +4,7 @@ the load-time repack gives gguf's own weights bit for bit at about the file's si
 (quant_matmul_kind) is the product with them up to fp32 summation order; tiny llama GGUFs in a Q4_K_M-like mix, in
 Q5_0 (rows of 64: not a multiple of 256) and in Q5_K load with their matrices kept quantized and decode as the
 dequantized model does. Their int8 mode is not written yet: it is refused, and such layers run exact products in
-every build (also the per-projection path of the fused decoder, not its one-call layers)."""
+every build (also in the fused decoder's one-call layers, which take any mix of kinds in exact mode)."""
 
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ from model_core.qmatmul import (
     KIND_Q5_K,
     KIND_Q6_K,
     KIND_Q8,
+    Q4_0,
     Q4_1,
     Q4_K,
     Q5_0,
@@ -265,7 +266,7 @@ def _decode_logits(model: CausalLM, dtype: torch.dtype, kernels: native.Kernels 
 @pytest.mark.parametrize("isa", ISAS)
 def test_kquant_gguf_loads_quantized_and_decodes_as_the_dequantized_model(isa: str, tmp_path: Path) -> None:
     """Q4_K matrices with Q6_K ffn_down and head: every projection and the head load as QuantLinears of the file's
-    exact weights; the fused decoder takes the per-projection path (no one-call layers for the K-quants); fp32 logits
+    exact weights; the fused decoder runs its one-call layers (the kinds mixed, exact mode); fp32 logits
     equal the dequantized fp32 model's up to summation order, bf16 ones are as close as the dense bf16 model's."""
     from model_core.weights.loader import load_lm
 
@@ -286,7 +287,7 @@ def test_kquant_gguf_loads_quantized_and_decodes_as_the_dequantized_model(isa: s
             assert not layer.quant.interleaved
             assert torch.equal(layer.quant.dequantize(), ref.get_submodule(name).weight), name
         fused = fast.decoder_fast_path
-        assert fused is not None and fused.max_rows == 0  # no one-call layers: per-projection calls
+        assert fused is not None and fused.max_rows == 8  # one call per layer, the K-quants' kernels inside
         err = (_decode_logits(fast, dtype, backend.kernels) - want).abs().max().item()
         print(f"{isa} Q4_K_M {dtype}: max |logit - fp32 modules| kernels {err:.2e}, dense bf16 {err_dense:.2e}")
         if dtype == torch.float32:
@@ -302,7 +303,7 @@ def test_5bit_gguf_loads_quantized_and_decodes_as_the_dequantized_model(
 ) -> None:
     """A tiny llama all in Q5_0 (rows of 64 and 96: multiples of 32, not of 256, as SmolLM2's 576 in llama.cpp's
     Q4_K_M files) or Q5_K: every projection and the head load as QuantLinears of the file's exact weights, in row form
-    (exact products, also where the build defaults to int8 mode), the fused decoder takes the per-projection path,
+    (exact products, also where the build defaults to int8 mode), the fused decoder runs its one-call layers,
     and the logits are the dequantized model's as in the Q4_K_M test."""
     pytest.importorskip("transformers")
     from model_core.weights.loader import load_lm
@@ -324,7 +325,7 @@ def test_5bit_gguf_loads_quantized_and_decodes_as_the_dequantized_model(
             assert layer.quant.kind == kind and not layer.quant.interleaved, name
             assert torch.equal(layer.quant.dequantize(), ref.get_submodule(name).weight), name
         fused = fast.decoder_fast_path
-        assert fused is not None and fused.max_rows == 0
+        assert fused is not None and fused.max_rows == 8
         err = (_decode_logits(fast, dtype, backend.kernels) - want).abs().max().item()
         print(f"{isa} {qtype} {dtype}: max |logit - fp32 modules| kernels {err:.2e}, dense bf16 {err_dense:.2e}")
         if dtype == torch.float32:
@@ -345,3 +346,24 @@ def test_quantizer_of_the_tests_writes_what_gguf_reads() -> None:
         raw = quantize_k(w, qtype)
         back = np.asarray(dequantize(raw, GGMLQuantizationType(qtype)), np.float32).reshape(w.shape)
         assert np.abs(back - w).max() <= tol * np.abs(w).max(), qtype
+
+
+@pytest.mark.parametrize("qtype", [Q4_0, Q5_0, Q8_0])
+def test_q4_0_and_q5_0_parts_widen_to_q8_0_exactly(qtype: int) -> None:
+    """A Q4_K_M file's QKV mixes Q5_0 (q, k) with Q8_0 (v): the loader takes such parts as Q8_0 blocks (and Q4_0 ones,
+    also held exactly), which gguf dequantizes to the very weights of the originals (random blocks: every q)."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    from model_core.weights.gguf import _as_q8_0
+
+    name = {Q4_0: "Q4_0", Q5_0: "Q5_0", Q8_0: "Q8_0"}[qtype]
+    rng = np.random.default_rng(qtype)
+    nbytes = {Q4_0: 18, Q5_0: 22, Q8_0: 34}[qtype]
+    b = rng.integers(0, 256, (5, 6, nbytes), dtype=np.uint8)
+    b[:, :, :2] = (rng.standard_normal((5, 6, 1)) * 0.02).astype(np.float16).view(np.uint8)
+    raw = torch.from_numpy(b.reshape(5, -1))
+    widened = _as_q8_0(qtype, raw).numpy()
+    assert widened.shape == (5, 6 * 34)
+    want = dequantize(raw.numpy(), GGMLQuantizationType[name])
+    assert np.array_equal(dequantize(widened, GGMLQuantizationType.Q8_0), want)

@@ -402,15 +402,26 @@ def llama_decode_layer_cases() -> Iterator[Call]:
         (64, 96, 2, 1, 16, [5], 5, (Q4_0,) * 4),
         (128, 256, 2, 2, 64, [1, 12, 7, 3, 10], 12, (Q8_0,) * 4),
         (160, 224, 4, 2, 48, [20, 6], 20, (Q4_1, Q4_0, Q8_0, Q4_1)),
+        # with their kinds: a Q4_K_M file's mixes and the other kinds (exact mode only)
+        (256, 256, 4, 2, 64, [9, 5, 1], 9, (Q5_0, Q4_K, Q4_K, Q6_K)),
+        (256, 512, 2, 1, 96, [4, 11], 11, (Q4_K, Q5_0, Q6_K, Q8_0)),
+        (256, 256, 4, 2, 64, [3], 3, (Q5_K, Q5_1, Q4_1, Q5_K)),
     ]:
+        kquants = any(GGML_TYPES[qt].kind.entry == "quant_matmul_kind" for qt in qtypes)
         for act in (0, 1):
-            for i8 in (0, 1):
+            for i8 in (0,) if kquants else (0, 1):
                 B, n = len(lens), n + 1
                 R, rows = paged_rows(rng, lens, Tk)
                 cos, sin = rope_tables(rng, B, hs)
                 params, label = attention_params(n, hs)
                 shapes = [((nh + 2 * nkv) * hs, C), (C, nh * hs), (2 * F, C), (C, F)]  # Wqkv, Wo, Wgate|up, Wdown
-                w = [b for qt, (r, k) in zip(qtypes, shapes) for b in weight_buffers(quantized(qt, r, k, rng, i8))]
+                qws = [
+                    kquant_weight(qt, r, k, seed=n + i)[0] if qt not in QTYPES else
+                    quantized(qt, r, k, rng, i8)
+                    for i, (qt, (r, k)) in enumerate(zip(qtypes, shapes))
+                ]  # fmt: skip
+                w = [b for qw in qws for b in weight_buffers(qw)]
+                kinds = np.array([qw.kind.value for qw in qws], np.int32) if kquants or n % 2 else None
                 # a QKV bias, QK-norm, both or neither, over both activation dtypes and matmul modes
                 norms, norm_label = qk_norms(n // 2, rng, hs, act)
                 bias = rng.standard_normal((nh + 2 * nkv) * hs).astype(np.float32) if (n + n // 4) % 2 else None
@@ -424,6 +435,7 @@ def llama_decode_layer_cases() -> Iterator[Call]:
                         ffn_norm=act_array(1 + 0.1 * rng.standard_normal(C), act),
                         eps=1e-5,
                         w=w,
+                        kinds=kinds,
                         qkv_bias=bias,
                         **norms,
                         cos=cos,
@@ -443,7 +455,8 @@ def llama_decode_layer_cases() -> Iterator[Call]:
                         nthreads=2,
                         **scratch_for(n, B, C, nh, nkv, hs, F, act),
                     ),
-                    f"C={C} F={F} nh={nh} nkv={nkv} hs={hs} lens={lens} {'/'.join(QNAMES[q] for q in qtypes)}{label}"
+                    f"C={C} F={F} nh={nh} nkv={nkv} hs={hs} lens={lens} "
+                    f"{'/'.join(GGML_TYPES[q].name for q in qtypes)}{label}"
                     f"{' qkv_bias' if bias is not None else ''}{norm_label}",
                 )
 
