@@ -39,18 +39,14 @@ INLINE void dot_rows(const float *w, const float *x, int K, float *sums, const i
     for (int i = 0; i < MT; i++) sums[i] = vsum(acc[i][0] + acc[i][1]);
 }
 
-int k_qmatmul(const void *x, int act, const uint8_t *qs, const uint16_t *d, const uint16_t *m, const float *bias,
-              void *y, int M, int N, int K, int i8, int nthreads) {
-    if (K % BLOCK || M <= 0 || N <= 0) return AIGC_ERR_ARGS;
-#if defined(__AVX512BF16__)
-    if (act == ACT_BF16 && !i8) return qmatmul_avx512bf16(x, qs, d, m, bias, y, M, N, K, nthreads);
-#endif
-#if defined(QMATMUL_I8)
-    if (i8) return qmatmul_i8(x, act, qs, d, m, bias, y, M, N, K, nthreads);
-#endif
-    if (i8) return AIGC_ERR_UNSUPPORTED; /* no integer dot products in this build */
-    const int nb = K / BLOCK;
-    const size_t row_bytes = (size_t)nb * (m ? 16 : 32);
+static void dequantize_row_kind(int kind, const uint8_t *qs, const void *d, const void *m, int K, float *wf);
+
+/* The exact mode of every kind: y (M, N) = x W^T (+ bias), each weight row dequantized to fp32 once (one OpenMP
+ * thread a row) and dotted with every activation row (bf16 activations widened to fp32 first). A weight row is
+ * row_bytes of qs, d_bytes of d and m_bytes of m. */
+static int exact_rows(const void *x, int act, int kind, const uint8_t *qs, const void *d, const void *m,
+                      const float *bias, void *y, int M, int N, int K, size_t row_bytes, size_t d_bytes,
+                      size_t m_bytes, int nthreads) {
     const float *xf = x;
     float *widened = NULL;
     if (act == ACT_BF16) { /* (M, K) fp32 copy of the activations */
@@ -71,7 +67,12 @@ int k_qmatmul(const void *x, int act, const uint8_t *qs, const uint16_t *d, cons
                 const uint8_t *ahead = qs + (size_t)(n + PREFETCH_ROWS) * row_bytes;
                 for (size_t c = 0; c < row_bytes; c += 64) __builtin_prefetch(ahead + c);
             }
-            dequantize_row(qs + (size_t)n * row_bytes, d + (size_t)n * nb, m ? m + (size_t)n * nb : NULL, nb, wf);
+            const uint8_t *qn = qs + (size_t)n * row_bytes, *dn = (const uint8_t *)d + (size_t)n * d_bytes;
+            const uint8_t *mn = m ? (const uint8_t *)m + (size_t)n * m_bytes : NULL;
+            if (kind == QKIND_Q4 || kind == QKIND_Q8)
+                dequantize_row(qn, (const uint16_t *)dn, (const uint16_t *)mn, K / BLOCK, wf);
+            else
+                dequantize_row_kind(kind, qn, dn, mn, K, wf);
             const float bn = bias ? bias[n] : 0.0f;
             float sums[4];
             for (int r0 = 0; r0 < M;) {
@@ -90,6 +91,21 @@ int k_qmatmul(const void *x, int act, const uint8_t *qs, const uint16_t *d, cons
     }
     free(widened);
     return bad ? AIGC_ERR_NOMEM : AIGC_OK;
+}
+
+int k_qmatmul(const void *x, int act, const uint8_t *qs, const uint16_t *d, const uint16_t *m, const float *bias,
+              void *y, int M, int N, int K, int i8, int nthreads) {
+    if (K % BLOCK || M <= 0 || N <= 0) return AIGC_ERR_ARGS;
+#if defined(__AVX512BF16__)
+    if (act == ACT_BF16 && !i8) return qmatmul_avx512bf16(x, qs, d, m, bias, y, M, N, K, nthreads);
+#endif
+#if defined(QMATMUL_I8)
+    if (i8) return qmatmul_i8(x, act, qs, d, m, bias, y, M, N, K, nthreads);
+#endif
+    if (i8) return AIGC_ERR_UNSUPPORTED; /* no integer dot products in this build */
+    const size_t nb = (size_t)(K / BLOCK);
+    return exact_rows(x, act, m ? QKIND_Q4 : QKIND_Q8, qs, d, m, bias, y, M, N, K, nb * (m ? 16 : 32), nb * 2,
+                      nb * 2, nthreads);
 }
 
 /* ---- the K-quants (Q4_K, Q5_K, Q6_K: super-blocks of 256 weights) and the 5-bit blocks of 32 (Q5_0, Q5_1), exact
@@ -241,44 +257,5 @@ int k_qmatmul_kind(const void *x, int act, int kind, const uint8_t *qs, const vo
 #endif
     size_t row_bytes, d_bytes, m_bytes; /* a weight row's qs, d and m */
     qkind_row_bytes(kind, K, &row_bytes, &d_bytes, &m_bytes);
-    const float *xf = x;
-    float *widened = NULL;
-    if (act == ACT_BF16) { /* (M, K) fp32 copy of the activations */
-        widened = malloc((size_t)M * K * sizeof(float));
-        if (!widened) return AIGC_ERR_NOMEM;
-        for (size_t i = 0; i < (size_t)M * K; i++) widened[i] = bf16_to_float(((const uint16_t *)x)[i]);
-        xf = widened;
-    }
-    int bad = 0;
-#pragma omp parallel num_threads(nthreads) reduction(| : bad)
-    {
-        float *wf = malloc((size_t)K * sizeof(float));
-        if (!wf) bad = 1;
-#pragma omp for schedule(static)
-        for (int n = 0; n < N; n++) {
-            if (!wf) continue;
-            if (n + PREFETCH_ROWS < N) { /* a later row's stream, ahead of the hardware prefetcher */
-                const uint8_t *ahead = qs + (size_t)(n + PREFETCH_ROWS) * row_bytes;
-                for (size_t c = 0; c < row_bytes; c += 64) __builtin_prefetch(ahead + c);
-            }
-            dequantize_row_kind(kind, qs + (size_t)n * row_bytes, (const uint8_t *)d + (size_t)n * d_bytes,
-                                m ? (const uint8_t *)m + (size_t)n * m_bytes : NULL, K, wf);
-            const float bn = bias ? bias[n] : 0.0f;
-            float sums[4];
-            for (int r0 = 0; r0 < M;) {
-                const int left = M - r0, mt = left >= 4 ? 4 : left >= 2 ? 2 : 1;
-                const float *xr = xf + (size_t)r0 * K;
-                switch (mt) {
-                case 4: dot_rows(wf, xr, K, sums, 4); break;
-                case 2: dot_rows(wf, xr, K, sums, 2); break;
-                default: dot_rows(wf, xr, K, sums, 1); break;
-                }
-                for (int i = 0; i < mt; i++) store_act(y, (size_t)(r0 + i) * N + n, sums[i] + bn, act);
-                r0 += mt;
-            }
-        }
-        free(wf);
-    }
-    free(widened);
-    return bad ? AIGC_ERR_NOMEM : AIGC_OK;
+    return exact_rows(x, act, kind, qs, d, m, bias, y, M, N, K, row_bytes, d_bytes, m_bytes, nthreads);
 }
