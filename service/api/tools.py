@@ -19,6 +19,7 @@ from model_core.grammar import GrammarSpec
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 MAX_PARALLEL_CALLS = 16  # calls in one forced reply
+FUNCTION_DEFS = "__tool_parameters_"  # the combined call schema's definition of function i's parameters: + str(i)
 
 TOOL_PROMPT = """You can call functions to help answer. The functions, as JSON schemas:
 <tools>
@@ -94,18 +95,28 @@ def _loads_or_text(arguments: str) -> Any:
 
 def call_grammar(functions: list[Function], parallel: bool) -> GrammarSpec:
     """A grammar admitting exactly `<tool_call>[calls]</tool_call>` whose calls name one of `functions` with
-    arguments valid under its parameter schema (one call unless `parallel`)."""
-    call = {
-        "anyOf": [
+    arguments valid under its parameter schema (one call unless `parallel`).
+
+    Each parameter schema becomes a definition of the combined schema (`#/$defs/<FUNCTION_DEFS><i>`) and its
+    local `$ref`s are rebased onto it (`#/$defs/Addr` -> `#/$defs/<FUNCTION_DEFS><i>/$defs/Addr`, `#` ->
+    `#/$defs/<FUNCTION_DEFS><i>`), so nested, shared and recursive definitions keep pointing where they did."""
+    defs: dict[str, Any] = {}
+    alternatives = []
+    for i, f in enumerate(functions):
+        base = f"#/$defs/{FUNCTION_DEFS}{i}"
+        arguments, has_refs = _prepare(f.parameters, base)
+        if has_refs:
+            defs[f"{FUNCTION_DEFS}{i}"] = arguments
+            arguments = {"$ref": base}
+        alternatives.append(
             {
                 "type": "object",
-                "properties": {"name": {"const": f.name}, "arguments": _closed(f.parameters)},
+                "properties": {"name": {"const": f.name}, "arguments": arguments},
                 "required": ["name", "arguments"],
                 "additionalProperties": False,
             }
-            for f in functions
-        ]
-    }
+        )
+    call = {"anyOf": alternatives}
     # JSON on one line (at most a space between tokens: calls are parsed, not read), and no leniency: a
     # parameter schema keyword the engine cannot enforce fails the compile (a 400) instead of being ignored
     array: dict[str, Any] = {
@@ -115,16 +126,62 @@ def call_grammar(functions: list[Function], parallel: bool) -> GrammarSpec:
         "maxItems": MAX_PARALLEL_CALLS if parallel else 1,
         "x-guidance": {"whitespace_pattern": "[\x20]?", "lenient": False},
     }
+    if defs:
+        array["$defs"] = defs
     lark = f'start: "{OPEN}" calls "{CLOSE}"\ncalls: %json {json.dumps(array)}\n'  # key order kept: name first
     return GrammarSpec.grammar(lark)
 
 
-def _closed(parameters: dict[str, Any]) -> dict[str, Any]:
-    """The parameters schema without room for arguments it does not name, unless it says otherwise: a function
-    takes the arguments it declares (a small model otherwise tends to copy the schema into the call)."""
-    if parameters.get("type") == "object" and "additionalProperties" not in parameters:
-        return {**parameters, "additionalProperties": False}
-    return parameters
+# keywords whose values are data, not schemas: a "$ref" key inside them is not a reference
+_DATA_KEYWORDS = frozenset({"const", "enum", "default", "examples"})
+# keywords whose values map names (of properties, definitions) to schemas: their keys are not keywords
+_NAME_MAPS = frozenset({"properties", "patternProperties", "$defs", "definitions", "dependentSchemas"})
+# a nested object schema with one of these says itself which properties it takes (or combines with others)
+_OPEN_OR_COMBINED = frozenset(
+    {"additionalProperties", "patternProperties", "unevaluatedProperties", "allOf", "anyOf", "oneOf", "$ref"}
+)
+
+
+def _prepare(parameters: dict[str, Any], base: str) -> tuple[dict[str, Any], bool]:
+    """(a function's parameter schema as the call grammar uses it, whether it has document-local refs).
+
+    A copy, with every document-local `$ref` (`#`, `#/...`: a JSON pointer from the schema's root) moved under
+    `base`, the pointer at which the schema will sit (other refs, anchors and remote ones, are left as they
+    are), and without room for arguments it does not name, unless it says otherwise: a function takes the
+    arguments it declares (a small model otherwise tends to copy the schema into the call, or to invent keys
+    that never end). So the root, when an object, and each nested object schema with `properties` (not a
+    member of an `allOf`, nor combined with other schemas) get `additionalProperties: false`. Iterative: a
+    schema nested deeper than Python's recursion limit is refused by the grammar bounds, not by a
+    RecursionError here."""
+    found = False
+    out: dict[str, Any] = {}
+    # (source, its copy, role): "schema" (a schema), "member" (a schema not to close: in an allOf),
+    # "names" (names -> schemas), "list" (a list of schemas), "allOf" (a list of members)
+    stack: list[tuple[Any, Any, str]] = [(parameters, out, "schema")]
+    while stack:
+        src, dst, role = stack.pop()
+        for k, v in src.items() if isinstance(src, dict) else enumerate(src):
+            new: Any = v
+            keyword = role in ("schema", "member")
+            if keyword and k == "$ref" and isinstance(v, str) and (v == "#" or v.startswith("#/")):
+                new, found = base + v[1:], True
+            elif isinstance(v, (dict, list)) and not (keyword and k in _DATA_KEYWORDS):
+                new = {} if isinstance(v, dict) else []
+                if isinstance(v, list):
+                    child = "allOf" if keyword and k == "allOf" else "list"
+                else:
+                    child = "names" if keyword and k in _NAME_MAPS else "member" if role == "allOf" else "schema"
+                stack.append((v, new, child))
+            if isinstance(dst, dict):
+                dst[k] = new
+            else:
+                dst.append(new)
+        if role == "schema" and isinstance(src, dict) and src.get("type") == "object":
+            if (src is parameters and "additionalProperties" not in src) or (
+                "properties" in src and not _OPEN_OR_COMBINED.intersection(src)
+            ):
+                dst["additionalProperties"] = False
+    return out, found
 
 
 def parse_reply(text: str, functions: list[Function]) -> tuple[str | None, list[ToolCall]]:

@@ -273,6 +273,64 @@ def test_required_tool_choice_gives_a_valid_function_call(client: openai.OpenAI)
     assert events[-1].response.output[-1].arguments == done.arguments  # type: ignore[union-attr]
 
 
+class Address(BaseModel):
+    street: str = Field(max_length=10)
+    city: str = Field(max_length=8)
+
+
+class Move(BaseModel):
+    name: str = Field(max_length=8)
+    home: Address
+    work: Address
+
+
+class Tree(BaseModel):
+    label: str = Field(max_length=6)
+    children: list[Tree] = Field(max_length=2)
+
+
+def test_nested_and_recursive_tool_schemas_give_valid_calls(client: openai.OpenAI) -> None:
+    """Tools whose parameters use `$defs`/`$ref` (issue #31: forced calls were a 400 `Pointer '/$defs/...' does
+    not exist`), as `openai.pydantic_function_tool` makes them, not streamed and streamed."""
+    tools: dict[str, Any] = {}
+    for m in (Move, Tree):
+        fn = openai.pydantic_function_tool(m)["function"]
+        tools[m.__name__] = {"type": "function", "name": fn["name"], "parameters": fn["parameters"], "strict": True}
+    done = set()
+    for seed in range(3):  # one tool a request: the context (512) has room for one nested schema's prompt
+        for name, choice in (("Move", "required"), ("Tree", {"type": "function", "name": "Tree"})):
+            r = client.responses.create(
+                model=MODEL,
+                input=ASK,
+                tools=[tools[name]],
+                tool_choice=choice,  # type: ignore[arg-type]
+                max_output_tokens=180,
+                temperature=1.0,
+                extra_body={"seed": seed},
+            )
+            if r.status == "incomplete":  # a recursive call may run past max_output_tokens
+                continue
+            [call] = r.output
+            assert call.type == "function_call" and call.name == name
+            (Move if name == "Move" else Tree).model_validate_json(call.arguments)
+            done.add(name)
+    assert done == {"Move", "Tree"}
+    events = list(
+        client.responses.create(
+            model=MODEL,
+            input=ASK,
+            tools=[tools["Move"]],
+            tool_choice={"type": "function", "name": "Move"},
+            max_output_tokens=180,
+            temperature=1.0,
+            stream=True,
+            extra_body={"seed": 1},
+        )
+    )
+    assert events[-1].type == "response.completed", [e.type for e in events]
+    Move.model_validate_json(events[-1].response.output[-1].arguments)  # type: ignore[union-attr]
+
+
 # ------------------------------------------------------------------------------------ structured text
 def test_json_schema_text_format_and_parse(client: openai.OpenAI) -> None:
     schema = {**Weather.model_json_schema(), "additionalProperties": False}

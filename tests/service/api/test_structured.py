@@ -365,3 +365,144 @@ def test_auto_tool_choice_parses_the_models_reply() -> None:
         assert sent + rest == "Let me check." and [c.name for c in streamed_calls] == ["get_weather"]
     s = ReplyStreamer(fns)
     assert s.feed("Hello <tool") == "Hello " and s.feed(" no") == "<tool no" and s.finish() == ("", [])
+
+
+# ----------------------------------------------------------------------------- nested tool schemas (issue #31)
+class Address(BaseModel):
+    street: str = Field(max_length=10)
+    city: str = Field(max_length=8)
+
+
+class Move(BaseModel):
+    """What `openai.pydantic_function_tool` makes of nested models: `$defs` shared by two properties."""
+
+    name: str = Field(max_length=8)
+    home: Address
+    work: Address
+
+
+class Tree(BaseModel):
+    """A recursive model: its `$defs` entry refers to itself."""
+
+    label: str = Field(max_length=6)
+    children: list[Tree] = Field(max_length=2)
+
+
+# draft-07 `definitions`, a `$ref` to the root itself, and a property named like a keyword holding a ref
+ROOT_RECURSIVE = {
+    "type": "function",
+    "function": {
+        "name": "outline",
+        "parameters": {
+            "type": "object",
+            "definitions": {"leaf": {"type": "string", "maxLength": 5}},
+            "properties": {
+                "title": {"$ref": "#/definitions/leaf"},
+                "sub": {"anyOf": [{"$ref": "#"}, {"type": "null"}]},
+                "default": {"const": {"$ref": "#/not/a/ref"}},
+            },
+            "required": ["title", "sub", "default"],
+            "additionalProperties": False,
+        },
+    },
+}
+
+
+def nested_tools() -> list[dict[str, Any]]:
+    return [openai.pydantic_function_tool(Move), openai.pydantic_function_tool(Tree), ROOT_RECURSIVE]  # type: ignore[list-item]
+
+
+def test_nested_shared_and_recursive_tool_schemas_give_valid_calls(http: httpx.Client) -> None:
+    tools = nested_tools()
+    assert all("$ref" in json.dumps(t) for t in tools)
+    finished: dict[str, int] = {}
+    named = [(t["function"]["name"], [t]) for t in tools]  # one tool each: room in the context to finish
+    for seed in range(3):
+        for choice, offered in [("required", tools), *named]:
+            if choice != "required":
+                choice = {"type": "function", "function": {"name": choice}}
+            body = chat(
+                http,
+                tools=offered,
+                tool_choice=choice,
+                temperature=1.0,
+                seed=seed,
+                parallel_tool_calls=False,
+                max_tokens=250 if offered is tools else 500,
+            )
+            c = body["choices"][0]
+            assert c["finish_reason"] in ("tool_calls", "length"), c  # recursion may run to max_tokens
+            if c["finish_reason"] == "tool_calls":
+                for call in assert_valid_calls(c["message"], tools):
+                    finished[call["function"]["name"]] = finished.get(call["function"]["name"], 0) + 1
+                    if call["function"]["name"] == "Move":
+                        Move.model_validate_json(call["function"]["arguments"])
+                    if call["function"]["name"] == "Tree":
+                        Tree.model_validate_json(call["function"]["arguments"])
+    assert set(finished) == {"Move", "Tree", "outline"}, finished
+
+
+def test_nested_tool_schema_streamed(client: openai.OpenAI) -> None:
+    stream = client.chat.completions.create(
+        model=MODEL,
+        messages=ASK,
+        tools=nested_tools(),  # type: ignore[arg-type]
+        tool_choice={"type": "function", "function": {"name": "Move"}},
+        max_tokens=250,
+        temperature=1.0,
+        seed=1,
+        stream=True,
+    )
+    arguments, finish = "", None
+    for chunk in stream:
+        for c in chunk.choices:
+            for tc in c.delta.tool_calls or []:
+                arguments += (tc.function.arguments if tc.function else None) or ""
+            finish = c.finish_reason or finish
+    assert finish == "tool_calls"
+    Move.model_validate_json(arguments)
+
+
+def test_instructor_tools_mode_with_nested_models(client: openai.OpenAI) -> None:
+    instructor = pytest.importorskip("instructor")
+    patched = instructor.from_openai(client, mode=instructor.Mode.TOOLS)
+    for seed in range(2):
+        move = patched.chat.completions.create(
+            model=MODEL,
+            response_model=Move,
+            messages=ASK,
+            max_tokens=600,
+            temperature=1.0,
+            seed=seed,
+            max_retries=0,
+        )
+        assert isinstance(move, Move) and isinstance(move.work, Address)
+
+
+def test_call_grammar_rebases_each_tools_refs() -> None:
+    from service.api.tools import FUNCTION_DEFS, Function, call_grammar
+
+    params = openai.pydantic_function_tool(Move)["function"]["parameters"]  # type: ignore[typeddict-item]
+    spec = call_grammar([Function("a", None, params), Function("b", None, params)], parallel=True)
+    schema = json.loads(spec.value.split("%json ", 1)[1])
+    refs = {a["properties"]["arguments"]["$ref"] for a in schema["items"]["anyOf"]}
+    assert refs == {f"#/$defs/{FUNCTION_DEFS}0", f"#/$defs/{FUNCTION_DEFS}1"}
+    moved = schema["$defs"][f"{FUNCTION_DEFS}1"]
+    assert moved["properties"]["home"] == {"$ref": f"#/$defs/{FUNCTION_DEFS}1/$defs/Address"}
+    assert params["properties"]["home"] == {"$ref": "#/$defs/Address"}  # the tool's own schema is not changed
+    # nested objects that do not say otherwise take only their properties (instructor sends no
+    # additionalProperties): a small model cannot invent keys that never end
+    plain = Move.model_json_schema()
+    assert "additionalProperties" not in plain["$defs"]["Address"]
+    closed = json.loads(call_grammar([Function("a", None, plain)], parallel=False).value.split("%json ", 1)[1])
+    assert closed["$defs"][f"{FUNCTION_DEFS}0"]["$defs"]["Address"]["additionalProperties"] is False
+    assert closed["$defs"][f"{FUNCTION_DEFS}0"]["additionalProperties"] is False
+    combined = {"type": "object", "properties": {"a": {"allOf": [{"type": "object", "properties": {"x": {}}}]}}}
+    kept = json.loads(call_grammar([Function("c", None, combined)], parallel=False).value.split("%json ", 1)[1])
+    assert (
+        "additionalProperties"
+        not in kept["items"]["anyOf"][0]["properties"]["arguments"]["properties"]["a"]["allOf"][0]
+    )
+    # a tool without refs is inlined, as before
+    flat = call_grammar([Function("w", None, WEATHER["function"]["parameters"])], parallel=False)  # type: ignore[index]
+    assert "$defs" not in json.loads(flat.value.split("%json ", 1)[1])
