@@ -49,7 +49,7 @@ from service.api.structured import compile_grammar, output_constraint
 from service.api.tools import Function, ReplyStreamer, ToolCall, call_grammar, parse_reply, with_tools
 from service.engine.engine import TokenEvent
 
-router = APIRouter(route_class=OffLoopJSONRoute, responses=error_responses(400, 401, 404, 413, 422, 500, 503, 504))
+router = APIRouter(route_class=OffLoopJSONRoute, responses=error_responses(400, 401, 404, 413, 500, 503, 504))
 
 
 def message_dicts(messages: list[ChatMessage]) -> list[dict[str, Any]]:

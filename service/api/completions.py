@@ -35,7 +35,7 @@ from service.api.serving import ChoiceWriter, respond
 from service.api.structured import compile_grammar, output_constraint
 from service.engine.engine import TokenEvent
 
-router = APIRouter(route_class=OffLoopJSONRoute, responses=error_responses(400, 401, 404, 413, 422, 500, 503, 504))
+router = APIRouter(route_class=OffLoopJSONRoute, responses=error_responses(400, 401, 404, 413, 500, 503, 504))
 DEFAULT_MAX_TOKENS = 16
 
 

@@ -2,12 +2,15 @@
 
 Routes raise `APIError`; the engines' one error type, `EngineError`, becomes one through `from_engine` (its
 kind's status is in `ENGINE_STATUS`, the only table of them). `install_error_handlers(app)` maps both,
-FastAPI's validation errors (422) and anything unexpected (500, without a stack trace) to that shape.
+request validation errors (400 naming the field, as OpenAI answers them: never FastAPI's 422) and anything
+unexpected (500, without a stack trace) to that shape; the OpenAPI schema documents no 422 either.
 """
 
 from __future__ import annotations
 
 import logging
+import re
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -26,7 +29,6 @@ _TYPES = {
     403: "permission_error",
     404: "not_found_error",
     413: "invalid_request_error",
-    422: "invalid_request_error",
     429: "rate_limit_error",
     500: "internal_server_error",
     503: "service_unavailable",
@@ -34,11 +36,10 @@ _TYPES = {
 
 
 _DESCRIPTIONS = {
-    400: "Invalid value: the error names the field (`param`) and the limit",
+    400: "Invalid value, a field of the wrong type or a malformed body: the error names the field (`param`)",
     401: "Missing or wrong API key",
     404: "Unknown model or route",
     413: "Request body larger than the server accepts",
-    422: "Malformed body or a field of the wrong type",
     500: "Internal error (no details are exposed)",
     503: "Overloaded (with Retry-After), draining, model not loaded or engine down",
     504: "The request ran past its timeout",
@@ -129,12 +130,59 @@ def error_response(
     return JSONResponse(body, status_code=status_code, headers=headers)
 
 
+# what pydantic adds to an error's location for the branch of a union it tried (`stop.str`, `prompt.list[int]`,
+# `tool_choice.NamedToolChoice.function`): not field names, so not part of `param`
+_TYPE_TAGS = frozenset({"str", "int", "float", "bool", "dict", "list", "none", "any", "bytes", "tuple", "set"})
+_MODEL_TAG = re.compile(r"^[A-Z][A-Za-z0-9]*$")
+
+
+def _is_union_tag(part: Any, last: bool) -> bool:
+    if not isinstance(part, str):
+        return False
+    return part in _TYPE_TAGS or any(c in part for c in "[]'(),") or (not last and bool(_MODEL_TAG.match(part)))
+
+
 def _loc_to_param(loc: tuple[Any, ...] | list[Any]) -> str | None:
-    parts = [str(p) for p in loc if p not in ("body", "query", "path")]
-    return ".".join(parts) or None
+    """The field an error's location names, as OpenAI's `param` (`messages.0.content`); None for the body."""
+    parts = [p for p in loc if p not in ("body", "query", "path")]
+    kept = [str(p) for i, p in enumerate(parts) if not _is_union_tag(p, i == len(parts) - 1)]
+    return ".".join(kept) or None
+
+
+def validation_message(errors: Sequence[Any]) -> tuple[str, str | None]:
+    """(message, param) of pydantic's validation errors: each field once, with what each union branch
+    wanted (`stop: Input should be a valid string, or Input should be a valid list`)."""
+    by_param: dict[str | None, list[str]] = {}
+    for e in errors:
+        msgs = by_param.setdefault(_loc_to_param(e.get("loc", ())), [])
+        msg = str(e.get("msg", "invalid"))
+        if msg not in msgs:
+            msgs.append(msg)
+    parts = [f"{param or 'body'}: {', or '.join(msgs)}" for param, msgs in list(by_param.items())[:5]]
+    return "; ".join(parts) or "invalid request body", next(iter(by_param), None)
+
+
+def _without_422(openapi: Callable[[], dict[str, Any]]) -> Callable[[], dict[str, Any]]:
+    """app.openapi without the 422 FastAPI documents on every route with a body or parameters (this app answers
+    validation errors with a documented 400)."""
+
+    def schema() -> dict[str, Any]:
+        out = openapi()
+        for ops in out.get("paths", {}).values():
+            for op in ops.values():
+                if isinstance(op, dict):
+                    op.get("responses", {}).pop("422", None)
+        schemas = out.get("components", {}).get("schemas", {})
+        for name in ("HTTPValidationError", "ValidationError"):
+            schemas.pop(name, None)
+        return out
+
+    return schema
 
 
 def install_error_handlers(app: FastAPI) -> None:
+    app.openapi = _without_422(app.openapi)  # type: ignore[method-assign]
+
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
         return JSONResponse(exc.body(), status_code=exc.status_code, headers=exc.headers)
@@ -159,9 +207,10 @@ def install_error_handlers(app: FastAPI) -> None:
         if first.get("type") == "lone_surrogate":
             param = (first.get("ctx") or {}).get("param")
             return error_response(400, str(first.get("msg")), param=param, code="invalid_unicode")
-        param = _loc_to_param(first.get("loc", ()))
-        msg = "; ".join(f"{_loc_to_param(e.get('loc', ())) or 'body'}: {e.get('msg', 'invalid')}" for e in errors[:5])
-        return error_response(422, msg or "invalid request body", param=param, code="invalid_value")
+        # a field of the wrong type or value: 400 invalid_request_error naming it, as OpenAI and vLLM answer
+        # (the openai client raises BadRequestError, not UnprocessableEntityError)
+        msg, param = validation_message(errors)
+        return error_response(400, msg, param=param, code="invalid_value")
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:

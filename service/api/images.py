@@ -27,7 +27,7 @@ from service.api.json_route import OffLoopJSONRoute
 from service.engine.images import BatcherNotRunning, ImageBatcher, ImageRequest
 from service.engine.own_thread import run_in_own_thread
 
-router = APIRouter(route_class=OffLoopJSONRoute, responses=error_responses(400, 401, 404, 413, 422, 500, 503))
+router = APIRouter(route_class=OffLoopJSONRoute, responses=error_responses(400, 401, 404, 413, 500, 503))
 
 MAX_N = 16
 MIN_SIZE, MAX_SIZE = 32, 256

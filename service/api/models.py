@@ -13,7 +13,7 @@ from service.api.generation import TextModel, get_text_model
 from service.api.images import IMAGE_MODEL
 from service.api.json_route import OffLoopJSONRoute
 
-router = APIRouter(route_class=OffLoopJSONRoute, responses=error_responses(400, 401, 404, 413, 422, 500, 503))
+router = APIRouter(route_class=OffLoopJSONRoute, responses=error_responses(400, 401, 404, 413, 500, 503))
 
 
 def _entries(request: Request, tm: TextModel) -> list[dict[str, Any]]:

@@ -51,7 +51,7 @@ from service.api.structured import compile_grammar, output_constraint
 from service.api.tools import Function, ReplyStreamer, ToolCall, parse_reply
 from service.engine.admission import Admission
 
-router = APIRouter(route_class=OffLoopJSONRoute, responses=error_responses(400, 401, 404, 413, 422, 500, 503, 504))
+router = APIRouter(route_class=OffLoopJSONRoute, responses=error_responses(400, 401, 404, 413, 500, 503, 504))
 
 LOGPROBS_INCLUDE = "message.output_text.logprobs"
 MAX_METADATA = 16

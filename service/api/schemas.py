@@ -1,5 +1,6 @@
-"""Request bodies of the OpenAI-compatible text endpoints (pydantic: the shape, a 422), and their conversion
-to `SamplingParams`, whose `validate` checks what each field means (a 400 naming the field)."""
+"""Request bodies of the OpenAI-compatible text endpoints (pydantic: the shape; a wrong one is a 400 naming the
+field), and their conversion to `SamplingParams`, whose `validate` checks what each field means (a 400 naming
+the field)."""
 
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ from service.api.generation import TextModel, check_model, get_text_model
 from service.api.json_route import OffLoopJSONRoute
 from service.api.schemas import DetokenizeRequest, TokenizeRequest
 
-router = APIRouter(route_class=OffLoopJSONRoute, responses=error_responses(400, 401, 404, 413, 422, 500, 503))
+router = APIRouter(route_class=OffLoopJSONRoute, responses=error_responses(400, 401, 404, 413, 500, 503))
 
 
 def _tokens_json(ids: list[int], max_model_len: int) -> Response:

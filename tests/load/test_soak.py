@@ -58,7 +58,7 @@ HOSTILE = [  # (path, raw body, expected status)
     ("/v1/completions", b'{"prompt": "a\\ud800b"}', 400),
     ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": null}]}', 400),
     ("/v1/chat/completions", b'{"messages": [{"role": "tool", "content": "x"}]}', 400),
-    ("/v1/completions", b'{"prompt": [true, false]}', 422),
+    ("/v1/completions", b'{"prompt": [true, false]}', 400),
     ("/v1/completions", b'{"prompt": "x", "best_of": 4}', 400),
     ("/v1/completions", b"{not json", 400),
     ("/v1/completions", b'{"prompt": "' + b"word " * 30000 + b'"}', 400),  # longer than the context

@@ -389,8 +389,8 @@ def test_images_check_the_model_and_ascii_sizes(http: httpx.Client) -> None:
 
 
 def test_booleans_are_not_token_ids(http: httpx.Client) -> None:
-    assert_error(http.post("/v1/completions", json={"prompt": [True, False]}), 422, code="invalid_value")
-    assert_error(http.post("/detokenize", json={"tokens": [True]}), 422, code="invalid_value")
+    assert_error(http.post("/v1/completions", json={"prompt": [True, False]}), 400, code="invalid_value")
+    assert_error(http.post("/detokenize", json={"tokens": [True]}), 400, code="invalid_value")
 
 
 def test_help_shows_real_defaults(capsys: pytest.CaptureFixture[str]) -> None:

@@ -441,15 +441,43 @@ def test_out_of_range_sampling_is_bad_request(client: openai.OpenAI) -> None:
     assert e.value.param == "top_logprobs" and "top_logprobs" in e.value.message
 
 
-def test_malformed_body_is_unprocessable(client: openai.OpenAI, server: InProcessServer) -> None:
-    with pytest.raises(openai.UnprocessableEntityError) as e:
+def test_malformed_body_is_a_400_naming_the_field(client: openai.OpenAI, server: InProcessServer) -> None:
+    """A field of the wrong type or value is OpenAI's (and vLLM's) 400 invalid_request_error with `param` naming
+    the field, not FastAPI's 422 (the client raised UnprocessableEntityError before issue #31)."""
+    with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model=MODEL, messages=MESSAGES, extra_body={"messages": "not a list"})
     assert e.value.param == "messages" and "list" in e.value.message
-    with pytest.raises(openai.UnprocessableEntityError):
+    with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(model=MODEL, prompt=PROMPT, extra_body={"prompt": {"a": 1}})
-    with pytest.raises(openai.UnprocessableEntityError) as e:
+    assert e.value.param == "prompt" and e.value.code == "invalid_value"
+    with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model=MODEL, messages=[{"role": "wizard", "content": "hi"}])  # type: ignore
-    assert e.value.param is not None and e.value.param.startswith("messages.0")
+    assert e.value.param == "messages.0.role"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(
+            model=MODEL,
+            messages=MESSAGES,
+            response_format={"type": "xml_schema"},  # type: ignore[arg-type,typeddict-item]
+        )
+    assert e.value.param == "response_format.type" and "json_schema" in e.value.message
+    assert e.value.type == "invalid_request_error"  # type: ignore[attr-defined]
+    # union-typed fields are named as fields, not as the union branch pydantic tried (`stop.str`)
+    for extra, param in [
+        ({"stop": 5}, "stop"),
+        ({"tool_choice": {"type": "function"}}, "tool_choice"),
+        ({"messages": [{"role": "user", "content": 5}]}, "messages.0.content"),
+    ]:
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model=MODEL, messages=MESSAGES, extra_body=extra)
+        assert e.value.param == param, (extra, e.value.body)
+        assert e.value.body["message"].startswith(f"{param}: "), e.value.body  # type: ignore[index]
+    with pytest.raises(openai.BadRequestError) as e:
+        client.responses.create(model=MODEL, input="hi", text={"format": {"type": "xml"}})  # type: ignore[typeddict-item]
+    assert e.value.param == "text.format.type"
+    # the OpenAPI schema documents the 400 and no 422
+    spec = server.app.openapi()
+    assert all("422" not in op["responses"] for ops in spec["paths"].values() for op in ops.values())
+    assert "400" in spec["paths"]["/v1/chat/completions"]["post"]["responses"]
     with server.client(timeout=10) as http:
         r = http.post("/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
     assert r.status_code == 400 and set(r.json()) == {"error"}  # not JSON at all: OpenAI's 400

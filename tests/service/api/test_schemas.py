@@ -61,7 +61,7 @@ FIELDS: dict[str, st.SearchStrategy[Any]] = {
 def test_sampling_params_returns_valid_params_or_a_400_naming_a_request_field(body: dict[str, Any]) -> None:
     try:
         req = CompletionRequest.model_validate({"prompt": "x", **body})
-    except ValidationError:  # the wrong shape: a 422, not this function's
+    except ValidationError:  # the wrong shape: the validation 400, not this function's
         return
     try:
         params = sampling_params(req, max_tokens=body["max_tokens"], logprobs=req.logprobs, vocab_size=VOCAB)
