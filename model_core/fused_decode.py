@@ -107,11 +107,7 @@ class _Layer:
             return
         quant = [lin.quant for lin in linears if isinstance(lin, QuantLinear)]
         if len(quant) == 4 and len({w.interleaved for w in quant}) > 1:
-            if all(w.kind.int8 for w in quant):
-                raise ValueError("the fused decoder runs a layer's projections in one matmul mode")
-            # 4/8-bit weights in int8 mode beside K-quants or 5-bit ones (exact mode only): the per-projection path
-            # (QuantLinear's own kernel call per projection)
-            quant = []
+            raise ValueError("the fused decoder runs a layer's projections in one matmul mode")
         if len(quant) == 4:
             self._ptrs = _WeightPtrs(*[None if t is None else t.data_ptr() for w in quant for t in (w.qs, w.d, w.m)])
             self._kinds = _Kinds(*[w.kind.value for w in quant])

@@ -35,16 +35,15 @@ class QuantKind:
     name: str
     block: int  # weights per (super-)block: in_features is a multiple of it
     entry: str  # the kernel entry point (model_core.native.ENTRY_POINTS) that runs it
-    int8: bool  # it has the int8 mode (interleave())
 
 
-KIND_Q4 = QuantKind(0, "4-bit", 32, "quant_matmul", True)  # Q4_0, Q4_1: nibbles, fp16 d and m per 32
-KIND_Q8 = QuantKind(1, "8-bit", 32, "quant_matmul", True)  # Q8_0: int8, fp16 d per 32
-KIND_Q4_K = QuantKind(2, "Q4_K", 256, "quant_matmul_kind", False)  # exact mode only, for now
-KIND_Q6_K = QuantKind(3, "Q6_K", 256, "quant_matmul_kind", False)
-KIND_Q5_0 = QuantKind(4, "Q5_0", 32, "quant_matmul_kind", False)  # 5-bit blocks of 32: exact mode only, for now
-KIND_Q5_1 = QuantKind(5, "Q5_1", 32, "quant_matmul_kind", False)
-KIND_Q5_K = QuantKind(6, "Q5_K", 256, "quant_matmul_kind", False)
+KIND_Q4 = QuantKind(0, "4-bit", 32, "quant_matmul")  # Q4_0, Q4_1: nibbles, fp16 d and m per 32
+KIND_Q8 = QuantKind(1, "8-bit", 32, "quant_matmul")  # Q8_0: int8, fp16 d per 32
+KIND_Q4_K = QuantKind(2, "Q4_K", 256, "quant_matmul_kind")  # super-blocks of 256
+KIND_Q6_K = QuantKind(3, "Q6_K", 256, "quant_matmul_kind")
+KIND_Q5_0 = QuantKind(4, "Q5_0", 32, "quant_matmul_kind")  # 5-bit blocks of 32
+KIND_Q5_1 = QuantKind(5, "Q5_1", 32, "quant_matmul_kind")
+KIND_Q5_K = QuantKind(6, "Q5_K", 256, "quant_matmul_kind")
 KINDS = {k.value: k for k in (KIND_Q4, KIND_Q8, KIND_Q4_K, KIND_Q6_K, KIND_Q5_0, KIND_Q5_1, KIND_Q5_K)}
 
 _Repacked = tuple[torch.Tensor, torch.Tensor, "torch.Tensor | None"]  # qs, d, m
@@ -177,7 +176,7 @@ class QuantWeight:
     fifth bits; Q5_0/Q5_1 `d` (and Q5_1 `m`) (N, K/32) float16.
     `kind` says which form (KINDS); left out, it is the 4-bit form, or the 8-bit one where m is None.
     `interleave()` gives the form the int8 mode reads (groups of 8 rows; `rows` is then N): a weight in that
-    form is multiplied in int8 mode, one in row form with exact products (the only mode of the K-quants, for now)."""
+    form is multiplied in int8 mode, one in row form with exact products."""
 
     qs: torch.Tensor
     d: torch.Tensor
@@ -220,35 +219,36 @@ class QuantWeight:
         return cls(qs.contiguous(), d.contiguous(), None if m is None else m.contiguous(), kind=t.kind)
 
     def interleave(self) -> QuantWeight:
-        """Rows in groups of 8, each block's quants as 4-byte runs of the 8 rows side by side (kernels/common.h):
-        qs (G, K/32, 4 or 8, 8, 4), d and m (G, K/32, 8), zero rows padding the last group. Only the 4- and 8-bit
-        forms have it (ValueError for the others)."""
+        """Rows in groups of 8, each block's quants as 4-byte runs of the 8 rows side by side and the rows last in
+        the scales (kernels/common.h): qs (G, K/32, bytes/4, 8, 4) of the row form's (N, K/32, bytes), d and m of
+        (N, *s) as (G, *s, 8); zero rows pad the last group."""
         if self.interleaved:
             return self
-        if not self.kind.int8:
-            raise ValueError(f"{self.kind.name} weights have no int8 mode (no interleaved form)")
         N, nb, nbytes = self.qs.shape
         G = -(-N // 8)
 
-        def groups(t: torch.Tensor) -> torch.Tensor:  # (N, ...) -> (G, 8, ...), zero rows at the end
+        def pad(t: torch.Tensor) -> torch.Tensor:  # (N, *s) -> (G, 8, *s), zero rows at the end
             return torch.nn.functional.pad(t, (0, 0) * (t.dim() - 1) + (0, G * 8 - N)).view(G, 8, *t.shape[1:])
 
-        qs = groups(self.qs).view(G, 8, nb, nbytes // 4, 4).permute(0, 2, 3, 1, 4)  # (G, nb, k, 8, 4)
-        d = groups(self.d).permute(0, 2, 1)  # (G, nb, 8)
-        m = None if self.m is None else groups(self.m).permute(0, 2, 1)
-        return QuantWeight(
-            qs.contiguous(), d.contiguous(), None if m is None else m.contiguous(), rows=N, kind=self.kind
-        )
+        def groups(t: torch.Tensor) -> torch.Tensor:  # (N, *s) -> (G, *s, 8)
+            return pad(t).movedim(1, -1).contiguous()
+
+        qs = pad(self.qs).view(G, 8, nb, nbytes // 4, 4).permute(0, 2, 3, 1, 4)  # (G, nb, k, 8, 4)
+        m = None if self.m is None else groups(self.m)
+        return QuantWeight(qs.contiguous(), groups(self.d), m, rows=N, kind=self.kind)
 
     def row_form(self) -> QuantWeight:
         """The inverse of `interleave()`."""
         if self.rows is None:
             return self
         G, nb, k = self.qs.shape[:3]
+
+        def rows(t: torch.Tensor) -> torch.Tensor:  # (G, *s, 8) -> (N, *s)
+            return t.movedim(-1, 1).reshape(G * 8, *t.shape[1:-1])[: self.rows].contiguous()
+
         qs = self.qs.permute(0, 3, 1, 2, 4).reshape(G * 8, nb, k * 4)[: self.rows]  # (N, nb, bytes)
-        d = self.d.permute(0, 2, 1).reshape(G * 8, nb)[: self.rows]
-        m = None if self.m is None else self.m.permute(0, 2, 1).reshape(G * 8, nb)[: self.rows]
-        return QuantWeight(qs.contiguous(), d.contiguous(), None if m is None else m.contiguous(), kind=self.kind)
+        m = None if self.m is None else rows(self.m)
+        return QuantWeight(qs.contiguous(), rows(self.d), m, kind=self.kind)
 
     def dequantize(self) -> torch.Tensor:
         """The (N, K) float32 weights."""
@@ -398,10 +398,9 @@ class QuantLinear(nn.Module):
 def attach_quantized(model: nn.Module, weights: dict[str, QuantWeight], max_rows: int, kernels: Kernels) -> int:
     """Wrap each linear layer named in `weights` (module paths, e.g. 'blocks.0.attn.qkv') in a QuantLinear
     serving up to `max_rows` rows (at most the kernels' limit for 8-bit weights, unless ALL_ROWS), in the form
-    the kernels' mode reads (interleaved for int8 activations, where the weight's kind has that mode: the K-quants
-    run with exact products in every build); returns how many were wrapped."""
+    the kernels' mode reads (interleaved for int8 activations); returns how many were wrapped."""
     for name, w in weights.items():
-        w = w.interleave() if kernels.isa.int8 and w.kind.int8 else w
+        w = w.interleave() if kernels.isa.int8 else w
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         rows = max_rows if w.kind != KIND_Q8 or max_rows >= ALL_ROWS else min(max_rows, kernels.isa.q8_max_rows)

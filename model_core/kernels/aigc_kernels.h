@@ -104,13 +104,13 @@ AIGC_API int llama_attention(void *qkv, int B, float eps, const void *q_norm, co
  * of Q5_0, Q4_K, Q6_K and Q8_0 runs as one call); qkv_bias: NULL (none) or (nh + 2 nkv) hs fp32 values added to the qkv
  * projection in fp32 before its output is rounded to act, as quant_matmul adds its bias (Qwen 2); q_norm, k_norm: the
  * QK-norm as llama_attention (NULL: none), with the layer's eps; the rest as llama_attention (scale, softcap, window:
- * the attention's, as paged_attention_decode); i8: the matmuls' mode (quant_matmul), one for all four: exact (0) for
- * any mix of kinds, int8 (1, w interleaved) only with 4/8-bit kinds (QKIND_Q4, QKIND_Q8). scratch: NULL (allocated per
- * call) or scratch_bytes >= llama_decode_scratch_bytes(B, C, nh, nkv, hs, F, act) bytes.
+ * the attention's, as paged_attention_decode); i8: the matmuls' mode (quant_matmul_kind), one for all four: exact (0)
+ * or int8 (1, every w interleaved), for any mix of kinds. scratch: NULL (allocated per call) or scratch_bytes >=
+ * llama_decode_scratch_bytes(B, C, nh, nkv, hs, F, act) bytes.
  * AIGC_ERR_ARGS: B < 1; C, F or nh hs not a multiple of 32; hs not of 16; nh not a multiple of nkv; softcap or window
  * out of range; with kinds, an unknown kind, a projection's input features (C, nh hs, C, F) not a multiple of its
- * kind's block, a NULL weight buffer the kind needs, or i8 = 1 with a kind other than QKIND_Q4/QKIND_Q8 (all these
- * checked before anything is written); scratch too small; or as the matmuls and attention.
+ * kind's block, or a NULL weight buffer the kind needs (all these checked before anything is written); scratch too
+ * small; or as the matmuls and attention.
  * AIGC_ERR_UNSUPPORTED, AIGC_ERR_NOMEM: as quant_matmul. */
 AIGC_API int llama_decode_layer(void *x, int B, int C, const void *attn_norm, const void *ffn_norm, float eps,
                                 const void *const *w, const int32_t *kinds, const float *qkv_bias,
@@ -127,8 +127,8 @@ enum { QKIND_Q4 = 0, QKIND_Q8 = 1, QKIND_Q4_K = 2, QKIND_Q6_K = 3, QKIND_Q5_0 = 
 /* quant_matmul for a weight of any kind: y (M, N) = x (M, K) W^T (+ bias, N fp32, or NULL); qs, d, m as the kind's
  * layout (common.h, k_qmatmul_kind; QKIND_Q4 and QKIND_Q8 exactly as quant_matmul's, m NULL for QKIND_Q8).
  * AIGC_ERR_ARGS: an unknown kind, K not a multiple of the kind's block (32, or 256 for the K-quants), M or N < 1, a
- * NULL weight buffer. AIGC_ERR_UNSUPPORTED: i8 = 1 in a build without int8 mode, or for the K-quants and the 5-bit
- * kinds (exact mode only, every build). AIGC_ERR_NOMEM. */
+ * NULL weight buffer. AIGC_ERR_UNSUPPORTED: i8 = 1 in a build without int8 mode (where a build has it, every kind has
+ * it, the weight then interleaved as common.h's k_qmatmul_kind says). AIGC_ERR_NOMEM. */
 AIGC_API int quant_matmul_kind(const void *x, int act, int kind, const uint8_t *qs, const void *d, const void *m,
                                const float *bias, void *y, int M, int N, int K, int i8, int nthreads);
 

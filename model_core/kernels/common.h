@@ -156,7 +156,13 @@ int k_qmatmul(const void *x, int act, const uint8_t *qs, const uint16_t *d, cons
  *   QKIND_Q5_K (super-blocks of 256; the file: 176 bytes = 5.5 bits a weight; here 184 bytes = 5.75):
  *     qs as above per sub-block j, d (N, nsb, 2) float32 and m (N, nsb, 16) uint8 as QKIND_Q4_K's;
  *     w = (d sc_j) q - (dmin mn_j): d' = d sc_j (11 + 6 bits), m' = -(dmin mn_j), both exact.
- *   i8 = 1 with a K-quant or a 5-bit kind: AIGC_ERR_UNSUPPORTED in every build (their int8 mode is not written yet).
+ *   i8 = 1 (the builds with int8 mode): every kind interleaved by 8 rows as k_qmatmul's, per block of 32 (qs (G, K/32,
+ *   bytes/4, 8, 4) of the row form's bytes per block: 16, 20 or 24) and with the rows last in d and m: per-32 d, m
+ *   (G, K/32, 8) fp16; QKIND_Q4_K, QKIND_Q5_K d (G, nsb, 2, 8) fp32, m (G, nsb, 16, 8) uint8; QKIND_Q6_K d (G, nsb, 8)
+ *   fp32, m (G, nsb, 16, 8) int8 (model_core/qmatmul.py, QuantWeight.interleave). Per block of 32 each kind is
+ *   w = d' q + m' with exact d' and m' (Q4_K, Q5_K: d sc_j and -(dmin mn_j); Q5_0: d and -16 d) and sums as k_qmatmul's
+ *   4-bit blocks; Q6_K's block sum is the exact integer I_b = sc_lo sum_lo + sc_hi sum_hi (q - 32 by the int8 x of
+ *   each half of 16), acc = fma(I_b, d * s_b, acc), no offsets term. Bit for bit the same in every build.
  */
 int k_qmatmul_kind(const void *x, int act, int kind, const uint8_t *qs, const void *d, const void *m,
                    const float *bias, void *y, int M, int N, int K, int i8, int nthreads);
@@ -186,7 +192,7 @@ void k_rope(void *v, int nheads, int hs, const float *cos, const float *sin, int
  * activations (qmatmul_avx512bf16.c): the same arguments and statuses */
 #if defined(__AVX2__) || defined(__ARM_FEATURE_DOTPROD)
 #define QMATMUL_I8 /* this build has integer dot products for i8 mode */
-int qmatmul_i8(const void *x, int act, const uint8_t *qs, const uint16_t *d, const uint16_t *m, const float *bias,
+int qmatmul_i8(const void *x, int act, int kind, const uint8_t *qs, const void *d, const void *m, const float *bias,
                void *y, int M, int N, int K, int nthreads);
 #endif
 #if defined(__AVX512BF16__)

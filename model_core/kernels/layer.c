@@ -114,13 +114,12 @@ int llama_attention(void *qkv, int B, float eps, const void *q_norm, const void 
     return rc;
 }
 
-/* w's projections of kinds (QKIND_*), for inputs of K[i] features, in one matmul mode: any kind the kernels run, K a
- * multiple of its block, its buffers given (m but for QKIND_Q8 and QKIND_Q5_0), in exact mode (i8 = 0); only the
- * 4/8-bit kinds (QKIND_Q4, QKIND_Q8) in int8 mode */
-static int kinds_ok(const int32_t *kinds, const void *const *w, const int *K, int i8) {
+/* w's projections of kinds (QKIND_*), for inputs of K[i] features: any kind the kernels run, K a multiple of its
+ * block, its buffers given (m but for QKIND_Q8 and QKIND_Q5_0) */
+static int kinds_ok(const int32_t *kinds, const void *const *w, const int *K) {
     for (int i = 0; i < 4; i++) {
-        const int kind = kinds[i], old = kind == QKIND_Q4 || kind == QKIND_Q8, block = old ? 32 : qkind_block(kind);
-        if (!block || K[i] % block || (i8 && !old) || !w[3 * i] || !w[3 * i + 1]) return 0;
+        const int kind = kinds[i], block = kind == QKIND_Q4 || kind == QKIND_Q8 ? 32 : qkind_block(kind);
+        if (!block || K[i] % block || !w[3 * i] || !w[3 * i + 1]) return 0;
         if (!w[3 * i + 2] && kind != QKIND_Q8 && kind != QKIND_Q5_0) return 0;
     }
     return 1;
@@ -134,7 +133,7 @@ int llama_decode_layer(void *x, int B, int C, const void *attn_norm, const void 
                        int64_t scratch_bytes) {
     if (B <= 0 || nkv <= 0 || C % 32 || F % 32 || (nh * hs) % 32 || hs % 16 || nh % nkv) return AIGC_ERR_ARGS;
     if (!attention_params_ok(softcap, window)) return AIGC_ERR_ARGS; /* (before anything is written) */
-    if (kinds && !kinds_ok(kinds, w, (const int[4]){C, nh * hs, C, F}, i8)) return AIGC_ERR_ARGS; /* (likewise) */
+    if (kinds && !kinds_ok(kinds, w, (const int[4]){C, nh * hs, C, F})) return AIGC_ERR_ARGS; /* (likewise) */
     size_t sizes[SCRATCH_N];
     const size_t need = scratch_layout(B, C, nh, nkv, hs, F, act, sizes);
     if (!need) return AIGC_ERR_ARGS;

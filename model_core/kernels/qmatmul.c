@@ -100,7 +100,7 @@ int k_qmatmul(const void *x, int act, const uint8_t *qs, const uint16_t *d, cons
     if (act == ACT_BF16 && !i8) return qmatmul_avx512bf16(x, qs, d, m, bias, y, M, N, K, nthreads);
 #endif
 #if defined(QMATMUL_I8)
-    if (i8) return qmatmul_i8(x, act, qs, d, m, bias, y, M, N, K, nthreads);
+    if (i8) return qmatmul_i8(x, act, m ? QKIND_Q4 : QKIND_Q8, qs, d, m, bias, y, M, N, K, nthreads);
 #endif
     if (i8) return AIGC_ERR_UNSUPPORTED; /* no integer dot products in this build */
     const size_t nb = (size_t)(K / BLOCK);
@@ -251,7 +251,10 @@ int k_qmatmul_kind(const void *x, int act, int kind, const uint8_t *qs, const vo
                                      : AIGC_ERR_ARGS;
     const int block = qkind_block(kind);
     if (!block || K % block || M <= 0 || N <= 0 || !qs || !d || (!m && kind != QKIND_Q5_0)) return AIGC_ERR_ARGS;
-    if (i8) return AIGC_ERR_UNSUPPORTED; /* no int8 mode for the K-quants and the 5-bit kinds (yet) */
+#if defined(QMATMUL_I8)
+    if (i8) return qmatmul_i8(x, act, kind, qs, d, m, bias, y, M, N, K, nthreads);
+#endif
+    if (i8) return AIGC_ERR_UNSUPPORTED; /* no integer dot products in this build */
 #if defined(__AVX512BF16__)
     if (act == ACT_BF16 && kind == QKIND_Q4_K) return qmatmul_avx512bf16_q4k(x, qs, d, m, bias, y, M, N, K, nthreads);
 #endif

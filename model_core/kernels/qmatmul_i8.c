@@ -1,13 +1,18 @@
-/* i8 mode of the quantized matmul (see k_qmatmul in common.h) with integer dot products: AVX2 (maddubs)
- * and NEON with the dot-product extension (sdot by lane).
+/* i8 mode of the quantized matmul (see k_qmatmul and k_qmatmul_kind in common.h) with integer dot products: AVX2
+ * (maddubs) and NEON with the dot-product extension (sdot by lane), for every weight kind.
  *
  * The activations are rounded to int8 per block of 32 once per call. The weights come interleaved by 8
  * rows, so one vector holds 4 consecutive quants of each of 8 rows: multiplied by 4 activations broadcast
  * to every lane, 8 such products give the block sums of 8 output columns at once, with integer adds only;
  * then one conversion and one FMA per block for the 8 columns. A thread takes groups of 8 rows in turn:
- * it widens the group's 4-bit quants and fp16 scales once into L1 scratch, and reads them back for every
- * activation row (tiles of up to 4 rows). Each output's float sums run in block order (common.h), the same
- * for every batch, tile and build.
+ * it widens the group's quants to bytes and its scales to floats once into L1/L2 scratch, and reads them back
+ * for every activation row (tiles of up to 4 rows). Each output's float sums run in block order (common.h), the
+ * same for every batch, tile and build.
+ *
+ * The kinds widen to one of four forms (WIDE_*): unsigned quants of at most 4 bits (Q4_0/Q4_1 and Q4_K: w = d' q
+ * + m' per block of 32, d' and m' floats), of at most 5 bits (Q5_0, Q5_1, Q5_K: the same), signed 8-bit ones (Q8_0,
+ * read in place: no widening) and Q6_K's signed 6-bit ones (q - 32) whose two halves of 16 carry integer scales:
+ * their block sum is sc_lo * sum_lo + sc_hi * sum_hi, exact in int32, times d.
  */
 #if defined(__AVX2__) || defined(__ARM_FEATURE_DOTPROD)
 #include <stdlib.h>
@@ -16,6 +21,8 @@
 
 #define BLOCK 32
 #define ROWS 8 /* weight rows per group */
+
+enum { WIDE_U4 = 0, WIDE_U5 = 1, WIDE_S8 = 2, WIDE_Q6 = 3 };
 
 #if defined(__AVX2__)
 typedef __m256i qv;   /* 8 rows x 4 quants, widened to bytes */
@@ -31,40 +38,93 @@ static inline f8 f8_fma(f8 a, float b, f8 acc) { return _mm256_fmadd_ps(a, _mm25
 static inline void halves8(const uint16_t *h, float *out) {
     _mm256_storeu_ps(out, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)h)));
 }
+static inline qv qv_load(const uint8_t *p) { return _mm256_loadu_si256((const __m256i *)p); }
 
-/* 4-bit: a block's 4 groups of 32 bytes -> 8 vectors of unsigned quants, vector k = quants 4k..4k+3 of each row */
+/* 4-bit: a block's 4 runs of 32 bytes -> 8 vectors of unsigned quants, vector k = quants 4k..4k+3 of each row */
 static inline void unpack_q4(const uint8_t *q, qv *out) {
     const __m256i mask = _mm256_set1_epi8(0x0F);
     for (int k = 0; k < 4; k++) {
-        const __m256i v = _mm256_loadu_si256((const __m256i *)(q + 32 * k));
+        const __m256i v = qv_load(q + 32 * k);
         out[k] = _mm256_and_si256(v, mask);
         out[4 + k] = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
     }
 }
 
-/* block sums of 8 rows against one activation block xb (32 int8): 4-bit quants in 0..15 make pair sums of at
- * most 2 * 15 * 127, so the 8 products add up in int16 without overflow */
+/* 5-bit: runs 0..3 the low nibbles as 4-bit, run 4 each row's fifth bits (a little-endian uint32, bit i: quant i)
+ * -> 8 vectors of quants in 0..31. Vector k's byte j of a row takes bit 4k + j: bit 4 (k % 2) + j of the row's byte
+ * k / 2. */
+static inline void unpack_q5(const uint8_t *q, qv *out) {
+    unpack_q4(q, out);
+    const __m256i fifth = qv_load(q + 128), sixteen = _mm256_set1_epi8(16);
+    for (int k = 0; k < 8; k++) {
+        const int b = k / 2;
+        const __m256i pick = _mm256_setr_epi8(b, b, b, b, 4 + b, 4 + b, 4 + b, 4 + b, 8 + b, 8 + b, 8 + b, 8 + b,
+                                              12 + b, 12 + b, 12 + b, 12 + b, b, b, b, b, 4 + b, 4 + b, 4 + b, 4 + b,
+                                              8 + b, 8 + b, 8 + b, 8 + b, 12 + b, 12 + b, 12 + b, 12 + b);
+        const __m256i bit = _mm256_set1_epi32((int)(0x08040201u << (4 * (k % 2))));
+        const __m256i set = _mm256_cmpeq_epi8(_mm256_and_si256(_mm256_shuffle_epi8(fifth, pick), bit), bit);
+        out[k] = _mm256_or_si256(out[k], _mm256_and_si256(set, sixteen));
+    }
+}
+
+/* Q6_K: runs 0..3 the low nibbles as 4-bit, runs 4 and 5 the high bit pairs (byte i of run 4 + h: bits 2s..2s+1
+ * hold quant 8s + 4h + i's) -> 8 vectors of q - 32 in -32..31 (signed) */
+static inline void unpack_q6(const uint8_t *q, qv *out) {
+    unpack_q4(q, out);
+    const __m256i m2 = _mm256_set1_epi8(3), off = _mm256_set1_epi8(32);
+    const __m256i h[2] = {qv_load(q + 128), qv_load(q + 160)};
+    for (int k = 0; k < 8; k++) {
+        const __m256i high = _mm256_and_si256(_mm256_srli_epi16(h[k % 2], 2 * (k / 2)), m2);
+        out[k] = _mm256_sub_epi8(_mm256_or_si256(out[k], _mm256_slli_epi16(high, 4)), off);
+    }
+}
+
+static inline __m256i x4(const int8_t *xb, int k) { /* activations 4k..4k+3, in every 32-bit lane */
+    int32_t four;
+    memcpy(&four, xb + 4 * k, 4);
+    return _mm256_set1_epi32(four);
+}
+
+/* block sums of 8 rows against one activation block xb (32 int8). 4-bit quants in 0..15 make pair sums of at
+ * most 2 * 15 * 127, so the 8 products add up in int16 without overflow; 5-bit ones (0..31), 4 at a time */
 static inline isum sums_q4(const qv *w, const int8_t *xb) {
     __m256i s16 = _mm256_setzero_si256();
-    for (int k = 0; k < 8; k++) {
-        int32_t four;
-        memcpy(&four, xb + 4 * k, 4);
-        s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(w[k], _mm256_set1_epi32(four)));
-    }
+    for (int k = 0; k < 8; k++) s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(w[k], x4(xb, k)));
     return _mm256_madd_epi16(s16, _mm256_set1_epi16(1));
 }
 
-/* 8-bit (signed) quants: |w| times x with w's sign (maddubs takes unsigned x signed), widened per product */
+static inline isum sums_q5(const qv *w, const int8_t *xb) {
+    __m256i a = _mm256_setzero_si256(), b = _mm256_setzero_si256();
+    for (int k = 0; k < 4; k++) {
+        a = _mm256_add_epi16(a, _mm256_maddubs_epi16(w[k], x4(xb, k)));
+        b = _mm256_add_epi16(b, _mm256_maddubs_epi16(w[4 + k], x4(xb, 4 + k)));
+    }
+    const __m256i one = _mm256_set1_epi16(1);
+    return _mm256_add_epi32(_mm256_madd_epi16(a, one), _mm256_madd_epi16(b, one));
+}
+
+/* signed quants: |w| times x with w's sign (maddubs takes unsigned x signed) */
+static inline __m256i signed_pairs(qv w, __m256i x) { return _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w)); }
+
+/* 8-bit (signed) quants, widened per product */
 static inline isum sums_q8(const uint8_t *q, const int8_t *xb) {
     __m256i s32 = _mm256_setzero_si256();
-    for (int k = 0; k < 8; k++) {
-        const __m256i w = _mm256_loadu_si256((const __m256i *)(q + 32 * k));
-        int32_t four;
-        memcpy(&four, xb + 4 * k, 4);
-        const __m256i p16 = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(_mm256_set1_epi32(four), w));
-        s32 = _mm256_add_epi32(s32, _mm256_madd_epi16(p16, _mm256_set1_epi16(1)));
-    }
+    for (int k = 0; k < 8; k++)
+        s32 = _mm256_add_epi32(s32, _mm256_madd_epi16(signed_pairs(qv_load(q + 32 * k), x4(xb, k)), _mm256_set1_epi16(1)));
     return s32;
+}
+
+/* Q6_K: q - 32 in -32..31 make pair sums of at most 2 * 32 * 127, 4 of them in int16; each half (quants 0..15,
+ * 16..31) times its row's integer scale sc (8 int32 per half) */
+static inline isum sums_q6(const qv *w, const int8_t *xb, const int32_t *sc) {
+    __m256i a = _mm256_setzero_si256(), b = _mm256_setzero_si256();
+    for (int k = 0; k < 4; k++) {
+        a = _mm256_add_epi16(a, signed_pairs(w[k], x4(xb, k)));
+        b = _mm256_add_epi16(b, signed_pairs(w[4 + k], x4(xb, 4 + k)));
+    }
+    const __m256i one = _mm256_set1_epi16(1);
+    const __m256i lo = _mm256_mullo_epi32(_mm256_madd_epi16(a, one), _mm256_loadu_si256((const __m256i *)sc));
+    return _mm256_add_epi32(lo, _mm256_mullo_epi32(_mm256_madd_epi16(b, one), _mm256_loadu_si256((const __m256i *)(sc + ROWS))));
 }
 #else /* NEON + dotprod: rows 0-3 and 4-7 in two vectors */
 typedef struct {
@@ -102,58 +162,101 @@ static inline void unpack_q4(const uint8_t *q, qv *out) {
     }
 }
 
-#define DOT_LANES(W, X0, X1)                                                                          \
+/* as the AVX2 unpack_q5: vector k's byte j of a row takes bit 4 (k % 2) + j of the row's fifth-bit byte k / 2 */
+static inline void unpack_q5(const uint8_t *q, qv *out) {
+    unpack_q4(q, out);
+    const uint8x16_t f[2] = {vld1q_u8(q + 128), vld1q_u8(q + 144)}, sixteen = vdupq_n_u8(16);
+    for (int k = 0; k < 8; k++) {
+        const uint8_t b = (uint8_t)(k / 2), s = (uint8_t)(4 * (k % 2));
+        const uint8x16_t pick = {b, b, b, b, 4 + b, 4 + b, 4 + b, 4 + b, 8 + b, 8 + b, 8 + b, 8 + b, 12 + b, 12 + b, 12 + b, 12 + b};
+        const uint8x16_t bit = {1 << s, 2 << s, 4 << s, 8 << s, 1 << s, 2 << s, 4 << s, 8 << s,
+                                1 << s, 2 << s, 4 << s, 8 << s, 1 << s, 2 << s, 4 << s, 8 << s};
+        const uint8x16_t lo = vandq_u8(vtstq_u8(vqtbl1q_u8(f[0], pick), bit), sixteen);
+        const uint8x16_t hi = vandq_u8(vtstq_u8(vqtbl1q_u8(f[1], pick), bit), sixteen);
+        out[k] = (qv){vorrq_s8(out[k].lo, vreinterpretq_s8_u8(lo)), vorrq_s8(out[k].hi, vreinterpretq_s8_u8(hi))};
+    }
+}
+
+/* as the AVX2 unpack_q6 */
+static inline void unpack_q6(const uint8_t *q, qv *out) {
+    unpack_q4(q, out);
+    const uint8x16_t h[2][2] = {{vld1q_u8(q + 128), vld1q_u8(q + 144)}, {vld1q_u8(q + 160), vld1q_u8(q + 176)}};
+    const uint8x16_t m2 = vdupq_n_u8(3);
+    const int8x16_t off = vdupq_n_s8(32);
+    for (int k = 0; k < 8; k++) {
+        const int8x16_t shift = vdupq_n_s8((int8_t)(-2 * (k / 2)));
+        const uint8x16_t lo = vandq_u8(vshlq_u8(h[k % 2][0], shift), m2), hi = vandq_u8(vshlq_u8(h[k % 2][1], shift), m2);
+        out[k] = (qv){vsubq_s8(vorrq_s8(out[k].lo, vreinterpretq_s8_u8(vshlq_n_u8(lo, 4))), off),
+                      vsubq_s8(vorrq_s8(out[k].hi, vreinterpretq_s8_u8(vshlq_n_u8(hi, 4))), off)};
+    }
+}
+
+#define DOT_HALF(W, X, L, H) /* L, H (rows 0-3, 4-7) += the 4 vectors W[0..3] by the 4 lanes of X */             \
     do {                                                                                              \
-        lo = vdotq_laneq_s32(lo, W[0].lo, X0, 0), hi = vdotq_laneq_s32(hi, W[0].hi, X0, 0);           \
-        lo = vdotq_laneq_s32(lo, W[1].lo, X0, 1), hi = vdotq_laneq_s32(hi, W[1].hi, X0, 1);           \
-        lo = vdotq_laneq_s32(lo, W[2].lo, X0, 2), hi = vdotq_laneq_s32(hi, W[2].hi, X0, 2);           \
-        lo = vdotq_laneq_s32(lo, W[3].lo, X0, 3), hi = vdotq_laneq_s32(hi, W[3].hi, X0, 3);           \
-        lo = vdotq_laneq_s32(lo, W[4].lo, X1, 0), hi = vdotq_laneq_s32(hi, W[4].hi, X1, 0);           \
-        lo = vdotq_laneq_s32(lo, W[5].lo, X1, 1), hi = vdotq_laneq_s32(hi, W[5].hi, X1, 1);           \
-        lo = vdotq_laneq_s32(lo, W[6].lo, X1, 2), hi = vdotq_laneq_s32(hi, W[6].hi, X1, 2);           \
-        lo = vdotq_laneq_s32(lo, W[7].lo, X1, 3), hi = vdotq_laneq_s32(hi, W[7].hi, X1, 3);           \
+        L = vdotq_laneq_s32(L, (W)[0].lo, X, 0), H = vdotq_laneq_s32(H, (W)[0].hi, X, 0);             \
+        L = vdotq_laneq_s32(L, (W)[1].lo, X, 1), H = vdotq_laneq_s32(H, (W)[1].hi, X, 1);             \
+        L = vdotq_laneq_s32(L, (W)[2].lo, X, 2), H = vdotq_laneq_s32(H, (W)[2].hi, X, 2);             \
+        L = vdotq_laneq_s32(L, (W)[3].lo, X, 3), H = vdotq_laneq_s32(H, (W)[3].hi, X, 3);             \
     } while (0)
 
+/* sdot takes signed bytes: the unsigned quants (at most 5 bits) are the same bytes, the sums in int32 */
 static inline isum sums_q4(const qv *w, const int8_t *xb) {
     const int8x16_t x0 = vld1q_s8(xb), x1 = vld1q_s8(xb + 16);
     int32x4_t lo = vdupq_n_s32(0), hi = vdupq_n_s32(0);
-    DOT_LANES(w, x0, x1);
+    DOT_HALF(w, x0, lo, hi);
+    DOT_HALF(w + 4, x1, lo, hi);
     return (isum){lo, hi};
 }
+#define sums_q5 sums_q4
 
 static inline isum sums_q8(const uint8_t *q, const int8_t *xb) {
     qv w[8];
     for (int k = 0; k < 8; k++)
         w[k] = (qv){vld1q_s8((const int8_t *)q + 32 * k), vld1q_s8((const int8_t *)q + 32 * k + 16)};
+    return sums_q4(w, xb);
+}
+
+static inline isum sums_q6(const qv *w, const int8_t *xb, const int32_t *sc) {
     const int8x16_t x0 = vld1q_s8(xb), x1 = vld1q_s8(xb + 16);
-    int32x4_t lo = vdupq_n_s32(0), hi = vdupq_n_s32(0);
-    DOT_LANES(w, x0, x1);
-    return (isum){lo, hi};
+    int32x4_t alo = vdupq_n_s32(0), ahi = vdupq_n_s32(0), blo = vdupq_n_s32(0), bhi = vdupq_n_s32(0);
+    DOT_HALF(w, x0, alo, ahi);
+    DOT_HALF(w + 4, x1, blo, bhi);
+    return (isum){vmlaq_s32(vmulq_s32(alo, vld1q_s32(sc)), blo, vld1q_s32(sc + ROWS)),
+                  vmlaq_s32(vmulq_s32(ahi, vld1q_s32(sc + 4)), bhi, vld1q_s32(sc + ROWS + 4))};
 }
 #endif
 
-/* MT activation rows against one group of 8 weight rows -> out (MT, 8). Q4: 4-bit quants, widened in w4
- * (nb * 8 vectors), with offsets mv; else 8-bit ones read from q8. dv, mv: (nb, 8) float scales and offsets;
- * xq, xs, xt: the rows' int8 blocks, scales and scale * sum q. MT and Q4 are constants where this is inlined,
- * so the accumulators live in registers. */
-static inline __attribute__((always_inline)) void group_rows(const qv *w4, const uint8_t *q8, const float *dv,
-                                                            const float *mv, int nb, const int8_t *xq,
-                                                            const float *xs, const float *xt, float *out,
-                                                            const int MT, const int Q4) {
+/* A group of 8 weight rows made ready for the dot products: quants widened to bytes (nb * 8 vectors; Q8_0's read in
+ * place from q8), per block the rows' float scales dv and offsets mv (nb, 8), and Q6_K's integer half scales sc
+ * (nb, 2, 8) */
+typedef struct {
+    const qv *w;
+    const uint8_t *q8;
+    const float *dv, *mv;
+    const int32_t *sc;
+} group;
+
+/* MT activation rows against one group -> out (MT, 8). xq, xs, xt: the rows' int8 blocks, scales and scale * sum q.
+ * MT and WIDE are constants where this is inlined, so the accumulators live in registers. */
+static inline __attribute__((always_inline)) void group_rows(group g, int nb, const int8_t *xq, const float *xs,
+                                                            const float *xt, float *out, const int MT, const int WIDE) {
     f8 acc[MT], off[MT];
     _Pragma("GCC unroll 4") for (int i = 0; i < MT; i++) acc[i] = off[i] = F8_ZERO;
     for (int b = 0; b < nb; b++) {
-        const f8 db = f8_load(dv + (size_t)b * ROWS);
+        const f8 db = f8_load(g.dv + (size_t)b * ROWS);
         _Pragma("GCC unroll 4") for (int i = 0; i < MT; i++) {
             const size_t at = (size_t)i * nb + b;
-            const isum s = Q4 ? sums_q4(w4 + (size_t)b * 8, xq + at * BLOCK)
-                              : sums_q8(q8 + (size_t)b * ROWS * BLOCK, xq + at * BLOCK);
+            const int8_t *xb = xq + at * BLOCK;
+            const isum s = WIDE == WIDE_U4   ? sums_q4(g.w + (size_t)b * 8, xb)
+                           : WIDE == WIDE_U5 ? sums_q5(g.w + (size_t)b * 8, xb)
+                           : WIDE == WIDE_Q6 ? sums_q6(g.w + (size_t)b * 8, xb, g.sc + (size_t)b * 2 * ROWS)
+                                             : sums_q8(g.q8 + (size_t)b * ROWS * BLOCK, xb);
             acc[i] = f8_scale_fma(s, db, xs[at], acc[i]);
         }
     }
-    if (Q4) /* the offsets' term in its own pass, so that the loop above keeps only acc in registers */
+    if (g.mv) /* the offsets' term in its own pass, so that the loop above keeps only acc in registers */
         for (int b = 0; b < nb; b++) {
-            const f8 mb = f8_load(mv + (size_t)b * ROWS);
+            const f8 mb = f8_load(g.mv + (size_t)b * ROWS);
             _Pragma("GCC unroll 4") for (int i = 0; i < MT; i++) off[i] = f8_fma(mb, xt[(size_t)i * nb + b], off[i]);
         }
     _Pragma("GCC unroll 4") for (int i = 0; i < MT; i++) {
@@ -164,14 +267,77 @@ static inline __attribute__((always_inline)) void group_rows(const qv *w4, const
     }
 }
 
-/* the row tile of MT rows starting at row r0, for 4-bit (Q4) or 8-bit weights */
-#define GROUP_TILE(MT, Q4) \
-    group_rows(w4, qg, dv, mv, nb, xq + at * BLOCK, xs + at, xt + at, out, MT, Q4)
+/* the widened form of a kind, and the bytes of one block of 8 rows in the interleaved qs */
+static int wide_form(int kind) {
+    switch (kind) {
+    case QKIND_Q4: case QKIND_Q4_K: return WIDE_U4;
+    case QKIND_Q5_0: case QKIND_Q5_1: case QKIND_Q5_K: return WIDE_U5;
+    case QKIND_Q6_K: return WIDE_Q6;
+    default: return WIDE_S8;
+    }
+}
 
-int qmatmul_i8(const void *x, int act, const uint8_t *qs, const uint16_t *d, const uint16_t *m, const float *bias,
+static size_t block_bytes(int kind) {
+    switch (kind) {
+    case QKIND_Q4: case QKIND_Q4_K: return ROWS * 16;
+    case QKIND_Q5_0: case QKIND_Q5_1: case QKIND_Q5_K: return ROWS * 20;
+    case QKIND_Q6_K: return ROWS * 24;
+    default: return ROWS * 32;
+    }
+}
+
+/* group gi's scales: dv, mv (nb, 8) floats and, for Q6_K, sc (nb, 2, 8) int32, from its kind's interleaved d and m
+ * (common.h, k_qmatmul_kind): the products d sc_j and dmin mn_j are exact in fp32, so these are the weights' own */
+static void widen_scales(int kind, const void *d, const void *m, size_t gi, int nb, float *dv, float *mv,
+                         int32_t *sc) {
+    const int nsb = nb / 8;
+    switch (kind) {
+    case QKIND_Q4: case QKIND_Q5_1:
+        for (int b = 0; b < nb; b++) {
+            halves8((const uint16_t *)d + (gi * nb + b) * ROWS, dv + (size_t)b * ROWS);
+            halves8((const uint16_t *)m + (gi * nb + b) * ROWS, mv + (size_t)b * ROWS);
+        }
+        break;
+    case QKIND_Q8: case QKIND_Q5_0:
+        for (int b = 0; b < nb; b++) halves8((const uint16_t *)d + (gi * nb + b) * ROWS, dv + (size_t)b * ROWS);
+        if (kind == QKIND_Q5_0)
+            for (size_t i = 0; i < (size_t)nb * ROWS; i++) mv[i] = -16.0f * dv[i]; /* w = d (q - 16): exact */
+        break;
+    case QKIND_Q4_K: case QKIND_Q5_K: /* d (G, nsb, 2, 8) [d, dmin], m (G, nsb, 16, 8) [8 scales, 8 mins] */
+        for (int s = 0; s < nsb; s++) {
+            const float *ds = (const float *)d + (gi * nsb + s) * 2 * ROWS;
+            const uint8_t *ms = (const uint8_t *)m + (gi * nsb + s) * 16 * ROWS;
+            for (int j = 0; j < 8; j++)
+                for (int r = 0; r < ROWS; r++) {
+                    dv[(s * 8 + j) * ROWS + r] = ds[r] * (float)ms[j * ROWS + r];
+                    mv[(s * 8 + j) * ROWS + r] = -(ds[ROWS + r] * (float)ms[(8 + j) * ROWS + r]);
+                }
+        }
+        break;
+    default: /* QKIND_Q6_K: d (G, nsb, 8), m (G, nsb, 16, 8) int8, the scale of each 16 quants */
+        for (int s = 0; s < nsb; s++) {
+            const float *ds = (const float *)d + (gi * nsb + s) * ROWS;
+            const int8_t *ms = (const int8_t *)m + (gi * nsb + s) * 16 * ROWS;
+            for (int j = 0; j < 8; j++)
+                for (int r = 0; r < ROWS; r++) {
+                    dv[(s * 8 + j) * ROWS + r] = ds[r];
+                    sc[((s * 8 + j) * 2) * ROWS + r] = ms[(2 * j) * ROWS + r];
+                    sc[((s * 8 + j) * 2 + 1) * ROWS + r] = ms[(2 * j + 1) * ROWS + r];
+                }
+        }
+    }
+}
+
+#define GROUP_TILE(MT, WIDE) group_rows(g, nb, xq + at * BLOCK, xs + at, xt + at, out, MT, WIDE)
+#define TILES(WIDE)                                                                                              \
+    case 4 * 4 + WIDE: GROUP_TILE(4, WIDE); break;                                                               \
+    case 2 * 4 + WIDE: GROUP_TILE(2, WIDE); break;                                                               \
+    case 1 * 4 + WIDE: GROUP_TILE(1, WIDE); break
+
+int qmatmul_i8(const void *x, int act, int kind, const uint8_t *qs, const void *d, const void *m, const float *bias,
                void *y, int M, int N, int K, int nthreads) {
-    const int nb = K / BLOCK, G = (N + ROWS - 1) / ROWS;
-    const size_t group_bytes = (size_t)nb * ROWS * (m ? 16 : 32), nblk = (size_t)M * nb;
+    const int nb = K / BLOCK, G = (N + ROWS - 1) / ROWS, wide = wide_form(kind);
+    const size_t group_bytes = (size_t)nb * block_bytes(kind), nblk = (size_t)M * nb;
     int8_t *xq = malloc(nblk * BLOCK);           /* (M, nb, 32) */
     float *xs = malloc(nblk * 2 * sizeof(float)); /* (M, nb) scales, then (M, nb) scale * sum q */
     if (!xq || !xs) {
@@ -190,46 +356,49 @@ int qmatmul_i8(const void *x, int act, const uint8_t *qs, const uint16_t *d, con
     int bad = 0;
 #pragma omp parallel num_threads(nthreads) reduction(| : bad)
     {
-        /* per thread: the group's widened quants (4-bit), float scales and offsets */
-        qv *w4 = m ? aligned_alloc(64, ((sizeof(qv) * (size_t)nb * 8 + 63) / 64) * 64) : NULL;
+        /* per thread: the group's widened quants, float scales and offsets, integer half scales */
+        qv *w = wide != WIDE_S8 ? aligned_alloc(64, ((sizeof(qv) * (size_t)nb * 8 + 63) / 64) * 64) : NULL;
         float *dv = malloc(sizeof(float) * (size_t)nb * ROWS * 2);
-        if ((m && !w4) || !dv) bad = 1;
+        int32_t *sc = wide == WIDE_Q6 ? malloc(sizeof(int32_t) * (size_t)nb * ROWS * 2) : NULL;
+        const int ready = dv && (wide == WIDE_S8 || w) && (wide != WIDE_Q6 || sc);
+        if (!ready) bad = 1;
+        float *mv = dv + (size_t)nb * ROWS;
+        const int offsets = kind == QKIND_Q4 || kind == QKIND_Q5_0 || kind == QKIND_Q5_1 || kind == QKIND_Q4_K ||
+                            kind == QKIND_Q5_K;
 #pragma omp for schedule(static)
-        for (int g = 0; g < G; g++) {
-            if (!dv || (m && !w4)) continue;
-            const uint8_t *qg = qs + (size_t)g * group_bytes;
-            float *mv = m ? dv + (size_t)nb * ROWS : NULL;
-            for (int b = 0; b < nb; b++) {
-                const size_t at = ((size_t)g * nb + b) * ROWS;
-                halves8(d + at, dv + (size_t)b * ROWS);
-                if (m) {
-                    halves8(m + at, mv + (size_t)b * ROWS);
-                    unpack_q4(qg + (size_t)b * ROWS * 16, w4 + (size_t)b * 8);
-                }
+        for (int gi = 0; gi < G; gi++) {
+            if (!ready) continue;
+            const uint8_t *qg = qs + (size_t)gi * group_bytes;
+            widen_scales(kind, d, m, (size_t)gi, nb, dv, mv, sc);
+            for (int b = 0; b < nb && wide != WIDE_S8; b++) {
+                const uint8_t *qb = qg + (size_t)b * block_bytes(kind);
+                if (wide == WIDE_U4) unpack_q4(qb, w + (size_t)b * 8);
+                else if (wide == WIDE_U5) unpack_q5(qb, w + (size_t)b * 8);
+                else unpack_q6(qb, w + (size_t)b * 8);
             }
-            const int cols = N - g * ROWS < ROWS ? N - g * ROWS : ROWS;
+            const group g = {w, qg, dv, offsets ? mv : NULL, sc};
+            const int cols = N - gi * ROWS < ROWS ? N - gi * ROWS : ROWS;
             float out[4 * ROWS];
             for (int r0 = 0; r0 < M;) {
                 const int left = M - r0, mt = left >= 4 ? 4 : left >= 2 ? 2 : 1;
                 const size_t at = (size_t)r0 * nb;
-                switch (mt * (m ? 1 : -1)) {
-                case 4: GROUP_TILE(4, 1); break;
-                case 2: GROUP_TILE(2, 1); break;
-                case 1: GROUP_TILE(1, 1); break;
-                case -4: GROUP_TILE(4, 0); break;
-                case -2: GROUP_TILE(2, 0); break;
-                default: GROUP_TILE(1, 0); break;
+                switch (mt * 4 + wide) {
+                    TILES(WIDE_U4);
+                    TILES(WIDE_U5);
+                    TILES(WIDE_S8);
+                    TILES(WIDE_Q6);
                 }
                 for (int i = 0; i < mt; i++)
                     for (int c = 0; c < cols; c++) {
-                        const int n = g * ROWS + c;
+                        const int n = gi * ROWS + c;
                         store_act(y, (size_t)(r0 + i) * N + n, out[i * ROWS + c] + (bias ? bias[n] : 0.0f), act);
                     }
                 r0 += mt;
             }
         }
-        free(w4);
+        free(w);
         free(dv);
+        free(sc);
     }
     free(xq);
     free(xs);

@@ -17,22 +17,42 @@ static float weight_at(const uint8_t *qs, const uint16_t *d, const uint16_t *m, 
     return half_to_float(d[blk]) * (float)(int8_t)qs[blk * 32 + i];
 }
 
-/* the quant of weight (n, k) and its block's d, m in the int8 mode's layout (interleaved by 8 rows) */
-static int quant8_at(const uint8_t *qs, const uint16_t *d, const uint16_t *m, int nb, int n, int k, float *dn,
+/* In the int8 mode's layout (interleaved by 8 rows; common.h): the integer factor of weight (n, k) that multiplies
+ * its int8 activation, and its block's float scale *dn and offset *mn, so that w = dn q + mn (Q6_K: q = sc (q6 - 32),
+ * its half's integer scale times the quant, and w = dn q) */
+static int quant8_at(int kind, const uint8_t *qs, const void *d, const void *m, int nb, int n, int k, float *dn,
                      float *mn) {
-    const int g = n / 8, r = n % 8, b = k / 32, i = k % 32;
-    const size_t blk = (size_t)g * nb + b;
-    *dn = half_to_float(d[blk * 8 + r]);
-    *mn = m ? half_to_float(m[blk * 8 + r]) : 0.0f;
-    if (m) {
-        const int j = i % 16; /* byte j of the row's 16: group j / 4, byte j % 4 */
-        const uint8_t byte = qs[((blk * 4 + j / 4) * 8 + r) * 4 + j % 4];
-        return i < 16 ? byte & 0x0F : byte >> 4;
+    const int g = n / 8, r = n % 8, b = k / 32, i = k % 32, nsb = nb / 8, s = b / 8, j = b % 8;
+    const size_t blk = (size_t)g * nb + b, sb = (size_t)g * nsb + s;
+    const int bytes = kind == QKIND_Q8 ? 32 : kind == QKIND_Q6_K ? 24 : kind == QKIND_Q4 || kind == QKIND_Q4_K ? 16 : 20;
+#define BYTE(t) qs[((blk * (bytes / 4) + (t) / 4) * 8 + r) * 4 + (t) % 4] /* byte t of row r's block */
+    const uint16_t *dh = d, *mh = m;
+    *mn = 0.0f;
+    switch (kind) {
+    case QKIND_Q4: case QKIND_Q5_1: *dn = half_to_float(dh[blk * 8 + r]), *mn = half_to_float(mh[blk * 8 + r]); break;
+    case QKIND_Q8: *dn = half_to_float(dh[blk * 8 + r]); break;
+    case QKIND_Q5_0: *dn = half_to_float(dh[blk * 8 + r]), *mn = -16.0f * *dn; break;
+    case QKIND_Q4_K: case QKIND_Q5_K: {
+        const float *sd = d;
+        const uint8_t *sm = m;
+        *dn = sd[(sb * 2) * 8 + r] * (float)sm[(sb * 16 + j) * 8 + r];
+        *mn = -(sd[(sb * 2 + 1) * 8 + r] * (float)sm[(sb * 16 + 8 + j) * 8 + r]);
+        break;
     }
-    return (int8_t)qs[((blk * 8 + i / 4) * 8 + r) * 4 + i % 4];
+    default: *dn = ((const float *)d)[sb * 8 + r]; /* QKIND_Q6_K */
+    }
+    if (kind == QKIND_Q8) return (int8_t)BYTE(i);
+    const int nib = i < 16 ? BYTE(i % 16) & 0x0F : BYTE(i % 16) >> 4;
+    if (kind == QKIND_Q4 || kind == QKIND_Q4_K) return nib;
+    if (kind == QKIND_Q6_K) {
+        const int hi = (BYTE(16 + i % 8) >> (2 * (i / 8))) & 3, sc = ((const int8_t *)m)[(sb * 16 + 2 * j + i / 16) * 8 + r];
+        return sc * (nib + (hi << 4) - 32);
+    }
+    return nib | (((BYTE(16 + i / 8) >> (i % 8)) & 1) << 4); /* the 5-bit kinds */
+#undef BYTE
 }
 
-static int ref_qmatmul_i8(const void *x, int act, const uint8_t *qs, const uint16_t *d, const uint16_t *m,
+static int ref_qmatmul_i8(const void *x, int act, int kind, const uint8_t *qs, const void *d, const void *m,
                           const float *bias, void *y, int M, int N, int K) {
     const int nb = K / 32;
     float xf[32], *scale = malloc((size_t)nb * 2 * sizeof(float));
@@ -51,7 +71,8 @@ static int ref_qmatmul_i8(const void *x, int act, const uint8_t *qs, const uint1
             for (int b = 0; b < nb; b++) {
                 float dn = 0.0f, mn = 0.0f;
                 int sum = 0;
-                for (int i = 0; i < 32; i++) sum += quant8_at(qs, d, m, nb, n, b * 32 + i, &dn, &mn) * xq[b * 32 + i];
+                for (int i = 0; i < 32; i++)
+                    sum += quant8_at(kind, qs, d, m, nb, n, b * 32 + i, &dn, &mn) * xq[b * 32 + i];
                 acc = fmaf((float)sum, dn * scale[b], acc);
                 off = fmaf(mn, t[b], off);
             }
@@ -67,7 +88,7 @@ int k_qmatmul(const void *x, int act, const uint8_t *qs, const uint16_t *d, cons
               void *y, int M, int N, int K, int i8, int nthreads) {
     (void)nthreads;
     if (K % 32 || M <= 0 || N <= 0) return AIGC_ERR_ARGS;
-    if (i8) return ref_qmatmul_i8(x, act, qs, d, m, bias, y, M, N, K);
+    if (i8) return ref_qmatmul_i8(x, act, m ? QKIND_Q4 : QKIND_Q8, qs, d, m, bias, y, M, N, K);
     for (int r = 0; r < M; r++)
         for (int n = 0; n < N; n++) {
             float s = 0.0f;
@@ -193,7 +214,7 @@ int k_qmatmul_kind(const void *x, int act, int kind, const uint8_t *qs, const vo
                                      : AIGC_ERR_ARGS;
     const int block = qkind_block(kind);
     if (!block || K % block || M <= 0 || N <= 0 || !qs || !d || (!m && kind != QKIND_Q5_0)) return AIGC_ERR_ARGS;
-    if (i8) return AIGC_ERR_UNSUPPORTED;
+    if (i8) return ref_qmatmul_i8(x, act, kind, qs, d, m, bias, y, M, N, K);
     const int q5 = kind == QKIND_Q5_0 || kind == QKIND_Q5_1 || kind == QKIND_Q5_K;
     for (int r = 0; r < M; r++)
         for (int n = 0; n < N; n++) {

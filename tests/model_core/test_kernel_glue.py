@@ -135,7 +135,7 @@ def _layer_case(
         (_quantized if GGML_TYPES[qt].kind.entry == "quant_matmul" else kquant_weight)(qt, n, k, seed + i)[0]
         for i, (qt, (n, k)) in enumerate(zip(qtypes, shapes))
     ]
-    weights = [w.interleave() if i8 and w.kind.int8 else w for w in weights]
+    weights = [w.interleave() if i8 else w for w in weights]
     w = (ctypes.c_void_p * 12)(*[None if t is None else t.data_ptr() for q in weights for t in (q.qs, q.d, q.m)])
     kind_values = (ctypes.c_int32 * 4)(*[q.kind.value for q in weights]) if kinds or kquants else None
     x = torch.randn(B, C, generator=g).to(dtype)
@@ -310,32 +310,29 @@ KQUANT_MIXES = [
 def test_the_decode_layer_runs_any_mix_of_kinds_as_the_per_projection_kernels(
     isa: str, dtype: torch.dtype, qtypes: tuple[int, int, int, int]
 ) -> None:
-    """llama_decode_layer with its projections' kinds: K-quants, 5-bit and 4/8-bit blocks mixed (exact mode), with
-    and without a QKV bias and QK-norm, with the default attention and a Gemma-style one: bit for bit the layer
-    through the other entry points (each projection by quant_matmul_kind or quant_matmul, as QuantLinear runs it);
-    int8 mode with a kind that has none, an unknown kind or a missing m are refused before anything is written."""
+    """llama_decode_layer with its projections' kinds: K-quants, 5-bit and 4/8-bit blocks mixed, in both modes (int8:
+    every projection interleaved), with and without a QKV bias and QK-norm, with the default attention and a
+    Gemma-style one: bit for bit the layer through the other entry points (each projection by quant_matmul_kind or
+    quant_matmul, as QuantLinear runs it); an unknown kind or a missing m are refused before anything is written."""
     kernels = kernels_for(isa)
-    for n, params in enumerate([(64**-0.5, 0.0, 0), (0.2, 6.0, 3)]):
-        bias, qk_norm = n == 1, n == 1
-        fused, written, _ = _layer_case(kernels, dtype, False, 11, bias, qk_norm, qtypes)
-        fused[ATTN_PARAMS] = params
-        _decode_layer(kernels, fused)
-        composed, by_entry, _ = _layer_case(kernels, dtype, False, 11, bias, qk_norm, qtypes)
-        composed[ATTN_PARAMS] = params
-        _layer_by_entry_points(kernels, composed)
-        for a, b in zip(written, by_entry):
-            assert torch.equal(a, b), f"{params}"
-        assert all(torch.isfinite(t.float()).all() for t in written)
-    kind_values = fused[7]
-    assert isinstance(kind_values, ctypes.Array)
-    for mode, kind in [(1, None), (0, 99), (0, -1)]:
+    for i8 in (False, True) if kernels.isa.has_int8 else (False,):
+        for n, params in enumerate([(64**-0.5, 0.0, 0), (0.2, 6.0, 3)]):
+            bias, qk_norm = n == 1, n == 1
+            fused, written, _ = _layer_case(kernels, dtype, i8, 11, bias, qk_norm, qtypes)
+            fused[ATTN_PARAMS] = params
+            _decode_layer(kernels, fused)
+            composed, by_entry, _ = _layer_case(kernels, dtype, i8, 11, bias, qk_norm, qtypes)
+            composed[ATTN_PARAMS] = params
+            _layer_by_entry_points(kernels, composed)
+            for a, b in zip(written, by_entry):
+                assert torch.equal(a, b), f"{params} i8={i8}"
+            assert all(torch.isfinite(t.float()).all() for t in written)
+    for kind in (99, -1):
         args, written, _ = _layer_case(kernels, dtype, False, 11, qtypes=qtypes)
         before = [t.clone() for t in written]
-        args[ATTN_PARAMS.stop + 1] = mode  # i8
-        if kind is not None:
-            bad = (ctypes.c_int32 * 4)(*args[7])  # type: ignore[misc]
-            bad[2] = kind
-            args[7] = bad
+        bad = (ctypes.c_int32 * 4)(*args[7])  # type: ignore[misc]
+        bad[2] = kind
+        args[7] = bad
         with pytest.raises(native.KernelError, match="llama_decode_layer .*AIGC_ERR_ARGS"):
             _decode_layer(kernels, args)
         assert all(torch.equal(a, b) for a, b in zip(written, before))

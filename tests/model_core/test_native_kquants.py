@@ -1,10 +1,11 @@
 """The K-quants (GGUF Q4_K, Q5_K and Q6_K, super-blocks of 256 weights) and the 5-bit blocks of 32 (Q5_0, Q5_1) on
 the native kernels, every build this CPU runs (NEON under emulation in test_native_neon.py), in float32 and bfloat16:
 the load-time repack gives gguf's own weights bit for bit at about the file's size; the exact-mode matmul
-(quant_matmul_kind) is the product with them up to fp32 summation order; tiny llama GGUFs in a Q4_K_M-like mix, in
-Q5_0 (rows of 64: not a multiple of 256) and in Q5_K load with their matrices kept quantized and decode as the
-dequantized model does. Their int8 mode is not written yet: it is refused, and such layers run exact products in
-every build (also in the fused decoder's one-call layers, which take any mix of kinds in exact mode)."""
+(quant_matmul_kind) is the product with them up to fp32 summation order, the int8 mode (interleaved weights,
+activations rounded to int8 per block of 32) the product of the rounded activations, bit for bit the same in every
+build; tiny llama GGUFs in a Q4_K_M-like mix, in Q5_0 (rows of 64: not a multiple of 256) and in Q5_K load with their
+matrices kept quantized and decode as the dequantized model does (the fused decoder's one-call layers take any mix of
+kinds, in either mode)."""
 
 from __future__ import annotations
 
@@ -43,6 +44,7 @@ from model_core.qmatmul import (
     attach_quantized,
     qmatmul,
 )
+from tests.model_core.test_native import int8_blocks
 from tests.utils import kernels_for, kquant_weight, native_isas, quantized_weight
 
 ISAS = native_isas()
@@ -149,72 +151,78 @@ def test_kquant_matmul_at_every_row_count(isa: str, dtype: torch.dtype, qtype: i
         assert torch.equal(got, qmatmul(x[:1], qw, kernels).float().expand(1, n)) or rows > 1
 
 
-@pytest.mark.parametrize("isa", ISAS)
-def test_kquants_have_no_int8_mode_yet(isa: str) -> None:
-    """interleave() refuses them, quant_matmul_kind refuses i8 = 1 (every build), and attach_quantized keeps them in
-    row form (exact products) even where the build's matmuls default to int8 activations."""
-    kernels = kernels_for(isa)
-    qw, w = kquant_weight(Q4_K, 8, 256, seed=0)
-    with pytest.raises(ValueError, match="no int8 mode"):
-        qw.interleave()
-    x = torch.randn(2, 256)
-    y = torch.empty(2, 8)
-    with pytest.raises(native.KernelError, match="AIGC_ERR_UNSUPPORTED"):
-        kernels.call(
-            "quant_matmul_kind", x.data_ptr(), 0, KIND_Q4_K.value, qw.qs.data_ptr(), qw.d.data_ptr(),
-            qw.m.data_ptr() if qw.m is not None else None, None, y.data_ptr(), 2, 8, 256, 1, 1,
-        )  # fmt: skip
-    with pytest.raises(native.KernelError, match="AIGC_ERR_ARGS"):  # K not a multiple of 256, an unknown kind
-        kernels.call("quant_matmul_kind", x.data_ptr(), 0, 2, qw.qs.data_ptr(), qw.d.data_ptr(), qw.m.data_ptr(),
-                     None, y.data_ptr(), 2, 8, 128, 0, 1)  # fmt: skip
-    with pytest.raises(native.KernelError, match="AIGC_ERR_ARGS"):
-        kernels.call("quant_matmul_kind", x.data_ptr(), 0, 7, qw.qs.data_ptr(), qw.d.data_ptr(), qw.m.data_ptr(),
-                     None, y.data_ptr(), 2, 8, 256, 0, 1)  # fmt: skip
-    model = torch.nn.Sequential(torch.nn.Linear(256, 8, bias=False))
-    model[0].weight.data = w
-    assert attach_quantized(model, {"0": qw}, 8, kernels) == 1
-    layer = model[0]
-    assert isinstance(layer, QuantLinear) and not layer.quant.interleaved
-    with torch.inference_mode():
-        assert torch.equal(layer(x), qmatmul(x, qw, kernels))
+INT8_ISAS = [isa for isa in ISAS if native.ISAS[isa].has_int8]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@settings(max_examples=25, deadline=None)
+@given(
+    qtype=st.sampled_from(KQUANTS),
+    m=st.integers(1, 11),
+    n=st.integers(1, 41),
+    nsb=st.integers(1, 4),
+    bias=st.booleans(),
+    random_blocks=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_kquant_int8_mode_is_the_product_with_int8_activations_bit_for_bit_in_every_build(
+    dtype: torch.dtype, qtype: int, m: int, n: int, nsb: int, bias: bool, random_blocks: bool, seed: int
+) -> None:
+    """Interleaved weights of every kind take x rounded to int8 per block of 32: the product with the file's exact
+    weights of int8_blocks(x) up to fp32 summation order, and each build's result the reference build's, bit for bit
+    (kernels/common.h specifies the order of every float operation)."""
+    if not INT8_ISAS:
+        pytest.skip("no build with int8 mode runs here")
+    k = 256 * nsb if qtype in (Q4_K, Q5_K, Q6_K) else 32 * (1 + seed % 24)
+    qw, w = kquant_weight(qtype, n, k, seed, random_blocks)
+    inter = qw.interleave()
+    assert inter.interleaved and torch.equal(inter.dequantize(), w)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g).to(dtype)
+    x[:, :32] *= 0 if seed % 3 == 0 else 1  # a block of zeros (scale 0) now and then
+    b = torch.randn(n, generator=g) if bias else None
+    got = {isa: qmatmul(x, inter, kernels_for(isa), b) for isa in INT8_ISAS}
+    first = got[INT8_ISAS[0]]
+    assert all(torch.equal(y, first) for y in got.values()), {isa: (y - first).abs().max() for isa, y in got.items()}
+    ref = int8_blocks(x) @ w.T + (0 if b is None else b)
+    err = (first.float() - ref).abs()
+    assert (err <= _matmul_tolerance(ref, x, w, dtype)).all(), err.max()
 
 
 @pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize("qtype", [Q5_0, Q5_1, Q5_K])
-def test_5bit_kinds_have_no_int8_mode_yet(isa: str, qtype: int) -> None:
-    """As the K-quants: interleave() refuses them, i8 = 1 is refused, K not a multiple of the block or a NULL m (Q5_1,
-    Q5_K) is AIGC_ERR_ARGS, and attach_quantized keeps them in row form (exact products) where the build defaults to
-    int8 activations (avx2)."""
+@pytest.mark.parametrize("qtype", KQUANTS)
+def test_kquant_kernels_check_arguments_and_layers_take_the_builds_mode(isa: str, qtype: int) -> None:
+    """K not a multiple of the kind's block, an unknown kind or a NULL m (where the kind has one) are AIGC_ERR_ARGS;
+    attach_quantized interleaves the weight where the build's matmuls default to int8 activations (avx2) and keeps
+    the row form (exact products) elsewhere; either way the layer runs the kernel on it."""
     kernels = kernels_for(isa)
     k = GGML_TYPES[qtype].block
     qw, w = kquant_weight(qtype, 8, k, seed=qtype)
-    with pytest.raises(ValueError, match="no int8 mode"):
-        qw.interleave()
     x = torch.randn(2, k)
     y = torch.empty(2, 8)
     m = None if qw.m is None else qw.m.data_ptr()
 
-    def call(kk: int, i8: int, mm: int | None = m) -> None:
-        kernels.call("quant_matmul_kind", x.data_ptr(), 0, qw.kind.value, qw.qs.data_ptr(), qw.d.data_ptr(), mm,
-                     None, y.data_ptr(), 2, 8, kk, i8, 1)  # fmt: skip
+    def call(kk: int, kind: int = qw.kind.value, mm: int | None = m) -> None:
+        kernels.call("quant_matmul_kind", x.data_ptr(), 0, kind, qw.qs.data_ptr(), qw.d.data_ptr(), mm,
+                     None, y.data_ptr(), 2, 8, kk, 0, 1)  # fmt: skip
 
-    with pytest.raises(native.KernelError, match="AIGC_ERR_UNSUPPORTED"):
-        call(k, 1)
     with pytest.raises(native.KernelError, match="AIGC_ERR_ARGS"):
-        call(k - 16, 0)
+        call(k - 16)
+    with pytest.raises(native.KernelError, match="AIGC_ERR_ARGS"):
+        call(k, kind=7)
     if qw.m is not None:
         with pytest.raises(native.KernelError, match="AIGC_ERR_ARGS"):
-            call(k, 0, None)
-    call(k, 0)
+            call(k, mm=None)
+    call(k)
     assert torch.equal(y, qmatmul(x, qw, kernels))
     model = torch.nn.Sequential(torch.nn.Linear(k, 8, bias=False))
     model[0].weight.data = w
     assert attach_quantized(model, {"0": qw}, 8, kernels) == 1
     layer = model[0]
-    assert isinstance(layer, QuantLinear) and not layer.quant.interleaved and layer.max_rows == 8
+    assert isinstance(layer, QuantLinear) and layer.quant.interleaved == kernels.isa.int8 and layer.max_rows == 8
     with torch.inference_mode():
-        assert torch.equal(layer(x), qmatmul(x, qw, kernels))
-        ref = x @ w.T
+        assert torch.equal(layer(x), qmatmul(x, layer.quant, kernels))
+        ref = (int8_blocks(x) if kernels.isa.int8 else x) @ w.T
         assert (layer(x) - ref).abs().max() <= 1e-5 * ref.abs().max()
 
 
@@ -266,12 +274,14 @@ def _decode_logits(model: CausalLM, dtype: torch.dtype, kernels: native.Kernels 
 @pytest.mark.parametrize("isa", ISAS)
 def test_kquant_gguf_loads_quantized_and_decodes_as_the_dequantized_model(isa: str, tmp_path: Path) -> None:
     """Q4_K matrices with Q6_K ffn_down and head: every projection and the head load as QuantLinears of the file's
-    exact weights; the fused decoder runs its one-call layers (the kinds mixed, exact mode); fp32 logits
-    equal the dequantized fp32 model's up to summation order, bf16 ones are as close as the dense bf16 model's."""
+    exact weights, interleaved where the build defaults to int8 activations; the fused decoder runs its one-call layers
+    (the kinds mixed); with exact products fp32 logits equal the dequantized fp32 model's up to summation order, bf16
+    ones are as close as the dense bf16 model's; with int8 activations within twice the dense bf16 error."""
     from model_core.weights.loader import load_lm
 
     path = _kquant_gguf(tmp_path)
     backend = select_backend(isa)
+    int8 = backend.kernels is not None and backend.kernels.isa.int8
     ref = load_lm(path).model
     want = _decode_logits(ref, torch.float32, None)
     scale = want.abs().max().item()
@@ -284,13 +294,16 @@ def test_kquant_gguf_loads_quantized_and_decodes_as_the_dequantized_model(isa: s
         assert kinds["lm_head"] == KIND_Q6_K and kinds["blocks.0.ffn.w_out"] == KIND_Q6_K
         assert kinds["blocks.1.attn.qkv"] == KIND_Q4_K and kinds["blocks.1.ffn.w_in"] == KIND_Q4_K
         for name, layer in wrapped.items():
-            assert not layer.quant.interleaved
+            assert layer.quant.interleaved == int8, name
             assert torch.equal(layer.quant.dequantize(), ref.get_submodule(name).weight), name
         fused = fast.decoder_fast_path
         assert fused is not None and fused.max_rows == 8  # one call per layer, the K-quants' kernels inside
         err = (_decode_logits(fast, dtype, backend.kernels) - want).abs().max().item()
-        print(f"{isa} Q4_K_M {dtype}: max |logit - fp32 modules| kernels {err:.2e}, dense bf16 {err_dense:.2e}")
-        if dtype == torch.float32:
+        mode = " int8" if int8 else ""
+        print(f"{isa}{mode} Q4_K_M {dtype}: max |logit - fp32 modules| kernels {err:.2e}, dense bf16 {err_dense:.2e}")
+        if int8:  # as test_native.py's tests of the 4/8-bit forms
+            assert err <= max(2 * err_dense, 0.05 * scale)
+        elif dtype == torch.float32:
             assert err <= 1e-4 * max(scale, 1.0)
         else:
             assert err <= max(1.5 * err_dense, 0.05 * scale)
@@ -302,9 +315,9 @@ def test_5bit_gguf_loads_quantized_and_decodes_as_the_dequantized_model(
     isa: str, qtype: str, hidden: int, ffn: int, tmp_path: Path
 ) -> None:
     """A tiny llama all in Q5_0 (rows of 64 and 96: multiples of 32, not of 256, as SmolLM2's 576 in llama.cpp's
-    Q4_K_M files) or Q5_K: every projection and the head load as QuantLinears of the file's exact weights, in row form
-    (exact products, also where the build defaults to int8 mode), the fused decoder runs its one-call layers,
-    and the logits are the dequantized model's as in the Q4_K_M test."""
+    Q4_K_M files) or Q5_K: every projection and the head load as QuantLinears of the file's exact weights in the
+    build's mode, the fused decoder runs its one-call layers, and the logits are the dequantized model's as in the
+    Q4_K_M test."""
     pytest.importorskip("transformers")
     from model_core.weights.loader import load_lm
     from tests.model_core.tiny_formats import tiny_hf_llama, tiny_vocab, write_gguf
@@ -313,6 +326,7 @@ def test_5bit_gguf_loads_quantized_and_decodes_as_the_dequantized_model(
     path = write_gguf(hf, tmp_path / "m.gguf", qtype, vocab=tiny_vocab()).path
     kind = GGML_TYPES[{"Q5_0": Q5_0, "Q5_K": Q5_K}[qtype]].kind
     backend = select_backend(isa)
+    int8 = backend.kernels is not None and backend.kernels.isa.int8
     ref = load_lm(path).model
     want = _decode_logits(ref, torch.float32, None)
     scale = want.abs().max().item()
@@ -322,13 +336,16 @@ def test_5bit_gguf_loads_quantized_and_decodes_as_the_dequantized_model(
         wrapped = {n: m for n, m in fast.named_modules() if isinstance(m, QuantLinear)}
         assert len(wrapped) == 4 * ref.cfg.n_layers + 1
         for name, layer in wrapped.items():
-            assert layer.quant.kind == kind and not layer.quant.interleaved, name
+            assert layer.quant.kind == kind and layer.quant.interleaved == int8, name
             assert torch.equal(layer.quant.dequantize(), ref.get_submodule(name).weight), name
         fused = fast.decoder_fast_path
         assert fused is not None and fused.max_rows == 8
         err = (_decode_logits(fast, dtype, backend.kernels) - want).abs().max().item()
-        print(f"{isa} {qtype} {dtype}: max |logit - fp32 modules| kernels {err:.2e}, dense bf16 {err_dense:.2e}")
-        if dtype == torch.float32:
+        mode = " int8" if int8 else ""
+        print(f"{isa}{mode} {qtype} {dtype}: max |logit - fp32 modules| kernels {err:.2e}, dense bf16 {err_dense:.2e}")
+        if int8:  # as test_native.py's tests of the 4/8-bit forms
+            assert err <= max(2 * err_dense, 0.05 * scale)
+        elif dtype == torch.float32:
             assert err <= 1e-4 * max(scale, 1.0)
         else:
             assert err <= max(1.5 * err_dense, 0.05 * scale)

@@ -2,8 +2,7 @@
 for aarch64 and run under qemu-user, against the aarch64 build of the plain-C reference on the same inputs: every
 entry point, fp32 and bf16 activations, the quantized matmul on Q4_0/Q4_1/Q8_0 weights in both modes (exact, and
 int8 activations on interleaved weights) at odd sizes, and on Q4_K/Q5_K/Q6_K and Q5_0/Q5_1 weights (quant_matmul_kind,
-exact mode); and
-the aarch64 reference build against this machine's own.
+both modes); and the aarch64 reference build against this machine's own.
 
 Marked `emulated`, so not in the default run: `make test-neon` (installs the tools if missing), or
 `pytest -m emulated tests/model_core/test_native_neon.py` with Debian's gcc-aarch64-linux-gnu, qemu-user and
@@ -402,20 +401,21 @@ def llama_decode_layer_cases() -> Iterator[Call]:
         (64, 96, 2, 1, 16, [5], 5, (Q4_0,) * 4),
         (128, 256, 2, 2, 64, [1, 12, 7, 3, 10], 12, (Q8_0,) * 4),
         (160, 224, 4, 2, 48, [20, 6], 20, (Q4_1, Q4_0, Q8_0, Q4_1)),
-        # with their kinds: a Q4_K_M file's mixes and the other kinds (exact mode only)
+        # with their kinds: a Q4_K_M file's mixes and the other kinds
         (256, 256, 4, 2, 64, [9, 5, 1], 9, (Q5_0, Q4_K, Q4_K, Q6_K)),
         (256, 512, 2, 1, 96, [4, 11], 11, (Q4_K, Q5_0, Q6_K, Q8_0)),
         (256, 256, 4, 2, 64, [3], 3, (Q5_K, Q5_1, Q4_1, Q5_K)),
     ]:
         kquants = any(GGML_TYPES[qt].kind.entry == "quant_matmul_kind" for qt in qtypes)
         for act in (0, 1):
-            for i8 in (0,) if kquants else (0, 1):
+            for i8 in (0, 1):
                 B, n = len(lens), n + 1
                 R, rows = paged_rows(rng, lens, Tk)
                 cos, sin = rope_tables(rng, B, hs)
                 params, label = attention_params(n, hs)
                 shapes = [((nh + 2 * nkv) * hs, C), (C, nh * hs), (2 * F, C), (C, F)]  # Wqkv, Wo, Wgate|up, Wdown
                 qws = [
+                    kquant_weight(qt, r, k, seed=n + i)[0].interleave() if qt not in QTYPES and i8 else
                     kquant_weight(qt, r, k, seed=n + i)[0] if qt not in QTYPES else
                     quantized(qt, r, k, rng, i8)
                     for i, (qt, (r, k)) in enumerate(zip(qtypes, shapes))
@@ -462,21 +462,21 @@ def llama_decode_layer_cases() -> Iterator[Call]:
 
 
 def quant_matmul_kind_cases() -> Iterator[Call]:
-    """The K-quants and the 5-bit blocks of 32 (exact mode: they have no int8 mode yet) at odd sizes, from quantized
-    weights and from random blocks (Q5_0/Q5_1 with K = 32 * 9 nsb: not a multiple of 256); and the older forms once each
+    """The K-quants and the 5-bit blocks of 32 in both modes at odd sizes, from quantized weights and from random
+    blocks (Q5_0/Q5_1 with K = 32 * 9 nsb: not a multiple of 256); and the older forms once each
     through this entry."""
     rng = np.random.default_rng(7)
     fixed = [(1, 1, 1), (19, 13, 2), (4, 70, 1), (7, 31, 3), (2, 9, 6), (9, 5, 4), (5, 45, 2), (16, 41, 1)]
     n = 0
     for qtype in (Q4_K, Q6_K, Q5_K, Q5_0, Q5_1):
         for act in (0, 1):
-            for M, N, nsb in fixed:
+            for (M, N, nsb), i8 in zip(fixed, (0, 1) * 4):
                 n += 1
                 K = 256 * nsb if GGML_TYPES[qtype].block == 256 else 32 * 9 * nsb
                 x = rng.standard_normal((M, K), dtype=np.float32) * 2
                 bias = rng.standard_normal(N, dtype=np.float32) if n % 2 else None
                 qw, _ = kquant_weight(qtype, N, K, seed=n, random_blocks=n % 3 == 0)
-                qs, d, m = weight_buffers(qw)
+                qs, d, m = weight_buffers(qw.interleave() if i8 else qw)
                 yield Call(
                     "quant_matmul_kind",
                     dict(
@@ -491,7 +491,7 @@ def quant_matmul_kind_cases() -> Iterator[Call]:
                         M=M,
                         N=N,
                         K=K,
-                        i8=0,
+                        i8=i8,
                         nthreads=1 + n % 3,
                     ),
                     f"{qw.kind.name} M={M} N={N} K={K} bias={bias is not None}",
@@ -709,7 +709,7 @@ def compare(entry: str, runs: list[tuple[Call, Result, Result]], who: str, repor
             key = f"{'bf16' if call.act else 'fp32'}{' i8' if call.i8 else ''}"
             if key not in worst or rel > worst[key][0]:
                 worst[key] = (rel, err, f"{name} of {call.label}")
-            exact = entry == "quant_matmul" and bool(call.i8)
+            exact = entry in ("quant_matmul", "quant_matmul_kind") and bool(call.i8)
             if not (np.isfinite(a).all() and np.isfinite(b).all()) or (err > 0 if exact else rel > TOLERANCE[call.act]):
                 failures.append(
                     f"{where}: {name} max |diff| {err:.3g} (max |ref| {scale:.3g}, relative {rel:.3g}; "
