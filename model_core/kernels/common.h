@@ -198,8 +198,8 @@ int qmatmul_i8(const void *x, int act, int kind, const uint8_t *qs, const void *
 #if defined(__AVX512BF16__)
 int qmatmul_avx512bf16(const uint16_t *x, const uint8_t *qs, const uint16_t *d, const uint16_t *m, const float *bias,
                        uint16_t *y, int M, int N, int K, int nthreads);
-int qmatmul_avx512bf16_q4k(const uint16_t *x, const uint8_t *qs, const float *sd, const uint8_t *sm,
-                           const float *bias, uint16_t *y, int M, int N, int K, int nthreads);
+int qmatmul_avx512bf16_kind(int kind, const uint16_t *x, const uint8_t *qs, const void *d, const void *m,
+                            const float *bias, uint16_t *y, int M, int N, int K, int nthreads);
 #endif
 
 #endif

@@ -256,7 +256,7 @@ int k_qmatmul_kind(const void *x, int act, int kind, const uint8_t *qs, const vo
 #endif
     if (i8) return AIGC_ERR_UNSUPPORTED; /* no integer dot products in this build */
 #if defined(__AVX512BF16__)
-    if (act == ACT_BF16 && kind == QKIND_Q4_K) return qmatmul_avx512bf16_q4k(x, qs, d, m, bias, y, M, N, K, nthreads);
+    if (act == ACT_BF16) return qmatmul_avx512bf16_kind(kind, x, qs, d, m, bias, y, M, N, K, nthreads);
 #endif
     size_t row_bytes, d_bytes, m_bytes; /* a weight row's qs, d and m */
     qkind_row_bytes(kind, K, &row_bytes, &d_bytes, &m_bytes);

@@ -42,14 +42,14 @@ static inline __m512bh decode_q8(const uint8_t *qs) {
 /* MT rows of x (row stride K) against one weight row (QB bytes of quants per block) -> sums[0..MT) of
  * d * dot(decoded q, x) over its blocks. Two accumulators per row (even and odd blocks) keep the FMA
  * latency off the critical path. */
-#define DEFINE_TILE(NAME, DECODE, QB, MT)                                                                \
+#define DEFINE_TILE(NAME, DECODE, QB, SCALE, MT)                                                                \
     static void NAME(const uint8_t *qs, const float *d, const uint16_t *x, int K, int nb, __m512 *sums) { \
         __m512 a0[MT], a1[MT];                                                                           \
         for (int i = 0; i < MT; i++) a0[i] = a1[i] = _mm512_setzero_ps();                               \
         int b = 0;                                                                                       \
         for (; b + 2 <= nb; b += 2) {                                                                    \
             const __m512bh w0 = DECODE(qs + (size_t)b * QB), w1 = DECODE(qs + (size_t)(b + 1) * QB);     \
-            const __m512 d0 = _mm512_set1_ps(d[b]), d1 = _mm512_set1_ps(d[b + 1]);                         \
+            const __m512 d0 = SCALE(d, b), d1 = SCALE(d, b + 1);                                           \
             _Pragma("GCC unroll 16") for (int i = 0; i < MT; i++) {                                      \
                 const uint16_t *xb = x + (size_t)i * K + (size_t)b * 32;                                 \
                 const __m512 p0 = _mm512_dpbf16_ps(_mm512_setzero_ps(), w0, (__m512bh)_mm512_loadu_si512(xb)); \
@@ -60,7 +60,7 @@ static inline __m512bh decode_q8(const uint8_t *qs) {
         }                                                                                                \
         if (b < nb) {                                                                                    \
             const __m512bh w0 = DECODE(qs + (size_t)b * QB);                                             \
-            const __m512 d0 = _mm512_set1_ps(d[b]);                                                      \
+            const __m512 d0 = SCALE(d, b);                                                               \
             for (int i = 0; i < MT; i++) {                                                               \
                 const uint16_t *xb = x + (size_t)i * K + (size_t)b * 32;                                 \
                 const __m512 p0 = _mm512_dpbf16_ps(_mm512_setzero_ps(), w0, (__m512bh)_mm512_loadu_si512(xb)); \
@@ -70,14 +70,45 @@ static inline __m512bh decode_q8(const uint8_t *qs) {
         for (int i = 0; i < MT; i++) sums[i] = _mm512_add_ps(a0[i], a1[i]);                              \
     }
 
-#define DEFINE_TILES(Q, QB)                          \
-    DEFINE_TILE(tile_##Q##_1, decode_##Q, QB, 1)     \
-    DEFINE_TILE(tile_##Q##_2, decode_##Q, QB, 2)     \
-    DEFINE_TILE(tile_##Q##_4, decode_##Q, QB, 4)     \
-    DEFINE_TILE(tile_##Q##_8, decode_##Q, QB, 8)
+#define DEFINE_TILES(Q, QB, SCALE)                          \
+    DEFINE_TILE(tile_##Q##_1, decode_##Q, QB, SCALE, 1)     \
+    DEFINE_TILE(tile_##Q##_2, decode_##Q, QB, SCALE, 2)     \
+    DEFINE_TILE(tile_##Q##_4, decode_##Q, QB, SCALE, 4)     \
+    DEFINE_TILE(tile_##Q##_8, decode_##Q, QB, SCALE, 8)
 
-DEFINE_TILES(q4, 16)
-DEFINE_TILES(q8, 32)
+/* a block's scale: one d per block, or (Q6_K) one per half of 16, lanes 0-7 of the dot product (weights 0..15) and
+ * lanes 8-15 (16..31) */
+#define BLOCK_SCALE(d, b) _mm512_set1_ps((d)[b])
+#define HALF_SCALES(d, b) _mm512_mask_blend_ps((__mmask16)0xFF00, _mm512_set1_ps((d)[2 * (b)]), _mm512_set1_ps((d)[2 * (b) + 1]))
+
+/* a 5-bit block's 32 weights (20 bytes: a 4-bit block's nibbles, then the fifth bits as a little-endian uint32, bit i
+ * weight i) as bfloat16 (128 + q, q in 0..31: exact): word i gets 16 where bit i is set */
+static inline __m512bh decode_q5(const uint8_t *qs) {
+    uint32_t fifth;
+    memcpy(&fifth, qs + 16, 4);
+    const __m512i w = (__m512i)decode_q4(qs);
+    return (__m512bh)_mm512_mask_add_epi16(w, (__mmask32)fifth, w, _mm512_set1_epi16(16));
+}
+
+/* a Q6_K sub-block's 32 weights (24 bytes: 16 of low nibbles in the 4-bit order, 8 of high bit pairs: byte 16 + i
+ * bits 2s..2s+1 hold weight 8s + i's) as bfloat16 128 + q (q in 0..63: exact; the weight is d sc (q - 32), so the
+ * caller's offsets take -160 d sc times the half's sum of x) */
+static inline __m512bh decode_q6(const uint8_t *qs) {
+    const __m512i low = (__m512i)decode_q4(qs); /* words: 0x4300 | the low 4 bits */
+    long long pairs;
+    memcpy(&pairs, qs + 16, 8);
+    const __m512i hb = _mm512_cvtepu8_epi16(_mm256_set1_epi64x(pairs)); /* word i: byte i % 8 */
+    const __m512i shifts = _mm512_set_epi64(0x0006000600060006LL, 0x0006000600060006LL, 0x0004000400040004LL,
+                                            0x0004000400040004LL, 0x0002000200020002LL, 0x0002000200020002LL, 0, 0);
+    /* low | ((hb >> shift) & 3) << 4 */
+    return (__m512bh)_mm512_ternarylogic_epi32(low, _mm512_slli_epi16(_mm512_srlv_epi16(hb, shifts), 4),
+                                               _mm512_set1_epi16(0x30), 0xF8);
+}
+
+DEFINE_TILES(q4, 16, BLOCK_SCALE)
+DEFINE_TILES(q8, 32, BLOCK_SCALE)
+DEFINE_TILES(q5, 20, BLOCK_SCALE)
+DEFINE_TILES(q6, 24, HALF_SCALES)
 
 /* x: (M, K) bf16; qs: (N, K/32, 16) uint8 nibbles with d, m: (N, K/32) fp16, or (N, K/32, 32) int8 with
  * d and m = NULL (Q8_0); bias: N fp32 or NULL; y: (M, N) bf16. Returns an AIGC_* status. */
@@ -152,55 +183,87 @@ int qmatmul_avx512bf16(const uint16_t *x, const uint8_t *qs, const uint16_t *d, 
     return AIGC_OK;
 }
 
-/* Q4_K (k_qmatmul_kind's QKIND_Q4_K layout, common.h): its sub-blocks of 32 are 4-bit blocks in the order above, with
- * d_j = d sc_j and m_j = -dmin mn_j (both exact in fp32), so the same tiles run them; x: (M, K) bf16, K a multiple
- * of 256. Returns an AIGC_* status. */
-int qmatmul_avx512bf16_q4k(const uint16_t *x, const uint8_t *qs, const float *sd, const uint8_t *sm,
-                           const float *bias, uint16_t *y, int M, int N, int K, int nthreads) {
-    if (K % 256 || M <= 0 || N <= 0) return AIGC_ERR_ARGS;
-    const int nb = K / 32, nsb = K / 256;
-    float *xsum = malloc(((size_t)M * nb + 16) * sizeof(float)); /* (M, nb) block sums of x, for the offset term */
+/* The K-quants and the 5-bit kinds (k_qmatmul_kind's layouts, common.h): each row's blocks (sub-blocks) of 32 decode
+ * as above (128 + q), with a float scale per block d' (Q6_K: per half of 16) and an offset o = m' - 128 d' per block
+ * (Q6_K: -160 d' per half), times the block's (half's) sum of x: Q4_K, Q5_K d' = d sc_j, m' = -(dmin mn_j); Q5_0
+ * d' = d, m' = -16 d; Q5_1 d' = d, m' = m; Q6_K d' = d sc (every product exact). x: (M, K) bf16. Returns an AIGC_*
+ * status. */
+int qmatmul_avx512bf16_kind(int kind, const uint16_t *x, const uint8_t *qs, const void *d, const void *m,
+                            const float *bias, uint16_t *y, int M, int N, int K, int nthreads) {
+    const int nb = K / 32, nsb = K / 256, q6 = kind == QKIND_Q6_K;
+    const int qb = kind == QKIND_Q4_K ? 16 : q6 ? 24 : 20; /* bytes of quants per block */
+    size_t row_bytes, d_bytes, m_bytes;
+    qkind_row_bytes(kind, K, &row_bytes, &d_bytes, &m_bytes);
+    const int no = q6 ? 2 * nb : nb, span = K / no; /* offsets per row, each over span x */
+    float *xsum = malloc(((size_t)M * no + 16) * sizeof(float)); /* (M, no) sums of x, for the offset term */
     if (!xsum) return AIGC_ERR_NOMEM;
     for (int r = 0; r < M; r++)
-        for (int b = 0; b < nb; b++) {
+        for (int b = 0; b < no; b++) {
             float s = 0.0f;
-            for (int i = 0; i < 32; i++) s += bf16_to_float(x[(size_t)r * K + (size_t)b * 32 + i]);
-            xsum[(size_t)r * nb + b] = s;
+            for (int i = 0; i < span; i++) s += bf16_to_float(x[(size_t)r * K + (size_t)b * span + i]);
+            xsum[(size_t)r * no + b] = s;
         }
 #pragma omp parallel for schedule(static) num_threads(nthreads)
     for (int n = 0; n < N; n++) {
-        const uint8_t *qn = qs + (size_t)n * nb * 16;
-        const float *dn = sd + (size_t)n * nsb * 2;
-        const uint8_t *mn = sm + (size_t)n * nsb * 16;
+        const uint8_t *qn = qs + (size_t)n * row_bytes, *dn = (const uint8_t *)d + (size_t)n * d_bytes;
+        const uint8_t *mn = m ? (const uint8_t *)m + (size_t)n * m_bytes : NULL;
         const float bn = bias ? bias[n] : 0.0f;
         if (n + PREFETCH_ROWS < N) { /* the weight stream of a later row, ahead of the hardware prefetcher */
-            const uint8_t *ahead = qs + (size_t)(n + PREFETCH_ROWS) * nb * 16;
-            for (int c = 0; c < nb * 16; c += 64) _mm_prefetch((const char *)ahead + c, _MM_HINT_T0);
+            const uint8_t *ahead = qs + (size_t)(n + PREFETCH_ROWS) * row_bytes;
+            for (size_t c = 0; c < row_bytes; c += 64) _mm_prefetch((const char *)ahead + c, _MM_HINT_T0);
         }
-        float d32[nb + 16]; /* this row's sub-block d_j as fp32, o = m_j - 128 d_j */
-        float o32[nb + 16];
-        for (int s = 0; s < nsb; s++)
-            for (int j = 0; j < 8; j++) {
-                const float dj = dn[2 * s] * (float)mn[s * 16 + j], mj = -(dn[2 * s + 1] * (float)mn[s * 16 + 8 + j]);
-                d32[s * 8 + j] = dj;
-                o32[s * 8 + j] = fmaf(-128.0f, dj, mj);
+        float d32[2 * nb + 16]; /* this row's scales per block (Q6_K: per half) */
+        float o32[2 * nb + 16]; /* and offsets */
+        if (kind == QKIND_Q5_0 || kind == QKIND_Q5_1)
+            for (int b = 0; b < nb; b += 16) { /* fp16 d (and m), 16 blocks at a time */
+                const __mmask16 k = nb - b >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (nb - b)) - 1u);
+                const __m512 db = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, (const uint16_t *)dn + b));
+                const __m512 mb = kind == QKIND_Q5_1 ? _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, (const uint16_t *)mn + b))
+                                                     : _mm512_mul_ps(db, _mm512_set1_ps(-16.0f));
+                _mm512_storeu_ps(d32 + b, db);
+                _mm512_storeu_ps(o32 + b, _mm512_fmadd_ps(db, _mm512_set1_ps(-128.0f), mb));
+            }
+        else if (q6)
+            for (int s = 0; s < nsb; s++) { /* d sc for 16 halves; -160 d sc, exact (19 + 3 bits) */
+                const __m512i sc = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(mn + (size_t)s * 16)));
+                const __m512 ds = _mm512_mul_ps(_mm512_set1_ps(((const float *)dn)[s]), _mm512_cvtepi32_ps(sc));
+                _mm512_storeu_ps(d32 + s * 16, ds);
+                _mm512_storeu_ps(o32 + s * 16, _mm512_mul_ps(ds, _mm512_set1_ps(-160.0f)));
+            }
+        else /* Q4_K, Q5_K */
+            for (int s = 0; s < nsb; s++) { /* the 8 sub-blocks' d sc_j and -(dmin mn_j) (exact), o = m' - 128 d' */
+                const float *ds = (const float *)dn + 2 * s;
+                const __m128i sm = _mm_loadu_si128((const __m128i *)(mn + (size_t)s * 16)); /* 8 scales, 8 mins */
+                const __m256 dj = _mm256_mul_ps(_mm256_set1_ps(ds[0]), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(sm)));
+                const __m256 mj = _mm256_mul_ps(_mm256_set1_ps(-ds[1]),
+                                                _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(sm, 8))));
+                _mm256_storeu_ps(d32 + s * 8, dj);
+                _mm256_storeu_ps(o32 + s * 8, _mm256_fmadd_ps(dj, _mm256_set1_ps(-128.0f), mj));
             }
         __m512 sums[8];
         for (int r0 = 0; r0 < M;) {
             const int left = M - r0;
             const int mt = left >= 8 ? 8 : left >= 4 ? 4 : left >= 2 ? 2 : 1;
             const uint16_t *xr = x + (size_t)r0 * K;
-            switch (mt) {
-            case 8: tile_q4_8(qn, d32, xr, K, nb, sums); break;
-            case 4: tile_q4_4(qn, d32, xr, K, nb, sums); break;
-            case 2: tile_q4_2(qn, d32, xr, K, nb, sums); break;
-            default: tile_q4_1(qn, d32, xr, K, nb, sums); break;
+            switch (mt * 4 + (qb == 16 ? 0 : qb == 20 ? 1 : 2)) {
+            case 32: tile_q4_8(qn, d32, xr, K, nb, sums); break;
+            case 16: tile_q4_4(qn, d32, xr, K, nb, sums); break;
+            case 8: tile_q4_2(qn, d32, xr, K, nb, sums); break;
+            case 4: tile_q4_1(qn, d32, xr, K, nb, sums); break;
+            case 33: tile_q5_8(qn, d32, xr, K, nb, sums); break;
+            case 17: tile_q5_4(qn, d32, xr, K, nb, sums); break;
+            case 9: tile_q5_2(qn, d32, xr, K, nb, sums); break;
+            case 5: tile_q5_1(qn, d32, xr, K, nb, sums); break;
+            case 34: tile_q6_8(qn, d32, xr, K, nb, sums); break;
+            case 18: tile_q6_4(qn, d32, xr, K, nb, sums); break;
+            case 10: tile_q6_2(qn, d32, xr, K, nb, sums); break;
+            default: tile_q6_1(qn, d32, xr, K, nb, sums); break;
             }
             for (int i = 0; i < mt; i++) {
                 __m512 acc = sums[i];
-                const float *xs = xsum + (size_t)(r0 + i) * nb;
-                for (int b = 0; b < nb; b += 16) { /* nb is a multiple of 8 */
-                    const __mmask16 k = nb - b >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (nb - b)) - 1u);
+                const float *xs = xsum + (size_t)(r0 + i) * no; /* + the offsets times their sums of x */
+                for (int b = 0; b < no; b += 16) {
+                    const __mmask16 k = no - b >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (no - b)) - 1u);
                     acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, o32 + b), _mm512_maskz_loadu_ps(k, xs + b), acc);
                 }
                 y[(size_t)(r0 + i) * N + n] = float_to_bf16(_mm512_reduce_add_ps(acc) + bn);
