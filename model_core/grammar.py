@@ -19,23 +19,35 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import json
+import queue
 import re
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal, get_args
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, get_args
 
 import llguidance
 import numpy as np
 import torch
+from llguidance.gbnf_to_lark import any_to_lark
 
+from model_core.grammar_bounds import (
+    DEFAULT_BOUNDS,
+    GrammarBounds,
+    GrammarLimitError,
+    check_depth,
+    check_lark,
+    check_schema,
+    check_text,
+)
 from model_core.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
     from llguidance._lib import JsonCompileOptions
 
+T = TypeVar("T")
 GrammarKind = Literal["json_schema", "json_object", "regex", "choice", "grammar"]
 _KINDS: tuple[str, ...] = get_args(GrammarKind)
 
@@ -45,11 +57,17 @@ MAX_JSON_WHITESPACE = 20
 
 
 class GrammarError(ValueError):
-    """An invalid or unsupported grammar. `param` names what was wrong ("json_schema", "regex", ...)."""
+    """An invalid or unsupported grammar. `param` names what was wrong ("json_schema", "regex", ...); `limit` the
+    bound (`GrammarBounds` field) it is past, if that is why."""
 
-    def __init__(self, message: str, param: str | None = None) -> None:
+    def __init__(self, message: str, param: str | None = None, limit: str | None = None) -> None:
         super().__init__(message)
         self.param = param
+        self.limit = limit
+
+
+def _limit_error(e: GrammarLimitError, kind: str) -> GrammarError:
+    return GrammarError(str(e), kind, e.limit)
 
 
 @dataclass(frozen=True)
@@ -72,14 +90,21 @@ class GrammarSpec:
             raise GrammarError(f"{self.kind}: the value must be a string", self.kind)
 
     @classmethod
-    def json_schema(cls, schema: Any) -> GrammarSpec:
+    def json_schema(cls, schema: Any, bounds: GrammarBounds = DEFAULT_BOUNDS) -> GrammarSpec:
         """From a schema (a dict, bool or JSON text). Key order is kept: it is the order of the output's
-        properties, so schemas that differ only in key order are different grammars."""
+        properties, so schemas that differ only in key order are different grammars. A schema nested deeper
+        than `bounds.max_depth` is refused here, before it is serialised (recursively)."""
         if isinstance(schema, str):
             try:
                 schema = json.loads(schema)
             except ValueError as e:
                 raise GrammarError(f"json_schema: not valid JSON: {e}", "json_schema") from None
+            except RecursionError:
+                raise GrammarError("json_schema: nested too deeply", "json_schema", "max_depth") from None
+        try:
+            check_depth(schema, bounds, "json_schema")
+        except GrammarLimitError as e:
+            raise _limit_error(e, "json_schema") from None
         try:
             text = json.dumps(schema, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
         except (TypeError, ValueError) as e:
@@ -157,6 +182,62 @@ class GrammarMatcher:
         return _first_line(self._m.get_error()) if self._m.is_error() else None
 
 
+COMPILE_STACK_BYTES = 64 * 2**20  # virtual: pages are touched only as deep as a compile goes
+
+
+def default_limits() -> llguidance.LLParserLimits:
+    """llguidance's work limits as this server sets them: its defaults made explicit, with the lexer's states and
+    the grammar's size lowered (each lexer state holds 1-2 KB: 100,000 of them bound one grammar near 200 MB),
+    and no grammar text in error messages."""
+    return llguidance.LLParserLimits(
+        max_items_in_row=2_000,
+        initial_lexer_fuel=1_000_000,  # ~20 ms of regex analysis at compile time
+        step_lexer_fuel=200_000,  # ~15 ms per token mask
+        step_max_items=50_000,  # Earley items per token mask
+        max_lexer_states=100_000,
+        max_grammar_size=200_000,  # symbols in the grammar's productions
+        verbose_errors=False,
+    )
+
+
+class _BigStackPool:
+    """A fixed pool of daemon threads with `stack_bytes` stacks (ThreadPoolExecutor's threads get the
+    process default, 8 MiB here, and start lazily, after any stack size set for them is restored)."""
+
+    def __init__(self, workers: int, stack_bytes: int, name: str) -> None:
+        self._queue: queue.SimpleQueue[tuple[concurrent.futures.Future[Any], Callable[[], Any]] | None] = (
+            queue.SimpleQueue()
+        )
+        previous = threading.stack_size(stack_bytes)
+        try:
+            self._threads = [
+                threading.Thread(target=self._run, name=f"{name}-{i}", daemon=True) for i in range(workers)
+            ]
+            for t in self._threads:
+                t.start()
+        finally:
+            threading.stack_size(previous)
+
+    def submit(self, fn: Callable[..., T], *args: Any) -> concurrent.futures.Future[T]:
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+        self._queue.put((future, lambda: fn(*args)))
+        return future
+
+    def shutdown(self) -> None:
+        for _ in self._threads:
+            self._queue.put(None)
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            future, call = item
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(call())
+            except BaseException as e:  # handed to the caller, as ThreadPoolExecutor does
+                future.set_exception(e)
+
+
 class CompiledGrammar:
     """A grammar compiled for one tokenizer; `matcher()` makes a fresh per-request state (~20 us)."""
 
@@ -176,10 +257,14 @@ class GrammarCompiler:
     """Compiles GrammarSpecs for one tokenizer and model; an LRU cache of `cache_size` grammars.
 
     vocab_size is the model's logits width (it may exceed the tokenizer's token count: the extra ids
-    are never allowed). Compiling is bounded twice: by llguidance's own work limits (lexer fuel, grammar
-    size; `limits`), and by `max_compile_s` of wall-clock time (waiting for one of the 2 compile threads
-    included), past which `compile` raises GrammarError (the native compile cannot be interrupted: it
-    finishes in the background, within its work limits, and is not cached). Thread-safe.
+    are never allowed). Compiling is bounded three times: by `bounds` (`GrammarBounds`: depth, `$ref` chain,
+    rules, bytes), checked before llguidance sees the grammar, since its compiler recurses on the thread's
+    stack and a deep enough grammar crashes the process; by llguidance's own work limits (lexer fuel, grammar
+    size, lexer states; `limits`); and by `max_compile_s` of wall-clock time (waiting for one of the 2 compile
+    threads included), past which `compile` raises GrammarError (the native compile cannot be interrupted: it
+    finishes in the background, within its work limits, and is not cached). The compile threads run on
+    `COMPILE_STACK_BYTES` stacks, about 8x the measured need of the largest grammar the bounds admit.
+    Thread-safe.
     """
 
     def __init__(
@@ -189,6 +274,7 @@ class GrammarCompiler:
         cache_size: int = 128,
         max_compile_s: float = 5.0,
         limits: llguidance.LLParserLimits | None = None,
+        bounds: GrammarBounds = DEFAULT_BOUNDS,
     ) -> None:
         if not tokenizer.eos_token_ids:
             raise ValueError("constrained decoding needs a tokenizer with an EOS token")
@@ -198,13 +284,14 @@ class GrammarCompiler:
         self.cache_size = cache_size
         self.max_compile_s = max_compile_s
         self.eos_token_ids = tuple(tokenizer.eos_token_ids)
-        self._limits = limits if limits is not None else llguidance.LLParserLimits(verbose_errors=False)
+        self.bounds = bounds
+        self._limits = limits if limits is not None else default_limits()
         self._lltok = llguidance.LLTokenizer(
             llguidance.TokenizerWrapper(_TokenizerView(tokenizer, vocab_size)), eos_token=list(self.eos_token_ids)
         )
         self._cache: collections.OrderedDict[GrammarSpec, CompiledGrammar] = collections.OrderedDict()
         self._lock = threading.Lock()
-        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="grammar-compile")
+        self._pool = _BigStackPool(2, COMPILE_STACK_BYTES, "grammar-compile")
 
     def compile(self, spec: GrammarSpec) -> CompiledGrammar:
         """The compiled grammar of spec (cached); GrammarError if it is invalid, unsupported or too slow."""
@@ -230,11 +317,11 @@ class GrammarCompiler:
             return len(self._cache)
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._pool.shutdown()
 
     def _compile(self, spec: GrammarSpec) -> CompiledGrammar:
         t0 = time.perf_counter()
-        grammar = _to_llguidance(spec)
+        grammar = _to_llguidance(spec, self.bounds)
         template = llguidance.LLMatcher(self._lltok, grammar, log_level=0, limits=self._limits)
         if template.is_error():
             raise GrammarError(_explain(spec.kind, template.get_error()), spec.kind)
@@ -261,9 +348,18 @@ class _TokenizerView:
         return self._tok.encode(s, add_special_tokens=False)
 
 
-def _to_llguidance(spec: GrammarSpec) -> str:
-    """The llguidance grammar (JSON text) of spec; GrammarError for what cannot even be translated."""
+def _to_llguidance(spec: GrammarSpec, bounds: GrammarBounds = DEFAULT_BOUNDS) -> str:
+    """The llguidance grammar (JSON text) of spec; GrammarError for what cannot even be translated, or is past
+    `bounds` (checked before any llguidance call: its translators recurse too)."""
+    try:
+        return _translate(spec, bounds)
+    except GrammarLimitError as e:
+        raise _limit_error(e, spec.kind) from None
+
+
+def _translate(spec: GrammarSpec, bounds: GrammarBounds) -> str:
     kind, value = spec.kind, spec.value
+    check_text(value, bounds, kind)
     # overrides, not defaults: a schema's own "x-guidance" options cannot turn on leniency
     opts: JsonCompileOptions = {
         "whitespace_pattern": rf"[\x20\x0A\x0D\x09]{{0,{MAX_JSON_WHITESPACE}}}",
@@ -276,10 +372,15 @@ def _to_llguidance(spec: GrammarSpec) -> str:
             schema = json.loads(value)
         except ValueError as e:
             raise GrammarError(f"json_schema: not valid JSON: {e}", kind) from None
+        except RecursionError:
+            raise GrammarLimitError(
+                f"json_schema: nested deeper than max_depth {bounds.max_depth}", "max_depth"
+            ) from None
         if schema is False:
             raise GrammarError("json_schema: the schema `false` accepts nothing", kind)
         if not isinstance(schema, (dict, bool)):
             raise GrammarError("json_schema: a schema must be a JSON object or a boolean", kind)
+        check_schema(schema, bounds, kind)
         try:  # `true` accepts any JSON value, as does {}
             return llguidance.LLMatcher.grammar_from_json_schema(value if schema is not True else "{}", overrides=opts)
         except ValueError as e:
@@ -297,7 +398,16 @@ def _to_llguidance(spec: GrammarSpec) -> str:
     if not value.strip():
         raise GrammarError("grammar: the grammar is empty", kind)
     try:
-        return llguidance.grammar_from("grammar", value)  # Lark as is; GBNF/EBNF converted to Lark
+        lark = any_to_lark(value)  # Lark as is; GBNF/EBNF converted to Lark
+    except RecursionError:
+        raise GrammarLimitError("grammar: nested deeper than this server compiles", "max_depth") from None
+    except Exception as e:  # the converter raises what its parser raises
+        raise GrammarError(
+            f"grammar: Failed to convert the grammar from GBNF to Lark: {_first_line(str(e))}", kind
+        ) from None
+    check_lark(lark, bounds, kind)
+    try:
+        return llguidance.LLMatcher.grammar_from_lark(lark)
     except ValueError as e:
         raise GrammarError(f"grammar: {_first_line(str(e))}", kind) from None
 
@@ -322,6 +432,15 @@ def _explain(kind: str, error: str) -> str:
         reason = [line.strip() for line in error.splitlines() if line.strip().startswith("error:")]
         return f"{kind}: invalid regex: {reason[0][6:].strip() if reason else _first_line(error)}"
     return f"{kind}: {_first_line(error)}"
+
+
+_WORK_LIMIT = re.compile(r"max is \d+|fuel|too many|limit", re.IGNORECASE)
+
+
+def is_work_limit(error: str | None) -> bool:
+    """Whether a matcher's error is one of llguidance's work limits (Earley items in a row or a step, lexer fuel,
+    lexer states) rather than a refused token: the grammar is too costly to follow, not the caller's bug."""
+    return bool(error) and _WORK_LIMIT.search(error or "") is not None
 
 
 def _first_line(s: str) -> str:

@@ -10,6 +10,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Request
 
 from model_core.grammar import GrammarSpec
+from model_core.grammar_bounds import DEFAULT_BOUNDS, GrammarLimitError, check_depth
 from service.api.chunks import (
     ChatChoice,
     ChatChunkChoice,
@@ -147,6 +148,12 @@ def tool_setup(req: ChatCompletionRequest) -> tuple[list[Function] | None, list[
     names = [f.name for f in functions]
     if len(set(names)) != len(names):
         raise APIError("tools: function names must be unique", param="tools")
+    for i, f in enumerate(functions):  # before the schema is serialised into the prompt or a grammar (recursively)
+        param = f"tools.{i}.function.parameters"
+        try:
+            check_depth(f.parameters, DEFAULT_BOUNDS, param)
+        except GrammarLimitError as e:
+            raise APIError(str(e), param=param, code="grammar_limit_exceeded") from None
     if not functions or choice == "none":
         return None, None
     if choice == "required":

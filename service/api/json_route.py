@@ -10,6 +10,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from fastapi.routing import APIRoute
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -20,7 +21,12 @@ class _OffLoopJSONRequest(Request):
     async def json(self) -> Any:
         if not hasattr(self, "_json"):
             body = await self.body()
-            self._json = await asyncio.to_thread(json.loads, body) if len(body) > OFF_LOOP_ABOVE else json.loads(body)
+            try:
+                self._json = (
+                    await asyncio.to_thread(json.loads, body) if len(body) > OFF_LOOP_ABOVE else json.loads(body)
+                )
+            except RecursionError:  # FastAPI would answer a bare "There was an error parsing the body"
+                raise HTTPException(400, "the JSON body is nested too deeply to parse") from None
         return self._json
 
 

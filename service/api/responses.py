@@ -5,6 +5,7 @@ the reply is a Response object, or with `stream` the Responses API's typed serve
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -141,6 +142,19 @@ def _renamed(params: dict[str, str]) -> Iterator[None]:
                 e.param = new + e.param[len(old) :]
                 e.message = e.message.replace(old, new)
                 break
+        raise
+
+
+@contextmanager
+def _tools_renamed() -> Iterator[None]:
+    """Chat's `tools.N.function.parameters` is this route's `tools.N.parameters` (function tools only, in order)."""
+    try:
+        yield
+    except APIError as e:
+        if e.param is not None and (m := re.match(r"tools\.(\d+)\.function\.", e.param)):
+            new = f"tools.{m.group(1)}."
+            e.message = e.message.replace(m.group(0), new)
+            e.param = new + e.param[m.end() :]
         raise
 
 
@@ -450,7 +464,7 @@ async def create_response(
     check_extra_fields(req, "responses")
     messages = input_messages(req)
     chat = chat_request(req, messages)
-    with _renamed({"tool_choice.function.name": "tool_choice.name"}):
+    with _renamed({"tool_choice.function.name": "tool_choice.name"}), _tools_renamed():
         functions, forced = tool_setup(chat)
     with _renamed({"response_format.json_schema.schema": "text.format.schema", "response_format": "text.format"}):
         constraint = output_constraint(chat.response_format, None)

@@ -66,11 +66,14 @@ def _schema(value: object, param: str) -> GrammarSpec:
     try:
         return GrammarSpec.json_schema(value)
     except GrammarError as e:
-        raise APIError(str(e), param=param, code="invalid_schema") from None
+        raise APIError(str(e), param=param, code="grammar_limit_exceeded" if e.limit else "invalid_schema") from None
 
 
 async def compile_grammar(tm: TextModel, spec: GrammarSpec, param: str) -> CompiledGrammar:
+    """The compiled grammar; a 400 naming `param` if it is invalid, unsupported, too slow to compile or past one of
+    the grammar bounds (code `grammar_limit_exceeded`, the message naming the bound)."""
     try:
         return await asyncio.to_thread(lambda: tm.grammars.compile(spec))
     except GrammarError as e:
-        raise APIError(str(e), param=param, code="invalid_grammar") from None
+        code = "grammar_limit_exceeded" if e.limit else "invalid_grammar"
+        raise APIError(str(e), param=param, code=code) from None

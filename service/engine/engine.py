@@ -27,7 +27,7 @@ from typing import Protocol
 
 import torch
 
-from model_core.grammar import CompiledGrammar
+from model_core.grammar import CompiledGrammar, is_work_limit
 from model_core.lm import CausalLM
 from model_core.native import Kernels
 from model_core.sampling import SamplingParams, TokenScore, make_generator
@@ -38,6 +38,7 @@ from service.engine.errors import (
     EngineDeadError,
     EngineError,
     ErrorKind,
+    grammar_limit_error,
     internal_error,
     invalid_request,
 )
@@ -426,10 +427,17 @@ class LLMEngine:
 
     def _deliver(self, st: RequestState, res: SampleResult, now: float) -> None:
         seq, matcher = st.seq, st.sampling.matcher
-        if matcher is not None and not matcher.accept(res.token_id):  # masked logits: never expected
-            log.error("request %s: grammar rejected token %d: %s", seq.request_id, res.token_id, matcher.error)
-            self._fail(seq.request_id, internal_error(f"constrained decoding failed: {matcher.error}"))
-            return
+        if matcher is not None:
+            error = matcher.error  # set while computing the mask: a work limit of the grammar engine
+            if error is None and not matcher.accept(res.token_id):
+                error = matcher.error or "the grammar refused the token"
+                if not is_work_limit(error):  # refused a token its mask allowed: not expected
+                    log.error("request %s: grammar rejected token %d: %s", seq.request_id, res.token_id, error)
+                    self._fail(seq.request_id, internal_error(f"constrained decoding failed: {error}"))
+                    return
+            if error is not None:
+                self._fail(seq.request_id, grammar_limit_error(error))
+                return
         first = st.num_emitted == 0
         st.num_emitted += 1
         finish: str | None = None

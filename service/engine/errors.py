@@ -53,3 +53,9 @@ def invalid_request(message: str, param: str | None = None) -> EngineError:
 
 def internal_error(message: str) -> EngineError:
     return EngineError(message, ErrorKind.INTERNAL)
+
+
+def grammar_limit_error(reason: str) -> EngineError:
+    """A request whose grammar stopped at one of the grammar engine's work limits (llguidance's Earley items per
+    row or per step, lexer fuel) while computing a token mask: the grammar, not the server, is at fault."""
+    return invalid_request(f"constrained decoding stopped: the grammar exceeds the grammar engine's limits ({reason})")

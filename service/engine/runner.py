@@ -28,7 +28,7 @@ from model_core.kv_cache import PagedKVCache
 from model_core.lm import CausalLM
 from model_core.native import Kernels
 from model_core.sampling import SamplingParams, compute_logprobs, process_logits, sample, score_tokens
-from service.engine.errors import EngineError, internal_error, invalid_request
+from service.engine.errors import EngineError, grammar_limit_error, internal_error, invalid_request
 from service.engine.model_input import ChunkInput, ModelInput, SamplingState
 
 log = logging.getLogger(__name__)
@@ -207,9 +207,9 @@ class ModelRunner:
             m = matchers[i]
             results[chunks[i].request_id] = SampleResult(
                 -1,
-                error=internal_error(
-                    f"constrained decoding failed: the grammar allows no token ({m.error if m else ''})"
-                ),
+                error=grammar_limit_error(m.error)
+                if m is not None and m.error is not None
+                else internal_error("constrained decoding failed: the grammar allows no token"),
             )
         for i in stuck:
             results[chunks[i].request_id] = SampleResult(

@@ -409,3 +409,159 @@ def test_bitmask_unpacking_paths_agree():
     want = torch.tensor([[(int(bm[r, t // 32]) >> (t % 32)) & 1 for t in range(200)] for r in range(3)]).bool()
     assert torch.equal(unpack_bitmask(bm, 200), want)
     assert torch.equal(_unpack_with_shifts(bm, 200), want)
+
+
+# ---- bounds before compiling (issue #31: deep grammars crashed the process inside llguidance) ----------------
+def defs_chain(n: int, kind: str = "object") -> dict[str, Any]:
+    """A0 -> $ref A1 -> ... -> An: each link an object property, an array's items, or a bare $ref."""
+
+    def link(i: int) -> dict[str, Any]:
+        ref = {"$ref": f"#/$defs/A{i + 1}"}
+        if kind == "object":
+            return {"type": "object", "properties": {"next": ref}, "required": ["next"], "additionalProperties": False}
+        return {"type": "array", "items": ref, "minItems": 1} if kind == "array" else ref
+
+    defs = {f"A{i}": link(i) for i in range(n)}
+    defs[f"A{n}"] = {"type": "string", "maxLength": 3}
+    return {"$ref": "#/$defs/A0", "$defs": defs}
+
+
+def lark_chain(n: int) -> str:
+    return "start: r0\n" + "\n".join([f"r{i}: r{i + 1}" for i in range(n)] + [f'r{n}: "a"'])
+
+
+def gbnf_chain(n: int) -> str:
+    return "root ::= r0\n" + "\n".join([f"r{i} ::= r{i + 1}" for i in range(n)] + [f'r{n} ::= "a"'])
+
+
+def nested(n: int) -> dict[str, Any]:
+    s: dict[str, Any] = {"type": "integer"}
+    for _ in range(n):
+        s = {"type": "object", "properties": {"x": s}, "required": ["x"]}
+    return s
+
+
+@pytest.mark.parametrize(
+    "spec, limit",
+    [
+        (GrammarSpec.json_schema(defs_chain(1000)), "max_ref_chain"),  # the issue's: segfaulted
+        (GrammarSpec.json_schema(defs_chain(5000, "ref")), "max_ref_chain"),
+        (GrammarSpec.json_schema(defs_chain(100)), "max_expanded_depth"),  # 100 hops of 3 levels each
+        (GrammarSpec.grammar(lark_chain(3000)), "max_rules"),  # segfaulted
+        (GrammarSpec.grammar(gbnf_chain(5000)), "max_rules"),  # segfaulted
+        (GrammarSpec.grammar(lark_chain(20_000)), "max_bytes"),  # the issue's 640 KB grammar: segfaulted
+        (GrammarSpec.grammar("start: %json " + json.dumps(defs_chain(1000))), "max_ref_chain"),
+        (GrammarSpec("json_schema", json.dumps(nested(60))), "max_depth"),
+        (GrammarSpec("json_schema", "[" * 5000 + "]" * 5000), "max_depth"),  # deeper than json.loads recurses
+        (GrammarSpec.regex("a" * 300_000), "max_bytes"),
+    ],
+    ids=lambda v: v if isinstance(v, str) else f"{v.kind}-{len(v.value)}",
+)
+def test_grammars_past_the_bounds_are_refused_naming_the_limit(compiler, spec, limit):
+    with pytest.raises(GrammarError) as e:
+        compiler.compile(spec)
+    assert e.value.limit == limit and e.value.param == spec.kind
+    assert limit in str(e.value) and str(e.value).startswith(spec.kind)
+
+
+def test_a_schema_too_deep_to_serialise_is_refused_when_the_spec_is_made():
+    deep: Any = {}
+    for _ in range(5000):  # json.dumps would raise RecursionError
+        deep = {"properties": {"x": deep}}
+    with pytest.raises(GrammarError) as e:
+        GrammarSpec.json_schema(deep)
+    assert e.value.limit == "max_depth" and e.value.param == "json_schema"
+
+
+def test_the_bounds_admit_what_they_state(compiler, smol_tokenizer):
+    ok = [
+        GrammarSpec.grammar(lark_chain(990)),  # max_rules 1,000 (start and the last rule count too)
+        GrammarSpec.grammar(gbnf_chain(990)),
+        GrammarSpec.json_schema(defs_chain(120, "ref")),  # max_ref_chain 128
+        GrammarSpec.json_schema(defs_chain(60)),  # about 180 levels with the $refs followed
+        GrammarSpec.json_schema(nested(45)),  # 91 levels: max_depth 100
+        GrammarSpec.json_schema(  # recursion (a cycle through $ref) is not a chain: it compiles
+            {
+                "$defs": {
+                    "T": {"type": "object", "properties": {"kids": {"type": "array", "items": {"$ref": "#/$defs/T"}}}}
+                },
+                "$ref": "#/$defs/T",
+            }
+        ),
+        GrammarSpec.json_schema(
+            {"type": "object", "properties": {"self": {"anyOf": [{"$ref": "#"}, {"type": "null"}]}}}
+        ),
+    ]
+    for spec in ok:
+        compiler.compile(spec).matcher()
+    walk = compiler.compile(GrammarSpec.json_schema(defs_chain(40))).matcher()
+    text = _greedy_walk(walk, smol_tokenizer)
+    assert text.count('"next"') == 40
+
+
+def _greedy_walk(m: GrammarMatcher, tok: Tokenizer, max_steps: int = 400) -> str:
+    ids: list[int] = []
+    while not m.is_terminated and len(ids) < max_steps:
+        allowed = [t for t in allowed_tokens(m, tok.vocab_size) if t not in tok.eos_token_ids]
+        if not allowed:
+            break
+        ids.append(allowed[0])
+        assert m.accept(allowed[0])
+    return tok.decode(ids)
+
+
+def test_bounds_measure_nodes_chains_and_cycles():
+    from model_core.grammar_bounds import GrammarBounds, GrammarLimitError, _expanded, check_schema
+
+    wide = {"type": "object", "properties": {f"p{i}": {"type": "integer"} for i in range(200)}}
+    with pytest.raises(GrammarLimitError) as e:
+        check_schema(wide, GrammarBounds(max_nodes=100), "json_schema")
+    assert e.value.limit == "max_nodes"
+    check_schema(wide, GrammarBounds(), "json_schema")
+    assert _expanded(defs_chain(10, "ref"))[1] == 11  # hops: the root's, then A0 .. A9
+    cycle = {
+        "$defs": {"A": {"$ref": "#/$defs/B"}, "B": {"anyOf": [{"$ref": "#/$defs/A"}, {"type": "null"}]}},
+        "$ref": "#/$defs/A",
+    }
+    depth, hops = _expanded(cycle)
+    assert hops == 2 and depth < 10  # the cycle is cut where it closes
+    assert _expanded({"$ref": "#/nowhere", "a": {"$ref": "http://x/y"}}) == (2, 0)  # unresolved refs: not followed
+
+
+CRASH_PROBE = """
+import json, sys
+from model_core.default_model import find_default_model
+from model_core.grammar import GrammarCompiler, GrammarError, GrammarSpec
+from model_core.tokenizer import Tokenizer
+from tests.model_core.test_grammar import defs_chain, gbnf_chain, lark_chain
+tok = Tokenizer.from_gguf(find_default_model())
+c = GrammarCompiler(tok, tok.vocab_size, max_compile_s=60)
+specs = [GrammarSpec.json_schema(defs_chain(1000)), GrammarSpec.json_schema(defs_chain(5000, "ref")),
+         GrammarSpec.grammar(lark_chain(3000)), GrammarSpec.grammar(lark_chain(20000)),
+         GrammarSpec.grammar(gbnf_chain(5000))]
+for spec in specs:
+    try:
+        c.compile(spec)
+        print("compiled")
+    except GrammarError as e:
+        print("refused", e.limit)
+"""
+
+
+def test_grammars_that_crashed_the_process_are_refused_in_a_subprocess():
+    """Compiled unbounded, each of these segfaults llguidance (measured: a `$defs` chain of 1,000 objects, Lark
+    chains of 2,800 rules, GBNF of 5,000, on an 8 MiB stack); run where a crash cannot take the tests with it."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    proc = subprocess.run([sys.executable, "-c", CRASH_PROBE], cwd=repo, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])
+    assert proc.stdout.split("\n")[:5] == [
+        "refused max_ref_chain",
+        "refused max_ref_chain",
+        "refused max_rules",
+        "refused max_bytes",
+        "refused max_rules",
+    ], proc.stdout
