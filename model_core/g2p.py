@@ -161,18 +161,20 @@ class G2P:
         return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
 
     def normalize(self, word: str) -> str:
-        """Strip and lowercase a word, or raise WordError naming what is wrong and what is accepted."""
+        """Strip and lowercase a word, or raise WordError naming what is wrong and what is accepted. Characters are
+        checked before lowercasing, as ASCII: the Kelvin sign (U+212A) or a dotted capital I lowercase to ASCII
+        letters in Python, and are refused like any other non-ASCII letter."""
         if not isinstance(word, str):
             raise WordError(f"a word must be a string, got {type(word).__name__}")
-        w = word.strip().lower()
-        if not w:
+        stripped = word.strip()
+        if not stripped:
             raise WordError(f"empty word; a word is 1 to {self.config.max_word_len} characters: {self.accepted()}")
-        if len(w) > self.config.max_word_len:
-            raise WordError(f"word of {len(w)} characters; at most {self.config.max_word_len} are accepted")
-        bad = sorted({c for c in w if c not in self._src_ids})
+        if len(stripped) > self.config.max_word_len:
+            raise WordError(f"word of {len(stripped)} characters; at most {self.config.max_word_len} are accepted")
+        bad = sorted({c for c in stripped if not c.isascii() or c.lower() not in self._src_ids})
         if bad:
             raise WordError(f"unsupported characters {''.join(bad)!r} in {word!r}; accepted: {self.accepted()}")
-        return w
+        return stripped.lower()
 
     def encode(self, words: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalised words -> source ids (B, S) and padding mask (B, S), True = pad."""

@@ -118,6 +118,9 @@ def test_normalize_refuses_what_the_model_cannot_read() -> None:
         ("héllo", "'é'"),
         ("two words", "' '"),
         ("c3po", "'3'"),
+        ("\u212aelvin", "'\u212a'"),  # the Kelvin sign: lowercases to an ASCII "k" (issue #31)
+        ("\u0130stanbul", "'\u0130'"),  # capital I with a dot: lowercases to "i" + a combining dot
+        ("\uff41bc", "'\uff41'"),  # a fullwidth "a"
     ]:
         with pytest.raises(WordError, match=needle) as e:
             m.normalize(bad)

@@ -289,6 +289,9 @@ def test_openai_client(server: InProcessServer, g2p: G2P) -> None:
         assert streamed == out.choices[0].text
         with pytest.raises(openai.BadRequestError, match="a-z"):
             client.completions.create(model=G2P_MODEL, prompt="naïve")
+        with pytest.raises(openai.BadRequestError, match="a-z") as e:  # the Kelvin sign: not an ASCII "K"
+            client.completions.create(model=G2P_MODEL, prompt="\u212aelvin")
+        assert e.value.param == "prompt"
 
 
 def test_benchmark_client(server: InProcessServer) -> None:
