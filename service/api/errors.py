@@ -162,6 +162,43 @@ def validation_message(errors: Sequence[Any]) -> tuple[str, str | None]:
     return "; ".join(parts) or "invalid request body", next(iter(by_param), None)
 
 
+SERVED = "/v1/completions, /v1/chat/completions, /v1/responses, /v1/images/generations and /v1/models"
+
+# OpenAI (and vLLM) routes clients call that this server has no model or storage for: path prefix -> what it is
+UNSUPPORTED_ENDPOINTS: dict[str, str] = {
+    "/v1/embeddings": "embeddings (it has no embedding model)",
+    "/v1/audio/": "audio: speech, transcriptions, translations (it has no audio model)",
+    "/v1/moderations": "moderations (it has no moderation model)",
+    "/v1/images/edits": "image edits (its GAN only generates)",
+    "/v1/images/variations": "image variations (its GAN only generates)",
+    "/v1/files": "files (it stores nothing)",
+    "/v1/uploads": "uploads (it stores nothing)",
+    "/v1/batches": "the Batch API (it stores nothing)",
+    "/v1/fine_tuning/": "fine-tuning",
+    "/v1/fine-tunes": "fine-tuning",
+    "/v1/assistants": "the Assistants API (it stores nothing)",
+    "/v1/threads": "the Assistants API (it stores nothing)",
+    "/v1/vector_stores": "vector stores (it stores nothing)",
+    "/v1/realtime": "the Realtime API",
+    "/v1/responses/": "stored responses (it stores none: send the whole conversation as input)",
+    "/v1/chat/completions/": "stored chat completions (it stores none)",
+    "/v1/rerank": "reranking (it has no scoring model)",
+    "/v1/score": "scoring (it has no scoring model)",
+    "/rerank": "reranking (it has no scoring model)",
+    "/score": "scoring (it has no scoring model)",
+    "/pooling": "pooling (it has no embedding model)",
+    "/classify": "classification (it has no classification model)",
+}
+
+
+def unsupported_endpoint(path: str) -> str | None:
+    """What an unserved path a client may call is (for a 404 that says so), or None for any other path."""
+    for prefix, what in UNSUPPORTED_ENDPOINTS.items():
+        if path == prefix.rstrip("/") or path.startswith(prefix if prefix.endswith("/") else prefix + "/"):
+            return what
+    return None
+
+
 def _without_422(openapi: Callable[[], dict[str, Any]]) -> Callable[[], dict[str, Any]]:
     """app.openapi without the 422 FastAPI documents on every route with a body or parameters (this app answers
     validation errors with a documented 400)."""
@@ -213,7 +250,13 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(400, msg, param=param, code="invalid_value")
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 404 and (what := unsupported_endpoint(request.url.path)) is not None:
+            return error_response(
+                404,
+                f"{request.url.path}: this server does not serve {what}. It serves {SERVED}.",
+                code="unsupported_endpoint",
+            )
         return error_response(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)

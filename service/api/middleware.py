@@ -33,6 +33,11 @@ def _is_json(content_type: bytes) -> bool:
     return media == b"application/json" or (media.startswith(b"application/") and media.endswith(b"+json"))
 
 
+def _conflicting_lengths(scope: Scope) -> bool:
+    lengths = {v.strip() for k, v in scope.get("headers", ()) if k == b"content-length"}
+    return len(lengths) > 1
+
+
 class RequestContextMiddleware:
     def __init__(
         self,
@@ -60,6 +65,20 @@ class RequestContextMiddleware:
         status = 0
         tracked = scope["path"] not in UNTRACKED
 
+        if b"transfer-encoding" in headers and b"content-length" in headers or _conflicting_lengths(scope):
+            # RFC 9112 6.3: a proxy and this server could each frame the body differently (request smuggling)
+            await self._send_error(
+                send,
+                rid,
+                400,
+                "the request has both Content-Length and Transfer-Encoding (or conflicting Content-Lengths): "
+                "send one framing of the body",
+                "invalid_request_error",
+                "conflicting_framing",
+                close=True,
+            )
+            self._log(scope, rid, 400, t0)
+            return
         declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
             await self._send_body_error(send, rid, self._too_large())

@@ -415,3 +415,73 @@ def test_max_tokens_default_caps_requests_that_set_no_limit(
         assert r.json()["usage"]["completion_tokens"] == 5
         r = c.post("/v1/completions", json={"prompt": "hi", "ignore_eos": True, "max_tokens": 9})
         assert r.json()["usage"]["completion_tokens"] == 9  # an explicit limit wins
+
+
+def _exchange(port: int, request: bytes) -> tuple[bytes, bytes]:
+    """Send a whole raw request; return the response's head and body once the server closes the connection."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(request)
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    return head, body
+
+
+def test_conflicting_body_framing_is_a_400_that_closes_the_connection(server: LiveServer) -> None:
+    """Content-Length with Transfer-Encoding (or two different Content-Lengths): a proxy in front and this
+    server could split the bytes into different requests (request smuggling), so neither framing is trusted."""
+    body = b'{"prompt": "hi", "max_tokens": 1}'
+    chunked = f"{len(body):x}\r\n".encode() + body + b"\r\n0\r\n\r\n"
+    start = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    for head in (
+        b"Content-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n" + chunked,
+        b"Transfer-Encoding: chunked\r\nContent-Length: 200\r\n\r\n" + chunked,
+    ):
+        status, payload = _exchange(server.port, start + head)  # the server closes: nothing is smuggled after
+        assert status.startswith(b"HTTP/1.1 400") and b"connection: close" in status.lower(), status
+        err = json.loads(payload)["error"]
+        assert err["code"] == "conflicting_framing" and "Transfer-Encoding" in err["message"]
+    status, _ = _exchange(server.port, start + b"Content-Length: 33\r\nContent-Length: 5\r\n\r\n" + body)
+    assert status.startswith(b"HTTP/1.1 400"), status
+    # one framing alone is served
+    with httpx.Client(base_url=server.base_url, timeout=30) as c:
+        assert c.post("/v1/completions", content=body, headers={"content-type": "application/json"}).status_code == 200
+        chunks = iter([body[:10], body[10:]])
+        r = c.post("/v1/completions", content=chunks, headers={"content-type": "application/json"})  # chunked
+        assert r.status_code == 200, r.text
+
+
+@pytest.mark.parametrize(
+    "method, path, what",
+    [
+        ("POST", "/v1/embeddings", "embedding model"),
+        ("POST", "/v1/audio/transcriptions", "audio"),
+        ("POST", "/v1/audio/speech", "audio"),
+        ("POST", "/v1/moderations", "moderation"),
+        ("GET", "/v1/files", "files"),
+        ("POST", "/v1/images/edits", "image edits"),
+        ("GET", "/v1/responses/resp_123", "stored responses"),
+        ("POST", "/v1/rerank", "reranking"),
+    ],
+)
+def test_unsupported_routes_say_what_this_server_does_not_serve(
+    http: httpx.Client, method: str, path: str, what: str
+) -> None:
+    err = assert_error(http.request(method, path, json={"input": "x", "model": "m"}), 404, code="unsupported_endpoint")
+    assert err["type"] == "not_found_error"
+    assert err["message"].startswith(f"{path}: this server does not serve") and what in err["message"], err
+    assert "/v1/chat/completions" in err["message"]  # and what it serves instead
+
+
+def test_unsupported_routes_through_the_openai_client(server: LiveServer) -> None:
+    import openai
+
+    with openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="x", max_retries=0) as client:
+        with pytest.raises(openai.NotFoundError, match="embedding model") as e:
+            client.embeddings.create(model="m", input="hello")
+        assert e.value.code == "unsupported_endpoint"
+        with pytest.raises(openai.NotFoundError, match="moderation"):
+            client.moderations.create(input="hello")
+    err = assert_error(httpx.get(f"{server.base_url}/v1/no-such-route", timeout=10), 404)
+    assert err["code"] is None and err["message"] == "Not Found"  # other unknown paths: a plain 404
