@@ -106,12 +106,12 @@ class _Layer:
         if len(seen) == len(self._seen) and all(a is b for a, b in zip(seen, self._seen)):
             return
         quant = [lin.quant for lin in linears if isinstance(lin, QuantLinear)]
-        if len(quant) == 4 and len({w.interleaved for w in quant}) > 1:
+        if len(quant) == 4 and len({w.interleaved for w in quant if w.kind.int8}) > 1:
             raise ValueError("the fused decoder runs a layer's projections in one matmul mode")
         if len(quant) == 4:
             self._ptrs = _WeightPtrs(*[None if t is None else t.data_ptr() for w in quant for t in (w.qs, w.d, w.m)])
             self._kinds = _Kinds(*[w.kind.value for w in quant])
-            self._i8 = int(quant[0].interleaved)
+            self._i8 = int(any(w.interleaved for w in quant))  # (float kinds take exact products in either mode)
             self.one_call_rows = min(lin.max_rows for lin in linears if isinstance(lin, QuantLinear))
         else:
             self._ptrs, self._kinds, self._i8, self.one_call_rows = None, None, 0, 0

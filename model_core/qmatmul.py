@@ -1,5 +1,5 @@
-"""Matmuls on GGUF-quantized weights kept quantized (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K), for decode-sized
-batches.
+"""Matmuls on GGUF weights kept as stored (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, and F16/BF16), for
+decode-sized batches.
 
 A 135M-parameter model in Q4_1 is 97 MB; dequantized to bf16 it is 269 MB (fp32: 540 MB), and a
 decode step with few rows reads every weight once, so it is bound by memory traffic. `QuantLinear`
@@ -21,7 +21,7 @@ from torch import nn
 
 from model_core.native import Kernels
 
-Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K = 2, 3, 6, 7, 8, 12, 13, 14  # GGML type ids
+F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, BF16 = 1, 2, 3, 6, 7, 8, 12, 13, 14, 30  # GGML type ids
 ACT = {torch.float32: 0, torch.bfloat16: 1}  # the kernels' activation dtypes (kernels/common.h)
 _EXACT_ONLY: ContextVar[bool] = ContextVar("exact_only", default=False)
 ALL_ROWS = 1 << 30  # max_rows of a layer that runs every batch on its kernel (the batch-invariant mode)
@@ -35,6 +35,7 @@ class QuantKind:
     name: str
     block: int  # weights per (super-)block: in_features is a multiple of it
     entry: str  # the kernel entry point (model_core.native.ENTRY_POINTS) that runs it
+    int8: bool = True  # its int8 mode rounds activations to int8 (interleave()); float kinds: exact products always
 
 
 KIND_Q4 = QuantKind(0, "4-bit", 32, "quant_matmul")  # Q4_0, Q4_1: nibbles, fp16 d and m per 32
@@ -44,7 +45,11 @@ KIND_Q6_K = QuantKind(3, "Q6_K", 256, "quant_matmul_kind")
 KIND_Q5_0 = QuantKind(4, "Q5_0", 32, "quant_matmul_kind")  # 5-bit blocks of 32
 KIND_Q5_1 = QuantKind(5, "Q5_1", 32, "quant_matmul_kind")
 KIND_Q5_K = QuantKind(6, "Q5_K", 256, "quant_matmul_kind")
-KINDS = {k.value: k for k in (KIND_Q4, KIND_Q8, KIND_Q4_K, KIND_Q6_K, KIND_Q5_0, KIND_Q5_1, KIND_Q5_K)}
+KIND_F16 = QuantKind(7, "F16", 32, "quant_matmul_kind", int8=False)  # float weights as stored: qs (N, K/32, 64)
+KIND_BF16 = QuantKind(8, "BF16", 32, "quant_matmul_kind", int8=False)
+KINDS = {
+    k.value: k for k in (KIND_Q4, KIND_Q8, KIND_Q4_K, KIND_Q6_K, KIND_Q5_0, KIND_Q5_1, KIND_Q5_K, KIND_F16, KIND_BF16)
+}
 
 _Repacked = tuple[torch.Tensor, torch.Tensor, "torch.Tensor | None"]  # qs, d, m
 
@@ -131,6 +136,11 @@ def _repack_q6_k(b: torch.Tensor) -> _Repacked:
     return qs, _half(b, 208).float(), b[:, :, 192:208].contiguous().view(torch.int8)
 
 
+def _repack_float(b: torch.Tensor) -> _Repacked:
+    """F16/BF16 rows as stored, (N, K/32, 64) bytes; no scales (an empty d: the kernels take NULL)."""
+    return b, torch.empty(0, dtype=torch.uint8), None
+
+
 @dataclass(frozen=True)
 class GGMLType:
     """A GGUF tensor type the kernels run: its blocks in the file and how they are repacked for them."""
@@ -151,6 +161,8 @@ GGML_TYPES: dict[int, GGMLType] = {
     Q5_0: GGMLType("Q5_0", 32, 22, KIND_Q5_0, _repack_q5_0),
     Q5_1: GGMLType("Q5_1", 32, 24, KIND_Q5_1, _repack_q5_1),
     Q5_K: GGMLType("Q5_K", 256, 176, KIND_Q5_K, _repack_q5_k),
+    F16: GGMLType("F16", 32, 64, KIND_F16, _repack_float),  # rows of K a multiple of 32 (GGML's block is 1 value)
+    BF16: GGMLType("BF16", 32, 64, KIND_BF16, _repack_float),
 }
 
 
@@ -173,7 +185,8 @@ class QuantWeight:
     Q4_K and Q6_K (super-blocks of 256): `qs` (N, K/32, 16 or 24), `d` float32 super-block scales, `m` the
     sub-block scales (kernels/common.h, k_qmatmul_kind; GGML_TYPES' repack functions make them).
     Q5_0, Q5_1 (blocks of 32) and Q5_K (super-blocks of 256, scales as Q4_K's): `qs` (N, K/32, 20), nibbles then
-    fifth bits; Q5_0/Q5_1 `d` (and Q5_1 `m`) (N, K/32) float16.
+    fifth bits; Q5_0/Q5_1 `d` (and Q5_1 `m`) (N, K/32) float16. F16, BF16: `qs` (N, K/32, 64) the weights as
+    stored, `d` empty, `m` None.
     `kind` says which form (KINDS); left out, it is the 4-bit form, or the 8-bit one where m is None.
     `interleave()` gives the form the int8 mode reads (groups of 8 rows; `rows` is then N): a weight in that
     form is multiplied in int8 mode, one in row form with exact products."""
@@ -221,9 +234,11 @@ class QuantWeight:
     def interleave(self) -> QuantWeight:
         """Rows in groups of 8, each block's quants as 4-byte runs of the 8 rows side by side and the rows last in
         the scales (kernels/common.h): qs (G, K/32, bytes/4, 8, 4) of the row form's (N, K/32, bytes), d and m of
-        (N, *s) as (G, *s, 8); zero rows pad the last group."""
+        (N, *s) as (G, *s, 8); zero rows pad the last group. Float kinds have none (ValueError)."""
         if self.interleaved:
             return self
+        if not self.kind.int8:
+            raise ValueError(f"{self.kind.name} weights have no int8 mode: their products are exact in either mode")
         N, nb, nbytes = self.qs.shape
         G = -(-N // 8)
 
@@ -255,6 +270,9 @@ class QuantWeight:
         if self.interleaved:
             return self.row_form().dequantize()
         N = self.out_features
+        if not self.kind.int8:  # F16, BF16 as stored
+            dt = torch.float16 if self.kind == KIND_F16 else torch.bfloat16
+            return self.qs.reshape(N, -1).view(dt).float()
         if self.kind == KIND_Q4_K:  # w = (d sc) q - dmin mn, as gguf (both products exact)
             assert self.m is not None
             q = torch.cat([self.qs & 0x0F, self.qs >> 4], dim=-1).float().view(N, -1, 8, 32)
@@ -398,9 +416,10 @@ class QuantLinear(nn.Module):
 def attach_quantized(model: nn.Module, weights: dict[str, QuantWeight], max_rows: int, kernels: Kernels) -> int:
     """Wrap each linear layer named in `weights` (module paths, e.g. 'blocks.0.attn.qkv') in a QuantLinear
     serving up to `max_rows` rows (at most the kernels' limit for 8-bit weights, unless ALL_ROWS), in the form
-    the kernels' mode reads (interleaved for int8 activations); returns how many were wrapped."""
+    the kernels' mode reads (interleaved for int8 activations; float weights stay as stored, their products exact);
+    returns how many were wrapped."""
     for name, w in weights.items():
-        w = w.interleave() if kernels.isa.int8 else w
+        w = w.interleave() if kernels.isa.int8 and w.kind.int8 else w
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         rows = max_rows if w.kind != KIND_Q8 or max_rows >= ALL_ROWS else min(max_rows, kernels.isa.q8_max_rows)

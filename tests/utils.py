@@ -176,9 +176,9 @@ _FP16_AT = {"Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,), "Q5_0": (0,), "Q5_1"
 def kquant_weight(
     qtype: int, n: int, k: int, seed: int, random_blocks: bool = False
 ) -> tuple[QuantWeight, torch.Tensor]:
-    """A (n, k) weight of a K-quant (Q4_K, Q5_K, Q6_K) or a 5-bit type (Q5_0, Q5_1): random weights quantized
-    (quantize_k, or gguf's quantizer for Q5_0/Q5_1), or with random_blocks every byte random but the fp16 scales
-    (finite); and what gguf dequantizes it to (float32)."""
+    """A (n, k) weight of a K-quant (Q4_K, Q5_K, Q6_K), a 5-bit type (Q5_0, Q5_1) or a float one (F16, BF16): random
+    weights quantized (quantize_k, or gguf's quantizer for the others), or with random_blocks every byte random but the
+    fp16 scales (finite; float types: random weights as without); and what gguf dequantizes it to (float32)."""
     from gguf import GGMLQuantizationType
     from gguf.quants import dequantize, quantize
 
@@ -187,7 +187,7 @@ def kquant_weight(
     t = GGML_TYPES[qtype]
     rng = np.random.default_rng(seed)
     nb = k // t.block
-    if random_blocks:
+    if random_blocks and t.kind.int8:
         b = rng.integers(0, 256, (n, nb, t.nbytes), dtype=np.uint8)
         for at in _FP16_AT[t.name]:
             h = (rng.standard_normal((n, nb)) * 0.02).astype(np.float16)
@@ -198,4 +198,5 @@ def kquant_weight(
     else:
         raw = quantize_k(rng.standard_normal((n, k)).astype(np.float32) * 0.2, qtype)
     ref = np.asarray(dequantize(raw, GGMLQuantizationType[t.name]), dtype=np.float32).reshape(n, k)
-    return QuantWeight.from_ggml(qtype, torch.from_numpy(raw)), torch.from_numpy(ref)
+    blocks = torch.from_numpy(np.ascontiguousarray(raw)).view(torch.uint8)  # (F16 comes as float16 values)
+    return QuantWeight.from_ggml(qtype, blocks), torch.from_numpy(ref)

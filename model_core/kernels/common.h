@@ -156,7 +156,9 @@ int k_qmatmul(const void *x, int act, const uint8_t *qs, const uint16_t *d, cons
  *   QKIND_Q5_K (super-blocks of 256; the file: 176 bytes = 5.5 bits a weight; here 184 bytes = 5.75):
  *     qs as above per sub-block j, d (N, nsb, 2) float32 and m (N, nsb, 16) uint8 as QKIND_Q4_K's;
  *     w = (d sc_j) q - (dmin mn_j): d' = d sc_j (11 + 6 bits), m' = -(dmin mn_j), both exact.
- *   i8 = 1 (the builds with int8 mode): every kind interleaved by 8 rows as k_qmatmul's, per block of 32 (qs (G, K/32,
+ *   QKIND_F16, QKIND_BF16 (K a multiple of 32): qs (N, K) the file's IEEE half or bfloat16 weights, d and m NULL; the
+ *     exact products in either mode (i8 is ignored: the weights stay in row form, and are never interleaved).
+ *   i8 = 1 (the builds with int8 mode): every quantized kind interleaved by 8 rows as k_qmatmul's, per block of 32 (qs (G, K/32,
  *   bytes/4, 8, 4) of the row form's bytes per block: 16, 20 or 24) and with the rows last in d and m: per-32 d, m
  *   (G, K/32, 8) fp16; QKIND_Q4_K, QKIND_Q5_K d (G, nsb, 2, 8) fp32, m (G, nsb, 16, 8) uint8; QKIND_Q6_K d (G, nsb, 8)
  *   fp32, m (G, nsb, 16, 8) int8 (model_core/qmatmul.py, QuantWeight.interleave). Per block of 32 each kind is
@@ -170,13 +172,19 @@ int k_qmatmul_kind(const void *x, int act, int kind, const uint8_t *qs, const vo
 static inline int qkind_block(int kind) {
     switch (kind) {
     case QKIND_Q4_K: case QKIND_Q5_K: case QKIND_Q6_K: return 256;
-    case QKIND_Q5_0: case QKIND_Q5_1: return 32;
+    case QKIND_Q5_0: case QKIND_Q5_1: case QKIND_F16: case QKIND_BF16: return 32;
     default: return 0;
     }
 }
+/* float weights (QKIND_F16, QKIND_BF16): qs holds them as stored, d and m are NULL, and i8 does not apply */
+static inline int qkind_float(int kind) { return kind == QKIND_F16 || kind == QKIND_BF16; }
 /* the bytes of one weight row (K weights) of such a kind in qs, d and m (0: no m) */
 static inline void qkind_row_bytes(int kind, int K, size_t *qs, size_t *d, size_t *m) {
     const size_t nb = (size_t)K / 32, nsb = (size_t)K / 256;
+    if (qkind_float(kind)) {
+        *qs = (size_t)K * 2, *d = *m = 0;
+        return;
+    }
     *qs = nb * (kind == QKIND_Q4_K ? 16 : kind == QKIND_Q6_K ? 24 : 20);
     *d = kind == QKIND_Q5_0 || kind == QKIND_Q5_1 ? nb * 2 : nsb * 4 * (kind == QKIND_Q6_K ? 1 : 2);
     *m = kind == QKIND_Q5_1 ? nb * 2 : kind == QKIND_Q5_0 ? 0 : nsb * 16;

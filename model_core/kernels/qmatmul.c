@@ -230,9 +230,35 @@ static void dequantize_row_k(int kind, const uint8_t *qs, const float *d, const 
         }
 }
 
+/* K (a multiple of 32) IEEE half or bfloat16 weights -> wf, exactly */
+static void widen_row(int kind, const uint16_t *h, int K, float *wf) {
+    for (int k = 0; k < K; k += 16) {
+#if defined(__AVX512F__)
+        const __m256i v = _mm256_loadu_si256((const __m256i *)(h + k));
+        _mm512_storeu_ps(wf + k, kind == QKIND_F16 ? _mm512_cvtph_ps(v)
+                                                   : _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16)));
+#elif defined(__AVX2__)
+        for (int j = 0; j < 16; j += 8) {
+            const __m128i v = _mm_loadu_si128((const __m128i *)(h + k + j));
+            _mm256_storeu_ps(wf + k + j, kind == QKIND_F16
+                                             ? _mm256_cvtph_ps(v)
+                                             : _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16)));
+        }
+#elif defined(__ARM_NEON)
+        for (int j = 0; j < 16; j += 4)
+            vst1q_f32(wf + k + j, kind == QKIND_F16 ? vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(h + k + j)))
+                                                    : vreinterpretq_f32_u32(vshll_n_u16(vld1_u16(h + k + j), 16)));
+#else
+        for (int j = 0; j < 16; j++) wf[k + j] = kind == QKIND_F16 ? half_f32(h[k + j]) : bf16_to_float(h[k + j]);
+#endif
+    }
+}
+
 /* one weight row of any kind but QKIND_Q4/QKIND_Q8 (its qs, d and m) -> wf (K floats), the file's weights */
 static void dequantize_row_kind(int kind, const uint8_t *qs, const void *d, const void *m, int K, float *wf) {
-    if (kind == QKIND_Q5_0 || kind == QKIND_Q5_1) { /* w = fma(q, d, m), m = -16 d for Q5_0 (exact) */
+    if (qkind_float(kind)) {
+        widen_row(kind, (const uint16_t *)qs, K, wf);
+    } else if (kind == QKIND_Q5_0 || kind == QKIND_Q5_1) { /* w = fma(q, d, m), m = -16 d for Q5_0 (exact) */
         const uint16_t *dh = d, *mh = m;
         for (int b = 0; b < K / 32; b++) {
             const float db = half_f32(dh[b]);
@@ -250,13 +276,15 @@ int k_qmatmul_kind(const void *x, int act, int kind, const uint8_t *qs, const vo
                                                  nthreads)
                                      : AIGC_ERR_ARGS;
     const int block = qkind_block(kind);
-    if (!block || K % block || M <= 0 || N <= 0 || !qs || !d || (!m && kind != QKIND_Q5_0)) return AIGC_ERR_ARGS;
+    const int fl = qkind_float(kind);
+    if (!block || K % block || M <= 0 || N <= 0 || !qs || (!fl && (!d || (!m && kind != QKIND_Q5_0))))
+        return AIGC_ERR_ARGS;
 #if defined(QMATMUL_I8)
-    if (i8) return qmatmul_i8(x, act, kind, qs, d, m, bias, y, M, N, K, nthreads);
+    if (i8 && !fl) return qmatmul_i8(x, act, kind, qs, d, m, bias, y, M, N, K, nthreads);
 #endif
-    if (i8) return AIGC_ERR_UNSUPPORTED; /* no integer dot products in this build */
+    if (i8 && !fl) return AIGC_ERR_UNSUPPORTED; /* no integer dot products in this build */
 #if defined(__AVX512BF16__)
-    if (act == ACT_BF16) return qmatmul_avx512bf16_kind(kind, x, qs, d, m, bias, y, M, N, K, nthreads);
+    if (act == ACT_BF16 && !fl) return qmatmul_avx512bf16_kind(kind, x, qs, d, m, bias, y, M, N, K, nthreads);
 #endif
     size_t row_bytes, d_bytes, m_bytes; /* a weight row's qs, d and m */
     qkind_row_bytes(kind, K, &row_bytes, &d_bytes, &m_bytes);

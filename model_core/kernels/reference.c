@@ -213,14 +213,19 @@ int k_qmatmul_kind(const void *x, int act, int kind, const uint8_t *qs, const vo
                                                  nthreads)
                                      : AIGC_ERR_ARGS;
     const int block = qkind_block(kind);
-    if (!block || K % block || M <= 0 || N <= 0 || !qs || !d || (!m && kind != QKIND_Q5_0)) return AIGC_ERR_ARGS;
-    if (i8) return ref_qmatmul_i8(x, act, kind, qs, d, m, bias, y, M, N, K);
+    const int fl = qkind_float(kind);
+    if (!block || K % block || M <= 0 || N <= 0 || !qs || (!fl && (!d || (!m && kind != QKIND_Q5_0))))
+        return AIGC_ERR_ARGS;
+    if (i8 && !fl) return ref_qmatmul_i8(x, act, kind, qs, d, m, bias, y, M, N, K);
     const int q5 = kind == QKIND_Q5_0 || kind == QKIND_Q5_1 || kind == QKIND_Q5_K;
+    const uint16_t *h = (const uint16_t *)qs; /* float weights: (N, K) halves or bfloat16 */
     for (int r = 0; r < M; r++)
         for (int n = 0; n < N; n++) {
             float s = 0.0f;
             for (int k = 0; k < K; k++)
-                s += (q5 ? weight_at_q5(kind, qs, d, m, K, n, k) : weight_at_k(kind, qs, d, m, K / 256, n, k)) *
+                s += (fl   ? (kind == QKIND_F16 ? half_to_float : bf16_to_float)(h[(size_t)n * K + k])
+                      : q5 ? weight_at_q5(kind, qs, d, m, K, n, k)
+                           : weight_at_k(kind, qs, d, m, K / 256, n, k)) *
                      load_act(x, (size_t)r * K + k, act);
             store_act(y, (size_t)r * N + n, s + (bias ? bias[n] : 0.0f), act);
         }

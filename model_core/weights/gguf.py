@@ -116,9 +116,14 @@ def load_gguf_blocks(
             qtypes = {Q8_0}
         if len(qtypes) != 1 or (qtype := qtypes.pop()) not in GGML_TYPES:
             continue
+        if any(
+            int(tensors[name].data.nbytes // tensors[name].data.shape[0]) % GGML_TYPES[qtype].nbytes
+            for name, _ in parts
+        ):
+            continue  # F16/BF16 rows of K not a multiple of 32: dense only
         rows = []
         for name, heads in parts:
-            raw = torch.from_numpy(np.array(tensors[name].data))  # (rows, row bytes) uint8
+            raw = torch.from_numpy(np.array(tensors[name].data)).view(torch.uint8)  # (rows, row bytes): F16 arrays too
             if widen:
                 raw = _as_q8_0(int(tensors[name].tensor_type), raw)
             if heads is not None:

@@ -20,7 +20,21 @@ from model_core import native
 from model_core.fused_decode import FusedLlamaDecoder
 from model_core.kv_cache import PagedKVCache, Scratch
 from model_core.lm import CausalLM
-from model_core.qmatmul import GGML_TYPES, Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0, QuantLinear, QuantWeight
+from model_core.qmatmul import (
+    BF16,
+    F16,
+    GGML_TYPES,
+    Q4_0,
+    Q4_1,
+    Q4_K,
+    Q5_0,
+    Q5_1,
+    Q5_K,
+    Q6_K,
+    Q8_0,
+    QuantLinear,
+    QuantWeight,
+)
 from tests.utils import kernels_for, kquant_weight, native_isas, tiny_llama_q4
 
 ISAS = native_isas()
@@ -135,7 +149,7 @@ def _layer_case(
         (_quantized if GGML_TYPES[qt].kind.entry == "quant_matmul" else kquant_weight)(qt, n, k, seed + i)[0]
         for i, (qt, (n, k)) in enumerate(zip(qtypes, shapes))
     ]
-    weights = [w.interleave() if i8 else w for w in weights]
+    weights = [w.interleave() if i8 and w.kind.int8 else w for w in weights]
     w = (ctypes.c_void_p * 12)(*[None if t is None else t.data_ptr() for q in weights for t in (q.qs, q.d, q.m)])
     kind_values = (ctypes.c_int32 * 4)(*[q.kind.value for q in weights]) if kinds or kquants else None
     x = torch.randn(B, C, generator=g).to(dtype)
@@ -301,6 +315,7 @@ KQUANT_MIXES = [
     (Q4_K, Q5_0, Q4_K, Q8_0),
     (Q5_K, Q6_K, Q5_1, Q4_0),
     (Q8_0, Q4_1, Q6_K, Q5_K),
+    (F16, Q4_K, BF16, Q6_K),  # float weights (exact products in either mode) beside quantized ones
 ]
 
 
@@ -339,7 +354,7 @@ def test_the_decode_layer_runs_any_mix_of_kinds_as_the_per_projection_kernels(
     args, written, _ = _layer_case(kernels, dtype, False, 11, qtypes=qtypes)
     w = args[6]
     assert isinstance(w, ctypes.Array)
-    i = next(i for i, q in enumerate(qtypes) if q not in (Q8_0, Q5_0))
+    i = next(i for i, q in enumerate(qtypes) if q not in (Q8_0, Q5_0, F16, BF16))
     w[3 * i + 2] = None  # the m of a kind that needs one
     before = [t.clone() for t in written]
     with pytest.raises(native.KernelError, match="llama_decode_layer .*AIGC_ERR_ARGS"):

@@ -91,6 +91,8 @@ def test_the_kind_table() -> None:
         "Q5_0": (32, 22, KIND_Q5_0),
         "Q5_1": (32, 24, KIND_Q5_1),
         "Q5_K": (256, 176, KIND_Q5_K),
+        "F16": (32, 64, GGML_TYPES[1].kind),  # float weights as stored (test_native_float_weights.py)
+        "BF16": (32, 64, GGML_TYPES[30].kind),
     }
     q4, _ = quantized_weight(Q4_1, 8, 64, seed=1)
     q8, _ = quantized_weight(Q8_0, 8, 64, seed=1)
@@ -209,7 +211,7 @@ def test_kquant_kernels_check_arguments_and_layers_take_the_builds_mode(isa: str
     with pytest.raises(native.KernelError, match="AIGC_ERR_ARGS"):
         call(k - 16)
     with pytest.raises(native.KernelError, match="AIGC_ERR_ARGS"):
-        call(k, kind=7)
+        call(k, kind=99)
     if qw.m is not None:
         with pytest.raises(native.KernelError, match="AIGC_ERR_ARGS"):
             call(k, mm=None)

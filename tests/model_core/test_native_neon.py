@@ -39,7 +39,7 @@ import torch
 from gguf.quants import quantize
 
 from model_core import native
-from model_core.qmatmul import GGML_TYPES, Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0, QuantWeight
+from model_core.qmatmul import BF16, F16, GGML_TYPES, Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0, QuantWeight
 from tests.utils import kquant_weight
 
 CROSS_CC = "aarch64-linux-gnu-gcc"
@@ -405,6 +405,7 @@ def llama_decode_layer_cases() -> Iterator[Call]:
         (256, 256, 4, 2, 64, [9, 5, 1], 9, (Q5_0, Q4_K, Q4_K, Q6_K)),
         (256, 512, 2, 1, 96, [4, 11], 11, (Q4_K, Q5_0, Q6_K, Q8_0)),
         (256, 256, 4, 2, 64, [3], 3, (Q5_K, Q5_1, Q4_1, Q5_K)),
+        (256, 256, 4, 2, 64, [6, 2], 6, (F16, Q4_K, BF16, Q6_K)),
     ]:
         kquants = any(GGML_TYPES[qt].kind.entry == "quant_matmul_kind" for qt in qtypes)
         for act in (0, 1):
@@ -415,7 +416,8 @@ def llama_decode_layer_cases() -> Iterator[Call]:
                 params, label = attention_params(n, hs)
                 shapes = [((nh + 2 * nkv) * hs, C), (C, nh * hs), (2 * F, C), (C, F)]  # Wqkv, Wo, Wgate|up, Wdown
                 qws = [
-                    kquant_weight(qt, r, k, seed=n + i)[0].interleave() if qt not in QTYPES and i8 else
+                    kquant_weight(qt, r, k, seed=n + i)[0].interleave()
+                    if qt not in QTYPES and i8 and GGML_TYPES[qt].kind.int8 else
                     kquant_weight(qt, r, k, seed=n + i)[0] if qt not in QTYPES else
                     quantized(qt, r, k, rng, i8)
                     for i, (qt, (r, k)) in enumerate(zip(qtypes, shapes))
@@ -463,14 +465,14 @@ def llama_decode_layer_cases() -> Iterator[Call]:
 
 def quant_matmul_kind_cases() -> Iterator[Call]:
     """The K-quants and the 5-bit blocks of 32 in both modes at odd sizes, from quantized weights and from random
-    blocks (Q5_0/Q5_1 with K = 32 * 9 nsb: not a multiple of 256); and the older forms once each
+    blocks (Q5_0/Q5_1 with K = 32 * 9 nsb: not a multiple of 256), F16/BF16 weights; and the older forms once each
     through this entry."""
     rng = np.random.default_rng(7)
     fixed = [(1, 1, 1), (19, 13, 2), (4, 70, 1), (7, 31, 3), (2, 9, 6), (9, 5, 4), (5, 45, 2), (16, 41, 1)]
     n = 0
-    for qtype in (Q4_K, Q6_K, Q5_K, Q5_0, Q5_1):
+    for qtype in (Q4_K, Q6_K, Q5_K, Q5_0, Q5_1, F16, BF16):
         for act in (0, 1):
-            for (M, N, nsb), i8 in zip(fixed, (0, 1) * 4):
+            for (M, N, nsb), i8 in zip(fixed, (0, 1) * 4 if GGML_TYPES[qtype].kind.int8 else (0,) * 8):
                 n += 1
                 K = 256 * nsb if GGML_TYPES[qtype].block == 256 else 32 * 9 * nsb
                 x = rng.standard_normal((M, K), dtype=np.float32) * 2
