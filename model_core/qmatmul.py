@@ -21,7 +21,7 @@ from torch import nn
 
 from model_core.native import Kernels
 
-F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, BF16 = 1, 2, 3, 6, 7, 8, 12, 13, 14, 30  # GGML type ids
+F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q3_K, Q4_K, Q5_K, Q6_K, BF16 = 1, 2, 3, 6, 7, 8, 11, 12, 13, 14, 30  # GGML type ids
 ACT = {torch.float32: 0, torch.bfloat16: 1}  # the kernels' activation dtypes (kernels/common.h)
 _EXACT_ONLY: ContextVar[bool] = ContextVar("exact_only", default=False)
 ALL_ROWS = 1 << 30  # max_rows of a layer that runs every batch on its kernel (the batch-invariant mode)
@@ -136,6 +136,32 @@ def _repack_q6_k(b: torch.Tensor) -> _Repacked:
     return qs, _half(b, 208).float(), b[:, :, 192:208].contiguous().view(torch.int8)
 
 
+def _q6_by_32(v: torch.Tensor) -> torch.Tensor:
+    """(..., 32) values 0..63 -> (..., 24) bytes in the Q6_K form (kernels/common.h): the low nibbles in the 4-bit
+    order, then byte 16 + i holding the high bit pairs of weights i, 8 + i, 16 + i, 24 + i."""
+    high = v >> 4
+    pairs = high[..., 0:8] | (high[..., 8:16] << 2) | (high[..., 16:24] << 4) | (high[..., 24:32] << 6)
+    return torch.cat([_nibbles_by_32(v & 0x0F), pairs], -1)
+
+
+def _repack_q3_k(b: torch.Tensor) -> _Repacked:
+    """110-byte Q3_K super-blocks (32 bytes of high-bit masks, 64 of 2-bit lows, 12 of 6-bit scales, fp16 d) -> the
+    Q6_K form, exactly: w = d sc (q3) with q3 = low - 4 (1 - high) in -4..3 and sc = scale - 32 in -32..31 per 16
+    weights is Q6_K's d sc (q - 32) with q = q3 + 32. It reads 6.625 bits a weight where the file holds 3.4375 (no
+    kernel of its own yet); as gguf.quants.Q3_K.dequantize_blocks unpacks them."""
+    N, nb = b.shape[:2]
+    low = b[:, :, 32:96].reshape(N, nb, 2, 1, 32) >> torch.tensor([0, 2, 4, 6], dtype=torch.uint8).view(1, 1, 1, 4, 1)
+    low = (low & 3).reshape(N, nb, 256).to(torch.int16)  # weight 128 j + 32 s + i: byte 32 j + i, bits 2s..2s+1
+    high = b[:, :, :32].reshape(N, nb, 1, 32) >> torch.arange(8, dtype=torch.uint8).view(1, 1, 8, 1)
+    high = (high & 1).reshape(N, nb, 256).to(torch.int16)  # weight 32 s + i: byte i, bit s
+    q = (low - 4 * (1 - high) + 32).to(torch.uint8)  # 28..35
+    sc = b[:, :, 96:108]
+    lo = torch.stack([sc[:, :, :8] & 0x0F, sc[:, :, :8] >> 4], 2).reshape(N, nb, 16)
+    hi = (sc[:, :, 8:12].reshape(N, nb, 1, 4) >> torch.tensor([0, 2, 4, 6], dtype=torch.uint8).view(1, 1, 4, 1)) & 3
+    scales = (lo | (hi.reshape(N, nb, 16) << 4)).to(torch.int16) - 32
+    return _q6_by_32(q.reshape(N, nb * 8, 32)), _half(b, 108).float(), scales.to(torch.int8)
+
+
 def _repack_float(b: torch.Tensor) -> _Repacked:
     """F16/BF16 rows as stored, (N, K/32, 64) bytes; no scales (an empty d: the kernels take NULL)."""
     return b, torch.empty(0, dtype=torch.uint8), None
@@ -161,6 +187,7 @@ GGML_TYPES: dict[int, GGMLType] = {
     Q5_0: GGMLType("Q5_0", 32, 22, KIND_Q5_0, _repack_q5_0),
     Q5_1: GGMLType("Q5_1", 32, 24, KIND_Q5_1, _repack_q5_1),
     Q5_K: GGMLType("Q5_K", 256, 176, KIND_Q5_K, _repack_q5_k),
+    Q3_K: GGMLType("Q3_K", 256, 110, KIND_Q6_K, _repack_q3_k),  # as Q6_K (exact), at 1.93x the file's bytes
     F16: GGMLType("F16", 32, 64, KIND_F16, _repack_float),  # rows of K a multiple of 32 (GGML's block is 1 value)
     BF16: GGMLType("BF16", 32, 64, KIND_BF16, _repack_float),
 }
