@@ -76,6 +76,18 @@ class Settings(BaseSettings):
     request_body_timeout_s: float = Field(
         30.0, gt=0, description="longest a client may take to send a request body (408 after)"
     )
+    header_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        le=3600,
+        description="longest a client may take to send a request's line and headers, on a new connection or "
+        "between requests on a kept-alive one (then the connection closes, with a 408 if part of them came)",
+    )
+    max_connections: int = Field(
+        1000,
+        ge=1,
+        description="open client connections at most; one more is answered 503 (too_many_connections) and closed",
+    )
     max_tokens_default: int | None = Field(
         None,
         ge=1,

@@ -22,6 +22,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from fastapi import FastAPI
 
@@ -42,6 +43,9 @@ from service.engine.own_thread import run_in_own_thread
 from service.engine.seq2seq import Seq2SeqBatcher, Seq2SeqRequest
 from service.logs import setup_logging
 from service.metrics import Metrics
+
+if TYPE_CHECKING:
+    import uvicorn
 
 log = logging.getLogger("service")
 
@@ -315,9 +319,54 @@ def _drain_server(app: FastAPI, settings: Settings) -> type:
     return DrainingServer
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def server_config(app: FastAPI, settings: Settings) -> uvicorn.Config:
+    """uvicorn's configuration: HTTP/1.1 (h11) with the header timeout and connection cap of the settings
+    (`service.http_protocol`)."""
     import uvicorn
 
+    from service.http_protocol import guarded_h11_protocol
+
+    return uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        http=guarded_h11_protocol(settings.header_timeout_s, settings.max_connections),
+        log_level=settings.log_level,
+        access_log=False,
+        log_config=None,
+        timeout_graceful_shutdown=5,
+    )
+
+
+FD_HEADROOM = 256  # descriptors beyond the client connections: model files, refused connections lingering, pipes
+
+
+def raise_fd_limit(max_connections: int) -> None:
+    """Raise the soft limit on open files towards the hard one if `max_connections` would not fit under it (a
+    server that runs out of descriptors cannot even accept the connection it would refuse); warn if it cannot."""
+    try:
+        import resource
+    except ImportError:  # not on this platform
+        return
+    want = max_connections + FD_HEADROOM
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= want:
+        return
+    new = want if hard == resource.RLIM_INFINITY else min(want, hard)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+    except (ValueError, OSError):
+        new = soft
+    if new < want:
+        log.warning(
+            "max_connections %d needs about %d open files; the limit is %d: lower max_connections or raise ulimit -n",
+            max_connections,
+            want,
+            new,
+        )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
     settings = parse_settings(argv)
     setup_logging(settings.log_level, settings.log_format)
     import torch
@@ -326,16 +375,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # (the engine thread sets it again for engines started elsewhere).
     torch.set_flush_denormal(True)
     app = create_app(settings)
-    config = uvicorn.Config(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        access_log=False,
-        log_config=None,
-        timeout_graceful_shutdown=5,
-    )
-    server = _drain_server(app, settings)(config)
+    raise_fd_limit(settings.max_connections)
+    server = _drain_server(app, settings)(server_config(app, settings))
 
     def stop_server() -> None:  # the model failed to load: stop serving (uvicorn checks every 0.1 s), exit 1
         server.should_exit = True
