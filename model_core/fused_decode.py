@@ -8,8 +8,10 @@ the layer's arithmetic. `FusedLlamaDecoder` replaces them with native calls (ker
    RoPE, cache write, attention from the paged cache, SwiGLU, residual adds);
  - otherwise each layer is its four projections (PyTorch, dense, with their biases) with four native calls
    between them: norm, QK-norm + rope + cache write + attention, residual add + next norm, SwiGLU.
-Llama blocks, and the llama variants among the families (model_core.models): Qwen 2's QKV biases and Qwen 3's
-QK-norm (an RMSNorm over each query and key head before RoPE) run fused too.
+Llama blocks, and the llama variants among the families (model_core.models): Qwen 2's QKV biases, Qwen 3's
+QK-norm (an RMSNorm over each query and key head before RoPE), and Gemma's blocks (GELU-tanh gate; Gemma 2 and 3:
+norms after each sublayer, soft-capped scores, sliding windows; Gemma 3: QK-norm, the windowed layers' own rotary
+base) run fused too.
 It reads the model's parameters (norms, QK-norms, the QKV bias), quantized weights and rotary tables and the cache
 in place, through the modules at each step: no address outlives the call it is taken for, so a model moved, cast or
 given new weights between steps decodes with what it holds then. The kernels' working memory is the cache's scratch
@@ -35,6 +37,7 @@ from model_core.qmatmul import ACT, QuantLinear
 
 _WeightPtrs = ctypes.c_void_p * 12  # llama_decode_layer's w: (qs, d, m) of Wqkv, Wo, Wgate|up, Wdown
 _Kinds = ctypes.c_int32 * 4  # its kinds: the four's QKIND_* (model_core.qmatmul.QuantKind.value)
+GATES = {"swiglu": 0, "geglu_tanh": 1}  # the gated FFN activations the kernels run (GATE_* of kernels/aigc_kernels.h)
 
 
 class _Layer:
@@ -59,6 +62,11 @@ class _Layer:
             isinstance(n, RMSNorm) and n.eps == attn_norm.eps for n in (q_norm, k_norm) if n is not None
         ):
             raise ValueError("the fused decoder runs QK-norms as RMSNorms of the layer's epsilon, on both q and k")
+        post = (block.post_attn_norm, block.post_ffn_norm)
+        if (post[0] is None) != (post[1] is None) or not all(
+            isinstance(n, RMSNorm) and n.eps == attn_norm.eps for n in post if n is not None
+        ):
+            raise ValueError("the fused decoder runs post-sublayer norms as RMSNorms of the layer's epsilon, both")
         # what refresh() derived from the projections and their quantized weights, valid while they are these
         # objects: the weights' addresses and kinds (llama_decode_layer's w and kinds), the mode, the one-call batch
         # limit
@@ -80,6 +88,14 @@ class _Layer:
         ffn_norm = mods["ffn_norm"]._parameters["weight"]  # type: ignore[union-attr]
         assert attn_norm is not None and ffn_norm is not None
         return attn_norm, ffn_norm
+
+    def post_norms(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The norms after the attention and FFN sublayers (Gemma 2, 3), or (None, None) where the block has none."""
+        mods = self.block._modules
+        post_attn, post_ffn = mods.get("post_attn_norm"), mods.get("post_ffn_norm")
+        if post_attn is None or post_ffn is None:
+            return None, None
+        return post_attn._parameters["weight"], post_ffn._parameters["weight"]
 
     def qk_norms(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """The QK-norm's weights (q_norm, k_norm), or (None, None) where the block has none (as it is now)."""
@@ -140,13 +156,14 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 def unsupported(cfg: LMConfig) -> str | None:
     """What of the model's block options the kernels do not run (None: all of them): they run llama blocks (RoPE,
     RMSNorm, SwiGLU; any attention scale, soft-cap and per-layer window; model_core.models.llama: Llama 2 and 3,
-    SmolLM, Mistral) with or without QKV biases (Qwen 2, 2.5) and QK-norm (Qwen 3); no other biases."""
+    SmolLM, Mistral) with or without QKV biases (Qwen 2, 2.5) and QK-norm (Qwen 3), a GELU-tanh gate, norms after
+    each sublayer and the windowed layers' own rotary base (Gemma 1, 2, 3); no other biases."""
     plain = LMConfig(arch=cfg.arch, vocab_size=1, d_model=1, n_layers=1, n_heads=1, n_kv_heads=1, d_ff=1, max_seq_len=1)
-    for option in ("norm", "activation", "positions", "out_bias", "ffn_bias", "post_norms"):
+    for option in ("norm", "positions", "out_bias", "ffn_bias"):
         if getattr(cfg, option) != getattr(plain, option):
             return f"{option}={getattr(cfg, option)!r}"
-    if cfg.rope_local_theta is not None:
-        return "windowed layers with their own rotary base"
+    if cfg.activation not in GATES:
+        return f"activation={cfg.activation!r}"
     return None
 
 
@@ -166,6 +183,8 @@ class FusedLlamaDecoder:
         self.kernels = kernels
         self.embed = model.embed  # its weight's dtype is the activations'
         self.rotary = rotary  # its cos, sin buffers (L, hs) are read at each step (they follow the model's dtype)
+        self.rotary_local = model.rotary_local  # the windowed layers' tables, where their base differs (Gemma 3)
+        self.gate = GATES[cfg.activation]
         self.layers = [_Layer(block) for block in model.blocks]  # type: ignore[arg-type]
 
     @property
@@ -211,14 +230,19 @@ class FusedLlamaDecoder:
         if x.dtype not in ACT or x.dtype != cache.kv.dtype:
             raise ValueError(f"fused decode of {x.dtype} activations with a {cache.kv.dtype} cache")
         act = ACT[x.dtype]
-        cos = scratch.take("fused.cos", (B, hs), torch.float32)  # (B, hs) fp32 each, for each sequence's position
-        sin = scratch.take("fused.sin", (B, hs), torch.float32)
-        for table, dst in ((self.rotary.cos, cos), (self.rotary.sin, sin)):
-            assert isinstance(table, torch.Tensor)
-            if table.dtype == torch.float32:
-                torch.index_select(table, 0, pos, out=dst)
-            else:
-                dst.copy_(table[pos])
+        tables = [(self.rotary, "")] + ([(self.rotary_local, "local.")] if self.rotary_local is not None else [])
+        rope: dict[bool, tuple[int, int]] = {}  # windowed layer -> its (cos, sin) (B, hs) fp32 addresses
+        for rotary, name in tables:
+            cos = scratch.take(f"fused.{name}cos", (B, hs), torch.float32)  # for each sequence's position
+            sin = scratch.take(f"fused.{name}sin", (B, hs), torch.float32)
+            for table, dst in ((rotary.cos, cos), (rotary.sin, sin)):
+                assert isinstance(table, torch.Tensor)
+                if table.dtype == torch.float32:
+                    torch.index_select(table, 0, pos, out=dst)
+                else:
+                    dst.copy_(table[pos])
+            rope[bool(name)] = (cos.data_ptr(), sin.data_ptr())
+        rope.setdefault(True, rope[False])
         write, rows, lens, Tk = cache.decode_tables()
         scale = 1.0 / math.sqrt(hs) if cfg.attn_scale is None else cfg.attn_scale
         softcap = cfg.attn_softcap or 0.0
@@ -226,12 +250,14 @@ class FusedLlamaDecoder:
         kv_base, kv_layer_bytes = cache.kv.data_ptr(), cache.kv.stride(0) * cache.kv.element_size()
         work_bytes = call("llama_decode_scratch_bytes", B, C, nh, nkv, hs, F, act)
         work = scratch.take("fused.layer", (work_bytes,), torch.uint8).data_ptr()
-        cos_p, sin_p, write_p, rows_p, lens_p = (t.data_ptr() for t in (cos, sin, write, rows, lens))
+        write_p, rows_p, lens_p = (t.data_ptr() for t in (write, rows, lens))
         qkv_n = (nh + 2 * nkv) * hs
         if B <= self.max_rows:
             for i, layer in enumerate(self.layers):
                 attn_norm, ffn_norm = self._norms(layer, x.dtype)
+                post_attn, post_ffn = self._post_norms(layer, x.dtype)
                 q_norm, k_norm = self._qk_norms(layer, x.dtype)
+                cos_p, sin_p = rope[layer.window > 0]
                 bias = layer.qkv_bias()  # (held until the call returns: a bf16 bias' fp32 copy is made here)
                 if bias is not None and bias.numel() != qkv_n:
                     raise ValueError(f"layer {i}'s QKV bias has {bias.numel()} values, its projection {qkv_n}")
@@ -243,6 +269,8 @@ class FusedLlamaDecoder:
                     C,
                     attn_norm.data_ptr(),
                     ffn_norm.data_ptr(),
+                    _ptr(post_attn),
+                    _ptr(post_ffn),
                     cfg.norm_eps,
                     w,
                     kinds,
@@ -260,6 +288,7 @@ class FusedLlamaDecoder:
                     nkv,
                     hs,
                     F,
+                    self.gate,
                     scale,
                     softcap,
                     layer.window,
@@ -278,7 +307,9 @@ class FusedLlamaDecoder:
         for i, layer in enumerate(self.layers):
             qkv_proj, out_proj, in_proj, down_proj = layer.linears()
             _, ffn_norm = self._norms(layer, x.dtype)
+            post_attn, post_ffn = self._post_norms(layer, x.dtype)
             q_norm, k_norm = self._qk_norms(layer, x.dtype)
+            cos_p, sin_p = rope[layer.window > 0]
             qkv = qkv_proj(h).contiguous()  # (B, (nh + 2 nkv) hs), with the projection's bias
             call(
                 "llama_attention",
@@ -308,6 +339,8 @@ class FusedLlamaDecoder:
                 context=f"layer {i}",
             )
             o = out_proj(att).contiguous()  # (B, C)
+            if post_attn is not None:  # (in place)
+                call("llama_rmsnorm", o.data_ptr(), post_attn.data_ptr(), cfg.norm_eps, o.data_ptr(), B, C, act)
             call(
                 "llama_add_rmsnorm",
                 x.data_ptr(),
@@ -320,8 +353,10 @@ class FusedLlamaDecoder:
                 act,
             )
             gu = in_proj(h).contiguous()  # (B, 2 F) = [gate | up]
-            call("llama_swiglu", gu.data_ptr(), g.data_ptr(), B, F, act)
+            call("llama_swiglu", gu.data_ptr(), g.data_ptr(), B, F, self.gate, act)
             o = down_proj(g).contiguous()  # (B, C)
+            if post_ffn is not None:
+                call("llama_rmsnorm", o.data_ptr(), post_ffn.data_ptr(), cfg.norm_eps, o.data_ptr(), B, C, act)
             nxt = self._norms(self.layers[i + 1], x.dtype)[0].data_ptr() if i + 1 < len(self.layers) else None
             call("llama_add_rmsnorm", x.data_ptr(), o.data_ptr(), nxt, cfg.norm_eps, h.data_ptr(), B, C, act)
         return x
@@ -343,6 +378,14 @@ class FusedLlamaDecoder:
         ):
             raise ValueError(f"the layer's norms are {attn_norm.dtype}, the activations {dtype}")
         return attn_norm, ffn_norm
+
+    @staticmethod
+    def _post_norms(layer: _Layer, dtype: torch.dtype) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        post = layer.post_norms()
+        for w in post:
+            if w is not None and (w.dtype != dtype or not w.is_contiguous()):
+                raise ValueError(f"the layer's post-sublayer norms are {w.dtype}, the activations {dtype}")
+        return post
 
     @staticmethod
     def _qk_norms(layer: _Layer, dtype: torch.dtype) -> tuple[torch.Tensor | None, torch.Tensor | None]:

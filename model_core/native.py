@@ -179,7 +179,7 @@ ENTRY_POINTS: dict[str, EntryPoint] = {
     ),
     "llama_rmsnorm": _entry(_I, "x:p w:p eps:f out:p B:i C:i act:i"),
     "llama_add_rmsnorm": _entry(_I, "x:p y:p w:p eps:f out:p B:i C:i act:i"),
-    "llama_swiglu": _entry(_I, "gu:p g:p B:i F:i act:i"),
+    "llama_swiglu": _entry(_I, "gu:p g:p B:i F:i gate:i act:i"),
     "llama_decode_scratch_bytes": _entry(_L, "B:i C:i nh:i nkv:i hs:i F:i act:i", status=False),
     "llama_attention": _entry(
         _I,
@@ -188,9 +188,9 @@ ENTRY_POINTS: dict[str, EntryPoint] = {
     ),
     "llama_decode_layer": _entry(
         _I,
-        "x:p B:i C:i attn_norm:p ffn_norm:p eps:f w:w kinds:p qkv_bias:p q_norm:p k_norm:p cos:p sin:p kv:p write:p "
-        "rows:p lens:p Tk:i nh:i nkv:i hs:i F:i scale:f softcap:f window:i act:i i8:i nthreads:i scratch:p "
-        "scratch_bytes:l",
+        "x:p B:i C:i attn_norm:p ffn_norm:p post_attn_norm:p post_ffn_norm:p eps:f w:w kinds:p qkv_bias:p q_norm:p "
+        "k_norm:p cos:p sin:p kv:p write:p rows:p lens:p Tk:i nh:i nkv:i hs:i F:i gate:i scale:f softcap:f window:i "
+        "act:i i8:i nthreads:i scratch:p scratch_bytes:l",
     ),
     "quant_matmul_kind": _entry(_I, "x:p act:i kind:i qs:p d:p m:p bias:p y:p M:i N:i K:i i8:i nthreads:i"),
 }

@@ -70,8 +70,13 @@ AIGC_API int llama_rmsnorm(const void *x, const void *w, float eps, void *out, i
  * AIGC_ERR_ARGS: B < 0, C < 1, x or y NULL, or w given without out. */
 AIGC_API int llama_add_rmsnorm(void *x, const void *y, const void *w, float eps, void *out, int B, int C, int act);
 
-/* g (B, F) = silu(gate) * up of gu (B, 2F) = [gate | up]. AIGC_ERR_ARGS: B < 0, F < 1, or a NULL buffer. */
-AIGC_API int llama_swiglu(const void *gu, void *g, int B, int F, int act);
+/* a gated FFN's activation f (llama_swiglu's and llama_decode_layer's gate): f(x W_gate) * (x W_up) */
+enum { GATE_SILU = 0, GATE_GELU_TANH = 1 };
+
+/* g (B, F) = f(gate) * up of gu (B, 2F) = [gate | up], f SiLU or GELU-tanh (gate: GATE_*; each rounded to act as
+ * PyTorch's modules round: f's output, then the product). AIGC_ERR_ARGS: B < 0, F < 1, an unknown gate, or a NULL
+ * buffer. */
+AIGC_API int llama_swiglu(const void *gu, void *g, int B, int F, int gate, int act);
 
 /* Bytes of scratch that llama_decode_layer and llama_attention take for these shapes (0 for bad shapes). A caller
  * that passes a buffer of at least this size spares the library its allocations; one buffer serves any call with
@@ -97,7 +102,10 @@ AIGC_API int llama_attention(void *qkv, int B, float eps, const void *q_norm, co
 
 /* A whole llama decoder layer, one token per sequence, x (B, C) updated in place:
  *   h = rmsnorm(x) attn_norm;  qkv = h Wqkv (+ qkv_bias);  QK-norm the q, k heads;  rotate them;  cache write;
- *   x += attention(q, cache) Wo;  h = rmsnorm(x) ffn_norm;  x += (silu(h Wg) * (h Wu)) Wd
+ *   o = attention(q, cache) Wo;  x += post_attn_norm ? rmsnorm(o) post_attn_norm : o;
+ *   h = rmsnorm(x) ffn_norm;  o = (f(h Wg) * (h Wu)) Wd;  x += post_ffn_norm ? rmsnorm(o) post_ffn_norm : o
+ * with f SiLU (gate GATE_SILU) or GELU-tanh (GATE_GELU_TANH: Gemma); post_attn_norm, post_ffn_norm: NULL (none) or C
+ * weights in act, the norms after each sublayer of Gemma 2 and 3 (both or neither).
  * w: the 12 pointers (qs, d, m; m NULL for Q8_0) of Wqkv, Wo, Wgate|up, Wdown; kinds: NULL (the four are 4/8-bit blocks
  * as quant_matmul takes them: m NULL for 8-bit) or their 4 kinds (QKIND_*, int32), each projection then run as
  * quant_matmul_kind runs that kind (the same kernel: the same results), its w in the kind's layout (a Q4_K_M file's mix
@@ -108,16 +116,17 @@ AIGC_API int llama_attention(void *qkv, int B, float eps, const void *q_norm, co
  * or int8 (1, every w interleaved), for any mix of kinds. scratch: NULL (allocated per call) or scratch_bytes >=
  * llama_decode_scratch_bytes(B, C, nh, nkv, hs, F, act) bytes.
  * AIGC_ERR_ARGS: B < 1; C, F or nh hs not a multiple of 32; hs not of 16; nh not a multiple of nkv; softcap or window
- * out of range; with kinds, an unknown kind, a projection's input features (C, nh hs, C, F) not a multiple of its
+ * out of range; an unknown gate; one post norm without the other; with kinds, an unknown kind, a projection's input features (C, nh hs, C, F) not a multiple of its
  * kind's block, or a NULL weight buffer the kind needs (all these checked before anything is written); scratch too
  * small; or as the matmuls and attention.
  * AIGC_ERR_UNSUPPORTED, AIGC_ERR_NOMEM: as quant_matmul. */
-AIGC_API int llama_decode_layer(void *x, int B, int C, const void *attn_norm, const void *ffn_norm, float eps,
+AIGC_API int llama_decode_layer(void *x, int B, int C, const void *attn_norm, const void *ffn_norm,
+                                const void *post_attn_norm, const void *post_ffn_norm, float eps,
                                 const void *const *w, const int32_t *kinds, const float *qkv_bias,
                                 const void *q_norm, const void *k_norm, const float *cos, const float *sin, void *kv,
                                 const int64_t *write, const int64_t *rows, const int32_t *lens, int Tk, int nh,
-                                int nkv, int hs, int F, float scale, float softcap, int window, int act, int i8,
-                                int nthreads, void *scratch, int64_t scratch_bytes);
+                                int nkv, int hs, int F, int gate, float scale, float softcap, int window, int act,
+                                int i8, int nthreads, void *scratch, int64_t scratch_bytes);
 
 /* The repacked weight forms quant_matmul_kind takes, by value (model_core/qmatmul.py: KINDS, GGML_TYPES; layouts in
  * common.h, k_qmatmul_kind): the 4-bit blocks of 32 (Q4_0, Q4_1), the 8-bit ones (Q8_0), and the K-quants'

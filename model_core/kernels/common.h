@@ -121,7 +121,8 @@ static inline int attention_window(int n, int window) { return window > 0 && win
  *   a paged layer kv (rows, 2 nkv, hs) through rows (B, Tk), lens[b] keys each; score s = scale q.k, then
  *   softcap tanh(s / softcap) where softcap > 0 (attention_score); window > 0: only keys lens[b] - window ..
  *   lens[b] - 1 (attention_window), the others never read.
- * k_rmsnorm: out (B, C) = rmsnorm(x) * w.  k_add: x += y (n).  k_swiglu: g (B, F) = silu(gate) * up
+ * k_rmsnorm: out (B, C) = rmsnorm(x) * w.  k_add: x += y (n).  k_swiglu: g (B, F) = f(gate) * up, f SiLU or
+ *   GELU-tanh (gate_fn: GATE_*, aigc_kernels.h)
  *   of gu (B, 2F).  k_rope: rotate nheads heads of hs (half-split form) by fp32 cos, sin (hs).
  * The int-returning ones return an AIGC_* status (aigc_kernels.h). */
 int k_qmatmul(const void *x, int act, const uint8_t *qs, const uint16_t *d, const uint16_t *m, const float *bias,
@@ -193,7 +194,12 @@ int k_attention(const void *q, const void *kv, const int64_t *rows, const int32_
                 int nkv, int hs, int Tk, float scale, float softcap, int window, int act, int nthreads);
 void k_rmsnorm(const void *x, const void *w, float eps, void *out, int B, int C, int act);
 void k_add(void *x, const void *y, size_t n, int act);
-void k_swiglu(const void *gu, void *g, int B, int F, int act);
+void k_swiglu(const void *gu, void *g, int B, int F, int gate_fn, int act);
+/* a gate's activation of one value, as k_swiglu's scalar tail and the reference compute it */
+static inline float gate_value(float v, int gate_fn) {
+    if (gate_fn == GATE_GELU_TANH) return 0.5f * v * (1.0f + tanhf(0.7978845608028654f * (v + 0.044715f * v * v * v)));
+    return v / (1.0f + expf(-v));
+}
 void k_rope(void *v, int nheads, int hs, const float *cos, const float *sin, int act);
 
 /* k_qmatmul's int8 mode with integer dot products (qmatmul_i8.c), and the AVX512-BF16 build's kernel for bf16

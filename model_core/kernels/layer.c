@@ -49,9 +49,9 @@ int llama_add_rmsnorm(void *x, const void *y, const void *w, float eps, void *ou
     return AIGC_OK;
 }
 
-int llama_swiglu(const void *gu, void *g, int B, int F, int act) {
-    if (B < 0 || F < 1 || !gu || !g) return AIGC_ERR_ARGS;
-    k_swiglu(gu, g, B, F, act);
+int llama_swiglu(const void *gu, void *g, int B, int F, int gate, int act) {
+    if (B < 0 || F < 1 || !gu || !g || (gate != GATE_SILU && gate != GATE_GELU_TANH)) return AIGC_ERR_ARGS;
+    k_swiglu(gu, g, B, F, gate, act);
     return AIGC_OK;
 }
 
@@ -125,13 +125,14 @@ static int kinds_ok(const int32_t *kinds, const void *const *w, const int *K) {
     return 1;
 }
 
-int llama_decode_layer(void *x, int B, int C, const void *attn_norm, const void *ffn_norm, float eps,
-                       const void *const *w, const int32_t *kinds, const float *qkv_bias, const void *q_norm,
-                       const void *k_norm, const float *cos, const float *sin, void *kv, const int64_t *write,
-                       const int64_t *rows, const int32_t *lens, int Tk, int nh, int nkv, int hs, int F, float scale,
-                       float softcap, int window, int act, int i8, int nthreads, void *scratch,
-                       int64_t scratch_bytes) {
+int llama_decode_layer(void *x, int B, int C, const void *attn_norm, const void *ffn_norm, const void *post_attn_norm,
+                       const void *post_ffn_norm, float eps, const void *const *w, const int32_t *kinds,
+                       const float *qkv_bias, const void *q_norm, const void *k_norm, const float *cos, const float *sin,
+                       void *kv, const int64_t *write, const int64_t *rows, const int32_t *lens, int Tk, int nh, int nkv,
+                       int hs, int F, int gate, float scale, float softcap, int window, int act, int i8, int nthreads,
+                       void *scratch, int64_t scratch_bytes) {
     if (B <= 0 || nkv <= 0 || C % 32 || F % 32 || (nh * hs) % 32 || hs % 16 || nh % nkv) return AIGC_ERR_ARGS;
+    if ((gate != GATE_SILU && gate != GATE_GELU_TANH) || !post_attn_norm != !post_ffn_norm) return AIGC_ERR_ARGS;
     if (!attention_params_ok(softcap, window)) return AIGC_ERR_ARGS; /* (before anything is written) */
     if (kinds && !kinds_ok(kinds, w, (const int[4]){C, nh * hs, C, F})) return AIGC_ERR_ARGS; /* (likewise) */
     size_t sizes[SCRATCH_N];
@@ -157,11 +158,13 @@ int llama_decode_layer(void *x, int B, int C, const void *attn_norm, const void 
                         softcap, window, act, nthreads, buf[SCRATCH_Q]);
     if (rc) goto done;
     if ((rc = MATMUL(1, att, NULL, o, C, q_n))) goto done;
+    if (post_attn_norm) k_rmsnorm(o, post_attn_norm, eps, o, B, C, act); /* (in place: a row is read, then written) */
     k_add(x, o, (size_t)B * C, act);
     k_rmsnorm(x, ffn_norm, eps, h, B, C, act);
     if ((rc = MATMUL(2, h, NULL, gu, 2 * F, C))) goto done;
-    k_swiglu(gu, h, B, F, act);
+    k_swiglu(gu, h, B, F, gate, act);
     if ((rc = MATMUL(3, h, NULL, o, C, F))) goto done;
+    if (post_ffn_norm) k_rmsnorm(o, post_ffn_norm, eps, o, B, C, act);
     k_add(x, o, (size_t)B * C, act);
 #undef MATMUL
 done:

@@ -44,19 +44,27 @@ static inline vf vsilu(vf x) {
     return x * (num / (t + 1.0f));
 }
 
-/* g[b, i] = round(round(silu(gate[b, i])) * up[b, i]) for gu (B, 2F) = [gate | up] */
-void k_swiglu(const void *gu, void *g, int B, int F, int act) {
+/* 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), tanh from e^-2|u| (never overflows) */
+static inline vf vgelu_tanh(vf x) {
+    const vf u = 0.7978845608028654f * (x + 0.044715f * x * x * x);
+    const vf t = vexp_neg(-2.0f * vabs(u)), th = (1.0f - t) / (1.0f + t); /* tanh |u| */
+    return 0.5f * x * (1.0f + vselect(u < 0.0f, -th, th));
+}
+
+/* g[b, i] = round(round(act(gate[b, i])) * up[b, i]) for gu (B, 2F) = [gate | up], act SiLU or GELU-tanh (gate) */
+void k_swiglu(const void *gu, void *g, int B, int F, int gate_fn, int act) {
     for (int b = 0; b < B; b++) {
         const size_t gate = (size_t)b * 2 * F, up = gate + F, out = (size_t)b * F;
         int i = 0;
         for (; i + VL <= F; i += VL) {
-            vf a = vsilu(vload_act(gu, gate + i, act));
+            const vf v = vload_act(gu, gate + i, act);
+            vf a = gate_fn == GATE_GELU_TANH ? vgelu_tanh(v) : vsilu(v);
             if (act == ACT_BF16) a = vround_bf16(a);
             vstore_act(g, out + i, a * vload_act(gu, up + i, act), act);
         }
         for (; i < F; i++) {
             const float v = load_act(gu, gate + i, act);
-            store_act(g, out + i, round_act(v / (1.0f + expf(-v)), act) * load_act(gu, up + i, act), act);
+            store_act(g, out + i, round_act(gate_value(v, gate_fn), act) * load_act(gu, up + i, act), act);
         }
     }
 }

@@ -154,11 +154,11 @@ void k_add(void *x, const void *y, size_t n, int act) {
     for (size_t i = 0; i < n; i++) store_act(x, i, load_act(x, i, act) + load_act(y, i, act), act);
 }
 
-void k_swiglu(const void *gu, void *g, int B, int F, int act) {
+void k_swiglu(const void *gu, void *g, int B, int F, int gate_fn, int act) {
     for (int b = 0; b < B; b++)
         for (int i = 0; i < F; i++) {
             const float gate = load_act(gu, (size_t)b * 2 * F + i, act), up = load_act(gu, (size_t)b * 2 * F + F + i, act);
-            store_act(g, (size_t)b * F + i, round_act(gate / (1.0f + expf(-gate)), act) * up, act);
+            store_act(g, (size_t)b * F + i, round_act(gate_value(gate, gate_fn), act) * up, act);
         }
 }
 

@@ -74,7 +74,7 @@ static int call_llama_add_rmsnorm(any_fn fn, void **b, const int64_t *i, const f
 
 static int call_llama_swiglu(any_fn fn, void **b, const int64_t *i, const float *f) {
     (void)f;
-    return ((llama_swiglu_fn *)fn)(b[0], b[1], I(0), I(1), I(2));
+    return ((llama_swiglu_fn *)fn)(b[0], b[1], I(0), I(1), I(2), I(3));
 }
 
 /* buffers: qkv, q_norm, k_norm, cos, sin, kv, write, rows, lens, att, scratch; floats: eps, scale, softcap */
@@ -83,14 +83,14 @@ static int call_llama_attention(any_fn fn, void **b, const int64_t *i, const flo
                                       I(2), I(3), I(4), f[1], f[2], I(5), I(6), I(7), b[10], i[8]);
 }
 
-/* buffers: x, attn_norm, ffn_norm, the 12 of w, kinds, qkv_bias, q_norm, k_norm, cos, sin, kv, write, rows, lens,
- * scratch */
+/* buffers: x, attn_norm, ffn_norm, post_attn_norm, post_ffn_norm, the 12 of w, kinds, qkv_bias, q_norm, k_norm, cos,
+ * sin, kv, write, rows, lens, scratch */
 static int call_llama_decode_layer(any_fn fn, void **b, const int64_t *i, const float *f) {
     const void *w[12];
-    memcpy(w, b + 3, sizeof w);
-    return ((llama_decode_layer_fn *)fn)(b[0], I(0), I(1), b[1], b[2], f[0], w, b[15], b[16], b[17], b[18], b[19],
-                                         b[20], b[21], b[22], b[23], b[24], I(2), I(3), I(4), I(5), I(6), f[1], f[2],
-                                         I(7), I(8), I(9), I(10), b[25], i[11]);
+    memcpy(w, b + 5, sizeof w);
+    return ((llama_decode_layer_fn *)fn)(b[0], I(0), I(1), b[1], b[2], b[3], b[4], f[0], w, b[17], b[18], b[19],
+                                         b[20], b[21], b[22], b[23], b[24], b[25], b[26], I(2), I(3), I(4), I(5), I(6),
+                                         I(7), f[1], f[2], I(8), I(9), I(10), I(11), b[27], i[12]);
 }
 
 static int call_quant_matmul_kind(any_fn fn, void **b, const int64_t *i, const float *f) {
@@ -109,9 +109,9 @@ static const struct {
     {"paged_attention_decode", 5, 8, 2, call_paged_attention_decode},
     {"llama_rmsnorm", 3, 3, 1, call_llama_rmsnorm},
     {"llama_add_rmsnorm", 4, 3, 1, call_llama_add_rmsnorm},
-    {"llama_swiglu", 2, 3, 0, call_llama_swiglu},
+    {"llama_swiglu", 2, 4, 0, call_llama_swiglu},
     {"llama_attention", 11, 9, 3, call_llama_attention},
-    {"llama_decode_layer", 26, 12, 3, call_llama_decode_layer},
+    {"llama_decode_layer", 28, 13, 3, call_llama_decode_layer},
     {"quant_matmul_kind", 6, 7, 0, call_quant_matmul_kind},
 };
 

@@ -468,8 +468,9 @@ def test_fused_llama_decoder_keeps_a_window(
     assert max(worst.values()) <= TOL, worst
 
 
-# the families whose block options are llama's plus what the fused decoder runs too: QKV biases, QK-norm
-FUSED_VARIANTS = ("qwen2", "qwen3")
+# the families whose block options are llama's plus what the fused decoder runs too: QKV biases, QK-norm, Gemma's
+# GELU-tanh gate, post-sublayer norms, soft-caps, windows and the windowed layers' own rotary base
+FUSED_VARIANTS = ("qwen2", "qwen3", "gemma", "gemma2", "gemma3")
 
 
 def _counting_runs(fused: FusedLlamaDecoder) -> list[int]:
@@ -488,10 +489,11 @@ def _counting_runs(fused: FusedLlamaDecoder) -> list[int]:
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("name", FUSED_VARIANTS)
 @pytest.mark.parametrize("isa", native_isas())
-def test_fused_decoder_runs_qkv_biases_and_qk_norm_as_hf(
+def test_fused_decoder_runs_the_llama_variants_as_hf(
     isa: str, name: str, fmt: str, families: dict[str, TinyFamily], oracle: Callable[..., Any]
 ) -> None:
-    """Qwen 2 (QKV biases) and Qwen 3 (QK-norm) loaded with native decoding get the fused decoder, and it runs their
+    """Qwen 2 (QKV biases), Qwen 3 (QK-norm) and Gemma 1/2/3 (GELU-tanh gate, post-norms, soft-caps, windows, local
+    rotary base) loaded with native decoding get the fused decoder, and it runs their
     decode steps (between PyTorch's dense fp32 matmuls): the logits of chunked prefill (module path) then decode
     steps (fused) equal HF's, and so does greedy generation."""
     lm = load_lm(families[name].path(fmt), dtype=torch.float32, native_decode=True, backend=select_backend(isa))
@@ -526,19 +528,21 @@ def _decode_logits(model: CausalLM, prompt: list[int], cont: list[int], kernels:
 
 @pytest.mark.parametrize("name", FUSED_VARIANTS)
 @pytest.mark.parametrize("isa", native_isas())
-def test_fused_one_call_layers_with_qkv_biases_and_qk_norm_equal_the_module_path(
+def test_fused_one_call_layers_of_the_llama_variants_equal_the_module_path(
     isa: str, name: str, families: dict[str, TinyFamily], q8_files: dict[str, Path]
 ) -> None:
-    """The Q8_0 file of Qwen 2 / Qwen 3 with every projection on its quantized weights: decode steps one native call a
-    layer (the QKV bias added in the QKV matmul, QK-norm before RoPE) against the module path on the same QuantLinears
-    (the bias added by QuantLinear, the QK-norm by RMSNorm modules): within fp32 summation order (test_native.py's
+    """The Q8_0 file of Qwen 2 / Qwen 3 / Gemma 1-3 with every projection on its quantized weights: decode steps one
+    native call a layer (the QKV bias added in the QKV matmul, QK-norm before RoPE, post-norms and the GELU-tanh gate in
+    the call) against the module path on the same QuantLinears (the bias added by QuantLinear, the norms by RMSNorm
+    modules, the gate by PyTorch): within fp32 summation order (test_native.py's
     bound for the fused decoder of llama layers)."""
     lm = load_lm(q8_files[name], dtype=torch.float32, quantized_max_rows=8, backend=select_backend(isa))
     fused, kernels = lm.model.decoder_fast_path, lm.backend.kernels
     assert isinstance(fused, FusedLlamaDecoder) and fused.max_rows >= 1 and kernels is not None
     qkv = lm.model.blocks[0].attn.qkv
     assert isinstance(qkv, QuantLinear) and (qkv.qbias is not None) == (name == "qwen2")
-    assert (lm.model.blocks[0].attn.q_norm is not None) == (name == "qwen3")
+    assert (lm.model.blocks[0].attn.q_norm is not None) == (name in ("qwen3", "gemma3"))
+    assert (lm.model.blocks[0].post_ffn_norm is not None) == (name in ("gemma2", "gemma3"))
     ids = lm.tokenizer.encode(" ".join(CORPUS))
     prompt, cont = ids[:20], ids[20:36]
     runs = _counting_runs(fused)

@@ -98,6 +98,56 @@ def test_the_library_exports_exactly_the_headers_functions(isa: str) -> None:
 
 
 @pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_decode_layer_runs_gemma_blocks_as_the_other_entry_points(isa: str, dtype: torch.dtype) -> None:
+    """Post-sublayer norms and a GELU-tanh gate (Gemma 2 and 3), with QK-norm, a soft-cap and a window, in both
+    modes: bit for bit the layer through the other entry points (llama_rmsnorm in place on each sublayer's output,
+    llama_swiglu with the gate), and different from the layer without them; one post norm alone, or an unknown gate,
+    is refused before anything is written."""
+    kernels = kernels_for(isa)
+    for i8 in (False, True) if kernels.isa.has_int8 else (False,):
+        outs = []
+        for post, gate in ((True, 1), (False, 0)):
+            fused, written, _ = _layer_case(kernels, dtype, i8, 17, qk_norm=True, post_norms=post, gate=gate)
+            fused[ATTN_PARAMS] = (0.2, 6.0, 3)
+            _decode_layer(kernels, fused)
+            composed, by_entry, _ = _layer_case(kernels, dtype, i8, 17, qk_norm=True, post_norms=post, gate=gate)
+            composed[ATTN_PARAMS] = (0.2, 6.0, 3)
+            _layer_by_entry_points(kernels, composed)
+            for a, b in zip(written, by_entry):
+                assert torch.equal(a, b), f"post={post} gate={gate} i8={i8}"
+            outs.append(written[0])
+        assert not torch.equal(*outs)
+    for change in ("one post norm", "gate"):
+        args, written, _ = _layer_case(kernels, dtype, False, 17, post_norms=True, gate=1)
+        if change == "gate":
+            args[GATE] = 2
+        else:
+            args[6] = None  # post_ffn_norm
+        before = [t.clone() for t in written]
+        with pytest.raises(native.KernelError, match="llama_decode_layer .*AIGC_ERR_ARGS"):
+            _decode_layer(kernels, args)
+        assert all(torch.equal(a, b) for a, b in zip(written, before))
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_gelu_tanh_gate_is_pytorchs(isa: str, dtype: torch.dtype) -> None:
+    """llama_swiglu with GATE_GELU_TANH: F.gelu(gate, approximate="tanh") * up, each rounded to the activations'
+    dtype as the FFN module rounds them (fp32: within 4 ulps of the larger term; bf16: one rounding apart at most)."""
+    kernels = kernels_for(isa)
+    B, Fd = 3, 259
+    gu = (torch.randn(B, 2 * Fd, generator=torch.Generator().manual_seed(3)) * 4).to(dtype)
+    g = torch.empty(B, Fd, dtype=dtype)
+    kernels.call("llama_swiglu", gu.data_ptr(), g.data_ptr(), B, Fd, 1, int(dtype == torch.bfloat16))
+    ref = torch.nn.functional.gelu(gu[:, :Fd], approximate="tanh") * gu[:, Fd:]
+    tol = (2**-7 if dtype == torch.bfloat16 else 4e-6) * ref.float().abs().clamp(min=1.0)
+    assert ((g.float() - ref.float()).abs() <= tol).all()
+    with pytest.raises(native.KernelError, match="llama_swiglu .*AIGC_ERR_ARGS"):
+        kernels.call("llama_swiglu", gu.data_ptr(), g.data_ptr(), B, Fd, 2, 0)
+
+
+@pytest.mark.parametrize("isa", ISAS)
 def test_a_nonzero_status_raises_naming_the_kernel_and_code(isa: str) -> None:
     kernels = kernels_for(isa)
     x, y = torch.zeros(2, 64), torch.zeros(2, 8)
@@ -110,7 +160,7 @@ def test_a_nonzero_status_raises_naming_the_kernel_and_code(isa: str) -> None:
         kernels.call("llama_rmsnorm", x.data_ptr(), x.data_ptr(), 1e-5, y.data_ptr(), 2, 0, 0)  # C = 0
     with pytest.raises(native.KernelError, match="llama_add_rmsnorm"):  # a norm weight without an output
         kernels.call("llama_add_rmsnorm", x.data_ptr(), x.data_ptr(), x.data_ptr(), 1e-5, None, 2, 64, 0)
-    assert kernels.call("llama_swiglu", x.data_ptr(), y.data_ptr(), 0, 32, 0) == 0  # an empty batch is fine
+    assert kernels.call("llama_swiglu", x.data_ptr(), y.data_ptr(), 0, 32, 0, 0) == 0  # an empty batch is fine
     # a sequence with more keys than its row table holds
     q, kv, out = torch.zeros(1, 2, 16), torch.zeros(8, 2, 16), torch.zeros(1, 2, 16)
     rows, lens = torch.arange(4).view(1, 4), torch.tensor([5], dtype=torch.int32)
@@ -121,7 +171,8 @@ def test_a_nonzero_status_raises_naming_the_kernel_and_code(isa: str) -> None:
     assert kernels.call("aigc_cpu_features") == native.cpu_features()  # not a status: never raises
 
 
-ATTN_PARAMS = slice(22, 25)  # llama_decode_layer's scale, softcap, window in _layer_case's arguments
+ATTN_PARAMS = slice(25, 28)  # llama_decode_layer's scale, softcap, window in _layer_case's arguments
+GATE = 24  # its gate (GATE_SILU 0, GATE_GELU_TANH 1)
 QTYPES = (Q4_1, Q4_0, Q8_0, Q4_1)  # _layer_case's projections (Wqkv, Wo, Wgate|up, Wdown) unless told otherwise
 
 
@@ -134,9 +185,12 @@ def _layer_case(
     qk_norm: bool = False,
     qtypes: tuple[int, int, int, int] = QTYPES,
     kinds: bool = False,
+    post_norms: bool = False,
+    gate: int = 0,
 ) -> tuple[list[object], list[torch.Tensor], tuple[int, ...]]:
     """Random llama_decode_layer arguments (without the scratch ones), the buffers it writes, and the shapes; with
-    bias a QKV bias (Qwen 2), with qk_norm QK-norm weights (Qwen 3), else NULL for them; the projections' weights of
+    bias a QKV bias (Qwen 2), with qk_norm QK-norm weights (Qwen 3), with post_norms norms after each sublayer (Gemma
+    2, 3), else NULL for them; gate its FFN activation (1: GELU-tanh); the projections' weights of
     the GGML types qtypes (in features multiples of 256 where one is a K-quant or a 5-bit kind), their kinds given
     (kinds, or any K-quant or 5-bit type) or NULL."""
     from tests.utils import quantized_weight as _quantized
@@ -164,9 +218,10 @@ def _layer_case(
     g_opt = torch.Generator().manual_seed(seed + 1000)  # (drawn apart: the other arguments are those without them)
     qkv_bias = torch.randn((nh + 2 * nkv) * hs, generator=g_opt) if bias else None  # fp32 whatever the activations
     qk = [(1 + 0.3 * torch.randn(hs, generator=g_opt)).to(dtype) if qk_norm else None for _ in range(2)]
-    args: list[object] = [x, B, C, norms[0], norms[1], 1e-5, w, kind_values, qkv_bias, qk[0], qk[1], cos, sin, kv]
-    args += [write, rows]
-    args += [lens, Tk, nh, nkv, hs, F]
+    post = [(1 + 0.3 * torch.randn(C, generator=g_opt)).to(dtype) if post_norms else None for _ in range(2)]
+    args: list[object] = [x, B, C, norms[0], norms[1], post[0], post[1], 1e-5, w, kind_values, qkv_bias, qk[0], qk[1]]
+    args += [cos, sin, kv, write, rows]
+    args += [lens, Tk, nh, nkv, hs, F, gate]
     args += [hs**-0.5, 0.0, 0]  # scale, softcap, window (ATTN_PARAMS)
     args += [act, int(i8), 2, weights]  # (weights: kept alive with the call's arguments)
     return args, [x, kv], (B, C, nh, nkv, hs, F, act)
@@ -205,9 +260,9 @@ def test_the_callers_scratch_gives_what_the_librarys_own_allocations_give(isa: s
 def _layer_by_entry_points(kernels: native.Kernels, args: list[object]) -> None:
     """What llama_decode_layer does to x and kv, through the library's other entry points (norms, quant_matmul with
     the QKV bias, llama_attention with the same QK-norm, scale, softcap and window, SwiGLU, residual adds)."""
-    x, B, C, attn_norm, ffn_norm, eps, _, _, qkv_bias, q_norm, k_norm, cos, sin, kv, write, rows = args[:16]
-    lens, Tk, nh, nkv, hs, F = args[16:22]
-    scale, softcap, window, act, i8, threads, weights = args[22:]
+    x, B, C, attn_norm, ffn_norm, post_attn, post_ffn, eps, _, _, qkv_bias, q_norm, k_norm = args[:13]
+    cos, sin, kv, write, rows, lens, Tk, nh, nkv, hs, F, gate = args[13:25]
+    scale, softcap, window, act, i8, threads, weights = args[25:]
     assert isinstance(x, torch.Tensor) and isinstance(B, int) and isinstance(C, int) and isinstance(F, int)
     assert isinstance(nh, int) and isinstance(nkv, int) and isinstance(hs, int) and isinstance(weights, list)
     call, p = kernels.call, _ptr
@@ -245,10 +300,14 @@ def _layer_by_entry_points(kernels: native.Kernels, args: list[object]) -> None:
     ptrs = [p(a) for a in (qkv, B, eps, q_norm, k_norm, cos, sin, kv, write, rows, lens, att, Tk, nh, nkv, hs)]
     call("llama_attention", *ptrs, scale, softcap, window, act, threads, None, 0)
     o = matmul(att, 1, C, nh * hs)  # (kept referenced until the call that reads it is done)
+    if post_attn is not None:
+        call("llama_rmsnorm", o.data_ptr(), p(post_attn), eps, o.data_ptr(), B, C, act)
     call("llama_add_rmsnorm", x.data_ptr(), o.data_ptr(), p(ffn_norm), eps, h.data_ptr(), B, C, act)
     gu = matmul(h, 2, 2 * F, C)
-    call("llama_swiglu", gu.data_ptr(), g.data_ptr(), B, F, act)
+    call("llama_swiglu", gu.data_ptr(), g.data_ptr(), B, F, gate, act)
     o = matmul(g, 3, C, F)
+    if post_ffn is not None:
+        call("llama_rmsnorm", o.data_ptr(), p(post_ffn), eps, o.data_ptr(), B, C, act)
     call("llama_add_rmsnorm", x.data_ptr(), o.data_ptr(), None, eps, None, B, C, act)
 
 
@@ -345,14 +404,14 @@ def test_the_decode_layer_runs_any_mix_of_kinds_as_the_per_projection_kernels(
     for kind in (99, -1):
         args, written, _ = _layer_case(kernels, dtype, False, 11, qtypes=qtypes)
         before = [t.clone() for t in written]
-        bad = (ctypes.c_int32 * 4)(*args[7])  # type: ignore[misc]
+        bad = (ctypes.c_int32 * 4)(*args[9])  # type: ignore[misc]
         bad[2] = kind
-        args[7] = bad
+        args[9] = bad
         with pytest.raises(native.KernelError, match="llama_decode_layer .*AIGC_ERR_ARGS"):
             _decode_layer(kernels, args)
         assert all(torch.equal(a, b) for a, b in zip(written, before))
     args, written, _ = _layer_case(kernels, dtype, False, 11, qtypes=qtypes)
-    w = args[6]
+    w = args[8]
     assert isinstance(w, ctypes.Array)
     i = next(i for i, q in enumerate(qtypes) if q not in (Q8_0, Q5_0, F16, BF16))
     w[3 * i + 2] = None  # the m of a kind that needs one
@@ -377,7 +436,7 @@ def test_the_decode_layers_kinds_of_4_and_8_bit_weights_are_null_kinds(isa: str,
         for a, b in zip(*outs):
             assert torch.equal(a, b), f"i8={i8}"
     args, written, _ = _layer_case(kernels, dtype, False, 13, kinds=True)  # C = 96: no K-quant fits
-    bad = args[7]
+    bad = args[9]
     assert isinstance(bad, ctypes.Array)
     bad[0] = GGML_TYPES[Q4_K].kind.value
     with pytest.raises(native.KernelError, match="llama_decode_layer .*AIGC_ERR_ARGS"):

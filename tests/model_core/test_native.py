@@ -102,7 +102,7 @@ def test_qmatmul_keeps_leading_dims_and_checks_arguments() -> None:
     with pytest.raises(ValueError, match="float32 or bfloat16"):
         qmatmul(torch.randn(1, 64).half(), qw, kernels)
     with pytest.raises(ValueError, match="GGML type"):
-        QuantWeight.from_ggml(11, torch.zeros(4, 110, dtype=torch.uint8))  # Q3_K: no kernel
+        QuantWeight.from_ggml(10, torch.zeros(4, 84, dtype=torch.uint8))  # Q2_K: no kernel
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -380,8 +380,13 @@ def _primitive_calls(kernels: native.Kernels, dtype: torch.dtype, seed: int) -> 
         C,
         act,
     )
-    gu, out["swiglu"] = rnd(B, 2 * F) * 4, torch.empty(B, F, dtype=dtype)
-    call("llama_swiglu", gu.data_ptr(), out["swiglu"].data_ptr(), B, F, act)
+    gu, out["swiglu"], out["geglu_tanh"] = (
+        rnd(B, 2 * F) * 4,
+        torch.empty(B, F, dtype=dtype),
+        torch.empty(B, F, dtype=dtype),
+    )
+    call("llama_swiglu", gu.data_ptr(), out["swiglu"].data_ptr(), B, F, 0, act)
+    call("llama_swiglu", gu.data_ptr(), out["geglu_tanh"].data_ptr(), B, F, 1, act)
     qkv = rnd(B, (nh + 2 * nkv) * hs)
     ang = torch.rand(B, hs // 2, generator=g) * 6
     cos, sin = torch.cat([ang.cos(), ang.cos()], 1), torch.cat([ang.sin(), ang.sin()], 1)  # (B, hs) fp32

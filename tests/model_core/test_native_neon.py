@@ -327,19 +327,21 @@ def llama_add_rmsnorm_cases() -> Iterator[Call]:
 
 def llama_swiglu_cases() -> Iterator[Call]:
     rng = np.random.default_rng(5)
-    for B, F in [(1, 1), (3, 5), (2, 160), (4, 259), (1, 1536), (7, 33)]:
+    for n, (B, F) in enumerate([(1, 1), (3, 5), (2, 160), (4, 259), (1, 1536), (7, 33)]):
         for act in (0, 1):
-            yield Call(
-                "llama_swiglu",
-                dict(
-                    gu=act_array(rng.standard_normal((B, 2 * F)) * 4, act),
-                    g=act_array(np.zeros((B, F)), act),
-                    B=B,
-                    F=F,
-                    act=act,
-                ),
-                f"B={B} F={F}",
-            )
+            for gate in (0, 1) if n % 2 else (0,):  # SiLU, and GELU-tanh (Gemma) every other size
+                yield Call(
+                    "llama_swiglu",
+                    dict(
+                        gu=act_array(rng.standard_normal((B, 2 * F)) * 4, act),
+                        g=act_array(np.zeros((B, F)), act),
+                        B=B,
+                        F=F,
+                        gate=gate,
+                        act=act,
+                    ),
+                    f"B={B} F={F} gate={gate}",
+                )
 
 
 def qk_norms(n: int, rng: np.random.Generator, hs: int, act: int) -> tuple[dict[str, Any], str]:
@@ -424,8 +426,11 @@ def llama_decode_layer_cases() -> Iterator[Call]:
                 ]  # fmt: skip
                 w = [b for qw in qws for b in weight_buffers(qw)]
                 kinds = np.array([qw.kind.value for qw in qws], np.int32) if kquants or n % 2 else None
-                # a QKV bias, QK-norm, both or neither, over both activation dtypes and matmul modes
+                # a QKV bias, QK-norm, both or neither, over both activation dtypes and matmul modes; Gemma's post
+                # norms and GELU-tanh gate every third case
                 norms, norm_label = qk_norms(n // 2, rng, hs, act)
+                gemma = n % 3 == 0
+                post = [act_array(1 + 0.1 * rng.standard_normal(C), act) if gemma else None for _ in range(2)]
                 bias = rng.standard_normal((nh + 2 * nkv) * hs).astype(np.float32) if (n + n // 4) % 2 else None
                 yield Call(
                     "llama_decode_layer",
@@ -435,6 +440,8 @@ def llama_decode_layer_cases() -> Iterator[Call]:
                         C=C,
                         attn_norm=act_array(1 + 0.1 * rng.standard_normal(C), act),
                         ffn_norm=act_array(1 + 0.1 * rng.standard_normal(C), act),
+                        post_attn_norm=post[0],
+                        post_ffn_norm=post[1],
                         eps=1e-5,
                         w=w,
                         kinds=kinds,
@@ -451,6 +458,7 @@ def llama_decode_layer_cases() -> Iterator[Call]:
                         nkv=nkv,
                         hs=hs,
                         F=F,
+                        gate=int(gemma),
                         **params,
                         act=act,
                         i8=i8,
@@ -459,7 +467,7 @@ def llama_decode_layer_cases() -> Iterator[Call]:
                     ),
                     f"C={C} F={F} nh={nh} nkv={nkv} hs={hs} lens={lens} "
                     f"{'/'.join(GGML_TYPES[q].name for q in qtypes)}{label}"
-                    f"{' qkv_bias' if bias is not None else ''}{norm_label}",
+                    f"{' qkv_bias' if bias is not None else ''}{norm_label}{' gemma' if gemma else ''}",
                 )
 
 
