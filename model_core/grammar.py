@@ -19,6 +19,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import json
+import logging
 import queue
 import re
 import sys
@@ -42,11 +43,21 @@ from model_core.grammar_bounds import (
     check_schema,
     check_text,
 )
+from model_core.grammar_probe import (
+    WORKER_STACK_BYTES,
+    CompilerCrash,
+    CompileTimeout,
+    GrammarProbe,
+    ProbeUnavailable,
+    limits_dict,
+    shared_probe,
+)
 from model_core.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
     from llguidance._lib import JsonCompileOptions
 
+log = logging.getLogger(__name__)
 T = TypeVar("T")
 GrammarKind = Literal["json_schema", "json_object", "regex", "choice", "grammar"]
 _KINDS: tuple[str, ...] = get_args(GrammarKind)
@@ -182,7 +193,7 @@ class GrammarMatcher:
         return _first_line(self._m.get_error()) if self._m.is_error() else None
 
 
-COMPILE_STACK_BYTES = 64 * 2**20  # virtual: pages are touched only as deep as a compile goes
+COMPILE_STACK_BYTES = WORKER_STACK_BYTES  # 64 MiB, virtual: pages are touched only as deep as a compile goes
 
 
 def default_limits() -> llguidance.LLParserLimits:
@@ -264,7 +275,11 @@ class GrammarCompiler:
     threads included), past which `compile` raises GrammarError (the native compile cannot be interrupted: it
     finishes in the background, within its work limits, and is not cached). The compile threads run on
     `COMPILE_STACK_BYTES` stacks, about 8x the measured need of the largest grammar the bounds admit.
-    Thread-safe.
+
+    And a crash the bounds do not foresee costs one request, not the process: each grammar not compiled before
+    is first compiled in a worker process of `probe` (`grammar_probe.GrammarProbe`; "shared": the process's,
+    `grammar_probe.shared_probe()`; None: none), with the same limits and stack; one that kills the worker is a
+    GrammarError with limit "compiler_crash", and is never compiled here. Thread-safe.
     """
 
     def __init__(
@@ -275,6 +290,7 @@ class GrammarCompiler:
         max_compile_s: float = 5.0,
         limits: llguidance.LLParserLimits | None = None,
         bounds: GrammarBounds = DEFAULT_BOUNDS,
+        probe: GrammarProbe | Literal["shared"] | None = "shared",
     ) -> None:
         if not tokenizer.eos_token_ids:
             raise ValueError("constrained decoding needs a tokenizer with an EOS token")
@@ -292,6 +308,13 @@ class GrammarCompiler:
         self._cache: collections.OrderedDict[GrammarSpec, CompiledGrammar] = collections.OrderedDict()
         self._lock = threading.Lock()
         self._pool = _BigStackPool(2, COMPILE_STACK_BYTES, "grammar-compile")
+        self._probe = shared_probe() if probe == "shared" else probe
+        self._probe_limits = limits_dict(self._limits)
+        if self._probe is not None:
+            try:
+                self._probe.warm()  # its first worker starts while the model serves
+            except ProbeUnavailable as e:
+                log.error("%s; grammars are compiled without a probe", e)
 
     def compile(self, spec: GrammarSpec) -> CompiledGrammar:
         """The compiled grammar of spec (cached); GrammarError if it is invalid, unsupported or too slow."""
@@ -322,10 +345,28 @@ class GrammarCompiler:
     def _compile(self, spec: GrammarSpec) -> CompiledGrammar:
         t0 = time.perf_counter()
         grammar = _to_llguidance(spec, self.bounds)
+        self._probe_first(spec, grammar)
         template = llguidance.LLMatcher(self._lltok, grammar, log_level=0, limits=self._limits)
         if template.is_error():
             raise GrammarError(_explain(spec.kind, template.get_error()), spec.kind)
         return CompiledGrammar(spec, template, self.vocab_size, time.perf_counter() - t0)
+
+    def _probe_first(self, spec: GrammarSpec, grammar: str) -> None:
+        """Compile `grammar` in a probe worker first: a GrammarError if it crashed there or took too long."""
+        if self._probe is None:
+            return
+        try:
+            self._probe.check(grammar, self._probe_limits, self.max_compile_s)
+        except CompilerCrash as e:
+            raise GrammarError(
+                f"{spec.kind}: {e}: this server does not compile it (make it smaller or shallower)",
+                spec.kind,
+                "compiler_crash",
+            ) from None
+        except CompileTimeout:
+            raise GrammarError(f"{spec.kind}: compiling took longer than {self.max_compile_s:g}s", spec.kind) from None
+        except ProbeUnavailable as e:  # compiling unprobed beats refusing every grammar
+            log.error("%s; compiling without a probe", e)
 
 
 class _TokenizerView:

@@ -88,6 +88,13 @@ class Settings(BaseSettings):
         ge=1,
         description="open client connections at most; one more is answered 503 (too_many_connections) and closed",
     )
+    grammar_probe_workers: int = Field(
+        2,
+        ge=0,
+        le=8,
+        description="processes that compile each new grammar before the server does, so that a crash inside the "
+        "grammar compiler costs that request a 400, never the server; 0 = off",
+    )
     max_tokens_default: int | None = Field(
         None,
         ge=1,

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 from fastapi import FastAPI
 
 from model_core.g2p import Hypothesis
+from model_core.grammar_probe import configure_shared_probe
 from service.api import admin, chat, completions, health, images, models, responses, tokenize, ui
 from service.api import metrics as metrics_route
 from service.api.auth import APIKeyMiddleware
@@ -198,6 +199,7 @@ async def start_g2p_batcher(settings: Settings, metrics: Metrics) -> Seq2SeqBatc
 
 def create_app(settings: Settings | None = None, text_model: TextModel | None = None) -> FastAPI:
     settings = settings or Settings()
+    configure_shared_probe(settings.grammar_probe_workers)  # grammars are compiled in a worker first
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
