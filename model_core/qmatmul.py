@@ -21,7 +21,26 @@ from torch import nn
 
 from model_core.native import Kernels
 
-F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q3_K, Q4_K, Q5_K, Q6_K, BF16 = 1, 2, 3, 6, 7, 8, 11, 12, 13, 14, 30  # GGML type ids
+F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q3_K, Q4_K, Q5_K, Q6_K = 1, 2, 3, 6, 7, 8, 11, 12, 13, 14  # GGML type ids
+IQ4_NL, IQ4_XS, BF16 = 20, 23, 30
+IQ4_VALUES = (
+    -127,
+    -104,
+    -83,
+    -65,
+    -49,
+    -35,
+    -22,
+    -10,
+    1,
+    13,
+    25,
+    38,
+    53,
+    69,
+    89,
+    113,
+)  # IQ4's table (kernels/common.h)
 ACT = {torch.float32: 0, torch.bfloat16: 1}  # the kernels' activation dtypes (kernels/common.h)
 _EXACT_ONLY: ContextVar[bool] = ContextVar("exact_only", default=False)
 ALL_ROWS = 1 << 30  # max_rows of a layer that runs every batch on its kernel (the batch-invariant mode)
@@ -47,8 +66,10 @@ KIND_Q5_1 = QuantKind(5, "Q5_1", 32, "quant_matmul_kind")
 KIND_Q5_K = QuantKind(6, "Q5_K", 256, "quant_matmul_kind")
 KIND_F16 = QuantKind(7, "F16", 32, "quant_matmul_kind", int8=False)  # float weights as stored: qs (N, K/32, 64)
 KIND_BF16 = QuantKind(8, "BF16", 32, "quant_matmul_kind", int8=False)
+KIND_IQ4 = QuantKind(9, "IQ4", 32, "quant_matmul_kind")  # IQ4_NL, IQ4_XS: table indices, an fp32 scale per 32
 KINDS = {
-    k.value: k for k in (KIND_Q4, KIND_Q8, KIND_Q4_K, KIND_Q6_K, KIND_Q5_0, KIND_Q5_1, KIND_Q5_K, KIND_F16, KIND_BF16)
+    k.value: k
+    for k in (KIND_Q4, KIND_Q8, KIND_Q4_K, KIND_Q6_K, KIND_Q5_0, KIND_Q5_1, KIND_Q5_K, KIND_F16, KIND_BF16, KIND_IQ4)
 }
 
 _Repacked = tuple[torch.Tensor, torch.Tensor, "torch.Tensor | None"]  # qs, d, m
@@ -162,6 +183,24 @@ def _repack_q3_k(b: torch.Tensor) -> _Repacked:
     return _q6_by_32(q.reshape(N, nb * 8, 32)), _half(b, 108).float(), scales.to(torch.int8)
 
 
+def _repack_iq4_nl(b: torch.Tensor) -> _Repacked:
+    """18-byte IQ4_NL blocks (fp16 d, 16 bytes of indices in the 4-bit order) -> qs (N, K/32, 16), d (N, K/32) fp32."""
+    return b[:, :, 2:], _half(b, 0).float(), None
+
+
+def _repack_iq4_xs(b: torch.Tensor) -> _Repacked:
+    """136-byte IQ4_XS super-blocks (fp16 d, 2 bytes of high and 4 of low scale bits, 128 of indices) -> qs
+    (N, K/32, 16) per sub-block of 32, d (N, K/32) fp32 = d (ls - 32) (exact: 11 + 6 bits), as gguf.quants.IQ4_XS
+    unpacks them."""
+    N, nb = b.shape[:2]
+    high = b[:, :, 2:4].contiguous().view(torch.int16).to(torch.int32)  # (N, nb, 1): 2 bits per sub-block
+    high = (high >> torch.arange(0, 16, 2, dtype=torch.int32)) & 3  # (N, nb, 8)
+    low = torch.stack([b[:, :, 4:8] & 0x0F, b[:, :, 4:8] >> 4], -1).reshape(N, nb, 8).to(torch.int32)
+    ls = (low | (high << 4)) - 32
+    d = _half(b, 0).float().unsqueeze(-1) * ls.float()  # (N, nb, 8)
+    return b[:, :, 8:].reshape(N, nb * 8, 16), d.reshape(N, nb * 8), None
+
+
 def _repack_float(b: torch.Tensor) -> _Repacked:
     """F16/BF16 rows as stored, (N, K/32, 64) bytes; no scales (an empty d: the kernels take NULL)."""
     return b, torch.empty(0, dtype=torch.uint8), None
@@ -188,6 +227,8 @@ GGML_TYPES: dict[int, GGMLType] = {
     Q5_1: GGMLType("Q5_1", 32, 24, KIND_Q5_1, _repack_q5_1),
     Q5_K: GGMLType("Q5_K", 256, 176, KIND_Q5_K, _repack_q5_k),
     Q3_K: GGMLType("Q3_K", 256, 110, KIND_Q6_K, _repack_q3_k),  # as Q6_K (exact), at 1.93x the file's bytes
+    IQ4_NL: GGMLType("IQ4_NL", 32, 18, KIND_IQ4, _repack_iq4_nl),
+    IQ4_XS: GGMLType("IQ4_XS", 256, 136, KIND_IQ4, _repack_iq4_xs),
     F16: GGMLType("F16", 32, 64, KIND_F16, _repack_float),  # rows of K a multiple of 32 (GGML's block is 1 value)
     BF16: GGMLType("BF16", 32, 64, KIND_BF16, _repack_float),
 }
@@ -213,7 +254,7 @@ class QuantWeight:
     sub-block scales (kernels/common.h, k_qmatmul_kind; GGML_TYPES' repack functions make them).
     Q5_0, Q5_1 (blocks of 32) and Q5_K (super-blocks of 256, scales as Q4_K's): `qs` (N, K/32, 20), nibbles then
     fifth bits; Q5_0/Q5_1 `d` (and Q5_1 `m`) (N, K/32) float16. F16, BF16: `qs` (N, K/32, 64) the weights as
-    stored, `d` empty, `m` None.
+    stored, `d` empty, `m` None. IQ4 (IQ4_NL, IQ4_XS): `qs` (N, K/32, 16) table indices, `d` (N, K/32) float32.
     `kind` says which form (KINDS); left out, it is the 4-bit form, or the 8-bit one where m is None.
     `interleave()` gives the form the int8 mode reads (groups of 8 rows; `rows` is then N): a weight in that
     form is multiplied in int8 mode, one in row form with exact products."""
@@ -297,6 +338,10 @@ class QuantWeight:
         if self.interleaved:
             return self.row_form().dequantize()
         N = self.out_features
+        if self.kind == KIND_IQ4:  # w = d IQ4_VALUES[q]
+            q = torch.cat([self.qs & 0x0F, self.qs >> 4], -1).long()  # (N, nb, 32)
+            v = torch.tensor(IQ4_VALUES, dtype=torch.float32)[q]
+            return (self.d.unsqueeze(-1) * v).reshape(N, self.in_features)
         if not self.kind.int8:  # F16, BF16 as stored
             dt = torch.float16 if self.kind == KIND_F16 else torch.bfloat16
             return self.qs.reshape(N, -1).view(dt).float()

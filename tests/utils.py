@@ -171,16 +171,25 @@ def quantize_k(w: np.ndarray, qtype: int) -> np.ndarray:
 
 
 # the blocks' fp16 scales
-_FP16_AT = {"Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,), "Q5_0": (0,), "Q5_1": (0, 2)}
+_FP16_AT = {
+    "IQ4_NL": (0,),
+    "IQ4_XS": (0,),
+    "Q3_K": (108,),
+    "Q4_K": (0, 2),
+    "Q5_K": (0, 2),
+    "Q6_K": (208,),
+    "Q5_0": (0,),
+    "Q5_1": (0, 2),
+}
 
 
 def kquant_weight(
     qtype: int, n: int, k: int, seed: int, random_blocks: bool = False
 ) -> tuple[QuantWeight, torch.Tensor]:
-    """A (n, k) weight of a K-quant (Q3_K, Q4_K, Q5_K, Q6_K), a 5-bit type (Q5_0, Q5_1) or a float one (F16, BF16):
-    random weights quantized (quantize_k, or gguf's quantizer for the others), or with random_blocks (always for Q3_K)
-    every byte random but the fp16 scales (finite; float types: random weights as without); and what gguf dequantizes
-    it to (float32)."""
+    """A (n, k) weight of a K-quant (Q3_K, Q4_K, Q5_K, Q6_K), a 5-bit type (Q5_0, Q5_1), IQ4_NL/IQ4_XS or a float one
+    (F16, BF16): random weights quantized (quantize_k, or gguf's quantizer), or with random_blocks (always for Q3_K and
+    IQ4) every byte random but the fp16 scales (finite; float types: random weights as without); and what gguf
+    dequantizes it to (float32)."""
     from gguf import GGMLQuantizationType
     from gguf.quants import dequantize, quantize
 
@@ -189,7 +198,11 @@ def kquant_weight(
     t = GGML_TYPES[qtype]
     rng = np.random.default_rng(seed)
     nb = k // t.block
-    if (random_blocks and t.kind.int8) or t.name == "Q3_K":  # (quantize_k has no Q3_K: random blocks only)
+    if (random_blocks and t.kind.int8) or t.name in (
+        "Q3_K",
+        "IQ4_NL",
+        "IQ4_XS",
+    ):  # (no quantizer here: random blocks only)
         b = rng.integers(0, 256, (n, nb, t.nbytes), dtype=np.uint8)
         for at in _FP16_AT[t.name]:
             h = (rng.standard_normal((n, nb)) * 0.02).astype(np.float16)

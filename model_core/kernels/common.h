@@ -157,6 +157,9 @@ int k_qmatmul(const void *x, int act, const uint8_t *qs, const uint16_t *d, cons
  *   QKIND_Q5_K (super-blocks of 256; the file: 176 bytes = 5.5 bits a weight; here 184 bytes = 5.75):
  *     qs as above per sub-block j, d (N, nsb, 2) float32 and m (N, nsb, 16) uint8 as QKIND_Q4_K's;
  *     w = (d sc_j) q - (dmin mn_j): d' = d sc_j (11 + 6 bits), m' = -(dmin mn_j), both exact.
+ *   QKIND_IQ4 (IQ4_NL, IQ4_XS; blocks of 32; the files: 4.5 and 4.25 bits a weight, here 5): qs (N, K/32, 16) the
+ *     4-bit indices in the 4-bit order, d (N, K/32) float32 (IQ4_NL: the block's fp16 d; IQ4_XS: d (ls - 32), exact),
+ *     m NULL; w = d IQ4_VALUES[q] (one rounding, as gguf's).
  *   QKIND_F16, QKIND_BF16 (K a multiple of 32): qs (N, K) the file's IEEE half or bfloat16 weights, d and m NULL; the
  *     exact products in either mode (i8 is ignored: the weights stay in row form, and are never interleaved).
  *   i8 = 1 (the builds with int8 mode): every quantized kind interleaved by 8 rows as k_qmatmul's, per block of 32 (qs (G, K/32,
@@ -173,10 +176,14 @@ int k_qmatmul_kind(const void *x, int act, int kind, const uint8_t *qs, const vo
 static inline int qkind_block(int kind) {
     switch (kind) {
     case QKIND_Q4_K: case QKIND_Q5_K: case QKIND_Q6_K: return 256;
-    case QKIND_Q5_0: case QKIND_Q5_1: case QKIND_F16: case QKIND_BF16: return 32;
+    case QKIND_Q5_0: case QKIND_Q5_1: case QKIND_F16: case QKIND_BF16: case QKIND_IQ4: return 32;
     default: return 0;
     }
 }
+/* the values QKIND_IQ4's 4-bit indices stand for (llama.cpp's kvalues_iq4nl) */
+static const int8_t IQ4_VALUES[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
+/* the kinds whose m is NULL (besides the float ones) */
+static inline int qkind_no_m(int kind) { return kind == QKIND_Q8 || kind == QKIND_Q5_0 || kind == QKIND_IQ4; }
 /* float weights (QKIND_F16, QKIND_BF16): qs holds them as stored, d and m are NULL, and i8 does not apply */
 static inline int qkind_float(int kind) { return kind == QKIND_F16 || kind == QKIND_BF16; }
 /* the bytes of one weight row (K weights) of such a kind in qs, d and m (0: no m) */
@@ -184,6 +191,10 @@ static inline void qkind_row_bytes(int kind, int K, size_t *qs, size_t *d, size_
     const size_t nb = (size_t)K / 32, nsb = (size_t)K / 256;
     if (qkind_float(kind)) {
         *qs = (size_t)K * 2, *d = *m = 0;
+        return;
+    }
+    if (kind == QKIND_IQ4) {
+        *qs = nb * 16, *d = nb * 4, *m = 0;
         return;
     }
     *qs = nb * (kind == QKIND_Q4_K ? 16 : kind == QKIND_Q6_K ? 24 : 20);

@@ -115,12 +115,12 @@ int llama_attention(void *qkv, int B, float eps, const void *q_norm, const void 
 }
 
 /* w's projections of kinds (QKIND_*), for inputs of K[i] features: any kind the kernels run, K a multiple of its
- * block, its buffers given (d but for the float kinds, m but for those, QKIND_Q8 and QKIND_Q5_0) */
+ * block, its buffers given (d but for the float kinds, m but for those and qkind_no_m's) */
 static int kinds_ok(const int32_t *kinds, const void *const *w, const int *K) {
     for (int i = 0; i < 4; i++) {
         const int kind = kinds[i], block = kind == QKIND_Q4 || kind == QKIND_Q8 ? 32 : qkind_block(kind);
         if (!block || K[i] % block || !w[3 * i]) return 0;
-        if (!qkind_float(kind) && (!w[3 * i + 1] || (!w[3 * i + 2] && kind != QKIND_Q8 && kind != QKIND_Q5_0))) return 0;
+        if (!qkind_float(kind) && (!w[3 * i + 1] || (!w[3 * i + 2] && !qkind_no_m(kind)))) return 0;
     }
     return 1;
 }

@@ -254,9 +254,32 @@ static void widen_row(int kind, const uint16_t *h, int K, float *wf) {
     }
 }
 
+/* 16 bytes of QKIND_IQ4 indices (the 4-bit order) -> the 32 int8 values they stand for, in weight order */
+INLINE void iq4_values(const uint8_t *q, int8_t *out) {
+#if defined(__AVX2__)
+    const __m128i lut = _mm_loadu_si128((const __m128i *)IQ4_VALUES), v = _mm_loadu_si128((const __m128i *)q);
+    const __m128i m4 = _mm_set1_epi8(0x0F);
+    _mm_storeu_si128((__m128i *)out, _mm_shuffle_epi8(lut, _mm_and_si128(v, m4)));
+    _mm_storeu_si128((__m128i *)(out + 16), _mm_shuffle_epi8(lut, _mm_and_si128(_mm_srli_epi16(v, 4), m4)));
+#elif defined(__ARM_NEON)
+    const int8x16_t lut = vld1q_s8(IQ4_VALUES);
+    const uint8x16_t v = vld1q_u8(q);
+    vst1q_s8(out, vqtbl1q_s8(lut, vandq_u8(v, vdupq_n_u8(0x0F))));
+    vst1q_s8(out + 16, vqtbl1q_s8(lut, vshrq_n_u8(v, 4)));
+#else
+    for (int j = 0; j < 16; j++) out[j] = IQ4_VALUES[q[j] & 0x0F], out[16 + j] = IQ4_VALUES[q[j] >> 4];
+#endif
+}
+
 /* one weight row of any kind but QKIND_Q4/QKIND_Q8 (its qs, d and m) -> wf (K floats), the file's weights */
 static void dequantize_row_kind(int kind, const uint8_t *qs, const void *d, const void *m, int K, float *wf) {
-    if (qkind_float(kind)) {
+    if (kind == QKIND_IQ4) { /* w = d IQ4_VALUES[q]: one product, as gguf's */
+        for (int b = 0; b < K / 32; b++) {
+            int8_t v[32];
+            iq4_values(qs + (size_t)b * 16, v);
+            dequant_q8((const uint8_t *)v, ((const float *)d)[b], wf + 32 * b);
+        }
+    } else if (qkind_float(kind)) {
         widen_row(kind, (const uint16_t *)qs, K, wf);
     } else if (kind == QKIND_Q5_0 || kind == QKIND_Q5_1) { /* w = fma(q, d, m), m = -16 d for Q5_0 (exact) */
         const uint16_t *dh = d, *mh = m;
@@ -277,7 +300,7 @@ int k_qmatmul_kind(const void *x, int act, int kind, const uint8_t *qs, const vo
                                      : AIGC_ERR_ARGS;
     const int block = qkind_block(kind);
     const int fl = qkind_float(kind);
-    if (!block || K % block || M <= 0 || N <= 0 || !qs || (!fl && (!d || (!m && kind != QKIND_Q5_0))))
+    if (!block || K % block || M <= 0 || N <= 0 || !qs || (!fl && (!d || (!m && !qkind_no_m(kind)))))
         return AIGC_ERR_ARGS;
 #if defined(QMATMUL_I8)
     if (i8 && !fl) return qmatmul_i8(x, act, kind, qs, d, m, bias, y, M, N, K, nthreads);

@@ -105,7 +105,16 @@ static inline __m512bh decode_q6(const uint8_t *qs) {
                                                _mm512_set1_epi16(0x30), 0xF8);
 }
 
+/* an IQ4 block's 32 weights: the indices (the 4-bit order) through IQ4_VALUES, as bfloat16 (exact) */
+static inline __m512bh decode_iq4(const uint8_t *qs) {
+    const __m128i lut = _mm_loadu_si128((const __m128i *)IQ4_VALUES), v = _mm_loadu_si128((const __m128i *)qs);
+    const __m128i m4 = _mm_set1_epi8(0x0F);
+    const __m128i lo = _mm_shuffle_epi8(lut, _mm_and_si128(v, m4)), hi = _mm_shuffle_epi8(lut, _mm_and_si128(_mm_srli_epi16(v, 4), m4));
+    return _mm512_cvtne2ps_pbh(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(hi)), _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(lo)));
+}
+
 DEFINE_TILES(q4, 16, BLOCK_SCALE)
+DEFINE_TILES(iq4, 16, BLOCK_SCALE)
 DEFINE_TILES(q8, 32, BLOCK_SCALE)
 DEFINE_TILES(q5, 20, BLOCK_SCALE)
 DEFINE_TILES(q6, 24, HALF_SCALES)
@@ -190,8 +199,8 @@ int qmatmul_avx512bf16(const uint16_t *x, const uint8_t *qs, const uint16_t *d, 
  * status. */
 int qmatmul_avx512bf16_kind(int kind, const uint16_t *x, const uint8_t *qs, const void *d, const void *m,
                             const float *bias, uint16_t *y, int M, int N, int K, int nthreads) {
-    const int nb = K / 32, nsb = K / 256, q6 = kind == QKIND_Q6_K;
-    const int qb = kind == QKIND_Q4_K ? 16 : q6 ? 24 : 20; /* bytes of quants per block */
+    const int nb = K / 32, nsb = K / 256, q6 = kind == QKIND_Q6_K, iq4 = kind == QKIND_IQ4;
+    const int qb = kind == QKIND_Q4_K || iq4 ? 16 : q6 ? 24 : 20; /* bytes of quants per block */
     size_t row_bytes, d_bytes, m_bytes;
     qkind_row_bytes(kind, K, &row_bytes, &d_bytes, &m_bytes);
     const int no = q6 ? 2 * nb : nb, span = K / no; /* offsets per row, each over span x */
@@ -214,7 +223,9 @@ int qmatmul_avx512bf16_kind(int kind, const uint16_t *x, const uint8_t *qs, cons
         }
         float d32[2 * nb + 16]; /* this row's scales per block (Q6_K: per half) */
         float o32[2 * nb + 16]; /* and offsets */
-        if (kind == QKIND_Q5_0 || kind == QKIND_Q5_1)
+        if (iq4) /* no offsets: w = d v */
+            memcpy(d32, dn, sizeof(float) * (size_t)nb);
+        else if (kind == QKIND_Q5_0 || kind == QKIND_Q5_1)
             for (int b = 0; b < nb; b += 16) { /* fp16 d (and m), 16 blocks at a time */
                 const __mmask16 k = nb - b >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (nb - b)) - 1u);
                 const __m512 db = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, (const uint16_t *)dn + b));
@@ -245,7 +256,7 @@ int qmatmul_avx512bf16_kind(int kind, const uint16_t *x, const uint8_t *qs, cons
             const int left = M - r0;
             const int mt = left >= 8 ? 8 : left >= 4 ? 4 : left >= 2 ? 2 : 1;
             const uint16_t *xr = x + (size_t)r0 * K;
-            switch (mt * 4 + (qb == 16 ? 0 : qb == 20 ? 1 : 2)) {
+            switch (mt * 4 + (iq4 ? 3 : qb == 16 ? 0 : qb == 20 ? 1 : 2)) {
             case 32: tile_q4_8(qn, d32, xr, K, nb, sums); break;
             case 16: tile_q4_4(qn, d32, xr, K, nb, sums); break;
             case 8: tile_q4_2(qn, d32, xr, K, nb, sums); break;
@@ -257,12 +268,16 @@ int qmatmul_avx512bf16_kind(int kind, const uint16_t *x, const uint8_t *qs, cons
             case 34: tile_q6_8(qn, d32, xr, K, nb, sums); break;
             case 18: tile_q6_4(qn, d32, xr, K, nb, sums); break;
             case 10: tile_q6_2(qn, d32, xr, K, nb, sums); break;
+            case 35: tile_iq4_8(qn, d32, xr, K, nb, sums); break;
+            case 19: tile_iq4_4(qn, d32, xr, K, nb, sums); break;
+            case 11: tile_iq4_2(qn, d32, xr, K, nb, sums); break;
+            case 7: tile_iq4_1(qn, d32, xr, K, nb, sums); break;
             default: tile_q6_1(qn, d32, xr, K, nb, sums); break;
             }
             for (int i = 0; i < mt; i++) {
                 __m512 acc = sums[i];
                 const float *xs = xsum + (size_t)(r0 + i) * no; /* + the offsets times their sums of x */
-                for (int b = 0; b < no; b += 16) {
+                for (int b = 0; b < no && !iq4; b += 16) {
                     const __mmask16 k = no - b >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (no - b)) - 1u);
                     acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, o32 + b), _mm512_maskz_loadu_ps(k, xs + b), acc);
                 }

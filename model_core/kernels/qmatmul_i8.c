@@ -12,7 +12,8 @@
  * The kinds widen to one of four forms (WIDE_*): unsigned quants of at most 4 bits (Q4_0/Q4_1 and Q4_K: w = d' q
  * + m' per block of 32, d' and m' floats), of at most 5 bits (Q5_0, Q5_1, Q5_K: the same), signed 8-bit ones (Q8_0,
  * read in place: no widening) and Q6_K's signed 6-bit ones (q - 32) whose two halves of 16 carry integer scales:
- * their block sum is sc_lo * sum_lo + sc_hi * sum_hi, exact in int32, times d.
+ * their block sum is sc_lo * sum_lo + sc_hi * sum_hi, exact in int32, times d; IQ4's indices widen through their
+ * table (IQ4_VALUES) to signed 8-bit values, summed as Q8_0's.
  */
 #if defined(__AVX2__) || defined(__ARM_FEATURE_DOTPROD)
 #include <stdlib.h>
@@ -22,7 +23,7 @@
 #define BLOCK 32
 #define ROWS 8 /* weight rows per group */
 
-enum { WIDE_U4 = 0, WIDE_U5 = 1, WIDE_S8 = 2, WIDE_Q6 = 3 };
+enum { WIDE_U4 = 0, WIDE_U5 = 1, WIDE_S8 = 2, WIDE_Q6 = 3, WIDE_IQ4 = 4 };
 
 #if defined(__AVX2__)
 typedef __m256i qv;   /* 8 rows x 4 quants, widened to bytes */
@@ -126,6 +127,21 @@ static inline isum sums_q6(const qv *w, const int8_t *xb, const int32_t *sc) {
     const __m256i lo = _mm256_mullo_epi32(_mm256_madd_epi16(a, one), _mm256_loadu_si256((const __m256i *)sc));
     return _mm256_add_epi32(lo, _mm256_mullo_epi32(_mm256_madd_epi16(b, one), _mm256_loadu_si256((const __m256i *)(sc + ROWS))));
 }
+
+/* IQ4: the 4-bit indices as 4-bit quants, then each through the table: 8 vectors of signed values */
+static inline void unpack_iq4(const uint8_t *q, qv *out) {
+    unpack_q4(q, out);
+    const __m256i lut = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)IQ4_VALUES));
+    for (int k = 0; k < 8; k++) out[k] = _mm256_shuffle_epi8(lut, out[k]);
+}
+
+/* signed 8-bit values already widened (IQ4), as sums_q8 */
+static inline isum sums_iq4(const qv *w, const int8_t *xb) {
+    __m256i s32 = _mm256_setzero_si256();
+    for (int k = 0; k < 8; k++)
+        s32 = _mm256_add_epi32(s32, _mm256_madd_epi16(signed_pairs(w[k], x4(xb, k)), _mm256_set1_epi16(1)));
+    return s32;
+}
 #else /* NEON + dotprod: rows 0-3 and 4-7 in two vectors */
 typedef struct {
     int8x16_t lo, hi;
@@ -224,6 +240,14 @@ static inline isum sums_q6(const qv *w, const int8_t *xb, const int32_t *sc) {
     return (isum){vmlaq_s32(vmulq_s32(alo, vld1q_s32(sc)), blo, vld1q_s32(sc + ROWS)),
                   vmlaq_s32(vmulq_s32(ahi, vld1q_s32(sc + 4)), bhi, vld1q_s32(sc + ROWS + 4))};
 }
+
+static inline void unpack_iq4(const uint8_t *q, qv *out) {
+    unpack_q4(q, out);
+    const int8x16_t lut = vld1q_s8(IQ4_VALUES);
+    for (int k = 0; k < 8; k++)
+        out[k] = (qv){vqtbl1q_s8(lut, vreinterpretq_u8_s8(out[k].lo)), vqtbl1q_s8(lut, vreinterpretq_u8_s8(out[k].hi))};
+}
+#define sums_iq4 sums_q4
 #endif
 
 /* A group of 8 weight rows made ready for the dot products: quants widened to bytes (nb * 8 vectors; Q8_0's read in
@@ -247,10 +271,11 @@ static inline __attribute__((always_inline)) void group_rows(group g, int nb, co
         _Pragma("GCC unroll 4") for (int i = 0; i < MT; i++) {
             const size_t at = (size_t)i * nb + b;
             const int8_t *xb = xq + at * BLOCK;
-            const isum s = WIDE == WIDE_U4   ? sums_q4(g.w + (size_t)b * 8, xb)
-                           : WIDE == WIDE_U5 ? sums_q5(g.w + (size_t)b * 8, xb)
-                           : WIDE == WIDE_Q6 ? sums_q6(g.w + (size_t)b * 8, xb, g.sc + (size_t)b * 2 * ROWS)
-                                             : sums_q8(g.q8 + (size_t)b * ROWS * BLOCK, xb);
+            const isum s = WIDE == WIDE_U4    ? sums_q4(g.w + (size_t)b * 8, xb)
+                           : WIDE == WIDE_U5  ? sums_q5(g.w + (size_t)b * 8, xb)
+                           : WIDE == WIDE_Q6  ? sums_q6(g.w + (size_t)b * 8, xb, g.sc + (size_t)b * 2 * ROWS)
+                           : WIDE == WIDE_IQ4 ? sums_iq4(g.w + (size_t)b * 8, xb)
+                                              : sums_q8(g.q8 + (size_t)b * ROWS * BLOCK, xb);
             acc[i] = f8_scale_fma(s, db, xs[at], acc[i]);
         }
     }
@@ -273,13 +298,14 @@ static int wide_form(int kind) {
     case QKIND_Q4: case QKIND_Q4_K: return WIDE_U4;
     case QKIND_Q5_0: case QKIND_Q5_1: case QKIND_Q5_K: return WIDE_U5;
     case QKIND_Q6_K: return WIDE_Q6;
+    case QKIND_IQ4: return WIDE_IQ4;
     default: return WIDE_S8;
     }
 }
 
 static size_t block_bytes(int kind) {
     switch (kind) {
-    case QKIND_Q4: case QKIND_Q4_K: return ROWS * 16;
+    case QKIND_Q4: case QKIND_Q4_K: case QKIND_IQ4: return ROWS * 16;
     case QKIND_Q5_0: case QKIND_Q5_1: case QKIND_Q5_K: return ROWS * 20;
     case QKIND_Q6_K: return ROWS * 24;
     default: return ROWS * 32;
@@ -302,6 +328,9 @@ static void widen_scales(int kind, const void *d, const void *m, size_t gi, int 
         for (int b = 0; b < nb; b++) halves8((const uint16_t *)d + (gi * nb + b) * ROWS, dv + (size_t)b * ROWS);
         if (kind == QKIND_Q5_0)
             for (size_t i = 0; i < (size_t)nb * ROWS; i++) mv[i] = -16.0f * dv[i]; /* w = d (q - 16): exact */
+        break;
+    case QKIND_IQ4: /* d (G, K/32, 8) fp32 */
+        memcpy(dv, (const float *)d + gi * nb * ROWS, sizeof(float) * (size_t)nb * ROWS);
         break;
     case QKIND_Q4_K: case QKIND_Q5_K: /* d (G, nsb, 2, 8) [d, dmin], m (G, nsb, 16, 8) [8 scales, 8 mins] */
         for (int s = 0; s < nsb; s++) {
@@ -330,9 +359,9 @@ static void widen_scales(int kind, const void *d, const void *m, size_t gi, int 
 
 #define GROUP_TILE(MT, WIDE) group_rows(g, nb, xq + at * BLOCK, xs + at, xt + at, out, MT, WIDE)
 #define TILES(WIDE)                                                                                              \
-    case 4 * 4 + WIDE: GROUP_TILE(4, WIDE); break;                                                               \
-    case 2 * 4 + WIDE: GROUP_TILE(2, WIDE); break;                                                               \
-    case 1 * 4 + WIDE: GROUP_TILE(1, WIDE); break
+    case 4 * 8 + WIDE: GROUP_TILE(4, WIDE); break;                                                               \
+    case 2 * 8 + WIDE: GROUP_TILE(2, WIDE); break;                                                               \
+    case 1 * 8 + WIDE: GROUP_TILE(1, WIDE); break
 
 int qmatmul_i8(const void *x, int act, int kind, const uint8_t *qs, const void *d, const void *m, const float *bias,
                void *y, int M, int N, int K, int nthreads) {
@@ -374,6 +403,7 @@ int qmatmul_i8(const void *x, int act, int kind, const uint8_t *qs, const void *
                 const uint8_t *qb = qg + (size_t)b * block_bytes(kind);
                 if (wide == WIDE_U4) unpack_q4(qb, w + (size_t)b * 8);
                 else if (wide == WIDE_U5) unpack_q5(qb, w + (size_t)b * 8);
+                else if (wide == WIDE_IQ4) unpack_iq4(qb, w + (size_t)b * 8);
                 else unpack_q6(qb, w + (size_t)b * 8);
             }
             const group g = {w, qg, dv, offsets ? mv : NULL, sc};
@@ -382,11 +412,12 @@ int qmatmul_i8(const void *x, int act, int kind, const uint8_t *qs, const void *
             for (int r0 = 0; r0 < M;) {
                 const int left = M - r0, mt = left >= 4 ? 4 : left >= 2 ? 2 : 1;
                 const size_t at = (size_t)r0 * nb;
-                switch (mt * 4 + wide) {
+                switch (mt * 8 + wide) {
                     TILES(WIDE_U4);
                     TILES(WIDE_U5);
                     TILES(WIDE_S8);
                     TILES(WIDE_Q6);
+                    TILES(WIDE_IQ4);
                 }
                 for (int i = 0; i < mt; i++)
                     for (int c = 0; c < cols; c++) {

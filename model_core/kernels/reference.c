@@ -24,7 +24,7 @@ static int quant8_at(int kind, const uint8_t *qs, const void *d, const void *m, 
                      float *mn) {
     const int g = n / 8, r = n % 8, b = k / 32, i = k % 32, nsb = nb / 8, s = b / 8, j = b % 8;
     const size_t blk = (size_t)g * nb + b, sb = (size_t)g * nsb + s;
-    const int bytes = kind == QKIND_Q8 ? 32 : kind == QKIND_Q6_K ? 24 : kind == QKIND_Q4 || kind == QKIND_Q4_K ? 16 : 20;
+    const int bytes = kind == QKIND_Q8 ? 32 : kind == QKIND_Q6_K ? 24 : kind == QKIND_Q5_0 || kind == QKIND_Q5_1 || kind == QKIND_Q5_K ? 20 : 16;
 #define BYTE(t) qs[((blk * (bytes / 4) + (t) / 4) * 8 + r) * 4 + (t) % 4] /* byte t of row r's block */
     const uint16_t *dh = d, *mh = m;
     *mn = 0.0f;
@@ -39,10 +39,12 @@ static int quant8_at(int kind, const uint8_t *qs, const void *d, const void *m, 
         *mn = -(sd[(sb * 2 + 1) * 8 + r] * (float)sm[(sb * 16 + 8 + j) * 8 + r]);
         break;
     }
+    case QKIND_IQ4: *dn = ((const float *)d)[blk * 8 + r]; break;
     default: *dn = ((const float *)d)[sb * 8 + r]; /* QKIND_Q6_K */
     }
     if (kind == QKIND_Q8) return (int8_t)BYTE(i);
     const int nib = i < 16 ? BYTE(i % 16) & 0x0F : BYTE(i % 16) >> 4;
+    if (kind == QKIND_IQ4) return IQ4_VALUES[nib];
     if (kind == QKIND_Q4 || kind == QKIND_Q4_K) return nib;
     if (kind == QKIND_Q6_K) {
         const int hi = (BYTE(16 + i % 8) >> (2 * (i / 8))) & 3, sc = ((const int8_t *)m)[(sb * 16 + 2 * j + i / 16) * 8 + r];
@@ -214,16 +216,21 @@ int k_qmatmul_kind(const void *x, int act, int kind, const uint8_t *qs, const vo
                                      : AIGC_ERR_ARGS;
     const int block = qkind_block(kind);
     const int fl = qkind_float(kind);
-    if (!block || K % block || M <= 0 || N <= 0 || !qs || (!fl && (!d || (!m && kind != QKIND_Q5_0))))
+    if (!block || K % block || M <= 0 || N <= 0 || !qs || (!fl && (!d || (!m && !qkind_no_m(kind)))))
         return AIGC_ERR_ARGS;
     if (i8 && !fl) return ref_qmatmul_i8(x, act, kind, qs, d, m, bias, y, M, N, K);
     const int q5 = kind == QKIND_Q5_0 || kind == QKIND_Q5_1 || kind == QKIND_Q5_K;
     const uint16_t *h = (const uint16_t *)qs; /* float weights: (N, K) halves or bfloat16 */
+    const float *dq = d; /* QKIND_IQ4: (N, K/32) */
     for (int r = 0; r < M; r++)
         for (int n = 0; n < N; n++) {
             float s = 0.0f;
             for (int k = 0; k < K; k++)
-                s += (fl   ? (kind == QKIND_F16 ? half_to_float : bf16_to_float)(h[(size_t)n * K + k])
+                s += (fl ? (kind == QKIND_F16 ? half_to_float : bf16_to_float)(h[(size_t)n * K + k])
+                      : kind == QKIND_IQ4
+                          ? dq[(size_t)n * (K / 32) + k / 32] *
+                                (float)IQ4_VALUES[(k % 32 < 16 ? qs[((size_t)n * (K / 32) + k / 32) * 16 + k % 16] & 0x0F
+                                                               : qs[((size_t)n * (K / 32) + k / 32) * 16 + k % 16] >> 4)]
                       : q5 ? weight_at_q5(kind, qs, d, m, K, n, k)
                            : weight_at_k(kind, qs, d, m, K / 256, n, k)) *
                      load_act(x, (size_t)r * K + k, act);

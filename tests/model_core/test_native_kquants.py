@@ -24,6 +24,8 @@ from model_core.kv_cache import PagedKVCache
 from model_core.lm import CausalLM
 from model_core.qmatmul import (
     GGML_TYPES,
+    IQ4_NL,
+    IQ4_XS,
     KIND_Q4,
     KIND_Q4_K,
     KIND_Q5_0,
@@ -50,7 +52,8 @@ from tests.utils import kernels_for, kquant_weight, native_isas, quantized_weigh
 
 ISAS = native_isas()
 DTYPES = [torch.float32, torch.bfloat16]
-KQUANTS = [Q4_K, Q5_K, Q6_K, Q5_0, Q5_1]  # Q5_0, Q5_1: blocks of 32 (K a multiple of 32), the others of 256
+# Q5_0, Q5_1, IQ4_NL: blocks of 32 (K a multiple of 32), the others of 256
+KQUANTS = [Q4_K, Q5_K, Q6_K, Q5_0, Q5_1, IQ4_NL, IQ4_XS]
 pytestmark = pytest.mark.skipif(not ISAS, reason="no C compiler: the native kernels cannot build here")
 
 
@@ -65,7 +68,7 @@ def _matmul_tolerance(ref: torch.Tensor, x: torch.Tensor, w: torch.Tensor, dtype
 @given(qtype=st.sampled_from(KQUANTS), n=st.integers(1, 20), nsb=st.integers(1, 4), seed=st.integers(0, 2**16))
 def test_repacked_random_blocks_dequantize_like_gguf(qtype: int, n: int, nsb: int, seed: int) -> None:
     """Every byte random but the fp16 scales: the repacked form's weights are gguf.quants.dequantize's, bit for bit."""
-    k = GGML_TYPES[qtype].block * (nsb if qtype in (Q4_K, Q5_K, Q6_K) else 3 * nsb)
+    k = GGML_TYPES[qtype].block * (nsb if GGML_TYPES[qtype].block == 256 else 3 * nsb)
     qw, ref = kquant_weight(qtype, n, k, seed, random_blocks=True)
     assert qw.kind == GGML_TYPES[qtype].kind and (qw.out_features, qw.in_features) == (n, k)
     assert torch.equal(qw.dequantize(), ref)
@@ -93,8 +96,10 @@ def test_quantized_weights_dequantize_like_gguf_within_the_byte_budget(qtype: in
     assert torch.equal(qw.dequantize(), ref)
     t = GGML_TYPES[qtype]
     file_bytes = 48 * 768 // t.block * t.nbytes
-    assert qw.nbytes <= 1.15 * file_bytes, (qw.nbytes, file_bytes)  # Q4_K 152/144, Q6_K 212/210, Q5_K 184/176
-    assert qw.nbytes * 8 / (48 * 768) == {Q4_K: 4.75, Q6_K: 6.625, Q5_K: 5.75, Q5_0: 5.5, Q5_1: 6.0}[qtype]
+    # Q4_K 152/144, Q6_K 212/210, Q5_K 184/176; IQ4_XS 160/136
+    assert qw.nbytes <= (1.18 if qtype == IQ4_XS else 1.15) * file_bytes, (qw.nbytes, file_bytes)
+    bits = {Q4_K: 4.75, Q6_K: 6.625, Q5_K: 5.75, Q5_0: 5.5, Q5_1: 6.0, IQ4_NL: 5.0, IQ4_XS: 5.0}[qtype]
+    assert qw.nbytes * 8 / (48 * 768) == bits  # IQ4_XS: 5 / 4.25 = 1.18x (an fp32 scale per 32), the others <= 1.15x
 
 
 def test_the_kind_table() -> None:
@@ -109,6 +114,8 @@ def test_the_kind_table() -> None:
         "Q5_1": (32, 24, KIND_Q5_1),
         "Q5_K": (256, 176, KIND_Q5_K),
         "Q3_K": (256, 110, KIND_Q6_K),  # repacked as Q6_K, exactly
+        "IQ4_NL": (32, 18, GGML_TYPES[IQ4_NL].kind),  # table indices with an fp32 scale per 32 (KIND_IQ4)
+        "IQ4_XS": (256, 136, GGML_TYPES[IQ4_NL].kind),
         "F16": (32, 64, GGML_TYPES[1].kind),  # float weights as stored (test_native_float_weights.py)
         "BF16": (32, 64, GGML_TYPES[30].kind),
     }
@@ -138,7 +145,7 @@ def test_the_kind_table() -> None:
 def test_kquant_matmul_is_the_product_with_the_files_weights(
     isa: str, dtype: torch.dtype, qtype: int, m: int, n: int, nsb: int, bias: bool, random_blocks: bool, seed: int
 ) -> None:
-    k = 256 * nsb if qtype in (Q4_K, Q5_K, Q6_K) else 32 * (1 + seed % 48)  # the 5-bit blocks of 32: K 32 .. 1536
+    k = 256 * nsb if GGML_TYPES[qtype].block == 256 else 32 * (1 + seed % 48)  # the blocks of 32: K 32 .. 1536
     qw, w = kquant_weight(qtype, n, k, seed, random_blocks)
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(m, k, generator=g).to(dtype)
@@ -193,7 +200,7 @@ def test_kquant_int8_mode_is_the_product_with_int8_activations_bit_for_bit_in_ev
     (kernels/common.h specifies the order of every float operation)."""
     if not INT8_ISAS:
         pytest.skip("no build with int8 mode runs here")
-    k = 256 * nsb if qtype in (Q4_K, Q5_K, Q6_K) else 32 * (1 + seed % 24)
+    k = 256 * nsb if GGML_TYPES[qtype].block == 256 else 32 * (1 + seed % 24)
     qw, w = kquant_weight(qtype, n, k, seed, random_blocks)
     inter = qw.interleave()
     assert inter.interleaved and torch.equal(inter.dequantize(), w)

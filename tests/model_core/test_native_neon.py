@@ -39,7 +39,22 @@ import torch
 from gguf.quants import quantize
 
 from model_core import native
-from model_core.qmatmul import BF16, F16, GGML_TYPES, Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0, QuantWeight
+from model_core.qmatmul import (
+    BF16,
+    F16,
+    GGML_TYPES,
+    IQ4_NL,
+    IQ4_XS,
+    Q4_0,
+    Q4_1,
+    Q4_K,
+    Q5_0,
+    Q5_1,
+    Q5_K,
+    Q6_K,
+    Q8_0,
+    QuantWeight,
+)
 from tests.utils import kquant_weight
 
 CROSS_CC = "aarch64-linux-gnu-gcc"
@@ -478,7 +493,7 @@ def quant_matmul_kind_cases() -> Iterator[Call]:
     rng = np.random.default_rng(7)
     fixed = [(1, 1, 1), (19, 13, 2), (4, 70, 1), (7, 31, 3), (2, 9, 6), (9, 5, 4), (5, 45, 2), (16, 41, 1)]
     n = 0
-    for qtype in (Q4_K, Q6_K, Q5_K, Q5_0, Q5_1, F16, BF16):
+    for qtype in (Q4_K, Q6_K, Q5_K, Q5_0, Q5_1, IQ4_NL, IQ4_XS, F16, BF16):
         for act in (0, 1):
             for (M, N, nsb), i8 in zip(fixed, (0, 1) * 4 if GGML_TYPES[qtype].kind.int8 else (0,) * 8):
                 n += 1
