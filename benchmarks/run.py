@@ -6,17 +6,22 @@ output length (`ignore_eos`, temperature 0) and the same thread count; then stop
 Results: `benchmarks/results/<timestamp>.json`, `latest.md`, `throughput.png`, `ttft.png`.
 
     python -m benchmarks.run [--systems ours,llama,hf] [--concurrency 1,4,16,32] [--num-prompts 64]
-                             [--output-len 128] [--threads 2] [--quick]
+                             [--output-len 128] [--threads 2] [--quick] [--quantize Q4_K_M]
+
+--quantize TYPE benchmarks a file made from the model with llama.cpp's `llama-quantize --allow-requantize`
+(cached: made once per source file and type).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import json
 import math
 import os
 import platform
+import re
 import shlex
 import signal
 import socket
@@ -24,7 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -41,6 +46,8 @@ from benchmarks.serve import TABLE_HEADER, BenchConfig, LevelResult, PromptPool,
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 LLAMA_SCRIPT = REPO.parent / "shared" / "peers" / "llama-server.sh"
+LLAMA_TOOLS_SCRIPT = REPO.parent / "shared" / "peers" / "llama-tools.sh"  # prints LLAMA_QUANTIZE=... (and more)
+QUANT_CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "aigc-bench" / "quants"
 SYSTEMS = ("ours", "llama", "hf")
 LABELS = {"ours": "ours", "llama": "llama-server", "hf": "hf-transformers"}
 
@@ -171,6 +178,69 @@ def llama_server_binary(explicit: str | None) -> str:
     if out.returncode != 0:
         raise RuntimeError(f"llama-server build failed: {out.stderr.strip()[-500:]}")
     return out.stdout.strip().splitlines()[-1]
+
+
+def llama_quantize_binary(explicit: str | None) -> str:
+    """The llama-quantize path: --llama-quantize, $LLAMA_QUANTIZE, or built (cached) by the shared peer script
+    llama-tools.sh, which prints shell assignments, `LLAMA_QUANTIZE=<path>` among them."""
+    path = explicit or os.environ.get("LLAMA_QUANTIZE")
+    if path:
+        return path
+    if not LLAMA_TOOLS_SCRIPT.is_file():
+        raise FileNotFoundError(f"{LLAMA_TOOLS_SCRIPT} not found; pass --llama-quantize PATH")
+    log("locating llama-quantize (the first llama.cpp build takes ~10 min)")
+    out = subprocess.run(["bash", str(LLAMA_TOOLS_SCRIPT)], cwd=REPO, capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"llama-quantize build failed: {out.stderr.strip()[-500:]}")
+    for line in out.stdout.splitlines():
+        if line.startswith("LLAMA_QUANTIZE="):
+            return shlex.split(line.split("=", 1)[1])[0]  # printf %q quoting
+    raise RuntimeError(f"{LLAMA_TOOLS_SCRIPT} printed no LLAMA_QUANTIZE=: {out.stdout.strip()[-500:]}")
+
+
+def quantized_path(src: str, qtype: str, cache_dir: str | os.PathLike[str]) -> Path:
+    """Where `src` quantized to `qtype` is cached: `<cache>/<key>/<src stem>.<qtype>.gguf`, the key a digest of the
+    source's resolved path, size and modification time (another file of the same name, or this one changed, gets
+    its own folder); the file name says what it was made from and how."""
+    p = Path(src).resolve()
+    st = p.stat()
+    key = hashlib.sha256(f"{p}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    return Path(cache_dir) / key / f"{p.name.removesuffix('.gguf')}.{qtype}.gguf"
+
+
+def quantize_gguf(
+    src: str, qtype: str, binary: str | Callable[[], str], cache_dir: str | os.PathLike[str]
+) -> tuple[str, list[str] | None]:
+    """`src` quantized to `qtype` by llama-quantize (`--allow-requantize`: the source may itself be quantized),
+    made once into the cache (written under a temporary name, then renamed). `binary`: its path, or a function
+    that finds it (called only when the file is to be made). Returns the file and the command that made it (None:
+    it was there already)."""
+    qtype = qtype.upper()
+    if not re.fullmatch(r"[A-Z0-9_]+", qtype):
+        raise ValueError(f"--quantize {qtype!r}: expected a llama-quantize type such as Q4_K_M, Q8_0 or F16")
+    out = quantized_path(src, qtype, cache_dir)
+    if out.is_file():
+        log(f"reusing {out}")
+        return str(out), None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    cmd = [
+        binary if isinstance(binary, str) else binary(),
+        "--allow-requantize",
+        str(Path(src).resolve()),
+        str(tmp),
+        qtype,
+    ]
+    log(f"quantizing: {shlex.join(cmd)}")
+    try:
+        done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=False)
+        if done.returncode != 0 or not tmp.is_file():
+            tail = (done.stderr or done.stdout).strip()[-800:]
+            raise RuntimeError(f"llama-quantize to {qtype} failed (exit code {done.returncode}): {tail}")
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return str(out), cmd
 
 
 def ctx_per_slot(token_counts: Sequence[int], output_len: int) -> int:
@@ -328,7 +398,13 @@ def markdown_report(run: Mapping[str, Any]) -> str:
         f"as stored), prompt set `{meta['prompt_set']}`, {meta['output_len']} output tokens per request "
         f"(`ignore_eos`, temperature 0), {_n(meta['threads'], 'thread')}, up to {meta['num_prompts']} "
         f"requests per level (at least 2x its concurrency), {meta['max_seconds']:.0f} s per level. "
-        f"CPU: {meta['cpu']}.{' QUICK run: indicative only.' if meta.get('quick') else ''}",
+        f"CPU: {meta['cpu']}.{' QUICK run: indicative only.' if meta.get('quick') else ''}"
+        + (
+            f" The model was made by `llama-quantize --allow-requantize` to {meta['quantize']} from "
+            f"`{os.path.basename(meta['quantized_from'])}`."
+            if meta.get("quantize")
+            else ""
+        ),
         "",
     ]
     rows = [TABLE_HEADER]
@@ -429,6 +505,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "e.g. avx2 to measure the AVX2 build on an AVX-512 machine",
     )
     ap.add_argument("--model", default=None, help="GGUF file; default: the SmolLM2 GGUF")
+    ap.add_argument(
+        "--quantize",
+        default=None,
+        metavar="TYPE",
+        help="benchmark the model quantized to TYPE (e.g. Q4_K_M, Q8_0, F16) by llama-quantize --allow-requantize, "
+        "made once into --quant-cache",
+    )
+    ap.add_argument("--quant-cache", default=str(QUANT_CACHE), help="where --quantize's files are kept")
+    ap.add_argument(
+        "--llama-quantize", default=None, help="llama-quantize binary (default: $LLAMA_QUANTIZE or the peer script)"
+    )
     ap.add_argument("--max-seconds", type=float, default=None, help="no request starts later (default 120; quick 60)")
     ap.add_argument("--drain-seconds", type=float, default=60.0, help="then in-flight requests are cancelled")
     ap.add_argument("--ready-timeout", type=float, default=600.0)
@@ -506,11 +593,22 @@ def _model_bytes(run: dict[str, Any], gguf: str, dtype: str) -> None:
     run["model_bytes"] = asdict(bandwidth.model_bytes(gguf, dtype))
 
 
+def model_file(a: argparse.Namespace) -> tuple[str, dict[str, Any]]:
+    """The GGUF every system loads: --model (or the default one), or with --quantize the file made from it; and what
+    the run records of how it was made."""
+    src = os.path.abspath(a.model or default_gguf())
+    if not a.quantize:
+        return src, {}
+    gguf, cmd = quantize_gguf(src, a.quantize, lambda: llama_quantize_binary(a.llama_quantize), a.quant_cache)
+    made = {"quantized_from": src, "quantize": a.quantize.upper(), "quantize_command": cmd, "quantize_reused": not cmd}
+    return gguf, made
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     a = parse_args(argv)
     signal.signal(signal.SIGTERM, _on_sigterm)
     signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C stops servers even if started as a background job
-    gguf = os.path.abspath(a.model or default_gguf())
+    gguf, made = model_file(a)
     # The dtype ours and HF run in: --dtype; with auto, the one our server reports it picked (it runs first by
     # default; HF then gets the same), else each server picks its own and the results say "auto".
     dtype = a.dtype
@@ -540,6 +638,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "cpus": os.cpu_count(),
             "python": platform.python_version(),
             "log_dir": log_dir,
+            **made,
         },
         "systems": {},
     }

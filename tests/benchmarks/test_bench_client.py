@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import os
 import socket
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -25,8 +27,20 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from benchmarks import run as bench_run
 from benchmarks.prompts import PROMPT_SETS, make_prompts
-from benchmarks.run import count_tokens, ctx_per_slot, roofline_fractions, server_facts, stop_process, targets
+from benchmarks.run import (
+    count_tokens,
+    ctx_per_slot,
+    llama_quantize_binary,
+    model_file,
+    parse_args,
+    quantize_gguf,
+    roofline_fractions,
+    server_facts,
+    stop_process,
+    targets,
+)
 from benchmarks.serve import (
     BenchConfig,
     RequestResult,
@@ -497,3 +511,108 @@ def test_hf_baseline_streams_greedy_tokens() -> None:
     assert all(r.output_tokens == 12 for r in lvl.results)  # ignore_eos: exactly max_tokens tokens
     assert all(r.text == tok.decode(ref) for r in lvl.results)  # greedy: the same text as generate()
     assert facts["id"] == "tiny" and facts["dtype"] == "float32"  # what it runs in, for the results' labels
+
+
+# --- --quantize: llama-quantize, cached --------------------------------------------------------------------------
+
+
+def _fake_quantize(tmp_path: Path, fail: bool = False) -> tuple[Path, Path]:
+    """A stand-in llama-quantize: logs its arguments (one JSON list per call) and writes 'Q' + the source + the
+    type to its output path; or, with `fail`, says why on stderr and exits 1."""
+    log_path = tmp_path / "calls.jsonl"
+    body = f"import json, sys\nopen({str(log_path)!r}, 'a').write(json.dumps(sys.argv[1:]) + '\\n')\n" + (
+        "sys.stderr.write('unknown type'); sys.exit(1)\n"
+        if fail
+        else "src, out, qtype = sys.argv[2:5]\nopen(out, 'wb').write(b'Q' + open(src, 'rb').read() + qtype.encode())\n"
+    )
+    exe = tmp_path / "llama-quantize"
+    exe.write_text(f"#!{sys.executable}\n{body}")
+    exe.chmod(0o755)
+    return exe, log_path
+
+
+def _calls(log_path: Path) -> list[list[str]]:
+    return [json.loads(line) for line in log_path.read_text().splitlines()] if log_path.exists() else []
+
+
+def test_quantize_makes_the_file_once_per_source_and_type(tmp_path: Path) -> None:
+    exe, log_path = _fake_quantize(tmp_path)
+    src = tmp_path / "models" / "m.Q4_1.gguf"
+    src.parent.mkdir()
+    src.write_bytes(b"GGUF-src")
+    cache = tmp_path / "cache"
+    argv = ["--model", str(src), "--llama-quantize", str(exe), "--quant-cache", str(cache)]
+
+    gguf, made = model_file(parse_args([*argv, "--quantize", "q4_k_m"]))
+    out = Path(gguf)
+    assert out.name == "m.Q4_1.Q4_K_M.gguf" and out.parent.parent == cache
+    assert out.read_bytes() == b"QGGUF-srcQ4_K_M"
+    (call,) = _calls(log_path)
+    assert call[0] == "--allow-requantize" and call[1] == str(src) and call[3] == "Q4_K_M" and len(call) == 4
+    assert Path(call[2]).parent == out.parent and call[2] != gguf  # written under a temporary name, then renamed
+    assert sorted(p.name for p in out.parent.iterdir()) == [out.name]
+    assert made == {
+        "quantized_from": str(src),
+        "quantize": "Q4_K_M",
+        "quantize_command": [str(exe), *call],
+        "quantize_reused": False,
+    }
+
+    again, made = model_file(parse_args([*argv, "--quantize", "Q4_K_M"]))
+    assert again == gguf and made["quantize_reused"] and made["quantize_command"] is None
+    assert len(_calls(log_path)) == 1  # reused, not made again
+
+    def not_looked_for() -> str:
+        raise AssertionError("llama-quantize looked for while the file is cached")
+
+    assert quantize_gguf(str(src), "Q4_K_M", not_looked_for, cache) == (gguf, None)
+
+    q8, _ = model_file(parse_args([*argv, "--quantize", "Q8_0"]))
+    assert Path(q8).parent == out.parent and Path(q8).name == "m.Q4_1.Q8_0.gguf" and len(_calls(log_path)) == 2
+
+    other = tmp_path / "elsewhere" / "m.Q4_1.gguf"  # the same name, another file: its own folder
+    other.parent.mkdir()
+    other.write_bytes(b"GGUF-other")
+    theirs, _ = quantize_gguf(str(other), "Q4_K_M", str(exe), cache)
+    assert Path(theirs).parent != out.parent and Path(theirs).read_bytes() == b"QGGUF-otherQ4_K_M"
+
+    st = src.stat()
+    src.write_bytes(b"GGUF-new")  # the source changed: made again
+    os.utime(src, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    changed, _ = model_file(parse_args([*argv, "--quantize", "Q4_K_M"]))
+    assert changed != gguf and Path(changed).read_bytes() == b"QGGUF-newQ4_K_M" and len(_calls(log_path)) == 4
+
+    assert model_file(parse_args(argv)) == (str(src), {})  # without --quantize: the model as given
+
+
+def test_quantize_failure_leaves_nothing_in_the_cache(tmp_path: Path) -> None:
+    exe, log_path = _fake_quantize(tmp_path, fail=True)
+    src = tmp_path / "m.gguf"
+    src.write_bytes(b"GGUF")
+    cache = tmp_path / "cache"
+    with pytest.raises(RuntimeError, match="unknown type"):
+        quantize_gguf(str(src), "Q9_X", str(exe), cache)
+    assert len(_calls(log_path)) == 1
+    assert [p for p in cache.rglob("*") if p.is_file()] == []
+    with pytest.raises(ValueError, match="Q4_K_M"):
+        quantize_gguf(str(src), "Q4_K_M; rm", str(exe), cache)  # not a type name: never run
+    assert len(_calls(log_path)) == 1
+
+
+def test_llama_quantize_is_found_like_llama_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--llama-quantize, else $LLAMA_QUANTIZE, else the path the peer script llama-tools.sh prints (%q-quoted)."""
+    script = tmp_path / "llama-tools.sh"
+    script.write_text(
+        "#!/usr/bin/env bash\n"
+        "printf 'LLAMA_SERVER=%q\\nLLAMA_QUANTIZE=%q\\n' /opt/llama/llama-server '/opt/llama cpp/llama-quantize'\n"
+    )
+    monkeypatch.setattr(bench_run, "LLAMA_TOOLS_SCRIPT", script)
+    monkeypatch.delenv("LLAMA_QUANTIZE", raising=False)
+    assert llama_quantize_binary(None) == "/opt/llama cpp/llama-quantize"
+    monkeypatch.setenv("LLAMA_QUANTIZE", "/env/llama-quantize")
+    assert llama_quantize_binary(None) == "/env/llama-quantize"
+    assert llama_quantize_binary("/flag/llama-quantize") == "/flag/llama-quantize"
+    monkeypatch.delenv("LLAMA_QUANTIZE")
+    script.write_text("#!/usr/bin/env bash\necho 'build failed' >&2; exit 1\n")
+    with pytest.raises(RuntimeError, match="build failed"):
+        llama_quantize_binary(None)
