@@ -105,12 +105,18 @@ static inline __m512bh decode_q6(const uint8_t *qs) {
                                                _mm512_set1_epi16(0x30), 0xF8);
 }
 
-/* an IQ4 block's 32 weights: the indices (the 4-bit order) through IQ4_VALUES, as bfloat16 (exact) */
+/* an IQ4 block's 32 weights: the indices (the 4-bit order) as words, looked up in IQ4_VALUES as bfloat16 (exact:
+ * integers of at most 8 bits) */
 static inline __m512bh decode_iq4(const uint8_t *qs) {
-    const __m128i lut = _mm_loadu_si128((const __m128i *)IQ4_VALUES), v = _mm_loadu_si128((const __m128i *)qs);
-    const __m128i m4 = _mm_set1_epi8(0x0F);
-    const __m128i lo = _mm_shuffle_epi8(lut, _mm_and_si128(v, m4)), hi = _mm_shuffle_epi8(lut, _mm_and_si128(_mm_srli_epi16(v, 4), m4));
-    return _mm512_cvtne2ps_pbh(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(hi)), _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(lo)));
+    /* IQ4_VALUES (common.h) as bfloat16 bits, words 0..15 (each value's fp32 bits, whose low half is zero, >> 16) */
+    static const int16_t table[32] = {(int16_t)0xC2FE, (int16_t)0xC2D0, (int16_t)0xC2A6, (int16_t)0xC282,
+                                      (int16_t)0xC244, (int16_t)0xC20C, (int16_t)0xC1B0, (int16_t)0xC120,
+                                      0x3F80, 0x4150, 0x41C8, 0x4218, 0x4254, 0x428A, 0x42B2, 0x42E2};
+    const __m256i both = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)qs)); /* [qs | qs] */
+    const __m512i shifts = _mm512_set_epi64(0x0004000400040004LL, 0x0004000400040004LL, 0x0004000400040004LL,
+                                            0x0004000400040004LL, 0, 0, 0, 0);
+    const __m512i idx = _mm512_and_si512(_mm512_srlv_epi16(_mm512_cvtepu8_epi16(both), shifts), _mm512_set1_epi16(0x0F));
+    return (__m512bh)_mm512_permutexvar_epi16(idx, _mm512_loadu_si512(table));
 }
 
 DEFINE_TILES(q4, 16, BLOCK_SCALE)
@@ -119,71 +125,176 @@ DEFINE_TILES(q8, 32, BLOCK_SCALE)
 DEFINE_TILES(q5, 20, BLOCK_SCALE)
 DEFINE_TILES(q6, 24, HALF_SCALES)
 
-/* x: (M, K) bf16; qs: (N, K/32, 16) uint8 nibbles with d, m: (N, K/32) fp16, or (N, K/32, 32) int8 with
- * d and m = NULL (Q8_0); bias: N fp32 or NULL; y: (M, N) bf16. Returns an AIGC_* status. */
-int qmatmul_avx512bf16(const uint16_t *x, const uint8_t *qs, const uint16_t *d, const uint16_t *m, const float *bias,
-                       uint16_t *y, int M, int N, int K, int nthreads) {
-    if (K % 32 || M <= 0 || N <= 0) return AIGC_ERR_ARGS;
-    const int nb = K / 32, qb = m ? 16 : 32;
-    float *xsum = NULL; /* (M, nb) block sums of x, for the 4-bit offset term */
-    if (m) {
-        xsum = malloc(((size_t)M * nb + 16) * sizeof(float));
-        if (!xsum) return AIGC_ERR_NOMEM;
+/* NR weight rows (rb bytes apart, scales ds floats apart) against one row of x -> sums[0..NR): each (row, x) pair
+ * summed exactly as the MT = 1 tile sums it (the same operations in the same order), NR chains side by side */
+#define NR 4
+#define DEFINE_TILE_ROWS(NAME, DECODE, QB, SCALE)                                                              \
+    static void NAME(const uint8_t *qs, size_t rb, const float *d, size_t ds, const uint16_t *x, int nb,      \
+                     __m512 *sums) {                                                                           \
+        __m512 a0[NR], a1[NR];                                                                                 \
+        for (int r = 0; r < NR; r++) a0[r] = a1[r] = _mm512_setzero_ps();                                     \
+        int b = 0;                                                                                             \
+        for (; b + 2 <= nb; b += 2) {                                                                          \
+            const __m512bh x0 = (__m512bh)_mm512_loadu_si512(x + (size_t)b * 32);                              \
+            const __m512bh x1 = (__m512bh)_mm512_loadu_si512(x + (size_t)b * 32 + 32);                         \
+            _Pragma("GCC unroll 4") for (int r = 0; r < NR; r++) {                                             \
+                const uint8_t *q = qs + r * rb + (size_t)b * QB;                                               \
+                const __m512 p0 = _mm512_dpbf16_ps(_mm512_setzero_ps(), DECODE(q), x0);                        \
+                const __m512 p1 = _mm512_dpbf16_ps(_mm512_setzero_ps(), DECODE(q + QB), x1);                   \
+                a0[r] = _mm512_fmadd_ps(p0, SCALE(d + r * ds, b), a0[r]);                                      \
+                a1[r] = _mm512_fmadd_ps(p1, SCALE(d + r * ds, b + 1), a1[r]);                                  \
+            }                                                                                                  \
+        }                                                                                                      \
+        if (b < nb) {                                                                                          \
+            const __m512bh x0 = (__m512bh)_mm512_loadu_si512(x + (size_t)b * 32);                              \
+            for (int r = 0; r < NR; r++) {                                                                     \
+                const __m512 p0 = _mm512_dpbf16_ps(_mm512_setzero_ps(), DECODE(qs + r * rb + (size_t)b * QB), x0); \
+                a0[r] = _mm512_fmadd_ps(p0, SCALE(d + r * ds, b), a0[r]);                                      \
+            }                                                                                                  \
+        }                                                                                                      \
+        for (int r = 0; r < NR; r++) sums[r] = _mm512_add_ps(a0[r], a1[r]);                                   \
+    }
+
+DEFINE_TILE_ROWS(rows_q4, decode_q4, 16, BLOCK_SCALE)
+DEFINE_TILE_ROWS(rows_iq4, decode_iq4, 16, BLOCK_SCALE)
+DEFINE_TILE_ROWS(rows_q8, decode_q8, 32, BLOCK_SCALE)
+DEFINE_TILE_ROWS(rows_q5, decode_q5, 20, BLOCK_SCALE)
+DEFINE_TILE_ROWS(rows_q6, decode_q6, 24, HALF_SCALES)
+
+static __mmask16 first(int n) { return n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1u); }
+
+/* one weight row's scales d32 (per block; Q6_K per half) and offsets o32 (o = m' - 128 d' per block; Q6_K -160 d'
+ * per half; none for Q8_0 and IQ4), from its d and m in the kind's layout */
+static void row_scales(int kind, const uint8_t *dn, const uint8_t *mn, int nb, float *d32, float *o32) {
+    const int nsb = nb / 8;
+    switch (kind) {
+    case QKIND_IQ4: memcpy(d32, dn, sizeof(float) * (size_t)nb); break;
+    case QKIND_Q4: case QKIND_Q8: case QKIND_Q5_0: case QKIND_Q5_1:
+        for (int b = 0; b < nb; b += 16) { /* fp16 d (and m), 16 blocks at a time */
+            const __m512 db = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(first(nb - b), (const uint16_t *)dn + b));
+            _mm512_storeu_ps(d32 + b, db);
+            if (kind == QKIND_Q8) continue;
+            const __m512 mb = kind == QKIND_Q5_0
+                                  ? _mm512_mul_ps(db, _mm512_set1_ps(-16.0f))
+                                  : _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(first(nb - b), (const uint16_t *)mn + b));
+            _mm512_storeu_ps(o32 + b, _mm512_fmadd_ps(db, _mm512_set1_ps(-128.0f), mb));
+        }
+        break;
+    case QKIND_Q6_K:
+        for (int s = 0; s < nsb; s++) { /* d sc for 16 halves; -160 d sc, exact (19 + 3 bits) */
+            const __m512i sc = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(mn + (size_t)s * 16)));
+            const __m512 ds = _mm512_mul_ps(_mm512_set1_ps(((const float *)dn)[s]), _mm512_cvtepi32_ps(sc));
+            _mm512_storeu_ps(d32 + s * 16, ds);
+            _mm512_storeu_ps(o32 + s * 16, _mm512_mul_ps(ds, _mm512_set1_ps(-160.0f)));
+        }
+        break;
+    default: /* Q4_K, Q5_K */
+        for (int s = 0; s < nsb; s++) { /* the 8 sub-blocks' d sc_j and -(dmin mn_j) (exact), o = m' - 128 d' */
+            const float *ds = (const float *)dn + 2 * s;
+            const __m128i sm = _mm_loadu_si128((const __m128i *)(mn + (size_t)s * 16)); /* 8 scales, 8 mins */
+            const __m256 dj = _mm256_mul_ps(_mm256_set1_ps(ds[0]), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(sm)));
+            const __m256 mj = _mm256_mul_ps(_mm256_set1_ps(-ds[1]),
+                                            _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(sm, 8))));
+            _mm256_storeu_ps(d32 + s * 8, dj);
+            _mm256_storeu_ps(o32 + s * 8, _mm256_fmadd_ps(dj, _mm256_set1_ps(-128.0f), mj));
+        }
+    }
+}
+
+/* Every kind but the float ones (k_qmatmul's two forms and k_qmatmul_kind's layouts, common.h): each row's blocks
+ * (sub-blocks) of 32 decode as above (128 + q; Q8_0 and IQ4: the signed values), with a float scale per block d'
+ * (Q6_K: per half of 16) and an offset o = m' - 128 d' per block (Q6_K: -160 d' per half) times the block's (half's)
+ * sum of x: Q4_0/Q4_1 d, m; Q4_K, Q5_K d' = d sc_j, m' = -(dmin mn_j); Q5_0 d' = d, m' = -16 d; Q5_1 d' = d, m' = m;
+ * Q6_K d' = d sc (every product exact). Threads take groups of NR weight rows; a single row of x runs against the
+ * group's NR rows at once (rows_*), more rows of x in tiles of up to 8 against each weight row (tile_*): a pair's
+ * sum is computed the same way in both. x: (M, K) bf16, y: (M, N) bf16. Returns an AIGC_* status. */
+int qmatmul_avx512bf16_kind(int kind, const uint16_t *x, const uint8_t *qs, const void *d, const void *m,
+                            const float *bias, uint16_t *y, int M, int N, int K, int nthreads) {
+    const int nb = K / 32, q6 = kind == QKIND_Q6_K, offsets = kind != QKIND_Q8 && kind != QKIND_IQ4;
+    const int form = kind == QKIND_Q8 ? 3 : kind == QKIND_IQ4 ? 4 : q6 ? 2 : kind == QKIND_Q4 || kind == QKIND_Q4_K ? 0 : 1;
+    const int qb = (int[]){16, 20, 24, 32, 16}[form]; /* bytes of quants per block */
+    size_t row_bytes = (size_t)nb * qb, d_bytes = (size_t)nb * 2, m_bytes = (size_t)nb * 2;
+    if (kind != QKIND_Q4 && kind != QKIND_Q8) qkind_row_bytes(kind, K, &row_bytes, &d_bytes, &m_bytes);
+    const int no = q6 ? 2 * nb : nb, span = K / no; /* offsets per row, each over span x */
+    float *xsum = NULL; /* (M, no) sums of x, for the offset term */
+    if (offsets) {
+        if (!(xsum = malloc(((size_t)M * no + 16) * sizeof(float)))) return AIGC_ERR_NOMEM;
         for (int r = 0; r < M; r++)
-            for (int b = 0; b < nb; b++) {
+            for (int b = 0; b < no; b++) {
                 float s = 0.0f;
-                for (int i = 0; i < 32; i++) s += bf16_to_float(x[(size_t)r * K + (size_t)b * 32 + i]);
-                xsum[(size_t)r * nb + b] = s;
+                for (int i = 0; i < span; i++) s += bf16_to_float(x[(size_t)r * K + (size_t)b * span + i]);
+                xsum[(size_t)r * no + b] = s;
             }
     }
+    const size_t ds = (size_t)2 * nb + 16; /* floats between two rows' scales (and offsets) */
 #pragma omp parallel for schedule(static) num_threads(nthreads)
-    for (int n = 0; n < N; n++) {
-        const uint8_t *qn = qs + (size_t)n * nb * qb;
-        const uint16_t *dn = d + (size_t)n * nb, *mn = m ? m + (size_t)n * nb : NULL;
-        const float bn = bias ? bias[n] : 0.0f;
-        if (n + PREFETCH_ROWS < N) { /* the weight stream of a later row, ahead of the hardware prefetcher */
-            const uint8_t *ahead = qs + (size_t)(n + PREFETCH_ROWS) * nb * qb;
-            for (int c = 0; c < nb * qb; c += 64) _mm_prefetch((const char *)ahead + c, _MM_HINT_T0);
-            _mm_prefetch((const char *)(d + (size_t)(n + PREFETCH_ROWS) * nb), _MM_HINT_T0);
-            if (m) _mm_prefetch((const char *)(m + (size_t)(n + PREFETCH_ROWS) * nb), _MM_HINT_T0);
+    for (int n0 = 0; n0 < N; n0 += NR) {
+        const int nr = N - n0 < NR ? N - n0 : NR;
+        if (n0 + NR < N) { /* the weight stream of the next group, ahead of the hardware prefetcher */
+            const uint8_t *ahead = qs + (size_t)(n0 + NR) * row_bytes;
+            for (size_t c = 0; c < row_bytes * NR && c < row_bytes * (size_t)(N - n0 - NR); c += 64)
+                _mm_prefetch((const char *)ahead + c, _MM_HINT_T0);
         }
-        float d32[nb + 16]; /* this row's d as fp32, o = m - 128 d */
-        float o32[nb + 16];
-        for (int b = 0; b < nb; b += 16) {
-            const __mmask16 k = nb - b >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (nb - b)) - 1u);
-            const __m512 db = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, dn + b));
-            _mm512_storeu_ps(d32 + b, db);
-            if (mn) {
-                const __m512 mb = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, mn + b));
-                _mm512_storeu_ps(o32 + b, _mm512_fnmadd_ps(db, _mm512_set1_ps(128.0f), mb));
-            }
+        float d32[NR * ds], o32[NR * ds]; /* the group's rows' scales and offsets */
+        for (int r = 0; r < nr; r++) {
+            const size_t n = (size_t)n0 + r;
+            row_scales(kind, (const uint8_t *)d + n * d_bytes, m ? (const uint8_t *)m + n * m_bytes : NULL, nb,
+                       d32 + r * ds, o32 + r * ds);
         }
+        const uint8_t *qg = qs + (size_t)n0 * row_bytes;
         __m512 sums[8];
         for (int r0 = 0; r0 < M;) {
-            const int left = M - r0;
-            const int mt = left >= 8 ? 8 : left >= 4 ? 4 : left >= 2 ? 2 : 1;
+            const int left = M - r0, mt = left >= 8 ? 8 : left >= 4 ? 4 : left >= 2 ? 2 : 1;
             const uint16_t *xr = x + (size_t)r0 * K;
-            switch (mt * (m ? 1 : -1)) {
-            case 8: tile_q4_8(qn, d32, xr, K, nb, sums); break;
-            case 4: tile_q4_4(qn, d32, xr, K, nb, sums); break;
-            case 2: tile_q4_2(qn, d32, xr, K, nb, sums); break;
-            case 1: tile_q4_1(qn, d32, xr, K, nb, sums); break;
-            case -8: tile_q8_8(qn, d32, xr, K, nb, sums); break;
-            case -4: tile_q8_4(qn, d32, xr, K, nb, sums); break;
-            case -2: tile_q8_2(qn, d32, xr, K, nb, sums); break;
-            default: tile_q8_1(qn, d32, xr, K, nb, sums); break;
-            }
-            for (int i = 0; i < mt; i++) {
-                __m512 acc = sums[i];
-                if (xsum) { /* + sum over blocks of (m - 128 d) * sum(x of the block) */
-                    const float *xs = xsum + (size_t)(r0 + i) * nb;
-                    for (int b = 0; b < nb; b += 16) {
-                        const __mmask16 k = nb - b >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (nb - b)) - 1u);
-                        acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, o32 + b), _mm512_maskz_loadu_ps(k, xs + b),
-                                              acc);
+            for (int r = 0; r < nr; r++) { /* weight row n0 + r against x rows r0 .. r0 + mt - 1 */
+                if (mt == 1 && nr == NR && r == 0) { /* all NR rows at once: sums[0..NR) */
+                    switch (form) {
+                    case 0: rows_q4(qg, row_bytes, d32, ds, xr, nb, sums); break;
+                    case 1: rows_q5(qg, row_bytes, d32, ds, xr, nb, sums); break;
+                    case 2: rows_q6(qg, row_bytes, d32, ds, xr, nb, sums); break;
+                    case 3: rows_q8(qg, row_bytes, d32, ds, xr, nb, sums); break;
+                    default: rows_iq4(qg, row_bytes, d32, ds, xr, nb, sums); break;
                     }
                 }
-                y[(size_t)(r0 + i) * N + n] = float_to_bf16(_mm512_reduce_add_ps(acc) + bn);
+                __m512 one[8];
+                __m512 *s = mt == 1 && nr == NR ? sums + r : one;
+                if (s == one) {
+                    const uint8_t *qn = qg + r * row_bytes;
+                    const float *dn = d32 + r * ds;
+                    switch (mt * 8 + form) {
+                    case 64: tile_q4_8(qn, dn, xr, K, nb, one); break;
+                    case 32: tile_q4_4(qn, dn, xr, K, nb, one); break;
+                    case 16: tile_q4_2(qn, dn, xr, K, nb, one); break;
+                    case 8: tile_q4_1(qn, dn, xr, K, nb, one); break;
+                    case 65: tile_q5_8(qn, dn, xr, K, nb, one); break;
+                    case 33: tile_q5_4(qn, dn, xr, K, nb, one); break;
+                    case 17: tile_q5_2(qn, dn, xr, K, nb, one); break;
+                    case 9: tile_q5_1(qn, dn, xr, K, nb, one); break;
+                    case 66: tile_q6_8(qn, dn, xr, K, nb, one); break;
+                    case 34: tile_q6_4(qn, dn, xr, K, nb, one); break;
+                    case 18: tile_q6_2(qn, dn, xr, K, nb, one); break;
+                    case 10: tile_q6_1(qn, dn, xr, K, nb, one); break;
+                    case 67: tile_q8_8(qn, dn, xr, K, nb, one); break;
+                    case 35: tile_q8_4(qn, dn, xr, K, nb, one); break;
+                    case 19: tile_q8_2(qn, dn, xr, K, nb, one); break;
+                    case 11: tile_q8_1(qn, dn, xr, K, nb, one); break;
+                    case 68: tile_iq4_8(qn, dn, xr, K, nb, one); break;
+                    case 36: tile_iq4_4(qn, dn, xr, K, nb, one); break;
+                    case 20: tile_iq4_2(qn, dn, xr, K, nb, one); break;
+                    default: tile_iq4_1(qn, dn, xr, K, nb, one); break;
+                    }
+                }
+                const float bn = bias ? bias[n0 + r] : 0.0f;
+                for (int i = 0; i < (s == one ? mt : 1); i++) {
+                    __m512 acc = s[i];
+                    if (offsets) { /* + the offsets times their sums of x */
+                        const float *xs = xsum + (size_t)(r0 + i) * no, *on = o32 + r * ds;
+                        for (int b = 0; b < no; b += 16)
+                            acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(first(no - b), on + b),
+                                                  _mm512_maskz_loadu_ps(first(no - b), xs + b), acc);
+                    }
+                    y[(size_t)(r0 + i) * N + n0 + r] = float_to_bf16(_mm512_reduce_add_ps(acc) + bn);
+                }
             }
             r0 += mt;
         }
@@ -192,100 +303,10 @@ int qmatmul_avx512bf16(const uint16_t *x, const uint8_t *qs, const uint16_t *d, 
     return AIGC_OK;
 }
 
-/* The K-quants and the 5-bit kinds (k_qmatmul_kind's layouts, common.h): each row's blocks (sub-blocks) of 32 decode
- * as above (128 + q), with a float scale per block d' (Q6_K: per half of 16) and an offset o = m' - 128 d' per block
- * (Q6_K: -160 d' per half), times the block's (half's) sum of x: Q4_K, Q5_K d' = d sc_j, m' = -(dmin mn_j); Q5_0
- * d' = d, m' = -16 d; Q5_1 d' = d, m' = m; Q6_K d' = d sc (every product exact). x: (M, K) bf16. Returns an AIGC_*
- * status. */
-int qmatmul_avx512bf16_kind(int kind, const uint16_t *x, const uint8_t *qs, const void *d, const void *m,
-                            const float *bias, uint16_t *y, int M, int N, int K, int nthreads) {
-    const int nb = K / 32, nsb = K / 256, q6 = kind == QKIND_Q6_K, iq4 = kind == QKIND_IQ4;
-    const int qb = kind == QKIND_Q4_K || iq4 ? 16 : q6 ? 24 : 20; /* bytes of quants per block */
-    size_t row_bytes, d_bytes, m_bytes;
-    qkind_row_bytes(kind, K, &row_bytes, &d_bytes, &m_bytes);
-    const int no = q6 ? 2 * nb : nb, span = K / no; /* offsets per row, each over span x */
-    float *xsum = malloc(((size_t)M * no + 16) * sizeof(float)); /* (M, no) sums of x, for the offset term */
-    if (!xsum) return AIGC_ERR_NOMEM;
-    for (int r = 0; r < M; r++)
-        for (int b = 0; b < no; b++) {
-            float s = 0.0f;
-            for (int i = 0; i < span; i++) s += bf16_to_float(x[(size_t)r * K + (size_t)b * span + i]);
-            xsum[(size_t)r * no + b] = s;
-        }
-#pragma omp parallel for schedule(static) num_threads(nthreads)
-    for (int n = 0; n < N; n++) {
-        const uint8_t *qn = qs + (size_t)n * row_bytes, *dn = (const uint8_t *)d + (size_t)n * d_bytes;
-        const uint8_t *mn = m ? (const uint8_t *)m + (size_t)n * m_bytes : NULL;
-        const float bn = bias ? bias[n] : 0.0f;
-        if (n + PREFETCH_ROWS < N) { /* the weight stream of a later row, ahead of the hardware prefetcher */
-            const uint8_t *ahead = qs + (size_t)(n + PREFETCH_ROWS) * row_bytes;
-            for (size_t c = 0; c < row_bytes; c += 64) _mm_prefetch((const char *)ahead + c, _MM_HINT_T0);
-        }
-        float d32[2 * nb + 16]; /* this row's scales per block (Q6_K: per half) */
-        float o32[2 * nb + 16]; /* and offsets */
-        if (iq4) /* no offsets: w = d v */
-            memcpy(d32, dn, sizeof(float) * (size_t)nb);
-        else if (kind == QKIND_Q5_0 || kind == QKIND_Q5_1)
-            for (int b = 0; b < nb; b += 16) { /* fp16 d (and m), 16 blocks at a time */
-                const __mmask16 k = nb - b >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (nb - b)) - 1u);
-                const __m512 db = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, (const uint16_t *)dn + b));
-                const __m512 mb = kind == QKIND_Q5_1 ? _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, (const uint16_t *)mn + b))
-                                                     : _mm512_mul_ps(db, _mm512_set1_ps(-16.0f));
-                _mm512_storeu_ps(d32 + b, db);
-                _mm512_storeu_ps(o32 + b, _mm512_fmadd_ps(db, _mm512_set1_ps(-128.0f), mb));
-            }
-        else if (q6)
-            for (int s = 0; s < nsb; s++) { /* d sc for 16 halves; -160 d sc, exact (19 + 3 bits) */
-                const __m512i sc = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(mn + (size_t)s * 16)));
-                const __m512 ds = _mm512_mul_ps(_mm512_set1_ps(((const float *)dn)[s]), _mm512_cvtepi32_ps(sc));
-                _mm512_storeu_ps(d32 + s * 16, ds);
-                _mm512_storeu_ps(o32 + s * 16, _mm512_mul_ps(ds, _mm512_set1_ps(-160.0f)));
-            }
-        else /* Q4_K, Q5_K */
-            for (int s = 0; s < nsb; s++) { /* the 8 sub-blocks' d sc_j and -(dmin mn_j) (exact), o = m' - 128 d' */
-                const float *ds = (const float *)dn + 2 * s;
-                const __m128i sm = _mm_loadu_si128((const __m128i *)(mn + (size_t)s * 16)); /* 8 scales, 8 mins */
-                const __m256 dj = _mm256_mul_ps(_mm256_set1_ps(ds[0]), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(sm)));
-                const __m256 mj = _mm256_mul_ps(_mm256_set1_ps(-ds[1]),
-                                                _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(sm, 8))));
-                _mm256_storeu_ps(d32 + s * 8, dj);
-                _mm256_storeu_ps(o32 + s * 8, _mm256_fmadd_ps(dj, _mm256_set1_ps(-128.0f), mj));
-            }
-        __m512 sums[8];
-        for (int r0 = 0; r0 < M;) {
-            const int left = M - r0;
-            const int mt = left >= 8 ? 8 : left >= 4 ? 4 : left >= 2 ? 2 : 1;
-            const uint16_t *xr = x + (size_t)r0 * K;
-            switch (mt * 4 + (iq4 ? 3 : qb == 16 ? 0 : qb == 20 ? 1 : 2)) {
-            case 32: tile_q4_8(qn, d32, xr, K, nb, sums); break;
-            case 16: tile_q4_4(qn, d32, xr, K, nb, sums); break;
-            case 8: tile_q4_2(qn, d32, xr, K, nb, sums); break;
-            case 4: tile_q4_1(qn, d32, xr, K, nb, sums); break;
-            case 33: tile_q5_8(qn, d32, xr, K, nb, sums); break;
-            case 17: tile_q5_4(qn, d32, xr, K, nb, sums); break;
-            case 9: tile_q5_2(qn, d32, xr, K, nb, sums); break;
-            case 5: tile_q5_1(qn, d32, xr, K, nb, sums); break;
-            case 34: tile_q6_8(qn, d32, xr, K, nb, sums); break;
-            case 18: tile_q6_4(qn, d32, xr, K, nb, sums); break;
-            case 10: tile_q6_2(qn, d32, xr, K, nb, sums); break;
-            case 35: tile_iq4_8(qn, d32, xr, K, nb, sums); break;
-            case 19: tile_iq4_4(qn, d32, xr, K, nb, sums); break;
-            case 11: tile_iq4_2(qn, d32, xr, K, nb, sums); break;
-            case 7: tile_iq4_1(qn, d32, xr, K, nb, sums); break;
-            default: tile_q6_1(qn, d32, xr, K, nb, sums); break;
-            }
-            for (int i = 0; i < mt; i++) {
-                __m512 acc = sums[i];
-                const float *xs = xsum + (size_t)(r0 + i) * no; /* + the offsets times their sums of x */
-                for (int b = 0; b < no && !iq4; b += 16) {
-                    const __mmask16 k = no - b >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (no - b)) - 1u);
-                    acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, o32 + b), _mm512_maskz_loadu_ps(k, xs + b), acc);
-                }
-                y[(size_t)(r0 + i) * N + n] = float_to_bf16(_mm512_reduce_add_ps(acc) + bn);
-            }
-            r0 += mt;
-        }
-    }
-    free(xsum);
-    return AIGC_OK;
+/* x: (M, K) bf16; qs: (N, K/32, 16) uint8 nibbles with d, m: (N, K/32) fp16, or (N, K/32, 32) int8 with d and m = NULL
+ * (Q8_0); bias: N fp32 or NULL; y: (M, N) bf16. Returns an AIGC_* status. */
+int qmatmul_avx512bf16(const uint16_t *x, const uint8_t *qs, const uint16_t *d, const uint16_t *m, const float *bias,
+                       uint16_t *y, int M, int N, int K, int nthreads) {
+    if (K % 32 || M <= 0 || N <= 0) return AIGC_ERR_ARGS;
+    return qmatmul_avx512bf16_kind(m ? QKIND_Q4 : QKIND_Q8, x, qs, d, m, bias, y, M, N, K, nthreads);
 }
