@@ -1,12 +1,13 @@
 """Model step times of the default model (or any GGUF) per backend: a prompt forward and decode steps.
 
     python -m model_core.tools.step_times [--kernels auto] [--dtype auto] [--batch-invariant]
-        [--prompt-tokens 512] [--batches 1,4,16] [--model PATH]
+        [--prompt-tokens 512] [--batches 1,4,16] [--model PATH] [--quant-max-rows N]
 
 Prints the best of 3 times of one `prompt-tokens` prompt forward through the paged cache (the prefill a
 request's first chunk costs), and decode throughput (rows / median step time over 40 steps at 200 keys) for each
-decode batch: the cost of the batch-invariant mode (prompts on the kernels) against dense prompt matmuls, and
-of one kernel build against another, without a server. An in-process measurement of model_core (no HTTP), hence
+decode batch: the cost of the batch-invariant mode (prompts on the kernels) against dense prompt matmuls, of one
+kernel build against another, and (`--quant-max-rows`, the server's setting) of decode batches on the quantized
+kernels against the dense matmuls, without a server. An in-process measurement of model_core (no HTTP), hence
 here rather than in benchmarks/.
 """
 
@@ -31,10 +32,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch-invariant", action=argparse.BooleanOptionalAction, default=False)
     ap.add_argument("--prompt-tokens", type=int, default=512)
     ap.add_argument("--batches", default="1,4,16")
+    ap.add_argument("--quant-max-rows", type=int, default=None, help="default: the backend's")
     a = ap.parse_args(argv)
 
     lm = load_for_inference(
-        a.model or find_default_model(), "cpu", a.dtype, a.kernels, batch_invariant=a.batch_invariant
+        a.model or find_default_model(),
+        "cpu",
+        a.dtype,
+        a.kernels,
+        quantized_max_rows=a.quant_max_rows,
+        batch_invariant=a.batch_invariant,
     )
     cfg, dtype, block = lm.config, lm.model.embed.weight.dtype, 16
 
