@@ -1,16 +1,15 @@
-/* The AVX512-BF16 build's kernel for bf16 activations (qmatmul.c sends them here): y = x W^T for GGML
- * block-quantized weights (Q4_0, Q4_1, Q8_0), for small batches of rows (decode steps), reading the
- * weights about as compact as in the file.
+/* The AVX512-BF16 build's kernel for bf16 activations (qmatmul.c sends them here): y = x W^T for every quantized
+ * weight kind (Q4_0, Q4_1, Q8_0, the 5-bit kinds, the K-quants, IQ4), for small batches of rows (decode steps),
+ * reading the weights about as compact as in the file.
  *
- * Weights come repacked per block of 32: the quants qs and fp16 scales d (and, for 4 bits, m).
- * 4 bits: 16 bytes of nibbles in ggml's order (low nibbles are weights 0..15, high nibbles 16..31),
- * w = d q + m (Q4_0 has m = -8 d). For the block's 32 activations x:
- *     sum_i w_i x_i = d * sum_i (128 + q_i) x_i + (m - 128 d) * sum_i x_i
- * 128 + q is exact in bfloat16 (its bits are 0x4300 | q), so a block costs three integer ops to decode.
- * 8 bits (m = NULL): 32 int8 q, w = d q; q converts exactly to bfloat16.
- * Per row and block: one AVX512-BF16 dot product (exact products, fp32 sums) and one FMA by d, so the
- * result is the exact product with the file's weights, accumulated in fp32. Threads split the output
- * columns; the result is rounded to bfloat16 (nearest even).
+ * Each block of 32 weights decodes to 32 bfloat16 values whose products with bf16 activations are exact: 4-bit,
+ * 5-bit and 6-bit quants as 128 + q (bits 0x4300 | q: exact for q < 128, three or four integer ops), so that for a
+ * block with w = d' q + m' and its 32 activations x:
+ *     sum_i w_i x_i = d' * sum_i (128 + q_i) x_i + (m' - 128 d') * sum_i x_i
+ * (Q6_K: per half of 16, with q - 32 folded into the offset); Q8_0's int8 q converted exactly; IQ4's table values
+ * looked up as bfloat16. Per row and block: one AVX512-BF16 dot product (exact products, fp32 sums) and one FMA by
+ * the block's scale; the offsets times the blocks' sums of x once per row. Threads split the output columns in
+ * groups of 4 rows; the result is rounded to bfloat16 (nearest even).
  */
 #include <immintrin.h>
 #include <stdlib.h>
