@@ -1,12 +1,12 @@
-/* y = x W^T for GGML block-quantized weights (Q4_0, Q4_1, Q8_0) kept as stored, for small batches of
- * rows (decode steps), in the SIMD builds; fp32 or bf16 activations.
+/* y = x W^T for GGUF weights kept as stored (every kind of common.h: Q4_0, Q4_1, Q8_0, the 5-bit kinds, the K-quants,
+ * IQ4, F16, BF16), for small batches of rows (decode steps), in the SIMD builds; fp32 or bf16 activations.
  *
  * Each thread takes weight rows in turn: it dequantizes the row into an fp32 buffer in L1 (w = d q + m,
  * exactly the float32 weights GGUF readers produce) and takes its dot products with every activation
  * row (fp32 FMAs; bf16 activations are widened once per call). The weights stream from memory once per
  * call, at about their stored size. This is the exact mode (k_qmatmul in common.h); the int8 mode goes to
  * qmatmul_i8.c where the build has integer dot products (AIGC_ERR_UNSUPPORTED elsewhere), and the AVX512-BF16
- * build sends bf16 activations to its own kernel (qmatmul_avx512bf16.c).
+ * build sends bf16 activations of the quantized kinds to its own kernel (qmatmul_avx512bf16.c).
  */
 #include <stdlib.h>
 
