@@ -37,6 +37,7 @@ from model_core.lm import CausalLM
 from model_core.tokenizer import Tokenizer
 from service.api.generation import TextModel
 from service.config import Settings
+from service.http_protocol import guarded_h11_protocol
 from service.main import create_app
 from tests.service.engine.engine_utils import make_engine
 
@@ -181,9 +182,11 @@ def text_model(model: CausalLM, tokenizer: Tokenizer, **engine: Any) -> TextMode
 
 
 @contextmanager
-def serve_model(tm: TextModel, **settings: Any) -> Iterator[LiveServer]:
-    """Serve `tm` with `create_app(Settings(**settings))` (the GAN off unless asked for)."""
-    with serve(create_app(Settings(**{"enable_gan": False, **settings}), text_model=tm)) as live:
+def serve_model(tm: TextModel, *, http_guards: bool = False, **settings: Any) -> Iterator[LiveServer]:
+    """Serve `tm` with `create_app(Settings(**settings))` (the GAN off unless asked for); `http_guards`: see `serve`."""
+    with serve(
+        create_app(Settings(**{"enable_gan": False, **settings}), text_model=tm), http_guards=http_guards
+    ) as live:
         yield live
 
 
@@ -203,12 +206,19 @@ def _free_socket() -> socket.socket:
 
 
 @contextmanager
-def serve(app: FastAPI, startup_timeout: float = 30.0) -> Iterator[LiveServer]:
-    """Run `app` with uvicorn on a free port of 127.0.0.1 until the block exits."""
+def serve(app: FastAPI, startup_timeout: float = 30.0, *, http_guards: bool = False) -> Iterator[LiveServer]:
+    """Run `app` with uvicorn on a free port of 127.0.0.1 until the block exits. `http_guards`: with the protocol
+    `python -m service` runs (`service.main.server_config`), the header timeout and connection cap of the app's
+    settings; without, uvicorn's own h11 protocol."""
     sock = _free_socket()
     port = sock.getsockname()[1]
+    protocol: dict[str, Any] = {}
+    if http_guards:
+        settings: Settings = app.state.settings
+        protocol["http"] = guarded_h11_protocol(settings.header_timeout_s, settings.max_connections)
     config = uvicorn.Config(
         app,
+        **protocol,
         host="127.0.0.1",
         port=port,
         log_level="warning",
