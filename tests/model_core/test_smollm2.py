@@ -14,9 +14,9 @@ import torch
 from model_core.backend import select_backend
 from model_core.device import select_dtype
 from model_core.generate import generate
-from model_core.kv_cache import PagedKVCache
 from model_core.qmatmul import QuantLinear
 from model_core.sampling import SamplingParams
+from model_core.tools.quant_accuracy import decode_logits as _decode_logits
 from model_core.weights.loader import LoadedLM, load_lm
 from service.config import Settings
 from service.main import build_text_model
@@ -248,30 +248,6 @@ def test_bf16_logprobs_within_bf16_rounding_of_fp32(
     with torch.inference_mode():
         logits = lm.model(torch.tensor([ppl_ids]))[0]
     _check_logprobs("SmolLM2 dense bf16 prompt forward", logits, ppl_ids, fp32_logprobs, bf16_noise)
-
-
-def _decode_logits(lm: LoadedLM, ids: list[int]) -> torch.Tensor:
-    """Logits after each token as the server computes them while decoding: one token per forward
-    through the paged cache, with the backend's kernels. (T, V) float32."""
-    cfg = lm.config
-    blocks = (len(ids) + 15) // 16
-    dtype = lm.model.embed.weight.dtype
-    cache = PagedKVCache(
-        cfg.n_layers,
-        blocks,
-        16,
-        cfg.n_kv_heads,
-        cfg.hd,
-        dtype,
-        max_positions=cfg.max_seq_len,
-        kernels=lm.backend.kernels,
-    )
-    out = []
-    with torch.inference_mode():
-        for t, tok in enumerate(ids):
-            pos = cache.prepare([list(range(blocks))], [t], 1)
-            out.append(lm.model(torch.tensor([[tok]]), pos, cache, last_only=True)[0].float())
-    return torch.stack(out)
 
 
 @pytest.mark.parametrize("kernels", [*native_isas(reference=False), "torch"])
