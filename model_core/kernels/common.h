@@ -186,6 +186,13 @@ static const int8_t IQ4_VALUES[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 
 static inline int qkind_no_m(int kind) { return kind == QKIND_Q8 || kind == QKIND_Q5_0 || kind == QKIND_IQ4; }
 /* float weights (QKIND_F16, QKIND_BF16): qs holds them as stored, d and m are NULL, and i8 does not apply */
 static inline int qkind_float(int kind) { return kind == QKIND_F16 || kind == QKIND_BF16; }
+/* k_qmatmul_kind's arguments for a kind other than QKIND_Q4/QKIND_Q8: a known kind, K a multiple of its block, M and
+ * N >= 1, its buffers given (d but for the float kinds, m but for those and qkind_no_m's) */
+static inline int qkind_args_ok(int kind, const void *qs, const void *d, const void *m, int M, int N, int K) {
+    const int block = qkind_block(kind);
+    if (!block || K % block || M <= 0 || N <= 0 || !qs) return 0;
+    return qkind_float(kind) || (d && (m || qkind_no_m(kind)));
+}
 /* the bytes of one weight row (K weights) of such a kind in qs, d and m (0: no m) */
 static inline void qkind_row_bytes(int kind, int K, size_t *qs, size_t *d, size_t *m) {
     const size_t nb = (size_t)K / 32, nsb = (size_t)K / 256;

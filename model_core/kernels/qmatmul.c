@@ -298,10 +298,8 @@ int k_qmatmul_kind(const void *x, int act, int kind, const uint8_t *qs, const vo
         return m || kind == QKIND_Q8 ? k_qmatmul(x, act, qs, d, kind == QKIND_Q4 ? m : NULL, bias, y, M, N, K, i8,
                                                  nthreads)
                                      : AIGC_ERR_ARGS;
-    const int block = qkind_block(kind);
+    if (!qkind_args_ok(kind, qs, d, m, M, N, K)) return AIGC_ERR_ARGS;
     const int fl = qkind_float(kind);
-    if (!block || K % block || M <= 0 || N <= 0 || !qs || (!fl && (!d || (!m && !qkind_no_m(kind)))))
-        return AIGC_ERR_ARGS;
 #if defined(QMATMUL_I8)
     if (i8 && !fl) return qmatmul_i8(x, act, kind, qs, d, m, bias, y, M, N, K, nthreads);
 #endif
