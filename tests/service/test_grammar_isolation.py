@@ -6,25 +6,17 @@ crashing request gets a 400 naming the crash; the server keeps serving structure
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 from tests.model_core.test_grammar import lark_chain
 from tests.service.http_checks import assert_error
+from tests.service.test_grammar_limits import Server, subprocess_server
 
-REPO = Path(__file__).resolve().parents[2]
 MARKER = "probe-abort-marker"
 CRASHES = 40_000  # Lark chain rules that segfault llguidance on a 64 MiB stack
-ASK = [{"role": "user", "content": "Go."}]
 
 
 def _serve(port: int) -> None:
@@ -48,53 +40,11 @@ def _serve(port: int) -> None:
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
 
 
-class Server:
-    def __init__(self, proc: subprocess.Popen[str], base_url: str) -> None:
-        self.proc = proc
-        self.http = httpx.Client(base_url=base_url, timeout=120.0)
-
-    def assert_alive(self) -> None:
-        assert self.proc.poll() is None, f"the server died: exit status {self.proc.returncode}"
-        assert self.http.get("/health").status_code == 200
-
-    def chat(self, **body: Any) -> httpx.Response:
-        return self.http.post("/v1/chat/completions", json={"messages": ASK, "max_tokens": 3, **body})
-
-
 @pytest.fixture(scope="module")
 def server() -> Iterator[Server]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen(
-        [sys.executable, "-c", f"from tests.service.test_grammar_isolation import _serve; _serve({port})"],
-        cwd=REPO,
-        env={**os.environ, "OMP_NUM_THREADS": "1", "AIGC_TEST_GRAMMAR_PROBE_ABORT": MARKER},
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    live = Server(proc, f"http://127.0.0.1:{port}")
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
-            try:
-                if live.http.get("/ready").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "the server did not get ready"
-            time.sleep(0.2)
+    serve, env = "tests.service.test_grammar_isolation:_serve", {"AIGC_TEST_GRAMMAR_PROBE_ABORT": MARKER}
+    with subprocess_server(serve, env, max_tokens=3) as live:
         yield live
-    finally:
-        live.http.close()
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 def _schema_format(schema: Any) -> dict[str, Any]:

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -44,8 +45,8 @@ def _serve(port: int) -> None:
 
 
 class Server:
-    def __init__(self, proc: subprocess.Popen[str], base_url: str) -> None:
-        self.proc, self.base_url = proc, base_url
+    def __init__(self, proc: subprocess.Popen[str], base_url: str, max_tokens: int = 2) -> None:
+        self.proc, self.base_url, self.max_tokens = proc, base_url, max_tokens
         self.http = httpx.Client(base_url=base_url, timeout=120.0)
 
     def assert_alive(self) -> None:
@@ -53,24 +54,27 @@ class Server:
         assert self.http.get("/health").status_code == 200
 
     def chat(self, **body: Any) -> httpx.Response:
-        return self.http.post("/v1/chat/completions", json={"messages": ASK, "max_tokens": 2, **body})
+        return self.http.post("/v1/chat/completions", json={"messages": ASK, "max_tokens": self.max_tokens, **body})
 
 
-@pytest.fixture(scope="module")
-def server() -> Iterator[Server]:
+@contextmanager
+def subprocess_server(serve: str, env: dict[str, str] | None = None, max_tokens: int = 2) -> Iterator[Server]:
+    """`serve(port)` (a module-level function's import path, "tests.x:_serve") run in a subprocess on a free port,
+    with `env` added to this process' environment; yields once /ready is 200, terminates it after."""
+    module, func = serve.split(":")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.Popen(
-        [sys.executable, "-c", f"from tests.service.test_grammar_limits import _serve; _serve({port})"],
+        [sys.executable, "-c", f"from {module} import {func}; {func}({port})"],
         cwd=REPO,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
     )
-    live = Server(proc, f"http://127.0.0.1:{port}")
+    live = Server(proc, f"http://127.0.0.1:{port}", max_tokens)
     try:
         deadline = time.monotonic() + 120
         while True:
@@ -90,6 +94,12 @@ def server() -> Iterator[Server]:
             proc.wait(30)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[Server]:
+    with subprocess_server("tests.service.test_grammar_limits:_serve") as live:
+        yield live
 
 
 def schema_format(schema: Any) -> dict[str, Any]:
