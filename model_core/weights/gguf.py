@@ -117,7 +117,8 @@ def load_gguf_blocks(
         if len(qtypes) != 1 or (qtype := qtypes.pop()) not in GGML_TYPES:
             continue
         if any(
-            int(tensors[name].data.nbytes // tensors[name].data.shape[0]) % GGML_TYPES[qtype].nbytes
+            int(tensors[name].data.nbytes // tensors[name].data.shape[0])
+            % GGML_TYPES[int(tensors[name].tensor_type)].nbytes
             for name, _ in parts
         ):
             continue  # F16/BF16 rows of K not a multiple of 32: dense only

@@ -392,6 +392,27 @@ def test_quantizer_of_the_tests_writes_what_gguf_reads() -> None:
         assert np.abs(back - w).max() <= tol * np.abs(w).max(), qtype
 
 
+def test_q5_0_qkv_with_q8_0_v_loads_as_one_q8_0_matmul(tmp_path: Path) -> None:
+    """A Q4_K_M file's QKV in most layers: q, k in Q5_0 (22-byte blocks) and v in Q8_0 (34-byte blocks), with rows of
+    64 (44 bytes in Q5_0: not a whole number of Q8_0 blocks). The projection loads as one Q8_0 QuantLinear holding the
+    file's weights exactly, so the layer runs as one call: none of it falls back to a dense matmul."""
+    pytest.importorskip("transformers")
+    from model_core.weights.loader import load_lm
+    from tests.model_core.tiny_formats import tiny_hf_llama, tiny_vocab, write_gguf
+
+    hf = tiny_hf_llama(n_kv_heads=2, seed=3, hidden=64, ffn=96)
+    path = write_gguf(hf, tmp_path / "m.gguf", "Q5_0", vocab=tiny_vocab(), types={"attn_v.weight": "Q8_0"}).path
+    ref = load_lm(path).model
+    fast = load_lm(path, torch.float32, quantized_max_rows=8, backend=select_backend("reference")).model
+    for i in range(ref.cfg.n_layers):
+        name = f"blocks.{i}.attn.qkv"
+        qkv = fast.get_submodule(name)
+        assert isinstance(qkv, QuantLinear) and qkv.quant.kind == KIND_Q8, name
+        assert torch.equal(qkv.quant.dequantize(), ref.get_submodule(name).weight), name
+    fused = fast.decoder_fast_path
+    assert fused is not None and fused.max_rows == 8
+
+
 @pytest.mark.parametrize("qtype", [Q4_0, Q5_0, Q8_0])
 def test_q4_0_and_q5_0_parts_widen_to_q8_0_exactly(qtype: int) -> None:
     """A Q4_K_M file's QKV mixes Q5_0 (q, k) with Q8_0 (v): the loader takes such parts as Q8_0 blocks (and Q4_0 ones,

@@ -290,6 +290,7 @@ def write_gguf(
     replace: Mapping[str, np.ndarray] | None = None,
     extra: Mapping[str, np.ndarray] | None = None,
     gpt2_output: bool = True,
+    types: Mapping[str, str] | None = None,
 ) -> TinyGGUF:
     """Write `model` as a GGUF file; 2-D tensors stored as `qtype`, 1-D ones (norms, biases) as F32.
 
@@ -297,6 +298,8 @@ def write_gguf(
     drop / replace / extra: leave tensors out, store other data under their names, add tensors (F32)
     the layout does not have (to test errors).
     gpt2_output: write GPT-2's tied head as `output.weight`, as llama.cpp's converter does.
+    types: other types for the 2-D tensors whose names end so (e.g. {"attn_v.weight": "Q8_0"}, as llama-quantize's
+    mixes keep v at more bits).
     """
     model_type = model.config.model_type
     if model_type == "llama":
@@ -351,6 +354,9 @@ def write_gguf(
         t = qt if g.ndim == 2 else GGMLQuantizationType.F32
         if qtype == "Q4_K_M" and e.gguf_name.endswith(_Q6_K_IN_Q4_K_M):
             t = GGMLQuantizationType.Q6_K
+        for suffix, other in (types or {}).items():
+            if g.ndim == 2 and e.gguf_name.endswith(suffix):
+                t = GGMLQuantizationType[other]
         # quantization works on rows of the GGUF layout: a row permutation commutes with it, a transpose not
         rt = torch.from_numpy(_round_trip(g if e.conv1d else hf.numpy(), t))
         hf_state[e.hf_name] = rt.t().contiguous() if e.conv1d else rt
