@@ -3,9 +3,9 @@
 A decode step runs ~20 small PyTorch ops per layer; at small batches their dispatch costs as much as
 the layer's arithmetic. `FusedLlamaDecoder` replaces them with native calls (kernels/layer.c):
  - when all four projections of every layer are `QuantLinear`s (GGUF blocks of any kind the kernels run: Q4_0,
-   Q4_1, Q8_0, the K-quants and the 5-bit kinds, mixed as a Q4_K_M file mixes them) in one matmul mode, and the
-   batch is at most their `max_rows`, each layer is one call (norms, projections with the QKV bias, QK-norm,
-   RoPE, cache write, attention from the paged cache, SwiGLU, residual adds);
+   Q4_1, Q8_0, the K-quants and the 5-bit kinds, mixed as a Q4_K_M file mixes them, within a projection too) in one
+   matmul mode, and the batch is at most their `max_rows`, each layer is one call (norms, projections with the QKV
+   bias, QK-norm, RoPE, cache write, attention from the paged cache, SwiGLU, residual adds);
  - otherwise each layer is its four projections (PyTorch, dense, with their biases) with four native calls
    between them: norm, QK-norm + rope + cache write + attention, residual add + next norm, SwiGLU.
 Llama blocks, and the llama variants among the families (model_core.models): Qwen 2's QKV biases, Qwen 3's
@@ -31,12 +31,10 @@ from torch import nn
 
 from model_core.kv_cache import PagedKVCache
 from model_core.lm import Block, CausalLM, LMConfig
-from model_core.native import KernelError, Kernels
+from model_core.native import PROJECTION_PARTS, KernelError, Kernels
 from model_core.norms import RMSNorm
 from model_core.qmatmul import ACT, QuantLinear
 
-_WeightPtrs = ctypes.c_void_p * 12  # llama_decode_layer's w: (qs, d, m) of Wqkv, Wo, Wgate|up, Wdown
-_Kinds = ctypes.c_int32 * 4  # its kinds: the four's QKIND_* (model_core.qmatmul.QuantKind.value)
 GATES = {"swiglu": 0, "geglu_tanh": 1}  # the gated FFN activations the kernels run (GATE_* of kernels/aigc_kernels.h)
 
 
@@ -73,6 +71,7 @@ class _Layer:
         self._seen: tuple[object, ...] = ()
         self._ptrs: ctypes.Array[ctypes.c_void_p] | None = None
         self._kinds: ctypes.Array[ctypes.c_int32] | None = None
+        self._parts: ctypes.Array[ctypes.c_int32] | None = None
         self._i8 = 0
         self.one_call_rows = 0  # batches up to this many rows run as one call (0: not all four quantized)
         self.refresh()
@@ -118,27 +117,38 @@ class _Layer:
         """Re-derive the weights' state where a projection or its quantized weight is another object than at the
         last call (a QuantWeight is frozen, its tensors stay where they are: model.to() does not move them)."""
         linears = self.linears()
-        seen = (*linears, *(lin.__dict__.get("quant") for lin in linears))
+        seen = (*linears, *(lin.__dict__.get("parts") for lin in linears))
         if len(seen) == len(self._seen) and all(a is b for a, b in zip(seen, self._seen)):
             return
-        quant = [lin.quant for lin in linears if isinstance(lin, QuantLinear)]
-        if len(quant) == 4 and len({w.interleaved for w in quant if w.kind.int8}) > 1:
+        quant = [lin.parts for lin in linears if isinstance(lin, QuantLinear)]
+        flat = [w for parts in quant for w in parts]
+        if len(quant) == 4 and len({w.interleaved for w in flat if w.kind.int8}) > 1:
             raise ValueError("the fused decoder runs a layer's projections in one matmul mode")
-        if len(quant) == 4:
-            self._ptrs = _WeightPtrs(*[None if t is None else t.data_ptr() for w in quant for t in (w.qs, w.d, w.m)])
-            self._kinds = _Kinds(*[w.kind.value for w in quant])
-            self._i8 = int(any(w.interleaved for w in quant))  # (float kinds take exact products in either mode)
+        if len(quant) == 4 and all(len(parts) <= PROJECTION_PARTS for parts in quant):
+            # llama_decode_layer's w: (qs, d, m) of each part of Wqkv, Wo, Wgate|up, Wdown in turn; kinds: their
+            # QKIND_* (model_core.qmatmul.QuantKind.value); parts: each projection's parts' rows (NULL: one each)
+            self._ptrs = (ctypes.c_void_p * (3 * len(flat)))(
+                *[None if t is None else t.data_ptr() for w in flat for t in (w.qs, w.d, w.m)]
+            )
+            self._kinds = (ctypes.c_int32 * len(flat))(*[w.kind.value for w in flat])
+            rows = [[w.out_features for w in parts] + [0] * (PROJECTION_PARTS - len(parts)) for parts in quant]
+            split = len(flat) > 4
+            self._parts = (ctypes.c_int32 * (4 * PROJECTION_PARTS))(*sum(rows, [])) if split else None
+            self._i8 = int(any(w.interleaved for w in flat))  # (float kinds take exact products in either mode)
             self.one_call_rows = min(lin.max_rows for lin in linears if isinstance(lin, QuantLinear))
         else:
-            self._ptrs, self._kinds, self._i8, self.one_call_rows = None, None, 0, 0
+            self._ptrs, self._kinds, self._parts, self._i8, self.one_call_rows = None, None, None, 0, 0
         self._seen = seen
 
-    def weights(self) -> tuple[ctypes.Array[ctypes.c_void_p], ctypes.Array[ctypes.c_int32], int]:
-        """llama_decode_layer's w (the addresses of the projections' quantized weights, as they are since the last
-        refresh()), kinds (their QKIND_* values) and i8 (the matmuls' mode)."""
+    def weights(
+        self,
+    ) -> tuple[ctypes.Array[ctypes.c_void_p], ctypes.Array[ctypes.c_int32], ctypes.Array[ctypes.c_int32] | None, int]:
+        """llama_decode_layer's w (the addresses of the projections' quantized weights, part by part, as they are
+        since the last refresh()), kinds (their QKIND_* values), parts (the rows of each projection's parts; None
+        where each is one) and i8 (the matmuls' mode)."""
         if self._ptrs is None or self._kinds is None:
             raise ValueError("the layer's projections are not all quantized")
-        return self._ptrs, self._kinds, self._i8
+        return self._ptrs, self._kinds, self._parts, self._i8
 
 
 def _bias(linear: nn.Module) -> torch.Tensor | None:
@@ -261,7 +271,7 @@ class FusedLlamaDecoder:
                 bias = layer.qkv_bias()  # (held until the call returns: a bf16 bias' fp32 copy is made here)
                 if bias is not None and bias.numel() != qkv_n:
                     raise ValueError(f"layer {i}'s QKV bias has {bias.numel()} values, its projection {qkv_n}")
-                w, kinds, i8 = layer.weights()  # (max_rows refreshed them above)
+                w, kinds, parts, i8 = layer.weights()  # (max_rows refreshed them above)
                 self._decode_layer(
                     i,
                     x.data_ptr(),
@@ -274,6 +284,7 @@ class FusedLlamaDecoder:
                     cfg.norm_eps,
                     w,
                     kinds,
+                    parts,
                     _ptr(bias),
                     _ptr(q_norm),
                     _ptr(k_norm),

@@ -188,12 +188,16 @@ ENTRY_POINTS: dict[str, EntryPoint] = {
     ),
     "llama_decode_layer": _entry(
         _I,
-        "x:p B:i C:i attn_norm:p ffn_norm:p post_attn_norm:p post_ffn_norm:p eps:f w:w kinds:p qkv_bias:p q_norm:p "
+        "x:p B:i C:i attn_norm:p ffn_norm:p post_attn_norm:p post_ffn_norm:p eps:f w:w kinds:p parts:p qkv_bias:p "
+        "q_norm:p "
         "k_norm:p cos:p sin:p kv:p write:p rows:p lens:p Tk:i nh:i nkv:i hs:i F:i gate:i scale:f softcap:f window:i "
         "act:i i8:i nthreads:i scratch:p scratch_bytes:l",
     ),
     "quant_matmul_kind": _entry(_I, "x:p act:i kind:i qs:p d:p m:p bias:p y:p M:i N:i K:i i8:i nthreads:i"),
 }
+
+# llama_decode_layer's most parts of one projection (AIGC_PROJECTION_PARTS of kernels/aigc_kernels.h)
+PROJECTION_PARTS = 3
 
 # The AIGC_* statuses of kernels/aigc_kernels.h.
 AIGC_OK, AIGC_ERR_ARGS, AIGC_ERR_NOMEM, AIGC_ERR_UNSUPPORTED = 0, -1, -2, -3

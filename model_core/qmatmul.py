@@ -11,7 +11,7 @@ layer, where the BLAS matmul is faster.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -439,25 +439,41 @@ def qmatmul(x: torch.Tensor, w: QuantWeight, kernels: Kernels, bias: torch.Tenso
 class QuantLinear(nn.Module):
     """A linear layer with a quantized copy of its weight: float32/bf16 CPU batches of at most `max_rows` rows
     use the kernel; larger ones, other dtypes, anything needing autograd and, for int8 mode, whatever runs under
-    `exact_products()` the wrapped dense layer."""
+    `exact_products()` the wrapped dense layer. The copy may come in parts stacked by rows, each of its own kind (a
+    Q4_K_M file's QKV: q, k in Q4_K, v in Q6_K), each run by its kind's kernel into its columns of the output."""
 
-    quant: QuantWeight
-
-    def __init__(self, dense: nn.Module, weight: QuantWeight, max_rows: int, kernels: Kernels) -> None:
+    def __init__(
+        self, dense: nn.Module, weight: QuantWeight | Sequence[QuantWeight], max_rows: int, kernels: Kernels
+    ) -> None:
         super().__init__()
+        parts = (weight,) if isinstance(weight, QuantWeight) else tuple(weight)
         dense_weight = getattr(dense, "weight", None)  # a Parameter, or a PackedLinear's plain tensor
-        if not isinstance(dense_weight, torch.Tensor) or (weight.out_features, weight.in_features) != tuple(
-            dense_weight.shape
+        shape = (sum(w.out_features for w in parts), parts[0].in_features if parts else 0)
+        if (
+            not isinstance(dense_weight, torch.Tensor)
+            or shape != tuple(dense_weight.shape)
+            or any(w.in_features != shape[1] for w in parts)
         ):
+            have = " + ".join(f"{w.out_features}x{w.in_features}" for w in parts)
             raise ValueError(
-                f"quantized weight {weight.out_features}x{weight.in_features} does not match the "
-                f"layer {dense.out_features}x{dense.in_features}"
+                f"quantized weight {have} does not match the layer {dense.out_features}x{dense.in_features}"
             )
         self.dense = dense
-        self.quant = weight
+        self.parts = parts
         self.max_rows = max_rows
         self.kernels = kernels
         self.in_features, self.out_features = dense.in_features, dense.out_features
+
+    @property
+    def quant(self) -> QuantWeight:
+        """The quantized weight, where it is one (ValueError where it comes in parts)."""
+        if len(self.parts) != 1:
+            raise ValueError(f"the weight is in {len(self.parts)} parts ({', '.join(w.kind.name for w in self.parts)})")
+        return self.parts[0]
+
+    @quant.setter
+    def quant(self, weight: QuantWeight) -> None:
+        self.parts = (weight,)
 
     @property
     def qbias(self) -> torch.Tensor | None:
@@ -479,21 +495,32 @@ class QuantLinear(nn.Module):
             or x.requires_grad
             or x.dtype not in ACT
             or x.device.type != "cpu"
-            or (self.quant.interleaved and _EXACT_ONLY.get())
+            or (_EXACT_ONLY.get() and any(w.interleaved for w in self.parts))
         ):
             return self.dense(x)
-        return qmatmul(x, self.quant, self.kernels, self.qbias)
+        bias = self.qbias
+        if len(self.parts) == 1:
+            return qmatmul(x, self.parts[0], self.kernels, bias)
+        outs, at = [], 0
+        for w in self.parts:
+            outs.append(qmatmul(x, w, self.kernels, None if bias is None else bias[at : at + w.out_features]))
+            at += w.out_features
+        return torch.cat(outs, dim=-1)
 
 
-def attach_quantized(model: nn.Module, weights: dict[str, QuantWeight], max_rows: int, kernels: Kernels) -> int:
-    """Wrap each linear layer named in `weights` (module paths, e.g. 'blocks.0.attn.qkv') in a QuantLinear
-    serving up to `max_rows` rows (at most the kernels' limit for 8-bit weights, unless ALL_ROWS), in the form
-    the kernels' mode reads (interleaved for int8 activations; float weights stay as stored, their products exact);
-    returns how many were wrapped."""
-    for name, w in weights.items():
-        w = w.interleave() if kernels.isa.int8 and w.kind.int8 else w
+def attach_quantized(
+    model: nn.Module, weights: Mapping[str, QuantWeight | Sequence[QuantWeight]], max_rows: int, kernels: Kernels
+) -> int:
+    """Wrap each linear layer named in `weights` (module paths, e.g. 'blocks.0.attn.qkv'; a weight, or its parts
+    stacked by rows) in a QuantLinear serving up to `max_rows` rows (at most the kernels' limit for 8-bit weights,
+    unless ALL_ROWS), in the form the kernels' mode reads (interleaved for int8 activations; float weights stay as
+    stored, their products exact); returns how many were wrapped."""
+    for name, weight in weights.items():
+        parts = [weight] if isinstance(weight, QuantWeight) else list(weight)
+        parts = [w.interleave() if kernels.isa.int8 and w.kind.int8 else w for w in parts]
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        rows = max_rows if w.kind != KIND_Q8 or max_rows >= ALL_ROWS else min(max_rows, kernels.isa.q8_max_rows)
-        setattr(parent, attr, QuantLinear(getattr(parent, attr), w, rows, kernels))
+        q8 = any(w.kind == KIND_Q8 for w in parts)
+        rows = max_rows if not q8 or max_rows >= ALL_ROWS else min(max_rows, kernels.isa.q8_max_rows)
+        setattr(parent, attr, QuantLinear(getattr(parent, attr), parts, rows, kernels))
     return len(weights)

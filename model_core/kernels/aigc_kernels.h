@@ -109,20 +109,27 @@ AIGC_API int llama_attention(void *qkv, int B, float eps, const void *q_norm, co
  * w: the 12 pointers (qs, d, m; m NULL for Q8_0) of Wqkv, Wo, Wgate|up, Wdown; kinds: NULL (the four are 4/8-bit blocks
  * as quant_matmul takes them: m NULL for 8-bit) or their 4 kinds (QKIND_*, int32), each projection then run as
  * quant_matmul_kind runs that kind (the same kernel: the same results), its w in the kind's layout (a Q4_K_M file's mix
- * of Q5_0, Q4_K, Q6_K and Q8_0 runs as one call); qkv_bias: NULL (none) or (nh + 2 nkv) hs fp32 values added to the qkv
+ * of Q5_0, Q4_K, Q6_K and Q8_0 runs as one call); parts: NULL (each projection one weight, as above) or, with kinds,
+ * 4 x AIGC_PROJECTION_PARTS int32: the rows of each projection's parts in turn (parts[AIGC_PROJECTION_PARTS i + j]: part
+ * j of projection i, then zeros; each projection's rows add up to its outputs (nh + 2 nkv) hs, C, 2 F, C), for weights
+ * stacked by rows from parts of different kinds (a Q4_K_M file's QKV: q, k in Q4_K, v in Q6_K); w and kinds then hold
+ * (qs, d, m) and the kind of every part in that order, each part run by its kind's kernel into its columns; qkv_bias: NULL (none) or (nh + 2 nkv) hs fp32 values added to the qkv
  * projection in fp32 before its output is rounded to act, as quant_matmul adds its bias (Qwen 2); q_norm, k_norm: the
  * QK-norm as llama_attention (NULL: none), with the layer's eps; the rest as llama_attention (scale, softcap, window:
  * the attention's, as paged_attention_decode); i8: the matmuls' mode (quant_matmul_kind), one for all four: exact (0)
  * or int8 (1, every w interleaved), for any mix of kinds. scratch: NULL (allocated per call) or scratch_bytes >=
  * llama_decode_scratch_bytes(B, C, nh, nkv, hs, F, act) bytes.
  * AIGC_ERR_ARGS: B < 1; C, F or nh hs not a multiple of 32; hs not of 16; nh not a multiple of nkv; softcap or window
- * out of range; an unknown gate; one post norm without the other; with kinds, an unknown kind, a projection's input features (C, nh hs, C, F) not a multiple of its
- * kind's block, or a NULL weight buffer the kind needs (all these checked before anything is written); scratch too
- * small; or as the matmuls and attention.
+ * out of range; an unknown gate; one post norm without the other; with kinds, an unknown kind, a projection's input
+ * features (C, nh hs, C, F) not a multiple of its kind's block, or a NULL weight buffer the kind needs; parts without
+ * kinds, a negative part, a part after a zero or a projection's parts not adding up to its outputs (all these checked
+ * before anything is written); scratch too small; or as the matmuls and attention.
  * AIGC_ERR_UNSUPPORTED, AIGC_ERR_NOMEM: as quant_matmul. */
+enum { AIGC_PROJECTION_PARTS = 3 }; /* llama_decode_layer: the most parts of one projection */
 AIGC_API int llama_decode_layer(void *x, int B, int C, const void *attn_norm, const void *ffn_norm,
                                 const void *post_attn_norm, const void *post_ffn_norm, float eps,
-                                const void *const *w, const int32_t *kinds, const float *qkv_bias,
+                                const void *const *w, const int32_t *kinds, const int32_t *parts,
+                                const float *qkv_bias,
                                 const void *q_norm, const void *k_norm, const float *cos, const float *sin, void *kv,
                                 const int64_t *write, const int64_t *rows, const int32_t *lens, int Tk, int nh,
                                 int nkv, int hs, int F, int gate, float scale, float softcap, int window, int act,

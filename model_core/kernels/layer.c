@@ -13,6 +13,8 @@
 
 #include "common.h"
 
+#define PARTS AIGC_PROJECTION_PARTS
+
 #ifndef AIGC_ISA
 #define AIGC_ISA "unknown"
 #endif
@@ -56,7 +58,7 @@ int llama_swiglu(const void *gu, void *g, int B, int F, int gate, int act) {
 }
 
 /* The scratch of a decode layer: its buffers, each at a multiple of 64 bytes. */
-enum { SCRATCH_H, SCRATCH_QKV, SCRATCH_ATT, SCRATCH_GU, SCRATCH_O, SCRATCH_Q, SCRATCH_N };
+enum { SCRATCH_H, SCRATCH_QKV, SCRATCH_ATT, SCRATCH_GU, SCRATCH_O, SCRATCH_Q, SCRATCH_PART, SCRATCH_N };
 
 static size_t align64(size_t n) { return (n + 63) & ~(size_t)63; }
 
@@ -70,6 +72,8 @@ static size_t scratch_layout(int B, int C, int nh, int nkv, int hs, int F, int a
     sizes[SCRATCH_GU] = align64(es * b * 2 * (size_t)F);
     sizes[SCRATCH_O] = align64(es * b * (size_t)C);
     sizes[SCRATCH_Q] = align64(es * b * q_n);
+    const size_t widest = (size_t)(nh + 2 * nkv) * hs > (size_t)2 * F ? (size_t)(nh + 2 * nkv) * hs : (size_t)2 * F;
+    sizes[SCRATCH_PART] = align64(es * b * (widest > (size_t)C ? widest : (size_t)C)); /* a part's rows (project) */
     size_t total = 0;
     for (int i = 0; i < SCRATCH_N; i++) total += sizes[i];
     return total;
@@ -114,27 +118,78 @@ int llama_attention(void *qkv, int B, float eps, const void *q_norm, const void 
     return rc;
 }
 
-/* w's projections of kinds (QKIND_*), for inputs of K[i] features: any kind the kernels run, K a multiple of its
- * block, its buffers given (d but for the float kinds, m but for those and qkind_no_m's) */
-static int kinds_ok(const int32_t *kinds, const void *const *w, const int *K) {
-    for (int i = 0; i < 4; i++) {
-        const int kind = kinds[i], block = kind == QKIND_Q4 || kind == QKIND_Q8 ? 32 : qkind_block(kind);
-        if (!block || K[i] % block || !w[3 * i]) return 0;
-        if (!qkind_float(kind) && (!w[3 * i + 1] || (!w[3 * i + 2] && !qkind_no_m(kind)))) return 0;
+/* projection i's parts (1 without parts, else 1..PARTS) and the rows of its part j */
+static int nparts(const int32_t *parts, int i) {
+    if (!parts) return 1;
+    int n = 0;
+    while (n < PARTS && parts[PARTS * i + n] > 0) n++;
+    return n;
+}
+
+static int part_rows(const int32_t *parts, int i, int j, int N) { return parts ? parts[PARTS * i + j] : N; }
+
+/* parts (NULL, or 4 x PARTS rows: each projection's parts, then zeros) cover each projection's N[i] rows, and w's
+ * parts are of known kinds (QKIND_*) for inputs of K[i] features: K a multiple of the kind's block, its buffers given
+ * (d but for the float kinds, m but for those and qkind_no_m's) */
+static int projections_ok(const int32_t *kinds, const int32_t *parts, const void *const *w, const int *N,
+                          const int *K) {
+    if (parts && !kinds) return 0;
+    for (int i = 0, slot = 0; i < 4; i++) {
+        const int n = nparts(parts, i);
+        long rows = 0;
+        for (int j = 0; j < (parts ? PARTS : 1); j++) {
+            if (parts && parts[PARTS * i + j] < 0) return 0;
+            if (j >= n && parts && parts[PARTS * i + j]) return 0; /* a part after the end */
+        }
+        for (int j = 0; j < n; j++, slot++) {
+            rows += part_rows(parts, i, j, N[i]);
+            if (!kinds) continue;
+            const int kind = kinds[slot], block = kind == QKIND_Q4 || kind == QKIND_Q8 ? 32 : qkind_block(kind);
+            if (!block || K[i] % block || !w[3 * slot]) return 0;
+            if (!qkind_float(kind) && (!w[3 * slot + 1] || (!w[3 * slot + 2] && !qkind_no_m(kind)))) return 0;
+        }
+        if (n < 1 || rows != N[i]) return 0;
     }
     return 1;
 }
 
+/* out (B, N) = in (B, K) W_i^T (+ bias) for projection i of the layer, part by part: each part's kind's kernel (as
+ * quant_matmul_kind, or quant_matmul's without kinds) into its columns of out, through tmp (B, rows of the part) where
+ * the rows of out are not contiguous columns of it (B > 1) */
+static int project(int i, const void *in, void *out, const float *bias, int B, int N, int K, const int32_t *kinds,
+                   const int32_t *parts, const void *const *w, void *tmp, int act, int i8, int nthreads) {
+    int slot = 0;
+    for (int p = 0; p < i; p++) slot += nparts(parts, p);
+    const int n = nparts(parts, i);
+    const size_t es = act_size(act);
+    for (int j = 0, col = 0; j < n; j++, slot++) {
+        const int rows = part_rows(parts, i, j, N);
+        void *dst = n == 1 || B == 1 ? (char *)out + es * (size_t)col : tmp;
+        const float *b = bias ? bias + col : NULL;
+        const void *qs = w[3 * slot], *d = w[3 * slot + 1], *m = w[3 * slot + 2];
+        const int rc = kinds ? k_qmatmul_kind(in, act, kinds[slot], qs, d, m, b, dst, B, rows, K, i8, nthreads)
+                             : k_qmatmul(in, act, qs, d, m, b, dst, B, rows, K, i8, nthreads);
+        if (rc) return rc;
+        if (dst == tmp)
+            for (int r = 0; r < B; r++)
+                memcpy((char *)out + es * ((size_t)r * N + col), (char *)tmp + es * (size_t)r * rows, es * rows);
+        col += rows;
+    }
+    return AIGC_OK;
+}
+
 int llama_decode_layer(void *x, int B, int C, const void *attn_norm, const void *ffn_norm, const void *post_attn_norm,
                        const void *post_ffn_norm, float eps, const void *const *w, const int32_t *kinds,
-                       const float *qkv_bias, const void *q_norm, const void *k_norm, const float *cos, const float *sin,
+                       const int32_t *parts, const float *qkv_bias, const void *q_norm, const void *k_norm, const float *cos, const float *sin,
                        void *kv, const int64_t *write, const int64_t *rows, const int32_t *lens, int Tk, int nh, int nkv,
                        int hs, int F, int gate, float scale, float softcap, int window, int act, int i8, int nthreads,
                        void *scratch, int64_t scratch_bytes) {
     if (B <= 0 || nkv <= 0 || C % 32 || F % 32 || (nh * hs) % 32 || hs % 16 || nh % nkv) return AIGC_ERR_ARGS;
     if ((gate != GATE_SILU && gate != GATE_GELU_TANH) || !post_attn_norm != !post_ffn_norm) return AIGC_ERR_ARGS;
     if (!attention_params_ok(softcap, window)) return AIGC_ERR_ARGS; /* (before anything is written) */
-    if (kinds && !kinds_ok(kinds, w, (const int[4]){C, nh * hs, C, F})) return AIGC_ERR_ARGS; /* (likewise) */
+    const int qkv_n = (nh + 2 * nkv) * hs, q_n = nh * hs;
+    if (!projections_ok(kinds, parts, w, (const int[4]){qkv_n, C, 2 * F, C}, (const int[4]){C, q_n, C, F}))
+        return AIGC_ERR_ARGS; /* (likewise) */
     size_t sizes[SCRATCH_N];
     const size_t need = scratch_layout(B, C, nh, nkv, hs, F, act, sizes);
     if (!need) return AIGC_ERR_ARGS;
@@ -145,13 +200,9 @@ int llama_decode_layer(void *x, int B, int C, const void *attn_norm, const void 
     for (size_t i = 0, at = 0; i < SCRATCH_N; at += sizes[i], i++) buf[i] = base + at;
     void *h = buf[SCRATCH_H], *qkv = buf[SCRATCH_QKV], *att = buf[SCRATCH_ATT], *gu = buf[SCRATCH_GU];
     void *o = buf[SCRATCH_O];
-    const int qkv_n = (nh + 2 * nkv) * hs, q_n = nh * hs;
     int rc;
-    /* projection i: the kind's kernel (k_qmatmul_kind, as quant_matmul_kind), or quant_matmul's without kinds */
-#define MATMUL(i, in, bias, out, N, K)                                                                                \
-    (kinds ? k_qmatmul_kind(in, act, kinds[i], w[3 * (i)], w[3 * (i) + 1], w[3 * (i) + 2], bias, out, B, N, K, i8,   \
-                            nthreads)                                                                                \
-           : k_qmatmul(in, act, w[3 * (i)], w[3 * (i) + 1], w[3 * (i) + 2], bias, out, B, N, K, i8, nthreads))
+#define MATMUL(i, in, bias, out, N, K) \
+    project(i, in, out, bias, B, N, K, kinds, parts, w, buf[SCRATCH_PART], act, i8, nthreads)
     k_rmsnorm(x, attn_norm, eps, h, B, C, act);
     if ((rc = MATMUL(0, h, qkv_bias, qkv, qkv_n, C))) goto done;
     rc = attention_step(qkv, B, eps, q_norm, k_norm, cos, sin, kv, write, rows, lens, att, Tk, nh, nkv, hs, scale,

@@ -16,7 +16,7 @@ import torch
 
 from model_core import models
 from model_core.lm import LMConfig
-from model_core.qmatmul import GGML_TYPES, Q4_0, Q5_0, Q8_0, QuantWeight
+from model_core.qmatmul import GGML_TYPES, QuantWeight
 from model_core.weights.gguf_reader import GGUFFile, open_gguf
 from model_core.weights.names import Layout, linear_sources, state_dict_from_layout, unpermute_rope_rows
 
@@ -75,46 +75,17 @@ def load_gguf(
     return cfg, state_dict_from_layout(raw, gguf_layout(cfg)), meta
 
 
-_AS_Q8_0 = {Q4_0: 18, Q5_0: 22, Q8_0: 34}  # the types whose weights Q8_0 holds exactly (d (q - 8), d (q - 16)): bytes
-
-
-def _as_q8_0(qtype: int, raw: torch.Tensor) -> torch.Tensor:
-    """(rows, row bytes) GGML blocks of Q4_0, Q5_0 or Q8_0 -> the same weights as Q8_0 blocks, exactly: a block's
-    w = d (q - 8) (Q4_0) or d (q - 16) (Q5_0, q of 5 bits) is d q' with q' = q - 8 or q - 16, an int8."""
-    if qtype == Q8_0:
-        return raw
-    n = raw.shape[0]
-    b = raw.reshape(n, -1, _AS_Q8_0[qtype]).numpy()
-    d = b[:, :, :2]
-    nib = b[:, :, -16:]
-    q = np.concatenate([nib & 0x0F, nib >> 4], axis=-1).astype(np.int16)  # weight i < 16: low nibble of byte i
-    if qtype == Q5_0:
-        qh = b[:, :, 2:6].copy().view("<u4")  # (n, nb, 1): bit i the fifth bit of weight i
-        q |= (((qh >> np.arange(32, dtype=np.uint32)) & 1) << 4).astype(np.int16)
-        q -= 16
-    else:
-        q -= 8
-    out = np.concatenate([d, q.astype(np.int8).view(np.uint8)], axis=-1)
-    return torch.from_numpy(np.ascontiguousarray(out.reshape(n, -1)))
-
-
 def load_gguf_blocks(
     path: str | os.PathLike[str], cfg: LMConfig, file: GGUFFile | None = None
-) -> dict[str, QuantWeight]:
-    """The linear layers whose GGUF tensors are in a type the quantized kernels run (model_core.qmatmul.GGML_TYPES),
-    all parts of a layer in the same one, repacked in our row order, keyed by module
-    path; parts mixing Q4_0, Q5_0 and Q8_0 (a Q4_K_M file's q, k in Q5_0 and v in Q8_0) all as Q8_0 blocks, which
-    hold their weights exactly. Layers in other types, or whose parts mix other types, are left out."""
+) -> dict[str, QuantWeight | tuple[QuantWeight, ...]]:
+    """The linear layers whose GGUF tensors are all in types the quantized kernels run (model_core.qmatmul.GGML_TYPES),
+    repacked in our row order, keyed by module path: one weight where the layer's tensors are of one type, else its
+    parts stacked by rows, one per run of tensors of one type (a Q4_K_M file's QKV: q, k in Q4_K, v in Q6_K: two
+    parts), each as stored. Layers with a tensor of another type are left out."""
     tensors = {t.name: t for t in (file or open_gguf(path)).tensors}
-    out: dict[str, QuantWeight] = {}
+    out: dict[str, QuantWeight | tuple[QuantWeight, ...]] = {}
     for module, parts in linear_sources(gguf_layout(cfg), set(tensors)).items():
-        if any(name not in tensors for name, _ in parts):
-            continue
-        qtypes = {int(tensors[name].tensor_type) for name, _ in parts}
-        widen = len(qtypes) > 1 and qtypes <= set(_AS_Q8_0)  # e.g. Q4_K_M's q, k in Q5_0 beside v in Q8_0
-        if widen:
-            qtypes = {Q8_0}
-        if len(qtypes) != 1 or (qtype := qtypes.pop()) not in GGML_TYPES:
+        if any(name not in tensors or int(tensors[name].tensor_type) not in GGML_TYPES for name, _ in parts):
             continue
         if any(
             int(tensors[name].data.nbytes // tensors[name].data.shape[0])
@@ -122,13 +93,16 @@ def load_gguf_blocks(
             for name, _ in parts
         ):
             continue  # F16/BF16 rows of K not a multiple of 32: dense only
-        rows = []
+        runs: list[tuple[int, list[torch.Tensor]]] = []  # (type, its tensors' rows), in the layer's order
         for name, heads in parts:
             raw = torch.from_numpy(np.array(tensors[name].data)).view(torch.uint8)  # (rows, row bytes): F16 arrays too
-            if widen:
-                raw = _as_q8_0(int(tensors[name].tensor_type), raw)
             if heads is not None:
                 raw = raw[unpermute_rope_rows(torch.arange(raw.shape[0]), heads)]
-            rows.append(raw)
-        out[module] = QuantWeight.from_ggml(qtype, torch.cat(rows) if len(rows) > 1 else rows[0])
+            qtype = int(tensors[name].tensor_type)
+            if runs and runs[-1][0] == qtype:
+                runs[-1][1].append(raw)
+            else:
+                runs.append((qtype, [raw]))
+        weights = tuple(QuantWeight.from_ggml(qt, torch.cat(rows) if len(rows) > 1 else rows[0]) for qt, rows in runs)
+        out[module] = weights[0] if len(weights) == 1 else weights
     return out

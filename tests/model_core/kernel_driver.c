@@ -10,7 +10,7 @@
  *                       then its bytes
  *   nint i64, then nflt f32
  * The buffers are the entry point's pointer arguments in the order of its signature (llama_decode_layer's w:
- * its 12 pointers in place of the one), the ints its int and int64_t arguments in order, the floats its float
+ * its W_POINTERS pointers in place of the one: 3 for each of the parts of its 4 projections, NULL past the last), the ints its int and int64_t arguments in order, the floats its float
  * arguments (aigc_kernels.h declares them all; test_native_neon.py takes the order from model_core/native.py).
  * aigc_kernels_isa takes one 64-byte buffer that receives the name; aigc_cpu_features nothing.
  * RESULTS, per call: i32 the entry point's return value, then each returned buffer: i64 size, its bytes.
@@ -23,7 +23,9 @@
 
 #include "aigc_kernels.h"
 
-#define MAX_BUF 32
+#define MAX_BUF 64
+#define W_POINTERS (3 * 4 * AIGC_PROJECTION_PARTS)
+_Static_assert(5 + W_POINTERS + 12 == 53, "llama_decode_layer's buffers in ENTRY");
 #define MAX_NUM 16
 
 /* the entry points' types, from the library's header (built with -I model_core/kernels) */
@@ -83,14 +85,15 @@ static int call_llama_attention(any_fn fn, void **b, const int64_t *i, const flo
                                       I(2), I(3), I(4), f[1], f[2], I(5), I(6), I(7), b[10], i[8]);
 }
 
-/* buffers: x, attn_norm, ffn_norm, post_attn_norm, post_ffn_norm, the 12 of w, kinds, qkv_bias, q_norm, k_norm, cos,
- * sin, kv, write, rows, lens, scratch */
+/* buffers: x, attn_norm, ffn_norm, post_attn_norm, post_ffn_norm, the W_POINTERS of w, kinds, parts, qkv_bias, q_norm,
+ * k_norm, cos, sin, kv, write, rows, lens, scratch */
 static int call_llama_decode_layer(any_fn fn, void **b, const int64_t *i, const float *f) {
-    const void *w[12];
+    const void *w[W_POINTERS];
     memcpy(w, b + 5, sizeof w);
-    return ((llama_decode_layer_fn *)fn)(b[0], I(0), I(1), b[1], b[2], b[3], b[4], f[0], w, b[17], b[18], b[19],
-                                         b[20], b[21], b[22], b[23], b[24], b[25], b[26], I(2), I(3), I(4), I(5), I(6),
-                                         I(7), f[1], f[2], I(8), I(9), I(10), I(11), b[27], i[12]);
+    void **r = b + 5 + W_POINTERS;
+    return ((llama_decode_layer_fn *)fn)(b[0], I(0), I(1), b[1], b[2], b[3], b[4], f[0], w, r[0], r[1], r[2], r[3],
+                                         r[4], r[5], r[6], r[7], r[8], r[9], r[10], I(2), I(3), I(4), I(5), I(6), I(7),
+                                         f[1], f[2], I(8), I(9), I(10), I(11), r[11], i[12]);
 }
 
 static int call_quant_matmul_kind(any_fn fn, void **b, const int64_t *i, const float *f) {
@@ -111,7 +114,7 @@ static const struct {
     {"llama_add_rmsnorm", 4, 3, 1, call_llama_add_rmsnorm},
     {"llama_swiglu", 2, 4, 0, call_llama_swiglu},
     {"llama_attention", 11, 9, 3, call_llama_attention},
-    {"llama_decode_layer", 28, 13, 3, call_llama_decode_layer},
+    {"llama_decode_layer", 53, 13, 3, call_llama_decode_layer},
     {"quant_matmul_kind", 6, 7, 0, call_quant_matmul_kind},
 };
 

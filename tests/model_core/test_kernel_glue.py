@@ -79,6 +79,7 @@ def test_the_header_declares_what_the_table_types() -> None:
     assert {code: what.split()[0] for code, what in native.STATUS.items()} == status
     for bit, shift in re.findall(r"\b(CPU_\w+) = 1 << (\d+)", text):
         assert getattr(native, bit) == 1 << int(shift), bit
+    assert re.findall(r"\bAIGC_PROJECTION_PARTS = (\d+)", text) == [str(native.PROJECTION_PARTS)]
 
 
 def test_every_source_includes_the_header() -> None:
@@ -171,8 +172,8 @@ def test_a_nonzero_status_raises_naming_the_kernel_and_code(isa: str) -> None:
     assert kernels.call("aigc_cpu_features") == native.cpu_features()  # not a status: never raises
 
 
-ATTN_PARAMS = slice(25, 28)  # llama_decode_layer's scale, softcap, window in _layer_case's arguments
-GATE = 24  # its gate (GATE_SILU 0, GATE_GELU_TANH 1)
+ATTN_PARAMS = slice(26, 29)  # llama_decode_layer's scale, softcap, window in _layer_case's arguments
+GATE = 25  # its gate (GATE_SILU 0, GATE_GELU_TANH 1)
 QTYPES = (Q4_1, Q4_0, Q8_0, Q4_1)  # _layer_case's projections (Wqkv, Wo, Wgate|up, Wdown) unless told otherwise
 
 
@@ -187,43 +188,60 @@ def _layer_case(
     kinds: bool = False,
     post_norms: bool = False,
     gate: int = 0,
+    parts: tuple[int, int] | None = None,
+    B: int = 3,
 ) -> tuple[list[object], list[torch.Tensor], tuple[int, ...]]:
     """Random llama_decode_layer arguments (without the scratch ones), the buffers it writes, and the shapes; with
     bias a QKV bias (Qwen 2), with qk_norm QK-norm weights (Qwen 3), with post_norms norms after each sublayer (Gemma
     2, 3), else NULL for them; gate its FFN activation (1: GELU-tanh); the projections' weights of
     the GGML types qtypes (in features multiples of 256 where one is a K-quant or a 5-bit kind), their kinds given
-    (kinds, or any K-quant or 5-bit type) or NULL."""
+    (kinds, or any K-quant or 5-bit type) or NULL; parts (types a, b): Wqkv in 3 parts (q in qtypes[0], k in a, v in b)
+    and Wgate|up in 2 (gate in qtypes[2], up in a), as a Q4_K_M file's, the parts given; B rows (at most 3)."""
     from tests.utils import quantized_weight as _quantized
 
     g = torch.Generator().manual_seed(seed)
-    kquants = any(GGML_TYPES[qt].kind.entry == "quant_matmul_kind" for qt in qtypes)
-    B, C, F, nh, nkv, hs, Tk = (3, 256, 256, 4, 2, 64, 9) if kquants else (3, 96, 160, 4, 2, 32, 9)
-    shapes = [((nh + 2 * nkv) * hs, C), (C, nh * hs), (2 * F, C), (C, F)]
+    kquants = any(GGML_TYPES[qt].kind.entry == "quant_matmul_kind" for qt in (*qtypes, *(parts or ())))
+    C, F, nh, nkv, hs, Tk = (256, 256, 4, 2, 64, 9) if kquants else (96, 160, 4, 2, 32, 9)
+    # each projection's parts: (type, rows); (Wqkv, Wo, Wgate|up, Wdown)
+    split = [[(qtypes[0], (nh + 2 * nkv) * hs)], [(qtypes[1], C)], [(qtypes[2], 2 * F)], [(qtypes[3], C)]]
+    if parts is not None:
+        split[0] = [(qtypes[0], nh * hs), (parts[0], nkv * hs), (parts[1], nkv * hs)]
+        split[2] = [(qtypes[2], F), (parts[0], F)]
+    ins = (C, nh * hs, C, F)
     weights = [
-        (_quantized if GGML_TYPES[qt].kind.entry == "quant_matmul" else kquant_weight)(qt, n, k, seed + i)[0]
-        for i, (qt, (n, k)) in enumerate(zip(qtypes, shapes))
+        (_quantized if GGML_TYPES[qt].kind.entry == "quant_matmul" else kquant_weight)(qt, n, ins[i], seed + 3 * i + j)[
+            0
+        ]
+        for i, projection in enumerate(split)
+        for j, (qt, n) in enumerate(projection)
     ]
     weights = [w.interleave() if i8 and w.kind.int8 else w for w in weights]
-    w = (ctypes.c_void_p * 12)(*[None if t is None else t.data_ptr() for q in weights for t in (q.qs, q.d, q.m)])
-    kind_values = (ctypes.c_int32 * 4)(*[q.kind.value for q in weights]) if kinds or kquants else None
-    x = torch.randn(B, C, generator=g).to(dtype)
+    w = (ctypes.c_void_p * (3 * len(weights)))(
+        *[None if t is None else t.data_ptr() for q in weights for t in (q.qs, q.d, q.m)]
+    )
+    given = kinds or kquants or parts is not None
+    kind_values = (ctypes.c_int32 * len(weights))(*[q.kind.value for q in weights]) if given else None
+    rows_of = [[n for _, n in p] + [0] * (native.PROJECTION_PARTS - len(p)) for p in split]
+    part_rows = (ctypes.c_int32 * (4 * native.PROJECTION_PARTS))(*sum(rows_of, [])) if parts is not None else None
+    x = torch.randn(3, C, generator=g)[:B].to(dtype)
     norms = [(1 + 0.1 * torch.randn(C, generator=g)).to(dtype) for _ in range(2)]
     ang = torch.rand(B, hs // 2, generator=g) * 6
     cos, sin = torch.cat([ang.cos(), ang.cos()], 1), torch.cat([ang.sin(), ang.sin()], 1)
-    kv = torch.randn(B * Tk + 1, 2 * nkv, hs, generator=g).to(dtype)
-    rows = torch.stack([torch.randperm(B * Tk, generator=g)[:Tk] for _ in range(B)])
-    lens = torch.tensor([Tk, 5, 1], dtype=torch.int32)
+    kv = torch.randn(3 * Tk + 1, 2 * nkv, hs, generator=g).to(dtype)
+    rows = torch.stack([torch.randperm(3 * Tk, generator=g)[:Tk] for _ in range(3)])[:B].contiguous()
+    lens = torch.tensor([Tk, 5, 1], dtype=torch.int32)[:B]
     write = rows[torch.arange(B), (lens - 1).long()].contiguous()
     act = int(dtype == torch.bfloat16)
     g_opt = torch.Generator().manual_seed(seed + 1000)  # (drawn apart: the other arguments are those without them)
     qkv_bias = torch.randn((nh + 2 * nkv) * hs, generator=g_opt) if bias else None  # fp32 whatever the activations
     qk = [(1 + 0.3 * torch.randn(hs, generator=g_opt)).to(dtype) if qk_norm else None for _ in range(2)]
     post = [(1 + 0.3 * torch.randn(C, generator=g_opt)).to(dtype) if post_norms else None for _ in range(2)]
-    args: list[object] = [x, B, C, norms[0], norms[1], post[0], post[1], 1e-5, w, kind_values, qkv_bias, qk[0], qk[1]]
+    args: list[object] = [x, B, C, norms[0], norms[1], post[0], post[1], 1e-5, w, kind_values, part_rows, qkv_bias]
+    args += [qk[0], qk[1]]
     args += [cos, sin, kv, write, rows]
     args += [lens, Tk, nh, nkv, hs, F, gate]
     args += [hs**-0.5, 0.0, 0]  # scale, softcap, window (ATTN_PARAMS)
-    args += [act, int(i8), 2, weights]  # (weights: kept alive with the call's arguments)
+    args += [act, int(i8), 2, (weights, split)]  # (weights: kept alive with the call's arguments)
     return args, [x, kv], (B, C, nh, nkv, hs, F, act)
 
 
@@ -260,34 +278,28 @@ def test_the_callers_scratch_gives_what_the_librarys_own_allocations_give(isa: s
 def _layer_by_entry_points(kernels: native.Kernels, args: list[object]) -> None:
     """What llama_decode_layer does to x and kv, through the library's other entry points (norms, quant_matmul with
     the QKV bias, llama_attention with the same QK-norm, scale, softcap and window, SwiGLU, residual adds)."""
-    x, B, C, attn_norm, ffn_norm, post_attn, post_ffn, eps, _, _, qkv_bias, q_norm, k_norm = args[:13]
-    cos, sin, kv, write, rows, lens, Tk, nh, nkv, hs, F, gate = args[13:25]
-    scale, softcap, window, act, i8, threads, weights = args[25:]
+    x, B, C, attn_norm, ffn_norm, post_attn, post_ffn, eps, _, _, _, qkv_bias, q_norm, k_norm = args[:14]
+    cos, sin, kv, write, rows, lens, Tk, nh, nkv, hs, F, gate = args[14:26]
+    scale, softcap, window, act, i8, threads, (weights, split) = args[26:]  # type: ignore[misc]
     assert isinstance(x, torch.Tensor) and isinstance(B, int) and isinstance(C, int) and isinstance(F, int)
     assert isinstance(nh, int) and isinstance(nkv, int) and isinstance(hs, int) and isinstance(weights, list)
     call, p = kernels.call, _ptr
 
     def matmul(inp: torch.Tensor, i: int, N: int, K: int) -> torch.Tensor:
-        """The projection as QuantLinear runs it: quant_matmul, or quant_matmul_kind (K-quants, 5-bit kinds)."""
-        w, y = weights[i], torch.empty(B, N, dtype=x.dtype)
-        m = None if w.m is None else w.m.data_ptr()
-        kind = () if w.kind.entry == "quant_matmul" else (w.kind.value,)
-        call(
-            w.kind.entry,
-            inp.data_ptr(),
-            act,
-            *kind,
-            w.qs.data_ptr(),
-            w.d.data_ptr(),
-            m,
-            p(qkv_bias) if i == 0 else None,
-            y.data_ptr(),
-            B,
-            N,
-            K,
-            i8,
-            threads,
-        )
+        """The projection as QuantLinear runs it: quant_matmul, or quant_matmul_kind (K-quants, 5-bit kinds), part
+        by part, the parts' outputs side by side."""
+        first = sum(len(projection) for projection in split[:i])
+        out = []
+        for j, (_, n) in enumerate(split[i]):
+            w, y = weights[first + j], torch.empty(B, n, dtype=x.dtype)
+            m = None if w.m is None else w.m.data_ptr()
+            kind = () if w.kind.entry == "quant_matmul" else (w.kind.value,)
+            bias = None if i or qkv_bias is None else qkv_bias[sum(r for _, r in split[i][:j]) :][:n].contiguous()
+            qs, d = w.qs.data_ptr(), w.d.data_ptr()
+            call(w.kind.entry, inp.data_ptr(), act, *kind, qs, d, m, p(bias), y.data_ptr(), B, n, K, i8, threads)
+            out.append(y)
+        y = torch.cat(out, 1)
+        assert y.shape == (B, N)
         return y
 
     h, att, g = (
@@ -419,6 +431,54 @@ def test_the_decode_layer_runs_any_mix_of_kinds_as_the_per_projection_kernels(
     with pytest.raises(native.KernelError, match="llama_decode_layer .*AIGC_ERR_ARGS"):
         _decode_layer(kernels, args)
     assert all(torch.equal(a, b) for a, b in zip(written, before))
+
+
+# (Wqkv's q, Wo, Wgate|up's gate, Wdown), (k and up, v): a Q4_K_M file's QKV of Q4_K q, k and Q6_K v; 4/8-bit parts;
+# float parts beside quantized ones
+PART_MIXES = [
+    ((Q4_K, Q4_K, Q4_K, Q6_K), (Q4_K, Q6_K)),
+    ((Q4_0, Q4_1, Q8_0, Q4_1), (Q4_1, Q8_0)),
+    ((F16, Q4_K, Q6_K, Q5_0), (BF16, Q5_K)),
+]
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("mix", PART_MIXES, ids=lambda m: "-".join(GGML_TYPES[t].name for t in (*m[0], *m[1])))
+def test_the_decode_layer_runs_projections_in_parts_of_different_kinds(
+    isa: str, dtype: torch.dtype, mix: tuple[tuple[int, int, int, int], tuple[int, int]]
+) -> None:
+    """Wqkv in 3 parts and Wgate|up in 2, of different kinds, in both modes, at 3 rows and at 1 (where each part
+    writes its columns in place), with a QKV bias and QK-norm: bit for bit the layer through the other entry points
+    (each part by its kind's kernel, the outputs side by side); parts that do not add up to a projection's outputs,
+    a negative part, a part after a zero, or parts without kinds are refused before anything is written."""
+    qtypes, parts = mix
+    kernels = kernels_for(isa)
+    for i8 in (False, True) if kernels.isa.has_int8 else (False,):
+        for B in (3, 1):
+            fused, written, _ = _layer_case(kernels, dtype, i8, 21, True, True, qtypes, parts=parts, B=B)
+            _decode_layer(kernels, fused)
+            composed, by_entry, _ = _layer_case(kernels, dtype, i8, 21, True, True, qtypes, parts=parts, B=B)
+            _layer_by_entry_points(kernels, composed)
+            for a, b in zip(written, by_entry):
+                assert torch.equal(a, b), f"i8={i8} B={B}"
+            assert all(torch.isfinite(t.float()).all() for t in written)
+    P = native.PROJECTION_PARTS
+    for at, value in ((0, 1), (P, -1), (2 * P + 2, 8), (P + 1, 0), ("kinds", None)):
+        args, written, _ = _layer_case(kernels, dtype, False, 21, qtypes=qtypes, parts=parts)
+        if at == "kinds":
+            args[9] = None
+        else:
+            bad = args[10]
+            assert isinstance(bad, ctypes.Array) and isinstance(at, int)
+            if at == P + 1:  # Wo's parts: (C, 0, 0) -> (C - 32, 0, 32)
+                bad[P], bad[P + 2] = bad[P] - 32, 32
+            else:
+                bad[at] += value
+        before = [t.clone() for t in written]
+        with pytest.raises(native.KernelError, match="llama_decode_layer .*AIGC_ERR_ARGS"):
+            _decode_layer(kernels, args)
+        assert all(torch.equal(a, b) for a, b in zip(written, before)), at
 
 
 @pytest.mark.parametrize("isa", ISAS)

@@ -34,7 +34,6 @@ from model_core.qmatmul import (
     KIND_Q6_K,
     KIND_Q8,
     Q3_K,
-    Q4_0,
     Q4_1,
     Q4_K,
     Q5_0,
@@ -392,10 +391,11 @@ def test_quantizer_of_the_tests_writes_what_gguf_reads() -> None:
         assert np.abs(back - w).max() <= tol * np.abs(w).max(), qtype
 
 
-def test_q5_0_qkv_with_q8_0_v_loads_as_one_q8_0_matmul(tmp_path: Path) -> None:
-    """A Q4_K_M file's QKV in most layers: q, k in Q5_0 (22-byte blocks) and v in Q8_0 (34-byte blocks), with rows of
-    64 (44 bytes in Q5_0: not a whole number of Q8_0 blocks). The projection loads as one Q8_0 QuantLinear holding the
-    file's weights exactly, so the layer runs as one call: none of it falls back to a dense matmul."""
+def test_a_qkv_of_two_types_loads_as_two_parts_as_stored(tmp_path: Path) -> None:
+    """A Q4_K_M file's QKV in most layers: q, k in Q5_0 and v in Q8_0, with rows of 64 (44 bytes in Q5_0: not a whole
+    number of Q8_0 blocks). The projection loads as a QuantLinear of two parts, each of its tensors' type as stored
+    (q and k one Q5_0 part, v a Q8_0 one), together the file's weights exactly; the layer runs as one call (none of it
+    falls back to a dense matmul) and its decode logits are the single-type model's as in the Q4_K_M test."""
     pytest.importorskip("transformers")
     from model_core.weights.loader import load_lm
     from tests.model_core.tiny_formats import tiny_hf_llama, tiny_vocab, write_gguf
@@ -403,32 +403,20 @@ def test_q5_0_qkv_with_q8_0_v_loads_as_one_q8_0_matmul(tmp_path: Path) -> None:
     hf = tiny_hf_llama(n_kv_heads=2, seed=3, hidden=64, ffn=96)
     path = write_gguf(hf, tmp_path / "m.gguf", "Q5_0", vocab=tiny_vocab(), types={"attn_v.weight": "Q8_0"}).path
     ref = load_lm(path).model
-    fast = load_lm(path, torch.float32, quantized_max_rows=8, backend=select_backend("reference")).model
+    want = _decode_logits(ref, torch.float32, None)
+    backend = select_backend("reference")
+    fast = load_lm(path, torch.float32, quantized_max_rows=8, backend=backend).model
     for i in range(ref.cfg.n_layers):
         name = f"blocks.{i}.attn.qkv"
         qkv = fast.get_submodule(name)
-        assert isinstance(qkv, QuantLinear) and qkv.quant.kind == KIND_Q8, name
-        assert torch.equal(qkv.quant.dequantize(), ref.get_submodule(name).weight), name
+        assert isinstance(qkv, QuantLinear) and [w.kind for w in qkv.parts] == [KIND_Q5_0, KIND_Q8], name
+        assert [w.out_features for w in qkv.parts] == [64 + 32, 32], name  # q (4 heads of 16), k (2); v (2)
+        weight = torch.cat([w.dequantize() for w in qkv.parts])
+        assert torch.equal(weight, ref.get_submodule(name).weight), name
+        with pytest.raises(ValueError, match="2 parts"):
+            qkv.quant  # noqa: B018
     fused = fast.decoder_fast_path
     assert fused is not None and fused.max_rows == 8
-
-
-@pytest.mark.parametrize("qtype", [Q4_0, Q5_0, Q8_0])
-def test_q4_0_and_q5_0_parts_widen_to_q8_0_exactly(qtype: int) -> None:
-    """A Q4_K_M file's QKV mixes Q5_0 (q, k) with Q8_0 (v): the loader takes such parts as Q8_0 blocks (and Q4_0 ones,
-    also held exactly), which gguf dequantizes to the very weights of the originals (random blocks: every q)."""
-    from gguf import GGMLQuantizationType
-    from gguf.quants import dequantize
-
-    from model_core.weights.gguf import _as_q8_0
-
-    name = {Q4_0: "Q4_0", Q5_0: "Q5_0", Q8_0: "Q8_0"}[qtype]
-    rng = np.random.default_rng(qtype)
-    nbytes = {Q4_0: 18, Q5_0: 22, Q8_0: 34}[qtype]
-    b = rng.integers(0, 256, (5, 6, nbytes), dtype=np.uint8)
-    b[:, :, :2] = (rng.standard_normal((5, 6, 1)) * 0.02).astype(np.float16).view(np.uint8)
-    raw = torch.from_numpy(b.reshape(5, -1))
-    widened = _as_q8_0(qtype, raw).numpy()
-    assert widened.shape == (5, 6 * 34)
-    want = dequantize(raw.numpy(), GGMLQuantizationType[name])
-    assert np.array_equal(dequantize(widened, GGMLQuantizationType.Q8_0), want)
+    assert (_decode_logits(fast, torch.float32, backend.kernels) - want).abs().max().item() <= 1e-4 * want.abs().max()
+    fused = fast.decoder_fast_path
+    assert fused is not None and fused.max_rows == 8

@@ -86,10 +86,12 @@ pytestmark = [
 ]
 
 # Each entry point's arguments, from native.ENTRY_POINTS (the ctypes table of kernels/aigc_kernels.h), as name:kind
-# with kind b a buffer (or NULL), w llama_decode_layer's array of 12 weight pointers, i an integer (int or int64_t),
+# with kind b a buffer (or NULL), w llama_decode_layer's array of W_POINTERS weight pointers (3 per part of its 4
+# projections, NULL past the last), i an integer (int or int64_t),
 # f a float. kernel_driver.c reads the buffers (w: its 12), then the integers, then the floats, each in this order
 # (aigc_kernels_isa's one buffer is the driver's: 64 bytes for the name).
 DRIVER_KINDS = {"p": "b", "w": "w", "i": "i", "l": "i", "f": "f"}
+W_POINTERS = 3 * 4 * native.PROJECTION_PARTS
 SIGNATURES = {
     name: [(arg, DRIVER_KINDS[kind]) for arg, kind in entry.args] if name != "aigc_kernels_isa" else [("name", "b")]
     for name, entry in native.ENTRY_POINTS.items()
@@ -423,24 +425,39 @@ def llama_decode_layer_cases() -> Iterator[Call]:
         (256, 512, 2, 1, 96, [4, 11], 11, (Q4_K, Q5_0, Q6_K, Q8_0)),
         (256, 256, 4, 2, 64, [3], 3, (Q5_K, Q5_1, Q4_1, Q5_K)),
         (256, 256, 4, 2, 64, [6, 2], 6, (F16, Q4_K, BF16, Q6_K)),
+        # Wqkv and Wgate|up in parts of different kinds (a Q4_K_M file's q, k in Q4_K and v in Q6_K): types
+        # (q, Wo, gate, Wdown, k and up, v)
+        (256, 256, 4, 2, 64, [5, 9, 1], 9, (Q4_K, Q4_K, Q4_K, Q6_K, Q4_K, Q6_K)),
+        (96, 160, 4, 2, 32, [1], 4, (Q4_0, Q8_0, Q4_1, Q8_0, Q8_0, Q4_1)),
     ]:
         kquants = any(GGML_TYPES[qt].kind.entry == "quant_matmul_kind" for qt in qtypes)
+        parts = len(qtypes) > 4
         for act in (0, 1):
             for i8 in (0, 1):
                 B, n = len(lens), n + 1
                 R, rows = paged_rows(rng, lens, Tk)
                 cos, sin = rope_tables(rng, B, hs)
                 params, label = attention_params(n, hs)
-                shapes = [((nh + 2 * nkv) * hs, C), (C, nh * hs), (2 * F, C), (C, F)]  # Wqkv, Wo, Wgate|up, Wdown
+                # each projection's parts (type, rows, in features): Wqkv, Wo, Wgate|up, Wdown
+                split = [
+                    [(qtypes[0], (nh + 2 * nkv) * hs, C)], [(qtypes[1], C, nh * hs)], [(qtypes[2], 2 * F, C)],
+                    [(qtypes[3], C, F)],
+                ]  # fmt: skip
+                if parts:
+                    split[0] = [(qtypes[0], nh * hs, C), (qtypes[4], nkv * hs, C), (qtypes[5], nkv * hs, C)]
+                    split[2] = [(qtypes[2], F, C), (qtypes[4], F, C)]
                 qws = [
-                    kquant_weight(qt, r, k, seed=n + i)[0].interleave()
+                    kquant_weight(qt, r, k, seed=n + 3 * i + j)[0].interleave()
                     if qt not in QTYPES and i8 and GGML_TYPES[qt].kind.int8 else
-                    kquant_weight(qt, r, k, seed=n + i)[0] if qt not in QTYPES else
+                    kquant_weight(qt, r, k, seed=n + 3 * i + j)[0] if qt not in QTYPES else
                     quantized(qt, r, k, rng, i8)
-                    for i, (qt, (r, k)) in enumerate(zip(qtypes, shapes))
+                    for i, projection in enumerate(split)
+                    for j, (qt, r, k) in enumerate(projection)
                 ]  # fmt: skip
                 w = [b for qw in qws for b in weight_buffers(qw)]
-                kinds = np.array([qw.kind.value for qw in qws], np.int32) if kquants or n % 2 else None
+                kinds = np.array([qw.kind.value for qw in qws], np.int32) if kquants or parts or n % 2 else None
+                part_rows = [[r for _, r, _ in p] + [0] * (native.PROJECTION_PARTS - len(p)) for p in split]
+                parts_arg = np.array(sum(part_rows, []), np.int32) if parts else None
                 # a QKV bias, QK-norm, both or neither, over both activation dtypes and matmul modes; Gemma's post
                 # norms and GELU-tanh gate every third case
                 norms, norm_label = qk_norms(n // 2, rng, hs, act)
@@ -460,6 +477,7 @@ def llama_decode_layer_cases() -> Iterator[Call]:
                         eps=1e-5,
                         w=w,
                         kinds=kinds,
+                        parts=parts_arg,
                         qkv_bias=bias,
                         **norms,
                         cos=cos,
@@ -554,13 +572,13 @@ def cases(entry: str) -> list[Call]:
 
 
 def buffers(call: Call) -> list[tuple[str, np.ndarray | None]]:
-    """The call's buffers in the driver's order (w: its 12, each named w)."""
+    """The call's buffers in the driver's order (w: its W_POINTERS, each named w)."""
     out: list[tuple[str, np.ndarray | None]] = []
     for name, kind in SIGNATURES[call.entry]:
         if kind == "b":
             out.append((name, call.args[name]))
         elif kind == "w":
-            out += [(name, a) for a in call.args[name]]
+            out += [(name, a) for a in call.args[name]] + [(name, None)] * (W_POINTERS - len(call.args[name]))
     return out
 
 
@@ -610,7 +628,9 @@ def run_host(kernels: native.Kernels, call: Call) -> Result:
             a = copies[name]
             args.append(None if a is None else a.ctypes.data)
         elif kind == "w":
-            args.append((ctypes.c_void_p * 12)(*[None if a is None else a.ctypes.data for a in call.args[name]]))
+            args.append(
+                (ctypes.c_void_p * W_POINTERS)(*[None if a is None else a.ctypes.data for a in call.args[name]])
+            )
         else:
             args.append(call.args[name])
     rc = getattr(kernels.lib, call.entry)(*args)  # (typed by native.ENTRY_POINTS; the raw status, compared)
@@ -758,7 +778,7 @@ def test_the_driver_takes_each_entry_points_arguments() -> None:
     assert [name for name, *_ in table] == list(SIGNATURES)
     for name, nbuf, nint, nflt in table:
         kinds = [kind for _, kind in SIGNATURES[name]]
-        counts = (kinds.count("b") + 12 * kinds.count("w"), kinds.count("i"), kinds.count("f"))
+        counts = (kinds.count("b") + W_POINTERS * kinds.count("w"), kinds.count("i"), kinds.count("f"))
         assert (int(nbuf), int(nint), int(nflt)) == counts, name
 
 
