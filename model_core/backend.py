@@ -23,6 +23,9 @@ CHOICES = ("auto", "torch", *native.ISAS)
 # Without AVX-512 the BLAS's fp32 matmul runs on AVX2 too, and the int8 kernel beat it at every size measured
 # (32 to 256 rows; MKL, oneDNN and ATen capped at AVX2): there decode batches of any size run on the kernel.
 AVX2_ONLY_MAX_ROWS = 512
+# The avx512bf16 build's exact bf16 matmuls take AMX tiles from 8 rows; without AMX its vector path beat oneDNN's
+# dense bf16 matmuls up to about 6 rows (SmolLM2 decode steps; with AMX: 16 rows, 8-bit weights 4).
+NO_AMX_MAX_ROWS = 6
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,8 @@ class DecodeBackend:
             return 0
         if self.kernels.name == "avx2" and not native.cpu_features() & native.CPU_AVX512F:
             return AVX2_ONLY_MAX_ROWS
+        if self.kernels.name == "avx512bf16" and not native.cpu_features() & native.CPU_AMX_BF16:
+            return NO_AMX_MAX_ROWS
         return self.kernels.isa.max_rows
 
     def describe(self, dtype: torch.dtype, threads: int) -> str:

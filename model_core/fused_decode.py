@@ -31,9 +31,9 @@ from torch import nn
 
 from model_core.kv_cache import PagedKVCache
 from model_core.lm import Block, CausalLM, LMConfig
-from model_core.native import PROJECTION_PARTS, KernelError, Kernels
+from model_core.native import EVERY_BATCH, INT8, PROJECTION_PARTS, KernelError, Kernels
 from model_core.norms import RMSNorm
-from model_core.qmatmul import ACT, QuantLinear
+from model_core.qmatmul import ACT, ALL_ROWS, QuantLinear
 
 GATES = {"swiglu": 0, "geglu_tanh": 1}  # the gated FFN activations the kernels run (GATE_* of kernels/aigc_kernels.h)
 
@@ -134,8 +134,12 @@ class _Layer:
             rows = [[w.out_features for w in parts] + [0] * (PROJECTION_PARTS - len(parts)) for parts in quant]
             split = len(flat) > 4
             self._parts = (ctypes.c_int32 * (4 * PROJECTION_PARTS))(*sum(rows, [])) if split else None
-            self._i8 = int(any(w.interleaved for w in flat))  # (float kinds take exact products in either mode)
             self.one_call_rows = min(lin.max_rows for lin in linears if isinstance(lin, QuantLinear))
+            # the mode: int8 where the weights are interleaved (float kinds take exact products in either); one method
+            # at every batch where every batch runs here (the batch-invariant mode)
+            self._i8 = (INT8 if any(w.interleaved for w in flat) else 0) | (
+                EVERY_BATCH if self.one_call_rows >= ALL_ROWS else 0
+            )
         else:
             self._ptrs, self._kinds, self._parts, self._i8, self.one_call_rows = None, None, None, 0, 0
         self._seen = seen

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from model_core import native
 from model_core.native import Kernels
 
 F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q3_K, Q4_K, Q5_K, Q6_K = 1, 2, 3, 6, 7, 8, 11, 12, 13, 14  # GGML type ids
@@ -381,10 +382,18 @@ class QuantWeight:
         return w.reshape(self.out_features, self.in_features)
 
 
-def qmatmul(x: torch.Tensor, w: QuantWeight, kernels: Kernels, bias: torch.Tensor | None = None) -> torch.Tensor:
+def qmatmul(
+    x: torch.Tensor,
+    w: QuantWeight,
+    kernels: Kernels,
+    bias: torch.Tensor | None = None,
+    every_batch: bool = False,
+) -> torch.Tensor:
     """x (..., in_features) float32 or bfloat16 on the CPU -> x @ W^T (+ bias, added in fp32), in x's dtype.
     An interleaved weight takes x rounded to int8 per block of 32 (integer dot products, as llama.cpp; builds
-    that have them, see model_core.native); one in row form the exact products."""
+    that have them, see model_core.native); one in row form the exact products. every_batch: one method at every
+    batch size, so that a row's result does not depend on its batch (the kernels may otherwise change method with
+    the number of rows: the AVX512-BF16 build takes AMX tiles from a few rows)."""
     if w.interleaved and not kernels.isa.has_int8:
         raise ValueError(f"the {kernels.name} kernels have no int8 mode for interleaved weights")
     if x.dtype not in ACT or x.device.type != "cpu":
@@ -397,6 +406,7 @@ def qmatmul(x: torch.Tensor, w: QuantWeight, kernels: Kernels, bias: torch.Tenso
     y = torch.empty(M, N, dtype=x.dtype)
     if bias is not None:
         bias = bias.to(torch.float32).contiguous()  # (N,)
+    mode = (native.INT8 if w.interleaved else 0) | (native.EVERY_BATCH if every_batch else 0)
     if M and w.kind.entry == "quant_matmul_kind":  # the kind as a value (kernels/aigc_kernels.h QKIND_*)
         kernels.call(
             "quant_matmul_kind",
@@ -411,7 +421,7 @@ def qmatmul(x: torch.Tensor, w: QuantWeight, kernels: Kernels, bias: torch.Tenso
             M,
             N,
             K,
-            int(w.interleaved),
+            mode,
             torch.get_num_threads(),
             context=f"qmatmul {w.kind.name} M={M} N={N} K={K}",
         )
@@ -429,7 +439,7 @@ def qmatmul(x: torch.Tensor, w: QuantWeight, kernels: Kernels, bias: torch.Tenso
             M,
             N,
             K,
-            int(w.interleaved),
+            mode,
             torch.get_num_threads(),
             context=f"qmatmul M={M} N={N} K={K}",
         )
@@ -498,12 +508,12 @@ class QuantLinear(nn.Module):
             or (_EXACT_ONLY.get() and any(w.interleaved for w in self.parts))
         ):
             return self.dense(x)
-        bias = self.qbias
+        bias, every = self.qbias, self.max_rows >= ALL_ROWS  # (every batch on the kernel: one method for all)
         if len(self.parts) == 1:
-            return qmatmul(x, self.parts[0], self.kernels, bias)
+            return qmatmul(x, self.parts[0], self.kernels, bias, every)
         outs, at = [], 0
         for w in self.parts:
-            outs.append(qmatmul(x, w, self.kernels, None if bias is None else bias[at : at + w.out_features]))
+            outs.append(qmatmul(x, w, self.kernels, None if bias is None else bias[at : at + w.out_features], every))
             at += w.out_features
         return torch.cat(outs, dim=-1)
 

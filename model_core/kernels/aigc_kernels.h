@@ -40,8 +40,14 @@ AIGC_API const char *aigc_kernels_isa(void);
 /* What this CPU runs: CPU_* bits (CPUID on x86, HWCAP on Linux/aarch64). Not a status: never fails. */
 AIGC_API int aigc_cpu_features(void);
 
+/* The matmuls' mode (the i8 argument of quant_matmul, quant_matmul_kind and llama_decode_layer): AIGC_INT8 or not
+ * (the exact products), and AIGC_EVERY_BATCH: the same method at every batch size, so that a row's result never
+ * depends on the batch (the batch-invariant mode); without it a build may change method with the batch (the
+ * AVX512-BF16 build's exact products on AMX tiles from a few rows, where the CPU has them: another summation order). */
+enum { AIGC_INT8 = 1, AIGC_EVERY_BATCH = 2 };
+
 /* y (M, N) = x (M, K) W^T (+ bias, N fp32, or NULL), W quantized (common.h, k_qmatmul): qs, d and m (m NULL for
- * 8-bit weights); i8 = 1: x rounded to int8 per block, W interleaved by 8 rows.
+ * 8-bit weights); i8 & AIGC_INT8: x rounded to int8 per block, W interleaved by 8 rows.
  * AIGC_ERR_ARGS: K not a multiple of 32, M or N < 1. AIGC_ERR_UNSUPPORTED: i8 = 1 in a build without int8 mode.
  * AIGC_ERR_NOMEM. */
 AIGC_API int quant_matmul(const void *x, int act, const uint8_t *qs, const uint16_t *d, const uint16_t *m,

@@ -97,12 +97,13 @@ int k_qmatmul(const void *x, int act, const uint8_t *qs, const uint16_t *d, cons
               void *y, int M, int N, int K, int i8, int nthreads) {
     if (K % BLOCK || M <= 0 || N <= 0) return AIGC_ERR_ARGS;
 #if defined(__AVX512BF16__)
-    if (act == ACT_BF16 && !i8) return qmatmul_avx512bf16(x, qs, d, m, bias, y, M, N, K, nthreads);
+    if (act == ACT_BF16 && !(i8 & AIGC_INT8))
+        return qmatmul_avx512bf16(x, qs, d, m, bias, y, M, N, K, i8 & AIGC_EVERY_BATCH, nthreads);
 #endif
 #if defined(QMATMUL_I8)
-    if (i8) return qmatmul_i8(x, act, m ? QKIND_Q4 : QKIND_Q8, qs, d, m, bias, y, M, N, K, nthreads);
+    if (i8 & AIGC_INT8) return qmatmul_i8(x, act, m ? QKIND_Q4 : QKIND_Q8, qs, d, m, bias, y, M, N, K, nthreads);
 #endif
-    if (i8) return AIGC_ERR_UNSUPPORTED; /* no integer dot products in this build */
+    if (i8 & AIGC_INT8) return AIGC_ERR_UNSUPPORTED; /* no integer dot products in this build */
     const size_t nb = (size_t)(K / BLOCK);
     return exact_rows(x, act, m ? QKIND_Q4 : QKIND_Q8, qs, d, m, bias, y, M, N, K, nb * (m ? 16 : 32), nb * 2,
                       nb * 2, nthreads);
@@ -301,11 +302,12 @@ int k_qmatmul_kind(const void *x, int act, int kind, const uint8_t *qs, const vo
     if (!qkind_args_ok(kind, qs, d, m, M, N, K)) return AIGC_ERR_ARGS;
     const int fl = qkind_float(kind);
 #if defined(QMATMUL_I8)
-    if (i8 && !fl) return qmatmul_i8(x, act, kind, qs, d, m, bias, y, M, N, K, nthreads);
+    if ((i8 & AIGC_INT8) && !fl) return qmatmul_i8(x, act, kind, qs, d, m, bias, y, M, N, K, nthreads);
 #endif
-    if (i8 && !fl) return AIGC_ERR_UNSUPPORTED; /* no integer dot products in this build */
+    if ((i8 & AIGC_INT8) && !fl) return AIGC_ERR_UNSUPPORTED; /* no integer dot products in this build */
 #if defined(__AVX512BF16__)
-    if (act == ACT_BF16 && !fl) return qmatmul_avx512bf16_kind(kind, x, qs, d, m, bias, y, M, N, K, nthreads);
+    if (act == ACT_BF16 && !fl)
+        return qmatmul_avx512bf16_kind(kind, x, qs, d, m, bias, y, M, N, K, i8 & AIGC_EVERY_BATCH, nthreads);
 #endif
     size_t row_bytes, d_bytes, m_bytes; /* a weight row's qs, d and m */
     qkind_row_bytes(kind, K, &row_bytes, &d_bytes, &m_bytes);

@@ -19,6 +19,10 @@
 #ifndef PREFETCH_ROWS
 #define PREFETCH_ROWS 4
 #endif
+#ifndef AMX_MIN_ROWS
+#define AMX_MIN_ROWS 8 /* measured: 1536 x 768, 1 thread: 2x the vector path at 8 rows (1.3x at 4, but a whole
+                         * SmolLM2 decode step at 4 rows was slower, and 1.7x slower at 1 row) */
+#endif
 
 /* a 4-bit block's 32 weights as bfloat16 (128 + q) */
 static inline __m512bh decode_q4(const uint8_t *qs) {
@@ -200,6 +204,198 @@ static void row_scales(int kind, const uint8_t *dn, const uint8_t *mn, int nb, f
     }
 }
 
+#if defined(__AMX_BF16__) && defined(__linux__)
+/* ---- The AMX tile path: the same decoded blocks, multiplied 16 weight rows by 16 activation rows at a time.
+ *
+ * Per block of 32 (Q6_K: per half of 16): A = the block decoded for 16 weight rows (16 x 32 bf16, as above), B = the
+ * block's activations of 16 x rows (pairs of bf16 side by side, the tiles' layout; prepared once per call), one tile
+ * product C = A B (16 x 16 fp32: exact products, fp32 sums, the tile unit's order), then per weight row n an FMA by
+ * the block's scale into that row's 16 sums (acc_n += d'_nb C_n), and the offsets o times the blocks' sums of x as in
+ * the vector path. A result depends on its weight row and x row only: not on the batch, the tile it fell in or the
+ * thread; but it is summed in another order than the vector path's, so a call takes it from AMX_MIN_ROWS rows only
+ * where a row's result may depend on the batch (not AIGC_EVERY_BATCH: the batch-invariant mode keeps the vector path
+ * at every size), and where the CPU has AMX and Linux grants the tile state (qmatmul_amx_ready). */
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#define ARCH_REQ_XCOMP_PERM 0x1023
+#define XFEATURE_XTILEDATA 18
+
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} tile_config;
+
+/* the CPU has AMX-BF16 and this process may use the tile registers (asked of Linux once: ARCH_REQ_XCOMP_PERM) */
+static int qmatmul_amx_ready(void) {
+    static int state; /* 0: not asked yet, 1: granted, -1: not (benign race: every thread asks the same) */
+    if (!state)
+        state = __builtin_cpu_supports("amx-bf16") && __builtin_cpu_supports("amx-tile") &&
+                        syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0
+                    ? 1
+                    : -1;
+    return state > 0;
+}
+
+/* *buf grown to at least n bytes (64-byte aligned), kept for the next call: the calling thread's (or the OpenMP
+ * worker's) scratch, so that a call allocates nothing once warm; NULL if there is no memory */
+static void *grown(void **buf, size_t *cap, size_t n) {
+    if (n > *cap) {
+        free(*buf);
+        *cap = 0;
+        if (!(*buf = aligned_alloc(64, (n + 63) & ~(size_t)63))) return NULL;
+        *cap = n;
+    }
+    return *buf;
+}
+
+/* tiles 0, 1: C (16 weight rows x cols rows of x, fp32); 2, 3: A (16 weight rows x 32 bf16; Q6_K: x 16, a half
+ * each); 4, 5: B (16 pairs x cols rows of x; Q6_K: 8 pairs, a half each) */
+static void configure_tiles(int halves, int cols) {
+    tile_config c;
+    memset(&c, 0, sizeof c);
+    c.palette = 1;
+    for (int t = 0; t < 6; t++) {
+        c.rows[t] = t >= 4 && halves ? 8 : 16;
+        c.colsb[t] = t >= 2 && t < 4 ? (halves ? 32 : 64) : 4 * cols;
+    }
+    _tile_loadconfig(&c);
+}
+
+/* 16 weight rows' block of 32 decoded (as the vector path) into a (16 x 32 bf16, rows 64 bytes apart); rows past nr
+ * zero */
+static void decode_rows(int form, const uint8_t *q, size_t row_bytes, int nr, uint16_t *a) {
+    for (int r = 0; r < 16; r++) {
+        const uint8_t *qr = q + (size_t)r * row_bytes;
+        const __m512i w = r >= nr      ? _mm512_setzero_si512()
+                          : form == 0 ? (__m512i)decode_q4(qr)
+                          : form == 1 ? (__m512i)decode_q5(qr)
+                          : form == 2 ? (__m512i)decode_q6(qr)
+                          : form == 3 ? (__m512i)decode_q8(qr)
+                                      : (__m512i)decode_iq4(qr);
+        _mm512_store_si512(a + r * 32, w);
+    }
+}
+
+static int amx_kind(int kind, const uint16_t *x, const uint8_t *qs, const void *d, const void *m, const float *bias,
+                    uint16_t *y, int M, int N, int K, int nthreads) {
+    const int nb = K / 32, q6 = kind == QKIND_Q6_K, offsets = kind != QKIND_Q8 && kind != QKIND_IQ4;
+    const int form = kind == QKIND_Q8 ? 3 : kind == QKIND_IQ4 ? 4 : q6 ? 2 : kind == QKIND_Q4 || kind == QKIND_Q4_K ? 0 : 1;
+    const int qb = (int[]){16, 20, 24, 32, 16}[form]; /* bytes of quants per block */
+    size_t row_bytes = (size_t)nb * qb, d_bytes = (size_t)nb * 2, m_bytes = (size_t)nb * 2;
+    if (kind != QKIND_Q4 && kind != QKIND_Q8) qkind_row_bytes(kind, K, &row_bytes, &d_bytes, &m_bytes);
+    const int no = q6 ? 2 * nb : nb, span = K / no, mtiles = (M + 15) / 16;
+    /* xt (mtiles, nb, 16 pairs, 16 rows) uint32: each x row's bf16 pairs in the tiles' B layout (zeros past M);
+     * xs (mtiles, no, 16): the rows' sums of x per offset span */
+    static __thread void *xbuf;
+    static __thread size_t xcap;
+    const size_t xt_bytes = (size_t)mtiles * nb * 1024;
+    uint32_t *xt = grown(&xbuf, &xcap, xt_bytes + (size_t)mtiles * no * 64 + 64);
+    if (!xt) return AIGC_ERR_NOMEM;
+    float *xs = (float *)((char *)xt + xt_bytes);
+    if (M > 16 && M % 16) { /* the last tile's columns past M: zeros (a batch of at most 16 takes only its M) */
+        memset(xt + (size_t)(mtiles - 1) * nb * 256, 0, (size_t)nb * 1024);
+        memset(xs + (size_t)(mtiles - 1) * no * 16, 0, (size_t)no * 64);
+    }
+    for (int r = 0; r < M; r++) {
+        const uint32_t *pairs = (const uint32_t *)(x + (size_t)r * K);
+        const int t = r / 16, c = r % 16;
+        for (int b = 0; b < nb; b++)
+            for (int k2 = 0; k2 < 16; k2++) xt[(((size_t)t * nb + b) * 16 + k2) * 16 + c] = pairs[b * 16 + k2];
+        for (int o = 0; o < no && offsets; o++) {
+            float sum = 0.0f;
+            for (int i = 0; i < span; i++) sum += bf16_to_float(x[(size_t)r * K + (size_t)o * span + i]);
+            xs[((size_t)t * no + o) * 16 + c] = sum;
+        }
+    }
+    const size_t ds = (size_t)2 * nb + 16; /* floats between two rows' scales (and offsets) */
+    const int ntiles = (N + 15) / 16;
+    const __mmask16 lanes = first(M); /* the columns of x a tile holds (all 16 past the first tile) */
+    int bad = 0;
+#pragma omp parallel num_threads(nthreads) reduction(| : bad)
+    {
+        /* the n-tile's decoded blocks (nb, 16, 32) bf16; its rows' scales and offsets; two C tiles; the sums' transpose */
+        static __thread void *tbuf_;
+        static __thread size_t tcap;
+        const size_t a_bytes = (size_t)nb * 1024, d_floats = 16 * ds;
+        uint16_t *a = grown(&tbuf_, &tcap, a_bytes + 3 * 1024 + sizeof(float) * 2 * d_floats);
+        float *cbuf = a ? (float *)((char *)a + a_bytes) : NULL, *tbuf = cbuf ? cbuf + 512 : NULL;
+        float *d32 = cbuf ? cbuf + 768 : NULL, *o32 = d32 ? d32 + d_floats : NULL;
+        if (!a) bad = 1;
+        else configure_tiles(q6, M < 16 ? M : 16);
+#pragma omp for schedule(static)
+        for (int nt = 0; nt < ntiles; nt++) {
+            if (bad) continue;
+            const int n0 = nt * 16, nr = N - n0 < 16 ? N - n0 : 16;
+            if (nr < 16) memset(d32, 0, sizeof(float) * 16 * ds * 2);
+            for (int r = 0; r < nr; r++) {
+                const size_t n = (size_t)n0 + r;
+                row_scales(kind, (const uint8_t *)d + n * d_bytes, m ? (const uint8_t *)m + n * m_bytes : NULL, nb,
+                           d32 + r * ds, o32 + r * ds);
+            }
+            for (int b = 0; b < nb; b++)
+                decode_rows(form, qs + (size_t)n0 * row_bytes + (size_t)b * qb, row_bytes, nr, a + (size_t)b * 512);
+            for (int t = 0; t < mtiles; t++) {
+                __m512 acc[16]; /* per weight row: its sums with the tile's 16 rows of x */
+                for (int r = 0; r < 16; r++) acc[r] = _mm512_setzero_ps();
+                const uint32_t *xb = xt + (size_t)t * nb * 256;
+                for (int b = 0; b < nb; b++) {
+                    if (q6) { /* halves: weights 0..15 (pairs 0..7) and 16..31 (pairs 8..15), a scale each */
+                        _tile_loadd(2, a + (size_t)b * 512, 64);
+                        _tile_loadd(3, a + (size_t)b * 512 + 16, 64);
+                        _tile_loadd(4, xb + (size_t)b * 256, 64);
+                        _tile_loadd(5, xb + (size_t)b * 256 + 128, 64);
+                        _tile_zero(0);
+                        _tile_zero(1);
+                        _tile_dpbf16ps(0, 2, 4);
+                        _tile_dpbf16ps(1, 3, 5);
+                        _tile_stored(0, cbuf, 64);
+                        _tile_stored(1, cbuf + 256, 64);
+                        for (int r = 0; r < 16; r++) {
+                            const float *dr = d32 + r * ds + 2 * b;
+                            acc[r] = _mm512_fmadd_ps(_mm512_maskz_load_ps(lanes, cbuf + 16 * r), _mm512_set1_ps(dr[0]), acc[r]);
+                            acc[r] = _mm512_fmadd_ps(_mm512_maskz_load_ps(lanes, cbuf + 256 + 16 * r), _mm512_set1_ps(dr[1]), acc[r]);
+                        }
+                        continue;
+                    }
+                    const int c = b & 1; /* alternate tiles: the next block's product need not wait */
+                    if (c) {
+                        _tile_loadd(3, a + (size_t)b * 512, 64);
+                        _tile_loadd(5, xb + (size_t)b * 256, 64);
+                        _tile_zero(1);
+                        _tile_dpbf16ps(1, 3, 5);
+                        _tile_stored(1, cbuf + 256, 64);
+                    } else {
+                        _tile_loadd(2, a + (size_t)b * 512, 64);
+                        _tile_loadd(4, xb + (size_t)b * 256, 64);
+                        _tile_zero(0);
+                        _tile_dpbf16ps(0, 2, 4);
+                        _tile_stored(0, cbuf, 64);
+                    }
+                    const float *cb = cbuf + 256 * c;
+                    for (int r = 0; r < 16; r++)
+                        acc[r] = _mm512_fmadd_ps(_mm512_maskz_load_ps(lanes, cb + 16 * r), _mm512_set1_ps(d32[r * ds + b]), acc[r]);
+                }
+                if (offsets) /* + the offsets times their sums of x, in block order */
+                    for (int o = 0; o < no; o++) {
+                        const __m512 sx = _mm512_maskz_load_ps(lanes, xs + ((size_t)t * no + o) * 16);
+                        for (int r = 0; r < 16; r++) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(o32[r * ds + o]), sx, acc[r]);
+                    }
+                for (int r = 0; r < 16; r++) _mm512_store_ps(tbuf + 16 * r, acc[r]);
+                const int mr = M - t * 16 < 16 ? M - t * 16 : 16;
+                for (int i = 0; i < mr; i++)
+                    for (int r = 0; r < nr; r++)
+                        y[(size_t)(t * 16 + i) * N + n0 + r] =
+                            float_to_bf16(tbuf[16 * r + i] + (bias ? bias[n0 + r] : 0.0f));
+            }
+        }
+        if (a) _tile_release();
+    }
+    return bad ? AIGC_ERR_NOMEM : AIGC_OK;
+}
+#endif
+
 /* Every kind but the float ones (k_qmatmul's two forms and k_qmatmul_kind's layouts, common.h): each row's blocks
  * (sub-blocks) of 32 decode as above (128 + q; Q8_0 and IQ4: the signed values), with a float scale per block d'
  * (Q6_K: per half of 16) and an offset o = m' - 128 d' per block (Q6_K: -160 d' per half) times the block's (half's)
@@ -208,7 +404,13 @@ static void row_scales(int kind, const uint8_t *dn, const uint8_t *mn, int nb, f
  * group's NR rows at once (rows_*), more rows of x in tiles of up to 8 against each weight row (tile_*): a pair's
  * sum is computed the same way in both. x: (M, K) bf16, y: (M, N) bf16. Returns an AIGC_* status. */
 int qmatmul_avx512bf16_kind(int kind, const uint16_t *x, const uint8_t *qs, const void *d, const void *m,
-                            const float *bias, uint16_t *y, int M, int N, int K, int nthreads) {
+                            const float *bias, uint16_t *y, int M, int N, int K, int every, int nthreads) {
+#if defined(__AMX_BF16__) && defined(__linux__)
+    if (!every && M >= AMX_MIN_ROWS && qmatmul_amx_ready())
+        return amx_kind(kind, x, qs, d, m, bias, y, M, N, K, nthreads);
+#else
+    (void)every;
+#endif
     const int nb = K / 32, q6 = kind == QKIND_Q6_K, offsets = kind != QKIND_Q8 && kind != QKIND_IQ4;
     const int form = kind == QKIND_Q8 ? 3 : kind == QKIND_IQ4 ? 4 : q6 ? 2 : kind == QKIND_Q4 || kind == QKIND_Q4_K ? 0 : 1;
     const int qb = (int[]){16, 20, 24, 32, 16}[form]; /* bytes of quants per block */
@@ -305,7 +507,7 @@ int qmatmul_avx512bf16_kind(int kind, const uint16_t *x, const uint8_t *qs, cons
 /* x: (M, K) bf16; qs: (N, K/32, 16) uint8 nibbles with d, m: (N, K/32) fp16, or (N, K/32, 32) int8 with d and m = NULL
  * (Q8_0); bias: N fp32 or NULL; y: (M, N) bf16. Returns an AIGC_* status. */
 int qmatmul_avx512bf16(const uint16_t *x, const uint8_t *qs, const uint16_t *d, const uint16_t *m, const float *bias,
-                       uint16_t *y, int M, int N, int K, int nthreads) {
+                       uint16_t *y, int M, int N, int K, int every, int nthreads) {
     if (K % 32 || M <= 0 || N <= 0) return AIGC_ERR_ARGS;
-    return qmatmul_avx512bf16_kind(m ? QKIND_Q4 : QKIND_Q8, x, qs, d, m, bias, y, M, N, K, nthreads);
+    return qmatmul_avx512bf16_kind(m ? QKIND_Q4 : QKIND_Q8, x, qs, d, m, bias, y, M, N, K, every, nthreads);
 }

@@ -90,7 +90,7 @@ int k_qmatmul(const void *x, int act, const uint8_t *qs, const uint16_t *d, cons
               void *y, int M, int N, int K, int i8, int nthreads) {
     (void)nthreads;
     if (K % 32 || M <= 0 || N <= 0) return AIGC_ERR_ARGS;
-    if (i8) return ref_qmatmul_i8(x, act, m ? QKIND_Q4 : QKIND_Q8, qs, d, m, bias, y, M, N, K);
+    if (i8 & AIGC_INT8) return ref_qmatmul_i8(x, act, m ? QKIND_Q4 : QKIND_Q8, qs, d, m, bias, y, M, N, K);
     for (int r = 0; r < M; r++)
         for (int n = 0; n < N; n++) {
             float s = 0.0f;
@@ -216,7 +216,7 @@ int k_qmatmul_kind(const void *x, int act, int kind, const uint8_t *qs, const vo
                                      : AIGC_ERR_ARGS;
     if (!qkind_args_ok(kind, qs, d, m, M, N, K)) return AIGC_ERR_ARGS;
     const int fl = qkind_float(kind);
-    if (i8 && !fl) return ref_qmatmul_i8(x, act, kind, qs, d, m, bias, y, M, N, K);
+    if ((i8 & AIGC_INT8) && !fl) return ref_qmatmul_i8(x, act, kind, qs, d, m, bias, y, M, N, K);
     const int q5 = kind == QKIND_Q5_0 || kind == QKIND_Q5_1 || kind == QKIND_Q5_K;
     const uint16_t *h = (const uint16_t *)qs; /* float weights: (N, K) halves or bfloat16 */
     const float *dq = d; /* QKIND_IQ4: (N, K/32) */

@@ -80,6 +80,8 @@ def test_the_header_declares_what_the_table_types() -> None:
     for bit, shift in re.findall(r"\b(CPU_\w+) = 1 << (\d+)", text):
         assert getattr(native, bit) == 1 << int(shift), bit
     assert re.findall(r"\bAIGC_PROJECTION_PARTS = (\d+)", text) == [str(native.PROJECTION_PARTS)]
+    modes = re.findall(r"\bAIGC_INT8 = (\d+), AIGC_EVERY_BATCH = (\d+)", text)
+    assert modes == [(str(native.INT8), str(native.EVERY_BATCH))]
 
 
 def test_every_source_includes_the_header() -> None:

@@ -34,6 +34,7 @@ from model_core.qmatmul import (
     KIND_Q6_K,
     KIND_Q8,
     Q3_K,
+    Q4_0,
     Q4_1,
     Q4_K,
     Q5_0,
@@ -175,6 +176,33 @@ def test_kquant_matmul_at_every_row_count(isa: str, dtype: torch.dtype, qtype: i
         ref = x[:rows].float() @ w.T
         assert ((got - ref).abs() <= _matmul_tolerance(ref, x, w, dtype)).all(), rows
         assert torch.equal(got, qmatmul(x[:1], qw, kernels).float().expand(1, n)) or rows > 1
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("qtype", [Q4_0, Q4_1, Q8_0, *KQUANTS])
+def test_every_batch_mode_gives_a_row_the_same_result_in_any_batch(isa: str, qtype: int) -> None:
+    """The exact bf16 products with EVERY_BATCH (the batch-invariant mode): a row's result is the same bit for bit
+    alone and among 2..40 rows, at every output column (N = 40), and the product with the file's weights within the
+    bf16 bound; without it (the default: the AVX512-BF16 build's AMX tiles from 8 rows, in tiles of 16 weight rows by
+    16 x rows, where the CPU has them) the product within the same bound, and a row's result the same in any batch
+    that takes the tiles (9, 16, 17 or 40 rows)."""
+    if isa == "reference":
+        pytest.skip("the reference build's loop is slow at this size")
+    k = 512
+    qw, w = (quantized_weight if GGML_TYPES[qtype].kind.entry == "quant_matmul" else kquant_weight)(qtype, 40, k, 7)
+    kernels = kernels_for(isa)
+    x = torch.randn(40, k, generator=torch.Generator().manual_seed(qtype)).to(torch.bfloat16)
+    ref = x.float() @ w.T
+    alone = torch.cat([qmatmul(x[i : i + 1], qw, kernels, every_batch=True) for i in range(40)])
+    for rows in (1, 2, 4, 15, 16, 17, 40):
+        got = qmatmul(x[:rows], qw, kernels, every_batch=True)
+        assert torch.equal(got, alone[:rows]), rows
+        default = qmatmul(x[:rows], qw, kernels).float()
+        assert ((default - ref[:rows]).abs() <= _matmul_tolerance(ref[:rows], x, w, torch.bfloat16)).all(), rows
+    assert ((alone.float() - ref).abs() <= _matmul_tolerance(ref, x, w, torch.bfloat16)).all()
+    tiles = qmatmul(x, qw, kernels)
+    for rows in (9, 16, 17):
+        assert torch.equal(qmatmul(x[:rows], qw, kernels), tiles[:rows]), rows
 
 
 INT8_ISAS = [isa for isa in ISAS if native.ISAS[isa].has_int8]
