@@ -73,6 +73,9 @@ KINDS = {
     for k in (KIND_Q4, KIND_Q8, KIND_Q4_K, KIND_Q6_K, KIND_Q5_0, KIND_Q5_1, KIND_Q5_K, KIND_F16, KIND_BF16, KIND_IQ4)
 }
 
+# the 4-bit kinds: the cheapest blocks to decode; the others run batches up to the ISA's wide_max_rows
+NARROW_KINDS = frozenset((KIND_Q4, KIND_Q4_K, KIND_IQ4))
+
 _Repacked = tuple[torch.Tensor, torch.Tensor, "torch.Tensor | None"]  # qs, d, m
 
 
@@ -522,15 +525,15 @@ def attach_quantized(
     model: nn.Module, weights: Mapping[str, QuantWeight | Sequence[QuantWeight]], max_rows: int, kernels: Kernels
 ) -> int:
     """Wrap each linear layer named in `weights` (module paths, e.g. 'blocks.0.attn.qkv'; a weight, or its parts
-    stacked by rows) in a QuantLinear serving up to `max_rows` rows (at most the kernels' limit for 8-bit weights,
-    unless ALL_ROWS), in the form the kernels' mode reads (interleaved for int8 activations; float weights stay as
-    stored, their products exact); returns how many were wrapped."""
+    stacked by rows) in a QuantLinear serving up to `max_rows` rows (at most the kernels' wide_max_rows where none of
+    it is of a 4-bit kind, unless ALL_ROWS), in the form the kernels' mode reads (interleaved for int8 activations;
+    float weights stay as stored, their products exact); returns how many were wrapped."""
     for name, weight in weights.items():
         parts = [weight] if isinstance(weight, QuantWeight) else list(weight)
         parts = [w.interleave() if kernels.isa.int8 and w.kind.int8 else w for w in parts]
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        q8 = any(w.kind == KIND_Q8 for w in parts)
-        rows = max_rows if not q8 or max_rows >= ALL_ROWS else min(max_rows, kernels.isa.q8_max_rows)
+        wide = all(w.kind not in NARROW_KINDS for w in parts)  # (a wide part beside 4-bit ones: the 4-bit limit)
+        rows = max_rows if not wide or max_rows >= ALL_ROWS else min(max_rows, kernels.isa.wide_max_rows)
         setattr(parent, attr, QuantLinear(getattr(parent, attr), parts, rows, kernels))
     return len(weights)

@@ -359,7 +359,9 @@ static int amx_kind(int kind, const uint16_t *x, const uint8_t *qs, const void *
                         }
                         continue;
                     }
-                    const int c = b & 1; /* alternate tiles: the next block's product need not wait */
+                    /* alternate tiles, and the scales of block b - 1 after block b's product is under way: the
+                     * vector loads of a tile's stored sums then find them written */
+                    const int c = b & 1;
                     if (c) {
                         _tile_loadd(3, a + (size_t)b * 512, 64);
                         _tile_loadd(5, xb + (size_t)b * 256, 64);
@@ -373,9 +375,17 @@ static int amx_kind(int kind, const uint16_t *x, const uint8_t *qs, const void *
                         _tile_dpbf16ps(0, 2, 4);
                         _tile_stored(0, cbuf, 64);
                     }
-                    const float *cb = cbuf + 256 * c;
+                    if (b == 0) continue;
+                    const float *cb = cbuf + 256 * (c ^ 1);
                     for (int r = 0; r < 16; r++)
-                        acc[r] = _mm512_fmadd_ps(_mm512_maskz_load_ps(lanes, cb + 16 * r), _mm512_set1_ps(d32[r * ds + b]), acc[r]);
+                        acc[r] = _mm512_fmadd_ps(_mm512_maskz_load_ps(lanes, cb + 16 * r), _mm512_set1_ps(d32[r * ds + b - 1]),
+                                                 acc[r]);
+                }
+                if (!q6) { /* the last block's scales */
+                    const float *cb = cbuf + 256 * ((nb - 1) & 1);
+                    for (int r = 0; r < 16; r++)
+                        acc[r] = _mm512_fmadd_ps(_mm512_maskz_load_ps(lanes, cb + 16 * r),
+                                                 _mm512_set1_ps(d32[r * ds + nb - 1]), acc[r]);
                 }
                 if (offsets) /* + the offsets times their sums of x, in block order */
                     for (int o = 0; o < no; o++) {
