@@ -21,7 +21,7 @@ enum {
     AIGC_OK = 0,
     AIGC_ERR_ARGS = -1,        /* a shape, size or argument outside what the kernel takes */
     AIGC_ERR_NOMEM = -2,       /* an allocation failed */
-    AIGC_ERR_UNSUPPORTED = -3, /* this build lacks the mode asked for (i8 = 1 without integer dot products) */
+    AIGC_ERR_UNSUPPORTED = -3, /* this build lacks the mode asked for (AIGC_INT8 without integer dot products) */
 };
 
 /* aigc_cpu_features() bits (model_core/native.py: CPU_*) */
@@ -32,6 +32,7 @@ enum {
     CPU_NEON_DOTPROD = 1 << 3,
     CPU_AMX_BF16 = 1 << 4, /* AMX tiles with bf16 (the matmul units oneDNN's bf16 matmuls run fast on) */
     CPU_AVX512F = 1 << 5,  /* AVX-512 foundation (what the BLAS's fp32 matmuls use where present) */
+    CPU_AVX512VNNI = 1 << 6, /* avx512f + bw + vl + vnni: vpdpbusd (the int8 dot products, 4 products a lane) */
 };
 
 /* Which build this is: "reference", "avx2", "avx512bf16", "neon", "neon-dotprod" (a static string). */
@@ -48,7 +49,7 @@ enum { AIGC_INT8 = 1, AIGC_EVERY_BATCH = 2 };
 
 /* y (M, N) = x (M, K) W^T (+ bias, N fp32, or NULL), W quantized (common.h, k_qmatmul): qs, d and m (m NULL for
  * 8-bit weights); i8 & AIGC_INT8: x rounded to int8 per block, W interleaved by 8 rows.
- * AIGC_ERR_ARGS: K not a multiple of 32, M or N < 1. AIGC_ERR_UNSUPPORTED: i8 = 1 in a build without int8 mode.
+ * AIGC_ERR_ARGS: K not a multiple of 32, M or N < 1. AIGC_ERR_UNSUPPORTED: i8 & AIGC_INT8 in a build without int8 mode.
  * AIGC_ERR_NOMEM. */
 AIGC_API int quant_matmul(const void *x, int act, const uint8_t *qs, const uint16_t *d, const uint16_t *m,
                           const float *bias, void *y, int M, int N, int K, int i8, int nthreads);
@@ -123,7 +124,7 @@ AIGC_API int llama_attention(void *qkv, int B, float eps, const void *q_norm, co
  * projection in fp32 before its output is rounded to act, as quant_matmul adds its bias (Qwen 2); q_norm, k_norm: the
  * QK-norm as llama_attention (NULL: none), with the layer's eps; the rest as llama_attention (scale, softcap, window:
  * the attention's, as paged_attention_decode); i8: the matmuls' mode (quant_matmul_kind), one for all four: exact (0)
- * or int8 (1, every w interleaved), for any mix of kinds. scratch: NULL (allocated per call) or scratch_bytes >=
+ * or int8 (AIGC_INT8, every w interleaved), for any mix of kinds, with or without AIGC_EVERY_BATCH. scratch: NULL (allocated per call) or scratch_bytes >=
  * llama_decode_scratch_bytes(B, C, nh, nkv, hs, F, act) bytes.
  * AIGC_ERR_ARGS: B < 1; C, F or nh hs not a multiple of 32; hs not of 16; nh not a multiple of nkv; softcap or window
  * out of range; an unknown gate; one post norm without the other; with kinds, an unknown kind, a projection's input
@@ -162,7 +163,7 @@ enum {
 /* quant_matmul for a weight of any kind: y (M, N) = x (M, K) W^T (+ bias, N fp32, or NULL); qs, d, m as the kind's
  * layout (common.h, k_qmatmul_kind; QKIND_Q4 and QKIND_Q8 exactly as quant_matmul's, m NULL for QKIND_Q8).
  * AIGC_ERR_ARGS: an unknown kind, K not a multiple of the kind's block (32, or 256 for the K-quants), M or N < 1, a
- * NULL weight buffer. AIGC_ERR_UNSUPPORTED: i8 = 1 in a build without int8 mode (where a build has it, every kind has
+ * NULL weight buffer. AIGC_ERR_UNSUPPORTED: i8 & AIGC_INT8 in a build without int8 mode (where a build has it, every kind has
  * it, the weight then interleaved as common.h's k_qmatmul_kind says). AIGC_ERR_NOMEM. */
 AIGC_API int quant_matmul_kind(const void *x, int act, int kind, const uint8_t *qs, const void *d, const void *m,
                                const float *bias, void *y, int M, int N, int K, int i8, int nthreads);

@@ -16,6 +16,9 @@ int aigc_cpu_features(void) {
         f |= CPU_AVX512BF16;
     if (__builtin_cpu_supports("amx-bf16") && __builtin_cpu_supports("amx-tile")) f |= CPU_AMX_BF16;
     if (__builtin_cpu_supports("avx512f")) f |= CPU_AVX512F;
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+        __builtin_cpu_supports("avx512vnni"))
+        f |= CPU_AVX512VNNI;
 #elif defined(__aarch64__)
     f |= CPU_NEON; /* baseline on aarch64 */
 #if defined(__linux__)

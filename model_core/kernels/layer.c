@@ -180,10 +180,10 @@ static int project(int i, const void *in, void *out, const float *bias, int B, i
 
 int llama_decode_layer(void *x, int B, int C, const void *attn_norm, const void *ffn_norm, const void *post_attn_norm,
                        const void *post_ffn_norm, float eps, const void *const *w, const int32_t *kinds,
-                       const int32_t *parts, const float *qkv_bias, const void *q_norm, const void *k_norm, const float *cos, const float *sin,
-                       void *kv, const int64_t *write, const int64_t *rows, const int32_t *lens, int Tk, int nh, int nkv,
-                       int hs, int F, int gate, float scale, float softcap, int window, int act, int i8, int nthreads,
-                       void *scratch, int64_t scratch_bytes) {
+                       const int32_t *parts, const float *qkv_bias, const void *q_norm, const void *k_norm,
+                       const float *cos, const float *sin, void *kv, const int64_t *write, const int64_t *rows,
+                       const int32_t *lens, int Tk, int nh, int nkv, int hs, int F, int gate, float scale,
+                       float softcap, int window, int act, int i8, int nthreads, void *scratch, int64_t scratch_bytes) {
     if (B <= 0 || nkv <= 0 || C % 32 || F % 32 || (nh * hs) % 32 || hs % 16 || nh % nkv) return AIGC_ERR_ARGS;
     if ((gate != GATE_SILU && gate != GATE_GELU_TANH) || !post_attn_norm != !post_ffn_norm) return AIGC_ERR_ARGS;
     if (!attention_params_ok(softcap, window)) return AIGC_ERR_ARGS; /* (before anything is written) */

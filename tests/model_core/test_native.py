@@ -681,12 +681,13 @@ def test_the_backend_is_the_best_build_this_cpu_runs_and_a_forced_one_must_run_h
 def test_cpu_features_from_either_cpuinfo_form() -> None:
     x86 = "processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma f16c bmi2\n"
     zen4 = "flags\t\t: avx2 fma f16c avx512f avx512bw avx512vl avx512_bf16\n"
-    spr = "flags\t\t: avx2 fma f16c avx512f avx512bw avx512vl avx512_bf16 amx_bf16 amx_tile amx_int8\n"
+    spr = "flags\t\t: avx2 fma f16c avx512f avx512bw avx512vl avx512_bf16 avx512_vnni amx_bf16 amx_tile amx_int8\n"
     arm = "processor\t: 0\nFeatures\t: fp asimd evtstrm aes crc32 atomics asimddp\nCPU implementer\t: 0x41\n"
     assert native.features_from_cpuinfo(x86, "x86_64") == native.CPU_AVX2
     avx512 = native.CPU_AVX2 | native.CPU_AVX512F | native.CPU_AVX512BF16
     assert native.features_from_cpuinfo(zen4, "x86_64") == avx512
-    assert native.features_from_cpuinfo(spr, "x86_64") == avx512 | native.CPU_AMX_BF16
+    amx = native.CPU_AMX_BF16 | native.CPU_AVX512VNNI
+    assert native.features_from_cpuinfo(spr, "x86_64") == avx512 | amx
     assert native.features_from_cpuinfo(arm, "aarch64") == native.CPU_NEON | native.CPU_NEON_DOTPROD
     assert native.features_from_cpuinfo("", "aarch64") == native.CPU_NEON  # NEON is baseline on aarch64
     assert native.features_from_cpuinfo("", "x86_64") == 0
