@@ -78,6 +78,11 @@ def _expected_load_errors() -> tuple[type[BaseException], ...]:
     return (ValueError, OSError, MemoryError) + ((oom,) if isinstance(oom, type) else ())
 
 
+# Without --max-model-len, a model whose context does not fit the KV budget is served with the context that fits,
+# if that is at least this many tokens (below it the budget is a mistake: start-up fails, saying what it needs)
+MIN_AUTO_MODEL_LEN = 2048
+
+
 def build_text_model(settings: Settings, observer: EngineObserver | None = None) -> TextModel:
     """Load the LM and its tokenizer, size the KV cache from the memory budget, start the engine."""
     from model_core.default_model import find_default_model
@@ -100,7 +105,20 @@ def build_text_model(settings: Settings, observer: EngineObserver | None = None)
     max_len = min(cfg.max_seq_len, settings.max_model_len or cfg.max_seq_len)
     per_block = PagedKVCache.bytes_per_token(cfg.n_layers, cfg.n_kv_heads, cfg.hd, dtype) * settings.block_size
     num_blocks = int(settings.kv_cache_memory_gb * 2**30) // per_block
-    if num_blocks * settings.block_size < max_len:
+    holds = num_blocks * settings.block_size
+    if holds < max_len and settings.max_model_len is None and holds >= MIN_AUTO_MODEL_LEN:
+        # the model's own context (Llama 3.2: 131072 tokens) does not fit the budget: serve what fits, as llama.cpp's
+        # and Ollama's default contexts do, and say so (an explicit --max-model-len that does not fit is an error)
+        log.warning(
+            "max_model_len %d: the most that kv_cache_memory_gb=%g holds for %s (its context is %d tokens; "
+            "raise kv_cache_memory_gb for more, or set max_model_len)",
+            holds,
+            settings.kv_cache_memory_gb,
+            settings.model or lm.name,
+            max_len,
+        )
+        max_len = holds
+    if holds < max_len:
         needed_gb = math.ceil(-(-max_len // settings.block_size) * per_block / 2**30 * 1000) / 1000  # rounded up
         raise StartupError(
             f"KV cache too small for model {settings.model or lm.name}: "

@@ -177,3 +177,22 @@ def test_in_process_the_failure_asks_the_server_to_stop_while_health_still_answe
         assert r.status_code == 503
         (reason,) = r.json()["reasons"]
         assert reason.startswith(f"model failed to load: cannot load model {tmp_path / 'missing.gguf'}: "), reason
+
+
+def test_a_context_longer_than_the_kv_budget_is_capped_to_what_fits_unless_asked_for(
+    smol_path: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The default model (8192-token context) in 0.09 GiB of KV cache (4192 tokens) without --max-model-len: served
+    with max_model_len 4192 (the most that fits, as llama.cpp's and Ollama's default contexts), a warning saying so;
+    with --max-model-len 8192 asked for, the start-up error of the test above (what it cannot honour)."""
+    from service.main import StartupError, build_text_model
+
+    settings = {"enable_gan": False, "enable_g2p": False, "kv_cache_memory_gb": 0.09}
+    with caplog.at_level("WARNING", logger="service"):
+        tm = build_text_model(Settings(**settings))  # (its engine not started)
+    assert tm.max_model_len == 4192 and tm.engine.config.max_model_len == 4192
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "max_model_len" in r.msg]
+    assert warning.startswith("max_model_len 4192: the most that kv_cache_memory_gb=0.09 holds"), warning
+    assert "its context is 8192 tokens" in warning, warning
+    with pytest.raises(StartupError, match="fewer than one sequence of max_model_len=8192"):
+        build_text_model(Settings(**settings, max_model_len=8192))
