@@ -41,6 +41,41 @@ INLINE void dot_rows(const float *w, const float *x, int K, float *sums, const i
 
 static void dequantize_row_kind(int kind, const uint8_t *qs, const void *d, const void *m, int K, float *wf);
 
+/* VL float weights (QKIND_F16 or QKIND_BF16) at h, as fp32 (exact) */
+INLINE vf vload_float_weight(int kind, const uint16_t *h) {
+#if defined(__AVX512F__)
+    const __m256i v = _mm256_loadu_si256((const __m256i *)h);
+    return (vf)(kind == QKIND_F16 ? _mm512_cvtph_ps(v)
+                                  : _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16)));
+#elif defined(__AVX2__)
+    const __m128i v = _mm_loadu_si128((const __m128i *)h);
+    return (vf)(kind == QKIND_F16 ? _mm256_cvtph_ps(v)
+                                  : _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16)));
+#elif defined(__ARM_NEON)
+    return (vf)(kind == QKIND_F16 ? vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(h)))
+                                  : vreinterpretq_f32_u32(vshll_n_u16(vld1_u16(h), 16)));
+#else
+    vf w;
+    for (int j = 0; j < VL; j++) w[j] = kind == QKIND_F16 ? half_f32(h[j]) : bf16_to_float(h[j]);
+    return w;
+#endif
+}
+
+/* dot_rows with the float weights read as stored (each widened where it is used): the same products in the same
+ * order as dot_rows of the widened row, without writing it out (for a call of at most one tile of x rows) */
+INLINE void dot_rows_float(int kind, const uint16_t *h, const float *x, int K, float *sums, const int MT) {
+    vf acc[MT][2];
+    for (int i = 0; i < MT; i++) acc[i][0] = acc[i][1] = vset1(0.0f);
+    for (int k = 0; k < K; k += 2 * VL) {
+        const vf w0 = vload_float_weight(kind, h + k), w1 = vload_float_weight(kind, h + k + VL);
+        for (int i = 0; i < MT; i++) {
+            acc[i][0] += w0 * vload(x + (size_t)i * K + k);
+            acc[i][1] += w1 * vload(x + (size_t)i * K + k + VL);
+        }
+    }
+    for (int i = 0; i < MT; i++) sums[i] = vsum(acc[i][0] + acc[i][1]);
+}
+
 /* The exact mode of every kind: y (M, N) = x W^T (+ bias), each weight row dequantized to fp32 once (one OpenMP
  * thread a row) and dotted with every activation row (bf16 activations widened to fp32 first). A weight row is
  * row_bytes of qs, d_bytes of d and m_bytes of m. */
@@ -69,12 +104,26 @@ static int exact_rows(const void *x, int act, int kind, const uint8_t *qs, const
             }
             const uint8_t *qn = qs + (size_t)n * row_bytes, *dn = (const uint8_t *)d + (size_t)n * d_bytes;
             const uint8_t *mn = m ? (const uint8_t *)m + (size_t)n * m_bytes : NULL;
+            const float bn = bias ? bias[n] : 0.0f;
+            float sums[4];
+            if (qkind_float(kind) && M <= 4) { /* one tile of x: the weights as stored, no widened copy */
+                const uint16_t *h = (const uint16_t *)qn;
+                switch (M) {
+                case 4: dot_rows_float(kind, h, xf, K, sums, 4); break;
+                case 3: /* (as the tiles below: 2 rows, then 1) */
+                    dot_rows_float(kind, h, xf, K, sums, 2);
+                    dot_rows_float(kind, h, xf + 2 * (size_t)K, K, sums + 2, 1);
+                    break;
+                case 2: dot_rows_float(kind, h, xf, K, sums, 2); break;
+                default: dot_rows_float(kind, h, xf, K, sums, 1); break;
+                }
+                for (int i = 0; i < M; i++) store_act(y, (size_t)i * N + n, sums[i] + bn, act);
+                continue;
+            }
             if (kind == QKIND_Q4 || kind == QKIND_Q8)
                 dequantize_row(qn, (const uint16_t *)dn, (const uint16_t *)mn, K / BLOCK, wf);
             else
                 dequantize_row_kind(kind, qn, dn, mn, K, wf);
-            const float bn = bias ? bias[n] : 0.0f;
-            float sums[4];
             for (int r0 = 0; r0 < M;) {
                 const int left = M - r0, mt = left >= 4 ? 4 : left >= 2 ? 2 : 1;
                 const float *xr = xf + (size_t)r0 * K;
