@@ -1,8 +1,8 @@
 """The decode backend: decided once, at load time, and handed to everything that runs decode steps.
 
 `select_backend(choice)` returns a `DecodeBackend`: either native kernels for one instruction set
-(model_core.native: "avx512bf16", "avx2", "neon-dotprod", "neon", or the plain-C "reference") or the PyTorch path
-("torch"). "auto" takes the best SIMD build this CPU runs (avx512bf16 only where AMX makes its bf16 matmuls
+(model_core.native: "avx512bf16", "avx2", "avx512vnni", "neon-dotprod", "neon", or the plain-C "reference") or the
+PyTorch path ("torch"). "auto" takes the best SIMD build this CPU runs (avx512bf16 only where AMX makes its bf16 matmuls
 fast, else the int8 builds first); a named ISA must be one this CPU executes (so an AVX-512 machine also
 tests its AVX2 build). The loader attaches the backend's kernels to the
 model's quantized layers and fused decoder; the runner gives them to the KV cache.

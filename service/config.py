@@ -31,7 +31,7 @@ class Settings(BaseSettings):
     served_model_name: str | None = Field(None, description="model id clients use; default: file name")
     device: str = Field("auto", description="auto | cpu | cuda[:N]")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="weights/activations")
-    kernels: Literal["auto", "torch", "avx512bf16", "avx2", "neon-dotprod", "neon", "reference"] = Field(
+    kernels: Literal["auto", "torch", "avx512bf16", "avx2", "avx512vnni", "neon-dotprod", "neon", "reference"] = Field(
         "auto",
         description="CPU decode backend: native kernels for an instruction set this CPU runs, or torch only; "
         "auto = the best here",
@@ -41,9 +41,9 @@ class Settings(BaseSettings):
         ge=0,
         le=1024,
         description="matmuls of up to this many rows (decode "
-        "batches, prompt chunks) run on a GGUF's Q4_0/Q4_1/Q8_0 weights as stored (CPU "
-        "kernels); 0 = off; default: the kernels' own (avx512bf16 6, avx2 without "
-        "AVX-512 512, others 32)",
+        "batches, prompt chunks) run on a GGUF's quantized weights as stored (CPU "
+        "kernels); 0 = off; default: the kernels' own (avx512bf16 with AMX 16 for the 4-bit kinds and 4 for the "
+        "others, without AMX 6; avx2 without AVX-512 512, others 32)",
     )
     batch_invariant: bool = Field(
         False,

@@ -44,6 +44,11 @@ def test_kernels_from_env_and_a_build_this_cpu_cannot_run_stops_start_up(monkeyp
 
     monkeypatch.setenv("AIGC_KERNELS", "torch")
     assert parse_settings([]).kernels == "torch"
+    from typing import get_args
+
+    from model_core.backend import CHOICES
+
+    assert set(get_args(Settings.model_fields["kernels"].annotation)) == set(CHOICES)  # every build can be asked for
     other = next(isa for isa in native.ISAS if isa not in native.runnable())  # x86 never runs NEON, ARM never AVX2
     with pytest.raises(ValueError, match=f"kernels '{other}'"):
         build_text_model(Settings(kernels=other, enable_gan=False))
