@@ -166,18 +166,23 @@ def count_tokens(base_url: str, prompts: Sequence[str]) -> list[int]:
     return [counts[p] for p in prompts]
 
 
+def _run_peer_script(script: Path, what: str, minutes: int, flag: str) -> str:
+    """The stdout of the shared peer script that builds (once, cached) and locates llama.cpp's `what`."""
+    if not script.is_file():
+        raise FileNotFoundError(f"{script} not found; pass {flag} PATH")
+    log(f"locating {what} (the first llama.cpp build takes ~{minutes} min)")
+    out = subprocess.run(["bash", str(script)], cwd=REPO, capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"{what} build failed: {out.stderr.strip()[-500:]}")
+    return out.stdout
+
+
 def llama_server_binary(explicit: str | None) -> str:
     """The llama-server path: --llama-server, $LLAMA_SERVER, or built (cached) by the shared peer script."""
     path = explicit or os.environ.get("LLAMA_SERVER")
     if path:
         return path
-    if not LLAMA_SCRIPT.is_file():
-        raise FileNotFoundError(f"{LLAMA_SCRIPT} not found; pass --llama-server PATH")
-    log("locating llama-server (the first build takes ~8 min)")
-    out = subprocess.run(["bash", str(LLAMA_SCRIPT)], cwd=REPO, capture_output=True, text=True, check=False)
-    if out.returncode != 0:
-        raise RuntimeError(f"llama-server build failed: {out.stderr.strip()[-500:]}")
-    return out.stdout.strip().splitlines()[-1]
+    return _run_peer_script(LLAMA_SCRIPT, "llama-server", 8, "--llama-server").strip().splitlines()[-1]
 
 
 def llama_quantize_binary(explicit: str | None) -> str:
@@ -186,16 +191,11 @@ def llama_quantize_binary(explicit: str | None) -> str:
     path = explicit or os.environ.get("LLAMA_QUANTIZE")
     if path:
         return path
-    if not LLAMA_TOOLS_SCRIPT.is_file():
-        raise FileNotFoundError(f"{LLAMA_TOOLS_SCRIPT} not found; pass --llama-quantize PATH")
-    log("locating llama-quantize (the first llama.cpp build takes ~10 min)")
-    out = subprocess.run(["bash", str(LLAMA_TOOLS_SCRIPT)], cwd=REPO, capture_output=True, text=True, check=False)
-    if out.returncode != 0:
-        raise RuntimeError(f"llama-quantize build failed: {out.stderr.strip()[-500:]}")
-    for line in out.stdout.splitlines():
+    stdout = _run_peer_script(LLAMA_TOOLS_SCRIPT, "llama-quantize", 10, "--llama-quantize")
+    for line in stdout.splitlines():
         if line.startswith("LLAMA_QUANTIZE="):
             return shlex.split(line.split("=", 1)[1])[0]  # printf %q quoting
-    raise RuntimeError(f"{LLAMA_TOOLS_SCRIPT} printed no LLAMA_QUANTIZE=: {out.stdout.strip()[-500:]}")
+    raise RuntimeError(f"{LLAMA_TOOLS_SCRIPT} printed no LLAMA_QUANTIZE=: {stdout.strip()[-500:]}")
 
 
 def quantized_path(src: str, qtype: str, cache_dir: str | os.PathLike[str]) -> Path:
