@@ -42,8 +42,8 @@ class Isa:
     flags: tuple[str, ...]
     feature: int  # the aigc_cpu_features() bit it needs (0: none)
     max_rows: int  # decode batches up to this many rows run on the quantized weights by default (measured)
-    wide_max_rows: int  # the same for the kinds of 5 bits and more (Q5_*, Q6_K, Q8_0, F16, BF16: their blocks cost
-    # more to decode in some builds; a layer with a 4-bit part takes max_rows)
+    wide_max_rows: int  # the same for the other kinds (Q2_K, Q3_K, Q5_*, Q6_K, Q8_0, F16, BF16: their blocks cost
+    # more to decode in some builds, or carry a scale per 16; a layer with a 4-bit part takes max_rows)
     int8: bool  # its matmuls round activations to int8 per block (integer dot products, as llama.cpp) by default
     has_int8: bool  # it has that mode (interleaved weights; see kernels/common.h)
 

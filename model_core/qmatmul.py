@@ -1,5 +1,5 @@
-"""Matmuls on GGUF weights kept as stored (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, and F16/BF16), for
-decode-sized batches.
+"""Matmuls on GGUF weights kept as stored (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K..Q6_K, IQ4_NL, IQ4_XS, and F16/BF16),
+for decode-sized batches.
 
 A 135M-parameter model in Q4_1 is 97 MB; dequantized to bf16 it is 269 MB (fp32: 540 MB), and a
 decode step with few rows reads every weight once, so it is bound by memory traffic. `QuantLinear`
@@ -22,7 +22,7 @@ from torch import nn
 from model_core import native
 from model_core.native import Kernels
 
-F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q3_K, Q4_K, Q5_K, Q6_K = 1, 2, 3, 6, 7, 8, 11, 12, 13, 14  # GGML type ids
+F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K = 1, 2, 3, 6, 7, 8, 10, 11, 12, 13, 14  # GGML type ids
 IQ4_NL, IQ4_XS, BF16 = 20, 23, 30
 IQ4_VALUES = (
     -127,
@@ -68,12 +68,28 @@ KIND_Q5_K = QuantKind(6, "Q5_K", 256, "quant_matmul_kind")
 KIND_F16 = QuantKind(7, "F16", 32, "quant_matmul_kind", int8=False)  # float weights as stored: qs (N, K/32, 64)
 KIND_BF16 = QuantKind(8, "BF16", 32, "quant_matmul_kind", int8=False)
 KIND_IQ4 = QuantKind(9, "IQ4", 32, "quant_matmul_kind")  # IQ4_NL, IQ4_XS: table indices, an fp32 scale per 32
+KIND_Q2_K = QuantKind(10, "Q2_K", 256, "quant_matmul_kind")  # 2-bit q, a 4-bit scale and min per 16
+KIND_Q3_K = QuantKind(11, "Q3_K", 256, "quant_matmul_kind")  # 3-bit q, a 6-bit signed scale per 16
 KINDS = {
     k.value: k
-    for k in (KIND_Q4, KIND_Q8, KIND_Q4_K, KIND_Q6_K, KIND_Q5_0, KIND_Q5_1, KIND_Q5_K, KIND_F16, KIND_BF16, KIND_IQ4)
+    for k in (
+        KIND_Q4,
+        KIND_Q8,
+        KIND_Q4_K,
+        KIND_Q6_K,
+        KIND_Q5_0,
+        KIND_Q5_1,
+        KIND_Q5_K,
+        KIND_F16,
+        KIND_BF16,
+        KIND_IQ4,
+        KIND_Q2_K,
+        KIND_Q3_K,
+    )
 }
 
-# the 4-bit kinds: the cheapest blocks to decode; the others run batches up to the ISA's wide_max_rows
+# the 4-bit kinds: the cheapest blocks to decode (a scale per 32); the others run batches up to the ISA's
+# wide_max_rows (measured, 1536x768 on AMX tiles at 8 and 16 rows: Q2_K and Q3_K as slow as Q6_K, behind dense bf16)
 NARROW_KINDS = frozenset((KIND_Q4, KIND_Q4_K, KIND_IQ4))
 
 _Repacked = tuple[torch.Tensor, torch.Tensor, "torch.Tensor | None"]  # qs, d, m
@@ -161,30 +177,41 @@ def _repack_q6_k(b: torch.Tensor) -> _Repacked:
     return qs, _half(b, 208).float(), b[:, :, 192:208].contiguous().view(torch.int8)
 
 
-def _q6_by_32(v: torch.Tensor) -> torch.Tensor:
-    """(..., 32) values 0..63 -> (..., 24) bytes in the Q6_K form (kernels/common.h): the low nibbles in the 4-bit
-    order, then byte 16 + i holding the high bit pairs of weights i, 8 + i, 16 + i, 24 + i."""
-    high = v >> 4
-    pairs = high[..., 0:8] | (high[..., 8:16] << 2) | (high[..., 16:24] << 4) | (high[..., 24:32] << 6)
-    return torch.cat([_nibbles_by_32(v & 0x0F), pairs], -1)
+def _q2_by_32(v: torch.Tensor) -> torch.Tensor:
+    """(..., 32) values 0..3 -> (..., 8) bytes (kernels/common.h): byte i bits 2s..2s+1 hold value 8s + i."""
+    return v[..., 0:8] | (v[..., 8:16] << 2) | (v[..., 16:24] << 4) | (v[..., 24:32] << 6)
+
+
+def _k_2bit(q: torch.Tensor) -> torch.Tensor:
+    """The 64 bytes of 2-bit q of Q2_K/Q3_K super-blocks (N, nb, 64) -> (N, nb * 8, 32) values 0..3 by weight: weight
+    128 h + 32 s + i is bits 2s..2s+1 of byte 32 h + i (as gguf.quants unpacks them)."""
+    N, nb = q.shape[:2]
+    low = q.reshape(N, nb, 2, 1, 32) >> torch.tensor([0, 2, 4, 6], dtype=torch.uint8).view(1, 1, 1, 4, 1)
+    return (low & 3).reshape(N, nb * 8, 32)
+
+
+def _repack_q2_k(b: torch.Tensor) -> _Repacked:
+    """84-byte Q2_K super-blocks (16 bytes of 4-bit scales and mins, 64 of 2-bit q, fp16 d, dmin) -> qs (N, K/32, 8),
+    d (N, K/256, 2) fp32 [d, dmin], m (N, K/256, 16) uint8 the file's scale bytes: w = (d sc) q - (dmin mn) per 16."""
+    d = torch.stack([_half(b, 80), _half(b, 82)], -1).float()
+    return _q2_by_32(_k_2bit(b[:, :, 16:80])), d, b[:, :, :16]
 
 
 def _repack_q3_k(b: torch.Tensor) -> _Repacked:
-    """110-byte Q3_K super-blocks (32 bytes of high-bit masks, 64 of 2-bit lows, 12 of 6-bit scales, fp16 d) -> the
-    Q6_K form, exactly: w = d sc (q3) with q3 = low - 4 (1 - high) in -4..3 and sc = scale - 32 in -32..31 per 16
-    weights is Q6_K's d sc (q - 32) with q = q3 + 32. It reads 6.625 bits a weight where the file holds 3.4375 (no
-    kernel of its own yet); as gguf.quants.Q3_K.dequantize_blocks unpacks them."""
+    """110-byte Q3_K super-blocks (32 bytes of high-bit masks, 64 of 2-bit lows, 12 of 6-bit scales, fp16 d) -> qs
+    (N, K/32, 12): the 2-bit lows (_q2_by_32), then the third bits as a little-endian uint32; d (N, K/256) fp32,
+    m (N, K/256, 16) int8 the signed scales: w = d sc (q - 4), q = low | third << 2 in 0..7 (gguf's q3 = low - 4
+    (1 - high), as gguf.quants.Q3_K.dequantize_blocks unpacks them)."""
     N, nb = b.shape[:2]
-    low = b[:, :, 32:96].reshape(N, nb, 2, 1, 32) >> torch.tensor([0, 2, 4, 6], dtype=torch.uint8).view(1, 1, 1, 4, 1)
-    low = (low & 3).reshape(N, nb, 256).to(torch.int16)  # weight 128 j + 32 s + i: byte 32 j + i, bits 2s..2s+1
+    low = _k_2bit(b[:, :, 32:96])
     high = b[:, :, :32].reshape(N, nb, 1, 32) >> torch.arange(8, dtype=torch.uint8).view(1, 1, 8, 1)
-    high = (high & 1).reshape(N, nb, 256).to(torch.int16)  # weight 32 s + i: byte i, bit s
-    q = (low - 4 * (1 - high) + 32).to(torch.uint8)  # 28..35
+    high = (high & 1).reshape(N, nb * 8, 4, 8).to(torch.int32)  # weight 32 s + i: byte i, bit s
+    third = (high << torch.arange(8, dtype=torch.int32)).sum(-1).to(torch.uint8)  # (N, nb * 8, 4)
     sc = b[:, :, 96:108]
     lo = torch.stack([sc[:, :, :8] & 0x0F, sc[:, :, :8] >> 4], 2).reshape(N, nb, 16)
     hi = (sc[:, :, 8:12].reshape(N, nb, 1, 4) >> torch.tensor([0, 2, 4, 6], dtype=torch.uint8).view(1, 1, 4, 1)) & 3
     scales = (lo | (hi.reshape(N, nb, 16) << 4)).to(torch.int16) - 32
-    return _q6_by_32(q.reshape(N, nb * 8, 32)), _half(b, 108).float(), scales.to(torch.int8)
+    return torch.cat([_q2_by_32(low), third], -1), _half(b, 108).float(), scales.to(torch.int8)
 
 
 def _repack_iq4_nl(b: torch.Tensor) -> _Repacked:
@@ -230,7 +257,8 @@ GGML_TYPES: dict[int, GGMLType] = {
     Q5_0: GGMLType("Q5_0", 32, 22, KIND_Q5_0, _repack_q5_0),
     Q5_1: GGMLType("Q5_1", 32, 24, KIND_Q5_1, _repack_q5_1),
     Q5_K: GGMLType("Q5_K", 256, 176, KIND_Q5_K, _repack_q5_k),
-    Q3_K: GGMLType("Q3_K", 256, 110, KIND_Q6_K, _repack_q3_k),  # as Q6_K (exact), at 1.93x the file's bytes
+    Q2_K: GGMLType("Q2_K", 256, 84, KIND_Q2_K, _repack_q2_k),
+    Q3_K: GGMLType("Q3_K", 256, 110, KIND_Q3_K, _repack_q3_k),
     IQ4_NL: GGMLType("IQ4_NL", 32, 18, KIND_IQ4, _repack_iq4_nl),
     IQ4_XS: GGMLType("IQ4_XS", 256, 136, KIND_IQ4, _repack_iq4_xs),
     F16: GGMLType("F16", 32, 64, KIND_F16, _repack_float),  # rows of K a multiple of 32 (GGML's block is 1 value)
@@ -259,6 +287,8 @@ class QuantWeight:
     Q5_0, Q5_1 (blocks of 32) and Q5_K (super-blocks of 256, scales as Q4_K's): `qs` (N, K/32, 20), nibbles then
     fifth bits; Q5_0/Q5_1 `d` (and Q5_1 `m`) (N, K/32) float16. F16, BF16: `qs` (N, K/32, 64) the weights as
     stored, `d` empty, `m` None. IQ4 (IQ4_NL, IQ4_XS): `qs` (N, K/32, 16) table indices, `d` (N, K/32) float32.
+    Q2_K, Q3_K (super-blocks of 256, a scale per 16): `qs` (N, K/32, 8 or 12) 2-bit q (Q3_K: then the third bits),
+    `d` float32 (Q2_K: d and dmin), `m` (N, K/256, 16) the scale bytes (Q2_K: scale | min << 4; Q3_K: int8).
     `kind` says which form (KINDS); left out, it is the 4-bit form, or the 8-bit one where m is None.
     `interleave()` gives the form the int8 mode reads (groups of 8 rows; `rows` is then N): a weight in that
     form is multiplied in int8 mode, one in row form with exact products."""
@@ -369,6 +399,20 @@ class QuantWeight:
             if self.m is None:  # Q5_0: w = d (q - 16), exact
                 return (d * (q - 16)).reshape(N, self.in_features)
             return (d * q + self.m.float().unsqueeze(-1)).reshape(N, self.in_features)  # Q5_1: d q exact, + m
+        if self.kind in (KIND_Q2_K, KIND_Q3_K):  # per 16: Q2_K w = (d sc) q - dmin mn, Q3_K w = (d sc) (q - 4)
+            assert self.m is not None
+            h = self.qs[..., :8]
+            q = torch.cat([h & 3, (h >> 2) & 3, (h >> 4) & 3, h >> 6], dim=-1).to(torch.int32)  # (N, nb, 32)
+            if self.kind == KIND_Q2_K:
+                sm = self.m.to(torch.int32)
+                scale = self.d[..., :1] * (sm & 0x0F).float()  # (N, K/256, 16)
+                mins = self.d[..., 1:] * (sm >> 4).float()
+                return (scale.unsqueeze(-1) * q.float().view(N, -1, 16, 16) - mins.unsqueeze(-1)).reshape(N, -1)
+            third = self.qs[..., 8:].to(torch.int32)  # (N, nb, 4): bit i of the uint32 = weight i
+            bits = (third.unsqueeze(-1) >> torch.arange(8, dtype=torch.int32)) & 1  # (N, nb, 4, 8)
+            q = (q | (bits.flatten(-2) << 2)) - 4
+            scale = self.d.unsqueeze(-1) * self.m.float()  # (N, K/256, 16)
+            return (scale.unsqueeze(-1) * q.float().view(N, -1, 16, 16)).reshape(N, self.in_features)
         if self.kind == KIND_Q6_K:  # w = (d sc) (q - 32), exact
             assert self.m is not None
             lo, h = self.qs[..., :16], self.qs[..., 16:]

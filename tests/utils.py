@@ -112,16 +112,54 @@ def quantized_weight(qtype: int, n: int, k: int, seed: int) -> tuple[QuantWeight
     return QuantWeight.from_ggml(qtype, torch.from_numpy(np.ascontiguousarray(raw))), ref
 
 
+def _by_16(x: np.ndarray, top: int, signed: bool) -> tuple[np.ndarray, ...]:
+    """Super-blocks x (nb, 256) per 16 weights: a scale (signed: w = d sc q for q in -top-1..top; else w = d sc q - dmin
+    mn for q in 0..top) with 4-bit (signed: 6-bit) integer scales and mins under fp16 d, dmin -> d, dmin, sc, mn, q."""
+    sub = x.reshape(-1, 16, 16)
+    lo, hi = np.minimum(sub.min(-1), 0), np.maximum(sub.max(-1), 0)
+    scale = np.abs(sub).max(-1) / (top + 1) if signed else (hi - lo) / top
+    mins = np.zeros_like(scale) if signed else -lo
+    levels = 31 if signed else 15
+    d, dmin = (scale.max(-1) / levels).astype(np.float16), (mins.max(-1) / levels).astype(np.float16)
+    df, dminf = d.astype(np.float32)[:, None], dmin.astype(np.float32)[:, None]
+    sc = np.clip(np.rint(np.divide(scale, df, out=np.zeros_like(scale), where=df > 0)), -32 if signed else 0, levels)
+    mn = np.clip(np.rint(np.divide(mins, dminf, out=np.zeros_like(mins), where=dminf > 0)), 0, 15)
+    step, off = df * sc, dminf * mn  # (nb, 16)
+    q = np.rint(np.divide(sub + off[..., None], step[..., None], out=np.zeros_like(sub), where=step[..., None] != 0))
+    q = np.clip(q, -top - 1 if signed else 0, top).astype(np.int16)
+    return d, dmin, sc.astype(np.int16), mn.astype(np.uint8), q.reshape(-1, 256)
+
+
+def _two_bit(q: np.ndarray) -> np.ndarray:
+    """(nb, 256) values 0..3 -> the K-quants' 64 bytes: weight 128 h + 32 s + i at bits 2s..2s+1 of byte 32 h + i."""
+    v = q.astype(np.uint8).reshape(-1, 2, 4, 32)
+    return (v[:, :, 0] | (v[:, :, 1] << 2) | (v[:, :, 2] << 4) | (v[:, :, 3] << 6)).reshape(-1, 64)
+
+
 def quantize_k(w: np.ndarray, qtype: int) -> np.ndarray:
-    """(n, k) float32 weights (k a multiple of 256) as GGML Q4_K, Q5_K or Q6_K super-blocks (n, k/256 * bytes) uint8: a
-    plain min/max quantizer (gguf's Python package has no quantizer for the K-quants; llama.cpp's picks better scales,
-    the format is the same)."""
-    from model_core.qmatmul import Q4_K, Q5_K, Q6_K
+    """(n, k) float32 weights (k a multiple of 256) as GGML Q2_K..Q6_K super-blocks (n, k/256 * bytes) uint8: a plain
+    min/max quantizer (gguf's Python package has no quantizer for the K-quants; llama.cpp's picks better scales, the
+    format is the same)."""
+    from model_core.qmatmul import Q2_K, Q3_K, Q4_K, Q5_K, Q6_K
 
     n, k = w.shape
     x = w.astype(np.float32).reshape(n * k // 256, 256)
     nb = x.shape[0]
-    if qtype in (Q4_K, Q5_K):
+    if qtype == Q2_K:  # 16 bytes of sc | mn << 4, 64 of 2-bit q, fp16 d, dmin
+        d, dmin, sc, mn, q = _by_16(x, 3, signed=False)
+        head = (sc.astype(np.uint8) | (mn << 4)).astype(np.uint8)
+        tail = np.stack([d, dmin], -1).view(np.uint8).reshape(nb, 4)
+        out = np.concatenate([head, _two_bit(q), tail], -1)
+    elif qtype == Q3_K:  # 32 bytes of high-bit masks, 64 of 2-bit lows, 12 of 6-bit scales (+ 32), fp16 d
+        d, _, sc, _, q = _by_16(x, 3, signed=True)
+        u = (q + 4).astype(np.uint8)  # 0..7: low = u & 3, high bit = u >> 2 (gguf's q3 = low - 4 (1 - high))
+        hmask = ((u >> 2).reshape(nb, 8, 32) << np.arange(8, dtype=np.uint8)[None, :, None]).sum(1, dtype=np.uint8)
+        s6 = (sc + 32).astype(np.uint8)  # (nb, 16)
+        low = (s6[:, :8] & 0x0F) | ((s6[:, 8:] & 0x0F) << 4)
+        high = (s6 >> 4).reshape(nb, 4, 4)  # [k][t]: scale 4k + t's bits 4-5 at bits 2k of byte t
+        high = high[:, 0] | (high[:, 1] << 2) | (high[:, 2] << 4) | (high[:, 3] << 6)
+        out = np.concatenate([hmask, _two_bit(u & 3), low, high, d.view(np.uint8).reshape(nb, 2)], -1)
+    elif qtype in (Q4_K, Q5_K):
         top = 15 if qtype == Q4_K else 31
         sub = x.reshape(nb, 8, 32)
         lo, hi = np.minimum(sub.min(-1), 0), np.maximum(sub.max(-1), 0)
@@ -174,6 +212,7 @@ def quantize_k(w: np.ndarray, qtype: int) -> np.ndarray:
 _FP16_AT = {
     "IQ4_NL": (0,),
     "IQ4_XS": (0,),
+    "Q2_K": (80, 82),
     "Q3_K": (108,),
     "Q4_K": (0, 2),
     "Q5_K": (0, 2),
@@ -186,10 +225,10 @@ _FP16_AT = {
 def kquant_weight(
     qtype: int, n: int, k: int, seed: int, random_blocks: bool = False
 ) -> tuple[QuantWeight, torch.Tensor]:
-    """A (n, k) weight of a K-quant (Q3_K, Q4_K, Q5_K, Q6_K), a 5-bit type (Q5_0, Q5_1), IQ4_NL/IQ4_XS or a float one
-    (F16, BF16): random weights quantized (quantize_k, or gguf's quantizer), or with random_blocks (always for Q3_K and
-    IQ4) every byte random but the fp16 scales (finite; float types: random weights as without); and what gguf
-    dequantizes it to (float32)."""
+    """A (n, k) weight of a K-quant (Q2_K..Q6_K), a 5-bit type (Q5_0, Q5_1), IQ4_NL/IQ4_XS or a float one (F16, BF16):
+    random weights quantized (quantize_k, or gguf's quantizer), or with random_blocks (always for Q2_K, Q3_K and IQ4)
+    every byte random but the fp16 scales (finite; float types: random weights as without); and what gguf dequantizes
+    it to (float32)."""
     from gguf import GGMLQuantizationType
     from gguf.quants import dequantize, quantize
 
@@ -199,6 +238,7 @@ def kquant_weight(
     rng = np.random.default_rng(seed)
     nb = k // t.block
     if (random_blocks and t.kind.int8) or t.name in (
+        "Q2_K",
         "Q3_K",
         "IQ4_NL",
         "IQ4_XS",

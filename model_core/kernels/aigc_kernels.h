@@ -146,7 +146,7 @@ AIGC_API int llama_decode_layer(void *x, int B, int C, const void *attn_norm, co
  * common.h, k_qmatmul_kind): the 4-bit blocks of 32 (Q4_0, Q4_1), the 8-bit ones (Q8_0), and the K-quants'
  * super-blocks of 256 (Q4_K, Q6_K); the 5-bit blocks of 32 (Q5_0, Q5_1) and super-blocks of 256 (Q5_K); and float
  * weights as stored (F16, BF16: d and m NULL, exact products in either mode, K a multiple of 32); and the non-linear
- * 4-bit blocks of 32 (IQ4_NL, IQ4_XS). */
+ * 4-bit blocks of 32 (IQ4_NL, IQ4_XS); the 2- and 3-bit K-quants (Q2_K, Q3_K: super-blocks of 256, a scale per 16). */
 enum {
     QKIND_Q4 = 0,
     QKIND_Q8 = 1,
@@ -158,6 +158,8 @@ enum {
     QKIND_F16 = 7,
     QKIND_BF16 = 8,
     QKIND_IQ4 = 9, /* IQ4_NL, IQ4_XS: 4-bit indices into a fixed table of 16 int8 values, an fp32 scale per 32 */
+    QKIND_Q2_K = 10,
+    QKIND_Q3_K = 11,
 };
 
 /* quant_matmul for a weight of any kind: y (M, N) = x (M, K) W^T (+ bias, N fp32, or NULL); qs, d, m as the kind's

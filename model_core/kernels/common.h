@@ -160,22 +160,38 @@ int k_qmatmul(const void *x, int act, const uint8_t *qs, const uint16_t *d, cons
  *   QKIND_IQ4 (IQ4_NL, IQ4_XS; blocks of 32; the files: 4.5 and 4.25 bits a weight, here 5): qs (N, K/32, 16) the
  *     4-bit indices in the 4-bit order, d (N, K/32) float32 (IQ4_NL: the block's fp16 d; IQ4_XS: d (ls - 32), exact),
  *     m NULL; w = d IQ4_VALUES[q] (one rounding, as gguf's).
+ *   The 2- and 3-bit K-quants (super-blocks of 256, a scale per 16 weights) keep q's low two bits in 8 bytes per
+ *     sub-block of 32: byte i bits 2s..2s+1 hold weight 8s + i's (Q6_K's high pairs' order):
+ *   QKIND_Q2_K (the file: 84 bytes = 2.625 bits a weight; here 88 bytes = 2.75):
+ *     qs (N, K/32, 8) uint8 the 2-bit q (0..3) as above;
+ *     d (N, nsb, 2) float32: the super-block's d and dmin (the file's fp16, widened);
+ *     m (N, nsb, 16) uint8: the file's byte per 16 weights, scale sc (bits 0-3) | min mn << 4;
+ *     w = (d sc) q - (dmin mn), computed as fma(q, d sc, -(dmin mn)): both products exact (11 + 4 + 2 bits), one
+ *     rounding, as gguf's.
+ *   QKIND_Q3_K (the file: 110 bytes = 3.4375 bits a weight; here 116 bytes = 3.625):
+ *     qs (N, K/32, 12) uint8: bytes 0..7 q's low two bits as above, bytes 8..11 its third bits as a little-endian
+ *       uint32 (bit i: weight i); q = low | third << 2 in 0..7 (the file's q3 = q - 4);
+ *     d (N, nsb) float32: the super-block's d; m (N, nsb, 16) int8: the 6-bit signed scale sc of each 16 weights;
+ *     w = (d sc) (q - 4): exact in fp32 (11 + 6 + 3 bits), in any order.
  *   QKIND_F16, QKIND_BF16 (K a multiple of 32): qs (N, K) the file's IEEE half or bfloat16 weights, d and m NULL; the
  *     exact products in either mode (i8 is ignored: the weights stay in row form, and are never interleaved).
  *   i8 = 1 (the builds with int8 mode): every quantized kind interleaved by 8 rows as k_qmatmul's, per block of 32 (qs (G, K/32,
  *   bytes/4, 8, 4) of the row form's bytes per block: 16, 20 or 24) and with the rows last in d and m: per-32 d, m
- *   (G, K/32, 8) fp16; QKIND_Q4_K, QKIND_Q5_K d (G, nsb, 2, 8) fp32, m (G, nsb, 16, 8) uint8; QKIND_Q6_K d (G, nsb, 8)
- *   fp32, m (G, nsb, 16, 8) int8 (model_core/qmatmul.py, QuantWeight.interleave). Per block of 32 each kind is
+ *   (G, K/32, 8) fp16; QKIND_Q4_K, QKIND_Q5_K, QKIND_Q2_K d (G, nsb, 2, 8) fp32, m (G, nsb, 16, 8) uint8; QKIND_Q6_K,
+ *   QKIND_Q3_K d (G, nsb, 8) fp32, m (G, nsb, 16, 8) int8 (model_core/qmatmul.py, QuantWeight.interleave). Per block of 32 each kind is
  *   w = d' q + m' with exact d' and m' (Q4_K, Q5_K: d sc_j and -(dmin mn_j); Q5_0: d and -16 d) and sums as k_qmatmul's
  *   4-bit blocks; Q6_K's block sum is the exact integer I_b = sc_lo sum_lo + sc_hi sum_hi (q - 32 by the int8 x of
- *   each half of 16), acc = fma(I_b, d * s_b, acc), no offsets term. Bit for bit the same in every build.
+ *   each half of 16), acc = fma(I_b, d * s_b, acc), no offsets term; Q3_K's the same with q - 4. Q2_K's I_b = sc_lo
+ *   sum_lo + sc_hi sum_hi (q by the int8 x), acc as Q6_K's, and an offset per half of 16 instead of per block: with
+ *   t_h = s_b * sum_h q_x (the half's int8 x), off = fma(-(dmin mn_lo), t_lo, off), then the same for the high half.
+ *   Bit for bit the same in every build.
  */
 int k_qmatmul_kind(const void *x, int act, int kind, const uint8_t *qs, const void *d, const void *m,
                    const float *bias, void *y, int M, int N, int K, int i8, int nthreads);
 /* the weights per block of a kind other than QKIND_Q4/QKIND_Q8 (K is a multiple of it); 0: not such a kind */
 static inline int qkind_block(int kind) {
     switch (kind) {
-    case QKIND_Q4_K: case QKIND_Q5_K: case QKIND_Q6_K: return 256;
+    case QKIND_Q4_K: case QKIND_Q5_K: case QKIND_Q6_K: case QKIND_Q2_K: case QKIND_Q3_K: return 256;
     case QKIND_Q5_0: case QKIND_Q5_1: case QKIND_F16: case QKIND_BF16: case QKIND_IQ4: return 32;
     default: return 0;
     }
@@ -202,6 +218,10 @@ static inline void qkind_row_bytes(int kind, int K, size_t *qs, size_t *d, size_
     }
     if (kind == QKIND_IQ4) {
         *qs = nb * 16, *d = nb * 4, *m = 0;
+        return;
+    }
+    if (kind == QKIND_Q2_K || kind == QKIND_Q3_K) {
+        *qs = nb * (kind == QKIND_Q2_K ? 8 : 12), *d = nsb * (kind == QKIND_Q2_K ? 8 : 4), *m = nsb * 16;
         return;
     }
     *qs = nb * (kind == QKIND_Q4_K ? 16 : kind == QKIND_Q6_K ? 24 : 20);

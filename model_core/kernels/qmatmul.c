@@ -258,11 +258,34 @@ INLINE void dequant_q5(const uint8_t *q, float d, float m, float *out) {
 #endif
 }
 
-/* one weight row of nsb super-blocks (kind QKIND_Q4_K, QKIND_Q5_K or QKIND_Q6_K) -> wf (nsb * 256 floats), the file's
- * weights */
+/* 32 weights of the 2- or 3-bit K-quants (8 bytes of 2-bit lows: byte i bits 2s..2s+1 weight 8s + i; Q3_K: then
+ * the third bits as a little-endian uint32, bit i weight i) with each half's (weights 0..15, 16..31) scale s and
+ * offset o: w = fma(q, s, o), q in 0..3 (Q2_K) or 0..7 (Q3_K) */
+INLINE void dequant_q23(const uint8_t *q, int third, const float *s, const float *o, float *out) {
+    uint32_t bits = 0;
+    if (third) memcpy(&bits, q + 8, 4);
+    for (int i = 0; i < 32; i++) {
+        const int v = ((q[i % 8] >> (2 * (i / 8))) & 3) | (int)(((bits >> i) & 1) << 2);
+        out[i] = fmaf((float)v, s[i / 16], o[i / 16]);
+    }
+}
+
+/* one weight row of nsb super-blocks (kind QKIND_Q4_K, QKIND_Q5_K, QKIND_Q6_K, QKIND_Q2_K or QKIND_Q3_K) -> wf
+ * (nsb * 256 floats), the file's weights */
 static void dequantize_row_k(int kind, const uint8_t *qs, const float *d, const uint8_t *m, int nsb, float *wf) {
     for (int s = 0; s < nsb; s++, wf += 256)
-        if (kind == QKIND_Q4_K) { /* w = (d sc_j) q - (dmin mn_j): both products exact, one rounding (an FMA) */
+        if (kind == QKIND_Q2_K || kind == QKIND_Q3_K) { /* per 16: Q2_K fma(q, d sc, -(dmin mn)); Q3_K (d sc)(q - 4) */
+            const int q2 = kind == QKIND_Q2_K;
+            for (int j = 0; j < 8; j++) {
+                float sc[2], off[2];
+                for (int h = 0; h < 2; h++) {
+                    const uint8_t byte = m[(size_t)s * 16 + 2 * j + h];
+                    sc[h] = q2 ? d[2 * s] * (float)(byte & 0x0F) : d[s] * (float)(int8_t)byte;
+                    off[h] = q2 ? -(d[2 * s + 1] * (float)(byte >> 4)) : -4.0f * sc[h];
+                }
+                dequant_q23(qs + ((size_t)s * 8 + j) * (q2 ? 8 : 12), !q2, sc, off, wf + 32 * j);
+            }
+        } else if (kind == QKIND_Q4_K) { /* w = (d sc_j) q - (dmin mn_j): both products exact, one rounding (an FMA) */
             const float ds = d[2 * s], dm = d[2 * s + 1];
             const uint8_t *sm = m + (size_t)s * 16;
             for (int j = 0; j < 8; j++)

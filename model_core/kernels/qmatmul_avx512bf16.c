@@ -6,8 +6,8 @@
  * 5-bit and 6-bit quants as 128 + q (bits 0x4300 | q: exact for q < 128, three or four integer ops), so that for a
  * block with w = d' q + m' and its 32 activations x:
  *     sum_i w_i x_i = d' * sum_i (128 + q_i) x_i + (m' - 128 d') * sum_i x_i
- * (Q6_K: per half of 16, with q - 32 folded into the offset); Q8_0's int8 q converted exactly; IQ4's table values
- * looked up as bfloat16. Per row and block: one AVX512-BF16 dot product (exact products, fp32 sums) and one FMA by
+ * (Q6_K, Q3_K, Q2_K: per half of 16, with q - 32, q - 4 or the min folded into the offset); Q8_0's int8 q converted
+ * exactly; IQ4's table values looked up as bfloat16. Per row and block: one AVX512-BF16 dot product (exact products, fp32 sums) and one FMA by
  * the block's scale; the offsets times the blocks' sums of x once per row. Threads split the output columns in
  * groups of 4 rows; the result is rounded to bfloat16 (nearest even).
  */
@@ -122,11 +122,34 @@ static inline __m512bh decode_iq4(const uint8_t *qs) {
     return (__m512bh)_mm512_permutexvar_epi16(idx, _mm512_loadu_si512(table));
 }
 
+/* a Q2_K sub-block's 32 weights (8 bytes of 2-bit q: byte i bits 2s..2s+1 hold weight 8s + i's) as bfloat16 128 + q
+ * (q in 0..3); Q3_K (then 4 bytes of third bits, a little-endian uint32, bit i weight i) 128 + q with q in 0..7
+ * (the weight d sc (q - 4): the caller's offsets take -132 d sc) */
+static inline __m512bh decode_q2(const uint8_t *qs) {
+    long long pairs;
+    memcpy(&pairs, qs, 8);
+    const __m512i hb = _mm512_cvtepu8_epi16(_mm256_set1_epi64x(pairs)); /* word i: byte i % 8 */
+    const __m512i shifts = _mm512_set_epi64(0x0006000600060006LL, 0x0006000600060006LL, 0x0004000400040004LL,
+                                            0x0004000400040004LL, 0x0002000200020002LL, 0x0002000200020002LL, 0, 0);
+    /* ((hb >> shift) & 3) | 0x4300 */
+    return (__m512bh)_mm512_ternarylogic_epi32(_mm512_srlv_epi16(hb, shifts), _mm512_set1_epi16(0x0003),
+                                               _mm512_set1_epi16(0x4300), 0xEA);
+}
+
+static inline __m512bh decode_q3(const uint8_t *qs) {
+    uint32_t third;
+    memcpy(&third, qs + 8, 4);
+    const __m512i w = (__m512i)decode_q2(qs);
+    return (__m512bh)_mm512_mask_add_epi16(w, (__mmask32)third, w, _mm512_set1_epi16(4));
+}
+
 DEFINE_TILES(q4, 16, BLOCK_SCALE)
 DEFINE_TILES(iq4, 16, BLOCK_SCALE)
 DEFINE_TILES(q8, 32, BLOCK_SCALE)
 DEFINE_TILES(q5, 20, BLOCK_SCALE)
 DEFINE_TILES(q6, 24, HALF_SCALES)
+DEFINE_TILES(q2, 8, HALF_SCALES)
+DEFINE_TILES(q3, 12, HALF_SCALES)
 
 /* NR weight rows (rb bytes apart, scales ds floats apart) against one row of x -> sums[0..NR): each (row, x) pair
  * summed exactly as the MT = 1 tile sums it (the same operations in the same order), NR chains side by side */
@@ -163,11 +186,28 @@ DEFINE_TILE_ROWS(rows_iq4, decode_iq4, 16, BLOCK_SCALE)
 DEFINE_TILE_ROWS(rows_q8, decode_q8, 32, BLOCK_SCALE)
 DEFINE_TILE_ROWS(rows_q5, decode_q5, 20, BLOCK_SCALE)
 DEFINE_TILE_ROWS(rows_q6, decode_q6, 24, HALF_SCALES)
+DEFINE_TILE_ROWS(rows_q2, decode_q2, 8, HALF_SCALES)
+DEFINE_TILE_ROWS(rows_q3, decode_q3, 12, HALF_SCALES)
+
+/* how a kind's blocks decode: 0 decode_q4 (Q4_0, Q4_1, Q4_K), 1 decode_q5 (the 5-bit kinds), 2 decode_q6, 3 decode_q8,
+ * 4 decode_iq4, 5 decode_q2, 6 decode_q3; 2, 5 and 6 with a scale per half of 16 */
+static int block_form(int kind) {
+    switch (kind) {
+    case QKIND_Q4: case QKIND_Q4_K: return 0;
+    case QKIND_Q6_K: return 2;
+    case QKIND_Q8: return 3;
+    case QKIND_IQ4: return 4;
+    case QKIND_Q2_K: return 5;
+    case QKIND_Q3_K: return 6;
+    default: return 1;
+    }
+}
 
 static __mmask16 first(int n) { return n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1u); }
 
-/* one weight row's scales d32 (per block; Q6_K per half) and offsets o32 (o = m' - 128 d' per block; Q6_K -160 d'
- * per half; none for Q8_0 and IQ4), from its d and m in the kind's layout */
+/* one weight row's scales d32 (per block; Q6_K, Q3_K, Q2_K per half) and offsets o32 (o = m' - 128 d' per block;
+ * Q6_K -160 d', Q3_K -132 d', Q2_K -(dmin mn) - 128 d' per half; none for Q8_0 and IQ4), from its d and m in the
+ * kind's layout */
 static void row_scales(int kind, const uint8_t *dn, const uint8_t *mn, int nb, float *d32, float *o32) {
     const int nsb = nb / 8;
     switch (kind) {
@@ -183,12 +223,23 @@ static void row_scales(int kind, const uint8_t *dn, const uint8_t *mn, int nb, f
             _mm512_storeu_ps(o32 + b, _mm512_fmadd_ps(db, _mm512_set1_ps(-128.0f), mb));
         }
         break;
-    case QKIND_Q6_K:
-        for (int s = 0; s < nsb; s++) { /* d sc for 16 halves; -160 d sc, exact (19 + 3 bits) */
+    case QKIND_Q6_K: case QKIND_Q3_K:
+        for (int s = 0; s < nsb; s++) { /* d sc for 16 halves; -160 d sc (Q3_K: -132 d sc), exact (17 + 6 bits) */
             const __m512i sc = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(mn + (size_t)s * 16)));
             const __m512 ds = _mm512_mul_ps(_mm512_set1_ps(((const float *)dn)[s]), _mm512_cvtepi32_ps(sc));
             _mm512_storeu_ps(d32 + s * 16, ds);
-            _mm512_storeu_ps(o32 + s * 16, _mm512_mul_ps(ds, _mm512_set1_ps(-160.0f)));
+            _mm512_storeu_ps(o32 + s * 16, _mm512_mul_ps(ds, _mm512_set1_ps(kind == QKIND_Q3_K ? -132.0f : -160.0f)));
+        }
+        break;
+    case QKIND_Q2_K:
+        for (int s = 0; s < nsb; s++) { /* d sc and -(dmin mn) for 16 halves (exact), o = m' - 128 d' */
+            const float *ds = (const float *)dn + 2 * s;
+            const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(mn + (size_t)s * 16)));
+            const __m512 dj = _mm512_mul_ps(_mm512_set1_ps(ds[0]),
+                                            _mm512_cvtepi32_ps(_mm512_and_si512(b, _mm512_set1_epi32(0x0F))));
+            const __m512 mj = _mm512_mul_ps(_mm512_set1_ps(-ds[1]), _mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4)));
+            _mm512_storeu_ps(d32 + s * 16, dj);
+            _mm512_storeu_ps(o32 + s * 16, _mm512_fmadd_ps(dj, _mm512_set1_ps(-128.0f), mj));
         }
         break;
     default: /* Q4_K, Q5_K */
@@ -207,7 +258,7 @@ static void row_scales(int kind, const uint8_t *dn, const uint8_t *mn, int nb, f
 #if defined(__AMX_BF16__) && defined(__linux__)
 /* ---- The AMX tile path: the same decoded blocks, multiplied 16 weight rows by 16 activation rows at a time.
  *
- * Per block of 32 (Q6_K: per half of 16): A = the block decoded for 16 weight rows (16 x 32 bf16, as above), B = the
+ * Per block of 32 (Q6_K, Q3_K, Q2_K: per half of 16): A = the block decoded for 16 weight rows (16 x 32 bf16, as above), B = the
  * block's activations of 16 x rows (pairs of bf16 side by side, the tiles' layout; prepared once per call), one tile
  * product C = A B (16 x 16 fp32: exact products, fp32 sums, the tile unit's order), then per weight row n an FMA by
  * the block's scale into that row's 16 sums (acc_n += d'_nb C_n), and the offsets o times the blocks' sums of x as in
@@ -273,6 +324,8 @@ static void decode_rows(int form, const uint8_t *q, size_t row_bytes, int nr, ui
                           : form == 1 ? (__m512i)decode_q5(qr)
                           : form == 2 ? (__m512i)decode_q6(qr)
                           : form == 3 ? (__m512i)decode_q8(qr)
+                          : form == 5 ? (__m512i)decode_q2(qr)
+                          : form == 6 ? (__m512i)decode_q3(qr)
                                       : (__m512i)decode_iq4(qr);
         _mm512_store_si512(a + r * 32, w);
     }
@@ -280,12 +333,12 @@ static void decode_rows(int form, const uint8_t *q, size_t row_bytes, int nr, ui
 
 static int amx_kind(int kind, const uint16_t *x, const uint8_t *qs, const void *d, const void *m, const float *bias,
                     uint16_t *y, int M, int N, int K, int nthreads) {
-    const int nb = K / 32, q6 = kind == QKIND_Q6_K, offsets = kind != QKIND_Q8 && kind != QKIND_IQ4;
-    const int form = kind == QKIND_Q8 ? 3 : kind == QKIND_IQ4 ? 4 : q6 ? 2 : kind == QKIND_Q4 || kind == QKIND_Q4_K ? 0 : 1;
-    const int qb = (int[]){16, 20, 24, 32, 16}[form]; /* bytes of quants per block */
+    const int nb = K / 32, form = block_form(kind), halves = form == 2 || form == 5 || form == 6;
+    const int offsets = kind != QKIND_Q8 && kind != QKIND_IQ4;
+    const int qb = (int[]){16, 20, 24, 32, 16, 8, 12}[form]; /* bytes of quants per block */
     size_t row_bytes = (size_t)nb * qb, d_bytes = (size_t)nb * 2, m_bytes = (size_t)nb * 2;
     if (kind != QKIND_Q4 && kind != QKIND_Q8) qkind_row_bytes(kind, K, &row_bytes, &d_bytes, &m_bytes);
-    const int no = q6 ? 2 * nb : nb, span = K / no, mtiles = (M + 15) / 16;
+    const int no = halves ? 2 * nb : nb, span = K / no, mtiles = (M + 15) / 16;
     /* xt (mtiles, nb, 16 pairs, 16 rows) uint32: each x row's bf16 pairs in the tiles' B layout (zeros past M);
      * xs (mtiles, no, 16): the rows' sums of x per offset span */
     static __thread void *xbuf;
@@ -323,7 +376,7 @@ static int amx_kind(int kind, const uint16_t *x, const uint8_t *qs, const void *
         float *cbuf = a ? (float *)((char *)a + a_bytes) : NULL, *tbuf = cbuf ? cbuf + 512 : NULL;
         float *d32 = cbuf ? cbuf + 768 : NULL, *o32 = d32 ? d32 + d_floats : NULL;
         if (!a) bad = 1;
-        else configure_tiles(q6, M < 16 ? M : 16);
+        else configure_tiles(halves, M < 16 ? M : 16);
 #pragma omp for schedule(static)
         for (int nt = 0; nt < ntiles; nt++) {
             if (bad) continue;
@@ -341,7 +394,7 @@ static int amx_kind(int kind, const uint16_t *x, const uint8_t *qs, const void *
                 for (int r = 0; r < 16; r++) acc[r] = _mm512_setzero_ps();
                 const uint32_t *xb = xt + (size_t)t * nb * 256;
                 for (int b = 0; b < nb; b++) {
-                    if (q6) { /* halves: weights 0..15 (pairs 0..7) and 16..31 (pairs 8..15), a scale each */
+                    if (halves) { /* halves: weights 0..15 (pairs 0..7) and 16..31 (pairs 8..15), a scale each */
                         _tile_loadd(2, a + (size_t)b * 512, 64);
                         _tile_loadd(3, a + (size_t)b * 512 + 16, 64);
                         _tile_loadd(4, xb + (size_t)b * 256, 64);
@@ -381,7 +434,7 @@ static int amx_kind(int kind, const uint16_t *x, const uint8_t *qs, const void *
                         acc[r] = _mm512_fmadd_ps(_mm512_maskz_load_ps(lanes, cb + 16 * r), _mm512_set1_ps(d32[r * ds + b - 1]),
                                                  acc[r]);
                 }
-                if (!q6) { /* the last block's scales */
+                if (!halves) { /* the last block's scales */
                     const float *cb = cbuf + 256 * ((nb - 1) & 1);
                     for (int r = 0; r < 16; r++)
                         acc[r] = _mm512_fmadd_ps(_mm512_maskz_load_ps(lanes, cb + 16 * r),
@@ -408,9 +461,9 @@ static int amx_kind(int kind, const uint16_t *x, const uint8_t *qs, const void *
 
 /* Every kind but the float ones (k_qmatmul's two forms and k_qmatmul_kind's layouts, common.h): each row's blocks
  * (sub-blocks) of 32 decode as above (128 + q; Q8_0 and IQ4: the signed values), with a float scale per block d'
- * (Q6_K: per half of 16) and an offset o = m' - 128 d' per block (Q6_K: -160 d' per half) times the block's (half's)
- * sum of x: Q4_0/Q4_1 d, m; Q4_K, Q5_K d' = d sc_j, m' = -(dmin mn_j); Q5_0 d' = d, m' = -16 d; Q5_1 d' = d, m' = m;
- * Q6_K d' = d sc (every product exact). Threads take groups of NR weight rows; a single row of x runs against the
+ * (Q6_K, Q3_K, Q2_K: per half of 16) and an offset o = m' - 128 d' per block (Q6_K: -160 d' per half) times the
+ * block's (half's) sum of x: Q4_0/Q4_1 d, m; Q4_K, Q5_K d' = d sc_j, m' = -(dmin mn_j); Q5_0 d' = d, m' = -16 d; Q5_1
+ * d' = d, m' = m; Q6_K, Q3_K d' = d sc; Q2_K d' = d sc, m' = -(dmin mn) (every product exact). Threads take groups of NR weight rows; a single row of x runs against the
  * group's NR rows at once (rows_*), more rows of x in tiles of up to 8 against each weight row (tile_*): a pair's
  * sum is computed the same way in both. x: (M, K) bf16, y: (M, N) bf16. Returns an AIGC_* status. */
 int qmatmul_avx512bf16_kind(int kind, const uint16_t *x, const uint8_t *qs, const void *d, const void *m,
@@ -421,12 +474,12 @@ int qmatmul_avx512bf16_kind(int kind, const uint16_t *x, const uint8_t *qs, cons
 #else
     (void)every;
 #endif
-    const int nb = K / 32, q6 = kind == QKIND_Q6_K, offsets = kind != QKIND_Q8 && kind != QKIND_IQ4;
-    const int form = kind == QKIND_Q8 ? 3 : kind == QKIND_IQ4 ? 4 : q6 ? 2 : kind == QKIND_Q4 || kind == QKIND_Q4_K ? 0 : 1;
-    const int qb = (int[]){16, 20, 24, 32, 16}[form]; /* bytes of quants per block */
+    const int nb = K / 32, form = block_form(kind), halves = form == 2 || form == 5 || form == 6;
+    const int offsets = kind != QKIND_Q8 && kind != QKIND_IQ4;
+    const int qb = (int[]){16, 20, 24, 32, 16, 8, 12}[form]; /* bytes of quants per block */
     size_t row_bytes = (size_t)nb * qb, d_bytes = (size_t)nb * 2, m_bytes = (size_t)nb * 2;
     if (kind != QKIND_Q4 && kind != QKIND_Q8) qkind_row_bytes(kind, K, &row_bytes, &d_bytes, &m_bytes);
-    const int no = q6 ? 2 * nb : nb, span = K / no; /* offsets per row, each over span x */
+    const int no = halves ? 2 * nb : nb, span = K / no; /* offsets per row, each over span x */
     float *xsum = NULL; /* (M, no) sums of x, for the offset term */
     if (offsets) {
         if (!(xsum = malloc(((size_t)M * no + 16) * sizeof(float)))) return AIGC_ERR_NOMEM;
@@ -464,6 +517,8 @@ int qmatmul_avx512bf16_kind(int kind, const uint16_t *x, const uint8_t *qs, cons
                     case 1: rows_q5(qg, row_bytes, d32, ds, xr, nb, sums); break;
                     case 2: rows_q6(qg, row_bytes, d32, ds, xr, nb, sums); break;
                     case 3: rows_q8(qg, row_bytes, d32, ds, xr, nb, sums); break;
+                    case 5: rows_q2(qg, row_bytes, d32, ds, xr, nb, sums); break;
+                    case 6: rows_q3(qg, row_bytes, d32, ds, xr, nb, sums); break;
                     default: rows_iq4(qg, row_bytes, d32, ds, xr, nb, sums); break;
                     }
                 }
@@ -489,6 +544,14 @@ int qmatmul_avx512bf16_kind(int kind, const uint16_t *x, const uint8_t *qs, cons
                     case 35: tile_q8_4(qn, dn, xr, K, nb, one); break;
                     case 19: tile_q8_2(qn, dn, xr, K, nb, one); break;
                     case 11: tile_q8_1(qn, dn, xr, K, nb, one); break;
+                    case 69: tile_q2_8(qn, dn, xr, K, nb, one); break;
+                    case 37: tile_q2_4(qn, dn, xr, K, nb, one); break;
+                    case 21: tile_q2_2(qn, dn, xr, K, nb, one); break;
+                    case 13: tile_q2_1(qn, dn, xr, K, nb, one); break;
+                    case 70: tile_q3_8(qn, dn, xr, K, nb, one); break;
+                    case 38: tile_q3_4(qn, dn, xr, K, nb, one); break;
+                    case 22: tile_q3_2(qn, dn, xr, K, nb, one); break;
+                    case 14: tile_q3_1(qn, dn, xr, K, nb, one); break;
                     case 68: tile_iq4_8(qn, dn, xr, K, nb, one); break;
                     case 36: tile_iq4_4(qn, dn, xr, K, nb, one); break;
                     case 20: tile_iq4_2(qn, dn, xr, K, nb, one); break;

@@ -12,8 +12,9 @@
  * The kinds widen to one of four forms (WIDE_*): unsigned quants of at most 4 bits (Q4_0/Q4_1 and Q4_K: w = d' q
  * + m' per block of 32, d' and m' floats), of at most 5 bits (Q5_0, Q5_1, Q5_K: the same), signed 8-bit ones (Q8_0,
  * read in place: no widening) and Q6_K's signed 6-bit ones (q - 32) whose two halves of 16 carry integer scales:
- * their block sum is sc_lo * sum_lo + sc_hi * sum_hi, exact in int32, times d; IQ4's indices widen through their
- * table (IQ4_VALUES) to signed 8-bit values, summed as Q8_0's.
+ * their block sum is sc_lo * sum_lo + sc_hi * sum_hi, exact in int32, times d (Q3_K's q - 4 and Q2_K's q in 0..3
+ * the same way; Q2_K's mins an offset per half of 16); IQ4's indices widen through their table (IQ4_VALUES) to signed
+ * 8-bit values, summed as Q8_0's.
  */
 #if defined(__AVX2__) || defined(__ARM_FEATURE_DOTPROD)
 #include <stdlib.h>
@@ -52,11 +53,10 @@ static inline void unpack_q4(const uint8_t *q, qv *out) {
 }
 
 /* 5-bit: runs 0..3 the low nibbles as 4-bit, run 4 each row's fifth bits (a little-endian uint32, bit i: quant i)
- * -> 8 vectors of quants in 0..31. Vector k's byte j of a row takes bit 4k + j: bit 4 (k % 2) + j of the row's byte
- * k / 2. */
-static inline void unpack_q5(const uint8_t *q, qv *out) {
-    unpack_q4(q, out);
-    const __m256i fifth = qv_load(q + 128), sixteen = _mm256_set1_epi8(16);
+ * -> 8 vectors of quants in 0..31. add_bits: v into vector k's byte j of a row where bit 4k + j of its run `bits`
+ * is set: bit 4 (k % 2) + j of the row's byte k / 2. */
+static inline void add_bits(const uint8_t *bits, char v, qv *out) {
+    const __m256i fifth = qv_load(bits), sixteen = _mm256_set1_epi8(v);
     for (int k = 0; k < 8; k++) {
         const int b = k / 2;
         const __m256i pick = _mm256_setr_epi8(b, b, b, b, 4 + b, 4 + b, 4 + b, 4 + b, 8 + b, 8 + b, 8 + b, 8 + b,
@@ -66,6 +66,24 @@ static inline void unpack_q5(const uint8_t *q, qv *out) {
         const __m256i set = _mm256_cmpeq_epi8(_mm256_and_si256(_mm256_shuffle_epi8(fifth, pick), bit), bit);
         out[k] = _mm256_or_si256(out[k], _mm256_and_si256(set, sixteen));
     }
+}
+
+static inline void unpack_q5(const uint8_t *q, qv *out) {
+    unpack_q4(q, out);
+    add_bits(q + 128, 16, out);
+}
+
+/* Q2_K, Q3_K: runs 0 and 1 the 2-bit lows (byte i of run h: bits 2s..2s+1 hold quant 8s + 4h + i's) -> 8 vectors of
+ * q in 0..3; Q3_K: run 2 the third bits (as the fifth bits above) -> q - 4 in -4..3 (signed) */
+static inline void unpack_q2(const uint8_t *q, qv *out) {
+    const __m256i m2 = _mm256_set1_epi8(3), h[2] = {qv_load(q), qv_load(q + 32)};
+    for (int k = 0; k < 8; k++) out[k] = _mm256_and_si256(_mm256_srli_epi16(h[k % 2], 2 * (k / 2)), m2);
+}
+
+static inline void unpack_q3(const uint8_t *q, qv *out) {
+    unpack_q2(q, out);
+    add_bits(q + 64, 4, out);
+    for (int k = 0; k < 8; k++) out[k] = _mm256_sub_epi8(out[k], _mm256_set1_epi8(4));
 }
 
 /* Q6_K: runs 0..3 the low nibbles as 4-bit, runs 4 and 5 the high bit pairs (byte i of run 4 + h: bits 2s..2s+1
@@ -226,10 +244,9 @@ static inline void unpack_q4(const uint8_t *q, qv *out) {
     }
 }
 
-/* as the AVX2 unpack_q5: vector k's byte j of a row takes bit 4 (k % 2) + j of the row's fifth-bit byte k / 2 */
-static inline void unpack_q5(const uint8_t *q, qv *out) {
-    unpack_q4(q, out);
-    const uint8x16_t f[2] = {vld1q_u8(q + 128), vld1q_u8(q + 144)}, sixteen = vdupq_n_u8(16);
+/* as the AVX2 add_bits: vector k's byte j of a row takes v where bit 4 (k % 2) + j of the row's byte k / 2 is set */
+static inline void add_bits(const uint8_t *bits, uint8_t v, qv *out) {
+    const uint8x16_t f[2] = {vld1q_u8(bits), vld1q_u8(bits + 16)}, sixteen = vdupq_n_u8(v);
     for (int k = 0; k < 8; k++) {
         const uint8_t b = (uint8_t)(k / 2), s = (uint8_t)(4 * (k % 2));
         const uint8x16_t pick = {b, b, b, b, 4 + b, 4 + b, 4 + b, 4 + b, 8 + b, 8 + b, 8 + b, 8 + b, 12 + b, 12 + b, 12 + b, 12 + b};
@@ -239,6 +256,29 @@ static inline void unpack_q5(const uint8_t *q, qv *out) {
         const uint8x16_t hi = vandq_u8(vtstq_u8(vqtbl1q_u8(f[1], pick), bit), sixteen);
         out[k] = (qv){vorrq_s8(out[k].lo, vreinterpretq_s8_u8(lo)), vorrq_s8(out[k].hi, vreinterpretq_s8_u8(hi))};
     }
+}
+
+static inline void unpack_q5(const uint8_t *q, qv *out) {
+    unpack_q4(q, out);
+    add_bits(q + 128, 16, out);
+}
+
+/* as the AVX2 unpack_q2, unpack_q3 */
+static inline void unpack_q2(const uint8_t *q, qv *out) {
+    const uint8x16_t h[2][2] = {{vld1q_u8(q), vld1q_u8(q + 16)}, {vld1q_u8(q + 32), vld1q_u8(q + 48)}};
+    const uint8x16_t m2 = vdupq_n_u8(3);
+    for (int k = 0; k < 8; k++) {
+        const int8x16_t shift = vdupq_n_s8((int8_t)(-2 * (k / 2)));
+        out[k] = (qv){vreinterpretq_s8_u8(vandq_u8(vshlq_u8(h[k % 2][0], shift), m2)),
+                      vreinterpretq_s8_u8(vandq_u8(vshlq_u8(h[k % 2][1], shift), m2))};
+    }
+}
+
+static inline void unpack_q3(const uint8_t *q, qv *out) {
+    unpack_q2(q, out);
+    add_bits(q + 64, 4, out);
+    const int8x16_t four = vdupq_n_s8(4);
+    for (int k = 0; k < 8; k++) out[k] = (qv){vsubq_s8(out[k].lo, four), vsubq_s8(out[k].hi, four)};
 }
 
 /* as the AVX2 unpack_q6 */
@@ -299,13 +339,14 @@ static inline void unpack_iq4(const uint8_t *q, qv *out) {
 #endif
 
 /* A group of 8 weight rows made ready for the dot products: quants widened to bytes (nb * 8 vectors; Q8_0's read in
- * place from q8), per block the rows' float scales dv and offsets mv (nb, 8), and Q6_K's integer half scales sc
- * (nb, 2, 8) */
+ * place from q8), per block the rows' float scales dv (nb, 8) and offsets mv (no, 8: per block, or per half of 16
+ * for Q2_K), and the integer half scales sc (nb, 2, 8) of Q6_K, Q3_K and Q2_K */
 typedef struct {
     const qv *w;
     const uint8_t *q8;
     const float *dv, *mv;
     const int32_t *sc;
+    int no;
 } group;
 
 /* MT activation rows against one group -> out (MT, 8). xq, xs, xt: the rows' int8 blocks, scales and scale * sum q.
@@ -328,9 +369,9 @@ static inline __attribute__((always_inline)) void group_rows(group g, int nb, co
         }
     }
     if (g.mv) /* the offsets' term in its own pass, so that the loop above keeps only acc in registers */
-        for (int b = 0; b < nb; b++) {
+        for (int b = 0; b < g.no; b++) {
             const f8 mb = f8_load(g.mv + (size_t)b * ROWS);
-            _Pragma("GCC unroll 4") for (int i = 0; i < MT; i++) off[i] = f8_fma(mb, xt[(size_t)i * nb + b], off[i]);
+            _Pragma("GCC unroll 4") for (int i = 0; i < MT; i++) off[i] = f8_fma(mb, xt[(size_t)i * g.no + b], off[i]);
         }
     _Pragma("GCC unroll 4") for (int i = 0; i < MT; i++) {
         float a[ROWS], o[ROWS];
@@ -345,7 +386,7 @@ static int wide_form(int kind) {
     switch (kind) {
     case QKIND_Q4: case QKIND_Q4_K: return WIDE_U4;
     case QKIND_Q5_0: case QKIND_Q5_1: case QKIND_Q5_K: return WIDE_U5;
-    case QKIND_Q6_K: return WIDE_Q6;
+    case QKIND_Q6_K: case QKIND_Q3_K: case QKIND_Q2_K: return WIDE_Q6;
     case QKIND_IQ4: return WIDE_IQ4;
     default: return WIDE_S8;
     }
@@ -356,12 +397,15 @@ static size_t block_bytes(int kind) {
     case QKIND_Q4: case QKIND_Q4_K: case QKIND_IQ4: return ROWS * 16;
     case QKIND_Q5_0: case QKIND_Q5_1: case QKIND_Q5_K: return ROWS * 20;
     case QKIND_Q6_K: return ROWS * 24;
+    case QKIND_Q2_K: return ROWS * 8;
+    case QKIND_Q3_K: return ROWS * 12;
     default: return ROWS * 32;
     }
 }
 
-/* group gi's scales: dv, mv (nb, 8) floats and, for Q6_K, sc (nb, 2, 8) int32, from its kind's interleaved d and m
- * (common.h, k_qmatmul_kind): the products d sc_j and dmin mn_j are exact in fp32, so these are the weights' own */
+/* group gi's scales: dv (nb, 8), mv (nb, 8; Q2_K (nb, 2, 8)) floats and, for Q6_K, Q3_K and Q2_K, sc (nb, 2, 8)
+ * int32, from its kind's interleaved d and m (common.h, k_qmatmul_kind): the products d sc_j and dmin mn_j are exact
+ * in fp32, so these are the weights' own */
 static void widen_scales(int kind, const void *d, const void *m, size_t gi, int nb, float *dv, float *mv,
                          int32_t *sc) {
     const int nsb = nb / 8;
@@ -391,7 +435,22 @@ static void widen_scales(int kind, const void *d, const void *m, size_t gi, int 
                 }
         }
         break;
-    default: /* QKIND_Q6_K: d (G, nsb, 8), m (G, nsb, 16, 8) int8, the scale of each 16 quants */
+    case QKIND_Q2_K: /* d (G, nsb, 2, 8) [d, dmin], m (G, nsb, 16, 8) uint8 sc | mn << 4 per 16 quants */
+        for (int s = 0; s < nsb; s++) {
+            const float *ds = (const float *)d + (gi * nsb + s) * 2 * ROWS;
+            const uint8_t *ms = (const uint8_t *)m + (gi * nsb + s) * 16 * ROWS;
+            for (int j = 0; j < 8; j++)
+                for (int r = 0; r < ROWS; r++) {
+                    dv[(s * 8 + j) * ROWS + r] = ds[r];
+                    for (int h = 0; h < 2; h++) {
+                        const uint8_t byte = ms[(2 * j + h) * ROWS + r];
+                        sc[((s * 8 + j) * 2 + h) * ROWS + r] = byte & 0x0F;
+                        mv[((s * 8 + j) * 2 + h) * ROWS + r] = -(ds[ROWS + r] * (float)(byte >> 4));
+                    }
+                }
+        }
+        break;
+    default: /* QKIND_Q6_K, QKIND_Q3_K: d (G, nsb, 8), m (G, nsb, 16, 8) int8, the scale of each 16 quants */
         for (int s = 0; s < nsb; s++) {
             const float *ds = (const float *)d + (gi * nsb + s) * ROWS;
             const int8_t *ms = (const int8_t *)m + (gi * nsb + s) * 16 * ROWS;
@@ -405,7 +464,7 @@ static void widen_scales(int kind, const void *d, const void *m, size_t gi, int 
     }
 }
 
-#define GROUP_TILE(MT, WIDE) group_rows(g, nb, xq + at * BLOCK, xs + at, xt + at, out, MT, WIDE)
+#define GROUP_TILE(MT, WIDE) group_rows(g, nb, xq + at * BLOCK, xs + at, xt + (size_t)r0 * no, out, MT, WIDE)
 #define TILES(WIDE)                                                                                              \
     case 4 * 8 + WIDE: GROUP_TILE(4, WIDE); break;                                                               \
     case 2 * 8 + WIDE: GROUP_TILE(2, WIDE); break;                                                               \
@@ -413,10 +472,11 @@ static void widen_scales(int kind, const void *d, const void *m, size_t gi, int 
 
 int qmatmul_i8(const void *x, int act, int kind, const uint8_t *qs, const void *d, const void *m, const float *bias,
                void *y, int M, int N, int K, int nthreads) {
-    const int nb = K / BLOCK, G = (N + ROWS - 1) / ROWS, wide = wide_form(kind);
+    const int nb = K / BLOCK, G = (N + ROWS - 1) / ROWS, wide = wide_form(kind), halves = kind == QKIND_Q2_K;
+    const int no = halves ? 2 * nb : nb; /* offsets per row: per block, or (Q2_K) per half */
     const size_t group_bytes = (size_t)nb * block_bytes(kind), nblk = (size_t)M * nb;
     int8_t *xq = malloc(nblk * BLOCK);           /* (M, nb, 32) */
-    float *xs = malloc(nblk * 2 * sizeof(float)); /* (M, nb) scales, then (M, nb) scale * sum q */
+    float *xs = malloc(nblk * 3 * sizeof(float)); /* (M, nb) scales, then (M, no) scale * sum q (of each half) */
     if (!xq || !xs) {
         free(xq);
         free(xs);
@@ -428,20 +488,26 @@ int qmatmul_i8(const void *x, int act, int kind, const uint8_t *qs, const void *
         int q_sum;
         for (int i = 0; i < BLOCK; i++) xf[i] = load_act(x, b * BLOCK + i, act);
         xs[b] = quantize_block(xf, xq + b * BLOCK, &q_sum);
-        xt[b] = xs[b] * (float)q_sum;
+        if (halves) {
+            int lo = 0;
+            for (int i = 0; i < 16; i++) lo += xq[b * BLOCK + i];
+            xt[2 * b] = xs[b] * (float)lo, xt[2 * b + 1] = xs[b] * (float)(q_sum - lo);
+        } else {
+            xt[b] = xs[b] * (float)q_sum;
+        }
     }
     int bad = 0;
 #pragma omp parallel num_threads(nthreads) reduction(| : bad)
     {
         /* per thread: the group's widened quants, float scales and offsets, integer half scales */
         qv *w = wide != WIDE_S8 ? aligned_alloc(64, ((sizeof(qv) * (size_t)nb * 8 + 63) / 64) * 64) : NULL;
-        float *dv = malloc(sizeof(float) * (size_t)nb * ROWS * 2);
+        float *dv = malloc(sizeof(float) * (size_t)nb * ROWS * 3); /* dv (nb, 8), then mv (no, 8) */
         int32_t *sc = wide == WIDE_Q6 ? malloc(sizeof(int32_t) * (size_t)nb * ROWS * 2) : NULL;
         const int ready = dv && (wide == WIDE_S8 || w) && (wide != WIDE_Q6 || sc);
         if (!ready) bad = 1;
         float *mv = dv + (size_t)nb * ROWS;
         const int offsets = kind == QKIND_Q4 || kind == QKIND_Q5_0 || kind == QKIND_Q5_1 || kind == QKIND_Q4_K ||
-                            kind == QKIND_Q5_K;
+                            kind == QKIND_Q5_K || kind == QKIND_Q2_K;
 #pragma omp for schedule(static)
         for (int gi = 0; gi < G; gi++) {
             if (!ready) continue;
@@ -452,9 +518,11 @@ int qmatmul_i8(const void *x, int act, int kind, const uint8_t *qs, const void *
                 if (wide == WIDE_U4) unpack_q4(qb, w + (size_t)b * 8);
                 else if (wide == WIDE_U5) unpack_q5(qb, w + (size_t)b * 8);
                 else if (wide == WIDE_IQ4) unpack_iq4(qb, w + (size_t)b * 8);
+                else if (kind == QKIND_Q2_K) unpack_q2(qb, w + (size_t)b * 8);
+                else if (kind == QKIND_Q3_K) unpack_q3(qb, w + (size_t)b * 8);
                 else unpack_q6(qb, w + (size_t)b * 8);
             }
-            const group g = {w, qg, dv, offsets ? mv : NULL, sc};
+            const group g = {w, qg, dv, offsets ? mv : NULL, sc, no};
             const int cols = N - gi * ROWS < ROWS ? N - gi * ROWS : ROWS;
             float out[4 * ROWS];
             for (int r0 = 0; r0 < M;) {

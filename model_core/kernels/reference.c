@@ -24,7 +24,8 @@ static int quant8_at(int kind, const uint8_t *qs, const void *d, const void *m, 
                      float *mn) {
     const int g = n / 8, r = n % 8, b = k / 32, i = k % 32, nsb = nb / 8, s = b / 8, j = b % 8;
     const size_t blk = (size_t)g * nb + b, sb = (size_t)g * nsb + s;
-    const int bytes = kind == QKIND_Q8 ? 32 : kind == QKIND_Q6_K ? 24 : kind == QKIND_Q5_0 || kind == QKIND_Q5_1 || kind == QKIND_Q5_K ? 20 : 16;
+    const int bytes = kind == QKIND_Q8 ? 32 : kind == QKIND_Q6_K ? 24 : kind == QKIND_Q5_0 || kind == QKIND_Q5_1 || kind == QKIND_Q5_K ? 20
+                      : kind == QKIND_Q2_K ? 8 : kind == QKIND_Q3_K ? 12 : 16;
 #define BYTE(t) qs[((blk * (bytes / 4) + (t) / 4) * 8 + r) * 4 + (t) % 4] /* byte t of row r's block */
     const uint16_t *dh = d, *mh = m;
     *mn = 0.0f;
@@ -40,7 +41,17 @@ static int quant8_at(int kind, const uint8_t *qs, const void *d, const void *m, 
         break;
     }
     case QKIND_IQ4: *dn = ((const float *)d)[blk * 8 + r]; break;
-    default: *dn = ((const float *)d)[sb * 8 + r]; /* QKIND_Q6_K */
+    case QKIND_Q2_K: { /* w = d (sc q) - dmin mn: the offset per half of 16 */
+        const uint8_t byte = ((const uint8_t *)m)[(sb * 16 + 2 * j + i / 16) * 8 + r];
+        *dn = ((const float *)d)[(sb * 2) * 8 + r];
+        *mn = -(((const float *)d)[(sb * 2 + 1) * 8 + r] * (float)(byte >> 4));
+        return (byte & 0x0F) * ((BYTE(i % 8) >> (2 * (i / 8))) & 3);
+    }
+    default: *dn = ((const float *)d)[sb * 8 + r]; /* QKIND_Q6_K, QKIND_Q3_K */
+    }
+    if (kind == QKIND_Q3_K) { /* sc (q - 4), q = low | third << 2 */
+        const int low = (BYTE(i % 8) >> (2 * (i / 8))) & 3, third = (BYTE(8 + i / 8) >> (i % 8)) & 1;
+        return ((const int8_t *)m)[(sb * 16 + 2 * j + i / 16) * 8 + r] * ((low | third << 2) - 4);
     }
     if (kind == QKIND_Q8) return (int8_t)BYTE(i);
     const int nib = i < 16 ? BYTE(i % 16) & 0x0F : BYTE(i % 16) >> 4;
@@ -73,10 +84,16 @@ static int ref_qmatmul_i8(const void *x, int act, int kind, const uint8_t *qs, c
             for (int b = 0; b < nb; b++) {
                 float dn = 0.0f, mn = 0.0f;
                 int sum = 0;
-                for (int i = 0; i < 32; i++)
+                for (int i = 0; i < 32; i++) {
                     sum += quant8_at(kind, qs, d, m, nb, n, b * 32 + i, &dn, &mn) * xq[b * 32 + i];
+                    if (kind == QKIND_Q2_K && i % 16 == 15) { /* an offset per half: its own sum of x */
+                        int half = 0;
+                        for (int h = i - 15; h <= i; h++) half += xq[b * 32 + h];
+                        off = fmaf(mn, scale[b] * (float)half, off);
+                    }
+                }
                 acc = fmaf((float)sum, dn * scale[b], acc);
-                off = fmaf(mn, t[b], off);
+                if (kind != QKIND_Q2_K) off = fmaf(mn, t[b], off);
             }
             store_act(y, (size_t)r * N + n, acc + off + (bias ? bias[n] : 0.0f), act);
         }
@@ -193,10 +210,17 @@ static float weight_at_q5(int kind, const uint8_t *qs, const void *d, const void
     return fmaf((float)q, db, kind == QKIND_Q5_1 ? half_to_float(((const uint16_t *)m)[sub]) : -16.0f * db);
 }
 
-/* the weight (n, k) of a repacked K-quant matrix (QKIND_Q4_K, QKIND_Q6_K; common.h, k_qmatmul_kind) */
+/* the weight (n, k) of a repacked K-quant matrix (QKIND_Q4_K, QKIND_Q6_K, QKIND_Q2_K, QKIND_Q3_K; common.h,
+ * k_qmatmul_kind) */
 static float weight_at_k(int kind, const uint8_t *qs, const float *d, const uint8_t *m, int nsb, int n, int k) {
     const size_t sb = (size_t)n * nsb + k / 256, sub = (size_t)n * nsb * 8 + k / 32; /* super-block, sub-block */
     const int i = k % 32, j = (k % 256) / 32;
+    if (kind == QKIND_Q2_K || kind == QKIND_Q3_K) {
+        const uint8_t *q = qs + sub * (kind == QKIND_Q2_K ? 8 : 12), byte = m[sb * 16 + (k % 256) / 16];
+        const int low = (q[i % 8] >> (2 * (i / 8))) & 3;
+        if (kind == QKIND_Q2_K) return fmaf((float)low, d[2 * sb] * (float)(byte & 0x0F), -(d[2 * sb + 1] * (float)(byte >> 4)));
+        return d[sb] * (float)(int8_t)byte * (float)((low | ((q[8 + i / 8] >> (i % 8)) & 1) << 2) - 4);
+    }
     const uint8_t lo = qs[sub * (kind == QKIND_Q4_K ? 16 : 24) + i % 16];
     const int nib = i < 16 ? lo & 0x0F : lo >> 4;
     if (kind == QKIND_Q4_K) {

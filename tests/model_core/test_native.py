@@ -102,7 +102,7 @@ def test_qmatmul_keeps_leading_dims_and_checks_arguments() -> None:
     with pytest.raises(ValueError, match="float32 or bfloat16"):
         qmatmul(torch.randn(1, 64).half(), qw, kernels)
     with pytest.raises(ValueError, match="GGML type"):
-        QuantWeight.from_ggml(10, torch.zeros(4, 84, dtype=torch.uint8))  # Q2_K: no kernel
+        QuantWeight.from_ggml(16, torch.zeros(4, 66, dtype=torch.uint8))  # IQ2_XXS: no kernel
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

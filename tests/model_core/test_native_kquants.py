@@ -1,6 +1,6 @@
-"""The K-quants (GGUF Q4_K, Q5_K and Q6_K, super-blocks of 256 weights) and the 5-bit blocks of 32 (Q5_0, Q5_1) on
-the native kernels, every build this CPU runs (NEON under emulation in test_native_neon.py), in float32 and bfloat16:
-the load-time repack gives gguf's own weights bit for bit at about the file's size; the exact-mode matmul
+"""The K-quants (GGUF Q2_K..Q6_K, super-blocks of 256 weights) and the 5-bit blocks of 32 (Q5_0, Q5_1) on the native
+kernels, every build this CPU runs (NEON under emulation in test_native_neon.py), in float32 and bfloat16: the
+load-time repack gives gguf's own weights bit for bit at about the file's size; the exact-mode matmul
 (quant_matmul_kind) is the product with them up to fp32 summation order, the int8 mode (interleaved weights,
 activations rounded to int8 per block of 32) the product of the rounded activations, bit for bit the same in every
 build; tiny llama GGUFs in a Q4_K_M-like mix, in Q5_0 (rows of 64: not a multiple of 256) and in Q5_K load with their
@@ -26,6 +26,8 @@ from model_core.qmatmul import (
     GGML_TYPES,
     IQ4_NL,
     IQ4_XS,
+    KIND_Q2_K,
+    KIND_Q3_K,
     KIND_Q4,
     KIND_Q4_K,
     KIND_Q5_0,
@@ -34,6 +36,7 @@ from model_core.qmatmul import (
     KIND_Q6_K,
     KIND_Q8,
     NARROW_KINDS,
+    Q2_K,
     Q3_K,
     Q4_0,
     Q4_1,
@@ -54,7 +57,7 @@ from tests.utils import kernels_for, kquant_weight, native_isas, quantized_weigh
 ISAS = native_isas()
 DTYPES = [torch.float32, torch.bfloat16]
 # Q5_0, Q5_1, IQ4_NL: blocks of 32 (K a multiple of 32), the others of 256
-KQUANTS = [Q4_K, Q5_K, Q6_K, Q5_0, Q5_1, IQ4_NL, IQ4_XS]
+KQUANTS = [Q4_K, Q5_K, Q6_K, Q5_0, Q5_1, IQ4_NL, IQ4_XS, Q2_K, Q3_K]
 pytestmark = pytest.mark.skipif(not ISAS, reason="no C compiler: the native kernels cannot build here")
 
 
@@ -75,31 +78,26 @@ def test_repacked_random_blocks_dequantize_like_gguf(qtype: int, n: int, nsb: in
     assert torch.equal(qw.dequantize(), ref)
 
 
-@settings(max_examples=10, deadline=None)
-@given(n=st.integers(1, 20), nsb=st.integers(1, 4), seed=st.integers(0, 2**16))
-def test_q3_k_runs_as_q6_k_with_the_files_weights(n: int, nsb: int, seed: int) -> None:
-    """Q3_K (w = d sc q3, q3 in -4..3, sc in -32..31) is Q6_K's form exactly (q = q3 + 32): gguf's weights bit for
-    bit, at 6.625 bits a weight (1.93x the file's 3.4375: no kernel of its own yet), run by the Q6_K kernels."""
-    qw, ref = kquant_weight(Q3_K, n, 256 * nsb, seed)
-    assert qw.kind == KIND_Q6_K and torch.equal(qw.dequantize(), ref)
-    assert torch.equal(qw.interleave().dequantize(), ref)
-    assert qw.nbytes * 8 / ref.numel() == 6.625
-    x = torch.randn(3, 256 * nsb, generator=torch.Generator().manual_seed(seed))
-    for isa in ISAS:
-        got = qmatmul(x, qw, kernels_for(isa))
-        want = x @ ref.T
-        assert ((got - want).abs() <= _matmul_tolerance(want, x, ref, torch.float32)).all(), isa
-
-
 @pytest.mark.parametrize("qtype", KQUANTS)
 def test_quantized_weights_dequantize_like_gguf_within_the_byte_budget(qtype: int) -> None:
     qw, ref = kquant_weight(qtype, 48, 768, seed=qtype)
     assert torch.equal(qw.dequantize(), ref)
     t = GGML_TYPES[qtype]
     file_bytes = 48 * 768 // t.block * t.nbytes
-    # Q4_K 152/144, Q6_K 212/210, Q5_K 184/176; IQ4_XS 160/136
+    # Q4_K 152/144, Q6_K 212/210, Q5_K 184/176, Q2_K 88/84, Q3_K 116/110; IQ4_XS 160/136
     assert qw.nbytes <= (1.18 if qtype == IQ4_XS else 1.15) * file_bytes, (qw.nbytes, file_bytes)
-    bits = {Q4_K: 4.75, Q6_K: 6.625, Q5_K: 5.75, Q5_0: 5.5, Q5_1: 6.0, IQ4_NL: 5.0, IQ4_XS: 5.0}[qtype]
+    bits = {
+        Q4_K: 4.75,
+        Q6_K: 6.625,
+        Q5_K: 5.75,
+        Q5_0: 5.5,
+        Q5_1: 6.0,
+        IQ4_NL: 5.0,
+        IQ4_XS: 5.0,
+        Q2_K: 2.75,
+        Q3_K: 3.625,
+    }
+    bits = bits[qtype]
     assert qw.nbytes * 8 / (48 * 768) == bits  # IQ4_XS: 5 / 4.25 = 1.18x (an fp32 scale per 32), the others <= 1.15x
 
 
@@ -114,7 +112,8 @@ def test_the_kind_table() -> None:
         "Q5_0": (32, 22, KIND_Q5_0),
         "Q5_1": (32, 24, KIND_Q5_1),
         "Q5_K": (256, 176, KIND_Q5_K),
-        "Q3_K": (256, 110, KIND_Q6_K),  # repacked as Q6_K, exactly
+        "Q2_K": (256, 84, KIND_Q2_K),
+        "Q3_K": (256, 110, KIND_Q3_K),
         "IQ4_NL": (32, 18, GGML_TYPES[IQ4_NL].kind),  # table indices with an fp32 scale per 32 (KIND_IQ4)
         "IQ4_XS": (256, 136, GGML_TYPES[IQ4_NL].kind),
         "F16": (32, 64, GGML_TYPES[1].kind),  # float weights as stored (test_native_float_weights.py)
@@ -125,8 +124,8 @@ def test_the_kind_table() -> None:
     assert QuantWeight(q4.qs, q4.d, q4.m).kind == KIND_Q4 and QuantWeight(q8.qs, q8.d, None).kind == KIND_Q8
     assert q4.kind.entry == q8.kind.entry == "quant_matmul"
     assert {k.entry for k in (KIND_Q4_K, KIND_Q6_K, KIND_Q5_0, KIND_Q5_1, KIND_Q5_K)} == {"quant_matmul_kind"}
-    with pytest.raises(ValueError, match="GGML type 10"):
-        QuantWeight.from_ggml(10, torch.zeros(4, 84, dtype=torch.uint8))  # Q2_K: no kernel
+    with pytest.raises(ValueError, match="GGML type 16"):
+        QuantWeight.from_ggml(16, torch.zeros(4, 66, dtype=torch.uint8))  # IQ2_XXS: no kernel
     with pytest.raises(ValueError, match="expected"):
         QuantWeight.from_ggml(Q4_K, torch.zeros(4, 100, dtype=torch.uint8))
 
@@ -367,21 +366,23 @@ def test_kquant_gguf_loads_quantized_and_decodes_as_the_dequantized_model(isa: s
 
 
 @pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize("qtype,hidden,ffn", [("Q5_0", 64, 96), ("Q5_K", 256, 512)])
-def test_5bit_gguf_loads_quantized_and_decodes_as_the_dequantized_model(
+@pytest.mark.parametrize(
+    "qtype,hidden,ffn", [("Q5_0", 64, 96), ("Q5_K", 256, 512), ("Q2_K", 256, 512), ("Q3_K", 256, 512)]
+)
+def test_one_type_gguf_loads_quantized_and_decodes_as_the_dequantized_model(
     isa: str, qtype: str, hidden: int, ffn: int, tmp_path: Path
 ) -> None:
     """A tiny llama all in Q5_0 (rows of 64 and 96: multiples of 32, not of 256, as SmolLM2's 576 in llama.cpp's
-    Q4_K_M files) or Q5_K: every projection and the head load as QuantLinears of the file's exact weights in the
-    build's mode, the fused decoder runs its one-call layers, and the logits are the dequantized model's as in the
-    Q4_K_M test."""
+    Q4_K_M files), Q5_K, Q2_K or Q3_K: every projection and the head load as QuantLinears of the file's exact weights
+    in the build's mode, the fused decoder runs its one-call layers, and the logits are the dequantized model's as in
+    the Q4_K_M test."""
     pytest.importorskip("transformers")
     from model_core.weights.loader import load_lm
     from tests.model_core.tiny_formats import tiny_hf_llama, tiny_vocab, write_gguf
 
     hf = tiny_hf_llama(n_kv_heads=2, seed=2, hidden=hidden, ffn=ffn)
     path = write_gguf(hf, tmp_path / "m.gguf", qtype, vocab=tiny_vocab()).path
-    kind = GGML_TYPES[{"Q5_0": Q5_0, "Q5_K": Q5_K}[qtype]].kind
+    kind = GGML_TYPES[{"Q5_0": Q5_0, "Q5_K": Q5_K, "Q2_K": Q2_K, "Q3_K": Q3_K}[qtype]].kind
     backend = select_backend(isa)
     int8 = backend.kernels is not None and backend.kernels.isa.int8
     ref = load_lm(path).model
@@ -396,7 +397,7 @@ def test_5bit_gguf_loads_quantized_and_decodes_as_the_dequantized_model(
             assert layer.quant.kind == kind and layer.quant.interleaved == int8, name
             assert torch.equal(layer.quant.dequantize(), ref.get_submodule(name).weight), name
         fused = fast.decoder_fast_path
-        wide = min(8, backend.kernels.isa.wide_max_rows) if backend.kernels else 8  # (5-bit kinds: the ISA's cap)
+        wide = min(8, backend.kernels.isa.wide_max_rows) if backend.kernels else 8  # (not 4-bit kinds: the ISA's cap)
         assert fused is not None and fused.max_rows == wide
         err = (_decode_logits(fast, dtype, backend.kernels) - want).abs().max().item()
         mode = " int8" if int8 else ""
@@ -406,7 +407,9 @@ def test_5bit_gguf_loads_quantized_and_decodes_as_the_dequantized_model(
         elif dtype == torch.float32:
             assert err <= 1e-4 * max(scale, 1.0)
         else:
-            assert err <= max(1.5 * err_dense, 0.05 * scale)
+            # bf16 activations' rounding grows chaotically through a random tiny model: over seeds 2..6 of this model
+            # in Q2_K, Q3_K and Q5_K the kernels' error ranged 0.5x..2.0x the dense bf16 model's (avx512bf16, avx2)
+            assert err <= max(2.5 * err_dense, 0.05 * scale)
 
 
 def test_quantizer_of_the_tests_writes_what_gguf_reads() -> None:
@@ -417,7 +420,7 @@ def test_quantizer_of_the_tests_writes_what_gguf_reads() -> None:
     from tests.utils import quantize_k
 
     w = np.random.default_rng(0).standard_normal((16, 512)).astype(np.float32) * 0.2
-    for qtype, tol in ((Q4_K, 0.08), (Q5_K, 0.04), (Q6_K, 0.04)):
+    for qtype, tol in ((Q2_K, 0.3), (Q3_K, 0.3), (Q4_K, 0.08), (Q5_K, 0.04), (Q6_K, 0.04)):
         raw = quantize_k(w, qtype)
         back = np.asarray(dequantize(raw, GGMLQuantizationType(qtype)), np.float32).reshape(w.shape)
         assert np.abs(back - w).max() <= tol * np.abs(w).max(), qtype

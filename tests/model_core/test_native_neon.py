@@ -1,7 +1,7 @@
 """The NEON builds of the C kernels (neon: armv8-a; neon-dotprod: armv8.2-a with integer dot products), cross-compiled
 for aarch64 and run under qemu-user, against the aarch64 build of the plain-C reference on the same inputs: every
 entry point, fp32 and bf16 activations, the quantized matmul on Q4_0/Q4_1/Q8_0 weights in both modes (exact, and
-int8 activations on interleaved weights) at odd sizes, and on Q4_K/Q5_K/Q6_K and Q5_0/Q5_1 weights (quant_matmul_kind,
+int8 activations on interleaved weights) at odd sizes, and on Q2_K..Q6_K and Q5_0/Q5_1 weights (quant_matmul_kind,
 both modes); and the aarch64 reference build against this machine's own.
 
 Marked `emulated`, so not in the default run: `make test-neon` (installs the tools if missing), or
@@ -45,6 +45,8 @@ from model_core.qmatmul import (
     GGML_TYPES,
     IQ4_NL,
     IQ4_XS,
+    Q2_K,
+    Q3_K,
     Q4_0,
     Q4_1,
     Q4_K,
@@ -425,6 +427,7 @@ def llama_decode_layer_cases() -> Iterator[Call]:
         (256, 512, 2, 1, 96, [4, 11], 11, (Q4_K, Q5_0, Q6_K, Q8_0)),
         (256, 256, 4, 2, 64, [3], 3, (Q5_K, Q5_1, Q4_1, Q5_K)),
         (256, 256, 4, 2, 64, [6, 2], 6, (F16, Q4_K, BF16, Q6_K)),
+        (256, 256, 4, 2, 64, [4, 7], 7, (Q2_K, Q3_K, Q3_K, Q2_K)),
         # Wqkv and Wgate|up in parts of different kinds (a Q4_K_M file's q, k in Q4_K and v in Q6_K): types
         # (q, Wo, gate, Wdown, k and up, v)
         (256, 256, 4, 2, 64, [5, 9, 1], 9, (Q4_K, Q4_K, Q4_K, Q6_K, Q4_K, Q6_K)),
@@ -511,7 +514,7 @@ def quant_matmul_kind_cases() -> Iterator[Call]:
     rng = np.random.default_rng(7)
     fixed = [(1, 1, 1), (19, 13, 2), (4, 70, 1), (7, 31, 3), (2, 9, 6), (9, 5, 4), (5, 45, 2), (16, 41, 1)]
     n = 0
-    for qtype in (Q4_K, Q6_K, Q5_K, Q5_0, Q5_1, IQ4_NL, IQ4_XS, F16, BF16):
+    for qtype in (Q4_K, Q6_K, Q5_K, Q5_0, Q5_1, IQ4_NL, IQ4_XS, Q2_K, Q3_K, F16, BF16):
         for act in (0, 1):
             for (M, N, nsb), i8 in zip(fixed, (0, 1) * 4 if GGML_TYPES[qtype].kind.int8 else (0,) * 8):
                 n += 1

@@ -49,6 +49,8 @@ _FILE_TYPES = {
     "Q5_0": gguf.LlamaFileType.MOSTLY_Q5_0,
     "Q5_1": gguf.LlamaFileType.MOSTLY_Q5_1,
     "Q5_K": gguf.LlamaFileType.MOSTLY_Q5_K_S,
+    "Q2_K": gguf.LlamaFileType.MOSTLY_Q2_K,
+    "Q3_K": gguf.LlamaFileType.MOSTLY_Q3_K_S,
 }
 _Q6_K_IN_Q4_K_M = ("ffn_down.weight", "output.weight")
 _CORPUS = [
@@ -264,12 +266,15 @@ def _gpt2_entries(model: GPT2LMHeadModel, output: bool) -> list[_Entry]:
     return out
 
 
+Q = GGMLQuantizationType
+
+
 def _encode(w: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
     if qtype == GGMLQuantizationType.F32:
         return w.astype(np.float32)
     if qtype == GGMLQuantizationType.F16:
         return w.astype(np.float16)
-    if qtype in (GGMLQuantizationType.Q4_K, GGMLQuantizationType.Q5_K, GGMLQuantizationType.Q6_K):  # gguf has none
+    if qtype in (Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K):  # gguf has no quantizer for them
         return quantize_k(w.astype(np.float32), int(qtype))
     return quantize(w.astype(np.float32), qtype)
 
