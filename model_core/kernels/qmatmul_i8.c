@@ -56,15 +56,15 @@ static inline void unpack_q4(const uint8_t *q, qv *out) {
  * -> 8 vectors of quants in 0..31. add_bits: v into vector k's byte j of a row where bit 4k + j of its run `bits`
  * is set: bit 4 (k % 2) + j of the row's byte k / 2. */
 static inline void add_bits(const uint8_t *bits, char v, qv *out) {
-    const __m256i fifth = qv_load(bits), sixteen = _mm256_set1_epi8(v);
+    const __m256i run = qv_load(bits), value = _mm256_set1_epi8(v);
     for (int k = 0; k < 8; k++) {
         const int b = k / 2;
         const __m256i pick = _mm256_setr_epi8(b, b, b, b, 4 + b, 4 + b, 4 + b, 4 + b, 8 + b, 8 + b, 8 + b, 8 + b,
                                               12 + b, 12 + b, 12 + b, 12 + b, b, b, b, b, 4 + b, 4 + b, 4 + b, 4 + b,
                                               8 + b, 8 + b, 8 + b, 8 + b, 12 + b, 12 + b, 12 + b, 12 + b);
         const __m256i bit = _mm256_set1_epi32((int)(0x08040201u << (4 * (k % 2))));
-        const __m256i set = _mm256_cmpeq_epi8(_mm256_and_si256(_mm256_shuffle_epi8(fifth, pick), bit), bit);
-        out[k] = _mm256_or_si256(out[k], _mm256_and_si256(set, sixteen));
+        const __m256i set = _mm256_cmpeq_epi8(_mm256_and_si256(_mm256_shuffle_epi8(run, pick), bit), bit);
+        out[k] = _mm256_or_si256(out[k], _mm256_and_si256(set, value));
     }
 }
 
@@ -246,14 +246,14 @@ static inline void unpack_q4(const uint8_t *q, qv *out) {
 
 /* as the AVX2 add_bits: vector k's byte j of a row takes v where bit 4 (k % 2) + j of the row's byte k / 2 is set */
 static inline void add_bits(const uint8_t *bits, uint8_t v, qv *out) {
-    const uint8x16_t f[2] = {vld1q_u8(bits), vld1q_u8(bits + 16)}, sixteen = vdupq_n_u8(v);
+    const uint8x16_t f[2] = {vld1q_u8(bits), vld1q_u8(bits + 16)}, value = vdupq_n_u8(v);
     for (int k = 0; k < 8; k++) {
         const uint8_t b = (uint8_t)(k / 2), s = (uint8_t)(4 * (k % 2));
         const uint8x16_t pick = {b, b, b, b, 4 + b, 4 + b, 4 + b, 4 + b, 8 + b, 8 + b, 8 + b, 8 + b, 12 + b, 12 + b, 12 + b, 12 + b};
         const uint8x16_t bit = {1 << s, 2 << s, 4 << s, 8 << s, 1 << s, 2 << s, 4 << s, 8 << s,
                                 1 << s, 2 << s, 4 << s, 8 << s, 1 << s, 2 << s, 4 << s, 8 << s};
-        const uint8x16_t lo = vandq_u8(vtstq_u8(vqtbl1q_u8(f[0], pick), bit), sixteen);
-        const uint8x16_t hi = vandq_u8(vtstq_u8(vqtbl1q_u8(f[1], pick), bit), sixteen);
+        const uint8x16_t lo = vandq_u8(vtstq_u8(vqtbl1q_u8(f[0], pick), bit), value);
+        const uint8x16_t hi = vandq_u8(vtstq_u8(vqtbl1q_u8(f[1], pick), bit), value);
         out[k] = (qv){vorrq_s8(out[k].lo, vreinterpretq_s8_u8(lo)), vorrq_s8(out[k].hi, vreinterpretq_s8_u8(hi))};
     }
 }
