@@ -209,6 +209,7 @@ ENTRY_POINTS: dict[str, EntryPoint] = {
         "act:i i8:i nthreads:i scratch:p scratch_bytes:l",
     ),
     "quant_matmul_kind": _entry(_I, "x:p act:i kind:i qs:p d:p m:p bias:p y:p M:i N:i K:i i8:i nthreads:i"),
+    "quant_dequantize": _entry(_I, "kind:i qs:p d:p m:p out:p N:i K:i act:i nthreads:i"),
 }
 
 # llama_decode_layer's most parts of one projection (AIGC_PROJECTION_PARTS of kernels/aigc_kernels.h)

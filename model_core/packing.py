@@ -53,10 +53,13 @@ class PackedLinear(nn.Module):
 
 
 def pack_linears(model: nn.Module) -> int:
-    """Replace every nn.Linear in `model` by a PackedLinear; returns how many were packed."""
+    """Replace every nn.Linear in `model` (but those without a dense weight) by a PackedLinear; returns how many were
+    packed."""
     count = 0
     for name, child in list(model.named_children()):
         if isinstance(child, nn.Linear):
+            if child.weight.is_meta:  # no dense weight (it runs on its quantized weights only)
+                continue
             setattr(model, name, PackedLinear(child))
             count += 1
         else:

@@ -6,17 +6,20 @@ decode step with few rows reads every weight once, so it is bound by memory traf
 keeps both forms: float32/bfloat16 batches of at most `max_rows` rows go to the native kernel of the
 model's backend (model_core.native), which reads the blocks as stored and takes the product with the
 file's exact weights (fp32 sums); bigger batches (prefill), autograd and other devices go to the dense
-layer, where the BLAS matmul is faster.
+layer, where the BLAS matmul is faster. A layer loaded without dense weights (meta; loader's dense_weights) runs
+those batches on its weights dequantized for the call by the kernels (`dequantize_into`: the same values).
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from model_core import native
@@ -493,6 +496,28 @@ def qmatmul(
     return y.view(*x.shape[:-1], N)
 
 
+def dequantize_into(w: QuantWeight, out: torch.Tensor, kernels: Kernels) -> torch.Tensor:
+    """out (out_features, in_features) float32 or bfloat16, contiguous <- w's weights by the kernels: gguf's float32
+    values (bf16: rounded to nearest even, as a dequantized copy cast to bf16). Returns out."""
+    if out.dtype not in ACT or out.shape != (w.out_features, w.in_features) or not out.is_contiguous():
+        raise ValueError(f"dequantize_into: a contiguous ({w.out_features}, {w.in_features}) fp32/bf16 tensor")
+    rf = w.row_form()  # (the kernel reads the row form: an interleaved weight is regrouped, a copy of its bytes)
+    kernels.call(
+        "quant_dequantize",
+        rf.kind.value,
+        rf.qs.data_ptr(),
+        rf.d.data_ptr(),
+        None if rf.m is None else rf.m.data_ptr(),
+        out.data_ptr(),
+        rf.out_features,
+        rf.in_features,
+        ACT[out.dtype],
+        torch.get_num_threads(),
+        context=f"dequantize {rf.kind.name} N={rf.out_features} K={rf.in_features}",
+    )
+    return out
+
+
 class QuantLinear(nn.Module):
     """A linear layer with a quantized copy of its weight: float32/bf16 CPU batches of at most `max_rows` rows
     use the kernel; larger ones, other dtypes, anything needing autograd and, for int8 mode, whatever runs under
@@ -545,6 +570,12 @@ class QuantLinear(nn.Module):
         assert isinstance(w, torch.Tensor)
         return w
 
+    @property
+    def has_dense(self) -> bool:
+        """Whether the wrapped layer holds dense weights; without (a model loaded with dense_weights off), the batches
+        that would run on them run on the weights dequantized for the call instead (the same values)."""
+        return not self.weight.is_meta
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // max(x.shape[-1], 1)
         if (
@@ -554,7 +585,7 @@ class QuantLinear(nn.Module):
             or x.device.type != "cpu"
             or (_EXACT_ONLY.get() and any(w.interleaved for w in self.parts))
         ):
-            return self.dense(x)
+            return self.dense(x) if self.has_dense else _dense_layer_forward(self, x)
         bias, every = self.qbias, self.max_rows >= ALL_ROWS  # (every batch on the kernel: one method for all)
         if len(self.parts) == 1:
             return qmatmul(x, self.parts[0], self.kernels, bias, every)
@@ -565,19 +596,55 @@ class QuantLinear(nn.Module):
         return torch.cat(outs, dim=-1)
 
 
+_SCRATCH = threading.local()  # per thread: the last dequantized weights' buffer, reused (see _dense_layer_forward)
+_SCRATCH_KEEP = 256 << 20  # bytes: bigger buffers (an LM head over many rows) are not kept between calls
+
+
+def _scratch(numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """A flat buffer of at least numel elements of dtype, this thread's (kept for the next call up to _SCRATCH_KEEP)."""
+    buf = getattr(_SCRATCH, "buf", None)
+    if buf is not None and buf.dtype == dtype and buf.numel() >= numel:
+        return buf[:numel]
+    buf = torch.empty(numel, dtype=dtype)
+    if numel * buf.element_size() <= _SCRATCH_KEEP:
+        _SCRATCH.buf = buf
+    return buf
+
+
+def _dense_layer_forward(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
+    """x @ W^T (+ bias) with W the layer's weights dequantized into a scratch buffer by its kernels (each part into
+    its rows): the dense layer's product (the same weights in x's dtype) for a layer that keeps none."""
+    if x.requires_grad or x.dtype not in ACT or x.device.type != "cpu":
+        raise ValueError(
+            "this layer keeps only its quantized weights (dense weights off): it runs float32/bfloat16 CPU inference"
+        )
+    N, K = sum(part.out_features for part in layer.parts), layer.parts[0].in_features
+    w = _scratch(N * K, x.dtype).view(N, K)
+    at = 0
+    for part in layer.parts:
+        dequantize_into(part, w[at : at + part.out_features], layer.kernels)
+        at += part.out_features
+    bias = getattr(layer.dense, "bias", None)
+    return F.linear(x, w, None if bias is None else bias.to(x.dtype))
+
+
 def attach_quantized(
     model: nn.Module, weights: Mapping[str, QuantWeight | Sequence[QuantWeight]], max_rows: int, kernels: Kernels
 ) -> int:
     """Wrap each linear layer named in `weights` (module paths, e.g. 'blocks.0.attn.qkv'; a weight, or its parts
     stacked by rows) in a QuantLinear serving up to `max_rows` rows (at most the kernels' wide_max_rows where none of
-    it is of a 4-bit kind, unless ALL_ROWS), in the form the kernels' mode reads (interleaved for int8 activations;
-    float weights stay as stored, their products exact); returns how many were wrapped."""
+    it is of a 4-bit kind and the layer has dense weights, unless ALL_ROWS), in the form the kernels' mode reads
+    (interleaved for int8 activations; float weights stay as stored, their products exact); returns how many were
+    wrapped."""
     for name, weight in weights.items():
         parts = [weight] if isinstance(weight, QuantWeight) else list(weight)
         parts = [w.interleave() if kernels.isa.int8 and w.kind.int8 else w for w in parts]
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        wide = all(w.kind not in NARROW_KINDS for w in parts)  # (a wide part beside 4-bit ones: the 4-bit limit)
+        dense = getattr(parent, attr)
+        # the wide kinds' lower limit where the layer has dense weights to fall back on (a wide part beside 4-bit
+        # ones: the 4-bit limit); without them a batch above the limit would dequantize the weights for the call
+        wide = all(w.kind not in NARROW_KINDS for w in parts) and not dense.weight.is_meta
         rows = max_rows if not wide or max_rows >= ALL_ROWS else min(max_rows, kernels.isa.wide_max_rows)
-        setattr(parent, attr, QuantLinear(getattr(parent, attr), parts, rows, kernels))
+        setattr(parent, attr, QuantLinear(dense, parts, rows, kernels))
     return len(weights)

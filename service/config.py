@@ -45,6 +45,13 @@ class Settings(BaseSettings):
         "kernels); 0 = off; default: the kernels' own (avx512bf16 with AMX 16 for the 4-bit kinds and 4 for the "
         "others, without AMX 6; avx2 without AVX-512 512, others 32)",
     )
+    dense_weights: Literal["auto", "keep", "drop"] = Field(
+        "auto",
+        description="a GGUF's quantized linear layers also keep dense copies (dequantized at load: prompt chunks and "
+        "batches above quant_max_rows run on them, the fastest prompts) or not (drop: those batches dequantize each "
+        "layer's weights for the call, the same products, about a quarter of the memory); auto = keep where the "
+        "copies take at most a quarter of the memory available",
+    )
     batch_invariant: bool = Field(
         False,
         description="temperature 0 gives the same text under any load: each token's logits are computed the same "

@@ -98,6 +98,7 @@ def build_text_model(settings: Settings, observer: EngineObserver | None = None)
             settings.kernels,
             settings.quant_max_rows,
             settings.batch_invariant,
+            {"auto": None, "keep": True, "drop": False}[settings.dense_weights],
         )
     except _expected_load_errors() as e:
         raise StartupError(f"cannot load {_model_label(settings)}: {_reason(e)}") from e

@@ -170,4 +170,9 @@ enum {
 AIGC_API int quant_matmul_kind(const void *x, int act, int kind, const uint8_t *qs, const void *d, const void *m,
                                const float *bias, void *y, int M, int N, int K, int i8, int nthreads);
 
+/* The weights of a matrix in quant_matmul_kind's row form (not interleaved), as gguf dequantizes them: out (N, K) in
+ * act (fp32, or bf16 rounded to nearest even). AIGC_ERR_ARGS as quant_matmul_kind's (M aside); AIGC_ERR_NOMEM. */
+AIGC_API int quant_dequantize(int kind, const uint8_t *qs, const void *d, const void *m, void *out, int N, int K,
+                              int act, int nthreads);
+
 #endif

@@ -228,6 +228,10 @@ static inline void qkind_row_bytes(int kind, int K, size_t *qs, size_t *d, size_
     *d = kind == QKIND_Q5_0 || kind == QKIND_Q5_1 ? nb * 2 : nsb * 4 * (kind == QKIND_Q6_K ? 1 : 2);
     *m = kind == QKIND_Q5_1 ? nb * 2 : kind == QKIND_Q5_0 ? 0 : nsb * 16;
 }
+/* k_dequantize: out (N, K) in act = the weights of a row-form matrix of any kind (as k_qmatmul_kind takes it; QKIND_Q4,
+ * QKIND_Q8 as k_qmatmul), gguf's float32 values, rounded to bf16 (nearest even) for ACT_BF16 */
+int k_dequantize(int kind, const uint8_t *qs, const void *d, const void *m, void *out, int N, int K, int act,
+                 int nthreads);
 int k_attention(const void *q, const void *kv, const int64_t *rows, const int32_t *lens, void *out, int B, int nh,
                 int nkv, int hs, int Tk, float scale, float softcap, int window, int act, int nthreads);
 void k_rmsnorm(const void *x, const void *w, float eps, void *out, int B, int C, int act);

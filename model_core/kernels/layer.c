@@ -32,6 +32,11 @@ int quant_matmul_kind(const void *x, int act, int kind, const uint8_t *qs, const
     return k_qmatmul_kind(x, act, kind, qs, d, m, bias, y, M, N, K, i8, nthreads);
 }
 
+int quant_dequantize(int kind, const uint8_t *qs, const void *d, const void *m, void *out, int N, int K, int act,
+                     int nthreads) {
+    return k_dequantize(kind, qs, d, m, out, N, K, act, nthreads);
+}
+
 int paged_attention_decode(const void *q, const void *kv, const int64_t *rows, const int32_t *lens, void *out, int B,
                            int nh, int nkv, int hs, int Tk, float scale, float softcap, int window, int act,
                            int nthreads) {

@@ -385,3 +385,36 @@ int k_qmatmul_kind(const void *x, int act, int kind, const uint8_t *qs, const vo
     qkind_row_bytes(kind, K, &row_bytes, &d_bytes, &m_bytes);
     return exact_rows(x, act, kind, qs, d, m, bias, y, M, N, K, row_bytes, d_bytes, m_bytes, nthreads);
 }
+
+int k_dequantize(int kind, const uint8_t *qs, const void *d, const void *m, void *out, int N, int K, int act,
+                 int nthreads) {
+    size_t row_bytes, d_bytes, m_bytes; /* a weight row's qs, d and m */
+    if (kind == QKIND_Q4 || kind == QKIND_Q8) {
+        if (K % BLOCK || N <= 0 || !qs || !d || (kind == QKIND_Q4 && !m)) return AIGC_ERR_ARGS;
+        row_bytes = (size_t)(K / BLOCK) * (kind == QKIND_Q4 ? 16 : 32), d_bytes = m_bytes = (size_t)(K / BLOCK) * 2;
+    } else {
+        if (!qkind_args_ok(kind, qs, d, m, 1, N, K)) return AIGC_ERR_ARGS;
+        qkind_row_bytes(kind, K, &row_bytes, &d_bytes, &m_bytes);
+    }
+    int bad = 0;
+#pragma omp parallel num_threads(nthreads) reduction(| : bad)
+    {
+        float *wf = act == ACT_BF16 ? malloc((size_t)K * sizeof(float)) : NULL; /* a row before its rounding */
+        if (act == ACT_BF16 && !wf) bad = 1;
+#pragma omp for schedule(static)
+        for (int n = 0; n < N; n++) {
+            if (act == ACT_BF16 && !wf) continue;
+            float *w = act == ACT_BF16 ? wf : (float *)out + (size_t)n * K;
+            const uint8_t *qn = qs + (size_t)n * row_bytes, *dn = (const uint8_t *)d + (size_t)n * d_bytes;
+            const uint8_t *mn = m ? (const uint8_t *)m + (size_t)n * m_bytes : NULL;
+            if (kind == QKIND_Q4 || kind == QKIND_Q8)
+                dequantize_row(qn, (const uint16_t *)dn, kind == QKIND_Q4 ? (const uint16_t *)mn : NULL, K / BLOCK, w);
+            else
+                dequantize_row_kind(kind, qn, dn, mn, K, w);
+            if (act == ACT_BF16)
+                for (int k = 0; k < K; k++) ((uint16_t *)out)[(size_t)n * K + k] = float_to_bf16(w[k]);
+        }
+        free(wf);
+    }
+    return bad ? AIGC_ERR_NOMEM : AIGC_OK;
+}

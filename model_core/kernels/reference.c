@@ -232,6 +232,16 @@ static float weight_at_k(int kind, const uint8_t *qs, const float *d, const uint
     return scale * (float)(nib + (hi << 4) - 32);
 }
 
+/* the weight (n, k) of a row-form matrix of any kind but QKIND_Q4/QKIND_Q8 (common.h, k_qmatmul_kind) */
+static float kind_weight_at(int kind, const uint8_t *qs, const void *d, const void *m, int K, int n, int k) {
+    const size_t sub = (size_t)n * (K / 32) + k / 32;
+    if (qkind_float(kind)) return (kind == QKIND_F16 ? half_to_float : bf16_to_float)(((const uint16_t *)qs)[(size_t)n * K + k]);
+    if (kind == QKIND_IQ4)
+        return ((const float *)d)[sub] * (float)IQ4_VALUES[k % 32 < 16 ? qs[sub * 16 + k % 16] & 0x0F : qs[sub * 16 + k % 16] >> 4];
+    if (kind == QKIND_Q5_0 || kind == QKIND_Q5_1 || kind == QKIND_Q5_K) return weight_at_q5(kind, qs, d, m, K, n, k);
+    return weight_at_k(kind, qs, d, m, K / 256, n, k);
+}
+
 int k_qmatmul_kind(const void *x, int act, int kind, const uint8_t *qs, const void *d, const void *m,
                    const float *bias, void *y, int M, int N, int K, int i8, int nthreads) {
     if (kind == QKIND_Q4 || kind == QKIND_Q8)
@@ -241,22 +251,29 @@ int k_qmatmul_kind(const void *x, int act, int kind, const uint8_t *qs, const vo
     if (!qkind_args_ok(kind, qs, d, m, M, N, K)) return AIGC_ERR_ARGS;
     const int fl = qkind_float(kind);
     if ((i8 & AIGC_INT8) && !fl) return ref_qmatmul_i8(x, act, kind, qs, d, m, bias, y, M, N, K);
-    const int q5 = kind == QKIND_Q5_0 || kind == QKIND_Q5_1 || kind == QKIND_Q5_K;
-    const uint16_t *h = (const uint16_t *)qs; /* float weights: (N, K) halves or bfloat16 */
-    const float *dq = d; /* QKIND_IQ4: (N, K/32) */
     for (int r = 0; r < M; r++)
         for (int n = 0; n < N; n++) {
             float s = 0.0f;
-            for (int k = 0; k < K; k++)
-                s += (fl ? (kind == QKIND_F16 ? half_to_float : bf16_to_float)(h[(size_t)n * K + k])
-                      : kind == QKIND_IQ4
-                          ? dq[(size_t)n * (K / 32) + k / 32] *
-                                (float)IQ4_VALUES[(k % 32 < 16 ? qs[((size_t)n * (K / 32) + k / 32) * 16 + k % 16] & 0x0F
-                                                               : qs[((size_t)n * (K / 32) + k / 32) * 16 + k % 16] >> 4)]
-                      : q5 ? weight_at_q5(kind, qs, d, m, K, n, k)
-                           : weight_at_k(kind, qs, d, m, K / 256, n, k)) *
-                     load_act(x, (size_t)r * K + k, act);
+            for (int k = 0; k < K; k++) s += kind_weight_at(kind, qs, d, m, K, n, k) * load_act(x, (size_t)r * K + k, act);
             store_act(y, (size_t)r * N + n, s + (bias ? bias[n] : 0.0f), act);
         }
+    return AIGC_OK;
+}
+
+int k_dequantize(int kind, const uint8_t *qs, const void *d, const void *m, void *out, int N, int K, int act,
+                 int nthreads) {
+    (void)nthreads;
+    if (kind == QKIND_Q4 || kind == QKIND_Q8) {
+        if (K % 32 || N <= 0 || !qs || !d || (kind == QKIND_Q4 && !m)) return AIGC_ERR_ARGS;
+    } else if (!qkind_args_ok(kind, qs, d, m, 1, N, K)) {
+        return AIGC_ERR_ARGS;
+    }
+    for (int n = 0; n < N; n++)
+        for (int k = 0; k < K; k++)
+            store_act(out, (size_t)n * K + k,
+                      kind == QKIND_Q4 || kind == QKIND_Q8
+                          ? weight_at(qs, d, kind == QKIND_Q4 ? m : NULL, K / 32, n, k)
+                          : kind_weight_at(kind, qs, d, m, K, n, k),
+                      act);
     return AIGC_OK;
 }

@@ -7,7 +7,8 @@ Prints the best of 3 times of one `prompt-tokens` prompt forward through the pag
 request's first chunk costs), and decode throughput (rows / median step time over 40 steps at 200 keys) for each
 decode batch: the cost of the batch-invariant mode (prompts on the kernels) against dense prompt matmuls, of one
 kernel build against another, and (`--quant-max-rows`, the server's setting) of decode batches on the quantized
-kernels against the dense matmuls, without a server. An in-process measurement of model_core (no HTTP), hence
+kernels against the dense matmuls, and (`--dense-weights`) the memory the model takes against its prompt time,
+without a server. An in-process measurement of model_core (no HTTP), hence
 here rather than in benchmarks/.
 """
 
@@ -33,6 +34,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--prompt-tokens", type=int, default=512)
     ap.add_argument("--batches", default="1,4,16")
     ap.add_argument("--quant-max-rows", type=int, default=None, help="default: the backend's")
+    ap.add_argument("--dense-weights", choices=("auto", "keep", "drop"), default="auto", help="as the server's")
     a = ap.parse_args(argv)
 
     lm = load_for_inference(
@@ -42,8 +44,10 @@ def main(argv: list[str] | None = None) -> None:
         a.kernels,
         quantized_max_rows=a.quant_max_rows,
         batch_invariant=a.batch_invariant,
+        dense_weights={"auto": None, "keep": True, "drop": False}[a.dense_weights],
     )
     cfg, dtype, block = lm.config, lm.model.embed.weight.dtype, 16
+    loaded = f"loaded in {lm.load_seconds:.1f} s, {_memory()}"
 
     def cache(blocks: int) -> PagedKVCache:
         return PagedKVCache(
@@ -85,8 +89,21 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"{lm.backend.name}, {str(dtype).removeprefix('torch.')}, batch-invariant {lm.batch_invariant}, "
         f"{torch.get_num_threads()} threads: {len(ids)}-token prompt {best * 1000:.0f} ms; "
-        f"decode tok/s at rows {', '.join(rates)}"
+        f"decode tok/s at rows {', '.join(rates)}; {loaded}"
     )
+
+
+def _memory() -> str:
+    """This process's resident memory now and its peak so far (Linux; elsewhere the peak only)."""
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    try:
+        with open("/proc/self/status") as f:
+            now = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+    except (OSError, StopIteration):
+        return f"peak resident {peak:.0f} MiB"
+    return f"resident {now:.0f} MiB (peak {peak:.0f})"
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from model_core.lm import CausalLM, LMConfig
 
@@ -28,8 +29,15 @@ def build_lm(
     unexpected = sorted(set(sd) - set(expected))
     if unexpected:
         raise ValueError(f"checkpoint has {len(unexpected)} tensors the model does not use, e.g. {unexpected[:5]}")
-    model.to_empty(device=device)
-    model.load_state_dict({k: v.to(dtype) for k, v in sd.items()}, strict=False, assign=False)
+    model.to(dtype).to_empty(device=device)  # (the dtype first, on meta: the storage is allocated once, in it)
+    with torch.no_grad():  # tensor by tensor (no second copy of the whole checkpoint in the model's dtype)
+        params = model.state_dict(keep_vars=True)
+        for name, value in sd.items():
+            if value.is_meta:  # not loaded (a linear layer that runs on its quantized weights only): shape only
+                owner, _, attr = name.rpartition(".")
+                setattr(model.get_submodule(owner), attr, nn.Parameter(value.to(dtype), requires_grad=False))
+            else:
+                params[name].copy_(value)
     if cfg.tie_embeddings:
         model.lm_head.weight = model.embed.weight
     # buffers (rotary tables) were on meta: rebuild them on the device

@@ -18,7 +18,7 @@ from model_core import models
 from model_core.lm import LMConfig
 from model_core.qmatmul import GGML_TYPES, QuantWeight
 from model_core.weights.gguf_reader import GGUFFile, open_gguf
-from model_core.weights.names import Layout, linear_sources, state_dict_from_layout, unpermute_rope_rows
+from model_core.weights.names import GGUF_EMBED, Layout, linear_sources, state_dict_from_layout, unpermute_rope_rows
 
 log = logging.getLogger(__name__)
 
@@ -55,9 +55,11 @@ def dequantize_tensor(t: Any) -> torch.Tensor:
 
 
 def load_gguf(
-    path: str | os.PathLike[str], file: GGUFFile | None = None
+    path: str | os.PathLike[str], file: GGUFFile | None = None, skip_quantized: bool = False
 ) -> tuple[LMConfig, dict[str, torch.Tensor], dict[str, Any]]:
-    """Returns (config, tensors by our names as float32, metadata); `file`: `path` already opened."""
+    """Returns (config, tensors by our names as float32, metadata); `file`: `path` already opened. skip_quantized: the
+    linear layers' tensors that load_gguf_blocks reads (those the kernels run as stored; not the token embedding) are
+    not dequantized: their entries are float32 tensors on the meta device (shapes only)."""
     from tqdm import tqdm
 
     file = file or open_gguf(path)
@@ -67,23 +69,25 @@ def load_gguf(
     if freqs is not None:  # Llama 3's rope scaling, a divisor per frequency: part of the config
         meta["_rope_freqs"] = tuple(float(f) for f in dequantize_tensor(freqs).reshape(-1))
     cfg = config_from_metadata(meta)
+    skip = _quantized_tensor_names(cfg, file) - {GGUF_EMBED} if skip_quantized else set()
     raw = {
-        t.name: dequantize_tensor(t)
+        t.name: _shape_only(t) if t.name in skip else dequantize_tensor(t)
         for t in tqdm(file.tensors, desc="dequantizing", unit="tensor", leave=False, disable=None)
         if t.name != ROPE_FREQS
     }
     return cfg, state_dict_from_layout(raw, gguf_layout(cfg)), meta
 
 
-def load_gguf_blocks(
-    path: str | os.PathLike[str], cfg: LMConfig, file: GGUFFile | None = None
-) -> dict[str, QuantWeight | tuple[QuantWeight, ...]]:
-    """The linear layers whose GGUF tensors are all in types the quantized kernels run (model_core.qmatmul.GGML_TYPES),
-    repacked in our row order, keyed by module path: one weight where the layer's tensors are of one type, else its
-    parts stacked by rows, one per run of tensors of one type (a Q4_K_M file's QKV: q, k in Q4_K, v in Q6_K: two
-    parts), each as stored. Layers with a tensor of another type are left out."""
-    tensors = {t.name: t for t in (file or open_gguf(path)).tensors}
-    out: dict[str, QuantWeight | tuple[QuantWeight, ...]] = {}
+def _shape_only(t: Any) -> torch.Tensor:
+    """A `gguf.ReaderTensor`'s float32 (rows, cols) shape on the meta device."""
+    return torch.empty(tuple(int(d) for d in reversed(t.shape)), dtype=torch.float32, device="meta")
+
+
+def _quantized_sources(cfg: LMConfig, file: GGUFFile) -> dict[str, list[tuple[str, int | None]]]:
+    """The linear layers (module paths) whose GGUF tensors are all of types the kernels run (GGML_TYPES) in whole
+    blocks per row, with their tensors (as linear_sources)."""
+    tensors = {t.name: t for t in file.tensors}
+    out = {}
     for module, parts in linear_sources(gguf_layout(cfg), set(tensors)).items():
         if any(name not in tensors or int(tensors[name].tensor_type) not in GGML_TYPES for name, _ in parts):
             continue
@@ -93,6 +97,34 @@ def load_gguf_blocks(
             for name, _ in parts
         ):
             continue  # F16/BF16 rows of K not a multiple of 32: dense only
+        out[module] = parts
+    return out
+
+
+def _quantized_tensor_names(cfg: LMConfig, file: GGUFFile) -> set[str]:
+    return {name for parts in _quantized_sources(cfg, file).values() for name, _ in parts}
+
+
+def quantized_linear_weights(file: GGUFFile) -> int:
+    """How many weights the linear layers that run on their quantized weights hold (the dense copies load_gguf makes
+    of them unless skip_quantized; the token embedding aside)."""
+    meta = dict(file.metadata)
+    meta["_tensor_names"] = file.tensor_names
+    names = _quantized_tensor_names(config_from_metadata(meta), file) - {GGUF_EMBED}
+    return sum(int(np.prod([int(d) for d in t.shape])) for t in file.tensors if t.name in names)
+
+
+def load_gguf_blocks(
+    path: str | os.PathLike[str], cfg: LMConfig, file: GGUFFile | None = None
+) -> dict[str, QuantWeight | tuple[QuantWeight, ...]]:
+    """The linear layers whose GGUF tensors are all in types the quantized kernels run (model_core.qmatmul.GGML_TYPES),
+    repacked in our row order, keyed by module path: one weight where the layer's tensors are of one type, else its
+    parts stacked by rows, one per run of tensors of one type (a Q4_K_M file's QKV: q, k in Q4_K, v in Q6_K: two
+    parts), each as stored. Layers with a tensor of another type are left out."""
+    file = file or open_gguf(path)
+    tensors = {t.name: t for t in file.tensors}
+    out: dict[str, QuantWeight | tuple[QuantWeight, ...]] = {}
+    for module, parts in _quantized_sources(cfg, file).items():
         runs: list[tuple[int, list[torch.Tensor]]] = []  # (type, its tensors' rows), in the layer's order
         for name, heads in parts:
             raw = torch.from_numpy(np.array(tensors[name].data)).view(torch.uint8)  # (rows, row bytes): F16 arrays too

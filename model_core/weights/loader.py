@@ -65,6 +65,7 @@ def load_lm(
     native_decode: bool = True,
     backend: DecodeBackend = TORCH,
     batch_invariant: bool = False,
+    dense_weights: bool | None = True,
 ) -> LoadedLM:
     """pack: on CPUs that run oneDNN's bf16 matmuls, pre-pack bf16 linear weights (same results, faster).
     backend: what runs decode steps (model_core.backend.select_backend); with native kernels:
@@ -74,7 +75,12 @@ def load_lm(
     native_decode: run decode steps of llama models with native kernels between the matmuls
     (model_core.fused_decode); batch_invariant: every matmul on its kernel at any batch size, prompt chunks
     included (quantized_max_rows None then means all rows), and `model.batch_invariant` set where that makes each
-    token's logits independent of its batch (model_core.lm); a warning says why where it does not."""
+    token's logits independent of its batch (model_core.lm); a warning says why where it does not.
+    dense_weights: for a GGUF file whose linear layers run on their quantized weights, also keep dense copies of them
+    (dequantized at load; prompt chunks and batches above quantized_max_rows run on them, packed for oneDNN where it
+    applies); False: only the quantized weights (those batches dequantize each layer's weights into a scratch buffer
+    for the call: the same products, about a quarter of the memory); None: False where the dense copies would take
+    more than a quarter of the memory available (DENSE_SHARE), else True."""
     from model_core.weights.gguf import load_gguf, load_gguf_blocks
     from model_core.weights.gguf_reader import open_gguf
     from model_core.weights.safetensors import load_safetensors_dir
@@ -82,13 +88,22 @@ def load_lm(
     t0 = time.perf_counter()
     p = Path(path)
     file: GGUFFile | None = None
+    kernels = backend.kernels if torch.device(device).type == "cpu" else None
+    if kernels is None:
+        backend = TORCH
+    max_rows = backend.quant_max_rows if quantized_max_rows is None else quantized_max_rows
+    if batch_invariant and quantized_max_rows is None and kernels is not None:
+        max_rows = ALL_ROWS
     if p.is_dir():
         cfg, sd, _ = load_safetensors_dir(p)
         tok = Tokenizer.from_pretrained_dir(p)
         name = p.name
     elif p.is_file():
         file = open_gguf(p)  # read by both the dense and the quantized loaders
-        cfg, sd, meta = load_gguf(p, file)
+        lean = kernels is not None and max_rows > 0 and not _keep_dense(dense_weights, file, dtype, pack)
+        cfg, sd, meta = load_gguf(p, file, skip_quantized=lean)
+        if lean:
+            log.info("dense weights off: linear layers keep only their quantized weights")
         tok = Tokenizer.from_gguf(p, meta)
         name = p.name[: -len(".gguf")] if p.name.endswith(".gguf") else p.name
     else:
@@ -97,14 +112,9 @@ def load_lm(
         raise ValueError(f"the tokenizer has {tok.vocab_size} tokens but the model's vocabulary is {cfg.vocab_size}")
     n_params = sum(t.numel() for name, t in sd.items() if name != "lm_head.weight" or not cfg.tie_embeddings)
     model = build_lm(cfg, sd, dtype=dtype, device=device)
+    del sd  # (the checkpoint in float32: the model holds its own copy)
     if pack and packing_available(dtype, torch.device(device)):
         log.info("packed %d linear layers for oneDNN", pack_linears(model))
-    kernels = backend.kernels if torch.device(device).type == "cpu" else None
-    if kernels is None:
-        backend = TORCH
-    max_rows = backend.quant_max_rows if quantized_max_rows is None else quantized_max_rows
-    if batch_invariant and quantized_max_rows is None and kernels is not None:
-        max_rows = ALL_ROWS
     if kernels is not None and max_rows > 0 and file is not None:
         n = attach_quantized(model, load_gguf_blocks(p, cfg, file), max_rows, kernels)
         log.info("%d linear layers also run on their quantized weights for up to %d rows", n, max_rows)
@@ -139,6 +149,38 @@ def load_lm(
     return LoadedLM(model, tok, cfg, str(p), name, dt, backend)
 
 
+DENSE_SHARE = 0.25  # dense_weights=None keeps dense copies that take at most this share of the available memory
+
+
+def _keep_dense(dense_weights: bool | None, file: GGUFFile, dtype: torch.dtype, pack: bool) -> bool:
+    """dense_weights decided: None by the dense copies' size (twice over where oneDNN packs them) against the memory
+    available now."""
+    if dense_weights is not None:
+        return dense_weights
+    from model_core.weights.gguf import quantized_linear_weights
+
+    copies = 2 if pack and packing_available(dtype, torch.device("cpu")) else 1
+    need = quantized_linear_weights(file) * dtype.itemsize * copies
+    keep = need <= DENSE_SHARE * available_memory()
+    if not keep:
+        log.info(
+            "dense copies would take %.1f GiB (%d of each weight): only quantized weights kept", need / 2**30, copies
+        )
+    return keep
+
+
+def available_memory() -> int:
+    """Bytes of memory available to new allocations (Linux's MemAvailable; elsewhere the free physical pages)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
 def _count(n: int) -> str:
     return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
 
@@ -156,6 +198,7 @@ def load_for_inference(
     kernels: str = "auto",
     quantized_max_rows: int | None = None,
     batch_invariant: bool = False,
+    dense_weights: bool | None = None,
 ) -> LoadedLM:
     """Device, then decode backend, then dtype (auto picks by what the backend computes fast), then the model;
     logs one line naming the backend, ISA, dtype and threads."""
@@ -168,6 +211,7 @@ def load_for_inference(
         quantized_max_rows=quantized_max_rows,
         backend=backend,
         batch_invariant=batch_invariant,
+        dense_weights=dense_weights,
     )
     log.info("%s", lm.backend.describe(lm.model.embed.weight.dtype, torch.get_num_threads()))
     return lm

@@ -39,6 +39,7 @@ typedef __typeof__(llama_swiglu) llama_swiglu_fn;
 typedef __typeof__(llama_attention) llama_attention_fn;
 typedef __typeof__(llama_decode_layer) llama_decode_layer_fn;
 typedef __typeof__(quant_matmul_kind) quant_matmul_kind_fn;
+typedef __typeof__(quant_dequantize) quant_dequantize_fn;
 
 /* One per entry point: call fn with the request's buffers b, ints i and floats f (in the order above). */
 typedef void (*any_fn)(void);
@@ -101,6 +102,11 @@ static int call_quant_matmul_kind(any_fn fn, void **b, const int64_t *i, const f
     return ((quant_matmul_kind_fn *)fn)(b[0], I(0), I(1), b[1], b[2], b[3], b[4], b[5], I(2), I(3), I(4), I(5), I(6));
 }
 
+static int call_quant_dequantize(any_fn fn, void **b, const int64_t *i, const float *f) {
+    (void)f;
+    return ((quant_dequantize_fn *)fn)(I(0), b[0], b[1], b[2], b[3], I(1), I(2), I(3), I(4));
+}
+
 static const struct {
     const char *name;
     unsigned nbuf, nint, nflt;
@@ -116,6 +122,7 @@ static const struct {
     {"llama_attention", 11, 9, 3, call_llama_attention},
     {"llama_decode_layer", 53, 13, 3, call_llama_decode_layer},
     {"quant_matmul_kind", 6, 7, 0, call_quant_matmul_kind},
+    {"quant_dequantize", 4, 5, 0, call_quant_dequantize},
 };
 
 static void die(const char *what, const char *detail) {

@@ -111,6 +111,7 @@ OUTPUTS = {
     "llama_attention": ("qkv", "kv", "att"),
     "llama_decode_layer": ("x", "kv"),
     "quant_matmul_kind": ("y",),
+    "quant_dequantize": ("out",),
 }
 ENTRIES = list(SIGNATURES)[2:]  # those with cases (CASES)
 
@@ -554,6 +555,22 @@ def quant_matmul_kind_cases() -> Iterator[Call]:
         )  # fmt: skip
 
 
+def quant_dequantize_cases() -> Iterator[Call]:
+    """Every kind's row form (and the older two forms) dequantized to fp32 and bf16."""
+    rng = np.random.default_rng(11)
+    for n, qtype in enumerate((Q4_0, Q8_0, Q4_K, Q6_K, Q5_K, Q5_0, Q5_1, IQ4_NL, IQ4_XS, Q2_K, Q3_K, F16, BF16)):
+        N, K = 3 + n, 256 * (1 + n % 2)
+        qw = quantized(qtype, N, K, rng, 0) if qtype in QTYPES else kquant_weight(qtype, N, K, seed=n)[0]
+        qs, d, m = weight_buffers(qw)
+        for act in (0, 1):
+            yield Call(
+                "quant_dequantize",
+                dict(kind=qw.kind.value, qs=qs, d=d, m=m, out=np.zeros((N, K), np.float32 if act == 0 else np.uint16),
+                     N=N, K=K, act=act, nthreads=1 + n % 2),
+                f"{qw.kind.name} N={N} K={K}",
+            )  # fmt: skip
+
+
 CASES: dict[str, Callable[[], Iterator[Call]]] = {
     "quant_matmul": quant_matmul_cases,
     "paged_attention_decode": paged_attention_decode_cases,
@@ -563,6 +580,7 @@ CASES: dict[str, Callable[[], Iterator[Call]]] = {
     "llama_attention": llama_attention_cases,
     "llama_decode_layer": llama_decode_layer_cases,
     "quant_matmul_kind": quant_matmul_kind_cases,
+    "quant_dequantize": quant_dequantize_cases,
 }
 
 
