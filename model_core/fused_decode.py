@@ -187,7 +187,7 @@ class FusedLlamaDecoder:
     def __init__(self, model: CausalLM, kernels: Kernels) -> None:
         cfg = model.cfg
         gap = unsupported(cfg)
-        if gap is not None or cfg.hd % 16 or model.embed.weight.dtype not in ACT:
+        if gap is not None or cfg.hd % 16 or model.dtype not in ACT:
             raise ValueError(
                 f"the fused decoder runs float32 or bf16 llama blocks with a head size multiple of 16 ({gap})"
             )
@@ -195,7 +195,7 @@ class FusedLlamaDecoder:
         assert rotary is not None
         self.cfg = cfg
         self.kernels = kernels
-        self.embed = model.embed  # its weight's dtype is the activations'
+        self.final_norm = model.norm  # its weight's dtype and device are the model's (the activations')
         self.rotary = rotary  # its cos, sin buffers (L, hs) are read at each step (they follow the model's dtype)
         self.rotary_local = model.rotary_local  # the windowed layers' tables, where their base differs (Gemma 3)
         self.gate = GATES[cfg.activation]
@@ -221,7 +221,7 @@ class FusedLlamaDecoder:
         the cache's dtype."""
         if cache is None or not cache.attends_in_place:
             return False
-        w = self.embed.weight
+        w = self.final_norm.weight
         return w.dtype in ACT and w.device.type == "cpu" and cache.kv.dtype == w.dtype
 
     def run(self, x: torch.Tensor, positions: torch.Tensor, cache: PagedKVCache) -> torch.Tensor:

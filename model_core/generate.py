@@ -49,7 +49,7 @@ def generate(
     """Yields one Step per generated token. Text is produced only when a tokenizer is given. kernels: the
     model's backend's (LoadedLM.backend.kernels), for decode attention read in place from the cache."""
     cfg = model.cfg
-    device = model.embed.weight.device
+    device = model.device
     prompt = list(prompt_ids)
     if not prompt:
         raise ValueError("prompt is empty")
@@ -66,7 +66,7 @@ def generate(
         len(prompt) + max_new,
         cfg.n_kv_heads,
         cfg.hd,
-        model.embed.weight.dtype,
+        model.dtype,
         device,
         max_positions=cfg.max_seq_len,
         kernels=kernels,

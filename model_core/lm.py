@@ -150,7 +150,7 @@ class CausalLM(nn.Module):
     def __init__(self, cfg: LMConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.embed: nn.Module = nn.Embedding(cfg.vocab_size, cfg.d_model)  # (or a QuantEmbedding: the loader's)
         rope = cfg.positions == "rope"
         self.pos_embed = None if rope else LearnedPositionalEmbedding(cfg.max_seq_len, cfg.d_model)
         self.rotary: RotaryEmbedding | None = None
@@ -162,6 +162,20 @@ class CausalLM(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The model's weights' and activations' dtype (its final norm's: every layer's, the embedding may hold
+        none: model_core.quant_embedding)."""
+        w = self.norm.weight
+        assert isinstance(w, torch.Tensor)
+        return w.dtype
+
+    @property
+    def device(self) -> torch.device:
+        w = self.norm.weight
+        assert isinstance(w, torch.Tensor)
+        return w.device
 
     @staticmethod
     def rotary_tables(cfg: LMConfig) -> tuple[RotaryEmbedding, RotaryEmbedding | None]:

@@ -370,6 +370,20 @@ class QuantWeight:
         m = None if self.m is None else rows(self.m)
         return QuantWeight(qs.contiguous(), rows(self.d), m, kind=self.kind)
 
+    def take_rows(self, rows: torch.Tensor) -> QuantWeight:
+        """The weight's rows `rows` (int64 indices, in range) as a weight of their own, in row form (an embedding's
+        lookup: dequantize_into them)."""
+        if len(rows) and (int(rows.min()) < 0 or int(rows.max()) >= self.out_features):
+            raise IndexError(f"row index out of range for a weight of {self.out_features} rows")
+        if self.rows is None:
+            d = self.d[rows] if self.d.numel() else self.d  # (float kinds: none)
+            return QuantWeight(self.qs[rows], d, None if self.m is None else self.m[rows], kind=self.kind)
+        g, r = rows // 8, rows % 8  # each row's group and place in it (the interleaved layout: interleave())
+        G, nb, k = self.qs.shape[:3]
+        qs = self.qs[g, :, :, r, :].reshape(len(rows), nb, k * 4)  # (n, nb, k, 4): the rows' bytes per block
+        m = None if self.m is None else self.m[g, ..., r]  # (n, *s)
+        return QuantWeight(qs, self.d[g, ..., r], m, kind=self.kind)
+
     def dequantize(self) -> torch.Tensor:
         """The (N, K) float32 weights."""
         if self.interleaved:

@@ -102,7 +102,7 @@ def build_text_model(settings: Settings, observer: EngineObserver | None = None)
         )
     except _expected_load_errors() as e:
         raise StartupError(f"cannot load {_model_label(settings)}: {_reason(e)}") from e
-    cfg, dtype = lm.config, lm.model.embed.weight.dtype
+    cfg, dtype = lm.config, lm.model.dtype
     max_len = min(cfg.max_seq_len, settings.max_model_len or cfg.max_seq_len)
     per_block = PagedKVCache.bytes_per_token(cfg.n_layers, cfg.n_kv_heads, cfg.hd, dtype) * settings.block_size
     num_blocks = int(settings.kv_cache_memory_gb * 2**30) // per_block

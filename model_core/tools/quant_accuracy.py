@@ -112,7 +112,7 @@ def decode_logits(lm: LoadedLM, ids: Sequence[int]) -> torch.Tensor:
     cache (blocks of 16), with the backend's kernels. (T, V) float32."""
     cfg = lm.config
     blocks = (len(ids) + 15) // 16
-    dtype = lm.model.embed.weight.dtype
+    dtype = lm.model.dtype
     cache = PagedKVCache(
         cfg.n_layers,
         blocks,
@@ -189,7 +189,7 @@ def measure(
         file=os.path.basename(path),
         tensor_types=tensor_types(path),
         backend=lm.backend.name + mode,
-        dtype=str(lm.model.embed.weight.dtype).removeprefix("torch."),
+        dtype=str(lm.model.dtype).removeprefix("torch."),
         quantized_layers=sum(isinstance(m, QuantLinear) for m in lm.model.modules()),
         tokens=len(ids),
         max_logit_diff=float((mine - ref).abs().max()),

@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> None:
         batch_invariant=a.batch_invariant,
         dense_weights={"auto": None, "keep": True, "drop": False}[a.dense_weights],
     )
-    cfg, dtype, block = lm.config, lm.model.embed.weight.dtype, 16
+    cfg, dtype, block = lm.config, lm.model.dtype, 16
     loaded = f"loaded in {lm.load_seconds:.1f} s, {_memory()}"
 
     def cache(blocks: int) -> PagedKVCache:

@@ -39,7 +39,9 @@ def build_lm(
             else:
                 params[name].copy_(value)
     if cfg.tie_embeddings:
-        model.lm_head.weight = model.embed.weight
+        table = model.embed.weight
+        assert isinstance(table, nn.Parameter)
+        model.lm_head.weight = table
     # buffers (rotary tables) were on meta: rebuild them on the device
     if model.rotary is not None:
         rotary, local = CausalLM.rotary_tables(cfg)

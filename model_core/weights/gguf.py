@@ -58,8 +58,9 @@ def load_gguf(
     path: str | os.PathLike[str], file: GGUFFile | None = None, skip_quantized: bool = False
 ) -> tuple[LMConfig, dict[str, torch.Tensor], dict[str, Any]]:
     """Returns (config, tensors by our names as float32, metadata); `file`: `path` already opened. skip_quantized: the
-    linear layers' tensors that load_gguf_blocks reads (those the kernels run as stored; not the token embedding) are
-    not dequantized: their entries are float32 tensors on the meta device (shapes only)."""
+    linear layers' tensors that load_gguf_blocks reads (those the kernels run as stored) and the token embedding where
+    embedding_blocks reads it are not dequantized: their entries are float32 tensors on the meta device (shapes
+    only)."""
     from tqdm import tqdm
 
     file = file or open_gguf(path)
@@ -69,7 +70,9 @@ def load_gguf(
     if freqs is not None:  # Llama 3's rope scaling, a divisor per frequency: part of the config
         meta["_rope_freqs"] = tuple(float(f) for f in dequantize_tensor(freqs).reshape(-1))
     cfg = config_from_metadata(meta)
-    skip = _quantized_tensor_names(cfg, file) - {GGUF_EMBED} if skip_quantized else set()
+    skip = (_quantized_tensor_names(cfg, file) | {GGUF_EMBED}) if skip_quantized else set()
+    if _embedding_tensor(file) is None:
+        skip.discard(GGUF_EMBED)
     raw = {
         t.name: _shape_only(t) if t.name in skip else dequantize_tensor(t)
         for t in tqdm(file.tensors, desc="dequantizing", unit="tensor", leave=False, disable=None)
@@ -89,16 +92,30 @@ def _quantized_sources(cfg: LMConfig, file: GGUFFile) -> dict[str, list[tuple[st
     tensors = {t.name: t for t in file.tensors}
     out = {}
     for module, parts in linear_sources(gguf_layout(cfg), set(tensors)).items():
-        if any(name not in tensors or int(tensors[name].tensor_type) not in GGML_TYPES for name, _ in parts):
-            continue
-        if any(
-            int(tensors[name].data.nbytes // tensors[name].data.shape[0])
-            % GGML_TYPES[int(tensors[name].tensor_type)].nbytes
-            for name, _ in parts
-        ):
-            continue  # F16/BF16 rows of K not a multiple of 32: dense only
-        out[module] = parts
+        if all(name in tensors and _whole_blocks(tensors[name]) for name, _ in parts):
+            out[module] = parts  # (else dense only: another type, or F16/BF16 rows of K not a multiple of 32)
     return out
+
+
+def _whole_blocks(t: Any) -> bool:
+    """A tensor of a type the kernels run (GGML_TYPES), each row whole blocks of it."""
+    qtype = GGML_TYPES.get(int(t.tensor_type))
+    return qtype is not None and int(t.data.nbytes // t.data.shape[0]) % qtype.nbytes == 0
+
+
+def _embedding_tensor(file: GGUFFile) -> Any:
+    """The token embedding's tensor where its type is one the kernels run, else None."""
+    t = next((t for t in file.tensors if t.name == GGUF_EMBED), None)
+    return t if t is not None and _whole_blocks(t) else None
+
+
+def embedding_blocks(file: GGUFFile) -> QuantWeight | None:
+    """The token embedding as stored (model_core.quant_embedding), where its type is one the kernels run; else None."""
+    t = _embedding_tensor(file)
+    if t is None:
+        return None
+    raw = torch.from_numpy(np.array(t.data)).view(torch.uint8)  # (rows, row bytes)
+    return QuantWeight.from_ggml(int(t.tensor_type), raw)
 
 
 def _quantized_tensor_names(cfg: LMConfig, file: GGUFFile) -> set[str]:

@@ -17,6 +17,7 @@ from model_core.fused_decode import FusedLlamaDecoder
 from model_core.lm import CausalLM, LMConfig
 from model_core.packing import pack_linears, packing_available
 from model_core.qmatmul import ALL_ROWS, GGML_TYPES, QuantLinear, attach_quantized
+from model_core.quant_embedding import QuantEmbedding
 from model_core.tokenizer import Tokenizer
 from model_core.weights.build import build_lm
 from model_core.weights.gguf_reader import GGUFFile
@@ -81,7 +82,7 @@ def load_lm(
     applies); False: only the quantized weights (those batches dequantize each layer's weights into a scratch buffer
     for the call: the same products, about a quarter of the memory); None: False where the dense copies would take
     more than a quarter of the memory available (DENSE_SHARE), else True."""
-    from model_core.weights.gguf import load_gguf, load_gguf_blocks
+    from model_core.weights.gguf import embedding_blocks, load_gguf, load_gguf_blocks
     from model_core.weights.gguf_reader import open_gguf
     from model_core.weights.safetensors import load_safetensors_dir
 
@@ -118,6 +119,14 @@ def load_lm(
     if kernels is not None and max_rows > 0 and file is not None:
         n = attach_quantized(model, load_gguf_blocks(p, cfg, file), max_rows, kernels)
         log.info("%d linear layers also run on their quantized weights for up to %d rows", n, max_rows)
+        if model.embed.weight.is_meta:  # (dense weights off, the embedding of a type the kernels run)
+            head = model.lm_head
+            if cfg.tie_embeddings and isinstance(head, QuantLinear) and len(head.parts) == 1:
+                table = head.parts[0]  # (the tied head's copy: one table for both)
+            else:
+                table = embedding_blocks(file)
+            assert table is not None
+            model.embed = QuantEmbedding(table, dtype, kernels)
     if kernels is not None and native_decode:
         model.decoder_fast_path = FusedLlamaDecoder.build(model, kernels)
         if model.decoder_fast_path is not None:
@@ -213,5 +222,5 @@ def load_for_inference(
         batch_invariant=batch_invariant,
         dense_weights=dense_weights,
     )
-    log.info("%s", lm.backend.describe(lm.model.embed.weight.dtype, torch.get_num_threads()))
+    log.info("%s", lm.backend.describe(lm.model.dtype, torch.get_num_threads()))
     return lm

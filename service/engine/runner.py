@@ -56,8 +56,8 @@ class ModelRunner:
         """kernels: the model's decode backend's (LoadedLM.backend.kernels), for the KV cache."""
         cfg = model.cfg
         self.model = model
-        self.device = model.embed.weight.device
-        self.dtype = model.embed.weight.dtype
+        self.device = model.device
+        self.dtype = model.dtype
         self.eos_token_ids = eos_token_ids
         self.cache = PagedKVCache(
             cfg.n_layers,

@@ -31,6 +31,7 @@ from model_core.qmatmul import (
     QuantLinear,
     dequantize_into,
 )
+from model_core.quant_embedding import QuantEmbedding
 from model_core.weights import loader
 from model_core.weights.loader import load_lm
 from tests.model_core.test_native_kquants import _decode_logits
@@ -57,21 +58,24 @@ def test_the_kernels_dequantize_as_gguf_does(isa: str, qtype: int) -> None:
         dequantize_into(qw, torch.empty(512, 37).t(), kernels)
 
 
-def _gguf(tmp_path: Path) -> Path:
+def _gguf(tmp_path: Path, tie: bool = False) -> Path:
     pytest.importorskip("transformers")
     from tests.model_core.tiny_formats import tiny_hf_llama, tiny_vocab, write_gguf
 
-    hf = tiny_hf_llama(n_kv_heads=2, seed=1, hidden=256, ffn=512)
+    hf = tiny_hf_llama(n_kv_heads=2, seed=1, hidden=256, ffn=512, tie=tie)
     return write_gguf(hf, tmp_path / "m.gguf", "Q4_K_M", vocab=tiny_vocab()).path
 
 
 @pytest.mark.parametrize("isa", ISAS)
-def test_without_dense_weights_the_logits_are_the_same(isa: str, tmp_path: Path) -> None:
-    """Q4_K matrices with Q6_K ffn_down and head: without dense copies no layer holds dense weights (their prompt
-    chunks of up to 11 tokens exceed the 4 rows that run on the kernels, and the int8 builds score prompts exactly);
-    in fp32 every logit equals the dense-copy model's bit for bit (the same weights in the same matmul), in bf16 as
-    close as the dense bf16 model is to fp32 (oneDNN's packed copy sums in another order) and the same greedy tokens."""
-    path = _gguf(tmp_path)
+@pytest.mark.parametrize("tie", [False, True])
+def test_without_dense_weights_the_logits_are_the_same(isa: str, tie: bool, tmp_path: Path) -> None:
+    """Q4_K matrices and embedding with Q6_K ffn_down and head (or the head tied to the embedding): without dense
+    copies no layer holds dense weights (their prompt chunks of up to 11 tokens exceed the 4 rows that run on the
+    kernels, and the int8 builds score prompts exactly) and the embedding looks its rows up in its blocks (a tied one
+    in the head's); in fp32 every logit equals the dense-copy model's bit for bit (the same weights in the same
+    matmul), in bf16 as close as the dense bf16 model is to fp32 (oneDNN's packed copy sums in another order) and the
+    same greedy tokens."""
+    path = _gguf(tmp_path, tie)
     backend = select_backend(isa)
     want32 = _decode_logits(load_lm(path).model, torch.float32, None)
     for dtype in (torch.float32, torch.bfloat16):
@@ -80,8 +84,8 @@ def test_without_dense_weights_the_logits_are_the_same(isa: str, tmp_path: Path)
         layers = [m for m in lean.modules() if isinstance(m, QuantLinear)]
         assert len(layers) == 4 * lean.cfg.n_layers + 1 and not any(m.has_dense for m in layers)
         assert all(m.has_dense for m in keep.modules() if isinstance(m, QuantLinear))
-        real = sum(p.numel() for p in lean.parameters() if not p.is_meta)
-        assert real == lean.embed.weight.numel() + sum(p.numel() for n, p in lean.named_parameters() if "norm" in n)
+        assert isinstance(lean.embed, QuantEmbedding) and (lean.embed.quant is lean.lm_head.quant) == tie
+        assert all(p.is_meta for n, p in lean.named_parameters() if "norm" not in n)
         a, b = _decode_logits(keep, dtype, backend.kernels), _decode_logits(lean, dtype, backend.kernels)
         if dtype == torch.float32:
             assert torch.equal(a, b)
@@ -114,3 +118,19 @@ def test_auto_keeps_dense_weights_where_they_fit(tmp_path: Path, monkeypatch: py
         monkeypatch.setattr(loader, "available_memory", lambda a=available: a)
         model = load_lm(path, quantized_max_rows=4, backend=backend, dense_weights=None).model
         assert all(m.has_dense == dense for m in model.modules() if isinstance(m, QuantLinear)), available
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_a_quantized_embedding_looks_up_the_tables_rows(isa: str) -> None:
+    """Row form and interleaved (a tied head's copy): the rows nn.Embedding holds for the dequantized table, in any
+    id shape; ids out of range are an IndexError."""
+    kernels = kernels_for(isa)
+    qw, table = kquant_weight(Q4_K, 77, 512, 5)
+    ids = torch.tensor([[0, 76, 8, 8], [15, 16, 1, 63]])
+    for form in (qw, qw.interleave()):
+        for dtype in (torch.float32, torch.bfloat16):
+            emb = QuantEmbedding(form, dtype, kernels)
+            assert torch.equal(emb(ids), torch.nn.functional.embedding(ids, table.to(dtype)))
+            assert emb(torch.zeros(0, dtype=torch.long)).shape == (0, 512)
+        with pytest.raises(IndexError):
+            QuantEmbedding(form, torch.float32, kernels)(torch.tensor([77]))
