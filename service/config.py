@@ -50,7 +50,7 @@ class Settings(BaseSettings):
         description="a GGUF's quantized linear layers also keep dense copies (dequantized at load: prompt chunks and "
         "batches above quant_max_rows run on them, the fastest prompts) or not (drop: those batches dequantize each "
         "layer's weights for the call, the same products, about a quarter of the memory); auto = keep where the "
-        "copies take at most a quarter of the memory available",
+        "copies take at most 1 GiB and a quarter of the memory available (small models)",
     )
     batch_invariant: bool = Field(
         False,

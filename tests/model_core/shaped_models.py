@@ -1,8 +1,8 @@
 """A random-weight GGUF (F32) in the shape of a real model of another family, for speed benchmarks against
-llama-server on the same file (requantize it with llama-quantize): Qwen2.5-0.5B (`qwen2`), Qwen3-0.6B (`qwen3`) or
-Gemma-3-1B (`gemma3`) sizes, with SmolLM2's tokenizer and vocabulary (49152 tokens, so that both servers run the
-benchmark's text prompts; the real models' vocabularies are 151936 and 262144), written as llama.cpp's converter
-writes the family (tests/model_core/families.py).
+llama-server on the same file (requantize it with llama-quantize): Qwen2.5-0.5B (`qwen2`), Qwen3-0.6B (`qwen3`),
+Qwen3-1.7B (`qwen3-1.7b`) or Gemma-3-1B (`gemma3`) sizes, with SmolLM2's tokenizer and vocabulary (49152 tokens, so
+that both servers run the benchmark's text prompts; the real models' vocabularies are 151936 and 262144), written as
+llama.cpp's converter writes the family (tests/model_core/families.py).
 
     python -m tests.model_core.shaped_models qwen2 /tmp/qwen2-f32.gguf
 """
@@ -45,11 +45,12 @@ def main(which: str, out: Path) -> None:
         )
         model = Qwen2ForCausalLM(cfg)
         fam = FAMILIES["qwen2"]
-    elif which == "qwen3":
+    elif which in ("qwen3", "qwen3-1.7b"):
+        big = which == "qwen3-1.7b"
         cfg = Qwen3Config(
             vocab_size=V,
-            hidden_size=1024,
-            intermediate_size=3072,
+            hidden_size=2048 if big else 1024,
+            intermediate_size=6144 if big else 3072,
             num_hidden_layers=28,
             num_attention_heads=16,
             num_key_value_heads=8,

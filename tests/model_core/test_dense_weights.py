@@ -103,8 +103,8 @@ def test_a_layer_without_dense_weights_refuses_autograd(tmp_path: Path) -> None:
 
 
 def test_auto_keeps_dense_weights_where_they_fit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """dense_weights=None: kept where twice their bytes (the packed copy besides) take at most a quarter of the
-    available memory, else the layers keep only their quantized weights."""
+    """dense_weights=None: kept where their bytes (twice over where oneDNN packs them) are at most 1 GiB and a
+    quarter of the available memory, else the layers keep only their quantized weights."""
     from model_core.weights.gguf import quantized_linear_weights
     from model_core.weights.gguf_reader import open_gguf
 
@@ -114,10 +114,11 @@ def test_auto_keeps_dense_weights_where_they_fit(tmp_path: Path, monkeypatch: py
     assert n == sum(
         m.in_features * m.out_features for m in load_lm(path).model.modules() if isinstance(m, torch.nn.Linear)
     )
-    for available, dense in ((8 * n * 4 * 2, True), (n * 4, False)):
+    for available, most, dense in ((64 * n, 1 << 30, True), (4 * n, 1 << 30, False), (64 * n, 3 * n, False)):
         monkeypatch.setattr(loader, "available_memory", lambda a=available: a)
+        monkeypatch.setattr(loader, "DENSE_MAX_BYTES", most)
         model = load_lm(path, quantized_max_rows=4, backend=backend, dense_weights=None).model
-        assert all(m.has_dense == dense for m in model.modules() if isinstance(m, QuantLinear)), available
+        assert all(m.has_dense == dense for m in model.modules() if isinstance(m, QuantLinear)), (available, most)
 
 
 @pytest.mark.parametrize("isa", ISAS)
@@ -134,3 +135,16 @@ def test_a_quantized_embedding_looks_up_the_tables_rows(isa: str) -> None:
             assert emb(torch.zeros(0, dtype=torch.long)).shape == (0, 512)
         with pytest.raises(IndexError):
             QuantEmbedding(form, torch.float32, kernels)(torch.tensor([77]))
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_without_dense_weights_the_kernels_take_the_lean_rows(isa: str, tmp_path: Path) -> None:
+    """Without dense copies every layer (the wide kinds too) runs batches up to the backend's lean_max_rows on its
+    kernels: with AMX tiles 64 (they beat dequantizing up to there), else the backend's own quant_max_rows."""
+    from model_core import native
+
+    backend = select_backend(isa)
+    amx = isa == "avx512bf16" and bool(native.cpu_features() & native.CPU_AMX_BF16)
+    assert backend.lean_max_rows == (max(64, backend.quant_max_rows) if amx else backend.quant_max_rows)
+    lean = load_lm(_gguf(tmp_path), torch.bfloat16, quantized_max_rows=None, backend=backend, dense_weights=False)
+    assert {m.max_rows for m in lean.model.modules() if isinstance(m, QuantLinear)} == {backend.lean_max_rows}
