@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
+import sys
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -143,6 +145,7 @@ def load_lm(
             log.info("batch-invariant: every token's logits are the same in any batch, chunking or cache hit")
         else:
             log.warning("batch-invariant mode off for this model: %s", gap)
+    _release_freed_memory()
     dt = time.perf_counter() - t0
     log.info(
         "loaded %s: family %s, %s parameters, %d layers, d=%d, context %d, tensors %s; as %s on %s in %.1fs",
@@ -182,6 +185,17 @@ def _keep_dense(dense_weights: bool | None, file: GGUFFile, dtype: torch.dtype, 
             "dense copies would take %.1f GiB (%d of each weight): only quantized weights kept", need / 2**30, copies
         )
     return keep
+
+
+def _release_freed_memory() -> None:
+    """Hand the load's freed transient buffers back to the OS (glibc keeps them in its arenas otherwise: the
+    Qwen3-1.7B-shaped Q4_K_M with the avx2 build stayed at 2209 MiB resident after its load, 1301 after this)."""
+    if sys.platform != "linux":
+        return
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (musl): nothing to do
+        pass
 
 
 def available_memory() -> int:
