@@ -64,12 +64,7 @@ def load_gguf(
     from tqdm import tqdm
 
     file = file or open_gguf(path)
-    meta = dict(file.metadata)
-    meta["_tensor_names"] = file.tensor_names
-    freqs = next((t for t in file.tensors if t.name == ROPE_FREQS), None)
-    if freqs is not None:  # Llama 3's rope scaling, a divisor per frequency: part of the config
-        meta["_rope_freqs"] = tuple(float(f) for f in dequantize_tensor(freqs).reshape(-1))
-    cfg = config_from_metadata(meta)
+    cfg, meta = _file_config(file)
     skip = (_quantized_tensor_names(cfg, file) | {GGUF_EMBED}) if skip_quantized else set()
     if _embedding_tensor(file) is None:
         skip.discard(GGUF_EMBED)
@@ -79,6 +74,16 @@ def load_gguf(
         if t.name != ROPE_FREQS
     }
     return cfg, state_dict_from_layout(raw, gguf_layout(cfg)), meta
+
+
+def _file_config(file: GGUFFile) -> tuple[LMConfig, dict[str, Any]]:
+    """The file's config and its metadata (with "_tensor_names" and, for Llama 3's rope scaling, "_rope_freqs")."""
+    meta = dict(file.metadata)
+    meta["_tensor_names"] = file.tensor_names
+    freqs = next((t for t in file.tensors if t.name == ROPE_FREQS), None)
+    if freqs is not None:  # Llama 3's rope scaling, a divisor per frequency: part of the config
+        meta["_rope_freqs"] = tuple(float(f) for f in dequantize_tensor(freqs).reshape(-1))
+    return config_from_metadata(meta), meta
 
 
 def _shape_only(t: Any) -> torch.Tensor:
@@ -125,9 +130,7 @@ def _quantized_tensor_names(cfg: LMConfig, file: GGUFFile) -> set[str]:
 def quantized_linear_weights(file: GGUFFile) -> int:
     """How many weights the linear layers that run on their quantized weights hold (the dense copies load_gguf makes
     of them unless skip_quantized; the token embedding aside)."""
-    meta = dict(file.metadata)
-    meta["_tensor_names"] = file.tensor_names
-    names = _quantized_tensor_names(config_from_metadata(meta), file) - {GGUF_EMBED}
+    names = _quantized_tensor_names(_file_config(file)[0], file) - {GGUF_EMBED}
     return sum(int(np.prod([int(d) for d in t.shape])) for t in file.tensors if t.name in names)
 
 
