@@ -91,9 +91,10 @@ KINDS = {
     )
 }
 
-# the 4-bit kinds: the cheapest blocks to decode (a scale per 32); the others run batches up to the ISA's
-# wide_max_rows (measured, 1536x768 on AMX tiles at 8 and 16 rows: Q2_K and Q3_K as slow as Q6_K, behind dense bf16)
-NARROW_KINDS = frozenset((KIND_Q4, KIND_Q4_K, KIND_IQ4))
+# the float kinds run batches up to the ISA's wide_max_rows (they have no AMX tile path: dense bf16 was faster at 8
+# and 16 rows); the block kinds up to max_rows (SmolLM2 steps at 16 rows on the tiles against dense bf16 on the AMX VM:
+# Q8_0 630 against 575 tok/s, Q4_K_M 615 against 560, Q6_K 597 against 558; Qwen3-0.6B-shaped Q2_K, Q3_K_M equal)
+FLOAT_KINDS = frozenset((KIND_F16, KIND_BF16))
 
 _Repacked = tuple[torch.Tensor, torch.Tensor, "torch.Tensor | None"]  # qs, d, m
 
@@ -646,8 +647,8 @@ def attach_quantized(
     model: nn.Module, weights: Mapping[str, QuantWeight | Sequence[QuantWeight]], max_rows: int, kernels: Kernels
 ) -> int:
     """Wrap each linear layer named in `weights` (module paths, e.g. 'blocks.0.attn.qkv'; a weight, or its parts
-    stacked by rows) in a QuantLinear serving up to `max_rows` rows (at most the kernels' wide_max_rows where none of
-    it is of a 4-bit kind and the layer has dense weights, unless ALL_ROWS), in the form the kernels' mode reads
+    stacked by rows) in a QuantLinear serving up to `max_rows` rows (at most the kernels' wide_max_rows where all of
+    it is of a float kind and the layer has dense weights, unless ALL_ROWS), in the form the kernels' mode reads
     (interleaved for int8 activations; float weights stay as stored, their products exact); returns how many were
     wrapped."""
     for name, weight in weights.items():
@@ -656,9 +657,9 @@ def attach_quantized(
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         dense = getattr(parent, attr)
-        # the wide kinds' lower limit where the layer has dense weights to fall back on (a wide part beside 4-bit
-        # ones: the 4-bit limit); without them a batch above the limit would dequantize the weights for the call
-        wide = all(w.kind not in NARROW_KINDS for w in parts) and not dense.weight.is_meta
+        # the float kinds' lower limit where the layer has dense weights to fall back on (a float part beside block
+        # ones: the blocks' limit); without them a batch above the limit would dequantize the weights for the call
+        wide = all(w.kind in FLOAT_KINDS for w in parts) and not dense.weight.is_meta
         rows = max_rows if not wide or max_rows >= ALL_ROWS else min(max_rows, kernels.isa.wide_max_rows)
         setattr(parent, attr, QuantLinear(dense, parts, rows, kernels))
     return len(weights)

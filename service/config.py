@@ -42,8 +42,8 @@ class Settings(BaseSettings):
         le=1024,
         description="matmuls of up to this many rows (decode "
         "batches, prompt chunks) run on a GGUF's quantized weights as stored (CPU "
-        "kernels); 0 = off; default: the kernels' own (avx512bf16 with AMX 16 for the 4-bit kinds and 4 for the "
-        "others, without AMX 6; avx2 without AVX-512 512, others 32)",
+        "kernels); 0 = off; default: the kernels' own (avx512bf16 with AMX 16, 4 for F16/BF16 weights, "
+        "without AMX 6; avx2 without AVX-512 512, others 32)",
     )
     dense_weights: Literal["auto", "keep", "drop"] = Field(
         "auto",

@@ -387,8 +387,18 @@ static int amx_kind(int kind, const uint16_t *x, const uint8_t *qs, const void *
                 row_scales(kind, (const uint8_t *)d + n * d_bytes, m ? (const uint8_t *)m + n * m_bytes : NULL, nb,
                            d32 + r * ds, o32 + r * ds);
             }
-            for (int b = 0; b < nb; b++)
+            /* the next n-tile's weights, a slice per block decoded here: ahead of the hardware prefetcher, which does
+             * not follow 16 rows read a block at a time (16 streams of 8-32 bytes a step) */
+            const size_t n1 = (size_t)n0 + 16, lines = nt + 1 < ntiles ? ((N - n1 < 16 ? N - n1 : 16) * row_bytes + 63) / 64 : 0;
+            for (int b = 0; b < nb; b++) {
                 decode_rows(form, qs + (size_t)n0 * row_bytes + (size_t)b * qb, row_bytes, nr, a + (size_t)b * 512);
+                for (size_t l = lines * b / nb; l < lines * (b + 1) / nb; l++)
+                    _mm_prefetch((const char *)qs + n1 * row_bytes + l * 64, _MM_HINT_T0);
+            }
+            for (size_t l = 0; lines && l < 16 * d_bytes; l += 64) { /* and its scales (offsets) */
+                _mm_prefetch((const char *)d + n1 * d_bytes + l, _MM_HINT_T0);
+                if (m && l < 16 * m_bytes) _mm_prefetch((const char *)m + n1 * m_bytes + l, _MM_HINT_T0);
+            }
             for (int t = 0; t < mtiles; t++) {
                 __m512 acc[16]; /* per weight row: its sums with the tile's 16 rows of x */
                 for (int r = 0; r < 16; r++) acc[r] = _mm512_setzero_ps();

@@ -23,6 +23,7 @@ from model_core.backend import select_backend
 from model_core.kv_cache import PagedKVCache
 from model_core.lm import CausalLM
 from model_core.qmatmul import (
+    FLOAT_KINDS,
     GGML_TYPES,
     IQ4_NL,
     IQ4_XS,
@@ -35,7 +36,6 @@ from model_core.qmatmul import (
     KIND_Q5_K,
     KIND_Q6_K,
     KIND_Q8,
-    NARROW_KINDS,
     Q2_K,
     Q3_K,
     Q4_0,
@@ -273,7 +273,7 @@ def test_kquant_kernels_check_arguments_and_layers_take_the_builds_mode(isa: str
     model[0].weight.data = w
     assert attach_quantized(model, {"0": qw}, 8, kernels) == 1
     layer = model[0]
-    rows = 8 if qw.kind in NARROW_KINDS else min(8, kernels.isa.wide_max_rows)  # (5 bits and more: the ISA's cap)
+    rows = min(8, kernels.isa.wide_max_rows) if qw.kind in FLOAT_KINDS else 8  # (F16, BF16: the ISA's cap)
     assert isinstance(layer, QuantLinear) and layer.quant.interleaved == kernels.isa.int8 and layer.max_rows == rows
     with torch.inference_mode():
         assert torch.equal(layer(x), qmatmul(x, layer.quant, kernels))
@@ -352,8 +352,7 @@ def test_kquant_gguf_loads_quantized_and_decodes_as_the_dequantized_model(isa: s
             assert layer.quant.interleaved == int8, name
             assert torch.equal(layer.quant.dequantize(), ref.get_submodule(name).weight), name
         fused = fast.decoder_fast_path
-        wide = min(8, backend.kernels.isa.wide_max_rows) if backend.kernels else 8  # (layer 0's Q6_K w_out)
-        assert fused is not None and fused.max_rows == wide  # one call per layer, the K-quants' kernels inside
+        assert fused is not None and fused.max_rows == 8  # one call per layer, the K-quants' kernels inside
         err = (_decode_logits(fast, dtype, backend.kernels) - want).abs().max().item()
         mode = " int8" if int8 else ""
         print(f"{isa}{mode} Q4_K_M {dtype}: max |logit - fp32 modules| kernels {err:.2e}, dense bf16 {err_dense:.2e}")
@@ -397,8 +396,7 @@ def test_one_type_gguf_loads_quantized_and_decodes_as_the_dequantized_model(
             assert layer.quant.kind == kind and layer.quant.interleaved == int8, name
             assert torch.equal(layer.quant.dequantize(), ref.get_submodule(name).weight), name
         fused = fast.decoder_fast_path
-        wide = min(8, backend.kernels.isa.wide_max_rows) if backend.kernels else 8  # (not 4-bit kinds: the ISA's cap)
-        assert fused is not None and fused.max_rows == wide
+        assert fused is not None and fused.max_rows == 8
         err = (_decode_logits(fast, dtype, backend.kernels) - want).abs().max().item()
         mode = " int8" if int8 else ""
         print(f"{isa}{mode} {qtype} {dtype}: max |logit - fp32 modules| kernels {err:.2e}, dense bf16 {err_dense:.2e}")
@@ -452,7 +450,7 @@ def test_a_qkv_of_two_types_loads_as_two_parts_as_stored(tmp_path: Path) -> None
             qkv.quant  # noqa: B018
     fused = fast.decoder_fast_path
     assert backend.kernels is not None and fused is not None
-    assert fused.max_rows == min(8, backend.kernels.isa.wide_max_rows)
+    assert fused.max_rows == 8
     assert (_decode_logits(fast, torch.float32, backend.kernels) - want).abs().max().item() <= 1e-4 * want.abs().max()
     fused = fast.decoder_fast_path
     assert fused is not None and fused.max_rows == 8
