@@ -252,8 +252,8 @@ int qmatmul_i8(const void *x, int act, int kind, const uint8_t *qs, const void *
                void *y, int M, int N, int K, int nthreads);
 #endif
 #if defined(__AVX512BF16__)
-/* every: AIGC_EVERY_BATCH (one method at every batch size: the vector path) or 0 (AMX tiles from AMX_MIN_ROWS rows,
- * where the CPU has them) */
+/* every: AIGC_EVERY_BATCH (one method at every batch size: AMX tiles where the CPU has them, else the vector path) or
+ * 0 (AMX tiles from AMX_MIN_ROWS rows, where the CPU has them) */
 int qmatmul_avx512bf16(const uint16_t *x, const uint8_t *qs, const uint16_t *d, const uint16_t *m, const float *bias,
                        uint16_t *y, int M, int N, int K, int every, int nthreads);
 int qmatmul_avx512bf16_kind(int kind, const uint16_t *x, const uint8_t *qs, const void *d, const void *m,

@@ -264,8 +264,9 @@ static void row_scales(int kind, const uint8_t *dn, const uint8_t *mn, int nb, f
  * the block's scale into that row's 16 sums (acc_n += d'_nb C_n), and the offsets o times the blocks' sums of x as in
  * the vector path. A result depends on its weight row and x row only: not on the batch, the tile it fell in or the
  * thread; but it is summed in another order than the vector path's, so a call takes it from AMX_MIN_ROWS rows only
- * where a row's result may depend on the batch (not AIGC_EVERY_BATCH: the batch-invariant mode keeps the vector path
- * at every size), and where the CPU has AMX and Linux grants the tile state (qmatmul_amx_ready). */
+ * where a row's result may depend on the batch, and at every size with AIGC_EVERY_BATCH (the batch-invariant mode: one
+ * method at every size, and prompt chunks at the tiles' speed), where the CPU has AMX and Linux grants the tile state
+ * (qmatmul_amx_ready; elsewhere the vector path at every size). */
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -301,6 +302,19 @@ static void *grown(void **buf, size_t *cap, size_t n) {
     return *buf;
 }
 
+/* for one_row: tiles 0..3 C (16 weight rows x 1 row of x, fp32); 4, 5 A (16 weight rows x 32 bf16; halves: x 16);
+ * 6, 7 B (16 pairs x 1 row of x; halves: 8 pairs) */
+static void configure_one_row(int halves) {
+    tile_config c;
+    memset(&c, 0, sizeof c);
+    c.palette = 1;
+    for (int t = 0; t < 8; t++) {
+        c.rows[t] = t >= 6 && halves ? 8 : 16;
+        c.colsb[t] = t >= 4 && t < 6 ? (halves ? 32 : 64) : 4;
+    }
+    _tile_loadconfig(&c);
+}
+
 /* tiles 0, 1: C (16 weight rows x cols rows of x, fp32); 2, 3: A (16 weight rows x 32 bf16; Q6_K: x 16, a half
  * each); 4, 5: B (16 pairs x cols rows of x; Q6_K: 8 pairs, a half each) */
 static void configure_tiles(int halves, int cols) {
@@ -316,7 +330,7 @@ static void configure_tiles(int halves, int cols) {
 
 /* 16 weight rows' block of 32 decoded (as the vector path) into a (16 x 32 bf16, rows 64 bytes apart); rows past nr
  * zero */
-static void decode_rows(int form, const uint8_t *q, size_t row_bytes, int nr, uint16_t *a) {
+static inline __attribute__((always_inline)) void decode_rows(int form, const uint8_t *q, size_t row_bytes, int nr, uint16_t *a) {
     for (int r = 0; r < 16; r++) {
         const uint8_t *qr = q + (size_t)r * row_bytes;
         const __m512i w = r >= nr      ? _mm512_setzero_si512()
@@ -329,6 +343,83 @@ static void decode_rows(int form, const uint8_t *q, size_t row_bytes, int nr, ui
                                       : (__m512i)decode_iq4(qr);
         _mm512_store_si512(a + r * 32, w);
     }
+}
+
+/* amx_kind's n-tile (the 16 weight rows at q, row_bytes apart, nr of them) against a single row of x (M = 1, its bf16
+ * pairs at x): each block decoded just before its product (a: a ring of 4 decoded blocks, where the general loop decodes
+ * the n-tile's blocks first for all its x tiles), x read as stored (a tile row per pair), and each block's C (16 weight
+ * rows x 1) stored as one vector whose lanes are the weight rows, so that one FMA applies the 16 rows' scales (dt, ot:
+ * d32, o32 transposed, a block's 16 rows side by side) where the general loop takes one per row. Every (weight row, x
+ * row) pair gets the same operations in the same order as there: a row's result is the same alone as in any batch.
+ * next, lines: the next n-tile's weights, prefetched a slice per block. */
+static void one_row(int form, int halves, int offsets, int nb, int no, int qb, size_t ds, const uint8_t *q,
+                    size_t row_bytes, int nr, const uint8_t *next, size_t lines, const uint32_t *x, const float *xs, const float *d32, const float *o32, float *dt, float *ot, uint16_t *a,
+                    float *cbuf, const float *bias, uint16_t *y) {
+    for (int o = 0; o < no; o++)
+        for (int r = 0; r < 16; r++) {
+            dt[o * 16 + r] = d32[r * ds + o];
+            ot[o * 16 + r] = o32[r * ds + o];
+        }
+    /* (configure_one_row's tiles) C tiles 0..3 take blocks in turn, their sums scaled 3 blocks later (halves: the pairs
+     * 0, 1 and 2, 3, one block later), so that several products are under way and the vector loads of a stored C find
+     * it written; A tiles 4, 5 and B tiles 6, 7 alternate */
+#define ONE_BLOCK(C, A, B, AB, XB)         \
+    do {                                   \
+        _tile_loadd(A, AB, 64);            \
+        _tile_loadd(B, XB, 4);             \
+        _tile_zero(C);                     \
+        _tile_dpbf16ps(C, A, B);           \
+        _tile_stored(C, cbuf + 16 * C, 4); \
+    } while (0)
+#define HALF_BLOCKS(C0, C1, AB, XB)          \
+    do {                                     \
+        _tile_loadd(4, AB, 64);              \
+        _tile_loadd(5, (AB) + 16, 64);       \
+        _tile_loadd(6, XB, 4);               \
+        _tile_loadd(7, (XB) + 8, 4);         \
+        _tile_zero(C0);                      \
+        _tile_zero(C1);                      \
+        _tile_dpbf16ps(C0, 4, 6);            \
+        _tile_dpbf16ps(C1, 5, 7);            \
+        _tile_stored(C0, cbuf + 16 * C0, 4); \
+        _tile_stored(C1, cbuf + 16 * C1, 4); \
+    } while (0)
+    const int lag = halves ? 1 : 3;
+    __m512 acc = _mm512_setzero_ps();
+    for (int b = 0; b < nb + lag; b++) {
+        if (b < nb) {
+            uint16_t *ab = a + (size_t)(b & 3) * 512;
+            const uint32_t *xb = x + (size_t)b * 16;
+            decode_rows(form, q + (size_t)b * qb, row_bytes, nr, ab);
+            for (size_t l = lines * b / nb; l < lines * (b + 1) / nb; l++)
+                _mm_prefetch((const char *)next + l * 64, _MM_HINT_T0);
+            if (halves) {
+                if (b & 1) HALF_BLOCKS(2, 3, ab, xb);
+                else HALF_BLOCKS(0, 1, ab, xb);
+            } else {
+                switch (b & 3) {
+                case 0: ONE_BLOCK(0, 4, 6, ab, xb); break;
+                case 1: ONE_BLOCK(1, 5, 7, ab, xb); break;
+                case 2: ONE_BLOCK(2, 4, 6, ab, xb); break;
+                default: ONE_BLOCK(3, 5, 7, ab, xb); break;
+                }
+            }
+        }
+        const int j = b - lag; /* the block whose sums are scaled now */
+        if (j < 0) continue;
+        if (halves) {
+            const float *cj = cbuf + 32 * (j & 1);
+            acc = _mm512_fmadd_ps(_mm512_load_ps(cj), _mm512_load_ps(dt + 32 * j), acc);
+            acc = _mm512_fmadd_ps(_mm512_load_ps(cj + 16), _mm512_load_ps(dt + 32 * j + 16), acc);
+        } else
+            acc = _mm512_fmadd_ps(_mm512_load_ps(cbuf + 16 * (j & 3)), _mm512_load_ps(dt + 16 * j), acc);
+    }
+#undef ONE_BLOCK
+#undef HALF_BLOCKS
+    for (int o = 0; o < no && offsets; o++) /* + the offsets times their sums of x, in block order */
+        acc = _mm512_fmadd_ps(_mm512_load_ps(ot + 16 * o), _mm512_set1_ps(xs[16 * o]), acc);
+    _mm512_store_ps(cbuf, acc);
+    for (int r = 0; r < nr; r++) y[r] = float_to_bf16(cbuf[r] + (bias ? bias[r] : 0.0f));
 }
 
 static int amx_kind(int kind, const uint16_t *x, const uint8_t *qs, const void *d, const void *m, const float *bias,
@@ -354,7 +445,7 @@ static int amx_kind(int kind, const uint16_t *x, const uint8_t *qs, const void *
     for (int r = 0; r < M; r++) {
         const uint32_t *pairs = (const uint32_t *)(x + (size_t)r * K);
         const int t = r / 16, c = r % 16;
-        for (int b = 0; b < nb; b++)
+        for (int b = 0; b < nb && M > 1; b++) /* (a single row's tiles read x as stored) */
             for (int k2 = 0; k2 < 16; k2++) xt[(((size_t)t * nb + b) * 16 + k2) * 16 + c] = pairs[b * 16 + k2];
         for (int o = 0; o < no && offsets; o++) {
             float sum = 0.0f;
@@ -372,10 +463,12 @@ static int amx_kind(int kind, const uint16_t *x, const uint8_t *qs, const void *
         static __thread void *tbuf_;
         static __thread size_t tcap;
         const size_t a_bytes = (size_t)nb * 1024, d_floats = 16 * ds;
-        uint16_t *a = grown(&tbuf_, &tcap, a_bytes + 3 * 1024 + sizeof(float) * 2 * d_floats);
+        uint16_t *a = grown(&tbuf_, &tcap, a_bytes + 3 * 1024 + sizeof(float) * 4 * d_floats);
         float *cbuf = a ? (float *)((char *)a + a_bytes) : NULL, *tbuf = cbuf ? cbuf + 512 : NULL;
         float *d32 = cbuf ? cbuf + 768 : NULL, *o32 = d32 ? d32 + d_floats : NULL;
+        float *dt = o32 ? o32 + d_floats : NULL, *ot = dt ? dt + d_floats : NULL; /* (M = 1: transposed) */
         if (!a) bad = 1;
+        else if (M == 1) configure_one_row(halves);
         else configure_tiles(halves, M < 16 ? M : 16);
 #pragma omp for schedule(static)
         for (int nt = 0; nt < ntiles; nt++) {
@@ -390,14 +483,20 @@ static int amx_kind(int kind, const uint16_t *x, const uint8_t *qs, const void *
             /* the next n-tile's weights, a slice per block decoded here: ahead of the hardware prefetcher, which does
              * not follow 16 rows read a block at a time (16 streams of 8-32 bytes a step) */
             const size_t n1 = (size_t)n0 + 16, lines = nt + 1 < ntiles ? ((N - n1 < 16 ? N - n1 : 16) * row_bytes + 63) / 64 : 0;
+            for (size_t l = 0; lines && l < 16 * d_bytes; l += 64) { /* and its scales (offsets) */
+                _mm_prefetch((const char *)d + n1 * d_bytes + l, _MM_HINT_T0);
+                if (m && l < 16 * m_bytes) _mm_prefetch((const char *)m + n1 * m_bytes + l, _MM_HINT_T0);
+            }
+            if (M == 1) {
+                one_row(form, halves, offsets, nb, no, qb, ds, qs + (size_t)n0 * row_bytes, row_bytes, nr,
+                        qs + n1 * row_bytes, lines, (const uint32_t *)x, xs, d32, o32, dt, ot, a, cbuf,
+                        bias ? bias + n0 : NULL, y + n0);
+                continue;
+            }
             for (int b = 0; b < nb; b++) {
                 decode_rows(form, qs + (size_t)n0 * row_bytes + (size_t)b * qb, row_bytes, nr, a + (size_t)b * 512);
                 for (size_t l = lines * b / nb; l < lines * (b + 1) / nb; l++)
                     _mm_prefetch((const char *)qs + n1 * row_bytes + l * 64, _MM_HINT_T0);
-            }
-            for (size_t l = 0; lines && l < 16 * d_bytes; l += 64) { /* and its scales (offsets) */
-                _mm_prefetch((const char *)d + n1 * d_bytes + l, _MM_HINT_T0);
-                if (m && l < 16 * m_bytes) _mm_prefetch((const char *)m + n1 * m_bytes + l, _MM_HINT_T0);
             }
             for (int t = 0; t < mtiles; t++) {
                 __m512 acc[16]; /* per weight row: its sums with the tile's 16 rows of x */
@@ -479,7 +578,7 @@ static int amx_kind(int kind, const uint16_t *x, const uint8_t *qs, const void *
 int qmatmul_avx512bf16_kind(int kind, const uint16_t *x, const uint8_t *qs, const void *d, const void *m,
                             const float *bias, uint16_t *y, int M, int N, int K, int every, int nthreads) {
 #if defined(__AMX_BF16__) && defined(__linux__)
-    if (!every && M >= AMX_MIN_ROWS && qmatmul_amx_ready())
+    if ((every || M >= AMX_MIN_ROWS) && qmatmul_amx_ready()) /* every: one method at every size, the tiles */
         return amx_kind(kind, x, qs, d, m, bias, y, M, N, K, nthreads);
 #else
     (void)every;

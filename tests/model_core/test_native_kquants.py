@@ -183,9 +183,9 @@ def test_kquant_matmul_at_every_row_count(isa: str, dtype: torch.dtype, qtype: i
 def test_every_batch_mode_gives_a_row_the_same_result_in_any_batch(isa: str, qtype: int) -> None:
     """The exact bf16 products with EVERY_BATCH (the batch-invariant mode): a row's result is the same bit for bit
     alone and among 2..40 rows, at every output column (N = 40), and the product with the file's weights within the
-    bf16 bound; without it (the default: the AVX512-BF16 build's AMX tiles from 8 rows, in tiles of 16 weight rows by
-    16 x rows, where the CPU has them) the product within the same bound, and a row's result the same in any batch
-    that takes the tiles (9, 16, 17 or 40 rows)."""
+    bf16 bound (where the CPU has AMX: the tiles' sums, from one row up); without it (the default: the AVX512-BF16
+    build's AMX tiles from 8 rows, in tiles of 16 weight rows by 16 x rows, where the CPU has them) the product
+    within the same bound, and a row's result the same in any batch that takes the tiles (9, 16, 17 or 40 rows)."""
     if isa == "reference":
         pytest.skip("the reference build's loop is slow at this size")
     k = 512
@@ -203,6 +203,8 @@ def test_every_batch_mode_gives_a_row_the_same_result_in_any_batch(isa: str, qty
     tiles = qmatmul(x, qw, kernels)
     for rows in (9, 16, 17):
         assert torch.equal(qmatmul(x[:rows], qw, kernels), tiles[:rows]), rows
+    if isa == "avx512bf16" and native.cpu_features() & native.CPU_AMX_BF16:  # EVERY_BATCH: the tiles at every size
+        assert torch.equal(alone, tiles)
 
 
 INT8_ISAS = [isa for isa in ISAS if native.ISAS[isa].has_int8]
