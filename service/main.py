@@ -19,7 +19,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from types import FrameType
 from typing import TYPE_CHECKING
@@ -34,9 +34,10 @@ from service.api.auth import APIKeyMiddleware
 from service.api.cors import CORS
 from service.api.errors import install_error_handlers
 from service.api.g2p import G2P_MODEL
-from service.api.generation import TextModel
 from service.api.images import IMAGE_MODEL
-from service.api.middleware import InFlight, RequestContextMiddleware
+from service.api.middleware import RequestContextMiddleware
+from service.api.state import ServerState
+from service.api.text_model import TextModel
 from service.config import Settings, parse_settings
 from service.engine.engine import EngineObserver
 from service.engine.images import ImageBatcher
@@ -220,13 +221,14 @@ def create_app(settings: Settings | None = None, text_model: TextModel | None = 
     settings = settings or Settings()
     configure_shared_probe(settings.grammar_probe_workers)  # grammars are compiled in a worker first
 
+    state = ServerState(settings)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        app.state.text_model = None
-        app.state.load_error = None
-        app.state.draining = False
-
-        metrics: Metrics = app.state.metrics
+        state.text_model = None
+        state.load_error = None
+        state.draining = False
+        metrics = state.metrics
 
         def load() -> None:
             try:
@@ -237,41 +239,37 @@ def create_app(settings: Settings | None = None, text_model: TextModel | None = 
                 metrics.load_seconds.labels(tm.name).set(tm.load_seconds)
                 if not tm.engine.started:
                     tm.engine.start()
-                app.state.text_model = tm
+                state.text_model = tm
             except Exception as e:
                 if isinstance(e, StartupError):  # expected: one line says it all
-                    app.state.load_error = str(e)
+                    state.load_error = str(e)
                     log.error("%s", e)
                 else:  # a bug: keep the traceback
                     what = f"model {text_model.name}" if text_model else _model_label(settings)
-                    app.state.load_error = f"cannot start {what}: {type(e).__name__}: {_reason(e)}"
-                    log.error("%s", app.state.load_error, exc_info=e)
-                stop_server: Callable[[], None] | None = getattr(app.state, "stop_server", None)
-                if stop_server is not None:
-                    stop_server()
+                    state.load_error = f"cannot start {what}: {type(e).__name__}: {_reason(e)}"
+                    log.error("%s", state.load_error, exc_info=e)
+                if state.stop_server is not None:
+                    state.stop_server()
 
         if text_model is not None:
             load()
         else:
             threading.Thread(target=load, name="model-loader", daemon=True).start()
-        app.state.image_batcher = await start_image_batcher(settings, metrics) if settings.enable_gan else None
-        app.state.g2p_batcher = await start_g2p_batcher(settings, metrics) if settings.enable_g2p else None
+        state.image_batcher = await start_image_batcher(settings, metrics) if settings.enable_gan else None
+        state.g2p_batcher = await start_g2p_batcher(settings, metrics) if settings.enable_g2p else None
         try:
             yield
         finally:
-            if app.state.image_batcher is not None:
-                await app.state.image_batcher.stop()
-            if app.state.g2p_batcher is not None:
-                await app.state.g2p_batcher.stop()
-            tm = app.state.text_model
+            if state.image_batcher is not None:
+                await state.image_batcher.stop()
+            if state.g2p_batcher is not None:
+                await state.g2p_batcher.stop()
+            tm = state.text_model
             if tm is not None:
                 tm.engine.stop()
 
     app = FastAPI(title="AIGC inference service", version="0.1.0", lifespan=lifespan)
-    app.state.settings = settings
-    app.state.metrics = Metrics()
-    app.state.inflight = InFlight()
-    app.state.draining = False
+    app.state.server = state
     install_error_handlers(app)
     for r in (
         health.router,
@@ -297,8 +295,8 @@ def create_app(settings: Settings | None = None, text_model: TextModel | None = 
         RequestContextMiddleware,
         max_body_bytes=settings.max_body_bytes,
         body_timeout_s=settings.request_body_timeout_s,
-        inflight=app.state.inflight,
-        draining=lambda: bool(app.state.draining),
+        inflight=state.inflight,
+        draining=lambda: state.draining,
     )
     return app
 
@@ -310,22 +308,22 @@ def _drain_server(app: FastAPI, settings: Settings) -> type:
     once."""
     import uvicorn
 
+    state: ServerState = app.state.server
+
     class DrainingServer(uvicorn.Server):
         def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-            if app.state.draining or sig not in (signal.SIGTERM, signal.SIGINT):
+            if state.draining or sig not in (signal.SIGTERM, signal.SIGINT):
                 super().handle_exit(sig, frame)
                 return
-            app.state.draining = True
-            log.info(
-                "draining: %d requests in flight, timeout %.0fs", app.state.inflight.count, settings.drain_timeout_s
-            )
+            state.draining = True
+            log.info("draining: %d requests in flight, timeout %.0fs", state.inflight.count, settings.drain_timeout_s)
 
             def wait_then_exit() -> None:
-                inflight = app.state.inflight
+                inflight = state.inflight
                 deadline = time.monotonic() + settings.drain_timeout_s
                 while inflight.count > 0 and time.monotonic() < deadline:
                     time.sleep(0.05)
-                tm = app.state.text_model
+                tm = state.text_model
                 if inflight.count > 0 and tm is not None:
                     log.info("drain timeout: ending %d requests in flight", inflight.count)
                     tm.engine.stop(message="the server is shutting down")
@@ -402,7 +400,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     def stop_server() -> None:  # the model failed to load: stop serving (uvicorn checks every 0.1 s), exit 1
         server.should_exit = True
 
-    app.state.stop_server = stop_server
+    app.state.server.stop_server = stop_server
     server.run()
     return _exit_code_after_stop(app)
 
@@ -411,8 +409,9 @@ def _exit_code_after_stop(app: FastAPI) -> int:
     """The process's exit status: 1 if the model failed to load, else 0. Stop the engine before the interpreter
     exits: a thread still inside torch at exit aborts the process (SIGABRT). If one is still busy (a model still
     loading, a step that will not end), leave at once."""
-    code = EXIT_STARTUP_FAILURE if getattr(app.state, "load_error", None) else 0
-    tm = app.state.text_model if hasattr(app.state, "text_model") else None
+    state: ServerState = app.state.server
+    code = EXIT_STARTUP_FAILURE if state.load_error else 0
+    tm = state.text_model
     if tm is not None:
         tm.engine.stop(message="the server is shutting down")
     busy = [t.name for t in threading.enumerate() if t.name in ("llm-engine", "model-loader") and t.is_alive()]

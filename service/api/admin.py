@@ -8,7 +8,8 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends
 
 from service.api.errors import error_responses
-from service.api.generation import TextModel, get_text_model
+from service.api.generation import get_text_model
+from service.api.text_model import TextModel
 
 router = APIRouter(responses=error_responses(401, 500, 503))
 

@@ -30,7 +30,6 @@ from service.api.errors import APIError, error_responses
 from service.api.fields import check_extra_fields
 from service.api.generation import (
     Job,
-    TextModel,
     Usage,
     admit,
     check_model,
@@ -47,6 +46,7 @@ from service.api.json_route import OffLoopJSONRoute
 from service.api.schemas import MAX_TOP_LOGPROBS, ChatCompletionRequest, ChatMessage, sampling_params
 from service.api.serving import ChoiceWriter, respond
 from service.api.structured import compile_grammar, output_constraint
+from service.api.text_model import TextModel
 from service.api.tools import Function, ReplyStreamer, ToolCall, call_grammar, parse_reply, with_tools
 from service.engine.engine import TokenEvent
 

@@ -16,7 +16,6 @@ from service.api.fields import check_extra_fields
 from service.api.g2p import G2P_MODEL, g2p_completion, get_g2p_batcher
 from service.api.generation import (
     Job,
-    TextModel,
     Usage,
     admit,
     check_model,
@@ -33,6 +32,7 @@ from service.api.json_route import OffLoopJSONRoute
 from service.api.schemas import CompletionRequest, sampling_params
 from service.api.serving import ChoiceWriter, respond
 from service.api.structured import compile_grammar, output_constraint
+from service.api.text_model import TextModel
 from service.engine.engine import TokenEvent
 
 router = APIRouter(route_class=OffLoopJSONRoute, responses=error_responses(400, 401, 404, 413, 500, 503, 504))

@@ -25,6 +25,7 @@ from service.api.errors import APIError
 from service.api.fields import check_extra_fields
 from service.api.schemas import MAX_N, CompletionRequest
 from service.api.sse import DONE, sse_data, sse_response
+from service.api.state import server_state
 from service.engine.seq2seq import BatcherFull, BatcherNotRunning, PhoneEvent, Seq2SeqBatcher, Seq2SeqRequest
 
 G2P_MODEL = "cmudict-g2p"
@@ -62,7 +63,7 @@ _EXTRA_REFUSED = (
 
 
 def get_g2p_batcher(request: Request) -> Seq2SeqBatcher | None:
-    return getattr(request.app.state, "g2p_batcher", None)
+    return server_state(request).g2p_batcher
 
 
 def model_entry(batcher: Seq2SeqBatcher, created: int) -> dict[str, Any]:
@@ -187,7 +188,7 @@ async def _with_timeout(aw: Awaitable[list[Hypothesis]], timeout: float | None) 
 
 async def g2p_completion(req: CompletionRequest, request: Request, batcher: Seq2SeqBatcher) -> Any:
     """The /v1/completions answer for the g2p model (a JSON body or an SSE stream)."""
-    if getattr(request.app.state, "draining", False):
+    if server_state(request).draining:
         raise APIError("the server is shutting down", status_code=503, code="draining", headers={"Retry-After": "1"})
     if not batcher.running:
         raise APIError(f"the {G2P_MODEL} model is not running", status_code=503, code="model_not_ready")

@@ -4,7 +4,6 @@ running n choices of one or more prompts on the engine, merged into one stream o
 from __future__ import annotations
 
 import asyncio
-import functools
 import uuid
 from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, replace
@@ -12,39 +11,15 @@ from typing import Any
 
 from fastapi import Request
 
-from model_core.grammar import CompiledGrammar, GrammarCompiler
+from model_core.grammar import CompiledGrammar
 from model_core.sampling import SamplingParams, TokenScore
-from model_core.tokenizer import Tokenizer
 from service.api.chunks import PromptTokensDetails, UsageInfo
 from service.api.errors import APIError, from_engine
+from service.api.state import server_state
+from service.api.text_model import TextModel
 from service.engine.admission import Admission
 from service.engine.engine import LLMEngine, TokenEvent, error_event
 from service.engine.errors import EngineError, internal_error
-
-
-@dataclass
-class TextModel:
-    """What the text routes need to know, put on app.state.text_model at start-up."""
-
-    engine: LLMEngine
-    tokenizer: Tokenizer
-    name: str
-    max_model_len: int
-    vocab_size: int
-    created: int
-    load_seconds: float = 0.0
-    dtype: str = "float32"  # of the weights and activations
-    kernels: str = "torch"  # what runs decode steps: a native ISA build (avx2, avx512bf16, neon...) or torch
-    batch_invariant: bool = False  # each token's logits the same in any batch (model_core.lm)
-
-    def __post_init__(self) -> None:
-        self.max_prompt_chars = self.max_model_len * self.tokenizer.max_token_bytes
-
-    @functools.cached_property
-    def grammars(self) -> GrammarCompiler:
-        """Compiles (and caches) output grammars for this tokenizer; built on first use, off the event loop
-        (`service.api.structured.compile_grammar`)."""
-        return GrammarCompiler(self.tokenizer, self.vocab_size)
 
 
 def check_prompt_chars(tm: TextModel, chars: int, param: str) -> None:
@@ -68,13 +43,12 @@ async def encode_prompt(tm: TextModel, text: str, param: str) -> list[int]:
 def default_max_tokens(request: Request, fallback: int | None) -> int | None:
     """The completion limit of a request that sets none: the server's `--max-tokens-default`, else the
     endpoint's own `fallback` (None: the rest of the context)."""
-    settings = getattr(request.app.state, "settings", None)
-    configured: int | None = getattr(settings, "max_tokens_default", None)
+    configured = server_state(request).settings.max_tokens_default
     return fallback if configured is None else configured
 
 
 def get_text_model(request: Request) -> TextModel:
-    tm: TextModel | None = getattr(request.app.state, "text_model", None)
+    tm = server_state(request).text_model
     if tm is None:
         raise APIError("the text model is not loaded yet", status_code=503, code="model_not_ready")
     return tm
@@ -91,16 +65,15 @@ def admit(request: Request, tm: TextModel, n: int, endpoint: str) -> Admission:
             param="n",
             code="too_many_sequences",
         )
-    metrics = getattr(request.app.state, "metrics", None)
-    if getattr(request.app.state, "draining", False):
+    state = server_state(request)
+    if state.draining:
         refused = APIError("the server is shutting down", 503, code="draining", headers={"Retry-After": "1"})
     else:
         try:
             return tm.engine.admit(n)
         except EngineError as e:  # full (queue_full) or down (engine_dead): 503 + Retry-After
             refused = from_engine(e)
-    if metrics is not None:
-        metrics.rejected.labels(endpoint, refused.code).inc()
+    state.metrics.rejected.labels(endpoint, refused.code).inc()
     raise refused
 
 

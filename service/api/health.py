@@ -9,6 +9,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
 from service.api.errors import error_responses
+from service.api.state import server_state
 
 router = APIRouter()
 
@@ -28,16 +29,16 @@ async def health() -> dict[str, str]:
     responses={**error_responses(401, 500), 503: {"model": NotReady, "description": "Not ready, with the reasons"}},
 )
 async def ready(request: Request) -> Any:
-    state = request.app.state
+    state = server_state(request)
     problems = []
-    tm = getattr(state, "text_model", None)
-    if getattr(state, "load_error", None):
+    tm = state.text_model
+    if state.load_error:
         problems.append(f"model failed to load: {state.load_error}")
     elif tm is None:
         problems.append("model is loading")
     elif not tm.engine.is_alive:
         problems.append("engine loop is not running")
-    if getattr(state, "draining", False):
+    if state.draining:
         problems.append("server is shutting down")
     if problems or tm is None:
         return JSONResponse({"status": "unavailable", "reasons": problems}, status_code=503)

@@ -24,7 +24,8 @@ from pydantic import BaseModel, Field
 from model_core.gan import interpolate_latents, label_from_prompt, sample_latents, to_uint8
 from service.api.errors import APIError, error_responses
 from service.api.json_route import OffLoopJSONRoute
-from service.engine.images import BatcherNotRunning, ImageBatcher, ImageRequest
+from service.api.state import server_state
+from service.engine.images import BatcherNotRunning, ImageRequest
 from service.engine.own_thread import run_in_own_thread
 
 router = APIRouter(route_class=OffLoopJSONRoute, responses=error_responses(400, 401, 404, 413, 500, 503))
@@ -152,8 +153,9 @@ def encode_png(images: torch.Tensor, size: int) -> list[str]:
 
 @router.post("/v1/images/generations", response_model=ImagesResponse, tags=["images"])
 async def create_image(body: ImageGenerationRequest, request: Request) -> ImagesResponse:
-    batcher: ImageBatcher | None = getattr(request.app.state, "image_batcher", None)
-    if getattr(request.app.state, "draining", False):
+    state = server_state(request)
+    batcher = state.image_batcher
+    if state.draining:
         raise APIError("the server is shutting down", status_code=503, code="draining", headers={"Retry-After": "1"})
     if body.model is not None and body.model != IMAGE_MODEL:
         raise APIError(

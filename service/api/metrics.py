@@ -6,6 +6,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import PlainTextResponse, Response
 
 from service.api.errors import error_responses
+from service.api.state import server_state
 
 router = APIRouter()
 _JSON_ERRORS = {
@@ -19,7 +20,7 @@ _JSON_ERRORS = {
 
 @router.get("/metrics", response_class=PlainTextResponse, responses=_JSON_ERRORS)
 async def metrics(request: Request) -> Response:
-    body, content_type = request.app.state.metrics.exposition()
+    body, content_type = server_state(request).metrics.exposition()
     return Response(body, media_type=content_type)
 
 

@@ -9,9 +9,11 @@ from fastapi import APIRouter, Depends, Request
 from service.api.errors import APIError, error_responses
 from service.api.g2p import get_g2p_batcher
 from service.api.g2p import model_entry as g2p_model_entry
-from service.api.generation import TextModel, get_text_model
+from service.api.generation import get_text_model
 from service.api.images import IMAGE_MODEL
 from service.api.json_route import OffLoopJSONRoute
+from service.api.state import server_state
+from service.api.text_model import TextModel
 
 router = APIRouter(route_class=OffLoopJSONRoute, responses=error_responses(400, 401, 404, 413, 500, 503))
 
@@ -34,7 +36,7 @@ def _entries(request: Request, tm: TextModel) -> list[dict[str, Any]]:
     g2p = get_g2p_batcher(request)
     if g2p is not None and g2p.running:
         data.append(g2p_model_entry(g2p, tm.created))
-    images = getattr(request.app.state, "image_batcher", None)
+    images = server_state(request).image_batcher
     if images is not None and images.running:
         data.append(
             {

@@ -21,7 +21,6 @@ from service.api.errors import APIError, error_responses
 from service.api.fields import check_extra_fields
 from service.api.generation import (
     Job,
-    TextModel,
     Usage,
     admit,
     check_model,
@@ -49,6 +48,7 @@ from service.api.schemas import (
 )
 from service.api.sse import sse_data, sse_response
 from service.api.structured import compile_grammar, output_constraint
+from service.api.text_model import TextModel
 from service.api.tools import Function, ReplyStreamer, ToolCall, parse_reply
 from service.engine.admission import Admission
 

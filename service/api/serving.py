@@ -19,8 +19,9 @@ from fastapi import Request
 from fastapi.responses import StreamingResponse
 
 from service.api.chunks import ReplyBody
-from service.api.generation import Job, TextModel, Usage, event_error, run_choices
+from service.api.generation import Job, Usage, event_error, run_choices
 from service.api.sse import DONE, sse_data, sse_response
+from service.api.text_model import TextModel
 from service.engine.admission import Admission
 from service.engine.engine import TokenEvent
 

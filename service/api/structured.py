@@ -8,8 +8,8 @@ import asyncio
 
 from model_core.grammar import CompiledGrammar, GrammarError, GrammarSpec
 from service.api.errors import APIError
-from service.api.generation import TextModel
 from service.api.schemas import ResponseFormat, StructuredOutputs
+from service.api.text_model import TextModel
 
 
 def output_constraint(

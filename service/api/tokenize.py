@@ -10,9 +10,10 @@ from fastapi.responses import Response
 
 from service.api.chat import render_chat
 from service.api.errors import APIError, error_responses
-from service.api.generation import TextModel, check_model, get_text_model
+from service.api.generation import check_model, get_text_model
 from service.api.json_route import OffLoopJSONRoute
 from service.api.schemas import DetokenizeRequest, TokenizeRequest
+from service.api.text_model import TextModel
 
 router = APIRouter(route_class=OffLoopJSONRoute, responses=error_responses(400, 401, 404, 413, 500, 503))
 

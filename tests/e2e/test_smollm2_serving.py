@@ -14,7 +14,7 @@ import pytest
 
 from model_core.generate import generate
 from model_core.sampling import SamplingParams
-from service.api.generation import TextModel
+from service.api.text_model import TextModel
 from service.config import Settings
 from service.main import build_text_model, create_app
 from tests.service.server_utils import LiveServer, serve

@@ -452,7 +452,7 @@ def test_soak_memory_and_fds_stay_flat(live: LiveServer) -> None:
     assert requests > 0 and all(tally[k] > 0 for k in kinds), report
     assert max(closes) <= HEADER_TIMEOUT_S + CLOSE_SLACK_S, report
     # probe workers replaced when one dies, never piling up (a pool not yet full after warm-up may still grow to it)
-    workers = live.app.state.settings.grammar_probe_workers
+    workers = live.app.state.server.settings.grammar_probe_workers
     assert children1 == children0 or children0 < children1 <= workers, report
     assert report["responses_5xx"] == 0 and report["engine_errors"] == 0
     assert rss1 <= rss0 * (1 + TOLERANCE), report

@@ -35,7 +35,7 @@ from fastapi import FastAPI
 
 from model_core.lm import CausalLM
 from model_core.tokenizer import Tokenizer
-from service.api.generation import TextModel
+from service.api.text_model import TextModel
 from service.config import Settings
 from service.http_protocol import guarded_h11_protocol
 from service.main import create_app
@@ -57,7 +57,7 @@ class LiveServer:
 
     @property
     def text_model(self) -> TextModel:
-        tm: TextModel | None = self.app.state.text_model
+        tm: TextModel | None = self.app.state.server.text_model
         assert tm is not None, "the text model is not loaded"
         return tm
 
@@ -113,7 +113,7 @@ class InProcessServer:
 
     @property
     def text_model(self) -> TextModel:
-        tm: TextModel | None = self.app.state.text_model
+        tm: TextModel | None = self.app.state.server.text_model
         assert tm is not None, "the text model is not loaded"
         return tm
 
@@ -214,7 +214,7 @@ def serve(app: FastAPI, startup_timeout: float = 30.0, *, http_guards: bool = Fa
     port = sock.getsockname()[1]
     protocol: dict[str, Any] = {}
     if http_guards:
-        settings: Settings = app.state.settings
+        settings: Settings = app.state.server.settings
         protocol["http"] = guarded_h11_protocol(settings.header_timeout_s, settings.max_connections)
     config = uvicorn.Config(
         app,

@@ -30,7 +30,7 @@ from schemathesis.checks import CHECKS, load_all_checks
 
 from model_core.gan import GANConfig, Generator, save_gan
 from model_core.tokenizer import Tokenizer
-from service.api.generation import TextModel
+from service.api.text_model import TextModel
 from service.config import Settings
 from service.main import create_app
 from tests.service.server_utils import TINY_MODEL_NAME, LiveServer, serve_model, text_model
@@ -77,7 +77,7 @@ def fuzz_server(smol_tokenizer: Tokenizer, gan_dir: Path, request: pytest.Fixtur
     # a short queue: a request asking for more sequences than fit is a 400, so no case runs for long
     tm: TextModel = text_model(model, smol_tokenizer, max_num_seqs=16, max_waiting=16)
     with serve_model(tm, enable_gan=True, gan_path=str(gan_dir), max_body_bytes=256 * 1024) as live:
-        assert live.app.state.image_batcher is not None, "the GAN did not load"
+        assert live.app.state.server.image_batcher is not None, "the GAN did not load"
         yield live
         assert tm.engine.is_alive
         assert tm.engine.scheduler.block_pool.num_used == 0 and not tm.engine.scheduler.has_work

@@ -335,9 +335,9 @@ def test_slow_or_lying_bodies_get_408_and_free_their_slot(server: LiveServer, ki
     assert json.loads(reply)["error"]["code"] == "request_body_timeout"
     assert took < 5.0  # request_body_timeout_s is 1 s here
     deadline = time.monotonic() + 5
-    while server.app.state.inflight.count and time.monotonic() < deadline:
+    while server.app.state.server.inflight.count and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert server.app.state.inflight.count == 0
+    assert server.app.state.server.inflight.count == 0
 
 
 def test_a_body_still_arriving_when_a_drain_starts_gets_503(server: LiveServer) -> None:
@@ -345,7 +345,7 @@ def test_a_body_still_arriving_when_a_drain_starts_gets_503(server: LiveServer) 
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
         s.sendall(head + b'{"prompt": ')
         time.sleep(0.2)
-        server.app.state.draining = True
+        server.app.state.server.draining = True
         try:
             data = b""
             while b"\r\n\r\n" not in data or not data.rstrip().endswith(b"}"):
@@ -354,7 +354,7 @@ def test_a_body_still_arriving_when_a_drain_starts_gets_503(server: LiveServer) 
                     break
                 data += chunk
         finally:
-            server.app.state.draining = False
+            server.app.state.server.draining = False
     head_part, _, body = data.partition(b"\r\n\r\n")
     assert head_part.split(b" ", 2)[1] == b"503" and b"retry-after: 1" in head_part.lower()
     assert json.loads(body)["error"]["code"] == "draining"

@@ -165,11 +165,11 @@ def test_a_start_up_that_raises_stops_the_server_instead_of_serving_without_its_
 
 
 def test_in_process_the_failure_asks_the_server_to_stop_while_health_still_answers(tmp_path: Path) -> None:
-    """Under `python -m service` the loader thread calls `app.state.stop_server` (uvicorn then exits 1); in the
+    """Under `python -m service` the loader thread calls `app.state.server.stop_server` (uvicorn then exits 1); in the
     meantime, and in an app built without it, /health answers 200 and /ready 503 with the reason."""
     app = create_app(Settings(model=str(tmp_path / "missing.gguf"), enable_gan=False, enable_g2p=False))
     asked = threading.Event()
-    app.state.stop_server = asked.set
+    app.state.server.stop_server = asked.set
     with serve_in_process(app) as live, live.client(timeout=30.0) as c:
         assert asked.wait(60), "the failed load did not ask the server to stop"
         assert c.get("/health").status_code == 200

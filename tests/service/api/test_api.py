@@ -16,7 +16,7 @@ import pytest
 import service.main
 from model_core.lm import CausalLM
 from model_core.tokenizer import Tokenizer
-from service.api.generation import TextModel
+from service.api.text_model import TextModel
 from service.config import Settings
 from service.engine.scheduler import FinishReason
 from service.main import create_app

@@ -22,6 +22,8 @@ from PIL import Image
 from model_core.gan import Generator, generate, load_gan, to_uint8
 from service.api.errors import install_error_handlers
 from service.api.images import router
+from service.api.state import ServerState
+from service.config import Settings
 from service.engine.images import ImageBatcher
 from tests.service.server_utils import InProcessServer, serve_in_process
 
@@ -33,13 +35,14 @@ def make_app(generator: Generator, max_batch: int = 32, max_wait_ms: float = 10)
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         batcher = ImageBatcher(generator, max_batch=max_batch, max_wait_ms=max_wait_ms)
         await batcher.start()
-        app.state.image_batcher = batcher
+        app.state.server.image_batcher = batcher
         try:
             yield
         finally:
             await batcher.stop()
 
     app = FastAPI(lifespan=lifespan)
+    app.state.server = ServerState(Settings())
     install_error_handlers(app)
     app.include_router(router)
     return app
@@ -198,6 +201,7 @@ def test_bad_requests_are_400_in_openai_shape(client: TestClient, body: dict, pa
 
 def test_503_without_a_batcher() -> None:
     app = FastAPI()
+    app.state.server = ServerState(Settings())  # (no image_batcher: the GAN is off)
     install_error_handlers(app)
     app.include_router(router)
     with TestClient(app) as c:
@@ -211,7 +215,7 @@ def test_concurrent_http_requests_share_forward_passes(gan: Generator) -> None:
 
     async def main() -> tuple[list[list[str]], list[list[str]], int]:
         async with app.router.lifespan_context(app):
-            batcher: ImageBatcher = app.state.image_batcher
+            batcher: ImageBatcher = app.state.server.image_batcher
             transport = httpx.ASGITransport(app=app)
             async with httpx.AsyncClient(transport=transport, base_url="http://t") as ac:
 
@@ -232,9 +236,9 @@ def test_concurrent_http_requests_share_forward_passes(gan: Generator) -> None:
 
 
 def test_draining_server_refuses_new_images(client) -> None:
-    client.app.state.draining = True
+    client.app.state.server.draining = True
     try:
         r = client.post("/v1/images/generations", json={"prompt": "3"})
         assert r.status_code == 503 and r.json()["error"]["code"] == "draining" and r.headers["retry-after"]
     finally:
-        client.app.state.draining = False
+        client.app.state.server.draining = False

@@ -1,0 +1,36 @@
+"""The loaded LM as the text routes see it."""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+from model_core.grammar import GrammarCompiler
+from model_core.tokenizer import Tokenizer
+from service.engine.engine import LLMEngine
+
+
+@dataclass
+class TextModel:
+    """What the text routes need to know of the LM: its engine, tokenizer and limits (ServerState.text_model, set once
+    it has loaded)."""
+
+    engine: LLMEngine
+    tokenizer: Tokenizer
+    name: str
+    max_model_len: int
+    vocab_size: int
+    created: int
+    load_seconds: float = 0.0
+    dtype: str = "float32"  # of the weights and activations
+    kernels: str = "torch"  # what runs decode steps: a native ISA build (avx2, avx512bf16, neon...) or torch
+    batch_invariant: bool = False  # each token's logits the same in any batch (model_core.lm)
+
+    def __post_init__(self) -> None:
+        self.max_prompt_chars = self.max_model_len * self.tokenizer.max_token_bytes
+
+    @functools.cached_property
+    def grammars(self) -> GrammarCompiler:
+        """Compiles (and caches) output grammars for this tokenizer; built on first use, off the event loop
+        (`service.api.structured.compile_grammar`)."""
+        return GrammarCompiler(self.tokenizer, self.vocab_size)
