@@ -3,10 +3,22 @@
 from __future__ import annotations
 
 import codecs
-from typing import TYPE_CHECKING
+from collections.abc import Sequence
+from typing import Protocol
 
-if TYPE_CHECKING:
-    from model_core.tokenizer import Tokenizer
+
+class Tokenizer(Protocol):
+    """What the detokenizer reads of a tokenizer (model_core.tokenizer.Tokenizer is one; this module does not
+    import it, so the two do not import each other)."""
+
+    mode: str  # "byte_level" | "sentencepiece" | "generic"
+    byte_token_ids: frozenset[int]
+    special_token_ids: frozenset[int]
+    strip_leading_space: bool
+
+    def token_bytes(self, i: int) -> bytes: ...
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str: ...
 
 
 class IncrementalDetokenizer:
