@@ -63,7 +63,10 @@ def test_incremental_property_on_text(ours: Tokenizer, missing: frozenset[int], 
     ids = ours.encode(text)
     pieces = stream(ours, ids)
     assert "".join(pieces) == ours.decode(ids)
-    if representable(text, missing):
+    # (a special token's text, e.g. "<|endoftext|>", which Hypothesis draws from the code's constants, encodes to that
+    # token, and decoding skips it)
+    specials = [ours.token_bytes(i).decode("utf-8", "replace") for i in ours.special_token_ids]
+    if representable(text, missing) and not any(s in text for s in specials):
         assert "".join(pieces) == text
         if "\ufffd" not in text:
             assert all("\ufffd" not in p for p in pieces)
