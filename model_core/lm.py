@@ -27,6 +27,7 @@ from torch import nn
 
 from model_core.attention import MultiHeadAttention
 from model_core.kv_cache import PagedKVCache
+from model_core.native import Kernels
 from model_core.norms import make_norm
 from model_core.positional import LearnedPositionalEmbedding, RotaryEmbedding
 from model_core.qmatmul import exact_products
@@ -146,6 +147,7 @@ class DecoderFastPath(Protocol):
 class CausalLM(nn.Module):
     decoder_fast_path: DecoderFastPath | None = None  # set by the loader where one applies
     batch_invariant: bool = False  # set by the loader where it holds (see the module's docstring)
+    kernels: Kernels | None = None  # set by the loader: the native build of its backend (None: PyTorch only)
 
     def __init__(self, cfg: LMConfig) -> None:
         super().__init__()
@@ -162,6 +164,24 @@ class CausalLM(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
+
+    def new_cache(self, num_blocks: int, block_size: int) -> PagedKVCache:
+        """A paged KV cache of `num_blocks` blocks of `block_size` tokens for this model: its layers' shapes, dtype
+        and device; decode attention reads it in place with the model's kernels, and in batch-invariant mode prompts
+        attend in place too."""
+        cfg = self.cfg
+        return PagedKVCache(
+            cfg.n_layers,
+            num_blocks,
+            block_size,
+            cfg.n_kv_heads,
+            cfg.hd,
+            self.dtype,
+            self.device,
+            max_positions=cfg.max_seq_len,
+            kernels=self.kernels,
+            in_place_prefill=self.batch_invariant,
+        )
 
     @property
     def dtype(self) -> torch.dtype:

@@ -144,7 +144,6 @@ def build_text_model(settings: Settings, observer: EngineObserver | None = None)
             enable_prefix_caching=settings.enable_prefix_caching,
             cache_salt=f"{lm.name}:{dtype}",
         ),
-        lm.backend.kernels,
         observer,
     )
     log.info(

@@ -89,6 +89,7 @@ def tiny_llama_q4(
         pack_linears(model)
     attach_quantized(model, blocks, max_rows, kernels)
     model.decoder_fast_path = FusedLlamaDecoder.build(model, kernels)
+    model.kernels = kernels
     return model
 
 

@@ -131,6 +131,7 @@ def load_lm(
                 table = embedding_blocks(file)
             assert table is not None
             model.embed = QuantEmbedding(table, dtype, kernels)
+    model.kernels = kernels
     if kernels is not None and native_decode:
         model.decoder_fast_path = FusedLlamaDecoder.build(model, kernels)
         if model.decoder_fast_path is not None:

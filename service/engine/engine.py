@@ -29,7 +29,6 @@ import torch
 
 from model_core.grammar import CompiledGrammar, is_work_limit
 from model_core.lm import CausalLM
-from model_core.native import Kernels
 from model_core.sampling import SamplingParams, TokenScore, make_generator
 from model_core.stopping import OutputStream
 from model_core.tokenizer import Tokenizer
@@ -124,11 +123,10 @@ def build_engine(
     model: CausalLM,
     tokenizer: Tokenizer,
     config: EngineConfig,
-    kernels: Kernels | None = None,
     observer: EngineObserver | None = None,
 ) -> LLMEngine:
     """The engine over a loaded model: its runner (paged KV cache of config.num_blocks blocks), not started."""
-    runner = ModelRunner(model, config.num_blocks, config.block_size, tuple(tokenizer.eos_token_ids), kernels)
+    runner = ModelRunner(model, config.num_blocks, config.block_size, tuple(tokenizer.eos_token_ids))
     return LLMEngine(runner, tokenizer, config, observer)
 
 

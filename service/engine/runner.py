@@ -24,9 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from model_core.grammar import GrammarMatcher, apply_token_masks
-from model_core.kv_cache import PagedKVCache
 from model_core.lm import CausalLM
-from model_core.native import Kernels
 from model_core.sampling import SamplingParams, compute_logprobs, process_logits, sample, score_tokens
 from service.engine.errors import EngineError, grammar_limit_error, internal_error, invalid_request
 from service.engine.model_input import ChunkInput, ModelInput, SamplingState
@@ -51,26 +49,12 @@ class ModelRunner:
         num_blocks: int,
         block_size: int,
         eos_token_ids: tuple[int, ...],
-        kernels: Kernels | None = None,
     ) -> None:
-        """kernels: the model's decode backend's (LoadedLM.backend.kernels), for the KV cache."""
-        cfg = model.cfg
         self.model = model
         self.device = model.device
         self.dtype = model.dtype
         self.eos_token_ids = eos_token_ids
-        self.cache = PagedKVCache(
-            cfg.n_layers,
-            num_blocks,
-            block_size,
-            cfg.n_kv_heads,
-            cfg.hd,
-            self.dtype,
-            self.device,
-            max_positions=cfg.max_seq_len,
-            kernels=kernels,
-            in_place_prefill=model.batch_invariant,
-        )
+        self.cache = model.new_cache(num_blocks, block_size)
 
     def _forward(self, chunks: list[ChunkInput], score: bool = False) -> torch.Tensor:
         """One forward over chunks of possibly different lengths (shorter ones padded).

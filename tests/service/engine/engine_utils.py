@@ -7,7 +7,6 @@ from collections.abc import Sequence
 from typing import Any
 
 from model_core.lm import CausalLM
-from model_core.native import Kernels
 from model_core.sampling import SamplingParams
 from model_core.tokenizer import Tokenizer
 from service.engine.engine import EngineConfig, LLMEngine, TokenEvent, build_engine
@@ -18,7 +17,6 @@ def make_engine(
     tokenizer: Tokenizer,
     *,
     start: bool = True,
-    kernels: Kernels | None = None,
     prefix_caching: bool = True,
     num_blocks: int = 256,
     max_num_batched_tokens: int = 256,
@@ -36,7 +34,6 @@ def make_engine(
             enable_prefix_caching=prefix_caching,
             **config,
         ),
-        kernels,
     )
     if start:
         engine.start()

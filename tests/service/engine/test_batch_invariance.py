@@ -103,7 +103,6 @@ def test_every_request_equals_its_solo_run_under_any_load(
             max_model_len=80,
             enable_prefix_caching=True,
         ),
-        kernels_for(isa),
     )
     engine.start()
     try:
@@ -134,7 +133,6 @@ def test_preemption_and_recompute_keep_every_token(isa: str, smol_tokenizer: Tok
         model,
         smol_tokenizer,
         EngineConfig(max_num_seqs=6, max_num_batched_tokens=64, block_size=8, num_blocks=20, max_model_len=80),
-        kernels_for(isa),
     )
     engine.start()
     try:

@@ -33,11 +33,15 @@ def test_sixteen_concurrent_greedy_requests_equal_reference(tiny_model, smol_tok
     kernels = None if isa == "torch" else kernels_for(isa)
     prompts = _prompts(16)
     params = [SamplingParams(max_tokens=random.Random(i).randint(1, 40), temperature=0.0) for i in range(16)]
-    engine = make_engine(tiny_model, smol_tokenizer, max_num_batched_tokens=64, kernels=kernels)  # chunked prefill
+    tiny_model.kernels = kernels  # (the model's backend: its KV cache's attention runs on these kernels)
     try:
-        results = run_all(engine, list(zip(prompts, params, strict=True)))
+        engine = make_engine(tiny_model, smol_tokenizer, max_num_batched_tokens=64)  # chunked prefill
+        try:
+            results = run_all(engine, list(zip(prompts, params, strict=True)))
+        finally:
+            engine.stop()
     finally:
-        engine.stop()
+        tiny_model.kernels = None
     for prompt, p, events in zip(prompts, params, results, strict=True):
         assert [e.token_id for e in events] == _reference(tiny_model, smol_tokenizer, prompt, p, kernels)
         assert events[-1].finish_reason in ("stop", "length")
