@@ -29,8 +29,6 @@ from service.api.chunks import (
 from service.api.errors import APIError, error_responses
 from service.api.fields import check_extra_fields
 from service.api.generation import (
-    Job,
-    Usage,
     admit,
     check_model,
     check_prompt_chars,
@@ -44,7 +42,7 @@ from service.api.generation import (
 )
 from service.api.json_route import OffLoopJSONRoute
 from service.api.schemas import MAX_TOP_LOGPROBS, ChatCompletionRequest, ChatMessage, sampling_params
-from service.api.serving import ChoiceWriter, respond
+from service.api.serving import ChoiceWriter, Job, Usage, respond
 from service.api.structured import compile_grammar, output_constraint
 from service.api.text_model import TextModel
 from service.api.tools import Function, ReplyStreamer, ToolCall, call_grammar, parse_reply, with_tools

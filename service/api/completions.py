@@ -15,8 +15,6 @@ from service.api.errors import APIError, error_responses
 from service.api.fields import check_extra_fields
 from service.api.g2p import G2P_MODEL, g2p_completion, get_g2p_batcher
 from service.api.generation import (
-    Job,
-    Usage,
     admit,
     check_model,
     choice_params,
@@ -30,7 +28,7 @@ from service.api.generation import (
 )
 from service.api.json_route import OffLoopJSONRoute
 from service.api.schemas import CompletionRequest, sampling_params
-from service.api.serving import ChoiceWriter, respond
+from service.api.serving import ChoiceWriter, Job, Usage, respond
 from service.api.structured import compile_grammar, output_constraint
 from service.api.text_model import TextModel
 from service.engine.engine import TokenEvent

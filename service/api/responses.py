@@ -20,15 +20,11 @@ from service.api.chat import forced_call_grammar, logprob_entry, render_chat, to
 from service.api.errors import APIError, error_responses
 from service.api.fields import check_extra_fields
 from service.api.generation import (
-    Job,
-    Usage,
     admit,
     check_model,
     default_max_tokens,
-    event_error,
     get_text_model,
     resolve_max_tokens,
-    run_choices,
 )
 from service.api.json_route import OffLoopJSONRoute
 from service.api.schemas import (
@@ -46,6 +42,7 @@ from service.api.schemas import (
     ToolCallIn,
     sampling_params,
 )
+from service.api.serving import Job, Usage, event_error, run_choices
 from service.api.sse import sse_data, sse_response
 from service.api.structured import compile_grammar, output_constraint
 from service.api.text_model import TextModel

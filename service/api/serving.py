@@ -1,4 +1,5 @@
-"""One response path for completions and chat completions, streamed or not.
+"""One response path for completions and chat completions, streamed or not: the request's choices run on the
+engine (`run_choices`, merged into one stream of events; the Responses API drives it too) and are written out.
 
 An endpoint describes its reply with a `ChoiceWriter`: what to send before any token (`opening`), what each
 engine event adds (`on_event`: it updates the writer's own record of every choice and returns the stream
@@ -11,19 +12,142 @@ reply and a whole one cannot disagree.
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator, Sequence
+import asyncio
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from contextlib import aclosing
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
-from service.api.chunks import ReplyBody
-from service.api.generation import Job, Usage, event_error, run_choices
+from model_core.grammar import CompiledGrammar
+from model_core.sampling import SamplingParams
+from service.api.chunks import PromptTokensDetails, ReplyBody, UsageInfo
+from service.api.errors import APIError, from_engine
 from service.api.sse import DONE, sse_data, sse_response
 from service.api.text_model import TextModel
 from service.engine.admission import Admission
-from service.engine.engine import TokenEvent
+from service.engine.engine import LLMEngine, TokenEvent, error_event
+from service.engine.errors import EngineError, internal_error
+
+
+async def _wait_for_disconnect(request: Request) -> None:
+    """Return once the client has gone. Only for routes whose body is read and whose response is not
+    streamed yet (a StreamingResponse listens for the disconnect itself)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+@dataclass(frozen=True)
+class Job:
+    """One sequence to generate: a choice of a prompt."""
+
+    ids: list[int]
+    params: SamplingParams
+    grammar: CompiledGrammar | None = None  # the output must match it (structured outputs, forced tool calls)
+
+
+async def run_choices(
+    engine: LLMEngine,
+    jobs: Sequence[Job],
+    request_id: str,
+    admission: Admission,
+    request: Request | None = None,
+    timeout_s: float | None = None,
+) -> AsyncGenerator[tuple[int, TokenEvent], None]:
+    """Run every job concurrently; yield (job index, event) as they come.
+    Leaving the iterator early (client gone) cancels every job, which aborts it in the engine; close it
+    with `contextlib.aclosing` so that this happens at once. Given the `request` of a non-streamed
+    response, a client disconnect also aborts every job and raises APIError(499)."""
+    queue: asyncio.Queue[tuple[int, TokenEvent | BaseException | None]] = asyncio.Queue()
+
+    async def consume(i: int, job: Job) -> None:
+        try:
+            async for ev in engine.generate(
+                job.ids, job.params, f"{request_id}-{i}", timeout_s=timeout_s, admission=admission, grammar=job.grammar
+            ):
+                await queue.put((i, ev))
+        except asyncio.CancelledError:
+            raise
+        except BaseException as e:  # noqa: BLE001 - forwarded to the consumer
+            await queue.put((i, e))
+
+    async def watch(req: Request) -> None:
+        await _wait_for_disconnect(req)
+        await queue.put((-1, None))
+
+    tasks = [asyncio.create_task(consume(i, job)) for i, job in enumerate(jobs)]
+    if request is not None:
+        tasks.append(asyncio.create_task(watch(request)))
+    remaining = len(jobs)
+    try:
+        while remaining:
+            i, ev = await queue.get()
+            if ev is None:
+                raise APIError("the client closed the connection", status_code=499, code="client_closed_request")
+            if isinstance(ev, BaseException):  # the engine refused the job (or failed to take it)
+                remaining -= 1
+                err = ev if isinstance(ev, EngineError) else internal_error(str(ev) or type(ev).__name__)
+                yield i, error_event(err)
+                continue
+            if ev.finish_reason is not None:
+                remaining -= 1
+            yield i, ev
+    finally:
+        for t in tasks:
+            if not t.done():
+                t.cancel()
+        admission.release()
+
+
+class Usage:
+    """Token counts of a request's jobs: each distinct prompt counts once (n choices of it share its ids), and
+    so do its cached tokens, taken from its first choice (later ones may reuse what that one computed)."""
+
+    def __init__(self, jobs: Sequence[Job]) -> None:
+        first: dict[int, int] = {}  # id(prompt ids) -> index of the first job with them
+        for i, job in enumerate(jobs):
+            first.setdefault(id(job.ids), i)
+        self._firsts = set(first.values())
+        self.prompt_tokens = sum(len(jobs[i].ids) for i in self._firsts)
+        self.completion_tokens = 0
+        self._cached: dict[int, int] = {}
+
+    def add(self, i: int, ev: TokenEvent) -> None:
+        """Count an event of job i."""
+        if i in self._firsts:
+            self._cached[i] = ev.cached_tokens
+        if ev.finish_reason is not None:
+            self.completion_tokens += ev.completion_tokens
+
+    @property
+    def cached_tokens(self) -> int:
+        return sum(self._cached.values())
+
+    def openai(self) -> UsageInfo:
+        """The `usage` object of completions and chat completions."""
+        return UsageInfo(
+            prompt_tokens=self.prompt_tokens,
+            completion_tokens=self.completion_tokens,
+            total_tokens=self.prompt_tokens + self.completion_tokens,
+            prompt_tokens_details=PromptTokensDetails(cached_tokens=self.cached_tokens),
+        )
+
+    def responses(self) -> dict[str, Any]:
+        """The `usage` object of the Responses API."""
+        return {
+            "input_tokens": self.prompt_tokens,
+            "input_tokens_details": {"cached_tokens": self.cached_tokens, "cache_write_tokens": 0},
+            "output_tokens": self.completion_tokens,
+            "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": self.prompt_tokens + self.completion_tokens,
+        }
+
+
+def event_error(ev: TokenEvent) -> APIError:
+    """The APIError of an error event."""
+    return from_engine(ev.error or internal_error("generation failed"))
 
 
 class ChoiceWriter(abc.ABC):
