@@ -56,8 +56,8 @@ class Settings(BaseSettings):
         False,
         description="temperature 0 gives the same text under any load: each token's logits are computed the same "
         "way alone or batched, in any prompt chunking, with or without a prefix-cache hit or preemption (every "
-        "matmul on the native kernels; GGUF Q4_0/Q4_1/Q8_0 llama models); off: prompt chunks on the faster, exact "
-        "dense matmuls",
+        "matmul on the native kernels, AMX tiles at every size where the CPU has them; GGUF models of the types the "
+        "kernels read); off: prompt chunks on the faster, exact dense matmuls",
     )
     max_num_seqs: int = Field(32, ge=1, le=1024, description="max sequences decoded together")
     max_num_batched_tokens: int = Field(512, ge=16, description="token budget per engine step")
