@@ -33,7 +33,6 @@ from typing import Any
 
 import torch
 
-from model_core.kv_cache import PagedKVCache
 from model_core.qmatmul import QuantLinear
 from model_core.weights.gguf_reader import open_gguf
 from model_core.weights.loader import LoadedLM, load_for_inference
@@ -110,19 +109,8 @@ def tensor_types(path: str | os.PathLike[str]) -> str:
 def decode_logits(lm: LoadedLM, ids: Sequence[int]) -> torch.Tensor:
     """Logits after each token as the server computes them while decoding: one token per forward through the paged
     cache (blocks of 16), with the backend's kernels. (T, V) float32."""
-    cfg = lm.config
     blocks = (len(ids) + 15) // 16
-    dtype = lm.model.dtype
-    cache = PagedKVCache(
-        cfg.n_layers,
-        blocks,
-        16,
-        cfg.n_kv_heads,
-        cfg.hd,
-        dtype,
-        max_positions=cfg.max_seq_len,
-        kernels=lm.backend.kernels,
-    )
+    cache = lm.model.new_cache(blocks, 16)
     out = []
     with torch.inference_mode():
         for t, tok in enumerate(ids):

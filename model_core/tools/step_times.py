@@ -50,17 +50,7 @@ def main(argv: list[str] | None = None) -> None:
     loaded = f"loaded in {lm.load_seconds:.1f} s, {_memory()}"
 
     def cache(blocks: int) -> PagedKVCache:
-        return PagedKVCache(
-            cfg.n_layers,
-            blocks,
-            block,
-            cfg.n_kv_heads,
-            cfg.hd,
-            dtype,
-            max_positions=cfg.max_seq_len,
-            kernels=lm.backend.kernels,
-            in_place_prefill=lm.batch_invariant,
-        )
+        return lm.model.new_cache(blocks, block)
 
     text = "The water cycle describes how water moves between the land, the oceans and the atmosphere. "
     ids = (lm.tokenizer.encode(text) * (a.prompt_tokens // 10 + 1))[: a.prompt_tokens]
