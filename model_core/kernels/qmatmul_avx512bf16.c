@@ -330,7 +330,8 @@ static void configure_tiles(int halves, int cols) {
 
 /* 16 weight rows' block of 32 decoded (as the vector path) into a (16 x 32 bf16, rows 64 bytes apart); rows past nr
  * zero */
-static inline __attribute__((always_inline)) void decode_rows(int form, const uint8_t *q, size_t row_bytes, int nr, uint16_t *a) {
+static inline __attribute__((always_inline)) void decode_rows(int form, const uint8_t *q, size_t row_bytes, int nr,
+                                                              uint16_t *a) {
     for (int r = 0; r < 16; r++) {
         const uint8_t *qr = q + (size_t)r * row_bytes;
         const __m512i w = r >= nr      ? _mm512_setzero_si512()
@@ -353,8 +354,9 @@ static inline __attribute__((always_inline)) void decode_rows(int form, const ui
  * row) pair gets the same operations in the same order as there: a row's result is the same alone as in any batch.
  * next, lines: the next n-tile's weights, prefetched a slice per block. */
 static void one_row(int form, int halves, int offsets, int nb, int no, int qb, size_t ds, const uint8_t *q,
-                    size_t row_bytes, int nr, const uint8_t *next, size_t lines, const uint32_t *x, const float *xs, const float *d32, const float *o32, float *dt, float *ot, uint16_t *a,
-                    float *cbuf, const float *bias, uint16_t *y) {
+                    size_t row_bytes, int nr, const uint8_t *next, size_t lines, const uint32_t *x, const float *xs,
+                    const float *d32, const float *o32, float *dt, float *ot, uint16_t *a, float *cbuf,
+                    const float *bias, uint16_t *y) {
     for (int o = 0; o < no; o++)
         for (int r = 0; r < 16; r++) {
             dt[o * 16 + r] = d32[r * ds + o];
