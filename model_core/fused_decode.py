@@ -31,7 +31,7 @@ from torch import nn
 
 from model_core.kv_cache import PagedKVCache
 from model_core.lm import Block, CausalLM, LMConfig
-from model_core.native import EVERY_BATCH, INT8, PROJECTION_PARTS, KernelError, Kernels
+from model_core.native import EVERY_BATCH, PROJECTION_PARTS, KernelError, Kernels
 from model_core.norms import RMSNorm
 from model_core.qmatmul import ACT, ALL_ROWS, QuantLinear
 
@@ -122,7 +122,7 @@ class _Layer:
             return
         quant = [lin.parts for lin in linears if isinstance(lin, QuantLinear)]
         flat = [w for parts in quant for w in parts]
-        if len(quant) == 4 and len({w.interleaved for w in flat if w.kind.int8}) > 1:
+        if len(quant) == 4 and len({w.mode_bits() for w in flat if w.kind.int8}) > 1:
             raise ValueError("the fused decoder runs a layer's projections in one matmul mode")
         if len(quant) == 4 and all(len(parts) <= PROJECTION_PARTS for parts in quant):
             # llama_decode_layer's w: (qs, d, m) of each part of Wqkv, Wo, Wgate|up, Wdown in turn; kinds: their
@@ -137,9 +137,7 @@ class _Layer:
             self.one_call_rows = min(lin.max_rows for lin in linears if isinstance(lin, QuantLinear))
             # the mode: int8 where the weights are interleaved (float kinds take exact products in either); one method
             # at every batch where every batch runs here (the batch-invariant mode)
-            self._i8 = (INT8 if any(w.interleaved for w in flat) else 0) | (
-                EVERY_BATCH if self.one_call_rows >= ALL_ROWS else 0
-            )
+            self._i8 = max(w.mode_bits() for w in flat) | (EVERY_BATCH if self.one_call_rows >= ALL_ROWS else 0)
         else:
             self._ptrs, self._kinds, self._parts, self._i8, self.one_call_rows = None, None, None, 0, 0
         self._seen = seen

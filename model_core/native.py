@@ -57,8 +57,11 @@ ISAS: dict[str, Isa] = {
             "avx512bf16",
             "x86_64",
             (*SIMD_SOURCES, "qmatmul_avx512bf16.c"),
-            ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma", "-mf16c", "-mamx-tile", "-mamx-bf16"),
-            CPU_AVX512BF16,
+            (
+                *("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vnni", "-mfma", "-mf16c"),
+                *("-mamx-tile", "-mamx-bf16", "-mamx-int8"),
+            ),
+            CPU_AVX512BF16 | CPU_AVX512VNNI,
             16,  # on AMX tiles from 8 rows (kernels/qmatmul_avx512bf16.c); without AMX: backend.NO_AMX_MAX_ROWS
             4,  # (a SmolLM2 F16 step at 8 and 16 rows: 345 and 570 tok/s dense, 250 and 270 on its vector path)
             False,
@@ -214,8 +217,9 @@ ENTRY_POINTS: dict[str, EntryPoint] = {
 
 # llama_decode_layer's most parts of one projection (AIGC_PROJECTION_PARTS of kernels/aigc_kernels.h)
 PROJECTION_PARTS = 3
-# the matmuls' mode bits (their i8 argument): int8 activations; one method at every batch size (batch-invariant)
-INT8, EVERY_BATCH = 1, 2
+# the matmuls' mode bits (their i8 argument): int8 activations; one method at every batch size (batch-invariant);
+# with INT8, activations rounded to 16 bits (two int8 halves) instead of 8
+INT8, EVERY_BATCH, INT16 = 1, 2, 4
 
 # The AIGC_* statuses of kernels/aigc_kernels.h.
 AIGC_OK, AIGC_ERR_ARGS, AIGC_ERR_NOMEM, AIGC_ERR_UNSUPPORTED = 0, -1, -2, -3

@@ -16,7 +16,7 @@ import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -295,21 +295,29 @@ class QuantWeight:
     `d` float32 (Q2_K: d and dmin), `m` (N, K/256, 16) the scale bytes (Q2_K: scale | min << 4; Q3_K: int8).
     `kind` says which form (KINDS); left out, it is the 4-bit form, or the 8-bit one where m is None.
     `interleave()` gives the form the int8 mode reads (groups of 8 rows; `rows` is then N): a weight in that
-    form is multiplied in int8 mode, one in row form with exact products."""
+    form is multiplied with integer dot products by activations rounded to `x_bits` (8, or 16: two int8 halves) per
+    block of 32, one in row form with exact products."""
 
     qs: torch.Tensor
     d: torch.Tensor
     m: torch.Tensor | None
     rows: int | None = None  # out_features, when interleaved by 8 rows (the tensors are padded to a multiple of 8)
     kind: QuantKind = None  # type: ignore[assignment]  # set in __post_init__ where left out
+    x_bits: int = 8  # interleaved: the bits per activation the products take (8, or 16 in two int8 halves)
 
     def __post_init__(self) -> None:
         if self.kind is None:  # the forms of before the K-quants, told apart by m
             object.__setattr__(self, "kind", KIND_Q8 if self.m is None else KIND_Q4)
+        if self.x_bits not in (8, 16):
+            raise ValueError(f"activations round to 8 or 16 bits, not {self.x_bits}")
 
     @property
     def interleaved(self) -> bool:
         return self.rows is not None
+
+    def mode_bits(self) -> int:
+        """The matmuls' mode bits (native.INT8, INT16) this weight's form takes."""
+        return 0 if not self.interleaved else native.INT8 | (native.INT16 if self.x_bits == 16 else 0)
 
     @property
     def out_features(self) -> int:
@@ -337,12 +345,13 @@ class QuantWeight:
         qs, d, m = t.repack(blocks.reshape(blocks.shape[0], -1, bs))  # of (N, nb, bytes per block)
         return cls(qs.contiguous(), d.contiguous(), None if m is None else m.contiguous(), kind=t.kind)
 
-    def interleave(self) -> QuantWeight:
+    def interleave(self, x_bits: int = 8) -> QuantWeight:
         """Rows in groups of 8, each block's quants as 4-byte runs of the 8 rows side by side and the rows last in
         the scales (kernels/common.h): qs (G, K/32, bytes/4, 8, 4) of the row form's (N, K/32, bytes), d and m of
-        (N, *s) as (G, *s, 8); zero rows pad the last group. Float kinds have none (ValueError)."""
+        (N, *s) as (G, *s, 8); zero rows pad the last group; multiplied by activations rounded to x_bits (8 or 16)
+        per block. Float kinds have none (ValueError)."""
         if self.interleaved:
-            return self
+            return self if self.x_bits == x_bits else replace(self, x_bits=x_bits)
         if not self.kind.int8:
             raise ValueError(f"{self.kind.name} weights have no int8 mode: their products are exact in either mode")
         N, nb, nbytes = self.qs.shape
@@ -356,7 +365,7 @@ class QuantWeight:
 
         qs = pad(self.qs).view(G, 8, nb, nbytes // 4, 4).permute(0, 2, 3, 1, 4)  # (G, nb, k, 8, 4)
         m = None if self.m is None else groups(self.m)
-        return QuantWeight(qs.contiguous(), groups(self.d), m, rows=N, kind=self.kind)
+        return QuantWeight(qs.contiguous(), groups(self.d), m, rows=N, kind=self.kind, x_bits=x_bits)
 
     def row_form(self) -> QuantWeight:
         """The inverse of `interleave()`."""
@@ -471,7 +480,7 @@ def qmatmul(
     y = torch.empty(M, N, dtype=x.dtype)
     if bias is not None:
         bias = bias.to(torch.float32).contiguous()  # (N,)
-    mode = (native.INT8 if w.interleaved else 0) | (native.EVERY_BATCH if every_batch else 0)
+    mode = w.mode_bits() | (native.EVERY_BATCH if every_batch else 0)
     if M and w.kind.entry == "quant_matmul_kind":  # the kind as a value (kernels/aigc_kernels.h QKIND_*)
         kernels.call(
             "quant_matmul_kind",
@@ -644,16 +653,24 @@ def _dense_layer_forward(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
 
 
 def attach_quantized(
-    model: nn.Module, weights: Mapping[str, QuantWeight | Sequence[QuantWeight]], max_rows: int, kernels: Kernels
+    model: nn.Module,
+    weights: Mapping[str, QuantWeight | Sequence[QuantWeight]],
+    max_rows: int,
+    kernels: Kernels,
+    x_bits: int | None = None,
 ) -> int:
     """Wrap each linear layer named in `weights` (module paths, e.g. 'blocks.0.attn.qkv'; a weight, or its parts
     stacked by rows) in a QuantLinear serving up to `max_rows` rows (at most the kernels' wide_max_rows where all of
     it is of a float kind and the layer has dense weights, unless ALL_ROWS), in the form the kernels' mode reads
-    (interleaved for int8 activations; float weights stay as stored, their products exact); returns how many were
-    wrapped."""
+    (interleaved for integer products with activations rounded to x_bits, 8 or 16 (None: the build's default, 8 where
+    it rounds them, else the exact products of the row form); float weights stay as stored, their products exact);
+    returns how many were wrapped."""
+    if x_bits is not None and not kernels.isa.has_int8:
+        raise ValueError(f"the {kernels.name} kernels have no integer products")
+    bits = x_bits or (8 if kernels.isa.int8 else 0)
     for name, weight in weights.items():
         parts = [weight] if isinstance(weight, QuantWeight) else list(weight)
-        parts = [w.interleave() if kernels.isa.int8 and w.kind.int8 else w for w in parts]
+        parts = [w.interleave(bits) if bits and w.kind.int8 else w for w in parts]
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         dense = getattr(parent, attr)

@@ -44,8 +44,11 @@ AIGC_API int aigc_cpu_features(void);
 /* The matmuls' mode (the i8 argument of quant_matmul, quant_matmul_kind and llama_decode_layer): AIGC_INT8 or not
  * (the exact products), and AIGC_EVERY_BATCH: the same method at every batch size, so that a row's result never
  * depends on the batch (the batch-invariant mode); without it a build may change method with the batch (the
- * AVX512-BF16 build's exact products on AMX tiles from a few rows, where the CPU has them: another summation order). */
-enum { AIGC_INT8 = 1, AIGC_EVERY_BATCH = 2 };
+ * AVX512-BF16 build's exact products on AMX tiles from a few rows, where the CPU has them: another summation order).
+ * AIGC_INT16 (with AIGC_INT8): x rounded to 16 bits per block instead of 8 (two int8 halves, common.h
+ * quantize_block16): twice the integer products, activations as precise as fp32's to about 1e-4 of a block's
+ * largest; the results as bit-identical across builds and batches as int8 mode's. */
+enum { AIGC_INT8 = 1, AIGC_EVERY_BATCH = 2, AIGC_INT16 = 4 };
 
 /* y (M, N) = x (M, K) W^T (+ bias, N fp32, or NULL), W quantized (common.h, k_qmatmul): qs, d and m (m NULL for
  * 8-bit weights); i8 & AIGC_INT8: x rounded to int8 per block, W interleaved by 8 rows.

@@ -89,6 +89,28 @@ static inline float quantize_block(const float *x, int8_t *q, int *q_sum) {
     return scale;
 }
 
+/* 32 activations -> 16-bit q with x ~ scale * q, held as two int8 halves q = 255 hi + lo (both in -127..127): scale =
+ * max|x| / 32512 (= 255 * 127 + 127), q = x / scale rounded to nearest even; hi = q / 255 rounded to nearest (never a tie),
+ * lo = q - 255 hi. A block's sum with integer weights w is then S = 255 S_hi + S_lo, S_hi and S_lo the
+ * int8 sums (exact), taken as fma(S_hi, 255, S_lo) in fp32 by every build. Returns the scale; q_sum gets the sum of
+ * q, half_sum that of q's first 16. */
+static inline float quantize_block16(const float *x, int8_t *hi, int8_t *lo, int *q_sum, int *half_sum) {
+    float amax = 0.0f;
+    for (int i = 0; i < 32; i++) amax = fabsf(x[i]) > amax ? fabsf(x[i]) : amax;
+    const float scale = amax / 32512.0f, inv = scale > 0.0f ? 1.0f / scale : 0.0f;
+    int s = 0, h = 0;
+    for (int i = 0; i < 32; i++) {
+        const int q = (int)nearbyintf(x[i] * inv), a = q < 0 ? -q : q, top = (a + 127) / 255;
+        hi[i] = (int8_t)(q < 0 ? -top : top);
+        lo[i] = (int8_t)(q - 255 * hi[i]);
+        s += q;
+        h += i < 16 ? q : 0;
+    }
+    *q_sum = s;
+    *half_sum = h;
+    return scale;
+}
+
 /* The attention parameters (aigc_kernels.h, paged_attention_decode), shared by every build so that they treat
  * scores and windows alike. softcap finite and >= 0 (0: none; NaN and infinity refused: inf tanh(s / inf) is NaN),
  * window >= 0 (0: none). */
@@ -249,7 +271,7 @@ void k_rope(void *v, int nheads, int hs, const float *cos, const float *sin, int
 #if defined(__AVX2__) || defined(__ARM_FEATURE_DOTPROD)
 #define QMATMUL_I8 /* this build has integer dot products for i8 mode */
 int qmatmul_i8(const void *x, int act, int kind, const uint8_t *qs, const void *d, const void *m, const float *bias,
-               void *y, int M, int N, int K, int nthreads);
+               void *y, int M, int N, int K, int i16, int nthreads);
 #endif
 #if defined(__AVX512BF16__)
 /* every: AIGC_EVERY_BATCH (one method at every batch size: AMX tiles where the CPU has them, else the vector path) or

@@ -150,7 +150,8 @@ int k_qmatmul(const void *x, int act, const uint8_t *qs, const uint16_t *d, cons
         return qmatmul_avx512bf16(x, qs, d, m, bias, y, M, N, K, i8 & AIGC_EVERY_BATCH, nthreads);
 #endif
 #if defined(QMATMUL_I8)
-    if (i8 & AIGC_INT8) return qmatmul_i8(x, act, m ? QKIND_Q4 : QKIND_Q8, qs, d, m, bias, y, M, N, K, nthreads);
+    if (i8 & AIGC_INT8) return qmatmul_i8(x, act, m ? QKIND_Q4 : QKIND_Q8, qs, d, m, bias, y, M, N, K, i8 & AIGC_INT16,
+                                        nthreads);
 #endif
     if (i8 & AIGC_INT8) return AIGC_ERR_UNSUPPORTED; /* no integer dot products in this build */
     const size_t nb = (size_t)(K / BLOCK);
@@ -374,7 +375,7 @@ int k_qmatmul_kind(const void *x, int act, int kind, const uint8_t *qs, const vo
     if (!qkind_args_ok(kind, qs, d, m, M, N, K)) return AIGC_ERR_ARGS;
     const int fl = qkind_float(kind);
 #if defined(QMATMUL_I8)
-    if ((i8 & AIGC_INT8) && !fl) return qmatmul_i8(x, act, kind, qs, d, m, bias, y, M, N, K, nthreads);
+    if ((i8 & AIGC_INT8) && !fl) return qmatmul_i8(x, act, kind, qs, d, m, bias, y, M, N, K, i8 & AIGC_INT16, nthreads);
 #endif
     if ((i8 & AIGC_INT8) && !fl) return AIGC_ERR_UNSUPPORTED; /* no integer dot products in this build */
 #if defined(__AVX512BF16__)

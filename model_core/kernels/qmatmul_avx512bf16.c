@@ -267,28 +267,10 @@ static void row_scales(int kind, const uint8_t *dn, const uint8_t *mn, int nb, f
  * where a row's result may depend on the batch, and at every size with AIGC_EVERY_BATCH (the batch-invariant mode: one
  * method at every size, and prompt chunks at the tiles' speed), where the CPU has AMX and Linux grants the tile state
  * (qmatmul_amx_ready; elsewhere the vector path at every size). */
-#include <sys/syscall.h>
-#include <unistd.h>
+#include "amx.h"
 
-#define ARCH_REQ_XCOMP_PERM 0x1023
-#define XFEATURE_XTILEDATA 18
-
-typedef struct {
-    uint8_t palette, start_row, reserved[14];
-    uint16_t colsb[16];
-    uint8_t rows[16];
-} tile_config;
-
-/* the CPU has AMX-BF16 and this process may use the tile registers (asked of Linux once: ARCH_REQ_XCOMP_PERM) */
-static int qmatmul_amx_ready(void) {
-    static int state; /* 0: not asked yet, 1: granted, -1: not (benign race: every thread asks the same) */
-    if (!state)
-        state = __builtin_cpu_supports("amx-bf16") && __builtin_cpu_supports("amx-tile") &&
-                        syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0
-                    ? 1
-                    : -1;
-    return state > 0;
-}
+/* the CPU has AMX-BF16 and this process may use the tile registers */
+static int qmatmul_amx_ready(void) { return __builtin_cpu_supports("amx-bf16") && amx_granted(); }
 
 /* *buf grown to at least n bytes (64-byte aligned), kept for the next call: the calling thread's (or the OpenMP
  * worker's) scratch, so that a call allocates nothing once warm; NULL if there is no memory */

@@ -1,8 +1,10 @@
 /* i8 mode of the quantized matmul (see k_qmatmul and k_qmatmul_kind in common.h) with integer dot products: AVX2
- * (maddubs) and NEON with the dot-product extension (sdot by lane), for every weight kind.
+ * (maddubs; vpdpbusd with AVX512-VNNI), NEON with the dot-product extension (sdot by lane), and AMX-INT8 tiles for
+ * bigger batches where the build and CPU have them, for every weight kind.
  *
- * The activations are rounded to int8 per block of 32 once per call. The weights come interleaved by 8
- * rows, so one vector holds 4 consecutive quants of each of 8 rows: multiplied by 4 activations broadcast
+ * The activations are rounded to int8 per block of 32 once per call (int16 mode, AIGC_INT16: to 16 bits, held as
+ * two int8 halves whose block sums are taken apart and joined as fma(S_hi, 255, S_lo): twice the products). The
+ * weights come interleaved by 8 rows, so one vector holds 4 consecutive quants of each of 8 rows: multiplied by 4 activations broadcast
  * to every lane, 8 such products give the block sums of 8 output columns at once, with integer adds only;
  * then one conversion and one FMA per block for the 8 columns. A thread takes groups of 8 rows in turn:
  * it widens the group's quants to bytes and its scales to floats once into L1/L2 scratch, and reads them back
@@ -37,6 +39,12 @@ static inline f8 f8_scale_fma(isum s, f8 d, float xs, f8 acc) { /* acc + s * (d 
     return _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(d, _mm256_set1_ps(xs)), acc);
 }
 static inline f8 f8_fma(f8 a, float b, f8 acc) { return _mm256_fmadd_ps(a, _mm256_set1_ps(b), acc); }
+static inline isum i16_sum(isum hi, isum lo) { /* int16 mode: fma(S_hi, 255, S_lo) as floats, kept in an isum's bits */
+    return _mm256_castps_si256(_mm256_fmadd_ps(_mm256_cvtepi32_ps(hi), _mm256_set1_ps(255.0f), _mm256_cvtepi32_ps(lo)));
+}
+static inline f8 f8_scale_fma_f(isum s, f8 d, float xs, f8 acc) { /* acc + s * (d * xs), s floats (i16_sum) */
+    return _mm256_fmadd_ps(_mm256_castsi256_ps(s), _mm256_mul_ps(d, _mm256_set1_ps(xs)), acc);
+}
 static inline void halves8(const uint16_t *h, float *out) {
     _mm256_storeu_ps(out, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)h)));
 }
@@ -231,6 +239,15 @@ static inline f8 f8_scale_fma(isum s, f8 d, float xs, f8 acc) {
 static inline f8 f8_fma(f8 a, float b, f8 acc) {
     return (f8){vfmaq_f32(acc.lo, a.lo, vdupq_n_f32(b)), vfmaq_f32(acc.hi, a.hi, vdupq_n_f32(b))};
 }
+static inline isum i16_sum(isum hi, isum lo) {
+    const float32x4_t k = vdupq_n_f32(255.0f);
+    return (isum){vreinterpretq_s32_f32(vfmaq_f32(vcvtq_f32_s32(lo.lo), vcvtq_f32_s32(hi.lo), k)),
+                  vreinterpretq_s32_f32(vfmaq_f32(vcvtq_f32_s32(lo.hi), vcvtq_f32_s32(hi.hi), k))};
+}
+static inline f8 f8_scale_fma_f(isum s, f8 d, float xs, f8 acc) {
+    return (f8){vfmaq_f32(acc.lo, vreinterpretq_f32_s32(s.lo), vmulq_n_f32(d.lo, xs)),
+                vfmaq_f32(acc.hi, vreinterpretq_f32_s32(s.hi), vmulq_n_f32(d.hi, xs))};
+}
 static inline void halves8(const uint16_t *h, float *out) {
     for (int i = 0; i < 8; i++) out[i] = half_f32(h[i]);
 }
@@ -338,6 +355,58 @@ static inline void unpack_iq4(const uint8_t *q, qv *out) {
 #define sums_iq4 sums_q4
 #endif
 
+/* x's block at element `at` (32 values of x, act) rounded as quantize_block (i16: quantize_block16, the hi and lo
+ * halves at q and q + 32) of common.h: the same values on vectors (the conversions round to nearest even, as
+ * nearbyintf; hi as q / 255 to the nearest integer, which is never a tie, so that q times a float 1 / 255 rounds to it
+ * too: the product's error (< 1e-5) is far below the 1 / 510 to the nearest half). Returns the scale; q_sum and
+ * half_sum get the sums of q and of its first 16. */
+static inline float quantize_x(const void *x, size_t at, int act, int i16, int8_t *q, int *q_sum, int *half_sum) {
+#if defined(__AVX2__)
+    __m256 v[4], mx = _mm256_setzero_ps();
+    const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+    for (int k = 0; k < 4; k++) {
+        v[k] = act == ACT_BF16 ? _mm256_castsi256_ps(_mm256_slli_epi32(
+                                     _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((const uint16_t *)x + at + 8 * k))), 16))
+                               : _mm256_loadu_ps((const float *)x + at + 8 * k);
+        mx = _mm256_max_ps(mx, _mm256_and_ps(v[k], abs_mask));
+    }
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    const float amax = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
+    const float scale = amax / (i16 ? 32512.0f : 127.0f), inv = scale > 0.0f ? 1.0f / scale : 0.0f;
+    __m256i qi[4], hi[4], lo[4];
+    for (int k = 0; k < 4; k++) {
+        qi[k] = _mm256_cvtps_epi32(_mm256_mul_ps(v[k], _mm256_set1_ps(inv)));
+        hi[k] = i16 ? _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_cvtepi32_ps(qi[k]), _mm256_set1_ps(1.0f / 255.0f))) : qi[k];
+        lo[k] = _mm256_sub_epi32(qi[k], _mm256_mullo_epi32(hi[k], _mm256_set1_epi32(255)));
+    }
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7); /* the packs' 4-byte runs back in order */
+    _mm256_storeu_si256((__m256i *)q, _mm256_permutevar8x32_epi32(_mm256_packs_epi16(_mm256_packs_epi32(hi[0], hi[1]),
+                                                                                     _mm256_packs_epi32(hi[2], hi[3])),
+                                                                  order));
+    if (i16)
+        _mm256_storeu_si256((__m256i *)(q + BLOCK),
+                            _mm256_permutevar8x32_epi32(_mm256_packs_epi16(_mm256_packs_epi32(lo[0], lo[1]),
+                                                                           _mm256_packs_epi32(lo[2], lo[3])),
+                                                        order));
+    const __m256i h = _mm256_add_epi32(qi[0], qi[1]), all = _mm256_add_epi32(h, _mm256_add_epi32(qi[2], qi[3]));
+    int32_t hs[8], as[8];
+    _mm256_storeu_si256((__m256i *)hs, h);
+    _mm256_storeu_si256((__m256i *)as, all);
+    *half_sum = *q_sum = 0;
+    for (int i = 0; i < 8; i++) *half_sum += hs[i], *q_sum += as[i];
+    return scale;
+#else
+    float xf[BLOCK];
+    for (int i = 0; i < BLOCK; i++) xf[i] = load_act(x, at + i, act);
+    if (i16) return quantize_block16(xf, q, q + BLOCK, q_sum, half_sum);
+    const float scale = quantize_block(xf, q, q_sum);
+    *half_sum = 0;
+    for (int i = 0; i < 16; i++) *half_sum += q[i];
+    return scale;
+#endif
+}
+
 /* A group of 8 weight rows made ready for the dot products: quants widened to bytes (nb * 8 vectors; Q8_0's read in
  * place from q8), per block the rows' float scales dv (nb, 8) and offsets mv (no, 8: per block, or per half of 16
  * for Q2_K), and the integer half scales sc (nb, 2, 8) of Q6_K, Q3_K and Q2_K */
@@ -349,23 +418,31 @@ typedef struct {
     int no;
 } group;
 
-/* MT activation rows against one group -> out (MT, 8). xq, xs, xt: the rows' int8 blocks, scales and scale * sum q.
- * MT and WIDE are constants where this is inlined, so the accumulators live in registers. */
+/* one block's sums of a group against the activation block xb (32 int8) */
+static inline __attribute__((always_inline)) isum block_sums(group g, int b, const int8_t *xb, const int WIDE) {
+    return WIDE == WIDE_U4    ? sums_q4(g.w + (size_t)b * 8, xb)
+           : WIDE == WIDE_U5  ? sums_q5(g.w + (size_t)b * 8, xb)
+           : WIDE == WIDE_Q6  ? sums_q6(g.w + (size_t)b * 8, xb, g.sc + (size_t)b * 2 * ROWS)
+           : WIDE == WIDE_IQ4 ? sums_iq4(g.w + (size_t)b * 8, xb)
+                              : sums_q8(g.q8 + (size_t)b * ROWS * BLOCK, xb);
+}
+
+/* MT activation rows against one group -> out (MT, 8). xq, xs, xt: the rows' int8 blocks (PLANES 2, int16 mode: each
+ * block's hi then lo halves), scales and scale * sum q. MT, WIDE and PLANES are constants where this is inlined, so
+ * the accumulators live in registers. */
 static inline __attribute__((always_inline)) void group_rows(group g, int nb, const int8_t *xq, const float *xs,
-                                                            const float *xt, float *out, const int MT, const int WIDE) {
+                                                            const float *xt, float *out, const int MT, const int WIDE,
+                                                            const int PLANES) {
     f8 acc[MT], off[MT];
     _Pragma("GCC unroll 4") for (int i = 0; i < MT; i++) acc[i] = off[i] = F8_ZERO;
     for (int b = 0; b < nb; b++) {
         const f8 db = f8_load(g.dv + (size_t)b * ROWS);
         _Pragma("GCC unroll 4") for (int i = 0; i < MT; i++) {
             const size_t at = (size_t)i * nb + b;
-            const int8_t *xb = xq + at * BLOCK;
-            const isum s = WIDE == WIDE_U4    ? sums_q4(g.w + (size_t)b * 8, xb)
-                           : WIDE == WIDE_U5  ? sums_q5(g.w + (size_t)b * 8, xb)
-                           : WIDE == WIDE_Q6  ? sums_q6(g.w + (size_t)b * 8, xb, g.sc + (size_t)b * 2 * ROWS)
-                           : WIDE == WIDE_IQ4 ? sums_iq4(g.w + (size_t)b * 8, xb)
-                                              : sums_q8(g.q8 + (size_t)b * ROWS * BLOCK, xb);
-            acc[i] = f8_scale_fma(s, db, xs[at], acc[i]);
+            const int8_t *xb = xq + at * BLOCK * PLANES;
+            const isum s = block_sums(g, b, xb, WIDE);
+            if (PLANES == 2) acc[i] = f8_scale_fma_f(i16_sum(s, block_sums(g, b, xb + BLOCK, WIDE)), db, xs[at], acc[i]);
+            else acc[i] = f8_scale_fma(s, db, xs[at], acc[i]);
         }
     }
     if (g.mv) /* the offsets' term in its own pass, so that the loop above keeps only acc in registers */
@@ -464,18 +541,217 @@ static void widen_scales(int kind, const void *d, const void *m, size_t gi, int 
     }
 }
 
-#define GROUP_TILE(MT, WIDE) group_rows(g, nb, xq + at * BLOCK, xs + at, xt + (size_t)r0 * no, out, MT, WIDE)
-#define TILES(WIDE)                                                                                              \
-    case 4 * 8 + WIDE: GROUP_TILE(4, WIDE); break;                                                               \
-    case 2 * 8 + WIDE: GROUP_TILE(2, WIDE); break;                                                               \
-    case 1 * 8 + WIDE: GROUP_TILE(1, WIDE); break
+#if defined(__AMX_INT8__) && defined(__AVX512F__)
+/* AMX-INT8 tiles for the same sums (where the CPU has them, from AMX_I8_MIN_ROWS rows, int16 mode AMX_I16_MIN_ROWS): an n-tile of 16
+ * weight rows (two groups) against x tiles of up to 16 rows. Per block, the tiles' B holds the two groups' widened
+ * quants as they are (row k: quants 4k..4k+3 of the 16 weight rows, the first group's 32 bytes then the second's),
+ * A the x rows' int8 block as quantized (a tile row per x row, read in place), and one product C = A B (x rows x 16
+ * weight rows, int32) is each (x row, weight row)'s block sum I_b: the same exact integer as the vector path's (Q6_K,
+ * Q3_K, Q2_K: a product per half of 16, then times the integer half scales; int16 mode: a product per int8 half of
+ * x). From there every float operation is group_rows' in its order (kernels/common.h), on 16 lanes instead of 8: a
+ * result is bit for bit the vector path's, so the tiles may take any batch size. */
+#include "amx.h"
+
+/* measured (AMX VM, 2 threads, 576 x 1536 and 1536 x 576 of Q4_1, Q4_K, Q6_K, Q8_0 against the vector path of this
+ * build): int16 mode's tiles even at 6-16 rows (the K-quants last: their scales widened per n-tile), int8 mode's at
+ * 12-16; 1.3-2x faster at 512 */
+#ifndef AMX_I8_MIN_ROWS
+#define AMX_I8_MIN_ROWS 16
+#endif
+#ifndef AMX_I16_MIN_ROWS
+#define AMX_I16_MIN_ROWS 12
+#endif
+
+static int amx_i8_ready(void) { return __builtin_cpu_supports("amx-int8") && amx_granted(); }
+
+/* tiles 0..3: C (rows x 16 int32); 4, 5: A (rows x 32 bytes of x; halves: 16); 6, 7: B (8 x 64 bytes: 32 quants of
+ * 16 weight rows; halves: 4 x 64, 16 quants) */
+static void configure_i8_tiles(int rows, int halves) {
+    tile_config c;
+    memset(&c, 0, sizeof c);
+    c.palette = 1;
+    for (int t = 0; t < 8; t++) {
+        c.rows[t] = t < 6 ? rows : halves ? 4 : 8;
+        c.colsb[t] = t >= 4 && t < 6 ? (halves ? 16 : 32) : 64;
+    }
+    _tile_loadconfig(&c);
+}
+
+/* one x tile (mr rows; xq its first row's blocks, nb * planes * 32 bytes a row; xs, xt its rows' scales and scale *
+ * sum q) against an n-tile: wb (nb, 8, 64) its B tiles, d16 (nb, 16), m16 (no, 16), sc16 (nb, 2, 16) its scales
+ * -> out (mr, 16) */
+static void amx_i8_tile(int wide, int planes, int nb, int no, const int8_t *xq, const float *xs, const float *xt, int mr,
+                        const int8_t *wb, const float *d16, const float *m16, const int32_t *sc16, int32_t *cbuf,
+                        float *out) {
+    const int halves = wide == WIDE_Q6;
+    const size_t stride = (size_t)nb * planes * BLOCK;
+    __m512 acc[16];
+    for (int i = 0; i < 16; i++) acc[i] = _mm512_setzero_ps();
+    /* block b's products are stored (C tiles 0..3 at cb: the hi (or only) plane, then the lo plane; halves: quants
+     * 0..15 then 16..31 of each) while block b - 1's stored sums are scaled: the vector loads then find them written */
+    for (int b = 0; b <= nb; b++) {
+        if (b < nb) {
+            const int8_t *xb = xq + (size_t)b * planes * BLOCK, *w = wb + (size_t)b * 512;
+            int32_t *cb = cbuf + (size_t)(b & 1) * 1024;
+            _tile_loadd(6, w, 64);
+            if (halves) _tile_loadd(7, w + 256, 64);
+            for (int p = 0; p < planes; p++) {
+                _tile_loadd(4, xb + p * BLOCK, stride);
+                if (halves) _tile_loadd(5, xb + p * BLOCK + 16, stride);
+                if (p) {
+                    _tile_zero(2);
+                    _tile_dpbssd(2, 4, 6);
+                    _tile_stored(2, cb + 512, 64);
+                    if (halves) {
+                        _tile_zero(3);
+                        _tile_dpbssd(3, 5, 7);
+                        _tile_stored(3, cb + 768, 64);
+                    }
+                } else {
+                    _tile_zero(0);
+                    _tile_dpbssd(0, 4, 6);
+                    _tile_stored(0, cb, 64);
+                    if (halves) {
+                        _tile_zero(1);
+                        _tile_dpbssd(1, 5, 7);
+                        _tile_stored(1, cb + 256, 64);
+                    }
+                }
+            }
+        }
+        if (b == 0) continue;
+        const int j = b - 1; /* the block scaled now */
+        const int32_t *cj = cbuf + (size_t)(j & 1) * 1024;
+        const __m512 db = _mm512_load_ps(d16 + (size_t)j * 16);
+        const __m512i sl = halves ? _mm512_load_si512(sc16 + (size_t)j * 32) : _mm512_setzero_si512();
+        const __m512i sh = halves ? _mm512_load_si512(sc16 + (size_t)j * 32 + 16) : _mm512_setzero_si512();
+        for (int i = 0; i < mr; i++) {
+            __m512i s[2];
+            for (int p = 0; p < planes; p++) {
+                const int32_t *c = cj + (size_t)512 * p + 16 * i;
+                s[p] = halves ? _mm512_add_epi32(_mm512_mullo_epi32(_mm512_load_si512(c), sl),
+                                                 _mm512_mullo_epi32(_mm512_load_si512(c + 256), sh))
+                              : _mm512_load_si512(c);
+            }
+            const __m512 v = planes == 2 ? _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[0]), _mm512_set1_ps(255.0f),
+                                                           _mm512_cvtepi32_ps(s[1]))
+                                         : _mm512_cvtepi32_ps(s[0]);
+            acc[i] = _mm512_fmadd_ps(v, _mm512_mul_ps(db, _mm512_set1_ps(xs[(size_t)i * nb + j])), acc[i]);
+        }
+    }
+    for (int i = 0; i < mr; i++) {
+        __m512 off = _mm512_setzero_ps();
+        for (int o = 0; o < no && m16; o++)
+            off = _mm512_fmadd_ps(_mm512_load_ps(m16 + (size_t)o * 16), _mm512_set1_ps(xt[(size_t)i * no + o]), off);
+        _mm512_storeu_ps(out + 16 * i, _mm512_add_ps(acc[i], off));
+    }
+}
+
+/* qmatmul_i8 on the tiles, from the quantized x (xq (Mp, nb, planes, 32), Mp = M rounded up to 16 past 16 rows, its
+ * pad rows zero; xs (M, nb), xt (M, no)) */
+static int amx_i8(int kind, int wide, int planes, const int8_t *xq, const float *xs, const float *xt, int no,
+                  const uint8_t *qs, const void *d, const void *m, const float *bias, void *y, int act, int M, int N,
+                  int K, int nthreads) {
+    const int nb = K / BLOCK, G = (N + ROWS - 1) / ROWS, ntiles = (G + 1) / 2, halves = wide == WIDE_Q6;
+    const size_t group_bytes = (size_t)nb * block_bytes(kind);
+    const int offsets = kind == QKIND_Q4 || kind == QKIND_Q5_0 || kind == QKIND_Q5_1 || kind == QKIND_Q4_K ||
+                        kind == QKIND_Q5_K || kind == QKIND_Q2_K;
+    int bad = 0;
+#pragma omp parallel num_threads(nthreads) reduction(| : bad)
+    {
+        /* per thread: the n-tile's B tiles (nb, 512 bytes), its two groups' widened quants and scales, the scales
+         * side by side (d16, m16, sc16), the C tiles' sums and an x tile's results */
+        const size_t nw = (size_t)nb * 512, ng = sizeof(qv) * (size_t)nb * 8, nf = (size_t)nb * ROWS * 3;
+        /* floats and int32 after them: dv, mv of both groups (2 nf), d16 (16 nb), m16 (32 nb), sc of both groups,
+         * sc16 (32 nb each), cbuf (2 x 1024), out (256) */
+        int8_t *wb = aligned_alloc(64, nw + 2 * ng + 4 * (2 * nf + 112 * (size_t)nb + 2304));
+        if (!wb) bad = 1;
+        qv *wq = wb ? (qv *)(wb + nw) : NULL;
+        float *dv = wb ? (float *)(wb + nw + 2 * ng) : NULL, *d16 = dv ? dv + 2 * nf : NULL;
+        float *m16 = d16 ? d16 + (size_t)nb * 16 : NULL;
+        int32_t *sc = m16 ? (int32_t *)(m16 + (size_t)nb * 32) : NULL, *sc16 = sc ? sc + (size_t)nb * 32 : NULL;
+        int32_t *cbuf = sc16 ? sc16 + (size_t)nb * 32 : NULL;
+        float *out = cbuf ? (float *)(cbuf + 2048) : NULL;
+        if (!bad) configure_i8_tiles(M < 16 ? M : 16, halves);
+#pragma omp for schedule(static)
+        for (int nt = 0; nt < ntiles; nt++) {
+            if (bad) continue;
+            for (int h = 0; h < 2; h++) { /* the n-tile's groups 2 nt, 2 nt + 1 (none past G: zeros) */
+                const size_t gi = (size_t)2 * nt + h;
+                float *dh = dv + h * nf, *mh = dh + (size_t)nb * ROWS;
+                int32_t *sch = sc + (size_t)h * nb * 16;
+                if (gi >= (size_t)G) {
+                    memset(dh, 0, sizeof(float) * nf);
+                    memset(sch, 0, sizeof(int32_t) * (size_t)nb * 16);
+                    for (int b = 0; b < nb; b++)
+                        for (int k = 0; k < 8; k++) memset(wb + (size_t)b * 512 + k * 64 + 32 * h, 0, 32);
+                    continue;
+                }
+                widen_scales(kind, d, m, gi, nb, dh, mh, sch);
+                const uint8_t *qg = qs + gi * group_bytes;
+                for (int b = 0; b < nb; b++) {
+                    const uint8_t *qb = qg + (size_t)b * block_bytes(kind);
+                    qv *v = wq + (size_t)h * nb * 8 + (size_t)b * 8;
+                    if (wide == WIDE_U4) unpack_q4(qb, v);
+                    else if (wide == WIDE_U5) unpack_q5(qb, v);
+                    else if (wide == WIDE_IQ4) unpack_iq4(qb, v);
+                    else if (kind == QKIND_Q2_K) unpack_q2(qb, v);
+                    else if (kind == QKIND_Q3_K) unpack_q3(qb, v);
+                    else if (wide == WIDE_Q6) unpack_q6(qb, v);
+                    else
+                        for (int k = 0; k < 8; k++) v[k] = qv_load(qb + 32 * k); /* Q8_0: as stored */
+                    for (int k = 0; k < 8; k++) _mm256_store_si256((__m256i *)(wb + (size_t)b * 512 + k * 64 + 32 * h), v[k]);
+                }
+            }
+            for (int b = 0; b < nb; b++) /* the scales side by side: lanes 0..7 the first group's rows */
+                for (int r = 0; r < ROWS; r++)
+                    for (int h = 0; h < 2; h++) {
+                        d16[(size_t)b * 16 + 8 * h + r] = dv[h * nf + (size_t)b * ROWS + r];
+                        for (int j = 0; j < 2 && halves; j++)
+                            sc16[(size_t)b * 32 + 16 * j + 8 * h + r] = sc[(size_t)h * nb * 16 + ((size_t)b * 2 + j) * ROWS + r];
+                    }
+            for (int o = 0; o < no && offsets; o++)
+                for (int r = 0; r < ROWS; r++)
+                    for (int h = 0; h < 2; h++)
+                        m16[(size_t)o * 16 + 8 * h + r] = dv[h * nf + (size_t)nb * ROWS + (size_t)o * ROWS + r];
+            const int cols = N - nt * 16 < 16 ? N - nt * 16 : 16;
+            for (int r0 = 0; r0 < M; r0 += 16) {
+                const int mr = M - r0 < 16 ? M - r0 : 16;
+                amx_i8_tile(wide, planes, nb, no, xq + (size_t)r0 * nb * planes * BLOCK, xs + (size_t)r0 * nb,
+                            xt + (size_t)r0 * no, mr, wb, d16, offsets ? m16 : NULL, sc16, cbuf, out);
+                for (int i = 0; i < mr; i++)
+                    for (int c = 0; c < cols; c++) {
+                        const int n = nt * 16 + c;
+                        store_act(y, (size_t)(r0 + i) * N + n, out[i * 16 + c] + (bias ? bias[n] : 0.0f), act);
+                    }
+            }
+        }
+        free(wb);
+    }
+    return bad ? AIGC_ERR_NOMEM : AIGC_OK;
+}
+#endif
+
+#define GROUP_TILE(MT, WIDE, P) group_rows(g, nb, xq + at * BLOCK * P, xs + at, xt + (size_t)r0 * no, out, MT, WIDE, P)
+#define TILES_P(WIDE, P)                                                                                         \
+    case (P - 1) * 64 + 4 * 8 + WIDE: GROUP_TILE(4, WIDE, P); break;                                             \
+    case (P - 1) * 64 + 2 * 8 + WIDE: GROUP_TILE(2, WIDE, P); break;                                             \
+    case (P - 1) * 64 + 1 * 8 + WIDE: GROUP_TILE(1, WIDE, P); break
+#define TILES(WIDE) TILES_P(WIDE, 1); TILES_P(WIDE, 2)
 
 int qmatmul_i8(const void *x, int act, int kind, const uint8_t *qs, const void *d, const void *m, const float *bias,
-               void *y, int M, int N, int K, int nthreads) {
+               void *y, int M, int N, int K, int i16, int nthreads) {
     const int nb = K / BLOCK, G = (N + ROWS - 1) / ROWS, wide = wide_form(kind), halves = kind == QKIND_Q2_K;
     const int no = halves ? 2 * nb : nb; /* offsets per row: per block, or (Q2_K) per half */
+    const int planes = i16 ? 2 : 1;      /* int8 blocks per block of x: its q, or (int16 mode) its hi and lo halves */
     const size_t group_bytes = (size_t)nb * block_bytes(kind), nblk = (size_t)M * nb;
-    int8_t *xq = malloc(nblk * BLOCK);           /* (M, nb, 32) */
+#if defined(__AMX_INT8__) && defined(__AVX512F__)
+    const int tiles = M >= (i16 ? AMX_I16_MIN_ROWS : AMX_I8_MIN_ROWS) && amx_i8_ready();
+#else
+    const int tiles = 0;
+#endif
+    const size_t mp = tiles && M > 16 ? (size_t)(M + 15) / 16 * 16 : (size_t)M; /* x rows the tiles read */
+    int8_t *xq = calloc(mp * nb * planes, BLOCK); /* (mp, nb, planes, 32) */
     float *xs = malloc(nblk * 3 * sizeof(float)); /* (M, nb) scales, then (M, no) scale * sum q (of each half) */
     if (!xq || !xs) {
         free(xq);
@@ -483,19 +759,24 @@ int qmatmul_i8(const void *x, int act, int kind, const uint8_t *qs, const void *
         return AIGC_ERR_NOMEM;
     }
     float *xt = xs + nblk;
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (nblk >= 256)
     for (size_t b = 0; b < nblk; b++) {
-        float xf[BLOCK];
-        int q_sum;
-        for (int i = 0; i < BLOCK; i++) xf[i] = load_act(x, b * BLOCK + i, act);
-        xs[b] = quantize_block(xf, xq + b * BLOCK, &q_sum);
+        int q_sum, lo;
+        xs[b] = quantize_x(x, b * BLOCK, act, i16, xq + b * planes * BLOCK, &q_sum, &lo);
         if (halves) {
-            int lo = 0;
-            for (int i = 0; i < 16; i++) lo += xq[b * BLOCK + i];
             xt[2 * b] = xs[b] * (float)lo, xt[2 * b + 1] = xs[b] * (float)(q_sum - lo);
         } else {
             xt[b] = xs[b] * (float)q_sum;
         }
     }
+#if defined(__AMX_INT8__) && defined(__AVX512F__)
+    if (tiles) {
+        const int rc = amx_i8(kind, wide, planes, xq, xs, xt, no, qs, d, m, bias, y, act, M, N, K, nthreads);
+        free(xq);
+        free(xs);
+        return rc;
+    }
+#endif
     int bad = 0;
 #pragma omp parallel num_threads(nthreads) reduction(| : bad)
     {
@@ -528,7 +809,7 @@ int qmatmul_i8(const void *x, int act, int kind, const uint8_t *qs, const void *
             for (int r0 = 0; r0 < M;) {
                 const int left = M - r0, mt = left >= 4 ? 4 : left >= 2 ? 2 : 1;
                 const size_t at = (size_t)r0 * nb;
-                switch (mt * 8 + wide) {
+                switch ((planes - 1) * 64 + mt * 8 + wide) {
                     TILES(WIDE_U4);
                     TILES(WIDE_U5);
                     TILES(WIDE_S8);

@@ -66,33 +66,40 @@ static int quant8_at(int kind, const uint8_t *qs, const void *d, const void *m, 
 }
 
 static int ref_qmatmul_i8(const void *x, int act, int kind, const uint8_t *qs, const void *d, const void *m,
-                          const float *bias, void *y, int M, int N, int K) {
+                          const float *bias, void *y, int M, int N, int K, int i16) {
     const int nb = K / 32;
-    float xf[32], *scale = malloc((size_t)nb * 2 * sizeof(float));
-    int8_t *xq = malloc((size_t)K);
+    float xf[32], *scale = malloc((size_t)nb * 4 * sizeof(float));
+    int8_t *xq = malloc((size_t)K * 2); /* per block: q (int16 mode: hi, then lo) */
     int rc = scale && xq ? AIGC_OK : AIGC_ERR_NOMEM;
     for (int r = 0; r < M && !rc; r++) {
-        float *t = scale + nb;
+        float *t = scale + nb, *t_half = t + nb; /* scale * sum q: of the block, of its first 16, of its last 16 */
         for (int b = 0; b < nb; b++) {
-            int q_sum;
+            int q_sum, half = 0;
             for (int i = 0; i < 32; i++) xf[i] = load_act(x, (size_t)r * K + b * 32 + i, act);
-            scale[b] = quantize_block(xf, xq + b * 32, &q_sum);
+            if (i16) {
+                scale[b] = quantize_block16(xf, xq + b * 64, xq + b * 64 + 32, &q_sum, &half);
+            } else {
+                scale[b] = quantize_block(xf, xq + b * 32, &q_sum);
+                for (int i = 0; i < 16; i++) half += xq[b * 32 + i];
+            }
             t[b] = scale[b] * (float)q_sum;
+            t_half[b] = scale[b] * (float)half;
+            t_half[nb + b] = scale[b] * (float)(q_sum - half);
         }
+        const int planes = i16 ? 2 : 1;
         for (int n = 0; n < N; n++) {
             float acc = 0.0f, off = 0.0f;
             for (int b = 0; b < nb; b++) {
                 float dn = 0.0f, mn = 0.0f;
-                int sum = 0;
+                int sum[2] = {0, 0};
                 for (int i = 0; i < 32; i++) {
-                    sum += quant8_at(kind, qs, d, m, nb, n, b * 32 + i, &dn, &mn) * xq[b * 32 + i];
-                    if (kind == QKIND_Q2_K && i % 16 == 15) { /* an offset per half: its own sum of x */
-                        int half = 0;
-                        for (int h = i - 15; h <= i; h++) half += xq[b * 32 + h];
-                        off = fmaf(mn, scale[b] * (float)half, off);
-                    }
+                    const int w = quant8_at(kind, qs, d, m, nb, n, b * 32 + i, &dn, &mn);
+                    for (int p = 0; p < planes; p++) sum[p] += w * xq[(b * planes + p) * 32 + i];
+                    if (kind == QKIND_Q2_K && i == 15) off = fmaf(mn, t_half[b], off); /* an offset per half */
+                    if (kind == QKIND_Q2_K && i == 31) off = fmaf(mn, t_half[nb + b], off);
                 }
-                acc = fmaf((float)sum, dn * scale[b], acc);
+                const float s = i16 ? fmaf((float)sum[0], 255.0f, (float)sum[1]) : (float)sum[0];
+                acc = fmaf(s, dn * scale[b], acc);
                 if (kind != QKIND_Q2_K) off = fmaf(mn, t[b], off);
             }
             store_act(y, (size_t)r * N + n, acc + off + (bias ? bias[n] : 0.0f), act);
@@ -107,7 +114,7 @@ int k_qmatmul(const void *x, int act, const uint8_t *qs, const uint16_t *d, cons
               void *y, int M, int N, int K, int i8, int nthreads) {
     (void)nthreads;
     if (K % 32 || M <= 0 || N <= 0) return AIGC_ERR_ARGS;
-    if (i8 & AIGC_INT8) return ref_qmatmul_i8(x, act, m ? QKIND_Q4 : QKIND_Q8, qs, d, m, bias, y, M, N, K);
+    if (i8 & AIGC_INT8) return ref_qmatmul_i8(x, act, m ? QKIND_Q4 : QKIND_Q8, qs, d, m, bias, y, M, N, K, i8 & AIGC_INT16);
     for (int r = 0; r < M; r++)
         for (int n = 0; n < N; n++) {
             float s = 0.0f;
@@ -250,7 +257,7 @@ int k_qmatmul_kind(const void *x, int act, int kind, const uint8_t *qs, const vo
                                      : AIGC_ERR_ARGS;
     if (!qkind_args_ok(kind, qs, d, m, M, N, K)) return AIGC_ERR_ARGS;
     const int fl = qkind_float(kind);
-    if ((i8 & AIGC_INT8) && !fl) return ref_qmatmul_i8(x, act, kind, qs, d, m, bias, y, M, N, K);
+    if ((i8 & AIGC_INT8) && !fl) return ref_qmatmul_i8(x, act, kind, qs, d, m, bias, y, M, N, K, i8 & AIGC_INT16);
     for (int r = 0; r < M; r++)
         for (int n = 0; n < N; n++) {
             float s = 0.0f;

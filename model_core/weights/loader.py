@@ -121,7 +121,10 @@ def load_lm(
     if pack and packing_available(dtype, torch.device(device)):
         log.info("packed %d linear layers for oneDNN", pack_linears(model))
     if kernels is not None and max_rows > 0 and file is not None:
-        n = attach_quantized(model, load_gguf_blocks(p, cfg, file), max_rows, kernels)
+        # batch-invariant: integer products with activations rounded to 16 bits where the build has them (exact sums:
+        # the same in every build and on AMX tiles at any batch size; int8 ones would cost prompts' accuracy)
+        x_bits = 16 if batch_invariant and kernels.isa.has_int8 else None
+        n = attach_quantized(model, load_gguf_blocks(p, cfg, file), max_rows, kernels, x_bits)
         log.info("%d linear layers also run on their quantized weights for up to %d rows", n, max_rows)
         if model.embed.weight.is_meta:  # (dense weights off, the embedding of a type the kernels run)
             head = model.lm_head

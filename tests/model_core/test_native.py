@@ -41,15 +41,17 @@ def _matmul_tolerance(ref: torch.Tensor, x: torch.Tensor, w: torch.Tensor, dtype
     return (2**-8 if dtype == torch.bfloat16 else 1e-6) * ref.abs() + order
 
 
-def int8_blocks(x: torch.Tensor) -> torch.Tensor:
-    """x (..., K) rounded to int8 per block of 32 and back, as the kernels' int8 mode does (kernels/common.h)."""
+def int8_blocks(x: torch.Tensor, bits: int = 8) -> torch.Tensor:
+    """x (..., K) rounded to int8 (bits 16: 16-bit integers, 255 * 127 + 127 the largest) per block of 32 and back,
+    as the kernels' integer modes do (kernels/common.h)."""
     xb = x.float().reshape(*x.shape[:-1], -1, 32)  # (..., K/32, 32)
-    scale = xb.abs().amax(-1, keepdim=True) / 127.0
+    scale = xb.abs().amax(-1, keepdim=True) / (127.0 if bits == 8 else 32512.0)
     inv = torch.where(scale > 0, 1.0 / scale, torch.zeros_like(scale))
     return (torch.round(xb * inv) * scale).reshape(x.shape)  # torch.round: nearest even, like the C
 
 
-MODES = [(isa, int8) for isa in ISAS for int8 in (False, True) if not int8 or native.ISAS[isa].has_int8]
+# (isa, bits of the activations in the integer products; 0: the exact products)
+MODES = [(isa, bits) for isa in ISAS for bits in (0, 8, 16) if not bits or native.ISAS[isa].has_int8]
 
 
 @pytest.mark.parametrize("qtype", [Q4_0, Q4_1, Q8_0])
@@ -64,7 +66,7 @@ def test_interleaved_weights_are_the_same_weights(qtype: int, n: int) -> None:
     assert torch.equal(back.qs, qw.qs) and torch.equal(back.d, qw.d)
 
 
-@pytest.mark.parametrize("isa,int8", MODES)
+@pytest.mark.parametrize("isa,bits", MODES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @settings(max_examples=20, deadline=None)
 @given(
@@ -76,18 +78,18 @@ def test_interleaved_weights_are_the_same_weights(qtype: int, n: int) -> None:
     seed=st.integers(0, 2**16),
 )
 def test_qmatmul_is_the_product_with_the_files_weights(
-    isa: str, dtype: torch.dtype, int8: bool, qtype: int, m: int, n: int, nb: int, bias: bool, seed: int
+    isa: str, dtype: torch.dtype, bits: int, qtype: int, m: int, n: int, nb: int, bias: bool, seed: int
 ) -> None:
-    """Exact mode: the product of x with the file's exact weights. int8 mode: the same with x rounded to int8 per
-    block first (every build, whether it has integer dot products or not)."""
+    """Exact mode: the product of x with the file's exact weights. Integer modes: the same with x rounded to int8
+    (or 16-bit integers) per block first (every build, whether it has integer dot products or not)."""
     qw, w = quantized_weight(qtype, n, 32 * nb, seed)
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(m, 32 * nb, generator=g).to(dtype)
     x[:, :32] *= 0 if seed % 3 == 0 else 1  # a block of zeros (scale 0) now and then
     b = torch.randn(n, generator=g) if bias else None
-    got = qmatmul(x, qw.interleave() if int8 else qw, kernels_for(isa), b)
+    got = qmatmul(x, qw.interleave(bits) if bits else qw, kernels_for(isa), b)
     assert got.dtype == dtype
-    ref = (int8_blocks(x) if int8 else x.float()) @ w.T + (0 if b is None else b)  # exact weights, float32
+    ref = (int8_blocks(x, bits) if bits else x.float()) @ w.T + (0 if b is None else b)  # exact weights, float32
     err = (got.float() - ref).abs()
     assert (err <= _matmul_tolerance(ref, x, w, dtype)).all(), err.max()
 

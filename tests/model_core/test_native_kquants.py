@@ -210,6 +210,26 @@ def test_every_batch_mode_gives_a_row_the_same_result_in_any_batch(isa: str, qty
 INT8_ISAS = [isa for isa in ISAS if native.ISAS[isa].has_int8]
 
 
+@pytest.mark.parametrize("bits", [8, 16])
+@pytest.mark.parametrize("qtype", [Q4_0, Q4_1, Q8_0, *KQUANTS])
+def test_integer_modes_give_a_row_the_same_result_in_any_batch_and_every_build(bits: int, qtype: int) -> None:
+    """Integer products (interleaved weights, x rounded to `bits` per block): a row's result is the same bit for bit
+    alone and among 2..40 rows (the AVX512-BF16 build takes AMX-INT8 tiles from 12 or 16 rows where the CPU has them,
+    the vector path below: the same exact block sums, then the same float operations), in every build with the mode,
+    and the reference build's (40 rows: one call each)."""
+    k = 512
+    qw, w = (quantized_weight if GGML_TYPES[qtype].kind.entry == "quant_matmul" else kquant_weight)(qtype, 40, k, 9)
+    inter = qw.interleave(bits)
+    x = torch.randn(40, k, generator=torch.Generator().manual_seed(qtype + bits)).to(torch.bfloat16)
+    want = qmatmul(x, inter, kernels_for("reference"))
+    for isa in [isa for isa in INT8_ISAS if isa != "reference"]:
+        kernels = kernels_for(isa)
+        assert torch.equal(qmatmul(x, inter, kernels), want), isa
+        for rows in (1, 2, 11, 12, 15, 16, 17):
+            assert torch.equal(qmatmul(x[:rows], inter, kernels), want[:rows]), (isa, rows)
+
+
+@pytest.mark.parametrize("bits", [8, 16])
 @pytest.mark.parametrize("dtype", DTYPES)
 @settings(max_examples=25, deadline=None)
 @given(
@@ -222,17 +242,18 @@ INT8_ISAS = [isa for isa in ISAS if native.ISAS[isa].has_int8]
     seed=st.integers(0, 2**16),
 )
 def test_kquant_int8_mode_is_the_product_with_int8_activations_bit_for_bit_in_every_build(
-    dtype: torch.dtype, qtype: int, m: int, n: int, nsb: int, bias: bool, random_blocks: bool, seed: int
+    bits: int, dtype: torch.dtype, qtype: int, m: int, n: int, nsb: int, bias: bool, random_blocks: bool, seed: int
 ) -> None:
-    """Interleaved weights of every kind take x rounded to int8 per block of 32: the product with the file's exact
-    weights of int8_blocks(x) up to fp32 summation order, and each build's result the reference build's, bit for bit
-    (kernels/common.h specifies the order of every float operation)."""
+    """Interleaved weights of every kind take x rounded to int8 (bits 16: 16-bit integers in two int8 halves) per
+    block of 32: the product with the file's exact weights of int8_blocks(x, bits) up to fp32 summation order, and
+    each build's result the reference build's, bit for bit (kernels/common.h specifies the order of every float
+    operation)."""
     if not INT8_ISAS:
         pytest.skip("no build with int8 mode runs here")
     k = 256 * nsb if GGML_TYPES[qtype].block == 256 else 32 * (1 + seed % 24)
     qw, w = kquant_weight(qtype, n, k, seed, random_blocks)
-    inter = qw.interleave()
-    assert inter.interleaved and torch.equal(inter.dequantize(), w)
+    inter = qw.interleave(bits)
+    assert inter.interleaved and inter.x_bits == bits and torch.equal(inter.dequantize(), w)
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(m, k, generator=g).to(dtype)
     x[:, :32] *= 0 if seed % 3 == 0 else 1  # a block of zeros (scale 0) now and then
@@ -240,7 +261,7 @@ def test_kquant_int8_mode_is_the_product_with_int8_activations_bit_for_bit_in_ev
     got = {isa: qmatmul(x, inter, kernels_for(isa), b) for isa in INT8_ISAS}
     first = got[INT8_ISAS[0]]
     assert all(torch.equal(y, first) for y in got.values()), {isa: (y - first).abs().max() for isa, y in got.items()}
-    ref = int8_blocks(x) @ w.T + (0 if b is None else b)
+    ref = int8_blocks(x, bits) @ w.T + (0 if b is None else b)
     err = (first.float() - ref).abs()
     assert (err <= _matmul_tolerance(ref, x, w, dtype)).all(), err.max()
 

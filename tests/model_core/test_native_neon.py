@@ -169,6 +169,11 @@ def as_float(a: np.ndarray) -> np.ndarray:
     return a.astype(np.float64)
 
 
+def int_mode(i8: int, n: int) -> int:
+    """The matmul mode of a case with integer products (i8 true): int8 activations, or on odd n 16-bit ones."""
+    return 0 if not i8 else native.INT8 | (native.INT16 if n % 2 else 0)
+
+
 def quantized(qtype: int, n: int, k: int, rng: np.random.Generator, i8: int) -> QuantWeight:
     """A random (n, k) weight as GGML blocks (gguf's quantizer), in the form the matmul mode reads."""
     w = rng.standard_normal((n, k), dtype=np.float32) * 0.2
@@ -238,7 +243,7 @@ def quant_matmul_cases() -> Iterator[Call]:
                             M=M,
                             N=N,
                             K=32 * nb,
-                            i8=i8,
+                            i8=int_mode(i8, n // 3),
                             nthreads=1 + n % 3,
                         ),
                         f"{QNAMES[qtype]} M={M} N={N} K={32 * nb} bias={bias is not None}",
@@ -498,7 +503,7 @@ def llama_decode_layer_cases() -> Iterator[Call]:
                         gate=int(gemma),
                         **params,
                         act=act,
-                        i8=i8,
+                        i8=int_mode(i8, n // 2),
                         nthreads=2,
                         **scratch_for(n, B, C, nh, nkv, hs, F, act),
                     ),
@@ -538,7 +543,7 @@ def quant_matmul_kind_cases() -> Iterator[Call]:
                         M=M,
                         N=N,
                         K=K,
-                        i8=i8,
+                        i8=int_mode(i8, n // 2),
                         nthreads=1 + n % 3,
                     ),
                     f"{qw.kind.name} M={M} N={N} K={K} bias={bias is not None}",
@@ -762,7 +767,7 @@ def compare(entry: str, runs: list[tuple[Call, Result, Result]], who: str, repor
     bad = 0  # calls with a failure
     worst: dict[str, tuple[float, float, str]] = {}
     for call, got, want in runs:
-        where = f"{entry}({call.label}, act={call.act}{', i8=1' if call.i8 else ''})"
+        where = f"{entry}({call.label}, act={call.act}{f', i8={call.i8}' if call.i8 else ''})"
         if got.rc != want.rc:
             failures.append(f"{where}: returned {got.rc}, the reference {want.rc}")
             bad += 1
@@ -772,7 +777,7 @@ def compare(entry: str, runs: list[tuple[Call, Result, Result]], who: str, repor
             a, b = as_float(got.out[name]), as_float(ref)
             scale, err = float(np.abs(b).max()), float(np.abs(a - b).max())
             rel = err / scale if scale else (0.0 if err == 0 else float("inf"))
-            key = f"{'bf16' if call.act else 'fp32'}{' i8' if call.i8 else ''}"
+            key = f"{'bf16' if call.act else 'fp32'}{' i16' if call.i8 & native.INT16 else ' i8' if call.i8 else ''}"
             if key not in worst or rel > worst[key][0]:
                 worst[key] = (rel, err, f"{name} of {call.label}")
             exact = entry in ("quant_matmul", "quant_matmul_kind") and bool(call.i8)
