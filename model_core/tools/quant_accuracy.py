@@ -10,7 +10,8 @@ tensor types, our backend and dtype, max |logit diff| and top-1 agreement over e
 diff| of the text's tokens, and perplexity ours vs HF.
 
     python -m model_core.tools.quant_accuracy FILE.gguf [FILE2.gguf ...] [--text-file PATH] [--tokens N]
-                                              [--kernels auto] [--dtype auto] [--hf-bf16] [--json OUT.json]
+                                              [--kernels auto] [--dtype auto] [--hf-bf16] [--batch-invariant]
+                                              [--json OUT.json]
 
 The text is a fixed public-domain passage (the Gettysburg Address, 320 tokens with SmolLM2's tokenizer)
 unless --text-file is given. Needs `transformers` (a dev dependency).
@@ -147,6 +148,15 @@ def text_ids(lm: LoadedLM, text: str, tokens: int | None) -> list[int]:
     return list(ids[:cap])
 
 
+def products(lm: LoadedLM) -> str:
+    """How the quantized layers multiply: ' (int8 activations)', ' (16-bit activations)' (integer products) or
+    ' (exact products)'; '' without native kernels."""
+    if lm.backend.kernels is None:
+        return ""
+    parts = [w for m in lm.model.modules() if isinstance(m, QuantLinear) for w in m.parts if w.interleaved]
+    return f" ({parts[0].x_bits}-bit activations)".replace("8-bit", "int8") if parts else " (exact products)"
+
+
 def measure(
     path: str | os.PathLike[str],
     text: str = PASSAGE,
@@ -155,11 +165,12 @@ def measure(
     kernels: str = "auto",
     dtype: str = "auto",
     hf_bf16: bool = False,
+    batch_invariant: bool = False,
 ) -> Accuracy:
-    """Ours as the server loads `path` (backend `kernels`, dtype `dtype` as its flags pick them) against HF fp32;
-    hf_bf16: also HF in bf16 against HF fp32 (another load of the file)."""
+    """Ours as the server loads `path` (backend `kernels`, dtype `dtype` as its flags pick them, batch_invariant as
+    its --batch-invariant) against HF fp32; hf_bf16: also HF in bf16 against HF fp32 (another load of the file)."""
     t0 = time.perf_counter()
-    lm = load_for_inference(path, "cpu", dtype, kernels)
+    lm = load_for_inference(path, "cpu", dtype, kernels, batch_invariant=batch_invariant)
     ids = text_ids(lm, text, tokens)
     if len(ids) < 2:
         raise ValueError(f"the text has {len(ids)} token(s); need at least 2 to score")
@@ -171,8 +182,7 @@ def measure(
     noise = None
     if hf_bf16:
         noise = float((target_logprobs(hf_logits(path, ids, torch.bfloat16), ids) - lp_ref).abs().mean())
-    kern = lm.backend.kernels
-    mode = "" if kern is None else (" (int8 activations)" if kern.isa.int8 else " (exact products)")
+    mode = products(lm) + (", batch-invariant" if lm.model.batch_invariant else "")
     return Accuracy(
         file=os.path.basename(path),
         tensor_types=tensor_types(path),
@@ -212,6 +222,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         action="store_true",
         help="also score HF transformers in bf16 against its fp32: the deviation rounding to bf16 alone causes",
     )
+    ap.add_argument("--batch-invariant", action="store_true", help="as the server's --batch-invariant")
     ap.add_argument("--json", default=None, help="also write the figures to this JSON file")
     ap.add_argument("-v", "--verbose", action="store_true", help="the loader's log lines")
     a = ap.parse_args(argv)
@@ -230,7 +241,10 @@ def main(argv: Sequence[str] | None = None) -> list[Accuracy]:
     print(table_header(a.hf_bf16), flush=True)
     results: list[Accuracy] = []
     for f in a.files:
-        acc = measure(f, text, tokens=a.tokens, kernels=a.kernels, dtype=a.dtype, hf_bf16=a.hf_bf16)
+        acc = measure(
+            f, text, tokens=a.tokens, kernels=a.kernels, dtype=a.dtype, hf_bf16=a.hf_bf16,
+            batch_invariant=a.batch_invariant,
+        )  # fmt: skip
         results.append(acc)
         print(table_row(acc), flush=True)
     if a.json:
