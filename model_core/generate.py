@@ -131,9 +131,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument(
         "--batch-invariant",
         action=argparse.BooleanOptionalAction,
-        default=False,
-        help="every matmul on the native kernels, so that the output equals a --batch-invariant server's under "
-        "any load (default: off, prompt chunks on dense matmuls)",
+        default=True,
+        help="every matmul on the native kernels, so that the output equals the server's (batch-invariant by "
+        "default) under any load (--no-batch-invariant: prompt chunks on dense matmuls)",
     )
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s")

@@ -30,7 +30,7 @@ from model_core.kv_cache import PagedKVCache
 from model_core.native import Kernels
 from model_core.norms import make_norm
 from model_core.positional import LearnedPositionalEmbedding, RotaryEmbedding
-from model_core.qmatmul import exact_products
+from model_core.qmatmul import QuantLinear, exact_products
 from model_core.transformer import FeedForward
 
 NORMS = ("rmsnorm", "layernorm")
@@ -242,8 +242,10 @@ class CausalLM(nn.Module):
             return self._logits(h)
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
-        """Final-normed hidden states (..., C) -> logits (..., V), soft-capped where the family does."""
-        logits = self.lm_head(h)
+        """Final-normed hidden states (..., C) -> logits (..., V), soft-capped where the family does; float32 from a
+        head on the kernels' integer products (QuantLinear.forward_fp32), else in h's dtype."""
+        head = self.lm_head
+        logits = head.forward_fp32(h) if isinstance(head, QuantLinear) else head(h)
         cap = self.cfg.final_softcap
         return logits if cap is None else torch.tanh(logits / cap) * cap
 

@@ -600,6 +600,15 @@ class QuantLinear(nn.Module):
         that would run on them run on the weights dequantized for the call instead (the same values)."""
         return not self.weight.is_meta
 
+    def forward_fp32(self, x: torch.Tensor) -> torch.Tensor:
+        """forward(x), in float32 where the kernels' integer products take x (interleaved weights): x's values
+        round to the same integers whatever its dtype, so the sums are forward's, only not rounded to x's dtype at
+        the end (an LM head's logits: bf16 holds 25.3 and 25.4 as one value); else forward(x)."""
+        if x.dtype == torch.bfloat16 and all(w.interleaved for w in self.parts) and not _EXACT_ONLY.get():
+            if x.numel() // max(x.shape[-1], 1) <= self.max_rows:
+                return self.forward(x.float())
+        return self.forward(x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // max(x.shape[-1], 1)
         if (

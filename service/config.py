@@ -53,11 +53,13 @@ class Settings(BaseSettings):
         "copies take at most 1 GiB and a quarter of the memory available (small models)",
     )
     batch_invariant: bool = Field(
-        False,
+        True,
         description="temperature 0 gives the same text under any load: each token's logits are computed the same "
         "way alone or batched, in any prompt chunking, with or without a prefix-cache hit or preemption (every "
-        "matmul on the native kernels, AMX tiles at every size where the CPU has them; GGUF models of the types the "
-        "kernels read); off: prompt chunks on the faster, exact dense matmuls",
+        "matmul on the native kernels' integer products, activations rounded to 16 bits per block, AMX-INT8 tiles "
+        "for big batches where the CPU has them; GGUF models of the types the kernels read); "
+        "--no-batch-invariant: prompt chunks on the dense matmuls (faster prompts) and int8 activations in decode "
+        "steps on the int8 builds",
     )
     max_num_seqs: int = Field(32, ge=1, le=1024, description="max sequences decoded together")
     max_num_batched_tokens: int = Field(512, ge=16, description="token budget per engine step")

@@ -3,14 +3,14 @@
 For each file: HF transformers loads it in float32 (`AutoModelForCausalLM.from_pretrained(dir, gguf_file=name)`,
 which dequantizes every tensor with gguf-py) and scores a text in one full forward: the reference. Ours is the model
 as the server loads it with its defaults (`load_for_inference`: the backend `--kernels` picks, the dtype `--dtype`
-picks for it, the kernels' default rows on the quantized weights, not batch-invariant), scoring the same token ids
-the way the server's decode steps do: one token per forward through the paged KV cache (as
+picks for it, the kernels' default rows on the quantized weights, batch-invariant unless --no-batch-invariant),
+scoring the same token ids the way the server's decode steps do: one token per forward through the paged KV cache (as
 tests/model_core/test_smollm2.py's decode-path test does). Reported per file, as a markdown table row: the file's
 tensor types, our backend and dtype, max |logit diff| and top-1 agreement over every position, the mean |log-prob
 diff| of the text's tokens, and perplexity ours vs HF.
 
     python -m model_core.tools.quant_accuracy FILE.gguf [FILE2.gguf ...] [--text-file PATH] [--tokens N]
-                                              [--kernels auto] [--dtype auto] [--hf-bf16] [--batch-invariant]
+                                              [--kernels auto] [--dtype auto] [--hf-bf16] [--no-batch-invariant]
                                               [--json OUT.json]
 
 The text is a fixed public-domain passage (the Gettysburg Address, 320 tokens with SmolLM2's tokenizer)
@@ -165,7 +165,7 @@ def measure(
     kernels: str = "auto",
     dtype: str = "auto",
     hf_bf16: bool = False,
-    batch_invariant: bool = False,
+    batch_invariant: bool = True,
 ) -> Accuracy:
     """Ours as the server loads `path` (backend `kernels`, dtype `dtype` as its flags pick them, batch_invariant as
     its --batch-invariant) against HF fp32; hf_bf16: also HF in bf16 against HF fp32 (another load of the file)."""
@@ -222,7 +222,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         action="store_true",
         help="also score HF transformers in bf16 against its fp32: the deviation rounding to bf16 alone causes",
     )
-    ap.add_argument("--batch-invariant", action="store_true", help="as the server's --batch-invariant")
+    ap.add_argument(
+        "--batch-invariant", action=argparse.BooleanOptionalAction, default=True, help="as the server's (default on)"
+    )
     ap.add_argument("--json", default=None, help="also write the figures to this JSON file")
     ap.add_argument("-v", "--verbose", action="store_true", help="the loader's log lines")
     a = ap.parse_args(argv)

@@ -1,6 +1,6 @@
 """Model step times of the default model (or any GGUF) per backend: a prompt forward and decode steps.
 
-    python -m model_core.tools.step_times [--kernels auto] [--dtype auto] [--batch-invariant]
+    python -m model_core.tools.step_times [--kernels auto] [--dtype auto] [--no-batch-invariant]
         [--prompt-tokens 512] [--batches 1,4,16] [--model PATH] [--quant-max-rows N]
 
 Prints the best of 3 times of one `prompt-tokens` prompt forward through the paged cache (the prefill a
@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--model", default=None)
     ap.add_argument("--kernels", default="auto")
     ap.add_argument("--dtype", default="auto")
-    ap.add_argument("--batch-invariant", action=argparse.BooleanOptionalAction, default=False)
+    ap.add_argument("--batch-invariant", action=argparse.BooleanOptionalAction, default=True, help="as the server's")
     ap.add_argument("--prompt-tokens", type=int, default=512)
     ap.add_argument("--batches", default="1,4,16")
     ap.add_argument("--quant-max-rows", type=int, default=None, help="default: the backend's")
