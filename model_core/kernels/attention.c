@@ -164,8 +164,10 @@ int k_attention(const void *q, const void *kv, const int64_t *rows, const int32_
         float *s = malloc(((size_t)n_max + 16) * sizeof(float) * (size_t)g);
         float *part = aligned_alloc(64, sizeof(float) * 256 * (size_t)g);
         if (!s || !part) bad |= 2;
-        /* units are (sequence, kv head): its g query heads run back to back on rows still in cache */
-#pragma omp for schedule(static)
+        /* units are (sequence, kv head): its g query heads run back to back on rows still in cache; dealt round robin,
+         * since a prompt chunk's rows see 1, 2, 3, ... keys (contiguous halves would give one thread three times the
+         * other's keys) */
+#pragma omp for schedule(static, 1)
         for (int u = 0; u < B * nkv; u++) {
             const int b = u / nkv, h = u % nkv, n = lens[b];
             if (!s || !part || n <= 0 || n > Tk) {

@@ -18,7 +18,7 @@ from model_core.device import select_device, select_dtype
 from model_core.fused_decode import FusedLlamaDecoder
 from model_core.lm import CausalLM, LMConfig
 from model_core.packing import pack_linears, packing_available
-from model_core.qmatmul import ALL_ROWS, GGML_TYPES, QuantLinear, attach_quantized
+from model_core.qmatmul import ALL_ROWS, FLOAT_KINDS, GGML_TYPES, QuantLinear, attach_quantized
 from model_core.quant_embedding import QuantEmbedding
 from model_core.tokenizer import Tokenizer
 from model_core.weights.build import build_lm
@@ -147,6 +147,15 @@ def load_lm(
         if gap is None:
             model.batch_invariant = True
             log.info("batch-invariant: every token's logits are the same in any batch, chunking or cache hit")
+            floats = sorted({w.kind.name for m in model.modules() if isinstance(m, QuantLinear) for w in m.parts
+                             if w.kind in FLOAT_KINDS})  # fmt: skip
+            if floats:
+                log.warning(
+                    "batch-invariant with %s weights: they have no integer form, and their exact products run on the "
+                    "vector path at every batch size (prompts several times slower than on the dense matmuls); "
+                    "--no-batch-invariant for speed",
+                    "/".join(floats),
+                )
         else:
             log.warning("batch-invariant mode off for this model: %s", gap)
     _release_freed_memory()
