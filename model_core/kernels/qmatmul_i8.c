@@ -593,9 +593,31 @@ static void amx_i8_tile(int wide, int planes, int nb, int no, const int8_t *xq, 
         if (b < nb) {
             const int8_t *xb = xq + (size_t)b * planes * BLOCK, *w = wb + (size_t)b * 512;
             int32_t *cb = cbuf + (size_t)(b & 1) * 1024;
-            _tile_loadd(6, w, 64);
+            /* blocks of 32 quants: both planes' products issued before their stores, and the next block's in other C
+             * and B tiles (even blocks C 0, 2 and B 6; odd ones C 1, 3 and B 7), so that a product need not wait for
+             * the last one's store */
+#define BLOCK_PRODUCTS(C_HI, C_LO, B)                  \
+    do {                                               \
+        _tile_loadd(B, w, 64);                         \
+        _tile_loadd(4, xb, stride);                    \
+        if (planes == 2) _tile_loadd(5, xb + BLOCK, stride); \
+        _tile_zero(C_HI);                              \
+        _tile_dpbssd(C_HI, 4, B);                      \
+        if (planes == 2) {                             \
+            _tile_zero(C_LO);                          \
+            _tile_dpbssd(C_LO, 5, B);                  \
+        }                                              \
+        _tile_stored(C_HI, cb, 64);                    \
+        if (planes == 2) _tile_stored(C_LO, cb + 512, 64); \
+    } while (0)
+            if (!halves) {
+                if (b & 1) BLOCK_PRODUCTS(1, 3, 7);
+                else BLOCK_PRODUCTS(0, 2, 6);
+            }
+#undef BLOCK_PRODUCTS
+            if (halves) _tile_loadd(6, w, 64);
             if (halves) _tile_loadd(7, w + 256, 64);
-            for (int p = 0; p < planes; p++) {
+            for (int p = 0; p < planes && halves; p++) {
                 _tile_loadd(4, xb + p * BLOCK, stride);
                 if (halves) _tile_loadd(5, xb + p * BLOCK + 16, stride);
                 if (p) {
