@@ -69,9 +69,12 @@ class DecodeBackend:
             return max(self.quant_max_rows, AMX_LEAN_MAX_ROWS)
         return self.quant_max_rows
 
-    def describe(self, dtype: torch.dtype, threads: int) -> str:
+    def describe(self, dtype: torch.dtype, threads: int, products: str | None = None) -> str:
+        """One line naming the backend, ISA, products (default: the build's own mode), dtype and threads."""
         dt = str(dtype).removeprefix("torch.")
-        act = "" if self.kernels is None else (", int8 activations" if self.kernels.isa.int8 else ", exact products")
+        if products is None and self.kernels is not None:
+            products = "int8 activations" if self.kernels.isa.int8 else "exact products"
+        act = f", {products}" if products else ""
         isa = self.isa or "none"
         return f"decode backend {self.name} (isa {isa}{act}, {self.reason}), dtype {dt}, threads {threads}"
 

@@ -148,15 +148,6 @@ def text_ids(lm: LoadedLM, text: str, tokens: int | None) -> list[int]:
     return list(ids[:cap])
 
 
-def products(lm: LoadedLM) -> str:
-    """How the quantized layers multiply: ' (int8 activations)', ' (16-bit activations)' (integer products) or
-    ' (exact products)'; '' without native kernels."""
-    if lm.backend.kernels is None:
-        return ""
-    parts = [w for m in lm.model.modules() if isinstance(m, QuantLinear) for w in m.parts if w.interleaved]
-    return f" ({parts[0].x_bits}-bit activations)".replace("8-bit", "int8") if parts else " (exact products)"
-
-
 def measure(
     path: str | os.PathLike[str],
     text: str = PASSAGE,
@@ -182,7 +173,7 @@ def measure(
     noise = None
     if hf_bf16:
         noise = float((target_logprobs(hf_logits(path, ids, torch.bfloat16), ids) - lp_ref).abs().mean())
-    mode = products(lm) + (", batch-invariant" if lm.model.batch_invariant else "")
+    mode = (f" ({lm.products})" if lm.products else "") + (", batch-invariant" if lm.model.batch_invariant else "")
     return Accuracy(
         file=os.path.basename(path),
         tensor_types=tensor_types(path),

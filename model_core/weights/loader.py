@@ -44,6 +44,17 @@ class LoadedLM:
         """Whether each token's logits are the same in any batch (model_core.lm: batch-invariant mode)."""
         return self.model.batch_invariant
 
+    @property
+    def products(self) -> str:
+        """How the quantized layers multiply: 'int8 activations' or '16-bit activations' (integer products), or
+        'exact products'; '' without native kernels."""
+        if self.backend.kernels is None:
+            return ""
+        parts = [w for m in self.model.modules() if isinstance(m, QuantLinear) for w in m.parts if w.interleaved]
+        if not parts:
+            return "exact products"
+        return "int8 activations" if parts[0].x_bits == 8 else f"{parts[0].x_bits}-bit activations"
+
 
 def invariance_gap(model: CausalLM) -> str | None:
     """Why the batch-invariant mode cannot hold for this model as loaded, or None where it does: every layer
@@ -255,5 +266,5 @@ def load_for_inference(
         batch_invariant=batch_invariant,
         dense_weights=dense_weights,
     )
-    log.info("%s", lm.backend.describe(lm.model.dtype, torch.get_num_threads()))
+    log.info("%s", lm.backend.describe(lm.model.dtype, torch.get_num_threads(), lm.products))
     return lm
