@@ -131,9 +131,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument(
         "--batch-invariant",
         action=argparse.BooleanOptionalAction,
-        default=True,
-        help="every matmul on the native kernels, so that the output equals the server's (batch-invariant by "
-        "default) under any load (--no-batch-invariant: prompt chunks on dense matmuls)",
+        default=None,
+        help="every matmul on the native kernels, so that the output equals the server's under any load (default, "
+        "as the server's: on, except for a model with F16/BF16 weights; --no-batch-invariant: prompt chunks on dense "
+        "matmuls)",
     )
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s")

@@ -52,14 +52,15 @@ class Settings(BaseSettings):
         "layer's weights for the call, the same products, about a quarter of the memory); auto = keep where the "
         "copies take at most 1 GiB and a quarter of the memory available (small models)",
     )
-    batch_invariant: bool = Field(
-        True,
+    batch_invariant: bool | None = Field(
+        None,
         description="temperature 0 gives the same text under any load: each token's logits are computed the same "
         "way alone or batched, in any prompt chunking, with or without a prefix-cache hit or preemption (every "
         "matmul on the native kernels' integer products, activations rounded to 16 bits per block, AMX-INT8 tiles "
         "for big batches where the CPU has them; GGUF models of the types the kernels read); "
         "--no-batch-invariant: prompt chunks on the dense matmuls (faster prompts) and int8 activations in decode "
-        "steps on the int8 builds",
+        "steps on the int8 builds; default (none): on, except for a model with F16/BF16 weights (no integer form: "
+        "their prompts would run several times slower)",
     )
     max_num_seqs: int = Field(32, ge=1, le=1024, description="max sequences decoded together")
     max_num_batched_tokens: int = Field(512, ge=16, description="token budget per engine step")
@@ -186,7 +187,7 @@ def parse_settings(argv: Sequence[str] | None = None) -> Settings:
             )
         else:
             switch: dict[str, Any] = {}
-            if f.annotation is bool:  # --x alone means true, --no-x false; --x true|false works too
+            if f.annotation in (bool, bool | None):  # --x alone means true, --no-x false; --x true|false works too
                 ap.add_argument(
                     "--no-" + _flag(name)[2:],
                     dest=name,

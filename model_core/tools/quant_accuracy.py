@@ -156,7 +156,7 @@ def measure(
     kernels: str = "auto",
     dtype: str = "auto",
     hf_bf16: bool = False,
-    batch_invariant: bool = True,
+    batch_invariant: bool | None = None,
 ) -> Accuracy:
     """Ours as the server loads `path` (backend `kernels`, dtype `dtype` as its flags pick them, batch_invariant as
     its --batch-invariant) against HF fp32; hf_bf16: also HF in bf16 against HF fp32 (another load of the file)."""
@@ -213,9 +213,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         action="store_true",
         help="also score HF transformers in bf16 against its fp32: the deviation rounding to bf16 alone causes",
     )
-    ap.add_argument(
-        "--batch-invariant", action=argparse.BooleanOptionalAction, default=True, help="as the server's (default on)"
-    )
+    ap.add_argument("--batch-invariant", action=argparse.BooleanOptionalAction, default=None, help="as the server's")
     ap.add_argument("--json", default=None, help="also write the figures to this JSON file")
     ap.add_argument("-v", "--verbose", action="store_true", help="the loader's log lines")
     a = ap.parse_args(argv)

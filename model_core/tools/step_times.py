@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--model", default=None)
     ap.add_argument("--kernels", default="auto")
     ap.add_argument("--dtype", default="auto")
-    ap.add_argument("--batch-invariant", action=argparse.BooleanOptionalAction, default=True, help="as the server's")
+    ap.add_argument("--batch-invariant", action=argparse.BooleanOptionalAction, default=None, help="as the server's")
     ap.add_argument("--prompt-tokens", type=int, default=512)
     ap.add_argument("--batches", default="1,4,16")
     ap.add_argument("--quant-max-rows", type=int, default=None, help="default: the backend's")

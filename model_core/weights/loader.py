@@ -78,7 +78,7 @@ def load_lm(
     quantized_max_rows: int | None = 0,
     native_decode: bool = True,
     backend: DecodeBackend = TORCH,
-    batch_invariant: bool = False,
+    batch_invariant: bool | None = False,
     dense_weights: bool | None = True,
 ) -> LoadedLM:
     """pack: on CPUs that run oneDNN's bf16 matmuls, pre-pack bf16 linear weights (same results, faster).
@@ -89,7 +89,9 @@ def load_lm(
     native_decode: run decode steps of llama models with native kernels between the matmuls
     (model_core.fused_decode); batch_invariant: every matmul on its kernel at any batch size, prompt chunks
     included (quantized_max_rows None then means all rows), and `model.batch_invariant` set where that makes each
-    token's logits independent of its batch (model_core.lm); a warning says why where it does not.
+    token's logits independent of its batch (model_core.lm); a warning says why where it does not; None: True for a
+    GGUF file without F16/BF16 weights (the server's default: theirs have no integer form, and would run every
+    prompt on their vector path), else False.
     dense_weights: for a GGUF file whose linear layers run on their quantized weights, also keep dense copies of them
     (dequantized at load; prompt chunks and batches above quantized_max_rows run on them, packed for oneDNN where it
     applies); False: only the quantized weights (those batches dequantize each layer's weights into a scratch buffer
@@ -101,19 +103,25 @@ def load_lm(
 
     t0 = time.perf_counter()
     p = Path(path)
-    file: GGUFFile | None = None
+    file = open_gguf(p) if p.is_file() else None  # read by both the dense and the quantized loaders
     kernels = backend.kernels if torch.device(device).type == "cpu" else None
     if kernels is None:
         backend = TORCH
     max_rows = backend.quant_max_rows if quantized_max_rows is None else quantized_max_rows
+    asked = batch_invariant is not None  # (None: on where it pays, and quietly off elsewhere)
+    if batch_invariant is None:
+        floats = _float_weights(file) if file is not None else ["safetensors"]
+        batch_invariant = not floats
+        if floats and file is not None:
+            why = "no integer form; --batch-invariant forces it"
+            log.info("batch-invariant mode off by default for %s weights (%s)", "/".join(floats), why)
     if batch_invariant and quantized_max_rows is None and kernels is not None:
         max_rows = ALL_ROWS
     if p.is_dir():
         cfg, sd, _ = load_safetensors_dir(p)
         tok = Tokenizer.from_pretrained_dir(p)
         name = p.name
-    elif p.is_file():
-        file = open_gguf(p)  # read by both the dense and the quantized loaders
+    elif file is not None:
         lean = kernels is not None and max_rows > 0 and not _keep_dense(dense_weights, file, dtype, pack)
         cfg, sd, meta = load_gguf(p, file, skip_quantized=lean)
         if lean:
@@ -168,7 +176,7 @@ def load_lm(
                     "/".join(floats),
                 )
         else:
-            log.warning("batch-invariant mode off for this model: %s", gap)
+            (log.warning if asked else log.info)("batch-invariant mode off for this model: %s", gap)
     _release_freed_memory()
     dt = time.perf_counter() - t0
     log.info(
@@ -238,6 +246,12 @@ def _count(n: int) -> str:
     return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
 
 
+def _float_weights(file: GGUFFile) -> list[str]:
+    """The F16/BF16 types among the file's matrices (weights the kernels multiply as stored, exact products only)."""
+    names = {getattr(t.tensor_type, "name", str(t.tensor_type)) for t in file.tensors if len(t.shape) == 2}
+    return sorted(names & {"F16", "BF16"})
+
+
 def _tensor_types(file: GGUFFile) -> str:
     """The file's quantization mix, e.g. "Q4_K x113, Q6_K x12, F32 x61"."""
     kinds = Counter(getattr(t.tensor_type, "name", str(t.tensor_type)) for t in file.tensors)
@@ -250,7 +264,7 @@ def load_for_inference(
     dtype: str = "auto",
     kernels: str = "auto",
     quantized_max_rows: int | None = None,
-    batch_invariant: bool = False,
+    batch_invariant: bool | None = False,
     dense_weights: bool | None = None,
 ) -> LoadedLM:
     """Device, then decode backend, then dtype (auto picks by what the backend computes fast), then the model;
