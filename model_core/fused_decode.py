@@ -135,8 +135,8 @@ class _Layer:
             split = len(flat) > 4
             self._parts = (ctypes.c_int32 * (4 * PROJECTION_PARTS))(*sum(rows, [])) if split else None
             self.one_call_rows = min(lin.max_rows for lin in linears if isinstance(lin, QuantLinear))
-            # the mode: int8 where the weights are interleaved (float kinds take exact products in either); one method
-            # at every batch where every batch runs here (the batch-invariant mode)
+            # the mode: integer products where the weights are interleaved, on activations of their x_bits (float kinds
+            # take exact products in any mode); one method at every batch where every batch runs here (batch-invariant)
             self._i8 = max(w.mode_bits() for w in flat) | (EVERY_BATCH if self.one_call_rows >= ALL_ROWS else 0)
         else:
             self._ptrs, self._kinds, self._parts, self._i8, self.one_call_rows = None, None, None, 0, 0
