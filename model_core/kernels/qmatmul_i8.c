@@ -613,33 +613,30 @@ static void amx_i8_tile(int wide, int planes, int nb, int no, const int8_t *xq, 
             if (!halves) {
                 if (b & 1) BLOCK_PRODUCTS(1, 3, 7);
                 else BLOCK_PRODUCTS(0, 2, 6);
-            }
-#undef BLOCK_PRODUCTS
-            if (halves) _tile_loadd(6, w, 64);
-            if (halves) _tile_loadd(7, w + 256, 64);
-            for (int p = 0; p < planes && halves; p++) {
-                _tile_loadd(4, xb + p * BLOCK, stride);
-                if (halves) _tile_loadd(5, xb + p * BLOCK + 16, stride);
-                if (p) {
-                    _tile_zero(2);
-                    _tile_dpbssd(2, 4, 6);
-                    _tile_stored(2, cb + 512, 64);
-                    if (halves) {
+            } else { /* halves of 16 quants (B 6, 7), a product each: C 0, 1 the hi (or only) plane's, C 2, 3 the lo's */
+                _tile_loadd(6, w, 64);
+                _tile_loadd(7, w + 256, 64);
+                for (int p = 0; p < planes; p++) {
+                    _tile_loadd(4, xb + p * BLOCK, stride);
+                    _tile_loadd(5, xb + p * BLOCK + 16, stride);
+                    if (p) {
+                        _tile_zero(2);
                         _tile_zero(3);
+                        _tile_dpbssd(2, 4, 6);
                         _tile_dpbssd(3, 5, 7);
+                        _tile_stored(2, cb + 512, 64);
                         _tile_stored(3, cb + 768, 64);
-                    }
-                } else {
-                    _tile_zero(0);
-                    _tile_dpbssd(0, 4, 6);
-                    _tile_stored(0, cb, 64);
-                    if (halves) {
+                    } else {
+                        _tile_zero(0);
                         _tile_zero(1);
+                        _tile_dpbssd(0, 4, 6);
                         _tile_dpbssd(1, 5, 7);
+                        _tile_stored(0, cb, 64);
                         _tile_stored(1, cb + 256, 64);
                     }
                 }
             }
+#undef BLOCK_PRODUCTS
         }
         if (b == 0) continue;
         const int j = b - 1; /* the block scaled now */
