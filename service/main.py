@@ -33,9 +33,8 @@ from service.api import metrics as metrics_route
 from service.api.auth import APIKeyMiddleware
 from service.api.cors import CORS
 from service.api.errors import install_error_handlers
-from service.api.g2p import G2P_MODEL
-from service.api.images import IMAGE_MODEL
 from service.api.middleware import RequestContextMiddleware
+from service.api.model_table import G2P_MODEL, IMAGE_MODEL
 from service.api.state import ServerState
 from service.api.text_model import TextModel
 from service.config import Settings, parse_settings

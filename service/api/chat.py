@@ -30,7 +30,6 @@ from service.api.errors import APIError, error_responses
 from service.api.fields import check_extra_fields
 from service.api.generation import (
     admit,
-    check_model,
     check_prompt_chars,
     choice_params,
     decode_token,
@@ -41,6 +40,7 @@ from service.api.generation import (
     vllm_prompt_logprobs,
 )
 from service.api.json_route import OffLoopJSONRoute
+from service.api.model_table import Endpoint, route
 from service.api.schemas import MAX_TOP_LOGPROBS, ChatCompletionRequest, ChatMessage, sampling_params
 from service.api.serving import ChoiceWriter, Job, Usage, respond
 from service.api.structured import compile_grammar, output_constraint
@@ -185,7 +185,7 @@ def forced_call_grammar(req: ChatCompletionRequest, forced: list[Function]) -> G
 async def create_chat_completion(
     req: ChatCompletionRequest, request: Request, tm: Annotated[TextModel, Depends(get_text_model)]
 ) -> Any:
-    check_model(tm, req.model)
+    route(request, Endpoint.CHAT, req.model)
     check_extra_fields(req, "chat")
     functions, forced = tool_setup(req)
     constraint = output_constraint(req.response_format, req.structured_outputs)

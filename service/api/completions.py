@@ -13,20 +13,19 @@ from model_core.sampling import TokenScore
 from service.api.chunks import Completion, CompletionChoice, CompletionLogprobs, PromptLogprobs, ReplyBody
 from service.api.errors import APIError, error_responses
 from service.api.fields import check_extra_fields
-from service.api.g2p import G2P_MODEL, g2p_completion, get_g2p_batcher
+from service.api.g2p import g2p_completion
 from service.api.generation import (
     admit,
-    check_model,
     choice_params,
     decode_token,
     default_max_tokens,
     encode_prompt,
-    get_text_model,
     new_id,
     resolve_max_tokens,
     vllm_prompt_logprobs,
 )
 from service.api.json_route import OffLoopJSONRoute
+from service.api.model_table import Endpoint, Kind, ServedModel, route
 from service.api.schemas import CompletionRequest, sampling_params
 from service.api.serving import ChoiceWriter, Job, Usage, respond
 from service.api.structured import compile_grammar, output_constraint
@@ -207,14 +206,18 @@ class CompletionWriter(ChoiceWriter):
     },
 )
 async def create_completion(req: CompletionRequest, request: Request) -> Any:
-    g2p = get_g2p_batcher(request)
-    if req.model == G2P_MODEL and g2p is not None:  # the encoder-decoder model: words in, phones out
-        return await g2p_completion(req, request, g2p)
-    return await _lm_completion(req, request, get_text_model(request))
+    model = route(request, Endpoint.COMPLETIONS, req.model)
+    return await _HANDLERS[model.kind](req, request, model)
 
 
-async def _lm_completion(req: CompletionRequest, request: Request, tm: TextModel) -> Any:
-    check_model(tm, req.model)
+async def _g2p_completion(req: CompletionRequest, request: Request, model: ServedModel) -> Any:
+    assert model.seq2seq is not None
+    return await g2p_completion(req, request, model.seq2seq)  # the encoder-decoder model: words in, phones out
+
+
+async def _lm_completion(req: CompletionRequest, request: Request, model: ServedModel) -> Any:
+    tm = model.lm
+    assert tm is not None
     check_extra_fields(req, "completions")
     if req.suffix:
         raise APIError("suffix is not supported", param="suffix")
@@ -244,3 +247,6 @@ async def _lm_completion(req: CompletionRequest, request: Request, tm: TextModel
     include_usage = bool(req.stream and req.stream_options and req.stream_options.include_usage)
     writer = CompletionWriter(tm, req, jobs, new_id("cmpl"), int(time.time()), include_usage, echo_text)
     return await respond(tm, jobs, admission, writer, stream=req.stream, request=request, timeout_s=req.timeout)
+
+
+_HANDLERS = {Kind.TEXT: _lm_completion, Kind.SEQ2SEQ: _g2p_completion}  # by the kind of the model a request names

@@ -23,12 +23,12 @@ from model_core.g2p import Hypothesis, WordError
 from model_core.sampling import SamplingParams, SamplingParamsError
 from service.api.errors import APIError
 from service.api.fields import check_extra_fields
+from service.api.model_table import G2P_MODEL
 from service.api.schemas import MAX_N, CompletionRequest
 from service.api.sse import DONE, sse_data, sse_response
 from service.api.state import server_state
 from service.engine.seq2seq import BatcherFull, BatcherNotRunning, PhoneEvent, Seq2SeqBatcher, Seq2SeqRequest
 
-G2P_MODEL = "cmudict-g2p"
 MAX_WORDS = 256
 MAX_BEAM = MAX_N
 
@@ -60,25 +60,6 @@ _EXTRA_REFUSED = (
     "guided_choice",
     "guided_grammar",
 )
-
-
-def get_g2p_batcher(request: Request) -> Seq2SeqBatcher | None:
-    return server_state(request).g2p_batcher
-
-
-def model_entry(batcher: Seq2SeqBatcher, created: int) -> dict[str, Any]:
-    """The model's /v1/models entry."""
-    cfg = batcher.g2p.config
-    return {
-        "id": G2P_MODEL,
-        "object": "model",
-        "created": created,
-        "owned_by": "aigc",
-        "kind": "seq2seq",
-        "max_model_len": cfg.max_word_len,
-        "max_output_tokens": cfg.max_phones,
-        "description": "grapheme-to-phoneme: a word in, CMUdict ARPAbet phones with stress out",
-    }
 
 
 def _check_fields(req: CompletionRequest) -> None:

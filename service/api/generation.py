@@ -74,16 +74,6 @@ def admit(request: Request, tm: TextModel, n: int, endpoint: str) -> Admission:
     raise refused
 
 
-def check_model(tm: TextModel, requested: str | None) -> None:
-    if requested is not None and requested != tm.name:
-        raise APIError(
-            f"The model '{requested}' does not exist; available: '{tm.name}'",
-            status_code=404,
-            param="model",
-            code="model_not_found",
-        )
-
-
 def resolve_max_tokens(
     tm: TextModel, prompt_len: int, requested: int | None, default: int | None, allow_zero: bool = False
 ) -> int:

@@ -24,6 +24,7 @@ from pydantic import BaseModel, Field
 from model_core.gan import interpolate_latents, label_from_prompt, sample_latents, to_uint8
 from service.api.errors import APIError, error_responses
 from service.api.json_route import OffLoopJSONRoute
+from service.api.model_table import Endpoint, route
 from service.api.state import server_state
 from service.engine.images import BatcherNotRunning, ImageRequest
 from service.engine.own_thread import run_in_own_thread
@@ -37,7 +38,6 @@ DEFAULT_SIZE = "256x256"
 MIN_TRUNCATION, MAX_TRUNCATION = 0.1, 100.0
 SEED_MOD = 2**63
 _SIZE_RE = re.compile(r"^\s*(\d{1,5})\s*x\s*(\d{1,5})\s*$", re.ASCII)
-IMAGE_MODEL = "gan-digits"
 
 
 class Interpolate(BaseModel):
@@ -153,19 +153,10 @@ def encode_png(images: torch.Tensor, size: int) -> list[str]:
 
 @router.post("/v1/images/generations", response_model=ImagesResponse, tags=["images"])
 async def create_image(body: ImageGenerationRequest, request: Request) -> ImagesResponse:
-    state = server_state(request)
-    batcher = state.image_batcher
-    if state.draining:
+    if server_state(request).draining:
         raise APIError("the server is shutting down", status_code=503, code="draining", headers={"Retry-After": "1"})
-    if body.model is not None and body.model != IMAGE_MODEL:
-        raise APIError(
-            f"The model '{body.model}' does not exist; available for images: '{IMAGE_MODEL}'",
-            status_code=404,
-            param="model",
-            code="model_not_found",
-        )
-    if batcher is None or not batcher.running:
-        raise APIError("the image model is not loaded", status_code=503, code="model_not_ready")
+    batcher = route(request, Endpoint.IMAGES, body.model).images
+    assert batcher is not None
     if body.response_format not in (None, "b64_json"):
         raise APIError(
             f"response_format {body.response_format!r} is not supported: only 'b64_json' is", param="response_format"

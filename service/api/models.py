@@ -1,4 +1,4 @@
-"""GET /v1/models and GET /v1/models/{id}: every served model with its kind."""
+"""GET /v1/models and GET /v1/models/{id}: every served model with its kind (service.api.model_table)."""
 
 from __future__ import annotations
 
@@ -7,11 +7,9 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Request
 
 from service.api.errors import APIError, error_responses
-from service.api.g2p import get_g2p_batcher
-from service.api.g2p import model_entry as g2p_model_entry
 from service.api.generation import get_text_model
-from service.api.images import IMAGE_MODEL
 from service.api.json_route import OffLoopJSONRoute
+from service.api.model_table import model_table
 from service.api.state import server_state
 from service.api.text_model import TextModel
 
@@ -19,35 +17,8 @@ router = APIRouter(route_class=OffLoopJSONRoute, responses=error_responses(400, 
 
 
 def _entries(request: Request, tm: TextModel) -> list[dict[str, Any]]:
-    """Every served model, the LM first, each with its kind."""
-    data = [
-        {
-            "id": tm.name,
-            "object": "model",
-            "created": tm.created,
-            "owned_by": "aigc",
-            "kind": "text-generation",
-            "max_model_len": tm.max_model_len,
-            "dtype": tm.dtype,
-            "kernels": tm.kernels,
-            "batch_invariant": tm.batch_invariant,
-        }
-    ]
-    g2p = get_g2p_batcher(request)
-    if g2p is not None and g2p.running:
-        data.append(g2p_model_entry(g2p, tm.created))
-    images = server_state(request).image_batcher
-    if images is not None and images.running:
-        data.append(
-            {
-                "id": IMAGE_MODEL,
-                "object": "model",
-                "created": tm.created,
-                "owned_by": "aigc",
-                "kind": "image-generation",
-            }
-        )
-    return data
+    """Every ready model, the LM first, each with its kind."""
+    return [m.entry(tm.created) for m in model_table(server_state(request)) if m.ready]
 
 
 @router.get("/v1/models")

@@ -21,12 +21,12 @@ from service.api.errors import APIError, error_responses
 from service.api.fields import check_extra_fields
 from service.api.generation import (
     admit,
-    check_model,
     default_max_tokens,
     get_text_model,
     resolve_max_tokens,
 )
 from service.api.json_route import OffLoopJSONRoute
+from service.api.model_table import Endpoint, route
 from service.api.schemas import (
     MAX_TOP_LOGPROBS,
     ChatCompletionRequest,
@@ -456,7 +456,7 @@ def _status(finish_reason: str | None) -> str:
 async def create_response(
     req: ResponsesRequest, request: Request, tm: Annotated[TextModel, Depends(get_text_model)]
 ) -> Any:
-    check_model(tm, req.model)
+    route(request, Endpoint.RESPONSES, req.model)
     _refuse_unsupported(req)
     check_extra_fields(req, "responses")
     messages = input_messages(req)

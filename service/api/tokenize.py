@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
 from service.api.chat import render_chat
 from service.api.errors import APIError, error_responses
-from service.api.generation import check_model, get_text_model
+from service.api.generation import get_text_model
 from service.api.json_route import OffLoopJSONRoute
+from service.api.model_table import Endpoint, route
 from service.api.schemas import DetokenizeRequest, TokenizeRequest
 from service.api.text_model import TextModel
 
@@ -28,10 +29,12 @@ def _tokens_json(ids: list[int], max_model_len: int) -> Response:
 
 
 @router.post("/tokenize", response_model=None)
-async def tokenize(req: TokenizeRequest, tm: Annotated[TextModel, Depends(get_text_model)]) -> Response:
+async def tokenize(
+    req: TokenizeRequest, request: Request, tm: Annotated[TextModel, Depends(get_text_model)]
+) -> Response:
     """Token ids of a prompt or of chat messages as the chat template renders them; a long text is tokenized
     and its reply serialised off the event loop."""
-    check_model(tm, req.model)
+    route(request, Endpoint.TOKENIZE, req.model)
     if (req.prompt is None) == (req.messages is None):
         raise APIError("give exactly one of prompt or messages", param="prompt")
     if req.messages is not None:
@@ -44,8 +47,10 @@ async def tokenize(req: TokenizeRequest, tm: Annotated[TextModel, Depends(get_te
 
 
 @router.post("/detokenize")
-async def detokenize(req: DetokenizeRequest, tm: Annotated[TextModel, Depends(get_text_model)]) -> dict[str, Any]:
-    check_model(tm, req.model)
+async def detokenize(
+    req: DetokenizeRequest, request: Request, tm: Annotated[TextModel, Depends(get_text_model)]
+) -> dict[str, Any]:
+    route(request, Endpoint.TOKENIZE, req.model)
     bad = [t for t in req.tokens if not 0 <= t < tm.vocab_size]
     if bad:
         raise APIError(f"token ids must be in [0, {tm.vocab_size}); got {bad[:5]}", param="tokens")
