@@ -31,6 +31,7 @@ from service.api.fields import check_extra_fields
 from service.api.generation import (
     admit,
     check_prompt_chars,
+    check_top_logprobs,
     choice_params,
     decode_token,
     default_max_tokens,
@@ -41,7 +42,7 @@ from service.api.generation import (
 )
 from service.api.json_route import OffLoopJSONRoute
 from service.api.model_table import Endpoint, route
-from service.api.schemas import MAX_TOP_LOGPROBS, ChatCompletionRequest, ChatMessage, sampling_params
+from service.api.schemas import ChatCompletionRequest, ChatMessage, sampling_params
 from service.api.serving import ChoiceWriter, Job, Usage, respond
 from service.api.structured import compile_grammar, output_constraint
 from service.api.text_model import TextModel
@@ -199,12 +200,7 @@ async def create_chat_completion(
     max_tokens = resolve_max_tokens(tm, len(ids), requested, default_max_tokens(request, None))
     if req.top_logprobs is not None and not req.logprobs:
         raise APIError("top_logprobs requires logprobs to be true", param="top_logprobs")
-    if req.top_logprobs is not None and not 0 <= req.top_logprobs <= MAX_TOP_LOGPROBS:
-        raise APIError(
-            f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {req.top_logprobs}",
-            param="top_logprobs",
-            code="invalid_value",
-        )
+    check_top_logprobs(req.top_logprobs)
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
     base = sampling_params(req, max_tokens=max_tokens, logprobs=logprobs, vocab_size=tm.vocab_size)
     grammar = None

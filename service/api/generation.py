@@ -11,7 +11,7 @@ from typing import Any
 
 from fastapi import Request
 
-from model_core.sampling import SamplingParams, TokenScore
+from model_core.sampling import MAX_LOGPROBS, SamplingParams, TokenScore
 from service.api.errors import APIError, from_engine
 from service.api.state import server_state
 from service.api.text_model import TextModel
@@ -117,8 +117,15 @@ def choice_params(base: SamplingParams, i: int) -> SamplingParams:
     return replace(base, seed=(base.seed + i) % (2**63))
 
 
-def new_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex}"
+def new_id(prefix: str, sep: str = "-") -> str:
+    """A reply's or item's id: `chatcmpl-…`, `cmpl-…`; the Responses API's with `sep="_"` (`resp_…`, `msg_…`)."""
+    return f"{prefix}{sep}{uuid.uuid4().hex}"
+
+
+def check_top_logprobs(value: int | None, param: str = "top_logprobs") -> None:
+    """400 for a number of top logprobs the sampler does not give."""
+    if value is not None and not 0 <= value <= MAX_LOGPROBS:
+        raise APIError(f"{param} must be in [0, {MAX_LOGPROBS}], got {value}", param=param, code="invalid_value")
 
 
 def decode_token(tm: TextModel, token_id: int) -> str:

@@ -7,28 +7,59 @@ from __future__ import annotations
 
 import re
 import time
-import uuid
-from collections.abc import AsyncIterator, Iterator
-from contextlib import aclosing, contextmanager
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from service.api.chat import forced_call_grammar, logprob_entry, render_chat, tool_setup
+from service.api.chunks import ChatTokenLogprob, ReplyBody
 from service.api.errors import APIError, error_responses
 from service.api.fields import check_extra_fields
 from service.api.generation import (
     admit,
+    check_top_logprobs,
     default_max_tokens,
     get_text_model,
+    new_id,
     resolve_max_tokens,
 )
 from service.api.json_route import OffLoopJSONRoute
 from service.api.model_table import Endpoint, route
+from service.api.response_objects import (
+    ContentPartAdded,
+    ContentPartDone,
+    ErrorEvent,
+    FunctionCallArgumentsDelta,
+    FunctionCallArgumentsDone,
+    FunctionCallItem,
+    FunctionChoice,
+    FunctionToolOut,
+    IncompleteDetails,
+    ItemStatus,
+    OutputItem,
+    OutputItemAdded,
+    OutputItemDone,
+    OutputMessage,
+    OutputText,
+    OutputTextDelta,
+    OutputTextDone,
+    Reasoning,
+    Response,
+    ResponseCompleted,
+    ResponseCreated,
+    ResponseError,
+    ResponseFailed,
+    ResponseIncomplete,
+    ResponseInProgress,
+    ResponseStatus,
+    ResponseUsage,
+    TextFormatOut,
+    TextOptions,
+)
 from service.api.schemas import (
-    MAX_TOP_LOGPROBS,
     ChatCompletionRequest,
     ChatMessage,
     ChatTool,
@@ -42,12 +73,11 @@ from service.api.schemas import (
     ToolCallIn,
     sampling_params,
 )
-from service.api.serving import Job, Usage, event_error, run_choices
-from service.api.sse import sse_data, sse_response
+from service.api.serving import Job, ReplyWriter, Usage, respond
 from service.api.structured import compile_grammar, output_constraint
 from service.api.text_model import TextModel
 from service.api.tools import Function, ReplyStreamer, ToolCall, parse_reply
-from service.engine.admission import Admission
+from service.engine.engine import TokenEvent
 
 router = APIRouter(route_class=OffLoopJSONRoute, responses=error_responses(400, 401, 404, 413, 500, 503, 504))
 
@@ -219,9 +249,9 @@ def _str_field(item: dict[str, Any], name: str, param: str) -> str:
 def input_messages(req: ResponsesRequest) -> list[ChatMessage]:
     """The conversation as chat messages: `instructions` as a system message first, then the input items;
     consecutive function_call items (and the assistant message before them) become one assistant turn."""
-    messages: list[dict[str, Any]] = []
+    messages: list[ChatMessage] = []
     if req.instructions is not None:
-        messages.append({"role": "system", "content": req.instructions})
+        messages.append(ChatMessage(role="system", content=req.instructions))
     items: list[dict[str, Any]] = [{"role": "user", "content": req.input}] if isinstance(req.input, str) else req.input
     for i, item in enumerate(items):
         param = f"input.{i}"
@@ -233,7 +263,7 @@ def input_messages(req: ResponsesRequest) -> list[ChatMessage]:
                     f"{param}.role must be one of user, system, developer, assistant; got {role!r}",
                     param=f"{param}.role",
                 )
-            messages.append({"role": role, "content": _text_of(item.get("content"), f"{param}.content")})
+            messages.append(ChatMessage(role=role, content=_text_of(item.get("content"), f"{param}.content")))
         elif kind == "function_call":
             call = ToolCallIn(
                 id=_str_field(item, "call_id", param),
@@ -242,19 +272,13 @@ def input_messages(req: ResponsesRequest) -> list[ChatMessage]:
                 ),
             )
             last = messages[-1] if messages else None
-            if last is not None and last["role"] == "assistant":
-                last.setdefault("tool_calls", []).append(call)
+            if last is not None and last.role == "assistant":
+                last.tool_calls = [*(last.tool_calls or []), call]
             else:
-                messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
+                messages.append(ChatMessage(role="assistant", content=None, tool_calls=[call]))
         elif kind == "function_call_output":
-            output = item.get("output")
-            messages.append(
-                {
-                    "role": "tool",
-                    "tool_call_id": _str_field(item, "call_id", param),
-                    "content": _text_of(output, f"{param}.output"),
-                }
-            )
+            call_id, output = _str_field(item, "call_id", param), _text_of(item.get("output"), f"{param}.output")
+            messages.append(ChatMessage(role="tool", tool_call_id=call_id, content=output))
         else:
             raise APIError(
                 f"{param}: input items of type {kind!r} are not supported (only message, function_call "
@@ -263,7 +287,7 @@ def input_messages(req: ResponsesRequest) -> list[ChatMessage]:
             )
     if not messages:
         raise APIError("input must not be empty", param="input")
-    return [ChatMessage(**m) for m in messages]
+    return messages
 
 
 def _chat_tools(req: ResponsesRequest) -> list[ChatTool] | None:
@@ -344,104 +368,219 @@ def chat_request(req: ResponsesRequest, messages: list[ChatMessage]) -> ChatComp
         raise APIError(f"invalid request: {e.errors()[0].get('msg', e)}") from None
 
 
-def _new_id(prefix: str) -> str:
-    return f"{prefix}_{uuid.uuid4().hex}"
-
-
-@dataclass
-class _Response:
-    """The Response object's fields that echo the request; `body()` adds the status and output."""
-
-    id: str
-    created_at: int
-    echo: dict[str, Any]
-
-    def body(
-        self,
-        status: str,
-        output: list[dict[str, Any]],
-        usage: dict[str, Any] | None = None,
-        error: dict[str, Any] | None = None,
-    ) -> dict[str, Any]:
-        incomplete = {"reason": "max_output_tokens"} if status == "incomplete" else None
-        return {
-            "id": self.id,
-            "object": "response",
-            "created_at": self.created_at,
-            "status": status,
-            **({"completed_at": int(time.time())} if status == "completed" else {}),
-            "error": error,
-            "incomplete_details": incomplete,
-            **self.echo,
-            "output": output,
-            "usage": usage,
-        }
-
-
-def _echo(req: ResponsesRequest, model: str) -> dict[str, Any]:
-    fmt = req.text.format if req.text is not None and req.text.format is not None else TextFormat(type="text")
-    choice: Any = req.tool_choice or "auto"
-    if isinstance(choice, ToolChoiceObject):
-        choice = {"type": choice.type, "name": choice.name}
-    return {
-        "background": False,
-        "instructions": req.instructions,
-        "max_output_tokens": req.max_output_tokens,
-        "max_tool_calls": req.max_tool_calls,
-        "metadata": req.metadata or {},
-        "model": model,
-        "parallel_tool_calls": req.parallel_tool_calls is not False,
-        "previous_response_id": None,
-        "reasoning": {"effort": None, "summary": None},
-        "service_tier": "default",
-        "store": False,
-        "temperature": 1.0 if req.temperature is None else req.temperature,
-        "text": {"format": fmt.model_dump(by_alias=True, exclude_none=True), "verbosity": "medium"},
-        "tool_choice": choice,
-        "tools": [
-            {
-                "type": "function",
-                "name": t.name,
-                "description": t.description,
-                "parameters": t.parameters,
-                "strict": t.strict,
-            }
+def response_head(req: ResponsesRequest, rid: str, created_at: int, model: str) -> Response:
+    """The Response object in progress, without output: its id and the request's settings it echoes."""
+    fmt = req.text.format if req.text is not None and req.text.format is not None else None
+    asked = req.tool_choice or "auto"
+    choice = FunctionChoice(type=asked.type, name=asked.name) if isinstance(asked, ToolChoiceObject) else asked
+    return Response(
+        id=rid,
+        created_at=created_at,
+        status="in_progress",
+        error=None,
+        incomplete_details=None,
+        instructions=req.instructions,
+        max_output_tokens=req.max_output_tokens,
+        max_tool_calls=req.max_tool_calls,
+        metadata=req.metadata or {},
+        model=model,
+        parallel_tool_calls=req.parallel_tool_calls is not False,
+        previous_response_id=None,
+        reasoning=Reasoning(effort=None, summary=None),
+        temperature=1.0 if req.temperature is None else req.temperature,
+        text=TextOptions(
+            format=TextFormatOut(**fmt.model_dump(exclude_none=True)) if fmt is not None else TextFormatOut(type="text")
+        ),
+        tool_choice=choice,
+        tools=[
+            FunctionToolOut(name=t.name, description=t.description, parameters=t.parameters, strict=t.strict)
             for t in req.tools or []
         ],
-        "top_logprobs": req.top_logprobs or 0,
-        "top_p": 1.0 if req.top_p is None else req.top_p,
-        "truncation": "disabled",
-        "user": req.user,
-    }
+        top_logprobs=req.top_logprobs or 0,
+        top_p=1.0 if req.top_p is None else req.top_p,
+        user=req.user,
+        output=[],
+        usage=None,
+    )
 
 
-def _message(msg_id: str, text: str, status: str, logprobs: list[dict[str, Any]]) -> dict[str, Any]:
-    return {
-        "type": "message",
-        "id": msg_id,
-        "status": status,
-        "role": "assistant",
-        "content": [] if status == "in_progress" and not text else [_text_part(text, logprobs)],
-    }
-
-
-def _text_part(text: str, logprobs: list[dict[str, Any]]) -> dict[str, Any]:
-    return {"type": "output_text", "text": text, "annotations": [], "logprobs": logprobs}
-
-
-def _function_call(item_id: str, call: ToolCall, arguments: str, status: str) -> dict[str, Any]:
-    return {
-        "type": "function_call",
-        "id": item_id,
-        "call_id": call.id,
-        "name": call.name,
-        "arguments": arguments,
-        "status": status,
-    }
-
-
-def _status(finish_reason: str | None) -> str:
+def _item_status(finish_reason: str | None) -> Literal["completed", "incomplete"]:
     return "incomplete" if finish_reason == "length" else "completed"
+
+
+def _message(msg_id: str, text: str, status: ItemStatus, logprobs: list[ChatTokenLogprob]) -> OutputMessage:
+    content = [] if status == "in_progress" and not text else [OutputText(text=text, logprobs=logprobs)]
+    return OutputMessage(id=msg_id, status=status, content=content)
+
+
+def _function_call(item_id: str, call: ToolCall, arguments: str, status: ItemStatus) -> FunctionCallItem:
+    return FunctionCallItem(id=item_id, call_id=call.id, name=call.name, arguments=arguments, status=status)
+
+
+class ResponseWriter(ReplyWriter):
+    """The Response of one choice: a message (its text and, when asked, its tokens' logprobs) and the function
+    calls the reply makes. The whole response parses the whole reply; the stream sends created and
+    in_progress, the message's item, part and text deltas as the text comes, the items' done events and each
+    call's item and arguments when the reply ends, then completed or incomplete (or error + failed). No
+    [DONE] follows."""
+
+    def __init__(
+        self, tm: TextModel, job: Job, head: Response, functions: list[Function] | None, want_logprobs: bool
+    ) -> None:
+        super().__init__(tm, [job], head.id, head.created_at)
+        self.head, self.functions, self.want_logprobs = head, functions, want_logprobs
+        self.raw = ""  # the reply as generated
+        self.finish: str | None = None
+        self.logprobs: list[ChatTokenLogprob] = []  # every generated token's
+        self.msg_id = new_id("msg", "_")
+        # the stream's record
+        self.seq = 0  # the next event's sequence_number
+        self.reply = ReplyStreamer(functions) if functions else None
+        self.text = ""  # the message's text sent so far
+        self.opened = False  # the message's item and part were sent
+        self.unsent = 0  # logprobs[unsent:]: tokens whose text is not sent yet
+        self.output: list[OutputItem] = []  # the items done so far
+
+    def _next(self) -> int:
+        self.seq += 1
+        return self.seq - 1
+
+    def _response(
+        self,
+        status: ResponseStatus,
+        output: list[OutputItem],
+        usage: ResponseUsage | None = None,
+        error: ResponseError | None = None,
+    ) -> Response:
+        update: dict[str, object] = {"status": status, "output": list(output), "usage": usage, "error": error}
+        if status == "completed":
+            update["completed_at"] = int(time.time())
+        if status == "incomplete":
+            update["incomplete_details"] = IncompleteDetails(reason="max_output_tokens")
+        return self.head.model_copy(update=update)
+
+    def opening(self) -> list[ReplyBody]:
+        head = self._response("in_progress", [])
+        return [
+            ResponseCreated(sequence_number=self._next(), response=head),
+            ResponseInProgress(sequence_number=self._next(), response=head),
+        ]
+
+    def _delta(self, chunk: str) -> list[ReplyBody]:
+        """The message's text `chunk` (opening the message first); "" only opens it."""
+        out: list[ReplyBody] = []
+        if not self.opened:
+            self.opened = True
+            out.append(
+                OutputItemAdded(
+                    sequence_number=self._next(), output_index=0, item=_message(self.msg_id, "", "in_progress", [])
+                )
+            )
+            part = OutputText(text="", logprobs=[])
+            out.append(
+                ContentPartAdded(
+                    sequence_number=self._next(), item_id=self.msg_id, output_index=0, content_index=0, part=part
+                )
+            )
+        if chunk:
+            self.text += chunk
+            logprobs, self.unsent = self.logprobs[self.unsent :], len(self.logprobs)
+            out.append(
+                OutputTextDelta(
+                    sequence_number=self._next(),
+                    item_id=self.msg_id,
+                    output_index=0,
+                    content_index=0,
+                    delta=chunk,
+                    logprobs=logprobs,
+                )
+            )
+        return out
+
+    async def on_event(self, i: int, ev: TokenEvent) -> list[ReplyBody]:
+        self.raw += ev.text
+        if self.want_logprobs and ev.token_id is not None:
+            self.logprobs.append(logprob_entry(self.tm, ev))
+        chunk = self.reply.feed(ev.text) if self.reply is not None else ev.text
+        out = self._delta(chunk) if chunk else []
+        if ev.finish_reason is not None:
+            self.finish = ev.finish_reason
+            out += self._items_done()
+        return out
+
+    def _items_done(self) -> list[ReplyBody]:
+        """At the end of the reply: the rest of the text, the message's done events, each call's events."""
+        status = _item_status(self.finish)
+        calls: list[ToolCall] = []
+        out: list[ReplyBody] = []
+        if self.reply is not None:
+            rest, calls = self.reply.finish()
+            if rest:
+                out += self._delta(rest)
+        if not calls and not self.opened:
+            out += self._delta("")
+        if self.opened:
+            text, logprobs, msg_id = self.text, self.logprobs, self.msg_id
+            out += [
+                OutputTextDone(
+                    sequence_number=self._next(),
+                    item_id=msg_id,
+                    output_index=0,
+                    content_index=0,
+                    text=text,
+                    logprobs=logprobs,
+                ),
+                ContentPartDone(
+                    sequence_number=self._next(),
+                    item_id=msg_id,
+                    output_index=0,
+                    content_index=0,
+                    part=OutputText(text=text, logprobs=logprobs),
+                ),
+            ]
+            self.output.append(_message(self.msg_id, self.text, status, self.logprobs))
+            out.append(OutputItemDone(sequence_number=self._next(), output_index=0, item=self.output[-1]))
+        for call in calls:
+            index, item_id = len(self.output), new_id("fc", "_")
+            item = _function_call(item_id, call, "", "in_progress")
+            out.append(OutputItemAdded(sequence_number=self._next(), output_index=index, item=item))
+            out += [
+                FunctionCallArgumentsDelta(
+                    sequence_number=self._next(), item_id=item_id, output_index=index, delta=call.arguments
+                ),
+                FunctionCallArgumentsDone(
+                    sequence_number=self._next(),
+                    item_id=item_id,
+                    output_index=index,
+                    name=call.name,
+                    arguments=call.arguments,
+                ),
+            ]
+            self.output.append(_function_call(item_id, call, call.arguments, "completed"))
+            out.append(OutputItemDone(sequence_number=self._next(), output_index=index, item=self.output[-1]))
+        return out
+
+    def closing(self, usage: Usage) -> list[ReplyBody]:
+        response = self._response(_item_status(self.finish), self.output, usage.responses())
+        if response.status == "completed":
+            return [ResponseCompleted(sequence_number=self._next(), response=response)]
+        return [ResponseIncomplete(sequence_number=self._next(), response=response)]
+
+    def failure(self, error: APIError, usage: Usage) -> list[ReplyBody]:
+        failed = self._response("failed", self.output, error=ResponseError(code="server_error", message=error.message))
+        return [
+            ErrorEvent(sequence_number=self._next(), code=error.code, message=error.message, param=None),
+            ResponseFailed(sequence_number=self._next(), response=failed),
+        ]
+
+    def response(self, usage: Usage) -> ReplyBody:
+        content, calls = parse_reply(self.raw, self.functions) if self.functions else (self.raw, [])
+        status = _item_status(self.finish)
+        output: list[OutputItem] = []
+        if content or not calls:
+            output.append(_message(self.msg_id, content or "", status, self.logprobs))
+        output += [_function_call(new_id("fc", "_"), c, c.arguments, "completed") for c in calls]
+        return self._response(status, output, usage.responses())
 
 
 @router.post(
@@ -476,12 +615,7 @@ async def create_response(
         raise APIError(f"max_output_tokens must be at least 1, got {req.max_output_tokens}", param="max_output_tokens")
     with _renamed({"max_tokens": "max_output_tokens", "prompt": "input"}):
         max_tokens = resolve_max_tokens(tm, len(ids), req.max_output_tokens, default_max_tokens(request, None))
-    if req.top_logprobs is not None and not 0 <= req.top_logprobs <= MAX_TOP_LOGPROBS:
-        raise APIError(
-            f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {req.top_logprobs}",
-            param="top_logprobs",
-            code="invalid_value",
-        )
+    check_top_logprobs(req.top_logprobs)
     want_logprobs = req.top_logprobs is not None or LOGPROBS_INCLUDE in (req.include or [])
     params = sampling_params(
         chat,
@@ -496,139 +630,6 @@ async def create_response(
         grammar = await compile_grammar(tm, constraint[0], "text.format.schema")
     job = Job(ids, params, grammar)
     admission = admit(request, tm, 1, "responses")
-    head = _Response(_new_id("resp"), int(time.time()), _echo(req, tm.name))
-    if req.stream:
-        return sse_response(_stream(tm, job, admission, head, functions, want_logprobs, req.timeout))
-
-    text, finish, usage = "", None, Usage([job])
-    logprobs: list[dict[str, Any]] = []
-    async with aclosing(run_choices(tm.engine, [job], head.id, admission, request, timeout_s=req.timeout)) as events:
-        async for _, ev in events:
-            if ev.finish_reason == "error":
-                raise event_error(ev)
-            usage.add(0, ev)
-            if want_logprobs and ev.token_id is not None:
-                logprobs.append(logprob_entry(tm, ev).body())
-            text += ev.text
-            if ev.finish_reason is not None:
-                finish = ev.finish_reason
-    content, calls = parse_reply(text, functions) if functions else (text, [])
-    status = _status(finish)
-    output = []
-    if content or not calls:
-        output.append(_message(_new_id("msg"), content or "", status, logprobs))
-    output += [_function_call(_new_id("fc"), c, c.arguments, "completed") for c in calls]
-    return head.body(status, output, usage.responses())
-
-
-@dataclass
-class _Events:
-    """Numbers the stream's events; each is `event: <type>` plus its JSON data."""
-
-    seq: int = 0
-    output: list[dict[str, Any]] = field(default_factory=list)  # the output items done so far
-
-    def __call__(self, kind: str, **fields: Any) -> bytes:
-        data = {"type": kind, **fields, "sequence_number": self.seq}
-        self.seq += 1
-        return b"event: " + kind.encode() + b"\n" + sse_data(data)
-
-
-async def _stream(
-    tm: TextModel,
-    job: Job,
-    admission: Admission,
-    head: _Response,
-    functions: list[Function] | None,
-    want_logprobs: bool,
-    timeout: float | None,
-) -> AsyncIterator[bytes]:
-    """The Responses API's events: created, in_progress, the message's item/part/text deltas, each function
-    call's item and arguments, then completed or incomplete (or error + failed). No [DONE] follows."""
-    emit = _Events()
-    yield emit("response.created", response=head.body("in_progress", []))
-    yield emit("response.in_progress", response=head.body("in_progress", []))
-    reply = ReplyStreamer(functions) if functions else None
-    msg_id = _new_id("msg")
-    text, opened = "", False
-    pending: list[dict[str, Any]] = []  # logprobs of tokens whose text is not sent yet
-    sent: list[dict[str, Any]] = []
-    finish, usage = None, Usage([job])
-
-    def delta(chunk: str) -> Iterator[bytes]:
-        nonlocal text, opened, pending
-        if not opened:
-            opened = True
-            yield emit("response.output_item.added", output_index=0, item=_message(msg_id, "", "in_progress", []))
-            yield emit(
-                "response.content_part.added", item_id=msg_id, output_index=0, content_index=0, part=_text_part("", [])
-            )
-        if chunk:
-            text += chunk
-            sent.extend(pending)
-            yield emit(
-                "response.output_text.delta",
-                item_id=msg_id,
-                output_index=0,
-                content_index=0,
-                delta=chunk,
-                logprobs=pending,
-            )
-            pending = []
-
-    async with aclosing(run_choices(tm.engine, [job], head.id, admission, timeout_s=timeout)) as events:
-        async for _, ev in events:
-            if ev.finish_reason == "error":
-                err = event_error(ev)
-                yield emit("error", code=err.code, message=err.message, param=None)
-                yield emit(
-                    "response.failed",
-                    response=head.body("failed", emit.output, error={"code": "server_error", "message": err.message}),
-                )
-                return
-            usage.add(0, ev)
-            if want_logprobs and ev.token_id is not None:
-                pending.append(logprob_entry(tm, ev).body())
-            chunk = reply.feed(ev.text) if reply is not None else ev.text
-            if chunk:
-                for b in delta(chunk):
-                    yield b
-            if ev.finish_reason is not None:
-                finish = ev.finish_reason
-    status = _status(finish)
-    calls: list[ToolCall] = []
-    if reply is not None:
-        rest, calls = reply.finish()
-        if rest:
-            for b in delta(rest):
-                yield b
-    if not calls and not opened:
-        for b in delta(""):
-            yield b
-    if opened:
-        sent.extend(pending)
-        yield emit(
-            "response.output_text.done", item_id=msg_id, output_index=0, content_index=0, text=text, logprobs=sent
-        )
-        yield emit(
-            "response.content_part.done", item_id=msg_id, output_index=0, content_index=0, part=_text_part(text, sent)
-        )
-        emit.output.append(_message(msg_id, text, status, sent))
-        yield emit("response.output_item.done", output_index=0, item=emit.output[-1])
-    for call in calls:
-        index, item_id = len(emit.output), _new_id("fc")
-        yield emit(
-            "response.output_item.added", output_index=index, item=_function_call(item_id, call, "", "in_progress")
-        )
-        yield emit("response.function_call_arguments.delta", item_id=item_id, output_index=index, delta=call.arguments)
-        yield emit(
-            "response.function_call_arguments.done",
-            item_id=item_id,
-            output_index=index,
-            name=call.name,
-            arguments=call.arguments,
-        )
-        emit.output.append(_function_call(item_id, call, call.arguments, "completed"))
-        yield emit("response.output_item.done", output_index=index, item=emit.output[-1])
-    final = "response.completed" if status == "completed" else "response.incomplete"
-    yield emit(final, response=head.body(status, emit.output, usage.responses()))
+    head = response_head(req, new_id("resp", "_"), int(time.time()), tm.name)
+    writer = ResponseWriter(tm, job, head, functions, want_logprobs)
+    return await respond(tm, [job], admission, writer, stream=req.stream, request=request, timeout_s=req.timeout)

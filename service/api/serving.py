@@ -1,12 +1,14 @@
-"""One response path for completions and chat completions, streamed or not: the request's choices run on the
-engine (`run_choices`, merged into one stream of events; the Responses API drives it too) and are written out.
+"""One response path for completions, chat completions and the Responses API, streamed or not: the request's
+choices run on the engine (`run_choices`, merged into one stream of events) and are written out.
 
-An endpoint describes its reply with a `ChoiceWriter`: what to send before any token (`opening`), what each
+An endpoint describes its reply with a `ReplyWriter`: what to send before any token (`opening`), what each
 engine event adds (`on_event`: it updates the writer's own record of every choice and returns the stream
-chunks for it), the final usage chunk and the whole response (`response`, built from that record).
+chunks for it), what ends the stream (`closing`, or `failure` when a choice fails, then `end_of_stream`) and
+the whole response (`response`, built from that record). Each chunk frames itself (`ReplyBody.sse`).
 `respond()` runs the request's choices on the engine and either streams the chunks as server-sent events
 or collects the events and returns the response: both go through the same writer calls, so a streamed
-reply and a whole one cannot disagree.
+reply and a whole one cannot disagree. `ChoiceWriter` is the writer of the OpenAI chunk streams
+(completions, chat): `data:` chunks, the usage chunk when asked for, `[DONE]`.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import asyncio
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from fastapi import Request
 from fastapi.responses import StreamingResponse
@@ -24,8 +26,9 @@ from fastapi.responses import StreamingResponse
 from model_core.grammar import CompiledGrammar
 from model_core.sampling import SamplingParams
 from service.api.chunks import PromptTokensDetails, ReplyBody, UsageInfo
-from service.api.errors import APIError, from_engine
-from service.api.sse import DONE, sse_data, sse_response
+from service.api.errors import APIError, ErrorDetail, from_engine
+from service.api.response_objects import InputTokensDetails, OutputTokensDetails, ResponseUsage
+from service.api.sse import DONE, sse_response
 from service.api.text_model import TextModel
 from service.engine.admission import Admission
 from service.engine.engine import LLMEngine, TokenEvent, error_event
@@ -134,15 +137,15 @@ class Usage:
             prompt_tokens_details=PromptTokensDetails(cached_tokens=self.cached_tokens),
         )
 
-    def responses(self) -> dict[str, Any]:
+    def responses(self) -> ResponseUsage:
         """The `usage` object of the Responses API."""
-        return {
-            "input_tokens": self.prompt_tokens,
-            "input_tokens_details": {"cached_tokens": self.cached_tokens, "cache_write_tokens": 0},
-            "output_tokens": self.completion_tokens,
-            "output_tokens_details": {"reasoning_tokens": 0},
-            "total_tokens": self.prompt_tokens + self.completion_tokens,
-        }
+        return ResponseUsage(
+            input_tokens=self.prompt_tokens,
+            input_tokens_details=InputTokensDetails(cached_tokens=self.cached_tokens),
+            output_tokens=self.completion_tokens,
+            output_tokens_details=OutputTokensDetails(),
+            total_tokens=self.prompt_tokens + self.completion_tokens,
+        )
 
 
 def event_error(ev: TokenEvent) -> APIError:
@@ -150,13 +153,23 @@ def event_error(ev: TokenEvent) -> APIError:
     return from_engine(ev.error or internal_error("generation failed"))
 
 
-class ChoiceWriter(abc.ABC):
-    """One request's reply, choice by choice. `usage_null`: every chunk carries `"usage": null` (the client
-    asked for a usage chunk at the end)."""
+class StreamError(ReplyBody):
+    """The chunk that reports a failed choice in a completions or chat stream: OpenAI's error shape."""
 
-    def __init__(self, tm: TextModel, jobs: Sequence[Job], rid: str, created: int, include_usage: bool) -> None:
+    error: ErrorDetail
+
+    @classmethod
+    def of(cls, e: APIError) -> StreamError:
+        return cls(error=ErrorDetail(message=e.message, type=e.type, param=e.param, code=e.code))
+
+
+class ReplyWriter(abc.ABC):
+    """One request's reply, choice by choice, streamed (chunks) or whole (`response`)."""
+
+    end_of_stream: ClassVar[bytes] = b""  # sent after the last chunk
+
+    def __init__(self, tm: TextModel, jobs: Sequence[Job], rid: str, created: int) -> None:
         self.tm, self.jobs, self.rid, self.created = tm, jobs, rid, created
-        self.usage_null = include_usage
 
     @abc.abstractmethod
     def opening(self) -> list[ReplyBody]:
@@ -167,26 +180,53 @@ class ChoiceWriter(abc.ABC):
         """Record choice i's event; return the chunks it makes (nothing may be sent for it)."""
 
     @abc.abstractmethod
-    def usage_chunk(self, usage: Usage) -> ReplyBody:
-        """The stream's last chunk when include_usage: no choices, the request's usage."""
+    def closing(self, usage: Usage) -> list[ReplyBody]:
+        """The chunks that end a stream whose choices all finished."""
+
+    @abc.abstractmethod
+    def failure(self, error: APIError, usage: Usage) -> list[ReplyBody]:
+        """The chunks that end a stream when a choice fails (the others stop)."""
 
     @abc.abstractmethod
     def response(self, usage: Usage) -> ReplyBody:
         """The whole response, from the record."""
 
 
+class ChoiceWriter(ReplyWriter):
+    """A reply of completions or chat completions: its stream ends with the usage chunk when the client asked
+    for one, after the error chunk if a choice failed, then [DONE]. `usage_null`: every chunk carries
+    `"usage": null` (the client asked for a usage chunk at the end)."""
+
+    end_of_stream = DONE
+
+    def __init__(self, tm: TextModel, jobs: Sequence[Job], rid: str, created: int, include_usage: bool) -> None:
+        super().__init__(tm, jobs, rid, created)
+        self.usage_null = include_usage
+
+    @abc.abstractmethod
+    def usage_chunk(self, usage: Usage) -> ReplyBody:
+        """The stream's last chunk when include_usage: no choices, the request's usage."""
+
+    def closing(self, usage: Usage) -> list[ReplyBody]:
+        return [self.usage_chunk(usage)] if self.usage_null else []
+
+    def failure(self, error: APIError, usage: Usage) -> list[ReplyBody]:
+        return [StreamError.of(error), *self.closing(usage)]
+
+
 async def respond(
     tm: TextModel,
     jobs: Sequence[Job],
     admission: Admission,
-    writer: ChoiceWriter,
+    writer: ReplyWriter,
     *,
     stream: bool,
     request: Request,
     timeout_s: float | None,
 ) -> dict[str, Any] | StreamingResponse:
-    """Run the jobs and reply: an SSE stream (chunks, an error event if one fails, the usage chunk when asked,
-    [DONE]) or the whole response (an error event raises its APIError; a client gone raises 499)."""
+    """Run the jobs and reply: an SSE stream (the writer's chunks, then its closing ones or, if a choice fails,
+    its failure ones, then its end of stream) or the whole response (an error event raises its APIError; a
+    client gone raises 499)."""
     usage = Usage(jobs)
     if stream:
         return sse_response(_chunks(tm, jobs, admission, writer, usage, timeout_s))
@@ -205,7 +245,7 @@ async def _chunks(
     tm: TextModel,
     jobs: Sequence[Job],
     admission: Admission,
-    writer: ChoiceWriter,
+    writer: ReplyWriter,
     usage: Usage,
     timeout_s: float | None,
 ) -> AsyncIterator[bytes]:
@@ -213,12 +253,15 @@ async def _chunks(
         yield chunk.sse()
     async with aclosing(run_choices(tm.engine, jobs, writer.rid, admission, timeout_s=timeout_s)) as choices:
         async for i, ev in choices:
-            if ev.finish_reason == "error":  # the stream ends with the error (and [DONE]); other choices stop
-                yield sse_data(event_error(ev).body())
+            if ev.finish_reason == "error":  # the stream ends with the failure; other choices stop
+                for chunk in writer.failure(event_error(ev), usage):
+                    yield chunk.sse()
                 break
             usage.add(i, ev)
             for chunk in await writer.on_event(i, ev):
                 yield chunk.sse()
-    if writer.usage_null:
-        yield writer.usage_chunk(usage).sse()
-    yield DONE
+        else:  # every choice finished
+            for chunk in writer.closing(usage):
+                yield chunk.sse()
+    if writer.end_of_stream:
+        yield writer.end_of_stream

@@ -1,4 +1,5 @@
-"""Server-sent events: `data: {json}\\n\\n` chunks ending with `data: [DONE]`."""
+"""Server-sent events: `data: {json}\\n\\n` chunks, ending with `data: [DONE]` (completions, chat, G2P); the
+Responses API's name each event (`event: <type>` before its data) and send no [DONE]."""
 
 from __future__ import annotations
 

@@ -160,6 +160,61 @@ def test_stream_events_in_order_and_deltas_join_to_the_text(client: openai.OpenA
     assert cut[-1].response.incomplete_details.reason == "max_output_tokens"  # type: ignore[union-attr]
 
 
+def _without_ids(response: dict[str, Any]) -> dict[str, Any]:
+    """A Response object less what differs between two runs of a request: ids, times and cached tokens (the
+    second run finds the first's prompt in the prefix cache)."""
+    fresh = ("id", "created_at", "completed_at")
+    items = [{k: v for k, v in item.items() if k not in ("id", "call_id")} for item in response["output"]]
+    usage = {k: v for k, v in response["usage"].items() if k != "input_tokens_details"}
+    return {**{k: v for k, v in response.items() if k not in fresh}, "output": items, "usage": usage}
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"input": "Name three colours.", "max_output_tokens": 12, "top_logprobs": 2},
+        {"input": "Tell me a story.", "max_output_tokens": 4, "ignore_eos": True, "instructions": "Be terse."},
+        {"input": ASK, "tools": [TOOL], "tool_choice": "required", "max_output_tokens": 200},
+        {
+            "input": [
+                {"role": "user", "content": ASK},
+                {"type": "function_call", "call_id": "call_1", "name": "get_weather", "arguments": "{}"},
+                {"type": "function_call_output", "call_id": "call_1", "output": "18 degrees"},
+            ],
+            "tools": [TOOL],
+            "max_output_tokens": 10,
+        },
+    ],
+    ids=["logprobs", "cut", "forced-call", "tool-result"],
+)
+def test_streamed_and_whole_replies_agree(server: InProcessServer, kw: dict[str, Any]) -> None:
+    """At temperature 0 the stream's final Response is the whole one: the same items (text, logprobs, calls),
+    status and usage; its deltas and done events carry that text and those calls."""
+    body = {"temperature": 0, **kw}
+    with server.client(timeout=60.0) as http:
+        whole = http.post("/v1/responses", json=body).json()
+        streamed = http.post("/v1/responses", json={**body, "stream": True})
+    events = [json.loads(b.split("\n")[1][6:]) for b in streamed.text.split("\n\n") if b.strip()]
+    final = events[-1]["response"]
+    assert events[-1]["type"] == f"response.{whole['status']}"
+    assert _without_ids(final) == _without_ids(whole)
+    assert final["usage"]["output_tokens"] == whole["usage"]["output_tokens"] > 0
+    texts = [c["text"] for item in whole["output"] if item["type"] == "message" for c in item["content"]]
+    assert "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta") == "".join(texts)
+    calls = [(i["name"], i["arguments"]) for i in whole["output"] if i["type"] == "function_call"]
+    done = [(e["name"], e["arguments"]) for e in events if e["type"] == "response.function_call_arguments.done"]
+    assert done == calls
+    if kw.get("tool_choice") == "required":
+        assert len(calls) == 1 and [i["type"] for i in whole["output"]] == ["function_call"]
+    if "top_logprobs" in kw:  # sent with the deltas (a token without text yet: with the next one), all at the end
+        [message] = whole["output"]
+        [text_done] = [e for e in events if e["type"] == "response.output_text.done"]
+        logprobs = message["content"][0]["logprobs"]
+        assert text_done["logprobs"] == logprobs and len(logprobs) == whole["usage"]["output_tokens"]
+        sent = [lp for e in events if e["type"] == "response.output_text.delta" for lp in e["logprobs"]]
+        assert sent == logprobs[: len(sent)] and len(sent) > 1
+
+
 def test_stream_wire_format(server: InProcessServer) -> None:
     """Each event is `event: <type>` plus data of that type; the stream ends without [DONE]."""
     with server.client(timeout=60.0) as http:
