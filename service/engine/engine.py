@@ -150,7 +150,15 @@ class LLMEngine:
         try:
             async with contextlib.aclosing(
                 stream_request(
-                    self.core, self.tokenizer, self.observer, prompt_ids, params, request_id, timeout_s, grammar
+                    self.core,
+                    self.abort,
+                    self.tokenizer,
+                    self.observer,
+                    prompt_ids,
+                    params,
+                    request_id,
+                    timeout_s,
+                    grammar,
                 )
             ) as events:
                 async for ev in events:

@@ -12,7 +12,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -112,6 +112,7 @@ class OutputProcessor:
 
 async def stream_request(
     core: EngineCore,
+    abort: Callable[[str], None],
     tokenizer: Tokenizer,
     observer: EngineObserver | None,
     prompt_ids: Sequence[int],
@@ -120,7 +121,8 @@ async def stream_request(
     timeout_s: float | None,
     grammar: CompiledGrammar | None = None,
 ) -> AsyncGenerator[TokenEvent, None]:
-    """One request's events (see LLMEngine.generate). Closing it early aborts the request in the core."""
+    """One request's events (see LLMEngine.generate). `abort` drops a request from the core (LLMEngine.abort):
+    called when a stop string ends the request, or when the iterator is closed before the request ended."""
     core.check_health()
     rid = request_id or uuid.uuid4().hex
     prompt = list(prompt_ids)
@@ -145,13 +147,13 @@ async def stream_request(
             if finished:
                 timer.finish(ev.finish_reason or "")
                 if out.finish_reason is None:  # a stop string (or detokenizing) ended it: the core still has it
-                    core.abort(rid)
+                    abort(rid)
             yield ev
             if finished:
                 return
     finally:
         if not finished:
-            core.abort(rid)
+            abort(rid)
             timer.finish("abort")
 
 
