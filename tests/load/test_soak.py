@@ -459,7 +459,7 @@ def test_soak_memory_and_fds_stay_flat(live: LiveServer) -> None:
     assert abs(fds1 - fds0) <= max(1, TOLERANCE * fds0), report
     assert series1 == series0, sorted(series1 ^ series0)  # no per-request label: series do not grow
     sched = engine.scheduler
-    assert sched.block_pool.num_used == 0 and not sched.has_work and not engine._inbox and not engine._aborts
+    assert sched.block_pool.num_used == 0 and not sched.has_work and not engine.core._inbox and not engine.core._aborts
     assert len(sched._seqs) == 0  # nothing finished is kept
     assert engine.is_alive
     assert TINY_MODEL_NAME in httpx.get(f"{live.base_url}/v1/models", timeout=30).text

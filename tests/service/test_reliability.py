@@ -31,7 +31,7 @@ import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
-import service.engine.engine as engine_module
+import service.engine.output_processor as output_processor
 import service.engine.runner as runner_module
 from model_core.gan import GANConfig, Generator, save_gan
 from model_core.generate import generate
@@ -517,7 +517,7 @@ def test_failing_detokenizer_ends_only_that_request(
                 raise UnicodeError("injected detokenizer failure")
             return super().step(token_id)
 
-    monkeypatch.setattr(engine_module, "OutputStream", PoisonedStream)
+    monkeypatch.setattr(output_processor, "OutputStream", PoisonedStream)
     refs = greedy_jobs(tiny_model, smol_tokenizer)
     bodies = [{"prompt": p, "max_tokens": 12, "temperature": 0} for p, _ in refs]
     bodies.append({"prompt": "poisoned", "max_tokens": 12, "temperature": 0, "stop": [marker]})

@@ -96,7 +96,7 @@ def test_stop_strings_end_requests_where_the_reference_does(tiny_model: CausalLM
     try:
         results, loop_thread = _run(engine, jobs)
         _wait_idle(engine)  # the requests a stop string ended were dropped by the step thread too
-        step_thread = engine._thread.ident if engine._thread is not None else None
+        step_thread = engine.core._thread.ident if engine.core._thread is not None else None
     finally:
         engine.stop()
     stopped = 0
