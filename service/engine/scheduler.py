@@ -251,19 +251,18 @@ class Scheduler:
 
     # ---- lifecycle -------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
+        """Queue a new sequence. Its request was checked where it arrived (the API: a prompt, room for it in the
+        context; the engine: a new id); here those are assertions."""
         n = len(seq.prompt_ids)
-        if n == 0:
-            raise ValueError("prompt is empty")
-        if seq.max_tokens < 0:
-            raise ValueError(f"max_tokens must be >= 0, got {seq.max_tokens}")
-        if n + seq.max_tokens > self.max_model_len:
-            raise ValueError(
-                f"prompt ({n} tokens) + max_tokens ({seq.max_tokens}) exceeds max_model_len ({self.max_model_len})"
-            )
-        if seq.request_id in self._seqs:
-            raise ValueError(f"duplicate request id {seq.request_id!r}")
-        if seq.status is not SeqStatus.WAITING or seq.num_computed or seq.block_table:
-            raise ValueError(f"sequence {seq.request_id!r} is not fresh")
+        assert n > 0, "prompt is empty"
+        assert seq.max_tokens >= 0, f"max_tokens must be >= 0, got {seq.max_tokens}"
+        assert n + seq.max_tokens <= self.max_model_len, (
+            f"prompt ({n} tokens) + max_tokens ({seq.max_tokens}) exceeds max_model_len ({self.max_model_len})"
+        )
+        assert seq.request_id not in self._seqs, f"duplicate request id {seq.request_id!r}"
+        assert seq.status is SeqStatus.WAITING and not seq.num_computed and not seq.block_table, (
+            f"sequence {seq.request_id!r} is not fresh"
+        )
         seq.seq_no = self._next_seq_no
         self._next_seq_no += 1
         self._seqs[seq.request_id] = seq

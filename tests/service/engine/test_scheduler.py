@@ -37,15 +37,15 @@ def test_validation() -> None:
         make(num_blocks=3, block_size=4, max_model_len=13)  # needs 4 blocks
     with pytest.raises(ValueError, match="max_num_seqs"):
         make(max_num_seqs=8, max_num_batched_tokens=4)
-    s = make(max_model_len=20)
-    with pytest.raises(ValueError, match="empty"):
+    s = make(max_model_len=20)  # a sequence's request was checked before it gets here: assertions guard it
+    with pytest.raises(AssertionError, match="empty"):
         s.add(seq("a", 0, 5))
-    with pytest.raises(ValueError, match="max_model_len"):
+    with pytest.raises(AssertionError, match="max_model_len"):
         s.add(seq("a", 15, 6))
-    with pytest.raises(ValueError):
+    with pytest.raises(AssertionError):
         s.add(seq("a", 5, -1))  # max_tokens 0 is a prompt-only (scoring) request
     s.add(seq("a", 15, 5))
-    with pytest.raises(ValueError, match="duplicate"):
+    with pytest.raises(AssertionError, match="duplicate"):
         s.add(seq("a", 3, 3))
     assert s.num_waiting == 1 and s.get("a") is not None and s.get("b") is None
 
