@@ -152,21 +152,15 @@ class EngineCore:
         return frozenset(params.stop_token_ids) | frozenset(() if params.ignore_eos else self.eos_token_ids)
 
     def check(self, prompt: list[int], params: SamplingParams, grammar: CompiledGrammar | None) -> int:
-        """What only the engine can check of a request (the rest was checked by SamplingParams and the API);
-        returns how many tokens it may generate."""
+        """What only the engine can check of a request (its sampling fields were checked by SamplingParams; its prompt
+        and the room it leaves in the context where it arrived: the API, whose 400s name the field; here those are
+        assertions); returns how many tokens it may generate."""
         limit = self.config.max_model_len
-        if not prompt:
-            raise invalid_request("the prompt is empty", "prompt")
+        assert prompt, "the prompt is empty"
         if params.max_tokens == 0:  # scoring: the prompt may fill the context
-            if len(prompt) > limit:
-                raise invalid_request(f"prompt has {len(prompt)} tokens; the context length is {limit}", "prompt")
+            assert len(prompt) <= limit, f"prompt has {len(prompt)} tokens; the context length is {limit}"
             return 0
-        if len(prompt) >= limit:
-            raise invalid_request(
-                f"prompt has {len(prompt)} tokens, which leaves no room for a completion in the context "
-                f"length of {limit}",
-                "prompt",
-            )
+        assert len(prompt) < limit, f"prompt has {len(prompt)} tokens: no room for a completion in {limit}"
         vocab = self.runner.model.cfg.vocab_size
         if grammar is not None and grammar.vocab_size != vocab:
             raise invalid_request(f"grammar compiled for {grammar.vocab_size} logits; the model has {vocab}")
@@ -254,7 +248,7 @@ class EngineCore:
             st = self._inbox.popleft()
             try:
                 self.scheduler.add(st.seq)
-            except ValueError as e:  # `check` let through what the scheduler refuses: a bug, one request's
+            except AssertionError as e:  # `check` let through what the scheduler refuses: a bug, one request's
                 log.exception("request %s refused by the scheduler", st.seq.request_id)
                 self._requests.pop(st.seq.request_id, None)
                 error = internal_error(f"the scheduler refused the request: {e}")
