@@ -4,13 +4,14 @@
 attention (n_kv_heads < n_heads). Its Q, K and V projections are one fused matrix laid out as
 [q rows | k rows | v rows] (the layout of `torch.nn.MultiheadAttention.in_proj_weight`): self-attention
 runs one matmul for all three, cross-attention splits it into a Q matmul on the queries and a
-fused K/V matmul on the memory. Rotary embeddings and a KV cache are passed in, never hidden.
+fused K/V matmul on the memory. Rotary embeddings, a KV cache (`KVStore`) and the forward's attention
+metadata (model_core.step_attention) are passed in, never hidden.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Protocol
+from abc import ABC, abstractmethod
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +19,7 @@ from torch import nn
 
 from model_core.norms import RMSNorm
 from model_core.positional import apply_rotary_bthd
+from model_core.step_attention import StepAttention
 
 
 def scaled_dot_product_attention(
@@ -61,12 +63,30 @@ def scaled_dot_product_attention(
     return out.view(B, nh, Tq, hs)
 
 
-class KVStore(Protocol):
-    """What attention needs of a KV cache: write this step's K/V, read back all keys to attend."""
+class KVStore(ABC):
+    """What attention calls on a KV cache (model_core.kv_cache.PagedKVCache, model_core.seq2seq.DecoderCache):
+    store this forward's keys and values and read back all those to attend to (`update`), or, for a step that
+    attends in place (`StepAttention.in_place`: only a cache that does prepares such steps), attend from the
+    stored ones directly (`attend`)."""
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v (B, nkv, T, hs) and return the full k, v (B, nkv, Tk, hs) for attention."""
-        ...
+    @abstractmethod
+    def update(self, layer: int, kv: torch.Tensor, step: StepAttention | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store kv (B, T, 2*nkv, hs) = [K heads | V heads] of this forward's tokens for `layer` and return all
+        keys and values to attend to, each (B, nkv, Tk, hs). step: the forward's, where the cache prepared one."""
+
+    def attend(
+        self,
+        layer: int,
+        q: torch.Tensor,
+        kv: torch.Tensor,
+        step: StepAttention,
+        scale: float | None = None,
+        softcap: float | None = None,
+        window: int = 0,
+    ) -> torch.Tensor:
+        """For a step in place: store kv (B, T, 2*nkv, hs) and return the attention of q (B, T, nh, hs) over each
+        token's keys, (B, T, nh, hs)."""
+        raise ValueError(f"a {type(self).__name__} prepares no steps that attend in place")
 
 
 class MultiHeadAttention(nn.Module):
@@ -125,6 +145,7 @@ class MultiHeadAttention(nn.Module):
         cache: KVStore | None = None,
         layer: int = 0,
         memory_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+        step: StepAttention | None = None,
     ) -> torch.Tensor:
         """x: (B, T, C) queries; memory: (B, S, C) for cross-attention (None = self-attention).
 
@@ -132,6 +153,8 @@ class MultiHeadAttention(nn.Module):
         cache: stores this step's K/V for `layer` and returns everything to attend to.
         memory_kv: cross-attention's keys and values from `project_memory`, computed once per source
         and reused every decoding step (memory is then not needed).
+        step: the forward's attention metadata where the cache prepared it (model_core.kv_cache.PagedKVCache);
+        a step `in_place` is attended by the cache's kernel, straight from its storage.
         """
         B, T, _ = x.shape
         nh, nkv, hs = self.n_heads, self.n_kv_heads, self.head_dim
@@ -143,20 +166,18 @@ class MultiHeadAttention(nn.Module):
                 )
             if rope is not None:  # rotate q and k heads together, v untouched
                 qkv = torch.cat([apply_rotary_bthd(qkv[:, :, : nh + nkv], rope), qkv[:, :, nh + nkv :]], dim=2)
-            if getattr(cache, "attends_in_place", False):  # read straight from a paged cache, one query row a token
-                y = cache.attend(  # type: ignore[union-attr]
-                    layer, qkv[:, :, :nh], qkv[:, :, nh:], self.scale, self.softcap, self.window
+            if step is not None and step.in_place:  # read straight from a paged cache, one query row a token
+                assert cache is not None, "a step is attended on the cache that prepared it"
+                y = cache.attend(
+                    layer, qkv[:, :, :nh], qkv[:, :, nh:], step, self.scale, self.softcap, self.window
                 )  # (B, T, nh, hs)
                 return self.out(y.reshape(B, T, self.q_size))
             q = qkv[:, :, :nh].transpose(1, 2)  # (B, nh, T, hs)
-            fused = getattr(cache, "update_fused", None)
-            if fused is not None:
-                k, v = fused(layer, qkv[:, :, nh:])  # (B, nkv, Tk, hs) each
+            if cache is not None:
+                k, v = cache.update(layer, qkv[:, :, nh:], step)  # (B, nkv, Tk, hs) each
             else:
                 k = qkv[:, :, nh : nh + nkv].transpose(1, 2)  # (B, nkv, T, hs)
                 v = qkv[:, :, nh + nkv :].transpose(1, 2)  # (B, nkv, T, hs)
-                if cache is not None:
-                    k, v = cache.update(layer, k, v)
         else:
             if rope is not None:
                 raise ValueError("rotary embeddings apply to self-attention only")
@@ -168,7 +189,7 @@ class MultiHeadAttention(nn.Module):
                 memory_kv = self.project_memory(memory)
             k, v = memory_kv  # (B, nkv, S, hs) each
             if cache is not None:
-                k, v = cache.update(layer, k, v)
+                k, v = cache.update(layer, torch.cat([k, v], dim=1).transpose(1, 2), step)  # kv: (B, S, 2*nkv, hs)
         dropout_p = self.dropout if self.training else 0.0
         if (is_causal and (mask is not None or q.shape[2] != k.shape[2])) or self.softcap is not None:
             # torch's is_causal aligns top-left and excludes a mask; ours aligns the queries to the last keys

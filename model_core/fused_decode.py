@@ -34,6 +34,7 @@ from model_core.lm import Block, CausalLM, LMConfig
 from model_core.native import EVERY_BATCH, PROJECTION_PARTS, KernelError, Kernels
 from model_core.norms import RMSNorm
 from model_core.qmatmul import ACT, ALL_ROWS, QuantLinear
+from model_core.step_attention import StepAttention
 
 GATES = {"swiglu": 0, "geglu_tanh": 1}  # the gated FFN activations the kernels run (GATE_* of kernels/aigc_kernels.h)
 
@@ -180,7 +181,7 @@ def unsupported(cfg: LMConfig) -> str | None:
 
 
 class FusedLlamaDecoder:
-    """For `CausalLM.decoder_fast_path`: `applies(B, cache)`, then `run(x, positions, cache)`."""
+    """For `CausalLM.decoder_fast_path`: `applies(step, cache)`, then `run(x, step, cache)`."""
 
     def __init__(self, model: CausalLM, kernels: Kernels) -> None:
         cfg = model.cfg
@@ -214,28 +215,28 @@ class FusedLlamaDecoder:
         except ValueError:
             return None
 
-    def applies(self, batch: int, cache: PagedKVCache | None) -> bool:
-        """A decode step the cache serves in place, with the model (as it is now) on the CPU in float32 or bf16,
-        the cache's dtype."""
-        if cache is None or not cache.attends_in_place:
+    def applies(self, step: StepAttention, cache: PagedKVCache) -> bool:
+        """A step the cache serves in place, with the model (as it is now) on the CPU in float32 or bf16, the
+        cache's dtype."""
+        if not step.in_place:
             return False
         w = self.final_norm.weight
         return w.dtype in ACT and w.device.type == "cpu" and cache.kv.dtype == w.dtype
 
-    def run(self, x: torch.Tensor, positions: torch.Tensor, cache: PagedKVCache) -> torch.Tensor:
-        """x: (B, T, C) embeddings of this forward's tokens (T = 1 for a decode step); positions (B, T). Returns
-        the last layer's output (B, T, C) (zeros at padding tokens)."""
-        flat = cache.real_tokens(x).contiguous()  # (N, C): the real tokens, updated in place layer by layer
-        pos = cache.real_tokens(positions.unsqueeze(-1)).squeeze(-1)  # (N,)
+    def run(self, x: torch.Tensor, step: StepAttention, cache: PagedKVCache) -> torch.Tensor:
+        """x: (B, T, C) embeddings of this forward's tokens (T = 1 for a decode step) at step.positions (B, T).
+        Returns the last layer's output (B, T, C) (zeros at padding tokens)."""
+        flat = step.real_tokens(x).contiguous()  # (N, C): the real tokens, updated in place layer by layer
+        pos = step.real_tokens(step.positions.unsqueeze(-1)).squeeze(-1)  # (B, T, 1) -> (N, 1) -> (N,)
         try:
-            out = self._run(flat, pos, cache)
+            out = self._run(flat, pos, step, cache)
         except KernelError as e:
             e.add_note(f"fused step of {flat.shape[0]} tokens in {x.shape[0]} sequences")
             raise
-        return cache.padded(out)  # (B, T, C)
+        return step.padded(out)  # (B, T, C)
 
-    def _run(self, x: torch.Tensor, pos: torch.Tensor, cache: PagedKVCache) -> torch.Tensor:
-        """x: (N, C) rows, one per token, each at its position pos (N,): the cache's query rows."""
+    def _run(self, x: torch.Tensor, pos: torch.Tensor, step: StepAttention, cache: PagedKVCache) -> torch.Tensor:
+        """x: (N, C) rows, one per token, each at its position pos (N,): the step's query rows."""
         call, cfg, scratch = self.kernels.call, self.cfg, cache.scratch
         B, C, F = x.shape[0], cfg.d_model, cfg.d_ff
         nh, nkv, hs = cfg.n_heads, cfg.n_kv_heads, cfg.hd
@@ -255,7 +256,7 @@ class FusedLlamaDecoder:
                     dst.copy_(table[pos])
             rope[bool(name)] = (cos.data_ptr(), sin.data_ptr())
         rope.setdefault(True, rope[False])
-        write, rows, lens, Tk = cache.decode_tables()
+        write, rows, lens, Tk = step.decode_tables()
         scale = 1.0 / math.sqrt(hs) if cfg.attn_scale is None else cfg.attn_scale
         softcap = cfg.attn_softcap or 0.0
         threads = torch.get_num_threads()

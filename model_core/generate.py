@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from model_core.kv_cache import PagedKVCache
-from model_core.lm import CausalLM
+from model_core.lm import CausalLM, Output
 from model_core.native import Kernels
 from model_core.sampling import SamplingParams, compute_logprobs, make_generator, process_logits, sample
 from model_core.stopping import OutputStream
@@ -82,8 +82,8 @@ def generate(
     tokens = torch.tensor([prompt], device=device)
     start = 0
     while True:
-        positions = cache.prepare([[0]], [start], tokens.shape[1])
-        raw = model(tokens, positions, cache, last_only=True)  # (1, V)
+        step = cache.prepare([[0]], [start], tokens.shape[1])
+        raw = model(tokens, cache, step, Output.LAST)  # (1, V)
         logits = process_logits(raw, [params], [prompt], [out], eos_token_ids=tuple(eos_token_ids))
         tok = int(sample(logits, [params], [gen])[0])
         lp, top = (None, None)

@@ -7,7 +7,9 @@ sequence lives at flat row block_table[p // block_size] * block_size + p % block
 Before each forward, `prepare()` takes the block tables and start positions of a batch of B
 sequences each computing T new tokens and precomputes, once for all layers: where to write the new
 K/V, which rows to gather back for attention and the attention mask (query at position p sees keys
-at positions <= p of its own sequence). `update()` is what attention calls per layer.
+at positions <= p of its own sequence). It returns them as a value, a `StepAttention`
+(model_core.step_attention), that the model's forward hands to each layer: the cache holds only the
+storage. `update()` is what attention calls per layer with it.
 
 Decode steps (one new token per sequence) on the CPU skip the gather when the cache is given native
 kernels (the model's backend, model_core.backend): `attend()` runs a C kernel (kernels/attention.c)
@@ -26,7 +28,9 @@ from collections.abc import Sequence
 
 import torch
 
+from model_core.attention import KVStore
 from model_core.native import Kernels
+from model_core.step_attention import StepAttention
 
 
 class Scratch:
@@ -63,7 +67,7 @@ class Scratch:
         return 0 if store is None else store.numel()
 
 
-class PagedKVCache:
+class PagedKVCache(KVStore):
     def __init__(
         self,
         n_layers: int,
@@ -85,16 +89,6 @@ class PagedKVCache:
         self.scratch_row = rows  # one extra row that padding tokens write to and nobody reads
         # K and V of a token side by side: (L, rows + 1, 2*nkv, hs); one copy writes both
         self.kv = torch.zeros(n_layers, rows + 1, 2 * n_kv_heads, head_dim, dtype=dtype, device=self.device)
-        self._write: torch.Tensor | None = None  # (B*T,) flat rows to write
-        self._read: torch.Tensor | None = None  # (B*Tk,) flat rows to gather, or None when contiguous
-        self._read_range: tuple[int, int] | None = None  # (start row, Tk) for a single contiguous sequence
-        self._shape: tuple[int, int, int] = (0, 0, 0)  # (B, T, Tk)
-        self.mask: torch.Tensor | None = None  # (B, 1, T, Tk) bool, True = attend; None = see is_causal
-        self.is_causal = False  # with mask None: causal (a prompt from position 0) or all keys visible
-        self.attends_in_place = False  # this forward is a decode step `attend()` serves without a gather
-        self._rows: torch.Tensor | None = None  # (B, Tk) flat row of every key position, for attend()
-        self._lens: torch.Tensor | None = None  # (N,) int32 keys of each query row, for attend()
-        self._index: torch.Tensor | None = None  # (N,) which of the B*T tokens are real (None: all of them)
         self.scratch = Scratch()  # decode steps' working buffers (attend(), model_core.fused_decode)
         self.kernels = (
             kernels
@@ -114,11 +108,12 @@ class PagedKVCache:
 
     def prepare(
         self, block_tables: Sequence[Sequence[int]], starts: Sequence[int], num_tokens: int | Sequence[int]
-    ) -> torch.Tensor:
+    ) -> StepAttention:
         """Set up one forward of B sequences; row b computes num_tokens[b] tokens from starts[b].
 
         Rows shorter than the longest (T) are padded: their padding tokens are written to a scratch row
-        nobody reads, and their outputs are to be ignored. Returns positions (B, T) for the forward.
+        nobody reads, and their outputs are to be ignored. Returns the step's attention metadata, with the
+        positions (B, T) for the forward.
         """
         B, bs = len(starts), self.block_size
         counts = [num_tokens] * B if isinstance(num_tokens, int) else list(num_tokens)
@@ -144,120 +139,107 @@ class PagedKVCache:
             pad = torch.arange(T).unsqueeze(0) >= torch.as_tensor(counts).unsqueeze(1)  # (B, T)
             write = write.masked_fill(pad, self.scratch_row)
             positions = positions.clamp(max=Tk - 1)
-        self._write = write.reshape(-1).to(self.device)  # (B*T,)
+        write_rows = write.reshape(-1).to(self.device)  # (B*T,)
         contiguous = B == 1 and bool((rows[0, 1:] - rows[0, :-1] == 1).all()) if Tk > 1 else B == 1
-        if contiguous:
-            self._read, self._read_range = None, (int(rows[0, 0]), Tk)
-        else:
-            self._read, self._read_range = rows.reshape(-1).to(self.device), None
-        self._shape = (B, T, Tk)
-        self.attends_in_place = self.kernels is not None and (T == 1 or self.in_place_prefill)
-        if self.attends_in_place:  # one query row per real token: N = sum(counts) rows
-            index = None
+        read, read_range = (None, (int(rows[0, 0]), Tk)) if contiguous else (rows.reshape(-1).to(self.device), None)
+        in_place = self.kernels is not None and (T == 1 or self.in_place_prefill)
+        key_rows: torch.Tensor | None = None  # in place: (B, Tk) or (N, Tk)
+        lens: torch.Tensor | None = None  # in place: (N,)
+        index: torch.Tensor | None = None  # in place, with padding: (N,)
+        if in_place:  # one query row per real token: N = sum(counts) rows
             if min(counts) < T:
                 real = torch.arange(T).unsqueeze(0) < torch.as_tensor(counts).unsqueeze(1)  # (B, T)
                 index = real.reshape(-1).nonzero().squeeze(1)  # (N,)
-            self._index = index
             lens = (positions + 1).reshape(-1).to(torch.int32)  # (B*T,)
             if T == 1:
-                self._rows = rows.contiguous()  # (B, Tk)
+                key_rows = rows.contiguous()  # (B, Tk)
             else:  # each real token's sequence's rows (never the padded B*T x Tk)
                 seq = torch.arange(B).repeat_interleave(T)  # (B*T,)
-                self._rows = rows[seq if index is None else seq[index]]  # (N, Tk)
+                key_rows = rows[seq if index is None else seq[index]]  # (N, Tk)
             if index is not None:
-                lens, self._write = lens[index], self._write[index]
-            self._lens = lens.contiguous()
-            if T > 1:  # attention reads the tables above; no (B, 1, T, Tk) mask
-                self.mask, self.is_causal = None, False
-                return positions.to(self.device)
+                lens, write_rows = lens[index], write_rows[index]  # (N,) each
+            lens = lens.contiguous()
+        mask, is_causal = self._mask(positions, starts, Tk, in_place)
+        return StepAttention(
+            positions=positions.to(self.device),
+            batch=B,
+            tokens=T,
+            num_keys=Tk,
+            mask=mask,
+            is_causal=is_causal,
+            in_place=in_place,
+            write=write_rows,
+            read=read,
+            read_range=read_range,
+            rows=key_rows,
+            lens=lens,
+            index=index,
+        )
+
+    def _mask(
+        self, positions: torch.Tensor, starts: Sequence[int], Tk: int, in_place: bool
+    ) -> tuple[torch.Tensor | None, bool]:
+        """(mask (B, 1, T, Tk) bool, True = attend, or None; is_causal) for queries at positions (B, T)."""
+        B, T = positions.shape
+        if in_place and T > 1:  # attention reads the kernel's tables; no (B, 1, T, Tk) mask
+            return None, False
         if T == 1 and all(st + 1 == Tk for st in starts):  # decode of equal-length rows: every key is visible
-            self.mask, self.is_causal = None, False
-        elif B == 1 and starts[0] == 0:  # a whole prompt from its start: plain causal attention
-            self.mask, self.is_causal = None, True
-        else:
-            mask = key_pos.view(1, 1, 1, Tk) <= positions.view(B, 1, T, 1)  # (B, 1, T, Tk)
-            self.mask, self.is_causal = mask.to(self.device), False
-        return positions.to(self.device)
+            return None, False
+        if B == 1 and starts[0] == 0:  # a whole prompt from its start: plain causal attention
+            return None, True
+        key_pos = torch.arange(Tk)  # (Tk,)
+        return (key_pos.view(1, 1, 1, Tk) <= positions.view(B, 1, T, 1)).to(self.device), False  # (B, 1, T, Tk)
 
-    @property
-    def num_keys(self) -> int:
-        """Tk: the prepared forward's queries see key positions 0..Tk-1 of their sequences (at most)."""
-        return self._shape[2]
-
-    def update_fused(self, layer: int, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(self, layer: int, kv: torch.Tensor, step: StepAttention | None) -> tuple[torch.Tensor, torch.Tensor]:
         """kv: (B, T, 2*nkv, hs) = this step's [K heads | V heads] -> all keys and values, each (B, nkv, Tk, hs)."""
-        assert self._write is not None, "prepare() must be called before the forward"
-        B, T, Tk = self._shape
+        assert step is not None, "prepare() makes the step a forward on a paged cache attends with"
+        B, T, Tk = step.batch, step.tokens, step.num_keys
         nkv = self.n_kv_heads
         store = self.kv[layer]  # (rows, 2*nkv, hs)
-        store.index_copy_(0, self._write, kv.reshape(B * T, 2 * nkv, self.head_dim))
-        if self._read_range is not None:
-            s, n = self._read_range
+        store.index_copy_(0, step.write, kv.reshape(B * T, 2 * nkv, self.head_dim))
+        if step.read_range is not None:
+            s, n = step.read_range
             seen = store[s : s + n].unsqueeze(0)  # (1, Tk, 2*nkv, hs) view
         else:
-            assert self._read is not None
-            seen = store.index_select(0, self._read).view(B, Tk, 2 * nkv, self.head_dim)
+            assert step.read is not None
+            seen = store.index_select(0, step.read).view(B, Tk, 2 * nkv, self.head_dim)  # (B, Tk, 2*nkv, hs)
         return seen[:, :, :nkv].transpose(1, 2), seen[:, :, nkv:].transpose(1, 2)  # (B, nkv, Tk, hs) each
-
-    def decode_tables(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-        """For a forward served in place: (write rows (N,) int64, key rows (N, Tk) int64, keys per query row
-        (N,) int32, Tk), one row per real token (see `real_tokens`)."""
-        assert self.attends_in_place and self._write is not None and self._rows is not None and self._lens is not None
-        return self._write, self._rows, self._lens, self._shape[2]
-
-    def real_tokens(self, t: torch.Tensor) -> torch.Tensor:
-        """For a forward served in place: t (B, T, ...) -> (N, ...), the real tokens' rows in the order of
-        `decode_tables` (padding only exists where chunks of different lengths share a forward)."""
-        assert self.attends_in_place
-        B, T, _ = self._shape
-        flat = t.reshape(B * T, *t.shape[2:])  # (B*T, ...)
-        return flat if self._index is None else flat[self._index]
-
-    def padded(self, rows: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """The inverse of `real_tokens`: rows (N, ...) -> (B, T, ...), zeros at padding tokens (into `out`, a
-        (B*T, ...) buffer, where given)."""
-        B, T, _ = self._shape
-        if self._index is not None:
-            out = torch.zeros(B * T, *rows.shape[1:], dtype=rows.dtype) if out is None else out.zero_()
-            rows = out.index_copy_(0, self._index, rows)
-        elif out is not None and out.data_ptr() != rows.data_ptr():
-            rows = out.copy_(rows)
-        return rows.view(B, T, *rows.shape[1:])
 
     def attend(
         self,
         layer: int,
         q: torch.Tensor,
         kv: torch.Tensor,
+        step: StepAttention,
         scale: float | None = None,
         softcap: float | None = None,
         window: int = 0,
     ) -> torch.Tensor:
         """Store this forward's kv (B, T, 2*nkv, hs) and return softmax(q k^T * scale) v for each query row
-        over the keys its token sees, for q (B, T, nh, hs) -> (B, T, nh, hs) (padding rows: zeros). Only when
-        `attends_in_place`. scale: default 1/sqrt(hs); softcap: scores s -> softcap * tanh(s / softcap); window:
+        over the keys its token sees, for q (B, T, nh, hs) -> (B, T, nh, hs) (padding rows: zeros). Only for a
+        step `in_place`. scale: default 1/sqrt(hs); softcap: scores s -> softcap * tanh(s / softcap); window:
         each query sees only the last `window` of its keys (0: all). The result is a scratch buffer of the
         cache's, valid until the next attend() (the caller projects it)."""
-        assert self.attends_in_place and self.kernels is not None and self._rows is not None and self._lens is not None
-        assert self._write is not None
-        B, T, Tk = self._shape
+        _, rows_t, lens, Tk = step.decode_tables()
+        assert self.kernels is not None, "only a cache with kernels prepares steps in place"
+        B, T = step.batch, step.tokens
         nh, nkv, hs = q.shape[2], self.n_kv_heads, self.head_dim
         if q.dtype != self.kv.dtype or q.device != self.kv.device:
             raise ValueError(f"attend() takes {self.kv.dtype} queries like the cache's, not {q.dtype} on {q.device}")
-        N = self._lens.shape[0]
-        kv, q = self.real_tokens(kv), self.real_tokens(q)  # (N, 2*nkv, hs), (N, nh, hs)
+        N = lens.shape[0]
+        kv, q = step.real_tokens(kv), step.real_tokens(q)  # (N, 2*nkv, hs), (N, nh, hs)
         store = self.kv[layer]  # (rows, 2*nkv, hs)
-        store.index_copy_(0, self._write, kv)
+        store.index_copy_(0, step.write, kv)
         if not q.is_contiguous():  # (a slice of the qkv projection): copied into scratch, not a new tensor
             q = self.scratch.take("attend.q", (N, nh, hs), q.dtype).copy_(q)
         out = self.scratch.take("attend.out", (B * T, nh, hs), q.dtype)
-        rows = out if self._index is None else self.scratch.take("attend.rows", (N, nh, hs), q.dtype)
+        rows = out if step.index is None else self.scratch.take("attend.rows", (N, nh, hs), q.dtype)
         self.kernels.call(
             "paged_attention_decode",
             q.data_ptr(),
             store.data_ptr(),
-            self._rows.data_ptr(),
-            self._lens.data_ptr(),
+            rows_t.data_ptr(),
+            lens.data_ptr(),
             rows.data_ptr(),
             N,
             nh,
@@ -271,8 +253,4 @@ class PagedKVCache:
             torch.get_num_threads(),
             context=f"paged attention B={N} heads={nh}/{nkv} hs={hs} Tk={Tk}",
         )
-        return self.padded(rows, out)  # (B, T, nh, hs)
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """k, v: (B, nkv, T, hs) for the prepared tokens -> all keys/values (B, nkv, Tk, hs)."""
-        return self.update_fused(layer, torch.cat([k, v], dim=1).transpose(1, 2))  # (B, T, 2*nkv, hs)
+        return step.padded(rows, out)  # (B, T, nh, hs)

@@ -3,9 +3,11 @@ the block options of its family (`LMConfig`; model_core.models reads them from a
 RMSNorm or LayerNorm, SwiGLU / GELU-tanh gate / GELU, biases, QK-norm, post-norms, soft-capping, per-layer sliding
 windows and RoPE bases.
 
-`forward(tokens, positions, cache)`: state is passed in. Without a cache the chunk attends
-causally to itself (positions 0..T-1); with a `PagedKVCache` the cache's prepared mask says which
-keys each query sees.
+`forward(tokens, cache, step, output)`: state is passed in. Without a cache the chunk attends
+causally to itself (positions 0..T-1); with a `PagedKVCache`, the step it prepared for this forward
+(a `StepAttention`: positions, mask, the cache's tables) says which keys each query sees. `output` (an
+`Output`) says what the forward returns: every position's logits, one position's per row, or the
+hidden states.
 
 Batch-invariant mode (`batch_invariant`, set by the loader where it holds): every token's logits are
 computed the same way whatever forward it is in (alone or batched, any chunking of its prompt, a decode
@@ -20,7 +22,7 @@ activations where the backend rounds them), instead of exact dense products.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import ClassVar, Literal, Protocol
 
 import torch
 from torch import nn
@@ -31,6 +33,7 @@ from model_core.native import Kernels
 from model_core.norms import make_norm
 from model_core.positional import LearnedPositionalEmbedding, RotaryEmbedding
 from model_core.qmatmul import QuantLinear, exact_products
+from model_core.step_attention import StepAttention
 from model_core.transformer import FeedForward
 
 NORMS = ("rmsnorm", "layernorm")
@@ -96,6 +99,34 @@ class LMConfig:
         return self.windows[layer] if self.windows else 0
 
 
+@dataclass(frozen=True, eq=False)
+class Output:
+    """What `CausalLM.forward` returns for tokens (B, T): `Output.LOGITS` every position's logits (B, T, V);
+    `Output.LAST` each row's last position's logits (B, V); `Output.at(index)` the logits of position index[b]
+    of row b (B, V) (rows of different lengths); `Output.HIDDEN` the final-normed hidden states (B, T, C) of
+    every position, which `CausalLM.project` turns into logits for the rows the caller picks (so that scoring a
+    prompt never needs (T, V) logits at once)."""
+
+    kind: Literal["logits", "last", "at", "hidden"]
+    index: torch.Tensor | None = None  # (B,) with "at": the position whose logits each row returns
+
+    LOGITS: ClassVar[Output]
+    LAST: ClassVar[Output]
+    HIDDEN: ClassVar[Output]
+
+    def __post_init__(self) -> None:
+        if (self.kind == "at") != (self.index is not None):
+            raise ValueError(f"Output {self.kind!r} takes {'an' if self.kind == 'at' else 'no'} index")
+
+    @staticmethod
+    def at(index: torch.Tensor) -> Output:
+        """The logits of position index[b] of each row b: index (B,)."""
+        return Output("at", index)
+
+
+Output.LOGITS, Output.LAST, Output.HIDDEN = Output("logits"), Output("last"), Output("hidden")
+
+
 class Block(nn.Module):
     """Pre-norm residual block: x + attn(norm(x)), then x + ffn(norm(x)); with post_norms (Gemma)
     x + post_norm(attn(norm(x))) and likewise for the FFN."""
@@ -129,8 +160,9 @@ class Block(nn.Module):
         is_causal: bool,
         rope: tuple[torch.Tensor, torch.Tensor] | None,
         cache: PagedKVCache | None,
+        step: StepAttention | None,
     ) -> torch.Tensor:
-        h = self.attn(self.attn_norm(x), mask=mask, is_causal=is_causal, rope=rope, cache=cache, layer=layer)
+        h = self.attn(self.attn_norm(x), mask=mask, is_causal=is_causal, rope=rope, cache=cache, layer=layer, step=step)
         x = x + (h if self.post_attn_norm is None else self.post_attn_norm(h))
         h = self.ffn(self.ffn_norm(x))
         return x + (h if self.post_ffn_norm is None else self.post_ffn_norm(h))
@@ -139,9 +171,9 @@ class Block(nn.Module):
 class DecoderFastPath(Protocol):
     """Runs all decoder layers of some decode steps another way (model_core.fused_decode)."""
 
-    def applies(self, batch: int, cache: PagedKVCache | None) -> bool: ...
+    def applies(self, step: StepAttention, cache: PagedKVCache) -> bool: ...
 
-    def run(self, x: torch.Tensor, positions: torch.Tensor, cache: PagedKVCache) -> torch.Tensor: ...
+    def run(self, x: torch.Tensor, step: StepAttention, cache: PagedKVCache) -> torch.Tensor: ...
 
 
 class CausalLM(nn.Module):
@@ -209,32 +241,31 @@ class CausalLM(nn.Module):
     def forward(
         self,
         tokens: torch.Tensor,
-        positions: torch.Tensor | None = None,
         cache: PagedKVCache | None = None,
-        last_only: bool = False,
-        last_index: torch.Tensor | None = None,
-        hidden: bool = False,
+        step: StepAttention | None = None,
+        output: Output = Output.LOGITS,
     ) -> torch.Tensor:
-        """tokens: (B, T) ids; positions: (B, T) (default 0..T-1). Returns logits (B, T, V), or
-        (B, V) for the last position of each row when last_only, or for position last_index[b] of row b.
-        With hidden: the final-normed hidden states (B, T, C) instead (every position; last_only and
-        last_index are ignored), which `project` turns into logits for the rows the caller picks, so
-        that scoring a prompt never needs (T, V) logits at once. Computed with exact products."""
+        """tokens: (B, T) ids, at positions 0..T-1 without a cache, or at step.positions (B, T) with `step`, what
+        `cache.prepare()` returned for this forward. Returns what `output` says: logits (B, T, V), (B, V) of one
+        position per row, or the final-normed hidden states (B, T, C). Prompt chunks and hidden states are
+        computed with exact products (see the module's docstring for the batch-invariant mode)."""
         B, T = tokens.shape
-        if positions is None:
+        if (cache is None) != (step is None):
+            raise ValueError("a forward on a cache takes the step cache.prepare() made for it, and only then")
+        if step is None:
             if T > self.cfg.max_seq_len:
                 raise ValueError(f"{T} tokens exceed the context length {self.cfg.max_seq_len}")
-            positions = torch.arange(T, device=tokens.device).expand(B, T)
-        elif cache is None and int(positions.max()) >= self.cfg.max_seq_len:  # (the cache checks its own)
-            raise ValueError(f"position {int(positions.max())} exceeds the context length {self.cfg.max_seq_len}")
-        if (T > 1 or hidden) and not self.batch_invariant:
+            positions = torch.arange(T, device=tokens.device).expand(B, T)  # (B, T)
+        else:  # (the cache checked the positions against the context length)
+            positions = step.positions
+        if (T > 1 or output.kind == "hidden") and not self.batch_invariant:
             # a prompt chunk: exact products, so that prompt logits do not depend on the decode kernels
             with exact_products():
-                return self._forward(tokens, positions, cache, last_only, last_index, hidden)
-        return self._forward(tokens, positions, cache, last_only, last_index, hidden)
+                return self._forward(tokens, positions, cache, step, output)
+        return self._forward(tokens, positions, cache, step, output)
 
     def project(self, h: torch.Tensor, exact: bool = False) -> torch.Tensor:
-        """Logits (..., V) of final-normed hidden states (..., C) from `forward(..., hidden=True)`; exact: with
+        """Logits (..., V) of final-normed hidden states (..., C) from `forward(..., output=Output.HIDDEN)`; exact: with
         exact products (as `exact_hidden`) even in batch-invariant mode."""
         if self.batch_invariant and not exact:  # the same products as every other forward
             return self._logits(h)
@@ -254,42 +285,37 @@ class CausalLM(nn.Module):
         products (dense layers where the kernels round activations to int8): how a batch-invariant model scores
         prompts (their logprobs), so that scoring keeps the serving dtype's precision."""
         with exact_products():
-            return self._forward(
-                tokens,
-                torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens),
-                None,
-                False,
-                None,
-                hidden=True,
-            )
+            positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)  # (B, T)
+            return self._forward(tokens, positions, None, None, Output.HIDDEN)
 
     def _forward(
         self,
         tokens: torch.Tensor,
         positions: torch.Tensor,
         cache: PagedKVCache | None,
-        last_only: bool,
-        last_index: torch.Tensor | None,
-        hidden: bool = False,
+        step: StepAttention | None,
+        output: Output,
     ) -> torch.Tensor:
         B = tokens.shape[0]
         x = self.embed(tokens)  # (B, T, C)
         if self.cfg.embed_scale is not None:
             x = x * torch.tensor(self.cfg.embed_scale, dtype=x.dtype)  # (rounded to the activations' dtype)
         fast = self.decoder_fast_path
-        if fast is not None and cache is not None and fast.applies(B, cache):
-            x = fast.run(x, positions, cache)  # (B, 1, C)
+        if fast is not None and cache is not None and step is not None and fast.applies(step, cache):
+            x = fast.run(x, step, cache)  # (B, T, C)
         else:
-            x = self._decoder_layers(x, positions, cache)
-        if hidden:
+            x = self._decoder_layers(x, positions, cache, step)
+        if output.kind == "hidden":
             return self.norm(x)  # (B, T, C)
-        if last_index is not None:
-            x = x[torch.arange(B, device=x.device), last_index]  # (B, C)
-        elif last_only:
+        if output.index is not None:
+            x = x[torch.arange(B, device=x.device), output.index]  # (B, C)
+        elif output.kind == "last":
             x = x[:, -1]  # (B, C)
         return self._logits(self.norm(x))
 
-    def _decoder_layers(self, x: torch.Tensor, positions: torch.Tensor, cache: PagedKVCache | None) -> torch.Tensor:
+    def _decoder_layers(
+        self, x: torch.Tensor, positions: torch.Tensor, cache: PagedKVCache | None, step: StepAttention | None
+    ) -> torch.Tensor:
         rope = rope_local = None
         if self.rotary is not None:
             rope = self.rotary(positions, x.dtype)
@@ -297,22 +323,22 @@ class CausalLM(nn.Module):
         else:
             assert self.pos_embed is not None
             x = x + self.pos_embed(positions).to(x.dtype)
-        mask, causal = (cache.mask, cache.is_causal) if cache is not None else (None, True)
+        mask, causal = (step.mask, step.is_causal) if step is not None else (None, True)
         masks = {0: (mask, causal)}  # window -> (mask, is_causal)
-        attends_in_place = cache is not None and cache.attends_in_place  # (the cache's kernel takes the window)
+        in_place = step is not None and step.in_place  # (the cache's kernel takes the window)
         for w in set(self.cfg.windows) - {0}:
-            masks[w] = (mask, causal) if attends_in_place else (window_mask(positions, cache, w), False)
+            masks[w] = (mask, causal) if in_place else (window_mask(positions, step, w), False)
         for i, block in enumerate(self.blocks):
             w = self.cfg.window(i)
-            x = block(x, i, *masks[w], rope_local if w else rope, cache)
+            x = block(x, i, *masks[w], rope_local if w else rope, cache, step)
         return x
 
 
-def window_mask(positions: torch.Tensor, cache: PagedKVCache | None, window: int) -> torch.Tensor:
+def window_mask(positions: torch.Tensor, step: StepAttention | None, window: int) -> torch.Tensor:
     """(B, 1, T, Tk) bool, True = attend: each query at positions (B, T) sees the keys at its own position and the
-    window - 1 before it; the keys are the cache's positions 0..Tk-1, or without a cache the queries' own."""
-    if cache is not None:
-        keys = torch.arange(cache.num_keys, device=positions.device).view(1, 1, -1)  # (1, 1, Tk)
+    window - 1 before it; the keys are the step's positions 0..Tk-1 on its cache, or without one the queries' own."""
+    if step is not None:
+        keys = torch.arange(step.num_keys, device=positions.device).view(1, 1, -1)  # (1, 1, Tk)
     else:
         keys = positions.unsqueeze(1)  # (B, 1, T)
     q = positions.unsqueeze(-1)  # (B, T, 1)

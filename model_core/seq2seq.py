@@ -14,7 +14,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from model_core.attention import KVStore
 from model_core.positional import SinusoidalPositionalEncoding
+from model_core.step_attention import StepAttention
 from model_core.transformer import Decoder, Encoder
 
 
@@ -46,7 +48,7 @@ class Seq2SeqConfig:
             raise ValueError("share_embeddings needs src_vocab_size == tgt_vocab_size")
 
 
-class DecoderCache:
+class DecoderCache(KVStore):
     """Grows the decoder self-attention K/V per layer, one step at a time (implements `KVStore`), and
     holds the cross-attention K/V of the encoder memory, computed once on the first decoding step."""
 
@@ -69,8 +71,12 @@ class DecoderCache:
         """Positions already stored (those of layer 0)."""
         return self.k[0].shape[2] if 0 in self.k else 0
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """k, v: (B, nkv, T, hs) -> all stored k, v (B, nkv, Tk, hs)."""
+    def update(self, layer: int, kv: torch.Tensor, step: StepAttention | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """kv: (B, T, 2*nkv, hs) = [K heads | V heads] -> all stored k, v (B, nkv, Tk, hs). Its forwards have no
+        step (it attends what it grows)."""
+        nkv = kv.shape[2] // 2
+        k = kv[:, :, :nkv].transpose(1, 2)  # (B, nkv, T, hs)
+        v = kv[:, :, nkv:].transpose(1, 2)  # (B, nkv, T, hs)
         if layer in self.k:
             k = torch.cat([self.k[layer], k], dim=2)  # (B, nkv, Tk, hs)
             v = torch.cat([self.v[layer], v], dim=2)  # (B, nkv, Tk, hs)

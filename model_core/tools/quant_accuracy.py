@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 
+from model_core.lm import Output
 from model_core.qmatmul import QuantLinear
 from model_core.weights.gguf_reader import open_gguf
 from model_core.weights.loader import LoadedLM, load_for_inference
@@ -115,8 +116,8 @@ def decode_logits(lm: LoadedLM, ids: Sequence[int]) -> torch.Tensor:
     out = []
     with torch.inference_mode():
         for t, tok in enumerate(ids):
-            pos = cache.prepare([list(range(blocks))], [t], 1)
-            out.append(lm.model(torch.tensor([[tok]]), pos, cache, last_only=True)[0].float())
+            step = cache.prepare([list(range(blocks))], [t], 1)
+            out.append(lm.model(torch.tensor([[tok]]), cache, step, Output.LAST)[0].float())
     return torch.stack(out)
 
 

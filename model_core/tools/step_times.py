@@ -24,6 +24,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from model_core.default_model import find_default_model
     from model_core.kv_cache import PagedKVCache
+    from model_core.lm import Output
     from model_core.weights.loader import load_for_inference
 
     ap = argparse.ArgumentParser(prog="python -m model_core.tools.step_times", description=__doc__)
@@ -60,8 +61,8 @@ def main(argv: list[str] | None = None) -> None:
     with torch.inference_mode():
         for _ in range(3):
             t0 = time.perf_counter()
-            pos = kv.prepare([list(range(blocks))], [0], len(ids))
-            lm.model(torch.tensor([ids]), pos, kv, last_only=True)
+            step = kv.prepare([list(range(blocks))], [0], len(ids))
+            lm.model(torch.tensor([ids]), kv, step, Output.LAST)
             best = min(best, time.perf_counter() - t0)
     rates = []
     for B in (int(b) for b in a.batches.split(",")):
@@ -72,8 +73,8 @@ def main(argv: list[str] | None = None) -> None:
         with torch.inference_mode():
             for s in range(40):
                 t0 = time.perf_counter()
-                pos = kv.prepare(tables, [200 + s] * B, 1)
-                lm.model(torch.randint(0, cfg.vocab_size, (B, 1)), pos, kv, last_only=True)
+                step = kv.prepare(tables, [200 + s] * B, 1)
+                lm.model(torch.randint(0, cfg.vocab_size, (B, 1)), kv, step, Output.LAST)
                 steps.append(time.perf_counter() - t0)
         rates.append(f"{B}: {B / statistics.median(steps):.0f}")
     print(

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from model_core.grammar import GrammarMatcher, apply_token_masks
-from model_core.lm import CausalLM
+from model_core.lm import CausalLM, Output
 from model_core.sampling import SamplingParams, compute_logprobs, process_logits, sample, score_tokens
 from service.engine.errors import EngineError, grammar_limit_error, internal_error, invalid_request
 from service.engine.model_input import ChunkInput, ModelInput, SamplingState
@@ -64,22 +64,22 @@ class ModelRunner:
         T = max(counts)
         ids = [c.token_ids + [0] * (T - c.num_tokens) for c in chunks]
         tokens = torch.tensor(ids, dtype=torch.long, device=self.device)  # (B, T)
-        positions = self.cache.prepare([c.block_table for c in chunks], [c.start for c in chunks], counts)
+        step = self.cache.prepare([c.block_table for c in chunks], [c.start for c in chunks], counts)
         if score and self.model.batch_invariant:  # scores from an exact pass of their own; logits as any forward's
             for c in chunks:
                 if self.wants_prompt_scores(c):
                     self._score_prompt(c, self._exact_hidden(c), exact=True)
         elif score:
-            h = self.model(tokens, positions, self.cache, hidden=True)  # (B, T, C), final-normed
+            h = self.model(tokens, self.cache, step, output=Output.HIDDEN)  # (B, T, C), final-normed
             for b, c in enumerate(chunks):
                 if self.wants_prompt_scores(c):
                     self._score_prompt(c, h[b, : c.num_tokens])
             last = torch.tensor([n - 1 for n in counts], device=self.device)  # (B,)
             return self.model.project(h[torch.arange(len(chunks), device=self.device), last])  # (B, V)
         if min(counts) == T:
-            return self.model(tokens, positions, self.cache, last_only=True)  # (B, V)
+            return self.model(tokens, self.cache, step, Output.LAST)  # (B, V)
         last = torch.tensor([n - 1 for n in counts], device=self.device)  # (B,)
-        return self.model(tokens, positions, self.cache, last_index=last)  # (B, V)
+        return self.model(tokens, self.cache, step, Output.at(last))  # (B, V)
 
     @staticmethod
     def wants_prompt_scores(chunk: ChunkInput) -> bool:

@@ -39,9 +39,10 @@ from model_core.backend import select_backend  # noqa: E402
 from model_core.fused_decode import FusedLlamaDecoder  # noqa: E402
 from model_core.generate import generate  # noqa: E402
 from model_core.kv_cache import PagedKVCache  # noqa: E402
-from model_core.lm import CausalLM  # noqa: E402
+from model_core.lm import CausalLM, Output  # noqa: E402
 from model_core.qmatmul import QuantLinear  # noqa: E402
 from model_core.sampling import SamplingParams  # noqa: E402
+from model_core.step_attention import StepAttention  # noqa: E402
 from model_core.tokenizer import Tokenizer  # noqa: E402
 from model_core.weights.loader import LoadedLM, load_for_inference, load_lm  # noqa: E402
 from tests.model_core.families import (  # noqa: E402
@@ -278,14 +279,14 @@ def _cached_diffs(
     start, chunked, decode = 0, 0.0, 0.0
     with torch.inference_mode():
         for size in [5, 1, 9, 3, 7, 15]:
-            positions = cache.prepare([table], [start], size)
-            assert cache.attends_in_place == (kernels is not None and (size == 1 or in_place))
-            out = lm.model(torch.tensor([prompt[start : start + size]]), positions, cache)[0]
+            step = cache.prepare([table], [start], size)
+            assert step.in_place == (kernels is not None and (size == 1 or in_place))
+            out = lm.model(torch.tensor([prompt[start : start + size]]), cache, step)[0]
             chunked = max(chunked, max_diff(out, ref[start : start + size]))
             start += size
         for tok in cont:  # token by token, each step's logits against HF's full forward
-            positions = cache.prepare([table], [start], 1)
-            last = lm.model(torch.tensor([[tok]]), positions, cache, last_only=True)[0]
+            step = cache.prepare([table], [start], 1)
+            last = lm.model(torch.tensor([[tok]]), cache, step, Output.LAST)[0]
             decode = max(decode, max_diff(last, ref[start]))
             start += 1
     return {"chunked prefill": chunked, "decode": decode}
@@ -478,9 +479,9 @@ def _counting_runs(fused: FusedLlamaDecoder) -> list[int]:
     runs: list[int] = []
     run = fused.run
 
-    def counted(x: torch.Tensor, positions: torch.Tensor, cache: PagedKVCache) -> torch.Tensor:
+    def counted(x: torch.Tensor, step: StepAttention, cache: PagedKVCache) -> torch.Tensor:
         runs.append(x.shape[0] * x.shape[1])
-        return run(x, positions, cache)
+        return run(x, step, cache)
 
     fused.run = counted  # type: ignore[method-assign]
     return runs
@@ -501,8 +502,7 @@ def test_fused_decoder_runs_the_llama_variants_as_hf(
     assert isinstance(fused, FusedLlamaDecoder) and kernels is not None
     c = lm.model.cfg
     cache = PagedKVCache(c.n_layers, 4, 4, c.n_kv_heads, c.hd, max_positions=c.max_seq_len, kernels=kernels)
-    cache.prepare([[0]], [0], 1)
-    assert fused.applies(1, cache)
+    assert fused.applies(cache.prepare([[0]], [0], 1), cache)
     hf = oracle(name, fmt)
     prompt, cont, ref = _window_case(lm, hf)
     runs = _counting_runs(fused)
@@ -519,10 +519,10 @@ def _decode_logits(model: CausalLM, prompt: list[int], cont: list[int], kernels:
     cache = PagedKVCache(c.n_layers, 16, 4, c.n_kv_heads, c.hd, max_positions=c.max_seq_len, kernels=kernels)
     table, out = [9, 2, 14, 5, 0, 11, 7, 3, 12, 6, 1, 15, 8], []
     with torch.inference_mode():
-        model(torch.tensor([prompt]), cache.prepare([table], [0], len(prompt)), cache)
+        model(torch.tensor([prompt]), cache, cache.prepare([table], [0], len(prompt)))
         for i, tok in enumerate(cont):
-            positions = cache.prepare([table], [len(prompt) + i], 1)
-            out.append(model(torch.tensor([[tok]]), positions, cache, last_only=True)[0])
+            step = cache.prepare([table], [len(prompt) + i], 1)
+            out.append(model(torch.tensor([[tok]]), cache, step, Output.LAST)[0])
     return torch.stack(out).float()
 
 
@@ -586,11 +586,11 @@ def _served_logprobs(lm: LoadedLM, ids: list[int]) -> torch.Tensor:
     with torch.inference_mode():
         for start in range(0, prompt, 16):
             n = min(16, prompt - start)
-            positions = cache.prepare([table], [start], n)
-            out.append(lm.model(torch.tensor([ids[start : start + n]]), positions, cache)[0])
+            step = cache.prepare([table], [start], n)
+            out.append(lm.model(torch.tensor([ids[start : start + n]]), cache, step)[0])
         for start in range(prompt, len(ids)):
-            positions = cache.prepare([table], [start], 1)
-            out.append(lm.model(torch.tensor([[ids[start]]]), positions, cache)[0])
+            step = cache.prepare([table], [start], 1)
+            out.append(lm.model(torch.tensor([[ids[start]]]), cache, step)[0])
     return torch.log_softmax(torch.cat(out).float(), dim=-1)
 
 

@@ -19,7 +19,7 @@ import torch
 from model_core import native
 from model_core.fused_decode import FusedLlamaDecoder
 from model_core.kv_cache import PagedKVCache, Scratch
-from model_core.lm import CausalLM
+from model_core.lm import CausalLM, Output
 from model_core.qmatmul import (
     BF16,
     F16,
@@ -633,14 +633,14 @@ def _decode(
     out = []
     with torch.inference_mode():
         for b, p in enumerate(prompts):
-            model(p.unsqueeze(0), cache.prepare([tables[b]], [0], len(p)), cache, last_only=True)
+            model(p.unsqueeze(0), cache, cache.prepare([tables[b]], [0], len(p)), Output.LAST)
         for B in batches:
             for _ in range(steps):
                 tok = torch.randint(0, cfg.vocab_size, (B, 1), generator=g)
-                pos = cache.prepare(tables[:B], lens[:B], 1)
+                step = cache.prepare(tables[:B], lens[:B], 1)
                 if fresh_scratch:
                     cache.scratch = Scratch()
-                out.append(model(tok, pos, cache, last_only=True).float().flatten())
+                out.append(model(tok, cache, step, Output.LAST).float().flatten())
                 lens[:B] = [n + 1 for n in lens[:B]]
     return torch.cat(out), cache
 
@@ -670,8 +670,8 @@ def test_batches_growing_and_shrinking_reuse_the_caches_scratch(
     assert grown > 0
     with torch.inference_mode():  # more steps of sizes seen before: no new storage
         for B in (4, 1, 2, 4):
-            pos = cache.prepare([list(range(8 * b, 8 * b + 8)) for b in range(B)], [20] * B, 1)
-            model(torch.zeros(B, 1, dtype=torch.long), pos, cache, last_only=True)
+            step = cache.prepare([list(range(8 * b, 8 * b + 8)) for b in range(B)], [20] * B, 1)
+            model(torch.zeros(B, 1, dtype=torch.long), cache, step, Output.LAST)
     assert cache.scratch.allocations == grown
 
 
@@ -701,10 +701,10 @@ def test_a_model_cast_after_a_decode_step_decodes_as_a_fresh_decoder(
         cache = PagedKVCache(
             model.cfg.n_layers, 4, 8, model.cfg.n_kv_heads, model.cfg.hd, torch.float32, kernels=kernels
         )
-        pos = cache.prepare([[0]], [0], 1)
-        assert not fused.applies(1, cache)
+        step = cache.prepare([[0]], [0], 1)
+        assert not fused.applies(step, cache)
         with pytest.raises(ValueError, match="queries"):
-            model(torch.zeros(1, 1, dtype=torch.long), pos, cache)
+            model(torch.zeros(1, 1, dtype=torch.long), cache, step)
 
 
 @pytest.mark.parametrize("isa", ISAS)

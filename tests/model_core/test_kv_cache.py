@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from model_core.kv_cache import PagedKVCache
-from model_core.lm import CausalLM, LMConfig
+from model_core.lm import CausalLM, LMConfig, Output
 
 
 @pytest.fixture(scope="module")
@@ -30,18 +30,18 @@ def test_padded_prefill_then_mixed_decode_equals_full_forward(model: CausalLM) -
     cache = _cache(model)
     T = max(lens)
     tokens = torch.stack([torch.cat([s[:n], torch.zeros(T - n, dtype=torch.long)]) for s, n in zip(seqs, lens)])
-    pos = cache.prepare(tables, [0, 0, 0], lens)
-    got = model(tokens, pos, cache, last_index=torch.tensor([n - 1 for n in lens]))  # (3, V)
+    step = cache.prepare(tables, [0, 0, 0], lens)
+    got = model(tokens, cache, step, Output.at(torch.tensor([n - 1 for n in lens])))  # (3, V)
     for b, (s, n) in enumerate(zip(seqs, lens)):
         ref = model(s[:n].unsqueeze(0))[0, -1]
         assert torch.allclose(got[b], ref, atol=1e-5)
     # then decode 4 tokens for all three rows at once (different lengths -> masked attention)
-    for step in range(4):
-        tok = torch.stack([s[n + step] for s, n in zip(seqs, lens)]).unsqueeze(1)  # (3, 1)
-        pos = cache.prepare(tables, [n + step for n in lens], 1)
-        got = model(tok, pos, cache, last_only=True)
+    for i in range(4):
+        tok = torch.stack([s[n + i] for s, n in zip(seqs, lens)]).unsqueeze(1)  # (3, 1)
+        step = cache.prepare(tables, [n + i for n in lens], 1)
+        got = model(tok, cache, step, Output.LAST)
         for b, (s, n) in enumerate(zip(seqs, lens)):
-            ref = model(s[: n + step + 1].unsqueeze(0))[0, -1]
+            ref = model(s[: n + i + 1].unsqueeze(0))[0, -1]
             assert torch.allclose(got[b], ref, atol=1e-5)
 
 
@@ -49,8 +49,8 @@ def test_padded_prefill_then_mixed_decode_equals_full_forward(model: CausalLM) -
 def test_padding_writes_only_the_scratch_row(model: CausalLM) -> None:
     cache = _cache(model)
     before = cache.kv.clone()
-    pos = cache.prepare([[1, 2], [3]], [0, 0], [5, 2])
-    model(torch.randint(0, 97, (2, 5)), pos, cache, last_index=torch.tensor([4, 1]))
+    step = cache.prepare([[1, 2], [3]], [0, 0], [5, 2])
+    model(torch.randint(0, 97, (2, 5)), cache, step, Output.at(torch.tensor([4, 1])))
     changed = (cache.kv != before).any(dim=(0, 2, 3)).nonzero().flatten().tolist()  # rows written
     bs = cache.block_size
     expected = [1 * bs + i for i in range(4)] + [2 * bs] + [3 * bs, 3 * bs + 1] + [cache.scratch_row]

@@ -12,7 +12,7 @@ import torch
 from model_core import models
 from model_core.generate import generate
 from model_core.kv_cache import PagedKVCache
-from model_core.lm import CausalLM, LMConfig
+from model_core.lm import CausalLM, LMConfig, Output
 from model_core.sampling import SamplingParams
 
 VOCAB = 300
@@ -60,9 +60,9 @@ def step(
     model: CausalLM, cache: PagedKVCache, tables: list[list[int]], starts: list[int], chunk: list[list[int]]
 ) -> torch.Tensor:
     """One cached forward of B sequences each computing len(chunk[b]) new tokens -> (B, T, V)."""
-    positions = cache.prepare(tables, starts, len(chunk[0]))
+    prepared = cache.prepare(tables, starts, len(chunk[0]))
     with torch.inference_mode():
-        return model(torch.tensor(chunk), positions, cache)
+        return model(torch.tensor(chunk), cache, prepared)
 
 
 def diff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -88,9 +88,9 @@ def test_chunked_prefill_and_decode_equal_full_forward(arch: str, layout: str) -
         worst = max(worst, diff(out, ref[start : start + size]))
         start += size
     while start < len(tokens):  # token-by-token decode
-        positions = cache.prepare([table], [start], 1)
+        prepared = cache.prepare([table], [start], 1)
         with torch.inference_mode():
-            last = model(torch.tensor([[tokens[start]]]), positions, cache, last_only=True)  # (1, V)
+            last = model(torch.tensor([[tokens[start]]]), cache, prepared, Output.LAST)  # (1, V)
         worst = max(worst, diff(last[0], ref[start]))
         start += 1
     print(f"{arch}: worst abs diff cached vs full {worst:.2e}")
@@ -127,9 +127,9 @@ def test_batch_of_different_lengths_decodes_together(arch: str) -> None:
     starts = [s + steps_multi for s in starts]
     # a padded step: each row computes its own number of tokens from its own start
     padded = [seqs[b][starts[b] : starts[b] + n] + [0] * (3 - n) for b, n in enumerate(counts)]
-    positions = cache.prepare(tables, starts, counts)
+    prepared = cache.prepare(tables, starts, counts)
     with torch.inference_mode():
-        out = model(torch.tensor(padded), positions, cache)  # (3, 3, V); padding rows ignored
+        out = model(torch.tensor(padded), cache, prepared)  # (3, 3, V); padding rows ignored
     for b, n in enumerate(counts):
         worst = max(worst, diff(out[b, :n], refs[b][starts[b] : starts[b] + n]))
     starts = [s + n for s, n in zip(starts, counts, strict=True)]
@@ -159,6 +159,33 @@ def test_equal_length_batch_prefill_and_decode(arch: str) -> None:
         out = step(model, cache, tables, [t, t, t], full[:, t : t + 1].tolist())  # (3, 1, V)
         worst = max(worst, diff(out[:, 0], ref[:, t]))
     assert worst <= TOL, worst
+
+
+def test_output_modes_return_the_positions_asked_for() -> None:
+    """One forward's outputs: every position's logits, each row's last, the given position of each row, and the
+    hidden states the head turns into the same logits; a cache without its step (or a step without its cache), and
+    an index where the mode takes none (or none where it takes one), are refused."""
+    model = tiny_lm("llama", seed=6)
+    tokens = torch.randint(0, VOCAB, (3, 7), generator=torch.Generator().manual_seed(6))
+    index = torch.tensor([6, 0, 3])
+    with torch.inference_mode():
+        logits = model(tokens)  # (3, 7, V)
+        assert torch.equal(model(tokens, output=Output.LOGITS), logits)
+        assert diff(model(tokens, output=Output.LAST), logits[:, -1]) <= TOL  # (3, V)
+        assert diff(model(tokens, output=Output.at(index)), logits[torch.arange(3), index]) <= TOL  # (3, V)
+        hidden = model(tokens, output=Output.HIDDEN)
+        assert hidden.shape == (3, 7, model.cfg.d_model)
+        assert diff(model.project(hidden), logits) <= TOL
+        cache = new_cache(model, num_blocks=8)
+        prepared = cache.prepare([[0, 1], [2, 3], [4, 5]], [0, 0, 0], 7)
+        with pytest.raises(ValueError, match="step"):
+            model(tokens, cache)
+        with pytest.raises(ValueError, match="step"):
+            model(tokens, step=prepared)
+    with pytest.raises(ValueError, match="index"):
+        Output("at")
+    with pytest.raises(ValueError, match="index"):
+        Output("last", index)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])

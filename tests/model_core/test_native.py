@@ -19,8 +19,9 @@ from model_core import native
 from model_core.attention import scaled_dot_product_attention
 from model_core.backend import select_backend
 from model_core.kv_cache import PagedKVCache
-from model_core.lm import CausalLM
+from model_core.lm import CausalLM, Output
 from model_core.qmatmul import Q4_0, Q4_1, Q8_0, QuantLinear, QuantWeight, qmatmul
+from model_core.step_attention import StepAttention
 from tests.utils import kernels_for, native_isas, quantized_weight
 
 ISAS = native_isas()  # the reference build and every SIMD build this CPU executes
@@ -125,7 +126,7 @@ def test_quant_linear_uses_the_kernel_only_for_small_batches(dtype: torch.dtype)
 
 def _paged_case(
     dtype: torch.dtype, nh: int, nkv: int, hs: int, lens: list[int], seed: int, isa: str
-) -> tuple[PagedKVCache, torch.Tensor, torch.Tensor]:
+) -> tuple[PagedKVCache, StepAttention, torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     bs = 4
     per_seq = max(lens) // bs + 1
@@ -133,10 +134,10 @@ def _paged_case(
     cache.kv.copy_(torch.randn(cache.kv.shape, generator=g))
     perm = torch.randperm(per_seq * len(lens), generator=g).tolist()  # scattered blocks
     tables = [perm[i * per_seq : (i + 1) * per_seq] for i in range(len(lens))]
-    cache.prepare(tables, [n - 1 for n in lens], 1)
+    step = cache.prepare(tables, [n - 1 for n in lens], 1)
     q = torch.randn(len(lens), 1, nh, hs, generator=g).to(dtype)
     kv = torch.randn(len(lens), 1, 2 * nkv, hs, generator=g).to(dtype)
-    return cache, q, kv
+    return cache, step, q, kv
 
 
 @pytest.mark.parametrize("isa", ISAS)
@@ -147,12 +148,11 @@ def _paged_case(
 def test_decode_attention_from_paged_rows_equals_gather_then_attention(
     isa: str, dtype: torch.dtype, nh: int, nkv: int, hs: int, lens: list[int]
 ) -> None:
-    cache, q, kv = _paged_case(dtype, nh, nkv, hs, lens, seed=len(lens) + hs, isa=isa)
-    assert cache.attends_in_place
-    got = cache.attend(1, q, kv)  # (B, 1, nh, hs)
-    cache.attends_in_place = False  # the reference: gather the rows (the new K/V are already written)
-    k, v = cache.update_fused(1, kv)
-    ref = scaled_dot_product_attention(q.transpose(1, 2).float(), k.float(), v.float(), mask=cache.mask)
+    cache, step, q, kv = _paged_case(dtype, nh, nkv, hs, lens, seed=len(lens) + hs, isa=isa)
+    assert step.in_place
+    got = cache.attend(1, q, kv, step)  # (B, 1, nh, hs)
+    k, v = cache.update(1, kv, step)  # the reference: gather the rows (the new K/V are already written)
+    ref = scaled_dot_product_attention(q.transpose(1, 2).float(), k.float(), v.float(), mask=step.mask)
     err = (got.transpose(1, 2).float() - ref).abs().max().item()
     assert err <= (1e-5 if dtype == torch.float32 else 2**-8 * max(ref.abs().max().item(), 1.0)), err
 
@@ -160,16 +160,12 @@ def test_decode_attention_from_paged_rows_equals_gather_then_attention(
 def test_attention_kernel_is_not_used_where_it_does_not_apply() -> None:
     kernels = kernels_for(ISAS[0])
     cache = PagedKVCache(1, 8, 4, 2, 8, torch.float32, kernels=kernels)  # head size 8: not a multiple of 16
-    cache.prepare([[0, 1]], [3], 1)
-    assert not cache.attends_in_place
+    assert not cache.prepare([[0, 1]], [3], 1).in_place
     cache = PagedKVCache(1, 8, 4, 2, 16, torch.float32)  # no kernels given: the PyTorch path
-    cache.prepare([[0, 1]], [3], 1)
-    assert not cache.attends_in_place
+    assert not cache.prepare([[0, 1]], [3], 1).in_place
     cache = PagedKVCache(1, 8, 4, 2, 16, torch.float32, kernels=kernels)
-    cache.prepare([[0, 1]], [0], 3)  # a prompt chunk, not a decode step
-    assert not cache.attends_in_place
-    cache.prepare([[0, 1]], [3], 1)
-    assert cache.attends_in_place
+    assert not cache.prepare([[0, 1]], [0], 3).in_place  # a prompt chunk, not a decode step
+    assert cache.prepare([[0, 1]], [3], 1).in_place
 
 
 def _attention_reference(
@@ -527,12 +523,12 @@ def _decode_logits(model: CausalLM, dtype: torch.dtype, kernels: native.Kernels 
     out = []
     with torch.inference_mode():
         for b, p in enumerate(prompts):
-            pos = cache.prepare([tables[b]], [0], len(p))
-            out.append(model(p.unsqueeze(0), pos, cache, last_only=True).float()[0])
+            step = cache.prepare([tables[b]], [0], len(p))
+            out.append(model(p.unsqueeze(0), cache, step, Output.LAST).float()[0])
         lens = [len(p) for p in prompts]
         for tok in steps:
-            pos = cache.prepare(tables, lens, 1)
-            out.extend(model(tok.view(3, 1), pos, cache, last_only=True).float())  # (3, V)
+            step = cache.prepare(tables, lens, 1)
+            out.extend(model(tok.view(3, 1), cache, step, Output.LAST).float())  # (3, V)
             lens = [n + 1 for n in lens]
     return torch.stack(out)
 
@@ -643,11 +639,11 @@ def test_one_call_decode_is_independent_of_the_batch(isa: str, dtype: torch.dtyp
         out = torch.empty(5, 8, cfg.vocab_size)
         with torch.inference_mode():
             for b, p in enumerate(prompts):
-                model(p.unsqueeze(0), cache.prepare([tables[b]], [0], len(p)), cache, last_only=True)
+                model(p.unsqueeze(0), cache, cache.prepare([tables[b]], [0], len(p)), Output.LAST)
             for t, tok in enumerate(steps):
                 for rows in groups:
-                    pos = cache.prepare([tables[b] for b in rows], [len(prompts[b]) + t for b in rows], 1)
-                    out[t, rows] = model(tok[rows].view(-1, 1), pos, cache, last_only=True).float()
+                    step = cache.prepare([tables[b] for b in rows], [len(prompts[b]) + t for b in rows], 1)
+                    out[t, rows] = model(tok[rows].view(-1, 1), cache, step, Output.LAST).float()
         return out
 
     alone, eight = run([[b] for b in range(8)]), run([list(range(8))])

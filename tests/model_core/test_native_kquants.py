@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from model_core import native
 from model_core.backend import select_backend
 from model_core.kv_cache import PagedKVCache
-from model_core.lm import CausalLM
+from model_core.lm import CausalLM, Output
 from model_core.qmatmul import (
     FLOAT_KINDS,
     GGML_TYPES,
@@ -339,12 +339,12 @@ def _decode_logits(model: CausalLM, dtype: torch.dtype, kernels: native.Kernels 
     out = []
     with torch.inference_mode():
         for b, p in enumerate(prompts):
-            pos = cache.prepare([tables[b]], [0], len(p))
-            out.append(model(p.unsqueeze(0), pos, cache, last_only=True).float()[0])
+            step = cache.prepare([tables[b]], [0], len(p))
+            out.append(model(p.unsqueeze(0), cache, step, Output.LAST).float()[0])
         lens = [len(p) for p in prompts]
         for tok in steps:
-            pos = cache.prepare(tables, lens, 1)
-            out.extend(model(tok.view(3, 1), pos, cache, last_only=True).float())
+            step = cache.prepare(tables, lens, 1)
+            out.extend(model(tok.view(3, 1), cache, step, Output.LAST).float())
             lens = [n + 1 for n in lens]
     return torch.stack(out)
 

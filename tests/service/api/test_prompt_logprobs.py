@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import service.engine.runner as runner_mod
-from model_core.lm import CausalLM
+from model_core.lm import CausalLM, Output
 from model_core.tokenizer import Tokenizer
 from tests.service.server_utils import TINY_MODEL_NAME, InProcessServer, serve_tiny_in_process
 
@@ -221,7 +221,7 @@ def test_requests_without_scores_pay_nothing(
     forward, score = runner.model.forward, runner._score_prompt
 
     def spy_forward(*args: Any, **kwargs: Any) -> torch.Tensor:
-        if kwargs.get("hidden"):
+        if kwargs.get("output") is Output.HIDDEN:
             hidden_calls.append(args[0].shape[1])
         return forward(*args, **kwargs)
 
