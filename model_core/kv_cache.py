@@ -119,8 +119,10 @@ class PagedKVCache(KVStore):
         counts = [num_tokens] * B if isinstance(num_tokens, int) else list(num_tokens)
         T = max(counts)
         Tk = max(st + n for st, n in zip(starts, counts, strict=True))
-        if self.max_positions is not None and Tk > self.max_positions:
-            raise ValueError(f"position {Tk - 1} exceeds the context length {self.max_positions}")
+        # (a request's room in the context was checked where it arrived; the tables past it do not exist)
+        assert self.max_positions is None or Tk <= self.max_positions, (
+            f"position {Tk - 1} exceeds the context length {self.max_positions}"
+        )
         nblk = (Tk + bs - 1) // bs
         table = torch.zeros(B, nblk, dtype=torch.long)
         for b, bt in enumerate(block_tables):

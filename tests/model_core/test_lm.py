@@ -241,9 +241,9 @@ def test_positions_beyond_context_raise(arch: str) -> None:
     c = model.cfg
     cache = PagedKVCache(c.n_layers, 8, BLOCK, c.n_kv_heads, c.hd, max_positions=c.max_seq_len)
     cache.prepare([[0, 1, 2, 3]], [15], 1)  # the last position: fine
-    with pytest.raises(ValueError, match="position 16 exceeds the context length 16"):
+    with pytest.raises(AssertionError, match="position 16 exceeds the context length 16"):
         cache.prepare([[0, 1, 2, 3, 4]], [16], 1)
-    with pytest.raises(ValueError, match="position 17 exceeds the context length 16"):
+    with pytest.raises(AssertionError, match="position 17 exceeds the context length 16"):
         cache.prepare([[0, 1, 2, 3, 4], [5, 6]], [3, 14], 4)
     with pytest.raises(ValueError, match="context length"):
         next(generate(model, list(range(16)), SamplingParams(max_tokens=1, temperature=0.0)))
