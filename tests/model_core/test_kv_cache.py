@@ -58,6 +58,6 @@ def test_padding_writes_only_the_scratch_row(model: CausalLM) -> None:
 
 
 def test_positions_past_the_context_are_rejected(model: CausalLM) -> None:
-    cache = _cache(model, num_blocks=20)
-    with pytest.raises(ValueError, match="context length"):
+    cache = _cache(model, num_blocks=20)  # (a request's room was checked where it arrived: an assertion here)
+    with pytest.raises(AssertionError, match="context length"):
         cache.prepare([list(range(17))], [63], 2)
