@@ -48,6 +48,12 @@ static inline f8 f8_scale_fma_f(isum s, f8 d, float xs, f8 acc) { /* acc + s * (
 static inline void halves8(const uint16_t *h, float *out) {
     _mm256_storeu_ps(out, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)h)));
 }
+/* out[r] = ds[r] * q[r] for r < 8 (each product rounded once, as the scalar C), negated where neg */
+static inline void scale8(const float *ds, const uint8_t *q, float *out, int neg) {
+    const __m256 p = _mm256_mul_ps(_mm256_loadu_ps(ds),
+                                   _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)q))));
+    _mm256_storeu_ps(out, neg ? _mm256_xor_ps(p, _mm256_set1_ps(-0.0f)) : p);
+}
 static inline qv qv_load(const uint8_t *p) { return _mm256_loadu_si256((const __m256i *)p); }
 
 /* 4-bit: a block's 4 runs of 32 bytes -> 8 vectors of unsigned quants, vector k = quants 4k..4k+3 of each row */
@@ -250,6 +256,9 @@ static inline f8 f8_scale_fma_f(isum s, f8 d, float xs, f8 acc) {
 }
 static inline void halves8(const uint16_t *h, float *out) {
     for (int i = 0; i < 8; i++) out[i] = half_f32(h[i]);
+}
+static inline void scale8(const float *ds, const uint8_t *q, float *out, int neg) {
+    for (int r = 0; r < 8; r++) out[r] = neg ? -(ds[r] * (float)q[r]) : ds[r] * (float)q[r];
 }
 
 static inline void unpack_q4(const uint8_t *q, qv *out) {
@@ -505,11 +514,10 @@ static void widen_scales(int kind, const void *d, const void *m, size_t gi, int 
         for (int s = 0; s < nsb; s++) {
             const float *ds = (const float *)d + (gi * nsb + s) * 2 * ROWS;
             const uint8_t *ms = (const uint8_t *)m + (gi * nsb + s) * 16 * ROWS;
-            for (int j = 0; j < 8; j++)
-                for (int r = 0; r < ROWS; r++) {
-                    dv[(s * 8 + j) * ROWS + r] = ds[r] * (float)ms[j * ROWS + r];
-                    mv[(s * 8 + j) * ROWS + r] = -(ds[ROWS + r] * (float)ms[(8 + j) * ROWS + r]);
-                }
+            for (int j = 0; j < 8; j++) { /* d sc_j, -(dmin mn_j) of the 8 rows */
+                scale8(ds, ms + j * ROWS, dv + (size_t)(s * 8 + j) * ROWS, 0);
+                scale8(ds + ROWS, ms + (8 + j) * ROWS, mv + (size_t)(s * 8 + j) * ROWS, 1);
+            }
         }
         break;
     case QKIND_Q2_K: /* d (G, nsb, 2, 8) [d, dmin], m (G, nsb, 16, 8) uint8 sc | mn << 4 per 16 quants */
