@@ -48,6 +48,10 @@ static inline f8 f8_scale_fma_f(isum s, f8 d, float xs, f8 acc) { /* acc + s * (
 static inline void halves8(const uint16_t *h, float *out) {
     _mm256_storeu_ps(out, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)h)));
 }
+/* out[r] = q[r] for r < 8, sign-extended */
+static inline void widen8(const int8_t *q, int32_t *out) {
+    _mm256_storeu_si256((__m256i *)out, _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)q)));
+}
 /* out[r] = ds[r] * q[r] for r < 8 (each product rounded once, as the scalar C), negated where neg */
 static inline void scale8(const float *ds, const uint8_t *q, float *out, int neg) {
     const __m256 p = _mm256_mul_ps(_mm256_loadu_ps(ds),
@@ -256,6 +260,9 @@ static inline f8 f8_scale_fma_f(isum s, f8 d, float xs, f8 acc) {
 }
 static inline void halves8(const uint16_t *h, float *out) {
     for (int i = 0; i < 8; i++) out[i] = half_f32(h[i]);
+}
+static inline void widen8(const int8_t *q, int32_t *out) {
+    for (int r = 0; r < 8; r++) out[r] = q[r];
 }
 static inline void scale8(const float *ds, const uint8_t *q, float *out, int neg) {
     for (int r = 0; r < 8; r++) out[r] = neg ? -(ds[r] * (float)q[r]) : ds[r] * (float)q[r];
@@ -539,12 +546,8 @@ static void widen_scales(int kind, const void *d, const void *m, size_t gi, int 
         for (int s = 0; s < nsb; s++) {
             const float *ds = (const float *)d + (gi * nsb + s) * ROWS;
             const int8_t *ms = (const int8_t *)m + (gi * nsb + s) * 16 * ROWS;
-            for (int j = 0; j < 8; j++)
-                for (int r = 0; r < ROWS; r++) {
-                    dv[(s * 8 + j) * ROWS + r] = ds[r];
-                    sc[((s * 8 + j) * 2) * ROWS + r] = ms[(2 * j) * ROWS + r];
-                    sc[((s * 8 + j) * 2 + 1) * ROWS + r] = ms[(2 * j + 1) * ROWS + r];
-                }
+            for (int j = 0; j < 8; j++) memcpy(dv + (size_t)(s * 8 + j) * ROWS, ds, sizeof(float) * ROWS);
+            for (int h = 0; h < 16; h++) widen8(ms + h * ROWS, sc + (size_t)(s * 16 + h) * ROWS); /* as stored */
         }
     }
 }
