@@ -129,19 +129,24 @@ def route(request: Request, endpoint: Endpoint, requested: str | None) -> Served
     if found is None:
         if lm_loading:
             raise APIError("the text model is not loaded yet", status_code=503, code="model_not_ready")
-        available = ", ".join(f"'{m.id}'" for m in served)
-        raise APIError(
-            f"The model '{requested}' does not exist; available{_FOR.get(endpoint, '')}: {available}",
-            status_code=404,
-            param="model",
-            code="model_not_found",
-        )
+        raise model_not_found(requested, [m.id for m in served], _FOR.get(endpoint, ""))
     if not found.ready:
         raise APIError(found.not_ready, status_code=503, code="model_not_ready")
     return found
 
 
 _FOR = {Endpoint.IMAGES: " for images"}  # the 404's wording where the endpoint has models of one kind only
+
+
+def model_not_found(requested: str | None, ids: list[str], where: str = "") -> APIError:
+    """The 404 for a model id no served model has, naming those there are."""
+    available = ", ".join(f"'{i}'" for i in ids)
+    return APIError(
+        f"The model '{requested}' does not exist; available{where}: {available}",
+        status_code=404,
+        param="model",
+        code="model_not_found",
+    )
 
 
 def text_model(request: Request, endpoint: Endpoint, requested: str | None) -> TextModel:

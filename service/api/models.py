@@ -6,10 +6,10 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
 
-from service.api.errors import APIError, error_responses
+from service.api.errors import error_responses
 from service.api.generation import get_text_model
 from service.api.json_route import OffLoopJSONRoute
-from service.api.model_table import model_table
+from service.api.model_table import model_not_found, model_table
 from service.api.state import server_state
 from service.api.text_model import TextModel
 
@@ -34,13 +34,7 @@ async def get_model(
     for entry in entries:
         if entry["id"] == model_id:
             return entry
-    available = ", ".join(f"'{e['id']}'" for e in entries)
-    raise APIError(
-        f"The model '{model_id}' does not exist; available: {available}",
-        status_code=404,
-        param="model",
-        code="model_not_found",
-    )
+    raise model_not_found(model_id, [e["id"] for e in entries])
 
 
 for _path, _endpoint in (("/v1/models", list_models), ("/v1/models/{model_id}", get_model)):
