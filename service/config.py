@@ -71,6 +71,21 @@ class Settings(BaseSettings):
         description="reuse the KV cache blocks of prompt prefixes computed before (--no-enable-prefix-caching: off)",
     )
     max_model_len: int | None = Field(None, ge=16, description="context length cap; default: the model's")
+    speculative_method: Literal["off", "ngram"] = Field(
+        "off",
+        description="speculative decoding: ngram = propose the tokens that followed the last few tokens earlier in "
+        "the prompt or output (no extra model), verified in the batched step; temperature 0 gives the same text as "
+        "off where the model is batch-invariant, and sampling keeps the model's distribution",
+    )
+    num_speculative_tokens: int = Field(4, ge=1, le=16, description="most tokens proposed per decode step")
+    ngram_prompt_lookup_max: int = Field(4, ge=1, le=16, description="longest n-gram looked up (ngram method)")
+    ngram_prompt_lookup_min: int = Field(2, ge=1, le=16, description="shortest n-gram looked up (ngram method)")
+    speculative_disable_by_batch_size: int = Field(
+        4,
+        ge=1,
+        description="propose nothing while more sequences than this decode together (a step of many rows is bound "
+        "by compute: every draft token costs about a row)",
+    )
     max_waiting: int = Field(256, ge=0, description="queued requests beyond which new ones get 503")
     request_timeout_s: float = Field(600.0, gt=0, description="longest a text request may run (504 after)")
     queue_timeout_s: float = Field(120.0, gt=0, description="longest a request may wait before it starts (503)")
@@ -153,6 +168,8 @@ class Settings(BaseSettings):
     def _check(self) -> Settings:
         if self.max_num_batched_tokens < self.max_num_seqs:
             raise ValueError("max_num_batched_tokens must be >= max_num_seqs")
+        if self.ngram_prompt_lookup_min > self.ngram_prompt_lookup_max:
+            raise ValueError("ngram_prompt_lookup_min must be <= ngram_prompt_lookup_max")
         if self.api_key_file is not None:
             try:
                 if not self.all_api_keys():

@@ -38,7 +38,7 @@ from service.api.model_table import G2P_MODEL, IMAGE_MODEL
 from service.api.state import ServerState
 from service.api.text_model import TextModel
 from service.config import Settings, parse_settings
-from service.engine.engine import EngineObserver
+from service.engine.engine import EngineObserver, SpecConfig
 from service.engine.images import ImageBatcher
 from service.engine.own_thread import run_in_own_thread
 from service.engine.seq2seq import Seq2SeqBatcher, Seq2SeqRequest
@@ -81,6 +81,18 @@ def _expected_load_errors() -> tuple[type[BaseException], ...]:
 # Without --max-model-len, a model whose context does not fit the KV budget is served with the context that fits,
 # if that is at least this many tokens (below it the budget is a mistake: start-up fails, saying what it needs)
 MIN_AUTO_MODEL_LEN = 2048
+
+
+def spec_config(settings: Settings) -> SpecConfig | None:
+    """The engine's speculative decoding settings (None: off)."""
+    if settings.speculative_method == "off":
+        return None
+    return SpecConfig(
+        num_tokens=settings.num_speculative_tokens,
+        ngram_min=settings.ngram_prompt_lookup_min,
+        ngram_max=settings.ngram_prompt_lookup_max,
+        disable_by_batch_size=settings.speculative_disable_by_batch_size,
+    )
 
 
 def build_text_model(settings: Settings, observer: EngineObserver | None = None) -> TextModel:
@@ -142,6 +154,7 @@ def build_text_model(settings: Settings, observer: EngineObserver | None = None)
             queue_timeout_s=settings.queue_timeout_s,
             enable_prefix_caching=settings.enable_prefix_caching,
             cache_salt=f"{lm.name}:{dtype}",
+            speculative=spec_config(settings),
         ),
         observer,
     )

@@ -24,12 +24,12 @@ from model_core.lm import CausalLM
 from model_core.sampling import SamplingParams
 from model_core.tokenizer import Tokenizer
 from service.engine.admission import Admission, AdmissionControl
-from service.engine.engine_core import EngineConfig, EngineCore, EngineStats
+from service.engine.engine_core import EngineConfig, EngineCore, EngineStats, SpecConfig
 from service.engine.output_processor import EngineObserver, TokenEvent, error_event, stream_request
 from service.engine.runner import ModelRunner
 from service.engine.scheduler import Scheduler
 
-__all__ = ["EngineConfig", "EngineObserver", "LLMEngine", "TokenEvent", "build_engine", "error_event"]
+__all__ = ["EngineConfig", "EngineObserver", "LLMEngine", "SpecConfig", "TokenEvent", "build_engine", "error_event"]
 
 
 def build_engine(

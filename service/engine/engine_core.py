@@ -14,7 +14,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -30,6 +30,7 @@ from service.engine.errors import (
     invalid_request,
 )
 from service.engine.model_input import ChunkInput, ModelInput, SamplingState
+from service.engine.ngram_proposer import NgramProposer
 from service.engine.runner import ModelRunner, SampleResult
 from service.engine.scheduler import FinishReason, ScheduledChunk, Scheduler, SchedulerOutput
 from service.engine.scheduler import Sequence as Seq
@@ -51,6 +52,23 @@ class EngineConfig:
     queue_timeout_s: float | None = None  # how long a request may wait before its first schedule
     enable_prefix_caching: bool = True  # reuse the KV blocks of prompt prefixes computed before
     cache_salt: str = ""  # what besides the tokens determines the KV (the model), mixed into block hashes
+    speculative: SpecConfig | None = None  # speculative decoding (None: off)
+
+
+@dataclass(frozen=True)
+class SpecConfig:
+    """Speculative decoding by n-gram lookup (service.engine.ngram_proposer): up to `num_tokens` proposed tokens a
+    decode, verified in the step (model_core.speculative). Drafts are proposed only while the step has at most
+    `disable_by_batch_size` decodes (above that a step is bound by compute, not by reading the weights, and a
+    draft token costs about as much as a row), and a request whose drafts are rejected proposes shorter ones, then
+    pauses (up to `MAX_PAUSE` steps)."""
+
+    num_tokens: int = 4
+    ngram_min: int = 2
+    ngram_max: int = 4
+    disable_by_batch_size: int = 4
+
+    MAX_PAUSE = 16
 
 
 @dataclass
@@ -59,6 +77,11 @@ class EngineStats:
     decode_rows: int = 0
     decode_steps: int = 0
     max_decode_batch: int = 0
+    spec_drafts: int = 0  # drafts verified
+    spec_draft_tokens: int = 0  # tokens proposed and verified
+    spec_accepted_tokens: int = 0  # of which kept
+    spec_accepted_at: list[int] = field(default_factory=list)  # [j]: drafts whose token j (from 0) was kept
+    spec_proposed_at: list[int] = field(default_factory=list)  # [j]: drafts that had a token j
 
     @property
     def mean_decode_batch(self) -> float:
@@ -76,6 +99,10 @@ class RequestState:
     deadline: float | None = None  # monotonic time after which the request is ended with a timeout
     queue_deadline: float | None = None  # monotonic time by which it must have been scheduled
     num_emitted: int = 0  # outputs with a token sent to the sink
+    proposer: NgramProposer | None = None  # speculative decoding: its n-gram index over prompt and output
+    draft_len: int = 0  # how many tokens its next draft may have
+    pause: int = 0  # steps it proposes nothing, after drafts rejected outright
+    pause_next: int = 1  # the pause the next draft rejected outright earns
 
 
 class EngineCore:
@@ -193,6 +220,10 @@ class EngineCore:
             lookup_prefix=params.prompt_logprobs is None,  # scoring computes every prompt position
         )
         state = RequestState(seq, sampling, self.stop_token_ids(params), sink)
+        spec = self.config.speculative
+        if spec is not None and grammar is None and max_tokens > 1:  # (constrained requests are not speculated)
+            state.proposer = NgramProposer(spec.ngram_min, spec.ngram_max, prompt)
+            state.draft_len = spec.num_tokens
         limits = [t for t in (timeout_s, self.config.request_timeout_s) if t is not None]
         if limits:
             state.deadline = arrival + min(limits)
@@ -221,9 +252,11 @@ class EngineCore:
         res: SampleResult | None = None,
         error: EngineError | None = None,
         first: bool = False,
+        count: int | None = None,
     ) -> None:
         """Send the request one output: a token (`res`), the end of a scored prompt, or an error. `first`: its first
-        output, which carries the prompt's scores (and, with a token, the time it waited to be scheduled)."""
+        output, which carries the prompt's scores (and, with a token, the time it waited to be scheduled). `count`:
+        the output tokens so far, this one included (default: all the sequence has)."""
         seq = st.seq
         queue_time = (seq.first_scheduled_time or now) - seq.arrival_time if first and res is not None else None
         st.sink(
@@ -233,7 +266,7 @@ class EngineCore:
                 finish_reason=finish,
                 num_prompt_tokens=len(seq.prompt_ids),
                 num_cached_tokens=seq.num_cached_tokens,
-                num_output_tokens=len(seq.output_ids),
+                num_output_tokens=len(seq.output_ids) if count is None else count,
                 time=now,
                 logprob=res.logprob if res is not None else None,
                 top_logprobs=tuple(res.top_logprobs) if res is not None else (),
@@ -271,6 +304,7 @@ class EngineCore:
                 output_ids=seq.output_ids,
                 sample=c.sample and seq.max_tokens > 0,  # a prompt-only request is scored, never sampled
                 sampling=self._requests[seq.request_id].sampling,
+                draft=c.draft,
             )
 
         return ModelInput([chunk(c) for c in out.decodes], [chunk(c) for c in out.prefills])
@@ -278,8 +312,9 @@ class EngineCore:
     def step(self) -> int:
         """One engine step (schedule -> run -> update); returns the number of sequences that got a token."""
         self._expire()
+        drafts = self._propose()
         with self._lock:
-            out = self.scheduler.schedule()
+            out = self.scheduler.schedule(drafts)
         if not out.decodes and not out.prefills:
             return 0
         try:
@@ -294,9 +329,13 @@ class EngineCore:
             self.stats.decode_steps += 1
             self.stats.decode_rows += len(out.decodes)
             self.stats.max_decode_batch = max(self.stats.max_decode_batch, len(out.decodes))
-        failed = {rid: r.error for rid, r in results.items() if r.error is not None}
+        failed = {rid: r[0].error for rid, r in results.items() if r[0].error is not None}
+        kept = {rid: self._kept(rid, r) for rid, r in results.items() if rid not in failed}
+        for c in out.decodes:
+            if c.draft and c.seq.request_id in kept:
+                self._count_draft(c.seq.request_id, c.draft, results[c.seq.request_id])
         with self._lock:
-            advanced = self.scheduler.update(out, {rid: r.token_id for rid, r in results.items() if r.error is None})
+            advanced = self.scheduler.update(out, kept)
         for rid, err in failed.items():
             self._fail(rid, err)
         now = time.monotonic()
@@ -304,16 +343,84 @@ class EngineCore:
             st = self._requests[seq.request_id]
             if seq.max_tokens == 0:
                 self._deliver_scored(st, now)
-            else:
-                self._deliver(st, results[seq.request_id], now)
+                continue
+            tokens = results[seq.request_id][: len(kept[seq.request_id])]
+            if st.proposer is not None:
+                st.proposer.extend(r.token_id for r in tokens)
+            first_count = len(seq.output_ids) - len(tokens) + 1
+            for i, res in enumerate(tokens):
+                if not self._deliver(st, res, now, first_count + i):
+                    break
         return len(advanced)
+
+    def _kept(self, request_id: str, results: list[SampleResult]) -> list[int]:
+        """The tokens a request keeps of its step's results: up to and including the first that ends it (a stop
+        id; max_tokens was minded when its draft was cut)."""
+        stop_ids = self._requests[request_id].stop_ids
+        tokens: list[int] = []
+        for r in results:
+            tokens.append(r.token_id)
+            if r.token_id in stop_ids:
+                break
+        return tokens
+
+    def _propose(self) -> dict[str, list[int]]:
+        """Drafts for the requests about to decode (see SpecConfig for when)."""
+        spec = self.config.speculative
+        if spec is None:
+            return {}
+        decoding = [s for s in self.scheduler.running if s.num_remaining == 1]
+        if not decoding or len(decoding) > spec.disable_by_batch_size:
+            return {}
+        drafts: dict[str, list[int]] = {}
+        for seq in decoding:
+            st = self._requests.get(seq.request_id)
+            if st is None or st.proposer is None:
+                continue
+            if st.pause > 0:
+                st.pause -= 1
+                continue
+            draft = st.proposer.propose(min(st.draft_len, seq.max_tokens - len(seq.output_ids) - 1))
+            if draft:
+                drafts[seq.request_id] = draft
+        return drafts
+
+    def _count_draft(self, request_id: str, draft: list[int], results: list[SampleResult]) -> None:
+        """Count a verified draft (metrics) and set the request's next draft length: a fully kept draft doubles it
+        (up to num_tokens), a partly kept one makes it one more than what was kept, one rejected outright pauses the
+        request's drafts for a while (doubling while they keep being rejected)."""
+        spec = self.config.speculative
+        st = self._requests.get(request_id)
+        if spec is None or st is None:
+            return
+        accepted = len(results) - 1
+        s = self.stats
+        s.spec_drafts += 1
+        s.spec_draft_tokens += len(draft)
+        s.spec_accepted_tokens += accepted
+        while len(s.spec_proposed_at) < len(draft):
+            s.spec_proposed_at.append(0)
+            s.spec_accepted_at.append(0)
+        for j in range(len(draft)):
+            s.spec_proposed_at[j] += 1
+            s.spec_accepted_at[j] += j < accepted
+        if accepted == len(draft):
+            st.draft_len = min(spec.num_tokens, 2 * st.draft_len)
+            st.pause_next = 1
+        else:
+            st.draft_len = max(1, accepted + 1)
+        if accepted == 0:
+            st.pause, st.pause_next = st.pause_next, min(SpecConfig.MAX_PAUSE, 2 * st.pause_next)
+        elif accepted < len(draft):
+            st.pause_next = 1
 
     def _deliver_scored(self, st: RequestState, now: float) -> None:
         """A prompt-only request (max_tokens 0) whose prefill is done: it ends now, with no token."""
         self._finish(st, FinishReason.LENGTH)
         self._emit(st, FinishReason.LENGTH, now, first=True)
 
-    def _deliver(self, st: RequestState, res: SampleResult, now: float) -> None:
+    def _deliver(self, st: RequestState, res: SampleResult, now: float, count: int) -> bool:
+        """Send one token (the request's `count`-th output token); False once the request has ended."""
         seq, matcher = st.seq, st.sampling.matcher
         if matcher is not None:
             error = matcher.error  # set while computing the mask: a work limit of the grammar engine
@@ -322,20 +429,21 @@ class EngineCore:
                 if not is_work_limit(error):  # refused a token its mask allowed: not expected
                     log.error("request %s: grammar rejected token %d: %s", seq.request_id, res.token_id, error)
                     self._fail(seq.request_id, internal_error(f"constrained decoding failed: {error}"))
-                    return
+                    return False
             if error is not None:
                 self._fail(seq.request_id, grammar_limit_error(error))
-                return
+                return False
         first = st.num_emitted == 0
         st.num_emitted += 1
         finish: FinishReason | None = None
         if res.token_id in st.stop_ids or (matcher is not None and matcher.is_terminated):
             finish = FinishReason.STOP  # EOS / a stop id, or the grammar is complete (only EOS could follow)
-        elif len(seq.output_ids) >= seq.max_tokens:
+        elif count >= seq.max_tokens:
             finish = FinishReason.LENGTH
         if finish is not None:
             self._finish(st, finish)
-        self._emit(st, finish, now, res=res, first=first)
+        self._emit(st, finish, now, res=res, first=first, count=count)
+        return finish is None
 
     def _fail(self, request_id: str, error: EngineError) -> None:
         """End one request with an error output and free its blocks."""

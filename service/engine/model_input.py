@@ -31,7 +31,8 @@ class SamplingState:
 @dataclass(frozen=True)
 class ChunkInput:
     """Compute `token_ids` at positions start .. start + len(token_ids) - 1 of one sequence; sample after the
-    last one when `sample`."""
+    last one when `sample`. A decode with a `draft` (its last tokens) is sampled after each of its tokens, to
+    verify the draft (service.engine.runner)."""
 
     request_id: str
     token_ids: list[int]
@@ -41,6 +42,7 @@ class ChunkInput:
     output_ids: list[int]  # generated so far
     sample: bool
     sampling: SamplingState
+    draft: list[int] = field(default_factory=list)  # proposed tokens ending token_ids, to verify (decodes only)
 
     @property
     def num_tokens(self) -> int:
@@ -53,5 +55,5 @@ class ChunkInput:
 
 @dataclass(frozen=True)
 class ModelInput:
-    decodes: list[ChunkInput] = field(default_factory=list)  # one token each, one batched forward
+    decodes: list[ChunkInput] = field(default_factory=list)  # one token each (+ a draft), one batched forward
     prefills: list[ChunkInput] = field(default_factory=list)  # whole or partial prompts, grouped by length

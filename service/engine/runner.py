@@ -1,7 +1,8 @@
 """The model runner: owns the model, the paged KV cache and the device; runs one scheduled step.
 
-A step is a batch of decodes (one token each, one batched forward) plus prefill chunks, grouped by
-length into padded forwards (`prefill_groups`: a group grows while padding stays under a quarter of
+A step is a batch of decodes (one token each, one batched forward; a decode with a draft to verify adds a row per
+draft token to that forward and keeps the draft's accepted prefix: model_core.speculative) plus prefill chunks,
+grouped by length into padded forwards (`prefill_groups`: a group grows while padding stays under a quarter of
 its tokens; a batch-invariant model's cache skips the padding, model_core.kv_cache).
 A chunk may start anywhere in its sequence (chunked prefill, or a prefix found in the
 prefix cache). The logits of every position that must be sampled are then processed and sampled
@@ -26,6 +27,7 @@ import torch
 from model_core.grammar import GrammarMatcher, apply_token_masks
 from model_core.lm import CausalLM, Output
 from model_core.sampling import SamplingParams, compute_logprobs, process_logits, sample, score_tokens
+from model_core.speculative import accept_draft
 from service.engine.errors import EngineError, grammar_limit_error, internal_error, invalid_request
 from service.engine.model_input import ChunkInput, ModelInput, SamplingState
 
@@ -130,10 +132,28 @@ class ModelRunner:
         return groups
 
     @torch.inference_mode()
-    def execute(self, out: ModelInput) -> dict[str, SampleResult]:
+    def execute(self, out: ModelInput) -> dict[str, list[SampleResult]]:
+        """Run the step; per request sampled, its tokens in order: one, or for a decode with a draft the draft's
+        accepted prefix and one more (a failed row: one result with `error`)."""
         rows: list[torch.Tensor] = []
         to_sample: list[ChunkInput] = []
-        forwards = ([out.decodes] if out.decodes else []) + self.prefill_groups(out.prefills)
+        verified: dict[str, list[SampleResult]] = {}
+        decodes, drafted = out.decodes, [c for c in out.decodes if c.draft]
+        if drafted:  # the decodes and every draft token as rows of one decode forward
+            logits = self._forward_rows(decodes)  # (sum of 1 + len(draft), V)
+            at = 0
+            plain: list[int] = []
+            for c in decodes:
+                if c.draft:
+                    verified.update(self._verify(logits[at : at + 1 + len(c.draft)], c))
+                else:
+                    plain.append(at)
+                at += 1 + len(c.draft)
+            if plain:
+                rows.append(logits[plain])
+                to_sample.extend(c for c in decodes if not c.draft)
+            decodes = []
+        forwards = ([decodes] if decodes else []) + self.prefill_groups(out.prefills)
         for group in forwards:
             logits = self._forward(group, score=any(self.wants_prompt_scores(c) for c in group))  # (len(group), V)
             keep = [i for i, c in enumerate(group) if c.sample]  # prompt-only chunks and tails are not sampled
@@ -141,19 +161,63 @@ class ModelRunner:
                 rows.append(logits[keep] if len(keep) < len(group) else logits)
                 to_sample.extend(group[i] for i in keep)
         if not to_sample:
-            return {}
+            return verified
         raw = torch.cat(rows) if len(rows) > 1 else rows[0]  # (N, V)
         try:
-            return self._sample(raw, to_sample)
+            results = {rid: [r] for rid, r in self._sample(raw, to_sample).items()}
         except Exception:  # one bad row must not fail the batch: redo row by row, failing only the culprits
             log.exception("batched sampling failed; retrying row by row")
-            results: dict[str, SampleResult] = {}
+            results = {}
             for i, chunk in enumerate(to_sample):
                 try:
-                    results.update(self._sample(raw[i : i + 1], [chunk]))
+                    results.update((rid, [r]) for rid, r in self._sample(raw[i : i + 1], [chunk]).items())
                 except Exception as e:
-                    results[chunk.request_id] = SampleResult(-1, error=internal_error(f"sampling failed: {e}"))
-            return results
+                    results[chunk.request_id] = [SampleResult(-1, error=internal_error(f"sampling failed: {e}"))]
+        results.update(verified)
+        return results
+
+    def _forward_rows(self, decodes: list[ChunkInput]) -> torch.Tensor:
+        """One decode forward in which every token of every chunk is a row of its own (a draft's tokens at their
+        positions, each seeing the keys before it: those of its sequence's cache and the draft tokens before it,
+        written in this same forward). Returns the logits (N, V) of the N rows, chunk after chunk."""
+        tables: list[list[int]] = []
+        starts: list[int] = []
+        ids: list[list[int]] = []
+        for c in decodes:
+            for j, t in enumerate(c.token_ids):
+                tables.append(c.block_table)
+                starts.append(c.start + j)
+                ids.append([t])
+        tokens = torch.tensor(ids, dtype=torch.long, device=self.device)  # (N, 1)
+        step = self.cache.prepare(tables, starts, 1)
+        return self.model(tokens, self.cache, step, Output.LAST)  # (N, V)
+
+    def _verify(self, raw: torch.Tensor, chunk: ChunkInput) -> dict[str, list[SampleResult]]:
+        """raw: (k + 1, V) the logits after the chunk's last sampled token and after each of its k draft tokens.
+        The kept tokens (model_core.speculative) with their logprobs; a failure ends this request only."""
+        state, draft = chunk.sampling, chunk.draft
+        assert state.matcher is None, "drafts are not proposed for constrained requests"
+        params = state.params
+        try:
+            n = len(draft) + 1
+            processed = process_logits(  # row j follows the output so far and the draft's first j tokens
+                raw,
+                [params] * n,
+                [chunk.prompt_ids] * n,
+                [chunk.output_ids + draft[:j] for j in range(n)],
+                eos_token_ids=self.eos_token_ids,
+            )
+            tokens = accept_draft(processed, draft, params, state.generator)
+            kept = [SampleResult(t) for t in tokens]
+            if params.logprobs is not None:
+                m = len(tokens)
+                targets = torch.tensor(tokens, dtype=torch.long, device=raw.device)  # (m,)
+                for r, (lp, top) in zip(kept, compute_logprobs(raw[:m].float(), targets, [params.logprobs] * m)):
+                    r.logprob, r.top_logprobs = lp, top
+        except Exception as e:
+            log.exception("verifying a draft failed")
+            kept = [SampleResult(-1, error=internal_error(f"sampling failed: {e}"))]
+        return {chunk.request_id: kept}
 
     def _sample(self, raw: torch.Tensor, chunks: list[ChunkInput]) -> dict[str, SampleResult]:
         """raw: (N, V) model logits for the N chunks to sample.

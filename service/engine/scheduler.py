@@ -35,6 +35,15 @@ the whole remainder must fit the budget left, except that a remainder longer tha
 ``max_num_batched_tokens`` itself runs as the only prefill of its step (that step's token count
 then exceeds the budget; it is the only case that does).
 
+Speculative decoding: ``schedule(drafts)`` takes proposed tokens for some running sequences. A decode
+whose sequence has a draft becomes a chunk of 1 + k tokens (the last sampled token and the k proposed
+ones, `ScheduledChunk.draft`), verified in the same forward: once every decode has its token and block,
+k is cut to the budget and the blocks left (a draft never preempts anyone; prefills get what remains). ``update`` then
+takes the tokens the runner kept (the accepted prefix of the draft and one more): only those advance
+``num_computed``, so the KV written at rejected positions is never read (it lies at or past the
+sequence's next position, which is written again before any query reaches it) and never registered in
+the prefix cache; the blocks holding only rejected positions are freed at once.
+
 Blocks: a prefill chunk allocates blocks for exactly the positions it computes; a decode
 allocates one block when its position crosses a block boundary. No watermark is kept: the oldest
 running sequence always makes progress (it is never a victim unless it runs alone, and alone it
@@ -45,6 +54,7 @@ import bisect
 import enum
 import time
 from collections.abc import Callable, Mapping
+from collections.abc import Sequence as Sequence_
 from dataclasses import dataclass, field
 
 from service.engine.block_pool import BlockHash, BlockPool, hash_block, root_hash
@@ -136,12 +146,14 @@ class Sequence:
 
 @dataclass
 class ScheduledChunk:
-    """Compute ``seq.all_ids[start:start + num_tokens]``; sample after the last one if ``sample``."""
+    """Compute ``seq.all_ids[start:start + num_tokens]``; sample after the last one if ``sample``. A decode with a
+    draft computes its one token and then the draft's (``num_tokens == 1 + len(draft)``), each to be verified."""
 
     seq: Sequence
     start: int  # == seq.num_computed at schedule time
     num_tokens: int
     sample: bool  # the chunk reaches the end of all_ids
+    draft: list[int] = field(default_factory=list)  # proposed tokens after the sequence's last one (decodes only)
 
     @property
     def end(self) -> int:
@@ -149,7 +161,7 @@ class ScheduledChunk:
 
     @property
     def token_ids(self) -> list[int]:
-        return self.seq.token_ids(self.start, self.end)
+        return self.seq.token_ids(self.start, self.end - len(self.draft)) + self.draft
 
 
 @dataclass
@@ -334,7 +346,9 @@ class Scheduler:
         return seq
 
     # ---- one step --------------------------------------------------------------------------
-    def schedule(self) -> SchedulerOutput:
+    def schedule(self, drafts: Mapping[str, Sequence_[int]] | None = None) -> SchedulerOutput:
+        """The next step's work; `drafts`: proposed tokens to verify after some running sequences' last ones
+        (cut to what the budget and the free blocks allow; see the module's docstring)."""
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
 
@@ -354,6 +368,13 @@ class Scheduler:
                 seq.block_table.extend(self.block_pool.allocate(need))
             out.decodes.append(ScheduledChunk(seq, seq.num_computed, 1, True))
             budget -= 1
+
+        # 1b. drafts to verify after the decodes' tokens, oldest first, from the blocks the decodes left free
+        if drafts:
+            for c in out.decodes:
+                draft = self._fit_draft(c.seq, drafts.get(c.seq.request_id, ()), budget)
+                c.draft, c.num_tokens = draft, 1 + len(draft)
+                budget -= len(draft)
 
         # 2. running partial prefills, limited by the blocks they hold plus the free ones
         for seq in self._running:
@@ -404,6 +425,21 @@ class Scheduler:
         out.num_batched_tokens = sum(c.num_tokens for c in out.decodes) + sum(c.num_tokens for c in out.prefills)
         return out
 
+    def _fit_draft(self, seq: Sequence, draft: Sequence_[int], budget: int) -> list[int]:
+        """The part of a draft this step verifies: within the budget left, the sequence's max_tokens (the draft
+        and the token after it) and the blocks free now, whose allocation it takes (never preempting anyone)."""
+        k = min(len(draft), budget, seq.max_tokens - len(seq.output_ids) - 1)
+        if k <= 0:
+            return []
+        have = len(seq.block_table)
+        k = min(k, (have + self.block_pool.num_free) * self.block_size - seq.num_computed - 1)
+        if k <= 0:
+            return []
+        need = self.blocks_for(seq.num_computed + 1 + k) - have
+        if need > 0:
+            seq.block_table.extend(self.block_pool.allocate(need))
+        return [int(t) for t in draft[:k]]
+
     def _chunk_len(self, remaining: int, budget: int, first: bool) -> int:
         """Tokens of a prefill to run now given the budget left; 0 if it must wait."""
         if self.chunked_prefill:
@@ -412,10 +448,14 @@ class Scheduler:
             return remaining
         return 0
 
-    def update(self, out: SchedulerOutput, sampled: Mapping[str, int]) -> list[Sequence]:
+    def update(self, out: SchedulerOutput, sampled: Mapping[str, int | Sequence_[int]]) -> list[Sequence]:
         """Advance computed counts and append sampled tokens; returns sequences that got a token, and
         prompt-only sequences (``max_tokens == 0``: scoring) whose prefill just ended, which get no token
         (nothing is sampled for them; the engine finishes them at once).
+
+        A chunk with a draft takes a list: the accepted prefix of its draft and the token after it (1 to
+        len(draft) + 1 tokens); its sequence advances by that many positions and the blocks past its next
+        position (holding rejected positions only) are freed.
 
         Chunks of sequences no longer running (aborted or finished since ``schedule``) are ignored,
         and so is a sampling chunk whose request id is missing from ``sampled``: it is recomputed
@@ -432,17 +472,28 @@ class Scheduler:
                 seq.num_computed += chunk.num_tokens
                 new.append(seq)
             elif chunk.sample:
-                token = sampled.get(seq.request_id)
-                if token is None:
+                got = sampled.get(seq.request_id)
+                if got is None:
                     continue
-                seq.num_computed += chunk.num_tokens
-                seq.output_ids.append(int(token))
+                tokens = [int(got)] if isinstance(got, int) else [int(t) for t in got]
+                assert 1 <= len(tokens) <= 1 + len(chunk.draft), f"{len(tokens)} tokens for a draft of {chunk.draft}"
+                assert tokens[:-1] == chunk.draft[: len(tokens) - 1], "kept tokens must be a prefix of the draft"
+                seq.num_computed += chunk.num_tokens - len(chunk.draft) - 1 + len(tokens)
+                seq.output_ids.extend(tokens)
+                if chunk.draft:
+                    self._free_past(seq, self.blocks_for(seq.num_computed + 1))
                 new.append(seq)
             else:
                 seq.num_computed += chunk.num_tokens
             if self.block_pool.enable_caching:
                 self._register_full_blocks(seq)
         return new
+
+    def _free_past(self, seq: Sequence, keep: int) -> None:
+        """Free seq's blocks after its first `keep` (they hold no computed position; never registered)."""
+        if len(seq.block_table) > keep:
+            self.block_pool.free(reversed(seq.block_table[keep:]))
+            del seq.block_table[keep:]
 
 
 def _order(seq: Sequence) -> tuple[float, int]:

@@ -45,26 +45,35 @@ class FakePagedModel:
     def _slot(self, seq: Sequence, pos: int) -> int:
         return seq.block_table[pos // self.bs] * self.bs + pos % self.bs
 
-    def run(self, out: SchedulerOutput) -> dict[str, int]:
+    def run(self, out: SchedulerOutput) -> dict[str, int | list[int]]:
+        """Write every scheduled position, then read each chunk's context back; a chunk with a draft gets the
+        draft's prefix the fake model agrees with and its own next token (as the runner's greedy verification)."""
         pool = self.s.block_pool
         for ch in out.chunks:
-            context = ch.seq.all_ids
+            context = ch.seq.all_ids + ch.draft
             for p in range(ch.start, ch.end):
                 block = ch.seq.block_table[p // self.bs]
                 assert pool.ref_count(block) == 1, f"write into block {block} shared by {pool.ref_count(block)}"
                 assert pool.block_hash(block) is None, f"write into cached block {block}"
                 self.slots[self._slot(ch.seq, p)] = (p, tuple(context[: p + 1]), ch.seq.request_id)
             self.positions_computed += ch.num_tokens
-        sampled: dict[str, int] = {}
+        sampled: dict[str, int | list[int]] = {}
         for ch in out.chunks:  # read after all writes of the step
             seq = ch.seq
-            context = seq.all_ids[: ch.end]
+            context = (seq.all_ids + ch.draft)[: ch.end]
             for p in range(ch.end):
                 got = self.slots[self._slot(seq, p)]
                 assert got is not None and got[:2] == (p, tuple(context[: p + 1])), f"{seq.request_id} pos {p}"
                 if not pool.enable_caching:
                     assert got[2] == seq.request_id, "a block written by another sequence without caching"
-            if ch.sample:
+            if ch.sample and ch.draft:
+                kept: list[int] = []
+                for j in range(len(ch.draft) + 1):
+                    kept.append(next_token(context[: ch.end - len(ch.draft) + j]))
+                    if j == len(ch.draft) or kept[-1] != ch.draft[j]:
+                        break
+                sampled[seq.request_id] = kept
+            elif ch.sample:
                 sampled[seq.request_id] = next_token(context)
         return sampled
 
@@ -123,11 +132,15 @@ def check_invariants(s: Scheduler, out: SchedulerOutput, admitted: set[int] | No
     ids = [id(c.seq) for c in out.chunks]
     assert len(ids) == len(set(ids)), "a sequence scheduled twice in one step"
     for c in out.decodes:
-        assert c.num_tokens == 1 and c.sample
+        assert c.num_tokens == 1 + len(c.draft) and c.sample
+        assert not c.draft or len(c.seq.output_ids) + len(c.draft) < c.seq.max_tokens, "a draft past max_tokens"
+    for c in out.prefills:
+        assert not c.draft
     for c in out.chunks:
         q = c.seq
         assert q.status is SeqStatus.RUNNING and c.start == q.num_computed and c.num_tokens >= 1
-        assert c.end <= q.num_tokens and c.sample == (c.end == q.num_tokens)
+        end = c.end - len(c.draft)  # the sequence's own tokens; a draft's follow them
+        assert end <= q.num_tokens and c.sample == (end == q.num_tokens)
         assert len(q.block_table) * s.block_size >= c.end
         assert len(q.block_table) == s.blocks_for(c.end), "blocks beyond the computed positions"
     for q in out.preempted:

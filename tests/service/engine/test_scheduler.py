@@ -8,7 +8,16 @@ from hypothesis import strategies as st
 
 from service.engine.block_pool import BlockPool
 from service.engine.scheduler import FinishReason, Scheduler, SeqStatus
-from tests.service.engine.scheduler_utils import FakeClock, Sim, check_invariants, make, reference, seq
+from tests.service.engine.scheduler_utils import (
+    FakeClock,
+    FakePagedModel,
+    Sim,
+    check_blocks,
+    check_invariants,
+    make,
+    reference,
+    seq,
+)
 
 # ---- allocator and validation ------------------------------------------------------------------
 
@@ -315,3 +324,70 @@ def test_random_workloads_keep_invariants(data: st.DataObject) -> None:
         else:
             assert q.finish_reason is FinishReason.LENGTH
             assert q.output_ids == reference(q.prompt_ids, q.max_tokens)
+
+
+# ---- speculative decoding: drafts verified in the step -------------------------------------------
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_random_drafts_roll_back_and_keep_outputs(data: st.DataObject) -> None:
+    """Each step, decoding sequences get drafts of random length that are right up to a random point (then wrong):
+    the fake model verifies them as the runner does (the agreeing prefix and one more token). Rejected positions
+    are never read back (the fake model checks every slot a chunk reads holds that position's true context), no
+    draft writes into a shared or cached block, blocks holding only rejected positions are freed at once, and every
+    output equals the reference."""
+    block_size = data.draw(st.sampled_from([1, 2, 4]), "block_size")
+    max_model_len = data.draw(st.integers(4, 32), "max_model_len")
+    min_blocks = -(-max_model_len // block_size)
+    num_blocks = data.draw(st.integers(min_blocks, min_blocks + 8), "num_blocks")
+    max_num_seqs = data.draw(st.integers(1, 4), "max_num_seqs")
+    budget = data.draw(st.integers(max_num_seqs, 24), "budget")
+    caching = data.draw(st.booleans(), "prefix caching")
+    s = Scheduler(
+        num_blocks, block_size, max_num_seqs, budget, max_model_len, True, FakeClock(), enable_prefix_caching=caching
+    )
+    model = FakePagedModel(s)
+    reqs = []
+    for i in range(data.draw(st.integers(1, 8), "num_requests")):
+        p = data.draw(st.integers(1, max_model_len - 1))
+        q = seq(f"r{i}", p, data.draw(st.integers(1, max_model_len - p)), t=float(i), base=i % 2)
+        reqs.append(q)
+        s.add(q)
+    for _ in range(2000):
+        if not s.has_work:
+            break
+        drafts: dict[str, list[int]] = {}
+        for q in s.running:
+            if q.num_remaining == 1 and data.draw(st.booleans()):
+                truth = reference(q.prompt_ids, q.max_tokens)[len(q.output_ids) :]
+                k, wrong_at = data.draw(st.integers(1, 6)), data.draw(st.integers(0, 6))
+                drafts[q.request_id] = [t if j < wrong_at else t + 1 for j, t in enumerate((truth + [7] * k)[:k])]
+        out = s.schedule(drafts)
+        check_invariants(s, out)
+        for c in out.decodes:
+            assert c.draft == drafts.get(c.seq.request_id, [])[: len(c.draft)]
+        for q in s.update(out, model.run(out)):
+            assert len(q.block_table) <= s.blocks_for(q.num_computed + 1), "blocks of rejected positions kept"
+            if q.num_output_tokens >= q.max_tokens:
+                s.finish(q.request_id, FinishReason.LENGTH)
+        check_blocks(s)
+    assert not s.has_work and s.block_pool.num_free == num_blocks
+    for q in reqs:
+        assert q.output_ids == reference(q.prompt_ids, q.max_tokens)
+
+
+def test_a_draft_takes_only_spare_budget_and_free_blocks() -> None:
+    s = make(num_blocks=6, block_size=4, max_num_batched_tokens=8, max_model_len=24)
+    a, b = seq("a", 3, 10), seq("b", 3, 10)
+    s.add(a)
+    s.add(b)
+    out = s.schedule()
+    s.update(out, {"a": 1, "b": 2})  # both decode next, each holding one block (positions 0..3)
+    out = s.schedule({"a": [5, 6, 7, 8, 9, 10, 11], "b": [3, 4, 5, 6, 7, 8]})
+    a_chunk, b_chunk = out.decodes
+    assert (a_chunk.num_tokens, b_chunk.num_tokens) == (7, 1)  # budget 8: a's token, b's, then a's draft takes 6
+    assert a_chunk.token_ids == [1, 5, 6, 7, 8, 9, 10] and len(a.block_table) == 3
+    s.update(out, {"a": [5, 6, 0], "b": [4]})  # a kept 2 of its draft and got 0; its third block held rejects only
+    assert a.output_ids == [1, 5, 6, 0] and a.num_computed == 6 and len(a.block_table) == 2
+    assert b.output_ids == [2, 4] and len(b.block_table) == 1 and s.block_pool.num_free == 3
