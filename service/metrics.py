@@ -14,6 +14,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disa
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from service.engine.engine import SPEC_PER_POS  # the engine's state keys SPEC_PER_POS/position
+
 disable_created_metrics()  # no *_created series: they double the exposition for no use here
 
 LATENCY_BUCKETS = (
@@ -59,6 +61,13 @@ ITL_BUCKETS = (
 )
 
 
+SPEC_COUNTERS = {  # speculative decoding, as vLLM's spec_decode counters
+    "aigc_spec_decode_num_drafts": "Drafts verified.",
+    "aigc_spec_decode_num_draft_tokens": "Draft tokens proposed and verified.",
+    "aigc_spec_decode_num_accepted_tokens": "Draft tokens kept.",
+}
+
+
 class _EngineGauges(Collector):
     def __init__(self, model: Callable[[], str], read: Callable[[], dict[str, float] | None]) -> None:
         self._model, self._read = model, read
@@ -84,6 +93,19 @@ class _EngineGauges(Collector):
             c = CounterMetricFamily(name, doc, labels=["model"])
             c.add_metric([self._model()], values[name])
             yield c
+        if "aigc_spec_decode_num_drafts" not in values:  # speculative decoding is off
+            return
+        for name, doc in SPEC_COUNTERS.items():
+            c = CounterMetricFamily(name, doc, labels=["model"])
+            c.add_metric([self._model()], values[name])
+            yield c
+        per_pos = CounterMetricFamily(
+            SPEC_PER_POS, "Draft tokens kept, by their position in the draft (from 0).", labels=["model", "position"]
+        )
+        for key, v in values.items():
+            if key.startswith(SPEC_PER_POS + "/"):
+                per_pos.add_metric([self._model(), key.rpartition("/")[2]], v)
+        yield per_pos
 
 
 class Metrics:

@@ -29,6 +29,7 @@ from service.engine.output_processor import EngineObserver, TokenEvent, error_ev
 from service.engine.runner import ModelRunner
 from service.engine.scheduler import Scheduler
 
+SPEC_PER_POS = "aigc_spec_decode_num_accepted_tokens_per_pos"
 __all__ = ["EngineConfig", "EngineObserver", "LLMEngine", "SpecConfig", "TokenEvent", "build_engine", "error_event"]
 
 
@@ -116,6 +117,19 @@ class LLMEngine:
             "aigc_kv_cache_usage_ratio": float(scheduler.kv_usage),
             "aigc_prefix_cache_queries": float(scheduler.prefix_cache_queries),
             "aigc_prefix_cache_hits": float(scheduler.prefix_cache_hits),
+            **self.spec_state(),
+        }
+
+    def spec_state(self) -> dict[str, float]:
+        """Speculative decoding's counts (none when it is off); `..._per_pos/j`: drafts whose token j was kept."""
+        if self.config.speculative is None:
+            return {}
+        s = self.stats
+        return {
+            "aigc_spec_decode_num_drafts": float(s.spec_drafts),
+            "aigc_spec_decode_num_draft_tokens": float(s.spec_draft_tokens),
+            "aigc_spec_decode_num_accepted_tokens": float(s.spec_accepted_tokens),
+            **{f"{SPEC_PER_POS}/{j}": float(n) for j, n in enumerate(list(s.spec_accepted_at))},
         }
 
     def reset_prefix_cache(self) -> int:
