@@ -7,6 +7,9 @@ set is the same on every run and for every system:
 - ``long_prompt``: a ~1,000-token document followed by a question about it (prefill-heavy).
 - ``shared_system``: one long (~500-token) system prompt shared by all requests, then a short
   question (rewards prefix caching, where a server has it).
+- ``grounded``: input-grounded requests whose answers copy from the prompt (~200 prompt tokens): a
+  short Python function to rewrite with a renamed identifier, or a report to quote word for word
+  (what n-gram speculative decoding is for).
 
 Prompts are plain text for the completions endpoint; ChatML special tokens written in the text are
 parsed as special tokens by all three systems under test.
@@ -14,9 +17,10 @@ parsed as special tokens by all three systems under test.
 
 from __future__ import annotations
 
+import itertools
 import random
 
-PROMPT_SETS = ("short_chat", "long_prompt", "shared_system")
+PROMPT_SETS = ("short_chat", "long_prompt", "shared_system", "grounded")
 
 _SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 
@@ -171,6 +175,41 @@ def shared_system_prompt(long: bool = False) -> str:
     )
 
 
+_NAMES = ("total", "count", "items", "values", "window", "scores", "prices", "weights", "limit", "offset")
+_FUNCTIONS = ("moving_average", "running_total", "clip_values", "normalise", "top_scores", "weighted_sum")
+
+
+def code_snippet(i: int) -> tuple[str, str]:
+    """A fixed small Python function (about 150 tokens) and the name of one of its variables."""
+    triples = list(itertools.permutations(_NAMES, 3))  # 720 x 6 functions: distinct up to i = 4319
+    k = (i * 7919) % (len(triples) * len(_FUNCTIONS))
+    fn, (a, b, c) = _FUNCTIONS[k % len(_FUNCTIONS)], triples[k // len(_FUNCTIONS)]
+    code = (
+        f"def {fn}({a}, {b}):\n"
+        f'    """Return the {fn.replace("_", " ")} of {a} with the given {b}."""\n'
+        f"    if {b} <= 0:\n"
+        f'        raise ValueError("{b} must be positive")\n'
+        f"    {c} = []\n"
+        f"    acc = 0.0\n"
+        f"    for i, x in enumerate({a}):\n"
+        f"        acc += x\n"
+        f"        if i >= {b}:\n"
+        f"            acc -= {a}[i - {b}]\n"
+        f"        if i >= {b} - 1:\n"
+        f"            {c}.append(acc / {b})\n"
+        f"    return {c}\n"
+    )
+    return code, c
+
+
+def grounded(i: int) -> str:
+    """The i-th input-grounded request: even i, rewrite a function with a variable renamed; odd i, quote a report."""
+    if i % 2 == 0:
+        code, var = code_snippet(i)
+        return f"Rename the variable `{var}` to `result` in this code and show the whole code:\n\n{code}"
+    return f"Copy the following report exactly, word for word:\n\n{document(i, 8)}"
+
+
 def make_prompts(name: str, n: int) -> list[str]:
     """`n` distinct prompts of prompt set `name` (one of PROMPT_SETS); the same on every call."""
     if n < 0:
@@ -188,4 +227,6 @@ def make_prompts(name: str, n: int) -> list[str]:
     if name == "shared_system":
         system = shared_system_prompt()
         return [chatml(question(i), system=system) for i in range(n)]
+    if name == "grounded":
+        return [chatml(grounded(i)) for i in range(n)]
     raise ValueError(f"unknown prompt set {name!r}; expected one of {', '.join(PROMPT_SETS)}")

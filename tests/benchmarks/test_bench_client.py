@@ -616,3 +616,30 @@ def test_llama_quantize_is_found_like_llama_server(tmp_path: Path, monkeypatch: 
     script.write_text("#!/usr/bin/env bash\necho 'build failed' >&2; exit 1\n")
     with pytest.raises(RuntimeError, match="build failed"):
         llama_quantize_binary(None)
+
+
+def test_spec_report_states_the_ratios() -> None:
+    from benchmarks.spec import markdown
+
+    def level(c: int, dec: float, out: float) -> dict[str, Any]:
+        lv = {"max_concurrency": c, "completed": 4, "decode_tok_s": dec, "output_throughput": out}
+        return {**lv, "median_ttft_ms": 50}
+
+    def system(name: str, dec: float, out: float) -> dict[str, Any]:
+        return {"system": name, "workloads": {"grounded": [level(1, dec, dec), level(16, dec, out)]}}
+
+    run = {
+        "cpu": "cpu",
+        "threads": 2,
+        "model": "m.gguf",
+        "output_len": 128,
+        "num_prompts": 4,
+        "prompt_sets": ["grounded"],
+        "concurrency": [1, 16],
+        "systems": [system("ours", 100, 300), system("ours-ngram", 250, 290), system("llama", 80, 150)],
+    }
+    report = markdown(run)
+    assert "| grounded | 1 | 100.0 / 100.0 / 50 ms | 250.0 / 250.0 / 50 ms | 80.0 / 80.0 / 50 ms |" in report
+    assert "grounded, c=1, decode tok/s: ours ngram / ours off 2.50x" in report
+    assert "grounded, c=16, output tok/s: ours ngram / ours off 0.97x" in report
+    assert "grounded, c=1, decode tok/s: ours ngram / llama-server's best 3.12x" in report
