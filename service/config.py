@@ -71,11 +71,15 @@ class Settings(BaseSettings):
         description="reuse the KV cache blocks of prompt prefixes computed before (--no-enable-prefix-caching: off)",
     )
     max_model_len: int | None = Field(None, ge=16, description="context length cap; default: the model's")
-    speculative_method: Literal["off", "ngram"] = Field(
+    speculative_method: Literal["off", "ngram", "draft"] = Field(
         "off",
         description="speculative decoding: ngram = propose the tokens that followed the last few tokens earlier in "
-        "the prompt or output (no extra model), verified in the batched step; temperature 0 gives the same text as "
-        "off where the model is batch-invariant, and sampling keeps the model's distribution",
+        "the prompt or output (no extra model); draft = a draft model's greedy guesses (--speculative-model); "
+        "verified in the batched step: temperature 0 gives the same text as off where the model is "
+        "batch-invariant, and sampling keeps the model's distribution",
+    )
+    speculative_model: str | None = Field(
+        None, description="the draft model (GGUF file or HF directory) of --speculative-method draft: same vocabulary"
     )
     num_speculative_tokens: int = Field(4, ge=1, le=16, description="most tokens proposed per decode step")
     ngram_prompt_lookup_max: int = Field(4, ge=1, le=16, description="longest n-gram looked up (ngram method)")
@@ -170,6 +174,8 @@ class Settings(BaseSettings):
             raise ValueError("max_num_batched_tokens must be >= max_num_seqs")
         if self.ngram_prompt_lookup_min > self.ngram_prompt_lookup_max:
             raise ValueError("ngram_prompt_lookup_min must be <= ngram_prompt_lookup_max")
+        if (self.speculative_method == "draft") != (self.speculative_model is not None):
+            raise ValueError("speculative_model is the draft model of speculative_method draft: give both or neither")
         if self.api_key_file is not None:
             try:
                 if not self.all_api_keys():

@@ -48,6 +48,8 @@ from service.metrics import Metrics
 if TYPE_CHECKING:
     import uvicorn
 
+    from model_core.weights.loader import LoadedLM
+
 log = logging.getLogger("service")
 
 EXIT_STARTUP_FAILURE = 1  # the exit status when a model the server must serve cannot start
@@ -88,11 +90,40 @@ def spec_config(settings: Settings) -> SpecConfig | None:
     if settings.speculative_method == "off":
         return None
     return SpecConfig(
+        method=settings.speculative_method,
         num_tokens=settings.num_speculative_tokens,
         ngram_min=settings.ngram_prompt_lookup_min,
         ngram_max=settings.ngram_prompt_lookup_max,
         disable_by_batch_size=settings.speculative_disable_by_batch_size,
     )
+
+
+def load_draft_model(settings: Settings, target: LoadedLM) -> LoadedLM:
+    """The draft model of --speculative-method draft, loaded as the target is (device, dtype, kernels); its vocabulary
+    must be the target's, token for token."""
+    from model_core.weights.loader import load_for_inference
+
+    path = settings.speculative_model
+    assert path is not None
+    try:
+        draft = load_for_inference(
+            path,
+            settings.device,
+            settings.dtype,
+            settings.kernels,
+            settings.quant_max_rows,
+            settings.batch_invariant,
+            {"auto": None, "keep": True, "drop": False}[settings.dense_weights],
+        )
+    except _expected_load_errors() as e:
+        raise StartupError(f"cannot load the draft model {path}: {_reason(e)}") from e
+    tv, dv = target.tokenizer, draft.tokenizer
+    if tv.vocab_size != dv.vocab_size or any(tv.id_to_token(i) != dv.id_to_token(i) for i in range(tv.vocab_size)):
+        raise StartupError(
+            f"the draft model {path} has another vocabulary than {target.name} "
+            f"({dv.vocab_size} against {tv.vocab_size} tokens, or other tokens): speculative decoding needs the same"
+        )
+    return draft
 
 
 def build_text_model(settings: Settings, observer: EngineObserver | None = None) -> TextModel:
@@ -140,6 +171,7 @@ def build_text_model(settings: Settings, observer: EngineObserver | None = None)
             f"in {str(dtype).removeprefix('torch.')} with block_size={settings.block_size}); "
             "raise kv_cache_memory_gb or lower max_model_len"
         )
+    draft = load_draft_model(settings, lm) if settings.speculative_model else None
     engine = build_engine(
         lm.model,
         lm.tokenizer,
@@ -157,6 +189,7 @@ def build_text_model(settings: Settings, observer: EngineObserver | None = None)
             speculative=spec_config(settings),
         ),
         observer,
+        draft_model=draft.model if draft is not None else None,
     )
     log.info(
         "KV cache: %d blocks x %d tokens (%.2f GiB), max_model_len %d",

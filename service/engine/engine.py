@@ -24,6 +24,7 @@ from model_core.lm import CausalLM
 from model_core.sampling import SamplingParams
 from model_core.tokenizer import Tokenizer
 from service.engine.admission import Admission, AdmissionControl
+from service.engine.draft_proposer import DraftModelProposer
 from service.engine.engine_core import EngineConfig, EngineCore, EngineStats, SpecConfig
 from service.engine.output_processor import EngineObserver, TokenEvent, error_event, stream_request
 from service.engine.runner import ModelRunner
@@ -38,19 +39,28 @@ def build_engine(
     tokenizer: Tokenizer,
     config: EngineConfig,
     observer: EngineObserver | None = None,
+    draft_model: CausalLM | None = None,
 ) -> LLMEngine:
-    """The engine over a loaded model: its runner (paged KV cache of config.num_blocks blocks), not started."""
+    """The engine over a loaded model: its runner (paged KV cache of config.num_blocks blocks), not started.
+    `draft_model`: speculative decoding's draft model (config.speculative.method "draft"), with a KV cache of as
+    many blocks of its own."""
     runner = ModelRunner(model, config.num_blocks, config.block_size, tuple(tokenizer.eos_token_ids))
-    return LLMEngine(runner, tokenizer, config, observer)
+    draft = None if draft_model is None else DraftModelProposer(draft_model, config.num_blocks, config.block_size)
+    return LLMEngine(runner, tokenizer, config, observer, draft)
 
 
 class LLMEngine:
     """The engine core (`core`: the step thread) and the request side (`stream_request`, per request) composed."""
 
     def __init__(
-        self, runner: ModelRunner, tokenizer: Tokenizer, config: EngineConfig, observer: EngineObserver | None = None
+        self,
+        runner: ModelRunner,
+        tokenizer: Tokenizer,
+        config: EngineConfig,
+        observer: EngineObserver | None = None,
+        draft: DraftModelProposer | None = None,
     ) -> None:
-        self.core = EngineCore(runner, tuple(tokenizer.eos_token_ids), config)
+        self.core = EngineCore(runner, tuple(tokenizer.eos_token_ids), config, draft)
         self.tokenizer = tokenizer  # read by each new request (its detokenizer)
         self.observer = observer  # read by each new request (its timings)
         self.admission = AdmissionControl(config.max_num_seqs, config.max_waiting)

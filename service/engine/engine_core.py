@@ -15,11 +15,13 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 
 from model_core.grammar import CompiledGrammar, is_work_limit
 from model_core.sampling import SamplingParams, make_generator
+from service.engine.draft_proposer import DraftModelProposer
 from service.engine.engine_output import EngineOutput
 from service.engine.errors import (
     EngineDeadError,
@@ -57,12 +59,14 @@ class EngineConfig:
 
 @dataclass(frozen=True)
 class SpecConfig:
-    """Speculative decoding by n-gram lookup (service.engine.ngram_proposer): up to `num_tokens` proposed tokens a
-    decode, verified in the step (model_core.speculative). Drafts are proposed only while the step has at most
-    `disable_by_batch_size` decodes (above that a step is bound by compute, not by reading the weights, and a
-    draft token costs about as much as a row), and a request whose drafts are rejected proposes shorter ones, then
-    pauses (up to `MAX_PAUSE` steps)."""
+    """Speculative decoding: up to `num_tokens` proposed tokens a decode, by n-gram lookup
+    (service.engine.ngram_proposer) or a draft model (service.engine.draft_proposer, given to the core), verified in
+    the step (model_core.speculative). Drafts are proposed only while the step has at most `disable_by_batch_size`
+    decodes (above that a step is bound by compute, not by reading the weights, and a draft token costs about as
+    much as a row), and a request whose drafts are rejected proposes shorter ones, then pauses (up to `MAX_PAUSE`
+    steps)."""
 
+    method: Literal["ngram", "draft"] = "ngram"
     num_tokens: int = 4
     ngram_min: int = 2
     ngram_max: int = 4
@@ -99,15 +103,27 @@ class RequestState:
     deadline: float | None = None  # monotonic time after which the request is ended with a timeout
     queue_deadline: float | None = None  # monotonic time by which it must have been scheduled
     num_emitted: int = 0  # outputs with a token sent to the sink
-    proposer: NgramProposer | None = None  # speculative decoding: its n-gram index over prompt and output
+    speculate: bool = False  # drafts are proposed for it (speculative decoding on, no grammar)
+    proposer: NgramProposer | None = None  # n-gram speculation: its index over prompt and output
     draft_len: int = 0  # how many tokens its next draft may have
     pause: int = 0  # steps it proposes nothing, after drafts rejected outright
     pause_next: int = 1  # the pause the next draft rejected outright earns
 
 
 class EngineCore:
-    def __init__(self, runner: ModelRunner, eos_token_ids: tuple[int, ...], config: EngineConfig) -> None:
+    def __init__(
+        self,
+        runner: ModelRunner,
+        eos_token_ids: tuple[int, ...],
+        config: EngineConfig,
+        draft: DraftModelProposer | None = None,
+    ) -> None:
+        """`draft`: the draft model's proposer, for speculative decoding with method "draft"."""
+        spec = config.speculative
+        if (spec is not None and spec.method == "draft") != (draft is not None):
+            raise ValueError("a draft model is needed for speculative method 'draft', and only then")
         self.runner = runner
+        self.draft = draft
         self.config = config
         self.eos_token_ids = eos_token_ids
         self.scheduler = Scheduler(
@@ -222,8 +238,9 @@ class EngineCore:
         state = RequestState(seq, sampling, self.stop_token_ids(params), sink)
         spec = self.config.speculative
         if spec is not None and grammar is None and max_tokens > 1:  # (constrained requests are not speculated)
-            state.proposer = NgramProposer(spec.ngram_min, spec.ngram_max, prompt)
-            state.draft_len = spec.num_tokens
+            state.speculate, state.draft_len = True, spec.num_tokens
+            if spec.method == "ngram":
+                state.proposer = NgramProposer(spec.ngram_min, spec.ngram_max, prompt)
         limits = [t for t in (timeout_s, self.config.request_timeout_s) if t is not None]
         if limits:
             state.deadline = arrival + min(limits)
@@ -291,6 +308,8 @@ class EngineCore:
             with self._lock:
                 self.scheduler.abort(rid)
             self._requests.pop(rid, None)
+            if self.draft is not None:
+                self.draft.release(rid)
 
     def _model_input(self, out: SchedulerOutput) -> ModelInput:
         def chunk(c: ScheduledChunk) -> ChunkInput:
@@ -373,16 +392,25 @@ class EngineCore:
         if not decoding or len(decoding) > spec.disable_by_batch_size:
             return {}
         drafts: dict[str, list[int]] = {}
+        wants: list[tuple[str, list[int], int]] = []  # for the draft model: (id, tokens so far, k)
         for seq in decoding:
             st = self._requests.get(seq.request_id)
-            if st is None or st.proposer is None:
+            if st is None or not st.speculate:
                 continue
             if st.pause > 0:
                 st.pause -= 1
                 continue
-            draft = st.proposer.propose(min(st.draft_len, seq.max_tokens - len(seq.output_ids) - 1))
-            if draft:
-                drafts[seq.request_id] = draft
+            k = min(st.draft_len, seq.max_tokens - len(seq.output_ids) - 1)
+            if k <= 0:
+                continue
+            if st.proposer is not None:
+                draft = st.proposer.propose(k)
+                if draft:
+                    drafts[seq.request_id] = draft
+            else:
+                wants.append((seq.request_id, seq.all_ids, k))
+        if wants and self.draft is not None:
+            drafts.update(self.draft.propose(wants))
         return drafts
 
     def _count_draft(self, request_id: str, draft: list[int], results: list[SampleResult]) -> None:
@@ -476,6 +504,8 @@ class EngineCore:
         with self._lock:
             self.scheduler.finish(st.seq.request_id, reason)
         self._requests.pop(st.seq.request_id, None)
+        if self.draft is not None:
+            self.draft.release(st.seq.request_id)
 
     def _run(self) -> None:
         # Subnormal floats (activations of ~1e-39, e.g. SiLU of a very negative input) take a slow path on x86

@@ -196,3 +196,21 @@ def test_a_context_longer_than_the_kv_budget_is_capped_to_what_fits_unless_asked
     assert "its context is 8192 tokens" in warning, warning
     with pytest.raises(StartupError, match="fewer than one sequence of max_model_len=8192"):
         build_text_model(Settings(**settings, max_model_len=8192))
+
+
+def test_a_draft_model_of_another_vocabulary_is_a_startup_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--speculative-method draft with a draft whose tokens are not the model's: a start-up error naming both; a
+    draft model without the method (or the method without one) is a settings error."""
+    from service.main import StartupError, build_text_model
+
+    draft = _tiny_gguf(tmp_path / "draft.gguf", monkeypatch)
+    settings = {"enable_gan": False, "enable_g2p": False, "speculative_method": "draft"}
+    settings["speculative_model"] = str(draft)
+    with pytest.raises(StartupError, match="another vocabulary than .*speculative decoding needs the same"):
+        build_text_model(Settings(**settings))
+    with pytest.raises(ValueError, match="speculative_model is the draft model"):
+        Settings(speculative_model=str(draft))
+    with pytest.raises(ValueError, match="speculative_model is the draft model"):
+        Settings(speculative_method="draft")

@@ -110,3 +110,27 @@ def test_spec_decode_counters(servers: tuple[InProcessServer, InProcessServer]) 
     assert values["aigc_spec_decode_num_drafts_total"] > 0
     assert 'aigc_spec_decode_num_accepted_tokens_per_pos_total{model="smol",position="0"}' in text
     assert "aigc_spec_decode" not in off.client().get("/metrics").text  # off: no such series
+
+
+def test_a_draft_model_server_gives_the_same_replies(servers: tuple[InProcessServer, InProcessServer]) -> None:
+    """`--speculative-method draft --speculative-model` (the shipped model as its own draft, loaded by the server's
+    start-up path): the same greedy replies, and its drafts are all kept."""
+    from service.config import Settings
+    from service.main import build_text_model
+
+    _, off = servers
+    tm = build_text_model(
+        Settings(
+            enable_gan=False,
+            enable_g2p=False,
+            served_model_name="smol",
+            speculative_method="draft",
+            speculative_model=find_default_model(),
+            kv_cache_memory_gb=0.25,
+        )
+    )
+    with serve_model_in_process(tm) as draft:
+        for path, body in REQUESTS[:1] + REQUESTS[3:4]:
+            assert _reply(draft, path, body) == _reply(off, path, body)
+        stats = draft.text_model.engine.stats
+    assert stats.spec_draft_tokens > 20 and stats.spec_accepted_tokens == stats.spec_draft_tokens

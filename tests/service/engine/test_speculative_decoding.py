@@ -13,18 +13,27 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from model_core.lm import CausalLM
 from model_core.sampling import SamplingParams
 from model_core.tokenizer import Tokenizer
 from service.engine import engine_core
 from service.engine.engine import EngineConfig, LLMEngine, SpecConfig, build_engine
 from tests.service.engine.test_batch_invariance import ISAS, invariant_model, run_engine, solo
+from tests.utils import tiny_llama
 
 pytestmark = pytest.mark.skipif(not ISAS, reason="no native SIMD build runs on this CPU")
 
 SPEC = SpecConfig(num_tokens=4, ngram_min=1, ngram_max=3, disable_by_batch_size=8)
 
 
-def spec_engine(isa: str, tok: Tokenizer, budget: int = 64, blocks: int = 64, spec: SpecConfig = SPEC) -> LLMEngine:
+def spec_engine(
+    isa: str,
+    tok: Tokenizer,
+    budget: int = 64,
+    blocks: int = 64,
+    spec: SpecConfig | None = SPEC,
+    draft: CausalLM | None = None,
+) -> LLMEngine:
     engine = build_engine(
         invariant_model(isa),
         tok,
@@ -37,6 +46,7 @@ def spec_engine(isa: str, tok: Tokenizer, budget: int = 64, blocks: int = 64, sp
             enable_prefix_caching=True,
             speculative=spec,
         ),
+        draft_model=draft,
     )
     engine.start()
     return engine
@@ -185,7 +195,7 @@ def test_sampled_outputs_keep_the_models_distribution(
     counts: list[dict[tuple[int, ...], int]] = []
     accepted = 0
     for spec in (every_batch, None):
-        engine = spec_engine(isa, smol_tokenizer, blocks=256, spec=spec)  # type: ignore[arg-type]
+        engine = spec_engine(isa, smol_tokenizer, blocks=256, spec=spec)
         try:
             jobs = [
                 (0.0, prompt, SamplingParams(max_tokens=4, temperature=1.0, top_k=3, seed=s, ignore_eos=True))
@@ -215,3 +225,44 @@ def chi2_999(dof: int) -> float:
     """The 99.9% quantile of chi-square with dof degrees of freedom (Wilson-Hilferty; within 1% for dof >= 2)."""
     a = 2 / (9 * dof)
     return dof * (1 - a + 3.0902 * a**0.5) ** 3
+
+
+DRAFT = SpecConfig(method="draft", num_tokens=4, disable_by_batch_size=8)
+
+
+@pytest.mark.parametrize("isa", ISAS[:1])
+@pytest.mark.parametrize("same", [True, False], ids=["draft-is-the-model", "another-draft"])
+def test_draft_model_proposals_keep_every_greedy_token(isa: str, smol_tokenizer: Tokenizer, same: bool) -> None:
+    """A draft model (the model itself: every draft is kept; another tiny model: few are) with its own KV cache:
+    greedy outputs equal the solo runs, through preemption (a pool of 24 blocks) and prefix-cache hits."""
+    model = invariant_model(isa)
+    draft = model if same else tiny_llama(seed=9)
+    rng = random.Random(4)
+    jobs = [
+        (0.0, looping_prompt(rng, rng.randint(5, 30)), SamplingParams(max_tokens=30, temperature=0.0, logprobs=1))
+        for _ in range(4)
+    ]
+    engine = spec_engine(isa, smol_tokenizer, budget=48, blocks=24, spec=DRAFT, draft=draft)
+    try:
+        got = run_engine(engine, jobs)
+        again = run_engine(engine, jobs[:1])
+        stats = engine.core.stats
+        free = engine.core.draft.pool.num_free if engine.core.draft is not None else -1
+    finally:
+        engine.stop()
+    for (_, prompt, params), out in zip(jobs, got, strict=True):
+        assert out == [(t, lp) for t, lp in solo(model, isa, prompt, params)][: len(out)]
+        assert len(out) == 30 or out[-1][0] in smol_tokenizer.eos_token_ids
+    assert again == got[:1]
+    assert stats.spec_draft_tokens > 20
+    if same:  # the target's own greedy guesses are always right
+        assert stats.spec_accepted_tokens == stats.spec_draft_tokens
+    assert free == 24  # every request's draft blocks went back
+
+
+def test_a_draft_method_needs_a_draft_model(smol_tokenizer: Tokenizer) -> None:
+    with pytest.raises(ValueError, match="draft model"):
+        build_engine(tiny_llama(), smol_tokenizer, EngineConfig(num_blocks=16, speculative=DRAFT))
+    with pytest.raises(ValueError, match="draft model"):
+        ngram = EngineConfig(num_blocks=16, speculative=SPEC)
+        build_engine(tiny_llama(), smol_tokenizer, ngram, draft_model=tiny_llama())
