@@ -266,3 +266,32 @@ def test_a_draft_method_needs_a_draft_model(smol_tokenizer: Tokenizer) -> None:
     with pytest.raises(ValueError, match="draft model"):
         ngram = EngineConfig(num_blocks=16, speculative=SPEC)
         build_engine(tiny_llama(), smol_tokenizer, ngram, draft_model=tiny_llama())
+
+
+def test_drafts_on_a_torch_model_give_its_tokens(smol_tokenizer: Tokenizer, oracle: type[OracleProposer]) -> None:
+    """On a model without the native kernels (PyTorch attention over gathered keys, masks per row), verification
+    rows see the right keys: tokens equal, logprobs within float32 rounding of the engine without speculation."""
+    model = tiny_llama(seed=5)
+    rng = random.Random(8)
+    jobs = [
+        (0.0, looping_prompt(rng, 20), SamplingParams(max_tokens=24, temperature=0.0, logprobs=0, ignore_eos=True))
+        for _ in range(3)
+    ]
+
+    def run(spec: SpecConfig | None) -> tuple[list[list[tuple[int, float | None]]], int]:
+        config = EngineConfig(num_blocks=64, block_size=8, max_model_len=96, speculative=spec)
+        engine = build_engine(model, smol_tokenizer, config)
+        engine.start()
+        try:
+            return run_engine(engine, jobs), engine.core.stats.spec_accepted_tokens
+        finally:
+            engine.stop()
+
+    off, _ = run(None)
+    for (_, prompt, _), out in zip(jobs, off, strict=True):  # drafts: the tokens without speculation, partly wrong
+        oracle.ANSWERS[tuple(prompt)] = [t for t, _ in out]
+    on, accepted = run(SPEC)
+    assert accepted > 10
+    for a, b in zip(on, off, strict=True):
+        assert [t for t, _ in a] == [t for t, _ in b]
+        assert all(abs((x or 0) - (y or 0)) < 1e-4 for (_, x), (_, y) in zip(a, b, strict=True))
