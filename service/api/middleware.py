@@ -219,18 +219,15 @@ class RequestContextMiddleware:
     def _log(scope: Scope, rid: str, status: int, t0: float) -> None:
         if scope["path"] in UNTRACKED and status < 400:
             return
-        log.info(
-            "request",
-            extra={
-                "fields": {
-                    "request_id": rid,
-                    "method": scope["method"],
-                    "path": scope["path"],
-                    "status": status,
-                    "duration_ms": round((time.perf_counter() - t0) * 1000, 2),
-                }
-            },
-        )
+        fields = {
+            "request_id": rid,
+            "method": scope["method"],
+            "path": scope["path"],
+            "status": status,
+            "duration_ms": round((time.perf_counter() - t0) * 1000, 2),
+        }
+        model = scope.get("state", {}).get("model")  # the LM that served it (set by the route)
+        log.info("request", extra={"fields": fields | ({"model": model} if model else {})})
 
 
 class _BodyError(Exception):

@@ -155,6 +155,7 @@ async def lm_for(request: Request, endpoint: Endpoint, model: ServedModel) -> Te
         raise
     models = state.models
     on_response_end(request, lambda: models.release(model.id))
+    request.state.model = model.id  # the access log's `model`
     if waited:
         request.state.arrival = arrival  # the engine counts its queue time (and deadlines) from here
     return tm

@@ -116,8 +116,9 @@ def _metrics(c: httpx.Client) -> dict[tuple[str, frozenset[tuple[str, str]]], fl
 
 # ------------------------------------------------------------------------------------------------- serving
 def test_models_of_two_families_interleaved_each_answer_as_served_alone(
-    files: dict[str, str], serving: Callable[..., InProcessServer]
+    files: dict[str, str], serving: Callable[..., InProcessServer], caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level("INFO", logger="service")
     alone = {}
     for name, path in files.items():
         with serving([path]).client() as c:
@@ -144,6 +145,11 @@ def test_models_of_two_families_interleaved_each_answer_as_served_alone(
         assert value(samples, "aigc_model_loaded", model=name) == 1
         assert ("aigc_num_requests_running", frozenset({("model", name)})) in samples
         assert value(samples, "aigc_model_loads_total", model=name, result="ok") == 1
+    access = [getattr(r, "fields", {}) for r in caplog.records if r.name == "service.access"]
+    for name in files:  # each request's log line names its model
+        assert sum(f.get("model") == name and f["path"] == "/v1/completions" for f in access) >= len(PROMPTS)
+    loads = [r for r in caplog.records if r.name == "service.models" and r.getMessage().startswith("model llama ")]
+    assert loads and getattr(loads[-1], "fields", {})["model"] == "llama"
 
 
 def test_the_404_and_400_name_the_models_and_v1_models_lists_each_with_its_status(
@@ -201,6 +207,20 @@ def test_a_budget_of_one_model_evicts_the_idle_one_while_requests_for_another_wa
     assert ("aigc_num_requests_running", frozenset({("model", "a")})) not in samples  # its gauges went with it
     # the waiting requests' queue time counts the wait for a's request and b's load (about 1.5 s)
     assert value(samples, "aigc_request_queue_time_seconds_sum", model="b") > 2 * 0.5
+
+
+def test_the_least_recently_used_idle_model_is_the_one_unloaded(
+    files: dict[str, str], serving: Callable[..., InProcessServer]
+) -> None:
+    models = [f"{n}={p}" for n, p in files.items()]  # llama, gpt2, hf-llama
+    live = serving(models, max_loaded_models=2, preload=["llama", "gpt2"])
+    with live.client() as c:
+        _text(c, "gpt2", "hi")
+        _text(c, "llama", "hi")  # gpt2 is now the least recently used
+        _text(c, "hf-llama", "hi")
+        assert _statuses(c) == {"llama": "loaded", "gpt2": "unloaded", "hf-llama": "loaded"}
+        _text(c, "gpt2", "hi")
+        assert _statuses(c) == {"llama": "unloaded", "gpt2": "loaded", "hf-llama": "loaded"}
 
 
 def test_when_no_model_becomes_idle_in_the_queue_timeout_the_request_gets_a_503(
