@@ -9,9 +9,11 @@ and the per-model metrics. The shipped SmolLM2 beside a tiny GPT-2 is the `heavy
 
 from __future__ import annotations
 
+import gc
 import random
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -288,7 +290,7 @@ def test_an_unloaded_model_finishes_its_requests_and_new_ones_load_it_again(
     _slow_steps(first, 0.05)
     with live.client() as c, ThreadPoolExecutor(3) as pool:
         busy = pool.submit(c.post, "/v1/completions", json={**BODY, "model": "a", "prompt": "x", "max_tokens": 30})
-        _wait_until(lambda: first.engine.scheduler.num_running == 1)
+        _wait_until(lambda: live.lm("a").engine.scheduler.num_running == 1)
         unload = pool.submit(c.post, "/models/unload", json={"model": "a"})
         _wait_until(lambda: _statuses(c)["a"] == "unloading")
         later = pool.submit(_text, c, "a", PROMPTS[1])
@@ -299,6 +301,10 @@ def test_an_unloaded_model_finishes_its_requests_and_new_ones_load_it_again(
         assert unload.result(30).json()["success"] is True
         assert later.result(30) == alone  # loaded again
         assert live.lm("a") is not first and not first.engine.is_alive
+        weights = weakref.ref(first.engine.runner.model)
+        del first, busy, unload
+        gc.collect()
+        assert weights() is None  # the unloaded model's memory is freed
         samples = _metrics(c)
     assert value(samples, "aigc_model_loads_total", model="a", result="ok") == 2
     assert value(samples, "aigc_model_unloads_total", model="a", reason="requested") == 1
