@@ -280,6 +280,10 @@ def _stop_lm(metrics: Metrics) -> Callable[[TextModel, str], None]:
         if not shutdown:
             metrics.unloads.labels(tm.name, reason).inc()
             gc.collect()  # the model's tensors go with its last references (the caller drops its own)
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()  # hand the freed blocks back to the device, not only to torch's cache
 
     return stop
 
