@@ -9,6 +9,7 @@ Invalid settings fail at start-up with a message naming the option.
 from __future__ import annotations
 
 import argparse
+import re
 from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
@@ -22,13 +23,53 @@ def _split_list(v: Any) -> Any:
     return v
 
 
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12}
+_UNITS |= {"tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_SIZE = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?(?:e[0-9]+)?)\s*([a-z]*)\s*$")
+
+
+def parse_bytes(text: str) -> int:
+    """A size in bytes: a number, or one with a unit (k, M, G, T: powers of 1000; KiB, MiB, GiB, TiB: of 1024)."""
+    m = _SIZE.match(text.lower())
+    if m is None or m.group(2) not in _UNITS:
+        raise ValueError(f"expected a size such as 8GiB, 512MiB, 4GB or a number of bytes, got {text!r}")
+    return int(float(m.group(1)) * _UNITS[m.group(2)])
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="AIGC_", extra="ignore", validate_default=True)
 
     host: str = Field("127.0.0.1", description="interface to bind")
     port: int = Field(8000, ge=0, le=65535, description="TCP port")
-    model: str | None = Field(None, description="GGUF file or HF directory; default: SmolLM2-135M-Instruct wheel")
-    served_model_name: str | None = Field(None, description="model id clients use; default: file name")
+    model: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="an LM to serve: a GGUF file or HF directory, or NAME=PATH to give its id (repeatable; env: "
+        "comma-separated); default: SmolLM2-135M-Instruct from its wheel, unless models_dir is set",
+    )
+    served_model_name: str | None = Field(
+        None, description="id of the LM when one is served by a bare path; default: the file or folder name"
+    )
+    models_dir: str | None = Field(
+        None,
+        description="serve every GGUF file and HF model folder (config.json + *.safetensors) in this directory too, "
+        "each by its file (without .gguf) or folder name",
+    )
+    max_loaded_models: int = Field(
+        4,
+        ge=0,
+        description="LMs loaded at once; a request for another unloads the least recently used idle one; 0 = no limit",
+    )
+    max_loaded_memory: int | None = Field(
+        None,
+        ge=1,
+        description="bytes of LMs loaded at once (estimated per model: its weight files + kv_cache_memory_gb), as a "
+        "number of bytes or with a unit (e.g. 8GiB, 512MiB, 4GB); default: no limit",
+    )
+    preload: Annotated[list[str] | None, NoDecode] = Field(
+        None,
+        description="comma-separated LMs loaded at start-up, before /ready says ready; 'all' or 'none' too; "
+        "default: the first model (the others load on first use)",
+    )
     device: str = Field("auto", description="auto | cpu | cuda[:N]")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="weights/activations")
     kernels: Literal["auto", "torch", "avx512bf16", "avx2", "avx512vnni", "neon-dotprod", "neon", "reference"] = Field(
@@ -149,10 +190,15 @@ class Settings(BaseSettings):
     drain_timeout_s: float = Field(30.0, ge=0, description="graceful shutdown drain timeout")
     ui: bool = Field(True, description="serve the web playground at / (--no-ui or --ui false: off)")
 
-    @field_validator("api_keys", "public_paths", "cors_origins", mode="before")
+    @field_validator("api_keys", "public_paths", "cors_origins", "model", "preload", mode="before")
     @classmethod
     def _lists(cls, v: Any) -> Any:
         return _split_list(v)
+
+    @field_validator("max_loaded_memory", mode="before")
+    @classmethod
+    def _bytes(cls, v: Any) -> Any:
+        return parse_bytes(v) if isinstance(v, str) else v
 
     def all_api_keys(self) -> list[str]:
         keys = list(self.api_keys)
@@ -207,6 +253,15 @@ def parse_settings(argv: Sequence[str] | None = None) -> Settings:
                 action="append",
                 dest="api_keys",
                 metavar="KEY",
+            )
+        elif name == "model":
+            ap.add_argument(
+                "--model",
+                help=f"{f.description} (env AIGC_MODEL)",
+                default=None,
+                action="append",
+                dest="model",
+                metavar="[NAME=]PATH",
             )
         else:
             switch: dict[str, Any] = {}

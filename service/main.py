@@ -1,25 +1,30 @@
 """The app factory and the `python -m service` entry point.
 
-`create_app(settings, text_model=None)` builds the FastAPI app; without an injected text model the
-lifespan loads the configured model on a background thread (so /health answers at once and /ready
-turns 200 when loading is done) and starts the engine loop.
+`create_app(settings, text_model=None)` builds the FastAPI app; without an injected text model the LMs are the
+configured ones (`--model`, `--models-dir`: `service.api.model_specs`), each loaded on first use by the model
+registry (`service.api.model_registry`) on a thread of its own with `build_text_model`; the lifespan loads the
+`--preload` models (default: the first) in the background, so /health answers at once and /ready turns 200 when
+they are loaded.
 
-A model that cannot be served (a missing or corrupt file, an architecture or tokenizer the loaders do not
+A preloaded model that cannot be served (a missing or corrupt file, an architecture or tokenizer the loaders do not
 support, a KV cache too small for one sequence) is fatal under `python -m service`: the loader thread logs one
 error line naming the model and the reason, asks uvicorn to stop, and the process exits with status 1, so a
 supervisor (systemd, Docker, Kubernetes) sees the failure and restarts or reports it, as llama-server does. An
-app built by `create_app` alone (tests, embedding) keeps running with /ready 503 and the reason.
+app built by `create_app` alone (tests, embedding) keeps running with /ready 503 and the reason. A model loaded on
+first use that fails answers its requests with the reason (500 `model_load_failed`); the server serves the others.
 """
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import logging
 import math
 import os
 import signal
 import threading
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from types import FrameType
 from typing import TYPE_CHECKING
@@ -32,8 +37,10 @@ from service.api import admin, chat, completions, health, images, models, respon
 from service.api import metrics as metrics_route
 from service.api.auth import APIKeyMiddleware
 from service.api.cors import CORS
-from service.api.errors import install_error_handlers
+from service.api.errors import APIError, install_error_handlers
 from service.api.middleware import RequestContextMiddleware
+from service.api.model_registry import Budget, LMSlot, ModelLoadError, ModelRegistry, Status
+from service.api.model_specs import ModelSpec, model_specs, preload_names
 from service.api.model_table import G2P_MODEL, IMAGE_MODEL
 from service.api.state import ServerState
 from service.api.text_model import TextModel
@@ -60,9 +67,19 @@ class StartupError(ValueError):
     the message is one line naming the model and why. Logged without a traceback."""
 
 
-def _model_label(settings: Settings) -> str:
-    """How start-up errors name the configured LM."""
-    return f"model {settings.model}" if settings.model else "the default model"
+def _lm_specs(settings: Settings) -> list[ModelSpec]:
+    """The configured LMs (StartupError: two with one id, an empty --models-dir...)."""
+    try:
+        return model_specs(settings.model, settings.models_dir, settings.served_model_name)
+    except ValueError as e:
+        raise StartupError(str(e)) from e
+
+
+def settings_for(settings: Settings, spec: ModelSpec) -> Settings:
+    """The settings of one LM: the server's, with only that model, by its id."""
+    return settings.model_copy(
+        update={"model": [spec.path] if spec.path else [], "models_dir": None, "served_model_name": spec.name}
+    )
 
 
 def _reason(e: BaseException) -> str:
@@ -127,15 +144,17 @@ def load_draft_model(settings: Settings, target: LoadedLM) -> LoadedLM:
 
 
 def build_text_model(settings: Settings, observer: EngineObserver | None = None) -> TextModel:
-    """Load the LM and its tokenizer, size the KV cache from the memory budget, start the engine."""
+    """Load the (first configured) LM and its tokenizer, size the KV cache from the memory budget, build its engine
+    (not started)."""
     from model_core.default_model import find_default_model
     from model_core.kv_cache import PagedKVCache
     from model_core.weights.loader import load_for_inference
     from service.engine.engine import EngineConfig, build_engine
 
+    spec = _lm_specs(settings)[0]
     try:
         lm = load_for_inference(
-            settings.model or find_default_model(),
+            spec.path or find_default_model(),
             settings.device,
             settings.dtype,
             settings.kernels,
@@ -144,7 +163,7 @@ def build_text_model(settings: Settings, observer: EngineObserver | None = None)
             {"auto": None, "keep": True, "drop": False}[settings.dense_weights],
         )
     except _expected_load_errors() as e:
-        raise StartupError(f"cannot load {_model_label(settings)}: {_reason(e)}") from e
+        raise StartupError(f"cannot load {spec.label}: {_reason(e)}") from e
     cfg, dtype = lm.config, lm.model.dtype
     max_len = min(cfg.max_seq_len, settings.max_model_len or cfg.max_seq_len)
     per_block = PagedKVCache.bytes_per_token(cfg.n_layers, cfg.n_kv_heads, cfg.hd, dtype) * settings.block_size
@@ -158,14 +177,14 @@ def build_text_model(settings: Settings, observer: EngineObserver | None = None)
             "raise kv_cache_memory_gb for more, or set max_model_len)",
             holds,
             settings.kv_cache_memory_gb,
-            settings.model or lm.name,
+            spec.name,
             max_len,
         )
         max_len = holds
     if holds < max_len:
         needed_gb = math.ceil(-(-max_len // settings.block_size) * per_block / 2**30 * 1000) / 1000  # rounded up
         raise StartupError(
-            f"KV cache too small for model {settings.model or lm.name}: "
+            f"KV cache too small for model {spec.name}: "
             f"kv_cache_memory_gb={settings.kv_cache_memory_gb} holds {num_blocks * settings.block_size} tokens, "
             f"fewer than one sequence of max_model_len={max_len} (that needs kv_cache_memory_gb >= {needed_gb:g} "
             f"in {str(dtype).removeprefix('torch.')} with block_size={settings.block_size}); "
@@ -192,16 +211,18 @@ def build_text_model(settings: Settings, observer: EngineObserver | None = None)
         draft_model=draft.model if draft is not None else None,
     )
     log.info(
-        "KV cache: %d blocks x %d tokens (%.2f GiB), max_model_len %d",
+        "%s: KV cache %d blocks x %d tokens (%.2f GiB), max_model_len %d",
+        spec.name,
         num_blocks,
         settings.block_size,
         num_blocks * per_block / 2**30,
         max_len,
+        extra={"fields": {"model": spec.name}},
     )
     return TextModel(
         engine=engine,
         tokenizer=lm.tokenizer,
-        name=settings.served_model_name or lm.name,
+        name=spec.name,
         max_model_len=max_len,
         vocab_size=cfg.vocab_size,
         created=int(time.time()),
@@ -261,56 +282,113 @@ async def start_g2p_batcher(settings: Settings, metrics: Metrics) -> Seq2SeqBatc
     return batcher
 
 
+def _load_lm(settings: Settings, spec: ModelSpec, metrics: Metrics) -> Callable[[], TextModel]:
+    """What loads one LM (on the registry's loader thread): build it, start its engine, export its metrics; a
+    failure logs one error line (a traceback only for a bug) and raises ModelLoadError with that line."""
+
+    def load() -> TextModel:
+        try:
+            tm = build_text_model(settings_for(settings, spec), observer=metrics.observer(spec.name))
+            _start_lm(tm, spec.name, metrics)
+        except Exception as e:
+            metrics.loads.labels(spec.name, "error").inc()
+            if isinstance(e, StartupError):  # expected: one line says it all
+                log.error("%s", e, extra={"fields": {"model": spec.name}})
+                raise ModelLoadError(str(e)) from e
+            message = f"cannot start {spec.label}: {type(e).__name__}: {_reason(e)}"  # a bug: keep the traceback
+            log.error("%s", message, exc_info=e, extra={"fields": {"model": spec.name}})
+            raise ModelLoadError(message) from e
+        metrics.loads.labels(spec.name, "ok").inc()
+        return tm
+
+    return load
+
+
+def _start_lm(tm: TextModel, name: str, metrics: Metrics) -> None:
+    """Start a built LM's engine (if it is not running) under its id, its metrics labelled so."""
+    tm.name = name
+    if tm.engine.observer is None:
+        tm.engine.observer = metrics.observer(name)
+    metrics.bind_engine(name, tm.engine.state)
+    metrics.load_seconds.labels(name).set(tm.load_seconds)
+    if not tm.engine.started:
+        tm.engine.start()
+
+
+def _stop_lm(metrics: Metrics) -> Callable[[TextModel, str], None]:
+    """What unloads one LM (on a worker thread): stop its engine (requests still on it end with an error saying
+    why), drop its metrics' gauges, free its memory."""
+
+    def stop(tm: TextModel, reason: str) -> None:
+        shutdown = reason == "shutdown"
+        tm.engine.stop(message="the server is shutting down" if shutdown else f"model {tm.name} was unloaded")
+        metrics.unbind_engine(tm.name)
+        if not shutdown:
+            metrics.unloads.labels(tm.name, reason).inc()
+            gc.collect()  # the model's tensors go with its last references (the caller drops its own)
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()  # hand the freed blocks back to the device, not only to torch's cache
+
+    return stop
+
+
+def _budget(settings: Settings) -> Budget:
+    return Budget(settings.max_loaded_models, settings.max_loaded_memory, int(settings.kv_cache_memory_gb * 2**30))
+
+
 def create_app(settings: Settings | None = None, text_model: TextModel | None = None) -> FastAPI:
+    """The app serving `settings`' models, or `text_model` (built, engine not started: tests, embedding) as its
+    only LM. StartupError for models that cannot be served together (see `service.api.model_specs`)."""
     settings = settings or Settings()
     configure_shared_probe(settings.grammar_probe_workers)  # grammars are compiled in a worker first
+    specs = [ModelSpec(text_model.name, None, f"model {text_model.name}", 0)] if text_model else _lm_specs(settings)
+    budget = _budget(settings)
+    try:
+        preload = [text_model.name] if text_model else preload_names(settings.preload, [s.name for s in specs])
+        budget.check(specs, [s for s in specs if s.name in preload])
+    except ValueError as e:
+        raise StartupError(str(e)) from e
 
     state = ServerState(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        state.text_model = None
         state.load_error = None
         state.draining = False
         metrics = state.metrics
 
-        def load() -> None:
-            try:
-                tm = text_model or build_text_model(settings, observer=metrics)
-                if tm.engine.observer is None:
-                    tm.engine.observer = metrics
-                metrics.bind_engine(tm.name, tm.engine.state)
-                metrics.load_seconds.labels(tm.name).set(tm.load_seconds)
-                if not tm.engine.started:
-                    tm.engine.start()
-                state.text_model = tm
-            except Exception as e:
-                if isinstance(e, StartupError):  # expected: one line says it all
-                    state.load_error = str(e)
-                    log.error("%s", e)
-                else:  # a bug: keep the traceback
-                    what = f"model {text_model.name}" if text_model else _model_label(settings)
-                    state.load_error = f"cannot start {what}: {type(e).__name__}: {_reason(e)}"
-                    log.error("%s", state.load_error, exc_info=e)
-                if state.stop_server is not None:
-                    state.stop_server()
+        def on_change(slot: LMSlot) -> None:
+            metrics.loaded.labels(slot.name).set(1 if slot.status is Status.LOADED else 0)
 
-        if text_model is not None:
-            load()
-        else:
-            threading.Thread(target=load, name="model-loader", daemon=True).start()
+        slots = [LMSlot(s, None if text_model else _load_lm(settings, s, metrics)) for s in specs]
+        state.models = registry = ModelRegistry(slots, budget, _stop_lm(metrics), on_change)
+        for slot in slots:
+            on_change(slot)
+        if text_model is not None:  # given built: started here, before the first request
+            try:
+                _start_lm(text_model, text_model.name, metrics)
+            except Exception as e:
+                state.load_error = f"cannot start model {text_model.name}: {type(e).__name__}: {_reason(e)}"
+                log.error("%s", state.load_error, exc_info=e)
+            else:
+                slots[0].model, slots[0].status, slots[0].last_used = text_model, Status.LOADED, time.monotonic()
+                on_change(slots[0])
+        state.preloading = text_model is None and bool(preload)
+        preloading = asyncio.create_task(_preload(state, preload)) if state.preloading else None
         state.image_batcher = await start_image_batcher(settings, metrics) if settings.enable_gan else None
         state.g2p_batcher = await start_g2p_batcher(settings, metrics) if settings.enable_g2p else None
         try:
             yield
         finally:
+            if preloading is not None:
+                preloading.cancel()
             if state.image_batcher is not None:
                 await state.image_batcher.stop()
             if state.g2p_batcher is not None:
                 await state.g2p_batcher.stop()
-            tm = state.text_model
-            if tm is not None:
-                tm.engine.stop()
+            await registry.close()
 
     app = FastAPI(title="AIGC inference service", version="0.1.0", lifespan=lifespan)
     app.state.server = state
@@ -345,6 +423,22 @@ def create_app(settings: Settings | None = None, text_model: TextModel | None = 
     return app
 
 
+async def _preload(state: ServerState, names: Sequence[str]) -> None:
+    """Load the --preload models in turn; the first that fails is the server's load error (under `python -m
+    service`: the process stops, status 1)."""
+    try:
+        for name in names:
+            try:
+                await state.models.load(name, None)
+            except APIError as e:
+                state.load_error = e.message
+                if state.stop_server is not None:
+                    state.stop_server()
+                return
+    finally:
+        state.preloading = False
+
+
 def _drain_server(app: FastAPI, settings: Settings) -> type:
     """A uvicorn Server whose first SIGTERM/SIGINT drains: /ready and new requests get 503 while
     in-flight requests finish (up to drain_timeout_s). Requests still running then are ended by stopping
@@ -367,10 +461,10 @@ def _drain_server(app: FastAPI, settings: Settings) -> type:
                 deadline = time.monotonic() + settings.drain_timeout_s
                 while inflight.count > 0 and time.monotonic() < deadline:
                     time.sleep(0.05)
-                tm = state.text_model
-                if inflight.count > 0 and tm is not None:
+                if inflight.count > 0:
                     log.info("drain timeout: ending %d requests in flight", inflight.count)
-                    tm.engine.stop(message="the server is shutting down")
+                    for tm in state.models.loaded():
+                        tm.engine.stop(message="the server is shutting down")
                     deadline = time.monotonic() + 2.0  # time for the streams to send their error and [DONE]
                     while inflight.count > 0 and time.monotonic() < deadline:
                         time.sleep(0.02)
@@ -437,7 +531,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Before any thread starts: threads inherit the mode. Subnormal floats otherwise take a slow path on x86
     # (the engine thread sets it again for engines started elsewhere).
     torch.set_flush_denormal(True)
-    app = create_app(settings)
+    try:
+        app = create_app(settings)
+    except StartupError as e:
+        log.error("%s", e)
+        return EXIT_STARTUP_FAILURE
     raise_fd_limit(settings.max_connections)
     server = _drain_server(app, settings)(server_config(app, settings))
 
@@ -455,8 +553,7 @@ def _exit_code_after_stop(app: FastAPI) -> int:
     loading, a step that will not end), leave at once."""
     state: ServerState = app.state.server
     code = EXIT_STARTUP_FAILURE if state.load_error else 0
-    tm = state.text_model
-    if tm is not None:
+    for tm in state.models.loaded():
         tm.engine.stop(message="the server is shutting down")
     busy = [t.name for t in threading.enumerate() if t.name in ("llm-engine", "model-loader") and t.is_alive()]
     if busy:

@@ -1,9 +1,10 @@
 """Prometheus metrics, named like vLLM's with the `aigc_` prefix, on a per-app registry.
 
-Latency histograms and token counters are fed by the engine through the `EngineObserver` methods
-(`on_first_token`, `on_token`, `on_finish`); gauges (running, waiting, KV usage) are read from the
-engine at scrape time by a custom collector, so they are never stale; so are the prefix cache's
-counters, which the scheduler keeps.
+Every series of an LM carries its `model` label. Latency histograms and token counters are fed by each LM's
+engine through its own `EngineObserver` (`Metrics.observer(model)`: `on_first_token`, `on_token`, `on_finish`);
+gauges (running, waiting, KV usage) are read from each loaded LM's engine at scrape time by a custom collector, so
+they are never stale (an unloaded model's go with it); so are the prefix cache's counters, which the scheduler
+keeps. Loads and unloads are counted per model, and `aigc_model_loaded` says which are loaded.
 """
 
 from __future__ import annotations
@@ -69,13 +70,13 @@ SPEC_COUNTERS = {  # speculative decoding, as vLLM's spec_decode counters
 
 
 class _EngineGauges(Collector):
-    def __init__(self, model: Callable[[], str], read: Callable[[], dict[str, float] | None]) -> None:
-        self._model, self._read = model, read
+    """Each loaded LM's engine state, read at scrape time."""
+
+    def __init__(self, engines: dict[str, Callable[[], dict[str, float]]]) -> None:
+        self._engines = engines  # by model name
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
-        values = self._read()
-        if values is None:
-            return
+        read = [(model, state()) for model, state in list(self._engines.items())]
         docs = {
             "aigc_num_requests_running": "Requests in the running batch.",
             "aigc_num_requests_waiting": "Requests waiting to be scheduled.",
@@ -83,7 +84,8 @@ class _EngineGauges(Collector):
         }
         for name, doc in docs.items():
             g = GaugeMetricFamily(name, doc, labels=["model"])
-            g.add_metric([self._model()], values[name])
+            for model, values in read:
+                g.add_metric([model], values[name])
             yield g
         counters = {  # cumulative counts the scheduler keeps
             "aigc_prefix_cache_queries": "Prompt tokens looked up in the prefix cache.",
@@ -91,20 +93,24 @@ class _EngineGauges(Collector):
         }
         for name, doc in counters.items():
             c = CounterMetricFamily(name, doc, labels=["model"])
-            c.add_metric([self._model()], values[name])
+            for model, values in read:
+                c.add_metric([model], values[name])
             yield c
-        if "aigc_spec_decode_num_drafts" not in values:  # speculative decoding is off
+        spec = [(model, values) for model, values in read if "aigc_spec_decode_num_drafts" in values]
+        if not spec:  # speculative decoding is off
             return
         for name, doc in SPEC_COUNTERS.items():
             c = CounterMetricFamily(name, doc, labels=["model"])
-            c.add_metric([self._model()], values[name])
+            for model, values in spec:
+                c.add_metric([model], values[name])
             yield c
         per_pos = CounterMetricFamily(
             SPEC_PER_POS, "Draft tokens kept, by their position in the draft (from 0).", labels=["model", "position"]
         )
-        for key, v in values.items():
-            if key.startswith(SPEC_PER_POS + "/"):
-                per_pos.add_metric([self._model(), key.rpartition("/")[2]], v)
+        for model, values in spec:
+            for key, v in values.items():
+                if key.startswith(SPEC_PER_POS + "/"):
+                    per_pos.add_metric([model, key.rpartition("/")[2]], v)
         yield per_pos
 
 
@@ -112,7 +118,6 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.model = "unknown"
         self.ttft = Histogram(
             "aigc_time_to_first_token_seconds", "Time to first token.", ["model"], buckets=LATENCY_BUCKETS, registry=r
         )
@@ -143,10 +148,13 @@ class Metrics:
             "aigc_request_success", "Finished requests by finish reason.", ["model", "finish_reason"], registry=r
         )
         self.rejected = Counter(
-            "aigc_requests_rejected", "Requests rejected before running.", ["endpoint", "reason"], registry=r
+            "aigc_requests_rejected", "Requests rejected before running.", ["endpoint", "reason", "model"], registry=r
         )
-        self.load_seconds = Gauge(
-            "aigc_model_load_seconds", "Time to load the model at start-up.", ["model"], registry=r
+        self.load_seconds = Gauge("aigc_model_load_seconds", "Time the model's last load took.", ["model"], registry=r)
+        self.loaded = Gauge("aigc_model_loaded", "1 while the model is loaded, else 0.", ["model"], registry=r)
+        self.loads = Counter("aigc_model_loads", "Model loads by result (ok, error).", ["model", "result"], registry=r)
+        self.unloads = Counter(
+            "aigc_model_unloads", "Model unloads by reason (requested, evicted).", ["model", "reason"], registry=r
         )
         self.image_requests = Counter("aigc_image_requests", "Image generation requests.", ["model"], registry=r)
         self.images = Counter("aigc_images_generated", "Images generated.", ["model"], registry=r)
@@ -164,27 +172,19 @@ class Metrics:
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
             registry=r,
         )
-        self._engine_state: Callable[[], dict[str, float] | None] = lambda: None
-        r.register(_EngineGauges(lambda: self.model, lambda: self._engine_state()))
+        self._engines: dict[str, Callable[[], dict[str, float]]] = {}
+        r.register(_EngineGauges(self._engines))
 
     def bind_engine(self, model: str, state: Callable[[], dict[str, float]]) -> None:
-        self.model = model
-        self._engine_state = state
+        """Export this loaded LM's engine gauges (`state`: LLMEngine.state) under its name."""
+        self._engines[model] = state
 
-    # ---- EngineObserver ---------------------------------------------------------------------
-    def on_first_token(self, queue_time: float, ttft: float, prompt_tokens: int) -> None:
-        self.queue.labels(self.model).observe(queue_time)
-        self.ttft.labels(self.model).observe(ttft)
-        self.prompt_tokens.labels(self.model).inc(prompt_tokens)
-        self.generation_tokens.labels(self.model).inc()
+    def unbind_engine(self, model: str) -> None:
+        self._engines.pop(model, None)
 
-    def on_token(self, itl: float) -> None:
-        self.itl.labels(self.model).observe(itl)
-        self.generation_tokens.labels(self.model).inc()
-
-    def on_finish(self, reason: str, e2e: float) -> None:
-        self.success.labels(self.model, reason).inc()
-        self.e2e.labels(self.model).observe(e2e)
+    def observer(self, model: str) -> ModelObserver:
+        """The EngineObserver of one LM's engine: its requests' timings and tokens, labelled with its name."""
+        return ModelObserver(self, model)
 
     def on_image_batch(self, model: str, size: int) -> None:
         self.image_batch.labels(model).observe(size)
@@ -194,3 +194,28 @@ class Metrics:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class ModelObserver:
+    """One LM's EngineObserver (called from its requests' coroutines)."""
+
+    def __init__(self, metrics: Metrics, model: str) -> None:
+        m = metrics
+        self.model = model
+        self._queue, self._ttft, self._itl, self._e2e = (h.labels(model) for h in (m.queue, m.ttft, m.itl, m.e2e))
+        self._prompt, self._generated = m.prompt_tokens.labels(model), m.generation_tokens.labels(model)
+        self._success = m.success
+
+    def on_first_token(self, queue_time: float, ttft: float, prompt_tokens: int) -> None:
+        self._queue.observe(queue_time)
+        self._ttft.observe(ttft)
+        self._prompt.inc(prompt_tokens)
+        self._generated.inc()
+
+    def on_token(self, itl: float) -> None:
+        self._itl.observe(itl)
+        self._generated.inc()
+
+    def on_finish(self, reason: str, e2e: float) -> None:
+        self._success.labels(self.model, reason).inc()
+        self._e2e.observe(e2e)

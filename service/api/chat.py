@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 
 from model_core.grammar import GrammarSpec
 from model_core.grammar_bounds import DEFAULT_BOUNDS, GrammarLimitError, check_depth
@@ -35,13 +35,12 @@ from service.api.generation import (
     choice_params,
     decode_token,
     default_max_tokens,
-    get_text_model,
     new_id,
     resolve_max_tokens,
     vllm_prompt_logprobs,
 )
 from service.api.json_route import OffLoopJSONRoute
-from service.api.model_table import Endpoint, route
+from service.api.model_table import Endpoint, route, text_model
 from service.api.schemas import ChatCompletionRequest, ChatMessage, sampling_params
 from service.api.serving import ChoiceWriter, Job, Usage, respond
 from service.api.structured import compile_grammar, output_constraint
@@ -183,10 +182,8 @@ def forced_call_grammar(req: ChatCompletionRequest, forced: list[Function]) -> G
         }
     },
 )
-async def create_chat_completion(
-    req: ChatCompletionRequest, request: Request, tm: Annotated[TextModel, Depends(get_text_model)]
-) -> Any:
-    route(request, Endpoint.CHAT, req.model)
+async def create_chat_completion(req: ChatCompletionRequest, request: Request) -> Any:
+    route(request, Endpoint.CHAT, req.model)  # an unknown model is a 404 before any other check
     check_extra_fields(req, "chat")
     functions, forced = tool_setup(req)
     constraint = output_constraint(req.response_format, req.structured_outputs)
@@ -195,6 +192,7 @@ async def create_chat_completion(
             f"{constraint[1]} cannot be combined with tool_choice {req.tool_choice!r}: the reply is a tool call",
             param=constraint[1].split(".")[0],
         )
+    tm = await text_model(request, Endpoint.CHAT, req.model)
     ids = await render_chat(tm, req.messages, functions=functions)
     requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     max_tokens = resolve_max_tokens(tm, len(ids), requested, default_max_tokens(request, None))

@@ -25,7 +25,7 @@ from service.api.generation import (
     vllm_prompt_logprobs,
 )
 from service.api.json_route import OffLoopJSONRoute
-from service.api.model_table import Endpoint, Kind, ServedModel, route
+from service.api.model_table import Endpoint, Kind, ServedModel, lm_for, route
 from service.api.schemas import CompletionRequest, sampling_params
 from service.api.serving import ChoiceWriter, Job, Usage, respond
 from service.api.structured import compile_grammar, output_constraint
@@ -216,8 +216,6 @@ async def _g2p_completion(req: CompletionRequest, request: Request, model: Serve
 
 
 async def _lm_completion(req: CompletionRequest, request: Request, model: ServedModel) -> Any:
-    tm = model.lm
-    assert tm is not None
     check_extra_fields(req, "completions")
     if req.suffix:
         raise APIError("suffix is not supported", param="suffix")
@@ -228,6 +226,7 @@ async def _lm_completion(req: CompletionRequest, request: Request, model: Served
             param="best_of",
         )
     constraint = output_constraint(req.response_format, req.structured_outputs)
+    tm = await lm_for(request, Endpoint.COMPLETIONS, model)
     prompts = await _prompts(req, tm)
     jobs = []
     default = default_max_tokens(request, DEFAULT_MAX_TOKENS)

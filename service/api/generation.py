@@ -44,13 +44,6 @@ def default_max_tokens(request: Request, fallback: int | None) -> int | None:
     return fallback if configured is None else configured
 
 
-def get_text_model(request: Request) -> TextModel:
-    tm = server_state(request).text_model
-    if tm is None:
-        raise APIError("the text model is not loaded yet", status_code=503, code="model_not_ready")
-    return tm
-
-
 def admit(request: Request, tm: TextModel, n: int, endpoint: str) -> Admission:
     """Admission control, decided when the request arrives: room for its n sequences is reserved at once
     (pass the ticket to `run_choices`), or 503 + Retry-After when the server is full or the engine is down;
@@ -70,7 +63,7 @@ def admit(request: Request, tm: TextModel, n: int, endpoint: str) -> Admission:
             return tm.engine.admit(n)
         except EngineError as e:  # full (queue_full) or down (engine_dead): 503 + Retry-After
             refused = from_engine(e)
-    state.metrics.rejected.labels(endpoint, refused.code).inc()
+    state.metrics.rejected.labels(endpoint, refused.code, tm.name).inc()
     raise refused
 
 

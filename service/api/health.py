@@ -1,4 +1,5 @@
-"""GET /health (liveness: the process serves) and GET /ready (readiness: model loaded, engine alive)."""
+"""GET /health (liveness: the process serves) and GET /ready (readiness: the --preload models loaded, the loaded
+models' engines alive)."""
 
 from __future__ import annotations
 
@@ -31,18 +32,18 @@ async def health() -> dict[str, str]:
 async def ready(request: Request) -> Any:
     state = server_state(request)
     problems = []
-    tm = state.text_model
+    loaded = state.models.loaded()
     if state.load_error:
         problems.append(f"model failed to load: {state.load_error}")
-    elif tm is None:
+    elif state.preloading:
         problems.append("model is loading")
-    elif not tm.engine.is_alive:
-        problems.append("engine loop is not running")
+    problems += [f"engine loop of model {tm.name} is not running" for tm in loaded if not tm.engine.is_alive]
     if state.draining:
         problems.append("server is shutting down")
-    if problems or tm is None:
+    if problems:
         return JSONResponse({"status": "unavailable", "reasons": problems}, status_code=503)
-    return {"status": "ready", "model": tm.name}
+    names = state.models.names
+    return {"status": "ready", "model": names[0]} | ({"models": names} if len(names) > 1 else {})
 
 
 # HEAD answers like GET without a body (probes and monitors use it); kept out of the OpenAPI schema

@@ -1,6 +1,6 @@
 """Per-request plumbing as one ASGI middleware: request id, body size and time limits, the JSON content
-type, in-flight count for graceful drain, and one structured log line per request with its timing (never
-the prompt)."""
+type, in-flight count for graceful drain, what runs when a response has ended (`on_response_end`: a streamed one
+included), and one structured log line per request with its timing (never the prompt)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import time
 import uuid
 from collections.abc import Callable
 
+from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.api.errors import error_body
@@ -26,6 +27,15 @@ class InFlight:
 
     def __init__(self) -> None:
         self.count = 0
+
+
+def on_response_end(request: Request, fn: Callable[[], None]) -> None:
+    """Call `fn` once this request's response has ended: sent (a stream: its last chunk), failed or cut by the
+    client (the model a request holds is given back so)."""
+    request.scope["state"][_RESPONSE_END].append(fn)
+
+
+_RESPONSE_END = "response_end"
 
 
 def _is_json(content_type: bytes) -> bool:
@@ -61,6 +71,8 @@ class RequestContextMiddleware:
         given = headers.get(b"x-request-id", b"").decode("latin-1")
         rid = given if _SAFE_ID.match(given) else uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = rid
+        ends: list[Callable[[], None]] = []
+        scope["state"][_RESPONSE_END] = ends
         t0 = time.perf_counter()
         status = 0
         tracked = scope["path"] not in UNTRACKED
@@ -152,6 +164,8 @@ class RequestContextMiddleware:
             status = 500
             await self._send_error(send, rid, 500, "internal server error", "internal_server_error", "internal_error")
         finally:
+            for end in ends:
+                end()
             if tracked:
                 self.inflight.count -= 1
             self._log(scope, rid, status, t0)
@@ -205,18 +219,15 @@ class RequestContextMiddleware:
     def _log(scope: Scope, rid: str, status: int, t0: float) -> None:
         if scope["path"] in UNTRACKED and status < 400:
             return
-        log.info(
-            "request",
-            extra={
-                "fields": {
-                    "request_id": rid,
-                    "method": scope["method"],
-                    "path": scope["path"],
-                    "status": status,
-                    "duration_ms": round((time.perf_counter() - t0) * 1000, 2),
-                }
-            },
-        )
+        fields = {
+            "request_id": rid,
+            "method": scope["method"],
+            "path": scope["path"],
+            "status": status,
+            "duration_ms": round((time.perf_counter() - t0) * 1000, 2),
+        }
+        model = scope.get("state", {}).get("model")  # the LM that served it (set by the route)
+        log.info("request", extra={"fields": fields | ({"model": model} if model else {})})
 
 
 class _BodyError(Exception):

@@ -1,18 +1,24 @@
 """Which model answers a request: one table of the models this server serves, each with its kind, the endpoints it
 answers and its GET /v1/models entry. Every route that takes a `model` field resolves it with `route()` (404 naming
-the models that endpoint has, 503 while the one asked for is not ready), and /v1/models lists the ready ones.
+the models that endpoint has, 400 when it names none and several LMs could answer, 503 while a model that is not an
+LM is not ready); an LM's row then gives its loaded `TextModel` through `lm_for()`, which loads it on first use
+(`service.api.model_registry`) and holds it until the response has ended. /v1/models lists every LM, loaded or not,
+with its status, and the other models that are ready.
 
 A new kind of model is a row here and a handler in the routes that serve it (e.g. `completions._HANDLERS`)."""
 
 from __future__ import annotations
 
 import enum
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import Request
 
 from service.api.errors import APIError
+from service.api.middleware import on_response_end
+from service.api.model_registry import LMSlot, Status
 from service.api.state import ServerState, server_state
 from service.api.text_model import TextModel
 from service.engine.images import ImageBatcher
@@ -46,9 +52,9 @@ class ServedModel:
     id: str
     kind: Kind
     endpoints: frozenset[Endpoint]
-    ready: bool  # loaded and running: requests for it are served, /v1/models lists it
+    ready: bool  # requests for it are served (an LM: always, loaded on first use), /v1/models lists it
     not_ready: str  # the 503's message while it is not
-    lm: TextModel | None = None  # what serves it: one of these, by kind
+    lm: LMSlot | None = None  # what serves it: one of these, by kind
     seq2seq: Seq2SeqBatcher | None = None
     images: ImageBatcher | None = None
     info: dict[str, Any] = field(default_factory=dict)  # its /v1/models entry's fields beyond id, object, created
@@ -59,28 +65,9 @@ class ServedModel:
 
 
 def model_table(state: ServerState) -> list[ServedModel]:
-    """The models this server serves, the LM first (clients take data[0]); the LM once it has loaded, the G2P model
-    where it was enabled; the image model always (its requests get a 503 while it is not running)."""
-    table = []
-    tm = state.text_model
-    if tm is not None:
-        table.append(
-            ServedModel(
-                tm.name,
-                Kind.TEXT,
-                _TEXT_ENDPOINTS,
-                True,
-                "",
-                lm=tm,
-                info={
-                    "kind": Kind.TEXT.value,
-                    "max_model_len": tm.max_model_len,
-                    "dtype": tm.dtype,
-                    "kernels": tm.kernels,
-                    "batch_invariant": tm.batch_invariant,
-                },
-            )
-        )
+    """The models this server serves, the LMs first in the order given (clients take data[0]); the G2P model where
+    it was enabled; the image model always (its requests get a 503 while it is not running)."""
+    table = [_lm_row(slot) for slot in state.models.slots]
     g2p = state.g2p_batcher
     if g2p is not None:
         cfg = g2p.g2p.config
@@ -115,24 +102,63 @@ def model_table(state: ServerState) -> list[ServedModel]:
     return table
 
 
+def _lm_row(slot: LMSlot) -> ServedModel:
+    """An LM's row: its entry says whether it is loaded (llama-server's router mode's `status`) and, once it is,
+    its context, dtype and kernels."""
+    status: dict[str, Any] = {"value": slot.status.value}
+    if slot.error is not None:
+        status |= {"failed": True, "error": slot.error}
+    info: dict[str, Any] = {"kind": Kind.TEXT.value, "status": status, "loaded": slot.status is Status.LOADED}
+    tm = slot.model
+    if tm is not None:
+        info |= {
+            "max_model_len": tm.max_model_len,
+            "dtype": tm.dtype,
+            "kernels": tm.kernels,
+            "batch_invariant": tm.batch_invariant,
+        }
+    return ServedModel(slot.name, Kind.TEXT, _TEXT_ENDPOINTS, True, "", lm=slot, info=info)
+
+
 def route(request: Request, endpoint: Endpoint, requested: str | None) -> ServedModel:
-    """The model that answers `requested` (None: the endpoint's first, the LM for the text endpoints) at `endpoint`:
-    404 naming the endpoint's models when none has that id, 503 when it is not ready (the LM while it loads, which
-    is also the answer for any id but another model's while the LM's own name is not known yet)."""
-    state = server_state(request)
-    served = [m for m in model_table(state) if endpoint in m.endpoints]
-    lm_loading = state.text_model is None and endpoint in _TEXT_ENDPOINTS
+    """The model that answers `requested` at `endpoint` (None: the endpoint's only model of its kind, the LM for
+    the text endpoints): 404 naming the endpoint's models when none has that id, 400 naming the LMs when none is
+    named and there are several, 503 when a model that is not an LM is not ready."""
+    served = [m for m in model_table(server_state(request)) if endpoint in m.endpoints]
     if requested is None:
-        found = served[0] if served and not lm_loading else None
+        lms = [m.id for m in served if m.kind is Kind.TEXT]
+        if len(lms) > 1:
+            raise APIError(
+                f"this server serves several models: name one in `model` ({', '.join(repr(i) for i in lms)})",
+                param="model",
+                code="model_required",
+            )
+        found = served[0] if served else None
     else:
         found = next((m for m in served if m.id == requested), None)
     if found is None:
-        if lm_loading:
-            raise APIError("the text model is not loaded yet", status_code=503, code="model_not_ready")
         raise model_not_found(requested, [m.id for m in served], _FOR.get(endpoint, ""))
     if not found.ready:
         raise APIError(found.not_ready, status_code=503, code="model_not_ready")
     return found
+
+
+async def lm_for(request: Request, endpoint: Endpoint, model: ServedModel) -> TextModel:
+    """The loaded LM of an LM's row, held by this request until its response has ended (loaded first, on first
+    use: the request waits, and its queue time counts from here)."""
+    state = server_state(request)
+    arrival = time.monotonic()
+    try:
+        tm, waited = await state.models.acquire(model.id, state.settings.queue_timeout_s)
+    except APIError as e:
+        state.metrics.rejected.labels(endpoint.value, e.code or "error", model.id).inc()
+        raise
+    models = state.models
+    on_response_end(request, lambda: models.release(model.id))
+    request.state.model = model.id  # the access log's `model`
+    if waited:
+        request.state.arrival = arrival  # the engine counts its queue time (and deadlines) from here
+    return tm
 
 
 _FOR = {Endpoint.IMAGES: " for images"}  # the 404's wording where the endpoint has models of one kind only
@@ -149,8 +175,9 @@ def model_not_found(requested: str | None, ids: list[str], where: str = "") -> A
     )
 
 
-def text_model(request: Request, endpoint: Endpoint, requested: str | None) -> TextModel:
-    """The LM, for an endpoint only an LM serves (chat, responses, tokenize), after `route()`'s checks."""
-    lm = route(request, endpoint, requested).lm
-    assert lm is not None, f"{endpoint.value} is served by LMs only"
-    return lm
+async def text_model(request: Request, endpoint: Endpoint, requested: str | None) -> TextModel:
+    """The LM a request names, for an endpoint only LMs serve (chat, responses, tokenize), after `route()`'s
+    checks, loaded and held (`lm_for`)."""
+    model = route(request, endpoint, requested)
+    assert model.kind is Kind.TEXT, f"{endpoint.value} is served by LMs only"
+    return await lm_for(request, endpoint, model)

@@ -9,9 +9,9 @@ import re
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from service.api.chat import forced_call_grammar, logprob_entry, render_chat, tool_setup
@@ -22,12 +22,11 @@ from service.api.generation import (
     admit,
     check_top_logprobs,
     default_max_tokens,
-    get_text_model,
     new_id,
     resolve_max_tokens,
 )
 from service.api.json_route import OffLoopJSONRoute
-from service.api.model_table import Endpoint, route
+from service.api.model_table import Endpoint, route, text_model
 from service.api.response_objects import (
     ContentPartAdded,
     ContentPartDone,
@@ -592,9 +591,7 @@ class ResponseWriter(ReplyWriter):
         }
     },
 )
-async def create_response(
-    req: ResponsesRequest, request: Request, tm: Annotated[TextModel, Depends(get_text_model)]
-) -> Any:
+async def create_response(req: ResponsesRequest, request: Request) -> Any:
     route(request, Endpoint.RESPONSES, req.model)
     _refuse_unsupported(req)
     check_extra_fields(req, "responses")
@@ -609,6 +606,7 @@ async def create_response(
             "text.format cannot be combined with a tool_choice that forces a call: the reply is a tool call",
             param="text.format",
         )
+    tm = await text_model(request, Endpoint.RESPONSES, req.model)
     with _renamed({"messages": "input"}):
         ids = await render_chat(tm, messages, functions=functions)
     if req.max_output_tokens is not None and req.max_output_tokens < 1:

@@ -244,3 +244,9 @@ def sampling_params(req: _Sampling, *, max_tokens: int, logprobs: int | None, vo
     except SamplingParamsError as e:
         raise APIError(str(e), param=e.field, code="invalid_value") from None
     return params
+
+
+class ModelActionRequest(_Body):
+    """POST /models/load and /models/unload (llama-server's router mode's routes): the LM to load or unload."""
+
+    model: str

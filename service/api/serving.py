@@ -58,17 +58,25 @@ async def run_choices(
     admission: Admission,
     request: Request | None = None,
     timeout_s: float | None = None,
+    arrival: float | None = None,
 ) -> AsyncGenerator[tuple[int, TokenEvent], None]:
     """Run every job concurrently; yield (job index, event) as they come.
     Leaving the iterator early (client gone) cancels every job, which aborts it in the engine; close it
     with `contextlib.aclosing` so that this happens at once. Given the `request` of a non-streamed
-    response, a client disconnect also aborts every job and raises APIError(499)."""
+    response, a client disconnect also aborts every job and raises APIError(499). `arrival`: when the request
+    arrived, if before it reached the engine (it waited for its model to load: time.monotonic())."""
     queue: asyncio.Queue[tuple[int, TokenEvent | BaseException | None]] = asyncio.Queue()
 
     async def consume(i: int, job: Job) -> None:
         try:
             async for ev in engine.generate(
-                job.ids, job.params, f"{request_id}-{i}", timeout_s=timeout_s, admission=admission, grammar=job.grammar
+                job.ids,
+                job.params,
+                f"{request_id}-{i}",
+                timeout_s=timeout_s,
+                admission=admission,
+                grammar=job.grammar,
+                arrival=arrival,
             ):
                 await queue.put((i, ev))
         except asyncio.CancelledError:
@@ -228,10 +236,11 @@ async def respond(
     its failure ones, then its end of stream) or the whole response (an error event raises its APIError; a
     client gone raises 499)."""
     usage = Usage(jobs)
+    arrival: float | None = getattr(request.state, "arrival", None)  # set when the request waited for its model
     if stream:
-        return sse_response(_chunks(tm, jobs, admission, writer, usage, timeout_s))
+        return sse_response(_chunks(tm, jobs, admission, writer, usage, timeout_s, arrival))
     writer.opening()
-    events = run_choices(tm.engine, jobs, writer.rid, admission, request, timeout_s=timeout_s)
+    events = run_choices(tm.engine, jobs, writer.rid, admission, request, timeout_s=timeout_s, arrival=arrival)
     async with aclosing(events) as choices:
         async for i, ev in choices:
             if ev.finish_reason == "error":
@@ -248,10 +257,12 @@ async def _chunks(
     writer: ReplyWriter,
     usage: Usage,
     timeout_s: float | None,
+    arrival: float | None,
 ) -> AsyncIterator[bytes]:
     for chunk in writer.opening():
         yield chunk.sse()
-    async with aclosing(run_choices(tm.engine, jobs, writer.rid, admission, timeout_s=timeout_s)) as choices:
+    events = run_choices(tm.engine, jobs, writer.rid, admission, timeout_s=timeout_s, arrival=arrival)
+    async with aclosing(events) as choices:
         async for i, ev in choices:
             if ev.finish_reason == "error":  # the stream ends with the failure; other choices stop
                 for chunk in writer.failure(event_error(ev), usage):

@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 
 from service.api.chat import render_chat
 from service.api.errors import APIError, error_responses
-from service.api.generation import get_text_model
 from service.api.json_route import OffLoopJSONRoute
-from service.api.model_table import Endpoint, route
+from service.api.model_table import Endpoint, text_model
 from service.api.schemas import DetokenizeRequest, TokenizeRequest
-from service.api.text_model import TextModel
 
 router = APIRouter(route_class=OffLoopJSONRoute, responses=error_responses(400, 401, 404, 413, 500, 503))
 
@@ -29,12 +27,10 @@ def _tokens_json(ids: list[int], max_model_len: int) -> Response:
 
 
 @router.post("/tokenize", response_model=None)
-async def tokenize(
-    req: TokenizeRequest, request: Request, tm: Annotated[TextModel, Depends(get_text_model)]
-) -> Response:
+async def tokenize(req: TokenizeRequest, request: Request) -> Response:
     """Token ids of a prompt or of chat messages as the chat template renders them; a long text is tokenized
     and its reply serialised off the event loop."""
-    route(request, Endpoint.TOKENIZE, req.model)
+    tm = await text_model(request, Endpoint.TOKENIZE, req.model)
     if (req.prompt is None) == (req.messages is None):
         raise APIError("give exactly one of prompt or messages", param="prompt")
     if req.messages is not None:
@@ -47,10 +43,8 @@ async def tokenize(
 
 
 @router.post("/detokenize")
-async def detokenize(
-    req: DetokenizeRequest, request: Request, tm: Annotated[TextModel, Depends(get_text_model)]
-) -> dict[str, Any]:
-    route(request, Endpoint.TOKENIZE, req.model)
+async def detokenize(req: DetokenizeRequest, request: Request) -> dict[str, Any]:
+    tm = await text_model(request, Endpoint.TOKENIZE, req.model)
     bad = [t for t in req.tokens if not 0 <= t < tm.vocab_size]
     if bad:
         raise APIError(f"token ids must be in [0, {tm.vocab_size}); got {bad[:5]}", param="tokens")
@@ -58,10 +52,11 @@ async def detokenize(
 
 
 @router.get("/tokenizer_info")
-async def tokenizer_info(tm: Annotated[TextModel, Depends(get_text_model)]) -> dict[str, Any]:
+async def tokenizer_info(request: Request, model: str | None = Query(None)) -> dict[str, Any]:
     """The tokenizer's configuration, as vLLM serves it and lm-evaluation-harness's remote tokenizer
     (`tokenizer_backend=remote`) reads it: special tokens as text (which /tokenize turns back into their
-    ids), the chat template and the context length."""
+    ids), the chat template and the context length; `?model=` names the LM where the server has several."""
+    tm = await text_model(request, Endpoint.TOKENIZE, model)
     tok = tm.tokenizer
 
     def text(i: int | None) -> str | None:

@@ -155,6 +155,7 @@ class LLMEngine:
         timeout_s: float | None = None,
         admission: Admission | None = None,
         grammar: CompiledGrammar | None = None,
+        arrival: float | None = None,
     ) -> AsyncIterator[TokenEvent]:
         """Stream events for one request. Closing the iterator early aborts the request.
         timeout_s caps this request's total time (never above the engine's request_timeout_s).
@@ -165,6 +166,8 @@ class LLMEngine:
         ends with "stop" as soon as the grammar is complete (even before min_tokens).
         params.max_tokens == 0 scores the prompt only: one event, finish_reason "length", no token (set
         params.prompt_logprobs to get the scores).
+        arrival: when the request arrived (time.monotonic()), if before this call (it waited for its model to
+        load): its queue time, time to first token, latency and deadlines count from then.
         Raises EngineError (kind INVALID_REQUEST) for a request the engine cannot take (empty prompt, no room
         in the context, a grammar for another vocabulary), EngineDeadError when the loop is down."""
         if admission is not None:
@@ -183,6 +186,7 @@ class LLMEngine:
                     request_id,
                     timeout_s,
                     grammar,
+                    arrival,
                 )
             ) as events:
                 async for ev in events:

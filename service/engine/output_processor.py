@@ -120,6 +120,7 @@ async def stream_request(
     request_id: str | None,
     timeout_s: float | None,
     grammar: CompiledGrammar | None = None,
+    arrival: float | None = None,
 ) -> AsyncGenerator[TokenEvent, None]:
     """One request's events (see LLMEngine.generate). `abort` drops a request from the core (LLMEngine.abort):
     called when a stop string ends the request, or when the iterator is closed before the request ended."""
@@ -127,7 +128,7 @@ async def stream_request(
     rid = request_id or uuid.uuid4().hex
     prompt = list(prompt_ids)
     max_new = core.check(prompt, params, grammar)
-    arrival = time.monotonic()
+    arrival = time.monotonic() if arrival is None else arrival  # (earlier: it waited for its model to load)
     text = OutputStream(max_new, params.stop, core.stop_token_ids(params), tokenizer.incremental_decoder())
     timer = RequestTimer(observer, arrival, len(prompt))
     processor = OutputProcessor(rid, text, timer)

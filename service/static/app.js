@@ -302,6 +302,8 @@ function parseMetrics(text) {
   for (const line of text.split("\n")) {
     const m = /^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)/.exec(line);
     if (!m || !(m[1] in wanted)) continue;
+    const label = /model="([^"]*)"/.exec(m[2] || "");
+    if (modelId && label && label[1] !== modelId) continue; // the chosen model's gauges only
     const v = Number(m[3]);
     if (Number.isFinite(v)) out[wanted[m[1]]] = (out[wanted[m[1]]] || 0) + v;
   }
@@ -326,7 +328,8 @@ async function pollMetrics() {
     if (!res.ok) throw new Error(`/metrics: ${res.status}`);
     const m = parseMetrics(await res.text());
     $("metrics-error").textContent = "";
-    if (m.running === undefined) return; // the model is still loading
+    refreshModels();
+    if (m.running === undefined) return; // the model is not loaded (yet)
     $("stat-running").textContent = String(m.running);
     $("stat-waiting").textContent = String(m.waiting ?? 0);
     $("stat-kv").textContent = `${((m.kv ?? 0) * 100).toFixed(1)}%`;
@@ -340,18 +343,55 @@ async function pollMetrics() {
   }
 }
 
-// ------------------------------------------------------------------ start
+// ------------------------------------------------------------------ models
+// The picker lists /v1/models' text models with whether each is loaded (a request for one that is not loads it).
+async function textModels() {
+  const res = await api("/v1/models");
+  if (!res.ok) throw new Error(await errorMessage(res));
+  const body = await res.json();
+  return (body.data || []).filter((m) => !m.kind || m.kind === "text-generation");
+}
+
+function optionText(m) {
+  return m.status && m.status.value ? `${m.id} (${m.status.value}${m.status.failed ? ", failed" : ""})` : m.id;
+}
+
+function chooseModel(id) {
+  modelId = id;
+  $("model-id").textContent = modelId || "none";
+  for (const k of Object.keys(SERIES)) SERIES[k].length = 0; // the chart follows the chosen model
+}
+
 async function loadModel() {
   try {
-    const res = await api("/v1/models");
-    if (!res.ok) throw new Error(await errorMessage(res));
-    const body = await res.json();
-    modelId = body.data && body.data.length ? body.data[0].id : null;
-    $("model-id").textContent = modelId || "none";
+    const models = await textModels();
+    const picker = $("model-picker");
+    picker.replaceChildren(...models.map((m) => {
+      const option = document.createElement("option");
+      option.value = m.id;
+      option.textContent = optionText(m);
+      return option;
+    }));
+    picker.hidden = models.length < 2; // one model: nothing to pick
+    chooseModel(models.length ? models[0].id : null);
   } catch (e) {
     $("model-id").textContent = "unavailable (" + e.message + ")";
   }
 }
+
+async function refreshModels() {
+  const picker = $("model-picker");
+  if (picker.hidden) return;
+  try {
+    const byId = new Map((await textModels()).map((m) => [m.id, m]));
+    for (const option of picker.options) {
+      const m = byId.get(option.value);
+      if (m) option.textContent = optionText(m);
+    }
+  } catch (_) { /* shown by the next request */ }
+}
+
+// ------------------------------------------------------------------ start
 
 document.addEventListener("DOMContentLoaded", () => {
   $("chat-form").addEventListener("submit", (ev) => { ev.preventDefault(); sendChat(); });
@@ -371,6 +411,7 @@ document.addEventListener("DOMContentLoaded", () => {
   $("comp-stop").addEventListener("click", () => { if (compAbort) compAbort.abort(); });
   $("img-form").addEventListener("submit", (ev) => { ev.preventDefault(); generateImages(false); });
   $("interp-send").addEventListener("click", () => generateImages(true));
+  $("model-picker").addEventListener("change", (ev) => chooseModel(ev.target.value));
   loadModel();
   pollMetrics();
   setInterval(pollMetrics, 2000);

@@ -343,3 +343,38 @@ def test_save_screenshots(browser: Any, shipped: LiveServer) -> None:
         assert p.errors == []
     finally:
         p.close()
+
+
+def test_the_model_picker_lists_the_text_models_and_requests_go_to_the_one_picked(
+    browser: Any, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """Two LMs (tiny llama and GPT-2 GGUF files): the picker lists both with their status, the second picked
+    loads on its first completion and the picker shows it loaded."""
+    from tests.model_core.tiny_formats import tiny_hf_gpt2, tiny_hf_llama, write_gguf
+
+    d = tmp_path_factory.mktemp("picker")
+    write_gguf(tiny_hf_llama(), d / "llama.gguf", "Q8_0")
+    write_gguf(tiny_hf_gpt2(), d / "gpt2.gguf", "Q8_0")
+    settings = Settings(model=[str(d / "llama.gguf"), str(d / "gpt2.gguf")], enable_gan=False, enable_g2p=False)
+    with serve(create_app(settings.model_copy(update={"kv_cache_memory_gb": 0.01}))) as live:
+        while httpx.get(live.base_url + "/ready", timeout=10).status_code != 200:
+            time.sleep(0.05)
+        p = Page(browser, live)
+        try:
+            page = p.page
+            picker = page.get_by_label("Model", exact=True)
+            page.wait_for_function("() => document.getElementById('model-id').textContent === 'llama'")
+            assert picker.is_visible()
+            assert page.locator("#model-picker option").all_text_contents() == ["llama (loaded)", "gpt2 (unloaded)"]
+            picker.select_option("gpt2")
+            assert page.locator("#model-id").text_content() == "gpt2"
+            page.get_by_label("Prompt", exact=True).fill("Hello")
+            page.get_by_role("button", name="Complete").click()
+            page.wait_for_selector("#comp-output span.tok", timeout=30_000)
+            assert page.locator("#comp-error").text_content() == ""
+            page.wait_for_function(
+                "() => document.querySelector('#model-picker option[value=gpt2]').textContent === 'gpt2 (loaded)'"
+            )
+            assert p.errors == []
+        finally:
+            p.close()

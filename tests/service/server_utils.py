@@ -44,6 +44,15 @@ from tests.service.engine.engine_utils import make_engine
 TINY_MODEL_NAME = "tiny-llama"
 
 
+def loaded_lm(app: FastAPI, name: str | None = None) -> TextModel:
+    """An app's LM `name` (default: its first), which must be loaded."""
+    registry = app.state.server.models
+    slot = registry.get(name or registry.names[0])
+    assert slot is not None and slot.model is not None, f"the text model {name or ''} is not loaded"
+    tm: TextModel = slot.model
+    return tm
+
+
 @dataclass(frozen=True)
 class LiveServer:
     """A uvicorn server on 127.0.0.1:`port`."""
@@ -57,9 +66,12 @@ class LiveServer:
 
     @property
     def text_model(self) -> TextModel:
-        tm: TextModel | None = self.app.state.server.text_model
-        assert tm is not None, "the text model is not loaded"
-        return tm
+        """The first LM (the only one, in most tests), loaded."""
+        return loaded_lm(self.app)
+
+    def lm(self, name: str) -> TextModel:
+        """The LM `name`, loaded."""
+        return loaded_lm(self.app, name)
 
     def client(self, timeout: float | httpx.Timeout = 60.0, **kw: Any) -> httpx.Client:
         return httpx.Client(base_url=self.base_url, timeout=timeout, **kw)
@@ -113,9 +125,12 @@ class InProcessServer:
 
     @property
     def text_model(self) -> TextModel:
-        tm: TextModel | None = self.app.state.server.text_model
-        assert tm is not None, "the text model is not loaded"
-        return tm
+        """The first LM (the only one, in most tests), loaded."""
+        return loaded_lm(self.app)
+
+    def lm(self, name: str) -> TextModel:
+        """The LM `name`, loaded."""
+        return loaded_lm(self.app, name)
 
     def client(self, timeout: float | httpx.Timeout = 60.0, **kw: Any) -> httpx.Client:
         return httpx.Client(transport=self.transport, base_url=self.base_url, timeout=timeout, **kw)

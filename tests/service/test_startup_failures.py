@@ -134,6 +134,16 @@ def test_a_kv_cache_too_small_for_one_sequence_exits_1_saying_what_it_needs(smol
     assert 0.02 < needed < 1.0, line
 
 
+def test_models_that_cannot_be_served_together_exit_1_saying_why(tmp_path: Path) -> None:
+    """Checked before anything loads: a budget smaller than one model, two models with one id."""
+    (tmp_path / "a.gguf").write_bytes(b"x" * 1000)
+    off = ("--enable-gan", "false", "--enable-g2p", "false")
+    message = _the_one_error(_run("--models-dir", str(tmp_path), "--max-loaded-memory", "1MiB", *off))
+    assert message.startswith("model a needs about 1.00 GiB") and "max_loaded_memory=0.00 GiB" in message, message
+    message = _the_one_error(_run("--model", f"a={tmp_path}/x.gguf", "--models-dir", str(tmp_path), *off))
+    assert message.startswith("two models have the id 'a'"), message
+
+
 _BROKEN = """
 import sys
 import service.main as m

@@ -8,6 +8,7 @@ import json
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
@@ -73,6 +74,8 @@ def test_health_and_ready(http: httpx.Client, server: InProcessServer) -> None:
 def test_ready_turns_200_once_the_model_has_loaded(
     monkeypatch: pytest.MonkeyPatch, tiny_model: CausalLM, smol_tokenizer: Tokenizer
 ) -> None:
+    """While the model loads: /health answers, /ready is 503, /v1/models lists it as loading, and a request for it
+    waits for the load (as llama-server's router mode and Ollama do) and is then served."""
     release = threading.Event()
 
     def slow_build(settings: Settings, observer: Any = None) -> TextModel:
@@ -80,20 +83,24 @@ def test_ready_turns_200_once_the_model_has_loaded(
         return tiny_text_model(tiny_model, smol_tokenizer)
 
     monkeypatch.setattr(service.main, "build_text_model", slow_build)
-    with serve_in_process(create_app(Settings(enable_gan=False))) as live, live.client(timeout=30.0) as c:
+    app = create_app(Settings(enable_gan=False, served_model_name=MODEL))
+    with serve_in_process(app) as live, live.client(timeout=30.0) as c, ThreadPoolExecutor(1) as pool:
         assert c.get("/health").status_code == 200  # liveness does not wait for the model
         r = c.get("/ready")
         assert r.status_code == 503 and r.json()["status"] == "unavailable"
         assert any("loading" in reason for reason in r.json()["reasons"])
-        assert_error(c.post("/v1/completions", json={"prompt": "hi"}), 503, code="model_not_ready")
-        assert_error(c.get("/v1/models"), 503)
+        (entry,) = [m for m in c.get("/v1/models").json()["data"] if m["kind"] == "text-generation"]
+        assert (entry["id"], entry["status"], entry["loaded"]) == (MODEL, {"value": "loading"}, False)
+        waiting = pool.submit(c.post, "/v1/completions", json={"prompt": "hi", "max_tokens": 2})
+        time.sleep(0.2)
+        assert not waiting.done()  # it waits for the load
         release.set()
+        r = waiting.result(30.0)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
         deadline = time.monotonic() + 10.0
         while c.get("/ready").status_code != 200 and time.monotonic() < deadline:
             time.sleep(0.01)
         assert c.get("/ready").json() == {"status": "ready", "model": MODEL}
-        r = c.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2})
-        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
 
 
 def test_ready_reports_a_failed_load(monkeypatch: pytest.MonkeyPatch) -> None:

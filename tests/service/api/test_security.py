@@ -290,7 +290,7 @@ def test_no_error_body_carries_a_stack_trace(open_server: LiveServer, monkeypatc
     def exploding_check(*args: Any, **kwargs: Any) -> None:
         raise RuntimeError(secret)
 
-    monkeypatch.setattr(tokenize_module, "route", exploding_check)
+    monkeypatch.setattr(tokenize_module, "text_model", exploding_check)
     with httpx.Client(base_url=open_server.base_url, timeout=30.0) as c:
         for _ in range(3):  # an unexpected exception inside a route; the connection stays usable
             r = c.post("/tokenize", json={"prompt": "hi"})

@@ -130,6 +130,7 @@ def test_a_draft_model_server_gives_the_same_replies(servers: tuple[InProcessSer
         )
     )
     with serve_model_in_process(tm) as draft:
+        assert off.client().post("/reset_prefix_cache").status_code == 200  # a fresh cache, as the new server's
         for path, body in REQUESTS[:1] + REQUESTS[3:4]:
             assert _reply(draft, path, body) == _reply(off, path, body)
         stats = draft.text_model.engine.stats

@@ -25,7 +25,7 @@ def test_index_serves_the_labelled_controls() -> None:
     assert r.headers["content-type"] == "text/html; charset=utf-8"
     assert "script-src 'self'" in r.headers["content-security-policy"]
     html = r.text
-    for label in ("Message", "System prompt", "JSON schema (optional)", "Prompt", "API key"):
+    for label in ("Model", "Message", "System prompt", "JSON schema (optional)", "Prompt", "API key"):
         assert re.search(rf"<label for=\"[\w-]+\">{re.escape(label)}</label>", html), label
     for label in ("Digit", "Count", "Temperature", "Top p", "Max tokens", "Seed"):
         assert f"<label>{label} <input" in html, label
