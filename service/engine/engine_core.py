@@ -331,7 +331,11 @@ class EngineCore:
     def step(self) -> int:
         """One engine step (schedule -> run -> update); returns the number of sequences that got a token."""
         self._expire()
-        drafts = self._propose()
+        try:
+            drafts = self._propose()
+        except Exception:  # drafts are a guess: a failing proposer costs this step's, never a request or the loop
+            log.exception("proposing drafts failed")
+            drafts = {}
         with self._lock:
             out = self.scheduler.schedule(drafts)
         if not out.decodes and not out.prefills:
