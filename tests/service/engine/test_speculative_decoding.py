@@ -295,3 +295,24 @@ def test_drafts_on_a_torch_model_give_its_tokens(smol_tokenizer: Tokenizer, orac
     for a, b in zip(on, off, strict=True):
         assert [t for t, _ in a] == [t for t, _ in b]
         assert all(abs((x or 0) - (y or 0)) < 1e-4 for (_, x), (_, y) in zip(a, b, strict=True))
+
+
+def test_a_failing_proposer_costs_only_the_drafts(
+    smol_tokenizer: Tokenizer, oracle: type[OracleProposer], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(self: OracleProposer, k: int) -> list[int]:
+        raise RuntimeError("proposer bug")
+
+    monkeypatch.setattr(OracleProposer, "propose", broken)
+    model = tiny_llama(seed=6)
+    prompt = [5, 6, 7, 5, 6, 7, 5, 6]
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    out = []
+    for spec in (SPEC, None):
+        engine = build_engine(model, smol_tokenizer, EngineConfig(num_blocks=32, block_size=8, speculative=spec))
+        engine.start()
+        try:
+            out.append(run_engine(engine, [(0.0, prompt, params)])[0])
+        finally:
+            engine.stop()
+    assert out[0] == out[1] and len(out[0]) == 12
