@@ -309,7 +309,8 @@ def test_a_failing_proposer_costs_only_the_drafts(
     params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
     out = []
     for spec in (SPEC, None):
-        engine = build_engine(model, smol_tokenizer, EngineConfig(num_blocks=32, block_size=8, speculative=spec))
+        config = EngineConfig(num_blocks=32, block_size=8, max_model_len=96, speculative=spec)
+        engine = build_engine(model, smol_tokenizer, config)
         engine.start()
         try:
             out.append(run_engine(engine, [(0.0, prompt, params)])[0])
