@@ -29,6 +29,7 @@ import math
 import torch
 from torch import nn
 
+from model_core import lora
 from model_core.kv_cache import PagedKVCache
 from model_core.lm import Block, CausalLM, LMConfig
 from model_core.native import EVERY_BATCH, PROJECTION_PARTS, KernelError, Kernels
@@ -265,7 +266,7 @@ class FusedLlamaDecoder:
         work = scratch.take("fused.layer", (work_bytes,), torch.uint8).data_ptr()
         write_p, rows_p, lens_p = (t.data_ptr() for t in (write, rows, lens))
         qkv_n = (nh + 2 * nkv) * hs
-        if B <= self.max_rows:
+        if B <= self.max_rows and not lora.active():  # (adapter rows: the projections' outputs get their deltas)
             for i, layer in enumerate(self.layers):
                 attn_norm, ffn_norm = self._norms(layer, x.dtype)
                 post_attn, post_ffn = self._post_norms(layer, x.dtype)
