@@ -81,6 +81,25 @@ class LoRAAdapter:
         return LoRAAdapter(self.name, self.source, self.format, self.rank, self.alpha, layers, self.arch, self.key)
 
 
+def check_fits(adapter: LoRAAdapter, model: nn.Module) -> None:
+    """ValueError naming what of `adapter` does not fit `model` (a CausalLM): its family, a projection it targets that
+    the model lacks, or one of another size."""
+    arch = getattr(getattr(model, "cfg", None), "arch", None)
+    if arch != adapter.arch:
+        raise ValueError(f"LoRA adapter {adapter.name!r} was read for a {adapter.arch!r} model; this model is {arch!r}")
+    modules = dict(model.named_modules())
+    for path, w in adapter.layers.items():
+        m = modules.get(path)
+        if m is None:
+            raise ValueError(f"LoRA adapter {adapter.name!r} targets {path!r}, which this model does not have")
+        shape = (getattr(m, "out_features", None), getattr(m, "in_features", None))
+        if shape != (w.b.shape[0], w.a.shape[1]):
+            raise ValueError(
+                f"LoRA adapter {adapter.name!r} updates {path!r} as {w.b.shape[0]}x{w.a.shape[1]}; the model's is "
+                f"{shape[0]}x{shape[1]}"
+            )
+
+
 @dataclass(frozen=True, eq=False)
 class LoRABatch:
     """A forward's adapter choice per row (sequence): `adapters[b]` for row b, None for the base model."""

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from model_core.grammar import CompiledGrammar, is_work_limit
+from model_core.lora import LoRAAdapter
 from model_core.sampling import SamplingParams, make_generator
 from service.engine.engine_output import EngineOutput
 from service.engine.errors import (
@@ -76,6 +77,7 @@ class RequestState:
     deadline: float | None = None  # monotonic time after which the request is ended with a timeout
     queue_deadline: float | None = None  # monotonic time by which it must have been scheduled
     num_emitted: int = 0  # outputs with a token sent to the sink
+    lora: LoRAAdapter | None = None  # the adapter its rows run with (None: the base model)
 
 
 class EngineCore:
@@ -176,9 +178,11 @@ class EngineCore:
         sink: OutputSink,
         timeout_s: float | None = None,
         grammar: CompiledGrammar | None = None,
+        lora: LoRAAdapter | None = None,
     ) -> None:
-        """Queue a request `check` accepted (max_tokens: what it returned); its outputs go to `sink`.
-        Raises EngineDeadError once the loop has exited, EngineError (INVALID_REQUEST) for an id in use."""
+        """Queue a request `check` accepted (max_tokens: what it returned); its outputs go to `sink`; lora: the
+        adapter it runs with (its prefix-cache blocks are its own). Raises EngineDeadError once the loop has exited,
+        EngineError (INVALID_REQUEST) for an id in use."""
         sampling = SamplingState(
             params=params,
             generator=make_generator(params.seed, self.runner.device),
@@ -191,8 +195,9 @@ class EngineCore:
             max_tokens=max_tokens,
             arrival_time=arrival,
             lookup_prefix=params.prompt_logprobs is None,  # scoring computes every prompt position
+            cache_key=lora.key if lora is not None else "",
         )
-        state = RequestState(seq, sampling, self.stop_token_ids(params), sink)
+        state = RequestState(seq, sampling, self.stop_token_ids(params), sink, lora=lora)
         limits = [t for t in (timeout_s, self.config.request_timeout_s) if t is not None]
         if limits:
             state.deadline = arrival + min(limits)
@@ -262,6 +267,7 @@ class EngineCore:
     def _model_input(self, out: SchedulerOutput) -> ModelInput:
         def chunk(c: ScheduledChunk) -> ChunkInput:
             seq = c.seq
+            st = self._requests[seq.request_id]
             return ChunkInput(
                 request_id=seq.request_id,
                 token_ids=c.token_ids,
@@ -270,7 +276,8 @@ class EngineCore:
                 prompt_ids=seq.prompt_ids,
                 output_ids=seq.output_ids,
                 sample=c.sample and seq.max_tokens > 0,  # a prompt-only request is scored, never sampled
-                sampling=self._requests[seq.request_id].sampling,
+                sampling=st.sampling,
+                lora=st.lora,
             )
 
         return ModelInput([chunk(c) for c in out.decodes], [chunk(c) for c in out.prefills])

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from model_core.grammar import GrammarMatcher
+from model_core.lora import LoRAAdapter
 from model_core.sampling import SamplingParams, TokenScore
 
 
@@ -41,6 +42,7 @@ class ChunkInput:
     output_ids: list[int]  # generated so far
     sample: bool
     sampling: SamplingState
+    lora: LoRAAdapter | None = None  # the request's LoRA adapter (None: the base model)
 
     @property
     def num_tokens(self) -> int:
