@@ -139,7 +139,7 @@ def _read_peft(d: Path) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], d
     kind = str(conf.get("peft_type", "LORA")).upper()
     if kind != "LORA":
         raise ValueError(f"{d}: peft_type {kind!r} is not supported (LORA only)")
-    refused = (
+    refused: tuple[tuple[str, tuple[object, ...]], ...] = (
         ("use_dora", (False, None)),
         ("bias", ("none", None)),
         ("lora_bias", (False, None)),
