@@ -9,8 +9,10 @@ targeted. So `W x + B (A x)` is the adapted projection of the stacked layer, and
 
 A forward takes a `LoRABatch`: for each row (sequence) of the batch, the adapter it runs with or None (the base).
 While the forward runs (`CausalLM.forward(..., lora=...)`), every targeted projection adds `B (A x)` to the output
-rows of each adapter present, grouped by adapter (one pair of small matmuls per adapter and projection, whatever
-the number of its rows); the other rows' outputs are not touched, so a base row's logits are those of the model
+rows of each adapter present: the rows gathered by adapter, (G adapters, M rows each), and all adapters' deltas of
+the projection made by one pair of batched matmuls (G, M, in) @ (G, in, r) @ (G, r, out) (ranks padded with zeros),
+so the cost grows with the adapters present, not with the rows; the other rows' outputs are not touched (an
+index_add_ into the adapters' rows only), so a base row's logits are those of the model
 without adapters bit for bit (in the fused decoder too: a step with adapter rows runs each layer as its
 projections with native calls between them, which gives the one-call layer's results bit for bit, and the deltas
 are added to the projections' outputs; model_core.fused_decode).
