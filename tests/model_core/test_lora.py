@@ -188,7 +188,7 @@ def test_mixed_batch_quantized_batch_invariant(files: Files, isa: str, qtype: st
     path = files.bases[qtype].path
     lm = load_lm(path, torch.float32, quantized_max_rows=None, backend=select_backend(isa), batch_invariant=True)
     assert lm.model.batch_invariant and invariance_gap(lm.model) is None
-    adapters = {n: load_lora(_adapter_path(files, n, "gguf"), lm.config) for n in ("a", "b")}
+    adapters = {n: load_lora(files.gguf.get(n, files.peft[n]), lm.config) for n in ("a", "b")}  # (GGUF where made)
     mixed = _check_mixed(lm.model, adapters, alone_tol=None)
     dense = load_lm(path, native_decode=False, pack=False)  # the file's (round-tripped) weights, dense fp32
     want = _check_dense(dense.model, adapters)
