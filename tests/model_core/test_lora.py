@@ -192,7 +192,7 @@ def test_mixed_batch_quantized_batch_invariant(files: Files, isa: str, qtype: st
     mixed = _check_mixed(lm.model, adapters, alone_tol=None)
     dense = load_lm(path, native_decode=False, pack=False)  # the file's (round-tripped) weights, dense fp32
     want = _check_dense(dense.model, adapters)
-    assert (mixed - want).abs().max().item() <= 0.05
+    assert (mixed - want).abs().max().item() <= 0.01  # (measured <= 1.3e-3; base rows alone 7e-4: the kernels own)
 
 
 def _check_dense(model: CausalLM, adapters: dict[str, LoRAAdapter]) -> torch.Tensor:
