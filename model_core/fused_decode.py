@@ -7,7 +7,10 @@ the layer's arithmetic. `FusedLlamaDecoder` replaces them with native calls (ker
    matmul mode, and the batch is at most their `max_rows`, each layer is one call (norms, projections with the QKV
    bias, QK-norm, RoPE, cache write, attention from the paged cache, SwiGLU, residual adds);
  - otherwise each layer is its four projections (PyTorch, dense, with their biases) with four native calls
-   between them: norm, QK-norm + rope + cache write + attention, residual add + next norm, SwiGLU.
+   between them: norm, QK-norm + rope + cache write + attention, residual add + next norm, SwiGLU. A step with rows
+   that run LoRA adapters (model_core.lora) takes this form at any batch, the adapters' deltas added to the
+   projections' outputs: it gives the one-call form's results bit for bit (the same kernels, in the same order;
+   tests/model_core/test_lora.py), so the base rows of such a step are those of a step without adapters.
 Llama blocks, and the llama variants among the families (model_core.models): Qwen 2's QKV biases, Qwen 3's
 QK-norm (an RMSNorm over each query and key head before RoPE), and Gemma's blocks (GELU-tanh gate; Gemma 2 and 3:
 norms after each sublayer, soft-capped scores, sliding windows; Gemma 3: QK-norm, the windowed layers' own rotary
@@ -29,6 +32,7 @@ import math
 import torch
 from torch import nn
 
+from model_core import lora
 from model_core.kv_cache import PagedKVCache
 from model_core.lm import Block, CausalLM, LMConfig
 from model_core.native import EVERY_BATCH, PROJECTION_PARTS, KernelError, Kernels
@@ -265,7 +269,7 @@ class FusedLlamaDecoder:
         work = scratch.take("fused.layer", (work_bytes,), torch.uint8).data_ptr()
         write_p, rows_p, lens_p = (t.data_ptr() for t in (write, rows, lens))
         qkv_n = (nh + 2 * nkv) * hs
-        if B <= self.max_rows:
+        if B <= self.max_rows and not lora.active():  # (adapter rows: the projections' outputs get their deltas)
             for i, layer in enumerate(self.layers):
                 attn_norm, ffn_norm = self._norms(layer, x.dtype)
                 post_attn, post_ffn = self._post_norms(layer, x.dtype)

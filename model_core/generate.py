@@ -18,6 +18,7 @@ import torch
 
 from model_core.kv_cache import PagedKVCache
 from model_core.lm import CausalLM, Output
+from model_core.lora import LoRAAdapter, LoRABatch
 from model_core.native import Kernels
 from model_core.sampling import SamplingParams, compute_logprobs, make_generator, process_logits, sample
 from model_core.stopping import OutputStream
@@ -45,9 +46,11 @@ def generate(
     eos_token_ids: Sequence[int] = (),
     generator: torch.Generator | None = None,
     kernels: Kernels | None = None,
+    lora: LoRAAdapter | None = None,
 ) -> Iterator[Step]:
     """Yields one Step per generated token. Text is produced only when a tokenizer is given. kernels: the
-    model's backend's (LoadedLM.backend.kernels), for decode attention read in place from the cache."""
+    model's backend's (LoadedLM.backend.kernels), for decode attention read in place from the cache. lora: run
+    with this adapter (model_core.lora)."""
     cfg = model.cfg
     device = model.device
     prompt = list(prompt_ids)
@@ -83,7 +86,7 @@ def generate(
     start = 0
     while True:
         step = cache.prepare([[0]], [start], tokens.shape[1])
-        raw = model(tokens, cache, step, Output.LAST)  # (1, V)
+        raw = model(tokens, cache, step, Output.LAST, lora=LoRABatch.of([lora]))  # (1, V)
         logits = process_logits(raw, [params], [prompt], [out], eos_token_ids=tuple(eos_token_ids))
         tok = int(sample(logits, [params], [gen])[0])
         lp, top = (None, None)

@@ -29,6 +29,7 @@ from torch import nn
 
 from model_core.attention import MultiHeadAttention
 from model_core.kv_cache import PagedKVCache
+from model_core.lora import LoRABatch, applied
 from model_core.native import Kernels
 from model_core.norms import make_norm
 from model_core.positional import LearnedPositionalEmbedding, RotaryEmbedding
@@ -244,11 +245,14 @@ class CausalLM(nn.Module):
         cache: PagedKVCache | None = None,
         step: StepAttention | None = None,
         output: Output = Output.LOGITS,
+        lora: LoRABatch | None = None,
     ) -> torch.Tensor:
         """tokens: (B, T) ids, at positions 0..T-1 without a cache, or at step.positions (B, T) with `step`, what
         `cache.prepare()` returned for this forward. Returns what `output` says: logits (B, T, V), (B, V) of one
         position per row, or the final-normed hidden states (B, T, C). Prompt chunks and hidden states are
-        computed with exact products (see the module's docstring for the batch-invariant mode)."""
+        computed with exact products (see the module's docstring for the batch-invariant mode). lora: each row's
+        LoRA adapter (model_core.lora; None: every row the base model), applied without merging: a row without
+        one gets the logits it would get with no adapters at all."""
         B, T = tokens.shape
         if (cache is None) != (step is None):
             raise ValueError("a forward on a cache takes the step cache.prepare() made for it, and only then")
@@ -261,8 +265,8 @@ class CausalLM(nn.Module):
         if (T > 1 or output.kind == "hidden") and not self.batch_invariant:
             # a prompt chunk: exact products, so that prompt logits do not depend on the decode kernels
             with exact_products():
-                return self._forward(tokens, positions, cache, step, output)
-        return self._forward(tokens, positions, cache, step, output)
+                return self._forward(tokens, positions, cache, step, output, lora)
+        return self._forward(tokens, positions, cache, step, output, lora)
 
     def project(self, h: torch.Tensor, exact: bool = False) -> torch.Tensor:
         """Logits (..., V) of final-normed hidden states (..., C) from `forward(..., output=Output.HIDDEN)`; exact: with
@@ -280,13 +284,13 @@ class CausalLM(nn.Module):
         cap = self.cfg.final_softcap
         return logits if cap is None else torch.tanh(logits / cap) * cap
 
-    def exact_hidden(self, tokens: torch.Tensor) -> torch.Tensor:
+    def exact_hidden(self, tokens: torch.Tensor, lora: LoRABatch | None = None) -> torch.Tensor:
         """Final-normed hidden states (B, T, C) of tokens (B, T) from position 0, without a cache, with exact
         products (dense layers where the kernels round activations to int8): how a batch-invariant model scores
-        prompts (their logprobs), so that scoring keeps the serving dtype's precision."""
+        prompts (their logprobs), so that scoring keeps the serving dtype's precision. lora: as forward's."""
         with exact_products():
             positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)  # (B, T)
-            return self._forward(tokens, positions, None, None, Output.HIDDEN)
+            return self._forward(tokens, positions, None, None, Output.HIDDEN, lora)
 
     def _forward(
         self,
@@ -295,16 +299,19 @@ class CausalLM(nn.Module):
         cache: PagedKVCache | None,
         step: StepAttention | None,
         output: Output,
+        lora: LoRABatch | None = None,
     ) -> torch.Tensor:
-        B = tokens.shape[0]
+        B, T = tokens.shape
         x = self.embed(tokens)  # (B, T, C)
         if self.cfg.embed_scale is not None:
             x = x * torch.tensor(self.cfg.embed_scale, dtype=x.dtype)  # (rounded to the activations' dtype)
         fast = self.decoder_fast_path
-        if fast is not None and cache is not None and step is not None and fast.applies(step, cache):
-            x = fast.run(x, step, cache)  # (B, T, C)
-        else:
-            x = self._decoder_layers(x, positions, cache, step)
+        real = step.index if step is not None and step.in_place else None  # (N,) the real tokens among B*T, or None
+        with applied(self, lora, B, T, real):
+            if fast is not None and cache is not None and step is not None and fast.applies(step, cache):
+                x = fast.run(x, step, cache)  # (B, T, C)
+            else:
+                x = self._decoder_layers(x, positions, cache, step)
         if output.kind == "hidden":
             return self.norm(x)  # (B, T, C)
         if output.index is not None:

@@ -17,15 +17,18 @@ the observer.
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import AsyncIterator, Sequence
 
 from model_core.grammar import CompiledGrammar
 from model_core.lm import CausalLM
+from model_core.lora import LoRAAdapter, check_fits
 from model_core.sampling import SamplingParams
 from model_core.tokenizer import Tokenizer
 from service.engine.admission import Admission, AdmissionControl
 from service.engine.draft_proposer import DraftModelProposer
 from service.engine.engine_core import EngineConfig, EngineCore, EngineStats, SpecConfig
+from service.engine.errors import invalid_request
 from service.engine.output_processor import EngineObserver, TokenEvent, error_event, stream_request
 from service.engine.runner import ModelRunner
 from service.engine.scheduler import Scheduler
@@ -64,6 +67,8 @@ class LLMEngine:
         self.tokenizer = tokenizer  # read by each new request (its detokenizer)
         self.observer = observer  # read by each new request (its timings)
         self.admission = AdmissionControl(config.max_num_seqs, config.max_waiting)
+        self._loras: dict[str, LoRAAdapter] = {}  # the LoRA adapters requests may name, by name
+        self._loras_lock = threading.Lock()
 
     @property
     def runner(self) -> ModelRunner:
@@ -147,6 +152,45 @@ class LLMEngine:
         use stay with their sequences (the scheduler lock only waits out a schedule or an update)."""
         return self.core.reset_prefix_cache()
 
+    # ---- LoRA adapters ---------------------------------------------------------------------
+    def add_lora(self, adapter: LoRAAdapter) -> LoRAAdapter:
+        """Serve `adapter` (model_core.weights.lora.load_lora, read for this engine's model) under its name: requests
+        may name it from now on (`generate(..., lora=name)`), and run in the same steps as the base model's and other
+        adapters' requests (per-row deltas, never merged into the weights). Safe at any time, from any thread; returns
+        the adapter as served (its weights on the model's device). ValueError where the name is taken or the adapter
+        does not fit the model (a message naming what)."""
+        model = self.runner.model
+        check_fits(adapter, model)
+        served = adapter.to(model.device)
+        with self._loras_lock:
+            if adapter.name in self._loras:
+                raise ValueError(f"a LoRA adapter named {adapter.name!r} is already served")
+            self._loras[adapter.name] = served
+        return served
+
+    def remove_lora(self, name: str) -> LoRAAdapter:
+        """Stop serving the adapter `name`: new requests naming it are refused; requests already running with it end
+        with it (they hold it), and its prefix-cache blocks are never found again (a reload gets a new key). KeyError
+        where no adapter has that name."""
+        with self._loras_lock:
+            if name not in self._loras:
+                raise KeyError(f"no LoRA adapter named {name!r} is served")
+            return self._loras.pop(name)
+
+    @property
+    def loras(self) -> dict[str, LoRAAdapter]:
+        """The adapters served now, by name (a copy)."""
+        with self._loras_lock:
+            return dict(self._loras)
+
+    def lora(self, name: str) -> LoRAAdapter:
+        """The adapter served as `name`; EngineError (INVALID_REQUEST, param "model") where there is none."""
+        with self._loras_lock:
+            adapter = self._loras.get(name)
+        if adapter is None:
+            raise invalid_request(f"no LoRA adapter named {name!r} is served", "model")
+        return adapter
+
     async def generate(
         self,
         prompt_ids: Sequence[int],
@@ -156,6 +200,7 @@ class LLMEngine:
         admission: Admission | None = None,
         grammar: CompiledGrammar | None = None,
         arrival: float | None = None,
+        lora: str | None = None,
     ) -> AsyncIterator[TokenEvent]:
         """Stream events for one request. Closing the iterator early aborts the request.
         timeout_s caps this request's total time (never above the engine's request_timeout_s).
@@ -168,8 +213,10 @@ class LLMEngine:
         params.prompt_logprobs to get the scores).
         arrival: when the request arrived (time.monotonic()), if before this call (it waited for its model to
         load): its queue time, time to first token, latency and deadlines count from then.
+        lora: the name of a served LoRA adapter (`add_lora`) to run with; None: the base model.
         Raises EngineError (kind INVALID_REQUEST) for a request the engine cannot take (empty prompt, no room
         in the context, a grammar for another vocabulary), EngineDeadError when the loop is down."""
+        adapter = self.lora(lora) if lora is not None else None  # (before the admission ticket is taken)
         if admission is not None:
             admission.take()
         else:
@@ -187,6 +234,7 @@ class LLMEngine:
                     timeout_s,
                     grammar,
                     arrival,
+                    adapter,
                 )
             ) as events:
                 async for ev in events:

@@ -20,6 +20,7 @@ from typing import Literal
 import torch
 
 from model_core.grammar import CompiledGrammar, is_work_limit
+from model_core.lora import LoRAAdapter
 from model_core.sampling import SamplingParams, make_generator
 from service.engine.draft_proposer import DraftModelProposer
 from service.engine.engine_output import EngineOutput
@@ -108,6 +109,7 @@ class RequestState:
     draft_len: int = 0  # how many tokens its next draft may have
     pause: int = 0  # steps it proposes nothing, after drafts rejected outright
     pause_next: int = 1  # the pause the next draft rejected outright earns
+    lora: LoRAAdapter | None = None  # the adapter its rows run with (None: the base model)
 
 
 class EngineCore:
@@ -219,9 +221,11 @@ class EngineCore:
         sink: OutputSink,
         timeout_s: float | None = None,
         grammar: CompiledGrammar | None = None,
+        lora: LoRAAdapter | None = None,
     ) -> None:
-        """Queue a request `check` accepted (max_tokens: what it returned); its outputs go to `sink`.
-        Raises EngineDeadError once the loop has exited, EngineError (INVALID_REQUEST) for an id in use."""
+        """Queue a request `check` accepted (max_tokens: what it returned); its outputs go to `sink`; lora: the
+        adapter it runs with (its prefix-cache blocks are its own). Raises EngineDeadError once the loop has exited,
+        EngineError (INVALID_REQUEST) for an id in use."""
         sampling = SamplingState(
             params=params,
             generator=make_generator(params.seed, self.runner.device),
@@ -234,8 +238,9 @@ class EngineCore:
             max_tokens=max_tokens,
             arrival_time=arrival,
             lookup_prefix=params.prompt_logprobs is None,  # scoring computes every prompt position
+            cache_key=lora.key if lora is not None else "",
         )
-        state = RequestState(seq, sampling, self.stop_token_ids(params), sink)
+        state = RequestState(seq, sampling, self.stop_token_ids(params), sink, lora=lora)
         spec = self.config.speculative
         if spec is not None and grammar is None and max_tokens > 1:  # (constrained requests are not speculated)
             state.speculate, state.draft_len = True, spec.num_tokens
@@ -314,6 +319,7 @@ class EngineCore:
     def _model_input(self, out: SchedulerOutput) -> ModelInput:
         def chunk(c: ScheduledChunk) -> ChunkInput:
             seq = c.seq
+            st = self._requests[seq.request_id]
             return ChunkInput(
                 request_id=seq.request_id,
                 token_ids=c.token_ids,
@@ -322,8 +328,9 @@ class EngineCore:
                 prompt_ids=seq.prompt_ids,
                 output_ids=seq.output_ids,
                 sample=c.sample and seq.max_tokens > 0,  # a prompt-only request is scored, never sampled
-                sampling=self._requests[seq.request_id].sampling,
+                sampling=st.sampling,
                 draft=c.draft,
+                lora=st.lora,
             )
 
         return ModelInput([chunk(c) for c in out.decodes], [chunk(c) for c in out.prefills])

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from model_core.grammar import GrammarMatcher
+from model_core.lora import LoRAAdapter
 from model_core.sampling import SamplingParams, TokenScore
 
 
@@ -43,6 +44,7 @@ class ChunkInput:
     sample: bool
     sampling: SamplingState
     draft: list[int] = field(default_factory=list)  # proposed tokens ending token_ids, to verify (decodes only)
+    lora: LoRAAdapter | None = None  # the request's LoRA adapter (None: the base model)
 
     @property
     def num_tokens(self) -> int:

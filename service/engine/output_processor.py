@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from model_core.grammar import CompiledGrammar
+from model_core.lora import LoRAAdapter
 from model_core.sampling import SamplingParams, TokenScore
 from model_core.stopping import OutputStream
 from model_core.tokenizer import Tokenizer
@@ -121,6 +122,7 @@ async def stream_request(
     timeout_s: float | None,
     grammar: CompiledGrammar | None = None,
     arrival: float | None = None,
+    lora: LoRAAdapter | None = None,
 ) -> AsyncGenerator[TokenEvent, None]:
     """One request's events (see LLMEngine.generate). `abort` drops a request from the core (LLMEngine.abort):
     called when a stop string ends the request, or when the iterator is closed before the request ended."""
@@ -138,7 +140,7 @@ async def stream_request(
     def sink(out: EngineOutput) -> None:  # called on the step thread
         loop.call_soon_threadsafe(queue.put_nowait, out)
 
-    core.add_request(rid, prompt, params, max_new, arrival, sink, timeout_s, grammar)
+    core.add_request(rid, prompt, params, max_new, arrival, sink, timeout_s, grammar, lora)
     finished = False
     try:
         while True:

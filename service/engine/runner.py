@@ -26,6 +26,7 @@ import torch
 
 from model_core.grammar import GrammarMatcher, apply_token_masks
 from model_core.lm import CausalLM, Output
+from model_core.lora import LoRAAdapter, LoRABatch
 from model_core.sampling import SamplingParams, compute_logprobs, process_logits, sample, score_tokens
 from model_core.speculative import accept_draft
 from service.engine.errors import EngineError, grammar_limit_error, internal_error, invalid_request
@@ -67,21 +68,22 @@ class ModelRunner:
         ids = [c.token_ids + [0] * (T - c.num_tokens) for c in chunks]
         tokens = torch.tensor(ids, dtype=torch.long, device=self.device)  # (B, T)
         step = self.cache.prepare([c.block_table for c in chunks], [c.start for c in chunks], counts)
+        lora = LoRABatch.of([c.lora for c in chunks])  # each row's adapter (None: every row the base model)
         if score and self.model.batch_invariant:  # scores from an exact pass of their own; logits as any forward's
             for c in chunks:
                 if self.wants_prompt_scores(c):
                     self._score_prompt(c, self._exact_hidden(c), exact=True)
         elif score:
-            h = self.model(tokens, self.cache, step, output=Output.HIDDEN)  # (B, T, C), final-normed
+            h = self.model(tokens, self.cache, step, output=Output.HIDDEN, lora=lora)  # (B, T, C), final-normed
             for b, c in enumerate(chunks):
                 if self.wants_prompt_scores(c):
                     self._score_prompt(c, h[b, : c.num_tokens])
             last = torch.tensor([n - 1 for n in counts], device=self.device)  # (B,)
             return self.model.project(h[torch.arange(len(chunks), device=self.device), last])  # (B, V)
         if min(counts) == T:
-            return self.model(tokens, self.cache, step, Output.LAST)  # (B, V)
+            return self.model(tokens, self.cache, step, Output.LAST, lora=lora)  # (B, V)
         last = torch.tensor([n - 1 for n in counts], device=self.device)  # (B,)
-        return self.model(tokens, self.cache, step, Output.at(last))  # (B, V)
+        return self.model(tokens, self.cache, step, Output.at(last), lora=lora)  # (B, V)
 
     @staticmethod
     def wants_prompt_scores(chunk: ChunkInput) -> bool:
@@ -96,7 +98,7 @@ class ModelRunner:
         chunk's end (batch-invariant mode: the serving products may round activations to int8)."""
         end = min(chunk.end, len(chunk.prompt_ids))
         tokens = torch.tensor([chunk.prompt_ids[:end]], dtype=torch.long, device=self.device)  # (1, end)
-        return self.model.exact_hidden(tokens)[0, chunk.start :]  # (end - start, C)
+        return self.model.exact_hidden(tokens, LoRABatch.of([chunk.lora]))[0, chunk.start :]  # (end - start, C)
 
     def _score_prompt(self, chunk: ChunkInput, h: torch.Tensor, exact: bool = False) -> None:
         """h: (n, C) final-normed hidden states of the chunk's positions. Position p predicts prompt token
@@ -183,14 +185,16 @@ class ModelRunner:
         tables: list[list[int]] = []
         starts: list[int] = []
         ids: list[list[int]] = []
+        loras: list[LoRAAdapter | None] = []
         for c in decodes:
             for j, t in enumerate(c.token_ids):
                 tables.append(c.block_table)
                 starts.append(c.start + j)
                 ids.append([t])
+                loras.append(c.lora)
         tokens = torch.tensor(ids, dtype=torch.long, device=self.device)  # (N, 1)
         step = self.cache.prepare(tables, starts, 1)
-        return self.model(tokens, self.cache, step, Output.LAST)  # (N, V)
+        return self.model(tokens, self.cache, step, Output.LAST, lora=LoRABatch.of(loras))  # (N, V)
 
     def _verify(self, raw: torch.Tensor, chunk: ChunkInput) -> dict[str, list[SampleResult]]:
         """raw: (k + 1, V) the logits after the chunk's last sampled token and after each of its k draft tokens.

@@ -93,6 +93,7 @@ class Sequence:
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache when first scheduled
     block_hashes: list[BlockHash] = field(default_factory=list)  # of its full blocks so far, first to last
     num_registered: int = 0  # leading blocks of block_table already offered to the prefix cache
+    cache_key: str = ""  # what besides the engine's cache salt changes its KV (its LoRA adapter): in its root hash
 
     @property
     def all_ids(self) -> list[int]:
@@ -208,6 +209,7 @@ class Scheduler:
                 f"max_num_batched_tokens ({max_num_batched_tokens}) must be >= max_num_seqs ({max_num_seqs})"
             )
         self.block_pool = BlockPool(num_blocks, enable_caching=enable_prefix_caching)
+        self._cache_salt = cache_salt
         self._root_hash = root_hash(cache_salt)
         self.prefix_cache_queries = 0  # prompt tokens looked up in the prefix cache (first schedule of each)
         self.prefix_cache_hits = 0  # of which found cached
@@ -315,8 +317,13 @@ class Scheduler:
         """The hashes of seq's first num_blocks full blocks (computed once per sequence, then kept)."""
         hashes, bs = seq.block_hashes, self.block_size
         for i in range(len(hashes), num_blocks):
-            hashes.append(hash_block(hashes[-1] if hashes else self._root_hash, seq.token_ids(i * bs, (i + 1) * bs)))
+            hashes.append(hash_block(hashes[-1] if hashes else self._root(seq), seq.token_ids(i * bs, (i + 1) * bs)))
         return hashes[:num_blocks]
+
+    def _root(self, seq: Sequence) -> BlockHash:
+        """The parent hash of seq's first block: the cache salt's, and its own key's where it has one (a LoRA
+        adapter's: a base request never shares an adapter's blocks, nor one adapter another's)."""
+        return root_hash(f"{self._cache_salt}\x00{seq.cache_key}") if seq.cache_key else self._root_hash
 
     def _cached_prefix(self, seq: Sequence) -> list[int]:
         """Cached blocks holding seq's longest prefix of full blocks, short of its last token (whose logits
