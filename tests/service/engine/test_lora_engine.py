@@ -154,3 +154,48 @@ def test_adapters_added_and_removed_at_run_time(served: tuple[LoadedLM, dict[str
             engine.add_lora(load_lora(tmp_path / "wide-lora", other.config))
     finally:
         engine.stop()
+
+
+def test_speculative_drafts_are_verified_with_the_requests_adapter(
+    served: tuple[LoadedLM, dict[str, Path]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Speculative decoding with adapters: a draft's verification rows run with their request's adapter, so greedy
+    requests for the base and two adapters keep their model's tokens (drafts: the true continuation, partly wrong)."""
+    from service.engine import engine_core
+    from service.engine.engine import SpecConfig
+    from tests.service.engine.test_speculative_decoding import OracleProposer
+
+    lm, paths = served
+    monkeypatch.setattr(engine_core, "NgramProposer", OracleProposer)
+    monkeypatch.setattr(OracleProposer, "ANSWERS", {})
+    rng = random.Random(1)
+    jobs = []
+    for i in range(6):
+        prompt = [rng.randrange(3, 300) for _ in range(rng.randint(3, 12))] + [i]  # distinct prompts
+        jobs.append(
+            (0.0, prompt, SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True), (None, "a", "b")[i % 3])
+        )
+    engine = _engine(lm, paths, max_num_seqs=8, max_num_batched_tokens=64)
+    try:
+        loras = engine.loras
+    finally:
+        engine.stop()
+    kernels = lm.backend.kernels
+    wants = []
+    for _, prompt, params, lora in jobs:
+        adapter = loras[lora] if lora is not None else None
+        want = [s.token_id for s in generate(lm.model, prompt, params, kernels=kernels, lora=adapter)]
+        OracleProposer.ANSWERS[tuple(prompt)] = want
+        wants.append(want)
+    spec = SpecConfig(num_tokens=4, disable_by_batch_size=8)
+    engine = make_engine(lm.model, lm.tokenizer, max_num_seqs=8, max_num_batched_tokens=64, speculative=spec)
+    for adapter in loras.values():
+        engine.add_lora(adapter)
+    try:
+        outs = _run(engine, jobs)
+        accepted = engine.stats.spec_accepted_tokens
+    finally:
+        engine.stop()
+    assert accepted > 10
+    for want, events in zip(wants, outs, strict=True):
+        assert [e.token_id for e in events if e.token_id is not None] == want
