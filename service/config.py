@@ -65,6 +65,12 @@ class Settings(BaseSettings):
         description="bytes of LMs loaded at once (estimated per model: its weight files + kv_cache_memory_gb), as a "
         "number of bytes or with a unit (e.g. 8GiB, 512MiB, 4GB); default: no limit",
     )
+    lora_modules: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="LoRA adapters served as models of their own: NAME=PATH (over the first model) or "
+        "NAME=PATH@MODEL, PATH a PEFT folder or a llama.cpp GGUF LoRA (space-separated or repeated; env: "
+        "comma-separated)",
+    )
     preload: Annotated[list[str] | None, NoDecode] = Field(
         None,
         description="comma-separated LMs loaded at start-up, before /ready says ready; 'all' or 'none' too; "
@@ -190,7 +196,7 @@ class Settings(BaseSettings):
     drain_timeout_s: float = Field(30.0, ge=0, description="graceful shutdown drain timeout")
     ui: bool = Field(True, description="serve the web playground at / (--no-ui or --ui false: off)")
 
-    @field_validator("api_keys", "public_paths", "cors_origins", "model", "preload", mode="before")
+    @field_validator("api_keys", "public_paths", "cors_origins", "model", "preload", "lora_modules", mode="before")
     @classmethod
     def _lists(cls, v: Any) -> Any:
         return _split_list(v)
@@ -253,6 +259,16 @@ def parse_settings(argv: Sequence[str] | None = None) -> Settings:
                 action="append",
                 dest="api_keys",
                 metavar="KEY",
+            )
+        elif name == "lora_modules":
+            ap.add_argument(
+                "--lora-modules",
+                help=f"{f.description} (env AIGC_LORA_MODULES)",
+                default=None,
+                nargs="+",
+                action="extend",
+                dest="lora_modules",
+                metavar="NAME=PATH[@MODEL]",
             )
         elif name == "model":
             ap.add_argument(

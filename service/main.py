@@ -33,14 +33,14 @@ from fastapi import FastAPI
 
 from model_core.g2p import Hypothesis
 from model_core.grammar_probe import configure_shared_probe
-from service.api import admin, chat, completions, health, images, models, responses, tokenize, ui
+from service.api import admin, chat, completions, health, images, lora_routes, models, responses, tokenize, ui
 from service.api import metrics as metrics_route
 from service.api.auth import APIKeyMiddleware
 from service.api.cors import CORS
 from service.api.errors import APIError, install_error_handlers
 from service.api.middleware import RequestContextMiddleware
-from service.api.model_registry import Budget, LMSlot, ModelLoadError, ModelRegistry, Status
-from service.api.model_specs import ModelSpec, model_specs, preload_names
+from service.api.model_registry import Budget, LMSlot, ModelLoadError, ModelRegistry, Status, attach_adapters
+from service.api.model_specs import ModelSpec, lora_specs, model_specs, preload_names
 from service.api.model_table import G2P_MODEL, IMAGE_MODEL
 from service.api.state import ServerState
 from service.api.text_model import TextModel
@@ -282,17 +282,21 @@ async def start_g2p_batcher(settings: Settings, metrics: Metrics) -> Seq2SeqBatc
     return batcher
 
 
-def _load_lm(settings: Settings, spec: ModelSpec, metrics: Metrics) -> Callable[[], TextModel]:
-    """What loads one LM (on the registry's loader thread): build it, start its engine, export its metrics; a
-    failure logs one error line (a traceback only for a bug) and raises ModelLoadError with that line."""
+def _load_lm(
+    settings: Settings, spec: ModelSpec, metrics: Metrics, adapters: dict[str, str]
+) -> Callable[[], TextModel]:
+    """What loads one LM (on the registry's loader thread): build it, attach its LoRA `adapters` (the slot's: what
+    they are at each load), start its engine, export its metrics; a failure logs one error line (a traceback only for
+    a bug) and raises ModelLoadError with that line."""
 
     def load() -> TextModel:
         try:
             tm = build_text_model(settings_for(settings, spec), observer=metrics.observer(spec.name))
+            attach_adapters(tm, adapters, spec.name)
             _start_lm(tm, spec.name, metrics)
         except Exception as e:
             metrics.loads.labels(spec.name, "error").inc()
-            if isinstance(e, StartupError):  # expected: one line says it all
+            if isinstance(e, (StartupError, ModelLoadError)):  # expected: one line says it all
                 log.error("%s", e, extra={"fields": {"model": spec.name}})
                 raise ModelLoadError(str(e)) from e
             message = f"cannot start {spec.label}: {type(e).__name__}: {_reason(e)}"  # a bug: keep the traceback
@@ -348,6 +352,7 @@ def create_app(settings: Settings | None = None, text_model: TextModel | None = 
     try:
         preload = [text_model.name] if text_model else preload_names(settings.preload, [s.name for s in specs])
         budget.check(specs, [s for s in specs if s.name in preload])
+        loras = lora_specs(settings.lora_modules, [s.name for s in specs])
     except ValueError as e:
         raise StartupError(str(e)) from e
 
@@ -362,12 +367,19 @@ def create_app(settings: Settings | None = None, text_model: TextModel | None = 
         def on_change(slot: LMSlot) -> None:
             metrics.loaded.labels(slot.name).set(1 if slot.status is Status.LOADED else 0)
 
-        slots = [LMSlot(s, None if text_model else _load_lm(settings, s, metrics)) for s in specs]
+        adapters: dict[str, dict[str, str]] = {s.name: {} for s in specs}  # each LM's LoRA adapters: id -> path
+        for lora in loras:
+            adapters[lora.base][lora.name] = lora.path
+        slots = []
+        for s in specs:
+            build = None if text_model else _load_lm(settings, s, metrics, adapters[s.name])
+            slots.append(LMSlot(s, build, adapters=adapters[s.name]))
         state.models = registry = ModelRegistry(slots, budget, _stop_lm(metrics), on_change)
         for slot in slots:
             on_change(slot)
         if text_model is not None:  # given built: started here, before the first request
             try:
+                attach_adapters(text_model, adapters[text_model.name], text_model.name)
                 _start_lm(text_model, text_model.name, metrics)
             except Exception as e:
                 state.load_error = f"cannot start model {text_model.name}: {type(e).__name__}: {_reason(e)}"
@@ -403,6 +415,7 @@ def create_app(settings: Settings | None = None, text_model: TextModel | None = 
         responses.router,
         images.router,
         admin.router,
+        lora_routes.router,
     ):
         app.include_router(r)
     public_paths = list(settings.public_paths)

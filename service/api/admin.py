@@ -20,7 +20,8 @@ async def reset_prefix_cache(request: Request, model: str | None = Query(None)) 
     prompts) of every loaded LM, or of the one `?model=` names (an unloaded one has none). Requests running keep
     their blocks; later ones compute their prompts again."""
     registry = server_state(request).models
-    names = [route(request, Endpoint.COMPLETIONS, model).id] if model is not None else registry.names
+    slot = route(request, Endpoint.COMPLETIONS, model).lm if model is not None else None  # (an adapter: its base's)
+    names = [slot.name] if slot is not None else registry.names if model is None else []
     loaded = [slot.model for slot in map(registry.get, names) if slot is not None and slot.model is not None]
     engines = [tm.engine for tm in loaded if tm.engine.config.enable_prefix_caching]
     forgotten = sum([await asyncio.to_thread(e.reset_prefix_cache) for e in engines])

@@ -25,7 +25,7 @@ import enum
 import logging
 import time
 from collections.abc import Callable, Coroutine, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from service.api.errors import APIError
@@ -97,6 +97,9 @@ class LMSlot:
     waiting: int = 0  # requests waiting for it to load
     last_used: float = 0.0  # time.monotonic() when a request last took or gave it back
     task: asyncio.Task[None] | None = None  # its load or unload under way
+    # LoRA adapters served over it, id -> path: `build` attaches them to every load (`attach_adapters`), the
+    # adapter routes add and remove them at run time
+    adapters: dict[str, str] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -110,6 +113,16 @@ class LMSlot:
     def idle(self) -> bool:
         """Loaded, and neither held nor waited for: the only state in which it may be evicted."""
         return self.status is Status.LOADED and self.users == 0 and self.waiting == 0 and self.build is not None
+
+
+def attach_adapters(tm: TextModel, adapters: dict[str, str], model: str) -> None:
+    """Serve LoRA adapters (id -> path) on a just-built model's engine (on a worker thread: it reads their files).
+    ModelLoadError naming the adapter that does not load."""
+    for name, path in list(adapters.items()):
+        try:
+            tm.engine.load_lora(name, path)
+        except (OSError, ValueError) as e:
+            raise ModelLoadError(f"cannot load LoRA adapter {name} ({path}) of model {model}: {e}") from e
 
 
 class ModelRegistry:

@@ -102,6 +102,36 @@ def model_specs(models: Sequence[str], models_dir: str | None, served_model_name
     return specs
 
 
+@dataclass(frozen=True)
+class LoraSpec:
+    """A LoRA adapter served under its own id over one of the LMs (`--lora-modules NAME=PATH[@MODEL]`)."""
+
+    name: str
+    path: str
+    base: str  # the id of the LM it adapts
+
+
+def lora_specs(entries: Sequence[str], lm_names: Sequence[str]) -> list[LoraSpec]:
+    """`--lora-modules` entries, each NAME=PATH (over the first LM) or NAME=PATH@MODEL. ValueError for an entry of
+    another shape, a MODEL not served, or an id that another adapter or an LM has."""
+    specs: list[LoraSpec] = []
+    taken = set(lm_names)
+    for entry in entries:
+        name, eq, rest = entry.partition("=")
+        path, at, base = rest.rpartition("@") if "@" in rest and not os.path.exists(rest) else (rest, "", "")
+        if not eq or not name or not path or (at and not base):
+            raise ValueError(f"lora_modules entry {entry!r}: expected NAME=PATH or NAME=PATH@MODEL")
+        base = base or lm_names[0]
+        if base not in lm_names:
+            available = ", ".join(f"'{n}'" for n in lm_names)
+            raise ValueError(f"lora_modules entry {entry!r}: no model {base!r} is served; available: {available}")
+        if name in taken:
+            raise ValueError(f"lora_modules entry {entry!r}: the id {name!r} is taken by a model or another adapter")
+        taken.add(name)
+        specs.append(LoraSpec(name, path, base))
+    return specs
+
+
 def preload_names(preload: Sequence[str] | None, names: Sequence[str]) -> list[str]:
     """The models loaded at start-up: `None` = the first; `all`; `none`; or names that must be served."""
     if preload is None:

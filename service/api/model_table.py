@@ -54,7 +54,8 @@ class ServedModel:
     endpoints: frozenset[Endpoint]
     ready: bool  # requests for it are served (an LM: always, loaded on first use), /v1/models lists it
     not_ready: str  # the 503's message while it is not
-    lm: LMSlot | None = None  # what serves it: one of these, by kind
+    lm: LMSlot | None = None  # what serves it: one of these, by kind (a LoRA adapter: its base LM's slot)
+    lora: str | None = None  # a LoRA adapter served over `lm`: its id
     seq2seq: Seq2SeqBatcher | None = None
     images: ImageBatcher | None = None
     info: dict[str, Any] = field(default_factory=dict)  # its /v1/models entry's fields beyond id, object, created
@@ -67,7 +68,7 @@ class ServedModel:
 def model_table(state: ServerState) -> list[ServedModel]:
     """The models this server serves, the LMs first in the order given (clients take data[0]); the G2P model where
     it was enabled; the image model always (its requests get a 503 while it is not running)."""
-    table = [_lm_row(slot) for slot in state.models.slots]
+    table = [row for slot in state.models.slots for row in (_lm_row(slot), *_adapter_rows(slot))]
     g2p = state.g2p_batcher
     if g2p is not None:
         cfg = g2p.g2p.config
@@ -120,6 +121,25 @@ def _lm_row(slot: LMSlot) -> ServedModel:
     return ServedModel(slot.name, Kind.TEXT, _TEXT_ENDPOINTS, True, "", lm=slot, info=info)
 
 
+def _adapter_rows(slot: LMSlot) -> list[ServedModel]:
+    """The rows of the LoRA adapters served over an LM: vLLM's entries (`parent` the base model, `root` the
+    adapter's path), with the base's status (an adapter is loaded with its base)."""
+    base = _lm_row(slot)
+    return [
+        ServedModel(
+            name,
+            Kind.TEXT,
+            _TEXT_ENDPOINTS,
+            True,
+            "",
+            lm=slot,
+            lora=name,
+            info={**base.info, "parent": slot.name, "root": path, "lora": True},
+        )
+        for name, path in list(slot.adapters.items())
+    ]
+
+
 def route(request: Request, endpoint: Endpoint, requested: str | None) -> ServedModel:
     """The model that answers `requested` at `endpoint` (None: the endpoint's only model of its kind, the LM for
     the text endpoints): 404 naming the endpoint's models when none has that id, 400 naming the LMs when none is
@@ -145,20 +165,23 @@ def route(request: Request, endpoint: Endpoint, requested: str | None) -> Served
 
 async def lm_for(request: Request, endpoint: Endpoint, model: ServedModel) -> TextModel:
     """The loaded LM of an LM's row, held by this request until its response has ended (loaded first, on first
-    use: the request waits, and its queue time counts from here)."""
+    use: the request waits, and its queue time counts from here); for a LoRA adapter's row, its base LM as the
+    adapter serves it (`TextModel.for_adapter`)."""
     state = server_state(request)
     arrival = time.monotonic()
+    assert model.lm is not None
+    base = model.lm.name
     try:
-        tm, waited = await state.models.acquire(model.id, state.settings.queue_timeout_s)
+        tm, waited = await state.models.acquire(base, state.settings.queue_timeout_s)
     except APIError as e:
         state.metrics.rejected.labels(endpoint.value, e.code or "error", model.id).inc()
         raise
     models = state.models
-    on_response_end(request, lambda: models.release(model.id))
+    on_response_end(request, lambda: models.release(base))
     request.state.model = model.id  # the access log's `model`
     if waited:
         request.state.arrival = arrival  # the engine counts its queue time (and deadlines) from here
-    return tm
+    return tm.for_adapter(model.lora) if model.lora is not None else tm
 
 
 _FOR = {Endpoint.IMAGES: " for images"}  # the 404's wording where the endpoint has models of one kind only

@@ -44,6 +44,13 @@ def _lm(request: Request, name: str) -> ServedModel:
     lms = [m.id for m in table if m.kind is Kind.TEXT]
     if found is None:
         raise model_not_found(name, lms)
+    if found.lora is not None:
+        raise APIError(
+            f"model {name!r} is a LoRA adapter of {found.lm.name if found.lm else 'a model'}: it is loaded with its "
+            "base model; add or remove adapters with POST /v1/load_lora_adapter and /v1/unload_lora_adapter",
+            param="model",
+            code="model_not_unloadable",
+        )
     if found.kind is not Kind.TEXT:
         raise APIError(
             f"model {name!r} is always loaded: only text models (LMs) are loaded and unloaded on demand",

@@ -250,3 +250,21 @@ class ModelActionRequest(_Body):
     """POST /models/load and /models/unload (llama-server's router mode's routes): the LM to load or unload."""
 
     model: str
+
+
+class LoadLoraRequest(_Body):
+    """POST /v1/load_lora_adapter (vLLM's route): serve the adapter at `lora_path` as the model `lora_name`, over
+    `base_model_name` (default: the first model)."""
+
+    model_config = ConfigDict(extra="forbid")
+    lora_name: str = Field(min_length=1)
+    lora_path: str = Field(min_length=1)
+    base_model_name: str | None = None
+
+
+class UnloadLoraRequest(_Body):
+    """POST /v1/unload_lora_adapter (vLLM's route): stop serving the adapter `lora_name`."""
+
+    model_config = ConfigDict(extra="forbid")
+    lora_name: str = Field(min_length=1)
+    lora_int_id: int | None = None  # vLLM's clients may send it; the name is what counts here

@@ -59,12 +59,14 @@ async def run_choices(
     request: Request | None = None,
     timeout_s: float | None = None,
     arrival: float | None = None,
+    lora: str | None = None,
 ) -> AsyncGenerator[tuple[int, TokenEvent], None]:
     """Run every job concurrently; yield (job index, event) as they come.
     Leaving the iterator early (client gone) cancels every job, which aborts it in the engine; close it
     with `contextlib.aclosing` so that this happens at once. Given the `request` of a non-streamed
     response, a client disconnect also aborts every job and raises APIError(499). `arrival`: when the request
-    arrived, if before it reached the engine (it waited for its model to load: time.monotonic())."""
+    arrived, if before it reached the engine (it waited for its model to load: time.monotonic()); `lora`: the LoRA
+    adapter the jobs run with (None: the base model)."""
     queue: asyncio.Queue[tuple[int, TokenEvent | BaseException | None]] = asyncio.Queue()
 
     async def consume(i: int, job: Job) -> None:
@@ -77,6 +79,7 @@ async def run_choices(
                 admission=admission,
                 grammar=job.grammar,
                 arrival=arrival,
+                lora=lora,
             ):
                 await queue.put((i, ev))
         except asyncio.CancelledError:
@@ -240,7 +243,9 @@ async def respond(
     if stream:
         return sse_response(_chunks(tm, jobs, admission, writer, usage, timeout_s, arrival))
     writer.opening()
-    events = run_choices(tm.engine, jobs, writer.rid, admission, request, timeout_s=timeout_s, arrival=arrival)
+    events = run_choices(
+        tm.engine, jobs, writer.rid, admission, request, timeout_s=timeout_s, arrival=arrival, lora=tm.lora
+    )
     async with aclosing(events) as choices:
         async for i, ev in choices:
             if ev.finish_reason == "error":
@@ -261,7 +266,7 @@ async def _chunks(
 ) -> AsyncIterator[bytes]:
     for chunk in writer.opening():
         yield chunk.sse()
-    events = run_choices(tm.engine, jobs, writer.rid, admission, timeout_s=timeout_s, arrival=arrival)
+    events = run_choices(tm.engine, jobs, writer.rid, admission, timeout_s=timeout_s, arrival=arrival, lora=tm.lora)
     async with aclosing(events) as choices:
         async for i, ev in choices:
             if ev.finish_reason == "error":  # the stream ends with the failure; other choices stop

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import functools
-from dataclasses import dataclass
+import copy
+from dataclasses import dataclass, field
 
 from model_core.grammar import GrammarCompiler
 from model_core.tokenizer import Tokenizer
@@ -25,12 +25,23 @@ class TextModel:
     dtype: str = "float32"  # of the weights and activations
     kernels: str = "torch"  # what runs decode steps: a native ISA build (avx2, avx512bf16, neon...) or torch
     batch_invariant: bool = False  # each token's logits the same in any batch (model_core.lm)
+    lora: str | None = None  # the LoRA adapter its requests run with: a view of its base model (`for_adapter`)
+    _grammars: list[GrammarCompiler] = field(default_factory=list, repr=False)  # shared by the base and its views
 
     def __post_init__(self) -> None:
         self.max_prompt_chars = self.max_model_len * self.tokenizer.max_token_bytes
 
-    @functools.cached_property
+    @property
     def grammars(self) -> GrammarCompiler:
         """Compiles (and caches) output grammars for this tokenizer; built on first use, off the event loop
         (`service.api.structured.compile_grammar`)."""
-        return GrammarCompiler(self.tokenizer, self.vocab_size)
+        if not self._grammars:
+            self._grammars.append(GrammarCompiler(self.tokenizer, self.vocab_size))
+        return self._grammars[0]
+
+    def for_adapter(self, name: str) -> TextModel:
+        """This model as the LoRA adapter `name` serves it: the same engine, tokenizer and grammar cache; requests
+        run with the adapter, and replies name it."""
+        view = copy.copy(self)
+        view.name = view.lora = name
+        return view

@@ -25,6 +25,7 @@ from model_core.lm import CausalLM
 from model_core.lora import LoRAAdapter, check_fits
 from model_core.sampling import SamplingParams
 from model_core.tokenizer import Tokenizer
+from model_core.weights.lora import load_lora as read_lora
 from service.engine.admission import Admission, AdmissionControl
 from service.engine.draft_proposer import DraftModelProposer
 from service.engine.engine_core import EngineConfig, EngineCore, EngineStats, SpecConfig
@@ -167,6 +168,11 @@ class LLMEngine:
                 raise ValueError(f"a LoRA adapter named {adapter.name!r} is already served")
             self._loras[adapter.name] = served
         return served
+
+    def load_lora(self, name: str, path: str) -> LoRAAdapter:
+        """Read the adapter at `path` (a PEFT folder or a llama.cpp GGUF LoRA) for this engine's model and serve it
+        as `name` (`add_lora`). ValueError / FileNotFoundError saying what does not fit."""
+        return self.add_lora(read_lora(path, self.runner.model.cfg, name=name))
 
     def remove_lora(self, name: str) -> LoRAAdapter:
         """Stop serving the adapter `name`: new requests naming it are refused; requests already running with it end
