@@ -31,6 +31,12 @@ from service.engine.runner import ModelRunner
 from service.engine.scheduler import Scheduler
 
 SPEC_PER_POS = "aigc_spec_decode_num_accepted_tokens_per_pos"
+# LoRA adapters in the engine state (the inference gateway's endpoint picker reads them as vLLM's
+# `vllm:lora_requests_info`): `LORA_RUNNING/<adapter>` and `LORA_WAITING/<adapter>` (value 1.0) name the adapters
+# loaded and serving, and those that waiting requests need; `LORA_MAX` is how many adapters fit in one batch.
+LORA_RUNNING = "lora_running_adapters"
+LORA_WAITING = "lora_waiting_adapters"
+LORA_MAX = "lora_max"
 __all__ = ["EngineConfig", "EngineObserver", "LLMEngine", "SpecConfig", "TokenEvent", "build_engine", "error_event"]
 
 
@@ -127,8 +133,16 @@ class LLMEngine:
             "aigc_kv_cache_usage_ratio": float(scheduler.kv_usage),
             "aigc_prefix_cache_queries": float(scheduler.prefix_cache_queries),
             "aigc_prefix_cache_hits": float(scheduler.prefix_cache_hits),
+            "kv_cache_blocks": float(scheduler.num_blocks),
+            "kv_cache_block_size": float(scheduler.block_size),
             **self.spec_state(),
+            **self.lora_state(),
         }
+
+    def lora_state(self) -> dict[str, float]:
+        """LoRA adapters, as state keys `LORA_RUNNING/<name>`, `LORA_WAITING/<name>` (1.0) and `LORA_MAX`.
+        The hook for LoRA serving to fill; until then no adapters and room for none."""
+        return {LORA_MAX: 0.0}
 
     def spec_state(self) -> dict[str, float]:
         """Speculative decoding's counts (none when it is off); `..._per_pos/j`: drafts whose token j was kept."""
