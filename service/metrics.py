@@ -5,17 +5,25 @@ engine through its own `EngineObserver` (`Metrics.observer(model)`: `on_first_to
 gauges (running, waiting, KV usage) are read from each loaded LM's engine at scrape time by a custom collector, so
 they are never stale (an unloaded model's go with it); so are the prefix cache's counters, which the scheduler
 keeps. Loads and unloads are counted per model, and `aigc_model_loaded` says which are loaded.
+
+Beside them, from the same engine state, the gauges that the Gateway API Inference Extension's endpoint picker reads
+under vLLM's names (its model server protocol): `vllm:num_requests_waiting`, `vllm:num_requests_running`,
+`vllm:kv_cache_usage_perc` (a fraction, 0-1, as vLLM's), `vllm:lora_requests_info` and `vllm:cache_config_info`. The
+picker sees a pod, not a model, and reads one series per name (the first, when none carries a timestamp), so these
+are one series per server, unlabelled, over every loaded LM: requests summed, KV usage over all their blocks.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from service.engine.engine import SPEC_PER_POS  # the engine's state keys SPEC_PER_POS/position
+# the engine's state keys: SPEC_PER_POS/position, LORA_RUNNING/adapter, LORA_WAITING/adapter, LORA_MAX
+from service.engine.engine import LORA_MAX, LORA_RUNNING, LORA_WAITING, SPEC_PER_POS
 
 disable_created_metrics()  # no *_created series: they double the exposition for no use here
 
@@ -69,6 +77,53 @@ SPEC_COUNTERS = {  # speculative decoding, as vLLM's spec_decode counters
 }
 
 
+# The inference gateway's names (vLLM's) for our gauges: what its endpoint picker reads by default.
+GATEWAY_GAUGES = {
+    "vllm:num_requests_waiting": ("aigc_num_requests_waiting", "Requests waiting, over the loaded models."),
+    "vllm:num_requests_running": ("aigc_num_requests_running", "Requests running, over the loaded models."),
+    "vllm:kv_cache_usage_perc": ("aigc_kv_cache_usage_ratio", "KV cache blocks in use (0-1), over the loaded models."),
+}
+LORA_INFO = "vllm:lora_requests_info"
+CACHE_CONFIG_INFO = "vllm:cache_config_info"
+
+
+def _adapters(values: dict[str, float], key: str) -> set[str]:
+    return {k.partition("/")[2] for k, v in values.items() if k.startswith(key + "/") and v}
+
+
+def gateway_families(states: Iterable[dict[str, float]], now: float | None = None) -> Iterator[GaugeMetricFamily]:
+    """The endpoint picker's gauges for this server: one unlabelled series each over the loaded LMs' states."""
+    states = list(states)
+    blocks = [s.get("kv_cache_blocks", 0.0) for s in states]
+    for name, (ours, doc) in GATEWAY_GAUGES.items():
+        if ours == "aigc_kv_cache_usage_ratio" and len(states) > 1:  # over all the LMs' blocks
+            value = sum(s[ours] * n for s, n in zip(states, blocks, strict=True)) / max(sum(blocks), 1.0)
+        else:
+            value = sum(s[ours] for s in states)
+        g = GaugeMetricFamily(name, doc)
+        g.add_metric([], value)
+        yield g
+    # vLLM's form: the adapters as comma-separated label values, the value the time they were read (the picker
+    # takes the series with the largest); adapter slots add up over the LMs
+    running = sorted(set().union(*(_adapters(s, LORA_RUNNING) for s in states)))
+    waiting = sorted(set().union(*(_adapters(s, LORA_WAITING) for s in states)))
+    lora = GaugeMetricFamily(
+        LORA_INFO,
+        "LoRA adapters running and waiting; the value is when they were read (Unix seconds).",
+        labels=["running_lora_adapters", "waiting_lora_adapters", "max_lora"],
+    )
+    max_lora = int(sum(s.get(LORA_MAX, 0.0) for s in states))
+    lora.add_metric([",".join(running), ",".join(waiting), str(max_lora)], time.time() if now is None else now)
+    yield lora
+    if states:  # KV block size and count, for the picker's prefix-cache scorer
+        info = GaugeMetricFamily(
+            CACHE_CONFIG_INFO, "KV cache layout (labels); the value is 1.", labels=["block_size", "num_gpu_blocks"]
+        )
+        block_size = min(int(s.get("kv_cache_block_size", 0.0)) for s in states)
+        info.add_metric([str(block_size), str(int(sum(blocks)))], 1.0)
+        yield info
+
+
 class _EngineGauges(Collector):
     """Each loaded LM's engine state, read at scrape time."""
 
@@ -96,6 +151,7 @@ class _EngineGauges(Collector):
             for model, values in read:
                 c.add_metric([model], values[name])
             yield c
+        yield from gateway_families(values for _, values in read)
         spec = [(model, values) for model, values in read if "aigc_spec_decode_num_drafts" in values]
         if not spec:  # speculative decoding is off
             return

@@ -35,6 +35,12 @@ from service.engine.runner import ModelRunner
 from service.engine.scheduler import Scheduler
 
 SPEC_PER_POS = "aigc_spec_decode_num_accepted_tokens_per_pos"
+# LoRA adapters in the engine state (the inference gateway's endpoint picker reads them as vLLM's
+# `vllm:lora_requests_info`): `LORA_RUNNING/<adapter>` and `LORA_WAITING/<adapter>` (value 1.0) name the adapters
+# loaded and serving, and those that waiting requests need; `LORA_MAX` is how many adapters fit in one batch.
+LORA_RUNNING = "lora_running_adapters"
+LORA_WAITING = "lora_waiting_adapters"
+LORA_MAX = "lora_max"
 __all__ = ["EngineConfig", "EngineObserver", "LLMEngine", "SpecConfig", "TokenEvent", "build_engine", "error_event"]
 
 
@@ -133,7 +139,22 @@ class LLMEngine:
             "aigc_kv_cache_usage_ratio": float(scheduler.kv_usage),
             "aigc_prefix_cache_queries": float(scheduler.prefix_cache_queries),
             "aigc_prefix_cache_hits": float(scheduler.prefix_cache_hits),
+            "kv_cache_blocks": float(scheduler.num_blocks),
+            "kv_cache_block_size": float(scheduler.block_size),
             **self.spec_state(),
+            **self.lora_state(),
+        }
+
+    def lora_state(self) -> dict[str, float]:
+        """LoRA adapters, as state keys `LORA_RUNNING/<name>` (every adapter served: all are loaded, a request for
+        one runs at once), `LORA_WAITING/<name>` (those waiting requests name) and `LORA_MAX` (how many are
+        served: they all fit one batch)."""
+        with self._loras_lock:
+            served = list(self._loras)
+        return {
+            **{f"{LORA_RUNNING}/{name}": 1.0 for name in served},
+            **{f"{LORA_WAITING}/{name}": 1.0 for name in self.core.waiting_loras()},
+            LORA_MAX: float(len(served)),
         }
 
     def spec_state(self) -> dict[str, float]:

@@ -192,6 +192,12 @@ class EngineCore:
         with self._lock:
             return self.scheduler.reset_prefix_cache()
 
+    def waiting_loras(self) -> set[str]:
+        """The LoRA adapters that requests waiting to be scheduled run with (from any thread)."""
+        with self._lock:
+            waiting = [self._requests.get(seq.request_id) for seq in self.scheduler.waiting]
+        return {st.lora.name for st in waiting if st is not None and st.lora is not None}
+
     def stop_token_ids(self, params: SamplingParams) -> frozenset[int]:
         """The token ids that end a request with "stop" at once: params.stop_token_ids, and EOS unless ignore_eos."""
         return frozenset(params.stop_token_ids) | frozenset(() if params.ignore_eos else self.eos_token_ids)

@@ -104,6 +104,9 @@ def test_adapters_are_models_of_their_own_over_their_base(
     assert texts["a"] != texts["base"] and texts["b"] != texts["base"]  # the adapters change the output
     chat = _chat(live, "a")
     assert chat["model"] == "a"
+    with live.client() as c:  # what the inference gateway's endpoint picker reads: the adapters served here
+        info = next(line for line in c.get("/metrics").text.splitlines() if line.startswith("vllm:lora_requests_info{"))
+    assert 'running_lora_adapters="a,b"' in info and 'max_lora="2"' in info, info
 
 
 def _chat(live: InProcessServer, model: str) -> dict[str, Any]:

@@ -120,3 +120,69 @@ def test_model_load_time_is_exported(server) -> None:
     with server.client() as c:
         samples = parse(c.get("/metrics").text)
     assert any(n == "aigc_model_load_seconds" for n, _ in samples)
+
+
+def test_inference_gateway_reads_vllm_named_gauges_equal_to_ours(live_server) -> None:
+    """The Gateway API Inference Extension's endpoint picker reads vLLM's names: present, one unlabelled series each,
+    parseable by prometheus_client's text parser, and equal to our per-model gauges (one LM here), read mid-stream."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    c = httpx.Client(base_url=live_server.base_url, timeout=60)
+    body = {"prompt": [1, 2, 3], "max_tokens": 200, "ignore_eos": True, "n": 3, "stream": True}
+    with c.stream("POST", "/v1/completions", json=body) as s:
+        lines = s.iter_lines()  # kept: a dropped iterator closes the stream
+        next(lines)
+        text = c.get("/metrics").text
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    for line in ("# TYPE vllm:num_requests_waiting gauge", "# TYPE vllm:lora_requests_info gauge"):
+        assert line in text.splitlines()  # the names as written, not escaped or mangled
+    for name, ours in (
+        ("vllm:num_requests_waiting", "aigc_num_requests_waiting"),
+        ("vllm:num_requests_running", "aigc_num_requests_running"),
+        ("vllm:kv_cache_usage_perc", "aigc_kv_cache_usage_ratio"),
+    ):
+        assert families[name].type == "gauge"
+        (sample,) = families[name].samples
+        assert sample.name == name and sample.labels == {}
+        assert sample.value == sum(s.value for s in families[ours].samples)
+    assert families["vllm:num_requests_running"].samples[0].value >= 1  # the stream is running
+    assert 0 < families["vllm:kv_cache_usage_perc"].samples[0].value <= 1
+    lora = families["vllm:lora_requests_info"]
+    assert lora.type == "gauge"
+    (sample,) = lora.samples
+    assert sample.labels == {"running_lora_adapters": "", "waiting_lora_adapters": "", "max_lora": "0"}
+    assert abs(sample.value - time.time()) < 60  # when it was read, as vLLM's
+    (info,) = families["vllm:cache_config_info"].samples
+    assert int(info.labels["block_size"]) > 0 and int(info.labels["num_gpu_blocks"]) > 0
+
+
+def test_gateway_gauges_cover_every_loaded_model_and_the_lora_hook() -> None:
+    """Two LMs: requests add up, KV usage is over both pools' blocks, adapters from the engine state's LoRA keys."""
+    from service.engine.engine import LORA_MAX, LORA_RUNNING, LORA_WAITING
+    from service.metrics import gateway_families
+
+    def state(waiting: float, running: float, kv: float, blocks: float, **extra: float) -> dict[str, float]:
+        return {
+            "aigc_num_requests_waiting": waiting,
+            "aigc_num_requests_running": running,
+            "aigc_kv_cache_usage_ratio": kv,
+            "kv_cache_blocks": blocks,
+            "kv_cache_block_size": 16.0,
+            **extra,
+        }
+
+    a = state(1, 2, 0.5, 100, **{LORA_MAX: 4.0, f"{LORA_RUNNING}/sql": 1.0, f"{LORA_WAITING}/chat": 1.0})
+    b = state(3, 4, 0.0, 300, **{LORA_MAX: 2.0, f"{LORA_RUNNING}/chat": 1.0, f"{LORA_RUNNING}/b": 1.0})
+    fams = {f.name: f.samples for f in gateway_families([a, b], now=123.0)}
+    assert fams["vllm:num_requests_waiting"][0].value == 4
+    assert fams["vllm:num_requests_running"][0].value == 6
+    assert fams["vllm:kv_cache_usage_perc"][0].value == 50 / 400
+    (lora,) = fams["vllm:lora_requests_info"]
+    assert lora.value == 123.0
+    assert lora.labels == {"running_lora_adapters": "b,chat,sql", "waiting_lora_adapters": "chat", "max_lora": "6"}
+    assert fams["vllm:cache_config_info"][0].labels == {"block_size": "16", "num_gpu_blocks": "400"}
+    # no LM loaded: still every gauge the picker needs, at zero
+    fams = {f.name: f.samples for f in gateway_families([], now=1.0)}
+    assert [fams[n][0].value for n in ("vllm:num_requests_waiting", "vllm:kv_cache_usage_perc")] == [0, 0]
+    assert fams["vllm:lora_requests_info"][0].labels["max_lora"] == "0"
+    assert "vllm:cache_config_info" not in fams
