@@ -1,6 +1,6 @@
 """Speculative decoding: decode speed and throughput with and without it, for our server (`--speculative-method
-ngram`) and llama.cpp's `llama-server` (`--spec-type ngram-simple`, or a draft model with `--llama-draft`), each
-started in turn on the same GGUF and threads, measured in the same run.
+ngram`, or `draft` with `--draft`) and llama.cpp's `llama-server` (`--spec-type ngram-simple`, or the same draft
+model), each started in turn on the same GGUF and threads, measured in the same run.
 
 Two workloads (benchmarks/prompts.py): `grounded` (rewrite a given function with a variable renamed, or copy a
 given report: outputs that copy from the prompt, where n-gram drafts are accepted) and `short_chat` (open-ended
@@ -9,7 +9,7 @@ answers). Streamed completions on ChatML text, temperature 0, `--output-len` tok
 
     python -m benchmarks.spec [--systems ours,ours-ngram,llama,llama-ngram] [--prompt-sets grounded,short_chat]
                               [--concurrency 1,16] [--num-prompts 16] [--output-len 128] [--threads 2]
-                              [--model F.gguf | --quantize Q8_0] [--llama-spec-args '...'] [--llama-draft D.gguf]
+                              [--model F.gguf | --quantize Q8_0] [--llama-spec-args '...'] [--draft D.gguf]
 """
 
 from __future__ import annotations
@@ -42,16 +42,18 @@ from benchmarks.run import (
 )
 from benchmarks.serve import BenchConfig, PromptPool, sweep
 
-SYSTEMS = ("ours", "ours-ngram", "llama", "llama-ngram", "llama-draft")
+SYSTEMS = ("ours", "ours-ngram", "ours-draft", "llama", "llama-ngram", "llama-draft")
 WORKLOADS = ("grounded", "short_chat")
 
 
 def make_launch(system: str, a: argparse.Namespace, gguf: str) -> Launch:
     slots = max(a.concurrency)
-    if system in ("ours", "ours-ngram"):
+    if system in ("ours", "ours-ngram", "ours-draft"):
         flags = ["--no-enable-gan", "--no-ui", "--drain-timeout-s", "5", "--max-num-seqs", str(max(32, slots))]
         if system == "ours-ngram":
             flags += ["--speculative-method", "ngram", *shlex.split(a.ours_spec_args)]
+        if system == "ours-draft":
+            flags += ["--speculative-method", "draft", "--speculative-model", _draft(a), *shlex.split(a.ours_spec_args)]
         return ours_launch(system, gguf, a.threads, *flags)
     binary = llama_server_binary(a.llama_server)
     if system == "llama":
@@ -59,11 +61,15 @@ def make_launch(system: str, a: argparse.Namespace, gguf: str) -> Launch:
     if system == "llama-ngram":
         return llama_launch(binary, gguf, a.threads, slots, a.ctx, *shlex.split(a.llama_spec_args))
     if system == "llama-draft":
-        if not a.llama_draft:
-            raise SystemExit("llama-draft needs --llama-draft DRAFT.gguf")
-        flags = ["--spec-type", "draft-simple", "-md", a.llama_draft, *shlex.split(a.llama_draft_args)]
+        flags = ["--spec-type", "draft-simple", "-md", _draft(a), *shlex.split(a.llama_draft_args)]
         return llama_launch(binary, gguf, a.threads, slots, a.ctx, *flags)
     raise ValueError(f"unknown system {system!r}; expected one of {', '.join(SYSTEMS)}")
+
+
+def _draft(a: argparse.Namespace) -> str:
+    if not a.draft:
+        raise SystemExit("ours-draft and llama-draft need --draft DRAFT.gguf")
+    return str(a.draft)
 
 
 def bench_system(system: str, a: argparse.Namespace, gguf: str, log_dir: str) -> dict[str, Any]:
@@ -130,6 +136,9 @@ def markdown(run: dict[str, Any]) -> str:
             peers = [v for v in (value("llama"), value("llama-ngram"), value("llama-draft")) if v]
             if on and off:
                 lines.append(f"- {wl}, c={c}, {what}: ours ngram / ours off {on / off:.2f}x")
+            draft = value("ours-draft")
+            if draft and off:
+                lines.append(f"- {wl}, c={c}, {what}: ours draft / ours off {draft / off:.2f}x")
             if on and peers:
                 lines.append(f"- {wl}, c={c}, {what}: ours ngram / llama-server's best {on / max(peers):.2f}x")
     return "\n".join(lines)
@@ -153,7 +162,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         default="--spec-type ngram-simple --spec-ngram-simple-size-n 3 --spec-ngram-simple-size-m 8",
         help="llama-server's flags for llama-ngram",
     )
-    ap.add_argument("--llama-draft", default=None, help="draft GGUF for llama-draft (llama-server -md)")
+    ap.add_argument("--draft", default=None, help="draft GGUF of ours-draft and llama-draft (llama-server -md)")
     ap.add_argument("--llama-draft-args", default="--spec-draft-n-max 4", help="more flags for llama-draft")
     ap.add_argument("--llama-server", default=None, help="llama-server binary (default: built by the peer script)")
     ap.add_argument("--ready-timeout", type=float, default=600.0)
