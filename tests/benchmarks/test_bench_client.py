@@ -643,3 +643,18 @@ def test_spec_report_states_the_ratios() -> None:
     assert "grounded, c=1, decode tok/s: ours ngram / ours off 2.50x" in report
     assert "grounded, c=16, output tok/s: ours ngram / ours off 0.97x" in report
     assert "grounded, c=1, decode tok/s: ours ngram / llama-server's best 3.12x" in report
+
+
+def test_multi_model_writes_adapters_the_server_reads(tmp_path: Path) -> None:
+    """benchmarks.multi_model's random adapters are PEFT folders the server's loader takes for the model's shapes."""
+    import torch
+
+    from benchmarks.default_model import default_gguf
+    from benchmarks.multi_model import write_adapter
+    from model_core.weights.loader import load_lm
+    from model_core.weights.lora import load_lora
+
+    gguf = default_gguf()
+    lm = load_lm(gguf, torch.float32, native_decode=False, pack=False)
+    adapter = load_lora(write_adapter(gguf, tmp_path / "lora", rank=4, seed=0), lm.config, name="x")
+    assert adapter.name == "x"
