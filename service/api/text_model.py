@@ -39,6 +39,11 @@ class TextModel:
             self._grammars.append(GrammarCompiler(self.tokenizer, self.vocab_size))
         return self._grammars[0]
 
+    @grammars.setter
+    def grammars(self, compiler: GrammarCompiler) -> None:
+        """Use `compiler` (other bounds or limits: tests, embedding) for this model and its adapters' views."""
+        self._grammars[:] = [compiler]
+
     def for_adapter(self, name: str) -> TextModel:
         """This model as the LoRA adapter `name` serves it: the same engine, tokenizer and grammar cache; requests
         run with the adapter, and replies name it."""

@@ -36,7 +36,7 @@ def _serve(port: int) -> None:
     tm = tiny_text_model(tiny_llama(), tok)
     app = create_app(Settings(enable_gan=False, enable_g2p=False), text_model=tm)  # the probe: 2 workers
     bounds = GrammarBounds(max_bytes=2**30, max_rules=10**7, max_nodes=10**7)
-    tm.grammars = GrammarCompiler(tok, tm.vocab_size, max_compile_s=60, bounds=bounds)  # type: ignore[misc]
+    tm.grammars = GrammarCompiler(tok, tm.vocab_size, max_compile_s=60, bounds=bounds)
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
 
 

@@ -598,7 +598,7 @@ def test_dead_engine_loop_fails_streams_and_turns_ready_503(long_model: CausalLM
             t.start()
             wait_for(lambda: engine.scheduler.num_running == 2, what="both requests to run")
 
-            def broken_schedule() -> Any:
+            def broken_schedule(*args: Any) -> Any:
                 raise RuntimeError("injected scheduler corruption")
 
             engine.scheduler.schedule = broken_schedule  # type: ignore[method-assign]

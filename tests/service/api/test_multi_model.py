@@ -242,7 +242,8 @@ def test_when_no_model_becomes_idle_in_the_queue_timeout_the_request_gets_a_503(
         _wait_until(lambda: c.post("/v1/completions", json=body).status_code == 200)  # a idle: evicted for b (the
         # load may take longer than the queue timeout here: a 503 model_loading until it is done)
         assert _statuses(c) == {"a": "unloaded", "b": "loaded"}
-        assert value(_metrics(c), "aigc_requests_rejected_total", reason="model_capacity", model="b") == 1
+        # (1 at least: a retry above may meet a again while it is still unloading, when a load is slow)
+        assert value(_metrics(c), "aigc_requests_rejected_total", reason="model_capacity", model="b") >= 1
 
 
 def test_a_failing_load_errors_every_waiting_request_and_the_others_are_served(
