@@ -104,7 +104,7 @@ class RequestState:
     deadline: float | None = None  # monotonic time after which the request is ended with a timeout
     queue_deadline: float | None = None  # monotonic time by which it must have been scheduled
     num_emitted: int = 0  # outputs with a token sent to the sink
-    speculate: bool = False  # drafts are proposed for it (speculative decoding on, no grammar)
+    speculate: bool = False  # drafts are proposed for it (speculative decoding is on)
     proposer: NgramProposer | None = None  # n-gram speculation: its index over prompt and output
     draft_len: int = 0  # how many tokens its next draft may have
     pause: int = 0  # steps it proposes nothing, after drafts rejected outright
@@ -248,7 +248,7 @@ class EngineCore:
         )
         state = RequestState(seq, sampling, self.stop_token_ids(params), sink, lora=lora)
         spec = self.config.speculative
-        if spec is not None and grammar is None and max_tokens > 1:  # (constrained requests are not speculated)
+        if spec is not None and max_tokens > 1:
             state.speculate, state.draft_len = True, spec.num_tokens
             if spec.method == "ngram":
                 state.proposer = NgramProposer(spec.ngram_min, spec.ngram_max, prompt)

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from model_core.grammar import GrammarMatcher, apply_token_masks
+from model_core.grammar import GrammarMatcher, allocate_bitmask, apply_token_masks, unpack_bitmask
 from model_core.lm import CausalLM, Output
 from model_core.lora import LoRAAdapter, LoRABatch
 from model_core.sampling import SamplingParams, compute_logprobs, process_logits, sample, score_tokens
@@ -198,20 +198,34 @@ class ModelRunner:
 
     def _verify(self, raw: torch.Tensor, chunk: ChunkInput) -> dict[str, list[SampleResult]]:
         """raw: (k + 1, V) the logits after the chunk's last sampled token and after each of its k draft tokens.
-        The kept tokens (model_core.speculative) with their logprobs; a failure ends this request only."""
+        The kept tokens (model_core.speculative) with their logprobs; a failure ends this request only. A constrained
+        request's rows get its grammar's mask at each draft position (`_draft_masks`: the draft is cut where the
+        grammar refuses it)."""
         state, draft = chunk.sampling, chunk.draft
-        assert state.matcher is None, "drafts are not proposed for constrained requests"
         params = state.params
         try:
+            masked: torch.Tensor | None = None
+            if state.matcher is not None:
+                masked, draft = self._draft_masks(raw, draft, state.matcher)
+                if masked is None:  # the grammar allows nothing here: the usual path says why
+                    return {chunk.request_id: [self._sample(raw[:1], [chunk])[chunk.request_id]]}
+                raw = raw[: len(draft) + 1]
             n = len(draft) + 1
             processed = process_logits(  # row j follows the output so far and the draft's first j tokens
-                raw,
+                raw if masked is None else masked,
                 [params] * n,
                 [chunk.prompt_ids] * n,
                 [chunk.output_ids + draft[:j] for j in range(n)],
                 eos_token_ids=self.eos_token_ids,
             )
+            if masked is not None:  # min_tokens can empty a row whose grammar allows only EOS: the grammar wins
+                emptied = ~torch.isfinite(processed).any(dim=-1)  # (n,)
+                processed[emptied] = masked[emptied]
             tokens = accept_draft(processed, draft, params, state.generator)
+            if state.matcher is not None and not self._grammar_takes(state.matcher, tokens):
+                if len(tokens) == 1:  # no draft token kept and the grammar refuses the one drawn: the usual path
+                    return {chunk.request_id: [self._sample(raw[:1], [chunk])[chunk.request_id]]}
+                tokens = tokens[:-1]  # the kept draft tokens alone
             kept = [SampleResult(t) for t in tokens]
             if params.logprobs is not None:
                 m = len(tokens)
@@ -278,6 +292,46 @@ class ModelRunner:
                 r = results[chunks[i].request_id]
                 r.logprob, r.top_logprobs = lp, top
         return results
+
+    @staticmethod
+    def _draft_masks(
+        raw: torch.Tensor, draft: list[int], matcher: GrammarMatcher
+    ) -> tuple[torch.Tensor | None, list[int]]:
+        """The logits (n, V) float32 of a constrained request's verification rows with its grammar's mask at each
+        (the matcher advanced through the draft, then rolled back), and the draft cut before its first token the
+        grammar refuses or that leaves it nothing to allow. (None, []) when the grammar allows nothing at the
+        first row."""
+        V = raw.shape[-1]
+        bitmask = allocate_bitmask(len(draft) + 1, V)  # (k + 1, W)
+        matcher.fill_bitmask(bitmask, 0)
+        advanced = 0
+        for d in draft:
+            if matcher.is_terminated or not matcher.validate(d) or not matcher.accept(d):
+                break
+            advanced += 1
+            matcher.fill_bitmask(bitmask, advanced)
+        if advanced:
+            matcher.rollback(advanced)
+        alive = (bitmask[: advanced + 1] != 0).any(dim=1).tolist()  # rows whose grammar allows some token
+        rows = alive.index(False) if False in alive else advanced + 1
+        if rows == 0:
+            return None, []
+        masked = raw[:rows].to(torch.float32, copy=True)  # (rows, V)
+        masked.masked_fill_(unpack_bitmask(bitmask[:rows].to(raw.device), V).logical_not_(), float("-inf"))
+        return masked, draft[: rows - 1]
+
+    @staticmethod
+    def _grammar_takes(matcher: GrammarMatcher, tokens: list[int]) -> bool:
+        """Whether the grammar accepts the kept tokens in turn (a masked draw can still be refused: see
+        `_resample_refused`); the matcher is left as it was."""
+        ok = 0
+        for t in tokens:
+            if matcher.is_terminated or not matcher.validate(t) or not matcher.accept(t):
+                break
+            ok += 1
+        if ok:
+            matcher.rollback(ok)
+        return ok == len(tokens)
 
     @staticmethod
     def _resample_refused(
