@@ -115,15 +115,13 @@ def spec_config(settings: Settings) -> SpecConfig | None:
     )
 
 
-def load_draft_model(settings: Settings, target: LoadedLM) -> LoadedLM:
-    """The draft model of --speculative-method draft, loaded as the target is (device, dtype, kernels); its vocabulary
-    must be the target's, token for token."""
+def _load_lm_file(settings: Settings, path: str, label: str) -> LoadedLM:
+    """An LM loaded as the settings say (device, dtype, kernels, batch invariance, dense copies); StartupError naming
+    `label` for a file that cannot be served."""
     from model_core.weights.loader import load_for_inference
 
-    path = settings.speculative_model
-    assert path is not None
     try:
-        draft = load_for_inference(
+        return load_for_inference(
             path,
             settings.device,
             settings.dtype,
@@ -133,7 +131,15 @@ def load_draft_model(settings: Settings, target: LoadedLM) -> LoadedLM:
             {"auto": None, "keep": True, "drop": False}[settings.dense_weights],
         )
     except _expected_load_errors() as e:
-        raise StartupError(f"cannot load the draft model {path}: {_reason(e)}") from e
+        raise StartupError(f"cannot load {label}: {_reason(e)}") from e
+
+
+def load_draft_model(settings: Settings, target: LoadedLM) -> LoadedLM:
+    """The draft model of --speculative-method draft, loaded as the target is (device, dtype, kernels); its vocabulary
+    must be the target's, token for token."""
+    path = settings.speculative_model
+    assert path is not None
+    draft = _load_lm_file(settings, path, f"the draft model {path}")
     tv, dv = target.tokenizer, draft.tokenizer
     if tv.vocab_size != dv.vocab_size or any(tv.id_to_token(i) != dv.id_to_token(i) for i in range(tv.vocab_size)):
         raise StartupError(
@@ -148,22 +154,14 @@ def build_text_model(settings: Settings, observer: EngineObserver | None = None)
     (not started)."""
     from model_core.default_model import find_default_model
     from model_core.kv_cache import PagedKVCache
-    from model_core.weights.loader import load_for_inference
     from service.engine.engine import EngineConfig, build_engine
 
     spec = _lm_specs(settings)[0]
     try:
-        lm = load_for_inference(
-            spec.path or find_default_model(),
-            settings.device,
-            settings.dtype,
-            settings.kernels,
-            settings.quant_max_rows,
-            settings.batch_invariant,
-            {"auto": None, "keep": True, "drop": False}[settings.dense_weights],
-        )
+        path = spec.path or find_default_model()
     except _expected_load_errors() as e:
         raise StartupError(f"cannot load {spec.label}: {_reason(e)}") from e
+    lm = _load_lm_file(settings, path, spec.label)
     cfg, dtype = lm.config, lm.model.dtype
     max_len = min(cfg.max_seq_len, settings.max_model_len or cfg.max_seq_len)
     per_block = PagedKVCache.bytes_per_token(cfg.n_layers, cfg.n_kv_heads, cfg.hd, dtype) * settings.block_size
