@@ -59,6 +59,27 @@ REQUESTS: list[tuple[str, dict[str, Any]]] = [
     (
         "/v1/chat/completions",
         {
+            "messages": [{"role": "user", "content": f"Give the lighthouse keeper's routine as JSON.\n\n{PASSAGE}"}],
+            "max_tokens": 80,
+            "response_format": {
+                "type": "json_schema",
+                "json_schema": {
+                    "name": "routine",
+                    "schema": {
+                        "type": "object",
+                        "properties": {
+                            "when": {"type": "string"},
+                            "tasks": {"type": "array", "items": {"type": "string"}},
+                        },
+                        "required": ["when", "tasks"],
+                    },
+                },
+            },
+        },
+    ),
+    (
+        "/v1/chat/completions",
+        {
             "messages": [{"role": "user", "content": f"Repeat this text word for word:\n\n{PASSAGE}"}],
             "max_tokens": 60,
             "stream": True,
@@ -134,4 +155,6 @@ def test_a_draft_model_server_gives_the_same_replies(servers: tuple[InProcessSer
         for path, body in REQUESTS[:1] + REQUESTS[3:4]:
             assert _reply(draft, path, body) == _reply(off, path, body)
         stats = draft.text_model.engine.stats
-    assert stats.spec_draft_tokens > 20 and stats.spec_accepted_tokens == stats.spec_draft_tokens
+        assert stats.spec_draft_tokens > 20 and stats.spec_accepted_tokens == stats.spec_draft_tokens
+        path, body = REQUESTS[4]  # structured output: the draft model guesses without the grammar, whose mask the
+        assert _reply(draft, path, body) == _reply(off, path, body)  # verification rows apply
