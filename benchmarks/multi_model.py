@@ -32,7 +32,7 @@ from safetensors.numpy import save_file
 
 from benchmarks.default_model import default_gguf
 from benchmarks.prompts import make_prompts
-from benchmarks.run import RESULTS, _cpu_name, log, ours_launch, running
+from benchmarks.run import RESULTS, _cpu_name, log, ours_launch, running, save_report
 from benchmarks.serve import BenchConfig, RequestResult, send_request
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -171,12 +171,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         run["adapters"] = bench_adapters(a, gguf, Path(tmp))
         log(json.dumps(run["adapters"]))
         run["load"] = bench_load(a, gguf, Path(tmp))
-    out = Path(a.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"multi-model-{time.strftime('%Y%m%d-%H%M%S')}.json").write_text(json.dumps(run, indent=2))
-    report = markdown(run)
-    (out / "latest.md").write_text(report + "\n")
-    print(report)
+    save_report(a.out_dir, "multi-model", run, markdown(run))
     return run
 
 

@@ -40,6 +40,7 @@ from benchmarks.run import (
     log,
     ours_launch,
     running,
+    save_report,
     served_model_id,
 )
 from benchmarks.serve import BenchConfig, RequestResult, send_request
@@ -243,14 +244,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         for system in [s for s in a.systems.split(",") if s]:
             run["systems"].append(bench_system(system, a, a.model, log_dir))
             log(json.dumps(run["systems"][-1]))
-    out = RESULTS / "prefix"
-    out.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    (out / f"prefix-{stamp}.json").write_text(json.dumps(run, indent=2))
-    report = markdown(run)
-    (out / "latest.md").write_text(report + "\n")
+    out = save_report(RESULTS / "prefix", "prefix", run, markdown(run))
     plot(run, out / "ttft.png")
-    print(report)
     return run
 
 

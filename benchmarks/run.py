@@ -543,6 +543,41 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return a
 
 
+def sweep_prompt_set(
+    base_url: str,
+    model: str,
+    prompt_set: str,
+    a: argparse.Namespace,
+    rates: Sequence[float] = (),
+    label: str = "",
+) -> list[LevelResult]:
+    """Sweep one served model over `a.concurrency` (then `rates`) with fresh prompts of `prompt_set` per level (every
+    system sees the same prompts in the same order): `a` gives output_len, num_prompts, max_seconds and, where it
+    has one, drain_seconds."""
+    pool = PromptPool(prompt_set)
+    base = BenchConfig(
+        base_url=base_url,
+        model=model,
+        prompts=pool.take(1),
+        output_len=a.output_len,
+        num_requests=a.num_prompts,
+        max_seconds=a.max_seconds,
+        drain_seconds=getattr(a, "drain_seconds", BenchConfig.drain_seconds),
+    )
+    return asyncio.run(sweep(base, a.concurrency, rates, prompts_for=pool.take, label=label))
+
+
+def save_report(out_dir: str | os.PathLike[str], stem: str, run: Mapping[str, Any], report: str) -> Path:
+    """Write a benchmark's results as `stem-<time>.json` and its report as `latest.md` in `out_dir`; print the
+    report; return the folder."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}.json").write_text(json.dumps(run, indent=2))
+    (out / "latest.md").write_text(report + "\n")
+    print(report)
+    return out
+
+
 def bench_system(
     launch: Launch, a: argparse.Namespace, rates: Sequence[float], gguf: str, log_dir: str
 ) -> tuple[list[LevelResult], dict[str, Any]]:
@@ -550,18 +585,8 @@ def bench_system(
     with running(launch, log_dir, a.ready_timeout) as proc:
         facts = server_facts(launch.base_url)
         model = str(facts.get("id") or os.path.splitext(os.path.basename(gguf))[0])
-        pool = PromptPool(a.prompt_set)  # every system sees the same prompts in the same order
-        base = BenchConfig(
-            base_url=launch.base_url,
-            model=model,
-            prompts=pool.take(1),
-            output_len=a.output_len,
-            num_requests=a.num_prompts,
-            max_seconds=a.max_seconds,
-            drain_seconds=a.drain_seconds,
-        )
         try:
-            levels = asyncio.run(sweep(base, a.concurrency, rates, prompts_for=pool.take, label=LABELS[launch.name]))
+            levels = sweep_prompt_set(launch.base_url, model, a.prompt_set, a, rates, LABELS[launch.name])
         except RuntimeError:
             if proc.poll() is None:
                 raise

@@ -15,12 +15,10 @@ answers). Streamed completions on ChatML text, temperature 0, `--output-len` tok
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import shlex
 import tempfile
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -38,9 +36,10 @@ from benchmarks.run import (
     ours_launch,
     quantize_gguf,
     running,
+    save_report,
     served_model_id,
+    sweep_prompt_set,
 )
-from benchmarks.serve import BenchConfig, PromptPool, sweep
 
 SYSTEMS = ("ours", "ours-ngram", "ours-draft", "llama", "llama-ngram", "llama-draft")
 WORKLOADS = ("grounded", "short_chat")
@@ -78,16 +77,7 @@ def bench_system(system: str, a: argparse.Namespace, gguf: str, log_dir: str) ->
     with running(launch, log_dir, a.ready_timeout):
         model = served_model_id(launch.base_url, Path(gguf).name)
         for workload in a.prompt_sets:
-            pool = PromptPool(workload)  # every system sees the same prompts in the same order
-            base = BenchConfig(
-                base_url=launch.base_url,
-                model=model,
-                prompts=pool.take(1),
-                output_len=a.output_len,
-                num_requests=a.num_prompts,
-                max_seconds=a.max_seconds,
-            )
-            levels = asyncio.run(sweep(base, a.concurrency, prompts_for=pool.take, label=f"{system} {workload}"))
+            levels = sweep_prompt_set(launch.base_url, model, workload, a, label=f"{system} {workload}")
             out["workloads"][workload] = [lv.to_json() for lv in levels]
     return out
 
@@ -188,13 +178,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         for system in [s for s in a.systems.split(",") if s]:
             run["systems"].append(bench_system(system, a, gguf, log_dir))
             log(json.dumps({"system": system, "done": True}))
-    out = Path(a.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    (out / f"spec-{stamp}.json").write_text(json.dumps(run, indent=2))
-    report = markdown(run)
-    (out / "latest.md").write_text(report + "\n")
-    print(report)
+    save_report(a.out_dir, "spec", run, markdown(run))
     return run
 
 
