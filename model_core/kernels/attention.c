@@ -6,10 +6,17 @@
  * window > 0 keeps the last `window` (the rows before it are not read: a windowed call costs what its window does).
  * Scores are scale q.k, soft-capped (softcap tanh(s / softcap), common.h: attention_score) where softcap > 0.
  * Scores are fp32 dot products of exact products (bf16 keys: AVX512-BF16 dot products where the build
- * has them); softmax and the weighted sum of values are fp32. Threads split (sequence, kv head) pairs;
- * the query heads sharing a kv head run back to back (bf16 with AVX512-BF16: together, each key and value read
- * once for all of them, the keys' dot products summed 16 keys at a time by one tree that is the same for every key,
- * so that a key's score never depends on how many keys there are or where it falls among them).
+ * has them); softmax and the weighted sum of values are fp32.
+ *
+ * A sequence's keys go in chunks of KEY_CHUNK (from the first key its window keeps), each chunk with every head at
+ * once: its cache rows are read whole and in order (a row holds every head's key and value: read head by head, one
+ * row in 2 nkv per cache line run, they came in at memory latency, one page per key), the chunk's scores, their max
+ * m and sum l of exp(s - m), and the unnormalized sum of exp(s - m) V per head. The chunks then combine in order:
+ * M = max m_c, out = sum_c exp(m_c - M) o_c / sum_c exp(m_c - M) l_c. A key's score never depends on how many keys
+ * there are or where it falls among them (bf16: one summation tree for every key), and the chunks are the same
+ * whatever the batch, the threads or which thread ran them: a sequence's result is the same in any batch. Threads
+ * take whole sequences where there are at least two per thread, else single chunks (then the combine is a second
+ * pass over (sequence, head)).
  */
 #include <math.h>
 #include <stdlib.h>
@@ -20,9 +27,14 @@
 #endif
 
 #define MAX_HS 256
-#ifndef PREFETCH_KEYS
-#define PREFETCH_KEYS 8 /* keys ahead */
+#ifndef KEY_CHUNK
+#define KEY_CHUNK 64 /* keys scored together (a multiple of 16); it fixes the combine's order, so the results */
 #endif
+#ifndef PREFETCH_ROWS
+#define PREFETCH_ROWS 2 /* cache rows ahead */
+#endif
+/* floats per head of a chunk's partial result: the unnormalized output (hs), then m and l (64-byte aligned) */
+#define PART(hs) ((size_t)(hs) + 16)
 
 /* s[t] = exp(s[t] - max) for t < n, returns the sum */
 static float softmax_numerators(float *s, int n, float mx) {
@@ -41,30 +53,47 @@ static float softmax_numerators(float *s, int n, float mx) {
     return sum;
 }
 
-/* One query head over the n keys at rows rb[0..n) (its window of its sequence's keys): out = softmax(scores) V,
- * scores scale q.K soft-capped. Inlined with a constant nv (hs / VL) so that q and the output stay in registers; s
- * is scratch for n scores. */
-INLINE void attend_head(const char *q, const char *kv, const int64_t *rb, int n, size_t row_bytes, size_t k_off,
-                        size_t v_off, float scale, float softcap, int act, float *s, char *dst, const int nv) {
-    float mx = -INFINITY;
-    vf qv[MAX_HS / VL];
-    for (int i = 0; i < nv; i++) qv[i] = vload_act(q, (size_t)i * VL, act) * scale;
+/* one cache row's lines (K and V of every head), ahead of their use */
+static inline void prefetch_row(const char *row, size_t row_bytes) {
+    for (size_t c = 0; c < row_bytes; c += 64) __builtin_prefetch(row + c, 0, 3);
+}
+
+/* the chunk's scores of every head: s[hd * KEY_CHUNK + t] for its n keys at rows rb[0..n), q (nh, hs) in act */
+INLINE void chunk_scores(const char *q, const char *kv, const int64_t *rb, int n, int64_t ahead, size_t row_bytes,
+                         int nkv, int g, int hs, int act, float scale, float softcap, float *s, const int nv) {
+    const size_t es = act_size(act);
     for (int t = 0; t < n; t++) {
-        const char *k = kv + (size_t)rb[t] * row_bytes + k_off;
-        vf acc = qv[0] * vload_act(k, 0, act);
-        for (int i = 1; i < nv; i++) acc += qv[i] * vload_act(k, (size_t)i * VL, act);
-        s[t] = attention_score(vsum(acc), softcap);
-        mx = s[t] > mx ? s[t] : mx;
+        if (t + PREFETCH_ROWS < n) prefetch_row(kv + (size_t)rb[t + PREFETCH_ROWS] * row_bytes, row_bytes);
+        else if (ahead >= 0 && t + PREFETCH_ROWS == n) prefetch_row(kv + (size_t)ahead * row_bytes, row_bytes);
+        const char *row = kv + (size_t)rb[t] * row_bytes;
+        for (int h = 0; h < nkv; h++) {
+            const char *k = row + (size_t)h * hs * es;
+            for (int j = 0; j < g; j++) {
+                const int hd = h * g + j;
+                const char *qj = q + (size_t)hd * hs * es;
+                vf acc = vload_act(qj, 0, act) * scale * vload_act(k, 0, act);
+                for (int i = 1; i < nv; i++) acc += vload_act(qj, (size_t)i * VL, act) * scale * vload_act(k, (size_t)i * VL, act);
+                s[(size_t)hd * KEY_CHUNK + t] = attention_score(vsum(acc), softcap);
+            }
+        }
     }
-    const float inv = 1.0f / softmax_numerators(s, n, mx);
-    vf o[MAX_HS / VL];
-    for (int i = 0; i < nv; i++) o[i] = vset1(0.0f);
-    for (int t = 0; t < n; t++) {
-        const char *v = kv + (size_t)rb[t] * row_bytes + v_off;
-        const float p = s[t];
-        for (int i = 0; i < nv; i++) o[i] += p * vload_act(v, (size_t)i * VL, act);
+}
+
+/* P (nh, PART(hs)) <- each head's sum of p V over the chunk's n keys (p = s's numerators) */
+INLINE void chunk_values(const char *kv, const int64_t *rb, int n, size_t row_bytes, int nkv, int g, int hs, int act,
+                         const float *s, float *P, const int nv) {
+    const size_t es = act_size(act);
+    for (int hd = 0; hd < nkv * g; hd++) {
+        const size_t v_off = (size_t)(nkv + hd / g) * hs * es;
+        const float *p = s + (size_t)hd * KEY_CHUNK;
+        vf o[MAX_HS / VL];
+        for (int i = 0; i < nv; i++) o[i] = vset1(0.0f);
+        for (int t = 0; t < n; t++) {
+            const char *v = kv + (size_t)rb[t] * row_bytes + v_off;
+            for (int i = 0; i < nv; i++) o[i] += p[t] * vload_act(v, (size_t)i * VL, act);
+        }
+        for (int i = 0; i < nv; i++) vstore(P + (size_t)hd * PART(hs) + (size_t)i * VL, o[i]);
     }
-    for (int i = 0; i < nv; i++) vstore_act(dst, (size_t)i * VL, o[i] * inv, act);
 }
 
 #if defined(__AVX512BF16__)
@@ -85,121 +114,207 @@ static inline __m512 sum16(const float *v) {
     return _mm512_add_ps(_mm512_shuffle_f32x4(e0, e1, 0x88), _mm512_shuffle_f32x4(e0, e1, 0xDD));
 }
 
-/* The g query heads at q (hs bf16 each, one after the other) of one kv head over the n keys at rows rb[0..n): dst
- * (the heads' outputs, likewise) = softmax(scores) V. Each key's and value's row is read once for the g heads. s:
- * scratch for g (n + 16) scores; part: 64-byte aligned scratch for g x 16 x 16 floats (the dot products of 16 keys). */
-static void attend_group_bf16(const uint16_t *q, const char *kv, const int64_t *rb, int n, size_t row_bytes,
-                              size_t k_off, size_t v_off, float scale, float softcap, int g, int hs, float *s,
-                              float *part, uint16_t *dst) {
-    const int nc = hs / 32, stride = n + 16; /* 32-value chunks of a head; scores of head j at s + j stride */
-    float mx[g];
-    for (int j = 0; j < g; j++) mx[j] = -INFINITY;
+/* chunk_scores for bf16 (hs % 32 == 0): each key's dot products (AVX512-BF16, 16 lanes) 16 keys at a time into part
+ * (nh, 16 keys, 16 lanes; 64-byte aligned), summed by sum16's one tree */
+static void chunk_scores_bf16(const uint16_t *q, const char *kv, const int64_t *rb, int n, int64_t ahead,
+                              size_t row_bytes, int nkv, int g, int hs, float scale, float softcap, float *s,
+                              float *part) {
+    const int nc = hs / 32, nh = nkv * g;
     for (int t0 = 0; t0 < n; t0 += 16) {
         const int cnt = n - t0 < 16 ? n - t0 : 16;
         for (int tt = 0; tt < 16; tt++) {
+            const int t = t0 + tt;
             if (tt >= cnt) { /* zeros past the last key: the tree sums the same way for every key */
-                for (int j = 0; j < g; j++) _mm512_store_ps(part + (j * 16 + tt) * 16, _mm512_setzero_ps());
+                for (int hd = 0; hd < nh; hd++) _mm512_store_ps(part + (hd * 16 + tt) * 16, _mm512_setzero_ps());
                 continue;
             }
-            const uint16_t *k = (const uint16_t *)(kv + (size_t)rb[t0 + tt] * row_bytes + k_off);
-            if (t0 + tt + PREFETCH_KEYS < n) { /* a later key's row, and its value for the pass over the values */
-                const char *ahead = kv + (size_t)rb[t0 + tt + PREFETCH_KEYS] * row_bytes;
-                for (int c = 0; c < hs * 2; c += 64) {
-                    _mm_prefetch(ahead + k_off + c, _MM_HINT_T0);
-                    _mm_prefetch(ahead + v_off + c, _MM_HINT_T0);
+            if (t + PREFETCH_ROWS < n) prefetch_row(kv + (size_t)rb[t + PREFETCH_ROWS] * row_bytes, row_bytes);
+            else if (ahead >= 0 && t + PREFETCH_ROWS == n) prefetch_row(kv + (size_t)ahead * row_bytes, row_bytes);
+            const uint16_t *row = (const uint16_t *)(kv + (size_t)rb[t] * row_bytes);
+            for (int h = 0; h < nkv; h++) {
+                const uint16_t *k = row + (size_t)h * hs;
+                for (int j = 0; j < g; j++) {
+                    const int hd = h * g + j;
+                    const uint16_t *qj = q + (size_t)hd * hs;
+                    __m512 acc = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)_mm512_loadu_si512(qj),
+                                                  (__m512bh)_mm512_loadu_si512(k));
+                    for (int c = 1; c < nc; c++)
+                        acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(qj + c * 32),
+                                               (__m512bh)_mm512_loadu_si512(k + c * 32));
+                    _mm512_store_ps(part + (hd * 16 + tt) * 16, acc);
                 }
             }
-            for (int j = 0; j < g; j++) {
-                const uint16_t *qj = q + (size_t)j * hs;
-                __m512 acc = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)_mm512_loadu_si512(qj),
-                                              (__m512bh)_mm512_loadu_si512(k));
-                for (int c = 1; c < nc; c++)
-                    acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(qj + c * 32),
-                                           (__m512bh)_mm512_loadu_si512(k + c * 32));
-                _mm512_store_ps(part + (j * 16 + tt) * 16, acc);
-            }
         }
-        for (int j = 0; j < g; j++) {
-            float *sj = s + (size_t)j * stride + t0;
-            _mm512_storeu_ps(sj, _mm512_mul_ps(sum16(part + j * 256), _mm512_set1_ps(scale)));
-            for (int tt = 0; tt < cnt; tt++) {
-                sj[tt] = attention_score(sj[tt], softcap);
-                mx[j] = sj[tt] > mx[j] ? sj[tt] : mx[j];
-            }
+        for (int hd = 0; hd < nh; hd++) {
+            float *sh = s + (size_t)hd * KEY_CHUNK + t0;
+            _mm512_storeu_ps(sh, _mm512_mul_ps(sum16(part + hd * 256), _mm512_set1_ps(scale)));
+            for (int tt = 0; tt < cnt; tt++) sh[tt] = attention_score(sh[tt], softcap);
         }
     }
-    float inv[g];
-    for (int j = 0; j < g; j++) inv[j] = 1.0f / softmax_numerators(s + (size_t)j * stride, n, mx[j]);
-    const int nv = hs / 16, hg = nv >= 16 ? 1 : 16 / nv; /* heads per pass over the values: their sums in registers */
-    for (int j0 = 0; j0 < g; j0 += hg) {
-        const int gj = g - j0 < hg ? g - j0 : hg;
-        __m512 o[16];
-        for (int i = 0; i < gj * nv; i++) o[i] = _mm512_setzero_ps();
-        for (int t = 0; t < n; t++) {
-            const uint16_t *v = (const uint16_t *)(kv + (size_t)rb[t] * row_bytes + v_off);
-            for (int i = 0; i < nv; i++) {
-                const __m512 vi = _mm512_castsi512_ps(
-                    _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(v + 16 * i))), 16));
-                for (int j = 0; j < gj; j++)
-                    o[j * nv + i] = _mm512_fmadd_ps(_mm512_set1_ps(s[(size_t)(j0 + j) * stride + t]), vi, o[j * nv + i]);
+}
+
+/* chunk_values for bf16 values: the query heads sharing a kv head together (their sums in registers), each value
+ * row read once for them */
+static void chunk_values_bf16(const char *kv, const int64_t *rb, int n, size_t row_bytes, int nkv, int g, int hs,
+                              const float *s, float *P) {
+    const int nv = hs / 16, hg = nv >= 16 ? 1 : 16 / nv; /* heads per pass over the values */
+    for (int h = 0; h < nkv; h++) {
+        const size_t v_off = (size_t)(nkv + h) * hs * 2;
+        for (int j0 = 0; j0 < g; j0 += hg) {
+            const int gj = g - j0 < hg ? g - j0 : hg, hd0 = h * g + j0;
+            __m512 o[16];
+            for (int i = 0; i < gj * nv; i++) o[i] = _mm512_setzero_ps();
+            for (int t = 0; t < n; t++) {
+                const uint16_t *v = (const uint16_t *)(kv + (size_t)rb[t] * row_bytes + v_off);
+                for (int i = 0; i < nv; i++) {
+                    const __m512 vi = _mm512_castsi512_ps(
+                        _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(v + 16 * i))), 16));
+                    for (int j = 0; j < gj; j++)
+                        o[j * nv + i] = _mm512_fmadd_ps(_mm512_set1_ps(s[(size_t)(hd0 + j) * KEY_CHUNK + t]), vi, o[j * nv + i]);
+                }
             }
+            for (int j = 0; j < gj; j++)
+                for (int i = 0; i < nv; i++) _mm512_storeu_ps(P + (size_t)(hd0 + j) * PART(hs) + 16 * i, o[j * nv + i]);
         }
-        for (int j = 0; j < gj; j++)
-            for (int i = 0; i < nv; i++)
-                vstore_bf16(dst + (size_t)(j0 + j) * hs + 16 * i, o[j * nv + i] * inv[j0 + j]);
     }
 }
 #endif
+
+/* One chunk of a sequence's keys (n of them, at rows rb[0..n); `ahead`: the row the next chunk starts at, or -1), every
+ * head: P (nh, PART(hs)) <- each head's unnormalized output, max score and sum of exp(s - max). s: scratch for
+ * nh KEY_CHUNK scores; part: 64-byte aligned scratch for nh x 256 floats. */
+static void attend_chunk(const void *q, const char *kv, const int64_t *rb, int n, int64_t ahead, size_t row_bytes,
+                         int nkv, int g, int hs, int act, float scale, float softcap, float *s, float *part, float *P) {
+    const int nh = nkv * g, nv = hs / VL;
+#if defined(__AVX512BF16__)
+    const int bf16 = act == ACT_BF16 && hs % 32 == 0;
+    if (bf16) chunk_scores_bf16(q, kv, rb, n, ahead, row_bytes, nkv, g, hs, scale, softcap, s, part);
+#else
+    const int bf16 = 0;
+    (void)part;
+#endif
+    if (!bf16) {
+#define SCORES(nv_) chunk_scores(q, kv, rb, n, ahead, row_bytes, nkv, g, hs, act, scale, softcap, s, nv_)
+        switch (nv * VL) {
+        case 64: SCORES(64 / VL); break;
+        case 128: SCORES(128 / VL); break;
+        default: SCORES(nv); break;
+        }
+#undef SCORES
+    }
+    for (int hd = 0; hd < nh; hd++) {
+        float *sh = s + (size_t)hd * KEY_CHUNK, mx = -INFINITY;
+        for (int t = 0; t < n; t++) mx = sh[t] > mx ? sh[t] : mx;
+        P[(size_t)hd * PART(hs) + hs] = mx;
+        P[(size_t)hd * PART(hs) + hs + 1] = softmax_numerators(sh, n, mx);
+    }
+#if defined(__AVX512BF16__)
+    if (bf16) {
+        chunk_values_bf16(kv, rb, n, row_bytes, nkv, g, hs, s, P);
+        return;
+    }
+#endif
+#define VALUES(nv_) chunk_values(kv, rb, n, row_bytes, nkv, g, hs, act, s, P, nv_)
+    switch (nv * VL) {
+    case 64: VALUES(64 / VL); break;
+    case 128: VALUES(128 / VL); break;
+    default: VALUES(nv); break;
+    }
+#undef VALUES
+}
+
+/* head hd's output from its nch chunks' partial results (P: chunk c's at P + c * stride): the chunks in order,
+ * M = max m_c, out = sum_c exp(m_c - M) o_c / sum_c exp(m_c - M) l_c (one chunk: o / l exactly) */
+static void combine_head(const float *P, int nch, size_t stride, int hd, int hs, void *dst, int act) {
+    const float *Ph = P + (size_t)hd * PART(hs);
+    float M = -INFINITY, L = 0.0f;
+    for (int c = 0; c < nch; c++) M = Ph[c * stride + hs] > M ? Ph[c * stride + hs] : M;
+    vf o[MAX_HS / VL];
+    const int nv = hs / VL;
+    for (int i = 0; i < nv; i++) o[i] = vset1(0.0f);
+    for (int c = 0; c < nch; c++) {
+        const float *pc = Ph + c * stride, w = expf(pc[hs] - M);
+        L += pc[hs + 1] * w;
+        for (int i = 0; i < nv; i++) o[i] += w * vload(pc + (size_t)i * VL);
+    }
+    const float inv = 1.0f / L;
+    for (int i = 0; i < nv; i++) vstore_act(dst, (size_t)hd * hs + (size_t)i * VL, o[i] * inv, act);
+}
 
 int k_attention(const void *q, const void *kv, const int64_t *rows, const int32_t *lens, void *out, int B, int nh,
                 int nkv, int hs, int Tk, float scale, float softcap, int window, int act, int nthreads) {
     if (hs % VL || hs % 16 || hs > MAX_HS || nh % nkv || B <= 0 || Tk <= 0 || !attention_params_ok(softcap, window))
         return AIGC_ERR_ARGS;
-    const int n_max = window > 0 && window < Tk ? window : Tk; /* the most keys a query sees */
-    const int g = nh / nkv, nv = hs / VL;
-    const size_t es = act_size(act), row_bytes = (size_t)2 * nkv * hs * es;
-    int bad = 0; /* 1: a sequence's lens out of range, 2: no memory */
+    for (int b = 0; b < B; b++)
+        if (lens[b] <= 0 || lens[b] > Tk) return AIGC_ERR_ARGS;
+    const int g = nh / nkv;
+    const size_t es = act_size(act), row_bytes = (size_t)2 * nkv * hs * es, stride = (size_t)nh * PART(hs);
+    /* few sequences: every chunk its own unit (partials in P, combined in a second pass); else whole sequences */
+    const int split = B < 2 * nthreads;
+    int *first = malloc(sizeof(int) * ((size_t)B + 1)); /* chunks of sequences before b */
+    if (!first) return AIGC_ERR_NOMEM;
+    first[0] = 0;
+    int most = 0;
+    for (int b = 0; b < B; b++) {
+        const int nch = (lens[b] - attention_window(lens[b], window) + KEY_CHUNK - 1) / KEY_CHUNK;
+        first[b + 1] = first[b] + nch;
+        most = nch > most ? nch : most;
+    }
+    const int units = split ? first[B] : B;
+    float *shared = split ? aligned_alloc(64, sizeof(float) * stride * (size_t)first[B]) : NULL;
+    if (split && !shared) {
+        free(first);
+        return AIGC_ERR_NOMEM;
+    }
+    int bad = 0;
 #pragma omp parallel num_threads(nthreads) reduction(| : bad)
     {
-        float *s = malloc(((size_t)n_max + 16) * sizeof(float) * (size_t)g);
-        float *part = aligned_alloc(64, sizeof(float) * 256 * (size_t)g);
-        if (!s || !part) bad |= 2;
-        /* units are (sequence, kv head): its g query heads run back to back on rows still in cache; dealt round robin,
-         * since a prompt chunk's rows see 1, 2, 3, ... keys (contiguous halves would give one thread three times the
-         * other's keys) */
+        float *s = malloc(sizeof(float) * (size_t)nh * KEY_CHUNK);
+        float *part = aligned_alloc(64, sizeof(float) * 256 * (size_t)nh);
+        float *own = split ? NULL : aligned_alloc(64, sizeof(float) * stride * (size_t)most);
+        const int ready = s && part && (split || own);
+        if (!ready) bad = 1;
+        /* dealt round robin: a prompt chunk's rows see 1, 2, 3, ... keys (contiguous halves would give one thread
+         * three times the other's keys) */
 #pragma omp for schedule(static, 1)
-        for (int u = 0; u < B * nkv; u++) {
-            const int b = u / nkv, h = u % nkv, n = lens[b];
-            if (!s || !part || n <= 0 || n > Tk) {
-                bad |= s && part ? 1 : 2;
-                continue;
+        for (int u = 0; u < units; u++) {
+            if (!ready) continue;
+            int b = u, c0 = 0, c1;
+            if (split) { /* the sequence whose chunk u is */
+                b = 0;
+                while (first[b + 1] <= u) b++;
+                c0 = u - first[b], c1 = c0 + 1;
+            } else {
+                c1 = first[b + 1] - first[b];
             }
-            const int t0 = attention_window(n, window); /* keys t0..n-1 */
-            const int64_t *rb = rows + (size_t)b * Tk + t0;
-            const size_t k_off = (size_t)h * hs * es, v_off = (size_t)(nkv + h) * hs * es;
-#if defined(__AVX512BF16__)
-            if (act == ACT_BF16 && hs % 32 == 0) {
-                const size_t at = ((size_t)b * nh + (size_t)h * g) * hs;
-                attend_group_bf16((const uint16_t *)q + at, kv, rb, n - t0, row_bytes, k_off, v_off, scale, softcap,
-                                  g, hs, s, part, (uint16_t *)out + at);
-                continue;
+            const int n = lens[b], t0 = attention_window(n, window);
+            const int64_t *rb = rows + (size_t)b * Tk;
+            const char *qb = (const char *)q + (size_t)b * nh * hs * es;
+            float *P = split ? shared + (size_t)first[b] * stride : own;
+            for (int c = c0; c < c1; c++) {
+                const int ts = t0 + c * KEY_CHUNK, cnt = n - ts < KEY_CHUNK ? n - ts : KEY_CHUNK;
+                const int64_t ahead = c + 1 < c1 ? rb[ts + KEY_CHUNK] : -1;
+                attend_chunk(qb, kv, rb + ts, cnt, ahead, row_bytes, nkv, g, hs, act, scale, softcap, s, part,
+                             P + (size_t)c * stride);
             }
-#endif
-            for (int j = 0; j < g; j++) {
-                const size_t at = ((size_t)b * nh + (size_t)h * g + j) * hs * es;
-                const char *qj = (const char *)q + at;
-                char *dst = (char *)out + at;
-#define ATTEND(nv_) attend_head(qj, kv, rb, n - t0, row_bytes, k_off, v_off, scale, softcap, act, s, dst, nv_)
-                switch (nv * VL) {
-                case 64: ATTEND(64 / VL); break;
-                case 128: ATTEND(128 / VL); break;
-                default: ATTEND(nv); break;
-                }
-#undef ATTEND
+            if (!split)
+                for (int hd = 0; hd < nh; hd++)
+                    combine_head(P, c1, stride, hd, hs, (char *)out + (size_t)b * nh * hs * es, act);
+        }
+        if (split) {
+#pragma omp for schedule(static)
+            for (int u = 0; u < B * nh; u++) {
+                const int b = u / nh;
+                if (ready)
+                    combine_head(shared + (size_t)first[b] * stride, first[b + 1] - first[b], stride, u % nh, hs,
+                                 (char *)out + (size_t)b * nh * hs * es, act);
             }
         }
         free(s);
         free(part);
+        free(own);
     }
-    return bad & 1 ? AIGC_ERR_ARGS : bad ? AIGC_ERR_NOMEM : AIGC_OK;
+    free(first);
+    free(shared);
+    return bad ? AIGC_ERR_NOMEM : AIGC_OK;
 }

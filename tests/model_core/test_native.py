@@ -275,6 +275,37 @@ def test_paged_attention_with_scale_softcap_and_window_equals_the_masked_referen
 
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_a_sequences_attention_is_the_same_alone_in_any_batch_and_on_any_threads(isa: str, dtype: torch.dtype) -> None:
+    """The kernel splits a few sequences' keys between threads in chunks and gives many sequences a thread each:
+    either way a sequence's output is the same bit for bit (batch invariance), alone or among others, on 1 to 3
+    threads, with rows of one key up to several chunks of keys, windowed or not."""
+    g = torch.Generator().manual_seed(7)
+    kernels = kernels_for(isa)
+    nh, nkv, hs = 8, 2, 64
+    lens = [1, 63, 64, 65, 200, 129, 17, 300]
+    rows, R = _paged_layout(lens, 16, g)
+    kv = torch.randn(R, 2 * nkv, hs, generator=g).to(dtype)
+    q = torch.randn(len(lens), nh, hs, generator=g).to(dtype)
+    lens_t = torch.tensor(lens, dtype=torch.int32)
+
+    def attend(pick: list[int], window: int, threads: int) -> torch.Tensor:
+        qb, rb, lb = q[pick].contiguous(), rows[pick].contiguous(), lens_t[pick].contiguous()
+        out = torch.full((len(pick), nh, hs), math.nan, dtype=dtype)
+        args = (qb, kv, rb, lb, out)
+        kernels.call("paged_attention_decode", *(t.data_ptr() for t in args), len(pick), nh, nkv, hs,
+                     rows.shape[1], hs**-0.5, 0.0, window, int(dtype == torch.bfloat16), threads)  # fmt: skip
+        return out
+
+    for window in (0, 70):
+        together = attend(list(range(len(lens))), window, 2)
+        for b in range(len(lens)):
+            for threads in (1, 2, 3):
+                assert torch.equal(attend([b], window, threads), together[b : b + 1]), (b, window, threads)
+        assert torch.equal(attend([4, 7], window, 2), together[[4, 7]])
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_llama_attention_takes_scale_softcap_and_window(isa: str, dtype: torch.dtype) -> None:
     """llama_attention (rope, cache write, attention): its output is the reference attention of its rotated query
     over the cache it updated, with the scale, softcap and window given, and bit for bit paged_attention_decode's
