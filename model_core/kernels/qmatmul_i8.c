@@ -588,43 +588,86 @@ static void configure_i8_tiles(int rows, int halves) {
     _tile_loadconfig(&c);
 }
 
+/* block j's sums as stored from the C tiles (cj: the hi (or only) plane's (16, 16) int32, the lo plane's 512 further;
+ * halves: quants 0..15 then 16..31 of each, 256 apart) into acc[i] for the mr x rows: group_rows' float operations in
+ * its order (kernels/common.h), on 16 lanes */
+INLINE void scale_block(const int planes, const int halves, const int mr, const int32_t *cj, const float *d16j,
+                        const int32_t *sc16j, const float *xsj, int nb, __m512 *acc) {
+    const __m512 db = _mm512_load_ps(d16j);
+    const __m512i sl = halves ? _mm512_load_si512(sc16j) : _mm512_setzero_si512();
+    const __m512i sh = halves ? _mm512_load_si512(sc16j + 16) : _mm512_setzero_si512();
+#pragma GCC unroll 16
+    for (int i = 0; i < mr; i++) {
+        __m512i s[2];
+        for (int p = 0; p < planes; p++) {
+            const int32_t *c = cj + (size_t)512 * p + 16 * i;
+            s[p] = halves ? _mm512_add_epi32(_mm512_mullo_epi32(_mm512_load_si512(c), sl),
+                                             _mm512_mullo_epi32(_mm512_load_si512(c + 256), sh))
+                          : _mm512_load_si512(c);
+        }
+        const __m512 v = planes == 2 ? _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[0]), _mm512_set1_ps(255.0f),
+                                                       _mm512_cvtepi32_ps(s[1]))
+                                     : _mm512_cvtepi32_ps(s[0]);
+        acc[i] = _mm512_fmadd_ps(v, _mm512_mul_ps(db, _mm512_set1_ps(xsj[(size_t)i * nb])), acc[i]);
+    }
+}
+
 /* one x tile (mr rows; xq its first row's blocks, nb * planes * 32 bytes a row; xs, xt its rows' scales and scale *
  * sum q) against an n-tile: wb (nb, 8, 64) its B tiles, d16 (nb, 16), m16 (no, 16), sc16 (nb, 2, 16) its scales
- * -> out (mr, 16) */
-static void amx_i8_tile(int wide, int planes, int nb, int no, const int8_t *xq, const float *xs, const float *xt, int mr,
-                        const int8_t *wb, const float *d16, const float *m16, const int32_t *sc16, int32_t *cbuf,
-                        float *out) {
-    const int halves = wide == WIDE_Q6;
+ * -> out (mr, 16). planes, halves and (16 or not) mr are constants where it is inlined, so that acc stays in
+ * registers. */
+INLINE void i8_tile(const int planes, const int halves, const int mr, int nb, int no, const int8_t *xq,
+                    const float *xs, const float *xt, const int8_t *wb, const float *d16, const float *m16,
+                    const int32_t *sc16, int32_t *cbuf, float *out) {
     const size_t stride = (size_t)nb * planes * BLOCK;
     __m512 acc[16];
-    for (int i = 0; i < 16; i++) acc[i] = _mm512_setzero_ps();
-    /* block b's products are stored (C tiles 0..3 at cb: the hi (or only) plane, then the lo plane; halves: quants
-     * 0..15 then 16..31 of each) while block b - 1's stored sums are scaled: the vector loads then find them written */
-    for (int b = 0; b <= nb; b++) {
-        if (b < nb) {
-            const int8_t *xb = xq + (size_t)b * planes * BLOCK, *w = wb + (size_t)b * 512;
-            int32_t *cb = cbuf + (size_t)(b & 1) * 1024;
-            /* blocks of 32 quants: both planes' products issued before their stores, and the next block's in other C
-             * and B tiles (even blocks C 0, 2 and B 6; odd ones C 1, 3 and B 7), so that a product need not wait for
-             * the last one's store */
-#define BLOCK_PRODUCTS(C_HI, C_LO, B)                  \
-    do {                                               \
-        _tile_loadd(B, w, 64);                         \
-        _tile_loadd(4, xb, stride);                    \
-        if (planes == 2) _tile_loadd(5, xb + BLOCK, stride); \
-        _tile_zero(C_HI);                              \
-        _tile_dpbssd(C_HI, 4, B);                      \
-        if (planes == 2) {                             \
-            _tile_zero(C_LO);                          \
-            _tile_dpbssd(C_LO, 5, B);                  \
-        }                                              \
-        _tile_stored(C_HI, cb, 64);                    \
-        if (planes == 2) _tile_stored(C_LO, cb + 512, 64); \
+    for (int i = 0; i < mr; i++) acc[i] = _mm512_setzero_ps();
+    if (!halves) {
+        /* block b's products in C tiles b & 1 (its hi or only plane) and 2 + (b & 1) (lo) from B tile 6 + (b & 1),
+         * stored while block b + 1's run and scaled while b + 2's do: no store waits for the product just issued,
+         * no vector load for the store just made */
+        for (int b = 0; b < nb + 2; b++) {
+#define I8_PRODUCTS(C_HI, C_LO, B)                                 \
+    do {                                                           \
+        _tile_loadd(B, w, 64);                                     \
+        _tile_loadd(4, xb, stride);                                \
+        if (planes == 2) _tile_loadd(5, xb + BLOCK, stride);       \
+        _tile_zero(C_HI);                                          \
+        _tile_dpbssd(C_HI, 4, B);                                  \
+        if (planes == 2) {                                         \
+            _tile_zero(C_LO);                                      \
+            _tile_dpbssd(C_LO, 5, B);                              \
+        }                                                          \
     } while (0)
-            if (!halves) {
-                if (b & 1) BLOCK_PRODUCTS(1, 3, 7);
-                else BLOCK_PRODUCTS(0, 2, 6);
-            } else { /* halves of 16 quants (B 6, 7), a product each: C 0, 1 the hi (or only) plane's, C 2, 3 the lo's */
+#define I8_STORE(C_HI, C_LO, cb)                                   \
+    do {                                                           \
+        _tile_stored(C_HI, cb, 64);                                \
+        if (planes == 2) _tile_stored(C_LO, (cb) + 512, 64);       \
+    } while (0)
+            if (b < nb) {
+                const int8_t *xb = xq + (size_t)b * planes * BLOCK, *w = wb + (size_t)b * 512;
+                if (b & 1) I8_PRODUCTS(1, 3, 7);
+                else I8_PRODUCTS(0, 2, 6);
+            }
+            if (b >= 1 && b <= nb) {
+                int32_t *cb = cbuf + (size_t)((b - 1) & 1) * 1024;
+                if ((b - 1) & 1) I8_STORE(1, 3, cb);
+                else I8_STORE(0, 2, cb);
+            }
+#undef I8_PRODUCTS
+#undef I8_STORE
+            if (b >= 2) {
+                const int j = b - 2;
+                scale_block(planes, 0, mr, cbuf + (size_t)(j & 1) * 1024, d16 + (size_t)j * 16, NULL, xs + j, nb, acc);
+            }
+        }
+    } else {
+        /* halves of 16 quants (B 6, 7), a product each: C 0, 1 the hi (or only) plane's, C 2, 3 the lo's; block b's
+         * stored right away and scaled while block b + 1's products run */
+        for (int b = 0; b <= nb; b++) {
+            if (b < nb) {
+                const int8_t *xb = xq + (size_t)b * planes * BLOCK, *w = wb + (size_t)b * 512;
+                int32_t *cb = cbuf + (size_t)(b & 1) * 1024;
                 _tile_loadd(6, w, 64);
                 _tile_loadd(7, w + 256, 64);
                 for (int p = 0; p < planes; p++) {
@@ -647,34 +690,37 @@ static void amx_i8_tile(int wide, int planes, int nb, int no, const int8_t *xq, 
                     }
                 }
             }
-#undef BLOCK_PRODUCTS
-        }
-        if (b == 0) continue;
-        const int j = b - 1; /* the block scaled now */
-        const int32_t *cj = cbuf + (size_t)(j & 1) * 1024;
-        const __m512 db = _mm512_load_ps(d16 + (size_t)j * 16);
-        const __m512i sl = halves ? _mm512_load_si512(sc16 + (size_t)j * 32) : _mm512_setzero_si512();
-        const __m512i sh = halves ? _mm512_load_si512(sc16 + (size_t)j * 32 + 16) : _mm512_setzero_si512();
-        for (int i = 0; i < mr; i++) {
-            __m512i s[2];
-            for (int p = 0; p < planes; p++) {
-                const int32_t *c = cj + (size_t)512 * p + 16 * i;
-                s[p] = halves ? _mm512_add_epi32(_mm512_mullo_epi32(_mm512_load_si512(c), sl),
-                                                 _mm512_mullo_epi32(_mm512_load_si512(c + 256), sh))
-                              : _mm512_load_si512(c);
+            if (b >= 1) {
+                const int j = b - 1;
+                scale_block(planes, 1, mr, cbuf + (size_t)(j & 1) * 1024, d16 + (size_t)j * 16,
+                            sc16 + (size_t)j * 32, xs + j, nb, acc);
             }
-            const __m512 v = planes == 2 ? _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[0]), _mm512_set1_ps(255.0f),
-                                                           _mm512_cvtepi32_ps(s[1]))
-                                         : _mm512_cvtepi32_ps(s[0]);
-            acc[i] = _mm512_fmadd_ps(v, _mm512_mul_ps(db, _mm512_set1_ps(xs[(size_t)i * nb + j])), acc[i]);
         }
     }
-    for (int i = 0; i < mr; i++) {
-        __m512 off = _mm512_setzero_ps();
-        for (int o = 0; o < no && m16; o++)
-            off = _mm512_fmadd_ps(_mm512_load_ps(m16 + (size_t)o * 16), _mm512_set1_ps(xt[(size_t)i * no + o]), off);
-        _mm512_storeu_ps(out + 16 * i, _mm512_add_ps(acc[i], off));
+    /* the offsets: sum_o m16[o] xt[i, o] for each row in o's order, the rows' chains side by side */
+    __m512 off[16];
+    for (int i = 0; i < mr; i++) off[i] = _mm512_setzero_ps();
+    for (int o = 0; o < no && m16; o++) {
+        const __m512 mo = _mm512_load_ps(m16 + (size_t)o * 16);
+#pragma GCC unroll 16
+        for (int i = 0; i < mr; i++) off[i] = _mm512_fmadd_ps(mo, _mm512_set1_ps(xt[(size_t)i * no + o]), off[i]);
     }
+    for (int i = 0; i < mr; i++) _mm512_storeu_ps(out + 16 * i, _mm512_add_ps(acc[i], off[i]));
+}
+
+static void amx_i8_tile(int wide, int planes, int nb, int no, const int8_t *xq, const float *xs, const float *xt, int mr,
+                        const int8_t *wb, const float *d16, const float *m16, const int32_t *sc16, int32_t *cbuf,
+                        float *out) {
+    const int halves = wide == WIDE_Q6;
+#define I8_TILE(P, H, MR) i8_tile(P, H, MR, nb, no, xq, xs, xt, wb, d16, m16, sc16, cbuf, out)
+    if (mr == 16) {
+        if (planes == 2) halves ? I8_TILE(2, 1, 16) : I8_TILE(2, 0, 16);
+        else halves ? I8_TILE(1, 1, 16) : I8_TILE(1, 0, 16);
+    } else {
+        if (planes == 2) halves ? I8_TILE(2, 1, mr) : I8_TILE(2, 0, mr);
+        else halves ? I8_TILE(1, 1, mr) : I8_TILE(1, 0, mr);
+    }
+#undef I8_TILE
 }
 
 /* qmatmul_i8 on the tiles, from the quantized x (xq (Mp, nb, planes, 32), Mp = M rounded up to 16 past 16 rows, its
