@@ -53,6 +53,18 @@ static float softmax_numerators(float *s, int n, float mx) {
     return sum;
 }
 
+/* the largest of s[0..n) (a NaN score never taken, -inf for none): a max is exact, so any order gives it (but for
+ * the sign of a zero, which no result depends on: exp(s - m) is 1 at s = m = 0 either way) */
+static float chunk_max(const float *s, int n) {
+    vf mv = vset1(-INFINITY);
+    int t = 0;
+    for (; t + VL <= n; t += VL) mv = vmax(vload(s + t), mv);
+    float mx = -INFINITY;
+    for (int i = 0; i < VL; i++) mx = mv[i] > mx ? mv[i] : mx;
+    for (; t < n; t++) mx = s[t] > mx ? s[t] : mx;
+    return mx;
+}
+
 /* one cache row's lines (K and V of every head), ahead of their use */
 static inline void prefetch_row(const char *row, size_t row_bytes) {
     for (size_t c = 0; c < row_bytes; c += 64) __builtin_prefetch(row + c, 0, 3);
@@ -153,6 +165,25 @@ static void chunk_scores_bf16(const uint16_t *q, const char *kv, const int64_t *
     }
 }
 
+/* gj query heads' (hd0, ...) sums of p V over the chunk's n keys, V at v_off of each row: nv and gj constants where
+ * inlined, so that the gj * nv <= 16 sums stay in registers */
+INLINE void head_values_bf16(const int nv, const int gj, const char *kv, const int64_t *rb, int n, size_t row_bytes,
+                             size_t v_off, int hd0, int hs, const float *s, float *P) {
+    __m512 o[16];
+    for (int i = 0; i < gj * nv; i++) o[i] = _mm512_setzero_ps();
+    for (int t = 0; t < n; t++) {
+        const uint16_t *v = (const uint16_t *)(kv + (size_t)rb[t] * row_bytes + v_off);
+        for (int i = 0; i < nv; i++) {
+            const __m512 vi = _mm512_castsi512_ps(
+                _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(v + 16 * i))), 16));
+            for (int j = 0; j < gj; j++)
+                o[j * nv + i] = _mm512_fmadd_ps(_mm512_set1_ps(s[(size_t)(hd0 + j) * KEY_CHUNK + t]), vi, o[j * nv + i]);
+        }
+    }
+    for (int j = 0; j < gj; j++)
+        for (int i = 0; i < nv; i++) _mm512_storeu_ps(P + (size_t)(hd0 + j) * PART(hs) + 16 * i, o[j * nv + i]);
+}
+
 /* chunk_values for bf16 values: the query heads sharing a kv head together (their sums in registers), each value
  * row read once for them */
 static void chunk_values_bf16(const char *kv, const int64_t *rb, int n, size_t row_bytes, int nkv, int g, int hs,
@@ -162,19 +193,18 @@ static void chunk_values_bf16(const char *kv, const int64_t *rb, int n, size_t r
         const size_t v_off = (size_t)(nkv + h) * hs * 2;
         for (int j0 = 0; j0 < g; j0 += hg) {
             const int gj = g - j0 < hg ? g - j0 : hg, hd0 = h * g + j0;
-            __m512 o[16];
-            for (int i = 0; i < gj * nv; i++) o[i] = _mm512_setzero_ps();
-            for (int t = 0; t < n; t++) {
-                const uint16_t *v = (const uint16_t *)(kv + (size_t)rb[t] * row_bytes + v_off);
-                for (int i = 0; i < nv; i++) {
-                    const __m512 vi = _mm512_castsi512_ps(
-                        _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(v + 16 * i))), 16));
-                    for (int j = 0; j < gj; j++)
-                        o[j * nv + i] = _mm512_fmadd_ps(_mm512_set1_ps(s[(size_t)(hd0 + j) * KEY_CHUNK + t]), vi, o[j * nv + i]);
-                }
+#define HEADS(NV, GJ) head_values_bf16(NV, GJ, kv, rb, n, row_bytes, v_off, hd0, hs, s, P)
+            switch (nv * 16 + gj) { /* head sizes 64, 128, 256 */
+            case 4 * 16 + 1: HEADS(4, 1); break;
+            case 4 * 16 + 2: HEADS(4, 2); break;
+            case 4 * 16 + 3: HEADS(4, 3); break;
+            case 4 * 16 + 4: HEADS(4, 4); break;
+            case 8 * 16 + 1: HEADS(8, 1); break;
+            case 8 * 16 + 2: HEADS(8, 2); break;
+            case 16 * 16 + 1: HEADS(16, 1); break;
+            default: HEADS(nv, gj);
             }
-            for (int j = 0; j < gj; j++)
-                for (int i = 0; i < nv; i++) _mm512_storeu_ps(P + (size_t)(hd0 + j) * PART(hs) + 16 * i, o[j * nv + i]);
+#undef HEADS
         }
     }
 }
@@ -203,8 +233,8 @@ static void attend_chunk(const void *q, const char *kv, const int64_t *rb, int n
 #undef SCORES
     }
     for (int hd = 0; hd < nh; hd++) {
-        float *sh = s + (size_t)hd * KEY_CHUNK, mx = -INFINITY;
-        for (int t = 0; t < n; t++) mx = sh[t] > mx ? sh[t] : mx;
+        float *sh = s + (size_t)hd * KEY_CHUNK;
+        const float mx = chunk_max(sh, n);
         P[(size_t)hd * PART(hs) + hs] = mx;
         P[(size_t)hd * PART(hs) + hs + 1] = softmax_numerators(sh, n, mx);
     }
