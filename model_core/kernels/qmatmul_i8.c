@@ -565,12 +565,14 @@ static void widen_scales(int kind, const void *d, const void *m, size_t gi, int 
 
 /* measured (AMX VM, 2 threads, 576 x 1536 and 1536 x 576 of Q4_1, Q4_K, Q6_K, Q8_0 against the vector path of this
  * build): int16 mode's tiles even at 6-16 rows (the K-quants last: their scales widened per n-tile), int8 mode's at
- * 12-16; 1.3-2x faster at 512 */
+ * 12-16; 1.3-2x faster at 512. Since the tiles' sums stay in registers (whole model steps, SmolLM2 Q4_1 / Q4_K_M /
+ * Q6_K / Q8_0 and a Qwen3-0.6B-shaped Q4_K_M, python -m model_core.tools.step_times --batches 5,6,8,10): int16 mode's
+ * tiles 10-40% faster at 8-10 rows, even or slower at 5-6 on the K-quants. */
 #ifndef AMX_I8_MIN_ROWS
 #define AMX_I8_MIN_ROWS 16
 #endif
 #ifndef AMX_I16_MIN_ROWS
-#define AMX_I16_MIN_ROWS 12
+#define AMX_I16_MIN_ROWS 8
 #endif
 
 static int amx_i8_ready(void) { return __builtin_cpu_supports("amx-int8") && amx_granted(); }
@@ -735,15 +737,14 @@ static int amx_i8(int kind, int wide, int planes, const int8_t *xq, const float 
     int bad = 0;
 #pragma omp parallel num_threads(nthreads) reduction(| : bad)
     {
-        /* per thread: the n-tile's B tiles (nb, 512 bytes), its two groups' widened quants and scales, the scales
-         * side by side (d16, m16, sc16), the C tiles' sums and an x tile's results */
-        const size_t nw = (size_t)nb * 512, ng = sizeof(qv) * (size_t)nb * 8, nf = (size_t)nb * ROWS * 3;
+        /* per thread: the n-tile's B tiles (nb, 512 bytes: its two groups' widened quants), their scales, the
+         * scales side by side (d16, m16, sc16), the C tiles' sums and an x tile's results */
+        const size_t nw = (size_t)nb * 512, nf = (size_t)nb * ROWS * 3;
         /* floats and int32 after them: dv, mv of both groups (2 nf), d16 (16 nb), m16 (32 nb), sc of both groups,
          * sc16 (32 nb each), cbuf (2 x 1024), out (256) */
-        int8_t *wb = aligned_alloc(64, nw + 2 * ng + 4 * (2 * nf + 112 * (size_t)nb + 2304));
+        int8_t *wb = aligned_alloc(64, nw + 4 * (2 * nf + 112 * (size_t)nb + 2304));
         if (!wb) bad = 1;
-        qv *wq = wb ? (qv *)(wb + nw) : NULL;
-        float *dv = wb ? (float *)(wb + nw + 2 * ng) : NULL, *d16 = dv ? dv + 2 * nf : NULL;
+        float *dv = wb ? (float *)(wb + nw) : NULL, *d16 = dv ? dv + 2 * nf : NULL;
         float *m16 = d16 ? d16 + (size_t)nb * 16 : NULL;
         int32_t *sc = m16 ? (int32_t *)(m16 + (size_t)nb * 32) : NULL, *sc16 = sc ? sc + (size_t)nb * 32 : NULL;
         int32_t *cbuf = sc16 ? sc16 + (size_t)nb * 32 : NULL;
@@ -767,7 +768,7 @@ static int amx_i8(int kind, int wide, int planes, const int8_t *xq, const float 
                 const uint8_t *qg = qs + gi * group_bytes;
                 for (int b = 0; b < nb; b++) {
                     const uint8_t *qb = qg + (size_t)b * block_bytes(kind);
-                    qv *v = wq + (size_t)h * nb * 8 + (size_t)b * 8;
+                    qv v[8]; /* in registers, stored once into B's rows */
                     if (wide == WIDE_U4) unpack_q4(qb, v);
                     else if (wide == WIDE_U5) unpack_q5(qb, v);
                     else if (wide == WIDE_IQ4) unpack_iq4(qb, v);
@@ -779,17 +780,17 @@ static int amx_i8(int kind, int wide, int planes, const int8_t *xq, const float 
                     for (int k = 0; k < 8; k++) _mm256_store_si256((__m256i *)(wb + (size_t)b * 512 + k * 64 + 32 * h), v[k]);
                 }
             }
-            for (int b = 0; b < nb; b++) /* the scales side by side: lanes 0..7 the first group's rows */
-                for (int r = 0; r < ROWS; r++)
-                    for (int h = 0; h < 2; h++) {
-                        d16[(size_t)b * 16 + 8 * h + r] = dv[h * nf + (size_t)b * ROWS + r];
-                        for (int j = 0; j < 2 && halves; j++)
-                            sc16[(size_t)b * 32 + 16 * j + 8 * h + r] = sc[(size_t)h * nb * 16 + ((size_t)b * 2 + j) * ROWS + r];
-                    }
-            for (int o = 0; o < no && offsets; o++)
-                for (int r = 0; r < ROWS; r++)
-                    for (int h = 0; h < 2; h++)
-                        m16[(size_t)o * 16 + 8 * h + r] = dv[h * nf + (size_t)nb * ROWS + (size_t)o * ROWS + r];
+            for (int h = 0; h < 2; h++) { /* the scales side by side: lanes 0..7 the first group's rows */
+                for (int b = 0; b < nb; b++) {
+                    memcpy(d16 + (size_t)b * 16 + 8 * h, dv + h * nf + (size_t)b * ROWS, sizeof(float) * ROWS);
+                    for (int j = 0; j < 2 && halves; j++)
+                        memcpy(sc16 + (size_t)b * 32 + 16 * j + 8 * h, sc + (size_t)h * nb * 16 + ((size_t)b * 2 + j) * ROWS,
+                               sizeof(int32_t) * ROWS);
+                }
+                for (int o = 0; o < no && offsets; o++)
+                    memcpy(m16 + (size_t)o * 16 + 8 * h, dv + h * nf + (size_t)nb * ROWS + (size_t)o * ROWS,
+                           sizeof(float) * ROWS);
+            }
             const int cols = N - nt * 16 < 16 ? N - nt * 16 : 16;
             for (int r0 = 0; r0 < M; r0 += 16) {
                 const int mr = M - r0 < 16 ? M - r0 : 16;
