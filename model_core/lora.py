@@ -18,9 +18,11 @@ projections with native calls between them, which gives the one-call layer's res
 are added to the projections' outputs; model_core.fused_decode).
 
 The deltas are computed in float64 from the activations and rounded once to their dtype: the products of float32
-(or bf16) values are exact in float64, and the order BLAS sums them in (which depends on how many rows it is
-given) moves the float64 sum far below the final rounding, so a row's delta is the same whatever it is batched
-with (tested: the engine's batch invariance holds for adapter rows too).
+(or bf16) values are exact in float64. On the CPU with the model's native kernels, `lora_add` (kernels/lora.c)
+computes them in one call per projection from float32 copies of the pairs (the values exactly: they were read as
+float32), each row's sums in one fixed order, so a row's delta is bit for bit the same in any batch; elsewhere two
+batched float64 matmuls, whose BLAS summation order (which depends on how many rows it is given) moves the float64
+sum far below the final rounding (tested: the engine's batch invariance holds for adapter rows too).
 
 The projections read the step's choice through forward hooks, installed on the model's projections the first time
 a forward runs with adapters (on the thread that runs the forwards: the engine's step thread), and a context
@@ -31,16 +33,20 @@ no module at all.
 
 from __future__ import annotations
 
+import ctypes
 import itertools
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+
+from model_core.native import Kernels
+from model_core.qmatmul import ACT
 
 TARGETS = ("attn.qkv", "attn.out", "ffn.w_in", "ffn.w_out")  # the projections of a block an adapter may target
 _KEYS = itertools.count(1)  # each loaded adapter's own number: its prefix-cache key
@@ -67,6 +73,9 @@ class LoRAAdapter:
     layers: Mapping[str, LoRAWeight]  # module path -> weights (float64; on the model's device)
     arch: str  # the model family it was validated against (LMConfig.arch)
     key: str = ""
+    # module path -> its pair as the native kernel reads it: A (r, in), B^T (r, out) float32 (the values exactly:
+    # they were read as float32), made on first use
+    f32: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if not self.key:
@@ -75,6 +84,15 @@ class LoRAAdapter:
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for w in self.layers.values() for t in (w.a, w.b))
+
+    def native_pair(self, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Projection `name`'s pair for lora_add (A, B^T float32 contiguous), or None where it does not target it."""
+        w = self.layers.get(name)
+        if w is None:
+            return None
+        if name not in self.f32:
+            self.f32[name] = (w.a.to(torch.float32).contiguous(), w.b.t().to(torch.float32).contiguous())
+        return self.f32[name]
 
     def to(self, device: torch.device | str) -> LoRAAdapter:
         """The same adapter (same key) with its weights on `device` (float64 on the CPU, float32 elsewhere)."""
@@ -147,16 +165,54 @@ class _Rows:
 
 
 @dataclass(frozen=True, eq=False)
+class _NativePairs:
+    """One projection's pairs of a set of adapters as lora_add takes them: A and B^T pointers and ranks per slot
+    (rank 0, NULL: the adapter does not target it), with the tensors they point into."""
+
+    a: ctypes.Array[ctypes.c_void_p]
+    bt: ctypes.Array[ctypes.c_void_p]
+    ranks: torch.Tensor  # (G,) int32
+    keep: tuple[torch.Tensor, ...]
+
+    @staticmethod
+    def of(adapters: tuple[LoRAAdapter, ...], name: str) -> _NativePairs | None:
+        pairs = [a.native_pair(name) for a in adapters]
+        if all(p is None for p in pairs):
+            return None
+        ptr = [(None, None) if p is None else (p[0].data_ptr(), p[1].data_ptr()) for p in pairs]
+        G = len(pairs)
+        return _NativePairs(
+            (ctypes.c_void_p * G)(*[a for a, _ in ptr]),
+            (ctypes.c_void_p * G)(*[b for _, b in ptr]),
+            torch.tensor([0 if p is None else p[0].shape[0] for p in pairs], dtype=torch.int32),
+            tuple(t for p in pairs if p is not None for t in p),
+        )
+
+
+@dataclass(frozen=True, eq=False)
+class _SetCache:
+    """What the projections derived for one set of adapters (in its order), kept across steps: projection -> the
+    stacked pairs (_stacked) and the native kernel's pairs (_NativePairs), or None where no adapter targets it."""
+
+    stacks: dict[str, tuple[torch.Tensor, torch.Tensor] | None] = field(default_factory=dict)
+    native: dict[str, _NativePairs | None] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, eq=False)
 class _Plan:
     """The current forward's adapters (G) and their rows in the two layouts a projection may see: B*T (the module
-    path, (B, T, C) inputs) and N (the fused decoder's real tokens, (N, C)); equal where nothing is padded."""
+    path, (B, T, C) inputs) and N (the fused decoder's real tokens, (N, C)); equal where nothing is padded. With the
+    model's native kernels, each token's slot among the adapters (-1: the base) in both layouts, for lora_add."""
 
     adapters: tuple[LoRAAdapter, ...]
     padded: _Rows
     real: _Rows
     padded_n: int
     real_n: int
-    stacks: dict[str, tuple[torch.Tensor, torch.Tensor] | None]  # projection -> its adapters' pairs (G, ...): _stacked
+    cache: _SetCache
+    kernels: Kernels | None = None
+    slots_padded: torch.Tensor | None = None  # (B*T,) int32
+    slots_real: torch.Tensor | None = None  # (N,) int32
 
 
 _PLAN: ContextVar[_Plan | None] = ContextVar("lora_plan", default=None)
@@ -192,13 +248,24 @@ def applied(model: nn.Module, lora: LoRABatch | None, B: int, T: int, real: torc
             in_real.append(torch.isin(owner, r).nonzero().view(-1))
     p_rows = _Rows.of(padded)
     adapters = tuple(a for a, _ in groups)
+    kernels = getattr(model, "kernels", None)
+    slots_padded = slots_real = None
+    if kernels is not None and dev.type == "cpu":
+        slot = torch.full((B,), -1, dtype=torch.int32)  # each row's adapter's slot
+        for g, (_, rows) in enumerate(groups):
+            slot[rows] = g
+        slots_padded = slot.repeat_interleave(T)  # (B*T,)
+        slots_real = slots_padded if real is None else slots_padded[real].contiguous()  # (N,)
     plan = _Plan(
         adapters,
         p_rows,
         p_rows if owner is None else _Rows.of(in_real),
         B * T,
         B * T if real is None else int(real.numel()),
-        _stacks_for(model, adapters),
+        _cache_for(model, adapters),
+        kernels if slots_padded is not None else None,
+        slots_padded,
+        slots_real,
     )
     token = _PLAN.set(plan)
     try:
@@ -230,20 +297,17 @@ _Hook = Callable[[nn.Module, tuple[torch.Tensor, ...], torch.Tensor], "torch.Ten
 STACKED_SETS = 4  # sets of adapters whose stacked pairs a model keeps (a step's decodes and prefill groups differ)
 
 
-def _stacks_for(
-    model: nn.Module, adapters: tuple[LoRAAdapter, ...]
-) -> dict[str, tuple[torch.Tensor, torch.Tensor] | None]:
-    """The stacked pairs of each projection for this set of adapters (in this order), filled as the projections run:
-    kept for the last STACKED_SETS sets (a decode batch's set stays the same from step to step: stacking them again
-    at each step took a fifth of a SmolLM2 step of 16 rows over 4 adapters)."""
-    cache: OrderedDict[tuple[str, ...], dict[str, tuple[torch.Tensor, torch.Tensor] | None]]
-    cache = model.__dict__.setdefault("_lora_stacks", OrderedDict())
+def _cache_for(model: nn.Module, adapters: tuple[LoRAAdapter, ...]) -> _SetCache:
+    """The projections' pairs for this set of adapters (in this order), filled as the projections run: kept for the
+    last STACKED_SETS sets (a decode batch's set stays the same from step to step: stacking them again at each step
+    took a fifth of a SmolLM2 step of 16 rows over 4 adapters)."""
+    cache: OrderedDict[tuple[str, ...], _SetCache] = model.__dict__.setdefault("_lora_stacks", OrderedDict())
     key = tuple(a.key for a in adapters)
-    stacks = cache.pop(key, None)
-    cache[key] = stacks = {} if stacks is None else stacks
+    found = cache.pop(key, None)
+    cache[key] = found = _SetCache() if found is None else found
     while len(cache) > STACKED_SETS:
         cache.popitem(last=False)
-    return stacks
+    return found
 
 
 def _stacked(weights: list[LoRAWeight | None]) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -274,17 +338,20 @@ def _hook(name: str) -> _Hook:
         plan = _PLAN.get()
         if plan is None:
             return None
-        pair = plan.stacks[name] if name in plan.stacks else None
-        if name not in plan.stacks:
-            pair = plan.stacks[name] = _stacked([a.layers.get(name) for a in plan.adapters])
-        if pair is None:
-            return None
-        at, bt = pair
         x = args[0]
         n_in, n_out = x.shape[-1], out.shape[-1]
         rows = x.numel() // max(n_in, 1)
         if rows not in (plan.padded_n, plan.real_n):
             raise ValueError(f"{name}: a LoRA forward of {plan.padded_n} (real {plan.real_n}) rows sees {rows}")
+        if plan.kernels is not None and _native_fits(x, out):
+            return _add_native(plan, name, x, out, rows)
+        stacks = plan.cache.stacks
+        pair = stacks[name] if name in stacks else None
+        if name not in stacks:
+            pair = stacks[name] = _stacked([a.layers.get(name) for a in plan.adapters])
+        if pair is None:
+            return None
+        at, bt = pair
         flat_x, flat = x.reshape(rows, n_in), out.reshape(rows, n_out)  # (rows, in), (rows, out)
         where = plan.padded if rows == plan.padded_n else plan.real
         xs = flat_x.index_select(0, where.gather).to(at.dtype).view(len(plan.adapters), where.M, n_in)  # (G, M, in)
@@ -298,3 +365,46 @@ def _hook(name: str) -> _Hook:
         return flat.view(out.shape)
 
     return add_deltas
+
+
+def _native_fits(x: torch.Tensor, out: torch.Tensor) -> bool:
+    """Whether lora_add takes this projection's input and output as they are (CPU, the kernels' dtypes, contiguous)."""
+    return (
+        x.device.type == "cpu"
+        and x.dtype in ACT
+        and out.dtype == x.dtype
+        and out.device.type == "cpu"
+        and x.is_contiguous()
+        and out.is_contiguous()
+    )
+
+
+def _add_native(plan: _Plan, name: str, x: torch.Tensor, out: torch.Tensor, rows: int) -> torch.Tensor | None:
+    """The deltas added in place by the native kernel: each row's own adapter, one fixed order of double sums per
+    row (kernels/lora.c), so a row's result is the same in any batch."""
+    native = plan.cache.native
+    if name not in native:
+        native[name] = _NativePairs.of(plan.adapters, name)
+    pairs = native[name]
+    if pairs is None:
+        return None
+    assert plan.kernels is not None and plan.slots_padded is not None and plan.slots_real is not None
+    slots = plan.slots_padded if rows == plan.padded_n else plan.slots_real
+    n_in, n_out = x.shape[-1], out.shape[-1]
+    plan.kernels.call(
+        "lora_add",
+        x.data_ptr(),
+        out.data_ptr(),
+        rows,
+        n_in,
+        n_out,
+        ACT[x.dtype],
+        slots.data_ptr(),
+        len(plan.adapters),
+        pairs.a,
+        pairs.bt,
+        pairs.ranks.data_ptr(),
+        torch.get_num_threads(),
+        context=f"LoRA deltas of {name}",
+    )
+    return out

@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 KERNEL_DIR = Path(__file__).parent / "kernels"
 COMMON_FLAGS = ("-O3", "-fopenmp", "-fPIC", "-shared", "-fvisibility=hidden")  # exported: AIGC_API only
 LIBS = ("-lm", "-Wl,-z,defs")  # a symbol left undefined fails the build, not the load
-SIMD_SOURCES = ("qmatmul.c", "qmatmul_i8.c", "attention.c", "ops.c", "layer.c", "cpu.c")
+SIMD_SOURCES = ("qmatmul.c", "qmatmul_i8.c", "attention.c", "ops.c", "layer.c", "lora.c", "cpu.c")
 
 
 @dataclass(frozen=True)
@@ -94,7 +94,7 @@ ISAS: dict[str, Isa] = {
             True,
         ),
         Isa("neon", "aarch64", SIMD_SOURCES, ("-march=armv8-a",), CPU_NEON, 16, 16, False, False),
-        Isa("reference", "", ("reference.c", "layer.c", "cpu.c"), (), 0, 16, 16, False, True),
+        Isa("reference", "", ("reference.c", "layer.c", "lora.c", "cpu.c"), (), 0, 16, 16, False, True),
     )
 }
 
@@ -213,6 +213,7 @@ ENTRY_POINTS: dict[str, EntryPoint] = {
     ),
     "quant_matmul_kind": _entry(_I, "x:p act:i kind:i qs:p d:p m:p bias:p y:p M:i N:i K:i i8:i nthreads:i"),
     "quant_dequantize": _entry(_I, "kind:i qs:p d:p m:p out:p N:i K:i act:i nthreads:i"),
+    "lora_add": _entry(_I, "x:p out:p N:i n_in:i n_out:i act:i choice:p G:i A:w Bt:w ranks:p nthreads:i"),
 }
 
 # llama_decode_layer's most parts of one projection (AIGC_PROJECTION_PARTS of kernels/aigc_kernels.h)

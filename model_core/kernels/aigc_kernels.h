@@ -178,4 +178,12 @@ AIGC_API int quant_matmul_kind(const void *x, int act, int kind, const uint8_t *
 AIGC_API int quant_dequantize(int kind, const uint8_t *qs, const void *d, const void *m, void *out, int N, int K,
                               int act, int nthreads);
 
+/* out (N, n_out) += each row's LoRA delta (lora.c; model_core/lora.py): row i with slot g = choice[i] (-1: none, its
+ * row untouched) gets B_g (A_g x_i), A[g] (ranks[g], n_in) and Bt[g] = B_g^T (ranks[g], n_out) float32 row-major
+ * (rank 0: no delta), in double, each output rounded once to act; x (N, n_in) in act. A row's result does not depend
+ * on the rows beside it. AIGC_ERR_ARGS: a size < 0 (N may be 0), a choice outside -1..G-1, a rank without its
+ * matrices; AIGC_ERR_NOMEM. */
+AIGC_API int lora_add(const void *x, void *out, int N, int n_in, int n_out, int act, const int32_t *choice, int G,
+                      const float *const *A, const float *const *Bt, const int32_t *ranks, int nthreads);
+
 #endif
