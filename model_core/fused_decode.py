@@ -7,10 +7,11 @@ the layer's arithmetic. `FusedLlamaDecoder` replaces them with native calls (ker
    matmul mode, and the batch is at most their `max_rows`, each layer is one call (norms, projections with the QKV
    bias, QK-norm, RoPE, cache write, attention from the paged cache, SwiGLU, residual adds);
  - otherwise each layer is its four projections (PyTorch, dense, with their biases) with four native calls
-   between them: norm, QK-norm + rope + cache write + attention, residual add + next norm, SwiGLU. A step with rows
-   that run LoRA adapters (model_core.lora) takes this form at any batch, the adapters' deltas added to the
-   projections' outputs: it gives the one-call form's results bit for bit (the same kernels, in the same order;
-   tests/model_core/test_lora.py), so the base rows of such a step are those of a step without adapters.
+   between them: norm, QK-norm + rope + cache write + attention, residual add + next norm, SwiGLU. This form gives
+   the one-call form's results bit for bit (the same kernels, in the same order; tests/model_core/test_lora.py).
+ Rows that run LoRA adapters (model_core.lora) get their deltas on the projections' outputs: inside the one-call
+ layer where the native kernels add them (lora_add, on the CPU), else by the projections' hooks in the second form
+ (at any batch); the base rows of such a step are those of a step without adapters either way.
 Llama blocks, and the llama variants among the families (model_core.models): Qwen 2's QKV biases, Qwen 3's
 QK-norm (an RMSNorm over each query and key head before RoPE), and Gemma's blocks (GELU-tanh gate; Gemma 2 and 3:
 norms after each sublayer, soft-capped scores, sliding windows; Gemma 3: QK-norm, the windowed layers' own rotary
@@ -269,7 +270,9 @@ class FusedLlamaDecoder:
         work = scratch.take("fused.layer", (work_bytes,), torch.uint8).data_ptr()
         write_p, rows_p, lens_p = (t.data_ptr() for t in (write, rows, lens))
         qkv_n = (nh + 2 * nkv) * hs
-        if B <= self.max_rows and not lora.active():  # (adapter rows: the projections' outputs get their deltas)
+        # adapter rows: their deltas added in the one-call layers where the native kernels add them, else by the
+        # projections' hooks (below)
+        if B <= self.max_rows and (not lora.active() or lora.native()):
             for i, layer in enumerate(self.layers):
                 attn_norm, ffn_norm = self._norms(layer, x.dtype)
                 post_attn, post_ffn = self._post_norms(layer, x.dtype)
@@ -315,6 +318,7 @@ class FusedLlamaDecoder:
                     threads,
                     work,
                     work_bytes,
+                    *(lora.native_block(f"blocks.{i}") or (None, 0, None, None, None)),
                 )
             return x
         h = scratch.take("fused.h", (B, C), x.dtype)  # the next projection's input

@@ -33,7 +33,6 @@ no module at all.
 
 from __future__ import annotations
 
-import ctypes
 import itertools
 import threading
 from collections import OrderedDict
@@ -166,36 +165,36 @@ class _Rows:
 
 @dataclass(frozen=True, eq=False)
 class _NativePairs:
-    """One projection's pairs of a set of adapters as lora_add takes them: A and B^T pointers and ranks per slot
-    (rank 0, NULL: the adapter does not target it), with the tensors they point into."""
+    """Projections' pairs of a set of adapters as lora_add and llama_decode_layer take them: for each projection in
+    turn, each slot's A (r, in) then (in `bt`) B^T (r, out), float32, stacked flat; ranks (projections x G) int32
+    (0: the slot's adapter does not target the projection)."""
 
-    a: ctypes.Array[ctypes.c_void_p]
-    bt: ctypes.Array[ctypes.c_void_p]
-    ranks: torch.Tensor  # (G,) int32
-    keep: tuple[torch.Tensor, ...]
+    a: torch.Tensor
+    bt: torch.Tensor
+    ranks: torch.Tensor
 
     @staticmethod
-    def of(adapters: tuple[LoRAAdapter, ...], name: str) -> _NativePairs | None:
-        pairs = [a.native_pair(name) for a in adapters]
-        if all(p is None for p in pairs):
+    def of(adapters: tuple[LoRAAdapter, ...], names: Sequence[str]) -> _NativePairs | None:
+        """None where no adapter targets any of the projections `names`."""
+        pairs = [(a.native_pair(name)) for name in names for a in adapters]
+        present = [p for p in pairs if p is not None]
+        if not present:
             return None
-        ptr = [(None, None) if p is None else (p[0].data_ptr(), p[1].data_ptr()) for p in pairs]
-        G = len(pairs)
         return _NativePairs(
-            (ctypes.c_void_p * G)(*[a for a, _ in ptr]),
-            (ctypes.c_void_p * G)(*[b for _, b in ptr]),
+            torch.cat([a.reshape(-1) for a, _ in present]),
+            torch.cat([bt.reshape(-1) for _, bt in present]),
             torch.tensor([0 if p is None else p[0].shape[0] for p in pairs], dtype=torch.int32),
-            tuple(t for p in pairs if p is not None for t in p),
         )
 
 
 @dataclass(frozen=True, eq=False)
 class _SetCache:
     """What the projections derived for one set of adapters (in its order), kept across steps: projection -> the
-    stacked pairs (_stacked) and the native kernel's pairs (_NativePairs), or None where no adapter targets it."""
+    stacked pairs (_stacked) and the native kernels' pairs (_NativePairs; a block -> its four projections' for the
+    fused decoder's one-call layer), or None where no adapter targets it."""
 
     stacks: dict[str, tuple[torch.Tensor, torch.Tensor] | None] = field(default_factory=dict)
-    native: dict[str, _NativePairs | None] = field(default_factory=dict)
+    native: dict[str, _NativePairs | None] = field(default_factory=dict)  # a projection's, or a block's four
 
 
 @dataclass(frozen=True, eq=False)
@@ -220,9 +219,33 @@ _INSTALL = threading.Lock()
 
 
 def active() -> bool:
-    """Whether the forward running on this thread has adapter rows (the fused decoder then runs each layer as its
-    projections, whose outputs the adapters' deltas are added to)."""
+    """Whether the forward running on this thread has adapter rows."""
     return _PLAN.get() is not None
+
+
+def native() -> bool:
+    """Whether the forward running on this thread has adapter rows whose deltas the model's native kernels add (on
+    the CPU): the fused decoder's one-call layers then take them (`native_block`); else it runs each layer as its
+    projections, whose outputs the hooks add the deltas to."""
+    plan = _PLAN.get()
+    return plan is not None and plan.kernels is not None
+
+
+def native_block(block: str) -> tuple[int, int, int, int, int] | None:
+    """llama_decode_layer's LoRA arguments (lora_slots, lora_G, lora_a, lora_bt, lora_ranks; addresses) for block
+    `block` ("blocks.3") of the current forward, over its real tokens, where `native()`; None where no adapter
+    targets the block's projections (or the forward has none)."""
+    plan = _PLAN.get()
+    if plan is None or plan.kernels is None or plan.slots_real is None:
+        return None
+    cache = plan.cache.native
+    if block not in cache:
+        cache[block] = _NativePairs.of(plan.adapters, [f"{block}.{t}" for t in TARGETS])
+    pairs = cache[block]
+    if pairs is None:
+        return None
+    ptrs = (pairs.a.data_ptr(), pairs.bt.data_ptr(), pairs.ranks.data_ptr())
+    return plan.slots_real.data_ptr(), len(plan.adapters), *ptrs
 
 
 @contextmanager
@@ -384,7 +407,7 @@ def _add_native(plan: _Plan, name: str, x: torch.Tensor, out: torch.Tensor, rows
     row (kernels/lora.c), so a row's result is the same in any batch."""
     native = plan.cache.native
     if name not in native:
-        native[name] = _NativePairs.of(plan.adapters, name)
+        native[name] = _NativePairs.of(plan.adapters, [name])
     pairs = native[name]
     if pairs is None:
         return None
@@ -401,8 +424,8 @@ def _add_native(plan: _Plan, name: str, x: torch.Tensor, out: torch.Tensor, rows
         ACT[x.dtype],
         slots.data_ptr(),
         len(plan.adapters),
-        pairs.a,
-        pairs.bt,
+        pairs.a.data_ptr(),
+        pairs.bt.data_ptr(),
         pairs.ranks.data_ptr(),
         torch.get_num_threads(),
         context=f"LoRA deltas of {name}",

@@ -209,11 +209,11 @@ ENTRY_POINTS: dict[str, EntryPoint] = {
         "x:p B:i C:i attn_norm:p ffn_norm:p post_attn_norm:p post_ffn_norm:p eps:f w:w kinds:p parts:p qkv_bias:p "
         "q_norm:p "
         "k_norm:p cos:p sin:p kv:p write:p rows:p lens:p Tk:i nh:i nkv:i hs:i F:i gate:i scale:f softcap:f window:i "
-        "act:i i8:i nthreads:i scratch:p scratch_bytes:l",
+        "act:i i8:i nthreads:i scratch:p scratch_bytes:l lora_slots:p lora_G:i lora_a:p lora_bt:p lora_ranks:p",
     ),
     "quant_matmul_kind": _entry(_I, "x:p act:i kind:i qs:p d:p m:p bias:p y:p M:i N:i K:i i8:i nthreads:i"),
     "quant_dequantize": _entry(_I, "kind:i qs:p d:p m:p out:p N:i K:i act:i nthreads:i"),
-    "lora_add": _entry(_I, "x:p out:p N:i n_in:i n_out:i act:i choice:p G:i A:w Bt:w ranks:p nthreads:i"),
+    "lora_add": _entry(_I, "x:p out:p N:i n_in:i n_out:i act:i choice:p G:i A:p Bt:p ranks:p nthreads:i"),
 }
 
 # llama_decode_layer's most parts of one projection (AIGC_PROJECTION_PARTS of kernels/aigc_kernels.h)

@@ -128,7 +128,11 @@ AIGC_API int llama_attention(void *qkv, int B, float eps, const void *q_norm, co
  * QK-norm as llama_attention (NULL: none), with the layer's eps; the rest as llama_attention (scale, softcap, window:
  * the attention's, as paged_attention_decode); i8: the matmuls' mode (quant_matmul_kind), one for all four: exact (0)
  * or int8 (AIGC_INT8, every w interleaved), for any mix of kinds, with or without AIGC_EVERY_BATCH. scratch: NULL (allocated per call) or scratch_bytes >=
- * llama_decode_scratch_bytes(B, C, nh, nkv, hs, F, act) bytes.
+ * llama_decode_scratch_bytes(B, C, nh, nkv, hs, F, act) bytes. lora_slots: NULL (no LoRA) or each row's adapter
+ * slot (B int32, -1: none), with lora_ranks (4, lora_G) int32 and lora_a, lora_bt float32: the LoRA pairs of Wqkv,
+ * Wo, Wgate|up, Wdown in turn, each projection's as lora_add takes them (its A then the next projection's; rank 0:
+ * not targeted); each projection's output then gets its rows' deltas as lora_add adds them, before anything reads it.
+ * AIGC_ERR_ARGS also: lora_slots given with lora_G < 1 or lora_ranks NULL, or as lora_add.
  * AIGC_ERR_ARGS: B < 1; C, F or nh hs not a multiple of 32; hs not of 16; nh not a multiple of nkv; softcap or window
  * out of range; an unknown gate; one post norm without the other; with kinds, an unknown kind, a projection's input
  * features (C, nh hs, C, F) not a multiple of its kind's block, or a NULL weight buffer the kind needs; parts without
@@ -143,7 +147,9 @@ AIGC_API int llama_decode_layer(void *x, int B, int C, const void *attn_norm, co
                                 const void *q_norm, const void *k_norm, const float *cos, const float *sin, void *kv,
                                 const int64_t *write, const int64_t *rows, const int32_t *lens, int Tk, int nh,
                                 int nkv, int hs, int F, int gate, float scale, float softcap, int window, int act,
-                                int i8, int nthreads, void *scratch, int64_t scratch_bytes);
+                                int i8, int nthreads, void *scratch, int64_t scratch_bytes,
+                                const int32_t *lora_slots, int lora_G, const float *lora_a, const float *lora_bt,
+                                const int32_t *lora_ranks);
 
 /* The repacked weight forms quant_matmul_kind takes, by value (model_core/qmatmul.py: KINDS, GGML_TYPES; layouts in
  * common.h, k_qmatmul_kind): the 4-bit blocks of 32 (Q4_0, Q4_1), the 8-bit ones (Q8_0), and the K-quants'
@@ -179,11 +185,12 @@ AIGC_API int quant_dequantize(int kind, const uint8_t *qs, const void *d, const 
                               int act, int nthreads);
 
 /* out (N, n_out) += each row's LoRA delta (lora.c; model_core/lora.py): row i with slot g = choice[i] (-1: none, its
- * row untouched) gets B_g (A_g x_i), A[g] (ranks[g], n_in) and Bt[g] = B_g^T (ranks[g], n_out) float32 row-major
- * (rank 0: no delta), in double, each output rounded once to act; x (N, n_in) in act. A row's result does not depend
- * on the rows beside it. AIGC_ERR_ARGS: a size < 0 (N may be 0), a choice outside -1..G-1, a rank without its
- * matrices; AIGC_ERR_NOMEM. */
+ * row untouched) gets B_g (A_g x_i), with A (sum ranks, n_in) and Bt (sum ranks, n_out) float32 holding the G slots'
+ * A_g (ranks[g], n_in) and B_g^T (ranks[g], n_out) stacked in slot order (rank 0: the slot has no delta), in double,
+ * each output rounded once to act; x (N, n_in) in act. A row's result does not depend on the rows beside it.
+ * AIGC_ERR_ARGS: N < 0 (0: nothing to do), n_in or n_out < 1, G < 1, a rank < 0, A or Bt NULL with a rank, a choice
+ * outside -1..G-1; AIGC_ERR_NOMEM. */
 AIGC_API int lora_add(const void *x, void *out, int N, int n_in, int n_out, int act, const int32_t *choice, int G,
-                      const float *const *A, const float *const *Bt, const int32_t *ranks, int nthreads);
+                      const float *A, const float *Bt, const int32_t *ranks, int nthreads);
 
 #endif

@@ -183,13 +183,30 @@ static int project(int i, const void *in, void *out, const float *bias, int B, i
     return AIGC_OK;
 }
 
+/* llama_decode_layer's LoRA arguments as lora_add takes them for each projection (checked before anything is
+ * written): slots in -1..G-1, 4 x G ranks >= 0, the stacks given where a rank is */
+static int lora_ok(const int32_t *slots, int B, int G, const float *a, const float *bt, const int32_t *ranks) {
+    if (G < 1 || !ranks) return 0;
+    long total = 0;
+    for (int i = 0; i < 4 * G; i++) {
+        if (ranks[i] < 0) return 0;
+        total += ranks[i];
+    }
+    for (int b = 0; b < B; b++)
+        if (slots[b] < -1 || slots[b] >= G) return 0;
+    return !total || (a && bt);
+}
+
 int llama_decode_layer(void *x, int B, int C, const void *attn_norm, const void *ffn_norm, const void *post_attn_norm,
                        const void *post_ffn_norm, float eps, const void *const *w, const int32_t *kinds,
                        const int32_t *parts, const float *qkv_bias, const void *q_norm, const void *k_norm,
                        const float *cos, const float *sin, void *kv, const int64_t *write, const int64_t *rows,
                        const int32_t *lens, int Tk, int nh, int nkv, int hs, int F, int gate, float scale,
-                       float softcap, int window, int act, int i8, int nthreads, void *scratch, int64_t scratch_bytes) {
+                       float softcap, int window, int act, int i8, int nthreads, void *scratch, int64_t scratch_bytes,
+                       const int32_t *lora_slots, int lora_G, const float *lora_a, const float *lora_bt,
+                       const int32_t *lora_ranks) {
     if (B <= 0 || nkv <= 0 || C % 32 || F % 32 || (nh * hs) % 32 || hs % 16 || nh % nkv) return AIGC_ERR_ARGS;
+    if (lora_slots && !lora_ok(lora_slots, B, lora_G, lora_a, lora_bt, lora_ranks)) return AIGC_ERR_ARGS;
     if ((gate != GATE_SILU && gate != GATE_GELU_TANH) || !post_attn_norm != !post_ffn_norm) return AIGC_ERR_ARGS;
     if (!attention_params_ok(softcap, window)) return AIGC_ERR_ARGS; /* (before anything is written) */
     const int qkv_n = (nh + 2 * nkv) * hs, q_n = nh * hs;
@@ -206,20 +223,31 @@ int llama_decode_layer(void *x, int B, int C, const void *attn_norm, const void 
     void *h = buf[SCRATCH_H], *qkv = buf[SCRATCH_QKV], *att = buf[SCRATCH_ATT], *gu = buf[SCRATCH_GU];
     void *o = buf[SCRATCH_O];
     int rc;
-#define MATMUL(i, in, bias, out, N, K) \
-    project(i, in, out, bias, B, N, K, kinds, parts, w, buf[SCRATCH_PART], act, i8, nthreads)
+    const int ins[4] = {C, q_n, C, F}, outs[4] = {qkv_n, C, 2 * F, C};
+    const float *la[4] = {lora_a}, *lbt[4] = {lora_bt}; /* each projection's LoRA stacks: after the one before */
+    for (int i = 1; i < 4 && lora_slots; i++) {
+        int r = 0;
+        for (int g = 0; g < lora_G; g++) r += lora_ranks[(i - 1) * lora_G + g];
+        la[i] = la[i - 1] + (size_t)r * ins[i - 1];
+        lbt[i] = lbt[i - 1] + (size_t)r * outs[i - 1];
+    }
+#define MATMUL(i, in, bias, out, N, K)                                                                         \
+    project(i, in, out, bias, B, N, K, kinds, parts, w, buf[SCRATCH_PART], act, i8, nthreads);                 \
+    if (!rc && lora_slots) /* the rows' LoRA deltas on projection i's output, as model_core.lora's hooks add them */ \
+        rc = lora_add(in, out, B, K, N, act, lora_slots, lora_G, la[i], lbt[i], lora_ranks + (i) * lora_G, nthreads); \
+    if (rc) goto done
     k_rmsnorm(x, attn_norm, eps, h, B, C, act);
-    if ((rc = MATMUL(0, h, qkv_bias, qkv, qkv_n, C))) goto done;
+    rc = MATMUL(0, h, qkv_bias, qkv, qkv_n, C);
     rc = attention_step(qkv, B, eps, q_norm, k_norm, cos, sin, kv, write, rows, lens, att, Tk, nh, nkv, hs, scale,
                         softcap, window, act, nthreads, buf[SCRATCH_Q]);
     if (rc) goto done;
-    if ((rc = MATMUL(1, att, NULL, o, C, q_n))) goto done;
+    rc = MATMUL(1, att, NULL, o, C, q_n);
     if (post_attn_norm) k_rmsnorm(o, post_attn_norm, eps, o, B, C, act); /* (in place: a row is read, then written) */
     k_add(x, o, (size_t)B * C, act);
     k_rmsnorm(x, ffn_norm, eps, h, B, C, act);
-    if ((rc = MATMUL(2, h, NULL, gu, 2 * F, C))) goto done;
+    rc = MATMUL(2, h, NULL, gu, 2 * F, C);
     k_swiglu(gu, h, B, F, gate, act);
-    if ((rc = MATMUL(3, h, NULL, o, C, F))) goto done;
+    rc = MATMUL(3, h, NULL, o, C, F);
     if (post_ffn_norm) k_rmsnorm(o, post_ffn_norm, eps, o, B, C, act);
     k_add(x, o, (size_t)B * C, act);
 #undef MATMUL

@@ -25,7 +25,7 @@
 
 #define MAX_BUF 64
 #define W_POINTERS (3 * 4 * AIGC_PROJECTION_PARTS)
-_Static_assert(5 + W_POINTERS + 12 == 53, "llama_decode_layer's buffers in ENTRY");
+_Static_assert(5 + W_POINTERS + 16 == 57, "llama_decode_layer's buffers in ENTRY");
 #define MAX_NUM 16
 
 /* the entry points' types, from the library's header (built with -I model_core/kernels) */
@@ -40,6 +40,7 @@ typedef __typeof__(llama_attention) llama_attention_fn;
 typedef __typeof__(llama_decode_layer) llama_decode_layer_fn;
 typedef __typeof__(quant_matmul_kind) quant_matmul_kind_fn;
 typedef __typeof__(quant_dequantize) quant_dequantize_fn;
+typedef __typeof__(lora_add) lora_add_fn;
 
 /* One per entry point: call fn with the request's buffers b, ints i and floats f (in the order above). */
 typedef void (*any_fn)(void);
@@ -87,14 +88,15 @@ static int call_llama_attention(any_fn fn, void **b, const int64_t *i, const flo
 }
 
 /* buffers: x, attn_norm, ffn_norm, post_attn_norm, post_ffn_norm, the W_POINTERS of w, kinds, parts, qkv_bias, q_norm,
- * k_norm, cos, sin, kv, write, rows, lens, scratch */
+ * k_norm, cos, sin, kv, write, rows, lens, scratch, lora_slots, lora_a, lora_bt, lora_ranks */
 static int call_llama_decode_layer(any_fn fn, void **b, const int64_t *i, const float *f) {
     const void *w[W_POINTERS];
     memcpy(w, b + 5, sizeof w);
     void **r = b + 5 + W_POINTERS;
     return ((llama_decode_layer_fn *)fn)(b[0], I(0), I(1), b[1], b[2], b[3], b[4], f[0], w, r[0], r[1], r[2], r[3],
                                          r[4], r[5], r[6], r[7], r[8], r[9], r[10], I(2), I(3), I(4), I(5), I(6), I(7),
-                                         f[1], f[2], I(8), I(9), I(10), I(11), r[11], i[12]);
+                                         f[1], f[2], I(8), I(9), I(10), I(11), r[11], i[12], r[12], I(13), r[13],
+                                         r[14], r[15]);
 }
 
 static int call_quant_matmul_kind(any_fn fn, void **b, const int64_t *i, const float *f) {
@@ -105,6 +107,11 @@ static int call_quant_matmul_kind(any_fn fn, void **b, const int64_t *i, const f
 static int call_quant_dequantize(any_fn fn, void **b, const int64_t *i, const float *f) {
     (void)f;
     return ((quant_dequantize_fn *)fn)(I(0), b[0], b[1], b[2], b[3], I(1), I(2), I(3), I(4));
+}
+
+static int call_lora_add(any_fn fn, void **b, const int64_t *i, const float *f) {
+    (void)f;
+    return ((lora_add_fn *)fn)(b[0], b[1], I(0), I(1), I(2), I(3), b[2], I(4), b[3], b[4], b[5], I(5));
 }
 
 static const struct {
@@ -120,9 +127,10 @@ static const struct {
     {"llama_add_rmsnorm", 4, 3, 1, call_llama_add_rmsnorm},
     {"llama_swiglu", 2, 4, 0, call_llama_swiglu},
     {"llama_attention", 11, 9, 3, call_llama_attention},
-    {"llama_decode_layer", 53, 13, 3, call_llama_decode_layer},
+    {"llama_decode_layer", 57, 14, 3, call_llama_decode_layer},
     {"quant_matmul_kind", 6, 7, 0, call_quant_matmul_kind},
     {"quant_dequantize", 4, 5, 0, call_quant_dequantize},
+    {"lora_add", 6, 6, 0, call_lora_add},
 };
 
 static void die(const char *what, const char *detail) {

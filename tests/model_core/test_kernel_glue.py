@@ -251,8 +251,16 @@ def _ptr(a: object) -> object:
     return a.data_ptr() if isinstance(a, torch.Tensor) else a
 
 
-def _decode_layer(kernels: native.Kernels, args: list[object], scratch: tuple[object, int] = (None, 0)) -> None:
-    kernels.call("llama_decode_layer", *[_ptr(a) for a in args[:-1]], *scratch)
+NO_LORA = (None, 0, None, None, None)  # llama_decode_layer's lora_slots, lora_G, lora_a, lora_bt, lora_ranks
+
+
+def _decode_layer(
+    kernels: native.Kernels,
+    args: list[object],
+    scratch: tuple[object, int] = (None, 0),
+    lora: tuple[object, ...] = NO_LORA,
+) -> None:
+    kernels.call("llama_decode_layer", *[_ptr(a) for a in args[:-1]], *scratch, *[_ptr(a) for a in lora])
 
 
 @pytest.mark.parametrize("isa", ISAS)
@@ -275,6 +283,26 @@ def test_the_callers_scratch_gives_what_the_librarys_own_allocations_give(isa: s
                     _decode_layer(kernels, args, (buf.data_ptr(), need - 1))
         for a, b in zip(*outs):
             assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_the_decode_layer_refuses_bad_lora_arguments_before_writing(isa: str) -> None:
+    """LoRA arguments outside what lora_add takes (a slot past G, a negative rank, ranks without their matrices, G
+    of 0) are AIGC_ERR_ARGS with x and the cache untouched."""
+    kernels = kernels_for(isa)
+    args, written, _ = _layer_case(kernels, torch.float32, False, seed=9)
+    before = [t.clone() for t in written]
+    a = torch.zeros(64 * 1024)
+    ranks = torch.tensor([1, 0, 0, 0, 0, 0, 0, 0], dtype=torch.int32)  # (4 projections, 2 slots)
+    for slots, G, stacks, r in [
+        ([0, 2, -1], 2, (a, a), ranks),
+        ([0, 1, -1], 2, (a, a), torch.tensor([1, -1, 0, 0, 0, 0, 0, 0], dtype=torch.int32)),
+        ([0, 1, -1], 2, (None, None), ranks),
+        ([0, 1, -1], 0, (a, a), ranks),
+    ]:
+        with pytest.raises(native.KernelError, match="llama_decode_layer .*AIGC_ERR_ARGS"):
+            _decode_layer(kernels, args, lora=(torch.tensor(slots, dtype=torch.int32), G, *stacks, r))
+        assert all(torch.equal(t, b) for t, b in zip(written, before, strict=True))
 
 
 def _layer_by_entry_points(kernels: native.Kernels, args: list[object]) -> None:

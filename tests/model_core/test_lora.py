@@ -23,6 +23,7 @@ import torch
 
 pytest.importorskip("peft")
 
+from model_core import lora as lora_module  # noqa: E402
 from model_core.backend import select_backend  # noqa: E402
 from model_core.generate import generate  # noqa: E402
 from model_core.lm import CausalLM, Output  # noqa: E402
@@ -209,6 +210,36 @@ def test_mixed_batch_quantized_decode_kernels(files: Files, isa: str) -> None:
     assert not lm.model.batch_invariant
     adapters = {n: load_lora(files.peft[n], lm.config) for n in ("a", "b")}
     _check_mixed(lm.model, adapters, alone_tol=1e-4)
+
+
+@pytest.mark.skipif(not SIMD, reason="no native SIMD build runs on this CPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("isa", SIMD)
+def test_one_call_layers_add_the_deltas_the_projections_hooks_add(
+    files: Files, isa: str, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On the native kernels the fused decoder's one-call layers take the adapter rows (llama_decode_layer adds
+    each projection's deltas with lora_add): bit for bit what the layers run projection by projection give, the
+    projections' hooks adding the same deltas."""
+    path = files.bases["Q4_0"].path
+    lm = load_lm(path, dtype, quantized_max_rows=None, backend=select_backend(isa), batch_invariant=True)
+    adapters = {n: load_lora(files.peft[n], lm.config) for n in ("a", "b")}
+    rows, choice = list(range(len(PROMPTS))), [None if c is None else adapters[c] for c in CHOICE]
+    calls: list[str] = []
+    call = lm.model.kernels.call  # type: ignore[union-attr]
+
+    def counted(name: str, *args: object, **kwargs: str) -> int:
+        calls.append(name)
+        return call(name, *args, **kwargs)
+
+    monkeypatch.setattr(lm.model.kernels, "call", counted)
+    fused = _run(lm.model, rows, choice)
+    assert "llama_decode_layer" in calls and "lora_add" not in calls  # (the deltas inside the layers)
+    calls.clear()
+    monkeypatch.setattr(lora_module, "native", lambda: False)  # the fused decoder's other form
+    by_projection = _run(lm.model, rows, choice)
+    assert "llama_decode_layer" not in calls and "lora_add" in calls
+    assert torch.equal(fused, by_projection)
 
 
 # --------------------------------------------------------------------------------------------- validation

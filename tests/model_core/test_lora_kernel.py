@@ -4,8 +4,6 @@ result the same bit for bit alone or among others on any number of threads, and 
 
 from __future__ import annotations
 
-import ctypes
-
 import pytest
 import torch
 
@@ -34,12 +32,12 @@ def _case(dtype: torch.dtype, n: int = 11, n_in: int = 96, n_out: int = 70, seed
 def _lora_add(isa: str, c: dict[str, torch.Tensor], rows: slice, threads: int) -> torch.Tensor:
     x, out, slots = c["x"][rows].contiguous(), c["out"][rows].clone(), c["slots"][rows].contiguous()
     G = len(RANKS)
-    a = (ctypes.c_void_p * G)(*[c[f"a{s}"].data_ptr() if RANKS[s] else None for s in range(G)])
-    bt = (ctypes.c_void_p * G)(*[c[f"bt{s}"].data_ptr() if RANKS[s] else None for s in range(G)])
+    a = torch.cat([c[f"a{s}"] for s in range(G)])  # (sum r, n_in): the slots' A stacked
+    bt = torch.cat([c[f"bt{s}"] for s in range(G)])  # (sum r, n_out)
     ranks = torch.tensor(RANKS, dtype=torch.int32)
     kernels_for(isa).call(
         "lora_add", x.data_ptr(), out.data_ptr(), x.shape[0], x.shape[1], out.shape[1], ACT[x.dtype],
-        slots.data_ptr(), G, a, bt, ranks.data_ptr(), threads,
+        slots.data_ptr(), G, a.data_ptr(), bt.data_ptr(), ranks.data_ptr(), threads,
     )  # fmt: skip
     return out
 
@@ -81,11 +79,9 @@ def test_bad_arguments_are_refused(isa: str) -> None:
         _lora_add(isa, c, slice(None), threads=1)
     assert e.value.code == AIGC_ERR_ARGS
     c = _case(torch.float32)
-    G = len(RANKS)
-    null = (ctypes.c_void_p * G)()  # ranks given, matrices missing
     ranks = torch.tensor(RANKS, dtype=torch.int32)
-    with pytest.raises(KernelError):
+    with pytest.raises(KernelError):  # ranks given, matrices missing
         kernels_for(isa).call(
-            "lora_add", c["x"].data_ptr(), c["out"].data_ptr(), 11, 96, 70, 0, c["slots"].data_ptr(), G, null, null,
-            ranks.data_ptr(), 1,
+            "lora_add", c["x"].data_ptr(), c["out"].data_ptr(), 11, 96, 70, 0, c["slots"].data_ptr(), len(RANKS),
+            None, None, ranks.data_ptr(), 1,
         )  # fmt: skip

@@ -117,6 +117,7 @@ OUTPUTS = {
     "llama_decode_layer": ("x", "kv"),
     "quant_matmul_kind": ("y",),
     "quant_dequantize": ("out",),
+    "lora_add": ("out",),
 }
 ENTRIES = list(SIGNATURES)[2:]  # those with cases (CASES)
 
@@ -511,11 +512,63 @@ def llama_decode_layer_cases() -> Iterator[Call]:
                         i8=int_mode(i8, n // 2),
                         nthreads=2,
                         **scratch_for(n, B, C, nh, nkv, hs, F, act),
+                        **lora_args(n, rng, B, (C, nh * hs, C, F), ((nh + 2 * nkv) * hs, C, 2 * F, C)),
                     ),
                     f"C={C} F={F} nh={nh} nkv={nkv} hs={hs} lens={lens} "
                     f"{'/'.join(GGML_TYPES[q].name for q in qtypes)}{label}"
                     f"{' qkv_bias' if bias is not None else ''}{norm_label}{' gemma' if gemma else ''}",
                 )
+
+
+def lora_stacks(rng: np.random.Generator, ranks: list[int], ins: list[int], outs: list[int]) -> dict[str, Any]:
+    """Random LoRA pairs as lora_add takes them: for each (rank, in, out) in turn, A (rank, in) then (bt) B^T
+    (rank, out), float32, stacked flat."""
+    a = [rng.standard_normal(r * k).astype(np.float32) * 0.3 for r, k in zip(ranks, ins, strict=True)]
+    bt = [rng.standard_normal(r * n).astype(np.float32) * 0.3 for r, n in zip(ranks, outs, strict=True)]
+    return dict(A=np.concatenate(a), Bt=np.concatenate(bt))
+
+
+def lora_args(n: int, rng: np.random.Generator, B: int, ins: tuple[int, ...], outs: tuple[int, ...]) -> dict[str, Any]:
+    """llama_decode_layer's LoRA arguments for case n: every third case two adapters over the rows (one of them
+    targeting only the attention's projections, a row without any), the others none (NULL)."""
+    if n % 3 != 1:
+        return dict(lora_slots=None, lora_G=0, lora_a=None, lora_bt=None, lora_ranks=None)
+    ranks = [4, 8, 2, 0, 3, 0, 5, 0]  # (projection, slot): Wqkv, Wo, Wgate|up, Wdown x 2 slots
+    stacks = lora_stacks(rng, ranks, [ins[i // 2] for i in range(8)], [outs[i // 2] for i in range(8)])
+    return dict(
+        lora_slots=np.array([b % 3 - 1 for b in range(B)], np.int32),
+        lora_G=2,
+        lora_a=stacks["A"],
+        lora_bt=stacks["Bt"],
+        lora_ranks=np.array(ranks, np.int32),
+    )
+
+
+def lora_add_cases() -> Iterator[Call]:
+    """Rows of 3 adapters (ranks 5, 0 and 16) and none, at sizes across the kernel's output chunk of 64."""
+    rng = np.random.default_rng(11)
+    for N, n_in, n_out in [(1, 32, 8), (7, 96, 70), (5, 200, 150), (3, 576, 960)]:
+        for act in (0, 1):
+            ranks = [5, 0, 16]
+            stacks = lora_stacks(rng, ranks, [n_in] * 3, [n_out] * 3)
+            yield Call(
+                "lora_add",
+                dict(
+                    x=act_array(rng.standard_normal((N, n_in)), act),
+                    out=act_array(rng.standard_normal((N, n_out)), act),
+                    N=N,
+                    n_in=n_in,
+                    n_out=n_out,
+                    act=act,
+                    choice=np.array([i % 4 - 1 for i in range(N)], np.int32),
+                    G=3,
+                    A=stacks["A"],
+                    Bt=stacks["Bt"],
+                    ranks=np.array(ranks, np.int32),
+                    nthreads=2,
+                ),
+                f"N={N} n_in={n_in} n_out={n_out}",
+            )
 
 
 def quant_matmul_kind_cases() -> Iterator[Call]:
@@ -591,6 +644,7 @@ CASES: dict[str, Callable[[], Iterator[Call]]] = {
     "llama_decode_layer": llama_decode_layer_cases,
     "quant_matmul_kind": quant_matmul_kind_cases,
     "quant_dequantize": quant_dequantize_cases,
+    "lora_add": lora_add_cases,
 }
 
 
