@@ -62,6 +62,30 @@ int llama_swiglu(const void *gu, void *g, int B, int F, int gate, int act) {
     return AIGC_OK;
 }
 
+/* The decode layer's elementwise steps on many rows (prompt chunks, big batches) split by rows among the threads: the
+ * same per-row arithmetic, so the same results. Below these sizes (values) one thread does them: a parallel region
+ * costs more than the work. */
+#define ROWS_PARALLEL_SWIGLU 8192
+#define ROWS_PARALLEL_NORM 32768
+
+static void swiglu_rows(const void *gu, void *g, int B, int F, int gate, int act, int nthreads) {
+    const size_t es = act_size(act);
+#pragma omp parallel for num_threads(nthreads) schedule(static) if ((long)B * F >= ROWS_PARALLEL_SWIGLU)
+    for (int b = 0; b < B; b++) k_swiglu((const char *)gu + es * 2 * F * b, (char *)g + es * F * b, 1, F, gate, act);
+}
+
+/* out = rmsnorm(x) w per row; with y, x += y first (each row's add, then its norm) */
+static void add_norm_rows(void *x, const void *y, const void *w, float eps, void *out, int B, int C, int act,
+                          int nthreads) {
+    const size_t es = act_size(act);
+#pragma omp parallel for num_threads(nthreads) schedule(static) if ((long)B * C >= ROWS_PARALLEL_NORM)
+    for (int b = 0; b < B; b++) {
+        char *xb = (char *)x + es * C * b;
+        if (y) k_add(xb, (const char *)y + es * C * b, (size_t)C, act);
+        if (w) k_rmsnorm(xb, w, eps, (char *)out + es * C * b, 1, C, act);
+    }
+}
+
 /* The scratch of a decode layer: its buffers, each at a multiple of 64 bytes. */
 enum { SCRATCH_H, SCRATCH_QKV, SCRATCH_ATT, SCRATCH_GU, SCRATCH_O, SCRATCH_Q, SCRATCH_PART, SCRATCH_N };
 
@@ -236,20 +260,20 @@ int llama_decode_layer(void *x, int B, int C, const void *attn_norm, const void 
     if (!rc && lora_slots) /* the rows' LoRA deltas on projection i's output, as model_core.lora's hooks add them */ \
         rc = lora_add(in, out, B, K, N, act, lora_slots, lora_G, la[i], lbt[i], lora_ranks + (i) * lora_G, nthreads); \
     if (rc) goto done
-    k_rmsnorm(x, attn_norm, eps, h, B, C, act);
+    add_norm_rows(x, NULL, attn_norm, eps, h, B, C, act, nthreads);
     rc = MATMUL(0, h, qkv_bias, qkv, qkv_n, C);
     rc = attention_step(qkv, B, eps, q_norm, k_norm, cos, sin, kv, write, rows, lens, att, Tk, nh, nkv, hs, scale,
                         softcap, window, act, nthreads, buf[SCRATCH_Q]);
     if (rc) goto done;
     rc = MATMUL(1, att, NULL, o, C, q_n);
-    if (post_attn_norm) k_rmsnorm(o, post_attn_norm, eps, o, B, C, act); /* (in place: a row is read, then written) */
-    k_add(x, o, (size_t)B * C, act);
-    k_rmsnorm(x, ffn_norm, eps, h, B, C, act);
+    if (post_attn_norm) /* (in place: a row is read, then written) */
+        add_norm_rows(o, NULL, post_attn_norm, eps, o, B, C, act, nthreads);
+    add_norm_rows(x, o, ffn_norm, eps, h, B, C, act, nthreads);
     rc = MATMUL(2, h, NULL, gu, 2 * F, C);
-    k_swiglu(gu, h, B, F, gate, act);
+    swiglu_rows(gu, h, B, F, gate, act, nthreads);
     rc = MATMUL(3, h, NULL, o, C, F);
-    if (post_ffn_norm) k_rmsnorm(o, post_ffn_norm, eps, o, B, C, act);
-    k_add(x, o, (size_t)B * C, act);
+    if (post_ffn_norm) add_norm_rows(o, NULL, post_ffn_norm, eps, o, B, C, act, nthreads);
+    add_norm_rows(x, o, NULL, eps, NULL, B, C, act, nthreads);
 #undef MATMUL
 done:
     if (base != (char *)scratch) free(base);

@@ -14,6 +14,7 @@ import torch
 from model_core.backend import select_backend
 from model_core.device import select_dtype
 from model_core.generate import generate
+from model_core.lm import Output
 from model_core.qmatmul import QuantLinear
 from model_core.sampling import SamplingParams
 from model_core.tools.quant_accuracy import decode_logits as _decode_logits
@@ -308,3 +309,19 @@ def test_prompt_scores_with_the_default_settings_are_within_005_of_hf_fp32(
     dev = float((got - fp32_logprobs).abs().mean())
     print(f"prompt scores, default settings ({tm.kernels}, {tm.dtype}): mean |d logprob| vs HF fp32 {dev:.4f}")
     assert dev < 0.05
+
+
+@pytest.mark.parametrize("kernels", native_isas(reference=False))
+def test_a_prompt_chunk_gives_each_positions_logits_of_its_token_by_token_decode(smol_path: str, kernels: str) -> None:
+    """Batch-invariant on the native kernels: a 100-token prompt as one chunk (100 rows: the layers' norms, adds and
+    SwiGLU split by rows among the threads, the matmuls on tiles) gives every position the logits that decoding it one
+    token per step gives (single rows, one thread's elementwise work), bit for bit."""
+    backend = select_backend(kernels)
+    dtype = select_dtype("auto", torch.device("cpu"), backend)
+    lm = load_lm(smol_path, dtype, quantized_max_rows=None, backend=backend, batch_invariant=True)
+    ids = [int(t) for t in torch.randint(100, 20000, (100,), generator=torch.Generator().manual_seed(4))]
+    cache = lm.model.new_cache(7, 16)
+    with torch.inference_mode():
+        step = cache.prepare([list(range(7))], [0], len(ids))
+        chunk = lm.model(torch.tensor([ids]), cache, step, Output.LOGITS)[0].float()  # (T, V)
+    assert torch.equal(chunk, _decode_logits(lm, ids))
