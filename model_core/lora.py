@@ -13,9 +13,10 @@ rows of each adapter present: the rows gathered by adapter, (G adapters, M rows 
 the projection made by one pair of batched matmuls (G, M, in) @ (G, in, r) @ (G, r, out) (ranks padded with zeros),
 so the cost grows with the adapters present, not with the rows; the other rows' outputs are not touched (an
 index_add_ into the adapters' rows only), so a base row's logits are those of the model
-without adapters bit for bit (in the fused decoder too: a step with adapter rows runs each layer as its
-projections with native calls between them, which gives the one-call layer's results bit for bit, and the deltas
-are added to the projections' outputs; model_core.fused_decode).
+without adapters bit for bit (in the fused decoder too: with the native kernels its one-call layers add each
+projection's deltas (`native_block`, llama_decode_layer), else a step with adapter rows runs each layer as its
+projections with native calls between them, which gives the one-call layer's results bit for bit, and the hooks
+add the deltas to the projections' outputs; model_core.fused_decode).
 
 The deltas are computed in float64 from the activations and rounded once to their dtype: the products of float32
 (or bf16) values are exact in float64. On the CPU with the model's native kernels, `lora_add` (kernels/lora.c)
@@ -27,8 +28,8 @@ sum far below the final rounding (tested: the engine's batch invariance holds fo
 The projections read the step's choice through forward hooks, installed on the model's projections the first time
 a forward runs with adapters (on the thread that runs the forwards: the engine's step thread), and a context
 variable that holds the current forward's plan (per thread: another thread's forward never sees it). A hook with
-no plan returns at once; the fused decoder's one-call layers, which serve every step without adapter rows, call
-no module at all.
+no plan returns at once; the fused decoder's one-call layers call no module at all (they take the plan's native
+pairs instead).
 """
 
 from __future__ import annotations
