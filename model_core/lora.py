@@ -177,7 +177,7 @@ class _NativePairs:
     @staticmethod
     def of(adapters: tuple[LoRAAdapter, ...], names: Sequence[str]) -> _NativePairs | None:
         """None where no adapter targets any of the projections `names`."""
-        pairs = [(a.native_pair(name)) for name in names for a in adapters]
+        pairs = [a.native_pair(name) for name in names for a in adapters]
         present = [p for p in pairs if p is not None]
         if not present:
             return None

@@ -1,8 +1,8 @@
 /* LoRA deltas added to a projection's output rows, per row its own adapter (model_core/lora.py): for row i with slot
  * g = choice[i] >= 0, t = A_g x_i (r_g values), then out_i += B_g t (the slots' A_g and B_g^T stacked by rows in
- * slot order), every product and sum in double (a product of
- * two float32 values, or a bf16 activation and a float32 weight, is exact in double) and each output rounded once
- * to the activations' dtype (through float, as PyTorch's double -> bf16 conversion). Rows with choice -1 are not
+ * slot order), every product and sum in double (a product of two float32 values, or a bf16 activation and a
+ * float32 weight, is exact in double) and each output rounded once to the activations' dtype (through float, as
+ * PyTorch's double -> bf16 conversion). Rows with choice -1 are not
  * read or written. A row's sums run in one order whatever the rows beside it, the threads or the batch: a row's
  * result is the same in any batch. Plain C: every build compiles it alike (the compiler vectorizes the sums).
  */
