@@ -1,6 +1,7 @@
 /* i8 mode of the quantized matmul (see k_qmatmul and k_qmatmul_kind in common.h) with integer dot products: AVX2
- * (maddubs; vpdpbusd with AVX512-VNNI), NEON with the dot-product extension (sdot by lane), and AMX-INT8 tiles for
- * bigger batches where the build and CPU have them, for every weight kind.
+ * (maddubs), NEON with the dot-product extension (sdot by lane), 512-bit vpdpbusd in the builds with AVX512-VNNI
+ * (zmm_i8: 16 weight rows a vector), and AMX-INT8 tiles for bigger batches where the build and CPU have them, for
+ * every weight kind.
  *
  * The activations are rounded to int8 per block of 32 once per call (int16 mode, AIGC_INT16: to 16 bits, held as
  * two int8 halves whose block sums are taken apart and joined as fma(S_hi, 255, S_lo): twice the products). The
@@ -122,43 +123,6 @@ static inline __m256i x4(const int8_t *xb, int k) { /* activations 4k..4k+3, in 
     return _mm256_set1_epi32(four);
 }
 
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-/* AVX512-VNNI: vpdpbusd adds 4 products of unsigned (the quants) by signed bytes to each int32 lane, exactly (no
- * saturation): the same sums as the maddubs forms below, in fewer instructions (two chains of 4) */
-static inline isum sums_q4(const qv *w, const int8_t *xb) {
-    __m256i a = _mm256_setzero_si256(), b = _mm256_setzero_si256();
-    for (int k = 0; k < 8; k += 2) {
-        a = _mm256_dpbusd_epi32(a, w[k], x4(xb, k));
-        b = _mm256_dpbusd_epi32(b, w[k + 1], x4(xb, k + 1));
-    }
-    return _mm256_add_epi32(a, b);
-}
-#define sums_q5 sums_q4
-
-/* signed quants: |w| times x with w's sign, as signed_pairs below */
-static inline __m256i dot_signed(__m256i acc, qv w, __m256i x) {
-    return _mm256_dpbusd_epi32(acc, _mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w));
-}
-
-static inline isum sums_q8(const uint8_t *q, const int8_t *xb) {
-    __m256i a = _mm256_setzero_si256(), b = _mm256_setzero_si256();
-    for (int k = 0; k < 8; k += 2) {
-        a = dot_signed(a, qv_load(q + 32 * k), x4(xb, k));
-        b = dot_signed(b, qv_load(q + 32 * (k + 1)), x4(xb, k + 1));
-    }
-    return _mm256_add_epi32(a, b);
-}
-
-static inline isum sums_q6(const qv *w, const int8_t *xb, const int32_t *sc) {
-    __m256i a = _mm256_setzero_si256(), b = _mm256_setzero_si256();
-    for (int k = 0; k < 4; k++) {
-        a = dot_signed(a, w[k], x4(xb, k));
-        b = dot_signed(b, w[4 + k], x4(xb, 4 + k));
-    }
-    const __m256i lo = _mm256_mullo_epi32(a, _mm256_loadu_si256((const __m256i *)sc));
-    return _mm256_add_epi32(lo, _mm256_mullo_epi32(b, _mm256_loadu_si256((const __m256i *)(sc + ROWS))));
-}
-#else
 /* block sums of 8 rows against one activation block xb (32 int8). 4-bit quants in 0..15 make pair sums of at
  * most 2 * 15 * 127, so the 8 products add up in int16 without overflow; 5-bit ones (0..31), 4 at a time */
 static inline isum sums_q4(const qv *w, const int8_t *xb) {
@@ -201,7 +165,6 @@ static inline isum sums_q6(const qv *w, const int8_t *xb, const int32_t *sc) {
     return _mm256_add_epi32(lo, _mm256_mullo_epi32(_mm256_madd_epi16(b, one), _mm256_loadu_si256((const __m256i *)(sc + ROWS))));
 }
 
-#endif
 
 /* IQ4: the 4-bit indices as 4-bit quants, then each through the table: 8 vectors of signed values */
 static inline void unpack_iq4(const uint8_t *q, qv *out) {
@@ -212,19 +175,10 @@ static inline void unpack_iq4(const uint8_t *q, qv *out) {
 
 /* signed 8-bit values already widened (IQ4), as sums_q8 */
 static inline isum sums_iq4(const qv *w, const int8_t *xb) {
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-    __m256i a = _mm256_setzero_si256(), b = _mm256_setzero_si256();
-    for (int k = 0; k < 8; k += 2) {
-        a = dot_signed(a, w[k], x4(xb, k));
-        b = dot_signed(b, w[k + 1], x4(xb, k + 1));
-    }
-    return _mm256_add_epi32(a, b);
-#else
     __m256i s32 = _mm256_setzero_si256();
     for (int k = 0; k < 8; k++)
         s32 = _mm256_add_epi32(s32, _mm256_madd_epi16(signed_pairs(w[k], x4(xb, k)), _mm256_set1_epi16(1)));
     return s32;
-#endif
 }
 #else /* NEON + dotprod: rows 0-3 and 4-7 in two vectors */
 typedef struct {
@@ -552,7 +506,197 @@ static void widen_scales(int kind, const void *d, const void *m, size_t gi, int 
     }
 }
 
-#if defined(__AMX_INT8__) && defined(__AVX512F__)
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#define I8_ZMM 1
+/* An n-tile of 16 weight rows (groups 2 nt and 2 nt + 1; none past G: zeros) made ready for the AMX tiles or the
+ * 512-bit vector path below: wb (nb, 8, 64) per block 8 rows of 64 bytes, row k quants 4k..4k+3 of the 16 weight rows
+ * (the first group's 32 bytes, then the second's); with flip, the signed kinds' quants plus 128 (unsigned bytes for
+ * vpdpbusd, which takes unsigned by signed bytes); d16 (nb, 16), m16 (no, 16), sc16 (nb, 2, 16) the two groups'
+ * scales side by side. Per thread: the n-tile's scratch (and the tiles' C sums and results). */
+typedef struct {
+    int8_t *wb;
+    float *dv, *d16, *m16;
+    int32_t *sc, *sc16, *cbuf;
+    float *out;
+} ntile;
+
+/* one thread's n-tile scratch in one allocation (t->wb; NULL when out of memory) */
+static void ntile_alloc(ntile *t, int nb) {
+    /* floats and int32 after wb: dv, mv of both groups (2 nf), d16 (16 nb), m16 (32 nb), sc of both groups, sc16 (32 nb
+     * each), cbuf (2 x 1024), out (256) */
+    const size_t nw = (size_t)nb * 512, nf = (size_t)nb * ROWS * 3;
+    memset(t, 0, sizeof *t);
+    t->wb = aligned_alloc(64, nw + 4 * (2 * nf + 112 * (size_t)nb + 2304));
+    if (!t->wb) return;
+    t->dv = (float *)(t->wb + nw), t->d16 = t->dv + 2 * nf, t->m16 = t->d16 + (size_t)nb * 16;
+    t->sc = (int32_t *)(t->m16 + (size_t)nb * 32), t->sc16 = t->sc + (size_t)nb * 32, t->cbuf = t->sc16 + (size_t)nb * 32;
+    t->out = (float *)(t->cbuf + 2048);
+}
+
+static void ntile_prepare(const ntile *t, int kind, int wide, int flip, const uint8_t *qs, const void *d, const void *m,
+                          int nb, int no, int G, int nt, int offsets) {
+    const size_t nf = (size_t)nb * ROWS * 3, group_bytes = (size_t)nb * block_bytes(kind);
+    const int halves = wide == WIDE_Q6;
+    const __m256i bias = _mm256_set1_epi8(flip && (wide == WIDE_S8 || wide == WIDE_IQ4 || halves) ? (char)0x80 : 0);
+    for (int h = 0; h < 2; h++) {
+        const size_t gi = (size_t)2 * nt + h;
+        float *dh = t->dv + h * nf, *mh = dh + (size_t)nb * ROWS;
+        int32_t *sch = t->sc + (size_t)h * nb * 16;
+        if (gi >= (size_t)G) {
+            memset(dh, 0, sizeof(float) * nf);
+            memset(sch, 0, sizeof(int32_t) * (size_t)nb * 16);
+            for (int b = 0; b < nb; b++)
+                for (int k = 0; k < 8; k++) memset(t->wb + (size_t)b * 512 + k * 64 + 32 * h, 0, 32);
+            continue;
+        }
+        widen_scales(kind, d, m, gi, nb, dh, mh, sch);
+        const uint8_t *qg = qs + gi * group_bytes;
+        for (int b = 0; b < nb; b++) {
+            const uint8_t *qb = qg + (size_t)b * block_bytes(kind);
+            qv v[8]; /* in registers, stored once into the n-tile's rows */
+            if (wide == WIDE_U4) unpack_q4(qb, v);
+            else if (wide == WIDE_U5) unpack_q5(qb, v);
+            else if (wide == WIDE_IQ4) unpack_iq4(qb, v);
+            else if (kind == QKIND_Q2_K) unpack_q2(qb, v);
+            else if (kind == QKIND_Q3_K) unpack_q3(qb, v);
+            else if (halves) unpack_q6(qb, v);
+            else
+                for (int k = 0; k < 8; k++) v[k] = qv_load(qb + 32 * k); /* Q8_0: as stored */
+            for (int k = 0; k < 8; k++)
+                _mm256_store_si256((__m256i *)(t->wb + (size_t)b * 512 + k * 64 + 32 * h), _mm256_xor_si256(v[k], bias));
+        }
+    }
+    for (int h = 0; h < 2; h++) { /* the scales side by side: lanes 0..7 the first group's rows */
+        for (int b = 0; b < nb; b++) {
+            memcpy(t->d16 + (size_t)b * 16 + 8 * h, t->dv + h * nf + (size_t)b * ROWS, sizeof(float) * ROWS);
+            for (int j = 0; j < 2 && halves; j++)
+                memcpy(t->sc16 + (size_t)b * 32 + 16 * j + 8 * h, t->sc + (size_t)h * nb * 16 + ((size_t)b * 2 + j) * ROWS,
+                       sizeof(int32_t) * ROWS);
+        }
+        for (int o = 0; o < no && offsets; o++)
+            memcpy(t->m16 + (size_t)o * 16 + 8 * h, t->dv + h * nf + (size_t)nb * ROWS + (size_t)o * ROWS,
+                   sizeof(float) * ROWS);
+    }
+}
+
+static int has_offsets(int kind) {
+    return kind == QKIND_Q4 || kind == QKIND_Q5_0 || kind == QKIND_Q5_1 || kind == QKIND_Q4_K || kind == QKIND_Q5_K ||
+           kind == QKIND_Q2_K;
+}
+
+/* The 512-bit vector path (where the build has AVX512-VNNI): an n-tile's 16 weight rows at once, in the lanes of one
+ * vector (twice the 256-bit path's products an instruction). Per block and x row, vpdpbusd of the n-tile's rows
+ * (unsigned) by 4 of the row's int8 x broadcast gives the 16 block sums; the signed kinds' quants come plus 128, so
+ * their sums start at -128 times the x block's sum (each half's, for the kinds with halves): the same exact integers
+ * as the 256-bit path's. From there every float operation is group_rows' in its order, on 16 lanes. MT x rows (xq
+ * their first row's blocks, nb * planes * 32 bytes a row; xs, xt the rows' scales and scale * sum q; xh (MT, nb,
+ * planes, 2) the halves' sums of x, for the signed kinds) -> out (MT, 16). */
+INLINE void zmm_rows(const int planes, const int wide, const int MT, int nb, int no, const int8_t *xq, const float *xs,
+                     const float *xt, const int32_t *xh, const ntile *t, const float *m16, float *out) {
+    const int halves = wide == WIDE_Q6, flipped = wide == WIDE_S8 || wide == WIDE_IQ4 || halves;
+    const size_t stride = (size_t)nb * planes * BLOCK;
+    __m512 acc[MT], off[MT];
+    for (int i = 0; i < MT; i++) acc[i] = off[i] = _mm512_setzero_ps();
+    for (int b = 0; b < nb; b++) {
+        const int8_t *wr = t->wb + (size_t)b * 512;
+        __m512i w[8];
+        for (int k = 0; k < 8; k++) w[k] = _mm512_load_si512(wr + 64 * k);
+        const __m512 db = _mm512_load_ps(t->d16 + (size_t)b * 16);
+        const __m512i sl = halves ? _mm512_load_si512(t->sc16 + (size_t)b * 32) : _mm512_setzero_si512();
+        const __m512i sh = halves ? _mm512_load_si512(t->sc16 + (size_t)b * 32 + 16) : _mm512_setzero_si512();
+#pragma GCC unroll 4
+        for (int i = 0; i < MT; i++) {
+            __m512i s[2];
+            for (int p = 0; p < planes; p++) {
+                const int8_t *xb = xq + (size_t)i * stride + ((size_t)b * planes + p) * BLOCK;
+                const int32_t *c = xh + (((size_t)i * nb + b) * planes + p) * 2; /* the halves' sums of x */
+                __m512i lo = flipped ? _mm512_set1_epi32(-128 * (halves ? c[0] : c[0] + c[1])) : _mm512_setzero_si512();
+                __m512i hi = flipped && halves ? _mm512_set1_epi32(-128 * c[1]) : _mm512_setzero_si512();
+                for (int k = 0; k < 4; k++) {
+                    int32_t f0, f1;
+                    memcpy(&f0, xb + 4 * k, 4);
+                    memcpy(&f1, xb + 16 + 4 * k, 4);
+                    lo = _mm512_dpbusd_epi32(lo, w[k], _mm512_set1_epi32(f0));
+                    hi = _mm512_dpbusd_epi32(hi, w[4 + k], _mm512_set1_epi32(f1));
+                }
+                s[p] = halves ? _mm512_add_epi32(_mm512_mullo_epi32(lo, sl), _mm512_mullo_epi32(hi, sh))
+                              : _mm512_add_epi32(lo, hi);
+            }
+            const __m512 v = planes == 2 ? _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[0]), _mm512_set1_ps(255.0f),
+                                                           _mm512_cvtepi32_ps(s[1]))
+                                         : _mm512_cvtepi32_ps(s[0]);
+            acc[i] = _mm512_fmadd_ps(v, _mm512_mul_ps(db, _mm512_set1_ps(xs[(size_t)i * nb + b])), acc[i]);
+        }
+    }
+    for (int o = 0; o < no && m16; o++) {
+        const __m512 mo = _mm512_load_ps(m16 + (size_t)o * 16);
+#pragma GCC unroll 4
+        for (int i = 0; i < MT; i++) off[i] = _mm512_fmadd_ps(mo, _mm512_set1_ps(xt[(size_t)i * no + o]), off[i]);
+    }
+    for (int i = 0; i < MT; i++) _mm512_storeu_ps(out + 16 * i, _mm512_add_ps(acc[i], off[i]));
+}
+/* qmatmul_i8 on the 512-bit vector path, from the quantized x (xq (M, nb, planes, 32), xs (M, nb), xt (M, no)) */
+static int zmm_i8(int kind, int wide, int planes, const int8_t *xq, const float *xs, const float *xt, int no,
+                  const uint8_t *qs, const void *d, const void *m, const float *bias, void *y, int act, int M, int N,
+                  int K, int nthreads) {
+    const int nb = K / BLOCK, G = (N + ROWS - 1) / ROWS, ntiles = (G + 1) / 2, offsets = has_offsets(kind);
+    const int form = wide == WIDE_Q6 ? WIDE_Q6 : wide == WIDE_S8 || wide == WIDE_IQ4 ? WIDE_S8 : WIDE_U4;
+    const size_t nx = (size_t)M * nb * planes; /* x's int8 blocks */
+    int32_t *xh = form != WIDE_U4 ? malloc(sizeof(int32_t) * nx * 2) : NULL; /* (M, nb, planes, 2) halves' sums */
+    if (form != WIDE_U4 && !xh) return AIGC_ERR_NOMEM;
+    for (size_t j = 0; xh && j < nx; j++) {
+        int lo = 0, hi = 0;
+        for (int e = 0; e < 16; e++) lo += xq[j * BLOCK + e], hi += xq[j * BLOCK + 16 + e];
+        xh[2 * j] = lo, xh[2 * j + 1] = hi;
+    }
+    int bad = 0;
+#pragma omp parallel num_threads(nthreads) reduction(| : bad)
+    {
+        ntile t;
+        ntile_alloc(&t, nb);
+        if (!t.wb) bad = 1;
+#pragma omp for schedule(static)
+        for (int nt = 0; nt < ntiles; nt++) {
+            if (!t.wb) continue;
+            ntile_prepare(&t, kind, wide, 1, qs, d, m, nb, no, G, nt, offsets);
+            const int cols = N - nt * 16 < 16 ? N - nt * 16 : 16;
+            for (int r0 = 0; r0 < M;) {
+                const int left = M - r0, mt = left >= 4 ? 4 : left >= 2 ? 2 : 1;
+                const int8_t *xr = xq + (size_t)r0 * nb * planes * BLOCK;
+                const float *xsr = xs + (size_t)r0 * nb, *xtr = xt + (size_t)r0 * no, *m16 = offsets ? t.m16 : NULL;
+                const int32_t *xhr = xh ? xh + (size_t)r0 * nb * planes * 2 : NULL;
+#define ZMM_ROWS(P, F, MT) zmm_rows(P, F, MT, nb, no, xr, xsr, xtr, xhr, &t, m16, t.out)
+#define ZMM_FORM(P, F)                                                                                     \
+    case (P - 1) * 64 + 4 * 8 + F: ZMM_ROWS(P, F, 4); break;                                               \
+    case (P - 1) * 64 + 2 * 8 + F: ZMM_ROWS(P, F, 2); break;                                               \
+    case (P - 1) * 64 + 1 * 8 + F: ZMM_ROWS(P, F, 1); break
+                switch ((planes - 1) * 64 + mt * 8 + form) {
+                    ZMM_FORM(1, WIDE_U4);
+                    ZMM_FORM(1, WIDE_S8);
+                    ZMM_FORM(1, WIDE_Q6);
+                    ZMM_FORM(2, WIDE_U4);
+                    ZMM_FORM(2, WIDE_S8);
+                    ZMM_FORM(2, WIDE_Q6);
+                }
+#undef ZMM_FORM
+#undef ZMM_ROWS
+                for (int i = 0; i < mt; i++)
+                    for (int c = 0; c < cols; c++) {
+                        const int n = nt * 16 + c;
+                        store_act(y, (size_t)(r0 + i) * N + n, t.out[i * 16 + c] + (bias ? bias[n] : 0.0f), act);
+                    }
+                r0 += mt;
+            }
+        }
+        free(t.wb);
+    }
+    free(xh);
+    return bad ? AIGC_ERR_NOMEM : AIGC_OK;
+}
+#endif
+
+#if defined(__AMX_INT8__) && defined(I8_ZMM)
+
 /* AMX-INT8 tiles for the same sums (where the CPU has them, from AMX_I8_MIN_ROWS rows, int16 mode AMX_I16_MIN_ROWS): an n-tile of 16
  * weight rows (two groups) against x tiles of up to 16 rows. Per block, the tiles' B holds the two groups' widened
  * quants as they are (row k: quants 4k..4k+3 of the 16 weight rows, the first group's 32 bytes then the second's),
@@ -563,16 +707,16 @@ static void widen_scales(int kind, const void *d, const void *m, size_t gi, int 
  * result is bit for bit the vector path's, so the tiles may take any batch size. */
 #include "amx.h"
 
-/* measured (AMX VM, 2 threads, 576 x 1536 and 1536 x 576 of Q4_1, Q4_K, Q6_K, Q8_0 against the vector path of this
- * build): int16 mode's tiles even at 6-16 rows (the K-quants last: their scales widened per n-tile), int8 mode's at
- * 12-16; 1.3-2x faster at 512. Since the tiles' sums stay in registers (whole model steps, SmolLM2 Q4_1 / Q4_K_M /
- * Q6_K / Q8_0 and a Qwen3-0.6B-shaped Q4_K_M, python -m model_core.tools.step_times --batches 5,6,8,10): int16 mode's
- * tiles 10-40% faster at 8-10 rows, even or slower at 5-6 on the K-quants. */
+/* measured (AMX VM, 2 threads, 576 x 1536 and 1536 x 576 of Q4_1, Q4_K, Q6_K, Q8_0 against the 256-bit vector path):
+ * int16 mode's tiles even at 6-16 rows, int8 mode's at 12-16; 1.3-2x faster at 512. Against the 512-bit vector path
+ * (whole model steps, SmolLM2 Q4_1 / Q4_K_M / Q6_K / Q8_0 and a Qwen3-0.6B-shaped Q4_K_M, python -m
+ * model_core.tools.step_times --batches 6,8,10,12,16): int16 mode's tiles 2-13% slower at 8 rows, even at 10-12
+ * (Q8_0's 6% faster at 12), even to 13% faster at 16. */
 #ifndef AMX_I8_MIN_ROWS
 #define AMX_I8_MIN_ROWS 16
 #endif
 #ifndef AMX_I16_MIN_ROWS
-#define AMX_I16_MIN_ROWS 8
+#define AMX_I16_MIN_ROWS 10
 #endif
 
 static int amx_i8_ready(void) { return __builtin_cpu_supports("amx-int8") && amx_granted(); }
@@ -730,80 +874,32 @@ static void amx_i8_tile(int wide, int planes, int nb, int no, const int8_t *xq, 
 static int amx_i8(int kind, int wide, int planes, const int8_t *xq, const float *xs, const float *xt, int no,
                   const uint8_t *qs, const void *d, const void *m, const float *bias, void *y, int act, int M, int N,
                   int K, int nthreads) {
-    const int nb = K / BLOCK, G = (N + ROWS - 1) / ROWS, ntiles = (G + 1) / 2, halves = wide == WIDE_Q6;
-    const size_t group_bytes = (size_t)nb * block_bytes(kind);
-    const int offsets = kind == QKIND_Q4 || kind == QKIND_Q5_0 || kind == QKIND_Q5_1 || kind == QKIND_Q4_K ||
-                        kind == QKIND_Q5_K || kind == QKIND_Q2_K;
+    const int nb = K / BLOCK, G = (N + ROWS - 1) / ROWS, ntiles = (G + 1) / 2, offsets = has_offsets(kind);
     int bad = 0;
 #pragma omp parallel num_threads(nthreads) reduction(| : bad)
     {
-        /* per thread: the n-tile's B tiles (nb, 512 bytes: its two groups' widened quants), their scales, the
-         * scales side by side (d16, m16, sc16), the C tiles' sums and an x tile's results */
-        const size_t nw = (size_t)nb * 512, nf = (size_t)nb * ROWS * 3;
-        /* floats and int32 after them: dv, mv of both groups (2 nf), d16 (16 nb), m16 (32 nb), sc of both groups,
-         * sc16 (32 nb each), cbuf (2 x 1024), out (256) */
-        int8_t *wb = aligned_alloc(64, nw + 4 * (2 * nf + 112 * (size_t)nb + 2304));
-        if (!wb) bad = 1;
-        float *dv = wb ? (float *)(wb + nw) : NULL, *d16 = dv ? dv + 2 * nf : NULL;
-        float *m16 = d16 ? d16 + (size_t)nb * 16 : NULL;
-        int32_t *sc = m16 ? (int32_t *)(m16 + (size_t)nb * 32) : NULL, *sc16 = sc ? sc + (size_t)nb * 32 : NULL;
-        int32_t *cbuf = sc16 ? sc16 + (size_t)nb * 32 : NULL;
-        float *out = cbuf ? (float *)(cbuf + 2048) : NULL;
-        if (!bad) configure_i8_tiles(M < 16 ? M : 16, halves);
+        ntile t; /* per thread: the n-tile's B tiles (its two groups' widened quants) and scales, the C tiles' sums */
+        ntile_alloc(&t, nb);
+        if (!t.wb) bad = 1;
+        else configure_i8_tiles(M < 16 ? M : 16, wide == WIDE_Q6);
 #pragma omp for schedule(static)
         for (int nt = 0; nt < ntiles; nt++) {
-            if (bad) continue;
-            for (int h = 0; h < 2; h++) { /* the n-tile's groups 2 nt, 2 nt + 1 (none past G: zeros) */
-                const size_t gi = (size_t)2 * nt + h;
-                float *dh = dv + h * nf, *mh = dh + (size_t)nb * ROWS;
-                int32_t *sch = sc + (size_t)h * nb * 16;
-                if (gi >= (size_t)G) {
-                    memset(dh, 0, sizeof(float) * nf);
-                    memset(sch, 0, sizeof(int32_t) * (size_t)nb * 16);
-                    for (int b = 0; b < nb; b++)
-                        for (int k = 0; k < 8; k++) memset(wb + (size_t)b * 512 + k * 64 + 32 * h, 0, 32);
-                    continue;
-                }
-                widen_scales(kind, d, m, gi, nb, dh, mh, sch);
-                const uint8_t *qg = qs + gi * group_bytes;
-                for (int b = 0; b < nb; b++) {
-                    const uint8_t *qb = qg + (size_t)b * block_bytes(kind);
-                    qv v[8]; /* in registers, stored once into B's rows */
-                    if (wide == WIDE_U4) unpack_q4(qb, v);
-                    else if (wide == WIDE_U5) unpack_q5(qb, v);
-                    else if (wide == WIDE_IQ4) unpack_iq4(qb, v);
-                    else if (kind == QKIND_Q2_K) unpack_q2(qb, v);
-                    else if (kind == QKIND_Q3_K) unpack_q3(qb, v);
-                    else if (wide == WIDE_Q6) unpack_q6(qb, v);
-                    else
-                        for (int k = 0; k < 8; k++) v[k] = qv_load(qb + 32 * k); /* Q8_0: as stored */
-                    for (int k = 0; k < 8; k++) _mm256_store_si256((__m256i *)(wb + (size_t)b * 512 + k * 64 + 32 * h), v[k]);
-                }
-            }
-            for (int h = 0; h < 2; h++) { /* the scales side by side: lanes 0..7 the first group's rows */
-                for (int b = 0; b < nb; b++) {
-                    memcpy(d16 + (size_t)b * 16 + 8 * h, dv + h * nf + (size_t)b * ROWS, sizeof(float) * ROWS);
-                    for (int j = 0; j < 2 && halves; j++)
-                        memcpy(sc16 + (size_t)b * 32 + 16 * j + 8 * h, sc + (size_t)h * nb * 16 + ((size_t)b * 2 + j) * ROWS,
-                               sizeof(int32_t) * ROWS);
-                }
-                for (int o = 0; o < no && offsets; o++)
-                    memcpy(m16 + (size_t)o * 16 + 8 * h, dv + h * nf + (size_t)nb * ROWS + (size_t)o * ROWS,
-                           sizeof(float) * ROWS);
-            }
+            if (!t.wb) continue;
+            ntile_prepare(&t, kind, wide, 0, qs, d, m, nb, no, G, nt, offsets);
             const int cols = N - nt * 16 < 16 ? N - nt * 16 : 16;
             for (int r0 = 0; r0 < M; r0 += 16) {
                 const int mr = M - r0 < 16 ? M - r0 : 16;
                 amx_i8_tile(wide, planes, nb, no, xq + (size_t)r0 * nb * planes * BLOCK, xs + (size_t)r0 * nb,
-                            xt + (size_t)r0 * no, mr, wb, d16, offsets ? m16 : NULL, sc16, cbuf, out);
+                            xt + (size_t)r0 * no, mr, (const int8_t *)t.wb, t.d16, offsets ? t.m16 : NULL, t.sc16,
+                            t.cbuf, t.out);
                 for (int i = 0; i < mr; i++)
                     for (int c = 0; c < cols; c++) {
                         const int n = nt * 16 + c;
-                        store_act(y, (size_t)(r0 + i) * N + n, out[i * 16 + c] + (bias ? bias[n] : 0.0f), act);
+                        store_act(y, (size_t)(r0 + i) * N + n, t.out[i * 16 + c] + (bias ? bias[n] : 0.0f), act);
                     }
             }
         }
-        free(wb);
+        free(t.wb);
     }
     return bad ? AIGC_ERR_NOMEM : AIGC_OK;
 }
@@ -818,10 +914,10 @@ static int amx_i8(int kind, int wide, int planes, const int8_t *xq, const float 
 
 int qmatmul_i8(const void *x, int act, int kind, const uint8_t *qs, const void *d, const void *m, const float *bias,
                void *y, int M, int N, int K, int i16, int nthreads) {
-    const int nb = K / BLOCK, G = (N + ROWS - 1) / ROWS, wide = wide_form(kind), halves = kind == QKIND_Q2_K;
+    const int nb = K / BLOCK, wide = wide_form(kind), halves = kind == QKIND_Q2_K;
     const int no = halves ? 2 * nb : nb; /* offsets per row: per block, or (Q2_K) per half */
     const int planes = i16 ? 2 : 1;      /* int8 blocks per block of x: its q, or (int16 mode) its hi and lo halves */
-    const size_t group_bytes = (size_t)nb * block_bytes(kind), nblk = (size_t)M * nb;
+    const size_t nblk = (size_t)M * nb;
 #if defined(__AMX_INT8__) && defined(__AVX512F__)
     const int tiles = M >= (i16 ? AMX_I16_MIN_ROWS : AMX_I8_MIN_ROWS) && amx_i8_ready();
 #else
@@ -854,6 +950,14 @@ int qmatmul_i8(const void *x, int act, int kind, const uint8_t *qs, const void *
         return rc;
     }
 #endif
+#if defined(I8_ZMM)
+    const int rc = zmm_i8(kind, wide, planes, xq, xs, xt, no, qs, d, m, bias, y, act, M, N, K, nthreads);
+    free(xq);
+    free(xs);
+    return rc;
+#else
+    const int G = (N + ROWS - 1) / ROWS;
+    const size_t group_bytes = (size_t)nb * block_bytes(kind);
     int bad = 0;
 #pragma omp parallel num_threads(nthreads) reduction(| : bad)
     {
@@ -908,5 +1012,6 @@ int qmatmul_i8(const void *x, int act, int kind, const uint8_t *qs, const void *
     free(xq);
     free(xs);
     return bad ? AIGC_ERR_NOMEM : AIGC_OK;
+#endif
 }
 #endif
