@@ -68,9 +68,9 @@ ISAS: dict[str, Isa] = {
             True,
         ),
         Isa("avx2", "x86_64", SIMD_SOURCES, ("-mavx2", "-mfma", "-mf16c"), CPU_AVX2, 32, 32, True, True),
-        # the avx2 build's int8 mode with AVX512-VNNI's vpdpbusd (on 256-bit vectors: the same sums bit for bit, fewer
-        # instructions) and the other kernels at 16 floats; after avx2, so asked for by name only: its matmuls ran
-        # 3-22% faster than avx2's on the AMX VM, a whole SmolLM2 decode step not clearly (README, Native kernels)
+        # the avx2 build's integer modes with AVX512-VNNI's vpdpbusd (on 512-bit vectors: the same sums bit for bit)
+        # and the other kernels at 16 floats; after avx2, so asked for by name only: 1.4-1.5x avx2's SmolLM2 steps on
+        # the AMX VM's cores, not measured where auto would take it (AVX-512 without AMX; README, Native kernels)
         Isa(
             "avx512vnni",
             "x86_64",
