@@ -660,6 +660,7 @@ INLINE void zmm_rows(const int planes, const int wide, const int MT, int nb, int
     }
     for (int i = 0; i < MT; i++) _mm512_storeu_ps(out + 16 * i, _mm512_add_ps(acc[i], off[i]));
 }
+
 /* qmatmul_i8 on the 512-bit vector path, from the quantized x (xq (M, nb, planes, 32), xs (M, nb), xt (M, no)) */
 static int zmm_i8(int kind, int wide, int planes, const int8_t *xq, const float *xs, const float *xt, int no,
                   const uint8_t *qs, const void *d, const void *m, const float *bias, void *y, int act, int M, int N,
@@ -674,6 +675,11 @@ static int zmm_i8(int kind, int wide, int planes, const int8_t *xq, const float 
         for (int e = 0; e < 16; e++) lo += xq[j * BLOCK + e], hi += xq[j * BLOCK + 16 + e];
         xh[2 * j] = lo, xh[2 * j + 1] = hi;
     }
+    /* one tile of rows of a K-quant widens the quants as it goes; more rows, or other kinds, read them widened once
+     * into t.wb (measured, whole model steps at 1 and 4 rows: a Qwen3-0.6B-shaped Q4_K_M 9% and 15% faster widening
+     * as it goes, SmolLM2 Q4_K_M and Q6_K the same within noise, SmolLM2 Q4_1 8% slower) */
+    const int direct = M <= 4 && qkind_block(kind) == 256;
+    const size_t gb = (size_t)nb * block_bytes(kind);
     int bad = 0;
 #pragma omp parallel num_threads(nthreads) reduction(| : bad)
     {
@@ -683,11 +689,6 @@ static int zmm_i8(int kind, int wide, int planes, const int8_t *xq, const float 
 #pragma omp for schedule(static)
         for (int nt = 0; nt < ntiles; nt++) {
             if (!t.wb) continue;
-            /* one tile of rows of a K-quant widens the quants as it goes; more rows, or other kinds, read them
-             * widened once into t.wb (measured, whole model steps at 1 and 4 rows: a Qwen3-0.6B-shaped Q4_K_M 9% and
-             * 15% faster widening as it goes, SmolLM2 Q4_K_M and Q6_K the same within noise, SmolLM2 Q4_1 8% slower) */
-            const int direct = M <= 4 && qkind_block(kind) == 256;
-            const size_t gb = (size_t)nb * block_bytes(kind);
             const quant_pair pair = {{qs + (size_t)2 * nt * gb, 2 * nt + 1 < G ? qs + (size_t)(2 * nt + 1) * gb : NULL},
                                      block_bytes(kind), kind, wide};
             ntile_prepare(&t, kind, wide, 1, !direct, qs, d, m, nb, no, G, nt, offsets);
