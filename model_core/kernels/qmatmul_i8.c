@@ -439,6 +439,12 @@ static int wide_form(int kind) {
     }
 }
 
+/* the kinds whose weights carry an offset per block (or half): w = d' q + m' */
+static int has_offsets(int kind) {
+    return kind == QKIND_Q4 || kind == QKIND_Q5_0 || kind == QKIND_Q5_1 || kind == QKIND_Q4_K || kind == QKIND_Q5_K ||
+           kind == QKIND_Q2_K;
+}
+
 static size_t block_bytes(int kind) {
     switch (kind) {
     case QKIND_Q4: case QKIND_Q4_K: case QKIND_IQ4: return ROWS * 16;
@@ -582,11 +588,6 @@ static void ntile_prepare(const ntile *t, int kind, int wide, int flip, int quan
             memcpy(t->m16 + (size_t)o * 16 + 8 * h, t->dv + h * nf + (size_t)nb * ROWS + (size_t)o * ROWS,
                    sizeof(float) * ROWS);
     }
-}
-
-static int has_offsets(int kind) {
-    return kind == QKIND_Q4 || kind == QKIND_Q5_0 || kind == QKIND_Q5_1 || kind == QKIND_Q4_K || kind == QKIND_Q5_K ||
-           kind == QKIND_Q2_K;
 }
 
 /* an n-tile's two groups' quants as stored (q[1] NULL past the last group), to widen block by block where used */
@@ -1002,8 +1003,7 @@ int qmatmul_i8(const void *x, int act, int kind, const uint8_t *qs, const void *
         const int ready = dv && (wide == WIDE_S8 || w) && (wide != WIDE_Q6 || sc);
         if (!ready) bad = 1;
         float *mv = dv + (size_t)nb * ROWS;
-        const int offsets = kind == QKIND_Q4 || kind == QKIND_Q5_0 || kind == QKIND_Q5_1 || kind == QKIND_Q4_K ||
-                            kind == QKIND_Q5_K || kind == QKIND_Q2_K;
+        const int offsets = has_offsets(kind);
 #pragma omp for schedule(static)
         for (int gi = 0; gi < G; gi++) {
             if (!ready) continue;
