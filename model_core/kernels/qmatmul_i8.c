@@ -551,12 +551,60 @@ static inline void widen_block(int kind, int wide, const uint8_t *qb, qv *v) {
         for (int k = 0; k < 8; k++) v[k] = qv_load(qb + 32 * k); /* Q8_0: as stored */
 }
 
+/* Two groups' blocks widened at once, on 512-bit vectors: w[k] = the first group's vector k (widen_block's) in the
+ * low 256 bits, the second's in the high; with flip the signed kinds' quants plus 128 (as ntile_prepare's rows).
+ * Each 32-byte run of the two groups comes in one vector, so a 4-bit block's 8 vectors for 16 rows take 4 loads
+ * and 12 operations (widen_block twice and the inserts: 40). The kinds with 5th or 3rd bits (Q5_0, Q5_1, Q5_K,
+ * Q2_K, Q3_K) widen each group on 256 bits and join them. b: the second group's block, or a again past the last
+ * group (its results are never stored). */
+INLINE __m512i pair_load(const uint8_t *a, const uint8_t *b) {
+    return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)a)),
+                              _mm256_loadu_si256((const __m256i *)b), 1);
+}
+
+INLINE void pair_q4(const uint8_t *a, const uint8_t *b, __m512i *w) {
+    const __m512i mask = _mm512_set1_epi8(0x0F);
+    for (int k = 0; k < 4; k++) {
+        const __m512i v = pair_load(a + 32 * k, b + 32 * k);
+        w[k] = _mm512_and_si512(v, mask);
+        w[4 + k] = _mm512_and_si512(_mm512_srli_epi16(v, 4), mask);
+    }
+}
+
+INLINE void widen_pair(int kind, int wide, int flip, const uint8_t *a, const uint8_t *b, __m512i *w) {
+    const int flipped = flip && (wide == WIDE_S8 || wide == WIDE_IQ4 || wide == WIDE_Q6);
+    const __m512i bias = _mm512_set1_epi8(flipped ? (char)0x80 : 0);
+    if (wide == WIDE_U4) {
+        pair_q4(a, b, w);
+    } else if (wide == WIDE_S8) { /* Q8_0: as stored */
+        for (int k = 0; k < 8; k++) w[k] = _mm512_xor_si512(pair_load(a + 32 * k, b + 32 * k), bias);
+    } else if (wide == WIDE_IQ4) {
+        pair_q4(a, b, w);
+        const __m512i lut = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)IQ4_VALUES));
+        for (int k = 0; k < 8; k++) w[k] = _mm512_xor_si512(_mm512_shuffle_epi8(lut, w[k]), bias);
+    } else if (wide == WIDE_Q6 && kind != QKIND_Q2_K && kind != QKIND_Q3_K) { /* Q6_K, as unpack_q6 */
+        pair_q4(a, b, w);
+        /* q - 32, then plus 128 where flipped: q + 96 (bytes wrap as the xor does) */
+        const __m512i m2 = _mm512_set1_epi8(3), off = _mm512_set1_epi8(flipped ? 96 : -32);
+        const __m512i h[2] = {pair_load(a + 128, b + 128), pair_load(a + 160, b + 160)};
+        for (int k = 0; k < 8; k++) {
+            const __m512i high = _mm512_and_si512(_mm512_srli_epi16(h[k % 2], 2 * (k / 2)), m2);
+            w[k] = _mm512_add_epi8(_mm512_or_si512(w[k], _mm512_slli_epi16(high, 4)), off);
+        }
+    } else {
+        qv lo[8], hi[8];
+        widen_block(kind, wide, a, lo);
+        widen_block(kind, wide, b, hi);
+        for (int k = 0; k < 8; k++)
+            w[k] = _mm512_xor_si512(_mm512_inserti64x4(_mm512_castsi256_si512(lo[k]), hi[k], 1), bias);
+    }
+}
+
 /* quants: also widen the quants into wb (else the scales only: the quants are widened where they are used) */
 static void ntile_prepare(const ntile *t, int kind, int wide, int flip, int quants, const uint8_t *qs, const void *d,
                           const void *m, int nb, int no, int G, int nt, int offsets) {
     const size_t nf = (size_t)nb * ROWS * 3, group_bytes = (size_t)nb * block_bytes(kind);
     const int halves = wide == WIDE_Q6;
-    const __m256i bias = _mm256_set1_epi8(flip && (wide == WIDE_S8 || wide == WIDE_IQ4 || halves) ? (char)0x80 : 0);
     for (int h = 0; h < 2; h++) {
         const size_t gi = (size_t)2 * nt + h;
         float *dh = t->dv + h * nf, *mh = dh + (size_t)nb * ROWS;
@@ -564,18 +612,17 @@ static void ntile_prepare(const ntile *t, int kind, int wide, int flip, int quan
         if (gi >= (size_t)G) {
             memset(dh, 0, sizeof(float) * nf);
             memset(sch, 0, sizeof(int32_t) * (size_t)nb * 16);
-            for (int b = 0; b < nb && quants; b++)
-                for (int k = 0; k < 8; k++) memset(t->wb + (size_t)b * 512 + k * 64 + 32 * h, 0, 32);
             continue;
         }
         widen_scales(kind, d, m, gi, nb, dh, mh, sch);
-        const uint8_t *qg = qs + gi * group_bytes;
-        for (int b = 0; b < nb && quants; b++) {
-            qv v[8]; /* in registers, stored once into the n-tile's rows */
-            widen_block(kind, wide, qg + (size_t)b * block_bytes(kind), v);
-            for (int k = 0; k < 8; k++)
-                _mm256_store_si256((__m256i *)(t->wb + (size_t)b * 512 + k * 64 + 32 * h), _mm256_xor_si256(v[k], bias));
-        }
+    }
+    const uint8_t *qa = qs + (size_t)2 * nt * group_bytes;
+    const uint8_t *qb = (size_t)2 * nt + 1 < (size_t)G ? qa + group_bytes : qa; /* (past G: never stored) */
+    for (int b = 0; b < nb && quants; b++) {
+        __m512i w[8]; /* in registers, stored once into the n-tile's rows */
+        const size_t at = (size_t)b * block_bytes(kind);
+        widen_pair(kind, wide, flip, qa + at, qb + at, w);
+        for (int k = 0; k < 8; k++) _mm512_store_si512(t->wb + (size_t)b * 512 + k * 64, w[k]);
     }
     for (int h = 0; h < 2; h++) { /* the scales side by side: lanes 0..7 the first group's rows */
         for (int b = 0; b < nb; b++) {
@@ -590,7 +637,7 @@ static void ntile_prepare(const ntile *t, int kind, int wide, int flip, int quan
     }
 }
 
-/* an n-tile's two groups' quants as stored (q[1] NULL past the last group), to widen block by block where used */
+/* an n-tile's two groups' quants as stored (q[1] = q[0] past the last group), to widen block by block where used */
 typedef struct {
     const uint8_t *q[2];
     size_t bytes; /* a block's */
@@ -609,20 +656,13 @@ INLINE void zmm_rows(const int planes, const int wide, const int MT, int nb, int
                      float *out) {
     const int halves = wide == WIDE_Q6, flipped = wide == WIDE_S8 || wide == WIDE_IQ4 || halves;
     const size_t stride = (size_t)nb * planes * BLOCK;
-    const __m256i bias = _mm256_set1_epi8(flipped ? (char)0x80 : 0);
     __m512 acc[MT], off[MT];
     for (int i = 0; i < MT; i++) acc[i] = off[i] = _mm512_setzero_ps();
     for (int b = 0; b < nb; b++) {
         __m512i w[8];
         if (direct) { /* the two groups' block b widened here, in registers (ntile_prepare's rows) */
-            qv lo[8], hi[8];
-            widen_block(direct->kind, direct->wide, direct->q[0] + (size_t)b * direct->bytes, lo);
-            if (direct->q[1]) widen_block(direct->kind, direct->wide, direct->q[1] + (size_t)b * direct->bytes, hi);
-            else
-                for (int k = 0; k < 8; k++) hi[k] = _mm256_setzero_si256();
-            for (int k = 0; k < 8; k++)
-                w[k] = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_xor_si256(lo[k], bias)),
-                                          _mm256_xor_si256(hi[k], bias), 1);
+            const size_t at = (size_t)b * direct->bytes;
+            widen_pair(direct->kind, direct->wide, 1, direct->q[0] + at, direct->q[1] + at, w);
         } else {
             const int8_t *wr = t->wb + (size_t)b * 512;
             for (int k = 0; k < 8; k++) w[k] = _mm512_load_si512(wr + 64 * k);
@@ -690,7 +730,7 @@ static int zmm_i8(int kind, int wide, int planes, const int8_t *xq, const float 
 #pragma omp for schedule(static)
         for (int nt = 0; nt < ntiles; nt++) {
             if (!t.wb) continue;
-            const quant_pair pair = {{qs + (size_t)2 * nt * gb, 2 * nt + 1 < G ? qs + (size_t)(2 * nt + 1) * gb : NULL},
+            const quant_pair pair = {{qs + (size_t)2 * nt * gb, qs + (size_t)(2 * nt + (2 * nt + 1 < G)) * gb},
                                      block_bytes(kind), kind, wide};
             ntile_prepare(&t, kind, wide, 1, !direct, qs, d, m, nb, no, G, nt, offsets);
             const int cols = N - nt * 16 < 16 ? N - nt * 16 : 16;
