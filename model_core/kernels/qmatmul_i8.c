@@ -514,7 +514,7 @@ static void widen_scales(int kind, const void *d, const void *m, size_t gi, int 
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 #define I8_ZMM 1
-/* An n-tile of 16 weight rows (groups 2 nt and 2 nt + 1; none past G: zeros) made ready for the AMX tiles or the
+/* An n-tile of 16 weight rows (groups 2 nt and 2 nt + 1; past G the first again, its results never stored) made ready for the AMX tiles or the
  * 512-bit vector path below: wb (nb, 8, 64) per block 8 rows of 64 bytes, row k quants 4k..4k+3 of the 16 weight rows
  * (the first group's 32 bytes, then the second's); with flip, the signed kinds' quants plus 128 (unsigned bytes for
  * vpdpbusd, which takes unsigned by signed bytes); d16 (nb, 16), m16 (no, 16), sc16 (nb, 2, 16) the two groups'
@@ -601,30 +601,88 @@ INLINE void widen_pair(int kind, int wide, int flip, const uint8_t *a, const uin
 }
 
 /* quants: also widen the quants into wb (else the scales only: the quants are widened where they are used) */
+/* 8 of each group's values side by side: fp16 -> 16 floats, 8 floats each, 8 bytes each -> 16 int32 (sign- or
+ * zero-extended) */
+INLINE __m512 pair_halves(const uint16_t *a, const uint16_t *b) {
+    return _mm512_cvtph_ps(_mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)a)),
+                                                   _mm_loadu_si128((const __m128i *)b), 1));
+}
+INLINE __m512 pair_floats(const float *a, const float *b) {
+    return _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castpd256_pd512(_mm256_castps_pd(_mm256_loadu_ps(a))),
+                                               _mm256_castps_pd(_mm256_loadu_ps(b)), 1));
+}
+INLINE __m128i pair_bytes(const void *a, const void *b) {
+    return _mm_unpacklo_epi64(_mm_loadl_epi64((const __m128i *)a), _mm_loadl_epi64((const __m128i *)b));
+}
+
+/* The n-tile's scales straight into d16, m16, sc16 from groups ga and gb, with widen_scales' float operations on 16
+ * lanes (each product rounded once, the same values); 0 for Q2_K (widen_scales per group, then copied side by side) */
+static int pair_scales(const ntile *t, int kind, const void *d, const void *m, size_t ga, size_t gb, int nb) {
+    const size_t nsb = (size_t)nb / 8;
+    const __m512i sign = _mm512_set1_epi32((int)0x80000000u); /* (an integer xor: AVX512DQ's is not in every build) */
+    switch (kind) {
+    case QKIND_Q4: case QKIND_Q5_1: case QKIND_Q8: case QKIND_Q5_0: /* d, m (G, nb, 8) fp16 */
+        for (size_t b = 0; b < (size_t)nb; b++) {
+            const __m512 dv = pair_halves((const uint16_t *)d + (ga * nb + b) * ROWS, (const uint16_t *)d + (gb * nb + b) * ROWS);
+            _mm512_storeu_ps(t->d16 + b * 16, dv);
+            if (kind == QKIND_Q5_0) _mm512_storeu_ps(t->m16 + b * 16, _mm512_mul_ps(_mm512_set1_ps(-16.0f), dv));
+            else if (kind != QKIND_Q8)
+                _mm512_storeu_ps(t->m16 + b * 16, pair_halves((const uint16_t *)m + (ga * nb + b) * ROWS,
+                                                              (const uint16_t *)m + (gb * nb + b) * ROWS));
+        }
+        return 1;
+    case QKIND_IQ4: /* d (G, nb, 8) fp32 */
+        for (size_t b = 0; b < (size_t)nb; b++)
+            _mm512_storeu_ps(t->d16 + b * 16, pair_floats((const float *)d + (ga * nb + b) * ROWS,
+                                                          (const float *)d + (gb * nb + b) * ROWS));
+        return 1;
+    case QKIND_Q4_K: case QKIND_Q5_K: /* d (G, nsb, 2, 8) [d, dmin], m (G, nsb, 16, 8) [8 scales, 8 mins] */
+        for (size_t s = 0; s < nsb; s++) {
+            const float *da = (const float *)d + (ga * nsb + s) * 2 * ROWS, *db = (const float *)d + (gb * nsb + s) * 2 * ROWS;
+            const uint8_t *ma = (const uint8_t *)m + (ga * nsb + s) * 16 * ROWS;
+            const uint8_t *mb = (const uint8_t *)m + (gb * nsb + s) * 16 * ROWS;
+            const __m512 dd = pair_floats(da, db), dmin = pair_floats(da + ROWS, db + ROWS);
+            for (int j = 0; j < 8; j++) { /* d sc_j, -(dmin mn_j) */
+                const __m512 sc = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(pair_bytes(ma + j * ROWS, mb + j * ROWS)));
+                const __m512 mn =
+                    _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(pair_bytes(ma + (8 + j) * ROWS, mb + (8 + j) * ROWS)));
+                _mm512_storeu_ps(t->d16 + (s * 8 + j) * 16, _mm512_mul_ps(dd, sc));
+                _mm512_storeu_si512(t->m16 + (s * 8 + j) * 16, _mm512_xor_si512(_mm512_castps_si512(_mm512_mul_ps(dmin, mn)), sign));
+            }
+        }
+        return 1;
+    case QKIND_Q6_K: case QKIND_Q3_K: /* d (G, nsb, 8), m (G, nsb, 16, 8) int8, the scale of each 16 quants */
+        for (size_t s = 0; s < nsb; s++) {
+            const __m512 dd = pair_floats((const float *)d + (ga * nsb + s) * ROWS, (const float *)d + (gb * nsb + s) * ROWS);
+            const int8_t *ma = (const int8_t *)m + (ga * nsb + s) * 16 * ROWS;
+            const int8_t *mb = (const int8_t *)m + (gb * nsb + s) * 16 * ROWS;
+            for (int j = 0; j < 8; j++) _mm512_storeu_ps(t->d16 + (s * 8 + j) * 16, dd);
+            for (int h = 0; h < 16; h++) /* half h % 2 of block 8 s + h / 2 */
+                _mm512_storeu_si512(t->sc16 + (s * 16 + h) * 16, _mm512_cvtepi8_epi32(pair_bytes(ma + h * ROWS, mb + h * ROWS)));
+        }
+        return 1;
+    default:
+        return 0;
+    }
+}
+
+/* quants: also widen the quants into wb (else the scales only: the quants are widened where they are used) */
 static void ntile_prepare(const ntile *t, int kind, int wide, int flip, int quants, const uint8_t *qs, const void *d,
                           const void *m, int nb, int no, int G, int nt, int offsets) {
     const size_t nf = (size_t)nb * ROWS * 3, group_bytes = (size_t)nb * block_bytes(kind);
-    const int halves = wide == WIDE_Q6;
-    for (int h = 0; h < 2; h++) {
-        const size_t gi = (size_t)2 * nt + h;
-        float *dh = t->dv + h * nf, *mh = dh + (size_t)nb * ROWS;
-        int32_t *sch = t->sc + (size_t)h * nb * 16;
-        if (gi >= (size_t)G) {
-            memset(dh, 0, sizeof(float) * nf);
-            memset(sch, 0, sizeof(int32_t) * (size_t)nb * 16);
-            continue;
-        }
-        widen_scales(kind, d, m, gi, nb, dh, mh, sch);
-    }
-    const uint8_t *qa = qs + (size_t)2 * nt * group_bytes;
-    const uint8_t *qb = (size_t)2 * nt + 1 < (size_t)G ? qa + group_bytes : qa; /* (past G: never stored) */
+    const size_t ga = (size_t)2 * nt, gb = ga + 1 < (size_t)G ? ga + 1 : ga; /* (past G: never stored) */
+    const uint8_t *qa = qs + ga * group_bytes, *qb = qs + gb * group_bytes;
     for (int b = 0; b < nb && quants; b++) {
         __m512i w[8]; /* in registers, stored once into the n-tile's rows */
         const size_t at = (size_t)b * block_bytes(kind);
         widen_pair(kind, wide, flip, qa + at, qb + at, w);
         for (int k = 0; k < 8; k++) _mm512_store_si512(t->wb + (size_t)b * 512 + k * 64, w[k]);
     }
-    for (int h = 0; h < 2; h++) { /* the scales side by side: lanes 0..7 the first group's rows */
+    if (pair_scales(t, kind, d, m, ga, gb, nb)) return;
+    const int halves = wide == WIDE_Q6;
+    for (int h = 0; h < 2; h++) { /* each group's, then side by side: lanes 0..7 the first group's rows */
+        widen_scales(kind, d, m, h ? gb : ga, nb, t->dv + h * nf, t->dv + h * nf + (size_t)nb * ROWS,
+                     t->sc + (size_t)h * nb * 16);
         for (int b = 0; b < nb; b++) {
             memcpy(t->d16 + (size_t)b * 16 + 8 * h, t->dv + h * nf + (size_t)b * ROWS, sizeof(float) * ROWS);
             for (int j = 0; j < 2 && halves; j++)
