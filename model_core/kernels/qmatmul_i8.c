@@ -514,11 +514,11 @@ static void widen_scales(int kind, const void *d, const void *m, size_t gi, int 
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 #define I8_ZMM 1
-/* An n-tile of 16 weight rows (groups 2 nt and 2 nt + 1; past G the first again, its results never stored) made ready for the AMX tiles or the
- * 512-bit vector path below: wb (nb, 8, 64) per block 8 rows of 64 bytes, row k quants 4k..4k+3 of the 16 weight rows
- * (the first group's 32 bytes, then the second's); with flip, the signed kinds' quants plus 128 (unsigned bytes for
- * vpdpbusd, which takes unsigned by signed bytes); d16 (nb, 16), m16 (no, 16), sc16 (nb, 2, 16) the two groups'
- * scales side by side. Per thread: the n-tile's scratch (and the tiles' C sums and results). */
+/* An n-tile of 16 weight rows (groups 2 nt and 2 nt + 1; past G the first again, its results never stored) made
+ * ready for the AMX tiles or the 512-bit vector path below: wb (nb, 8, 64) per block 8 rows of 64 bytes, row k
+ * quants 4k..4k+3 of the 16 weight rows (the first group's 32 bytes, then the second's); with flip, the signed
+ * kinds' quants plus 128 (unsigned bytes for vpdpbusd, which takes unsigned by signed bytes); d16 (nb, 16), m16
+ * (no, 16), sc16 (nb, 2, 16) the two groups' scales side by side. Per thread: the n-tile's scratch (and the tiles' C sums and results). */
 typedef struct {
     int8_t *wb;
     float *dv, *d16, *m16;
@@ -600,7 +600,6 @@ INLINE void widen_pair(int kind, int wide, int flip, const uint8_t *a, const uin
     }
 }
 
-/* quants: also widen the quants into wb (else the scales only: the quants are widened where they are used) */
 /* 8 of each group's values side by side: fp16 -> 16 floats, 8 floats each, 8 bytes each -> 16 int32 (sign- or
  * zero-extended) */
 INLINE __m512 pair_halves(const uint16_t *a, const uint16_t *b) {
@@ -623,7 +622,8 @@ static int pair_scales(const ntile *t, int kind, const void *d, const void *m, s
     switch (kind) {
     case QKIND_Q4: case QKIND_Q5_1: case QKIND_Q8: case QKIND_Q5_0: /* d, m (G, nb, 8) fp16 */
         for (size_t b = 0; b < (size_t)nb; b++) {
-            const __m512 dv = pair_halves((const uint16_t *)d + (ga * nb + b) * ROWS, (const uint16_t *)d + (gb * nb + b) * ROWS);
+            const __m512 dv =
+                pair_halves((const uint16_t *)d + (ga * nb + b) * ROWS, (const uint16_t *)d + (gb * nb + b) * ROWS);
             _mm512_storeu_ps(t->d16 + b * 16, dv);
             if (kind == QKIND_Q5_0) _mm512_storeu_ps(t->m16 + b * 16, _mm512_mul_ps(_mm512_set1_ps(-16.0f), dv));
             else if (kind != QKIND_Q8)
@@ -638,7 +638,8 @@ static int pair_scales(const ntile *t, int kind, const void *d, const void *m, s
         return 1;
     case QKIND_Q4_K: case QKIND_Q5_K: /* d (G, nsb, 2, 8) [d, dmin], m (G, nsb, 16, 8) [8 scales, 8 mins] */
         for (size_t s = 0; s < nsb; s++) {
-            const float *da = (const float *)d + (ga * nsb + s) * 2 * ROWS, *db = (const float *)d + (gb * nsb + s) * 2 * ROWS;
+            const float *da = (const float *)d + (ga * nsb + s) * 2 * ROWS;
+            const float *db = (const float *)d + (gb * nsb + s) * 2 * ROWS;
             const uint8_t *ma = (const uint8_t *)m + (ga * nsb + s) * 16 * ROWS;
             const uint8_t *mb = (const uint8_t *)m + (gb * nsb + s) * 16 * ROWS;
             const __m512 dd = pair_floats(da, db), dmin = pair_floats(da + ROWS, db + ROWS);
@@ -647,18 +648,21 @@ static int pair_scales(const ntile *t, int kind, const void *d, const void *m, s
                 const __m512 mn =
                     _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(pair_bytes(ma + (8 + j) * ROWS, mb + (8 + j) * ROWS)));
                 _mm512_storeu_ps(t->d16 + (s * 8 + j) * 16, _mm512_mul_ps(dd, sc));
-                _mm512_storeu_si512(t->m16 + (s * 8 + j) * 16, _mm512_xor_si512(_mm512_castps_si512(_mm512_mul_ps(dmin, mn)), sign));
+                _mm512_storeu_si512(t->m16 + (s * 8 + j) * 16,
+                                    _mm512_xor_si512(_mm512_castps_si512(_mm512_mul_ps(dmin, mn)), sign));
             }
         }
         return 1;
     case QKIND_Q6_K: case QKIND_Q3_K: /* d (G, nsb, 8), m (G, nsb, 16, 8) int8, the scale of each 16 quants */
         for (size_t s = 0; s < nsb; s++) {
-            const __m512 dd = pair_floats((const float *)d + (ga * nsb + s) * ROWS, (const float *)d + (gb * nsb + s) * ROWS);
+            const __m512 dd =
+                pair_floats((const float *)d + (ga * nsb + s) * ROWS, (const float *)d + (gb * nsb + s) * ROWS);
             const int8_t *ma = (const int8_t *)m + (ga * nsb + s) * 16 * ROWS;
             const int8_t *mb = (const int8_t *)m + (gb * nsb + s) * 16 * ROWS;
             for (int j = 0; j < 8; j++) _mm512_storeu_ps(t->d16 + (s * 8 + j) * 16, dd);
             for (int h = 0; h < 16; h++) /* half h % 2 of block 8 s + h / 2 */
-                _mm512_storeu_si512(t->sc16 + (s * 16 + h) * 16, _mm512_cvtepi8_epi32(pair_bytes(ma + h * ROWS, mb + h * ROWS)));
+                _mm512_storeu_si512(t->sc16 + (s * 16 + h) * 16,
+                                    _mm512_cvtepi8_epi32(pair_bytes(ma + h * ROWS, mb + h * ROWS)));
         }
         return 1;
     default:
