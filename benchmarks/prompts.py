@@ -7,9 +7,9 @@ set is the same on every run and for every system:
 - ``long_prompt``: a ~1,000-token document followed by a question about it (prefill-heavy).
 - ``shared_system``: one long (~500-token) system prompt shared by all requests, then a short
   question (rewards prefix caching, where a server has it).
-- ``grounded``: input-grounded requests whose answers copy from the prompt (~200 prompt tokens): a
-  short Python function to rewrite with a renamed identifier, or a report to quote word for word
-  (what n-gram speculative decoding is for).
+- ``grounded``: input-grounded requests whose answers copy from the prompt (~250-300 prompt tokens): a
+  small Python file to show again with a function renamed, or a passage to quote word for word, each
+  longer than 128 output tokens (what n-gram speculative decoding is for; ``benchmarks/grounded.py``).
 
 Prompts are plain text for the completions endpoint; ChatML special tokens written in the text are
 parsed as special tokens by all three systems under test.
@@ -17,8 +17,9 @@ parsed as special tokens by all three systems under test.
 
 from __future__ import annotations
 
-import itertools
 import random
+
+from benchmarks.grounded import code_file, passage
 
 PROMPT_SETS = ("short_chat", "long_prompt", "shared_system", "grounded")
 
@@ -175,39 +176,14 @@ def shared_system_prompt(long: bool = False) -> str:
     )
 
 
-_NAMES = ("total", "count", "items", "values", "window", "scores", "prices", "weights", "limit", "offset")
-_FUNCTIONS = ("moving_average", "running_total", "clip_values", "normalise", "top_scores", "weighted_sum")
-
-
-def code_snippet(i: int) -> tuple[str, str]:
-    """A fixed small Python function (about 150 tokens) and the name of one of its variables."""
-    triples = list(itertools.permutations(_NAMES, 3))  # 720 x 6 functions: distinct up to i = 4319
-    k = (i * 7919) % (len(triples) * len(_FUNCTIONS))
-    fn, (a, b, c) = _FUNCTIONS[k % len(_FUNCTIONS)], triples[k // len(_FUNCTIONS)]
-    code = (
-        f"def {fn}({a}, {b}):\n"
-        f'    """Return the {fn.replace("_", " ")} of {a} with the given {b}."""\n'
-        f"    if {b} <= 0:\n"
-        f'        raise ValueError("{b} must be positive")\n'
-        f"    {c} = []\n"
-        f"    acc = 0.0\n"
-        f"    for i, x in enumerate({a}):\n"
-        f"        acc += x\n"
-        f"        if i >= {b}:\n"
-        f"            acc -= {a}[i - {b}]\n"
-        f"        if i >= {b} - 1:\n"
-        f"            {c}.append(acc / {b})\n"
-        f"    return {c}\n"
-    )
-    return code, c
-
-
 def grounded(i: int) -> str:
-    """The i-th input-grounded request: even i, rewrite a function with a variable renamed; odd i, quote a report."""
+    """The i-th input-grounded request: even i, a small Python file to repeat with a function renamed; odd i, a
+    passage to copy word for word (benchmarks/grounded.py: both longer than 128 output tokens)."""
     if i % 2 == 0:
-        code, var = code_snippet(i)
-        return f"Rename the variable `{var}` to `result` in this code and show the whole code:\n\n{code}"
-    return f"Copy the following report exactly, word for word:\n\n{document(i, 8)}"
+        code, old, new = code_file(i // 2)
+        # (phrasings where this asks first and shows the file after, the 135M model mostly explains the code)
+        return f"```python\n{code}```\n\nRepeat the code above in full, with the function `{old}` renamed to `{new}`."
+    return f"Copy the following passage exactly, word for word:\n\n{passage(i // 2)}"
 
 
 def make_prompts(name: str, n: int) -> list[str]:

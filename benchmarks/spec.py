@@ -2,8 +2,8 @@
 ngram`, or `draft` with `--draft`) and llama.cpp's `llama-server` (`--spec-type ngram-simple`, or the same draft
 model), each started in turn on the same GGUF and threads, measured in the same run.
 
-Two workloads (benchmarks/prompts.py): `grounded` (rewrite a given function with a variable renamed, or copy a
-given report: outputs that copy from the prompt, where n-gram drafts are accepted) and `short_chat` (open-ended
+Two workloads (benchmarks/prompts.py): `grounded` (repeat a given Python file with a function renamed, or copy a
+given passage: outputs that copy from the prompt, where n-gram drafts are accepted) and `short_chat` (open-ended
 answers). Streamed completions on ChatML text, temperature 0, `--output-len` tokens (ignore_eos), at each
 `--concurrency` level.
 

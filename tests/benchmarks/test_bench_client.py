@@ -28,6 +28,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from benchmarks import run as bench_run
+from benchmarks.grounded import code_file, passage
 from benchmarks.prompts import PROMPT_SETS, make_prompts
 from benchmarks.run import (
     count_tokens,
@@ -52,6 +53,8 @@ from benchmarks.serve import (
     run_benchmark,
     send_request,
 )
+from model_core.default_model import find_default_model
+from model_core.tokenizer import Tokenizer
 
 
 def _fake_app() -> FastAPI:
@@ -406,6 +409,18 @@ def test_prompt_sets_are_fixed_and_distinct() -> None:
     assert shared[0].split("<|im_start|>user")[0] == shared[1].split("<|im_start|>user")[0]
     with pytest.raises(ValueError):
         make_prompts("nope", 1)
+
+
+def test_grounded_prompts_copy_more_than_the_benchmarks_output() -> None:
+    """Each `grounded` request shows a file or passage longer than 128 output tokens (the shipped model's
+    tokenizer), so that its answer can copy for as long as it runs; the material is in the prompt verbatim."""
+    tok = Tokenizer.from_gguf(find_default_model())
+    ps = make_prompts("grounded", 64)
+    for i in range(32):
+        code, old, new = code_file(i)
+        assert code in ps[2 * i] and f"`{old}` renamed to `{new}`" in ps[2 * i] and f"def {old}(" in code
+        assert passage(i) in ps[2 * i + 1]
+        assert min(len(tok.encode(code)), len(tok.encode(passage(i)))) > 128
 
 
 def _lv(c: int, tok_s: float, ttft: float, tpot: float) -> dict[str, Any]:
