@@ -5,7 +5,8 @@ the layer's arithmetic. `FusedLlamaDecoder` replaces them with native calls (ker
  - when all four projections of every layer are `QuantLinear`s (GGUF blocks of any kind the kernels run: Q4_0,
    Q4_1, Q8_0, the K-quants and the 5-bit kinds, mixed as a Q4_K_M file mixes them, within a projection too) in one
    matmul mode, and the batch is at most their `max_rows`, each layer is one call (norms, projections with the QKV
-   bias, QK-norm, RoPE, cache write, attention from the paged cache, SwiGLU, residual adds);
+   bias, QK-norm, RoPE, cache write, attention from the paged cache, SwiGLU, residual adds), and all of them one
+   call together;
  - otherwise each layer is its four projections (PyTorch, dense, with their biases) with four native calls
    between them: norm, QK-norm + rope + cache write + attention, residual add + next norm, SwiGLU. This form gives
    the one-call form's results bit for bit (the same kernels, in the same order; tests/model_core/test_lora.py).
@@ -17,7 +18,10 @@ QK-norm (an RMSNorm over each query and key head before RoPE), and Gemma's block
 norms after each sublayer, soft-capped scores, sliding windows; Gemma 3: QK-norm, the windowed layers' own rotary
 base) run fused too.
 It reads the model's parameters (norms, QK-norms, the QKV bias), quantized weights and rotary tables and the cache
-in place, through the modules at each step: no address outlives the call it is taken for, so a model moved, cast or
+in place, through the modules: the one-call layers all run in one call (llama_decode_layers) from a table of their
+arguments, read from the modules once and checked at every step (each module dict's entry it was read through the
+same object, each tensor at the same address; ~1 us a layer against ~10 to read it again: a step of a 135M model
+6% faster), read again where anything moved; the other form reads them at each step. So a model moved, cast or
 given new weights between steps decodes with what it holds then. The kernels' working memory is the cache's scratch
 (model_core.kv_cache.Scratch: one set per runner, kept from step to step, grown for a bigger batch).
 Prompt chunks keep the module path, except with a cache that serves them in place (the batch-invariant
@@ -36,12 +40,14 @@ from torch import nn
 from model_core import lora
 from model_core.kv_cache import PagedKVCache
 from model_core.lm import Block, CausalLM, LMConfig
-from model_core.native import EVERY_BATCH, PROJECTION_PARTS, KernelError, Kernels
+from model_core.native import EVERY_BATCH, LAYER_ARGS, PROJECTION_PARTS, KernelError, Kernels
 from model_core.norms import RMSNorm
 from model_core.qmatmul import ACT, ALL_ROWS, QuantLinear
 from model_core.step_attention import StepAttention
 
 GATES = {"swiglu": 0, "geglu_tanh": 1}  # the gated FFN activations the kernels run (GATE_* of kernels/aigc_kernels.h)
+# the LoRA columns of llama_decode_layers' table, in lora.native_block's order (slots, a, bt, ranks) then G
+_LORA = [LAYER_ARGS.index(n) for n in ("lora_slots", "lora_a", "lora_bt", "lora_ranks", "lora_g")]
 
 
 class _Layer:
@@ -148,6 +154,38 @@ class _Layer:
             self._ptrs, self._kinds, self._parts, self._i8, self.one_call_rows = None, None, None, 0, 0
         self._seen = seen
 
+    def watched(self) -> list[tuple[dict[str, object], str, object]]:
+        """The module dicts' entries the layer's arguments are read through (container, name, the object there now):
+        the sublayers, norms and projections, the norms' weights, the projections' quantized parts and the QKV
+        projection's dense layer and bias."""
+        out: list[tuple[dict[str, object], str, object]] = []
+
+        def watch(container: dict[str, object], *names: str) -> None:
+            out.extend((container, n, container.get(n)) for n in names)
+
+        mods = self.block._modules
+        watch(mods, "attn", "ffn", "attn_norm", "ffn_norm", "post_attn_norm", "post_ffn_norm")  # type: ignore[arg-type]
+        attn, ffn = mods["attn"]._modules, mods["ffn"]._modules  # type: ignore[union-attr]
+        watch(attn, "qkv", "out", "q_norm", "k_norm")  # type: ignore[arg-type]
+        watch(ffn, "w_in", "w_out")  # type: ignore[arg-type]
+        for norm in (
+            mods["attn_norm"],
+            mods["ffn_norm"],
+            mods.get("post_attn_norm"),
+            mods.get("post_ffn_norm"),
+            attn.get("q_norm"),
+            attn.get("k_norm"),
+        ):
+            if norm is not None:
+                watch(norm._parameters, "weight")  # type: ignore[arg-type]
+        for lin in self.linears():
+            watch(lin.__dict__, "parts")
+        qkv = attn["qkv"]
+        if isinstance(qkv, QuantLinear):
+            watch(qkv._modules, "dense")  # type: ignore[arg-type]
+            watch(qkv.dense._parameters, "bias")  # type: ignore[arg-type]
+        return out
+
     def weights(
         self,
     ) -> tuple[ctypes.Array[ctypes.c_void_p], ctypes.Array[ctypes.c_int32], ctypes.Array[ctypes.c_int32] | None, int]:
@@ -169,6 +207,41 @@ def _bias(linear: nn.Module) -> torch.Tensor | None:
 
 def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
+
+
+class _LayerTable:
+    """llama_decode_layers' table of every layer's own arguments (L, LAYER_ARGS) int64, read from the modules, and
+    what it was read from: the module dicts' entries it went through (each the same object still) and the tensors
+    whose addresses it holds (each still there). Valid while all are: a model moved, cast or given new modules,
+    parameters or weights between steps is read again (a parameter's data replaced in place by model.to() moves
+    its address). A QKV bias that is not fp32 is copied into an fp32 buffer of the table's at every step (so a bias
+    changed in place is read too). Checking costs ~1 us a layer; reading them again ~10."""
+
+    def __init__(
+        self,
+        table: torch.Tensor,
+        rows: int,
+        watched: list[tuple[dict[str, object], str, object]],
+        addresses: list[tuple[torch.Tensor, int]],
+        biases: list[tuple[torch.Tensor, torch.Tensor]],
+        held: list[object],
+        key: tuple[object, ...],
+    ) -> None:
+        self.table, self.rows = table, rows  # the batches up to `rows` rows run as one call
+        self.watched, self.addresses, self.biases, self.held, self.key = watched, addresses, biases, held, key
+
+    def valid(self, key: tuple[object, ...]) -> bool:
+        if key != self.key:
+            return False
+        for container, name, obj in self.watched:
+            if container.get(name) is not obj:
+                return False
+        for t, address in self.addresses:
+            if t.data_ptr() != address:
+                return False
+        for src, dst in self.biases:  # (read at every step, as the modules would)
+            dst.copy_(src.detach())
+        return True
 
 
 def unsupported(cfg: LMConfig) -> str | None:
@@ -204,6 +277,7 @@ class FusedLlamaDecoder:
         self.rotary_local = model.rotary_local  # the windowed layers' tables, where their base differs (Gemma 3)
         self.gate = GATES[cfg.activation]
         self.layers = [_Layer(block) for block in model.blocks]  # type: ignore[arg-type]
+        self._table: _LayerTable | None = None  # the layers' arguments of the last one-call step
 
     @property
     def max_rows(self) -> int:
@@ -272,55 +346,50 @@ class FusedLlamaDecoder:
         qkv_n = (nh + 2 * nkv) * hs
         # adapter rows: their deltas added in the one-call layers where the native kernels add them, else by the
         # projections' hooks (below)
-        if B <= self.max_rows and (not lora.active() or lora.native()):
-            for i, layer in enumerate(self.layers):
-                attn_norm, ffn_norm = self._norms(layer, x.dtype)
-                post_attn, post_ffn = self._post_norms(layer, x.dtype)
-                q_norm, k_norm = self._qk_norms(layer, x.dtype)
-                cos_p, sin_p = rope[layer.window > 0]
-                bias = layer.qkv_bias()  # (held until the call returns: a bf16 bias' fp32 copy is made here)
-                if bias is not None and bias.numel() != qkv_n:
-                    raise ValueError(f"layer {i}'s QKV bias has {bias.numel()} values, its projection {qkv_n}")
-                w, kinds, parts, i8 = layer.weights()  # (max_rows refreshed them above)
-                self._decode_layer(
-                    i,
-                    x.data_ptr(),
-                    B,
-                    C,
-                    attn_norm.data_ptr(),
-                    ffn_norm.data_ptr(),
-                    _ptr(post_attn),
-                    _ptr(post_ffn),
-                    cfg.norm_eps,
-                    w,
-                    kinds,
-                    parts,
-                    _ptr(bias),
-                    _ptr(q_norm),
-                    _ptr(k_norm),
-                    cos_p,
-                    sin_p,
-                    kv_base + i * kv_layer_bytes,
-                    write_p,
-                    rows_p,
-                    lens_p,
-                    Tk,
-                    nh,
-                    nkv,
-                    hs,
-                    F,
-                    self.gate,
-                    scale,
-                    softcap,
-                    layer.window,
-                    act,
-                    i8,
-                    threads,
-                    work,
-                    work_bytes,
-                    *(lora.native_block(f"blocks.{i}") or (None, 0, None, None, None)),
-                )
-            return x
+        if not lora.active() or lora.native():
+            key = (x.dtype, rope[False], rope[True], kv_base, kv_layer_bytes)
+            if self._table is None or not self._table.valid(key):
+                self._table = self._read_table(x.dtype, key, rope, kv_base, kv_layer_bytes, qkv_n)
+            if self._table is not None and B <= self._table.rows:
+                layers = self._table.table  # (L, LAYER_ARGS)
+                if lora.active():  # this forward's adapters, in a copy
+                    layers = layers.clone()
+                    for i in range(len(self.layers)):
+                        block = lora.native_block(f"blocks.{i}")
+                        if block is not None:
+                            slots, G, lora_a, lora_bt, ranks = block
+                            layers[i, _LORA] = torch.tensor([slots, lora_a, lora_bt, ranks, G], dtype=torch.int64)
+                failed = ctypes.c_int32(-1)
+                try:
+                    call(
+                        "llama_decode_layers",
+                        len(self.layers),
+                        layers.data_ptr(),
+                        x.data_ptr(),
+                        B,
+                        C,
+                        cfg.norm_eps,
+                        write_p,
+                        rows_p,
+                        lens_p,
+                        Tk,
+                        nh,
+                        nkv,
+                        hs,
+                        F,
+                        self.gate,
+                        scale,
+                        softcap,
+                        act,
+                        threads,
+                        work,
+                        work_bytes,
+                        ctypes.addressof(failed),
+                    )
+                except KernelError as e:
+                    e.add_note(f"layer {failed.value}")
+                    raise
+                return x
         h = scratch.take("fused.h", (B, C), x.dtype)  # the next projection's input
         att = scratch.take("fused.att", (B, nh * hs), x.dtype)
         g = scratch.take("fused.g", (B, F), x.dtype)
@@ -383,12 +452,69 @@ class FusedLlamaDecoder:
             call("llama_add_rmsnorm", x.data_ptr(), o.data_ptr(), nxt, cfg.norm_eps, h.data_ptr(), B, C, act)
         return x
 
-    def _decode_layer(self, i: int, *args: object) -> None:
-        try:
-            self.kernels.call("llama_decode_layer", *args)
-        except KernelError as e:
-            e.add_note(f"layer {i}")
-            raise
+    def _read_table(
+        self,
+        dtype: torch.dtype,
+        key: tuple[object, ...],
+        rope: dict[bool, tuple[int, int]],
+        kv_base: int,
+        kv_layer_bytes: int,
+        qkv_n: int,
+    ) -> _LayerTable | None:
+        """The layers' arguments as llama_decode_layers takes them, read from the modules now, with the step's rope
+        tables (rope[windowed]: cos, sin addresses) and cache (`key`: what else the table holds); None where some
+        layer is not one call (not all four projections quantized)."""
+        rows = self.max_rows  # (refreshes every layer's weights)
+        if rows == 0:
+            return None
+        values: list[int | None] = []
+        watched: list[tuple[dict[str, object], str, object]] = []
+        addresses: list[tuple[torch.Tensor, int]] = []
+        biases: list[tuple[torch.Tensor, torch.Tensor]] = []
+        held: list[object] = []  # the ctypes arrays the table points to
+        for i, layer in enumerate(self.layers):
+            watched += layer.watched()
+            attn_norm, ffn_norm = self._norms(layer, dtype)
+            post_attn, post_ffn = self._post_norms(layer, dtype)
+            q_norm, k_norm = self._qk_norms(layer, dtype)
+            for t in (attn_norm, ffn_norm, post_attn, post_ffn, q_norm, k_norm):
+                if t is not None:
+                    addresses.append((t, t.data_ptr()))
+            bias, source = layer.qkv_bias(), _bias(layer.linears()[0])
+            if bias is not None and source is not None:
+                if bias.numel() != qkv_n:
+                    raise ValueError(f"layer {i}'s QKV bias has {bias.numel()} values, its projection {qkv_n}")
+                if bias.data_ptr() == source.data_ptr():  # (an fp32 bias, read in place)
+                    addresses.append((source, source.data_ptr()))
+                else:  # (its fp32 copy, made again at each step)
+                    biases.append((source, bias))
+            w, kinds, parts, i8 = layer.weights()
+            held += [w, kinds, parts]
+            cos, sin = rope[layer.window > 0]
+            values += (
+                attn_norm.data_ptr(),
+                ffn_norm.data_ptr(),
+                _ptr(post_attn),
+                _ptr(post_ffn),
+                ctypes.addressof(w),
+                ctypes.addressof(kinds),
+                None if parts is None else ctypes.addressof(parts),
+                _ptr(bias),
+                _ptr(q_norm),
+                _ptr(k_norm),
+                cos,
+                sin,
+                kv_base + i * kv_layer_bytes,
+                None,  # LoRA: the forward's (lora_slots, lora_a, lora_bt, lora_ranks, lora_g)
+                None,
+                None,
+                None,
+                layer.window,
+                i8,
+                0,
+            )
+        table = torch.tensor([v or 0 for v in values], dtype=torch.int64).view(len(self.layers), len(LAYER_ARGS))
+        return _LayerTable(table, rows, watched, addresses, biases, held, key)
 
     @staticmethod
     def _norms(layer: _Layer, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

@@ -211,6 +211,11 @@ ENTRY_POINTS: dict[str, EntryPoint] = {
         "k_norm:p cos:p sin:p kv:p write:p rows:p lens:p Tk:i nh:i nkv:i hs:i F:i gate:i scale:f softcap:f window:i "
         "act:i i8:i nthreads:i scratch:p scratch_bytes:l lora_slots:p lora_G:i lora_a:p lora_bt:p lora_ranks:p",
     ),
+    "llama_decode_layers": _entry(
+        _I,
+        "L:i layers:p x:p B:i C:i eps:f write:p rows:p lens:p Tk:i nh:i nkv:i hs:i F:i gate:i scale:f softcap:f "
+        "act:i nthreads:i scratch:p scratch_bytes:l failed:p",
+    ),
     "quant_matmul_kind": _entry(_I, "x:p act:i kind:i qs:p d:p m:p bias:p y:p M:i N:i K:i i8:i nthreads:i"),
     "quant_dequantize": _entry(_I, "kind:i qs:p d:p m:p out:p N:i K:i act:i nthreads:i"),
     "lora_add": _entry(_I, "x:p out:p N:i n_in:i n_out:i act:i choice:p G:i A:p Bt:p ranks:p nthreads:i"),
@@ -218,6 +223,12 @@ ENTRY_POINTS: dict[str, EntryPoint] = {
 
 # llama_decode_layer's most parts of one projection (AIGC_PROJECTION_PARTS of kernels/aigc_kernels.h)
 PROJECTION_PARTS = 3
+# llama_decode_layers' arguments of each layer, in order (the AIGC_LA_* of kernels/aigc_kernels.h): int64 values,
+# addresses for the pointers (0: NULL)
+LAYER_ARGS = (
+    "attn_norm ffn_norm post_attn_norm post_ffn_norm w kinds parts qkv_bias q_norm k_norm cos sin kv lora_slots lora_a "
+    "lora_bt lora_ranks window i8 lora_g"
+).split()
 # the matmuls' mode bits (their i8 argument): int8 activations; one method at every batch size (batch-invariant);
 # with INT8, activations rounded to 16 bits (two int8 halves) instead of 8
 INT8, EVERY_BATCH, INT16 = 1, 2, 4

@@ -151,6 +151,23 @@ AIGC_API int llama_decode_layer(void *x, int B, int C, const void *attn_norm, co
                                 const int32_t *lora_slots, int lora_G, const float *lora_a, const float *lora_bt,
                                 const int32_t *lora_ranks);
 
+/* Every layer of a decode step in one call: llama_decode_layer for layer l = 0 .. L-1 in turn, on the same x, B, C,
+ * eps, write, rows, lens, Tk, nh, nkv, hs, F, gate, scale, softcap, act, nthreads and scratch, with layer l's own
+ * arguments at layers + AIGC_LAYER_ARGS l, in AIGC_LA_* order (int64: the pointers as addresses, 0 for NULL). The
+ * same results as the L calls (it is them): it spares a caller the work between them. The first layer that fails
+ * stops the loop: its status is returned and its index written to *failed (where failed is given; -1 when none
+ * failed). AIGC_ERR_ARGS also: L < 1 or layers NULL. */
+enum {
+    AIGC_LA_ATTN_NORM, AIGC_LA_FFN_NORM, AIGC_LA_POST_ATTN_NORM, AIGC_LA_POST_FFN_NORM, AIGC_LA_W, AIGC_LA_KINDS,
+    AIGC_LA_PARTS, AIGC_LA_QKV_BIAS, AIGC_LA_Q_NORM, AIGC_LA_K_NORM, AIGC_LA_COS, AIGC_LA_SIN, AIGC_LA_KV,
+    AIGC_LA_LORA_SLOTS, AIGC_LA_LORA_A, AIGC_LA_LORA_BT, AIGC_LA_LORA_RANKS, AIGC_LA_WINDOW, AIGC_LA_I8,
+    AIGC_LA_LORA_G, AIGC_LAYER_ARGS
+};
+AIGC_API int llama_decode_layers(int L, const int64_t *layers, void *x, int B, int C, float eps, const int64_t *write,
+                                 const int64_t *rows, const int32_t *lens, int Tk, int nh, int nkv, int hs, int F,
+                                 int gate, float scale, float softcap, int act, int nthreads, void *scratch,
+                                 int64_t scratch_bytes, int32_t *failed);
+
 /* The repacked weight forms quant_matmul_kind takes, by value (model_core/qmatmul.py: KINDS, GGML_TYPES; layouts in
  * common.h, k_qmatmul_kind): the 4-bit blocks of 32 (Q4_0, Q4_1), the 8-bit ones (Q8_0), and the K-quants'
  * super-blocks of 256 (Q4_K, Q6_K); the 5-bit blocks of 32 (Q5_0, Q5_1) and super-blocks of 256 (Q5_K); and float

@@ -279,3 +279,26 @@ done:
     if (base != (char *)scratch) free(base);
     return rc;
 }
+
+int llama_decode_layers(int L, const int64_t *layers, void *x, int B, int C, float eps, const int64_t *write,
+                        const int64_t *rows, const int32_t *lens, int Tk, int nh, int nkv, int hs, int F, int gate,
+                        float scale, float softcap, int act, int nthreads, void *scratch, int64_t scratch_bytes,
+                        int32_t *failed) {
+    if (failed) *failed = -1;
+    if (L < 1 || !layers) return AIGC_ERR_ARGS;
+    for (int l = 0; l < L; l++) {
+        const int64_t *a = layers + (size_t)AIGC_LAYER_ARGS * l;
+#define P(i) ((void *)(intptr_t)a[AIGC_LA_##i])
+        const int rc = llama_decode_layer(
+            x, B, C, P(ATTN_NORM), P(FFN_NORM), P(POST_ATTN_NORM), P(POST_FFN_NORM), eps, P(W), P(KINDS), P(PARTS),
+            P(QKV_BIAS), P(Q_NORM), P(K_NORM), P(COS), P(SIN), P(KV), write, rows, lens, Tk, nh, nkv, hs, F, gate,
+            scale, softcap, (int)a[AIGC_LA_WINDOW], act, (int)a[AIGC_LA_I8], nthreads, scratch, scratch_bytes,
+            P(LORA_SLOTS), (int)a[AIGC_LA_LORA_G], P(LORA_A), P(LORA_BT), P(LORA_RANKS));
+#undef P
+        if (rc) {
+            if (failed) *failed = l;
+            return rc;
+        }
+    }
+    return AIGC_OK;
+}

@@ -80,6 +80,9 @@ def test_the_header_declares_what_the_table_types() -> None:
     for bit, shift in re.findall(r"\b(CPU_\w+) = 1 << (\d+)", text):
         assert getattr(native, bit) == 1 << int(shift), bit
     assert re.findall(r"\bAIGC_PROJECTION_PARTS = (\d+)", text) == [str(native.PROJECTION_PARTS)]
+    fields = re.search(r"enum \{\s*(AIGC_LA_\w+(?:,\s*AIGC_LA_\w+)*),\s*AIGC_LAYER_ARGS\s*\}", text)
+    assert fields is not None
+    assert [f.removeprefix("AIGC_LA_").lower() for f in re.split(r",\s*", fields[1])] == native.LAYER_ARGS
     modes = re.findall(r"\bAIGC_INT8 = (\d+), AIGC_EVERY_BATCH = (\d+)", text)
     assert modes == [(str(native.INT8), str(native.EVERY_BATCH))]
 
@@ -796,3 +799,80 @@ def test_the_fused_decoder_runs_qkv_biases_and_qk_norm_as_the_module_path(
         print(f"{isa} {dtype} {options} max_rows={max_rows}: fused vs modules max |diff| {diff:.3g}")
         bf16_tol = 0.06 if kernels.isa.int8 else 0.03
         assert diff <= (bf16_tol if dtype == torch.bfloat16 else 1e-4) * want.abs().max().item()
+
+
+def _layer_row(args: list[object]) -> list[int]:
+    """llama_decode_layers' table row (native.LAYER_ARGS) of a _layer_case's arguments, without LoRA."""
+    a = [_ptr(v) for v in args]
+    values = {
+        "attn_norm": a[3], "ffn_norm": a[4], "post_attn_norm": a[5], "post_ffn_norm": a[6],
+        "w": ctypes.addressof(args[8]), "kinds": args[9] and ctypes.addressof(args[9]),
+        "parts": args[10] and ctypes.addressof(args[10]), "qkv_bias": a[11], "q_norm": a[12], "k_norm": a[13],
+        "cos": a[14], "sin": a[15], "kv": a[16], "window": a[28], "i8": a[30],
+    }  # fmt: skip
+    return [int(values.get(name) or 0) for name in native.LAYER_ARGS]
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_all_layers_in_one_call_are_the_calls_one_by_one(isa: str, dtype: torch.dtype) -> None:
+    """llama_decode_layers over two layers (each its own weights, norms, rope tables and cache; the step's rows
+    shared) gives llama_decode_layer on each in turn, bit for bit; a layer that fails stops the loop, after the
+    layers before it ran, and its index comes back in `failed`."""
+    kernels = kernels_for(isa)
+    for i8 in (False, True) if kernels.isa.has_int8 else (False,):
+        first, (x, kv0), shapes = _layer_case(kernels, dtype, i8, 21, bias=True, qk_norm=True)
+        second, (_, kv1), _ = _layer_case(kernels, dtype, i8, 22, qk_norm=True)
+        second[17:20] = first[17:20]  # write, rows, lens: the step's
+        second[28] = 2  # a window on the second layer
+        want_x, want_kv = x.clone(), [kv0.clone(), kv1.clone()]
+        for args, kv in zip((first, second), want_kv):
+            _decode_layer(kernels, [want_x, *args[1:16], kv, *args[17:]])
+        table = torch.tensor([_layer_row(first), _layer_row(second)], dtype=torch.int64)
+        step = [_ptr(v) for v in (*first[17:21], *first[21:26], *first[26:28], first[29], first[31])]
+        failed = ctypes.c_int32(7)
+        kernels.call(
+            "llama_decode_layers", 2, table.data_ptr(), x.data_ptr(), *first[1:3], first[7], *step[:9], *step[9:],
+            None, 0, ctypes.addressof(failed),
+        )  # fmt: skip
+        assert failed.value == -1
+        assert torch.equal(x, want_x) and torch.equal(kv0, want_kv[0]) and torch.equal(kv1, want_kv[1])
+        one_x = x.clone()
+        _decode_layer(kernels, [one_x, *first[1:]])
+        table[1, native.LAYER_ARGS.index("window")] = -1
+        with pytest.raises(native.KernelError, match="llama_decode_layers .*AIGC_ERR_ARGS"):
+            kernels.call(
+                "llama_decode_layers", 2, table.data_ptr(), x.data_ptr(), *first[1:3], first[7], *step[:9],
+                *step[9:], None, 0, ctypes.addressof(failed),
+            )  # fmt: skip
+        assert failed.value == 1 and torch.equal(x, one_x)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_the_layers_arguments_are_read_once_and_again_where_a_tensor_moved(
+    isa: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The one-call layers' table of arguments is read at a step and kept for the next ones while nothing it was read
+    from changed; a norm's data replaced under the same Parameter (new storage, as model.to() replaces it) is read
+    again at the next step, and that step's logits are those of a decoder built after the change."""
+    kernels = kernels_for(isa)
+    model = tiny_llama_q4(4, kernels, torch.float32, **QWEN2)
+    fused = model.decoder_fast_path
+    assert isinstance(fused, FusedLlamaDecoder)
+    reads = []
+    read = fused._read_table
+    monkeypatch.setattr(fused, "_read_table", lambda *a: reads.append(1) or read(*a))
+    _, cache = _decode(model, kernels, torch.float32, [3], steps=4)
+    assert len(reads) == 1  # (the prompts' chunks of more than 4 rows run the other form)
+    norm = model.blocks[1].ffn_norm.weight
+    with torch.no_grad():
+        norm.data = norm.data * 1.5
+    g = torch.Generator().manual_seed(3)
+    tok = torch.randint(0, model.cfg.vocab_size, (3, 1), generator=g)
+    with torch.inference_mode():
+        step = cache.prepare([list(range(8 * b, 8 * b + 8)) for b in range(3)], [10, 6, 13], 1)
+        got = model(tok, cache, step, Output.LAST)
+        assert len(reads) == 2
+        model.decoder_fast_path = FusedLlamaDecoder.build(model, kernels)
+        want = model(tok, cache, step, Output.LAST)
+    assert torch.equal(got, want)

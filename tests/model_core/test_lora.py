@@ -234,11 +234,11 @@ def test_one_call_layers_add_the_deltas_the_projections_hooks_add(
 
     monkeypatch.setattr(lm.model.kernels, "call", counted)
     fused = _run(lm.model, rows, choice)
-    assert "llama_decode_layer" in calls and "lora_add" not in calls  # (the deltas inside the layers)
+    assert "llama_decode_layers" in calls and "lora_add" not in calls  # (the deltas inside the layers)
     calls.clear()
     monkeypatch.setattr(lora_module, "native", lambda: False)  # the fused decoder's other form
     by_projection = _run(lm.model, rows, choice)
-    assert "llama_decode_layer" not in calls and "lora_add" in calls
+    assert "llama_decode_layers" not in calls and "lora_add" in calls
     assert torch.equal(fused, by_projection)
 
 

@@ -102,7 +102,10 @@ W_POINTERS = 3 * 4 * native.PROJECTION_PARTS
 SIGNATURES = {
     name: [(arg, DRIVER_KINDS[kind]) for arg, kind in entry.args] if name != "aigc_kernels_isa" else [("name", "b")]
     for name, entry in native.ENTRY_POINTS.items()
-    if name != "llama_decode_scratch_bytes"  # (returns a size, not a status: asked of the host's library instead)
+    # (llama_decode_scratch_bytes returns a size, not a status: asked of the host's library instead;
+    # llama_decode_layers' table holds addresses, which the driver's process does not share: a loop over
+    # llama_decode_layer, the same C in every build, tested against it on this CPU's builds in test_kernel_glue.py)
+    if name not in ("llama_decode_scratch_bytes", "llama_decode_layers")
 }
 # The buffers each writes (all activations, of the call's act): they come back from the driver.
 OUTPUTS = {
