@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 import uuid
+import weakref
 from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -56,6 +58,43 @@ class TokenEvent:
 
 def error_event(error: EngineError) -> TokenEvent:
     return TokenEvent(None, "", "error", error=error)
+
+
+class Mailbox:
+    """What the step thread sends the requests' coroutines on one event loop, handed over in batches: the first output
+    after a hand-over schedules the next one, so that the loop is woken (a write to its self-pipe, and the step thread's
+    GIL taken from it) once for the outputs a step makes together rather than once per output. Each request's
+    outputs keep their order."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._lock = threading.Lock()
+        self._pending: list[tuple[asyncio.Queue[EngineOutput], EngineOutput]] = []
+
+    def post(self, queue: asyncio.Queue[EngineOutput], out: EngineOutput) -> None:
+        """Called on the step thread."""
+        with self._lock:
+            self._pending.append((queue, out))
+            if len(self._pending) > 1:  # a hand-over is scheduled and has not run yet: it takes this one too
+                return
+        self.loop.call_soon_threadsafe(self._hand_over)
+
+    def _hand_over(self) -> None:
+        with self._lock:
+            batch, self._pending = self._pending, []
+        for queue, out in batch:
+            queue.put_nowait(out)
+
+
+_mailboxes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Mailbox] = weakref.WeakKeyDictionary()
+
+
+def mailbox(loop: asyncio.AbstractEventLoop) -> Mailbox:
+    """The loop's mailbox (made on first use; called on the loop's thread)."""
+    box = _mailboxes.get(loop)
+    if box is None:
+        box = _mailboxes[loop] = Mailbox(loop)
+    return box
 
 
 class OutputProcessor:
@@ -135,10 +174,10 @@ async def stream_request(
     timer = RequestTimer(observer, arrival, len(prompt))
     processor = OutputProcessor(rid, text, timer)
     queue: asyncio.Queue[EngineOutput] = asyncio.Queue()
-    loop = asyncio.get_running_loop()
+    box = mailbox(asyncio.get_running_loop())
 
     def sink(out: EngineOutput) -> None:  # called on the step thread
-        loop.call_soon_threadsafe(queue.put_nowait, out)
+        box.post(queue, out)
 
     core.add_request(rid, prompt, params, max_new, arrival, sink, timeout_s, grammar, lora)
     finished = False

@@ -4,12 +4,17 @@ on this side."""
 
 from __future__ import annotations
 
+import asyncio
+import threading
+import time
+from typing import Any
+
 from model_core.sampling import TokenScore
 from model_core.stopping import OutputStream
 from model_core.tokenizer import Tokenizer
 from service.engine.engine_output import EngineOutput
 from service.engine.errors import ErrorKind, internal_error
-from service.engine.output_processor import OutputProcessor, RequestTimer, TokenEvent
+from service.engine.output_processor import OutputProcessor, RequestTimer, TokenEvent, mailbox
 from service.engine.scheduler import FinishReason
 
 TEXT = "The cat sat on the mat. The dog sat on the log."
@@ -106,3 +111,46 @@ def test_timings_come_from_the_times_the_core_stamped(smol_tokenizer: Tokenizer)
     proc.timer.finish("stop")
     proc.timer.finish("abort")  # once only
     assert timings.calls[-1] == ("finish", ("stop",)) and len(timings.calls) == len(ids) + 1
+
+
+def test_the_mailbox_hands_a_threads_outputs_over_in_order_waking_the_loop_less_than_once_each() -> None:
+    """Outputs posted from another thread (as the step thread does) for several requests' queues all arrive, each
+    queue's in the order posted, and the loop is woken at most once per output (fewer where they come together)."""
+
+    async def main() -> tuple[list[list[int]], int, int]:
+        loop = asyncio.get_running_loop()
+        box = mailbox(loop)
+        assert mailbox(loop) is box  # one per loop
+        queues: list[asyncio.Queue[EngineOutput]] = [asyncio.Queue() for _ in range(5)]
+        wakes = 0
+        plain = loop.call_soon_threadsafe
+
+        def counted(*args: Any) -> Any:
+            nonlocal wakes
+            wakes += 1
+            return plain(*args)
+
+        loop.call_soon_threadsafe = counted  # type: ignore[method-assign,assignment]
+        steps = 200
+
+        def step_thread() -> None:
+            for step in range(steps):
+                for q in queues:  # one output per request per step, as the engine core sends them
+                    box.post(q, EngineOutput("r", step, None, 1, 0, step + 1, 0.0))
+                if step % 17 == 0:
+                    time.sleep(0.001)  # let the loop run between some steps
+
+        thread = threading.Thread(target=step_thread)
+        thread.start()
+        got: list[list[int]] = [[] for _ in queues]
+        for _ in range(steps):
+            for i, q in enumerate(queues):
+                out = await asyncio.wait_for(q.get(), 10)
+                assert out.token_id is not None
+                got[i].append(out.token_id)
+        thread.join()
+        return got, wakes, steps * len(queues)
+
+    got, wakes, posted = asyncio.run(main())
+    assert got == [list(range(200))] * 5
+    assert 1 <= wakes < posted
