@@ -848,12 +848,15 @@ static int zmm_i8(int kind, int wide, int planes, const int8_t *xq, const float 
             next_groups(&next, kind, qs, d, m, nb, G, 2 * nt + 2, 2);
             const int cols = N - nt * 16 < 16 ? N - nt * 16 : 16;
             for (int r0 = 0; r0 < M;) {
+                /* the next n-tile's lines while its quants are widened here (measured, 1-row steps: SmolLM2 Q4_K_M
+                 * 7%, a Qwen3-0.6B-shaped one 8% faster; where they were widened first, Q4_0 0.96-0.98x) */
+                const next_lines *ahead = direct && !r0 ? &next : NULL;
                 const int left = M - r0, mt = left >= 4 ? 4 : left;
                 const int8_t *xr = xq + (size_t)r0 * nb * planes * BLOCK;
                 const float *xsr = xs + (size_t)r0 * nb, *xtr = xt + (size_t)r0 * no, *m16 = offsets ? t.m16 : NULL;
                 const int32_t *xhr = xh ? xh + (size_t)r0 * nb * planes * 2 : NULL;
 #define ZMM_ROWS(P, F, MT) \
-    zmm_rows(P, F, MT, nb, no, xr, xsr, xtr, xhr, &t, m16, direct ? &pair : NULL, r0 ? NULL : &next, t.out)
+    zmm_rows(P, F, MT, nb, no, xr, xsr, xtr, xhr, &t, m16, direct ? &pair : NULL, ahead, t.out)
 #define ZMM_FORM(P, F)                                                                                     \
     case (P - 1) * 64 + 4 * 8 + F: ZMM_ROWS(P, F, 4); break;                                               \
     case (P - 1) * 64 + 3 * 8 + F: ZMM_ROWS(P, F, 3); break;                                               \
