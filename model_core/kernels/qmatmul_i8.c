@@ -602,9 +602,9 @@ static inline void widen_block(int kind, int wide, const uint8_t *qb, qv *v) {
 /* Two groups' blocks widened at once, on 512-bit vectors: w[k] = the first group's vector k (widen_block's) in the
  * low 256 bits, the second's in the high; with flip the signed kinds' quants plus 128 (as ntile_prepare's rows).
  * Each 32-byte run of the two groups comes in one vector, so a 4-bit block's 8 vectors for 16 rows take 4 loads
- * and 12 operations (widen_block twice and the inserts: 40). The kinds with 5th or 3rd bits (Q5_0, Q5_1, Q5_K,
- * Q2_K, Q3_K) widen each group on 256 bits and join them. b: the second group's block, or a again past the last
- * group (its results are never stored). */
+ * and 12 operations (widen_block twice and the inserts: 40); the 5-bit kinds' fifth bits (Q5_0, Q5_1, Q5_K) one
+ * more load and 24 (against 88). Q2_K and Q3_K widen each group on 256 bits and join them. b: the second group's
+ * block, or a again past the last group (its results are never stored). */
 INLINE __m512i pair_load(const uint8_t *a, const uint8_t *b) {
     return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)a)),
                               _mm256_loadu_si256((const __m256i *)b), 1);
@@ -619,11 +619,28 @@ INLINE void pair_q4(const uint8_t *a, const uint8_t *b, __m512i *w) {
     }
 }
 
+/* the 5-bit kinds' fifth bits (add_bits' on 512 bits: the two groups' runs of 32 bytes side by side, each 128-bit lane
+ * 4 rows' uint32) as 16 into w */
+INLINE void pair_fifth_bits(const uint8_t *a, const uint8_t *b, __m512i *w) {
+    const __m512i run = pair_load(a, b), sixteen = _mm512_set1_epi8(16);
+    for (int k = 0; k < 8; k++) {
+        const char c = (char)(k / 2);
+        const __m512i pick = _mm512_broadcast_i32x4(_mm_setr_epi8(c, c, c, c, 4 + c, 4 + c, 4 + c, 4 + c, 8 + c, 8 + c,
+                                                                  8 + c, 8 + c, 12 + c, 12 + c, 12 + c, 12 + c));
+        const __m512i bit = _mm512_set1_epi32((int)(0x08040201u << (4 * (k % 2))));
+        const __mmask64 set = _mm512_test_epi8_mask(_mm512_shuffle_epi8(run, pick), bit);
+        w[k] = _mm512_mask_add_epi8(w[k], set, w[k], sixteen);
+    }
+}
+
 INLINE void widen_pair(int kind, int wide, int flip, const uint8_t *a, const uint8_t *b, __m512i *w) {
     const int flipped = flip && (wide == WIDE_S8 || wide == WIDE_IQ4 || wide == WIDE_Q6);
     const __m512i bias = _mm512_set1_epi8(flipped ? (char)0x80 : 0);
     if (wide == WIDE_U4) {
         pair_q4(a, b, w);
+    } else if (wide == WIDE_U5) { /* q = low | fifth << 4 (unpack_q5) */
+        pair_q4(a, b, w);
+        pair_fifth_bits(a + 128, b + 128, w);
     } else if (wide == WIDE_S8) { /* Q8_0: as stored */
         for (int k = 0; k < 8; k++) w[k] = _mm512_xor_si512(pair_load(a + 32 * k, b + 32 * k), bias);
     } else if (wide == WIDE_IQ4) {
