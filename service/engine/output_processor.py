@@ -67,7 +67,7 @@ class Mailbox:
     outputs keep their order."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
+        self._loop = weakref.ref(loop)  # (not the loop itself: the mailboxes' table must not keep a closed loop alive)
         self._lock = threading.Lock()
         self._pending: list[tuple[asyncio.Queue[EngineOutput], EngineOutput]] = []
 
@@ -77,7 +77,9 @@ class Mailbox:
             self._pending.append((queue, out))
             if len(self._pending) > 1:  # a hand-over is scheduled and has not run yet: it takes this one too
                 return
-        self.loop.call_soon_threadsafe(self._hand_over)
+        loop = self._loop()
+        if loop is not None:  # (else no coroutine is left to take it)
+            loop.call_soon_threadsafe(self._hand_over)
 
     def _hand_over(self) -> None:
         with self._lock:

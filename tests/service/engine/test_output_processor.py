@@ -5,8 +5,10 @@ on this side."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import threading
 import time
+import weakref
 from typing import Any
 
 from model_core.sampling import TokenScore
@@ -154,3 +156,13 @@ def test_the_mailbox_hands_a_threads_outputs_over_in_order_waking_the_loop_less_
     got, wakes, posted = asyncio.run(main())
     assert got == [list(range(200))] * 5
     assert 1 <= wakes < posted
+
+
+def test_a_closed_loops_mailbox_goes_with_it() -> None:
+    loop = asyncio.new_event_loop()
+    ref = weakref.ref(loop)
+    mailbox(loop)
+    loop.close()
+    del loop
+    gc.collect()
+    assert ref() is None
