@@ -314,6 +314,28 @@ class FusedLlamaDecoder:
             raise
         return step.padded(out)  # (B, T, C)
 
+    def norm(self, x: torch.Tensor) -> torch.Tensor:
+        """The model's final RMSNorm of x (..., C), the activations `run` returned, in one kernel call (as the layers'
+        norms: the same rounding as the module, the sum of squares in the kernel's order): PyTorch's four ops
+        would each start with their code and data out of the caches the step's weights went through."""
+        w, eps = self.final_norm.weight, float(self.final_norm.eps)  # type: ignore[arg-type]
+        assert isinstance(w, torch.Tensor)
+        if x.dtype != w.dtype or x.shape[-1] != w.shape[0]:
+            raise ValueError(f"final norm of {x.dtype} (..., {x.shape[-1]}) activations, weight {w.dtype} {w.shape}")
+        rows = x.reshape(-1, x.shape[-1]).contiguous()  # (M, C)
+        out = torch.empty_like(rows)
+        self.kernels.call(
+            "llama_rmsnorm",
+            rows.data_ptr(),
+            w.data_ptr(),
+            eps,
+            out.data_ptr(),
+            rows.shape[0],
+            rows.shape[1],
+            ACT[x.dtype],
+        )
+        return out.view(x.shape)
+
     def _run(self, x: torch.Tensor, pos: torch.Tensor, step: StepAttention, cache: PagedKVCache) -> torch.Tensor:
         """x: (N, C) rows, one per token, each at its position pos (N,): the step's query rows."""
         call, cfg, scratch = self.kernels.call, self.cfg, cache.scratch

@@ -124,14 +124,16 @@ class PagedKVCache(KVStore):
             f"position {Tk - 1} exceeds the context length {self.max_positions}"
         )
         nblk = (Tk + bs - 1) // bs
-        table = torch.zeros(B, nblk, dtype=torch.long)
-        for b, bt in enumerate(block_tables):
-            need = (starts[b] + counts[b] + bs - 1) // bs
+        needs = [(st + n + bs - 1) // bs for st, n in zip(starts, counts, strict=True)]  # blocks each row reads
+        for b, (bt, need) in enumerate(zip(block_tables, needs, strict=True)):
             if len(bt) < need:
                 raise ValueError(
                     f"block table of sequence {b} covers {len(bt) * bs} tokens, needs {starts[b] + counts[b]}"
                 )
-            table[b, :need] = torch.as_tensor(list(bt[:need]), dtype=torch.long)
+        table = torch.tensor(  # (B, nblk), zeros past each row's blocks
+            [[*bt[:need], *([0] * (nblk - need))] for bt, need in zip(block_tables, needs, strict=True)],
+            dtype=torch.long,
+        )
         key_pos = torch.arange(Tk)  # (Tk,)
         rows = table[:, key_pos // bs] * bs + key_pos % bs  # (B, Tk) flat row of every key position
         start_t = torch.as_tensor(list(starts), dtype=torch.long).unsqueeze(1)  # (B, 1)

@@ -21,6 +21,7 @@ activations where the backend rounds them), instead of exact dense products.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar, Literal, Protocol
 
@@ -176,6 +177,10 @@ class DecoderFastPath(Protocol):
 
     def run(self, x: torch.Tensor, step: StepAttention, cache: PagedKVCache) -> torch.Tensor: ...
 
+    def norm(self, x: torch.Tensor) -> torch.Tensor:
+        """The model's final norm of what `run` returned."""
+        ...
+
 
 class CausalLM(nn.Module):
     decoder_fast_path: DecoderFastPath | None = None  # set by the loader where one applies
@@ -307,18 +312,20 @@ class CausalLM(nn.Module):
             x = x * torch.tensor(self.cfg.embed_scale, dtype=x.dtype)  # (rounded to the activations' dtype)
         fast = self.decoder_fast_path
         real = step.index if step is not None and step.in_place else None  # (N,) the real tokens among B*T, or None
+        norm: Callable[[torch.Tensor], torch.Tensor] = self.norm
         with applied(self, lora, B, T, real):
             if fast is not None and cache is not None and step is not None and fast.applies(step, cache):
                 x = fast.run(x, step, cache)  # (B, T, C)
+                norm = fast.norm
             else:
                 x = self._decoder_layers(x, positions, cache, step)
         if output.kind == "hidden":
-            return self.norm(x)  # (B, T, C)
+            return norm(x)  # (B, T, C)
         if output.index is not None:
             x = x[torch.arange(B, device=x.device), output.index]  # (B, C)
         elif output.kind == "last":
             x = x[:, -1]  # (B, C)
-        return self._logits(self.norm(x))
+        return self._logits(norm(x))
 
     def _decoder_layers(
         self, x: torch.Tensor, positions: torch.Tensor, cache: PagedKVCache | None, step: StepAttention | None

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from model_core.sampling import SamplingParams, sample
+from model_core.sampling import SamplingParams, greedy_ids, sample
 
 
 def accept_draft(
@@ -31,7 +31,7 @@ def accept_draft(
     if processed.shape[0] != k + 1:
         raise ValueError(f"{processed.shape[0]} rows of logits for a draft of {k} tokens (need {k + 1})")
     if params.greedy:
-        best = processed.argmax(dim=-1).tolist()  # (k + 1,)
+        best = greedy_ids(processed).tolist()  # (k + 1,)
         kept: list[int] = []
         for j, d in enumerate(draft):
             kept.append(int(best[j]))

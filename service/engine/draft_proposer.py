@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from model_core.lm import CausalLM, Output
+from model_core.sampling import greedy_ids
 from service.engine.block_pool import BlockPool
 
 
@@ -69,7 +70,7 @@ class DraftModelProposer:
         x = torch.tensor(ids, dtype=torch.long, device=self.model.device)  # (B, T)
         step = self.cache.prepare([st.blocks for _, st, _, _ in rows], [n for _, _, n, _ in rows], counts)
         last = torch.tensor([c - 1 for c in counts], device=self.model.device)  # (B,)
-        nxt = self.model(x, self.cache, step, Output.at(last)).argmax(dim=-1).tolist()  # (B,)
+        nxt = greedy_ids(self.model(x, self.cache, step, Output.at(last))).tolist()  # (B,)
         drafts = {rid: [int(t)] for (rid, _, _, _), t in zip(rows, nxt, strict=True)}
         # 2. k - 1 decode steps for the requests that want more
         for j in range(1, max(k for _, _, _, k in rows)):
@@ -78,7 +79,7 @@ class DraftModelProposer:
             ids = [[drafts[rid][-1]] for rid, _ in live]
             x = torch.tensor(ids, dtype=torch.long, device=self.model.device)  # (B, 1)
             step = self.cache.prepare([st.blocks for _, st in live], starts, 1)
-            nxt = self.model(x, self.cache, step, Output.LAST).argmax(dim=-1).tolist()  # (B,)
+            nxt = greedy_ids(self.model(x, self.cache, step, Output.LAST)).tolist()  # (B,)
             for (rid, st), t in zip(live, nxt, strict=True):
                 st.tokens.append(drafts[rid][-1])  # its KV is in the cache now
                 drafts[rid].append(int(t))

@@ -687,6 +687,27 @@ def test_one_call_decode_is_independent_of_the_batch(isa: str, dtype: torch.dtyp
         assert torch.equal(alone, eight)
 
 
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_final_norm_is_the_module_norm(isa: str, dtype: torch.dtype) -> None:
+    """The fused decoder's final norm (one kernel call) against the model's RMSNorm module: the same rounding, the
+    sum of squares in another order (fp32: within a few ulps; bf16: the same or one bf16 step apart)."""
+    from tests.utils import tiny_llama_q4
+
+    model = tiny_llama_q4(8, kernels_for(isa), dtype)
+    fused = model.decoder_fast_path
+    assert fused is not None
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        model.norm.weight.copy_(torch.randn(model.cfg.d_model, generator=g))
+        x = (torch.randn(5, 3, model.cfg.d_model, generator=g) * 7).to(dtype)
+        got, want = fused.norm(x), model.norm(x)
+    assert got.shape == want.shape and got.dtype == want.dtype == dtype
+    step = (2.0**-7 if dtype == torch.bfloat16 else 1e-6) * want.abs().float()  # (one bf16 step is 2^-7 relative)
+    assert ((got.float() - want.float()).abs() <= step + 1e-30).all()
+    assert torch.equal(fused.norm(x[:, -1]), got[:, -1])  # a strided view (the last positions): row by row
+
+
 def _expected_auto() -> str | None:
     """bf16 kernels where AMX runs the bf16 matmuls, else the first int8 or exact SIMD build."""
     amx = native.cpu_features() & native.CPU_AMX_BF16

@@ -20,6 +20,7 @@ from model_core.sampling import (
     SamplingParams,
     SamplingParamsError,
     compute_logprobs,
+    greedy_ids,
     make_generator,
     process_logits,
     sample,
@@ -254,6 +255,36 @@ def test_process_logits_accepts_views_and_low_precision() -> None:
     out = process_logits(half, params, prompts, outputs)
     assert out.dtype == torch.float32
     assert torch.equal(out, process_logits(half.float(), params, prompts, outputs))
+
+
+@PROPS
+@given(st.data())
+def test_greedy_ids_is_argmax_with_ties_nan_and_inf(data: st.DataObject) -> None:
+    B, V = data.draw(st.integers(1, 6)), data.draw(st.integers(1, 300))
+    # few distinct values: ties everywhere, and rows of -inf only
+    values = st.sampled_from([-1.0, 0.0, 0.5, 2.0, float("inf"), float("-inf"), float("nan")])
+    a = np.array(data.draw(st.lists(values, min_size=B * V, max_size=B * V)), dtype=np.float32).reshape(B, V)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.from_numpy(a).to(dtype)
+        assert torch.equal(greedy_ids(x), x.argmax(dim=-1))
+        assert torch.equal(greedy_ids(x.t().contiguous().t()), x.argmax(dim=-1))  # a column-major view
+
+
+def test_process_logits_of_plain_rows_is_the_float32_input() -> None:
+    g = torch.Generator().manual_seed(3)
+    plain = [SamplingParams(temperature=0.0), SamplingParams(temperature=1.0), SamplingParams(min_tokens=2)]
+    x = torch.randn(3, 50, generator=g)
+    out = process_logits(x, plain, [[1]] * 3, [[4, 5]] * 3, [1])  # min_tokens met: nothing applies
+    assert out is x  # no copy where nothing changes
+    half = x.to(torch.bfloat16)
+    out = process_logits(half, plain, [[1]] * 3, [[4, 5]] * 3, [1])
+    assert out.dtype == torch.float32 and torch.equal(out, half.float())
+    view = torch.randn(50, 3, generator=g).t()  # (3, 50) column-major
+    out = process_logits(view, plain, [[1]] * 3, [[4, 5]] * 3, [1])
+    assert out.is_contiguous() and torch.equal(out, view)
+    before = x.clone()
+    out = process_logits(x, plain, [[1]] * 3, [[4]] * 3, [1])  # row 2's min_tokens masks EOS: a copy changes
+    assert out is not x and torch.equal(x, before) and out[2, 1] == NEG_INF and torch.equal(out[:2], x[:2])
 
 
 # ---------------------------------------------------------------- filters against references
