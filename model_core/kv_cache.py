@@ -29,6 +29,7 @@ from collections.abc import Sequence
 import torch
 
 from model_core.attention import KVStore
+from model_core.huge_pages import advise_huge_pages
 from model_core.native import Kernels
 from model_core.step_attention import StepAttention
 
@@ -88,7 +89,9 @@ class PagedKVCache(KVStore):
         rows = num_blocks * block_size
         self.scratch_row = rows  # one extra row that padding tokens write to and nobody reads
         # K and V of a token side by side: (L, rows + 1, 2*nkv, hs); one copy writes both
-        self.kv = torch.zeros(n_layers, rows + 1, 2 * n_kv_heads, head_dim, dtype=dtype, device=self.device)
+        self.kv = torch.empty(n_layers, rows + 1, 2 * n_kv_heads, head_dim, dtype=dtype, device=self.device)
+        advise_huge_pages(self.kv)  # (before the zeros touch it: decode reads it in scattered blocks)
+        self.kv.zero_()
         self.scratch = Scratch()  # decode steps' working buffers (attend(), model_core.fused_decode)
         self.kernels = (
             kernels
