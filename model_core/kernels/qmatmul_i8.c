@@ -384,13 +384,15 @@ static inline float quantize_x(const void *x, size_t at, int act, int i16, int8_
 typedef struct {
     const char *at[3];
     size_t lines[3];
+    size_t slice[3]; /* lines a block: lines / nb rounded up (no division in the block loop) */
 } next_lines;
 
-/* slice b of nb of the next groups' lines */
-INLINE void prefetch_slice(const next_lines *s, int b, int nb) {
-    for (int r = 0; r < 3 && s; r++)
-        for (size_t l = s->lines[r] * b / nb; l < s->lines[r] * (b + 1) / nb; l++)
-            __builtin_prefetch(s->at[r] + l * 64, 0, 3);
+/* slice b (of the nb blocks next_groups split the lines into) of the next groups' lines */
+INLINE void prefetch_slice(const next_lines *s, int b) {
+    for (int r = 0; r < 3 && s; r++) {
+        const size_t end = s->slice[r] * (b + 1) < s->lines[r] ? s->slice[r] * (b + 1) : s->lines[r];
+        for (size_t l = s->slice[r] * b; l < end; l++) __builtin_prefetch(s->at[r] + l * 64, 0, 3);
+    }
 }
 
 /* A group of 8 weight rows made ready for the dot products: quants widened to bytes (nb * 8 vectors; Q8_0's read in
@@ -424,7 +426,7 @@ static inline __attribute__((always_inline)) void group_rows(group g, int nb, co
     _Pragma("GCC unroll 4") for (int i = 0; i < MT; i++) acc[i] = off[i] = F8_ZERO;
     for (int b = 0; b < nb; b++) {
         const f8 db = f8_load(g.dv + (size_t)b * ROWS);
-        prefetch_slice(g.next, b, nb);
+        prefetch_slice(g.next, b);
         _Pragma("GCC unroll 4") for (int i = 0; i < MT; i++) {
             const size_t at = (size_t)i * nb + b;
             const int8_t *xb = xq + at * BLOCK * PLANES;
@@ -500,6 +502,7 @@ static void next_groups(next_lines *s, int kind, const uint8_t *qs, const void *
         if (base[r] && bytes[r]) {
             s->at[r] = base[r] + (size_t)g * bytes[r];
             s->lines[r] = (groups * bytes[r] + 63) / 64;
+            s->slice[r] = (s->lines[r] + nb - 1) / nb;
         }
 }
 
@@ -787,7 +790,7 @@ INLINE void zmm_rows(const int planes, const int wide, const int MT, int nb, int
     for (int i = 0; i < MT; i++) acc[i] = off[i] = _mm512_setzero_ps();
     for (int b = 0; b < nb; b++) {
         __m512i w[8];
-        prefetch_slice(next, b, nb);
+        prefetch_slice(next, b);
         if (direct) { /* the two groups' block b widened here, in registers (ntile_prepare's rows) */
             const size_t at = (size_t)b * direct->bytes;
             widen_pair(direct->kind, direct->wide, 1, direct->q[0] + at, direct->q[1] + at, w);
@@ -1001,7 +1004,7 @@ INLINE void i8_tile(const int planes, const int halves, const int mr, int nb, in
     } while (0)
             if (b < nb) {
                 const int8_t *xb = xq + (size_t)b * planes * BLOCK, *w = wb + (size_t)b * 512;
-                prefetch_slice(next, b, nb);
+                prefetch_slice(next, b);
                 if (b & 1) I8_PRODUCTS(1, 3, 7);
                 else I8_PRODUCTS(0, 2, 6);
             }
@@ -1024,7 +1027,7 @@ INLINE void i8_tile(const int planes, const int halves, const int mr, int nb, in
             if (b < nb) {
                 const int8_t *xb = xq + (size_t)b * planes * BLOCK, *w = wb + (size_t)b * 512;
                 int32_t *cb = cbuf + (size_t)(b & 1) * 1024;
-                prefetch_slice(next, b, nb);
+                prefetch_slice(next, b);
                 _tile_loadd(6, w, 64);
                 _tile_loadd(7, w + 256, 64);
                 for (int p = 0; p < planes; p++) {
