@@ -3,7 +3,7 @@
 A decode step reads each sequence's keys block by block from wherever its blocks lie; with 4 KiB pages a key row
 of a few hundred bytes crosses into a new page every few keys, each a TLB miss and a restart of the hardware
 prefetcher (which stops at page boundaries). Backed by 2 MiB pages, the same reads ran 10-16% faster (16 sequences
-of 200 keys in 30 layers of SmolLM2's shape, blocks in random order; benchmarks/README.md). Linux's
+of 200 keys in 30 layers of SmolLM2's shape, blocks in random order; README.md, Benchmarks). Linux's
 `madvise(MADV_HUGEPAGE)` asks for them where the system leaves it to the program (THP "madvise", the common
 default); "always" gives them anyway and "never" refuses: the advice changes nothing there.
 """
