@@ -864,12 +864,12 @@ static int zmm_i8(int kind, int wide, int planes, const int8_t *xq, const float 
             const quant_pair pair = {{qs + (size_t)2 * nt * gb, qs + (size_t)(2 * nt + (2 * nt + 1 < G)) * gb},
                                      block_bytes(kind), kind, wide};
             ntile_prepare(&t, kind, wide, 1, !direct, qs, d, m, nb, no, G, nt, offsets);
+            /* the next n-tile's lines while its quants are widened here (measured, 1-row steps: SmolLM2 Q4_K_M 7%,
+             * a Qwen3-0.6B-shaped one 8% faster; where they were widened first, Q4_0 0.96-0.98x: not worked out) */
             next_lines next;
-            next_groups(&next, kind, qs, d, m, nb, G, 2 * nt + 2, 2);
+            if (direct) next_groups(&next, kind, qs, d, m, nb, G, 2 * nt + 2, 2);
             const int cols = N - nt * 16 < 16 ? N - nt * 16 : 16;
             for (int r0 = 0; r0 < M;) {
-                /* the next n-tile's lines while its quants are widened here (measured, 1-row steps: SmolLM2 Q4_K_M
-                 * 7%, a Qwen3-0.6B-shaped one 8% faster; where they were widened first, Q4_0 0.96-0.98x) */
                 const next_lines *ahead = direct && !r0 ? &next : NULL;
                 const int left = M - r0, mt = left >= 4 ? 4 : left;
                 const int8_t *xr = xq + (size_t)r0 * nb * planes * BLOCK;
