@@ -230,6 +230,30 @@ def test_integer_modes_give_a_row_the_same_result_in_any_batch_and_every_build(b
 
 
 @pytest.mark.parametrize("bits", [8, 16])
+def test_q6_k_block_sums_at_their_largest_are_exact_in_every_build(bits: int) -> None:
+    """Q6_K's half sums at their largest: every quant -32, every half scale -128, every activation +-127 (x constant
+    per block, each block's sign its own): each block's sum, 2 halves x 16 x 127 x 32 x 128, is 16646144, just below
+    2^24, where the builds take it on floats; alone, 16 and 40 rows (the tiles), every build the reference's bit for
+    bit and the product with the file's weights within fp32 summation."""
+    n, k = 40, 512
+    block = np.zeros((n, k // 256, 210), dtype=np.uint8)  # ql, qh 0 (q - 32 = -32), 16 int8 scales, fp16 d
+    block[:, :, 192:208] = 0x80
+    block[:, :, 208:210] = np.full((n, k // 256), 2.0**-12, dtype=np.float16).view(np.uint8).reshape(n, k // 256, 2)
+    qw = QuantWeight.from_ggml(Q6_K, torch.from_numpy(block.reshape(n, -1)))
+    w = qw.dequantize()
+    assert torch.equal(w, torch.full((n, k), 1.0))  # 2^-12 x -128 x -32
+    inter = qw.interleave(bits)
+    signs = torch.tensor([1.0, -1.0, 1.0]).repeat(k // 32)[: k // 32].repeat_interleave(32)  # (k,): a sign a block
+    x = (torch.arange(1, 41, dtype=torch.float32)[:, None] * signs).to(torch.bfloat16)  # (40, k)
+    want = qmatmul(x, inter, kernels_for("reference"))
+    assert torch.allclose(want.float(), int8_blocks(x, bits) @ w.T, rtol=1e-5, atol=1e-3)
+    for isa in [isa for isa in INT8_ISAS if isa != "reference"]:
+        kernels = kernels_for(isa)
+        for rows in (1, 16, 40):
+            assert torch.equal(qmatmul(x[:rows], inter, kernels), want[:rows]), (isa, rows)
+
+
+@pytest.mark.parametrize("bits", [8, 16])
 @pytest.mark.parametrize("dtype", DTYPES)
 @settings(max_examples=25, deadline=None)
 @given(
