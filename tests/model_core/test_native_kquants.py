@@ -229,19 +229,31 @@ def test_integer_modes_give_a_row_the_same_result_in_any_batch_and_every_build(b
             assert torch.equal(qmatmul(x[:rows], inter, kernels), want[:rows]), (isa, rows)
 
 
+def _largest_blocks(qtype: int, n: int, k: int) -> QuantWeight:
+    """Blocks whose sums are the largest the kind makes: Q6_K every quant -32 and every half scale -128 (d 2^-12), Q8_0
+    every quant -128 (d 2^-7): each weight 1 or -1."""
+    if qtype == Q6_K:
+        block = np.zeros((n, k // 256, 210), dtype=np.uint8)  # ql, qh 0 (q - 32 = -32), 16 int8 scales, fp16 d
+        block[:, :, 192:208], d, at = 0x80, 2.0**-12, 208
+    else:
+        block = np.full((n, k // 32, 34), 0x80, dtype=np.uint8)  # fp16 d, 32 int8 quants
+        d, at = 2.0**-7, 0
+    block[:, :, at : at + 2] = np.full(block.shape[:2], d, dtype=np.float16).view(np.uint8).reshape(*block.shape[:2], 2)
+    return QuantWeight.from_ggml(qtype, torch.from_numpy(block.reshape(n, -1)))
+
+
 @pytest.mark.parametrize("bits", [8, 16])
-def test_q6_k_block_sums_at_their_largest_are_exact_in_every_build(bits: int) -> None:
-    """Q6_K's half sums at their largest: every quant -32, every half scale -128, every activation +-127 (x constant
-    per block, each block's sign its own): each block's sum, 2 halves x 16 x 127 x 32 x 128, is 16646144, just below
-    2^24, where the builds take it on floats; alone, 16 and 40 rows (the tiles), every build the reference's bit for
-    bit and the product with the file's weights within fp32 summation."""
+@pytest.mark.parametrize("qtype", [Q6_K, Q8_0])
+def test_block_sums_at_their_largest_are_exact_in_every_build(bits: int, qtype: int) -> None:
+    """The block sums at their largest, where the builds take them on floats (Q6_K's halves: 2 x 16 x 127 x 32 x 128 =
+    16646144, just below 2^24) or as one integer from 16-bit activations (Q8_0 on the 256-bit path: 32 x 32512 x
+    128): every activation +-127 (x constant per block, each block's sign its own, 16 bits: +-32512); alone, 16 and
+    40 rows (the tiles), every build the reference's bit for bit and the product with the file's weights within fp32
+    summation."""
     n, k = 40, 512
-    block = np.zeros((n, k // 256, 210), dtype=np.uint8)  # ql, qh 0 (q - 32 = -32), 16 int8 scales, fp16 d
-    block[:, :, 192:208] = 0x80
-    block[:, :, 208:210] = np.full((n, k // 256), 2.0**-12, dtype=np.float16).view(np.uint8).reshape(n, k // 256, 2)
-    qw = QuantWeight.from_ggml(Q6_K, torch.from_numpy(block.reshape(n, -1)))
+    qw = _largest_blocks(qtype, n, k)
     w = qw.dequantize()
-    assert torch.equal(w, torch.full((n, k), 1.0))  # 2^-12 x -128 x -32
+    assert torch.equal(w.abs(), torch.ones(n, k))
     inter = qw.interleave(bits)
     signs = torch.tensor([1.0, -1.0, 1.0]).repeat(k // 32)[: k // 32].repeat_interleave(32)  # (k,): a sign a block
     x = (torch.arange(1, 41, dtype=torch.float32)[:, None] * signs).to(torch.bfloat16)  # (40, k)
@@ -249,7 +261,7 @@ def test_q6_k_block_sums_at_their_largest_are_exact_in_every_build(bits: int) ->
     assert torch.allclose(want.float(), int8_blocks(x, bits) @ w.T, rtol=1e-5, atol=1e-3)
     for isa in [isa for isa in INT8_ISAS if isa != "reference"]:
         kernels = kernels_for(isa)
-        for rows in (1, 16, 40):
+        for rows in (1, 2, 16, 40):
             assert torch.equal(qmatmul(x[:rows], inter, kernels), want[:rows]), (isa, rows)
 
 
