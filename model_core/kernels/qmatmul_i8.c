@@ -1131,16 +1131,22 @@ static int amx_i8(int kind, int wide, int planes, const int8_t *xq, const float 
 #endif
 
 #if defined(__AVX2__) && !defined(I8_ZMM)
-/* int16 mode on the 256-bit path for the signed kinds (Q8_0, IQ4_NL, IQ4_XS): a block's sum as one integer from the
- * 16-bit activations themselves (x = 255 hi + lo; vpmaddwd of int16 pairs of x and of the weights) instead of a sum
- * per int8 plane (whose signed products take two signs, a maddubs and a widening every 4 quants). Over 32 quants,
+/* int16 mode on the 256-bit path for the signed kinds (Q8_0, IQ4_NL, IQ4_XS, Q6_K, Q3_K): a block's sum as one integer
+ * from the 16-bit activations themselves (x = 255 hi + lo; vpmaddwd of int16 pairs of x and of the weights) instead of
+ * a sum per int8 plane (whose signed products take two signs, a maddubs and a widening every 4 quants). Over 32 quants,
  * |x| <= 32512 by |w| <= 128, the sum stays far below 2^31, and its conversion rounds the same integer as
- * fma(S_hi, 255, S_lo) does (both planes' sums are exact floats, below 2^24): group_rows' results bit for bit.
- * Measured (2 threads, the 256-bit build on the AMX VM, SmolLM2's Q8_0 matmuls): 1.6x faster at 16 rows, 1.3x at 4,
- * 1.09x at 2, the same at 1 (which keeps the planes); the unsigned kinds were 5-15% slower this way (their planes take
- * one maddubs every 4 quants), and Q6_K's half scales would take the sums past int32. */
+ * fma(S_hi, 255, S_lo) does (both planes' sums are exact floats, below 2^24): group_rows' results bit for bit. Q6_K's
+ * and Q3_K's halves: each half's sum times its integer scale is exact in int32 (16 x 32512 x 32 x 128 < 2^31), their
+ * sum is taken in double (exact) and rounded to float once, as the planes' FMA does.
+ * Measured (2 threads, the 256-bit build on the AMX VM, SmolLM2's matmuls): Q8_0 1.6x faster at 16 rows, 1.3x at 4,
+ * 1.09x at 2, the same at 1 (which keeps the planes); Q6_K (its halves' conversions through double cost) 1.15x at 16
+ * rows, 1.08x at 8, even at 4, 8% slower at 2; the unsigned kinds 5-15% slower at every size (their planes take one
+ * maddubs every 4 quants). */
 #ifndef AVX2_I16_MIN_ROWS
-#define AVX2_I16_MIN_ROWS 2
+#define AVX2_I16_MIN_ROWS 2 /* Q8_0, IQ4 */
+#endif
+#ifndef AVX2_I16_HALVES_MIN_ROWS
+#define AVX2_I16_HALVES_MIN_ROWS 8 /* Q6_K, Q3_K */
 #endif
 
 /* a block's 8 vectors of 8 rows' signed bytes (vector k: quants 4k..4k+3 of each row) -> 16 of int16 pairs (vector
@@ -1156,20 +1162,32 @@ static inline void widen16(const qv *v, __m256i *out) {
     }
 }
 
+/* p + q for int32 p, q, rounded to float once (their sum in double: exact) */
+static inline isum exact_sum(__m256i p, __m256i q) {
+    const __m256d lo = _mm256_add_pd(_mm256_cvtepi32_pd(_mm256_castsi256_si128(p)),
+                                     _mm256_cvtepi32_pd(_mm256_castsi256_si128(q)));
+    const __m256d hi = _mm256_add_pd(_mm256_cvtepi32_pd(_mm256_extracti128_si256(p, 1)),
+                                     _mm256_cvtepi32_pd(_mm256_extracti128_si256(q, 1)));
+    return _mm256_castps_si256(_mm256_insertf128_ps(_mm256_castps128_ps256(_mm256_cvtpd_ps(lo)), _mm256_cvtpd_ps(hi), 1));
+}
+
 /* MT (<= 4) activation rows (x16 their first row's blocks, (MT, nb, 32) int16) against one group's int16 pairs w16
- * (nb, 16) and scales dv (nb, 8) -> out (MT, 8): group_rows' float operations in its order (no offsets: the signed
- * kinds have none) */
-static inline __attribute__((always_inline)) void group_rows16(const __m256i *w16, const float *dv, int nb,
-                                                              const int16_t *x16, const float *xs,
-                                                              const next_lines *next, float *out, const int MT) {
+ * (nb, 16), scales dv (nb, 8) and, with HALVES, integer half scales sc (nb, 2, 8) -> out (MT, 8): group_rows' float
+ * operations in its order (no offsets: the signed kinds have none) */
+static inline __attribute__((always_inline)) void group_rows16(const __m256i *w16, const float *dv, const int32_t *sc,
+                                                              int nb, const int16_t *x16, const float *xs,
+                                                              const next_lines *next, float *out, const int MT,
+                                                              const int HALVES) {
     f8 acc[4];
     _Pragma("GCC unroll 4") for (int i = 0; i < MT; i++) acc[i] = F8_ZERO;
     for (int b = 0; b < nb; b++) {
         const f8 db = f8_load(dv + (size_t)b * ROWS);
         prefetch_slice(next, b);
-        __m256i s[4];
-        _Pragma("GCC unroll 4") for (int i = 0; i < MT; i++) s[i] = _mm256_setzero_si256();
-        for (int k = 0; k < 16; k++) { /* (unrolled, GCC kept each product on the stack before adding it) */
+        __m256i s[4], t[4]; /* each row's sum (with HALVES: t its first half's, then s its second's) */
+        _Pragma("GCC unroll 4") for (int i = 0; i < MT; i++) s[i] = t[i] = _mm256_setzero_si256();
+        for (int k = 0; k < 16; k++) { /* (not unrolled: unrolled, GCC kept each product on the stack first) */
+            if (HALVES && k == 8) /* the second half's sums from here */
+                _Pragma("GCC unroll 4") for (int i = 0; i < MT; i++) t[i] = s[i], s[i] = _mm256_setzero_si256();
             const __m256i w = _mm256_load_si256(w16 + (size_t)b * 16 + k);
             _Pragma("GCC unroll 4") for (int i = 0; i < MT; i++) {
                 int32_t two; /* x's quants 2k, 2k + 1 */
@@ -1177,7 +1195,14 @@ static inline __attribute__((always_inline)) void group_rows16(const __m256i *w1
                 s[i] = _mm256_add_epi32(s[i], _mm256_madd_epi16(w, _mm256_set1_epi32(two)));
             }
         }
-        _Pragma("GCC unroll 4") for (int i = 0; i < MT; i++) acc[i] = f8_scale_fma(s[i], db, xs[(size_t)i * nb + b], acc[i]);
+        if (HALVES) {
+            const __m256i sl = _mm256_loadu_si256((const __m256i *)(sc + (size_t)b * 2 * ROWS));
+            const __m256i sh = _mm256_loadu_si256((const __m256i *)(sc + (size_t)b * 2 * ROWS + ROWS));
+            _Pragma("GCC unroll 4") for (int i = 0; i < MT; i++) acc[i] = f8_scale_fma_f(
+                exact_sum(_mm256_mullo_epi32(t[i], sl), _mm256_mullo_epi32(s[i], sh)), db, xs[(size_t)i * nb + b], acc[i]);
+        } else {
+            _Pragma("GCC unroll 4") for (int i = 0; i < MT; i++) acc[i] = f8_scale_fma(s[i], db, xs[(size_t)i * nb + b], acc[i]);
+        }
     }
     _Pragma("GCC unroll 4") for (int i = 0; i < MT; i++) {
         float a[ROWS];
@@ -1189,7 +1214,8 @@ static inline __attribute__((always_inline)) void group_rows16(const __m256i *w1
 /* qmatmul_i8's int16 mode on this path for the signed kinds, from the quantized x (xq (M, nb, 2, 32): each block's hi
  * then lo halves; xs (M, nb)) */
 static int avx2_i16(int kind, int wide, const int8_t *xq, const float *xs, const uint8_t *qs, const void *d,
-                    const float *bias, void *y, int act, int M, int N, int K, int nthreads) {
+                    const void *m, const float *bias, void *y, int act, int M, int N, int K, int nthreads) {
+    const int halves = wide == WIDE_Q6;
     const int nb = K / BLOCK, G = (N + ROWS - 1) / ROWS;
     const size_t nblk = (size_t)M * nb, group_bytes = (size_t)nb * block_bytes(kind);
     int16_t *x16 = aligned_alloc(32, nblk * BLOCK * sizeof(int16_t)); /* (M, nb, 32): 255 hi + lo, exact in int16 */
@@ -1205,34 +1231,45 @@ static int avx2_i16(int kind, int wide, const int8_t *xq, const float *xs, const
     int bad = 0;
 #pragma omp parallel num_threads(nthreads) reduction(| : bad)
     {
-        /* per thread: the group's int16 pairs and float scales */
+        /* per thread: the group's int16 pairs, float scales and integer half scales */
         __m256i *w16 = aligned_alloc(32, sizeof(__m256i) * (size_t)nb * 16);
         float *dv = malloc(sizeof(float) * (size_t)nb * ROWS);
-        if (!w16 || !dv) bad = 1;
+        int32_t *sc = halves ? malloc(sizeof(int32_t) * (size_t)nb * 2 * ROWS) : NULL;
+        const int ready = w16 && dv && (sc || !halves);
+        if (!ready) bad = 1;
 #pragma omp for schedule(static)
         for (int gi = 0; gi < G; gi++) {
-            if (!w16 || !dv) continue;
+            if (!ready) continue;
             const uint8_t *qg = qs + (size_t)gi * group_bytes;
-            widen_scales(kind, d, NULL, (size_t)gi, nb, dv, NULL, NULL);
+            widen_scales(kind, d, m, (size_t)gi, nb, dv, NULL, sc);
             for (int b = 0; b < nb; b++) {
                 const uint8_t *qb = qg + (size_t)b * block_bytes(kind);
                 qv v[8];
                 if (wide == WIDE_IQ4) unpack_iq4(qb, v);
+                else if (kind == QKIND_Q6_K) unpack_q6(qb, v);
+                else if (kind == QKIND_Q3_K) unpack_q3(qb, v);
                 else
                     for (int k = 0; k < 8; k++) v[k] = qv_load(qb + 32 * k); /* Q8_0: as stored */
                 widen16(v, w16 + (size_t)b * 16);
             }
             next_lines next;
-            next_groups(&next, kind, qs, d, NULL, nb, G, gi + 1, 1);
+            next_groups(&next, kind, qs, d, m, nb, G, gi + 1, 1);
             const int cols = N - gi * ROWS < ROWS ? N - gi * ROWS : ROWS;
             float out[4 * ROWS];
             for (int r0 = 0; r0 < M;) {
                 const int left = M - r0, mt = left >= 4 ? 4 : left >= 2 ? 2 : 1;
                 const size_t at = (size_t)r0 * nb;
                 const next_lines *ahead = r0 ? NULL : &next;
-                if (mt == 4) group_rows16(w16, dv, nb, x16 + at * BLOCK, xs + at, ahead, out, 4);
-                else if (mt == 2) group_rows16(w16, dv, nb, x16 + at * BLOCK, xs + at, ahead, out, 2);
-                else group_rows16(w16, dv, nb, x16 + at * BLOCK, xs + at, ahead, out, 1);
+#define ROWS16(MT, H) group_rows16(w16, dv, sc, nb, x16 + at * BLOCK, xs + at, ahead, out, MT, H)
+                switch (mt * 2 + halves) {
+                case 9: ROWS16(4, 1); break;
+                case 8: ROWS16(4, 0); break;
+                case 5: ROWS16(2, 1); break;
+                case 4: ROWS16(2, 0); break;
+                case 3: ROWS16(1, 1); break;
+                default: ROWS16(1, 0);
+                }
+#undef ROWS16
                 for (int i = 0; i < mt; i++)
                     for (int c = 0; c < cols; c++) {
                         const int n = gi * ROWS + c;
@@ -1243,6 +1280,7 @@ static int avx2_i16(int kind, int wide, const int8_t *xq, const float *xs, const
         }
         free(w16);
         free(dv);
+        free(sc);
     }
     free(x16);
     return bad ? AIGC_ERR_NOMEM : AIGC_OK;
@@ -1301,8 +1339,11 @@ int qmatmul_i8(const void *x, int act, int kind, const uint8_t *qs, const void *
     return rc;
 #else
 #if defined(__AVX2__)
-    if (i16 && (wide == WIDE_S8 || wide == WIDE_IQ4) && M >= AVX2_I16_MIN_ROWS) {
-        const int rc = avx2_i16(kind, wide, xq, xs, qs, d, bias, y, act, M, N, K, nthreads);
+    const int signed_rows = wide == WIDE_S8 || wide == WIDE_IQ4                 ? AVX2_I16_MIN_ROWS
+                            : kind == QKIND_Q6_K || kind == QKIND_Q3_K ? AVX2_I16_HALVES_MIN_ROWS
+                                                                       : 0; /* 0: the planes at every size */
+    if (i16 && signed_rows && M >= signed_rows) {
+        const int rc = avx2_i16(kind, wide, xq, xs, qs, d, m, bias, y, act, M, N, K, nthreads);
         free(xq);
         free(xs);
         return rc;

@@ -210,17 +210,22 @@ def test_every_batch_mode_gives_a_row_the_same_result_in_any_batch(isa: str, qty
 INT8_ISAS = [isa for isa in ISAS if native.ISAS[isa].has_int8]
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("bits", [8, 16])
 @pytest.mark.parametrize("qtype", [Q4_0, Q4_1, Q8_0, *KQUANTS])
-def test_integer_modes_give_a_row_the_same_result_in_any_batch_and_every_build(bits: int, qtype: int) -> None:
+def test_integer_modes_give_a_row_the_same_result_in_any_batch_and_every_build(
+    bits: int, qtype: int, dtype: torch.dtype
+) -> None:
     """Integer products (interleaved weights, x rounded to `bits` per block): a row's result is the same bit for bit
     alone and among 2..40 rows (the AVX512-BF16 build takes AMX-INT8 tiles from 8 (16-bit) or 16 rows where the CPU
-    has them, the vector path below: the same exact block sums, then the same float operations), in every build with
-    the mode, and the reference build's (40 rows: one call each)."""
+    has them, the AVX2 build one integer sum of the 16-bit activations for the signed kinds from 2 or 8, the vector
+    paths below: the same exact block sums, then the same float operations), in every build with the mode, and the
+    reference build's (40 rows: one call each). fp32 x and outputs show a float sum off by an ulp (bf16 outputs
+    mostly round it away)."""
     k = 512
     qw, w = (quantized_weight if GGML_TYPES[qtype].kind.entry == "quant_matmul" else kquant_weight)(qtype, 40, k, 9)
     inter = qw.interleave(bits)
-    x = torch.randn(40, k, generator=torch.Generator().manual_seed(qtype + bits)).to(torch.bfloat16)
+    x = torch.randn(40, k, generator=torch.Generator().manual_seed(qtype + bits)).to(dtype)
     want = qmatmul(x, inter, kernels_for("reference"))
     for isa in [isa for isa in INT8_ISAS if isa != "reference"]:
         kernels = kernels_for(isa)
