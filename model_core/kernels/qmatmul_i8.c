@@ -4,7 +4,8 @@
  * every weight kind.
  *
  * The activations are rounded to int8 per block of 32 once per call (int16 mode, AIGC_INT16: to 16 bits, held as
- * two int8 halves whose block sums are taken apart and joined as fma(S_hi, 255, S_lo): twice the products). The
+ * two int8 halves whose block sums are taken apart and joined as fma(S_hi, 255, S_lo): twice the products; the AVX2
+ * build's batches of the signed kinds take one sum of the 16-bit values instead, the same number: avx2_i16). The
  * weights come interleaved by 8 rows, so one vector holds 4 consecutive quants of each of 8 rows: multiplied by 4 activations broadcast
  * to every lane, 8 such products give the block sums of 8 output columns at once, with integer adds only;
  * then one conversion and one FMA per block for the 8 columns. A thread takes groups of 8 rows in turn:
